@@ -1,0 +1,184 @@
+//! Wire types shared by the baton master and its workers.
+//!
+//! This crate owns the *worker channel* protocol (see `docs/protocol.md`): the messages that
+//! travel over the `SOCK_SEQPACKET` socket pair between the master and each worker, one JSON
+//! object per packet. It is the only crate whose types are serialised for IPC.
+//!
+//! It must not do I/O: no sockets, no fds, no processes. Moving bytes and descriptors is the job
+//! of `baton-sys`; deciding what to send is the job of `baton-core` and `baton-worker`.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the worker channel protocol spoken by this build. Sent in [`Hello::version`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Environment variable that holds the number of the worker's end of the channel (always `3`).
+pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
+/// Environment variable that holds the worker's generation number.
+pub const GENERATION_ENV: &str = "BATON_GENERATION";
+/// Environment variable that holds the worker's id (unique for the master's lifetime).
+pub const WORKER_ID_ENV: &str = "BATON_WORKER_ID";
+
+/// Descriptors per `SCM_RIGHTS` message: the kernel's `SCM_MAX_FD`.
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// Largest packet either side sends. Receivers must accept packets of this size.
+pub const MAX_MESSAGE_SIZE: usize = 128 * 1024;
+
+/// A packet from the master to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MasterMessage {
+    /// First packet: who the worker is and which listeners follow.
+    Hello(Hello),
+    /// Carries `count` listener descriptors as `SCM_RIGHTS`, for manifest entries
+    /// `first .. first + count`.
+    Fds { first: usize, count: usize },
+    /// The worker's generation is retired: stop accepting, finish in-flight work, exit.
+    /// `deadline_ms` is how long the master waits before it sends `SIGKILL`.
+    Drain { deadline_ms: u64 },
+    /// A message type this build does not know. Receivers ignore it (forward compatibility).
+    #[serde(other)]
+    Unknown,
+}
+
+/// The manifest sent first to every worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub generation: u64,
+    pub worker_id: u64,
+    /// The listeners, in configuration order; descriptors follow in this order.
+    pub listeners: Vec<ListenerInfo>,
+}
+
+/// One listener of the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    #[serde(flatten)]
+    pub address: ListenerAddress,
+}
+
+/// What kind of socket a listener is and where it listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ListenerAddress {
+    Tcp { address: SocketAddr },
+    Unix { path: PathBuf },
+}
+
+impl std::fmt::Display for ListenerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenerAddress::Tcp { address } => write!(f, "tcp://{address}"),
+            ListenerAddress::Unix { path } => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A packet from a worker to the master.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    /// The worker serves its listeners. Sent once.
+    Ready,
+    /// Optional progress report: open connections and a free-form status line.
+    Status {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connections: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+    },
+    /// The worker has stopped accepting and is finishing its connections.
+    Draining,
+    /// A message type this build does not know. The master logs and ignores it.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A packet that could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("packet of {0} bytes is larger than the {MAX_MESSAGE_SIZE}-byte limit")]
+    TooLarge(usize),
+    #[error("packet is not a valid message")]
+    Invalid(#[source] serde_json::Error),
+}
+
+/// Encodes a message as one packet.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serialising these plain enums cannot fail: every map key is a string.
+    serde_json::to_vec(message).unwrap_or_default()
+}
+
+/// Decodes one packet.
+pub fn decode<'a, T: Deserialize<'a>>(packet: &'a [u8]) -> Result<T, DecodeError> {
+    if packet.len() > MAX_MESSAGE_SIZE {
+        return Err(DecodeError::TooLarge(packet.len()));
+    }
+    serde_json::from_slice(packet).map_err(DecodeError::Invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_has_the_documented_shape() {
+        let hello = MasterMessage::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            generation: 2,
+            worker_id: 7,
+            listeners: vec![
+                ListenerInfo {
+                    name: "http".into(),
+                    address: ListenerAddress::Tcp { address: "127.0.0.1:8080".parse().unwrap() },
+                },
+                ListenerInfo {
+                    name: "admin".into(),
+                    address: ListenerAddress::Unix { path: "/run/a.sock".into() },
+                },
+            ],
+        });
+        let json: serde_json::Value = serde_json::from_slice(&encode(&hello)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "type": "hello", "version": 1, "generation": 2, "worker_id": 7,
+                "listeners": [
+                    {"name": "http", "kind": "tcp", "address": "127.0.0.1:8080"},
+                    {"name": "admin", "kind": "unix", "path": "/run/a.sock"},
+                ]
+            })
+        );
+        assert_eq!(decode::<MasterMessage>(&encode(&hello)).unwrap(), hello);
+    }
+
+    #[test]
+    fn worker_messages_round_trip_and_unknown_types_are_tolerated() {
+        for msg in [
+            WorkerMessage::Ready,
+            WorkerMessage::Draining,
+            WorkerMessage::Status { connections: Some(3), text: None },
+        ] {
+            assert_eq!(decode::<WorkerMessage>(&encode(&msg)).unwrap(), msg);
+        }
+        assert_eq!(decode::<WorkerMessage>(br#"{"type":"ready"}"#).unwrap(), WorkerMessage::Ready);
+        assert_eq!(
+            decode::<WorkerMessage>(br#"{"type":"from_the_future","x":1}"#).unwrap(),
+            WorkerMessage::Unknown
+        );
+        assert!(decode::<WorkerMessage>(b"\x00garbage").is_err());
+        assert!(decode::<WorkerMessage>(br#"{"no_type":1}"#).is_err());
+        assert!(matches!(
+            decode::<WorkerMessage>(&vec![b' '; MAX_MESSAGE_SIZE + 1]),
+            Err(DecodeError::TooLarge(_))
+        ));
+    }
+}

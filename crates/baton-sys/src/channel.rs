@@ -1,0 +1,221 @@
+//! The worker channel: a `SOCK_SEQPACKET` socket pair carrying packets and `SCM_RIGHTS`.
+//!
+//! Each end is used through a [`tokio::net::UnixDatagram`]: `send(2)` and `recv(2)` on a
+//! connected `SOCK_SEQPACKET` socket behave exactly as on a connected datagram socket (one packet
+//! per call), and a peer that has gone away reads as a zero-length packet. The protocol never sends
+//! an empty packet, so zero bytes means end of stream.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, sockopt,
+};
+use sendfd::SendWithFd;
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
+
+/// Creates a connected `SOCK_SEQPACKET` pair. Both ends are close-on-exec and blocking.
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+/// Wraps one end of a channel for use on the tokio runtime (sets it non-blocking).
+pub fn into_async(fd: OwnedFd) -> io::Result<UnixDatagram> {
+    let std = std::os::unix::net::UnixDatagram::from(fd);
+    std.set_nonblocking(true)?;
+    UnixDatagram::from_std(std)
+}
+
+/// Sends one packet with `fds` attached as `SCM_RIGHTS` (at most `SCM_MAX_FD`, 253).
+pub async fn send_with_fds(
+    sock: &UnixDatagram,
+    packet: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    loop {
+        sock.writable().await?;
+        // sendfd's tokio implementation clears readiness on EWOULDBLOCK, so this loop waits for
+        // the peer to read instead of spinning.
+        match sock.send_with_fd(packet, &raw) {
+            Ok(sent) if sent == packet.len() => return Ok(()),
+            Ok(sent) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("packet truncated: sent {sent} of {} bytes", packet.len()),
+                ));
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// One received packet.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes of the packet placed in the buffer; 0 means the peer closed the channel.
+    pub len: usize,
+    /// Descriptors that arrived with the packet, in order, each close-on-exec.
+    pub fds: Vec<OwnedFd>,
+    /// The packet was larger than the buffer and was cut (`MSG_TRUNC`).
+    pub truncated: bool,
+    /// Some descriptors did not fit the control buffer and were dropped by the kernel
+    /// (`MSG_CTRUNC`).
+    pub fds_truncated: bool,
+}
+
+/// Receives one packet and up to `max_fds` descriptors, waiting until one is available.
+///
+/// Descriptors are received with `MSG_CMSG_CLOEXEC`, so they never leak into a process the
+/// receiver spawns. Truncation is reported, never hidden: callers must treat it as an error.
+pub async fn recv_with_fds(
+    sock: &UnixDatagram,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Received> {
+    let mut cmsg = vec![0u8; cmsg_space_for(max_fds)];
+    sock.async_io(Interest::READABLE, || recv_now(sock.as_fd(), buf, &mut cmsg))
+        .await
+}
+
+/// Size of a control buffer that holds `n` descriptors (`CMSG_SPACE`).
+fn cmsg_space_for(n: usize) -> usize {
+    let bytes = (n.max(1) * std::mem::size_of::<RawFd>()) as u32;
+    // SAFETY: CMSG_SPACE is a pure arithmetic macro over its argument; it reads no memory.
+    unsafe { libc::CMSG_SPACE(bytes) as usize }
+}
+
+fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Result<Received> {
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )?;
+    let mut fds = Vec::new();
+    // ENOBUFS here means the control data itself was malformed; treat it like truncation.
+    let mut fds_truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    match msg.cmsgs() {
+        Ok(cmsgs) => {
+            for cmsg in cmsgs {
+                if let ControlMessageOwned::ScmRights(raws) = cmsg {
+                    for raw in raws {
+                        // SAFETY: `raw` was just installed in this process's fd table by
+                        // recvmsg(SCM_RIGHTS); nothing else refers to it, and it is wrapped
+                        // exactly once here, so OwnedFd's close-on-drop is sound.
+                        fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                    }
+                }
+            }
+        }
+        Err(_) => fds_truncated = true,
+    }
+    Ok(Received {
+        len: msg.bytes,
+        fds,
+        truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+        fds_truncated,
+    })
+}
+
+/// Takes ownership of a descriptor this process inherited at a number announced out of band
+/// (the worker's end of the channel, `BATON_CHANNEL_FD`), and marks it close-on-exec so the
+/// worker's own children do not inherit it.
+///
+/// Fails if `raw` is not an open descriptor. The caller must call this at most once per number:
+/// two `OwnedFd`s for one descriptor would close it twice.
+pub fn adopt_inherited(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD reads the descriptor flags of `raw` and touches no memory; on a closed
+    // number it fails with EBADF, which we report instead of adopting a dangling number.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is open (checked above) and was inherited for this process's exclusive use;
+    // the caller promises to adopt each number once, so no other owner exists.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(fd)
+}
+
+/// What kind of socket a descriptor is, for validating received listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketKind {
+    /// `SOCK_STREAM`, `SOCK_SEQPACKET`, ...
+    pub sock_type: SockType,
+    /// The socket is listening (`SO_ACCEPTCONN`).
+    pub listening: bool,
+}
+
+/// Reads `SO_TYPE` and `SO_ACCEPTCONN`; fails if `fd` is not a socket.
+pub fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<SocketKind> {
+    Ok(SocketKind {
+        sock_type: socket::getsockopt(&fd, sockopt::SockType)?,
+        listening: socket::getsockopt(&fd, sockopt::AcceptConn)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn packets_and_fds_cross_and_arrive_close_on_exec() {
+        let (a, b) = pair().unwrap();
+        let (a, b) = (into_async(a).unwrap(), into_async(b).unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        send_with_fds(&a, b"hello", &[listener.as_fd(), listener.as_fd()])
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let got = recv_with_fds(&b, &mut buf, 4).await.unwrap();
+        assert_eq!(&buf[..got.len], b"hello");
+        assert_eq!(got.fds.len(), 2);
+        assert!(!got.truncated && !got.fds_truncated);
+        for fd in &got.fds {
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fd must be close-on-exec");
+            let kind = socket_kind(fd.as_fd()).unwrap();
+            assert_eq!(kind, SocketKind { sock_type: SockType::Stream, listening: true });
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn truncation_is_reported_and_eof_reads_as_zero() {
+        let (a, b) = pair().unwrap();
+        let (a, b) = (into_async(a).unwrap(), into_async(b).unwrap());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fds = [l.as_fd(), l.as_fd(), l.as_fd()];
+        send_with_fds(&a, b"0123456789", &fds).await.unwrap();
+        let mut small = [0u8; 4];
+        // Room for one descriptor only: the kernel drops the others and says so.
+        let got = recv_with_fds(&b, &mut small, 1).await.unwrap();
+        assert!(got.truncated, "a cut packet must be reported");
+        assert!(got.fds_truncated, "dropped descriptors must be reported");
+        assert!(got.fds.len() <= 1 + 1, "CMSG_SPACE rounding may fit at most one extra");
+        drop(a);
+        let eof = recv_with_fds(&b, &mut small, 1).await.unwrap();
+        assert_eq!(eof.len, 0);
+    }
+
+    #[test]
+    fn adopt_rejects_closed_numbers() {
+        assert!(adopt_inherited(-1).is_err());
+        assert!(adopt_inherited(1_000_000).is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! The system-call edge of baton: the only crate with `unsafe` code.
+//!
+//! It owns three things: moving descriptors over the worker channel (`SCM_RIGHTS` over a
+//! `SOCK_SEQPACKET` socket pair), placing descriptors at fixed numbers in a child between `fork`
+//! and `exec`, and the process syscalls the master needs (signals, reaping).
+//!
+//! Its public API speaks [`OwnedFd`] and [`BorrowedFd`]; a raw descriptor never leaves a function
+//! body here. It must not know about configuration, generations or the protocol's JSON: callers
+//! hand it bytes and descriptors.
+//!
+//! [`OwnedFd`]: std::os::fd::OwnedFd
+//! [`BorrowedFd`]: std::os::fd::BorrowedFd
+
+#![allow(unsafe_code)] // This crate is where unsafe lives; each block carries a SAFETY proof.
+
+pub mod channel;
+pub mod process;

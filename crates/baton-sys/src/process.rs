@@ -1,0 +1,174 @@
+//! Process syscalls of the master: descriptor placement in a child, signals, reaping.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::sys::signal::{self, Signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+pub use nix::sys::signal::Signal as SignalNumber;
+
+/// Arranges for `cmd`'s child to find each `(fd, target)` descriptor at number `target`, inherited
+/// (not close-on-exec). Every other descriptor of the master stays close-on-exec.
+///
+/// Sources are first duplicated above the highest target (close-on-exec), so placing one cannot
+/// overwrite another; between `fork` and `exec` the child only calls `dup2`, which is
+/// async-signal-safe and clears `FD_CLOEXEC` on the new number, and then marks every number above the
+/// targets close-on-exec. That last step matters: the master may itself have inherited descriptors without
+/// close-on-exec from whoever started it (a shell, cargo's jobserver, a service manager), and those
+/// must not reach a worker either.
+pub fn place_fds(cmd: &mut Command, placements: Vec<(OwnedFd, RawFd)>) -> io::Result<()> {
+    let floor = placements.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
+    let mut moved: Vec<(OwnedFd, RawFd)> = Vec::with_capacity(placements.len());
+    for (fd, target) in placements {
+        let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor))?;
+        // SAFETY: F_DUPFD_CLOEXEC just returned a new descriptor that nothing else owns.
+        let high = unsafe { OwnedFd::from_raw_fd(raw) };
+        moved.push((high, target));
+        // `fd` (the original) is dropped here: only the parent's own copies remain open.
+    }
+    let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+    let first_closed = floor as libc::c_uint;
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: it calls dup2, close_range and fcntl (plain system calls) alone,
+    // allocates nothing, and takes no lock. `plan` is read-only; its source numbers stay open in
+    // the child because `moved` is owned by the closure (dropped in the parent with the Command,
+    // after spawn). Marking numbers at or above `floor` close-on-exec cannot touch a target.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep_open = &moved;
+            for &(src, target) in &plan {
+                if libc::dup2(src, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            close_from(first_closed);
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Closes every descriptor numbered `first` or above, except those close-on-exec ones the exec
+/// itself will close: `CLOSE_RANGE_CLOEXEC` marks them instead of closing, which keeps std's
+/// exec-error pipe working so a failed `exec` is still reported with its errno.
+///
+/// # Safety
+/// Called only between fork and exec, in a single-threaded child.
+unsafe fn close_from(first: libc::c_uint) {
+    // SAFETY: close_range takes plain integers and touches no memory of ours.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC)
+    };
+    if rc != 0 {
+        // Kernels before 5.11 lack CLOSE_RANGE_CLOEXEC: mark each number by hand.
+        for fd in first..4096 {
+            // SAFETY: F_SETFD on a number that may not be open fails harmlessly with EBADF.
+            unsafe { libc::fcntl(fd as RawFd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    Exited(i32),
+    Signaled(Signal),
+}
+
+impl std::fmt::Display for ExitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitKind::Exited(code) => write!(f, "exit status {code}"),
+            ExitKind::Signaled(sig) => write!(f, "killed by {}", sig.as_str()),
+        }
+    }
+}
+
+/// Reaps one exited child of this process without blocking. `Ok(None)`: none is waiting.
+pub fn reap_one() -> io::Result<Option<(u32, ExitKind)>> {
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                return Ok(Some((pid.as_raw() as u32, ExitKind::Exited(code))));
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                return Ok(Some((pid.as_raw() as u32, ExitKind::Signaled(sig))));
+            }
+            Ok(WaitStatus::StillAlive) => return Ok(None),
+            // Stopped/continued children are not exits; look for the next one.
+            Ok(_) => continue,
+            Err(nix::errno::Errno::ECHILD) => return Ok(None),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// Sends `sig` to one process.
+pub fn signal_process(pid: u32, sig: Signal) -> io::Result<()> {
+    Ok(signal::kill(to_pid(pid)?, sig)?)
+}
+
+/// Sends `sig` to a process group (a worker and everything it started).
+pub fn signal_group(pgid: u32, sig: Signal) -> io::Result<()> {
+    Ok(signal::killpg(to_pid(pgid)?, sig)?)
+}
+
+fn to_pid(pid: u32) -> io::Result<Pid> {
+    // 0 and negative numbers address groups or every process: never what a caller means.
+    match i32::try_from(pid) {
+        Ok(p) if p > 0 => Ok(Pid::from_raw(p)),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid pid {pid}"))),
+    }
+}
+
+/// Parses a signal name such as `SIGTERM` or `TERM`.
+pub fn parse_signal(name: &str) -> Option<Signal> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    full.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn placed_fds_are_inherited_at_their_numbers_and_nothing_else_leaks() {
+        let (a, _b) = crate::channel::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dup = listener.as_fd().try_clone_to_owned().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "ls /proc/self/fd"]);
+        cmd.stdout(std::process::Stdio::piped());
+        // Targets 3 and 4 in swapped order to prove placement cannot clobber a source.
+        place_fds(&mut cmd, vec![(dup, 4), (a, 3)]).unwrap();
+        let out = cmd.output().unwrap();
+        let mut fds: Vec<i32> = String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        fds.sort();
+        // 0-2, the two placed fds, and the fd `ls` opens to read the directory.
+        assert_eq!(&fds[..5], &[0, 1, 2, 3, 4]);
+        assert_eq!(fds.len(), 6, "unexpected inherited fds: {fds:?}");
+    }
+
+    #[test]
+    fn signal_names_parse_with_or_without_prefix() {
+        assert_eq!(parse_signal("SIGTERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("quit"), Some(Signal::SIGQUIT));
+        assert_eq!(parse_signal("SIGNOPE"), None);
+    }
+
+    #[test]
+    fn pid_zero_is_refused() {
+        assert!(signal_process(0, Signal::SIGTERM).is_err());
+    }
+}
