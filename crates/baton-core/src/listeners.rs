@@ -1,0 +1,281 @@
+//! The listening sockets: bound once by the master, never accepted on, shared by generations.
+//!
+//! Identity is the address (TCP `ip:port`, Unix path), not the name: a reload that keeps an
+//! address keeps *the same socket* (one kernel accept queue, so nothing waiting in it is lost),
+//! even if the listener was renamed. A socket lives as long as some generation holds it: the
+//! table only keeps weak references, and each generation holds strong ones, so a listener removed
+//! from the configuration closes exactly when the last generation that used it is gone.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::rc::{Rc, Weak};
+
+use baton_proto::ListenerAddress;
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::config::ListenerConfig;
+
+/// A bound, listening socket. Closed (and a Unix socket's file removed) on drop.
+#[derive(Debug)]
+pub struct BoundSocket {
+    address: ListenerAddress,
+    /// The address the kernel chose (differs from `address` for port 0).
+    local: String,
+    socket: Socket,
+    /// For Unix sockets: the file we created, identified by device and inode so we never remove
+    /// a file someone else put at the same path.
+    unix_file: Option<(PathBuf, u64, u64)>,
+}
+
+impl BoundSocket {
+    pub fn address(&self) -> &ListenerAddress {
+        &self.address
+    }
+    /// Where it listens, as the kernel reports it (`127.0.0.1:41234`, `/run/app.sock`).
+    pub fn local(&self) -> &str {
+        &self.local
+    }
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+    /// A close-on-exec duplicate to hand over.
+    pub fn duplicate(&self) -> io::Result<OwnedFd> {
+        self.socket.as_fd().try_clone_to_owned()
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        if let Some((path, dev, ino)) = &self.unix_file {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if meta.dev() == *dev && meta.ino() == *ino {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+}
+
+/// A listener of one generation: its configured name and the shared socket.
+#[derive(Debug, Clone)]
+pub struct GenerationListener {
+    pub config: ListenerConfig,
+    pub socket: Rc<BoundSocket>,
+}
+
+/// Binding a listener failed.
+#[derive(Debug, thiserror::Error)]
+#[error("listener `{name}` ({address}): {reason}")]
+pub struct BindError {
+    pub name: String,
+    pub address: ListenerAddress,
+    pub reason: String,
+}
+
+/// Every socket some generation still uses, by address.
+#[derive(Debug, Default)]
+pub struct ListenerTable {
+    live: HashMap<ListenerAddress, Weak<BoundSocket>>,
+}
+
+/// What [`ListenerTable::prepare`] did, for the log.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub listeners: Vec<GenerationListener>,
+    /// Names of listeners that were bound now (the others are kept sockets).
+    pub bound: Vec<String>,
+}
+
+impl ListenerTable {
+    /// Returns the sockets for `configs`, in order: existing ones by address, new ones bound now.
+    /// On error nothing changes: sockets bound by this call are closed again.
+    pub fn prepare(&mut self, configs: &[ListenerConfig]) -> Result<Prepared, BindError> {
+        self.live.retain(|_, weak| weak.strong_count() > 0);
+        let mut out = Prepared::default();
+        for config in configs {
+            let existing = self.live.get(&config.address).and_then(Weak::upgrade);
+            let socket = match existing {
+                Some(socket) => {
+                    // listen(2) on a listening socket only updates its backlog.
+                    socket.socket.listen(config.backlog as i32).map_err(|e| bind_error(config, e))?;
+                    socket
+                }
+                None => {
+                    let socket = Rc::new(bind(config).map_err(|e| bind_error(config, e))?);
+                    out.bound.push(config.name.clone());
+                    socket
+                }
+            };
+            out.listeners.push(GenerationListener { config: config.clone(), socket });
+        }
+        for l in &out.listeners {
+            self.live.insert(l.config.address.clone(), Rc::downgrade(&l.socket));
+        }
+        Ok(out)
+    }
+
+    /// Number of sockets that are still open.
+    pub fn open_count(&self) -> usize {
+        self.live.values().filter(|w| w.strong_count() > 0).count()
+    }
+}
+
+fn bind_error(config: &ListenerConfig, err: io::Error) -> BindError {
+    let reason = match err.raw_os_error() {
+        Some(libc_eaddrinuse) if libc_eaddrinuse == nix::libc::EADDRINUSE => {
+            "address already in use (is another server or baton running?)".to_string()
+        }
+        Some(code) if code == nix::libc::EACCES => {
+            "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)".to_string()
+        }
+        Some(code) if code == nix::libc::EADDRNOTAVAIL => {
+            "address not available on this machine".to_string()
+        }
+        _ => err.to_string(),
+    };
+    BindError { name: config.name.clone(), address: config.address.clone(), reason }
+}
+
+fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
+    match &config.address {
+        ListenerAddress::Tcp { address } => {
+            // socket2 creates sockets close-on-exec. No SO_REUSEPORT: one socket per address is
+            // the whole point. SO_REUSEADDR only lets us bind over TIME_WAIT leftovers.
+            let socket = Socket::new(Domain::for_address(*address), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            if address.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
+            socket.bind(&(*address).into())?;
+            socket.listen(config.backlog as i32)?;
+            let local = socket
+                .local_addr()?
+                .as_socket()
+                .map_or_else(|| address.to_string(), |a| a.to_string());
+            Ok(BoundSocket { address: config.address.clone(), local, socket, unix_file: None })
+        }
+        ListenerAddress::Unix { path } => {
+            remove_stale_socket(path)?;
+            let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            socket.bind(&SockAddr::unix(path)?)?;
+            let meta = std::fs::symlink_metadata(path)?;
+            let bound = BoundSocket {
+                address: config.address.clone(),
+                local: path.display().to_string(),
+                socket,
+                unix_file: Some((path.clone(), meta.dev(), meta.ino())),
+            };
+            if let Some(mode) = config.mode {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            }
+            bound.socket.listen(config.backlog as i32)?;
+            Ok(bound)
+        }
+    }
+}
+
+/// A Unix socket file left by a dead process is removed; a live one is an error, and so is a
+/// path that is not a socket.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "path exists and is not a socket; refusing to replace it",
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::from_raw_os_error(nix::libc::EADDRINUSE)),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn tcp(name: &str, addr: &str) -> ListenerConfig {
+        ListenerConfig {
+            name: name.into(),
+            address: ListenerAddress::Tcp { address: addr.parse().unwrap() },
+            backlog: 16,
+            mode: None,
+        }
+    }
+
+    fn inode(fd: BorrowedFd<'_>) -> u64 {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        std::fs::metadata(format!("/proc/self/fd/{raw}")).unwrap().ino()
+    }
+
+    #[test]
+    fn kept_addresses_keep_their_socket_and_removed_ones_close_with_their_last_user() {
+        let mut table = ListenerTable::default();
+        let port = free_port();
+        let a = format!("127.0.0.1:{port}");
+        let gen1 = table.prepare(&[tcp("http", &a)]).unwrap();
+        assert_eq!(gen1.bound, ["http"]);
+        // Renamed, same address: the same socket.
+        let gen2 = table.prepare(&[tcp("web", &a)]).unwrap();
+        assert!(gen2.bound.is_empty());
+        assert_eq!(inode(gen1.listeners[0].socket.fd()), inode(gen2.listeners[0].socket.fd()));
+        // Removed from gen3; still open while gen1/gen2 hold it.
+        let gen3 = table.prepare(&[]).unwrap();
+        assert!(gen3.listeners.is_empty());
+        assert_eq!(table.open_count(), 1);
+        drop(gen1);
+        std::net::TcpStream::connect(&a).expect("still listening while gen2 lives");
+        drop(gen2);
+        assert_eq!(table.open_count(), 0);
+        assert!(std::net::TcpStream::connect(&a).is_err(), "closed with its last generation");
+    }
+
+    #[test]
+    fn a_failed_prepare_closes_what_it_bound() {
+        let mut table = ListenerTable::default();
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fresh = format!("127.0.0.1:{}", free_port());
+        let err = table
+            .prepare(&[tcp("new", &fresh), tcp("busy", &busy.local_addr().unwrap().to_string())])
+            .unwrap_err();
+        assert_eq!(err.name, "busy");
+        assert!(err.to_string().contains("address already in use"), "{err}");
+        assert_eq!(table.open_count(), 0);
+        std::net::TcpListener::bind(&fresh).expect("the socket bound before the failure was closed");
+    }
+
+    #[test]
+    fn unix_sockets_replace_stale_files_refuse_live_ones_and_clean_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.sock");
+        let config = ListenerConfig {
+            name: "local".into(),
+            address: ListenerAddress::Unix { path: path.clone() },
+            backlog: 8,
+            mode: Some(0o600),
+        };
+        // A stale socket file from a dead process.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let mut table = ListenerTable::default();
+        let entry = table.prepare(std::slice::from_ref(&config)).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        // A second master would find it live.
+        let err = ListenerTable::default().prepare(std::slice::from_ref(&config)).unwrap_err();
+        assert!(err.to_string().contains("already in use"), "{err}");
+        drop(entry);
+        assert!(!path.exists(), "socket file removed when closed");
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+}

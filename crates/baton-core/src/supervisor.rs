@@ -1,0 +1,875 @@
+//! The supervisor state machine: every decision of the master, and nothing else.
+//!
+//! [`Supervisor::handle`] takes an [`Event`] and the current time and returns [`Action`]s. It
+//! performs no I/O, spawns nothing and reads no clock, so every branch of a reload, a drain and a
+//! stop is tested as plain data (see the tests at the bottom). The event loop in
+//! [`crate::master`] feeds it and carries out what it returns.
+//!
+//! Architecture invariant: at most one reload runs at a time. Requests that arrive meanwhile are
+//! queued and all covered by one follow-up reload, which starts after the running one ends; every
+//! request is logged with the reload that covered it (or why it was rejected).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use baton_proto::{MasterMessage, WorkerMessage};
+use baton_sys::process::{ExitKind, SignalNumber};
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $fmt:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(pub u64);
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, $fmt, self.0)
+            }
+        }
+    };
+}
+id_type!(
+    /// A generation of workers: all started by one reload, with one configuration.
+    Generation, "{}");
+id_type!(
+    /// A worker process, unique for the master's lifetime (a restarted worker gets a new id).
+    WorkerId, "{}");
+id_type!(
+    /// One reload request (a signal, a command): each is accounted for in the log.
+    RequestId, "#{}");
+id_type!(
+    /// One reload actually carried out; it covers one or more requests.
+    ReloadId, "{}");
+
+/// Who asked for something.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    Signal { name: &'static str, sender_pid: Option<u32> },
+    Other(String),
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trigger::Signal { name, sender_pid: Some(pid) } => write!(f, "{name} from pid {pid}"),
+            Trigger::Signal { name, sender_pid: None } => write!(f, "{name}"),
+            Trigger::Other(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+/// What an operator wants, whatever the channel it came through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    Reload(Trigger),
+    /// Graceful: drain every generation within its deadline, then exit 0. Fast: kill workers now.
+    Stop { graceful: bool, trigger: Trigger },
+    /// SIGUSR1: never fatal; forwarded to workers only if configured.
+    ReopenLogs(Trigger),
+}
+
+/// The parts of the configuration the state machine decides with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationSpec {
+    pub processes: usize,
+    pub ready_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub drain_signal: Option<SignalNumber>,
+    pub restart_backoff: Duration,
+    pub restart_backoff_max: Duration,
+    pub max_draining: usize,
+    pub forward_usr1: bool,
+}
+
+impl GenerationSpec {
+    pub fn from_config(config: &Config) -> Self {
+        let w = &config.worker;
+        GenerationSpec {
+            processes: w.processes,
+            ready_timeout: w.ready_timeout,
+            drain_timeout: w.drain_timeout,
+            drain_signal: w.drain_signal,
+            restart_backoff: w.restart_backoff,
+            restart_backoff_max: w.restart_backoff_max,
+            max_draining: config.supervisor.max_draining,
+            forward_usr1: config.supervisor.forward_usr1,
+        }
+    }
+}
+
+/// Everything the state machine reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Intent(Intent),
+    /// Answer to [`Action::Prepare`]: the configuration was read and the listeners bound.
+    Prepared { generation: Generation, result: Result<GenerationSpec, String> },
+    /// Answer to [`Action::Spawn`]: the process runs with this pid, or could not be started.
+    Spawned { worker: WorkerId, result: Result<u32, String> },
+    /// A packet from a worker's channel.
+    Message { worker: WorkerId, message: WorkerMessage },
+    /// A child was reaped.
+    Exited { pid: u32, status: ExitKind },
+    /// Time passed: act on every deadline that is due.
+    Tick,
+}
+
+/// Everything the state machine asks the event loop to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Read the configuration, bind new listeners, keep the resources for `generation`, and
+    /// answer with [`Event::Prepared`].
+    Prepare { generation: Generation },
+    /// Start a worker of `generation` and answer with [`Event::Spawned`].
+    Spawn { worker: WorkerId, generation: Generation },
+    /// Send a packet over the worker's channel.
+    Send { worker: WorkerId, message: MasterMessage },
+    /// Send a signal to one worker process.
+    Signal { pid: u32, signal: SignalNumber },
+    /// SIGKILL a worker's whole process group.
+    Kill { pid: u32 },
+    /// The worker is gone: drop its channel.
+    Forget { worker: WorkerId },
+    /// No worker of `generation` is left: drop its resources (listeners it alone used close).
+    Release { generation: Generation },
+    /// Leave the event loop and exit the process with this code.
+    Exit { code: i32 },
+}
+
+/// The phase of a generation, as shown to operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Preparing,
+    Starting,
+    Serving,
+    Draining,
+    /// Its reload failed; its workers are being killed.
+    Failed,
+}
+
+/// How one reload ended, kept for status and for tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadRecord {
+    pub id: ReloadId,
+    pub covers: Vec<RequestId>,
+    pub generation: Generation,
+    pub verdict: Result<(), String>,
+}
+
+#[derive(Debug)]
+enum GenState {
+    Preparing,
+    Starting,
+    Serving,
+    Draining { since: Instant, deadline: Instant, killed: bool },
+    Failed,
+}
+
+#[derive(Debug)]
+struct Gen {
+    spec: Option<GenerationSpec>,
+    state: GenState,
+    slots: Vec<Slot>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    worker: Option<WorkerId>,
+    crashes: u32,
+    restart_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerState {
+    /// Asked to spawn; no pid yet.
+    Spawning,
+    Starting { deadline: Instant },
+    Ready,
+    Draining,
+    /// SIGKILL sent; waiting to reap it.
+    Killed,
+}
+
+#[derive(Debug)]
+struct Worker {
+    generation: Generation,
+    slot: usize,
+    pid: Option<u32>,
+    state: WorkerState,
+    spawned: Instant,
+    connections: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Reload {
+    id: ReloadId,
+    generation: Generation,
+    covers: Vec<RequestId>,
+    started: Instant,
+    /// The first generation at startup: its failure ends the master.
+    initial: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Graceful,
+    Fast,
+}
+
+/// How many reload verdicts are kept.
+const HISTORY: usize = 100;
+
+/// All state of the master's supervision.
+#[derive(Debug, Default)]
+pub struct Supervisor {
+    generations: BTreeMap<Generation, Gen>,
+    workers: BTreeMap<WorkerId, Worker>,
+    pids: BTreeMap<u32, WorkerId>,
+    reload: Option<Reload>,
+    pending: Vec<RequestId>,
+    stop: Option<Stop>,
+    exit_code: i32,
+    exited: bool,
+    next_generation: u64,
+    next_worker: u64,
+    next_request: u64,
+    next_reload: u64,
+    history: VecDeque<ReloadRecord>,
+    actions: Vec<Action>,
+}
+
+impl Supervisor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts the first generation.
+    pub fn start(&mut self, now: Instant) -> Vec<Action> {
+        self.begin_reload(now, Vec::new(), true);
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Applies one event at time `now`.
+    pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        match event {
+            Event::Intent(Intent::Reload(trigger)) => self.on_reload_request(now, trigger),
+            Event::Intent(Intent::Stop { graceful, trigger }) => self.on_stop(now, graceful, trigger),
+            Event::Intent(Intent::ReopenLogs(trigger)) => self.on_reopen_logs(trigger),
+            Event::Prepared { generation, result } => self.on_prepared(now, generation, result),
+            Event::Spawned { worker, result } => self.on_spawned(now, worker, result),
+            Event::Message { worker, message } => self.on_message(now, worker, message),
+            Event::Exited { pid, status } => self.on_exited(now, pid, status),
+            Event::Tick => self.on_tick(now),
+        }
+        std::mem::take(&mut self.actions)
+    }
+
+    /// The earliest time at which [`Event::Tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().filter_map(|w| match w.state {
+            WorkerState::Starting { deadline } => Some(deadline),
+            _ => None,
+        });
+        let gens = self.generations.values().flat_map(|g| {
+            let drain = match g.state {
+                GenState::Draining { deadline, killed: false, .. } => Some(deadline),
+                _ => None,
+            };
+            let restarts = g.slots.iter().filter_map(|s| s.restart_at);
+            drain.into_iter().chain(restarts)
+        });
+        workers.chain(gens).min()
+    }
+
+    /// Generations with their phase and number of live workers, oldest first.
+    pub fn generations(&self) -> Vec<(Generation, Phase, usize)> {
+        self.generations
+            .iter()
+            .map(|(&g, entry)| {
+                let phase = match entry.state {
+                    GenState::Preparing => Phase::Preparing,
+                    GenState::Starting => Phase::Starting,
+                    GenState::Serving => Phase::Serving,
+                    GenState::Draining { .. } => Phase::Draining,
+                    GenState::Failed => Phase::Failed,
+                };
+                (g, phase, self.live_workers(g))
+            })
+            .collect()
+    }
+
+    /// The last reloads' verdicts, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = &ReloadRecord> {
+        self.history.iter()
+    }
+
+    // ---- reloads ----------------------------------------------------------------------------
+
+    fn on_reload_request(&mut self, now: Instant, trigger: Trigger) {
+        self.next_request += 1;
+        let request = RequestId(self.next_request);
+        info!(event = "reload_requested", request = request.0, trigger = %trigger,
+            "reload request {request} ({trigger})");
+        if self.stop.is_some() {
+            warn!(event = "reload_rejected", request = request.0,
+                "reload request {request} rejected: the master is stopping");
+        } else if let Some(current) = &self.reload {
+            info!(event = "reload_queued", request = request.0, behind = current.id.0,
+                "reload request {request} queued: reload {} is running; the next reload covers it",
+                current.id);
+            self.pending.push(request);
+        } else {
+            self.begin_reload(now, vec![request], false);
+        }
+    }
+
+    fn begin_reload(&mut self, now: Instant, covers: Vec<RequestId>, initial: bool) {
+        self.next_generation += 1;
+        let generation = Generation(self.next_generation);
+        let id = if initial {
+            ReloadId(0)
+        } else {
+            self.next_reload += 1;
+            ReloadId(self.next_reload)
+        };
+        if !initial {
+            let list = join(&covers);
+            info!(event = "reload_started", reload = id.0, generation = generation.0,
+                covers = %list, "reload {id} started: generation {generation}, covering requests {list}");
+        }
+        self.generations.insert(
+            generation,
+            Gen { spec: None, state: GenState::Preparing, slots: Vec::new() },
+        );
+        self.reload = Some(Reload { id, generation, covers, started: now, initial });
+        self.actions.push(Action::Prepare { generation });
+    }
+
+    fn on_prepared(&mut self, now: Instant, g: Generation, result: Result<GenerationSpec, String>) {
+        let Some(entry) = self.generations.get_mut(&g) else {
+            self.actions.push(Action::Release { generation: g });
+            return;
+        };
+        if !matches!(entry.state, GenState::Preparing) {
+            return;
+        }
+        match result {
+            Err(reason) => self.fail_reload(now, reason),
+            Ok(spec) => {
+                entry.slots = (0..spec.processes).map(|_| Slot::default()).collect();
+                entry.spec = Some(spec.clone());
+                entry.state = GenState::Starting;
+                for slot in 0..spec.processes {
+                    self.spawn(now, g, slot);
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, now: Instant, generation: Generation, slot: usize) {
+        self.next_worker += 1;
+        let worker = WorkerId(self.next_worker);
+        self.workers.insert(
+            worker,
+            Worker {
+                generation,
+                slot,
+                pid: None,
+                state: WorkerState::Spawning,
+                spawned: now,
+                connections: None,
+            },
+        );
+        if let Some(s) = self.slot_mut(generation, slot) {
+            s.worker = Some(worker);
+            s.restart_at = None;
+        }
+        self.actions.push(Action::Spawn { worker, generation });
+    }
+
+    /// All workers of the reload's generation are ready: it serves, the previous one drains.
+    fn promote(&mut self, now: Instant, g: Generation) {
+        let Some(reload) = self.reload.take() else { return };
+        if let Some(entry) = self.generations.get_mut(&g) {
+            entry.state = GenState::Serving;
+        }
+        let took = now.saturating_duration_since(reload.started);
+        let old: Vec<Generation> = self
+            .generations
+            .iter()
+            .filter(|(n, entry)| **n != g && matches!(entry.state, GenState::Serving))
+            .map(|(n, _)| *n)
+            .collect();
+        if reload.initial {
+            info!(event = "serving", generation = g.0, took_ms = took.as_millis() as u64,
+                "generation {g} is serving");
+        } else {
+            let list = join(&reload.covers);
+            info!(event = "reload_succeeded", reload = reload.id.0, generation = g.0,
+                covers = %list, took_ms = took.as_millis() as u64,
+                "reload {} succeeded: generation {g} is serving (requests {list})", reload.id);
+            self.record(&reload, Ok(()));
+        }
+        for old in old {
+            self.begin_drain(now, old);
+        }
+        self.enforce_drain_cap();
+        self.next_pending(now);
+    }
+
+    /// The running reload failed: its generation is killed, the serving one is not touched.
+    fn fail_reload(&mut self, now: Instant, reason: String) {
+        let Some(reload) = self.reload.take() else { return };
+        let g = reload.generation;
+        if let Some(entry) = self.generations.get_mut(&g) {
+            entry.state = GenState::Failed;
+            for slot in &mut entry.slots {
+                slot.restart_at = None;
+            }
+        }
+        self.kill_workers_of(g);
+        if reload.initial {
+            error!(event = "start_failed", generation = g.0, reason = %reason,
+                "generation {g} failed to start: {reason}");
+            self.exit_code = 1;
+            self.stop = Some(Stop::Fast);
+        } else {
+            let list = join(&reload.covers);
+            let serving = self
+                .generations
+                .iter()
+                .find(|(_, entry)| matches!(entry.state, GenState::Serving))
+                .map(|(n, _)| format!("generation {n} keeps serving"))
+                .unwrap_or_else(|| "no generation is serving".into());
+            error!(event = "reload_failed", reload = reload.id.0, generation = g.0,
+                covers = %list, reason = %reason,
+                "reload {} failed: {reason}; {serving} (requests {list})", reload.id);
+            self.record(&reload, Err(reason));
+        }
+        self.finish_if_empty(now, g);
+        self.next_pending(now);
+    }
+
+    fn next_pending(&mut self, now: Instant) {
+        if self.reload.is_none() && self.stop.is_none() && !self.pending.is_empty() {
+            let covers = std::mem::take(&mut self.pending);
+            self.begin_reload(now, covers, false);
+        }
+    }
+
+    fn record(&mut self, reload: &Reload, verdict: Result<(), String>) {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(ReloadRecord {
+            id: reload.id,
+            covers: reload.covers.clone(),
+            generation: reload.generation,
+            verdict,
+        });
+    }
+
+    // ---- workers ----------------------------------------------------------------------------
+
+    fn on_spawned(&mut self, now: Instant, id: WorkerId, result: Result<u32, String>) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let g = w.generation;
+        match result {
+            Ok(pid) => {
+                w.pid = Some(pid);
+                self.pids.insert(pid, id);
+                let state = self.generations.get(&g).map(|entry| &entry.state);
+                match state {
+                    Some(GenState::Failed) | None => self.kill(id),
+                    Some(GenState::Draining { .. }) => self.drain_worker(id),
+                    _ => {
+                        let timeout = self.spec(g).map_or(Duration::ZERO, |s| s.ready_timeout);
+                        if let Some(w) = self.workers.get_mut(&id) {
+                            w.state = WorkerState::Starting { deadline: now + timeout };
+                        }
+                        debug!(event = "worker_spawned", worker = id.0, generation = g.0, pid,
+                            "worker {id} of generation {g} started as pid {pid}");
+                    }
+                }
+            }
+            Err(reason) => {
+                let slot = w.slot;
+                self.workers.remove(&id);
+                self.actions.push(Action::Forget { worker: id });
+                if let Some(s) = self.slot_mut(g, slot) {
+                    s.worker = None;
+                }
+                let reason = format!("worker {id} of generation {g} could not be started: {reason}");
+                self.after_worker_loss(now, g, slot, Duration::ZERO, reason);
+            }
+        }
+    }
+
+    fn on_message(&mut self, now: Instant, id: WorkerId, message: WorkerMessage) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let g = w.generation;
+        match message {
+            WorkerMessage::Ready => {
+                if let WorkerState::Starting { .. } = w.state {
+                    w.state = WorkerState::Ready;
+                    let after = now.saturating_duration_since(w.spawned).as_millis() as u64;
+                    info!(event = "worker_ready", worker = id.0, generation = g.0,
+                        pid = w.pid.unwrap_or(0), ready_ms = after,
+                        "worker {id} of generation {g} (pid {}) is ready after {after} ms",
+                        w.pid.unwrap_or(0));
+                    let all_ready = self.generations.get(&g).is_some_and(|entry| {
+                        matches!(entry.state, GenState::Starting)
+                            && entry.slots.iter().all(|s| {
+                                s.worker.and_then(|w| self.workers.get(&w)).is_some_and(|w| {
+                                    w.state == WorkerState::Ready
+                                })
+                            })
+                    });
+                    if all_ready {
+                        self.promote(now, g);
+                    }
+                }
+            }
+            WorkerMessage::Status { connections, text } => {
+                if connections.is_some() {
+                    w.connections = connections;
+                }
+                if let Some(text) = text {
+                    debug!(worker = id.0, "worker {id} status: {text}");
+                }
+            }
+            WorkerMessage::Draining => {
+                debug!(worker = id.0, "worker {id} of generation {g} acknowledged the drain");
+            }
+            WorkerMessage::Unknown => {
+                debug!(worker = id.0, "worker {id} sent a message type this master does not know");
+            }
+        }
+    }
+
+    fn on_exited(&mut self, now: Instant, pid: u32, status: ExitKind) {
+        let Some(id) = self.pids.remove(&pid) else {
+            debug!(pid, "reaped pid {pid} ({status}), not a worker");
+            return;
+        };
+        let Some(w) = self.workers.remove(&id) else { return };
+        self.actions.push(Action::Forget { worker: id });
+        let g = w.generation;
+        if let Some(s) = self.slot_mut(g, w.slot) {
+            if s.worker == Some(id) {
+                s.worker = None;
+            }
+        }
+        let ran = now.saturating_duration_since(w.spawned);
+        match self.generations.get(&g).map(|entry| &entry.state) {
+            Some(GenState::Draining { .. }) => {
+                info!(event = "worker_exited", worker = id.0, generation = g.0, pid,
+                    status = %status, "worker {id} of generation {g} (pid {pid}) exited: {status}");
+                self.finish_if_empty(now, g);
+            }
+            Some(GenState::Failed) | None => {
+                debug!(worker = id.0, pid, "worker {id} of failed generation {g} is gone ({status})");
+                self.finish_if_empty(now, g);
+            }
+            _ => {
+                let before = if w.state == WorkerState::Ready { "" } else { " before it was ready" };
+                let reason = format!(
+                    "worker {id} of generation {g} (pid {pid}) exited with {status}{before}"
+                );
+                self.after_worker_loss(now, g, w.slot, ran, reason);
+            }
+        }
+    }
+
+    /// A worker of a starting or serving generation is gone (exited, or never started).
+    fn after_worker_loss(&mut self, now: Instant, g: Generation, slot: usize, ran: Duration, reason: String) {
+        match self.generations.get(&g).map(|entry| &entry.state) {
+            Some(GenState::Starting) | Some(GenState::Preparing) => self.fail_reload(now, reason),
+            Some(GenState::Serving) if self.stop.is_none() => {
+                let Some(spec) = self.spec(g).cloned() else { return };
+                let Some(s) = self.slot_mut(g, slot) else { return };
+                // A worker that ran at least as long as the longest backoff was healthy: its
+                // crash starts a new sequence instead of continuing the old one.
+                s.crashes = if ran >= spec.restart_backoff_max { 1 } else { s.crashes + 1 };
+                let delay = backoff(&spec, s.crashes);
+                s.restart_at = Some(now + delay);
+                warn!(event = "worker_crashed", generation = g.0, slot, crashes = s.crashes,
+                    restart_in_ms = delay.as_millis() as u64,
+                    "{reason}; restarting it in {} ms (crash {} in a row)", delay.as_millis(),
+                    s.crashes);
+            }
+            Some(_) => self.finish_if_empty(now, g),
+            None => {}
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        // Ready deadlines.
+        let late: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| matches!(w.state, WorkerState::Starting { deadline } if deadline <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let Some(w) = self.workers.get(&id) else { continue };
+            let g = w.generation;
+            let pid = w.pid.unwrap_or(0);
+            let timeout = self.spec(g).map_or(Duration::ZERO, |s| s.ready_timeout);
+            let reason = format!(
+                "worker {id} of generation {g} (pid {pid}) was not ready after {} ms",
+                timeout.as_millis()
+            );
+            match self.generations.get(&g).map(|entry| &entry.state) {
+                Some(GenState::Starting) => self.fail_reload(now, reason),
+                _ => {
+                    warn!(event = "worker_not_ready", worker = id.0, pid, "{reason}: killing it");
+                    // Its exit schedules the restart with backoff.
+                    self.kill(id);
+                }
+            }
+        }
+        // Drain deadlines.
+        let expired: Vec<Generation> = self
+            .generations
+            .iter()
+            .filter(|(_, entry)| {
+                matches!(entry.state, GenState::Draining { deadline, killed: false, .. } if deadline <= now)
+            })
+            .map(|(g, _)| *g)
+            .collect();
+        for g in expired {
+            self.kill_generation(g, "its drain deadline passed");
+        }
+        // Restarts that are due.
+        let due: Vec<(Generation, usize)> = self
+            .generations
+            .iter()
+            .filter(|(_, entry)| matches!(entry.state, GenState::Serving))
+            .flat_map(|(g, entry)| {
+                entry.slots.iter().enumerate().filter_map(move |(i, s)| {
+                    (s.worker.is_none() && s.restart_at.is_some_and(|t| t <= now)).then_some((*g, i))
+                })
+            })
+            .collect();
+        for (g, slot) in due {
+            self.spawn(now, g, slot);
+        }
+    }
+
+    // ---- drain and stop ---------------------------------------------------------------------
+
+    fn begin_drain(&mut self, now: Instant, g: Generation) {
+        let Some(entry) = self.generations.get_mut(&g) else { return };
+        let timeout = entry.spec.as_ref().map_or(Duration::ZERO, |s| s.drain_timeout);
+        entry.state = GenState::Draining { since: now, deadline: now + timeout, killed: false };
+        for slot in &mut entry.slots {
+            slot.restart_at = None;
+        }
+        info!(event = "generation_draining", generation = g.0, workers = self.live_workers(g),
+            deadline_ms = timeout.as_millis() as u64,
+            "generation {g} is draining: {} workers, killed in {} ms if still running",
+            self.live_workers(g), timeout.as_millis());
+        for id in self.worker_ids(g) {
+            self.drain_worker(id);
+        }
+        self.finish_if_empty(now, g);
+    }
+
+    fn drain_worker(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(pid) = w.pid else { return };
+        if w.state == WorkerState::Killed {
+            return;
+        }
+        w.state = WorkerState::Draining;
+        let g = w.generation;
+        let (deadline_ms, signal) = match self.generations.get(&g) {
+            Some(Gen { state: GenState::Draining { deadline, since, .. }, spec, .. }) => (
+                deadline.saturating_duration_since(*since).as_millis() as u64,
+                spec.as_ref().and_then(|s| s.drain_signal),
+            ),
+            _ => (0, None),
+        };
+        self.actions.push(Action::Send { worker: id, message: MasterMessage::Drain { deadline_ms } });
+        if let Some(signal) = signal {
+            self.actions.push(Action::Signal { pid, signal });
+        }
+    }
+
+    /// More generations drain than allowed: the oldest go first.
+    fn enforce_drain_cap(&mut self) {
+        let max = self
+            .generations
+            .values()
+            .rev()
+            .find(|entry| matches!(entry.state, GenState::Serving))
+            .and_then(|entry| entry.spec.as_ref())
+            .map_or(usize::MAX, |s| s.max_draining);
+        let draining: Vec<Generation> = self
+            .generations
+            .iter()
+            .filter(|(_, entry)| matches!(entry.state, GenState::Draining { killed: false, .. }))
+            .map(|(g, _)| *g)
+            .collect();
+        let excess = draining.len().saturating_sub(max);
+        for g in draining.into_iter().take(excess) {
+            self.kill_generation(g, &format!("more than {max} generations are draining"));
+        }
+    }
+
+    fn kill_generation(&mut self, g: Generation, why: &str) {
+        if let Some(Gen { state: GenState::Draining { killed, .. }, .. }) = self.generations.get_mut(&g) {
+            *killed = true;
+        }
+        for id in self.worker_ids(g) {
+            let Some(w) = self.workers.get(&id) else { continue };
+            if let Some(pid) = w.pid {
+                let conns = w.connections.map_or("unknown".to_string(), |c| c.to_string());
+                warn!(event = "worker_killed", worker = id.0, generation = g.0, pid,
+                    "killing worker {id} of generation {g} (pid {pid}, connections: {conns}): {why}");
+            }
+            self.kill(id);
+        }
+    }
+
+    fn on_stop(&mut self, now: Instant, graceful: bool, trigger: Trigger) {
+        let wanted = if graceful { Stop::Graceful } else { Stop::Fast };
+        match (self.stop, wanted) {
+            (Some(Stop::Fast), _) | (Some(Stop::Graceful), Stop::Graceful) => {
+                info!("{trigger}: already stopping");
+                return;
+            }
+            _ => {}
+        }
+        self.stop = Some(wanted);
+        info!(event = "stopping", graceful, trigger = %trigger,
+            "{trigger}: {} stop", if graceful { "graceful" } else { "fast" });
+        for request in std::mem::take(&mut self.pending) {
+            warn!(event = "reload_rejected", request = request.0,
+                "reload request {request} rejected: the master is stopping");
+        }
+        self.fail_reload(now, format!("stop requested ({trigger})"));
+        let gens: Vec<Generation> = self.generations.keys().copied().collect();
+        for g in gens {
+            if graceful {
+                if let Some(GenState::Serving) = self.generations.get(&g).map(|entry| &entry.state) {
+                    self.begin_drain(now, g);
+                }
+            } else {
+                if let Some(entry) = self.generations.get_mut(&g) {
+                    if !matches!(entry.state, GenState::Failed) {
+                        entry.state = GenState::Draining { since: now, deadline: now, killed: true };
+                    }
+                }
+                self.kill_generation(g, "fast stop");
+            }
+        }
+        self.check_exit();
+    }
+
+    fn on_reopen_logs(&mut self, trigger: Trigger) {
+        let forward = self
+            .generations
+            .values()
+            .rev()
+            .find(|g| matches!(g.state, GenState::Serving))
+            .and_then(|g| g.spec.as_ref())
+            .is_some_and(|s| s.forward_usr1);
+        if !forward {
+            info!(event = "reopen_logs", "{trigger}: baton logs to stderr and has nothing to reopen; \
+                not forwarded (supervisor.forward_usr1 is off)");
+            return;
+        }
+        let pids: Vec<u32> = self
+            .workers
+            .values()
+            .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Draining))
+            .filter_map(|w| w.pid)
+            .collect();
+        info!(event = "reopen_logs", "{trigger}: forwarding SIGUSR1 to {} workers", pids.len());
+        for pid in pids {
+            self.actions.push(Action::Signal { pid, signal: SignalNumber::SIGUSR1 });
+        }
+    }
+
+    /// A draining or failed generation with no worker left is gone.
+    fn finish_if_empty(&mut self, now: Instant, g: Generation) {
+        if self.live_workers(g) > 0 {
+            return;
+        }
+        let Some(entry) = self.generations.get(&g) else { return };
+        match entry.state {
+            GenState::Draining { since, killed, .. } => {
+                let took = now.saturating_duration_since(since).as_millis() as u64;
+                info!(event = "generation_exited", generation = g.0, drain_ms = took, killed,
+                    "generation {g} is gone after draining for {took} ms{}",
+                    if killed { " (killed at its deadline)" } else { "" });
+            }
+            GenState::Failed => debug!(generation = g.0, "failed generation {g} is gone"),
+            _ => return,
+        }
+        self.generations.remove(&g);
+        self.actions.push(Action::Release { generation: g });
+        self.check_exit();
+    }
+
+    fn check_exit(&mut self) {
+        if self.stop.is_some() && !self.exited && self.workers.is_empty() {
+            for g in std::mem::take(&mut self.generations).into_keys() {
+                self.actions.push(Action::Release { generation: g });
+            }
+            self.exited = true;
+            info!(event = "exiting", code = self.exit_code, "all workers are gone: exiting");
+            self.actions.push(Action::Exit { code: self.exit_code });
+        }
+    }
+
+    // ---- helpers ----------------------------------------------------------------------------
+
+    fn kill(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        if let (Some(pid), false) = (w.pid, w.state == WorkerState::Killed) {
+            self.actions.push(Action::Kill { pid });
+        }
+        w.state = WorkerState::Killed;
+    }
+
+    fn kill_workers_of(&mut self, g: Generation) {
+        for id in self.worker_ids(g) {
+            self.kill(id);
+        }
+    }
+
+    fn worker_ids(&self, g: Generation) -> Vec<WorkerId> {
+        self.workers.iter().filter(|(_, w)| w.generation == g).map(|(id, _)| *id).collect()
+    }
+
+    fn live_workers(&self, g: Generation) -> usize {
+        self.workers.values().filter(|w| w.generation == g).count()
+    }
+
+    fn spec(&self, g: Generation) -> Option<&GenerationSpec> {
+        self.generations.get(&g).and_then(|entry| entry.spec.as_ref())
+    }
+
+    fn slot_mut(&mut self, g: Generation, slot: usize) -> Option<&mut Slot> {
+        self.generations.get_mut(&g).and_then(|entry| entry.slots.get_mut(slot))
+    }
+}
+
+/// Delay before the restart after `crashes` crashes in a row: doubling from `restart_backoff`,
+/// capped at `restart_backoff_max`.
+fn backoff(spec: &GenerationSpec, crashes: u32) -> Duration {
+    let factor = 1u32.checked_shl(crashes.saturating_sub(1)).unwrap_or(u32::MAX);
+    spec.restart_backoff.saturating_mul(factor).min(spec.restart_backoff_max)
+}
+
+fn join(ids: &[RequestId]) -> String {
+    ids.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,371 @@
+//! The state machine as plain data: events in, actions out. No processes, no clock.
+
+use super::*;
+
+fn spec(processes: usize) -> GenerationSpec {
+    GenerationSpec {
+        processes,
+        ready_timeout: Duration::from_secs(5),
+        drain_timeout: Duration::from_secs(30),
+        drain_signal: Some(SignalNumber::SIGTERM),
+        restart_backoff: Duration::from_millis(100),
+        restart_backoff_max: Duration::from_secs(10),
+        max_draining: 8,
+        forward_usr1: false,
+    }
+}
+
+fn usr2() -> Intent {
+    Intent::Reload(Trigger::Signal { name: "SIGUSR2", sender_pid: Some(42) })
+}
+
+fn pid_of(w: WorkerId) -> u32 {
+    10_000 + w.0 as u32
+}
+
+struct Harness {
+    s: Supervisor,
+    now: Instant,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness { s: Supervisor::new(), now: Instant::now() }
+    }
+
+    fn ev(&mut self, event: Event) -> Vec<Action> {
+        self.s.handle(self.now, event)
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    /// Answers Prepare with `spec` and every Spawn with a pid; returns the spawned workers.
+    fn prepare(&mut self, actions: &[Action], spec: GenerationSpec) -> Vec<WorkerId> {
+        let g = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Prepare { generation } => Some(*generation),
+                _ => None,
+            })
+            .expect("a Prepare action");
+        let spawns = self.ev(Event::Prepared { generation: g, result: Ok(spec) });
+        self.spawn_all(&spawns)
+    }
+
+    fn spawn_all(&mut self, actions: &[Action]) -> Vec<WorkerId> {
+        let workers = spawned(actions);
+        for &w in &workers {
+            let more = self.ev(Event::Spawned { worker: w, result: Ok(pid_of(w)) });
+            assert!(more.is_empty(), "{more:?}");
+        }
+        workers
+    }
+
+    fn ready(&mut self, workers: &[WorkerId]) -> Vec<Action> {
+        let mut all = Vec::new();
+        for &w in workers {
+            all.extend(self.ev(Event::Message { worker: w, message: WorkerMessage::Ready }));
+        }
+        all
+    }
+
+    fn exit(&mut self, w: WorkerId, code: i32) -> Vec<Action> {
+        self.ev(Event::Exited { pid: pid_of(w), status: ExitKind::Exited(code) })
+    }
+
+    /// Starts generation 1 with `n` ready workers.
+    fn serving(&mut self, n: usize) -> Vec<WorkerId> {
+        let start = self.s.start(self.now);
+        let workers = self.prepare(&start, spec(n));
+        let done = self.ready(&workers);
+        assert!(done.is_empty(), "{done:?}");
+        assert_eq!(self.s.generations(), vec![(Generation(1), Phase::Serving, n)]);
+        workers
+    }
+
+    /// A complete successful reload; returns the new workers and the actions of the promotion.
+    fn reload(&mut self, n: usize) -> (Vec<WorkerId>, Vec<Action>) {
+        let prepare = self.ev(Event::Intent(usr2()));
+        let workers = self.prepare(&prepare, spec(n));
+        let promoted = self.ready(&workers);
+        (workers, promoted)
+    }
+}
+
+fn spawned(actions: &[Action]) -> Vec<WorkerId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Spawn { worker, .. } => Some(*worker),
+            _ => None,
+        })
+        .collect()
+}
+
+fn killed(actions: &[Action]) -> Vec<u32> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Kill { pid } => Some(*pid),
+            _ => None,
+        })
+        .collect()
+}
+
+fn drained(actions: &[Action]) -> Vec<WorkerId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { worker, message: MasterMessage::Drain { .. } } => Some(*worker),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn startup_serves_once_every_worker_is_ready() {
+    let mut h = Harness::new();
+    let start = h.s.start(h.now);
+    assert_eq!(start, vec![Action::Prepare { generation: Generation(1) }]);
+    let workers = h.prepare(&start, spec(2));
+    assert_eq!(workers.len(), 2);
+    assert!(h.ready(&workers[..1]).is_empty());
+    assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Starting, 2)]);
+    assert!(h.ready(&workers[1..]).is_empty());
+    assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 2)]);
+    assert_eq!(h.s.next_deadline(), None, "nothing to wait for: no timer");
+}
+
+#[test]
+fn a_reload_drains_the_old_generation_only_after_the_new_one_is_ready() {
+    let mut h = Harness::new();
+    let old = h.serving(2);
+    let prepare = h.ev(Event::Intent(usr2()));
+    assert_eq!(prepare, vec![Action::Prepare { generation: Generation(2) }]);
+    let new = h.prepare(&prepare, spec(2));
+    // One new worker ready: the old generation is not touched yet.
+    assert!(h.ready(&new[..1]).is_empty());
+    let promoted = h.ready(&new[1..]);
+    assert_eq!(drained(&promoted), old, "every old worker gets the drain message");
+    let signals: Vec<_> = promoted
+        .iter()
+        .filter(|a| matches!(a, Action::Signal { signal: SignalNumber::SIGTERM, .. }))
+        .collect();
+    assert_eq!(signals.len(), 2, "and the drain signal");
+    assert_eq!(
+        h.s.generations(),
+        vec![(Generation(1), Phase::Draining, 2), (Generation(2), Phase::Serving, 2)]
+    );
+    // The old generation is gone when its last worker exits: its listeners are released.
+    assert_eq!(h.exit(old[0], 0), vec![Action::Forget { worker: old[0] }]);
+    assert_eq!(
+        h.exit(old[1], 0),
+        vec![Action::Forget { worker: old[1] }, Action::Release { generation: Generation(1) }]
+    );
+    assert_eq!(h.s.generations(), vec![(Generation(2), Phase::Serving, 2)]);
+    let record = h.s.history().last().unwrap().clone();
+    assert_eq!(record.verdict, Ok(()));
+    assert_eq!(record.covers, vec![RequestId(1)]);
+}
+
+#[test]
+fn requests_during_a_reload_coalesce_into_one_follow_up_and_all_are_accounted_for() {
+    let mut h = Harness::new();
+    h.serving(1);
+    let first = h.ev(Event::Intent(usr2()));
+    // Three more requests while reload 1 runs: no second Prepare now.
+    for _ in 0..3 {
+        assert!(h.ev(Event::Intent(usr2())).is_empty());
+    }
+    let new = h.prepare(&first, spec(1));
+    let promoted = h.ready(&new);
+    // Reload 1 succeeded and reload 2 (covering 2, 3, 4) started at once.
+    assert!(promoted.contains(&Action::Prepare { generation: Generation(3) }), "{promoted:?}");
+    let newer = h.prepare(&promoted, spec(1));
+    h.ready(&newer);
+    let history: Vec<_> = h.s.history().cloned().collect();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].covers, vec![RequestId(1)]);
+    assert_eq!(history[1].covers, vec![RequestId(2), RequestId(3), RequestId(4)]);
+    assert!(history.iter().all(|r| r.verdict.is_ok()));
+}
+
+#[test]
+fn a_worker_that_exits_before_ready_fails_the_reload_and_leaves_the_old_generation_alone() {
+    let mut h = Harness::new();
+    let old = h.serving(2);
+    let prepare = h.ev(Event::Intent(usr2()));
+    let new = h.prepare(&prepare, spec(2));
+    let actions = h.exit(new[0], 3);
+    // The other new worker is killed; nothing is sent to the old workers.
+    assert_eq!(killed(&actions), vec![pid_of(new[1])]);
+    assert!(drained(&actions).is_empty());
+    assert!(!actions.iter().any(|a| matches!(a, Action::Signal { .. })));
+    let verdict = h.s.history().last().unwrap().verdict.clone().unwrap_err();
+    assert!(verdict.contains("exited with exit status 3 before it was ready"), "{verdict}");
+    assert_eq!(h.exit(new[1], 137).last(), Some(&Action::Release { generation: Generation(2) }));
+    assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 2)]);
+    // The old generation is still the one that serves and a later reload works.
+    let (_, promoted) = h.reload(2);
+    assert_eq!(drained(&promoted), old);
+}
+
+#[test]
+fn a_worker_that_is_never_ready_fails_the_reload_at_its_deadline() {
+    let mut h = Harness::new();
+    h.serving(1);
+    let prepare = h.ev(Event::Intent(usr2()));
+    let new = h.prepare(&prepare, spec(1));
+    assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(5)));
+    h.advance(Duration::from_millis(4999));
+    assert!(h.ev(Event::Tick).is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(killed(&h.ev(Event::Tick)), vec![pid_of(new[0])]);
+    let verdict = h.s.history().last().unwrap().verdict.clone().unwrap_err();
+    assert!(verdict.contains("was not ready after 5000 ms"), "{verdict}");
+}
+
+#[test]
+fn an_unreadable_config_fails_the_reload_without_spawning() {
+    let mut h = Harness::new();
+    h.serving(1);
+    h.ev(Event::Intent(usr2()));
+    let actions = h.ev(Event::Prepared {
+        generation: Generation(2),
+        result: Err("baton.yaml:3:1: unknown field `bogus`".into()),
+    });
+    assert_eq!(actions, vec![Action::Release { generation: Generation(2) }]);
+    assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 1)]);
+    assert!(h.s.history().last().unwrap().verdict.as_ref().unwrap_err().contains("bogus"));
+}
+
+#[test]
+fn a_draining_generation_is_killed_at_its_deadline_and_not_before() {
+    let mut h = Harness::new();
+    let old = h.serving(1);
+    h.reload(1);
+    assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(30)));
+    h.advance(Duration::from_secs(29));
+    assert!(h.ev(Event::Tick).is_empty());
+    h.advance(Duration::from_secs(1));
+    assert_eq!(killed(&h.ev(Event::Tick)), vec![pid_of(old[0])]);
+    assert_eq!(h.s.next_deadline(), None, "killed once, then only waited for");
+    let gone = h.ev(Event::Exited { pid: pid_of(old[0]), status: ExitKind::Signaled(SignalNumber::SIGKILL) });
+    assert!(gone.contains(&Action::Release { generation: Generation(1) }));
+}
+
+#[test]
+fn draining_generations_beyond_the_cap_are_killed_oldest_first() {
+    let mut h = Harness::new();
+    let g1 = h.serving(1);
+    let mut capped = spec(1);
+    capped.max_draining = 2;
+    let reload = |h: &mut Harness| {
+        let prepare = h.ev(Event::Intent(usr2()));
+        let new = h.prepare(&prepare, capped.clone());
+        h.ready(&new)
+    };
+    assert!(killed(&reload(&mut h)).is_empty()); // gen 1 draining
+    assert!(killed(&reload(&mut h)).is_empty()); // gens 1, 2 draining
+    assert_eq!(killed(&reload(&mut h)), vec![pid_of(g1[0])]); // gen 1 must go
+    let phases: Vec<Phase> = h.s.generations().iter().map(|g| g.1).collect();
+    assert_eq!(phases, [Phase::Draining, Phase::Draining, Phase::Draining, Phase::Serving]);
+}
+
+#[test]
+fn a_crashed_serving_worker_is_replaced_with_doubling_backoff() {
+    let mut h = Harness::new();
+    let mut current = h.serving(1)[0];
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        h.exit(current, 1);
+        let at = h.s.next_deadline().unwrap();
+        delays.push(at - h.now);
+        h.now = at;
+        let respawn = h.ev(Event::Tick);
+        current = h.spawn_all(&respawn)[0];
+        h.ready(&[current]);
+    }
+    let ms: Vec<u128> = delays.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(ms, [100, 200, 400, 800]);
+    // A worker that ran longer than the maximum backoff starts the sequence again.
+    h.advance(Duration::from_secs(11));
+    h.exit(current, 1);
+    assert_eq!(h.s.next_deadline().unwrap() - h.now, Duration::from_millis(100));
+    assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 0)]);
+}
+
+#[test]
+fn graceful_stop_drains_everything_then_exits_zero() {
+    let mut h = Harness::new();
+    let old = h.serving(1);
+    let (new, _) = h.reload(1);
+    let stop = h.ev(Event::Intent(Intent::Stop { graceful: true, trigger: Trigger::Other("test".into()) }));
+    assert_eq!(drained(&stop), new);
+    assert!(h.ev(Event::Intent(usr2())).is_empty(), "reloads are refused while stopping");
+    assert!(!h.exit(old[0], 0).contains(&Action::Exit { code: 0 }));
+    assert_eq!(h.exit(new[0], 0).last(), Some(&Action::Exit { code: 0 }));
+}
+
+#[test]
+fn stop_during_a_reload_kills_the_new_generation_and_drains_the_old() {
+    let mut h = Harness::new();
+    let old = h.serving(1);
+    let prepare = h.ev(Event::Intent(usr2()));
+    let new = h.prepare(&prepare, spec(1));
+    let stop = h.ev(Event::Intent(Intent::Stop { graceful: true, trigger: Trigger::Other("t".into()) }));
+    assert_eq!(killed(&stop), vec![pid_of(new[0])]);
+    assert_eq!(drained(&stop), old);
+    h.exit(new[0], 137);
+    assert_eq!(h.exit(old[0], 0).last(), Some(&Action::Exit { code: 0 }));
+}
+
+#[test]
+fn fast_stop_kills_every_worker() {
+    let mut h = Harness::new();
+    let workers = h.serving(3);
+    let stop = h.ev(Event::Intent(Intent::Stop { graceful: false, trigger: Trigger::Other("t".into()) }));
+    assert_eq!(killed(&stop), workers.iter().map(|w| pid_of(*w)).collect::<Vec<_>>());
+    h.exit(workers[0], 137);
+    h.exit(workers[1], 137);
+    assert_eq!(h.exit(workers[2], 137).last(), Some(&Action::Exit { code: 0 }));
+}
+
+#[test]
+fn a_failed_first_generation_ends_the_master_with_status_one() {
+    let mut h = Harness::new();
+    let start = h.s.start(h.now);
+    let workers = h.prepare(&start, spec(2));
+    let actions = h.exit(workers[0], 1);
+    assert_eq!(killed(&actions), vec![pid_of(workers[1])]);
+    assert_eq!(h.exit(workers[1], 137).last(), Some(&Action::Exit { code: 1 }));
+}
+
+#[test]
+fn usr1_is_never_fatal_and_forwarded_only_when_configured() {
+    let mut h = Harness::new();
+    h.serving(1);
+    let trigger = Trigger::Signal { name: "SIGUSR1", sender_pid: None };
+    assert!(h.ev(Event::Intent(Intent::ReopenLogs(trigger.clone()))).is_empty());
+    let prepare = h.ev(Event::Intent(usr2()));
+    let mut forwarding = spec(1);
+    forwarding.forward_usr1 = true;
+    let new = h.prepare(&prepare, forwarding);
+    h.ready(&new);
+    let actions = h.ev(Event::Intent(Intent::ReopenLogs(trigger)));
+    assert!(actions.contains(&Action::Signal { pid: pid_of(new[0]), signal: SignalNumber::SIGUSR1 }));
+    assert_eq!(h.s.generations().last().unwrap().1, Phase::Serving);
+}
+
+#[test]
+fn unknown_pids_and_garbage_events_change_nothing() {
+    let mut h = Harness::new();
+    h.serving(1);
+    assert!(h.ev(Event::Exited { pid: 1, status: ExitKind::Exited(0) }).is_empty());
+    assert!(h.ev(Event::Message { worker: WorkerId(999), message: WorkerMessage::Ready }).is_empty());
+    assert!(h.ev(Event::Spawned { worker: WorkerId(999), result: Ok(5) }).is_empty());
+    assert!(h.ev(Event::Tick).is_empty());
+    assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 1)]);
+}
