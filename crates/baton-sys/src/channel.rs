@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{
-    self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, sockopt,
+    self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, sockopt,
 };
 use sendfd::SendWithFd;
 use tokio::io::Interest;
@@ -151,6 +151,8 @@ pub fn adopt_inherited(raw: RawFd) -> io::Result<OwnedFd> {
     )?;
     Ok(fd)
 }
+
+pub use nix::sys::socket::SockType;
 
 /// What kind of socket a descriptor is, for validating received listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,1 +1,422 @@
+//! Worker-side SDK of baton for Rust/tokio servers.
+//!
+//! A worker started by baton calls [`Worker::from_env`], which takes the channel announced in
+//! `BATON_CHANNEL_FD`, receives the manifest and the listening sockets (`SCM_RIGHTS`), and checks
+//! that what arrived is what the manifest announced. The worker then takes its listeners by name,
+//! starts accepting, calls [`Worker::ready`], and waits for [`DrainWatch::requested`]. While it
+//! serves, [`Worker::track`] counts open connections; the count is reported to the master, which
+//! shows it while the worker's generation drains.
+//!
+//! A drain is requested by the master's `drain` packet, by the drain signal (SIGTERM by default),
+//! or by the channel closing (the master is gone): all three mean "stop accepting, finish, exit".
+//!
+//! This crate must not decide how a worker serves or when it exits; it only speaks the protocol
+//! (`docs/protocol.md`). It has no unsafe code: descriptors are adopted through `baton-sys`.
 
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use baton_proto::{
+    CHANNEL_FD_ENV, Hello, ListenerAddress, ListenerInfo, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE,
+    MasterMessage, PROTOCOL_VERSION, WorkerMessage,
+};
+use baton_sys::channel::{self, SocketKind};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixDatagram, UnixListener, UnixStream};
+use tokio::sync::{Notify, watch};
+
+/// Shortest time between two connection-count reports: the master is not in the data path, so a
+/// busy worker must not send it a packet per connection.
+const REPORT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Setting up the worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{CHANNEL_FD_ENV} is not set: this process was not started by baton")]
+    NotUnderBaton,
+    #[error("{CHANNEL_FD_ENV}={0:?} is not a descriptor number")]
+    BadChannelFd(String),
+    #[error("channel descriptor {fd} is unusable")]
+    Channel { fd: i32, #[source] source: io::Error },
+    #[error("channel descriptor {0} is not a SOCK_SEQPACKET socket")]
+    NotSeqPacket(i32),
+    #[error("reading the handoff from the master")]
+    Receive(#[source] io::Error),
+    #[error("the master closed the channel during the handoff")]
+    Closed,
+    #[error("handoff protocol error: {0}")]
+    Protocol(String),
+    #[error("master speaks protocol version {0}; this worker speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("manifest lists {expected} listeners but {received} descriptors arrived")]
+    CountMismatch { expected: usize, received: usize },
+    #[error("descriptors were truncated in transit (MSG_CTRUNC): expected {expected}")]
+    Truncated { expected: usize },
+    #[error("listener `{name}`: the descriptor is not a listening stream socket")]
+    NotAListener { name: String },
+    #[error("no listener named `{0}` in the manifest")]
+    UnknownListener(String),
+    #[error("listener `{0}` was already taken")]
+    AlreadyTaken(String),
+    #[error("listener `{name}`: {source}")]
+    Adopt { name: String, #[source] source: io::Error },
+}
+
+/// A listening socket handed over by the master.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Accepts one connection.
+    pub async fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        }
+    }
+}
+
+/// An accepted connection of either kind.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+macro_rules! delegate {
+    ($self:ident, $method:ident($($arg:ident),*)) => {
+        match $self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).$method($($arg),*),
+            Stream::Unix(s) => Pin::new(s).$method($($arg),*),
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_shutdown(cx))
+    }
+}
+
+/// Why a drain was requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainReason {
+    /// The master retired this worker's generation; it kills the worker after `deadline`.
+    Master { deadline: Duration },
+    /// The drain signal arrived (SIGTERM by default).
+    Signal,
+    /// The channel closed: the master is gone.
+    MasterGone,
+}
+
+/// Resolves when a drain is requested. Cheap to clone: give one to every connection task.
+#[derive(Debug, Clone)]
+pub struct DrainWatch(watch::Receiver<Option<DrainReason>>);
+
+impl DrainWatch {
+    /// Waits until a drain is requested and says why.
+    pub async fn requested(&mut self) -> DrainReason {
+        loop {
+            if let Some(reason) = *self.0.borrow_and_update() {
+                return reason;
+            }
+            if self.0.changed().await.is_err() {
+                // The sender lives as long as the worker; if it is gone, so is the master.
+                return DrainReason::MasterGone;
+            }
+        }
+    }
+    /// Whether a drain was requested already.
+    pub fn is_requested(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    channel: UnixDatagram,
+    connections: AtomicU64,
+    changed: Notify,
+    drain: watch::Sender<Option<DrainReason>>,
+}
+
+/// Counts a connection while alive.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+        self.0.changed.notify_one();
+    }
+}
+
+/// A worker process under baton.
+#[derive(Debug)]
+pub struct Worker {
+    shared: Arc<Shared>,
+    generation: u64,
+    worker_id: u64,
+    listeners: Vec<(ListenerInfo, Option<Listener>)>,
+}
+
+impl Worker {
+    /// Receives the listeners from the master. Must be called once, inside a tokio runtime.
+    pub async fn from_env() -> Result<Worker, WorkerError> {
+        let value = std::env::var(CHANNEL_FD_ENV).map_err(|_| WorkerError::NotUnderBaton)?;
+        let fd: i32 = value.parse().map_err(|_| WorkerError::BadChannelFd(value.clone()))?;
+        let owned = channel::adopt_inherited(fd).map_err(|source| WorkerError::Channel { fd, source })?;
+        match channel::socket_kind(owned.as_fd()) {
+            Ok(SocketKind { sock_type: channel::SockType::SeqPacket, .. }) => {}
+            _ => return Err(WorkerError::NotSeqPacket(fd)),
+        }
+        let channel = channel::into_async(owned).map_err(|source| WorkerError::Channel { fd, source })?;
+        Self::handshake(channel).await
+    }
+
+    /// Runs the handoff on an already connected channel (what `from_env` does after adopting it).
+    pub async fn handshake(channel: UnixDatagram) -> Result<Worker, WorkerError> {
+        let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+        let hello = match recv(&channel, &mut buf, 0).await? {
+            (MasterMessage::Hello(hello), fds) if fds.is_empty() => hello,
+            (other, _) => return Err(WorkerError::Protocol(format!("expected hello, got {other:?}"))),
+        };
+        let Hello { version, generation, worker_id, listeners } = hello;
+        if version != PROTOCOL_VERSION {
+            return Err(WorkerError::Version(version));
+        }
+        let mut fds: Vec<OwnedFd> = Vec::with_capacity(listeners.len());
+        while fds.len() < listeners.len() {
+            let (message, chunk) = recv(&channel, &mut buf, MAX_FDS_PER_MESSAGE).await?;
+            match message {
+                MasterMessage::Fds { first, count } if first == fds.len() && count == chunk.len() => {
+                    fds.extend(chunk);
+                }
+                MasterMessage::Fds { count, .. } => {
+                    return Err(WorkerError::CountMismatch {
+                        expected: listeners.len(),
+                        received: fds.len() + chunk.len().min(count),
+                    });
+                }
+                other => {
+                    return Err(WorkerError::Protocol(format!("expected descriptors, got {other:?}")));
+                }
+            }
+        }
+        let mut adopted = Vec::with_capacity(listeners.len());
+        for (info, fd) in listeners.into_iter().zip(fds) {
+            let listener = adopt(&info, fd)?;
+            adopted.push((info, Some(listener)));
+        }
+        let (drain, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            channel,
+            connections: AtomicU64::new(0),
+            changed: Notify::new(),
+            drain,
+        });
+        tokio::spawn(listen_to_master(shared.clone()));
+        tokio::spawn(watch_drain_signal(shared.clone()));
+        tokio::spawn(report_connections(shared.clone()));
+        Ok(Worker { shared, generation, worker_id, listeners: adopted })
+    }
+
+    /// This worker's generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// This worker's id (unique for the master's lifetime).
+    pub fn id(&self) -> u64 {
+        self.worker_id
+    }
+
+    /// The manifest: every listener's name and address, in configuration order.
+    pub fn manifest(&self) -> impl Iterator<Item = &ListenerInfo> {
+        self.listeners.iter().map(|(info, _)| info)
+    }
+
+    /// Takes the listener called `name`.
+    pub fn take(&mut self, name: &str) -> Result<Listener, WorkerError> {
+        let (_, slot) = self
+            .listeners
+            .iter_mut()
+            .find(|(info, _)| info.name == name)
+            .ok_or_else(|| WorkerError::UnknownListener(name.into()))?;
+        slot.take().ok_or_else(|| WorkerError::AlreadyTaken(name.into()))
+    }
+
+    /// Takes every listener not taken yet, with its name.
+    pub fn take_all(&mut self) -> Vec<(String, Listener)> {
+        self.listeners
+            .iter_mut()
+            .filter_map(|(info, slot)| slot.take().map(|l| (info.name.clone(), l)))
+            .collect()
+    }
+
+    /// Tells the master this worker serves. Call it once accepting has started.
+    pub async fn ready(&self) -> io::Result<()> {
+        self.send(&WorkerMessage::Ready).await
+    }
+
+    /// Tells the master this worker has stopped accepting and is finishing its connections.
+    pub async fn draining(&self) -> io::Result<()> {
+        self.send(&WorkerMessage::Draining).await
+    }
+
+    /// Sends a free-form status line (shown by `baton status`).
+    pub async fn status(&self, text: impl Into<String>) -> io::Result<()> {
+        self.send(&WorkerMessage::Status { connections: None, text: Some(text.into()) }).await
+    }
+
+    /// A watch that resolves when a drain is requested.
+    pub fn drain_watch(&self) -> DrainWatch {
+        DrainWatch(self.shared.drain.subscribe())
+    }
+
+    /// Counts a connection until the guard is dropped.
+    pub fn track(&self) -> ConnectionGuard {
+        self.shared.connections.fetch_add(1, Ordering::AcqRel);
+        self.shared.changed.notify_one();
+        ConnectionGuard(self.shared.clone())
+    }
+
+    /// Open connections counted by [`Worker::track`].
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Acquire)
+    }
+
+    /// Waits until no tracked connection is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.shared.changed.notified();
+            if self.connections() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn send(&self, message: &WorkerMessage) -> io::Result<()> {
+        self.shared.channel.send(&baton_proto::encode(message)).await.map(|_| ())
+    }
+}
+
+async fn recv(
+    channel: &UnixDatagram,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> Result<(MasterMessage, Vec<OwnedFd>), WorkerError> {
+    let got = channel::recv_with_fds(channel, buf, max_fds.max(1)).await.map_err(WorkerError::Receive)?;
+    if got.len == 0 {
+        return Err(WorkerError::Closed);
+    }
+    if got.fds_truncated {
+        return Err(WorkerError::Truncated { expected: max_fds });
+    }
+    if got.truncated {
+        return Err(WorkerError::Protocol("packet larger than the protocol's limit".into()));
+    }
+    let message = baton_proto::decode(&buf[..got.len]).map_err(|e| WorkerError::Protocol(e.to_string()))?;
+    Ok((message, got.fds))
+}
+
+fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, WorkerError> {
+    let not_a_listener = || WorkerError::NotAListener { name: info.name.clone() };
+    match channel::socket_kind(fd.as_fd()) {
+        Ok(kind) if kind.listening && kind.sock_type == channel::SockType::Stream => {}
+        _ => return Err(not_a_listener()),
+    }
+    let adopt_err = |source| WorkerError::Adopt { name: info.name.clone(), source };
+    match info.address {
+        ListenerAddress::Tcp { .. } => {
+            let std = std::net::TcpListener::from(fd);
+            std.set_nonblocking(true).map_err(adopt_err)?;
+            TcpListener::from_std(std).map(Listener::Tcp).map_err(adopt_err)
+        }
+        ListenerAddress::Unix { .. } => {
+            let std = std::os::unix::net::UnixListener::from(fd);
+            std.set_nonblocking(true).map_err(adopt_err)?;
+            UnixListener::from_std(std).map(Listener::Unix).map_err(adopt_err)
+        }
+    }
+}
+
+/// Reads the master's packets: `drain` and end of stream both request a drain.
+async fn listen_to_master(shared: Arc<Shared>) {
+    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    loop {
+        match channel::recv_with_fds(&shared.channel, &mut buf, 1).await {
+            Ok(got) if got.len == 0 => {
+                shared.drain.send_if_modified(|d| d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone);
+                return;
+            }
+            Ok(got) => {
+                if let Ok(MasterMessage::Drain { deadline_ms }) = baton_proto::decode(&buf[..got.len]) {
+                    let reason = DrainReason::Master { deadline: Duration::from_millis(deadline_ms) };
+                    shared.drain.send_if_modified(|d| d.replace(reason).is_none());
+                }
+                // Other packets (unknown types from a newer master) are ignored.
+            }
+            Err(_) => {
+                shared.drain.send_if_modified(|d| d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone);
+                return;
+            }
+        }
+    }
+}
+
+/// The drain signal (SIGTERM, baton's default) requests a drain instead of killing the process.
+async fn watch_drain_signal(shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+    if term.recv().await.is_some() {
+        shared.drain.send_if_modified(|d| d.get_or_insert(DrainReason::Signal) == &DrainReason::Signal);
+    }
+}
+
+/// Reports the connection count when it changes, at most every [`REPORT_INTERVAL`].
+async fn report_connections(shared: Arc<Shared>) {
+    let mut last = None;
+    loop {
+        let notified = shared.changed.notified();
+        let now = shared.connections.load(Ordering::Acquire);
+        if last != Some(now) {
+            let message = WorkerMessage::Status { connections: Some(now), text: None };
+            if shared.channel.send(&baton_proto::encode(&message)).await.is_err() {
+                return;
+            }
+            last = Some(now);
+            tokio::time::sleep(REPORT_INTERVAL).await;
+            continue;
+        }
+        notified.await;
+    }
+}
