@@ -1,1 +1,293 @@
+//! Test harness for black-box tests of baton: the real `baton` binary, real workers, real load
+//! on loopback.
+//!
+//! - [`binaries`] builds `baton`, `hello-worker` and `it-worker` once per test process.
+//! - [`Master`] runs `baton run` with JSON logs in its own temp dir and lets tests wait for log
+//!   events (with a deadline, never a bare sleep).
+//! - [`load`] is a bounded HTTP/1.1 load generator (fresh connection per request, or keep-alive).
+//! - [`procfs`] reads `/proc` to count listening sockets, worker fds and live children.
 
+#![allow(clippy::print_stderr)] // tests report what they measure
+
+pub mod load;
+pub mod procfs;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub baton: PathBuf,
+    pub hello_worker: PathBuf,
+    pub it_worker: PathBuf,
+}
+
+/// Builds the binaries once (the escargot approach: ask cargo, do not guess `target/debug`).
+pub fn binaries() -> &'static Binaries {
+    static BINS: OnceLock<Binaries> = OnceLock::new();
+    BINS.get_or_init(|| {
+        // Test binaries live in <target>/<profile>/deps/.
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir").to_owned();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "baton", "-p", "baton-example-worker", "-p", "baton-integration", "--bins"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        cmd.env("CARGO_TARGET_DIR", profile_dir.parent().expect("target dir"));
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build of the binaries under test failed");
+        Binaries {
+            baton: profile_dir.join("baton"),
+            hello_worker: profile_dir.join("hello-worker"),
+            it_worker: profile_dir.join("it-worker"),
+        }
+    })
+}
+
+/// How long to wait for anything: generous, since CI machines are loaded. Scaled by
+/// `BATON_TEST_PATIENCE` (a factor).
+pub fn patience(base: Duration) -> Duration {
+    let factor: f64 = std::env::var("BATON_TEST_PATIENCE").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    base.mul_f64(factor.max(0.1))
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience(timeout);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A configuration for a test master.
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    pub listeners: Vec<(String, String)>,
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub processes: usize,
+    pub ready_timeout: &'static str,
+    pub drain_timeout: &'static str,
+    pub max_draining: usize,
+}
+
+impl TestConfig {
+    /// `processes` hello-workers on one TCP listener `http` at `address`.
+    pub fn hello(address: &str, processes: usize) -> Self {
+        TestConfig {
+            listeners: vec![("http".into(), address.into())],
+            command: binaries().hello_worker.clone(),
+            args: Vec::new(),
+            env: Vec::new(),
+            processes,
+            ready_timeout: "20s",
+            drain_timeout: "20s",
+            max_draining: 8,
+        }
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut y = String::from("listeners:\n");
+        for (name, address) in &self.listeners {
+            y += &format!("  - name: {name}\n    address: \"{address}\"\n");
+        }
+        if self.listeners.is_empty() {
+            y = "listeners: []\n".into();
+        }
+        y += &format!("worker:\n  command: {}\n", self.command.display());
+        y += &format!("  args: {}\n", serde_json::to_string(&self.args).unwrap());
+        y += "  env:\n";
+        for (k, v) in &self.env {
+            y += &format!("    {k}: \"{v}\"\n");
+        }
+        if self.env.is_empty() {
+            y = y.replace("  env:\n", "  env: {}\n");
+        }
+        y += &format!(
+            "  processes: {}\n  ready_timeout: {}\n  drain_timeout: {}\nsupervisor:\n  max_draining: {}\n",
+            self.processes, self.ready_timeout, self.drain_timeout, self.max_draining
+        );
+        y
+    }
+}
+
+/// A free loopback port (bound and released; the master binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    /// JSON events of the master; other lines (workers' stderr) as `{"raw": line}`.
+    lines: Mutex<Vec<(Instant, Value)>>,
+    grew: Condvar,
+}
+
+/// A running `baton run`.
+#[derive(Debug)]
+pub struct Master {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log: Arc<Log>,
+    name: String,
+}
+
+impl Master {
+    /// Starts a master on `config` and waits until its first generation serves.
+    pub fn start(name: &str, config: &TestConfig) -> Master {
+        let master = Master::spawn(name, &config.yaml());
+        master.wait_event("serving", Duration::from_secs(30), |_| true);
+        master
+    }
+
+    /// Starts a master without waiting for anything.
+    pub fn spawn(name: &str, yaml: &str) -> Master {
+        let bins = binaries();
+        let dir = tempfile::Builder::new().prefix(&format!("baton-{name}-")).tempdir().unwrap();
+        let config_path = dir.path().join("baton.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
+        let mut child = Command::new(&bins.baton)
+            .args(["run", "--log-format", "json", "-c"])
+            .arg(&config_path)
+            .env("BATON_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning baton");
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str::<Value>(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                if std::env::var_os("BATON_TEST_VERBOSE").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+                sink.lines.lock().unwrap().push((Instant::now(), value));
+                sink.grew.notify_all();
+            }
+        });
+        Master { child, dir, config_path, log, name: name.into() }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    pub fn write_config(&self, yaml: &str) {
+        // Write then rename: a reload never reads a half-written file.
+        let tmp = self.dir.path().join("baton.yaml.new");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    /// Every logged event called `name` that matches `pred`, with the time it was read.
+    pub fn events_where(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Vec<(Instant, Value)> {
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v["event"] == name && pred(v))
+            .cloned()
+            .collect()
+    }
+
+    pub fn events(&self, name: &str) -> Vec<Value> {
+        self.events_where(name, |_| true).into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Waits for the first event `name` matching `pred` (including ones already logged).
+    pub fn wait_event(&self, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> (Instant, Value) {
+        let deadline = Instant::now() + patience(timeout);
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(found) = lines.iter().find(|(_, v)| v["event"] == name && pred(v)) {
+                return found.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let dump: Vec<String> = lines.iter().map(|(_, v)| v.to_string()).collect();
+                panic!("[{}] timed out waiting for event {name}; log:\n{}", self.name, dump.join("\n"));
+            }
+            lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Sends SIGUSR2 and waits for the verdict of the reload that covers it.
+    pub fn reload(&self) -> Value {
+        let before = self.events("reload_requested").len();
+        self.signal(nix::sys::signal::Signal::SIGUSR2);
+        let request = eventually(Duration::from_secs(10), "the reload request", || {
+            self.events("reload_requested").get(before).map(|v| v["request"].as_u64().unwrap())
+        });
+        self.verdict_of(request)
+    }
+
+    /// Waits for the verdict (succeeded or failed event) of the reload covering `request`.
+    pub fn verdict_of(&self, request: u64) -> Value {
+        let covers = |v: &Value| {
+            v["covers"].as_str().is_some_and(|c| c.split(", ").any(|r| r == format!("#{request}")))
+        };
+        eventually(Duration::from_secs(30), &format!("verdict of reload request #{request}"), || {
+            self.events_where("reload_succeeded", covers)
+                .into_iter()
+                .chain(self.events_where("reload_failed", covers))
+                .map(|(_, v)| v)
+                .next()
+        })
+    }
+
+    /// Live direct children of the master (its workers).
+    pub fn children(&self) -> Vec<u32> {
+        procfs::children(self.pid())
+    }
+
+    /// Waits for the master to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + patience(timeout);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "[{}] master did not exit within {timeout:?}", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        let workers = self.children();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in workers {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

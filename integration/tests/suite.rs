@@ -1,1 +1,11 @@
+//! Black-box tests of baton: the real `baton` binary, real workers, real signals, real load on
+//! loopback. One test binary; each test has its own temp dir and ports.
 
+mod suite {
+    mod bad_input;
+    mod drain;
+    mod failed_reload;
+    mod listeners;
+    mod signals;
+    mod zero_loss;
+}

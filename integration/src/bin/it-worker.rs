@@ -1,0 +1,23 @@
+//! `it-worker`: a misbehaving worker for failure tests, chosen by `IT_MODE`:
+//!
+//! - `exit:<code>`: receive the listeners, then exit with `<code>` without reporting ready.
+//! - `never-ready`: receive the listeners and never report ready (nor accept); exit on drain.
+
+use std::process::ExitCode;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let mode = std::env::var("IT_MODE").unwrap_or_default();
+    let worker = match baton_worker::Worker::from_env().await {
+        Ok(worker) => worker,
+        Err(_) => return ExitCode::from(2),
+    };
+    if let Some(code) = mode.strip_prefix("exit:") {
+        return ExitCode::from(code.parse::<u8>().unwrap_or(1));
+    }
+    if mode == "never-ready" {
+        worker.drain_watch().requested().await;
+        return ExitCode::SUCCESS;
+    }
+    ExitCode::from(2)
+}
