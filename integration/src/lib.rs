@@ -34,15 +34,35 @@ pub fn binaries() -> &'static Binaries {
     BINS.get_or_init(|| {
         // Test binaries live in <target>/<profile>/deps/.
         let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir").to_owned();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target profile dir")
+            .to_owned();
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "baton", "-p", "baton-example-worker", "-p", "baton-integration", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "baton",
+            "-p",
+            "baton-example-worker",
+            "-p",
+            "baton-integration",
+            "--bins",
+        ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        cmd.env("CARGO_TARGET_DIR", profile_dir.parent().expect("target dir"));
+        cmd.env(
+            "CARGO_TARGET_DIR",
+            profile_dir.parent().expect("target dir"),
+        );
         let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "cargo build of the binaries under test failed");
+        assert!(
+            status.success(),
+            "cargo build of the binaries under test failed"
+        );
         Binaries {
             baton: profile_dir.join("baton"),
             hello_worker: profile_dir.join("hello-worker"),
@@ -54,7 +74,10 @@ pub fn binaries() -> &'static Binaries {
 /// How long to wait for anything: generous, since CI machines are loaded. Scaled by
 /// `BATON_TEST_PATIENCE` (a factor).
 pub fn patience(base: Duration) -> Duration {
-    let factor: f64 = std::env::var("BATON_TEST_PATIENCE").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    let factor: f64 = std::env::var("BATON_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
     base.mul_f64(factor.max(0.1))
 }
 
@@ -65,7 +88,10 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -125,7 +151,11 @@ impl TestConfig {
 
 /// A free loopback port (bound and released; the master binds it right after).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[derive(Debug, Default)]
@@ -156,7 +186,10 @@ impl Master {
     /// Starts a master without waiting for anything.
     pub fn spawn(name: &str, yaml: &str) -> Master {
         let bins = binaries();
-        let dir = tempfile::Builder::new().prefix(&format!("baton-{name}-")).tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("baton-{name}-"))
+            .tempdir()
+            .unwrap();
         let config_path = dir.path().join("baton.yaml");
         std::fs::write(&config_path, yaml).unwrap();
         let mut child = Command::new(&bins.baton)
@@ -184,7 +217,13 @@ impl Master {
                 sink.grew.notify_all();
             }
         });
-        Master { child, dir, config_path, log, name: name.into() }
+        Master {
+            child,
+            dir,
+            config_path,
+            log,
+            name: name.into(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -215,11 +254,19 @@ impl Master {
     }
 
     pub fn events(&self, name: &str) -> Vec<Value> {
-        self.events_where(name, |_| true).into_iter().map(|(_, v)| v).collect()
+        self.events_where(name, |_| true)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
     }
 
     /// Waits for the first event `name` matching `pred` (including ones already logged).
-    pub fn wait_event(&self, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> (Instant, Value) {
+    pub fn wait_event(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (Instant, Value) {
         let deadline = Instant::now() + patience(timeout);
         let mut lines = self.log.lines.lock().unwrap();
         loop {
@@ -229,7 +276,11 @@ impl Master {
             let now = Instant::now();
             if now >= deadline {
                 let dump: Vec<String> = lines.iter().map(|(_, v)| v.to_string()).collect();
-                panic!("[{}] timed out waiting for event {name}; log:\n{}", self.name, dump.join("\n"));
+                panic!(
+                    "[{}] timed out waiting for event {name}; log:\n{}",
+                    self.name,
+                    dump.join("\n")
+                );
             }
             lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
         }
@@ -240,7 +291,9 @@ impl Master {
         let before = self.events("reload_requested").len();
         self.signal(nix::sys::signal::Signal::SIGUSR2);
         let request = eventually(Duration::from_secs(10), "the reload request", || {
-            self.events("reload_requested").get(before).map(|v| v["request"].as_u64().unwrap())
+            self.events("reload_requested")
+                .get(before)
+                .map(|v| v["request"].as_u64().unwrap())
         });
         self.verdict_of(request)
     }
@@ -248,15 +301,21 @@ impl Master {
     /// Waits for the verdict (succeeded or failed event) of the reload covering `request`.
     pub fn verdict_of(&self, request: u64) -> Value {
         let covers = |v: &Value| {
-            v["covers"].as_str().is_some_and(|c| c.split(", ").any(|r| r == format!("#{request}")))
+            v["covers"]
+                .as_str()
+                .is_some_and(|c| c.split(", ").any(|r| r == format!("#{request}")))
         };
-        eventually(Duration::from_secs(30), &format!("verdict of reload request #{request}"), || {
-            self.events_where("reload_succeeded", covers)
-                .into_iter()
-                .chain(self.events_where("reload_failed", covers))
-                .map(|(_, v)| v)
-                .next()
-        })
+        eventually(
+            Duration::from_secs(30),
+            &format!("verdict of reload request #{request}"),
+            || {
+                self.events_where("reload_succeeded", covers)
+                    .into_iter()
+                    .chain(self.events_where("reload_failed", covers))
+                    .map(|(_, v)| v)
+                    .next()
+            },
+        )
     }
 
     /// Live direct children of the master (its workers).
@@ -271,7 +330,11 @@ impl Master {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "[{}] master did not exit within {timeout:?}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "[{}] master did not exit within {timeout:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -287,7 +350,10 @@ impl Drop for Master {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in workers {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

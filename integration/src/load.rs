@@ -118,7 +118,11 @@ impl Load {
 
 /// Runs `n` fresh-connection requests one after another and returns the report.
 pub fn requests(addr: SocketAddr, n: u64) -> Report {
-    let bounds = Bounds { clients: 1, duration: Duration::from_secs(30), max_requests_per_client: n };
+    let bounds = Bounds {
+        clients: 1,
+        duration: Duration::from_secs(30),
+        max_requests_per_client: n,
+    };
     let stop = AtomicBool::new(false);
     client(addr, Mode::Fresh, bounds, &stop)
 }
@@ -128,7 +132,10 @@ fn client(addr: SocketAddr, mode: Mode, bounds: Bounds, stop: &AtomicBool) -> Re
     let end = Instant::now() + bounds.duration;
     let mut conn: Option<TcpStream> = None;
     let mut sent = 0;
-    while sent < bounds.max_requests_per_client && Instant::now() < end && !stop.load(Ordering::SeqCst) {
+    while sent < bounds.max_requests_per_client
+        && Instant::now() < end
+        && !stop.load(Ordering::SeqCst)
+    {
         sent += 1;
         let started = Instant::now();
         if conn.is_none() {
@@ -160,7 +167,10 @@ fn client(addr: SocketAddr, mode: Mode, bounds: Bounds, stop: &AtomicBool) -> Re
             Ok(resp) => {
                 report.latencies.push(started.elapsed());
                 if resp.status != 200 {
-                    *report.failures.entry(format!("status {}", resp.status)).or_default() += 1;
+                    *report
+                        .failures
+                        .entry(format!("status {}", resp.status))
+                        .or_default() += 1;
                 } else {
                     report.ok += 1;
                     if let Some(g) = resp.generation {
@@ -225,7 +235,9 @@ fn read_response(stream: &mut TcpStream) -> Result<Response, &'static str> {
         .ok_or("malformed")?;
     let (mut length, mut close, mut generation) = (0usize, false, None);
     for line in lines {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         let v = v.trim();
         match k.to_ascii_lowercase().as_str() {
             "content-length" => length = v.parse().map_err(|_| "malformed")?,
@@ -241,7 +253,11 @@ fn read_response(stream: &mut TcpStream) -> Result<Response, &'static str> {
             Err(e) => return Err(io_kind(&e)),
         }
     }
-    Ok(Response { status, close, generation })
+    Ok(Response {
+        status,
+        close,
+        generation,
+    })
 }
 
 fn io_kind(e: &std::io::Error) -> &'static str {

@@ -1,5 +1,9 @@
 //! Black-box tests of baton: the real `baton` binary, real workers, real signals, real load on
 //! loopback. One test binary; each test has its own temp dir and ports.
+//!
+//! Tests print what they measured (counts, timings) to stderr: visible with `--nocapture`.
+
+#![allow(clippy::print_stderr)]
 
 mod suite {
     mod bad_input;

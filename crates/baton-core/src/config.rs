@@ -92,7 +92,12 @@ fn location_prefix(path: &Path, line: Option<usize>, column: Option<usize>) -> S
 
 impl ConfigError {
     fn at(path: &Path, line: Option<usize>, message: impl Into<String>) -> Self {
-        ConfigError { path: path.to_owned(), line, column: None, message: message.into() }
+        ConfigError {
+            path: path.to_owned(),
+            line,
+            column: None,
+            message: message.into(),
+        }
     }
 }
 
@@ -118,7 +123,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             (line, column) = (Some(l), Some(c));
             message = qualify(&message, &key);
         }
-        ConfigError { path: path.to_owned(), line, column, message }
+        ConfigError {
+            path: path.to_owned(),
+            line,
+            column,
+            message,
+        }
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let line_of = |needle: &str| find_line(text, needle);
@@ -130,7 +140,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             return Err(ConfigError::at(
                 path,
                 line_of(&format!("name: {}", l.name)),
-                format!("listeners[{i}]: name `{}` is already used by listeners[{first}]", l.name),
+                format!(
+                    "listeners[{i}]: name `{}` is already used by listeners[{first}]",
+                    l.name
+                ),
             ));
         }
         if let Some(first) = addresses.insert(l.address.clone(), i) {
@@ -162,7 +175,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let w = raw.worker;
     let command = resolve_command(base, &w.command).map_err(|message| {
-        ConfigError::at(path, line_of("command:"), format!("worker.command: {message}"))
+        ConfigError::at(
+            path,
+            line_of("command:"),
+            format!("worker.command: {message}"),
+        )
     })?;
     let worker = WorkerConfig {
         command,
@@ -190,7 +207,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         source: path.to_owned(),
         listeners,
         worker,
-        supervisor: SupervisorConfig { max_draining: s.max_draining.0, forward_usr1: s.forward_usr1 },
+        supervisor: SupervisorConfig {
+            max_draining: s.max_draining.0,
+            forward_usr1: s.forward_usr1,
+        },
     })
 }
 
@@ -202,7 +222,9 @@ fn locate_value(text: &str, from: usize, message: &str) -> Option<(usize, usize,
     let len = message[start..].find('"')?;
     let raw = &message[start..start + len];
     for (i, line) in text.lines().enumerate().skip(from.saturating_sub(1)) {
-        let Some(colon) = line.find(": ") else { continue };
+        let Some(colon) = line.find(": ") else {
+            continue;
+        };
         let value = line[colon + 1..].trim();
         let unquoted = value.trim_matches(|c| c == '"' || c == '\'');
         if unquoted == raw {
@@ -236,7 +258,11 @@ fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
         vec![base.join(command)]
     } else {
         std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|dir| dir.join(command)).collect())
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|dir| dir.join(command))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     for candidate in &candidates {
@@ -297,7 +323,9 @@ impl TryFrom<ListenerFields> for RawListener {
             (Some(a), None) => ListenerAddress::Tcp { address: a.0 },
             (None, Some(p)) => ListenerAddress::Unix { path: p },
             (Some(_), Some(_)) => {
-                return Err(format!("listener `{name}`: give either `address` or `path`, not both"));
+                return Err(format!(
+                    "listener `{name}`: give either `address` or `path`, not both"
+                ));
             }
             (None, None) => {
                 return Err(format!(
@@ -306,7 +334,9 @@ impl TryFrom<ListenerFields> for RawListener {
             }
         };
         if f.mode.is_some() && matches!(address, ListenerAddress::Tcp { .. }) {
-            return Err(format!("listener `{name}`: `mode` applies to Unix sockets only"));
+            return Err(format!(
+                "listener `{name}`: `mode` applies to Unix sockets only"
+            ));
         }
         Ok(RawListener {
             name,
@@ -354,19 +384,13 @@ fn default_backoff_max() -> Timeout {
     Timeout(Duration::from_secs(10))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawSupervisor {
     #[serde(default)]
     max_draining: MaxDraining,
     #[serde(default)]
     forward_usr1: bool,
-}
-
-impl Default for RawSupervisor {
-    fn default() -> Self {
-        RawSupervisor { max_draining: MaxDraining::default(), forward_usr1: false }
-    }
 }
 
 /// Declares a newtype whose `Deserialize` validates through a parse function, so a bad value is
@@ -496,7 +520,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
@@ -548,7 +574,9 @@ supervisor:
         assert_eq!(c.listeners[1].backlog, DEFAULT_BACKLOG);
         assert_eq!(
             c.listeners[1].address,
-            ListenerAddress::Tcp { address: "[::1]:8080".parse().unwrap() }
+            ListenerAddress::Tcp {
+                address: "[::1]:8080".parse().unwrap()
+            }
         );
         assert_eq!(c.listeners[2].mode, Some(0o660));
         // Unquoted, YAML would read 0660 as a number; the file's digits are what is meant.
@@ -576,7 +604,11 @@ supervisor:
     #[test]
     fn bad_configs_name_file_line_and_problem() {
         let cases: &[(&str, &str, Option<usize>)] = &[
-            ("listeners: []\nworker: {command: sh}\nbogus: 1\n", "unknown field `bogus`", Some(3)),
+            (
+                "listeners: []\nworker: {command: sh}\nbogus: 1\n",
+                "unknown field `bogus`",
+                Some(3),
+            ),
             (
                 "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    colour: red\nworker: {command: sh}\n",
                 "listeners[0]: unknown field `colour`",
@@ -592,8 +624,16 @@ supervisor:
                 "test.yaml:4:18: worker.ready_timeout: invalid duration \"10\"",
                 Some(4),
             ),
-            ("listeners: []\nworker:\n  command: sh\n  processes: 0\n", "worker.processes: processes \"0\" is out of range", Some(4)),
-            ("listeners: []\nworker:\n  command: sh\n  drain_signal: SIGKILL\n", "cannot be handled", Some(4)),
+            (
+                "listeners: []\nworker:\n  command: sh\n  processes: 0\n",
+                "worker.processes: processes \"0\" is out of range",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker:\n  command: sh\n  drain_signal: SIGKILL\n",
+                "cannot be handled",
+                Some(4),
+            ),
             ("listeners: [\n", "did not find expected node", Some(2)),
             (
                 "listeners:\n  - name: a\n    address: 127.0.0.1:1\n  - name: a\n    address: 127.0.0.1:2\nworker: {command: sh}\n",
@@ -605,8 +645,16 @@ supervisor:
                 "/etc/baton/./no-such-worker does not exist",
                 Some(3),
             ),
-            ("listeners: []\nworker:\n  command: no-such-program-xyz\n", "not found in PATH", Some(3)),
-            ("listeners:\n  - name: a\nworker: {command: sh}\n", "needs `address`", Some(2)),
+            (
+                "listeners: []\nworker:\n  command: no-such-program-xyz\n",
+                "not found in PATH",
+                Some(3),
+            ),
+            (
+                "listeners:\n  - name: a\nworker: {command: sh}\n",
+                "needs `address`",
+                Some(2),
+            ),
             (
                 "listeners:\n  - name: a\n    path: /tmp/x\n    mode: rw-rw----\nworker: {command: sh}\n",
                 "listeners[0].mode: invalid mode \"rw-rw----\": write octal digits such as 0660",
@@ -617,7 +665,10 @@ supervisor:
             let err = parse_str(text).expect_err(text);
             let shown = err.to_string();
             assert!(shown.starts_with("/etc/baton/test.yaml:"), "{shown}");
-            assert!(shown.contains(expected), "{shown:?} should contain {expected:?}");
+            assert!(
+                shown.contains(expected),
+                "{shown:?} should contain {expected:?}"
+            );
             assert_eq!(err.line, *line, "line of {shown:?}");
             assert!(!shown.contains('\n'), "one line: {shown:?}");
         }

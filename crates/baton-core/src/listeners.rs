@@ -100,7 +100,10 @@ impl ListenerTable {
             let socket = match existing {
                 Some(socket) => {
                     // listen(2) on a listening socket only updates its backlog.
-                    socket.socket.listen(config.backlog as i32).map_err(|e| bind_error(config, e))?;
+                    socket
+                        .socket
+                        .listen(config.backlog as i32)
+                        .map_err(|e| bind_error(config, e))?;
                     socket
                 }
                 None => {
@@ -109,10 +112,14 @@ impl ListenerTable {
                     socket
                 }
             };
-            out.listeners.push(GenerationListener { config: config.clone(), socket });
+            out.listeners.push(GenerationListener {
+                config: config.clone(),
+                socket,
+            });
         }
         for l in &out.listeners {
-            self.live.insert(l.config.address.clone(), Rc::downgrade(&l.socket));
+            self.live
+                .insert(l.config.address.clone(), Rc::downgrade(&l.socket));
         }
         Ok(out)
     }
@@ -136,7 +143,11 @@ fn bind_error(config: &ListenerConfig, err: io::Error) -> BindError {
         }
         _ => err.to_string(),
     };
-    BindError { name: config.name.clone(), address: config.address.clone(), reason }
+    BindError {
+        name: config.name.clone(),
+        address: config.address.clone(),
+        reason,
+    }
 }
 
 fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
@@ -155,7 +166,12 @@ fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
                 .local_addr()?
                 .as_socket()
                 .map_or_else(|| address.to_string(), |a| a.to_string());
-            Ok(BoundSocket { address: config.address.clone(), local, socket, unix_file: None })
+            Ok(BoundSocket {
+                address: config.address.clone(),
+                local,
+                socket,
+                unix_file: None,
+            })
         }
         ListenerAddress::Unix { path } => {
             remove_stale_socket(path)?;
@@ -206,7 +222,9 @@ mod tests {
     fn tcp(name: &str, addr: &str) -> ListenerConfig {
         ListenerConfig {
             name: name.into(),
-            address: ListenerAddress::Tcp { address: addr.parse().unwrap() },
+            address: ListenerAddress::Tcp {
+                address: addr.parse().unwrap(),
+            },
             backlog: 16,
             mode: None,
         }
@@ -214,7 +232,9 @@ mod tests {
 
     fn inode(fd: BorrowedFd<'_>) -> u64 {
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        std::fs::metadata(format!("/proc/self/fd/{raw}")).unwrap().ino()
+        std::fs::metadata(format!("/proc/self/fd/{raw}"))
+            .unwrap()
+            .ino()
     }
 
     #[test]
@@ -227,7 +247,10 @@ mod tests {
         // Renamed, same address: the same socket.
         let gen2 = table.prepare(&[tcp("web", &a)]).unwrap();
         assert!(gen2.bound.is_empty());
-        assert_eq!(inode(gen1.listeners[0].socket.fd()), inode(gen2.listeners[0].socket.fd()));
+        assert_eq!(
+            inode(gen1.listeners[0].socket.fd()),
+            inode(gen2.listeners[0].socket.fd())
+        );
         // Removed from gen3; still open while gen1/gen2 hold it.
         let gen3 = table.prepare(&[]).unwrap();
         assert!(gen3.listeners.is_empty());
@@ -236,7 +259,10 @@ mod tests {
         std::net::TcpStream::connect(&a).expect("still listening while gen2 lives");
         drop(gen2);
         assert_eq!(table.open_count(), 0);
-        assert!(std::net::TcpStream::connect(&a).is_err(), "closed with its last generation");
+        assert!(
+            std::net::TcpStream::connect(&a).is_err(),
+            "closed with its last generation"
+        );
     }
 
     #[test]
@@ -245,12 +271,16 @@ mod tests {
         let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let fresh = format!("127.0.0.1:{}", free_port());
         let err = table
-            .prepare(&[tcp("new", &fresh), tcp("busy", &busy.local_addr().unwrap().to_string())])
+            .prepare(&[
+                tcp("new", &fresh),
+                tcp("busy", &busy.local_addr().unwrap().to_string()),
+            ])
             .unwrap_err();
         assert_eq!(err.name, "busy");
         assert!(err.to_string().contains("address already in use"), "{err}");
         assert_eq!(table.open_count(), 0);
-        std::net::TcpListener::bind(&fresh).expect("the socket bound before the failure was closed");
+        std::net::TcpListener::bind(&fresh)
+            .expect("the socket bound before the failure was closed");
     }
 
     #[test]
@@ -269,13 +299,19 @@ mod tests {
         let entry = table.prepare(std::slice::from_ref(&config)).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         // A second master would find it live.
-        let err = ListenerTable::default().prepare(std::slice::from_ref(&config)).unwrap_err();
+        let err = ListenerTable::default()
+            .prepare(std::slice::from_ref(&config))
+            .unwrap_err();
         assert!(err.to_string().contains("already in use"), "{err}");
         drop(entry);
         assert!(!path.exists(), "socket file removed when closed");
     }
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 }

@@ -47,8 +47,13 @@ const MAX_INVALID_PACKETS: u32 = 100;
 
 /// Environment variables of the master that describe *its* environment under systemd and must
 /// not leak into a worker, where they would be wrong.
-const MASTER_ONLY_ENV: [&str; 5] =
-    ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC"];
+const MASTER_ONLY_ENV: [&str; 5] = [
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+];
 
 /// What a generation holds while it lives.
 #[derive(Debug)]
@@ -192,7 +197,10 @@ impl Master {
             Some(initial) => initial,
             None => {
                 let config = config::load(&self.config_path).map_err(|e| e.to_string())?;
-                let prepared = self.table.prepare(&config.listeners).map_err(|e| e.to_string())?;
+                let prepared = self
+                    .table
+                    .prepare(&config.listeners)
+                    .map_err(|e| e.to_string())?;
                 for l in &prepared.listeners {
                     if prepared.bound.contains(&l.config.name) {
                         info!(event = "listening", listener = %l.config.name,
@@ -207,7 +215,10 @@ impl Master {
         let spec = GenerationSpec::from_config(&config);
         self.resources.insert(
             generation,
-            Resources { listeners: prepared.listeners, worker: Arc::new(config.worker) },
+            Resources {
+                listeners: prepared.listeners,
+                worker: Arc::new(config.worker),
+            },
         );
         Ok(spec)
     }
@@ -263,18 +274,36 @@ impl Master {
             (Ok(fds), Ok(channel)) => (fds, channel),
             (Err(e), _) | (_, Err(e)) => {
                 // The process runs but cannot get its listeners: it will fail its ready timeout.
-                warn!(worker = worker.0, pid, "cannot hand over listeners to worker {worker}: {e}");
+                warn!(
+                    worker = worker.0,
+                    pid, "cannot hand over listeners to worker {worker}: {e}"
+                );
                 return Ok(pid);
             }
         };
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(link(worker, channel, hello, fds, commands_rx, self.events_tx.clone()));
-        self.links.insert(worker, Link { commands, task: task.abort_handle() });
+        let task = tokio::spawn(link(
+            worker,
+            channel,
+            hello,
+            fds,
+            commands_rx,
+            self.events_tx.clone(),
+        ));
+        self.links.insert(
+            worker,
+            Link {
+                commands,
+                task: task.abort_handle(),
+            },
+        );
         Ok(pid)
     }
 
     fn release(&mut self, generation: Generation) {
-        let Some(resources) = self.resources.remove(&generation) else { return };
+        let Some(resources) = self.resources.remove(&generation) else {
+            return;
+        };
         for l in resources.listeners {
             // This generation held the last reference: the socket closes now.
             if Rc::strong_count(&l.socket) == 1 {
@@ -318,7 +347,10 @@ async fn link(
     events: mpsc::UnboundedSender<Event>,
 ) {
     if let Err(err) = handoff(&channel, hello, &fds).await {
-        warn!(worker = worker.0, "handing listeners to worker {worker} failed: {err}");
+        warn!(
+            worker = worker.0,
+            "handing listeners to worker {worker} failed: {err}"
+        );
         return;
     }
     drop(fds);
@@ -385,7 +417,10 @@ async fn handoff(channel: &UnixDatagram, hello: Hello, fds: &[OwnedFd]) -> std::
     let hello = baton_proto::encode(&MasterMessage::Hello(hello));
     channel::send_with_fds(channel, &hello, &[]).await?;
     for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
-        let header = MasterMessage::Fds { first: i * MAX_FDS_PER_MESSAGE, count: chunk.len() };
+        let header = MasterMessage::Fds {
+            first: i * MAX_FDS_PER_MESSAGE,
+            count: chunk.len(),
+        };
         let borrowed: Vec<_> = chunk.iter().map(|fd| fd.as_fd()).collect();
         channel::send_with_fds(channel, &baton_proto::encode(&header), &borrowed).await?;
     }

@@ -47,15 +47,24 @@ id_type!(
 /// Who asked for something.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trigger {
-    Signal { name: &'static str, sender_pid: Option<u32> },
+    Signal {
+        name: &'static str,
+        sender_pid: Option<u32>,
+    },
     Other(String),
 }
 
 impl fmt::Display for Trigger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Trigger::Signal { name, sender_pid: Some(pid) } => write!(f, "{name} from pid {pid}"),
-            Trigger::Signal { name, sender_pid: None } => write!(f, "{name}"),
+            Trigger::Signal {
+                name,
+                sender_pid: Some(pid),
+            } => write!(f, "{name} from pid {pid}"),
+            Trigger::Signal {
+                name,
+                sender_pid: None,
+            } => write!(f, "{name}"),
             Trigger::Other(what) => write!(f, "{what}"),
         }
     }
@@ -66,7 +75,10 @@ impl fmt::Display for Trigger {
 pub enum Intent {
     Reload(Trigger),
     /// Graceful: drain every generation within its deadline, then exit 0. Fast: kill workers now.
-    Stop { graceful: bool, trigger: Trigger },
+    Stop {
+        graceful: bool,
+        trigger: Trigger,
+    },
     /// SIGUSR1: never fatal; forwarded to workers only if configured.
     ReopenLogs(Trigger),
 }
@@ -105,13 +117,25 @@ impl GenerationSpec {
 pub enum Event {
     Intent(Intent),
     /// Answer to [`Action::Prepare`]: the configuration was read and the listeners bound.
-    Prepared { generation: Generation, result: Result<GenerationSpec, String> },
+    Prepared {
+        generation: Generation,
+        result: Result<GenerationSpec, String>,
+    },
     /// Answer to [`Action::Spawn`]: the process runs with this pid, or could not be started.
-    Spawned { worker: WorkerId, result: Result<u32, String> },
+    Spawned {
+        worker: WorkerId,
+        result: Result<u32, String>,
+    },
     /// A packet from a worker's channel.
-    Message { worker: WorkerId, message: WorkerMessage },
+    Message {
+        worker: WorkerId,
+        message: WorkerMessage,
+    },
     /// A child was reaped.
-    Exited { pid: u32, status: ExitKind },
+    Exited {
+        pid: u32,
+        status: ExitKind,
+    },
     /// Time passed: act on every deadline that is due.
     Tick,
 }
@@ -123,9 +147,15 @@ pub enum Action {
     /// answer with [`Event::Prepared`].
     Prepare { generation: Generation },
     /// Start a worker of `generation` and answer with [`Event::Spawned`].
-    Spawn { worker: WorkerId, generation: Generation },
+    Spawn {
+        worker: WorkerId,
+        generation: Generation,
+    },
     /// Send a packet over the worker's channel.
-    Send { worker: WorkerId, message: MasterMessage },
+    Send {
+        worker: WorkerId,
+        message: MasterMessage,
+    },
     /// Send a signal to one worker process.
     Signal { pid: u32, signal: SignalNumber },
     /// SIGKILL a worker's whole process group.
@@ -163,7 +193,11 @@ enum GenState {
     Preparing,
     Starting,
     Serving,
-    Draining { since: Instant, deadline: Instant, killed: bool },
+    Draining {
+        since: Instant,
+        deadline: Instant,
+        killed: bool,
+    },
     Failed,
 }
 
@@ -185,7 +219,9 @@ struct Slot {
 enum WorkerState {
     /// Asked to spawn; no pid yet.
     Spawning,
-    Starting { deadline: Instant },
+    Starting {
+        deadline: Instant,
+    },
     Ready,
     Draining,
     /// SIGKILL sent; waiting to reap it.
@@ -255,7 +291,9 @@ impl Supervisor {
     pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Action> {
         match event {
             Event::Intent(Intent::Reload(trigger)) => self.on_reload_request(now, trigger),
-            Event::Intent(Intent::Stop { graceful, trigger }) => self.on_stop(now, graceful, trigger),
+            Event::Intent(Intent::Stop { graceful, trigger }) => {
+                self.on_stop(now, graceful, trigger)
+            }
             Event::Intent(Intent::ReopenLogs(trigger)) => self.on_reopen_logs(trigger),
             Event::Prepared { generation, result } => self.on_prepared(now, generation, result),
             Event::Spawned { worker, result } => self.on_spawned(now, worker, result),
@@ -274,7 +312,11 @@ impl Supervisor {
         });
         let gens = self.generations.values().flat_map(|g| {
             let drain = match g.state {
-                GenState::Draining { deadline, killed: false, .. } => Some(deadline),
+                GenState::Draining {
+                    deadline,
+                    killed: false,
+                    ..
+                } => Some(deadline),
                 _ => None,
             };
             let restarts = g.slots.iter().filter_map(|s| s.restart_at);
@@ -313,12 +355,19 @@ impl Supervisor {
         info!(event = "reload_requested", request = request.0, trigger = %trigger,
             "reload request {request} ({trigger})");
         if self.stop.is_some() {
-            warn!(event = "reload_rejected", request = request.0,
-                "reload request {request} rejected: the master is stopping");
+            warn!(
+                event = "reload_rejected",
+                request = request.0,
+                "reload request {request} rejected: the master is stopping"
+            );
         } else if let Some(current) = &self.reload {
-            info!(event = "reload_queued", request = request.0, behind = current.id.0,
+            info!(
+                event = "reload_queued",
+                request = request.0,
+                behind = current.id.0,
                 "reload request {request} queued: reload {} is running; the next reload covers it",
-                current.id);
+                current.id
+            );
             self.pending.push(request);
         } else {
             self.begin_reload(now, vec![request], false);
@@ -341,9 +390,19 @@ impl Supervisor {
         }
         self.generations.insert(
             generation,
-            Gen { spec: None, state: GenState::Preparing, slots: Vec::new() },
+            Gen {
+                spec: None,
+                state: GenState::Preparing,
+                slots: Vec::new(),
+            },
         );
-        self.reload = Some(Reload { id, generation, covers, started: now, initial });
+        self.reload = Some(Reload {
+            id,
+            generation,
+            covers,
+            started: now,
+            initial,
+        });
         self.actions.push(Action::Prepare { generation });
     }
 
@@ -391,7 +450,9 @@ impl Supervisor {
 
     /// All workers of the reload's generation are ready: it serves, the previous one drains.
     fn promote(&mut self, now: Instant, g: Generation) {
-        let Some(reload) = self.reload.take() else { return };
+        let Some(reload) = self.reload.take() else {
+            return;
+        };
         if let Some(entry) = self.generations.get_mut(&g) {
             entry.state = GenState::Serving;
         }
@@ -403,8 +464,12 @@ impl Supervisor {
             .map(|(n, _)| *n)
             .collect();
         if reload.initial {
-            info!(event = "serving", generation = g.0, took_ms = took.as_millis() as u64,
-                "generation {g} is serving");
+            info!(
+                event = "serving",
+                generation = g.0,
+                took_ms = took.as_millis() as u64,
+                "generation {g} is serving"
+            );
         } else {
             let list = join(&reload.covers);
             info!(event = "reload_succeeded", reload = reload.id.0, generation = g.0,
@@ -421,7 +486,9 @@ impl Supervisor {
 
     /// The running reload failed: its generation is killed, the serving one is not touched.
     fn fail_reload(&mut self, now: Instant, reason: String) {
-        let Some(reload) = self.reload.take() else { return };
+        let Some(reload) = self.reload.take() else {
+            return;
+        };
         let g = reload.generation;
         if let Some(entry) = self.generations.get_mut(&g) {
             entry.state = GenState::Failed;
@@ -474,7 +541,9 @@ impl Supervisor {
     // ---- workers ----------------------------------------------------------------------------
 
     fn on_spawned(&mut self, now: Instant, id: WorkerId, result: Result<u32, String>) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         let g = w.generation;
         match result {
             Ok(pid) => {
@@ -487,10 +556,17 @@ impl Supervisor {
                     _ => {
                         let timeout = self.spec(g).map_or(Duration::ZERO, |s| s.ready_timeout);
                         if let Some(w) = self.workers.get_mut(&id) {
-                            w.state = WorkerState::Starting { deadline: now + timeout };
+                            w.state = WorkerState::Starting {
+                                deadline: now + timeout,
+                            };
                         }
-                        debug!(event = "worker_spawned", worker = id.0, generation = g.0, pid,
-                            "worker {id} of generation {g} started as pid {pid}");
+                        debug!(
+                            event = "worker_spawned",
+                            worker = id.0,
+                            generation = g.0,
+                            pid,
+                            "worker {id} of generation {g} started as pid {pid}"
+                        );
                     }
                 }
             }
@@ -501,30 +577,38 @@ impl Supervisor {
                 if let Some(s) = self.slot_mut(g, slot) {
                     s.worker = None;
                 }
-                let reason = format!("worker {id} of generation {g} could not be started: {reason}");
+                let reason =
+                    format!("worker {id} of generation {g} could not be started: {reason}");
                 self.after_worker_loss(now, g, slot, Duration::ZERO, reason);
             }
         }
     }
 
     fn on_message(&mut self, now: Instant, id: WorkerId, message: WorkerMessage) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         let g = w.generation;
         match message {
             WorkerMessage::Ready => {
                 if let WorkerState::Starting { .. } = w.state {
                     w.state = WorkerState::Ready;
                     let after = now.saturating_duration_since(w.spawned).as_millis() as u64;
-                    info!(event = "worker_ready", worker = id.0, generation = g.0,
-                        pid = w.pid.unwrap_or(0), ready_ms = after,
+                    info!(
+                        event = "worker_ready",
+                        worker = id.0,
+                        generation = g.0,
+                        pid = w.pid.unwrap_or(0),
+                        ready_ms = after,
                         "worker {id} of generation {g} (pid {}) is ready after {after} ms",
-                        w.pid.unwrap_or(0));
+                        w.pid.unwrap_or(0)
+                    );
                     let all_ready = self.generations.get(&g).is_some_and(|entry| {
                         matches!(entry.state, GenState::Starting)
                             && entry.slots.iter().all(|s| {
-                                s.worker.and_then(|w| self.workers.get(&w)).is_some_and(|w| {
-                                    w.state == WorkerState::Ready
-                                })
+                                s.worker
+                                    .and_then(|w| self.workers.get(&w))
+                                    .is_some_and(|w| w.state == WorkerState::Ready)
                             })
                     });
                     if all_ready {
@@ -541,10 +625,16 @@ impl Supervisor {
                 }
             }
             WorkerMessage::Draining => {
-                debug!(worker = id.0, "worker {id} of generation {g} acknowledged the drain");
+                debug!(
+                    worker = id.0,
+                    "worker {id} of generation {g} acknowledged the drain"
+                );
             }
             WorkerMessage::Unknown => {
-                debug!(worker = id.0, "worker {id} sent a message type this master does not know");
+                debug!(
+                    worker = id.0,
+                    "worker {id} sent a message type this master does not know"
+                );
             }
         }
     }
@@ -554,7 +644,9 @@ impl Supervisor {
             debug!(pid, "reaped pid {pid} ({status}), not a worker");
             return;
         };
-        let Some(w) = self.workers.remove(&id) else { return };
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
         self.actions.push(Action::Forget { worker: id });
         let g = w.generation;
         if let Some(s) = self.slot_mut(g, w.slot) {
@@ -570,11 +662,18 @@ impl Supervisor {
                 self.finish_if_empty(now, g);
             }
             Some(GenState::Failed) | None => {
-                debug!(worker = id.0, pid, "worker {id} of failed generation {g} is gone ({status})");
+                debug!(
+                    worker = id.0,
+                    pid, "worker {id} of failed generation {g} is gone ({status})"
+                );
                 self.finish_if_empty(now, g);
             }
             _ => {
-                let before = if w.state == WorkerState::Ready { "" } else { " before it was ready" };
+                let before = if w.state == WorkerState::Ready {
+                    ""
+                } else {
+                    " before it was ready"
+                };
                 let reason = format!(
                     "worker {id} of generation {g} (pid {pid}) exited with {status}{before}"
                 );
@@ -584,21 +683,42 @@ impl Supervisor {
     }
 
     /// A worker of a starting or serving generation is gone (exited, or never started).
-    fn after_worker_loss(&mut self, now: Instant, g: Generation, slot: usize, ran: Duration, reason: String) {
+    fn after_worker_loss(
+        &mut self,
+        now: Instant,
+        g: Generation,
+        slot: usize,
+        ran: Duration,
+        reason: String,
+    ) {
         match self.generations.get(&g).map(|entry| &entry.state) {
             Some(GenState::Starting) | Some(GenState::Preparing) => self.fail_reload(now, reason),
             Some(GenState::Serving) if self.stop.is_none() => {
-                let Some(spec) = self.spec(g).cloned() else { return };
-                let Some(s) = self.slot_mut(g, slot) else { return };
+                let Some(spec) = self.spec(g).cloned() else {
+                    return;
+                };
+                let Some(s) = self.slot_mut(g, slot) else {
+                    return;
+                };
                 // A worker that ran at least as long as the longest backoff was healthy: its
                 // crash starts a new sequence instead of continuing the old one.
-                s.crashes = if ran >= spec.restart_backoff_max { 1 } else { s.crashes + 1 };
+                s.crashes = if ran >= spec.restart_backoff_max {
+                    1
+                } else {
+                    s.crashes + 1
+                };
                 let delay = backoff(&spec, s.crashes);
                 s.restart_at = Some(now + delay);
-                warn!(event = "worker_crashed", generation = g.0, slot, crashes = s.crashes,
+                warn!(
+                    event = "worker_crashed",
+                    generation = g.0,
+                    slot,
+                    crashes = s.crashes,
                     restart_in_ms = delay.as_millis() as u64,
-                    "{reason}; restarting it in {} ms (crash {} in a row)", delay.as_millis(),
-                    s.crashes);
+                    "{reason}; restarting it in {} ms (crash {} in a row)",
+                    delay.as_millis(),
+                    s.crashes
+                );
             }
             Some(_) => self.finish_if_empty(now, g),
             None => {}
@@ -610,11 +730,15 @@ impl Supervisor {
         let late: Vec<WorkerId> = self
             .workers
             .iter()
-            .filter(|(_, w)| matches!(w.state, WorkerState::Starting { deadline } if deadline <= now))
+            .filter(
+                |(_, w)| matches!(w.state, WorkerState::Starting { deadline } if deadline <= now),
+            )
             .map(|(id, _)| *id)
             .collect();
         for id in late {
-            let Some(w) = self.workers.get(&id) else { continue };
+            let Some(w) = self.workers.get(&id) else {
+                continue;
+            };
             let g = w.generation;
             let pid = w.pid.unwrap_or(0);
             let timeout = self.spec(g).map_or(Duration::ZERO, |s| s.ready_timeout);
@@ -625,7 +749,12 @@ impl Supervisor {
             match self.generations.get(&g).map(|entry| &entry.state) {
                 Some(GenState::Starting) => self.fail_reload(now, reason),
                 _ => {
-                    warn!(event = "worker_not_ready", worker = id.0, pid, "{reason}: killing it");
+                    warn!(
+                        event = "worker_not_ready",
+                        worker = id.0,
+                        pid,
+                        "{reason}: killing it"
+                    );
                     // Its exit schedules the restart with backoff.
                     self.kill(id);
                 }
@@ -650,7 +779,8 @@ impl Supervisor {
             .filter(|(_, entry)| matches!(entry.state, GenState::Serving))
             .flat_map(|(g, entry)| {
                 entry.slots.iter().enumerate().filter_map(move |(i, s)| {
-                    (s.worker.is_none() && s.restart_at.is_some_and(|t| t <= now)).then_some((*g, i))
+                    (s.worker.is_none() && s.restart_at.is_some_and(|t| t <= now))
+                        .then_some((*g, i))
                 })
             })
             .collect();
@@ -662,16 +792,30 @@ impl Supervisor {
     // ---- drain and stop ---------------------------------------------------------------------
 
     fn begin_drain(&mut self, now: Instant, g: Generation) {
-        let Some(entry) = self.generations.get_mut(&g) else { return };
-        let timeout = entry.spec.as_ref().map_or(Duration::ZERO, |s| s.drain_timeout);
-        entry.state = GenState::Draining { since: now, deadline: now + timeout, killed: false };
+        let Some(entry) = self.generations.get_mut(&g) else {
+            return;
+        };
+        let timeout = entry
+            .spec
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.drain_timeout);
+        entry.state = GenState::Draining {
+            since: now,
+            deadline: now + timeout,
+            killed: false,
+        };
         for slot in &mut entry.slots {
             slot.restart_at = None;
         }
-        info!(event = "generation_draining", generation = g.0, workers = self.live_workers(g),
+        info!(
+            event = "generation_draining",
+            generation = g.0,
+            workers = self.live_workers(g),
             deadline_ms = timeout.as_millis() as u64,
             "generation {g} is draining: {} workers, killed in {} ms if still running",
-            self.live_workers(g), timeout.as_millis());
+            self.live_workers(g),
+            timeout.as_millis()
+        );
         for id in self.worker_ids(g) {
             self.drain_worker(id);
         }
@@ -679,7 +823,9 @@ impl Supervisor {
     }
 
     fn drain_worker(&mut self, id: WorkerId) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         let Some(pid) = w.pid else { return };
         if w.state == WorkerState::Killed {
             return;
@@ -687,13 +833,23 @@ impl Supervisor {
         w.state = WorkerState::Draining;
         let g = w.generation;
         let (deadline_ms, signal) = match self.generations.get(&g) {
-            Some(Gen { state: GenState::Draining { deadline, since, .. }, spec, .. }) => (
+            Some(Gen {
+                state:
+                    GenState::Draining {
+                        deadline, since, ..
+                    },
+                spec,
+                ..
+            }) => (
                 deadline.saturating_duration_since(*since).as_millis() as u64,
                 spec.as_ref().and_then(|s| s.drain_signal),
             ),
             _ => (0, None),
         };
-        self.actions.push(Action::Send { worker: id, message: MasterMessage::Drain { deadline_ms } });
+        self.actions.push(Action::Send {
+            worker: id,
+            message: MasterMessage::Drain { deadline_ms },
+        });
         if let Some(signal) = signal {
             self.actions.push(Action::Signal { pid, signal });
         }
@@ -721,15 +877,28 @@ impl Supervisor {
     }
 
     fn kill_generation(&mut self, g: Generation, why: &str) {
-        if let Some(Gen { state: GenState::Draining { killed, .. }, .. }) = self.generations.get_mut(&g) {
+        if let Some(Gen {
+            state: GenState::Draining { killed, .. },
+            ..
+        }) = self.generations.get_mut(&g)
+        {
             *killed = true;
         }
         for id in self.worker_ids(g) {
-            let Some(w) = self.workers.get(&id) else { continue };
+            let Some(w) = self.workers.get(&id) else {
+                continue;
+            };
             if let Some(pid) = w.pid {
-                let conns = w.connections.map_or("unknown".to_string(), |c| c.to_string());
-                warn!(event = "worker_killed", worker = id.0, generation = g.0, pid,
-                    "killing worker {id} of generation {g} (pid {pid}, connections: {conns}): {why}");
+                let conns = w
+                    .connections
+                    .map_or("unknown".to_string(), |c| c.to_string());
+                warn!(
+                    event = "worker_killed",
+                    worker = id.0,
+                    generation = g.0,
+                    pid,
+                    "killing worker {id} of generation {g} (pid {pid}, connections: {conns}): {why}"
+                );
             }
             self.kill(id);
         }
@@ -748,20 +917,28 @@ impl Supervisor {
         info!(event = "stopping", graceful, trigger = %trigger,
             "{trigger}: {} stop", if graceful { "graceful" } else { "fast" });
         for request in std::mem::take(&mut self.pending) {
-            warn!(event = "reload_rejected", request = request.0,
-                "reload request {request} rejected: the master is stopping");
+            warn!(
+                event = "reload_rejected",
+                request = request.0,
+                "reload request {request} rejected: the master is stopping"
+            );
         }
         self.fail_reload(now, format!("stop requested ({trigger})"));
         let gens: Vec<Generation> = self.generations.keys().copied().collect();
         for g in gens {
             if graceful {
-                if let Some(GenState::Serving) = self.generations.get(&g).map(|entry| &entry.state) {
+                if let Some(GenState::Serving) = self.generations.get(&g).map(|entry| &entry.state)
+                {
                     self.begin_drain(now, g);
                 }
             } else {
                 if let Some(entry) = self.generations.get_mut(&g) {
                     if !matches!(entry.state, GenState::Failed) {
-                        entry.state = GenState::Draining { since: now, deadline: now, killed: true };
+                        entry.state = GenState::Draining {
+                            since: now,
+                            deadline: now,
+                            killed: true,
+                        };
                     }
                 }
                 self.kill_generation(g, "fast stop");
@@ -779,8 +956,11 @@ impl Supervisor {
             .and_then(|g| g.spec.as_ref())
             .is_some_and(|s| s.forward_usr1);
         if !forward {
-            info!(event = "reopen_logs", "{trigger}: baton logs to stderr and has nothing to reopen; \
-                not forwarded (supervisor.forward_usr1 is off)");
+            info!(
+                event = "reopen_logs",
+                "{trigger}: baton logs to stderr and has nothing to reopen; \
+                not forwarded (supervisor.forward_usr1 is off)"
+            );
             return;
         }
         let pids: Vec<u32> = self
@@ -789,9 +969,16 @@ impl Supervisor {
             .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Draining))
             .filter_map(|w| w.pid)
             .collect();
-        info!(event = "reopen_logs", "{trigger}: forwarding SIGUSR1 to {} workers", pids.len());
+        info!(
+            event = "reopen_logs",
+            "{trigger}: forwarding SIGUSR1 to {} workers",
+            pids.len()
+        );
         for pid in pids {
-            self.actions.push(Action::Signal { pid, signal: SignalNumber::SIGUSR1 });
+            self.actions.push(Action::Signal {
+                pid,
+                signal: SignalNumber::SIGUSR1,
+            });
         }
     }
 
@@ -800,13 +987,24 @@ impl Supervisor {
         if self.live_workers(g) > 0 {
             return;
         }
-        let Some(entry) = self.generations.get(&g) else { return };
+        let Some(entry) = self.generations.get(&g) else {
+            return;
+        };
         match entry.state {
             GenState::Draining { since, killed, .. } => {
                 let took = now.saturating_duration_since(since).as_millis() as u64;
-                info!(event = "generation_exited", generation = g.0, drain_ms = took, killed,
+                info!(
+                    event = "generation_exited",
+                    generation = g.0,
+                    drain_ms = took,
+                    killed,
                     "generation {g} is gone after draining for {took} ms{}",
-                    if killed { " (killed at its deadline)" } else { "" });
+                    if killed {
+                        " (killed at its deadline)"
+                    } else {
+                        ""
+                    }
+                );
             }
             GenState::Failed => debug!(generation = g.0, "failed generation {g} is gone"),
             _ => return,
@@ -822,15 +1020,23 @@ impl Supervisor {
                 self.actions.push(Action::Release { generation: g });
             }
             self.exited = true;
-            info!(event = "exiting", code = self.exit_code, "all workers are gone: exiting");
-            self.actions.push(Action::Exit { code: self.exit_code });
+            info!(
+                event = "exiting",
+                code = self.exit_code,
+                "all workers are gone: exiting"
+            );
+            self.actions.push(Action::Exit {
+                code: self.exit_code,
+            });
         }
     }
 
     // ---- helpers ----------------------------------------------------------------------------
 
     fn kill(&mut self, id: WorkerId) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         if let (Some(pid), false) = (w.pid, w.state == WorkerState::Killed) {
             self.actions.push(Action::Kill { pid });
         }
@@ -844,7 +1050,11 @@ impl Supervisor {
     }
 
     fn worker_ids(&self, g: Generation) -> Vec<WorkerId> {
-        self.workers.iter().filter(|(_, w)| w.generation == g).map(|(id, _)| *id).collect()
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.generation == g)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     fn live_workers(&self, g: Generation) -> usize {
@@ -852,23 +1062,34 @@ impl Supervisor {
     }
 
     fn spec(&self, g: Generation) -> Option<&GenerationSpec> {
-        self.generations.get(&g).and_then(|entry| entry.spec.as_ref())
+        self.generations
+            .get(&g)
+            .and_then(|entry| entry.spec.as_ref())
     }
 
     fn slot_mut(&mut self, g: Generation, slot: usize) -> Option<&mut Slot> {
-        self.generations.get_mut(&g).and_then(|entry| entry.slots.get_mut(slot))
+        self.generations
+            .get_mut(&g)
+            .and_then(|entry| entry.slots.get_mut(slot))
     }
 }
 
 /// Delay before the restart after `crashes` crashes in a row: doubling from `restart_backoff`,
 /// capped at `restart_backoff_max`.
 fn backoff(spec: &GenerationSpec, crashes: u32) -> Duration {
-    let factor = 1u32.checked_shl(crashes.saturating_sub(1)).unwrap_or(u32::MAX);
-    spec.restart_backoff.saturating_mul(factor).min(spec.restart_backoff_max)
+    let factor = 1u32
+        .checked_shl(crashes.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    spec.restart_backoff
+        .saturating_mul(factor)
+        .min(spec.restart_backoff_max)
 }
 
 fn join(ids: &[RequestId]) -> String {
-    ids.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -138,11 +138,15 @@ mod tests {
             listeners: vec![
                 ListenerInfo {
                     name: "http".into(),
-                    address: ListenerAddress::Tcp { address: "127.0.0.1:8080".parse().unwrap() },
+                    address: ListenerAddress::Tcp {
+                        address: "127.0.0.1:8080".parse().unwrap(),
+                    },
                 },
                 ListenerInfo {
                     name: "admin".into(),
-                    address: ListenerAddress::Unix { path: "/run/a.sock".into() },
+                    address: ListenerAddress::Unix {
+                        path: "/run/a.sock".into(),
+                    },
                 },
             ],
         });
@@ -165,11 +169,17 @@ mod tests {
         for msg in [
             WorkerMessage::Ready,
             WorkerMessage::Draining,
-            WorkerMessage::Status { connections: Some(3), text: None },
+            WorkerMessage::Status {
+                connections: Some(3),
+                text: None,
+            },
         ] {
             assert_eq!(decode::<WorkerMessage>(&encode(&msg)).unwrap(), msg);
         }
-        assert_eq!(decode::<WorkerMessage>(br#"{"type":"ready"}"#).unwrap(), WorkerMessage::Ready);
+        assert_eq!(
+            decode::<WorkerMessage>(br#"{"type":"ready"}"#).unwrap(),
+            WorkerMessage::Ready
+        );
         assert_eq!(
             decode::<WorkerMessage>(br#"{"type":"from_the_future","x":1}"#).unwrap(),
             WorkerMessage::Unknown

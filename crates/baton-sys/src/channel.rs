@@ -8,9 +8,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{
-    self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, sockopt,
-};
+use nix::sys::socket::{self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, sockopt};
 use sendfd::SendWithFd;
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
@@ -81,8 +79,10 @@ pub async fn recv_with_fds(
     max_fds: usize,
 ) -> io::Result<Received> {
     let mut cmsg = vec![0u8; cmsg_space_for(max_fds)];
-    sock.async_io(Interest::READABLE, || recv_now(sock.as_fd(), buf, &mut cmsg))
-        .await
+    sock.async_io(Interest::READABLE, || {
+        recv_now(sock.as_fd(), buf, &mut cmsg)
+    })
+    .await
 }
 
 /// Size of a control buffer that holds `n` descriptors (`CMSG_SPACE`).
@@ -92,6 +92,7 @@ fn cmsg_space_for(n: usize) -> usize {
     unsafe { libc::CMSG_SPACE(bytes) as usize }
 }
 
+#[allow(clippy::ptr_arg)] // nix::recvmsg takes the control buffer as &mut Vec<u8>
 fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Result<Received> {
     let mut iov = [io::IoSliceMut::new(buf)];
     let msg = socket::recvmsg::<()>(
@@ -191,9 +192,19 @@ mod tests {
         assert!(!got.truncated && !got.fds_truncated);
         for fd in &got.fds {
             let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-            assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fd must be close-on-exec");
+            assert_ne!(
+                flags & libc::FD_CLOEXEC,
+                0,
+                "received fd must be close-on-exec"
+            );
             let kind = socket_kind(fd.as_fd()).unwrap();
-            assert_eq!(kind, SocketKind { sock_type: SockType::Stream, listening: true });
+            assert_eq!(
+                kind,
+                SocketKind {
+                    sock_type: SockType::Stream,
+                    listening: true
+                }
+            );
         }
     }
 
@@ -209,7 +220,10 @@ mod tests {
         let got = recv_with_fds(&b, &mut small, 1).await.unwrap();
         assert!(got.truncated, "a cut packet must be reported");
         assert!(got.fds_truncated, "dropped descriptors must be reported");
-        assert!(got.fds.len() <= 1 + 1, "CMSG_SPACE rounding may fit at most one extra");
+        assert!(
+            got.fds.len() <= 1 + 1,
+            "CMSG_SPACE rounding may fit at most one extra"
+        );
         drop(a);
         let eof = recv_with_fds(&b, &mut small, 1).await.unwrap();
         assert_eq!(eof.len, 0);

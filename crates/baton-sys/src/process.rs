@@ -61,7 +61,12 @@ pub fn place_fds(cmd: &mut Command, placements: Vec<(OwnedFd, RawFd)>) -> io::Re
 unsafe fn close_from(first: libc::c_uint) {
     // SAFETY: close_range takes plain integers and touches no memory of ours.
     let rc = unsafe {
-        libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC)
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
     };
     if rc != 0 {
         // Kernels before 5.11 lack CLOSE_RANGE_CLOEXEC: mark each number by hand.
@@ -122,14 +127,21 @@ fn to_pid(pid: u32) -> io::Result<Pid> {
     // 0 and negative numbers address groups or every process: never what a caller means.
     match i32::try_from(pid) {
         Ok(p) if p > 0 => Ok(Pid::from_raw(p)),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid pid {pid}"))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid pid {pid}"),
+        )),
     }
 }
 
 /// Parses a signal name such as `SIGTERM` or `TERM`.
 pub fn parse_signal(name: &str) -> Option<Signal> {
     let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
     full.parse().ok()
 }
 

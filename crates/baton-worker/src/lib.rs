@@ -44,7 +44,11 @@ pub enum WorkerError {
     #[error("{CHANNEL_FD_ENV}={0:?} is not a descriptor number")]
     BadChannelFd(String),
     #[error("channel descriptor {fd} is unusable")]
-    Channel { fd: i32, #[source] source: io::Error },
+    Channel {
+        fd: i32,
+        #[source]
+        source: io::Error,
+    },
     #[error("channel descriptor {0} is not a SOCK_SEQPACKET socket")]
     NotSeqPacket(i32),
     #[error("reading the handoff from the master")]
@@ -66,7 +70,11 @@ pub enum WorkerError {
     #[error("listener `{0}` was already taken")]
     AlreadyTaken(String),
     #[error("listener `{name}`: {source}")]
-    Adopt { name: String, #[source] source: io::Error },
+    Adopt {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A listening socket handed over by the master.
@@ -107,13 +115,21 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         delegate!(self, poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -191,13 +207,20 @@ impl Worker {
     /// Receives the listeners from the master. Must be called once, inside a tokio runtime.
     pub async fn from_env() -> Result<Worker, WorkerError> {
         let value = std::env::var(CHANNEL_FD_ENV).map_err(|_| WorkerError::NotUnderBaton)?;
-        let fd: i32 = value.parse().map_err(|_| WorkerError::BadChannelFd(value.clone()))?;
-        let owned = channel::adopt_inherited(fd).map_err(|source| WorkerError::Channel { fd, source })?;
+        let fd: i32 = value
+            .parse()
+            .map_err(|_| WorkerError::BadChannelFd(value.clone()))?;
+        let owned =
+            channel::adopt_inherited(fd).map_err(|source| WorkerError::Channel { fd, source })?;
         match channel::socket_kind(owned.as_fd()) {
-            Ok(SocketKind { sock_type: channel::SockType::SeqPacket, .. }) => {}
+            Ok(SocketKind {
+                sock_type: channel::SockType::SeqPacket,
+                ..
+            }) => {}
             _ => return Err(WorkerError::NotSeqPacket(fd)),
         }
-        let channel = channel::into_async(owned).map_err(|source| WorkerError::Channel { fd, source })?;
+        let channel =
+            channel::into_async(owned).map_err(|source| WorkerError::Channel { fd, source })?;
         Self::handshake(channel).await
     }
 
@@ -206,9 +229,18 @@ impl Worker {
         let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
         let hello = match recv(&channel, &mut buf, 0).await? {
             (MasterMessage::Hello(hello), fds) if fds.is_empty() => hello,
-            (other, _) => return Err(WorkerError::Protocol(format!("expected hello, got {other:?}"))),
+            (other, _) => {
+                return Err(WorkerError::Protocol(format!(
+                    "expected hello, got {other:?}"
+                )));
+            }
         };
-        let Hello { version, generation, worker_id, listeners } = hello;
+        let Hello {
+            version,
+            generation,
+            worker_id,
+            listeners,
+        } = hello;
         if version != PROTOCOL_VERSION {
             return Err(WorkerError::Version(version));
         }
@@ -216,7 +248,9 @@ impl Worker {
         while fds.len() < listeners.len() {
             let (message, chunk) = recv(&channel, &mut buf, MAX_FDS_PER_MESSAGE).await?;
             match message {
-                MasterMessage::Fds { first, count } if first == fds.len() && count == chunk.len() => {
+                MasterMessage::Fds { first, count }
+                    if first == fds.len() && count == chunk.len() =>
+                {
                     fds.extend(chunk);
                 }
                 MasterMessage::Fds { count, .. } => {
@@ -226,7 +260,9 @@ impl Worker {
                     });
                 }
                 other => {
-                    return Err(WorkerError::Protocol(format!("expected descriptors, got {other:?}")));
+                    return Err(WorkerError::Protocol(format!(
+                        "expected descriptors, got {other:?}"
+                    )));
                 }
             }
         }
@@ -245,7 +281,12 @@ impl Worker {
         tokio::spawn(listen_to_master(shared.clone()));
         tokio::spawn(watch_drain_signal(shared.clone()));
         tokio::spawn(report_connections(shared.clone()));
-        Ok(Worker { shared, generation, worker_id, listeners: adopted })
+        Ok(Worker {
+            shared,
+            generation,
+            worker_id,
+            listeners: adopted,
+        })
     }
 
     /// This worker's generation.
@@ -270,7 +311,8 @@ impl Worker {
             .iter_mut()
             .find(|(info, _)| info.name == name)
             .ok_or_else(|| WorkerError::UnknownListener(name.into()))?;
-        slot.take().ok_or_else(|| WorkerError::AlreadyTaken(name.into()))
+        slot.take()
+            .ok_or_else(|| WorkerError::AlreadyTaken(name.into()))
     }
 
     /// Takes every listener not taken yet, with its name.
@@ -293,7 +335,11 @@ impl Worker {
 
     /// Sends a free-form status line (shown by `baton status`).
     pub async fn status(&self, text: impl Into<String>) -> io::Result<()> {
-        self.send(&WorkerMessage::Status { connections: None, text: Some(text.into()) }).await
+        self.send(&WorkerMessage::Status {
+            connections: None,
+            text: Some(text.into()),
+        })
+        .await
     }
 
     /// A watch that resolves when a drain is requested.
@@ -325,7 +371,11 @@ impl Worker {
     }
 
     async fn send(&self, message: &WorkerMessage) -> io::Result<()> {
-        self.shared.channel.send(&baton_proto::encode(message)).await.map(|_| ())
+        self.shared
+            .channel
+            .send(&baton_proto::encode(message))
+            .await
+            .map(|_| ())
     }
 }
 
@@ -334,7 +384,9 @@ async fn recv(
     buf: &mut [u8],
     max_fds: usize,
 ) -> Result<(MasterMessage, Vec<OwnedFd>), WorkerError> {
-    let got = channel::recv_with_fds(channel, buf, max_fds.max(1)).await.map_err(WorkerError::Receive)?;
+    let got = channel::recv_with_fds(channel, buf, max_fds.max(1))
+        .await
+        .map_err(WorkerError::Receive)?;
     if got.len == 0 {
         return Err(WorkerError::Closed);
     }
@@ -342,29 +394,41 @@ async fn recv(
         return Err(WorkerError::Truncated { expected: max_fds });
     }
     if got.truncated {
-        return Err(WorkerError::Protocol("packet larger than the protocol's limit".into()));
+        return Err(WorkerError::Protocol(
+            "packet larger than the protocol's limit".into(),
+        ));
     }
-    let message = baton_proto::decode(&buf[..got.len]).map_err(|e| WorkerError::Protocol(e.to_string()))?;
+    let message =
+        baton_proto::decode(&buf[..got.len]).map_err(|e| WorkerError::Protocol(e.to_string()))?;
     Ok((message, got.fds))
 }
 
 fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, WorkerError> {
-    let not_a_listener = || WorkerError::NotAListener { name: info.name.clone() };
+    let not_a_listener = || WorkerError::NotAListener {
+        name: info.name.clone(),
+    };
     match channel::socket_kind(fd.as_fd()) {
         Ok(kind) if kind.listening && kind.sock_type == channel::SockType::Stream => {}
         _ => return Err(not_a_listener()),
     }
-    let adopt_err = |source| WorkerError::Adopt { name: info.name.clone(), source };
+    let adopt_err = |source| WorkerError::Adopt {
+        name: info.name.clone(),
+        source,
+    };
     match info.address {
         ListenerAddress::Tcp { .. } => {
             let std = std::net::TcpListener::from(fd);
             std.set_nonblocking(true).map_err(adopt_err)?;
-            TcpListener::from_std(std).map(Listener::Tcp).map_err(adopt_err)
+            TcpListener::from_std(std)
+                .map(Listener::Tcp)
+                .map_err(adopt_err)
         }
         ListenerAddress::Unix { .. } => {
             let std = std::os::unix::net::UnixListener::from(fd);
             std.set_nonblocking(true).map_err(adopt_err)?;
-            UnixListener::from_std(std).map(Listener::Unix).map_err(adopt_err)
+            UnixListener::from_std(std)
+                .map(Listener::Unix)
+                .map_err(adopt_err)
         }
     }
 }
@@ -375,18 +439,28 @@ async fn listen_to_master(shared: Arc<Shared>) {
     loop {
         match channel::recv_with_fds(&shared.channel, &mut buf, 1).await {
             Ok(got) if got.len == 0 => {
-                shared.drain.send_if_modified(|d| d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone);
+                shared.drain.send_if_modified(|d| {
+                    d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone
+                });
                 return;
             }
             Ok(got) => {
-                if let Ok(MasterMessage::Drain { deadline_ms }) = baton_proto::decode(&buf[..got.len]) {
-                    let reason = DrainReason::Master { deadline: Duration::from_millis(deadline_ms) };
-                    shared.drain.send_if_modified(|d| d.replace(reason).is_none());
+                if let Ok(MasterMessage::Drain { deadline_ms }) =
+                    baton_proto::decode(&buf[..got.len])
+                {
+                    let reason = DrainReason::Master {
+                        deadline: Duration::from_millis(deadline_ms),
+                    };
+                    shared
+                        .drain
+                        .send_if_modified(|d| d.replace(reason).is_none());
                 }
                 // Other packets (unknown types from a newer master) are ignored.
             }
             Err(_) => {
-                shared.drain.send_if_modified(|d| d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone);
+                shared.drain.send_if_modified(|d| {
+                    d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone
+                });
                 return;
             }
         }
@@ -396,9 +470,13 @@ async fn listen_to_master(shared: Arc<Shared>) {
 /// The drain signal (SIGTERM, baton's default) requests a drain instead of killing the process.
 async fn watch_drain_signal(shared: Arc<Shared>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
     if term.recv().await.is_some() {
-        shared.drain.send_if_modified(|d| d.get_or_insert(DrainReason::Signal) == &DrainReason::Signal);
+        shared
+            .drain
+            .send_if_modified(|d| d.get_or_insert(DrainReason::Signal) == &DrainReason::Signal);
     }
 }
 
@@ -409,8 +487,16 @@ async fn report_connections(shared: Arc<Shared>) {
         let notified = shared.changed.notified();
         let now = shared.connections.load(Ordering::Acquire);
         if last != Some(now) {
-            let message = WorkerMessage::Status { connections: Some(now), text: None };
-            if shared.channel.send(&baton_proto::encode(&message)).await.is_err() {
+            let message = WorkerMessage::Status {
+                connections: Some(now),
+                text: None,
+            };
+            if shared
+                .channel
+                .send(&baton_proto::encode(&message))
+                .await
+                .is_err()
+            {
                 return;
             }
             last = Some(now);

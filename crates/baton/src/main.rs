@@ -14,7 +14,11 @@ mod signals;
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "baton", version, about = "Master-worker process supervisor with seamless reload")]
+#[command(
+    name = "baton",
+    version,
+    about = "Master-worker process supervisor with seamless reload"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -119,6 +123,10 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.with_target(false).init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
 }

@@ -25,24 +25,35 @@ pub(crate) fn forward(tx: UnboundedSender<Input>) -> std::io::Result<()> {
     let mut signals = SignalsInfo::<WithOrigin>::new([
         SIGUSR2, SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGCHLD,
     ])?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        for origin in signals.forever() {
-            let sender_pid = origin.process.map(|p| p.pid as u32);
-            let trigger = |name| Trigger::Signal { name, sender_pid };
-            let input = match origin.signal {
-                SIGUSR2 => Input::Intent(Intent::Reload(trigger("SIGUSR2"))),
-                SIGHUP => Input::Intent(Intent::Reload(trigger("SIGHUP"))),
-                SIGTERM => Input::Intent(Intent::Stop { graceful: true, trigger: trigger("SIGTERM") }),
-                SIGINT => Input::Intent(Intent::Stop { graceful: true, trigger: trigger("SIGINT") }),
-                SIGQUIT => Input::Intent(Intent::Stop { graceful: false, trigger: trigger("SIGQUIT") }),
-                SIGUSR1 => Input::Intent(Intent::ReopenLogs(trigger("SIGUSR1"))),
-                SIGCHLD => Input::ChildExited,
-                _ => continue,
-            };
-            if tx.send(input).is_err() {
-                break;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for origin in signals.forever() {
+                let sender_pid = origin.process.map(|p| p.pid as u32);
+                let trigger = |name| Trigger::Signal { name, sender_pid };
+                let input = match origin.signal {
+                    SIGUSR2 => Input::Intent(Intent::Reload(trigger("SIGUSR2"))),
+                    SIGHUP => Input::Intent(Intent::Reload(trigger("SIGHUP"))),
+                    SIGTERM => Input::Intent(Intent::Stop {
+                        graceful: true,
+                        trigger: trigger("SIGTERM"),
+                    }),
+                    SIGINT => Input::Intent(Intent::Stop {
+                        graceful: true,
+                        trigger: trigger("SIGINT"),
+                    }),
+                    SIGQUIT => Input::Intent(Intent::Stop {
+                        graceful: false,
+                        trigger: trigger("SIGQUIT"),
+                    }),
+                    SIGUSR1 => Input::Intent(Intent::ReopenLogs(trigger("SIGUSR1"))),
+                    SIGCHLD => Input::ChildExited,
+                    _ => continue,
+                };
+                if tx.send(input).is_err() {
+                    break;
+                }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }

@@ -53,7 +53,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let idle_grace = Duration::from_millis(args.idle_grace_ms);
 
-    let mut worker = Worker::from_env().await.context("receiving listeners from baton")?;
+    let mut worker = Worker::from_env()
+        .await
+        .context("receiving listeners from baton")?;
     let listeners = worker.take_all();
     let worker = Arc::new(worker);
     let names: Vec<String> = listeners.iter().map(|(name, _)| name.clone()).collect();
@@ -65,12 +67,18 @@ async fn main() -> anyhow::Result<()> {
     worker.ready().await.context("reporting ready")?;
     let pid = std::process::id();
     let generation = worker.generation();
-    info!("hello-worker pid {pid} generation {generation} ready on {}", names.join(", "));
+    info!(
+        "hello-worker pid {pid} generation {generation} ready on {}",
+        names.join(", ")
+    );
 
     let reason = worker.drain_watch().requested().await;
     accepting.join_all().await;
     let _ = worker.draining().await;
-    info!("pid {pid} draining ({reason:?}): {} connections open", worker.connections());
+    info!(
+        "pid {pid} draining ({reason:?}): {} connections open",
+        worker.connections()
+    );
     worker.idle().await;
     info!("pid {pid} drained: exiting");
     Ok(())
@@ -143,7 +151,10 @@ async fn respond(req: Request<Incoming>, ctx: Ctx) -> Result<Response<Full<Bytes
     let body = format!("hello from pid {pid}, generation {}\n", ctx.generation);
     let mut response = Response::new(Full::new(Bytes::from(body)));
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     headers.insert("x-baton-pid", HeaderValue::from(pid));
     headers.insert("x-baton-generation", HeaderValue::from(ctx.generation));
     if ctx.drain.is_requested() {

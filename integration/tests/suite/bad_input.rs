@@ -1,1 +1,77 @@
+//! Bad input at startup: one clear line naming the problem, exit 64, no panic.
 
+use std::process::Command;
+
+use baton_integration::{TestConfig, binaries};
+
+fn run(args: &[&str], yaml: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(&binaries().baton)
+        .args(args)
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn each_bad_config_gets_one_line_naming_the_problem_and_exit_64() {
+    let good = TestConfig::hello("127.0.0.1:1", 1);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_config = TestConfig::hello(&busy.local_addr().unwrap().to_string(), 1);
+    let mut missing = good.clone();
+    missing.command = "./no-such-worker".into();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "malformed YAML",
+            "listeners: [\n".into(),
+            "baton.yaml:2:1: did not find expected node content",
+        ),
+        (
+            "unknown key",
+            good.yaml() + "colour: blue\n",
+            "unknown field `colour`",
+        ),
+        (
+            "bad address",
+            good.yaml().replace("127.0.0.1:1", "300.0.0.1:80"),
+            "invalid TCP address \"300.0.0.1:80\"",
+        ),
+        ("port in use", busy_config.yaml(), "address already in use"),
+        (
+            "missing worker",
+            missing.yaml(),
+            "no-such-worker does not exist",
+        ),
+    ];
+    for (what, yaml, expected) in cases {
+        let (code, stderr) = run(&["run", "-c"], &yaml);
+        eprintln!("{what}: {}", stderr.trim_end());
+        assert_eq!(code, Some(64), "{what}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{what}: one line: {stderr}"
+        );
+        assert!(
+            stderr.contains(expected),
+            "{what}: {stderr:?} should contain {expected:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    }
+}
+
+#[test]
+fn check_validates_without_running() {
+    let good = TestConfig::hello("127.0.0.1:1", 1);
+    let (code, _) = run(&["check", "-c"], &good.yaml());
+    assert_eq!(code, Some(0));
+    let (code, stderr) = run(&["check", "-c"], &(good.yaml() + "extra: 1\n"));
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("unknown field `extra`"), "{stderr}");
+}

@@ -1,1 +1,173 @@
+//! Draining generations: held connections keep them alive until closed or until the deadline;
+//! the cap on draining generations bounds the process count.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use baton_integration::procfs::alive;
+use baton_integration::{Master, TestConfig, eventually, free_port};
+
+/// Opens a keep-alive connection and completes one request on it; returns it open.
+fn held_connection(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("generation") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    s
+}
+
+fn config(port: u16, drain_timeout: &'static str) -> TestConfig {
+    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    // Idle kept-alive connections stay open through the drain: only the client or the deadline
+    // ends them.
+    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    c.drain_timeout = drain_timeout;
+    c
+}
+
+fn first_worker(master: &Master) -> u32 {
+    master.events("worker_ready")[0]["pid"].as_u64().unwrap() as u32
+}
+
+#[test]
+fn a_held_connection_keeps_its_generation_draining_until_it_closes_then_it_exits_at_once() {
+    let port = free_port();
+    let master = Master::start("linger", &config(port, "60s"));
+    let old = first_worker(&master);
+    let conn = held_connection(port);
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    master.wait_event("generation_draining", Duration::from_secs(5), |v| {
+        v["generation"] == 1
+    });
+    // While the client holds its connection, generation 1 stays (for a whole second here).
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert!(alive(old), "the old worker must wait for its client");
+        assert!(master.events("generation_exited").is_empty());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let closed = Instant::now();
+    drop(conn);
+    let (at, exited) = master.wait_event("generation_exited", Duration::from_secs(5), |v| {
+        v["generation"] == 1
+    });
+    assert_eq!(exited["killed"], false, "it drained, it was not killed");
+    let after = at.duration_since(closed);
+    eprintln!("generation 1 exited {after:?} after its last client closed");
+    assert!(
+        after < Duration::from_secs(2),
+        "exit must follow the close at once, took {after:?}"
+    );
+    assert!(!alive(old));
+}
+
+#[test]
+fn a_generation_that_does_not_drain_is_killed_at_its_deadline_not_later_than_one_second_after() {
+    let port = free_port();
+    let master = Master::start("deadline", &config(port, "2s"));
+    let old = first_worker(&master);
+    let _conn = held_connection(port);
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    let (began, _) = master.wait_event("generation_draining", Duration::from_secs(5), |v| {
+        v["generation"] == 1
+    });
+    let (killed_at, kill) = master.wait_event("worker_killed", Duration::from_secs(10), |v| {
+        v["generation"] == 1
+    });
+    let (gone_at, exited) = master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+        v["generation"] == 1
+    });
+    assert_eq!(
+        kill["pid"].as_u64().unwrap() as u32,
+        old,
+        "the log names the pid"
+    );
+    let message = kill["message"].as_str().unwrap();
+    assert!(message.contains("drain deadline"), "{message}");
+    assert!(
+        message.contains("connections: 1"),
+        "the SDK reported its open connection: {message}"
+    );
+    assert_eq!(exited["killed"], true);
+    let waited = killed_at.duration_since(began);
+    let gone = gone_at.duration_since(began);
+    eprintln!("killed {waited:?} after the drain began (deadline 2 s), reaped at {gone:?}");
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "killed before its deadline: {waited:?}"
+    );
+    assert!(
+        gone <= Duration::from_secs(3),
+        "deadline + 1 s exceeded: {gone:?}"
+    );
+    assert!(!alive(old), "killed and reaped: no zombie");
+}
+
+#[test]
+fn fifty_reloads_with_long_lived_clients_keep_the_process_count_bounded() {
+    const CAP: usize = 3;
+    let port = free_port();
+    let mut c = config(port, "3s");
+    c.max_draining = CAP;
+    let master = Arc::new(Master::start("many", &c));
+    // Sample the master's live children all through the run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (master, stop, most) = (master.clone(), stop.clone(), most.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                most.fetch_max(master.children().len(), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        // Each generation gets a client that never lets go.
+        clients.push(held_connection(port));
+        assert_eq!(master.reload()["event"], "reload_succeeded");
+    }
+    // Every old generation ends: by the cap (oldest first) or at its deadline.
+    eventually(
+        Duration::from_secs(20),
+        "all 50 old generations gone",
+        || (master.events("generation_exited").len() == 50).then_some(()),
+    );
+    eventually(
+        Duration::from_secs(5),
+        "only the serving worker left",
+        || (master.children().len() == 1).then_some(()),
+    );
+    stop.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let most = most.load(Ordering::SeqCst);
+    let by_cap = master
+        .events("worker_killed")
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than 3 generations are draining")
+        })
+        .count();
+    eprintln!("most live workers seen: {most}; {by_cap} generations killed by the cap");
+    // At most CAP draining + the serving one + the one starting during a reload (1 process each).
+    assert!(most <= CAP + 2, "{most} live workers exceeds the cap");
+    assert!(
+        by_cap >= 40,
+        "the cap must have forced the oldest out: {by_cap}"
+    );
+    drop(clients);
+}

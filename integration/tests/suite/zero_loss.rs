@@ -19,7 +19,11 @@ fn load_with_reloads(name: &str, mode: Mode) -> (Master, Report, u64) {
     let port = free_port();
     let master = Master::start(name, &TestConfig::hello(&format!("127.0.0.1:{port}"), 2));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let bounds = Bounds { clients: CLIENTS, duration: RUN + Duration::from_secs(5), max_requests_per_client: 200_000 };
+    let bounds = Bounds {
+        clients: CLIENTS,
+        duration: RUN + Duration::from_secs(5),
+        max_requests_per_client: 200_000,
+    };
     let load = Load::start(addr, mode, bounds);
     let start = Instant::now();
     let mut sent = 0u64;
@@ -37,9 +41,16 @@ fn load_with_reloads(name: &str, mode: Mode) -> (Master, Report, u64) {
 /// Every request is logged once and covered by exactly one reload (or rejected), and every
 /// reload that started has a verdict.
 fn assert_every_request_accounted_for(master: &Master, sent: u64) {
-    let requested: Vec<u64> =
-        master.events("reload_requested").iter().map(|v| v["request"].as_u64().unwrap()).collect();
-    assert_eq!(requested, (1..=sent).collect::<Vec<_>>(), "one log line per signal, in order");
+    let requested: Vec<u64> = master
+        .events("reload_requested")
+        .iter()
+        .map(|v| v["request"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        requested,
+        (1..=sent).collect::<Vec<_>>(),
+        "one log line per signal, in order"
+    );
     let mut covered = BTreeSet::new();
     let mut started = Vec::new();
     for v in master.events("reload_started") {
@@ -52,16 +63,31 @@ fn assert_every_request_accounted_for(master: &Master, sent: u64) {
     for v in master.events("reload_rejected") {
         assert!(covered.insert(v["request"].as_u64().unwrap()));
     }
-    assert_eq!(covered, (1..=sent).collect::<BTreeSet<_>>(), "every request covered once");
+    assert_eq!(
+        covered,
+        (1..=sent).collect::<BTreeSet<_>>(),
+        "every request covered once"
+    );
     let concluded: BTreeSet<u64> = master
         .events("reload_succeeded")
         .iter()
         .chain(master.events("reload_failed").iter())
         .map(|v| v["reload"].as_u64().unwrap())
         .collect();
-    assert_eq!(concluded, started.iter().copied().collect(), "every reload has a verdict");
-    assert!(master.events("reload_failed").is_empty(), "{:?}", master.events("reload_failed"));
-    eprintln!("{sent} SIGUSR2 sent: {} reloads carried them all out", started.len());
+    assert_eq!(
+        concluded,
+        started.iter().copied().collect(),
+        "every reload has a verdict"
+    );
+    assert!(
+        master.events("reload_failed").is_empty(),
+        "{:?}",
+        master.events("reload_failed")
+    );
+    eprintln!(
+        "{sent} SIGUSR2 sent: {} reloads carried them all out",
+        started.len()
+    );
 }
 
 #[test]
@@ -69,8 +95,16 @@ fn fresh_connections_lose_nothing_across_reloads_every_100ms() {
     let (master, report, sent) = load_with_reloads("fresh", Mode::Fresh);
     eprintln!("fresh connections: {}", report.summary());
     assert_eq!(report.failed(), 0, "{}", report.summary());
-    assert!(report.ok > 1000, "the load must be real: {}", report.summary());
-    assert!(report.generations.len() > 5, "requests must span many generations: {}", report.summary());
+    assert!(
+        report.ok > 1000,
+        "the load must be real: {}",
+        report.summary()
+    );
+    assert!(
+        report.generations.len() > 5,
+        "requests must span many generations: {}",
+        report.summary()
+    );
     assert_every_request_accounted_for(&master, sent);
 }
 
@@ -79,7 +113,11 @@ fn keep_alive_clients_lose_nothing_across_reloads_every_100ms() {
     let (master, report, sent) = load_with_reloads("keepalive", Mode::KeepAlive);
     eprintln!("keep-alive: {}", report.summary());
     assert_eq!(report.failed(), 0, "{}", report.summary());
-    assert!(report.ok > 1000, "the load must be real: {}", report.summary());
+    assert!(
+        report.ok > 1000,
+        "the load must be real: {}",
+        report.summary()
+    );
     // Drains really closed kept-alive connections (politely), and clients moved on.
     assert!(report.close_notices > 0, "{}", report.summary());
     assert!(report.generations.len() > 5, "{}", report.summary());

@@ -16,7 +16,10 @@ fn spec(processes: usize) -> GenerationSpec {
 }
 
 fn usr2() -> Intent {
-    Intent::Reload(Trigger::Signal { name: "SIGUSR2", sender_pid: Some(42) })
+    Intent::Reload(Trigger::Signal {
+        name: "SIGUSR2",
+        sender_pid: Some(42),
+    })
 }
 
 fn pid_of(w: WorkerId) -> u32 {
@@ -30,7 +33,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Harness { s: Supervisor::new(), now: Instant::now() }
+        Harness {
+            s: Supervisor::new(),
+            now: Instant::now(),
+        }
     }
 
     fn ev(&mut self, event: Event) -> Vec<Action> {
@@ -50,14 +56,20 @@ impl Harness {
                 _ => None,
             })
             .expect("a Prepare action");
-        let spawns = self.ev(Event::Prepared { generation: g, result: Ok(spec) });
+        let spawns = self.ev(Event::Prepared {
+            generation: g,
+            result: Ok(spec),
+        });
         self.spawn_all(&spawns)
     }
 
     fn spawn_all(&mut self, actions: &[Action]) -> Vec<WorkerId> {
         let workers = spawned(actions);
         for &w in &workers {
-            let more = self.ev(Event::Spawned { worker: w, result: Ok(pid_of(w)) });
+            let more = self.ev(Event::Spawned {
+                worker: w,
+                result: Ok(pid_of(w)),
+            });
             assert!(more.is_empty(), "{more:?}");
         }
         workers
@@ -66,13 +78,19 @@ impl Harness {
     fn ready(&mut self, workers: &[WorkerId]) -> Vec<Action> {
         let mut all = Vec::new();
         for &w in workers {
-            all.extend(self.ev(Event::Message { worker: w, message: WorkerMessage::Ready }));
+            all.extend(self.ev(Event::Message {
+                worker: w,
+                message: WorkerMessage::Ready,
+            }));
         }
         all
     }
 
     fn exit(&mut self, w: WorkerId, code: i32) -> Vec<Action> {
-        self.ev(Event::Exited { pid: pid_of(w), status: ExitKind::Exited(code) })
+        self.ev(Event::Exited {
+            pid: pid_of(w),
+            status: ExitKind::Exited(code),
+        })
     }
 
     /// Starts generation 1 with `n` ready workers.
@@ -81,7 +99,10 @@ impl Harness {
         let workers = self.prepare(&start, spec(n));
         let done = self.ready(&workers);
         assert!(done.is_empty(), "{done:?}");
-        assert_eq!(self.s.generations(), vec![(Generation(1), Phase::Serving, n)]);
+        assert_eq!(
+            self.s.generations(),
+            vec![(Generation(1), Phase::Serving, n)]
+        );
         workers
     }
 
@@ -118,7 +139,10 @@ fn drained(actions: &[Action]) -> Vec<WorkerId> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send { worker, message: MasterMessage::Drain { .. } } => Some(*worker),
+            Action::Send {
+                worker,
+                message: MasterMessage::Drain { .. },
+            } => Some(*worker),
             _ => None,
         })
         .collect()
@@ -128,7 +152,12 @@ fn drained(actions: &[Action]) -> Vec<WorkerId> {
 fn startup_serves_once_every_worker_is_ready() {
     let mut h = Harness::new();
     let start = h.s.start(h.now);
-    assert_eq!(start, vec![Action::Prepare { generation: Generation(1) }]);
+    assert_eq!(
+        start,
+        vec![Action::Prepare {
+            generation: Generation(1)
+        }]
+    );
     let workers = h.prepare(&start, spec(2));
     assert_eq!(workers.len(), 2);
     assert!(h.ready(&workers[..1]).is_empty());
@@ -143,26 +172,51 @@ fn a_reload_drains_the_old_generation_only_after_the_new_one_is_ready() {
     let mut h = Harness::new();
     let old = h.serving(2);
     let prepare = h.ev(Event::Intent(usr2()));
-    assert_eq!(prepare, vec![Action::Prepare { generation: Generation(2) }]);
+    assert_eq!(
+        prepare,
+        vec![Action::Prepare {
+            generation: Generation(2)
+        }]
+    );
     let new = h.prepare(&prepare, spec(2));
     // One new worker ready: the old generation is not touched yet.
     assert!(h.ready(&new[..1]).is_empty());
     let promoted = h.ready(&new[1..]);
-    assert_eq!(drained(&promoted), old, "every old worker gets the drain message");
+    assert_eq!(
+        drained(&promoted),
+        old,
+        "every old worker gets the drain message"
+    );
     let signals: Vec<_> = promoted
         .iter()
-        .filter(|a| matches!(a, Action::Signal { signal: SignalNumber::SIGTERM, .. }))
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Signal {
+                    signal: SignalNumber::SIGTERM,
+                    ..
+                }
+            )
+        })
         .collect();
     assert_eq!(signals.len(), 2, "and the drain signal");
     assert_eq!(
         h.s.generations(),
-        vec![(Generation(1), Phase::Draining, 2), (Generation(2), Phase::Serving, 2)]
+        vec![
+            (Generation(1), Phase::Draining, 2),
+            (Generation(2), Phase::Serving, 2)
+        ]
     );
     // The old generation is gone when its last worker exits: its listeners are released.
     assert_eq!(h.exit(old[0], 0), vec![Action::Forget { worker: old[0] }]);
     assert_eq!(
         h.exit(old[1], 0),
-        vec![Action::Forget { worker: old[1] }, Action::Release { generation: Generation(1) }]
+        vec![
+            Action::Forget { worker: old[1] },
+            Action::Release {
+                generation: Generation(1)
+            }
+        ]
     );
     assert_eq!(h.s.generations(), vec![(Generation(2), Phase::Serving, 2)]);
     let record = h.s.history().last().unwrap().clone();
@@ -182,13 +236,21 @@ fn requests_during_a_reload_coalesce_into_one_follow_up_and_all_are_accounted_fo
     let new = h.prepare(&first, spec(1));
     let promoted = h.ready(&new);
     // Reload 1 succeeded and reload 2 (covering 2, 3, 4) started at once.
-    assert!(promoted.contains(&Action::Prepare { generation: Generation(3) }), "{promoted:?}");
+    assert!(
+        promoted.contains(&Action::Prepare {
+            generation: Generation(3)
+        }),
+        "{promoted:?}"
+    );
     let newer = h.prepare(&promoted, spec(1));
     h.ready(&newer);
     let history: Vec<_> = h.s.history().cloned().collect();
     assert_eq!(history.len(), 2);
     assert_eq!(history[0].covers, vec![RequestId(1)]);
-    assert_eq!(history[1].covers, vec![RequestId(2), RequestId(3), RequestId(4)]);
+    assert_eq!(
+        history[1].covers,
+        vec![RequestId(2), RequestId(3), RequestId(4)]
+    );
     assert!(history.iter().all(|r| r.verdict.is_ok()));
 }
 
@@ -204,8 +266,16 @@ fn a_worker_that_exits_before_ready_fails_the_reload_and_leaves_the_old_generati
     assert!(drained(&actions).is_empty());
     assert!(!actions.iter().any(|a| matches!(a, Action::Signal { .. })));
     let verdict = h.s.history().last().unwrap().verdict.clone().unwrap_err();
-    assert!(verdict.contains("exited with exit status 3 before it was ready"), "{verdict}");
-    assert_eq!(h.exit(new[1], 137).last(), Some(&Action::Release { generation: Generation(2) }));
+    assert!(
+        verdict.contains("exited with exit status 3 before it was ready"),
+        "{verdict}"
+    );
+    assert_eq!(
+        h.exit(new[1], 137).last(),
+        Some(&Action::Release {
+            generation: Generation(2)
+        })
+    );
     assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 2)]);
     // The old generation is still the one that serves and a later reload works.
     let (_, promoted) = h.reload(2);
@@ -236,9 +306,22 @@ fn an_unreadable_config_fails_the_reload_without_spawning() {
         generation: Generation(2),
         result: Err("baton.yaml:3:1: unknown field `bogus`".into()),
     });
-    assert_eq!(actions, vec![Action::Release { generation: Generation(2) }]);
+    assert_eq!(
+        actions,
+        vec![Action::Release {
+            generation: Generation(2)
+        }]
+    );
     assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 1)]);
-    assert!(h.s.history().last().unwrap().verdict.as_ref().unwrap_err().contains("bogus"));
+    assert!(
+        h.s.history()
+            .last()
+            .unwrap()
+            .verdict
+            .as_ref()
+            .unwrap_err()
+            .contains("bogus")
+    );
 }
 
 #[test]
@@ -251,9 +334,18 @@ fn a_draining_generation_is_killed_at_its_deadline_and_not_before() {
     assert!(h.ev(Event::Tick).is_empty());
     h.advance(Duration::from_secs(1));
     assert_eq!(killed(&h.ev(Event::Tick)), vec![pid_of(old[0])]);
-    assert_eq!(h.s.next_deadline(), None, "killed once, then only waited for");
-    let gone = h.ev(Event::Exited { pid: pid_of(old[0]), status: ExitKind::Signaled(SignalNumber::SIGKILL) });
-    assert!(gone.contains(&Action::Release { generation: Generation(1) }));
+    assert_eq!(
+        h.s.next_deadline(),
+        None,
+        "killed once, then only waited for"
+    );
+    let gone = h.ev(Event::Exited {
+        pid: pid_of(old[0]),
+        status: ExitKind::Signaled(SignalNumber::SIGKILL),
+    });
+    assert!(gone.contains(&Action::Release {
+        generation: Generation(1)
+    }));
 }
 
 #[test]
@@ -271,7 +363,15 @@ fn draining_generations_beyond_the_cap_are_killed_oldest_first() {
     assert!(killed(&reload(&mut h)).is_empty()); // gens 1, 2 draining
     assert_eq!(killed(&reload(&mut h)), vec![pid_of(g1[0])]); // gen 1 must go
     let phases: Vec<Phase> = h.s.generations().iter().map(|g| g.1).collect();
-    assert_eq!(phases, [Phase::Draining, Phase::Draining, Phase::Draining, Phase::Serving]);
+    assert_eq!(
+        phases,
+        [
+            Phase::Draining,
+            Phase::Draining,
+            Phase::Draining,
+            Phase::Serving
+        ]
+    );
 }
 
 #[test]
@@ -293,7 +393,10 @@ fn a_crashed_serving_worker_is_replaced_with_doubling_backoff() {
     // A worker that ran longer than the maximum backoff starts the sequence again.
     h.advance(Duration::from_secs(11));
     h.exit(current, 1);
-    assert_eq!(h.s.next_deadline().unwrap() - h.now, Duration::from_millis(100));
+    assert_eq!(
+        h.s.next_deadline().unwrap() - h.now,
+        Duration::from_millis(100)
+    );
     assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 0)]);
 }
 
@@ -302,9 +405,15 @@ fn graceful_stop_drains_everything_then_exits_zero() {
     let mut h = Harness::new();
     let old = h.serving(1);
     let (new, _) = h.reload(1);
-    let stop = h.ev(Event::Intent(Intent::Stop { graceful: true, trigger: Trigger::Other("test".into()) }));
+    let stop = h.ev(Event::Intent(Intent::Stop {
+        graceful: true,
+        trigger: Trigger::Other("test".into()),
+    }));
     assert_eq!(drained(&stop), new);
-    assert!(h.ev(Event::Intent(usr2())).is_empty(), "reloads are refused while stopping");
+    assert!(
+        h.ev(Event::Intent(usr2())).is_empty(),
+        "reloads are refused while stopping"
+    );
     assert!(!h.exit(old[0], 0).contains(&Action::Exit { code: 0 }));
     assert_eq!(h.exit(new[0], 0).last(), Some(&Action::Exit { code: 0 }));
 }
@@ -315,7 +424,10 @@ fn stop_during_a_reload_kills_the_new_generation_and_drains_the_old() {
     let old = h.serving(1);
     let prepare = h.ev(Event::Intent(usr2()));
     let new = h.prepare(&prepare, spec(1));
-    let stop = h.ev(Event::Intent(Intent::Stop { graceful: true, trigger: Trigger::Other("t".into()) }));
+    let stop = h.ev(Event::Intent(Intent::Stop {
+        graceful: true,
+        trigger: Trigger::Other("t".into()),
+    }));
     assert_eq!(killed(&stop), vec![pid_of(new[0])]);
     assert_eq!(drained(&stop), old);
     h.exit(new[0], 137);
@@ -326,11 +438,20 @@ fn stop_during_a_reload_kills_the_new_generation_and_drains_the_old() {
 fn fast_stop_kills_every_worker() {
     let mut h = Harness::new();
     let workers = h.serving(3);
-    let stop = h.ev(Event::Intent(Intent::Stop { graceful: false, trigger: Trigger::Other("t".into()) }));
-    assert_eq!(killed(&stop), workers.iter().map(|w| pid_of(*w)).collect::<Vec<_>>());
+    let stop = h.ev(Event::Intent(Intent::Stop {
+        graceful: false,
+        trigger: Trigger::Other("t".into()),
+    }));
+    assert_eq!(
+        killed(&stop),
+        workers.iter().map(|w| pid_of(*w)).collect::<Vec<_>>()
+    );
     h.exit(workers[0], 137);
     h.exit(workers[1], 137);
-    assert_eq!(h.exit(workers[2], 137).last(), Some(&Action::Exit { code: 0 }));
+    assert_eq!(
+        h.exit(workers[2], 137).last(),
+        Some(&Action::Exit { code: 0 })
+    );
 }
 
 #[test]
@@ -340,22 +461,34 @@ fn a_failed_first_generation_ends_the_master_with_status_one() {
     let workers = h.prepare(&start, spec(2));
     let actions = h.exit(workers[0], 1);
     assert_eq!(killed(&actions), vec![pid_of(workers[1])]);
-    assert_eq!(h.exit(workers[1], 137).last(), Some(&Action::Exit { code: 1 }));
+    assert_eq!(
+        h.exit(workers[1], 137).last(),
+        Some(&Action::Exit { code: 1 })
+    );
 }
 
 #[test]
 fn usr1_is_never_fatal_and_forwarded_only_when_configured() {
     let mut h = Harness::new();
     h.serving(1);
-    let trigger = Trigger::Signal { name: "SIGUSR1", sender_pid: None };
-    assert!(h.ev(Event::Intent(Intent::ReopenLogs(trigger.clone()))).is_empty());
+    let trigger = Trigger::Signal {
+        name: "SIGUSR1",
+        sender_pid: None,
+    };
+    assert!(
+        h.ev(Event::Intent(Intent::ReopenLogs(trigger.clone())))
+            .is_empty()
+    );
     let prepare = h.ev(Event::Intent(usr2()));
     let mut forwarding = spec(1);
     forwarding.forward_usr1 = true;
     let new = h.prepare(&prepare, forwarding);
     h.ready(&new);
     let actions = h.ev(Event::Intent(Intent::ReopenLogs(trigger)));
-    assert!(actions.contains(&Action::Signal { pid: pid_of(new[0]), signal: SignalNumber::SIGUSR1 }));
+    assert!(actions.contains(&Action::Signal {
+        pid: pid_of(new[0]),
+        signal: SignalNumber::SIGUSR1
+    }));
     assert_eq!(h.s.generations().last().unwrap().1, Phase::Serving);
 }
 
@@ -363,9 +496,27 @@ fn usr1_is_never_fatal_and_forwarded_only_when_configured() {
 fn unknown_pids_and_garbage_events_change_nothing() {
     let mut h = Harness::new();
     h.serving(1);
-    assert!(h.ev(Event::Exited { pid: 1, status: ExitKind::Exited(0) }).is_empty());
-    assert!(h.ev(Event::Message { worker: WorkerId(999), message: WorkerMessage::Ready }).is_empty());
-    assert!(h.ev(Event::Spawned { worker: WorkerId(999), result: Ok(5) }).is_empty());
+    assert!(
+        h.ev(Event::Exited {
+            pid: 1,
+            status: ExitKind::Exited(0)
+        })
+        .is_empty()
+    );
+    assert!(
+        h.ev(Event::Message {
+            worker: WorkerId(999),
+            message: WorkerMessage::Ready
+        })
+        .is_empty()
+    );
+    assert!(
+        h.ev(Event::Spawned {
+            worker: WorkerId(999),
+            result: Ok(5)
+        })
+        .is_empty()
+    );
     assert!(h.ev(Event::Tick).is_empty());
     assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 1)]);
 }
