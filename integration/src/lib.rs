@@ -260,7 +260,8 @@ impl Master {
             .collect()
     }
 
-    /// Waits for the first event `name` matching `pred` (including ones already logged).
+    /// Waits for the first event `name` matching `pred` (including ones already logged). `pred`
+    /// runs under the log lock: it must not call back into this `Master`.
     pub fn wait_event(
         &self,
         name: &str,

@@ -59,6 +59,15 @@ pub fn fds(pid: u32) -> Vec<(u32, String)> {
 
 /// Live (not zombie) direct children of `pid`.
 pub fn children(pid: u32) -> Vec<u32> {
+    children_in_state(pid, |state| state != "Z")
+}
+
+/// Zombie children of `pid`: exited, never reaped.
+pub fn zombies(pid: u32) -> Vec<u32> {
+    children_in_state(pid, |state| state == "Z")
+}
+
+fn children_in_state(pid: u32, want: impl Fn(&str) -> bool) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -79,7 +88,7 @@ pub fn children(pid: u32) -> Vec<u32> {
             continue;
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 1 && fields[1] == pid.to_string() && fields[0] != "Z" {
+        if fields.len() > 1 && fields[1] == pid.to_string() && want(fields[0]) {
             out.push(child);
         }
     }

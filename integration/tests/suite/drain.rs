@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use baton_integration::procfs::alive;
+use baton_integration::procfs::{alive, zombies};
 use baton_integration::{Master, TestConfig, eventually, free_port};
 
 /// Opens a keep-alive connection and completes one request on it; returns it open.
@@ -151,6 +151,10 @@ fn fifty_reloads_with_long_lived_clients_keep_the_process_count_bounded() {
     );
     stop.store(true, Ordering::SeqCst);
     sampler.join().unwrap();
+    assert!(
+        zombies(master.pid()).is_empty(),
+        "every killed worker was reaped"
+    );
     let most = most.load(Ordering::SeqCst);
     let by_cap = master
         .events("worker_killed")
