@@ -13,7 +13,7 @@ pub mod load;
 pub mod procfs;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -32,13 +32,12 @@ pub struct Binaries {
 pub fn binaries() -> &'static Binaries {
     static BINS: OnceLock<Binaries> = OnceLock::new();
     BINS.get_or_init(|| {
-        // Test binaries live in <target>/<profile>/deps/.
+        // Test binaries live in <target>/<profile>/deps/, the benchmark in <target>/<profile>/.
         let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target profile dir")
-            .to_owned();
+        let mut profile_dir = exe.parent().expect("exe dir").to_owned();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir = profile_dir.parent().expect("target profile dir").to_owned();
+        }
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args([
             "build",

@@ -1,0 +1,191 @@
+//! `reload-bench`: reload latency and requests lost under reload, measured on this machine.
+//!
+//! ```text
+//! cargo run --release -p baton-integration --bin reload-bench [-- --reloads 100 --seconds 10]
+//! ```
+//!
+//! Prints a Markdown report (see `docs/benchmarks.md`). Loopback only; every phase is bounded in
+//! count and time.
+
+#![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)] // a report on stdout; 64 on bad usage
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use baton_integration::load::{Bounds, Load, Mode, Report};
+use baton_integration::{Master, TestConfig, free_port};
+use nix::sys::signal::Signal;
+
+struct Args {
+    reloads: usize,
+    seconds: u64,
+    clients: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        reloads: 100,
+        seconds: 10,
+        clients: 8,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        let value = pair.get(1).and_then(|v| v.parse().ok());
+        match (pair[0].as_str(), value) {
+            ("--reloads", Some(v)) => a.reloads = v,
+            ("--seconds", Some(v)) => a.seconds = v as u64,
+            ("--clients", Some(v)) => a.clients = v,
+            _ => {
+                eprintln!("usage: reload-bench [--reloads N] [--seconds S] [--clients C]");
+                std::process::exit(64);
+            }
+        }
+    }
+    a
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+/// Reload latency: SIGUSR2 → new generation serving, and → old generation gone, one reload at a
+/// time, under a light fresh-connection load.
+fn latency(reloads: usize) -> (Vec<Duration>, Vec<Duration>, Report) {
+    let port = free_port();
+    let master = Master::start(
+        "bench-latency",
+        &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let bounds = Bounds {
+        clients: 2,
+        duration: Duration::from_secs(600),
+        max_requests_per_client: u64::MAX,
+    };
+    let load = Load::start(addr, Mode::Fresh, bounds);
+    let (mut serving, mut gone) = (Vec::new(), Vec::new());
+    for i in 1..=reloads as u64 {
+        let sent = Instant::now();
+        master.signal(Signal::SIGUSR2);
+        let verdict = master.verdict_of(i);
+        assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+        let (at, _) = master.wait_event("reload_succeeded", Duration::from_secs(30), |v| {
+            v["reload"] == i
+        });
+        serving.push(at.duration_since(sent));
+        let old = i; // generation i retires when generation i + 1 serves
+        let (at, _) = master.wait_event("generation_exited", Duration::from_secs(60), |v| {
+            v["generation"] == old
+        });
+        gone.push(at.duration_since(sent));
+    }
+    serving.sort();
+    gone.sort();
+    (serving, gone, load.finish())
+}
+
+/// Requests under load while SIGUSR2 arrives every 100 ms.
+fn under_reloads(mode: Mode, args: &Args, worker_args: &[&str]) -> (Report, u64) {
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    config.args = worker_args.iter().map(|s| s.to_string()).collect();
+    let master = Master::start("bench-load", &config);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let run = Duration::from_secs(args.seconds);
+    let bounds = Bounds {
+        clients: args.clients,
+        duration: run + Duration::from_secs(10),
+        max_requests_per_client: u64::MAX,
+    };
+    let load = Load::start(addr, mode, bounds);
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < run {
+        master.signal(Signal::SIGUSR2);
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    master.verdict_of(sent);
+    (load.finish(), sent)
+}
+
+fn row(name: &str, (r, reloads): &(Report, u64)) -> String {
+    let total = r.ok + r.failed();
+    format!(
+        "| {name} | {reloads} | {} | {} | {:?} | {:.4}% | {} | {} | {} |",
+        r.ok,
+        r.failed(),
+        r.failures,
+        100.0 * r.failed() as f64 / total.max(1) as f64,
+        ms(r.quantile(0.5)),
+        ms(r.quantile(0.99)),
+        ms(r.latencies.last().copied().unwrap_or_default()),
+    )
+}
+
+fn main() {
+    let args = args();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("# baton reload benchmark\n");
+    println!(
+        "Machine: {cpus} CPUs, Linux {}. Loopback only. Example worker: hello-worker, 2 processes.\n",
+        kernel.trim()
+    );
+
+    eprintln!("measuring reload latency over {} reloads ...", args.reloads);
+    let (serving, gone, light) = latency(args.reloads);
+    println!(
+        "## Reload latency ({} reloads, one at a time, 2 clients of fresh-connection load)\n",
+        args.reloads
+    );
+    println!("| from SIGUSR2 to | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|");
+    for (what, v) in [
+        ("new generation serving", &serving),
+        ("old generation gone", &gone),
+    ] {
+        println!(
+            "| {what} | {} | {} | {} |",
+            ms(quantile(v, 0.5)),
+            ms(quantile(v, 0.99)),
+            ms(*v.last().unwrap())
+        );
+    }
+    println!(
+        "\nRequests during those reloads: {} ok, {} failed.\n",
+        light.ok,
+        light.failed()
+    );
+
+    eprintln!("fresh connections under reloads every 100 ms ...");
+    let fresh = under_reloads(Mode::Fresh, &args, &[]);
+    eprintln!("keep-alive under reloads every 100 ms ...");
+    let keep = under_reloads(Mode::KeepAlive, &args, &[]);
+    eprintln!("keep-alive, idle connections closed at once on drain (nginx-style) ...");
+    let naive = under_reloads(Mode::KeepAlive, &args, &["--idle-grace-ms", "0"]);
+    println!(
+        "## Requests under SIGUSR2 every 100 ms ({} clients, {} s, no retries)\n",
+        args.clients, args.seconds
+    );
+    println!(
+        "| scenario | reloads | ok | failed | failures by kind | failure rate | p50 ms | p99 ms | max ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("{}", row("fresh connection per request", &fresh));
+    println!("{}", row("keep-alive clients", &keep));
+    println!(
+        "{}",
+        row(
+            "keep-alive, worker closes idle connections at once (`--idle-grace-ms 0`)",
+            &naive
+        )
+    );
+}
