@@ -67,6 +67,14 @@ fn each_bad_config_gets_one_line_naming_the_problem_and_exit_64() {
 }
 
 #[test]
+fn the_readme_example_config_is_valid() {
+    binaries(); // the config names the built hello-worker
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/baton.yaml");
+    let out = Command::new(&binaries().baton).args(["check", "-c", example]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn check_validates_without_running() {
     let good = TestConfig::hello("127.0.0.1:1", 1);
     let (code, _) = run(&["check", "-c"], &good.yaml());
