@@ -70,8 +70,15 @@ fn each_bad_config_gets_one_line_naming_the_problem_and_exit_64() {
 fn the_readme_example_config_is_valid() {
     binaries(); // the config names the built hello-worker
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/baton.yaml");
-    let out = Command::new(&binaries().baton).args(["check", "-c", example]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&binaries().baton)
+        .args(["check", "-c", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
