@@ -10,6 +10,7 @@ mod suite {
     mod crash;
     mod drain;
     mod failed_reload;
+    mod kinds;
     mod listeners;
     mod signals;
     mod zero_loss;
