@@ -398,10 +398,11 @@ async fn link(
                     Err(err) => {
                         invalid += 1;
                         if invalid == 1 {
-                            warn!(worker = worker.0, "worker {worker} sent an invalid packet: {err}");
+                            warn!(event = "worker_protocol_error", worker = worker.0,
+                                "worker {worker} sent an invalid packet: {err}");
                         }
                         if invalid >= MAX_INVALID_PACKETS {
-                            warn!(worker = worker.0,
+                            warn!(event = "worker_protocol_error", worker = worker.0,
                                 "worker {worker} sent {invalid} invalid packets: no longer listening to it");
                             return;
                         }

@@ -6,6 +6,8 @@
 //! - `ready-after:<ms>`: report ready only after `<ms>` (a slow start); exit on drain.
 //! - `report-fds:<path>`: first thing in `main`, before any runtime exists, write this process's
 //!   open descriptors (`<fd> <target>` lines) to `<path>`; then serve like `ready-after:0`.
+//! - `garbage`: speak the protocol by hand (no SDK): take the handoff, send `ready`, then 50
+//!   packets that are not messages, then half-close the channel, then idle until killed.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -32,6 +34,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(mode: &str) -> ExitCode {
+    if mode == "garbage" {
+        return garbage().await;
+    }
     let worker = match baton_worker::Worker::from_env().await {
         Ok(worker) => worker,
         Err(_) => return ExitCode::from(2),
@@ -60,5 +65,45 @@ async fn run(mode: &str) -> ExitCode {
         return ExitCode::from(2);
     }
     worker.drain_watch().requested().await;
+    ExitCode::SUCCESS
+}
+
+/// A worker written from `docs/protocol.md` alone, which then misbehaves.
+async fn garbage() -> ExitCode {
+    use baton_proto::{MasterMessage, WorkerMessage};
+    use baton_sys::channel;
+    let Ok(fd) = channel::adopt_inherited(3) else {
+        return ExitCode::from(2);
+    };
+    let Ok(chan) = channel::into_async(fd) else {
+        return ExitCode::from(2);
+    };
+    let mut buf = vec![0u8; baton_proto::MAX_MESSAGE_SIZE];
+    let Ok(got) = channel::recv_with_fds(&chan, &mut buf, 1).await else {
+        return ExitCode::from(2);
+    };
+    let Ok(MasterMessage::Hello(hello)) = baton_proto::decode(&buf[..got.len]) else {
+        return ExitCode::from(2);
+    };
+    let mut received = 0;
+    let mut listeners = Vec::new();
+    while received < hello.listeners.len() {
+        let Ok(got) = channel::recv_with_fds(&chan, &mut buf, 253).await else {
+            return ExitCode::from(2);
+        };
+        received += got.fds.len();
+        listeners.extend(got.fds);
+    }
+    let _ = chan.send(&baton_proto::encode(&WorkerMessage::Ready)).await;
+    // Fewer than the master's cutoff (100), so the half-close below is what it sees last.
+    for i in 0..50u32 {
+        let _ = chan.send(format!("\x00not json {i}").as_bytes()).await;
+    }
+    let _ = nix::sys::socket::shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(&chan),
+        nix::sys::socket::Shutdown::Write,
+    );
+    std::future::pending::<()>().await;
+    drop(listeners);
     ExitCode::SUCCESS
 }
