@@ -151,6 +151,22 @@ pub enum DrainReason {
     MasterGone,
 }
 
+impl std::fmt::Display for DrainReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DrainReason::Master { deadline } => {
+                write!(
+                    f,
+                    "the master asked (killed in {} ms)",
+                    deadline.as_millis()
+                )
+            }
+            DrainReason::Signal => write!(f, "the drain signal arrived"),
+            DrainReason::MasterGone => write!(f, "the master is gone"),
+        }
+    }
+}
+
 /// Resolves when a drain is requested. Cheap to clone: give one to every connection task.
 #[derive(Debug, Clone)]
 pub struct DrainWatch(watch::Receiver<Option<DrainReason>>);

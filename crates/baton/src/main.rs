@@ -122,7 +122,19 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder.with_target(false).init(),
+        // Messages are written to stand alone; the structured fields are for the JSON format.
+        LogFormat::Text => builder
+            .with_target(false)
+            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
+                |w, field, value| {
+                    if field.name() == "message" {
+                        write!(w, "{value:?}")
+                    } else {
+                        Ok(())
+                    }
+                },
+            ))
+            .init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
