@@ -83,7 +83,9 @@ pub enum Intent {
     ReopenLogs(Trigger),
 }
 
-/// The parts of the configuration the state machine decides with.
+/// The parts of the configuration the state machine decides with: timings and counts, never the
+/// command or environment (those stay with the event loop, which spawns). Deliberately a copy of
+/// those fields of [`crate::config::WorkerConfig`], so the state machine's tests build it directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GenerationSpec {
     pub processes: usize,
@@ -857,13 +859,7 @@ impl Supervisor {
 
     /// More generations drain than allowed: the oldest go first.
     fn enforce_drain_cap(&mut self) {
-        let max = self
-            .generations
-            .values()
-            .rev()
-            .find(|entry| matches!(entry.state, GenState::Serving))
-            .and_then(|entry| entry.spec.as_ref())
-            .map_or(usize::MAX, |s| s.max_draining);
+        let max = self.serving_spec().map_or(usize::MAX, |s| s.max_draining);
         let draining: Vec<Generation> = self
             .generations
             .iter()
@@ -948,13 +944,7 @@ impl Supervisor {
     }
 
     fn on_reopen_logs(&mut self, trigger: Trigger) {
-        let forward = self
-            .generations
-            .values()
-            .rev()
-            .find(|g| matches!(g.state, GenState::Serving))
-            .and_then(|g| g.spec.as_ref())
-            .is_some_and(|s| s.forward_usr1);
+        let forward = self.serving_spec().is_some_and(|s| s.forward_usr1);
         if !forward {
             info!(
                 event = "reopen_logs",
@@ -1059,6 +1049,15 @@ impl Supervisor {
 
     fn live_workers(&self, g: Generation) -> usize {
         self.workers.values().filter(|w| w.generation == g).count()
+    }
+
+    /// The settings of the newest serving generation: the master-wide ones apply from there.
+    fn serving_spec(&self) -> Option<&GenerationSpec> {
+        self.generations
+            .values()
+            .rev()
+            .find(|entry| matches!(entry.state, GenState::Serving))
+            .and_then(|entry| entry.spec.as_ref())
     }
 
     fn spec(&self, g: Generation) -> Option<&GenerationSpec> {
