@@ -499,7 +499,12 @@ impl Supervisor {
             }
         }
         self.kill_workers_of(g);
-        if reload.initial {
+        if reload.initial && self.stop.is_some() {
+            info!(
+                generation = g.0,
+                "generation {g} stopped before it served: {reason}"
+            );
+        } else if reload.initial {
             error!(event = "start_failed", generation = g.0, reason = %reason,
                 "generation {g} failed to start: {reason}");
             self.exit_code = 1;

@@ -520,3 +520,19 @@ fn unknown_pids_and_garbage_events_change_nothing() {
     assert!(h.ev(Event::Tick).is_empty());
     assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 1)]);
 }
+
+#[test]
+fn a_stop_before_the_first_generation_serves_exits_zero() {
+    let mut h = Harness::new();
+    let start = h.s.start(h.now);
+    let workers = h.prepare(&start, spec(1));
+    let stop = h.ev(Event::Intent(Intent::Stop {
+        graceful: true,
+        trigger: Trigger::Other("t".into()),
+    }));
+    assert_eq!(killed(&stop), vec![pid_of(workers[0])]);
+    assert_eq!(
+        h.exit(workers[0], 137).last(),
+        Some(&Action::Exit { code: 0 })
+    );
+}
