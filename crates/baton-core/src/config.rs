@@ -22,7 +22,8 @@ pub struct Config {
     /// The file this was read from; reloads read it again.
     pub source: PathBuf,
     pub listeners: Vec<ListenerConfig>,
-    pub worker: WorkerConfig,
+    /// The worker programs: every generation runs all of them.
+    pub programs: Vec<WorkerConfig>,
     pub supervisor: SupervisorConfig,
 }
 
@@ -37,9 +38,11 @@ pub struct ListenerConfig {
     pub mode: Option<u32>,
 }
 
-/// How to run the worker program.
+/// How to run one worker program.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
+    /// The program's name (`worker` when the file has a single `worker:` section).
+    pub name: String,
     /// Absolute or `PATH`-resolved program.
     pub command: PathBuf,
     pub args: Vec<String>,
@@ -57,6 +60,73 @@ pub struct WorkerConfig {
     pub restart_backoff: Duration,
     /// Upper bound of that delay. A worker that ran this long resets the sequence.
     pub restart_backoff_max: Duration,
+    /// How the worker receives its listeners.
+    pub protocol: Protocol,
+    /// How the master learns the worker is ready.
+    pub ready: Readiness,
+    /// Who may send notifications on a systemd-style worker's `NOTIFY_SOCKET`.
+    pub notify_access: NotifyAccess,
+    /// Indices into [`Config::listeners`] of the listeners this program gets, in order.
+    pub listeners: Vec<usize>,
+}
+
+/// How a worker receives its listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// baton's channel at fd 3 (`docs/protocol.md`).
+    Baton,
+    /// systemd socket activation: listeners at fds 3.., `LISTEN_FDS`, `LISTEN_FDNAMES`,
+    /// `LISTEN_PID`, and a `NOTIFY_SOCKET` of its own.
+    Systemd,
+}
+
+/// How the master learns a new worker is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// A `ready` packet on the baton channel.
+    Channel,
+    /// `READY=1` on the worker's `NOTIFY_SOCKET`.
+    Notify,
+    /// Ready this long after it started.
+    Delay(Duration),
+    /// A probe that succeeds: a TCP connect or an HTTP GET answered with a 2xx status.
+    Probe(Probe),
+}
+
+/// A readiness probe of one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// `{worker}`, `{slot}` and `{generation}` are replaced per worker; the result is also given
+    /// to the worker as `BATON_PROBE_ADDRESS`.
+    pub address: String,
+    /// `Some(path)`: HTTP GET; `None`: a TCP (or Unix stream) connect.
+    pub http_path: Option<String>,
+    /// One attempt's limit.
+    pub timeout: Duration,
+    /// Pause between attempts.
+    pub interval: Duration,
+}
+
+impl Probe {
+    /// The probe address of one worker.
+    pub fn address_for(&self, worker: u64, slot: usize, generation: u64) -> String {
+        self.address
+            .replace("{worker}", &worker.to_string())
+            .replace("{slot}", &slot.to_string())
+            .replace("{generation}", &generation.to_string())
+    }
+}
+
+/// Who may notify for a systemd-style worker (like systemd's `NotifyAccess=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyAccess {
+    /// The worker process, or the pid it announced with `MAINPID=`.
+    #[default]
+    Main,
+    /// Also any process of the worker's process group (its children).
+    All,
 }
 
 /// Settings of the master itself.
@@ -157,7 +227,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
-    let listeners = raw
+    let listeners: Vec<ListenerConfig> = raw
         .listeners
         .into_iter()
         .map(|l| ListenerConfig {
@@ -173,40 +243,140 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         })
         .collect();
 
-    let w = raw.worker;
-    let command = resolve_command(base, &w.command).map_err(|message| {
-        ConfigError::at(
-            path,
-            line_of("command:"),
-            format!("worker.command: {message}"),
-        )
-    })?;
-    let worker = WorkerConfig {
-        command,
-        args: w.args,
-        env: w.env,
-        cwd: w.cwd.map(|c| base.join(c)),
-        processes: w.processes.0,
-        ready_timeout: w.ready_timeout.0,
-        drain_timeout: w.drain_timeout.0,
-        drain_signal: w.drain_signal.0,
-        restart_backoff: w.restart_backoff.0,
-        restart_backoff_max: w.restart_backoff_max.0.max(w.restart_backoff.0),
-    };
-    if let Some(cwd) = &worker.cwd {
-        if !cwd.is_dir() {
+    let single = raw.worker.is_some();
+    let raws = match (raw.worker, raw.workers) {
+        (Some(w), None) => vec![w],
+        (None, Some(ws)) if !ws.is_empty() => ws,
+        (None, Some(_)) => {
             return Err(ConfigError::at(
                 path,
-                line_of("cwd:"),
-                format!("worker.cwd: {} is not a directory", cwd.display()),
+                line_of("workers:"),
+                "workers: list at least one program",
             ));
         }
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::at(
+                path,
+                line_of("workers:"),
+                "give either `worker` or `workers`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ConfigError::at(
+                path,
+                None,
+                "missing `worker` (or `workers`): what should baton run?",
+            ));
+        }
+    };
+    let mut programs: Vec<WorkerConfig> = Vec::with_capacity(raws.len());
+    for (i, w) in raws.into_iter().enumerate() {
+        let key = if single {
+            "worker".to_string()
+        } else {
+            format!("workers[{i}]")
+        };
+        let name = match w.name {
+            Some(n) => n.0,
+            None if single => "worker".to_string(),
+            None => {
+                return Err(ConfigError::at(
+                    path,
+                    line_of("workers:"),
+                    format!("{key}: needs a `name`"),
+                ));
+            }
+        };
+        if programs.iter().any(|p| p.name == name) {
+            return Err(ConfigError::at(
+                path,
+                line_of(&format!("name: {name}")),
+                format!("{key}: program name `{name}` is used twice"),
+            ));
+        }
+        let command = resolve_command(base, &w.command).map_err(|message| {
+            ConfigError::at(
+                path,
+                line_of(&format!("command: {}", w.command)),
+                format!("{key}.command: {message}"),
+            )
+        })?;
+        let listeners = match &w.listeners {
+            None => (0..listeners.len()).collect(),
+            Some(wanted) => {
+                let mut idx = Vec::with_capacity(wanted.len());
+                for want in wanted {
+                    let found = listeners
+                        .iter()
+                        .position(|l: &ListenerConfig| &l.name == want);
+                    idx.push(found.ok_or_else(|| {
+                        ConfigError::at(
+                            path,
+                            line_of("listeners: ["),
+                            format!("{key}.listeners: no listener is named `{want}`"),
+                        )
+                    })?);
+                }
+                idx
+            }
+        };
+        let protocol = w.protocol.unwrap_or(Protocol::Baton);
+        let ready = match (w.ready.map(|r| r.0), protocol) {
+            (None, Protocol::Baton) => Readiness::Channel,
+            (None, Protocol::Systemd) => Readiness::Notify,
+            (Some(Readiness::Channel), Protocol::Systemd) => {
+                return Err(ConfigError::at(
+                    path,
+                    line_of("ready:"),
+                    format!(
+                        "{key}.ready: `channel` needs `protocol: baton`; a systemd-style worker reports with `notify` or a probe"
+                    ),
+                ));
+            }
+            (Some(Readiness::Notify), Protocol::Baton) => {
+                return Err(ConfigError::at(
+                    path,
+                    line_of("ready:"),
+                    format!(
+                        "{key}.ready: `notify` needs `protocol: systemd`; a baton worker reports on its channel"
+                    ),
+                ));
+            }
+            (Some(r), _) => r,
+        };
+        let worker = WorkerConfig {
+            name,
+            command,
+            args: w.args,
+            env: w.env,
+            cwd: w.cwd.map(|c| base.join(c)),
+            processes: w.processes.0,
+            ready_timeout: w.ready_timeout.0,
+            drain_timeout: w.drain_timeout.0,
+            drain_signal: w.drain_signal.0,
+            restart_backoff: w.restart_backoff.0,
+            restart_backoff_max: w.restart_backoff_max.0.max(w.restart_backoff.0),
+            protocol,
+            ready,
+            notify_access: w.notify_access,
+            listeners,
+        };
+        if let Some(cwd) = &worker.cwd {
+            if !cwd.is_dir() {
+                return Err(ConfigError::at(
+                    path,
+                    line_of("cwd:"),
+                    format!("{key}.cwd: {} is not a directory", cwd.display()),
+                ));
+            }
+        }
+        programs.push(worker);
     }
     let s = raw.supervisor;
     Ok(Config {
         source: path.to_owned(),
         listeners,
-        worker,
+        programs,
         supervisor: SupervisorConfig {
             max_draining: s.max_draining.0,
             forward_usr1: s.forward_usr1,
@@ -287,7 +457,10 @@ fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listeners: Vec<RawListener>,
-    worker: RawWorker,
+    #[serde(default)]
+    worker: Option<RawWorker>,
+    #[serde(default)]
+    workers: Option<Vec<RawWorker>>,
     #[serde(default)]
     supervisor: RawSupervisor,
 }
@@ -350,6 +523,8 @@ impl TryFrom<ListenerFields> for RawListener {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWorker {
+    #[serde(default)]
+    name: Option<ListenerName>,
     command: String,
     #[serde(default)]
     args: Vec<String>,
@@ -369,6 +544,99 @@ struct RawWorker {
     restart_backoff: Timeout,
     #[serde(default = "default_backoff_max")]
     restart_backoff_max: Timeout,
+    #[serde(default)]
+    protocol: Option<Protocol>,
+    #[serde(default)]
+    ready: Option<ReadySpec>,
+    #[serde(default)]
+    notify_access: NotifyAccess,
+    /// Names of the listeners this program gets; default: all.
+    #[serde(default)]
+    listeners: Option<Vec<String>>,
+}
+
+/// `ready:` is a word (`channel`, `notify`) or a map (`{delay: 2s}`, `{tcp: ADDRESS}`,
+/// `{http: ADDRESS, path: /healthz}`, with optional `timeout` and `interval`).
+struct ReadySpec(Readiness);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadyFields {
+    #[serde(default)]
+    delay: Option<Timeout>,
+    #[serde(default)]
+    tcp: Option<String>,
+    #[serde(default)]
+    http: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    timeout: Option<Timeout>,
+    #[serde(default)]
+    interval: Option<Timeout>,
+}
+
+impl<'de> Deserialize<'de> for ReadySpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ReadySpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`channel`, `notify`, or a map with one of `delay`, `tcp`, `http`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ReadySpec, E> {
+                match v {
+                    "channel" => Ok(ReadySpec(Readiness::Channel)),
+                    "notify" => Ok(ReadySpec(Readiness::Notify)),
+                    other => Err(E::custom(format!(
+                        "invalid readiness \"{other}\": use channel, notify, {{delay: 2s}}, {{tcp: ADDRESS}} or {{http: ADDRESS, path: /healthz}}"
+                    ))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ReadySpec, A::Error> {
+                use serde::de::Error;
+                let f =
+                    ReadyFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                let timeout = f.timeout.map_or(Duration::from_secs(1), |t| t.0);
+                let interval = f.interval.map_or(Duration::from_millis(250), |t| t.0);
+                let probe = |address: String, http_path| {
+                    if address.is_empty() {
+                        return Err(A::Error::custom(
+                            "invalid probe address \"\": give host:port or a Unix socket path",
+                        ));
+                    }
+                    Ok(ReadySpec(Readiness::Probe(Probe {
+                        address,
+                        http_path,
+                        timeout,
+                        interval,
+                    })))
+                };
+                match (f.delay, f.tcp, f.http) {
+                    (Some(d), None, None) if f.path.is_none() => {
+                        Ok(ReadySpec(Readiness::Delay(d.0)))
+                    }
+                    (None, Some(a), None) if f.path.is_none() => probe(a, None),
+                    (None, None, Some(a)) => {
+                        let path = f.path.unwrap_or_else(|| "/".into());
+                        if !path.starts_with('/') {
+                            return Err(A::Error::custom(format!(
+                                "invalid probe path \"{path}\": it must start with /"
+                            )));
+                        }
+                        probe(a, Some(path))
+                    }
+                    _ => Err(A::Error::custom(
+                        "invalid readiness: give exactly one of `delay`, `tcp`, `http` (`path` goes with `http`)",
+                    )),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 fn default_ready_timeout() -> Timeout {
@@ -582,21 +850,21 @@ supervisor:
         // Unquoted, YAML would read 0660 as a number; the file's digits are what is meant.
         let unquoted = GOOD.replace("mode: \"0660\"", "mode: 0640");
         assert_eq!(parse_str(&unquoted).unwrap().listeners[2].mode, Some(0o640));
-        assert_eq!(c.worker.command, PathBuf::from("/bin/sh"));
-        assert_eq!(c.worker.processes, 3);
-        assert_eq!(c.worker.drain_timeout, Duration::from_secs(90));
-        assert_eq!(c.worker.drain_signal, Some(SignalNumber::SIGQUIT));
-        assert_eq!(c.worker.env["GREETING"], "hi");
+        assert_eq!(c.programs[0].command, PathBuf::from("/bin/sh"));
+        assert_eq!(c.programs[0].processes, 3);
+        assert_eq!(c.programs[0].drain_timeout, Duration::from_secs(90));
+        assert_eq!(c.programs[0].drain_signal, Some(SignalNumber::SIGQUIT));
+        assert_eq!(c.programs[0].env["GREETING"], "hi");
         assert_eq!(c.supervisor.max_draining, 2);
     }
 
     #[test]
     fn defaults_apply() {
         let c = parse_str("listeners: []\nworker: {command: sh}\n").unwrap();
-        assert_eq!(c.worker.processes, 1);
-        assert_eq!(c.worker.ready_timeout, Duration::from_secs(10));
-        assert_eq!(c.worker.drain_signal, Some(SignalNumber::SIGTERM));
-        assert!(c.worker.command.is_absolute(), "resolved from PATH");
+        assert_eq!(c.programs[0].processes, 1);
+        assert_eq!(c.programs[0].ready_timeout, Duration::from_secs(10));
+        assert_eq!(c.programs[0].drain_signal, Some(SignalNumber::SIGTERM));
+        assert!(c.programs[0].command.is_absolute(), "resolved from PATH");
         assert_eq!(c.supervisor.max_draining, 8);
     }
 
@@ -671,6 +939,104 @@ supervisor:
             );
             assert_eq!(err.line, *line, "line of {shown:?}");
             assert!(!shown.contains('\n'), "one line: {shown:?}");
+        }
+    }
+
+    #[test]
+    fn several_programs_each_with_its_protocol_readiness_and_listeners() {
+        let c = parse_str(
+            "listeners:
+  - {name: web, address: 127.0.0.1:8080}
+  - {name: api, address: 127.0.0.1:8081}
+workers:
+  - name: rust
+    command: sh
+  - name: python
+    command: sh
+    protocol: systemd
+    listeners: [api]
+    notify_access: all
+  - name: node
+    command: sh
+    protocol: systemd
+    ready: {http: \"/tmp/health-{worker}.sock\", path: /healthz, timeout: 2s}
+  - name: slow
+    command: sh
+    ready: {delay: 1500ms}
+",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.programs.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["rust", "python", "node", "slow"]);
+        assert_eq!(c.programs[0].protocol, Protocol::Baton);
+        assert_eq!(c.programs[0].ready, Readiness::Channel);
+        assert_eq!(c.programs[0].listeners, [0, 1]);
+        assert_eq!(c.programs[1].ready, Readiness::Notify);
+        assert_eq!(c.programs[1].listeners, [1]);
+        assert_eq!(c.programs[1].notify_access, NotifyAccess::All);
+        let Readiness::Probe(probe) = &c.programs[2].ready else {
+            panic!("{:?}", c.programs[2].ready)
+        };
+        assert_eq!(probe.http_path.as_deref(), Some("/healthz"));
+        assert_eq!(probe.timeout, Duration::from_secs(2));
+        assert_eq!(probe.address_for(7, 1, 3), "/tmp/health-7.sock");
+        assert_eq!(
+            c.programs[3].ready,
+            Readiness::Delay(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn program_errors_are_named() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "listeners: []\nworker: {command: sh, protocol: systemd, ready: channel}\n",
+                "`channel` needs `protocol: baton`",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, ready: notify}\n",
+                "`notify` needs `protocol: systemd`",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, ready: sometimes}\n",
+                "invalid readiness \"sometimes\"",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, ready: {tcp: a, delay: 1s}}\n",
+                "exactly one of",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, ready: {http: /x, path: health}}\n",
+                "must start with /",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, protocol: inetd}\n",
+                "unknown variant `inetd`",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, listeners: [nope]}\n",
+                "no listener is named `nope`",
+            ),
+            (
+                "listeners: []\nworkers:\n  - {command: sh}\n",
+                "workers[0]: needs a `name`",
+            ),
+            (
+                "listeners: []\nworkers:\n  - {name: a, command: sh}\n  - {name: a, command: sh}\n",
+                "`a` is used twice",
+            ),
+            ("listeners: []\n", "missing `worker`"),
+            (
+                "listeners: []\nworker: {command: sh}\nworkers: []\n",
+                "either `worker` or `workers`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let shown = parse_str(text).expect_err(text).to_string();
+            assert!(
+                shown.contains(expected),
+                "{shown:?} should contain {expected:?}"
+            );
         }
     }
 

@@ -13,3 +13,9 @@ pub mod config;
 pub mod listeners;
 pub mod master;
 pub mod supervisor;
+
+/// Makes this process the reaper of its workers' orphans (`PR_SET_CHILD_SUBREAPER`). A
+/// process-wide setting, so the binary calls it, not [`master::run`].
+pub fn become_subreaper() -> std::io::Result<()> {
+    baton_sys::process::become_subreaper()
+}

@@ -1,33 +1,35 @@
 //! The master's event loop: gathers events, feeds the [`Supervisor`], carries out its actions.
 //!
 //! One task on a single-threaded runtime selects over three sources: operator input (intents and
-//! "a child exited" from the binary's signal adapter), packets from worker channels (one small
-//! task per worker reads its channel), and the state machine's next deadline. Nothing polls: with
-//! no event and no deadline the loop sleeps in `epoll_wait`.
+//! "a child exited" from the binary's signal adapter), news from workers (one small task per
+//! worker reads its channel or notify socket, or runs its readiness probe), and the state
+//! machine's next deadline. Nothing polls: with no event and no deadline the loop sleeps in
+//! `epoll_wait`.
 //!
 //! Architecture invariant: the master never accepts on a listener and never reads or writes
-//! client data. It hands listeners over and then only exchanges small control packets.
+//! client data. It hands listeners over and then only exchanges small control messages.
 
 use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use baton_proto::{
     CHANNEL_FD_ENV, GENERATION_ENV, Hello, ListenerInfo, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE,
     MasterMessage, PROTOCOL_VERSION, WORKER_ID_ENV, WorkerMessage,
 };
-use baton_sys::channel;
 use baton_sys::process::{self, SignalNumber};
+use baton_sys::{channel, notify};
 use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::config::{self, Config, WorkerConfig};
+use crate::config::{self, Config, NotifyAccess, Probe, Protocol, Readiness, WorkerConfig};
 use crate::listeners::{BindError, GenerationListener, ListenerTable, Prepared};
 use crate::supervisor::{Action, Event, Generation, GenerationSpec, Intent, Supervisor, WorkerId};
 
@@ -39,14 +41,22 @@ pub enum Input {
     ChildExited,
 }
 
-/// The number at which every worker finds its end of the channel.
-const CHANNEL_FD: i32 = 3;
+/// The number at which a baton-protocol worker finds its channel, and a systemd-style worker its
+/// first listener (`SD_LISTEN_FDS_START`).
+const FIRST_FD: i32 = 3;
 
 /// Invalid packets a worker may send before the master stops listening to it.
 const MAX_INVALID_PACKETS: u32 = 100;
 
-/// Environment variables of the master that describe *its* environment under systemd and must
-/// not leak into a worker, where they would be wrong.
+/// Notifications read per worker per second at most; a flood waits in the socket (and then
+/// blocks its sender) instead of costing the master CPU.
+const NOTIFY_BUDGET: u32 = 64;
+
+/// Largest notification read; longer ones are discarded (systemd's own limit is similar).
+const NOTIFY_MAX: usize = 4096;
+
+/// Environment variables of the master that describe *its* relation to systemd and must not
+/// leak into a worker, where they would be wrong.
 const MASTER_ONLY_ENV: [&str; 5] = [
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
@@ -59,13 +69,14 @@ const MASTER_ONLY_ENV: [&str; 5] = [
 #[derive(Debug)]
 struct Resources {
     listeners: Vec<GenerationListener>,
-    worker: Arc<WorkerConfig>,
+    programs: Vec<Arc<WorkerConfig>>,
 }
 
-#[derive(Debug)]
+/// The master's side of one worker: its channel's command queue and the tasks serving it.
+#[derive(Debug, Default)]
 struct Link {
-    commands: mpsc::UnboundedSender<MasterMessage>,
-    task: tokio::task::AbortHandle,
+    commands: Option<mpsc::UnboundedSender<MasterMessage>>,
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 /// The master: listeners, workers and the state machine.
@@ -160,13 +171,20 @@ impl Master {
                     let result = self.prepare(generation);
                     queue.push_back(Event::Prepared { generation, result });
                 }
-                Action::Spawn { worker, generation } => {
-                    let result = self.spawn(worker, generation);
+                Action::Spawn {
+                    worker,
+                    generation,
+                    program,
+                    slot,
+                } => {
+                    let result = self.spawn(worker, generation, program, slot);
                     queue.push_back(Event::Spawned { worker, result });
                 }
                 Action::Send { worker, message } => {
-                    if let Some(link) = self.links.get(&worker) {
-                        let _ = link.commands.send(message);
+                    if let Some(commands) =
+                        self.links.get(&worker).and_then(|l| l.commands.as_ref())
+                    {
+                        let _ = commands.send(message);
                     }
                 }
                 Action::Signal { pid, signal } => {
@@ -174,15 +192,17 @@ impl Master {
                         debug!(pid, "cannot send {} to pid {pid}: {err}", signal.as_str());
                     }
                 }
-                Action::Kill { pid } => {
+                Action::Kill { pid, pgid } => {
                     // The worker leads its own process group: take its children with it. Signal
-                    // the pid too, in case the worker moved itself to another group.
-                    let _ = process::signal_group(pid, SignalNumber::SIGKILL);
+                    // the main pid too, in case it left the group.
+                    let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
                     let _ = process::signal_process(pid, SignalNumber::SIGKILL);
                 }
                 Action::Forget { worker } => {
                     if let Some(link) = self.links.remove(&worker) {
-                        link.task.abort();
+                        for task in link.tasks {
+                            task.abort();
+                        }
                     }
                 }
                 Action::Release { generation } => self.release(generation),
@@ -217,86 +237,146 @@ impl Master {
             generation,
             Resources {
                 listeners: prepared.listeners,
-                worker: Arc::new(config.worker),
+                programs: config.programs.into_iter().map(Arc::new).collect(),
             },
         );
         Ok(spec)
     }
 
-    fn spawn(&mut self, worker: WorkerId, generation: Generation) -> Result<u32, String> {
+    fn spawn(
+        &mut self,
+        worker: WorkerId,
+        generation: Generation,
+        program: usize,
+        slot: usize,
+    ) -> Result<u32, String> {
         let resources = self
             .resources
             .get(&generation)
             .ok_or_else(|| format!("generation {generation} has no resources"))?;
-        let config = &resources.worker;
-        let (ours, theirs) = channel::pair().map_err(|e| format!("socketpair: {e}"))?;
+        let config = resources
+            .programs
+            .get(program)
+            .ok_or_else(|| format!("generation {generation} has no program {program}"))?
+            .clone();
+        let listeners: Vec<GenerationListener> = config
+            .listeners
+            .iter()
+            .filter_map(|&i| resources.listeners.get(i).cloned())
+            .collect();
+        let probe_address = match &config.ready {
+            Readiness::Probe(probe) => Some(probe.address_for(worker.0, slot, generation.0)),
+            _ => None,
+        };
+
+        // The worker's environment: the master's, minus what describes the master's relation to
+        // systemd, plus the configured variables, plus baton's.
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| !MASTER_ONLY_ENV.iter().any(|m| k == m))
+            .filter(|(k, _)| !config.env.contains_key(&k.to_string_lossy().into_owned()))
+            .collect();
+        env.extend(config.env.iter().map(|(k, v)| (k.into(), v.into())));
+        env.push((GENERATION_ENV.into(), generation.to_string().into()));
+        env.push((WORKER_ID_ENV.into(), worker.to_string().into()));
+        env.push(("BATON_SLOT".into(), slot.to_string().into()));
+        env.push(("BATON_PROGRAM".into(), config.name.clone().into()));
+        if let Some(address) = &probe_address {
+            env.push(("BATON_PROBE_ADDRESS".into(), address.into()));
+        }
+
         let mut cmd = Command::new(&config.command);
         cmd.args(&config.args).stdin(Stdio::null()).process_group(0);
-        for key in MASTER_ONLY_ENV {
-            cmd.env_remove(key);
-        }
-        cmd.envs(&config.env)
-            .env(CHANNEL_FD_ENV, CHANNEL_FD.to_string())
-            .env(GENERATION_ENV, generation.to_string())
-            .env(WORKER_ID_ENV, worker.to_string());
         if let Some(cwd) = &config.cwd {
             cmd.current_dir(cwd);
         }
-        process::place_fds(&mut cmd, vec![(theirs, CHANNEL_FD)])
-            .map_err(|e| format!("placing the channel: {e}"))?;
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot execute {}: {e}", config.command.display()))?;
-        // Dropping a std Child neither waits nor kills: the master reaps by pid on SIGCHLD.
-        let pid = child.id();
-        drop(cmd);
-
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            generation: generation.0,
-            worker_id: worker.0,
-            listeners: resources
-                .listeners
-                .iter()
-                .map(|l| ListenerInfo {
-                    name: l.config.name.clone(),
-                    address: l.config.address.clone(),
-                })
-                .collect(),
-        };
-        let fds = resources
-            .listeners
-            .iter()
-            .map(|l| l.socket.duplicate())
-            .collect::<Result<Vec<OwnedFd>, _>>();
-        let channel = channel::into_async(ours);
-        let (fds, channel) = match (fds, channel) {
-            (Ok(fds), Ok(channel)) => (fds, channel),
-            (Err(e), _) | (_, Err(e)) => {
-                // The process runs but cannot get its listeners: it will fail its ready timeout.
-                warn!(
-                    worker = worker.0,
-                    pid, "cannot hand over listeners to worker {worker}: {e}"
-                );
-                return Ok(pid);
+        let mut link = Link::default();
+        let pid = match config.protocol {
+            Protocol::Baton => {
+                let (ours, theirs) = channel::pair().map_err(|e| format!("socketpair: {e}"))?;
+                env.push((CHANNEL_FD_ENV.into(), FIRST_FD.to_string().into()));
+                cmd.env_clear().envs(env);
+                process::place_fds(&mut cmd, vec![(theirs, FIRST_FD)])
+                    .map_err(|e| format!("placing the channel: {e}"))?;
+                let pid = spawn_child(&mut cmd, &config)?;
+                let (commands, commands_rx) = mpsc::unbounded_channel();
+                match handoff_parts(worker, generation, &listeners).and_then(|(hello, fds)| {
+                    let channel = channel::into_async(ours)?;
+                    Ok((hello, fds, channel))
+                }) {
+                    Ok((hello, fds, channel)) => {
+                        let events = self.events_tx.clone();
+                        let task = tokio::spawn(link_task(
+                            worker,
+                            channel,
+                            hello,
+                            fds,
+                            commands_rx,
+                            events,
+                        ));
+                        link.tasks.push(task.abort_handle());
+                        link.commands = Some(commands);
+                    }
+                    // The process runs but cannot get its listeners: it fails its ready timeout.
+                    Err(e) => warn!(
+                        worker = worker.0,
+                        pid, "cannot hand listeners to worker {worker}: {e}"
+                    ),
+                }
+                pid
+            }
+            Protocol::Systemd => {
+                let name = format!("baton-notify/{}/{}", std::process::id(), worker);
+                let socket = notify::bind_abstract(&name)
+                    .map_err(|e| format!("notify socket @{name}: {e}"))?;
+                let names: Vec<&str> = listeners.iter().map(|l| l.config.name.as_str()).collect();
+                env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
+                env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
+                env.push(("NOTIFY_SOCKET".into(), format!("@{name}").into()));
+                let placements = listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| Ok((l.socket.duplicate()?, FIRST_FD + i as i32)))
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .map_err(|e| format!("duplicating listeners: {e}"))?;
+                process::place_fds(&mut cmd, placements)
+                    .map_err(|e| format!("placing listeners: {e}"))?;
+                let args: Vec<OsString> = config.args.iter().map(OsString::from).collect();
+                process::exec_with_own_pid(&mut cmd, &config.command, &args, &env, "LISTEN_PID")
+                    .map_err(|e| format!("preparing the exec: {e}"))?;
+                let pid = spawn_child(&mut cmd, &config)?;
+                let events = self.events_tx.clone();
+                let task = tokio::spawn(notify_task(
+                    worker,
+                    socket,
+                    pid,
+                    config.notify_access,
+                    events,
+                ));
+                link.tasks.push(task.abort_handle());
+                pid
             }
         };
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(link(
-            worker,
-            channel,
-            hello,
-            fds,
-            commands_rx,
-            self.events_tx.clone(),
-        ));
-        self.links.insert(
-            worker,
-            Link {
-                commands,
-                task: task.abort_handle(),
-            },
-        );
+        drop(cmd);
+        let events = self.events_tx.clone();
+        match (&config.ready, probe_address) {
+            (Readiness::Delay(delay), _) => {
+                let delay = *delay;
+                let task = tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = events.send(Event::Message {
+                        worker,
+                        message: WorkerMessage::Ready,
+                    });
+                });
+                link.tasks.push(task.abort_handle());
+            }
+            (Readiness::Probe(probe), Some(address)) => {
+                let task = tokio::spawn(probe_task(worker, probe.clone(), address, events));
+                link.tasks.push(task.abort_handle());
+            }
+            _ => {}
+        }
+        self.links.insert(worker, link);
         Ok(pid)
     }
 
@@ -314,6 +394,39 @@ impl Master {
             }
         }
     }
+}
+
+fn spawn_child(cmd: &mut Command, config: &WorkerConfig) -> Result<u32, String> {
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot execute {}: {e}", config.command.display()))?;
+    // Dropping a std Child neither waits nor kills: the master reaps by pid on SIGCHLD.
+    Ok(child.id())
+}
+
+/// The manifest and duplicated descriptors of a baton-protocol handoff.
+fn handoff_parts(
+    worker: WorkerId,
+    generation: Generation,
+    listeners: &[GenerationListener],
+) -> std::io::Result<(Hello, Vec<OwnedFd>)> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        generation: generation.0,
+        worker_id: worker.0,
+        listeners: listeners
+            .iter()
+            .map(|l| ListenerInfo {
+                name: l.config.name.clone(),
+                address: l.config.address.clone(),
+            })
+            .collect(),
+    };
+    let fds = listeners
+        .iter()
+        .map(|l| l.socket.duplicate())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok((hello, fds))
 }
 
 fn reap(queue: &mut VecDeque<Event>) {
@@ -336,9 +449,211 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// A systemd-style worker's `NOTIFY_SOCKET`: turns `READY=1`, `STATUS=`, `STOPPING=1` and
+/// `MAINPID=` into events. Only the worker may notify: its pid or announced main pid, or with
+/// `notify_access: all` any process of its process group. At most [`NOTIFY_BUDGET`] datagrams a
+/// second are read.
+async fn notify_task(
+    worker: WorkerId,
+    socket: UnixDatagram,
+    spawned: u32,
+    access: NotifyAccess,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut buf = vec![0u8; NOTIFY_MAX];
+    let mut main = spawned;
+    let mut window = tokio::time::Instant::now();
+    let mut read = 0u32;
+    let (mut warned_flood, mut warned_sender, mut warned_size) = (false, false, false);
+    loop {
+        if read >= NOTIFY_BUDGET {
+            if !warned_flood {
+                warn!(
+                    event = "worker_protocol_error",
+                    worker = worker.0,
+                    "worker {worker} floods its notify socket: reading at most {NOTIFY_BUDGET} notifications a second"
+                );
+                warned_flood = true;
+            }
+            tokio::time::sleep_until(window + Duration::from_secs(1)).await;
+        }
+        if window.elapsed() >= Duration::from_secs(1) {
+            (window, read) = (tokio::time::Instant::now(), 0);
+        }
+        let datagram = match notify::recv(&socket, &mut buf).await {
+            Ok(d) => d,
+            Err(err) => {
+                warn!(worker = worker.0, "notify socket of worker {worker}: {err}");
+                return;
+            }
+        };
+        read += 1;
+        let allowed = datagram.pid.is_some_and(|pid| {
+            pid == main
+                || pid == spawned
+                || (access == NotifyAccess::All
+                    && process::process_group(pid).is_ok_and(|g| g == spawned))
+        });
+        if !allowed {
+            if !warned_sender {
+                warn!(
+                    event = "worker_protocol_error",
+                    worker = worker.0,
+                    "notification for worker {worker} from pid {:?} refused (not the worker; see notify_access)",
+                    datagram.pid
+                );
+                warned_sender = true;
+            }
+            continue;
+        }
+        if datagram.truncated {
+            if !warned_size {
+                warn!(
+                    event = "worker_protocol_error",
+                    worker = worker.0,
+                    "worker {worker} sent a notification over {NOTIFY_MAX} bytes: ignored"
+                );
+                warned_size = true;
+            }
+            continue;
+        }
+        let text = String::from_utf8_lossy(&buf[..datagram.len]);
+        for line in text.lines() {
+            let event = match line.split_once('=') {
+                Some(("READY", "1")) => Event::Message {
+                    worker,
+                    message: WorkerMessage::Ready,
+                },
+                Some(("STOPPING", "1")) => Event::Message {
+                    worker,
+                    message: WorkerMessage::Draining,
+                },
+                Some(("STATUS", status)) => Event::Message {
+                    worker,
+                    message: WorkerMessage::Status {
+                        connections: None,
+                        text: Some(status.to_string()),
+                    },
+                },
+                Some(("MAINPID", pid)) => match pid.parse::<u32>() {
+                    Ok(pid) if pid > 1 => {
+                        main = pid;
+                        Event::MainPid { worker, pid }
+                    }
+                    _ => continue,
+                },
+                _ => continue,
+            };
+            if events.send(event).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Probes a starting worker until the probe succeeds (then reports it ready) or the task is
+/// dropped (the worker left `Starting`). Each attempt is bounded by the probe's timeout, and
+/// attempts are `interval` apart: a backend that answers garbage or half-closes costs one short
+/// attempt per interval, never a spin.
+async fn probe_task(
+    worker: WorkerId,
+    probe: Probe,
+    address: String,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut last_error = String::new();
+    loop {
+        let result = tokio::time::timeout(
+            probe.timeout,
+            probe_once(&address, probe.http_path.as_deref()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} ms", probe.timeout.as_millis())));
+        match result {
+            Ok(()) => {
+                debug!(
+                    worker = worker.0,
+                    "readiness probe of worker {worker} at {address} succeeded"
+                );
+                let _ = events.send(Event::Message {
+                    worker,
+                    message: WorkerMessage::Ready,
+                });
+                return;
+            }
+            Err(err) => {
+                if err != last_error {
+                    debug!(
+                        worker = worker.0,
+                        "readiness probe of worker {worker} at {address}: {err}"
+                    );
+                    last_error = err;
+                }
+            }
+        }
+        tokio::time::sleep(probe.interval).await;
+    }
+}
+
+/// One probe attempt: connect (TCP `host:port`, or a Unix socket path), and for HTTP send a GET
+/// and require a `2xx` status line.
+async fn probe_once(address: &str, http_path: Option<&str>) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut stream: S,
+        path: Option<&str>,
+    ) -> Result<(), String> {
+        let Some(path) = path else { return Ok(()) };
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: baton-probe\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        // Read until the status line is complete, at most 1 KiB: enough to judge.
+        let mut head = Vec::with_capacity(128);
+        let mut chunk = [0u8; 256];
+        while !head.contains(&b'\n') && head.len() < 1024 {
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                break; // closed (or half-closed): judge what arrived
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let line = String::from_utf8_lossy(&head);
+        let line = line.lines().next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        match (
+            words.next(),
+            words.next().and_then(|c| c.parse::<u16>().ok()),
+        ) {
+            (Some(v), Some(code)) if v.starts_with("HTTP/") && (200..300).contains(&code) => Ok(()),
+            (Some(v), Some(code)) if v.starts_with("HTTP/") => Err(format!("HTTP status {code}")),
+            _ => Err(format!(
+                "not an HTTP response: {:?}",
+                line.chars().take(40).collect::<String>()
+            )),
+        }
+    }
+    if address.contains('/') {
+        let stream = tokio::net::UnixStream::connect(address)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        exchange(stream, http_path).await
+    } else {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        exchange(stream, http_path).await
+    }
+}
+
 /// One worker's channel: hands over the listeners, then forwards the worker's packets as events
 /// and the master's commands as packets, until either side closes.
-async fn link(
+async fn link_task(
     worker: WorkerId,
     channel: UnixDatagram,
     hello: Hello,

@@ -83,31 +83,44 @@ pub enum Intent {
     ReopenLogs(Trigger),
 }
 
-/// The parts of the configuration the state machine decides with: timings and counts, never the
-/// command or environment (those stay with the event loop, which spawns). Deliberately a copy of
-/// those fields of [`crate::config::WorkerConfig`], so the state machine's tests build it directly.
+/// The parts of one worker program's configuration the state machine decides with: timings and
+/// counts, never the command or environment (those stay with the event loop, which spawns).
+/// Deliberately a copy of those fields of [`crate::config::WorkerConfig`], so the state
+/// machine's tests build it directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GenerationSpec {
+pub struct ProgramSpec {
     pub processes: usize,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
     pub drain_signal: Option<SignalNumber>,
     pub restart_backoff: Duration,
     pub restart_backoff_max: Duration,
+}
+
+/// What a generation runs: every program of the configuration, and the master-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationSpec {
+    pub programs: Vec<ProgramSpec>,
     pub max_draining: usize,
     pub forward_usr1: bool,
 }
 
 impl GenerationSpec {
     pub fn from_config(config: &Config) -> Self {
-        let w = &config.worker;
+        let programs = config
+            .programs
+            .iter()
+            .map(|w| ProgramSpec {
+                processes: w.processes,
+                ready_timeout: w.ready_timeout,
+                drain_timeout: w.drain_timeout,
+                drain_signal: w.drain_signal,
+                restart_backoff: w.restart_backoff,
+                restart_backoff_max: w.restart_backoff_max,
+            })
+            .collect();
         GenerationSpec {
-            processes: w.processes,
-            ready_timeout: w.ready_timeout,
-            drain_timeout: w.drain_timeout,
-            drain_signal: w.drain_signal,
-            restart_backoff: w.restart_backoff,
-            restart_backoff_max: w.restart_backoff_max,
+            programs,
             max_draining: config.supervisor.max_draining,
             forward_usr1: config.supervisor.forward_usr1,
         }
@@ -128,10 +141,15 @@ pub enum Event {
         worker: WorkerId,
         result: Result<u32, String>,
     },
-    /// A packet from a worker's channel.
+    /// News from a worker: a packet of its channel, or the same from its notify socket or probe.
     Message {
         worker: WorkerId,
         message: WorkerMessage,
+    },
+    /// The worker's main process is now `pid` (`MAINPID=`: a server that forks).
+    MainPid {
+        worker: WorkerId,
+        pid: u32,
     },
     /// A child was reaped.
     Exited {
@@ -148,21 +166,25 @@ pub enum Action {
     /// Read the configuration, bind new listeners, keep the resources for `generation`, and
     /// answer with [`Event::Prepared`].
     Prepare { generation: Generation },
-    /// Start a worker of `generation` and answer with [`Event::Spawned`].
+    /// Start process `slot` (0-based within its program) of program `program` (an index into
+    /// the configuration's programs) of `generation`; answer with [`Event::Spawned`].
     Spawn {
         worker: WorkerId,
         generation: Generation,
+        program: usize,
+        slot: usize,
     },
-    /// Send a packet over the worker's channel.
+    /// Send a packet over the worker's channel (ignored for workers without one).
     Send {
         worker: WorkerId,
         message: MasterMessage,
     },
     /// Send a signal to one worker process.
     Signal { pid: u32, signal: SignalNumber },
-    /// SIGKILL a worker's whole process group.
-    Kill { pid: u32 },
-    /// The worker is gone: drop its channel.
+    /// SIGKILL the worker's process group (`pgid`, the pid it was started as) and its main
+    /// process `pid`.
+    Kill { pid: u32, pgid: u32 },
+    /// The worker is gone: drop its channel, notify socket and probe.
     Forget { worker: WorkerId },
     /// No worker of `generation` is left: drop its resources (listeners it alone used close).
     Release { generation: Generation },
@@ -195,9 +217,9 @@ enum GenState {
     Preparing,
     Starting,
     Serving,
+    /// Each worker is killed at `since` + its program's drain timeout; `killed`: some were.
     Draining {
         since: Instant,
-        deadline: Instant,
         killed: bool,
     },
     Failed,
@@ -207,11 +229,15 @@ enum GenState {
 struct Gen {
     spec: Option<GenerationSpec>,
     state: GenState,
+    /// The processes of every program, in order.
     slots: Vec<Slot>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slot {
+    program: usize,
+    /// Index within its program (what `BATON_SLOT` tells the worker).
+    index: usize,
     worker: Option<WorkerId>,
     crashes: u32,
     restart_at: Option<Instant>,
@@ -226,15 +252,20 @@ enum WorkerState {
     },
     Ready,
     Draining,
-    /// SIGKILL sent; waiting to reap it.
+    /// SIGKILL sent; waiting to be reaped.
     Killed,
 }
 
 #[derive(Debug)]
 struct Worker {
     generation: Generation,
+    /// Its slot in the generation (slots of all programs, in order).
     slot: usize,
+    program: usize,
+    /// The main process: the one spawned, or the one announced with `MAINPID=`.
     pid: Option<u32>,
+    /// The pid it was spawned as, which leads its process group.
+    pgid: Option<u32>,
     state: WorkerState,
     spawned: Instant,
     connections: Option<u64>,
@@ -264,6 +295,7 @@ const HISTORY: usize = 100;
 pub struct Supervisor {
     generations: BTreeMap<Generation, Gen>,
     workers: BTreeMap<WorkerId, Worker>,
+    /// Every pid that belongs to a worker: its spawned pid and its announced main pid.
     pids: BTreeMap<u32, WorkerId>,
     reload: Option<Reload>,
     pending: Vec<RequestId>,
@@ -300,6 +332,7 @@ impl Supervisor {
             Event::Prepared { generation, result } => self.on_prepared(now, generation, result),
             Event::Spawned { worker, result } => self.on_spawned(now, worker, result),
             Event::Message { worker, message } => self.on_message(now, worker, message),
+            Event::MainPid { worker, pid } => self.on_main_pid(worker, pid),
             Event::Exited { pid, status } => self.on_exited(now, pid, status),
             Event::Tick => self.on_tick(now),
         }
@@ -310,21 +343,14 @@ impl Supervisor {
     pub fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.values().filter_map(|w| match w.state {
             WorkerState::Starting { deadline } => Some(deadline),
-            _ => None,
+            WorkerState::Killed => None,
+            _ => self.drain_deadline(w),
         });
-        let gens = self.generations.values().flat_map(|g| {
-            let drain = match g.state {
-                GenState::Draining {
-                    deadline,
-                    killed: false,
-                    ..
-                } => Some(deadline),
-                _ => None,
-            };
-            let restarts = g.slots.iter().filter_map(|s| s.restart_at);
-            drain.into_iter().chain(restarts)
-        });
-        workers.chain(gens).min()
+        let restarts = self
+            .generations
+            .values()
+            .flat_map(|g| g.slots.iter().filter_map(|s| s.restart_at));
+        workers.chain(restarts).min()
     }
 
     /// Generations with their phase and number of live workers, oldest first.
@@ -419,35 +445,63 @@ impl Supervisor {
         match result {
             Err(reason) => self.fail_reload(now, reason),
             Ok(spec) => {
-                entry.slots = (0..spec.processes).map(|_| Slot::default()).collect();
-                entry.spec = Some(spec.clone());
+                entry.slots = spec
+                    .programs
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(program, p)| {
+                        (0..p.processes).map(move |index| Slot {
+                            program,
+                            index,
+                            worker: None,
+                            crashes: 0,
+                            restart_at: None,
+                        })
+                    })
+                    .collect();
+                let slots = entry.slots.len();
+                entry.spec = Some(spec);
                 entry.state = GenState::Starting;
-                for slot in 0..spec.processes {
+                for slot in 0..slots {
                     self.spawn(now, g, slot);
+                }
+                if slots == 0 {
+                    self.promote(now, g);
                 }
             }
         }
     }
 
     fn spawn(&mut self, now: Instant, generation: Generation, slot: usize) {
+        let Some(s) = self.slot_mut(generation, slot) else {
+            return;
+        };
+        let (program, index) = (s.program, s.index);
         self.next_worker += 1;
         let worker = WorkerId(self.next_worker);
+        if let Some(s) = self.slot_mut(generation, slot) {
+            s.worker = Some(worker);
+            s.restart_at = None;
+        }
         self.workers.insert(
             worker,
             Worker {
                 generation,
                 slot,
+                program,
                 pid: None,
+                pgid: None,
                 state: WorkerState::Spawning,
                 spawned: now,
                 connections: None,
             },
         );
-        if let Some(s) = self.slot_mut(generation, slot) {
-            s.worker = Some(worker);
-            s.restart_at = None;
-        }
-        self.actions.push(Action::Spawn { worker, generation });
+        self.actions.push(Action::Spawn {
+            worker,
+            generation,
+            program,
+            slot: index,
+        });
     }
 
     /// All workers of the reload's generation are ready: it serves, the previous one drains.
@@ -555,13 +609,13 @@ impl Supervisor {
         match result {
             Ok(pid) => {
                 w.pid = Some(pid);
+                w.pgid = Some(pid);
                 self.pids.insert(pid, id);
-                let state = self.generations.get(&g).map(|entry| &entry.state);
-                match state {
+                match self.generations.get(&g).map(|entry| &entry.state) {
                     Some(GenState::Failed) | None => self.kill(id),
                     Some(GenState::Draining { .. }) => self.drain_worker(id),
                     _ => {
-                        let timeout = self.spec(g).map_or(Duration::ZERO, |s| s.ready_timeout);
+                        let timeout = self.program(id).map_or(Duration::ZERO, |p| p.ready_timeout);
                         if let Some(w) = self.workers.get_mut(&id) {
                             w.state = WorkerState::Starting {
                                 deadline: now + timeout,
@@ -601,14 +655,14 @@ impl Supervisor {
                 if let WorkerState::Starting { .. } = w.state {
                     w.state = WorkerState::Ready;
                     let after = now.saturating_duration_since(w.spawned).as_millis() as u64;
+                    let pid = w.pid.unwrap_or(0);
                     info!(
                         event = "worker_ready",
                         worker = id.0,
                         generation = g.0,
-                        pid = w.pid.unwrap_or(0),
+                        pid,
                         ready_ms = after,
-                        "worker {id} of generation {g} (pid {}) is ready after {after} ms",
-                        w.pid.unwrap_or(0)
+                        "worker {id} of generation {g} (pid {pid}) is ready after {after} ms"
                     );
                     let all_ready = self.generations.get(&g).is_some_and(|entry| {
                         matches!(entry.state, GenState::Starting)
@@ -628,14 +682,12 @@ impl Supervisor {
                     w.connections = connections;
                 }
                 if let Some(text) = text {
-                    debug!(worker = id.0, "worker {id} status: {text}");
+                    info!(event = "worker_status", worker = id.0, generation = g.0, status = %text,
+                        "worker {id} of generation {g}: {text}");
                 }
             }
             WorkerMessage::Draining => {
-                debug!(
-                    worker = id.0,
-                    "worker {id} of generation {g} acknowledged the drain"
-                );
+                debug!(worker = id.0, "worker {id} of generation {g} is draining");
             }
             WorkerMessage::Unknown => {
                 debug!(
@@ -646,14 +698,45 @@ impl Supervisor {
         }
     }
 
+    fn on_main_pid(&mut self, id: WorkerId, pid: u32) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.pid == Some(pid) || pid == 0 {
+            return;
+        }
+        info!(
+            event = "worker_main_pid",
+            worker = id.0,
+            pid,
+            "worker {id}'s main process is now pid {pid} (was {})",
+            w.pid.unwrap_or(0)
+        );
+        w.pid = Some(pid);
+        self.pids.insert(pid, id);
+    }
+
     fn on_exited(&mut self, now: Instant, pid: u32, status: ExitKind) {
         let Some(id) = self.pids.remove(&pid) else {
             debug!(pid, "reaped pid {pid} ({status}), not a worker");
             return;
         };
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        if w.pid != Some(pid) {
+            // The process it was started as exited after handing over to its announced main
+            // process (a server that forks): the worker lives on as that process.
+            debug!(
+                worker = id.0,
+                pid, "worker {id}'s launcher pid {pid} exited ({status})"
+            );
+            return;
+        }
         let Some(w) = self.workers.remove(&id) else {
             return;
         };
+        self.pids.retain(|_, owner| *owner != id);
         self.actions.push(Action::Forget { worker: id });
         let g = w.generation;
         if let Some(s) = self.slot_mut(g, w.slot) {
@@ -701,7 +784,7 @@ impl Supervisor {
         match self.generations.get(&g).map(|entry| &entry.state) {
             Some(GenState::Starting) | Some(GenState::Preparing) => self.fail_reload(now, reason),
             Some(GenState::Serving) if self.stop.is_none() => {
-                let Some(spec) = self.spec(g).cloned() else {
+                let Some(program) = self.slot_program(g, slot).cloned() else {
                     return;
                 };
                 let Some(s) = self.slot_mut(g, slot) else {
@@ -709,22 +792,22 @@ impl Supervisor {
                 };
                 // A worker that ran at least as long as the longest backoff was healthy: its
                 // crash starts a new sequence instead of continuing the old one.
-                s.crashes = if ran >= spec.restart_backoff_max {
+                s.crashes = if ran >= program.restart_backoff_max {
                     1
                 } else {
                     s.crashes + 1
                 };
-                let delay = backoff(&spec, s.crashes);
+                let delay = backoff(&program, s.crashes);
                 s.restart_at = Some(now + delay);
+                let crashes = s.crashes;
                 warn!(
                     event = "worker_crashed",
                     generation = g.0,
                     slot,
-                    crashes = s.crashes,
+                    crashes,
                     restart_in_ms = delay.as_millis() as u64,
-                    "{reason}; restarting it in {} ms (crash {} in a row)",
-                    delay.as_millis(),
-                    s.crashes
+                    "{reason}; restarting it in {} ms (crash {crashes} in a row)",
+                    delay.as_millis()
                 );
             }
             Some(_) => self.finish_if_empty(now, g),
@@ -748,7 +831,7 @@ impl Supervisor {
             };
             let g = w.generation;
             let pid = w.pid.unwrap_or(0);
-            let timeout = self.spec(g).map_or(Duration::ZERO, |s| s.ready_timeout);
+            let timeout = self.program(id).map_or(Duration::ZERO, |p| p.ready_timeout);
             let reason = format!(
                 "worker {id} of generation {g} (pid {pid}) was not ready after {} ms",
                 timeout.as_millis()
@@ -767,17 +850,16 @@ impl Supervisor {
                 }
             }
         }
-        // Drain deadlines.
-        let expired: Vec<Generation> = self
-            .generations
+        // Drain deadlines, per worker (programs may have different drain timeouts).
+        let expired: Vec<WorkerId> = self
+            .workers
             .iter()
-            .filter(|(_, entry)| {
-                matches!(entry.state, GenState::Draining { deadline, killed: false, .. } if deadline <= now)
-            })
-            .map(|(g, _)| *g)
+            .filter(|(_, w)| w.state != WorkerState::Killed)
+            .filter(|(_, w)| self.drain_deadline(w).is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
             .collect();
-        for g in expired {
-            self.kill_generation(g, "its drain deadline passed");
+        for id in expired {
+            self.kill_draining(id, "its drain deadline passed");
         }
         // Restarts that are due.
         let due: Vec<(Generation, usize)> = self
@@ -802,26 +884,26 @@ impl Supervisor {
         let Some(entry) = self.generations.get_mut(&g) else {
             return;
         };
-        let timeout = entry
-            .spec
-            .as_ref()
-            .map_or(Duration::ZERO, |s| s.drain_timeout);
         entry.state = GenState::Draining {
             since: now,
-            deadline: now + timeout,
             killed: false,
         };
         for slot in &mut entry.slots {
             slot.restart_at = None;
         }
+        let longest = entry
+            .spec
+            .as_ref()
+            .and_then(|s| s.programs.iter().map(|p| p.drain_timeout).max())
+            .unwrap_or_default();
+        let workers = self.live_workers(g);
         info!(
             event = "generation_draining",
             generation = g.0,
-            workers = self.live_workers(g),
-            deadline_ms = timeout.as_millis() as u64,
-            "generation {g} is draining: {} workers, killed in {} ms if still running",
-            self.live_workers(g),
-            timeout.as_millis()
+            workers,
+            deadline_ms = longest.as_millis() as u64,
+            "generation {g} is draining: {workers} workers, killed in {} ms if still running",
+            longest.as_millis()
         );
         for id in self.worker_ids(g) {
             self.drain_worker(id);
@@ -830,6 +912,9 @@ impl Supervisor {
     }
 
     fn drain_worker(&mut self, id: WorkerId) {
+        let Some(program) = self.program(id).cloned() else {
+            return;
+        };
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
@@ -838,28 +923,24 @@ impl Supervisor {
             return;
         }
         w.state = WorkerState::Draining;
-        let g = w.generation;
-        let (deadline_ms, signal) = match self.generations.get(&g) {
-            Some(Gen {
-                state:
-                    GenState::Draining {
-                        deadline, since, ..
-                    },
-                spec,
-                ..
-            }) => (
-                deadline.saturating_duration_since(*since).as_millis() as u64,
-                spec.as_ref().and_then(|s| s.drain_signal),
-            ),
-            _ => (0, None),
-        };
+        let deadline_ms = program.drain_timeout.as_millis() as u64;
         self.actions.push(Action::Send {
             worker: id,
             message: MasterMessage::Drain { deadline_ms },
         });
-        if let Some(signal) = signal {
+        if let Some(signal) = program.drain_signal {
             self.actions.push(Action::Signal { pid, signal });
         }
+    }
+
+    /// When a draining worker is killed: its generation's drain start plus its program's timeout.
+    fn drain_deadline(&self, w: &Worker) -> Option<Instant> {
+        let entry = self.generations.get(&w.generation)?;
+        let GenState::Draining { since, .. } = entry.state else {
+            return None;
+        };
+        let program = entry.spec.as_ref()?.programs.get(w.program)?;
+        Some(since + program.drain_timeout)
     }
 
     /// More generations drain than allowed: the oldest go first.
@@ -868,16 +949,43 @@ impl Supervisor {
         let draining: Vec<Generation> = self
             .generations
             .iter()
-            .filter(|(_, entry)| matches!(entry.state, GenState::Draining { killed: false, .. }))
+            .filter(|(_, entry)| matches!(entry.state, GenState::Draining { .. }))
+            .filter(|(g, _)| {
+                self.workers
+                    .values()
+                    .any(|w| w.generation == **g && w.state != WorkerState::Killed)
+            })
             .map(|(g, _)| *g)
             .collect();
         let excess = draining.len().saturating_sub(max);
         for g in draining.into_iter().take(excess) {
-            self.kill_generation(g, &format!("more than {max} generations are draining"));
+            for id in self.worker_ids(g) {
+                self.kill_draining(id, &format!("more than {max} generations are draining"));
+            }
         }
     }
 
-    fn kill_generation(&mut self, g: Generation, why: &str) {
+    /// Kills a worker of a draining generation, saying why and with what it still had.
+    fn kill_draining(&mut self, id: WorkerId, why: &str) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        if w.state == WorkerState::Killed {
+            return;
+        }
+        let g = w.generation;
+        if let Some(pid) = w.pid {
+            let conns = w
+                .connections
+                .map_or("unknown".to_string(), |c| c.to_string());
+            warn!(
+                event = "worker_killed",
+                worker = id.0,
+                generation = g.0,
+                pid,
+                "killing worker {id} of generation {g} (pid {pid}, connections: {conns}): {why}"
+            );
+        }
         if let Some(Gen {
             state: GenState::Draining { killed, .. },
             ..
@@ -885,24 +993,7 @@ impl Supervisor {
         {
             *killed = true;
         }
-        for id in self.worker_ids(g) {
-            let Some(w) = self.workers.get(&id) else {
-                continue;
-            };
-            if let Some(pid) = w.pid {
-                let conns = w
-                    .connections
-                    .map_or("unknown".to_string(), |c| c.to_string());
-                warn!(
-                    event = "worker_killed",
-                    worker = id.0,
-                    generation = g.0,
-                    pid,
-                    "killing worker {id} of generation {g} (pid {pid}, connections: {conns}): {why}"
-                );
-            }
-            self.kill(id);
-        }
+        self.kill(id);
     }
 
     fn on_stop(&mut self, now: Instant, graceful: bool, trigger: Trigger) {
@@ -927,22 +1018,26 @@ impl Supervisor {
         self.fail_reload(now, format!("stop requested ({trigger})"));
         let gens: Vec<Generation> = self.generations.keys().copied().collect();
         for g in gens {
+            let serving = matches!(
+                self.generations.get(&g).map(|e| &e.state),
+                Some(GenState::Serving)
+            );
             if graceful {
-                if let Some(GenState::Serving) = self.generations.get(&g).map(|entry| &entry.state)
-                {
+                if serving {
                     self.begin_drain(now, g);
                 }
-            } else {
-                if let Some(entry) = self.generations.get_mut(&g) {
-                    if !matches!(entry.state, GenState::Failed) {
-                        entry.state = GenState::Draining {
-                            since: now,
-                            deadline: now,
-                            killed: true,
-                        };
-                    }
+                continue;
+            }
+            if let Some(entry) = self.generations.get_mut(&g) {
+                if !matches!(entry.state, GenState::Failed) {
+                    entry.state = GenState::Draining {
+                        since: now,
+                        killed: true,
+                    };
                 }
-                self.kill_generation(g, "fast stop");
+            }
+            for id in self.worker_ids(g) {
+                self.kill_draining(id, "fast stop");
             }
         }
         self.check_exit();
@@ -986,7 +1081,7 @@ impl Supervisor {
             return;
         };
         match entry.state {
-            GenState::Draining { since, killed, .. } => {
+            GenState::Draining { since, killed } => {
                 let took = now.saturating_duration_since(since).as_millis() as u64;
                 info!(
                     event = "generation_exited",
@@ -995,7 +1090,7 @@ impl Supervisor {
                     killed,
                     "generation {g} is gone after draining for {took} ms{}",
                     if killed {
-                        " (killed at its deadline)"
+                        " (some workers were killed)"
                     } else {
                         ""
                     }
@@ -1032,8 +1127,8 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if let (Some(pid), false) = (w.pid, w.state == WorkerState::Killed) {
-            self.actions.push(Action::Kill { pid });
+        if let (Some(pid), Some(pgid), false) = (w.pid, w.pgid, w.state == WorkerState::Killed) {
+            self.actions.push(Action::Kill { pid, pgid });
         }
         w.state = WorkerState::Killed;
     }
@@ -1065,10 +1160,21 @@ impl Supervisor {
             .and_then(|entry| entry.spec.as_ref())
     }
 
-    fn spec(&self, g: Generation) -> Option<&GenerationSpec> {
+    /// The program settings of a worker.
+    fn program(&self, id: WorkerId) -> Option<&ProgramSpec> {
+        let w = self.workers.get(&id)?;
         self.generations
-            .get(&g)
-            .and_then(|entry| entry.spec.as_ref())
+            .get(&w.generation)?
+            .spec
+            .as_ref()?
+            .programs
+            .get(w.program)
+    }
+
+    fn slot_program(&self, g: Generation, slot: usize) -> Option<&ProgramSpec> {
+        let entry = self.generations.get(&g)?;
+        let program = entry.slots.get(slot)?.program;
+        entry.spec.as_ref()?.programs.get(program)
     }
 
     fn slot_mut(&mut self, g: Generation, slot: usize) -> Option<&mut Slot> {
@@ -1080,13 +1186,14 @@ impl Supervisor {
 
 /// Delay before the restart after `crashes` crashes in a row: doubling from `restart_backoff`,
 /// capped at `restart_backoff_max`.
-fn backoff(spec: &GenerationSpec, crashes: u32) -> Duration {
+fn backoff(program: &ProgramSpec, crashes: u32) -> Duration {
     let factor = 1u32
         .checked_shl(crashes.saturating_sub(1))
         .unwrap_or(u32::MAX);
-    spec.restart_backoff
+    program
+        .restart_backoff
         .saturating_mul(factor)
-        .min(spec.restart_backoff_max)
+        .min(program.restart_backoff_max)
 }
 
 fn join(ids: &[RequestId]) -> String {

@@ -14,4 +14,5 @@
 #![allow(unsafe_code)] // This crate is where unsafe lives; each block carries a SAFETY proof.
 
 pub mod channel;
+pub mod notify;
 pub mod process;

@@ -145,6 +145,141 @@ pub fn parse_signal(name: &str) -> Option<Signal> {
     full.parse().ok()
 }
 
+/// Makes `cmd`'s child `execve` `program` itself, from the `pre_exec` hook, with exactly `env`
+/// plus `pid_var=<the child's own pid>`.
+///
+/// systemd's socket-activation convention wants `LISTEN_PID` to be the pid of the process that
+/// receives the descriptors, which is only known after `fork`; `Command` builds the environment
+/// before. So argv and envp are prepared here in the parent, with room for the digits, and the
+/// child only writes `getpid()` into that room and calls `execve`: no allocation, no lock.
+///
+/// Register this after [`place_fds`]: hooks run in order, and this one does not return on
+/// success. `Command`'s own program, arguments and environment are then not used.
+pub fn exec_with_own_pid(
+    cmd: &mut Command,
+    program: &std::path::Path,
+    args: &[std::ffi::OsString],
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+    pid_var: &str,
+) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstring = |bytes: &[u8]| {
+        CString::new(bytes).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "NUL byte in an argument or variable",
+            )
+        })
+    };
+    let program = cstring(program.as_os_str().as_bytes())?;
+    let mut argv = vec![program.clone()];
+    for arg in args {
+        argv.push(cstring(arg.as_bytes())?);
+    }
+    let mut envs = Vec::with_capacity(env.len());
+    for (k, v) in env {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        envs.push(cstring(&kv)?);
+    }
+    let mut pid_entry = format!("{pid_var}=").into_bytes();
+    let prefix = pid_entry.len();
+    pid_entry.resize(prefix + 11, 0); // up to 10 digits and the terminating NUL
+    let mut state = ExecState {
+        program,
+        argv,
+        envs,
+        pid_entry,
+        prefix,
+        argv_ptrs: Vec::new(),
+        env_ptrs: Vec::new(),
+    };
+    state.argv_ptrs = state
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    state.env_ptrs = state
+        .envs
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain([state.pid_entry.as_ptr().cast(), std::ptr::null()])
+        .collect();
+    // SAFETY: the hook runs in the child between fork and exec: it only writes into a buffer it
+    // owns (allocated in the parent, so no allocation here), calls getpid and execve (both
+    // async-signal-safe), and returns an error only if execve failed.
+    unsafe {
+        cmd.pre_exec(move || state.exec());
+    }
+    Ok(())
+}
+
+/// argv and envp for [`exec_with_own_pid`]. The pointer arrays point into the heap buffers of
+/// the other fields, which never move or change length after construction.
+struct ExecState {
+    program: std::ffi::CString,
+    argv: Vec<std::ffi::CString>,
+    envs: Vec<std::ffi::CString>,
+    pid_entry: Vec<u8>,
+    prefix: usize,
+    argv_ptrs: Vec<*const libc::c_char>,
+    env_ptrs: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the raw pointers only point into buffers owned by the same value, and are only read by
+// `exec`, which runs in the single-threaded child after fork. `Command` merely needs to hold the
+// hook; no other thread ever dereferences them.
+unsafe impl Send for ExecState {}
+// SAFETY: as above: shared references never read through the pointers.
+unsafe impl Sync for ExecState {}
+
+impl ExecState {
+    fn exec(&mut self) -> io::Result<()> {
+        let _ = (&self.argv, &self.envs);
+        // SAFETY: getpid has no preconditions.
+        let mut pid = unsafe { libc::getpid() } as u32;
+        let mut digits = [0u8; 10];
+        let mut n = 0;
+        loop {
+            digits[n] = b'0' + (pid % 10) as u8;
+            n += 1;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        for i in 0..n {
+            self.pid_entry[self.prefix + i] = digits[n - 1 - i];
+        }
+        self.pid_entry[self.prefix + n] = 0;
+        // SAFETY: every pointer of both arrays points into a NUL-terminated buffer owned by
+        // `self` (the pid entry was just terminated above), and both arrays end with a null
+        // pointer, as execve requires. execve only returns on failure.
+        unsafe {
+            libc::execve(
+                self.program.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.env_ptrs.as_ptr(),
+            )
+        };
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes this process the reaper of its descendants' orphans (`PR_SET_CHILD_SUBREAPER`), so a
+/// worker's grandchildren (a server that forks, `MAINPID=`) are reparented to it, not to init.
+pub fn become_subreaper() -> io::Result<()> {
+    Ok(nix::sys::prctl::set_child_subreaper(true)?)
+}
+
+/// The process group of `pid`.
+pub fn process_group(pid: u32) -> io::Result<u32> {
+    Ok(nix::unistd::getpgid(Some(to_pid(pid)?))?.as_raw() as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +317,56 @@ mod tests {
     #[test]
     fn pid_zero_is_refused() {
         assert!(signal_process(0, Signal::SIGTERM).is_err());
+    }
+
+    #[test]
+    fn the_child_sees_its_own_pid_and_exactly_the_given_environment() {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.stdout(std::process::Stdio::piped());
+        let args = [
+            "-c".into(),
+            "echo $LISTEN_PID $$ $GREETING ${HOME:-no-home}".into(),
+        ];
+        let env = [
+            ("GREETING".into(), "hi".into()),
+            ("PATH".into(), "/usr/bin:/bin".into()),
+        ];
+        exec_with_own_pid(
+            &mut cmd,
+            std::path::Path::new("/bin/sh"),
+            &args,
+            &env,
+            "LISTEN_PID",
+        )
+        .unwrap();
+        let out = String::from_utf8(cmd.output().unwrap().stdout).unwrap();
+        let words: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(words.len(), 4, "{out:?}");
+        assert_eq!(
+            words[0], words[1],
+            "LISTEN_PID must be the process's own pid: {out:?}"
+        );
+        assert_eq!(
+            &words[2..],
+            ["hi", "no-home"],
+            "only the given environment: {out:?}"
+        );
+    }
+
+    #[test]
+    fn an_exec_failure_is_reported_as_a_spawn_error() {
+        let mut cmd = Command::new("/nonexistent");
+        exec_with_own_pid(
+            &mut cmd,
+            std::path::Path::new("/nonexistent"),
+            &[],
+            &[],
+            "LISTEN_PID",
+        )
+        .unwrap();
+        assert_eq!(
+            cmd.spawn().unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
     }
 }

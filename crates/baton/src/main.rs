@@ -90,6 +90,11 @@ fn serve(master: baton_core::master::Master) -> anyhow::Result<i32> {
         .context("building the tokio runtime")?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     signals::forward(tx).context("registering signal handlers")?;
+    // Orphans of workers (a server that forks and announces MAINPID=) are reparented to the
+    // master, which reaps them, instead of to init.
+    if let Err(err) = baton_core::become_subreaper() {
+        tracing::warn!("cannot become a child subreaper: {err}");
+    }
     Ok(runtime.block_on(master.run(rx)))
 }
 
@@ -97,12 +102,16 @@ fn serve(master: baton_core::master::Master) -> anyhow::Result<i32> {
 fn check(path: &std::path::Path) -> ExitCode {
     match baton_core::config::load(path) {
         Ok(config) => {
+            let programs: Vec<String> = config
+                .programs
+                .iter()
+                .map(|p| format!("{} x {} ({})", p.processes, p.name, p.command.display()))
+                .collect();
             println!(
-                "{}: ok ({} listeners, {} worker processes of {})",
+                "{}: ok ({} listeners; workers: {})",
                 path.display(),
                 config.listeners.len(),
-                config.worker.processes,
-                config.worker.command.display()
+                programs.join(", ")
             );
             ExitCode::SUCCESS
         }

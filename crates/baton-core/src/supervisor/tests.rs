@@ -2,14 +2,20 @@
 
 use super::*;
 
-fn spec(processes: usize) -> GenerationSpec {
-    GenerationSpec {
+fn program(processes: usize) -> ProgramSpec {
+    ProgramSpec {
         processes,
         ready_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(30),
         drain_signal: Some(SignalNumber::SIGTERM),
         restart_backoff: Duration::from_millis(100),
         restart_backoff_max: Duration::from_secs(10),
+    }
+}
+
+fn spec(processes: usize) -> GenerationSpec {
+    GenerationSpec {
+        programs: vec![program(processes)],
         max_draining: 8,
         forward_usr1: false,
     }
@@ -129,7 +135,7 @@ fn killed(actions: &[Action]) -> Vec<u32> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Kill { pid } => Some(*pid),
+            Action::Kill { pid, .. } => Some(*pid),
             _ => None,
         })
         .collect()
