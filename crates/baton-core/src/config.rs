@@ -136,7 +136,12 @@ pub struct SupervisorConfig {
     pub max_draining: usize,
     /// Forward SIGUSR1 to workers (for workers that reopen their logs on it).
     pub forward_usr1: bool,
+    /// Where the master keeps its runtime files (systemd-style workers' notify sockets).
+    pub runtime_dir: PathBuf,
 }
+
+/// Default `supervisor.runtime_dir`: what systemd's `RuntimeDirectory=baton` creates.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/baton";
 
 /// Default `listen(2)` backlog: the kernel caps it at `net.core.somaxconn` anyway.
 pub const DEFAULT_BACKLOG: u32 = 1024;
@@ -342,6 +347,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                     ),
                 ));
             }
+            // A relative Unix socket path of a probe is relative to this file, like every path.
+            (Some(Readiness::Probe(mut probe)), _) => {
+                if probe.address.contains('/') && !probe.address.starts_with('/') {
+                    probe.address = base.join(&probe.address).display().to_string();
+                }
+                Readiness::Probe(probe)
+            }
             (Some(r), _) => r,
         };
         let worker = WorkerConfig {
@@ -380,6 +392,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         supervisor: SupervisorConfig {
             max_draining: s.max_draining.0,
             forward_usr1: s.forward_usr1,
+            runtime_dir: s
+                .runtime_dir
+                .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(d)),
         },
     })
 }
@@ -659,6 +674,8 @@ struct RawSupervisor {
     max_draining: MaxDraining,
     #[serde(default)]
     forward_usr1: bool,
+    #[serde(default)]
+    runtime_dir: Option<PathBuf>,
 }
 
 /// Declares a newtype whose `Deserialize` validates through a parse function, so a bad value is

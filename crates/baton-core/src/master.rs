@@ -83,6 +83,7 @@ struct Link {
 #[derive(Debug)]
 pub struct Master {
     config_path: PathBuf,
+    runtime_dir: PathBuf,
     /// The first generation's configuration and sockets, bound before the loop starts so that a
     /// busy port fails the start with a clear error.
     initial: Option<(Config, Prepared)>,
@@ -102,6 +103,7 @@ impl Master {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Master {
             config_path: config.source.clone(),
+            runtime_dir: config.supervisor.runtime_dir.clone(),
             initial: Some((config, prepared)),
             table,
             resources: HashMap::new(),
@@ -325,13 +327,11 @@ impl Master {
                 pid
             }
             Protocol::Systemd => {
-                let name = format!("baton-notify/{}/{}", std::process::id(), worker);
-                let socket = notify::bind_abstract(&name)
-                    .map_err(|e| format!("notify socket @{name}: {e}"))?;
+                let socket = self.notify_socket(worker)?;
                 let names: Vec<&str> = listeners.iter().map(|l| l.config.name.as_str()).collect();
                 env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
                 env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
-                env.push(("NOTIFY_SOCKET".into(), format!("@{name}").into()));
+                env.push(("NOTIFY_SOCKET".into(), socket.path().into()));
                 let placements = listeners
                     .iter()
                     .enumerate()
@@ -378,6 +378,20 @@ impl Master {
         }
         self.links.insert(worker, link);
         Ok(pid)
+    }
+
+    /// A notify socket for one systemd-style worker, in `<runtime_dir>/notify/`.
+    fn notify_socket(&self, worker: WorkerId) -> Result<notify::NotifySocket, String> {
+        let dir = self.runtime_dir.join("notify");
+        let fail = |e: std::io::Error| {
+            format!(
+                "notify socket in {}: {e} (set supervisor.runtime_dir to a writable directory)",
+                dir.display()
+            )
+        };
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        notify::NotifySocket::bind(&dir.join(format!("{}.{worker}.sock", std::process::id())))
+            .map_err(fail)
     }
 
     fn release(&mut self, generation: Generation) {
@@ -455,7 +469,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// second are read.
 async fn notify_task(
     worker: WorkerId,
-    socket: UnixDatagram,
+    socket: notify::NotifySocket,
     spawned: u32,
     access: NotifyAccess,
     events: mpsc::UnboundedSender<Event>,

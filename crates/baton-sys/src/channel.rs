@@ -172,6 +172,44 @@ pub fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<SocketKind> {
     })
 }
 
+/// Where a socket is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalAddress {
+    Inet(std::net::SocketAddr),
+    /// A Unix socket's path (`None`: unnamed or abstract).
+    Unix(Option<std::path::PathBuf>),
+}
+
+/// `getsockname` of a socket.
+pub fn local_address(fd: BorrowedFd<'_>) -> io::Result<LocalAddress> {
+    use nix::sys::socket::{SockaddrLike, SockaddrStorage};
+    let addr: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
+    match addr.family() {
+        Some(AddressFamily::Inet) => {
+            let a = addr
+                .as_sockaddr_in()
+                .ok_or_else(|| io::Error::other("bad AF_INET address"))?;
+            Ok(LocalAddress::Inet(std::net::SocketAddr::V4((*a).into())))
+        }
+        Some(AddressFamily::Inet6) => {
+            let a = addr
+                .as_sockaddr_in6()
+                .ok_or_else(|| io::Error::other("bad AF_INET6 address"))?;
+            Ok(LocalAddress::Inet(std::net::SocketAddr::V6((*a).into())))
+        }
+        Some(AddressFamily::Unix) => {
+            let path = addr
+                .as_unix_addr()
+                .and_then(|u| u.path())
+                .map(|p| p.to_owned());
+            Ok(LocalAddress::Unix(path))
+        }
+        other => Err(io::Error::other(format!(
+            "unsupported address family {other:?}"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{
     self, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, sockopt,
@@ -10,18 +12,47 @@ use nix::sys::socket::{
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 
-/// Binds a datagram socket in the abstract namespace at `@name`, with `SO_PASSCRED` on.
-/// The value of `NOTIFY_SOCKET` for it is `@name`.
-pub fn bind_abstract(name: &str) -> io::Result<UnixDatagram> {
-    let fd: OwnedFd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    socket::setsockopt(&fd, sockopt::PassCred, &true)?;
-    socket::bind(fd.as_raw_fd(), &UnixAddr::new_abstract(name.as_bytes())?)?;
-    UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))
+/// A notify socket bound at a path, removed when dropped.
+#[derive(Debug)]
+pub struct NotifySocket {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    /// Binds a datagram socket at `path` (replacing a stale file), with `SO_PASSCRED` on and
+    /// mode `0666`: any process may send, and the receiver checks who did from the credentials.
+    /// A path (not the abstract namespace) because not every client library supports `@` names.
+    pub fn bind(path: &Path) -> io::Result<NotifySocket> {
+        let fd: OwnedFd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        socket::setsockopt(&fd, sockopt::PassCred, &true)?;
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+        let socket = UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))?;
+        Ok(NotifySocket {
+            socket,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// One received notification.
@@ -35,7 +66,8 @@ pub struct Datagram {
 }
 
 /// Receives one datagram with its sender's credentials. Descriptors a sender attaches are closed.
-pub async fn recv(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<Datagram> {
+pub async fn recv(sock: &NotifySocket, buf: &mut [u8]) -> io::Result<Datagram> {
+    let sock = &sock.socket;
     let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 8]);
     sock.async_io(Interest::READABLE, || {
         let mut iov = [io::IoSliceMut::new(buf)];
@@ -73,22 +105,25 @@ pub async fn recv(sock: &UnixDatagram, buf: &mut [u8]) -> io::Result<Datagram> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::linux::net::SocketAddrExt;
 
     #[tokio::test(flavor = "current_thread")]
     async fn notifications_carry_the_senders_pid_and_truncation_is_reported() {
-        let name = format!("baton-test-notify/{}", std::process::id());
-        let sock = bind_abstract(&name).unwrap();
+        let dir = std::env::temp_dir().join(format!("baton-notify-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.sock");
+        let sock = NotifySocket::bind(&path).unwrap();
         let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-        client.send_to_addr(b"READY=1\nSTATUS=hi", &addr).unwrap();
+        client.send_to(b"READY=1\nSTATUS=hi", &path).unwrap();
         let mut buf = [0u8; 64];
         let got = recv(&sock, &mut buf).await.unwrap();
         assert_eq!(&buf[..got.len], b"READY=1\nSTATUS=hi");
         assert_eq!(got.pid, Some(std::process::id()));
         assert!(!got.truncated);
-        client.send_to_addr(&[b'x'; 100], &addr).unwrap();
+        client.send_to(&[b'x'; 100], &path).unwrap();
         let got = recv(&sock, &mut buf).await.unwrap();
         assert!(got.truncated);
+        drop(sock);
+        assert!(!path.exists(), "removed with the socket");
+        let _ = std::fs::remove_dir(&dir);
     }
 }

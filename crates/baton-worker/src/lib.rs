@@ -10,6 +10,11 @@
 //! A drain is requested by the master's `drain` packet, by the drain signal (SIGTERM by default),
 //! or by the channel closing (the master is gone): all three mean "stop accepting, finish, exit".
 //!
+//! The same program also runs under systemd socket activation (or baton's `protocol: systemd`):
+//! without `BATON_CHANNEL_FD`, [`Worker::from_env`] takes the listeners from `LISTEN_FDS`
+//! (refusing them unless `LISTEN_PID` is this process), names them from `LISTEN_FDNAMES`, and
+//! reports readiness with `READY=1` on `NOTIFY_SOCKET`; SIGTERM requests the drain.
+//!
 //! This crate must not decide how a worker serves or when it exits; it only speaks the protocol
 //! (`docs/protocol.md`). It has no unsafe code: descriptors are adopted through `baton-sys`.
 
@@ -75,6 +80,12 @@ pub enum WorkerError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "LISTEN_PID={listen_pid} is not this process (pid {pid}): the descriptors are not ours"
+    )]
+    ListenPid { listen_pid: String, pid: u32 },
+    #[error("invalid {var}={value:?}")]
+    BadEnv { var: &'static str, value: String },
 }
 
 /// A listening socket handed over by the master.
@@ -190,9 +201,18 @@ impl DrainWatch {
     }
 }
 
+/// How the worker talks to its supervisor.
+#[derive(Debug)]
+enum Control {
+    /// baton's channel.
+    Channel(UnixDatagram),
+    /// systemd's conventions: `NOTIFY_SOCKET` (if set) for readiness and status.
+    Systemd,
+}
+
 #[derive(Debug)]
 struct Shared {
-    channel: UnixDatagram,
+    control: Control,
     connections: AtomicU64,
     changed: Notify,
     drain: watch::Sender<Option<DrainReason>>,
@@ -222,7 +242,9 @@ pub struct Worker {
 impl Worker {
     /// Receives the listeners from the master. Must be called once, inside a tokio runtime.
     pub async fn from_env() -> Result<Worker, WorkerError> {
-        let value = std::env::var(CHANNEL_FD_ENV).map_err(|_| WorkerError::NotUnderBaton)?;
+        let Ok(value) = std::env::var(CHANNEL_FD_ENV) else {
+            return Self::from_systemd_env();
+        };
         let fd: i32 = value
             .parse()
             .map_err(|_| WorkerError::BadChannelFd(value.clone()))?;
@@ -238,6 +260,70 @@ impl Worker {
         let channel =
             channel::into_async(owned).map_err(|source| WorkerError::Channel { fd, source })?;
         Self::handshake(channel).await
+    }
+
+    /// Takes listeners passed the systemd way (`LISTEN_FDS` at fds 3.., `LISTEN_PID`,
+    /// `LISTEN_FDNAMES`). Fails with [`WorkerError::NotUnderBaton`] if `LISTEN_FDS` is unset.
+    pub fn from_systemd_env() -> Result<Worker, WorkerError> {
+        let Ok(count) = std::env::var("LISTEN_FDS") else {
+            return Err(WorkerError::NotUnderBaton);
+        };
+        let pid = std::process::id();
+        let listen_pid = std::env::var("LISTEN_PID").unwrap_or_default();
+        if listen_pid.parse::<u32>().ok() != Some(pid) {
+            return Err(WorkerError::ListenPid { listen_pid, pid });
+        }
+        let count: usize =
+            count
+                .parse()
+                .ok()
+                .filter(|&n| n <= 65_536)
+                .ok_or_else(|| WorkerError::BadEnv {
+                    var: "LISTEN_FDS",
+                    value: count.clone(),
+                })?;
+        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+            .map(|n| n.split(':').map(String::from).collect())
+            .unwrap_or_default();
+        let mut listeners = Vec::with_capacity(count);
+        for i in 0..count {
+            let raw = 3 + i as i32;
+            let name = names.get(i).cloned().unwrap_or_else(|| format!("fd{raw}"));
+            let fd = channel::adopt_inherited(raw).map_err(|source| WorkerError::Adopt {
+                name: name.clone(),
+                source,
+            })?;
+            let address = match channel::local_address(fd.as_fd()) {
+                Ok(channel::LocalAddress::Inet(address)) => ListenerAddress::Tcp { address },
+                Ok(channel::LocalAddress::Unix(path)) => ListenerAddress::Unix {
+                    path: path.unwrap_or_default(),
+                },
+                Err(source) => return Err(WorkerError::Adopt { name, source }),
+            };
+            let info = ListenerInfo { name, address };
+            let listener = adopt(&info, fd)?;
+            listeners.push((info, Some(listener)));
+        }
+        let generation = std::env::var(baton_proto::GENERATION_ENV)
+            .ok()
+            .and_then(|g| g.parse().ok());
+        let worker_id = std::env::var(baton_proto::WORKER_ID_ENV)
+            .ok()
+            .and_then(|w| w.parse().ok());
+        let (drain, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            control: Control::Systemd,
+            connections: AtomicU64::new(0),
+            changed: Notify::new(),
+            drain,
+        });
+        tokio::spawn(watch_drain_signal(shared.clone()));
+        Ok(Worker {
+            shared,
+            generation: generation.unwrap_or(0),
+            worker_id: worker_id.unwrap_or(0),
+            listeners,
+        })
     }
 
     /// Runs the handoff on an already connected channel (what `from_env` does after adopting it).
@@ -289,7 +375,7 @@ impl Worker {
         }
         let (drain, _) = watch::channel(None);
         let shared = Arc::new(Shared {
-            channel,
+            control: Control::Channel(channel),
             connections: AtomicU64::new(0),
             changed: Notify::new(),
             drain,
@@ -387,11 +473,21 @@ impl Worker {
     }
 
     async fn send(&self, message: &WorkerMessage) -> io::Result<()> {
-        self.shared
-            .channel
-            .send(&baton_proto::encode(message))
-            .await
-            .map(|_| ())
+        use sd_notify::NotifyState;
+        match &self.shared.control {
+            Control::Channel(channel) => channel
+                .send(&baton_proto::encode(message))
+                .await
+                .map(|_| ()),
+            Control::Systemd => match message {
+                WorkerMessage::Ready => sd_notify::notify(&[NotifyState::Ready]),
+                WorkerMessage::Draining => sd_notify::notify(&[NotifyState::Stopping]),
+                WorkerMessage::Status {
+                    text: Some(text), ..
+                } => sd_notify::notify(&[NotifyState::Status(text)]),
+                _ => Ok(()),
+            },
+        }
     }
 }
 
@@ -451,9 +547,12 @@ fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, WorkerError> {
 
 /// Reads the master's packets: `drain` and end of stream both request a drain.
 async fn listen_to_master(shared: Arc<Shared>) {
+    let Control::Channel(channel) = &shared.control else {
+        return;
+    };
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     loop {
-        match channel::recv_with_fds(&shared.channel, &mut buf, 1).await {
+        match channel::recv_with_fds(channel, &mut buf, 1).await {
             Ok(got) if got.len == 0 => {
                 shared.drain.send_if_modified(|d| {
                     d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone
@@ -498,6 +597,9 @@ async fn watch_drain_signal(shared: Arc<Shared>) {
 
 /// Reports the connection count when it changes, at most every [`REPORT_INTERVAL`].
 async fn report_connections(shared: Arc<Shared>) {
+    let Control::Channel(channel) = &shared.control else {
+        return;
+    };
     let mut last = None;
     loop {
         let notified = shared.changed.notified();
@@ -507,12 +609,7 @@ async fn report_connections(shared: Arc<Shared>) {
                 connections: Some(now),
                 text: None,
             };
-            if shared
-                .channel
-                .send(&baton_proto::encode(&message))
-                .await
-                .is_err()
-            {
+            if channel.send(&baton_proto::encode(&message)).await.is_err() {
                 return;
             }
             last = Some(now);
