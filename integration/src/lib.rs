@@ -106,6 +106,8 @@ pub struct TestConfig {
     pub ready_timeout: &'static str,
     pub drain_timeout: &'static str,
     pub max_draining: usize,
+    /// More lines under `worker:`, e.g. `protocol: systemd`.
+    pub worker_extra: Vec<String>,
 }
 
 impl TestConfig {
@@ -120,6 +122,7 @@ impl TestConfig {
             ready_timeout: "20s",
             drain_timeout: "20s",
             max_draining: 8,
+            worker_extra: Vec::new(),
         }
     }
 
@@ -141,8 +144,15 @@ impl TestConfig {
             y = y.replace("  env:\n", "  env: {}\n");
         }
         y += &format!(
-            "  processes: {}\n  ready_timeout: {}\n  drain_timeout: {}\nsupervisor:\n  max_draining: {}\n",
-            self.processes, self.ready_timeout, self.drain_timeout, self.max_draining
+            "  processes: {}\n  ready_timeout: {}\n  drain_timeout: {}\n",
+            self.processes, self.ready_timeout, self.drain_timeout
+        );
+        for line in &self.worker_extra {
+            y += &format!("  {line}\n");
+        }
+        y += &format!(
+            "supervisor:\n  max_draining: {}\n  runtime_dir: \"{{dir}}/run\"\n",
+            self.max_draining
         );
         y
     }
@@ -190,6 +200,7 @@ impl Master {
             .tempdir()
             .unwrap();
         let config_path = dir.path().join("baton.yaml");
+        let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(&config_path, yaml).unwrap();
         let mut child = Command::new(&bins.baton)
             .args(["run", "--log-format", "json", "-c"])
@@ -236,6 +247,7 @@ impl Master {
     pub fn write_config(&self, yaml: &str) {
         // Write then rename: a reload never reads a half-written file.
         let tmp = self.dir.path().join("baton.yaml.new");
+        let yaml = yaml.replace("{dir}", &self.dir.path().display().to_string());
         std::fs::write(&tmp, yaml).unwrap();
         std::fs::rename(&tmp, &self.config_path).unwrap();
     }
@@ -341,6 +353,78 @@ impl Master {
 
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Master {
+    /// Runs `mode` load against `addr` for `run` while sending SIGUSR2 every `every`, waits for
+    /// the verdict of the last request, and returns the load report and the number of signals.
+    pub fn reload_under_load(
+        &self,
+        addr: std::net::SocketAddr,
+        mode: load::Mode,
+        clients: usize,
+        run: Duration,
+        every: Duration,
+    ) -> (load::Report, u64) {
+        let bounds = load::Bounds {
+            clients,
+            duration: run + Duration::from_secs(30),
+            max_requests_per_client: 1_000_000,
+        };
+        let load = load::Load::start(addr, mode, bounds);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < run {
+            self.signal(nix::sys::signal::Signal::SIGUSR2);
+            sent += 1;
+            std::thread::sleep(every); // the reload cadence under test, not a wait for a condition
+        }
+        // Let the last reload conclude before the load stops, so it runs across all of them.
+        self.verdict_of(sent);
+        (load.finish(), sent)
+    }
+
+    /// Every reload request is logged once and covered by exactly one reload (or rejected), and
+    /// every reload that started has a verdict, none of them a failure. Returns the reload count.
+    pub fn assert_every_request_accounted_for(&self, sent: u64) -> usize {
+        use std::collections::BTreeSet;
+        let requested: Vec<u64> = self
+            .events("reload_requested")
+            .iter()
+            .map(|v| v["request"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            requested,
+            (1..=sent).collect::<Vec<_>>(),
+            "one log line per signal, in order"
+        );
+        let mut covered = BTreeSet::new();
+        let mut started = BTreeSet::new();
+        for v in self.events("reload_started") {
+            started.insert(v["reload"].as_u64().unwrap());
+            for r in v["covers"].as_str().unwrap().split(", ") {
+                let r: u64 = r.trim_start_matches('#').parse().unwrap();
+                assert!(covered.insert(r), "request #{r} covered twice");
+            }
+        }
+        for v in self.events("reload_rejected") {
+            assert!(covered.insert(v["request"].as_u64().unwrap()));
+        }
+        assert_eq!(
+            covered,
+            (1..=sent).collect::<BTreeSet<_>>(),
+            "every request covered once"
+        );
+        let failed = self.events("reload_failed");
+        assert!(failed.is_empty(), "{failed:?}");
+        let succeeded: BTreeSet<u64> = self
+            .events("reload_succeeded")
+            .iter()
+            .map(|v| v["reload"].as_u64().unwrap())
+            .collect();
+        assert_eq!(succeeded, started, "every reload has a verdict");
+        started.len()
     }
 }
 

@@ -14,5 +14,6 @@ mod suite {
     mod kinds;
     mod listeners;
     mod signals;
+    mod systemd_workers;
     mod zero_loss;
 }

@@ -269,6 +269,8 @@ struct Worker {
     state: WorkerState,
     spawned: Instant,
     connections: Option<u64>,
+    /// The last status line it reported (`STATUS=`, or a status packet).
+    status: Option<String>,
 }
 
 #[derive(Debug)]
@@ -494,6 +496,7 @@ impl Supervisor {
                 state: WorkerState::Spawning,
                 spawned: now,
                 connections: None,
+                status: None,
             },
         );
         self.actions.push(Action::Spawn {
@@ -682,8 +685,9 @@ impl Supervisor {
                     w.connections = connections;
                 }
                 if let Some(text) = text {
-                    info!(event = "worker_status", worker = id.0, generation = g.0, status = %text,
+                    debug!(event = "worker_status", worker = id.0, generation = g.0, status = %text,
                         "worker {id} of generation {g}: {text}");
+                    w.status = Some(text);
                 }
             }
             WorkerMessage::Draining => {

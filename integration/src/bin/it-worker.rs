@@ -6,8 +6,12 @@
 //! - `ready-after:<ms>`: report ready only after `<ms>` (a slow start); exit on drain.
 //! - `report-fds:<path>`: first thing in `main`, before any runtime exists, write this process's
 //!   open descriptors (`<fd> <target>` lines) to `<path>`; then serve like `ready-after:0`.
+//! - `notify-abuse`: (systemd-style) report ready, then for `IT_ABUSE_MS` (default 2000) send
+//!   garbage, oversized and as many datagrams as the notify socket takes; then wait for the drain.
 //! - `garbage`: speak the protocol by hand (no SDK): take the handoff, send `ready`, then 50
 //!   packets that are not messages, then half-close the channel, then idle until killed.
+
+#![allow(clippy::print_stderr)] // a test worker reports what it did on stderr
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -43,6 +47,19 @@ async fn run(mode: &str) -> ExitCode {
     };
     if let Some(code) = mode.strip_prefix("exit:") {
         return ExitCode::from(code.parse::<u8>().unwrap_or(1));
+    }
+    if mode == "notify-abuse" {
+        if worker.ready().await.is_err() {
+            return ExitCode::from(2);
+        }
+        let ms = std::env::var("IT_ABUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        let sent = abuse_notify_socket(Duration::from_millis(ms)).await;
+        eprintln!("it-worker: sent {sent} abusive notifications");
+        worker.drain_watch().requested().await;
+        return ExitCode::SUCCESS;
     }
     if let Some(ms) = mode.strip_prefix("crash-after:") {
         if worker.ready().await.is_err() {
@@ -106,4 +123,33 @@ async fn garbage() -> ExitCode {
     std::future::pending::<()>().await;
     drop(listeners);
     ExitCode::SUCCESS
+}
+
+/// Floods `NOTIFY_SOCKET` for `period` (bounded), mixing garbage and oversized datagrams.
+async fn abuse_notify_socket(period: Duration) -> u64 {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return 0;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return 0;
+    };
+    if sock.connect(&path).is_err() || sock.set_nonblocking(true).is_err() {
+        return 0;
+    }
+    let big = vec![b'X'; 16 * 1024];
+    let end = std::time::Instant::now() + period;
+    let mut sent = 0u64;
+    while std::time::Instant::now() < end {
+        let packet: &[u8] = match sent % 3 {
+            0 => b"\xff\xfe not a notification \x00",
+            1 => &big,
+            _ => b"STATUS=flood",
+        };
+        match sock.send(packet) {
+            Ok(_) => sent += 1,
+            // The socket is full: the master reads slowly on purpose. Wait a little.
+            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    sent
 }
