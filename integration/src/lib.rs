@@ -385,6 +385,13 @@ impl Master {
         (load.finish(), sent)
     }
 
+    /// CPU ticks (10 ms) the master uses while `during` runs, and what `during` returned.
+    pub fn cpu_during<T>(&self, during: impl FnOnce() -> T) -> (u64, T) {
+        let before = procfs::cpu_ticks(self.pid());
+        let result = during();
+        (procfs::cpu_ticks(self.pid()) - before, result)
+    }
+
     /// Every reload request is logged once and covered by exactly one reload (or rejected), and
     /// every reload that started has a verdict, none of them a failure. Returns the reload count.
     pub fn assert_every_request_accounted_for(&self, sent: u64) -> usize {

@@ -104,6 +104,16 @@ impl Load {
         Load { stop, threads }
     }
 
+    /// `clients` clients running until [`Load::finish`] (or a minute at most).
+    pub fn until_finished(addr: SocketAddr, mode: Mode, clients: usize) -> Load {
+        let bounds = Bounds {
+            clients,
+            duration: Duration::from_secs(60),
+            max_requests_per_client: 1_000_000,
+        };
+        Load::start(addr, mode, bounds)
+    }
+
     /// Stops the clients (each finishes its current request) and collects their reports.
     pub fn finish(self) -> Report {
         self.stop.store(true, Ordering::SeqCst);

@@ -398,14 +398,17 @@ impl Master {
         let Some(resources) = self.resources.remove(&generation) else {
             return;
         };
+        let mut closed = Vec::new();
         for l in resources.listeners {
-            // This generation held the last reference: the socket closes now.
+            // This generation held the last reference: dropping it closes the socket. Log only
+            // after the close, so that whoever reads the line finds the port closed.
             if Rc::strong_count(&l.socket) == 1 {
-                info!(event = "listener_closed", listener = %l.config.name,
-                    address = %l.socket.local(),
-                    "listener {} ({}) closed: no generation uses it any more",
-                    l.config.name, l.socket.local());
+                closed.push((l.config.name.clone(), l.socket.local().to_string()));
             }
+        }
+        for (name, address) in closed {
+            info!(event = "listener_closed", listener = %name, address = %address,
+                "listener {name} ({address}) closed: no generation uses it any more");
         }
     }
 }

@@ -5,31 +5,17 @@ use std::time::Duration;
 
 use baton_integration::{Master, TestConfig, binaries, free_port};
 
-/// User + system CPU time of `pid` (all threads), in clock ticks (10 ms each here).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    // After the command: state(0) ppid(1) ... utime(11) stime(12).
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-/// CPU ticks `pid` uses over `window`.
-fn cpu_over(pid: u32, window: Duration) -> u64 {
-    let before = cpu_ticks(pid);
-    std::thread::sleep(window); // measuring a window, not waiting for a condition
-    cpu_ticks(pid) - before
+/// CPU ticks `master` uses over `window`.
+fn cpu_over(master: &Master, window: Duration) -> u64 {
+    // Measuring a window, not waiting for a condition.
+    master.cpu_during(|| std::thread::sleep(window)).0
 }
 
 #[test]
 fn an_idle_master_uses_no_cpu() {
     let port = free_port();
     let master = Master::start("idle", &TestConfig::hello(&format!("127.0.0.1:{port}"), 2));
-    let used = cpu_over(master.pid(), Duration::from_secs(2));
+    let used = cpu_over(&master, Duration::from_secs(2));
     eprintln!("idle master: {used} ticks in 2 s");
     assert!(
         used <= 2,
@@ -47,7 +33,7 @@ fn garbage_and_a_half_closed_channel_do_not_make_the_master_spin() {
     // The hand-written worker got its listeners and was ready (the protocol doc is enough to
     // write one); then it sent garbage and half-closed its channel.
     master.wait_event("worker_protocol_error", Duration::from_secs(10), |_| true);
-    let used = cpu_over(master.pid(), Duration::from_secs(2));
+    let used = cpu_over(&master, Duration::from_secs(2));
     eprintln!("master with misbehaving workers: {used} ticks in 2 s");
     assert!(
         used <= 2,

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use baton_integration::load::{Bounds, Load, Mode};
+use baton_integration::load::{Load, Mode};
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 
 #[test]
@@ -12,15 +12,7 @@ fn failed_reloads_leave_the_old_generation_serving_without_losing_a_request() {
     let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
     let master = Master::start("failed", &good);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let load = Load::start(
-        addr,
-        Mode::Fresh,
-        Bounds {
-            clients: 4,
-            duration: Duration::from_secs(60),
-            max_requests_per_client: 1_000_000,
-        },
-    );
+    let load = Load::until_finished(addr, Mode::Fresh, 4);
 
     let it = |mode: &str, ready_timeout: &'static str| {
         let mut c = good.clone();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use baton_integration::load::{Bounds, Load, Mode, requests};
+use baton_integration::load::{Load, Mode, requests};
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
@@ -47,23 +47,6 @@ fn require(program: &str) {
         found,
         "{program} is needed for this test (.ci/run installs it)"
     );
-}
-
-/// CPU ticks (10 ms) the master uses while `during` runs.
-fn master_cpu_during<T>(master: &Master, during: impl FnOnce() -> T) -> (u64, T) {
-    let ticks = || {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", master.pid())).unwrap();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-    };
-    let before = ticks();
-    let result = during();
-    (ticks() - before, result)
 }
 
 fn zero_loss_with(name: &str, yaml: String, port: u16) {
@@ -281,15 +264,7 @@ fn a_worker_that_never_notifies_fails_the_reload_and_the_old_generation_keeps_se
     let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
     let master = Master::start("never-notify", &good);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let load = Load::start(
-        addr,
-        Mode::Fresh,
-        Bounds {
-            clients: 4,
-            duration: Duration::from_secs(60),
-            max_requests_per_client: 1_000_000,
-        },
-    );
+    let load = Load::until_finished(addr, Mode::Fresh, 4);
     let mut silent = good.clone();
     silent.command = binaries().it_worker.clone();
     silent.env = vec![("IT_MODE".into(), "never-ready".into())];
@@ -327,7 +302,7 @@ fn garbage_oversized_and_flooding_notifications_do_not_disturb_the_master() {
     let master = Master::start("notify-abuse", &c);
     // Both workers are now flooding for 3 s; measure the master over 2 s of it.
     master.wait_event("worker_protocol_error", Duration::from_secs(5), |_| true);
-    let (ticks, ()) = master_cpu_during(&master, || std::thread::sleep(Duration::from_secs(2)));
+    let (ticks, ()) = master.cpu_during(|| std::thread::sleep(Duration::from_secs(2)));
     eprintln!("master CPU while two workers flood their notify sockets: {ticks} ticks in 2 s");
     assert!(
         ticks <= 10,
@@ -382,7 +357,7 @@ fn a_probe_against_a_backend_that_answers_garbage_and_half_closes_fails_cleanly(
         ),
     ];
     master.write_config(&probing.yaml());
-    let (ticks, verdict) = master_cpu_during(&master, || master.reload());
+    let (ticks, verdict) = master.cpu_during(|| master.reload());
     stop.store(true, Ordering::SeqCst);
     server.join().unwrap();
     let attempts = attempts.load(Ordering::SeqCst);
