@@ -194,6 +194,11 @@ impl Master {
 
     /// Starts a master without waiting for anything.
     pub fn spawn(name: &str, yaml: &str) -> Master {
+        Master::spawn_with_env(name, yaml, &[])
+    }
+
+    /// Starts a master with extra environment variables (as a service manager would set them).
+    pub fn spawn_with_env(name: &str, yaml: &str, env: &[(&str, &str)]) -> Master {
         let bins = binaries();
         let dir = tempfile::Builder::new()
             .prefix(&format!("baton-{name}-"))
@@ -206,6 +211,7 @@ impl Master {
             .args(["run", "--log-format", "json", "-c"])
             .arg(&config_path)
             .env("BATON_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -691,6 +691,17 @@ impl Supervisor {
                 }
             }
             WorkerMessage::Draining => {
+                // A serving worker that stops on its own (STOPPING=1) is on its way out: shown as
+                // draining; its exit is then replaced like any other.
+                let serving = matches!(
+                    self.generations.get(&g).map(|e| &e.state),
+                    Some(GenState::Serving)
+                );
+                if let (true, Some(w)) = (serving, self.workers.get_mut(&id)) {
+                    if w.state == WorkerState::Ready {
+                        w.state = WorkerState::Draining;
+                    }
+                }
                 debug!(worker = id.0, "worker {id} of generation {g} is draining");
             }
             WorkerMessage::Unknown => {

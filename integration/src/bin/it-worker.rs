@@ -5,7 +5,8 @@
 //! - `crash-after:<ms>`: report ready, then exit with status 1 after `<ms>` (a crash loop).
 //! - `ready-after:<ms>`: report ready only after `<ms>` (a slow start); exit on drain.
 //! - `report-fds:<path>`: first thing in `main`, before any runtime exists, write this process's
-//!   open descriptors (`<fd> <target>` lines) to `<path>`; then serve like `ready-after:0`.
+//!   open descriptors (`<fd> <target>` lines) and a few environment variables (`env NAME=value`)
+//!   to `<path>`; then serve like `ready-after:0`.
 //! - `notify-abuse`: (systemd-style) report ready, then for `IT_ABUSE_MS` (default 2000) send
 //!   garbage, oversized and as many datagrams as the notify socket takes; then wait for the drain.
 //! - `garbage`: speak the protocol by hand (no SDK): take the handoff, send `ready`, then 50
@@ -27,6 +28,15 @@ fn main() -> ExitCode {
                 entry.file_name().to_string_lossy(),
                 target.display()
             );
+        }
+        for var in [
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "BATON_CHANNEL_FD",
+            "WATCHDOG_USEC",
+        ] {
+            lines += &format!("env {var}={}\n", std::env::var(var).unwrap_or_default());
         }
         std::fs::write(path, lines).unwrap();
     }

@@ -78,8 +78,23 @@ fn a_worker_inherits_stdio_and_its_channel_and_nothing_else() {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     c.command = binaries().it_worker.clone();
     c.env = vec![("IT_MODE".into(), format!("report-fds:{}", report.display()))];
-    let master = Master::start("fds", &c);
+    let master = Master::spawn_with_env(
+        "fds",
+        &c.yaml(),
+        &[("NOTIFY_SOCKET", "/run/systemd/notify")],
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
     let text = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        text.contains("env NOTIFY_SOCKET=\n"),
+        "the master's NOTIFY_SOCKET leaked: {text}"
+    );
+    assert!(text.contains("env BATON_CHANNEL_FD=3\n"), "{text}");
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("env "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let fds: BTreeSet<u32> = text
         .lines()
         .map(|l| l.split(' ').next().unwrap().parse().unwrap())

@@ -224,8 +224,40 @@ fn a_systemd_style_worker_holds_stdio_its_listeners_and_nothing_of_the_master() 
     c.command = binaries().it_worker.clone();
     c.env = vec![("IT_MODE".into(), format!("report-fds:{}", report.display()))];
     c.worker_extra = vec!["protocol: systemd".into()];
-    let master = Master::start("systemd-fds", &c);
+    // The master runs as if under systemd: its own NOTIFY_SOCKET and LISTEN_* must not leak.
+    let master = Master::spawn_with_env(
+        "systemd-fds",
+        &c.yaml(),
+        &[
+            ("NOTIFY_SOCKET", "/run/systemd/notify"),
+            ("LISTEN_FDS", "7"),
+            ("WATCHDOG_USEC", "1000"),
+        ],
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
     let text = std::fs::read_to_string(&report).unwrap();
+    let env = |var: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("env {var}=")))
+            .unwrap_or_else(|| panic!("{var} not reported: {text}"))
+            .to_string()
+    };
+    assert!(
+        env("NOTIFY_SOCKET").starts_with(&master.dir.path().display().to_string()),
+        "{text}"
+    );
+    assert_eq!(
+        env("LISTEN_FDS"),
+        "2",
+        "its own listeners, not the master's: {text}"
+    );
+    assert_eq!(env("WATCHDOG_USEC"), "", "{text}");
+    assert_eq!(env("BATON_CHANNEL_FD"), "", "{text}");
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("env "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let listening: BTreeSet<u64> = [a, b]
         .iter()
         .flat_map(|&p| baton_integration::procfs::listening_inodes(p))

@@ -542,3 +542,57 @@ fn a_stop_before_the_first_generation_serves_exits_zero() {
         Some(&Action::Exit { code: 0 })
     );
 }
+
+#[test]
+fn a_serving_worker_that_stops_on_its_own_is_replaced_when_it_exits() {
+    let mut h = Harness::new();
+    let w = h.serving(1)[0];
+    assert!(
+        h.ev(Event::Message {
+            worker: w,
+            message: WorkerMessage::Draining
+        })
+        .is_empty()
+    );
+    h.exit(w, 0);
+    assert_eq!(
+        h.s.next_deadline(),
+        Some(h.now + Duration::from_millis(100)),
+        "restart scheduled"
+    );
+}
+
+#[test]
+fn several_programs_make_one_generation_ready_only_when_all_are() {
+    let mut h = Harness::new();
+    let start = h.s.start(h.now);
+    let mut two = spec(1);
+    let mut slow = program(2);
+    slow.ready_timeout = Duration::from_secs(60);
+    two.programs.push(slow);
+    let spawns = h.ev(Event::Prepared {
+        generation: Generation(1),
+        result: Ok(two),
+    });
+    let programs: Vec<(usize, usize)> = spawns
+        .iter()
+        .filter_map(|a| match a {
+            Action::Spawn { program, slot, .. } => Some((*program, *slot)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(programs, [(0, 0), (1, 0), (1, 1)]);
+    assert_eq!(start, vec![Action::Prepare { generation: Generation(1) }]);
+    let workers = h.spawn_all(&spawns);
+    assert!(h.ready(&workers[..2]).is_empty());
+    assert_eq!(h.s.generations()[0].1, Phase::Starting);
+    // The first program's worker has the 5 s deadline, the second's 60 s: at 5 s only the late
+    // one of the first program fails the start.
+    h.advance(Duration::from_secs(5));
+    assert!(
+        h.ev(Event::Tick).is_empty(),
+        "the ready ones have no deadline left"
+    );
+    assert!(h.ready(&workers[2..]).is_empty());
+    assert_eq!(h.s.generations()[0].1, Phase::Serving);
+}
