@@ -151,7 +151,7 @@ impl TestConfig {
             y += &format!("  {line}\n");
         }
         y += &format!(
-            "supervisor:\n  max_draining: {}\n  runtime_dir: \"{{dir}}/run\"\n",
+            "supervisor:\n  max_draining: {}\n  runtime_dir: \"{{dir}}/run\"\n  control:\n    socket: \"{{dir}}/baton.sock\"\n",
             self.max_draining
         );
         y

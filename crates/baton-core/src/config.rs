@@ -138,7 +138,29 @@ pub struct SupervisorConfig {
     pub forward_usr1: bool,
     /// Where the master keeps its runtime files (systemd-style workers' notify sockets).
     pub runtime_dir: PathBuf,
+    pub control: ControlConfig,
 }
+
+/// The control socket (`baton status`, `baton reload`, ...). Bound once, at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    /// Permission bits of the socket file (0600: only the owner can even connect).
+    pub mode: u32,
+    /// A group whose members may use read-only commands (`status`, `history`); the socket file
+    /// is given to this group.
+    pub read_group: Option<u32>,
+    /// Users and groups (besides root and the master's own user) allowed to change things.
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    /// How long a client may take to send its request (and to read the answer).
+    pub timeout: Duration,
+    /// Clients served at once; more wait in the socket's backlog.
+    pub max_clients: usize,
+}
+
+/// Default control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/baton/baton.sock";
 
 /// Default `supervisor.runtime_dir`: what systemd's `RuntimeDirectory=baton` creates.
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/baton";
@@ -392,6 +414,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         supervisor: SupervisorConfig {
             max_draining: s.max_draining.0,
             forward_usr1: s.forward_usr1,
+            control: ControlConfig {
+                socket: s
+                    .control
+                    .socket
+                    .map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), |p| base.join(p)),
+                mode: s.control.mode.map_or(0o600, |m| m.0),
+                read_group: s.control.read_group.map(|g| g.0),
+                allow_uids: s.control.allow_users.iter().map(|u| u.0).collect(),
+                allow_gids: s.control.allow_groups.iter().map(|g| g.0).collect(),
+                timeout: s.control.timeout.map_or(Duration::from_secs(5), |t| t.0),
+                max_clients: s.control.max_clients.map_or(16, |m| m.0),
+            },
             runtime_dir: s
                 .runtime_dir
                 .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(d)),
@@ -676,6 +710,27 @@ struct RawSupervisor {
     forward_usr1: bool,
     #[serde(default)]
     runtime_dir: Option<PathBuf>,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    #[serde(default)]
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    mode: Option<Mode>,
+    #[serde(default)]
+    read_group: Option<GroupId>,
+    #[serde(default)]
+    allow_users: Vec<UserId>,
+    #[serde(default)]
+    allow_groups: Vec<GroupId>,
+    #[serde(default)]
+    timeout: Option<Timeout>,
+    #[serde(default)]
+    max_clients: Option<Processes>,
 }
 
 /// Declares a newtype whose `Deserialize` validates through a parse function, so a bad value is
@@ -789,6 +844,26 @@ impl Default for DrainSignal {
         DrainSignal(Some(SignalNumber::SIGTERM))
     }
 }
+
+validated!(UserId(u32) from String, "user", |s| {
+    if let Ok(uid) = s.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(&s) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        _ => Err(format!("unknown user \"{s}\"")),
+    }
+});
+
+validated!(GroupId(u32) from String, "group", |s| {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(&s) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        _ => Err(format!("unknown group \"{s}\"")),
+    }
+});
 
 /// Parses `500ms`, `10s`, `2m`, `1h`, or a sum such as `1m30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

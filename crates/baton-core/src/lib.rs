@@ -10,8 +10,10 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control;
 pub mod listeners;
 pub mod master;
+mod procnet;
 pub mod supervisor;
 
 /// Makes this process the reaper of its workers' orphans (`PR_SET_CHILD_SUBREAPER`). A

@@ -29,9 +29,15 @@ use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use baton_proto::control as proto;
+
 use crate::config::{self, Config, NotifyAccess, Probe, Protocol, Readiness, WorkerConfig};
+use crate::control::{self, ControlRequest};
 use crate::listeners::{BindError, GenerationListener, ListenerTable, Prepared};
-use crate::supervisor::{Action, Event, Generation, GenerationSpec, Intent, Supervisor, WorkerId};
+use crate::supervisor::{
+    Action, Event, Generation, GenerationSpec, Intent, Phase, RequestId, Supervisor, Trigger,
+    Verdict, WorkerId,
+};
 
 /// Input from outside the core: what the binary's signal adapter (or a test) sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,13 +99,46 @@ pub struct Master {
     supervisor: Supervisor,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
+    control: Option<(
+        std::os::unix::net::UnixListener,
+        config::ControlConfig,
+        control::SocketFile,
+    )>,
+    /// Clients waiting for the verdict of a reload request.
+    waiters: HashMap<RequestId, Vec<tokio::sync::oneshot::Sender<proto::Response>>>,
+    /// Recent verdicts by request, for `baton reload --no-wait` followed by a wait.
+    verdicts: std::collections::BTreeMap<RequestId, proto::ReloadVerdict>,
+    started: (Instant, std::time::SystemTime),
 }
 
+/// Why the master could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Verdicts kept for `Request::Verdict`.
+const KEPT_VERDICTS: usize = 1000;
+
 impl Master {
-    /// Binds the configured listeners. Nothing is spawned until [`Master::run`].
-    pub fn new(config: Config) -> Result<Master, BindError> {
+    /// Binds the configured listeners and the control socket. Nothing is spawned until
+    /// [`Master::run`]. Must be called inside a tokio runtime (the control socket registers
+    /// with it).
+    pub fn new(config: Config) -> Result<Master, StartError> {
         let mut table = ListenerTable::default();
         let prepared = table.prepare(&config.listeners)?;
+        let control_config = config.supervisor.control.clone();
+        let listener = control::bind(&control_config).map_err(|source| StartError::Control {
+            path: control_config.socket.display().to_string(),
+            source,
+        })?;
+        let socket_file = control::SocketFile(control_config.socket.clone());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Master {
             config_path: config.source.clone(),
@@ -111,6 +150,10 @@ impl Master {
             supervisor: Supervisor::new(),
             events_tx,
             events_rx,
+            control: Some((listener, control_config, socket_file)),
+            waiters: HashMap::new(),
+            verdicts: std::collections::BTreeMap::new(),
+            started: (Instant::now(), std::time::SystemTime::now()),
         })
     }
 
@@ -133,6 +176,14 @@ impl Master {
         for (name, address) in self.listening() {
             info!(event = "listening", listener = %name, address = %address,
                 "listener {name} listening on {address}");
+        }
+        let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
+        let mut _socket_file = None;
+        if let Some((listener, config, file)) = self.control.take() {
+            info!(event = "control_socket", path = %config.socket.display(),
+                "control socket at {}", config.socket.display());
+            _socket_file = Some(file);
+            tokio::spawn(control::serve(listener, config, control_tx));
         }
         let mut queue = VecDeque::new();
         let actions = self.supervisor.start(Instant::now());
@@ -159,6 +210,11 @@ impl Master {
                     }
                 },
                 Some(event) = self.events_rx.recv() => queue.push_back(event),
+                Some(request) = control_rx.recv() => {
+                    if let Some(code) = self.on_control(request, &mut queue) {
+                        return code;
+                    }
+                }
                 () = sleep_until(deadline), if deadline.is_some() => queue.push_back(Event::Tick),
             }
         }
@@ -209,9 +265,212 @@ impl Master {
                 }
                 Action::Release { generation } => self.release(generation),
                 Action::Exit { code } => return Some(code),
+                Action::Verdict(verdict) => self.on_verdict(verdict),
             }
         }
         None
+    }
+
+    /// A request from the control socket, already authorized.
+    fn on_control(&mut self, req: ControlRequest, queue: &mut VecDeque<Event>) -> Option<i32> {
+        let ControlRequest {
+            request,
+            peer,
+            reply,
+        } = req;
+        match request {
+            proto::Request::Status => {
+                let _ = reply.send(proto::Response::Status(self.status()));
+            }
+            proto::Request::History => {
+                let _ = reply.send(proto::Response::History {
+                    reloads: self.history(),
+                });
+            }
+            proto::Request::Reload { wait } => {
+                let trigger = Trigger::Other(format!("baton reload from {peer}"));
+                let actions = self
+                    .supervisor
+                    .handle(Instant::now(), Event::Intent(Intent::Reload(trigger)));
+                let request = self.supervisor.last_request().unwrap_or(RequestId(0));
+                if wait {
+                    self.waiters.entry(request).or_default().push(reply);
+                } else {
+                    let _ = reply.send(proto::Response::Accepted { request: request.0 });
+                }
+                return self.apply(actions, queue);
+            }
+            proto::Request::Verdict { request } => {
+                let id = RequestId(request);
+                if let Some(verdict) = self.verdicts.get(&id) {
+                    let _ = reply.send(proto::Response::Verdict(verdict.clone()));
+                } else if self
+                    .supervisor
+                    .last_request()
+                    .is_some_and(|last| id <= last)
+                    && id.0 > 0
+                {
+                    self.waiters.entry(id).or_default().push(reply);
+                } else {
+                    let _ = reply.send(proto::Response::Error {
+                        kind: proto::ErrorKind::Unavailable,
+                        message: format!("no reload request #{request} is known"),
+                    });
+                }
+            }
+            proto::Request::Stop { fast } => {
+                let trigger = Trigger::Other(format!("baton stop from {peer}"));
+                let _ = reply.send(proto::Response::Stopping { fast });
+                let actions = self.supervisor.handle(
+                    Instant::now(),
+                    Event::Intent(Intent::Stop {
+                        graceful: !fast,
+                        trigger,
+                    }),
+                );
+                return self.apply(actions, queue);
+            }
+        }
+        None
+    }
+
+    fn on_verdict(&mut self, verdict: Verdict) {
+        for &request in &verdict.requests {
+            let answer = proto::ReloadVerdict {
+                request: request.0,
+                reload: verdict.reload.map(|r| r.0),
+                generation: verdict.generation.map(|g| g.0),
+                ok: verdict.result.is_ok(),
+                reason: verdict.result.clone().err(),
+                duration_ms: Some(verdict.duration.as_millis() as u64),
+            };
+            for waiter in self.waiters.remove(&request).unwrap_or_default() {
+                let _ = waiter.send(proto::Response::Verdict(answer.clone()));
+            }
+            self.verdicts.insert(request, answer);
+            while self.verdicts.len() > KEPT_VERDICTS {
+                self.verdicts.pop_first();
+            }
+        }
+    }
+
+    fn unix_ms_ago(&self, ago: Duration) -> u64 {
+        let now = self.started.1 + self.started.0.elapsed();
+        now.checked_sub(ago)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn status(&self) -> proto::StatusSnapshot {
+        let now = Instant::now();
+        let snap = self.supervisor.snapshot(now);
+        // Connections of workers that do not report them, counted from the kernel.
+        let ports: std::collections::HashSet<u16> = self
+            .resources
+            .values()
+            .flat_map(|r| &r.listeners)
+            .filter_map(|l| match &l.config.address {
+                baton_proto::ListenerAddress::Tcp { .. } => {
+                    l.socket.local().rsplit(':').next()?.parse().ok()
+                }
+                baton_proto::ListenerAddress::Unix { .. } => None,
+            })
+            .collect();
+        let unreported: Vec<u32> = snap
+            .generations
+            .iter()
+            .flat_map(|g| &g.workers)
+            .filter(|w| w.connections.is_none())
+            .filter_map(|w| w.pid)
+            .collect();
+        let counted = crate::procnet::established_connections(&unreported, &ports);
+        let generations = snap
+            .generations
+            .iter()
+            .rev()
+            .map(|g| proto::GenerationStatus {
+                generation: g.generation.0,
+                state: phase_name(g.phase).into(),
+                draining_ms: g.draining_for.map(|d| d.as_millis() as u64),
+                time_left_ms: g.time_left.map(|d| d.as_millis() as u64),
+                workers: g
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        let kernel = w.pid.and_then(|p| counted.get(&p).copied());
+                        proto::WorkerStatus {
+                            worker: w.id.0,
+                            program: self
+                                .resources
+                                .get(&g.generation)
+                                .and_then(|r| r.programs.get(w.program))
+                                .map_or_else(|| w.program.to_string(), |p| p.name.clone()),
+                            slot: w.slot,
+                            pid: w.pid,
+                            state: w.state.into(),
+                            started_unix_ms: self.unix_ms_ago(w.age),
+                            ready_after_ms: w.ready_after.map(|d| d.as_millis() as u64),
+                            restarts: w.restarts,
+                            last_exit: w.last_exit.clone(),
+                            connections: w.connections.or(kernel),
+                            connections_source: match (w.connections, kernel) {
+                                (Some(_), _) => Some("reported".into()),
+                                (None, Some(_)) => Some("kernel".into()),
+                                _ => None,
+                            },
+                            status: w.status.clone(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        proto::StatusSnapshot {
+            master: proto::MasterStatus {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime_ms: snap.uptime.as_millis() as u64,
+                config: self.config_path.display().to_string(),
+                state: if snap.stopping {
+                    "stopping"
+                } else if snap.reload.is_some() {
+                    "reloading"
+                } else {
+                    "idle"
+                }
+                .into(),
+                reload: snap
+                    .reload
+                    .map(|(id, g, covers, running)| proto::RunningReload {
+                        reload: id.0,
+                        generation: g.0,
+                        covers: covers.iter().map(|r| r.0).collect(),
+                        running_ms: running.as_millis() as u64,
+                    }),
+                queued_requests: snap.queued.iter().map(|r| r.0).collect(),
+            },
+            generations,
+        }
+    }
+
+    fn history(&self) -> Vec<proto::ReloadRecord> {
+        let now = Instant::now();
+        self.supervisor
+            .history()
+            .map(|r| proto::ReloadRecord {
+                reload: r.id.0,
+                generation: r.generation.0,
+                requests: r
+                    .covers
+                    .iter()
+                    .zip(&r.triggers)
+                    .map(|(id, t)| format!("{id} {t}"))
+                    .collect(),
+                started_unix_ms: self.unix_ms_ago(now.saturating_duration_since(r.started)),
+                duration_ms: r.duration.as_millis() as u64,
+                ok: r.verdict.is_ok(),
+                reason: r.verdict.clone().err(),
+            })
+            .collect()
     }
 
     fn prepare(&mut self, generation: Generation) -> Result<GenerationSpec, String> {
@@ -410,6 +669,16 @@ impl Master {
             info!(event = "listener_closed", listener = %name, address = %address,
                 "listener {name} ({address}) closed: no generation uses it any more");
         }
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Preparing => "preparing",
+        Phase::Starting => "starting",
+        Phase::Serving => "serving",
+        Phase::Draining => "draining",
+        Phase::Failed => "failed",
     }
 }
 

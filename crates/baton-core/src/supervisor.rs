@@ -190,6 +190,19 @@ pub enum Action {
     Release { generation: Generation },
     /// Leave the event loop and exit the process with this code.
     Exit { code: i32 },
+    /// These reload requests have their verdict (for clients waiting on them).
+    Verdict(Verdict),
+}
+
+/// How the reload covering some requests ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub requests: Vec<RequestId>,
+    /// The reload that covered them; `None` if they were rejected before one started.
+    pub reload: Option<ReloadId>,
+    pub generation: Option<Generation>,
+    pub result: Result<(), String>,
+    pub duration: Duration,
 }
 
 /// The phase of a generation, as shown to operators.
@@ -203,13 +216,58 @@ pub enum Phase {
     Failed,
 }
 
-/// How one reload ended, kept for status and for tests.
+/// How one reload ended, kept for `baton history` and for tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadRecord {
     pub id: ReloadId,
     pub covers: Vec<RequestId>,
+    /// Who asked, for each covered request.
+    pub triggers: Vec<Trigger>,
     pub generation: Generation,
+    pub started: Instant,
+    pub duration: Duration,
     pub verdict: Result<(), String>,
+}
+
+/// What the state machine knows at one instant, for `baton status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub uptime: Duration,
+    pub stopping: bool,
+    /// The reload running now: its id, generation, the requests it covers, how long it runs.
+    pub reload: Option<(ReloadId, Generation, Vec<RequestId>, Duration)>,
+    /// Requests queued behind it.
+    pub queued: Vec<RequestId>,
+    pub generations: Vec<GenerationSnapshot>,
+}
+
+/// One generation in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationSnapshot {
+    pub generation: Generation,
+    pub phase: Phase,
+    /// Draining: since when, and the time left before its last worker is killed.
+    pub draining_for: Option<Duration>,
+    pub time_left: Option<Duration>,
+    pub workers: Vec<WorkerSnapshot>,
+}
+
+/// One worker in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSnapshot {
+    pub id: WorkerId,
+    /// Index of its program in the configuration, and its slot within the program.
+    pub program: usize,
+    pub slot: usize,
+    pub pid: Option<u32>,
+    /// `spawning`, `starting`, `ready`, `draining` or `killed`.
+    pub state: &'static str,
+    pub age: Duration,
+    pub ready_after: Option<Duration>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub connections: Option<u64>,
+    pub status: Option<String>,
 }
 
 #[derive(Debug)]
@@ -239,7 +297,11 @@ struct Slot {
     /// Index within its program (what `BATON_SLOT` tells the worker).
     index: usize,
     worker: Option<WorkerId>,
+    /// Crashes in a row (for the backoff).
     crashes: u32,
+    /// Replacements so far.
+    restarts: u32,
+    last_exit: Option<String>,
     restart_at: Option<Instant>,
 }
 
@@ -268,6 +330,7 @@ struct Worker {
     pgid: Option<u32>,
     state: WorkerState,
     spawned: Instant,
+    ready_after: Option<Duration>,
     connections: Option<u64>,
     /// The last status line it reported (`STATUS=`, or a status packet).
     status: Option<String>,
@@ -278,6 +341,7 @@ struct Reload {
     id: ReloadId,
     generation: Generation,
     covers: Vec<RequestId>,
+    triggers: Vec<Trigger>,
     started: Instant,
     /// The first generation at startup: its failure ends the master.
     initial: bool,
@@ -300,7 +364,7 @@ pub struct Supervisor {
     /// Every pid that belongs to a worker: its spawned pid and its announced main pid.
     pids: BTreeMap<u32, WorkerId>,
     reload: Option<Reload>,
-    pending: Vec<RequestId>,
+    pending: Vec<(RequestId, Trigger)>,
     stop: Option<Stop>,
     exit_code: i32,
     exited: bool,
@@ -310,6 +374,7 @@ pub struct Supervisor {
     next_reload: u64,
     history: VecDeque<ReloadRecord>,
     actions: Vec<Action>,
+    started: Option<Instant>,
 }
 
 impl Supervisor {
@@ -319,6 +384,7 @@ impl Supervisor {
 
     /// Starts the first generation.
     pub fn start(&mut self, now: Instant) -> Vec<Action> {
+        self.started = Some(now);
         self.begin_reload(now, Vec::new(), true);
         std::mem::take(&mut self.actions)
     }
@@ -372,6 +438,86 @@ impl Supervisor {
             .collect()
     }
 
+    /// Everything `baton status` shows, as of `now`.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let generations = self
+            .generations
+            .iter()
+            .map(|(&g, entry)| {
+                let mut workers: Vec<WorkerSnapshot> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.generation == g)
+                    .map(|(&id, w)| {
+                        let slot = entry.slots.get(w.slot);
+                        WorkerSnapshot {
+                            id,
+                            program: w.program,
+                            slot: slot.map_or(0, |s| s.index),
+                            pid: w.pid,
+                            state: match w.state {
+                                WorkerState::Spawning => "spawning",
+                                WorkerState::Starting { .. } => "starting",
+                                WorkerState::Ready => "ready",
+                                WorkerState::Draining => "draining",
+                                WorkerState::Killed => "killed",
+                            },
+                            age: now.saturating_duration_since(w.spawned),
+                            ready_after: w.ready_after,
+                            restarts: slot.map_or(0, |s| s.restarts),
+                            last_exit: slot.and_then(|s| s.last_exit.clone()),
+                            connections: w.connections,
+                            status: w.status.clone(),
+                        }
+                    })
+                    .collect();
+                workers.sort_by_key(|w| (w.program, w.slot, w.id));
+                let (phase, draining_for, time_left) = match entry.state {
+                    GenState::Preparing => (Phase::Preparing, None, None),
+                    GenState::Starting => (Phase::Starting, None, None),
+                    GenState::Serving => (Phase::Serving, None, None),
+                    GenState::Failed => (Phase::Failed, None, None),
+                    GenState::Draining { since, .. } => {
+                        let last = self
+                            .workers
+                            .values()
+                            .filter(|w| w.generation == g && w.state != WorkerState::Killed)
+                            .filter_map(|w| self.drain_deadline(w))
+                            .max();
+                        (
+                            Phase::Draining,
+                            Some(now.saturating_duration_since(since)),
+                            last.map(|d| d.saturating_duration_since(now)),
+                        )
+                    }
+                };
+                GenerationSnapshot {
+                    generation: g,
+                    phase,
+                    draining_for,
+                    time_left,
+                    workers,
+                }
+            })
+            .collect();
+        Snapshot {
+            uptime: self
+                .started
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
+            stopping: self.stop.is_some(),
+            reload: self.reload.as_ref().filter(|r| !r.initial).map(|r| {
+                (
+                    r.id,
+                    r.generation,
+                    r.covers.clone(),
+                    now.saturating_duration_since(r.started),
+                )
+            }),
+            queued: self.pending.iter().map(|(r, _)| *r).collect(),
+            generations,
+        }
+    }
+
     /// The last reloads' verdicts, oldest first.
     pub fn history(&self) -> impl Iterator<Item = &ReloadRecord> {
         self.history.iter()
@@ -385,11 +531,7 @@ impl Supervisor {
         info!(event = "reload_requested", request = request.0, trigger = %trigger,
             "reload request {request} ({trigger})");
         if self.stop.is_some() {
-            warn!(
-                event = "reload_rejected",
-                request = request.0,
-                "reload request {request} rejected: the master is stopping"
-            );
+            self.reject(request);
         } else if let Some(current) = &self.reload {
             info!(
                 event = "reload_queued",
@@ -398,13 +540,34 @@ impl Supervisor {
                 "reload request {request} queued: reload {} is running; the next reload covers it",
                 current.id
             );
-            self.pending.push(request);
+            self.pending.push((request, trigger));
         } else {
-            self.begin_reload(now, vec![request], false);
+            self.begin_reload(now, vec![(request, trigger)], false);
         }
     }
 
-    fn begin_reload(&mut self, now: Instant, covers: Vec<RequestId>, initial: bool) {
+    fn reject(&mut self, request: RequestId) {
+        warn!(
+            event = "reload_rejected",
+            request = request.0,
+            "reload request {request} rejected: the master is stopping"
+        );
+        self.actions.push(Action::Verdict(Verdict {
+            requests: vec![request],
+            reload: None,
+            generation: None,
+            result: Err("rejected: the master is stopping".into()),
+            duration: Duration::ZERO,
+        }));
+    }
+
+    /// The id of the last reload request handled: a caller that just sent one learns its id.
+    pub fn last_request(&self) -> Option<RequestId> {
+        (self.next_request > 0).then_some(RequestId(self.next_request))
+    }
+
+    fn begin_reload(&mut self, now: Instant, requests: Vec<(RequestId, Trigger)>, initial: bool) {
+        let (covers, triggers): (Vec<RequestId>, Vec<Trigger>) = requests.into_iter().unzip();
         self.next_generation += 1;
         let generation = Generation(self.next_generation);
         let id = if initial {
@@ -430,6 +593,7 @@ impl Supervisor {
             id,
             generation,
             covers,
+            triggers,
             started: now,
             initial,
         });
@@ -457,6 +621,8 @@ impl Supervisor {
                             index,
                             worker: None,
                             crashes: 0,
+                            restarts: 0,
+                            last_exit: None,
                             restart_at: None,
                         })
                     })
@@ -495,6 +661,7 @@ impl Supervisor {
                 pgid: None,
                 state: WorkerState::Spawning,
                 spawned: now,
+                ready_after: None,
                 connections: None,
                 status: None,
             },
@@ -534,7 +701,7 @@ impl Supervisor {
             info!(event = "reload_succeeded", reload = reload.id.0, generation = g.0,
                 covers = %list, took_ms = took.as_millis() as u64,
                 "reload {} succeeded: generation {g} is serving (requests {list})", reload.id);
-            self.record(&reload, Ok(()));
+            self.record(&reload, now, Ok(()));
         }
         for old in old {
             self.begin_drain(now, old);
@@ -577,7 +744,7 @@ impl Supervisor {
             error!(event = "reload_failed", reload = reload.id.0, generation = g.0,
                 covers = %list, reason = %reason,
                 "reload {} failed: {reason}; {serving} (requests {list})", reload.id);
-            self.record(&reload, Err(reason));
+            self.record(&reload, now, Err(reason));
         }
         self.finish_if_empty(now, g);
         self.next_pending(now);
@@ -590,14 +757,25 @@ impl Supervisor {
         }
     }
 
-    fn record(&mut self, reload: &Reload, verdict: Result<(), String>) {
+    fn record(&mut self, reload: &Reload, now: Instant, verdict: Result<(), String>) {
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
+        let duration = now.saturating_duration_since(reload.started);
+        self.actions.push(Action::Verdict(Verdict {
+            requests: reload.covers.clone(),
+            reload: Some(reload.id),
+            generation: Some(reload.generation),
+            result: verdict.clone(),
+            duration,
+        }));
         self.history.push_back(ReloadRecord {
             id: reload.id,
             covers: reload.covers.clone(),
+            triggers: reload.triggers.clone(),
             generation: reload.generation,
+            started: reload.started,
+            duration,
             verdict,
         });
     }
@@ -657,6 +835,7 @@ impl Supervisor {
             WorkerMessage::Ready => {
                 if let WorkerState::Starting { .. } = w.state {
                     w.state = WorkerState::Ready;
+                    w.ready_after = Some(now.saturating_duration_since(w.spawned));
                     let after = now.saturating_duration_since(w.spawned).as_millis() as u64;
                     let pid = w.pid.unwrap_or(0);
                     info!(
@@ -758,6 +937,7 @@ impl Supervisor {
             if s.worker == Some(id) {
                 s.worker = None;
             }
+            s.last_exit = Some(status.to_string());
         }
         let ran = now.saturating_duration_since(w.spawned);
         match self.generations.get(&g).map(|entry| &entry.state) {
@@ -807,6 +987,7 @@ impl Supervisor {
                 };
                 // A worker that ran at least as long as the longest backoff was healthy: its
                 // crash starts a new sequence instead of continuing the old one.
+                s.restarts += 1;
                 s.crashes = if ran >= program.restart_backoff_max {
                     1
                 } else {
@@ -1023,12 +1204,8 @@ impl Supervisor {
         self.stop = Some(wanted);
         info!(event = "stopping", graceful, trigger = %trigger,
             "{trigger}: {} stop", if graceful { "graceful" } else { "fast" });
-        for request in std::mem::take(&mut self.pending) {
-            warn!(
-                event = "reload_rejected",
-                request = request.0,
-                "reload request {request} rejected: the master is stopping"
-            );
+        for (request, _) in std::mem::take(&mut self.pending) {
+            self.reject(request);
         }
         self.fail_reload(now, format!("stop requested ({trigger})"));
         let gens: Vec<Generation> = self.generations.keys().copied().collect();

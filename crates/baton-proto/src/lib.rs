@@ -2,7 +2,8 @@
 //!
 //! This crate owns the *worker channel* protocol (see `docs/protocol.md`): the messages that
 //! travel over the `SOCK_SEQPACKET` socket pair between the master and each worker, one JSON
-//! object per packet. It is the only crate whose types are serialised for IPC.
+//! object per packet; and the *control* protocol ([`control`]) between the CLI and the master.
+//! It is the only crate whose types are serialised for IPC.
 //!
 //! It must not do I/O: no sockets, no fds, no processes. Moving bytes and descriptors is the job
 //! of `baton-sys`; deciding what to send is the job of `baton-core` and `baton-worker`.
@@ -13,6 +14,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+pub mod control;
 
 /// Version of the worker channel protocol spoken by this build. Sent in [`Hello::version`].
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,12 +1,15 @@
-//! `baton`: the master (`baton run`) and its tools. Only wiring lives here; the master is
-//! `baton-core`.
+//! `baton`: the master (`baton run`) and the tools that talk to it. Only wiring lives here; the
+//! master is `baton-core`, the wire types are `baton-proto`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod client;
+mod commands;
+mod render;
 mod signals;
 
 /// Exit status for bad arguments or configuration (sysexits' EX_USAGE): with
@@ -24,6 +27,17 @@ struct Cli {
     command: Command,
 }
 
+/// Where the running master's control socket is.
+#[derive(Args, Clone)]
+struct Target {
+    /// Find the control socket in this configuration file.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// The control socket (default: $BATON_SOCKET, or /run/baton/baton.sock).
+    #[arg(short, long, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the master in the foreground.
@@ -35,10 +49,59 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
-    /// Validate a configuration file and exit (0: valid, 64: invalid).
+    /// Validate a configuration file without touching a running master (0: valid, 64: not).
     Check {
         #[arg(short, long, default_value = "/etc/baton/baton.yaml")]
         config: PathBuf,
+    },
+    /// The master and every generation, with its workers.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print the protocol's status type as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The draining generations and what keeps each alive.
+    DrainStatus {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+        /// Wait until no generation is draining (exit 1 if `--timeout` passes first).
+        #[arg(long)]
+        wait: bool,
+        /// With `--wait`: give up after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Reload: start a new generation and wait for its verdict (exit 0: serving, 1: failed).
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        /// Return at once with the request id instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Wait for the verdict of an earlier request instead of making a new one.
+        #[arg(long, conflicts_with = "no_wait")]
+        request: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the master: drain every generation, then exit.
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        /// Kill the workers now instead of draining them.
+        #[arg(long)]
+        fast: bool,
+    },
+    /// The last reloads: id, trigger, start, duration, verdict.
+    History {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -51,103 +114,24 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run { config, log_format } => run(&config, log_format),
-        Command::Check { config } => check(&config),
-    }
-}
-
-#[allow(clippy::print_stderr)] // before logging is set up, and the verdict of `check`
-fn run(path: &std::path::Path, format: LogFormat) -> ExitCode {
-    init_logging(format);
-    let config = match baton_core::config::load(path) {
-        Ok(config) => config,
-        Err(err) => {
-            tracing::error!(event = "config_invalid", "invalid configuration: {err}");
-            return ExitCode::from(EX_USAGE);
-        }
+    let code = match cli.command {
+        Command::Run { config, log_format } => commands::run(&config, log_format),
+        Command::Check { config } => commands::check(&config),
+        Command::Status { target, json } => commands::status(&target, json),
+        Command::DrainStatus {
+            target,
+            json,
+            wait,
+            timeout,
+        } => commands::drain_status(&target, json, wait, timeout.map(Duration::from_secs)),
+        Command::Reload {
+            target,
+            no_wait,
+            request,
+            json,
+        } => commands::reload(&target, no_wait, request, json),
+        Command::Stop { target, fast } => commands::stop(&target, fast),
+        Command::History { target, json } => commands::history(&target, json),
     };
-    let master = match baton_core::master::Master::new(config) {
-        Ok(master) => master,
-        Err(err) => {
-            tracing::error!(event = "bind_failed", "cannot start: {err}");
-            return ExitCode::from(EX_USAGE);
-        }
-    };
-    match serve(master) {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(err) => {
-            tracing::error!("{err:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn serve(master: baton_core::master::Master) -> anyhow::Result<i32> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    signals::forward(tx).context("registering signal handlers")?;
-    // Orphans of workers (a server that forks and announces MAINPID=) are reparented to the
-    // master, which reaps them, instead of to init.
-    if let Err(err) = baton_core::become_subreaper() {
-        tracing::warn!("cannot become a child subreaper: {err}");
-    }
-    Ok(runtime.block_on(master.run(rx)))
-}
-
-#[allow(clippy::print_stderr, clippy::print_stdout)]
-fn check(path: &std::path::Path) -> ExitCode {
-    match baton_core::config::load(path) {
-        Ok(config) => {
-            let programs: Vec<String> = config
-                .programs
-                .iter()
-                .map(|p| format!("{} x {} ({})", p.processes, p.name, p.command.display()))
-                .collect();
-            println!(
-                "{}: ok ({} listeners; workers: {})",
-                path.display(),
-                config.listeners.len(),
-                programs.join(", ")
-            );
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("baton: {err}");
-            ExitCode::from(EX_USAGE)
-        }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        // Messages are written to stand alone; the structured fields are for the JSON format.
-        LogFormat::Text => builder
-            .with_target(false)
-            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
-                |w, field, value| {
-                    if field.name() == "message" {
-                        write!(w, "{value:?}")
-                    } else {
-                        Ok(())
-                    }
-                },
-            ))
-            .init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-    }
+    ExitCode::from(code)
 }

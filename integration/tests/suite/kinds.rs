@@ -17,7 +17,7 @@ fn tcp4_tcp6_and_unix_listeners_are_all_served() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("app.sock");
     let yaml = format!(
-        "listeners:\n  - name: v4\n    address: 127.0.0.1:{p4}\n  - name: v6\n    address: \"[::1]:{p6}\"\n    backlog: 64\n  - name: local\n    path: {}\n    mode: \"0600\"\nworker:\n  command: {}\n  processes: 2\n",
+        "listeners:\n  - name: v4\n    address: 127.0.0.1:{p4}\n  - name: v6\n    address: \"[::1]:{p6}\"\n    backlog: 64\n  - name: local\n    path: {}\n    mode: \"0600\"\nworker:\n  command: {}\n  processes: 2\nsupervisor:\n  control: {{socket: \"{{dir}}/baton.sock\"}}\n",
         sock.display(),
         binaries().hello_worker.display()
     );

@@ -92,7 +92,7 @@ fn baton_and_systemd_style_programs_serve_side_by_side() {
     require("node");
     let port = free_port();
     let yaml = format!(
-        "listeners:\n  - {{name: http, address: \"127.0.0.1:{port}\"}}\nworkers:\n  - name: rust\n    command: {}\n  - name: python\n    command: {EXAMPLES}/python-worker/server.py\n    protocol: systemd\n  - name: node\n    command: {EXAMPLES}/node-worker/server.js\n    protocol: systemd\n    ready: {{http: \"{{dir}}/probe-{{worker}}.sock\", path: /ready}}\nsupervisor:\n  runtime_dir: \"{{dir}}/run\"\n",
+        "listeners:\n  - {{name: http, address: \"127.0.0.1:{port}\"}}\nworkers:\n  - name: rust\n    command: {}\n  - name: python\n    command: {EXAMPLES}/python-worker/server.py\n    protocol: systemd\n  - name: node\n    command: {EXAMPLES}/node-worker/server.js\n    protocol: systemd\n    ready: {{http: \"{{dir}}/probe-{{worker}}.sock\", path: /ready}}\nsupervisor:\n  runtime_dir: \"{{dir}}/run\"\n  control: {{socket: \"{{dir}}/baton.sock\"}}\n",
         binaries().hello_worker.display()
     );
     let master = Master::spawn("mixed", &yaml);

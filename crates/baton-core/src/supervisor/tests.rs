@@ -582,7 +582,12 @@ fn several_programs_make_one_generation_ready_only_when_all_are() {
         })
         .collect();
     assert_eq!(programs, [(0, 0), (1, 0), (1, 1)]);
-    assert_eq!(start, vec![Action::Prepare { generation: Generation(1) }]);
+    assert_eq!(
+        start,
+        vec![Action::Prepare {
+            generation: Generation(1)
+        }]
+    );
     let workers = h.spawn_all(&spawns);
     assert!(h.ready(&workers[..2]).is_empty());
     assert_eq!(h.s.generations()[0].1, Phase::Starting);

@@ -1,0 +1,357 @@
+//! The control socket: where `baton status`, `baton reload`, ... reach the master.
+//!
+//! One task accepts connections; each client gets a task of its own, at most
+//! [`ControlConfig::max_clients`] at once. A client has [`ControlConfig::timeout`] to send its
+//! one request and to take the answer; a client that stalls, sends garbage, an oversized or
+//! truncated frame, or a wrong version gets an error (or just a closed connection) and costs the
+//! master nothing more. Requests are authorized from the peer's credentials (`SO_PEERCRED`) and
+//! then handed to the event loop, which answers without ever waiting on a client.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use baton_proto::control::{self, ErrorKind, FrameError, Request, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::config::ControlConfig;
+
+/// Who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<u32>,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "uid {} (pid {pid})", self.uid),
+            None => write!(f, "uid {}", self.uid),
+        }
+    }
+}
+
+/// An authorized request, on its way to the event loop.
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub request: Request,
+    pub peer: Peer,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// Binds the control socket: a stale file of a dead master is replaced, a live master's is not.
+pub fn bind(config: &ControlConfig) -> io::Result<std::os::unix::net::UnixListener> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use: is another baton running?", path.display()),
+                ));
+            }
+            Err(_) => std::fs::remove_file(path)?,
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    if let Some(gid) = config.read_group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.mode))?;
+    Ok(listener)
+}
+
+/// Removes the socket file when the master is done.
+#[derive(Debug)]
+pub struct SocketFile(pub std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Accepts clients until the task is dropped.
+pub async fn serve(
+    listener: std::os::unix::net::UnixListener,
+    config: ControlConfig,
+    requests: mpsc::Sender<ControlRequest>,
+) {
+    let listener = match UnixListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            warn!("control socket unusable: {err}");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(config.max_clients));
+    let config = Arc::new(config);
+    let owner = nix::unistd::geteuid().as_raw();
+    loop {
+        // Take a slot before accepting: excess clients wait in the backlog, not in memory.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                warn!("control socket: accept failed: {err}");
+                // Out of descriptors and the like: do not spin on a failing accept.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (config, requests) = (config.clone(), requests.clone());
+        tokio::spawn(async move {
+            client(stream, &config, owner, requests).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn client(
+    mut stream: UnixStream,
+    config: &ControlConfig,
+    owner: u32,
+    requests: mpsc::Sender<ControlRequest>,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(cred) => Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+        },
+        Err(err) => {
+            debug!("control socket: no peer credentials: {err}");
+            return;
+        }
+    };
+    let request = match tokio::time::timeout(config.timeout, read_request(&mut stream)).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(err)) => {
+            let kind = if matches!(err, FrameError::Version(_)) {
+                ErrorKind::Version
+            } else {
+                ErrorKind::BadRequest
+            };
+            warn!(
+                event = "control_bad_request",
+                uid = peer.uid,
+                "control request from {peer} refused: {err}"
+            );
+            let _ = respond(
+                &mut stream,
+                config,
+                Response::Error {
+                    kind,
+                    message: err.to_string(),
+                },
+            )
+            .await;
+            return;
+        }
+        Err(_) => {
+            warn!(
+                event = "control_bad_request",
+                uid = peer.uid,
+                "control client {peer} sent no request within {} ms: closed",
+                config.timeout.as_millis()
+            );
+            return;
+        }
+    };
+    if let Err(message) = authorize(&request, &peer, config, owner) {
+        warn!(
+            event = "control_denied",
+            uid = peer.uid,
+            "control request {request:?} from {peer} denied: {message}"
+        );
+        let _ = respond(
+            &mut stream,
+            config,
+            Response::Error {
+                kind: ErrorKind::PermissionDenied,
+                message,
+            },
+        )
+        .await;
+        return;
+    }
+    let (reply, answer) = oneshot::channel();
+    if requests
+        .send(ControlRequest {
+            request,
+            peer,
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // The answer may take as long as a reload does (`reload` waits for its verdict); the master
+    // answers on its own schedule and this task only waits.
+    if let Ok(response) = answer.await {
+        let _ = respond(&mut stream, config, response).await;
+    }
+}
+
+/// Reads one frame, refusing oversized ones before reading their body.
+async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
+    let mut header = [0u8; 4];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| FrameError::Invalid(format!("reading the frame header: {e}")))?;
+    let len = control::frame_len(header)?;
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|_| FrameError::Truncated { got: 0, want: len })?;
+    control::decode_body(&body)
+}
+
+async fn respond(
+    stream: &mut UnixStream,
+    config: &ControlConfig,
+    response: Response,
+) -> io::Result<()> {
+    let frame = control::encode_frame(response);
+    tokio::time::timeout(config.timeout, stream.write_all(&frame))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read"))?
+}
+
+/// Mutating requests: root, the master's own user, or an allowed user or group. Read-only
+/// requests: also the read group.
+fn authorize(
+    request: &Request,
+    peer: &Peer,
+    config: &ControlConfig,
+    owner: u32,
+) -> Result<(), String> {
+    let groups = peer_groups(peer);
+    let may_mutate = peer.uid == 0
+        || peer.uid == owner
+        || config.allow_uids.contains(&peer.uid)
+        || groups.iter().any(|g| config.allow_gids.contains(g));
+    if may_mutate {
+        return Ok(());
+    }
+    if request.mutates() {
+        return Err(format!(
+            "{peer} may not change the master (allowed: root, uid {owner}, supervisor.control.allow_users/allow_groups)"
+        ));
+    }
+    match config.read_group {
+        Some(gid) if groups.contains(&gid) => Ok(()),
+        _ => Err(format!(
+            "{peer} may not read the master's status (not in supervisor.control.read_group)"
+        )),
+    }
+}
+
+/// The peer's primary and supplementary groups (the latter from `/proc/<pid>/status`).
+fn peer_groups(peer: &Peer) -> Vec<u32> {
+    let mut groups = vec![peer.gid];
+    if let Some(pid) = peer.pid {
+        if let Ok(status) =
+            std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))
+        {
+            if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
+                groups.extend(
+                    line.split_whitespace()
+                        .skip(1)
+                        .filter_map(|g| g.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn config() -> ControlConfig {
+        ControlConfig {
+            socket: "/unused".into(),
+            mode: 0o600,
+            read_group: Some(4242),
+            allow_uids: vec![1000],
+            allow_gids: vec![5000],
+            timeout: Duration::from_secs(1),
+            max_clients: 4,
+        }
+    }
+
+    fn peer(uid: u32, gid: u32) -> Peer {
+        Peer {
+            uid,
+            gid,
+            pid: None,
+        }
+    }
+
+    #[test]
+    fn authorization_follows_the_configuration() {
+        let c = config();
+        let reload = Request::Reload { wait: true };
+        assert!(authorize(&reload, &peer(0, 0), &c, 77).is_ok(), "root");
+        assert!(
+            authorize(&reload, &peer(77, 77), &c, 77).is_ok(),
+            "the master's own user"
+        );
+        assert!(
+            authorize(&reload, &peer(1000, 1), &c, 77).is_ok(),
+            "allowed user"
+        );
+        assert!(
+            authorize(&reload, &peer(9, 5000), &c, 77).is_ok(),
+            "allowed group"
+        );
+        let denied = authorize(&reload, &peer(9, 4242), &c, 77).unwrap_err();
+        assert!(denied.contains("uid 9 may not change"), "{denied}");
+        assert!(
+            authorize(&Request::Status, &peer(9, 4242), &c, 77).is_ok(),
+            "read group reads"
+        );
+        assert!(
+            authorize(&Request::Status, &peer(9, 9), &c, 77).is_err(),
+            "others do not"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn frames_are_read_with_limits_over_a_socket_pair() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&control::encode_frame(Request::Status))
+            .await
+            .unwrap();
+        assert_eq!(read_request(&mut b).await.unwrap(), Request::Status);
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            read_request(&mut b).await,
+            Err(FrameError::TooLarge(_))
+        ));
+        a.write_all(&[0, 0, 0, 10, b'{']).await.unwrap();
+        drop(a);
+        assert!(matches!(
+            read_request(&mut b).await,
+            Err(FrameError::Truncated { .. })
+        ));
+    }
+}

@@ -1,0 +1,324 @@
+//! The control protocol: what `baton status`, `baton reload`, ... say to a running master over
+//! its control socket (`docs/protocol.md`, "Control socket").
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of JSON: an [`Envelope`]
+//! holding a [`Request`] (client to master) or a [`Response`] (master to client). One request,
+//! one response, per connection.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the control protocol spoken by this build.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// A versioned frame body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub version: u32,
+    pub body: T,
+}
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// The master and every generation.
+    Status,
+    /// Reload now. With `wait`, the answer is the verdict of the reload that covers this request;
+    /// without, the answer is immediate and names the request.
+    Reload { wait: bool },
+    /// The verdict of an earlier request (`wait` after `--no-wait`).
+    Verdict { request: u64 },
+    /// The last reloads.
+    History,
+    /// Stop the master: drain everything (`fast: false`) or kill workers now.
+    Stop { fast: bool },
+}
+
+impl Request {
+    /// Whether the request changes anything (needs the mutating permission).
+    pub fn mutates(&self) -> bool {
+        matches!(self, Request::Reload { .. } | Request::Stop { .. })
+    }
+}
+
+/// What the master answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Status(StatusSnapshot),
+    /// A reload request was registered (the answer to `reload` without `wait`).
+    Accepted {
+        request: u64,
+    },
+    /// How the reload covering `request` ended.
+    Verdict(ReloadVerdict),
+    History {
+        reloads: Vec<ReloadRecord>,
+    },
+    /// The stop was accepted.
+    Stopping {
+        fast: bool,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The frame could not be read or decoded.
+    BadRequest,
+    /// The envelope's version is not [`CONTROL_VERSION`].
+    Version,
+    /// The peer may not do this.
+    PermissionDenied,
+    /// Unknown request id, or the master is stopping.
+    Unavailable,
+}
+
+/// The verdict of one reload request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadVerdict {
+    pub request: u64,
+    /// The reload that covered it (none if it was rejected before one started).
+    pub reload: Option<u64>,
+    /// The generation it started.
+    pub generation: Option<u64>,
+    pub ok: bool,
+    /// Why it failed (`ok: false`).
+    pub reason: Option<String>,
+    pub duration_ms: Option<u64>,
+}
+
+/// One reload, for `baton history`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadRecord {
+    pub reload: u64,
+    pub generation: u64,
+    /// The requests it covered, with who asked: `#3 SIGUSR2 from pid 12`.
+    pub requests: Vec<String>,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+    pub ok: bool,
+    pub reason: Option<String>,
+}
+
+/// Everything `baton status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusSnapshot {
+    pub master: MasterStatus,
+    pub generations: Vec<GenerationStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MasterStatus {
+    pub pid: u32,
+    pub version: String,
+    pub uptime_ms: u64,
+    pub config: String,
+    /// `idle`, `reloading` or `stopping`.
+    pub state: String,
+    /// The reload running now.
+    pub reload: Option<RunningReload>,
+    /// Requests queued behind it.
+    pub queued_requests: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunningReload {
+    pub reload: u64,
+    pub generation: u64,
+    pub covers: Vec<u64>,
+    pub running_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    pub generation: u64,
+    /// `preparing`, `starting`, `serving`, `draining` or `failed`.
+    pub state: String,
+    /// Draining: how long so far, and the time left before the last worker is killed.
+    pub draining_ms: Option<u64>,
+    pub time_left_ms: Option<u64>,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub worker: u64,
+    pub program: String,
+    pub slot: usize,
+    pub pid: Option<u32>,
+    /// `spawning`, `starting`, `ready`, `draining` or `killed`.
+    pub state: String,
+    pub started_unix_ms: u64,
+    pub ready_after_ms: Option<u64>,
+    /// Restarts of this slot (crash replacements) so far.
+    pub restarts: u32,
+    /// How the previous process of this slot ended.
+    pub last_exit: Option<String>,
+    /// Open connections: reported by the worker, or counted from the kernel.
+    pub connections: Option<u64>,
+    /// `reported` or `kernel`.
+    pub connections_source: Option<String>,
+    /// The last status line the worker sent.
+    pub status: Option<String>,
+}
+
+/// Encodes one frame.
+pub fn encode_frame<T: Serialize>(body: T) -> Vec<u8> {
+    let json = serde_json::to_vec(&Envelope {
+        version: CONTROL_VERSION,
+        body,
+    })
+    .unwrap_or_default();
+    let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&json);
+    frame
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("frame truncated: {got} of {want} bytes")]
+    Truncated { got: usize, want: usize },
+    #[error("unsupported control protocol version {0}; this build speaks {CONTROL_VERSION}")]
+    Version(u32),
+    #[error("invalid frame: {0}")]
+    Invalid(String),
+}
+
+/// The length announced by a frame's 4-byte header, checked against [`MAX_FRAME`].
+pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        Err(FrameError::TooLarge(len))
+    } else {
+        Ok(len)
+    }
+}
+
+/// Decodes a whole frame (header and body) into `T`, checking size, completeness and version.
+pub fn decode_frame<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, FrameError> {
+    let Some(header) = frame.get(..4) else {
+        return Err(FrameError::Truncated {
+            got: frame.len(),
+            want: 4,
+        });
+    };
+    let len = frame_len(header.try_into().unwrap_or_default())?;
+    let body = &frame[4..];
+    if body.len() < len {
+        return Err(FrameError::Truncated {
+            got: body.len(),
+            want: len,
+        });
+    }
+    decode_body(&body[..len])
+}
+
+/// Decodes a frame's body (after the length header).
+pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let version: Version =
+        serde_json::from_slice(body).map_err(|e| FrameError::Invalid(e.to_string()))?;
+    if version.version != CONTROL_VERSION {
+        return Err(FrameError::Version(version.version));
+    }
+    let envelope: Envelope<T> =
+        serde_json::from_slice(body).map_err(|e| FrameError::Invalid(e.to_string()))?;
+    Ok(envelope.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_round_trip_in_their_documented_shape() {
+        let frame = encode_frame(Request::Reload { wait: true });
+        assert_eq!(&frame[..4], &(frame.len() as u32 - 4).to_be_bytes());
+        let json: serde_json::Value = serde_json::from_slice(&frame[4..]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"version": 1, "body": {"type": "reload", "wait": true}})
+        );
+        for r in [
+            Request::Status,
+            Request::History,
+            Request::Stop { fast: true },
+            Request::Verdict { request: 3 },
+        ] {
+            assert_eq!(
+                decode_frame::<Request>(&encode_frame(r.clone())).unwrap(),
+                r
+            );
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_typed_errors() {
+        assert!(matches!(
+            decode_frame::<Request>(b"\x00\x00"),
+            Err(FrameError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_frame::<Request>(b"\x00\x10\x00\x00{}"),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            decode_frame::<Request>(b"\x00\x00\x00\x10{}"),
+            Err(FrameError::Truncated { .. })
+        ));
+        let v9 = br#"{"version":9,"body":{"type":"status"}}"#;
+        let mut frame = (v9.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(v9);
+        assert_eq!(decode_frame::<Request>(&frame), Err(FrameError::Version(9)));
+        let unknown = br#"{"version":1,"body":{"type":"format_disk"}}"#;
+        let mut frame = (unknown.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(unknown);
+        assert!(matches!(
+            decode_frame::<Request>(&frame),
+            Err(FrameError::Invalid(_))
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Whatever bytes arrive, the decoder answers with a request or a typed error: it never
+        /// panics, and never accepts a frame larger than the limit.
+        #[test]
+        fn the_request_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            match decode_frame::<Request>(&bytes) {
+                Ok(_) => prop_assert!(bytes.len() >= 4),
+                Err(FrameError::TooLarge(n)) => prop_assert!(n > MAX_FRAME),
+                Err(_) => {}
+            }
+        }
+
+        /// Valid JSON of the wrong shape is refused, never misread.
+        #[test]
+        fn json_noise_is_refused_or_a_known_request(key in "[a-z_]{1,12}", value in any::<i64>(), version in 0u32..3) {
+            let body = format!(r#"{{"version":{version},"body":{{"type":"{key}","wait":{value}}}}}"#);
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(body.as_bytes());
+            if let Ok(request) = decode_frame::<Request>(&frame) {
+                prop_assert_eq!(version, CONTROL_VERSION);
+                prop_assert!(matches!(request, Request::Status | Request::History));
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! What each subcommand does. Each returns the process exit status.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a CLI prints
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use baton_proto::control::{ErrorKind, Request, Response};
+
+use crate::client::{self, ClientError};
+use crate::{EX_USAGE, LogFormat, Target, render, signals};
+
+const EX_UNAVAILABLE: u8 = 69;
+const EX_PROTOCOL: u8 = 76;
+const EX_NOPERM: u8 = 77;
+
+pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
+    init_logging(format);
+    let config = match baton_core::config::load(path) {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::error!(event = "config_invalid", "invalid configuration: {err}");
+            return EX_USAGE;
+        }
+    };
+    let master = match baton_core::master::Master::new(config) {
+        Ok(master) => master,
+        Err(err) => {
+            tracing::error!(event = "start_failed", "cannot start: {err}");
+            return EX_USAGE;
+        }
+    };
+    match serve(master) {
+        Ok(code) => code.clamp(0, 255) as u8,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            1
+        }
+    }
+}
+
+fn serve(master: baton_core::master::Master) -> anyhow::Result<i32> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    signals::forward(tx).context("registering signal handlers")?;
+    // Orphans of workers (a server that forks and announces MAINPID=) are reparented to the
+    // master, which reaps them, instead of to init.
+    if let Err(err) = baton_core::become_subreaper() {
+        tracing::warn!("cannot become a child subreaper: {err}");
+    }
+    Ok(runtime.block_on(master.run(rx)))
+}
+
+pub(crate) fn check(path: &Path) -> u8 {
+    match baton_core::config::load(path) {
+        Ok(config) => {
+            let programs: Vec<String> = config
+                .programs
+                .iter()
+                .map(|p| format!("{} x {} ({})", p.processes, p.name, p.command.display()))
+                .collect();
+            println!(
+                "{}: ok ({} listeners; workers: {})",
+                path.display(),
+                config.listeners.len(),
+                programs.join(", ")
+            );
+            0
+        }
+        Err(err) => {
+            eprintln!("baton: {err}");
+            EX_USAGE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        // Messages are written to stand alone; the structured fields are for the JSON format.
+        LogFormat::Text => builder
+            .with_target(false)
+            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
+                |w, field, value| {
+                    if field.name() == "message" {
+                        write!(w, "{value:?}")
+                    } else {
+                        Ok(())
+                    }
+                },
+            ))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}
+
+/// The control socket to talk to: `-s`, the one `-c` configures, `$BATON_SOCKET`, or the default.
+fn socket(target: &Target) -> Result<PathBuf, u8> {
+    if let Some(socket) = &target.socket {
+        return Ok(socket.clone());
+    }
+    if let Some(path) = &target.config {
+        return match baton_core::config::load(path) {
+            Ok(config) => Ok(config.supervisor.control.socket),
+            Err(err) => {
+                eprintln!("baton: {err}");
+                Err(EX_USAGE)
+            }
+        };
+    }
+    Ok(std::env::var_os("BATON_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(baton_core::config::DEFAULT_CONTROL_SOCKET)))
+}
+
+/// Sends one request; on failure prints why and returns the exit status.
+fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<Response, u8> {
+    let path = socket(target)?;
+    match client::call(&path, &request, timeout) {
+        Ok(Response::Error { kind, message }) => {
+            eprintln!("baton: the master refused: {message}");
+            Err(match kind {
+                ErrorKind::PermissionDenied => EX_NOPERM,
+                ErrorKind::Version => EX_PROTOCOL,
+                ErrorKind::BadRequest => EX_USAGE,
+                ErrorKind::Unavailable => EX_UNAVAILABLE,
+            })
+        }
+        Ok(response) => Ok(response),
+        Err(err @ ClientError::Io(..)) if matches!(request, Request::Stop { .. }) => {
+            // The master may exit before the answer is read: that is what was asked for.
+            eprintln!("baton: {err} (the master is stopping)");
+            Ok(Response::Stopping { fast: false })
+        }
+        Err(err) => {
+            eprintln!("baton: {err}");
+            Err(err.exit_code())
+        }
+    }
+}
+
+fn unexpected(response: &Response) -> u8 {
+    eprintln!("baton: unexpected answer from the master: {response:?}");
+    EX_PROTOCOL
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+pub(crate) fn status(target: &Target, json: bool) -> u8 {
+    match call(target, Request::Status, Some(Duration::from_secs(10))) {
+        Ok(Response::Status(s)) if json => {
+            print_json(&s);
+            0
+        }
+        Ok(Response::Status(s)) => {
+            print!("{}", render::status(&s));
+            0
+        }
+        Ok(other) => unexpected(&other),
+        Err(code) => code,
+    }
+}
+
+pub(crate) fn drain_status(
+    target: &Target,
+    json: bool,
+    wait: bool,
+    timeout: Option<Duration>,
+) -> u8 {
+    let started = Instant::now();
+    let terminal = std::io::stdout().is_terminal();
+    let mut last_line = String::new();
+    loop {
+        let snapshot = match call(target, Request::Status, Some(Duration::from_secs(10))) {
+            Ok(Response::Status(s)) => s,
+            Ok(other) => return unexpected(&other),
+            Err(code) => return code,
+        };
+        let draining = snapshot.generations.iter().any(|g| g.state == "draining");
+        if !wait {
+            if json {
+                let draining: Vec<_> = snapshot
+                    .generations
+                    .iter()
+                    .filter(|g| g.state == "draining")
+                    .collect();
+                print_json(&draining);
+            } else {
+                print!("{}", render::drain_status(&snapshot));
+            }
+            return 0;
+        }
+        if !draining {
+            if terminal {
+                println!();
+            }
+            println!("no generation is draining");
+            return 0;
+        }
+        let line = render::drain_progress(&snapshot);
+        if terminal {
+            print!("\r\x1b[K{line}");
+            let _ = std::io::stdout().flush();
+        } else if line != last_line {
+            println!("{line}");
+        }
+        last_line = line;
+        if timeout.is_some_and(|t| started.elapsed() >= t) {
+            eprintln!(
+                "\nbaton: still draining after {} s",
+                started.elapsed().as_secs()
+            );
+            return 1;
+        }
+        // The client polls (a few cheap status requests a second); the master never does.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+pub(crate) fn reload(target: &Target, no_wait: bool, request: Option<u64>, json: bool) -> u8 {
+    let ask = match request {
+        Some(request) => Request::Verdict { request },
+        None => Request::Reload { wait: !no_wait },
+    };
+    match call(target, ask, None) {
+        Ok(Response::Accepted { request }) => {
+            if json {
+                print_json(&serde_json::json!({ "request": request }));
+            } else {
+                println!(
+                    "reload request #{request} accepted (wait for it: baton reload --request {request})"
+                );
+            }
+            0
+        }
+        Ok(Response::Verdict(v)) => {
+            if json {
+                print_json(&v);
+            } else if v.ok {
+                print!("{}", render::verdict(&v));
+            } else {
+                eprint!("{}", render::verdict(&v));
+            }
+            if v.ok { 0 } else { 1 }
+        }
+        Ok(other) => unexpected(&other),
+        Err(code) => code,
+    }
+}
+
+pub(crate) fn stop(target: &Target, fast: bool) -> u8 {
+    match call(
+        target,
+        Request::Stop { fast },
+        Some(Duration::from_secs(10)),
+    ) {
+        Ok(Response::Stopping { .. }) => {
+            println!(
+                "the master is stopping ({})",
+                if fast {
+                    "fast"
+                } else {
+                    "draining every generation"
+                }
+            );
+            0
+        }
+        Ok(other) => unexpected(&other),
+        Err(code) => code,
+    }
+}
+
+pub(crate) fn history(target: &Target, json: bool) -> u8 {
+    match call(target, Request::History, Some(Duration::from_secs(10))) {
+        Ok(Response::History { reloads }) if json => {
+            print_json(&reloads);
+            0
+        }
+        Ok(Response::History { reloads }) => {
+            print!("{}", render::history(&reloads));
+            0
+        }
+        Ok(other) => unexpected(&other),
+        Err(code) => code,
+    }
+}

@@ -1,0 +1,261 @@
+//! Human-readable output of the control protocol's answers. `--json` prints the protocol types
+//! instead; this module is only a view of them.
+
+use std::fmt::Write;
+
+use baton_proto::control::{
+    GenerationStatus, ReloadRecord, ReloadVerdict, StatusSnapshot, WorkerStatus,
+};
+
+pub(crate) fn duration(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1_000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{}m{:02}s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ago(unix_ms: u64) -> String {
+    format!("{} ago", duration(now_unix_ms().saturating_sub(unix_ms)))
+}
+
+fn connections(w: &WorkerStatus) -> String {
+    match (w.connections, w.connections_source.as_deref()) {
+        (Some(n), Some(source)) => format!("{n} ({source})"),
+        (Some(n), None) => n.to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn generation_heading(g: &GenerationStatus) -> String {
+    let mut line = format!("generation {}  {}", g.generation, g.state);
+    if let Some(ms) = g.draining_ms {
+        let _ = write!(line, " for {}", duration(ms));
+    }
+    if let Some(ms) = g.time_left_ms {
+        let _ = write!(line, ", killed in {} if still running", duration(ms));
+    }
+    line
+}
+
+/// `baton status`.
+pub(crate) fn status(s: &StatusSnapshot) -> String {
+    let m = &s.master;
+    let mut out = format!(
+        "baton {}  master pid {}  up {}  config {}\n",
+        m.version,
+        m.pid,
+        duration(m.uptime_ms),
+        m.config
+    );
+    match &m.reload {
+        Some(r) => {
+            let covers: Vec<String> = r.covers.iter().map(|c| format!("#{c}")).collect();
+            let _ = writeln!(
+                out,
+                "state: reloading (reload {} -> generation {}, for {}, requests {})",
+                r.reload,
+                r.generation,
+                duration(r.running_ms),
+                covers.join(", ")
+            );
+        }
+        None => {
+            let _ = writeln!(out, "state: {}", m.state);
+        }
+    }
+    if !m.queued_requests.is_empty() {
+        let queued: Vec<String> = m.queued_requests.iter().map(|c| format!("#{c}")).collect();
+        let _ = writeln!(out, "queued reload requests: {}", queued.join(", "));
+    }
+    for g in &s.generations {
+        let _ = writeln!(out, "\n{}", generation_heading(g));
+        let mut rows = vec![
+            [
+                "WORKER",
+                "PROGRAM",
+                "SLOT",
+                "PID",
+                "STATE",
+                "STARTED",
+                "READY AFTER",
+                "RESTARTS",
+                "LAST EXIT",
+                "CONNS",
+                "STATUS",
+            ]
+            .map(String::from),
+        ];
+        for w in &g.workers {
+            rows.push([
+                w.worker.to_string(),
+                w.program.clone(),
+                w.slot.to_string(),
+                w.pid.map_or("-".into(), |p| p.to_string()),
+                w.state.clone(),
+                ago(w.started_unix_ms),
+                w.ready_after_ms.map_or("-".into(), duration),
+                w.restarts.to_string(),
+                w.last_exit.clone().unwrap_or_else(|| "-".into()),
+                connections(w),
+                w.status.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        out += &table(&rows, "  ");
+    }
+    if s.generations.is_empty() {
+        out += "\nno generation\n";
+    }
+    out
+}
+
+/// `baton drain-status`: only the draining generations, and what keeps each alive.
+pub(crate) fn drain_status(s: &StatusSnapshot) -> String {
+    let draining: Vec<&GenerationStatus> = s
+        .generations
+        .iter()
+        .filter(|g| g.state == "draining")
+        .collect();
+    if draining.is_empty() {
+        return "no generation is draining\n".into();
+    }
+    let mut out = String::new();
+    for g in draining {
+        let _ = writeln!(
+            out,
+            "{}, {} workers left:",
+            generation_heading(g),
+            g.workers.len()
+        );
+        for w in &g.workers {
+            let why = match (w.connections, w.state.as_str()) {
+                (_, "killed") => "killed, waiting to be reaped".to_string(),
+                (Some(0), _) => "no connection open: finishing".to_string(),
+                (Some(_), _) => format!("{} connections open", connections(w)),
+                (None, _) => "running (connections unknown)".to_string(),
+            };
+            let status = w
+                .status
+                .as_ref()
+                .map_or(String::new(), |s| format!("; status: {s}"));
+            let _ = writeln!(
+                out,
+                "  pid {} ({} worker {}): {why}{status}",
+                w.pid.unwrap_or(0),
+                w.program,
+                w.worker
+            );
+        }
+    }
+    out
+}
+
+/// One line for `drain-status --wait`.
+pub(crate) fn drain_progress(s: &StatusSnapshot) -> String {
+    let parts: Vec<String> = s
+        .generations
+        .iter()
+        .filter(|g| g.state == "draining")
+        .map(|g| {
+            let conns: u64 = g.workers.iter().filter_map(|w| w.connections).sum();
+            format!(
+                "gen {}: {} workers, {} conns, {} left",
+                g.generation,
+                g.workers.len(),
+                conns,
+                g.time_left_ms.map_or("-".into(), duration)
+            )
+        })
+        .collect();
+    format!("draining: {}", parts.join("; "))
+}
+
+/// The verdict of `baton reload`.
+pub(crate) fn verdict(v: &ReloadVerdict) -> String {
+    let took = v
+        .duration_ms
+        .map_or(String::new(), |ms| format!(" in {}", duration(ms)));
+    match (v.ok, v.reload, v.generation) {
+        (true, Some(r), Some(g)) => format!(
+            "reload {r} (request #{}) succeeded{took}: generation {g} is serving\n",
+            v.request
+        ),
+        _ => format!(
+            "reload{} (request #{}) failed{took}: {}\n",
+            v.reload.map_or(String::new(), |r| format!(" {r}")),
+            v.request,
+            v.reason.as_deref().unwrap_or("unknown reason")
+        ),
+    }
+}
+
+/// `baton history`.
+pub(crate) fn history(reloads: &[ReloadRecord]) -> String {
+    if reloads.is_empty() {
+        return "no reload yet\n".into();
+    }
+    let mut rows = vec![
+        [
+            "RELOAD", "GEN", "STARTED", "DURATION", "VERDICT", "REQUESTS",
+        ]
+        .map(String::from),
+    ];
+    for r in reloads {
+        rows.push([
+            r.reload.to_string(),
+            r.generation.to_string(),
+            ago(r.started_unix_ms),
+            duration(r.duration_ms),
+            if r.ok {
+                "ok".into()
+            } else {
+                format!("failed: {}", r.reason.as_deref().unwrap_or("?"))
+            },
+            r.requests.join("; "),
+        ]);
+    }
+    table(&rows, "")
+}
+
+fn table<const N: usize>(rows: &[[String; N]], indent: &str) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        out += indent;
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == N {
+                out += cell;
+            } else {
+                let _ = write!(out, "{cell:<w$}  ", w = widths[i]);
+            }
+        }
+        out = out.trim_end().to_string();
+        out += "\n";
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(12), "12 ms");
+        assert_eq!(duration(12_345), "12.3 s");
+        assert_eq!(duration(125_000), "2m05s");
+        assert_eq!(duration(7_500_000), "2h05m");
+    }
+}
