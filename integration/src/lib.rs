@@ -158,6 +158,23 @@ impl TestConfig {
     }
 }
 
+/// Runs `baton <args> -s <socket>`, optionally as another user (`uid`, same gid), and returns
+/// its exit code, stdout and stderr.
+pub fn ctl(socket: &std::path::Path, args: &[&str], uid: Option<u32>) -> (i32, String, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(&binaries().baton);
+    cmd.args(args).arg("-s").arg(socket);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().expect("running baton");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A free loopback port (bound and released; the master binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -389,6 +406,33 @@ impl Master {
         // Let the last reload conclude before the load stops, so it runs across all of them.
         self.verdict_of(sent);
         (load.finish(), sent)
+    }
+
+    /// The master's control socket (as `TestConfig` configures it).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("baton.sock")
+    }
+
+    /// Runs `baton <args> -s <socket>` and returns its exit code, stdout and stderr.
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        ctl(&self.socket(), args, None)
+    }
+
+    /// Starts `baton <args> -s <socket>` without waiting for it.
+    pub fn ctl_spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(&binaries().baton)
+            .args(args)
+            .arg("-s")
+            .arg(self.socket())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning baton")
+    }
+
+    /// Open descriptors of the master.
+    pub fn fd_count(&self) -> usize {
+        procfs::fds(self.pid()).len()
     }
 
     /// CPU ticks (10 ms) the master uses while `during` runs, and what `during` returned.

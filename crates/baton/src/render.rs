@@ -138,7 +138,14 @@ pub(crate) fn drain_status(s: &StatusSnapshot) -> String {
             let why = match (w.connections, w.state.as_str()) {
                 (_, "killed") => "killed, waiting to be reaped".to_string(),
                 (Some(0), _) => "no connection open: finishing".to_string(),
-                (Some(_), _) => format!("{} connections open", connections(w)),
+                (Some(1), _) => format!(
+                    "1 connection open ({})",
+                    w.connections_source.as_deref().unwrap_or("?")
+                ),
+                (Some(n), _) => format!(
+                    "{n} connections open ({})",
+                    w.connections_source.as_deref().unwrap_or("?")
+                ),
                 (None, _) => "running (connections unknown)".to_string(),
             };
             let status = w

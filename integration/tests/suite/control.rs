@@ -1,0 +1,421 @@
+//! The control plane against a real master with real workers: status, drain-status, reload
+//! verdicts, history, stop, authorization, and a control socket that shrugs off bad clients.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use baton_integration::{Master, TestConfig, binaries, ctl, eventually, free_port};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn slow(port: u16, ms: u32) -> TestConfig {
+    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    c.command = binaries().it_worker.clone();
+    c.env = vec![("IT_MODE".into(), format!("ready-after:{ms}"))];
+    c
+}
+
+#[test]
+fn status_answers_during_a_reload_and_json_matches_the_table() {
+    let port = free_port();
+    let master = Master::start("ctl-status", &slow(port, 1500));
+    master.signal(Signal::SIGUSR2);
+    master.wait_event("reload_started", Duration::from_secs(5), |_| true);
+    let (code, out, err) = master.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let s = json(&out);
+    assert_eq!(s["master"]["state"], "reloading", "{s}");
+    assert_eq!(s["master"]["reload"]["generation"], 2);
+    assert_eq!(s["master"]["pid"], master.pid());
+    let states: Vec<(u64, String)> = s["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["generation"].as_u64().unwrap(),
+                g["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states, [(2, "starting".into()), (1, "serving".into())]);
+    // The human table shows the same master, generations, workers and states.
+    let (code, table, _) = master.ctl(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains(&format!("master pid {}", master.pid())),
+        "{table}"
+    );
+    assert!(
+        table.contains("state: reloading (reload 1 -> generation 2"),
+        "{table}"
+    );
+    for g in s["generations"].as_array().unwrap() {
+        assert!(
+            table.contains(&format!(
+                "generation {}  {}",
+                g["generation"],
+                g["state"].as_str().unwrap()
+            )),
+            "{table}"
+        );
+        for w in g["workers"].as_array().unwrap() {
+            let row = table
+                .lines()
+                .find(|l| l.split_whitespace().nth(3) == Some(&w["pid"].to_string()))
+                .unwrap_or_else(|| panic!("no row for pid {} in\n{table}", w["pid"]));
+            assert!(row.contains(w["state"].as_str().unwrap()), "{row}");
+            assert!(row.contains(w["program"].as_str().unwrap()), "{row}");
+        }
+    }
+    assert_eq!(master.verdict_of(1)["event"], "reload_succeeded");
+}
+
+#[test]
+fn drain_status_shows_a_lingering_connection_and_its_shrinking_time_left() {
+    let port = free_port();
+    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    c.drain_timeout = "30s";
+    let master = Master::start("ctl-drain", &c);
+    let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    held.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(held.read(&mut buf).unwrap() > 0);
+    let (code, out, err) = master.ctl(&["reload", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["ok"], true);
+    let draining = |master: &Master| {
+        let (code, out, err) = master.ctl(&["drain-status", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        json(&out)
+    };
+    // The SDK reports the open connection (at most every 200 ms): wait for it to show.
+    let first = eventually(
+        Duration::from_secs(5),
+        "the draining worker's connection count",
+        || {
+            let d = draining(&master);
+            (d[0]["workers"][0]["connections"] == 1).then_some(d)
+        },
+    );
+    assert_eq!(first[0]["generation"], 1);
+    assert_eq!(first[0]["workers"][0]["connections_source"], "reported");
+    let second = eventually(Duration::from_secs(5), "time to pass", || {
+        let d = draining(&master);
+        (d[0]["time_left_ms"].as_u64() < first[0]["time_left_ms"].as_u64()).then_some(d)
+    });
+    assert!(second[0]["time_left_ms"].as_u64().unwrap() <= 30_000);
+    let (_, human, _) = master.ctl(&["drain-status"]);
+    assert!(human.contains("generation 1  draining"), "{human}");
+    assert!(human.contains("1 connection open (reported)"), "{human}");
+    // `--wait` returns once the client lets go.
+    let waiting = master.ctl_spawn(&["drain-status", "--wait", "--timeout", "20"]);
+    drop(held);
+    let out = waiting.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no generation is draining"));
+}
+
+#[test]
+fn reload_exits_zero_on_success_and_non_zero_with_the_reason_on_each_failure() {
+    let port = free_port();
+    let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let master = Master::start("ctl-reload", &good);
+    let (code, out, _) = master.ctl(&["reload"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("succeeded") && out.contains("generation 2 is serving"),
+        "{out}"
+    );
+
+    let failing = |mode: &str, ready: &'static str| {
+        let mut c = good.clone();
+        c.command = binaries().it_worker.clone();
+        c.env = vec![("IT_MODE".into(), mode.into())];
+        c.ready_timeout = ready;
+        c.yaml()
+    };
+    let cases = [
+        (good.yaml() + "oops: 1\n", "baton.yaml:"),
+        (
+            failing("exit:4", "10s"),
+            "exited with exit status 4 before it was ready",
+        ),
+        (failing("never-ready", "1s"), "was not ready after 1000 ms"),
+    ];
+    for (yaml, expected) in cases {
+        master.write_config(&yaml);
+        let (code, _, err) = master.ctl(&["reload"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("failed") && err.contains(expected),
+            "{err:?} should contain {expected:?}"
+        );
+    }
+    master.write_config(&good.yaml());
+    assert_eq!(master.ctl(&["reload"]).0, 0);
+}
+
+#[test]
+fn requests_that_coalesce_share_one_verdict_and_signals_are_in_the_history() {
+    let port = free_port();
+    let master = Master::start("ctl-coalesce", &slow(port, 800));
+    let first = master.ctl_spawn(&["reload", "--json"]);
+    master.wait_event("reload_started", Duration::from_secs(5), |_| true);
+    let second = master.ctl_spawn(&["reload", "--json"]);
+    let third = master.ctl_spawn(&["reload", "--json"]);
+    let verdict = |child: std::process::Child| {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json(&String::from_utf8_lossy(&out.stdout))
+    };
+    let (a, b, c) = (verdict(first), verdict(second), verdict(third));
+    assert_eq!(a["reload"], 1);
+    assert_eq!(
+        b["reload"], 2,
+        "queued requests are covered by the follow-up: {b}"
+    );
+    assert_eq!(b["reload"], c["reload"]);
+    assert_eq!(b["generation"], c["generation"]);
+    assert_ne!(b["request"], c["request"]);
+
+    // A signal-triggered reload gets the same record, and its verdict can be asked for later.
+    master.signal(Signal::SIGUSR2);
+    let (_, requested) = master.wait_event("reload_requested", Duration::from_secs(5), |v| {
+        v["trigger"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("SIGUSR2"))
+    });
+    let request = requested["request"].as_u64().unwrap().to_string();
+    let (code, out, err) = master.ctl(&["reload", "--request", &request, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["reload"], 3);
+    let (code, out, _) = master.ctl(&["history", "--json"]);
+    assert_eq!(code, 0);
+    let history = json(&out);
+    let records = history.as_array().unwrap();
+    assert_eq!(records.len(), 3);
+    assert!(
+        records[2]["requests"][0]
+            .as_str()
+            .unwrap()
+            .contains("SIGUSR2 from pid"),
+        "{history}"
+    );
+    assert!(
+        records[0]["requests"][0]
+            .as_str()
+            .unwrap()
+            .contains("baton reload from uid 0"),
+        "{history}"
+    );
+    let (_, table, _) = master.ctl(&["history"]);
+    assert!(
+        table.contains("RELOAD") && table.contains("SIGUSR2"),
+        "{table}"
+    );
+}
+
+#[test]
+fn stop_drains_and_the_master_exits_zero() {
+    let port = free_port();
+    let mut master = Master::start(
+        "ctl-stop",
+        &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
+    );
+    let (code, out, _) = master.ctl(&["stop"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("stopping"), "{out}");
+    assert_eq!(master.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    let (code, _, err) = master.ctl(&["status"]);
+    assert_eq!(code, 69);
+    assert!(
+        err.contains("no master at") && err.contains("is baton running?"),
+        "{err}"
+    );
+}
+
+/// A master whose control socket any local user can reach (mode 0666), with `read_group`.
+fn open_master(name: &str, read_group: Option<&str>) -> Master {
+    let port = free_port();
+    let mut yaml = TestConfig::hello(&format!("127.0.0.1:{port}"), 1).yaml();
+    yaml = yaml.replace(
+        "    socket: \"{dir}/baton.sock\"\n",
+        "    socket: \"{dir}/baton.sock\"\n    mode: \"0666\"\n",
+    );
+    if let Some(group) = read_group {
+        yaml += &format!("    read_group: {group}\n");
+    }
+    let master = Master::spawn(name, &yaml);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // Let other users reach the socket inside the (0700) temp dir.
+    std::fs::set_permissions(master.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    master
+}
+
+#[test]
+fn an_unprivileged_user_may_not_change_the_master_and_reads_only_with_the_read_group() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs clients as nobody: it needs root"
+    );
+    const NOBODY: u32 = 65534;
+    let master = open_master("ctl-auth", None);
+    for args in [vec!["reload"], vec!["stop"], vec!["status"]] {
+        let (code, _, err) = ctl(&master.socket(), &args, Some(NOBODY));
+        assert_eq!(code, 77, "{args:?}: {err}");
+        assert!(
+            err.contains("uid 65534") && err.contains("may not"),
+            "{err}"
+        );
+    }
+    let denied = master.events("control_denied");
+    assert_eq!(denied.len(), 3, "each denial is logged");
+    assert!(master.events("reload_requested").is_empty());
+    assert!(master.events("stopping").is_empty());
+
+    let readable = open_master("ctl-read", Some("nogroup"));
+    let (code, out, err) = ctl(&readable.socket(), &["status", "--json"], Some(NOBODY));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["master"]["pid"], readable.pid());
+    let (code, _, err) = ctl(&readable.socket(), &["history"], Some(NOBODY));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = ctl(&readable.socket(), &["reload"], Some(NOBODY));
+    assert_eq!(code, 77, "{err}");
+    // With the default mode 0600 the socket itself keeps others out.
+    let closed = Master::start(
+        "ctl-closed",
+        &TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1),
+    );
+    std::fs::set_permissions(closed.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, _, err) = ctl(&closed.socket(), &["status"], Some(NOBODY));
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+}
+
+#[test]
+fn bad_clients_get_an_error_or_a_timeout_and_the_master_stays_healthy() {
+    let port = free_port();
+    let mut yaml = TestConfig::hello(&format!("127.0.0.1:{port}"), 1).yaml();
+    yaml = yaml.replace(
+        "    socket: \"{dir}/baton.sock\"\n",
+        "    socket: \"{dir}/baton.sock\"\n    timeout: 1s\n",
+    );
+    let master = Master::spawn("ctl-bad", &yaml);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let baseline = master.fd_count();
+    let exchange = |bytes: &[u8], half_close: bool| -> Vec<u8> {
+        let mut s = UnixStream::connect(master.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        if half_close {
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        answer
+    };
+    let error_of = |answer: &[u8]| -> Value {
+        let body = baton_proto::control::decode_frame::<Value>(answer)
+            .unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+        assert_eq!(body["type"], "error", "{body}");
+        body
+    };
+    let frame = |json: &str| {
+        let mut f = (json.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(json.as_bytes());
+        f
+    };
+    let garbage = error_of(&exchange(b"hello, is this the master?\n", true));
+    assert!(
+        garbage["message"].as_str().unwrap().contains("larger than"),
+        "{garbage}"
+    );
+    let truncated = error_of(&exchange(&[0, 0, 0, 100, b'{', b'"'], true));
+    assert!(
+        truncated["message"].as_str().unwrap().contains("truncated"),
+        "{truncated}"
+    );
+    let oversized = error_of(&exchange(&(10u32 << 20).to_be_bytes(), false));
+    assert!(
+        oversized["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than"),
+        "{oversized}"
+    );
+    let version = error_of(&exchange(
+        &frame(r#"{"version":9,"body":{"type":"status"}}"#),
+        false,
+    ));
+    assert_eq!(version["kind"], "version", "{version}");
+    let unknown = error_of(&exchange(
+        &frame(r#"{"version":1,"body":{"type":"rm_rf"}}"#),
+        false,
+    ));
+    assert_eq!(unknown["kind"], "bad_request", "{unknown}");
+    // A client that connects and never speaks is closed after the control timeout.
+    let mut silent = UnixStream::connect(master.socket()).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut nothing = Vec::new();
+    assert_eq!(
+        silent.read_to_end(&mut nothing).unwrap(),
+        0,
+        "closed without an answer"
+    );
+    // Healthy: serves, answers, and holds no descriptor of the bad clients.
+    let (code, _, err) = master.ctl(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let report =
+        baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 10);
+    assert_eq!(report.ok, 10);
+    eventually(
+        Duration::from_secs(5),
+        "the master's fd count back to its baseline",
+        || (master.fd_count() == baseline).then_some(()),
+    );
+    assert!(master.events("control_bad_request").len() >= 6);
+}
+
+#[test]
+fn a_master_speaking_another_protocol_version_is_reported_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let fake = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        let mut header = [0u8; 4];
+        s.read_exact(&mut header).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
+        s.read_exact(&mut body).unwrap();
+        let answer = br#"{"version":2,"body":{"type":"status_v2"}}"#;
+        s.write_all(&(answer.len() as u32).to_be_bytes()).unwrap();
+        s.write_all(answer).unwrap();
+    });
+    let (code, _, err) = ctl(&path, &["status"], None);
+    server.join().unwrap();
+    assert_eq!(code, 76, "{err}");
+    assert!(
+        err.contains("unsupported control protocol version 2"),
+        "{err}"
+    );
+}
