@@ -207,6 +207,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates `text` as if read from `path` (relative paths resolve against its directory).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_all(path, text).map_err(|mut problems| problems.remove(0))
+}
+
+/// Reads and validates the configuration file at `path`, reporting every problem found (a YAML
+/// syntax or type error stops the reading at its place, so it comes alone). `baton check`.
+pub fn check_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| vec![ConfigError::at(path, None, format!("cannot read: {err}"))])?;
+    parse_all(path, &text)
+}
+
+/// Like [`parse`], with every problem.
+pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|err| {
         let location = err.location();
         let mut message = err.to_string();
@@ -220,21 +233,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             (line, column) = (Some(l), Some(c));
             message = qualify(&message, &key);
         }
-        ConfigError {
+        vec![ConfigError {
             path: path.to_owned(),
             line,
             column,
             message,
-        }
+        }]
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let line_of = |needle: &str| find_line(text, needle);
+    let mut problems: Vec<ConfigError> = Vec::new();
 
     let mut names = BTreeMap::new();
     let mut addresses = std::collections::HashMap::new();
     for (i, l) in raw.listeners.iter().enumerate() {
         if let Some(first) = names.insert(l.name.clone(), i) {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 path,
                 line_of(&format!("name: {}", l.name)),
                 format!(
@@ -244,7 +258,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             ));
         }
         if let Some(first) = addresses.insert(l.address.clone(), i) {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 path,
                 None,
                 format!(
@@ -275,25 +289,28 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         (Some(w), None) => vec![w],
         (None, Some(ws)) if !ws.is_empty() => ws,
         (None, Some(_)) => {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 path,
                 line_of("workers:"),
                 "workers: list at least one program",
             ));
+            return Err(problems);
         }
         (Some(_), Some(_)) => {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 path,
                 line_of("workers:"),
                 "give either `worker` or `workers`, not both",
             ));
+            return Err(problems);
         }
         (None, None) => {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 path,
                 None,
                 "missing `worker` (or `workers`): what should baton run?",
             ));
+            return Err(problems);
         }
     };
     let mut programs: Vec<WorkerConfig> = Vec::with_capacity(raws.len());
@@ -307,27 +324,32 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             Some(n) => n.0,
             None if single => "worker".to_string(),
             None => {
-                return Err(ConfigError::at(
+                problems.push(ConfigError::at(
                     path,
                     line_of("workers:"),
                     format!("{key}: needs a `name`"),
                 ));
+                continue;
             }
         };
         if programs.iter().any(|p| p.name == name) {
-            return Err(ConfigError::at(
+            problems.push(ConfigError::at(
                 path,
                 line_of(&format!("name: {name}")),
                 format!("{key}: program name `{name}` is used twice"),
             ));
         }
-        let command = resolve_command(base, &w.command).map_err(|message| {
-            ConfigError::at(
-                path,
-                line_of(&format!("command: {}", w.command)),
-                format!("{key}.command: {message}"),
-            )
-        })?;
+        let command = match resolve_command(base, &w.command) {
+            Ok(command) => command,
+            Err(message) => {
+                problems.push(ConfigError::at(
+                    path,
+                    line_of(&format!("command: {}", w.command)),
+                    format!("{key}.command: {message}"),
+                ));
+                PathBuf::from(&w.command)
+            }
+        };
         let listeners = match &w.listeners {
             None => (0..listeners.len()).collect(),
             Some(wanted) => {
@@ -336,13 +358,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                     let found = listeners
                         .iter()
                         .position(|l: &ListenerConfig| &l.name == want);
-                    idx.push(found.ok_or_else(|| {
-                        ConfigError::at(
+                    match found {
+                        Some(i) => idx.push(i),
+                        None => problems.push(ConfigError::at(
                             path,
                             line_of("listeners: ["),
                             format!("{key}.listeners: no listener is named `{want}`"),
-                        )
-                    })?);
+                        )),
+                    }
                 }
                 idx
             }
@@ -352,22 +375,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             (None, Protocol::Baton) => Readiness::Channel,
             (None, Protocol::Systemd) => Readiness::Notify,
             (Some(Readiness::Channel), Protocol::Systemd) => {
-                return Err(ConfigError::at(
+                problems.push(ConfigError::at(
                     path,
                     line_of("ready:"),
                     format!(
                         "{key}.ready: `channel` needs `protocol: baton`; a systemd-style worker reports with `notify` or a probe"
                     ),
                 ));
+                Readiness::Notify
             }
             (Some(Readiness::Notify), Protocol::Baton) => {
-                return Err(ConfigError::at(
+                problems.push(ConfigError::at(
                     path,
                     line_of("ready:"),
                     format!(
                         "{key}.ready: `notify` needs `protocol: systemd`; a baton worker reports on its channel"
                     ),
                 ));
+                Readiness::Channel
             }
             // A relative Unix socket path of a probe is relative to this file, like every path.
             (Some(Readiness::Probe(mut probe)), _) => {
@@ -397,14 +422,40 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         };
         if let Some(cwd) = &worker.cwd {
             if !cwd.is_dir() {
-                return Err(ConfigError::at(
+                problems.push(ConfigError::at(
                     path,
                     line_of("cwd:"),
                     format!("{key}.cwd: {} is not a directory", cwd.display()),
                 ));
             }
         }
+        if let Readiness::Probe(probe) = &worker.ready {
+            if probe.timeout >= worker.ready_timeout || probe.interval >= worker.ready_timeout {
+                problems.push(ConfigError::at(
+                    path,
+                    line_of("ready:"),
+                    format!(
+                        "{key}.ready: the probe's timeout ({} ms) and interval ({} ms) must be shorter than ready_timeout ({} ms), or it never gets a second try",
+                        probe.timeout.as_millis(),
+                        probe.interval.as_millis(),
+                        worker.ready_timeout.as_millis()
+                    ),
+                ));
+            }
+        }
         programs.push(worker);
+    }
+    for (i, l) in listeners.iter().enumerate() {
+        if let Some(problem) = address_problem(&l.address) {
+            problems.push(ConfigError::at(
+                path,
+                None,
+                format!("listeners[{i}] (`{}`): {} {problem}", l.name, l.address),
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
     }
     let s = raw.supervisor;
     Ok(Config {
@@ -460,6 +511,29 @@ fn qualify(message: &str, key: &str) -> String {
     match message.split_once(": ") {
         Some((path, rest)) if !path.contains(' ') => format!("{path}.{key}: {rest}"),
         _ => format!("{key}: {message}"),
+    }
+}
+
+/// Whether a listener's address can be bound here, judged without binding it: the IP must be
+/// one of this machine's (bind it with port 0), a Unix socket's directory must exist.
+fn address_problem(address: &ListenerAddress) -> Option<String> {
+    match address {
+        ListenerAddress::Tcp { address } => {
+            let probe = std::net::SocketAddr::new(address.ip(), 0);
+            match std::net::TcpListener::bind(probe) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL) => {
+                    Some("is not an address of this machine".into())
+                }
+                _ => None,
+            }
+        }
+        ListenerAddress::Unix { path } => match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Some(format!(
+                "cannot be created: {} is not a directory",
+                dir.display()
+            )),
+            _ => None,
+        },
     }
 }
 
@@ -1130,6 +1204,40 @@ workers:
                 "{shown:?} should contain {expected:?}"
             );
         }
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let text = "listeners:
+  - {name: web, address: 192.0.2.1:80}
+  - {name: sock, path: /nonexistent-dir/x.sock}
+workers:
+  - name: a
+    command: ./missing
+    listeners: [nope]
+  - name: b
+    command: sh
+    protocol: systemd
+    ready_timeout: 1s
+    ready: {http: /tmp/h.sock, timeout: 2s}
+";
+        let problems = parse_all(Path::new("/etc/baton/test.yaml"), text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        for expected in [
+            "workers[0].command: /etc/baton/./missing does not exist",
+            "workers[0].listeners: no listener is named `nope`",
+            "workers[1].ready: the probe's timeout (2000 ms)",
+            "tcp://192.0.2.1:80 is not an address of this machine",
+            "/nonexistent-dir is not a directory",
+        ] {
+            assert!(
+                shown.iter().any(|s| s.contains(expected)),
+                "{expected:?} missing from {shown:#?}"
+            );
+        }
+        assert_eq!(shown.len(), 5, "{shown:#?}");
+        // `parse` (used by run and reload) reports the first.
+        assert_eq!(parse_str(text).unwrap_err().to_string(), shown[0]);
     }
 
     #[test]

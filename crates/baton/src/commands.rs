@@ -57,7 +57,7 @@ fn serve(master: baton_core::master::Master) -> anyhow::Result<i32> {
 }
 
 pub(crate) fn check(path: &Path) -> u8 {
-    match baton_core::config::load(path) {
+    match baton_core::config::check_file(path) {
         Ok(config) => {
             let programs: Vec<String> = config
                 .programs
@@ -72,8 +72,11 @@ pub(crate) fn check(path: &Path) -> u8 {
             );
             0
         }
-        Err(err) => {
-            eprintln!("baton: {err}");
+        Err(problems) => {
+            for problem in &problems {
+                eprintln!("baton: {problem}");
+            }
+            eprintln!("baton: {}: {} problem(s)", path.display(), problems.len());
             EX_USAGE
         }
     }

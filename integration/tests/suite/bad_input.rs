@@ -89,4 +89,22 @@ fn check_validates_without_running() {
     let (code, stderr) = run(&["check", "-c"], &(good.yaml() + "extra: 1\n"));
     assert_eq!(code, Some(64));
     assert!(stderr.contains("unknown field `extra`"), "{stderr}");
+    // Every problem, not just the first.
+    let mut bad = good.clone();
+    bad.command = "./nowhere".into();
+    bad.listeners.push(("far".into(), "192.0.2.7:80".into()));
+    bad.worker_extra = vec!["ready: notify".into()];
+    let (code, stderr) = run(&["check", "-c"], &bad.yaml());
+    assert_eq!(code, Some(64));
+    for expected in [
+        "nowhere does not exist",
+        "`notify` needs `protocol: systemd`",
+        "not an address of this machine",
+        "3 problem(s)",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected:?} missing from {stderr}"
+        );
+    }
 }

@@ -314,9 +314,18 @@ fn an_unreadable_config_fails_the_reload_without_spawning() {
     });
     assert_eq!(
         actions,
-        vec![Action::Release {
-            generation: Generation(2)
-        }]
+        vec![
+            Action::Verdict(Verdict {
+                requests: vec![RequestId(1)],
+                reload: Some(ReloadId(1)),
+                generation: Some(Generation(2)),
+                result: Err("baton.yaml:3:1: unknown field `bogus`".into()),
+                duration: Duration::ZERO,
+            }),
+            Action::Release {
+                generation: Generation(2)
+            },
+        ]
     );
     assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 1)]);
     assert!(
@@ -416,9 +425,10 @@ fn graceful_stop_drains_everything_then_exits_zero() {
         trigger: Trigger::Other("test".into()),
     }));
     assert_eq!(drained(&stop), new);
+    let refused = h.ev(Event::Intent(usr2()));
     assert!(
-        h.ev(Event::Intent(usr2())).is_empty(),
-        "reloads are refused while stopping"
+        matches!(&refused[..], [Action::Verdict(Verdict { reload: None, result: Err(why), .. })] if why.contains("stopping")),
+        "reloads are refused while stopping, with a verdict: {refused:?}"
     );
     assert!(!h.exit(old[0], 0).contains(&Action::Exit { code: 0 }));
     assert_eq!(h.exit(new[0], 0).last(), Some(&Action::Exit { code: 0 }));
