@@ -393,6 +393,9 @@ impl Master {
                 state: phase_name(g.phase).into(),
                 draining_ms: g.draining_for.map(|d| d.as_millis() as u64),
                 time_left_ms: g.time_left.map(|d| d.as_millis() as u64),
+                deadline_unix_ms: g
+                    .time_left
+                    .map(|d| self.unix_ms_ago(Duration::ZERO) + d.as_millis() as u64),
                 workers: g
                     .workers
                     .iter()

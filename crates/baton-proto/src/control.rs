@@ -146,6 +146,8 @@ pub struct GenerationStatus {
     /// Draining: how long so far, and the time left before the last worker is killed.
     pub draining_ms: Option<u64>,
     pub time_left_ms: Option<u64>,
+    /// When the last worker is killed (Unix time, ms).
+    pub deadline_unix_ms: Option<u64>,
     pub workers: Vec<WorkerStatus>,
 }
 

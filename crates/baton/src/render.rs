@@ -42,6 +42,16 @@ fn generation_heading(g: &GenerationStatus) -> String {
     if let Some(ms) = g.time_left_ms {
         let _ = write!(line, ", killed in {} if still running", duration(ms));
     }
+    if let Some(at) = g.deadline_unix_ms {
+        let secs = at / 1000;
+        let _ = write!(
+            line,
+            " (deadline {:02}:{:02}:{:02} UTC)",
+            secs / 3600 % 24,
+            secs / 60 % 60,
+            secs % 60
+        );
+    }
     line
 }
 

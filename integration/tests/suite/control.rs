@@ -108,6 +108,15 @@ fn drain_status_shows_a_lingering_connection_and_its_shrinking_time_left() {
         },
     );
     assert_eq!(first[0]["generation"], 1);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let deadline = first[0]["deadline_unix_ms"].as_u64().unwrap();
+    assert!(
+        deadline > now_ms && deadline <= now_ms + 30_000,
+        "deadline {deadline} vs now {now_ms}"
+    );
     assert_eq!(first[0]["workers"][0]["connections_source"], "reported");
     let second = eventually(Duration::from_secs(5), "time to pass", || {
         let d = draining(&master);
@@ -196,6 +205,14 @@ fn requests_that_coalesce_share_one_verdict_and_signals_are_in_the_history() {
     assert_eq!(b["generation"], c["generation"]);
     assert_ne!(b["request"], c["request"]);
 
+    // --no-wait answers at once with the id; the verdict can be fetched later.
+    let (code, out, err) = master.ctl(&["reload", "--no-wait", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let request = json(&out)["request"].as_u64().unwrap().to_string();
+    let (code, out, err) = master.ctl(&["reload", "--request", &request, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["reload"], 3);
+
     // A signal-triggered reload gets the same record, and its verdict can be asked for later.
     master.signal(Signal::SIGUSR2);
     let (_, requested) = master.wait_event("reload_requested", Duration::from_secs(5), |v| {
@@ -206,14 +223,14 @@ fn requests_that_coalesce_share_one_verdict_and_signals_are_in_the_history() {
     let request = requested["request"].as_u64().unwrap().to_string();
     let (code, out, err) = master.ctl(&["reload", "--request", &request, "--json"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(json(&out)["reload"], 3);
+    assert_eq!(json(&out)["reload"], 4);
     let (code, out, _) = master.ctl(&["history", "--json"]);
     assert_eq!(code, 0);
     let history = json(&out);
     let records = history.as_array().unwrap();
-    assert_eq!(records.len(), 3);
+    assert_eq!(records.len(), 4);
     assert!(
-        records[2]["requests"][0]
+        records[3]["requests"][0]
             .as_str()
             .unwrap()
             .contains("SIGUSR2 from pid"),
@@ -246,6 +263,17 @@ fn stop_drains_and_the_master_exits_zero() {
     assert_eq!(master.wait_exit(Duration::from_secs(10)).code(), Some(0));
     let (code, _, err) = master.ctl(&["status"]);
     assert_eq!(code, 69);
+    let fast_port = free_port();
+    let mut c = TestConfig::hello(&format!("127.0.0.1:{fast_port}"), 1);
+    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    let mut fast = Master::start("ctl-stop-fast", &c);
+    let _held = TcpStream::connect(("127.0.0.1", fast_port)).unwrap();
+    assert_eq!(fast.ctl(&["stop", "--fast"]).0, 0);
+    assert_eq!(fast.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    assert!(
+        !fast.events("worker_killed").is_empty(),
+        "--fast kills instead of draining"
+    );
     assert!(
         err.contains("no master at") && err.contains("is baton running?"),
         "{err}"
@@ -376,6 +404,11 @@ fn bad_clients_get_an_error_or_a_timeout_and_the_master_stays_healthy() {
     silent
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    let (code, _, err) = master.ctl(&["status"]);
+    assert_eq!(
+        code, 0,
+        "served while a silent client holds a connection: {err}"
+    );
     let mut nothing = Vec::new();
     assert_eq!(
         silent.read_to_end(&mut nothing).unwrap(),
