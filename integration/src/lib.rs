@@ -11,6 +11,7 @@
 
 pub mod load;
 pub mod procfs;
+pub mod systemd;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ pub struct Binaries {
     pub baton: PathBuf,
     pub hello_worker: PathBuf,
     pub it_worker: PathBuf,
+    pub loadgen: PathBuf,
 }
 
 /// Builds the binaries once (the escargot approach: ask cargo, do not guess `target/debug`).
@@ -66,6 +68,7 @@ pub fn binaries() -> &'static Binaries {
             baton: profile_dir.join("baton"),
             hello_worker: profile_dir.join("hello-worker"),
             it_worker: profile_dir.join("it-worker"),
+            loadgen: profile_dir.join("loadgen"),
         }
     })
 }

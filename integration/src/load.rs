@@ -8,6 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the request path of every client of this process (default `/`).
+pub fn request_path(path: &str) {
+    let _ = PATH.set(path.to_string());
+}
+
 /// How clients use connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -114,15 +121,20 @@ impl Load {
         Load::start(addr, mode, bounds)
     }
 
-    /// Stops the clients (each finishes its current request) and collects their reports.
-    pub fn finish(self) -> Report {
-        self.stop.store(true, Ordering::SeqCst);
+    /// Waits until every client reaches its bounds, and collects their reports.
+    pub fn join(self) -> Report {
         let mut report = Report::default();
         for t in self.threads {
             report.merge(t.join().expect("load client panicked"));
         }
         report.latencies.sort();
         report
+    }
+
+    /// Stops the clients (each finishes its current request) and collects their reports.
+    pub fn finish(self) -> Report {
+        self.stop.store(true, Ordering::SeqCst);
+        self.join()
     }
 }
 
@@ -164,10 +176,14 @@ fn client(addr: SocketAddr, mode: Mode, bounds: Bounds, stop: &AtomicBool) -> Re
             }
         }
         let stream = conn.as_mut().unwrap();
-        let request: &[u8] = match mode {
-            Mode::Fresh => b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
-            Mode::KeepAlive => b"GET / HTTP/1.1\r\nHost: test\r\n\r\n",
+        let path = PATH.get().map_or("/", String::as_str);
+        let request = match mode {
+            Mode::Fresh => {
+                format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            }
+            Mode::KeepAlive => format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"),
         };
+        let request = request.as_bytes();
         if let Err(e) = stream.write_all(request) {
             fail(&mut report, "write", &e);
             conn = None;

@@ -15,6 +15,7 @@ mod suite {
     mod kinds;
     mod listeners;
     mod signals;
+    mod systemd;
     mod systemd_workers;
     mod zero_loss;
 }

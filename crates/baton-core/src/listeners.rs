@@ -79,6 +79,9 @@ pub struct BindError {
 #[derive(Debug, Default)]
 pub struct ListenerTable {
     live: HashMap<ListenerAddress, Weak<BoundSocket>>,
+    /// Sockets handed to the master at start (systemd socket activation, the fd store), held
+    /// until the first generation takes them.
+    adopted: Vec<Rc<BoundSocket>>,
 }
 
 /// What [`ListenerTable::prepare`] did, for the log.
@@ -121,7 +124,67 @@ impl ListenerTable {
             self.live
                 .insert(l.config.address.clone(), Rc::downgrade(&l.socket));
         }
+        // Inherited sockets are now held by the generation that uses them (or closed).
+        self.adopted.clear();
         Ok(out)
+    }
+
+    /// Takes listening sockets the master inherited (`LISTEN_FDS`), matched to the configured
+    /// listeners by name: the next [`prepare`](Self::prepare) uses them instead of binding.
+    /// Returns the names of inherited sockets no listener wants (they are closed).
+    pub fn adopt(
+        &mut self,
+        configs: &[ListenerConfig],
+        inherited: Vec<(String, OwnedFd)>,
+    ) -> Result<Vec<String>, BindError> {
+        let mut unused = Vec::new();
+        for (name, fd) in inherited {
+            let Some(config) = configs.iter().find(|c| c.name == name) else {
+                unused.push(name);
+                continue;
+            };
+            let socket = Socket::from(fd);
+            let refuse = |reason: String| BindError {
+                name: config.name.clone(),
+                address: config.address.clone(),
+                reason,
+            };
+            if !socket.is_listener().unwrap_or(false) {
+                return Err(refuse(
+                    "the inherited descriptor is not a listening socket".into(),
+                ));
+            }
+            let local = socket.local_addr().map_err(|e| refuse(e.to_string()))?;
+            let matches = match (&config.address, local.as_socket(), local.as_pathname()) {
+                (ListenerAddress::Tcp { address }, Some(got), _) => {
+                    got.ip() == address.ip()
+                        && (address.port() == 0 || got.port() == address.port())
+                }
+                (ListenerAddress::Unix { path }, _, Some(got)) => got == path.as_path(),
+                _ => false,
+            };
+            let shown = local
+                .as_socket()
+                .map(|a| a.to_string())
+                .or_else(|| local.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_else(|| "?".into());
+            if !matches {
+                return Err(refuse(format!(
+                    "the inherited socket listens on {shown}, not on the configured address"
+                )));
+            }
+            let bound = Rc::new(BoundSocket {
+                address: config.address.clone(),
+                local: shown,
+                socket,
+                // The service manager made it; the service manager removes its file.
+                unix_file: None,
+            });
+            self.live
+                .insert(config.address.clone(), Rc::downgrade(&bound));
+            self.adopted.push(bound);
+        }
+        Ok(unused)
     }
 
     /// Number of sockets that are still open.

@@ -39,6 +39,50 @@ use crate::supervisor::{
     Verdict, WorkerId,
 };
 
+/// What the master tells its service manager (systemd's `sd_notify`). The core does not talk to
+/// systemd itself: the binary passes a function that does (see [`Options::notify`]).
+#[derive(Debug)]
+pub enum Notification {
+    /// The first generation serves; or a reload ended (either way: not reloading any more).
+    Ready,
+    /// A reload started.
+    Reloading,
+    /// A one-line summary, for `systemctl status`.
+    Status(String),
+    /// The master is stopping.
+    Stopping,
+    /// The event loop is alive (sent at half of the watchdog interval).
+    Watchdog,
+    /// A stop needs this much more time than systemd would otherwise give it.
+    ExtendTimeout(Duration),
+    /// Keep these listening sockets for the next start (`FDSTORE=1`, `FDNAME=`).
+    StoreFds(Vec<(String, OwnedFd)>),
+    /// Forget the stored socket with this name (`FDSTOREREMOVE=1`).
+    RemoveFd(String),
+}
+
+/// How the master is embedded: what the binary knows about its environment.
+#[derive(Default)]
+pub struct Options {
+    /// Called with every [`Notification`]; `None`: no service manager listens.
+    pub notify: Option<Box<dyn FnMut(Notification)>>,
+    /// The service manager's watchdog interval (`WATCHDOG_USEC`).
+    pub watchdog: Option<Duration>,
+    /// Listening sockets inherited by name (`LISTEN_FDS`/`LISTEN_FDNAMES`): a listener of the
+    /// same name uses them instead of binding.
+    pub inherited: Vec<(String, OwnedFd)>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("notify", &self.notify.is_some())
+            .field("watchdog", &self.watchdog)
+            .field("inherited", &self.inherited.len())
+            .finish()
+    }
+}
+
 /// Input from outside the core: what the binary's signal adapter (or a test) sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -109,6 +153,16 @@ pub struct Master {
     /// Recent verdicts by request, for `baton reload --no-wait` followed by a wait.
     verdicts: std::collections::BTreeMap<RequestId, proto::ReloadVerdict>,
     started: (Instant, std::time::SystemTime),
+    options: Options,
+    /// What was last told to the service manager.
+    told: Told,
+}
+
+#[derive(Debug, Default)]
+struct Told {
+    ready: bool,
+    stopping: bool,
+    status: String,
 }
 
 /// Why the master could not start.
@@ -130,9 +184,17 @@ impl Master {
     /// Binds the configured listeners and the control socket. Nothing is spawned until
     /// [`Master::run`]. Must be called inside a tokio runtime (the control socket registers
     /// with it).
-    pub fn new(config: Config) -> Result<Master, StartError> {
+    pub fn new(config: Config, mut options: Options) -> Result<Master, StartError> {
         let mut table = ListenerTable::default();
+        let inherited = std::mem::take(&mut options.inherited);
+        let unused = table.adopt(&config.listeners, inherited)?;
         let prepared = table.prepare(&config.listeners)?;
+        for name in unused {
+            warn!("inherited socket `{name}` matches no configured listener: closed");
+            if let Some(notify) = options.notify.as_mut() {
+                notify(Notification::RemoveFd(name));
+            }
+        }
         let control_config = config.supervisor.control.clone();
         let listener = control::bind(&control_config).map_err(|source| StartError::Control {
             path: control_config.socket.display().to_string(),
@@ -154,7 +216,57 @@ impl Master {
             waiters: HashMap::new(),
             verdicts: std::collections::BTreeMap::new(),
             started: (Instant::now(), std::time::SystemTime::now()),
+            options,
+            told: Told::default(),
         })
+    }
+
+    fn notify(&mut self, notification: Notification) {
+        if let Some(notify) = self.options.notify.as_mut() {
+            notify(notification);
+        }
+    }
+
+    /// Hands `listeners` to the service manager's fd store.
+    fn store_fds(&mut self, listeners: &[GenerationListener]) {
+        if self.options.notify.is_none() || listeners.is_empty() {
+            return;
+        }
+        let fds = listeners
+            .iter()
+            .filter_map(|l| Some((l.config.name.clone(), l.socket.duplicate().ok()?)))
+            .collect();
+        self.notify(Notification::StoreFds(fds));
+    }
+
+    /// Tells the service manager what changed since last time: readiness, stop, status line.
+    fn report(&mut self) {
+        if self.options.notify.is_none() {
+            return;
+        }
+        let snap = self.supervisor.snapshot(Instant::now());
+        if !self.told.ready && snap.generations.iter().any(|g| g.phase == Phase::Serving) {
+            self.told.ready = true;
+            self.notify(Notification::Ready);
+        }
+        if snap.stopping && !self.told.stopping {
+            self.told.stopping = true;
+            self.notify(Notification::Stopping);
+        }
+        let status = status_line(&snap);
+        if status != self.told.status {
+            if snap.stopping {
+                let left = snap
+                    .generations
+                    .iter()
+                    .filter_map(|g| g.time_left)
+                    .max()
+                    .unwrap_or_default();
+                self.notify(Notification::ExtendTimeout(left + Duration::from_secs(5)));
+            }
+            self.told.status = status.clone();
+            self.notify(Notification::Status(status));
+        }
     }
 
     /// Where each listener of the first generation listens: `(name, address)`.
@@ -185,6 +297,11 @@ impl Master {
             _socket_file = Some(file);
             tokio::spawn(control::serve(listener, config, control_tx));
         }
+        if let Some((_, prepared)) = &self.initial {
+            let listeners = prepared.listeners.clone();
+            self.store_fds(&listeners);
+        }
+        let mut watchdog = self.options.watchdog.map(|w| tokio::time::interval(w / 2));
         let mut queue = VecDeque::new();
         let actions = self.supervisor.start(Instant::now());
         if let Some(code) = self.apply(actions, &mut queue) {
@@ -198,8 +315,22 @@ impl Master {
                     return code;
                 }
             }
+            self.report();
             let deadline = self.supervisor.next_deadline();
+            // While something drains, refresh the status line (time left) once a second.
+            let refresh = (self.options.notify.is_some()
+                && self
+                    .supervisor
+                    .snapshot(Instant::now())
+                    .generations
+                    .iter()
+                    .any(|g| g.phase == Phase::Draining))
+            .then(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
+                _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
+                    self.notify(Notification::Watchdog);
+                }
+                () = sleep_until(refresh), if refresh.is_some() => {}
                 input = inputs.recv(), if inputs_open => match input {
                     Some(Input::Intent(intent)) => queue.push_back(Event::Intent(intent)),
                     Some(Input::ChildExited) => reap(&mut queue),
@@ -226,6 +357,9 @@ impl Master {
         for action in actions {
             match action {
                 Action::Prepare { generation } => {
+                    if self.told.ready {
+                        self.notify(Notification::Reloading);
+                    }
                     let result = self.prepare(generation);
                     queue.push_back(Event::Prepared { generation, result });
                 }
@@ -265,7 +399,13 @@ impl Master {
                 }
                 Action::Release { generation } => self.release(generation),
                 Action::Exit { code } => return Some(code),
-                Action::Verdict(verdict) => self.on_verdict(verdict),
+                Action::Verdict(verdict) => {
+                    if self.told.ready && self.supervisor.snapshot(Instant::now()).reload.is_none()
+                    {
+                        self.notify(Notification::Ready);
+                    }
+                    self.on_verdict(verdict);
+                }
             }
         }
         None
@@ -485,6 +625,13 @@ impl Master {
                     .table
                     .prepare(&config.listeners)
                     .map_err(|e| e.to_string())?;
+                let bound: Vec<GenerationListener> = prepared
+                    .listeners
+                    .iter()
+                    .filter(|l| prepared.bound.contains(&l.config.name))
+                    .cloned()
+                    .collect();
+                self.store_fds(&bound);
                 for l in &prepared.listeners {
                     if prepared.bound.contains(&l.config.name) {
                         info!(event = "listening", listener = %l.config.name,
@@ -671,8 +818,39 @@ impl Master {
         for (name, address) in closed {
             info!(event = "listener_closed", listener = %name, address = %address,
                 "listener {name} ({address}) closed: no generation uses it any more");
+            self.notify(Notification::RemoveFd(name));
         }
     }
+}
+
+/// The one-line summary for `systemctl status`: "gen 7 serving 4 workers; gen 6 draining 2
+/// workers, 3 conns, 12 s left".
+fn status_line(snap: &crate::supervisor::Snapshot) -> String {
+    let mut parts: Vec<String> = snap
+        .generations
+        .iter()
+        .rev()
+        .map(|g| {
+            let n = g.workers.len();
+            match g.phase {
+                Phase::Draining => {
+                    let conns: u64 = g.workers.iter().filter_map(|w| w.connections).sum();
+                    let left = g.time_left.map_or(0, |d| d.as_secs());
+                    format!(
+                        "gen {} draining {n} workers, {conns} conns, {left} s left",
+                        g.generation
+                    )
+                }
+                phase => format!("gen {} {} {n} workers", g.generation, phase_name(phase)),
+            }
+        })
+        .collect();
+    if snap.stopping {
+        parts.insert(0, "stopping".into());
+    } else if let Some((id, g, _, _)) = &snap.reload {
+        parts.insert(0, format!("reload {id} starting gen {g}"));
+    }
+    parts.join("; ")
 }
 
 fn phase_name(phase: Phase) -> &'static str {

@@ -318,6 +318,7 @@ impl Worker {
             drain,
         });
         tokio::spawn(watch_drain_signal(shared.clone()));
+        tokio::spawn(ignore_usr1());
         Ok(Worker {
             shared,
             generation: generation.unwrap_or(0),
@@ -382,6 +383,7 @@ impl Worker {
         });
         tokio::spawn(listen_to_master(shared.clone()));
         tokio::spawn(watch_drain_signal(shared.clone()));
+        tokio::spawn(ignore_usr1());
         tokio::spawn(report_connections(shared.clone()));
         Ok(Worker {
             shared,
@@ -579,6 +581,18 @@ async fn listen_to_master(shared: Arc<Shared>) {
                 return;
             }
         }
+    }
+}
+
+/// SIGUSR1 (logrotate's habit, and `systemctl kill -s USR1` reaches every process of a unit)
+/// must not kill a worker: it is noted and otherwise ignored.
+async fn ignore_usr1() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        tracing::info!("SIGUSR1: nothing to reopen (the worker logs to stderr)");
     }
 }
 

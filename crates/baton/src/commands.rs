@@ -25,7 +25,7 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
             return EX_USAGE;
         }
     };
-    let master = match baton_core::master::Master::new(config) {
+    let master = match baton_core::master::Master::new(config, crate::systemd::options()) {
         Ok(master) => master,
         Err(err) => {
             tracing::error!(event = "start_failed", "cannot start: {err}");
@@ -89,6 +89,12 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
+    // Under systemd, stderr goes to the journal, which timestamps every line itself and reads a
+    // "<N>" prefix as the line's priority (sd-daemon(3)).
+    if std::env::var_os("JOURNAL_STREAM").is_some() && matches!(format, LogFormat::Text) {
+        builder.event_format(Journald).init();
+        return;
+    }
     match format {
         // Messages are written to stand alone; the structured fields are for the JSON format.
         LogFormat::Text => builder
@@ -108,6 +114,43 @@ fn init_logging(format: LogFormat) {
             .flatten_event(true)
             .with_current_span(false)
             .init(),
+    }
+}
+
+/// One line per event for the journal: a priority prefix and the message, no timestamp.
+struct Journald;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Journald
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        let mut message = MessageOnly(String::new());
+        event.record(&mut message);
+        writeln!(writer, "{}", message.0)
+    }
+}
+
+struct MessageOnly(String);
+
+impl tracing::field::Visit for MessageOnly {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod client;
 mod commands;
 mod render;
 mod signals;
+mod systemd;
 
 /// Exit status for bad arguments or configuration (sysexits' EX_USAGE): with
 /// `RestartPreventExitStatus=64`, systemd does not restart-loop on a broken config.

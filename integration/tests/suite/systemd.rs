@@ -1,0 +1,164 @@
+//! baton under a real systemd (252 here), booted in private namespaces: the packaged unit,
+//! `systemctl start/reload/stop/kill`, the fd store across a crash, and socket activation.
+
+use std::process::Child;
+use std::time::Duration;
+
+use baton_integration::systemd::{Systemd, service_unit};
+use baton_integration::{binaries, eventually};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+
+fn config(worker_extra: &str) -> String {
+    format!(
+        "listeners:\n  - name: http\n    address: 127.0.0.1:{PORT}\nworker:\n  command: {}\n  processes: 2\n  ready_timeout: 5s\n  drain_timeout: 20s\n{worker_extra}",
+        binaries().hello_worker.display()
+    )
+}
+
+fn never_ready() -> String {
+    format!(
+        "listeners:\n  - name: http\n    address: 127.0.0.1:{PORT}\nworker:\n  command: {}\n  env: {{IT_MODE: never-ready}}\n  ready_timeout: 1s\n",
+        binaries().it_worker.display()
+    )
+}
+
+fn boot(name: &str, extra_units: &[(&str, String)]) -> (Systemd, std::path::PathBuf) {
+    // The config lives beside the units, in a directory the namespace shares.
+    let config_path = Systemd::workdir(name).join("baton.yaml");
+    std::fs::write(&config_path, config("")).unwrap();
+    let mut units = vec![("baton.service", service_unit(&config_path))];
+    units.extend(extra_units.iter().cloned());
+    (Systemd::boot(name, &units), config_path)
+}
+
+fn report(child: Child) -> Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "loadgen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One client for a second: the port serves, and nothing failed.
+fn serves(sd: &Systemd) -> bool {
+    let r = report(sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "1", "1"]));
+    r["ok"].as_u64().unwrap_or(0) > 0 && r["failed"] == 0
+}
+
+fn ok(out: &std::process::Output) -> bool {
+    out.status.success()
+}
+
+#[test]
+fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_draining() {
+    let (sd, config_path) = boot("lifecycle", &[]);
+    // start returns once the first generation serves (Type=notify, READY=1).
+    let start = sd.systemctl(&["start", "baton.service"]);
+    assert!(
+        ok(&start),
+        "start failed: {}\n{}",
+        String::from_utf8_lossy(&start.stderr),
+        sd.journal("baton")
+    );
+    assert_eq!(sd.show("baton.service", "ActiveState"), "active");
+    let main_pid = sd.show("baton.service", "MainPID");
+    let comm = sd
+        .command("cat")
+        .arg(format!("/proc/{main_pid}/comm"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&comm.stdout).trim(),
+        "baton",
+        "MainPID is the master"
+    );
+    let status = sd.show("baton.service", "StatusText");
+    assert!(
+        status.contains("gen 1 serving 2 workers"),
+        "StatusText: {status:?}"
+    );
+    assert!(serves(&sd));
+
+    // reload under load: returns only when the new generation serves; nothing lost.
+    let load = sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "4", "6"]);
+    for generation in 2..=4 {
+        let reload = sd.systemctl(&["reload", "baton.service"]);
+        assert!(
+            ok(&reload),
+            "reload: {}\n{}",
+            String::from_utf8_lossy(&reload.stderr),
+            sd.journal("baton")
+        );
+        let status = sd.show("baton.service", "StatusText");
+        assert!(
+            status.starts_with(&format!("gen {generation} serving")),
+            "right after reload: {status:?}"
+        );
+        assert_eq!(sd.show("baton.service", "MainPID"), main_pid, "same master");
+    }
+    let r = report(load);
+    eprintln!("systemctl reload x3 under load: {}", r["summary"]);
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(r["ok"].as_u64().unwrap() > 100, "{r}");
+
+    // A reload that fails makes `systemctl reload` fail; the unit and the old generation stay.
+    for (what, yaml) in [
+        ("broken config", config("bogus_key: 1\n")),
+        ("never ready", never_ready()),
+    ] {
+        std::fs::write(&config_path, yaml).unwrap();
+        let reload = sd.systemctl(&["reload", "baton.service"]);
+        assert!(!ok(&reload), "{what}: systemctl reload must fail");
+        assert_eq!(sd.show("baton.service", "ActiveState"), "active", "{what}");
+        assert_eq!(sd.show("baton.service", "MainPID"), main_pid, "{what}");
+        assert!(serves(&sd), "{what}: the old generation serves");
+    }
+    std::fs::write(&config_path, config("")).unwrap();
+    assert!(ok(&sd.systemctl(&["reload", "baton.service"])));
+
+    // The logrotate case: USR1 to every process of the unit.
+    assert!(ok(&sd.systemctl(&["kill", "-s", "USR1", "baton.service"])));
+    std::thread::sleep(Duration::from_millis(300)); // let a fatal signal act, if it were one
+    assert_eq!(sd.show("baton.service", "ActiveState"), "active");
+    assert_eq!(sd.show("baton.service", "MainPID"), main_pid);
+    assert!(serves(&sd));
+
+    // stop drains: a request in flight completes, then nothing of the unit is left.
+    let slow = sd.loadgen(&[
+        &format!("127.0.0.1:{PORT}"),
+        "fresh",
+        "1",
+        "10",
+        "/?delay_ms=1500",
+        "1",
+    ]);
+    eventually(
+        Duration::from_secs(5),
+        "the slow request to be in flight",
+        || {
+            let s = sd.show("baton.service", "StatusText");
+            Some(()).filter(|_| !s.is_empty())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300)); // the request reaches a worker
+    let stop = sd.systemctl(&["stop", "baton.service"]);
+    assert!(ok(&stop));
+    let r = report(slow);
+    assert_eq!(r["failed"], 0, "the in-flight request completed: {r}");
+    assert_eq!(r["ok"], 1, "{r}");
+    assert_eq!(sd.show("baton.service", "ActiveState"), "inactive");
+    let left = sd
+        .command("pgrep")
+        .args(["-f", "hello-worker|baton run"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
