@@ -122,7 +122,17 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
 
     // The logrotate case: USR1 to every process of the unit.
     assert!(ok(&sd.systemctl(&["kill", "-s", "USR1", "baton.service"])));
-    std::thread::sleep(Duration::from_millis(300)); // let a fatal signal act, if it were one
+    // Every process got it and handled it: the master and both workers said so.
+    eventually(
+        Duration::from_secs(5),
+        "USR1 handled by the master and its workers",
+        || {
+            let journal = sd.journal("baton.service");
+            (journal.contains("SIGUSR1 from pid")
+                && journal.matches("SIGUSR1: nothing to reopen").count() >= 2)
+                .then_some(())
+        },
+    );
     assert_eq!(sd.show("baton.service", "ActiveState"), "active");
     assert_eq!(sd.show("baton.service", "MainPID"), main_pid);
     assert!(serves(&sd));
@@ -136,15 +146,25 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
         "/?delay_ms=1500",
         "1",
     ]);
+    // In flight: a worker reports the open connection (`baton status` inside the namespace).
     eventually(
         Duration::from_secs(5),
         "the slow request to be in flight",
         || {
-            let s = sd.show("baton.service", "StatusText");
-            Some(()).filter(|_| !s.is_empty())
+            let out = sd
+                .command(&binaries().baton.display().to_string())
+                .args(["status", "--json"])
+                .output()
+                .ok()?;
+            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let open: u64 = status["generations"][0]["workers"]
+                .as_array()?
+                .iter()
+                .filter_map(|w| w["connections"].as_u64())
+                .sum();
+            (open >= 1).then_some(())
         },
     );
-    std::thread::sleep(Duration::from_millis(300)); // the request reaches a worker
     let stop = sd.systemctl(&["stop", "baton.service"]);
     assert!(ok(&stop));
     let r = report(slow);
@@ -161,4 +181,103 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
         "left: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+}
+
+#[test]
+fn a_killed_master_is_restarted_with_its_listener_from_the_fd_store_and_clients_wait_instead_of_being_refused()
+ {
+    let (sd, _) = boot("fdstore", &[]);
+    assert!(
+        ok(&sd.systemctl(&["start", "baton.service"])),
+        "{}",
+        sd.journal("baton")
+    );
+    let before = sd.listening_inodes(PORT);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let main_pid = sd.show("baton.service", "MainPID");
+    assert!(ok(&sd
+        .command("kill")
+        .args(["-9", &main_pid])
+        .output()
+        .unwrap()));
+    // The restart window: the master is dead, its workers have drained and exited, and systemd
+    // waits RestartSec before starting it again. The socket lives on in the fd store.
+    eventually(
+        Duration::from_secs(10),
+        "the old workers gone, the restart pending",
+        || {
+            let workers = sd
+                .command("pgrep")
+                .args(["-f", "hello-worker"])
+                .output()
+                .ok()?;
+            let state = sd.show("baton.service", "ActiveState");
+            (workers.stdout.is_empty() && state != "active").then_some(())
+        },
+    );
+    assert_eq!(
+        sd.listening_inodes(PORT),
+        before,
+        "still listening while no master runs"
+    );
+    let during = report(sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "1", "20", "/", "1"]));
+    eprintln!(
+        "a request sent during the restart window: {}",
+        during["summary"]
+    );
+    assert_eq!(during["ok"], 1, "served, not refused: {during}");
+    assert_eq!(during["failed"], 0, "{during}");
+    assert_eq!(sd.show("baton.service", "ActiveState"), "active");
+    assert_eq!(sd.show("baton.service", "NRestarts"), "1");
+    assert_ne!(sd.show("baton.service", "MainPID"), main_pid);
+    assert_eq!(
+        sd.listening_inodes(PORT),
+        before,
+        "the same socket, from the fd store"
+    );
+    assert!(
+        sd.journal("baton.service")
+            .contains("inherited socket `http`")
+    );
+}
+
+#[test]
+fn with_a_socket_unit_baton_adopts_systemds_socket() {
+    let socket = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/systemd/baton.socket"
+    ))
+    .unwrap()
+    .replace(
+        "ListenStream=0.0.0.0:80",
+        &format!("ListenStream=127.0.0.1:{PORT}"),
+    );
+    assert!(socket.contains(&format!("ListenStream=127.0.0.1:{PORT}")));
+    let (sd, _) = boot("socket", &[("baton.socket", socket)]);
+    assert!(
+        ok(&sd.systemctl(&["start", "baton.socket"])),
+        "{}",
+        sd.journal("baton.socket")
+    );
+    let systemds = sd.listening_inodes(PORT);
+    assert_eq!(systemds.len(), 1, "systemd listens: {systemds:?}");
+    assert!(
+        ok(&sd.systemctl(&["start", "baton.service"])),
+        "{}",
+        sd.journal("baton")
+    );
+    assert!(
+        sd.journal("baton.service")
+            .contains("inherited socket `http`"),
+        "{}",
+        sd.journal("baton.service")
+    );
+    assert_eq!(
+        sd.listening_inodes(PORT),
+        systemds,
+        "baton serves on systemd's very socket"
+    );
+    assert!(serves(&sd));
+    assert!(ok(&sd.systemctl(&["reload", "baton.service"])));
+    assert_eq!(sd.listening_inodes(PORT), systemds);
 }
