@@ -24,11 +24,21 @@ fn never_ready() -> String {
     )
 }
 
+/// The packaged unit, with a watchdog and a stop timeout short enough that the test would fail
+/// if baton did not ping the watchdog (WATCHDOG=1) or did not ask for more time to drain
+/// (EXTEND_TIMEOUT_USEC).
+fn strict_unit(config: &std::path::Path) -> String {
+    let unit = service_unit(config);
+    assert!(unit.contains("WatchdogSec=30s") && unit.contains("TimeoutStopSec=60"));
+    unit.replace("WatchdogSec=30s", "WatchdogSec=2s")
+        .replace("TimeoutStopSec=60", "TimeoutStopSec=1")
+}
+
 fn boot(name: &str, extra_units: &[(&str, String)]) -> (Systemd, std::path::PathBuf) {
     // The config lives beside the units, in a directory the namespace shares.
     let config_path = Systemd::workdir(name).join("baton.yaml");
     std::fs::write(&config_path, config("")).unwrap();
-    let mut units = vec![("baton.service", service_unit(&config_path))];
+    let mut units = vec![("baton.service", strict_unit(&config_path))];
     units.extend(extra_units.iter().cloned());
     (Systemd::boot(name, &units), config_path)
 }
@@ -143,7 +153,7 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
         "fresh",
         "1",
         "10",
-        "/?delay_ms=1500",
+        "/?delay_ms=2500",
         "1",
     ]);
     // In flight: a worker reports the open connection (`baton status` inside the namespace).
@@ -165,10 +175,26 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
             (open >= 1).then_some(())
         },
     );
+    // TimeoutStopSec=1, the request needs 2.5 s: only EXTEND_TIMEOUT_USEC lets it finish.
     let stop = sd.systemctl(&["stop", "baton.service"]);
     assert!(ok(&stop));
     let r = report(slow);
-    assert_eq!(r["failed"], 0, "the in-flight request completed: {r}");
+    assert_eq!(
+        r["failed"],
+        0,
+        "the in-flight request completed: {r}\n{}",
+        sd.journal("baton")
+    );
+    assert!(
+        !sd.journal("baton.service").contains("watchdog timeout"),
+        "{}",
+        sd.journal("baton")
+    );
+    assert_eq!(
+        sd.show("baton.service", "Result"),
+        "success",
+        "stopped cleanly, not killed"
+    );
     assert_eq!(r["ok"], 1, "{r}");
     assert_eq!(sd.show("baton.service", "ActiveState"), "inactive");
     let left = sd
