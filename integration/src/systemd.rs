@@ -16,7 +16,7 @@ pub struct Systemd {
     /// PID 1 of the namespace, as seen from outside.
     pub pid: u32,
     unshare: Child,
-    /// Files shared with the namespace (not under /tmp, which is private inside).
+    /// Files shared with the namespace.
     pub dir: PathBuf,
 }
 
@@ -44,7 +44,8 @@ pub fn require() {
 
 impl Systemd {
     /// The directory shared with the namespace of [`Systemd::boot`]`(name, ..)`: put files the
-    /// units need there first. (Under `<target>/tmp`: the namespace's /tmp is its own.)
+    /// units need there first. (The namespace gets a /run of its own, and shares the rest of the
+    /// file system: the checkout, and so the binaries under test, may be anywhere, /tmp too.)
     pub fn workdir(name: &str) -> PathBuf {
         let target = binaries()
             .baton
@@ -73,7 +74,6 @@ impl Systemd {
 set -e
 mount --make-rprivate /
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mount -t proc proc /proc
 mkdir -p /run/systemd/system
 cp {units}/* /run/systemd/system/ 2>/dev/null || true
