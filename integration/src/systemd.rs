@@ -67,16 +67,47 @@ impl Systemd {
             std::fs::write(dir.join("units").join(file), text).unwrap();
         }
         let script = dir.join("boot.sh");
+        let target = binaries()
+            .baton
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_owned();
         std::fs::write(
             &script,
             format!(
                 r#"#!/bin/sh
 set -e
+# Everything mounted here stays in this namespace.
 mount --make-rprivate /
 mount -t tmpfs tmpfs /run
 mount -t proc proc /proc
+# A /tmp of its own. If the build lives under /tmp, bring its target directory back.
+mkdir -p /run/host-tmp
+mount --bind /tmp /run/host-tmp
+mount -t tmpfs tmpfs /tmp
+case "{target}" in
+  /tmp/*) mkdir -p "{target}"; mount --bind "/run/host-tmp/${{TARGET_REL}}" "{target}" ;;
+esac
 mkdir -p /run/systemd/system
 cp {units}/* /run/systemd/system/ 2>/dev/null || true
+# Nothing the tests start may pull early boot (sysinit.target) ...
+for unit in /run/systemd/system/*.service /run/systemd/system/*.socket; do
+  [ -f "$unit" ] || continue
+  mkdir -p "$unit.d"
+  printf '[Unit]\nDefaultDependencies=no\n' > "$unit.d/baton-test.conf"
+done
+# ... and, should anything still ask for them, these units of the host's early boot are masked:
+# they would clean /tmp, set kernel sysctls, write the host's /var.
+for unit in systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service \
+    systemd-tmpfiles-clean.service systemd-tmpfiles-clean.timer systemd-sysctl.service \
+    systemd-random-seed.service systemd-update-utmp.service systemd-update-utmp-runlevel.service \
+    systemd-modules-load.service systemd-remount-fs.service systemd-sysusers.service \
+    systemd-binfmt.service systemd-journal-flush.service systemd-machine-id-commit.service \
+    systemd-hwdb-update.service systemd-udev-trigger.service systemd-udevd.service \
+    systemd-firstboot.service ldconfig.service sysinit.target; do
+  ln -sf /dev/null "/run/systemd/system/$unit"
+done
 cat > /run/systemd/system/baton-test.target <<'UNIT'
 [Unit]
 Description=baton test target
@@ -85,11 +116,16 @@ UNIT
 export container=baton-test
 exec {SYSTEMD} --system --unit=baton-test.target --log-target=console --log-level=notice
 "#,
-                units = dir.join("units").display()
+                units = dir.join("units").display(),
+                target = target.display(),
             ),
         )
         .unwrap();
         let log = std::fs::File::create(dir.join("systemd.log")).unwrap();
+        let target_rel = target
+            .strip_prefix("/tmp")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         let unshare = Command::new("unshare")
             .args([
                 "--pid",
@@ -102,6 +138,7 @@ exec {SYSTEMD} --system --unit=baton-test.target --log-target=console --log-leve
                 "sh",
             ])
             .arg(&script)
+            .env("TARGET_REL", target_rel)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -65,6 +65,10 @@ fn ok(out: &std::process::Output) -> bool {
 
 #[test]
 fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_draining() {
+    // The booted system must not touch the host: a file in the host's /tmp survives it.
+    let canary =
+        std::path::PathBuf::from(format!("/tmp/baton-systemd-canary-{}", std::process::id()));
+    std::fs::write(&canary, "still here").unwrap();
     let (sd, config_path) = boot("lifecycle", &[]);
     // start returns once the first generation serves (Type=notify, READY=1).
     let start = sd.systemctl(&["start", "baton.service"]);
@@ -207,6 +211,13 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
         "left: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+    drop(sd);
+    assert_eq!(
+        std::fs::read_to_string(&canary).ok().as_deref(),
+        Some("still here"),
+        "the host's /tmp was touched"
+    );
+    let _ = std::fs::remove_file(&canary);
 }
 
 #[test]
