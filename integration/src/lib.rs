@@ -219,6 +219,16 @@ impl Master {
 
     /// Starts a master with extra environment variables (as a service manager would set them).
     pub fn spawn_with_env(name: &str, yaml: &str, env: &[(&str, &str)]) -> Master {
+        Master::spawn_full(name, yaml, env, &[])
+    }
+
+    /// Starts `wrapper... baton run ...` (e.g. `unshare --pid --fork`): [`Master::pid`] is then
+    /// the wrapper's.
+    pub fn spawn_wrapped(name: &str, yaml: &str, wrapper: &[&str]) -> Master {
+        Master::spawn_full(name, yaml, &[], wrapper)
+    }
+
+    fn spawn_full(name: &str, yaml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Master {
         let bins = binaries();
         let dir = tempfile::Builder::new()
             .prefix(&format!("baton-{name}-"))
@@ -227,7 +237,15 @@ impl Master {
         let config_path = dir.path().join("baton.yaml");
         let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(&config_path, yaml).unwrap();
-        let mut child = Command::new(&bins.baton)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bins.baton);
+                c
+            }
+            None => Command::new(&bins.baton),
+        };
+        let mut child = command
             .args(["run", "--log-format", "json", "-c"])
             .arg(&config_path)
             .env("BATON_LOG", "info")

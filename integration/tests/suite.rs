@@ -12,6 +12,7 @@ mod suite {
     mod crash;
     mod drain;
     mod failed_reload;
+    mod hardening;
     mod kinds;
     mod listeners;
     mod signals;

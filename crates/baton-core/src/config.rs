@@ -68,6 +68,12 @@ pub struct WorkerConfig {
     pub notify_access: NotifyAccess,
     /// Indices into [`Config::listeners`] of the listeners this program gets, in order.
     pub listeners: Vec<usize>,
+    /// Run the workers as this user and group (supplementary groups cleared). `None`: as the
+    /// master.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// File mode creation mask of the workers.
+    pub umask: Option<u32>,
 }
 
 /// How a worker receives its listeners.
@@ -403,6 +409,12 @@ pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
             }
             (Some(r), _) => r,
         };
+        let uid = w.user.as_ref().map(|u| u.0);
+        // A user without a group runs with the user's primary group.
+        let gid = w.group.as_ref().map(|g| g.0).or_else(|| {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid?)).ok()??;
+            Some(user.gid.as_raw())
+        });
         let worker = WorkerConfig {
             name,
             command,
@@ -419,6 +431,9 @@ pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
             ready,
             notify_access: w.notify_access,
             listeners,
+            uid,
+            gid,
+            umask: w.umask.map(|m| m.0),
         };
         if let Some(cwd) = &worker.cwd {
             if !cwd.is_dir() {
@@ -676,6 +691,12 @@ struct RawWorker {
     /// Names of the listeners this program gets; default: all.
     #[serde(default)]
     listeners: Option<Vec<String>>,
+    #[serde(default)]
+    user: Option<UserId>,
+    #[serde(default)]
+    group: Option<GroupId>,
+    #[serde(default)]
+    umask: Option<Mode>,
 }
 
 /// `ready:` is a word (`channel`, `notify`) or a map (`{delay: 2s}`, `{tcp: ADDRESS}`,

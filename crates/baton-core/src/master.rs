@@ -390,6 +390,9 @@ impl Master {
                     let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
                     let _ = process::signal_process(pid, SignalNumber::SIGKILL);
                 }
+                Action::KillGroup { pgid } => {
+                    let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
+                }
                 Action::Forget { worker } => {
                     if let Some(link) = self.links.remove(&worker) {
                         for task in link.tasks {
@@ -700,6 +703,21 @@ impl Master {
         if let Some(cwd) = &config.cwd {
             cmd.current_dir(cwd);
         }
+        if let Some(uid) = config.uid {
+            cmd.uid(uid);
+        }
+        if let Some(gid) = config.gid {
+            cmd.gid(gid);
+        }
+        // If the master dies, its workers learn it at once (and drain): PR_SET_PDEATHSIG with
+        // the drain signal. Set after the user change, which would clear it.
+        process::setup_child(
+            &mut cmd,
+            process::ChildSetup {
+                umask: config.umask,
+                parent_death_signal: Some(config.drain_signal.unwrap_or(SignalNumber::SIGTERM)),
+            },
+        );
         let mut link = Link::default();
         let pid = match config.protocol {
             Protocol::Baton => {

@@ -184,6 +184,9 @@ pub enum Action {
     /// SIGKILL the worker's process group (`pgid`, the pid it was started as) and its main
     /// process `pid`.
     Kill { pid: u32, pgid: u32 },
+    /// A worker's main process exited: SIGKILL what is left of its process group (children it
+    /// left behind). The group's id cannot have been reused while a member lives.
+    KillGroup { pgid: u32 },
     /// The worker is gone: drop its channel, notify socket and probe.
     Forget { worker: WorkerId },
     /// No worker of `generation` is left: drop its resources (listeners it alone used close).
@@ -930,6 +933,9 @@ impl Supervisor {
         let Some(w) = self.workers.remove(&id) else {
             return;
         };
+        if let Some(pgid) = w.pgid {
+            self.actions.push(Action::KillGroup { pgid });
+        }
         self.pids.retain(|_, owner| *owner != id);
         self.actions.push(Action::Forget { worker: id });
         let g = w.generation;

@@ -280,6 +280,47 @@ pub fn process_group(pid: u32) -> io::Result<u32> {
     Ok(nix::unistd::getpgid(Some(to_pid(pid)?))?.as_raw() as u32)
 }
 
+/// Raises this process's soft limit on open descriptors to its hard limit: a master holds one
+/// descriptor per listener and duplicates them for each handoff, and workers inherit the limit.
+/// Returns the new soft limit.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
+}
+
+/// What a worker process is set up with between fork and exec, besides its descriptors.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChildSetup {
+    /// File mode creation mask.
+    pub umask: Option<u32>,
+    /// Signal the worker gets if the master dies (`PR_SET_PDEATHSIG`).
+    pub parent_death_signal: Option<Signal>,
+}
+
+/// Applies `setup` in `cmd`'s child. (The user and group are `Command::uid`/`gid`, which also
+/// clear the supplementary groups when run as root.)
+pub fn setup_child(cmd: &mut Command, setup: ChildSetup) {
+    // SAFETY: the hook runs in the child between fork and exec and only makes the umask and
+    // prctl system calls, both async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(mask) = setup.umask {
+                libc::umask(mask as libc::mode_t);
+            }
+            if let Some(signal) = setup.parent_death_signal {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,14 @@ pub enum WorkerError {
         "LISTEN_PID={listen_pid} is not this process (pid {pid}): the descriptors are not ours"
     )]
     ListenPid { listen_pid: String, pid: u32 },
+    #[error(
+        "listener `{name}`: the manifest says {address}, but the descriptor is bound to {actual}"
+    )]
+    WrongSocket {
+        name: String,
+        address: String,
+        actual: String,
+    },
     #[error("invalid {var}={value:?}")]
     BadEnv { var: &'static str, value: String },
 }
@@ -525,6 +533,27 @@ fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, WorkerError> {
         Ok(kind) if kind.listening && kind.sock_type == channel::SockType::Stream => {}
         _ => return Err(not_a_listener()),
     }
+    // The descriptor must be bound where the manifest says: a mixed-up handoff is refused.
+    let local = channel::local_address(fd.as_fd()).map_err(|source| WorkerError::Adopt {
+        name: info.name.clone(),
+        source,
+    })?;
+    let matches = match (&info.address, &local) {
+        (ListenerAddress::Tcp { address }, channel::LocalAddress::Inet(got)) => {
+            got.ip() == address.ip() && (address.port() == 0 || got.port() == address.port())
+        }
+        (ListenerAddress::Unix { path }, channel::LocalAddress::Unix(got)) => {
+            got.as_deref() == Some(path.as_path())
+        }
+        _ => false,
+    };
+    if !matches {
+        return Err(WorkerError::WrongSocket {
+            name: info.name.clone(),
+            address: info.address.to_string(),
+            actual: format!("{local:?}"),
+        });
+    }
     let adopt_err = |source| WorkerError::Adopt {
         name: info.name.clone(),
         source,
@@ -739,6 +768,25 @@ mod tests {
                     received: 1
                 }
             ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_descriptor_bound_elsewhere_than_the_manifest_says_is_refused() {
+        let (master, worker_end) = pair();
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        hello(&master, vec![tcp_info("a", &a)]).await;
+        send(
+            &master,
+            &MasterMessage::Fds { first: 0, count: 1 },
+            &[b.as_fd()],
+        )
+        .await;
+        let err = Worker::handshake(worker_end).await.unwrap_err();
+        assert!(
+            matches!(&err, WorkerError::WrongSocket { name, .. } if name == "a"),
             "{err}"
         );
     }

@@ -18,6 +18,11 @@ const EX_NOPERM: u8 = 77;
 
 pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
     init_logging(format);
+    // One descriptor per listener, duplicated for each handoff; workers inherit the limit.
+    match baton_sys::process::raise_fd_limit() {
+        Ok(limit) => tracing::debug!("open file limit: {limit}"),
+        Err(err) => tracing::warn!("cannot raise the open file limit: {err}"),
+    }
     let config = match baton_core::config::load(path) {
         Ok(config) => config,
         Err(err) => {

@@ -29,6 +29,15 @@ fn main() -> ExitCode {
                 target.display()
             );
         }
+        // Optionally, whether this worker can reach a socket it should not (the master's
+        // control socket): `connect <path> ok|<error kind>`.
+        if let Ok(target) = std::env::var("IT_TRY_CONNECT") {
+            let result = match std::os::unix::net::UnixStream::connect(&target) {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("{:?}", e.kind()),
+            };
+            lines += &format!("connect {target} {result}\n");
+        }
         for var in [
             "NOTIFY_SOCKET",
             "LISTEN_FDS",

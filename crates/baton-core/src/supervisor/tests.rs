@@ -214,10 +214,22 @@ fn a_reload_drains_the_old_generation_only_after_the_new_one_is_ready() {
         ]
     );
     // The old generation is gone when its last worker exits: its listeners are released.
-    assert_eq!(h.exit(old[0], 0), vec![Action::Forget { worker: old[0] }]);
+    // Whatever the exited worker left in its process group goes with it.
+    assert_eq!(
+        h.exit(old[0], 0),
+        vec![
+            Action::KillGroup {
+                pgid: pid_of(old[0])
+            },
+            Action::Forget { worker: old[0] }
+        ]
+    );
     assert_eq!(
         h.exit(old[1], 0),
         vec![
+            Action::KillGroup {
+                pgid: pid_of(old[1])
+            },
             Action::Forget { worker: old[1] },
             Action::Release {
                 generation: Generation(1)
