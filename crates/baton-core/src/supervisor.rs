@@ -601,6 +601,10 @@ impl Supervisor {
             initial,
         });
         self.actions.push(Action::Prepare { generation });
+        if !initial {
+            // The generation being started counts against the cap already.
+            self.enforce_drain_cap();
+        }
     }
 
     fn on_prepared(&mut self, now: Instant, g: Generation, result: Result<GenerationSpec, String>) {
@@ -1146,8 +1150,15 @@ impl Supervisor {
     }
 
     /// More generations drain than allowed: the oldest go first.
+    /// At most `max_draining` generations besides the serving one: draining ones, and the one a
+    /// running reload is starting. The oldest draining generations are killed to make room.
     fn enforce_drain_cap(&mut self) {
         let max = self.serving_spec().map_or(usize::MAX, |s| s.max_draining);
+        let starting = self
+            .generations
+            .values()
+            .filter(|e| matches!(e.state, GenState::Preparing | GenState::Starting))
+            .count();
         let draining: Vec<Generation> = self
             .generations
             .iter()
@@ -1159,10 +1170,13 @@ impl Supervisor {
             })
             .map(|(g, _)| *g)
             .collect();
-        let excess = draining.len().saturating_sub(max);
+        let excess = (draining.len() + starting).saturating_sub(max);
         for g in draining.into_iter().take(excess) {
             for id in self.worker_ids(g) {
-                self.kill_draining(id, &format!("more than {max} generations are draining"));
+                self.kill_draining(
+                    id,
+                    &format!("more than {max} generations besides the serving one"),
+                );
             }
         }
     }
