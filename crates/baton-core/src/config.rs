@@ -1270,3 +1270,100 @@ workers:
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn yaml_noise() -> impl Strategy<Value = String> {
+        let keys = prop::sample::select(vec![
+            "listeners",
+            "worker",
+            "workers",
+            "name",
+            "address",
+            "path",
+            "mode",
+            "backlog",
+            "command",
+            "args",
+            "env",
+            "processes",
+            "ready_timeout",
+            "drain_timeout",
+            "drain_signal",
+            "ready",
+            "protocol",
+            "supervisor",
+            "control",
+            "socket",
+            "max_draining",
+            "user",
+            "umask",
+            "bogus",
+        ]);
+        let values = prop::sample::select(vec![
+            "sh",
+            "1",
+            "0",
+            "-1",
+            "99999999999",
+            "1s",
+            "10",
+            "[]",
+            "{}",
+            "\"[::1]:80\"",
+            "127.0.0.1:0",
+            "notify",
+            "{delay: 2s}",
+            "{http: /x}",
+            "systemd",
+            "SIGTERM",
+            "\"0660\"",
+            "~",
+            "'",
+            "[",
+            "\"\\u0000\"",
+            "nobody",
+            "*a",
+            "&a x",
+            "!tag x",
+        ]);
+        prop::collection::vec((0usize..4, keys, values, any::<bool>()), 0..24).prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|(indent, k, v, dash)| {
+                    format!(
+                        "{}{}{k}: {v}\n",
+                        "  ".repeat(indent),
+                        if dash { "- " } else { "" }
+                    )
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// Whatever the file says, loading it gives a configuration or errors that name the
+        /// file, on one line each: it never panics.
+        #[test]
+        fn the_config_loader_never_panics_on_yaml_shaped_noise(text in yaml_noise()) {
+            if let Err(problems) = parse_all(Path::new("/etc/baton/fuzz.yaml"), &text) {
+                prop_assert!(!problems.is_empty());
+                for p in problems {
+                    let shown = p.to_string();
+                    prop_assert!(shown.starts_with("/etc/baton/fuzz.yaml"), "{}", shown);
+                    prop_assert!(!shown.contains('\n'), "{}", shown);
+                }
+            }
+        }
+
+        #[test]
+        fn the_config_loader_never_panics_on_bytes(text in "\\PC{0,300}") {
+            let _ = parse_all(Path::new("/x.yaml"), &text);
+        }
+    }
+}

@@ -195,3 +195,41 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// The handoff decoders (master packets on the worker's side, worker packets on the
+        /// master's) answer every byte string with a message or an error, never a panic.
+        #[test]
+        fn packet_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode::<MasterMessage>(&bytes);
+            let _ = decode::<WorkerMessage>(&bytes);
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Manifests of any shape survive a round trip unchanged.
+        #[test]
+        fn manifests_round_trip(names in proptest::collection::vec("[a-z0-9_.-]{1,20}", 0..300), port in 1u16.., generation: u64) {
+            let hello = MasterMessage::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                generation,
+                worker_id: 1,
+                listeners: names.iter().map(|n| ListenerInfo {
+                    name: n.clone(),
+                    address: ListenerAddress::Tcp { address: SocketAddr::from(([127, 0, 0, 1], port)) },
+                }).collect(),
+            });
+            prop_assert_eq!(decode::<MasterMessage>(&encode(&hello)).unwrap(), hello);
+        }
+    }
+}
