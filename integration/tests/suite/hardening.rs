@@ -188,3 +188,25 @@ fn as_pid_1_of_a_pid_namespace_the_master_reaps_orphans_and_stops_on_sigterm() {
     assert!(status.success(), "{status}");
     assert!(!procfs::alive(baton));
 }
+
+#[test]
+fn when_the_master_dies_its_workers_drain_and_exit_instead_of_lingering() {
+    let port = free_port();
+    // Both kinds: an SDK worker (learns it from its channel) and a systemd-style one (learns it
+    // from PR_SET_PDEATHSIG: the drain signal).
+    let yaml = format!(
+        "listeners:\n  - {{name: http, address: \"127.0.0.1:{port}\"}}\nworkers:\n  - name: sdk\n    command: {hello}\n  - name: plain\n    command: {hello}\n    protocol: systemd\nsupervisor:\n  runtime_dir: \"{{dir}}/run\"\n  control: {{socket: \"{{dir}}/baton.sock\"}}\n",
+        hello = binaries().hello_worker.display()
+    );
+    let mut master = Master::spawn("master-death", &yaml);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let workers = master.children();
+    assert_eq!(workers.len(), 2);
+    master.signal(nix::sys::signal::Signal::SIGKILL);
+    master.wait_exit(Duration::from_secs(5));
+    eventually(
+        Duration::from_secs(10),
+        "both workers to drain and exit",
+        || workers.iter().all(|&w| !procfs::alive(w)).then_some(()),
+    );
+}
