@@ -111,6 +111,8 @@ pub struct TestConfig {
     pub max_draining: usize,
     /// More lines under `worker:`, e.g. `protocol: systemd`.
     pub worker_extra: Vec<String>,
+    /// More lines under `supervisor:`, e.g. `canary_window: 3s`.
+    pub supervisor_extra: Vec<String>,
 }
 
 impl TestConfig {
@@ -126,6 +128,7 @@ impl TestConfig {
             drain_timeout: "20s",
             max_draining: 8,
             worker_extra: Vec::new(),
+            supervisor_extra: Vec::new(),
         }
     }
 
@@ -157,6 +160,9 @@ impl TestConfig {
             "supervisor:\n  max_draining: {}\n  runtime_dir: \"{{dir}}/run\"\n  control:\n    socket: \"{{dir}}/baton.sock\"\n",
             self.max_draining
         );
+        for line in &self.supervisor_extra {
+            y += &format!("  {line}\n");
+        }
         y
     }
 }

@@ -7,6 +7,7 @@
 
 mod suite {
     mod bad_input;
+    mod canary;
     mod chaos;
     mod control;
     mod cpu;

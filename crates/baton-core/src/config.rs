@@ -145,6 +145,9 @@ pub struct SupervisorConfig {
     /// Where the master keeps its runtime files (systemd-style workers' notify sockets).
     pub runtime_dir: PathBuf,
     pub control: ControlConfig,
+    /// After a reload, how long the new generation is on probation while the old one stands by
+    /// (paused, ready to take over). `None`: no probation, the old generation drains at once.
+    pub canary_window: Option<Duration>,
 }
 
 /// The control socket (`baton status`, `baton reload`, ...). Bound once, at start.
@@ -492,6 +495,7 @@ pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
                 timeout: s.control.timeout.map_or(Duration::from_secs(5), |t| t.0),
                 max_clients: s.control.max_clients.map_or(16, |m| m.0),
             },
+            canary_window: s.canary_window.map(|t| t.0),
             runtime_dir: s
                 .runtime_dir
                 .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(d)),
@@ -807,6 +811,8 @@ struct RawSupervisor {
     runtime_dir: Option<PathBuf>,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    canary_window: Option<Timeout>,
 }
 
 #[derive(Deserialize, Default)]

@@ -580,6 +580,8 @@ impl Master {
                     "stopping"
                 } else if snap.reload.is_some() {
                     "reloading"
+                } else if snap.probation.is_some() {
+                    "probation"
                 } else {
                     "idle"
                 }
@@ -867,6 +869,14 @@ fn status_line(snap: &crate::supervisor::Snapshot) -> String {
         parts.insert(0, "stopping".into());
     } else if let Some((id, g, _, _)) = &snap.reload {
         parts.insert(0, format!("reload {id} starting gen {g}"));
+    } else if let Some((id, g, left)) = &snap.probation {
+        parts.insert(
+            0,
+            format!(
+                "reload {id}: gen {g} on probation, {} s left",
+                left.as_secs()
+            ),
+        );
     }
     parts.join("; ")
 }
@@ -876,6 +886,7 @@ fn phase_name(phase: Phase) -> &'static str {
         Phase::Preparing => "preparing",
         Phase::Starting => "starting",
         Phase::Serving => "serving",
+        Phase::Standby => "standby",
         Phase::Draining => "draining",
         Phase::Failed => "failed",
     }

@@ -103,6 +103,8 @@ pub struct GenerationSpec {
     pub programs: Vec<ProgramSpec>,
     pub max_draining: usize,
     pub forward_usr1: bool,
+    /// Probation of this generation after it becomes ready (see [`crate::config::SupervisorConfig`]).
+    pub canary_window: Option<Duration>,
 }
 
 impl GenerationSpec {
@@ -123,6 +125,7 @@ impl GenerationSpec {
             programs,
             max_draining: config.supervisor.max_draining,
             forward_usr1: config.supervisor.forward_usr1,
+            canary_window: config.supervisor.canary_window,
         }
     }
 }
@@ -214,6 +217,8 @@ pub enum Phase {
     Preparing,
     Starting,
     Serving,
+    /// Replaced by a generation on probation: paused, ready to serve again.
+    Standby,
     Draining,
     /// Its reload failed; its workers are being killed.
     Failed,
@@ -241,6 +246,8 @@ pub struct Snapshot {
     pub reload: Option<(ReloadId, Generation, Vec<RequestId>, Duration)>,
     /// Requests queued behind it.
     pub queued: Vec<RequestId>,
+    /// A reload whose new generation is on probation, and the time left.
+    pub probation: Option<(ReloadId, Generation, Duration)>,
     pub generations: Vec<GenerationSnapshot>,
 }
 
@@ -278,6 +285,7 @@ enum GenState {
     Preparing,
     Starting,
     Serving,
+    Standby,
     /// Each worker is killed at `since` + its program's drain timeout; `killed`: some were.
     Draining {
         since: Instant,
@@ -350,6 +358,15 @@ struct Reload {
     initial: bool,
 }
 
+/// A reload whose new generation serves on probation while the old one stands by.
+#[derive(Debug)]
+struct Canary {
+    reload: Reload,
+    old: Vec<Generation>,
+    new: Generation,
+    until: Instant,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
     Graceful,
@@ -367,6 +384,7 @@ pub struct Supervisor {
     /// Every pid that belongs to a worker: its spawned pid and its announced main pid.
     pids: BTreeMap<u32, WorkerId>,
     reload: Option<Reload>,
+    canary: Option<Canary>,
     pending: Vec<(RequestId, Trigger)>,
     stop: Option<Stop>,
     exit_code: i32,
@@ -421,7 +439,10 @@ impl Supervisor {
             .generations
             .values()
             .flat_map(|g| g.slots.iter().filter_map(|s| s.restart_at));
-        workers.chain(restarts).min()
+        workers
+            .chain(restarts)
+            .chain(self.canary.as_ref().map(|c| c.until))
+            .min()
     }
 
     /// Generations with their phase and number of live workers, oldest first.
@@ -433,6 +454,7 @@ impl Supervisor {
                     GenState::Preparing => Phase::Preparing,
                     GenState::Starting => Phase::Starting,
                     GenState::Serving => Phase::Serving,
+                    GenState::Standby => Phase::Standby,
                     GenState::Draining { .. } => Phase::Draining,
                     GenState::Failed => Phase::Failed,
                 };
@@ -479,6 +501,7 @@ impl Supervisor {
                     GenState::Preparing => (Phase::Preparing, None, None),
                     GenState::Starting => (Phase::Starting, None, None),
                     GenState::Serving => (Phase::Serving, None, None),
+                    GenState::Standby => (Phase::Standby, None, None),
                     GenState::Failed => (Phase::Failed, None, None),
                     GenState::Draining { since, .. } => {
                         let last = self
@@ -517,6 +540,10 @@ impl Supervisor {
                 )
             }),
             queued: self.pending.iter().map(|(r, _)| *r).collect(),
+            probation: self
+                .canary
+                .as_ref()
+                .map(|c| (c.reload.id, c.new, c.until.saturating_duration_since(now))),
             generations,
         }
     }
@@ -535,7 +562,11 @@ impl Supervisor {
             "reload request {request} ({trigger})");
         if self.stop.is_some() {
             self.reject(request);
-        } else if let Some(current) = &self.reload {
+        } else if let Some(current) = self
+            .reload
+            .as_ref()
+            .or(self.canary.as_ref().map(|c| &c.reload))
+        {
             info!(
                 event = "reload_queued",
                 request = request.0,
@@ -696,6 +727,39 @@ impl Supervisor {
             .filter(|(n, entry)| **n != g && matches!(entry.state, GenState::Serving))
             .map(|(n, _)| *n)
             .collect();
+        let window = self
+            .generations
+            .get(&g)
+            .and_then(|e| e.spec.as_ref())
+            .and_then(|s| s.canary_window);
+        if let (false, false, Some(window)) = (reload.initial, old.is_empty(), window) {
+            for &o in &old {
+                if let Some(entry) = self.generations.get_mut(&o) {
+                    entry.state = GenState::Standby;
+                }
+                for id in self.worker_ids(o) {
+                    self.actions.push(Action::Send {
+                        worker: id,
+                        message: MasterMessage::Pause,
+                    });
+                }
+            }
+            info!(
+                event = "canary",
+                reload = reload.id.0,
+                generation = g.0,
+                window_ms = window.as_millis() as u64,
+                "generation {g} serves on probation for {} ms; the previous generation stands by",
+                window.as_millis()
+            );
+            self.canary = Some(Canary {
+                reload,
+                old,
+                new: g,
+                until: now + window,
+            });
+            return;
+        }
         if reload.initial {
             info!(
                 event = "serving",
@@ -714,6 +778,64 @@ impl Supervisor {
             self.begin_drain(now, old);
         }
         self.enforce_drain_cap();
+        self.next_pending(now);
+    }
+
+    /// The probation passed: the reload succeeded, the standing-by generation drains.
+    fn confirm_canary(&mut self, now: Instant) {
+        let Some(c) = self.canary.take() else { return };
+        let g = c.new;
+        let list = join(&c.reload.covers);
+        let took = now.saturating_duration_since(c.reload.started);
+        info!(event = "reload_succeeded", reload = c.reload.id.0, generation = g.0,
+            covers = %list, took_ms = took.as_millis() as u64,
+            "reload {} succeeded: generation {g} passed its probation and serves (requests {list})",
+            c.reload.id);
+        self.record(&c.reload, now, Ok(()));
+        for old in c.old {
+            self.begin_drain(now, old);
+        }
+        self.enforce_drain_cap();
+        self.next_pending(now);
+    }
+
+    /// The generation on probation failed: it is killed and the standing-by one serves again.
+    fn roll_back(&mut self, now: Instant, reason: String) {
+        let Some(c) = self.canary.take() else { return };
+        let g = c.new;
+        if let Some(entry) = self.generations.get_mut(&g) {
+            entry.state = GenState::Failed;
+            for slot in &mut entry.slots {
+                slot.restart_at = None;
+            }
+        }
+        self.kill_workers_of(g);
+        for &o in &c.old {
+            if let Some(entry) = self.generations.get_mut(&o) {
+                entry.state = GenState::Serving;
+            }
+            for id in self.worker_ids(o) {
+                self.actions.push(Action::Send {
+                    worker: id,
+                    message: MasterMessage::Resume,
+                });
+            }
+        }
+        let back: Vec<String> = c.old.iter().map(|o| o.to_string()).collect();
+        let list = join(&c.reload.covers);
+        error!(event = "reload_failed", reload = c.reload.id.0, generation = g.0, covers = %list,
+            reason = %reason, rolled_back = true,
+            "reload {} failed: rolled back to generation {}: {reason} (requests {list})",
+            c.reload.id, back.join(", "));
+        self.record(
+            &c.reload,
+            now,
+            Err(format!(
+                "rolled back to generation {}: {reason}",
+                back.join(", ")
+            )),
+        );
+        self.finish_if_empty(now, g);
         self.next_pending(now);
     }
 
@@ -758,7 +880,11 @@ impl Supervisor {
     }
 
     fn next_pending(&mut self, now: Instant) {
-        if self.reload.is_none() && self.stop.is_none() && !self.pending.is_empty() {
+        if self.reload.is_none()
+            && self.canary.is_none()
+            && self.stop.is_none()
+            && !self.pending.is_empty()
+        {
             let covers = std::mem::take(&mut self.pending);
             self.begin_reload(now, covers, false);
         }
@@ -988,6 +1114,9 @@ impl Supervisor {
     ) {
         match self.generations.get(&g).map(|entry| &entry.state) {
             Some(GenState::Starting) | Some(GenState::Preparing) => self.fail_reload(now, reason),
+            Some(GenState::Serving) if self.canary.as_ref().is_some_and(|c| c.new == g) => {
+                self.roll_back(now, reason);
+            }
             Some(GenState::Serving) if self.stop.is_none() => {
                 let Some(program) = self.slot_program(g, slot).cloned() else {
                     return;
@@ -1022,6 +1151,9 @@ impl Supervisor {
     }
 
     fn on_tick(&mut self, now: Instant) {
+        if self.canary.as_ref().is_some_and(|c| c.until <= now) {
+            self.confirm_canary(now);
+        }
         // Ready deadlines.
         let late: Vec<WorkerId> = self
             .workers
@@ -1228,11 +1360,20 @@ impl Supervisor {
             self.reject(request);
         }
         self.fail_reload(now, format!("stop requested ({trigger})"));
+        if let Some(c) = self.canary.take() {
+            // A stop ends the probation: everything drains, and the reload has no verdict of
+            // success it could still earn.
+            self.record(
+                &c.reload,
+                now,
+                Err(format!("stop requested during the probation ({trigger})")),
+            );
+        }
         let gens: Vec<Generation> = self.generations.keys().copied().collect();
         for g in gens {
             let serving = matches!(
                 self.generations.get(&g).map(|e| &e.state),
-                Some(GenState::Serving)
+                Some(GenState::Serving | GenState::Standby)
             );
             if graceful {
                 if serving {

@@ -45,6 +45,11 @@ pub enum MasterMessage {
     /// The worker's generation is retired: stop accepting, finish in-flight work, exit.
     /// `deadline_ms` is how long the master waits before it sends `SIGKILL`.
     Drain { deadline_ms: u64 },
+    /// Stop accepting for now, but stay ready: a new generation is on probation
+    /// (`canary_window`) and this one may have to take over again.
+    Pause,
+    /// Accept again: the new generation failed its probation and this one serves again.
+    Resume,
     /// A message type this build does not know. Receivers ignore it (forward compatibility).
     #[serde(other)]
     Unknown,

@@ -221,9 +221,28 @@ enum Control {
 #[derive(Debug)]
 struct Shared {
     control: Control,
+    /// Whether the worker should accept (false while its generation stands by).
+    accepting: watch::Sender<bool>,
     connections: AtomicU64,
     changed: Notify,
     drain: watch::Sender<Option<DrainReason>>,
+}
+
+/// Whether to accept now: closed while the worker's generation stands by during a newer
+/// generation's probation (`pause`), open again if that generation is rolled back (`resume`).
+#[derive(Debug, Clone)]
+pub struct AcceptGate(watch::Receiver<bool>);
+
+impl AcceptGate {
+    pub fn is_open(&self) -> bool {
+        *self.0.borrow()
+    }
+    /// Waits until the gate opens or closes.
+    pub async fn changed(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Counts a connection while alive.
@@ -321,6 +340,7 @@ impl Worker {
         let (drain, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             control: Control::Systemd,
+            accepting: watch::channel(true).0,
             connections: AtomicU64::new(0),
             changed: Notify::new(),
             drain,
@@ -385,6 +405,7 @@ impl Worker {
         let (drain, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             control: Control::Channel(channel),
+            accepting: watch::channel(true).0,
             connections: AtomicU64::new(0),
             changed: Notify::new(),
             drain,
@@ -452,6 +473,11 @@ impl Worker {
             text: Some(text.into()),
         })
         .await
+    }
+
+    /// The gate an accept loop should respect (see [`AcceptGate`]).
+    pub fn accept_gate(&self) -> AcceptGate {
+        AcceptGate(self.shared.accepting.subscribe())
     }
 
     /// A watch that resolves when a drain is requested.
@@ -590,10 +616,8 @@ async fn listen_to_master(shared: Arc<Shared>) {
                 });
                 return;
             }
-            Ok(got) => {
-                if let Ok(MasterMessage::Drain { deadline_ms }) =
-                    baton_proto::decode(&buf[..got.len])
-                {
+            Ok(got) => match baton_proto::decode(&buf[..got.len]) {
+                Ok(MasterMessage::Drain { deadline_ms }) => {
                     let reason = DrainReason::Master {
                         deadline: Duration::from_millis(deadline_ms),
                     };
@@ -601,8 +625,15 @@ async fn listen_to_master(shared: Arc<Shared>) {
                         .drain
                         .send_if_modified(|d| d.replace(reason).is_none());
                 }
+                Ok(MasterMessage::Pause) => {
+                    shared.accepting.send_replace(false);
+                }
+                Ok(MasterMessage::Resume) => {
+                    shared.accepting.send_replace(true);
+                }
                 // Other packets (unknown types from a newer master) are ignored.
-            }
+                _ => {}
+            },
             Err(_) => {
                 shared.drain.send_if_modified(|d| {
                     d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone

@@ -84,13 +84,22 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Accepts until a drain is requested, then drops the listener.
+/// Accepts until a drain is requested, then drops the listener. While the generation stands by
+/// (a newer one is on probation), it does not accept, but keeps the listener to resume.
 async fn accept_loop(listener: Listener, worker: Arc<Worker>, idle_grace: Duration) {
     let mut drain = worker.drain_watch();
+    let mut gate = worker.accept_gate();
     loop {
+        if !gate.is_open() {
+            tokio::select! {
+                _ = drain.requested() => return,
+                () = gate.changed() => continue,
+            }
+        }
         tokio::select! {
             biased;
             _ = drain.requested() => return,
+            () = gate.changed() => {}
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
                     let guard = worker.track();

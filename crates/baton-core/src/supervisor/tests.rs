@@ -18,6 +18,7 @@ fn spec(processes: usize) -> GenerationSpec {
         programs: vec![program(processes)],
         max_draining: 8,
         forward_usr1: false,
+        canary_window: None,
     }
 }
 
@@ -629,4 +630,78 @@ fn several_programs_make_one_generation_ready_only_when_all_are() {
     );
     assert!(h.ready(&workers[2..]).is_empty());
     assert_eq!(h.s.generations()[0].1, Phase::Serving);
+}
+
+fn on_probation(ms: u64) -> GenerationSpec {
+    let mut s = spec(1);
+    s.canary_window = Some(Duration::from_millis(ms));
+    s
+}
+
+fn sent(actions: &[Action], message: &MasterMessage) -> Vec<WorkerId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { worker, message: m } if m == message => Some(*worker),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_canary_that_survives_its_window_succeeds_and_only_then_the_old_generation_drains() {
+    let mut h = Harness::new();
+    let old = h.serving(1);
+    let prepare = h.ev(Event::Intent(usr2()));
+    let new = h.prepare(&prepare, on_probation(3000));
+    let promoted = h.ready(&new);
+    assert_eq!(
+        sent(&promoted, &MasterMessage::Pause),
+        old,
+        "the old generation pauses"
+    );
+    assert!(drained(&promoted).is_empty(), "and is not drained yet");
+    assert!(
+        h.s.history().next().is_none(),
+        "no verdict during the probation"
+    );
+    assert_eq!(h.s.generations()[0].1, Phase::Standby);
+    // A request during the probation waits for it.
+    assert!(h.ev(Event::Intent(usr2())).is_empty());
+    assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(3)));
+    h.advance(Duration::from_secs(3));
+    let done = h.ev(Event::Tick);
+    assert_eq!(drained(&done), old);
+    assert!(
+        done.contains(&Action::Prepare {
+            generation: Generation(3)
+        }),
+        "the queued request follows"
+    );
+    let verdict = h.s.history().next().unwrap().clone();
+    assert_eq!(verdict.verdict, Ok(()));
+    assert_eq!(verdict.duration, Duration::from_secs(3));
+}
+
+#[test]
+fn a_canary_that_crashes_in_its_window_is_rolled_back_and_the_old_generation_resumes() {
+    let mut h = Harness::new();
+    let old = h.serving(1);
+    let prepare = h.ev(Event::Intent(usr2()));
+    let new = h.prepare(&prepare, on_probation(3000));
+    h.ready(&new);
+    h.advance(Duration::from_secs(1));
+    let crash = h.exit(new[0], 1);
+    assert_eq!(
+        sent(&crash, &MasterMessage::Resume),
+        old,
+        "the old generation accepts again"
+    );
+    assert!(drained(&crash).is_empty());
+    assert_eq!(h.s.generations()[0], (Generation(1), Phase::Serving, 1));
+    let verdict = h.s.history().next().unwrap().verdict.clone().unwrap_err();
+    assert!(verdict.contains("rolled back to generation 1"), "{verdict}");
+    assert!(verdict.contains("exited with exit status 1"), "{verdict}");
+    // No restart of the failed canary, and nothing is due any more.
+    assert_eq!(h.s.next_deadline(), None);
 }

@@ -1,0 +1,79 @@
+//! Canary window: a new generation serves on probation while the old one stands by, paused and
+//! ready; a crash during the probation rolls back.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use baton_integration::load::{Load, Mode};
+use baton_integration::{Master, TestConfig, binaries, free_port};
+
+fn with_canary(port: u16, window: &str) -> TestConfig {
+    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    c.supervisor_extra = vec![format!("canary_window: {window}")];
+    c
+}
+
+#[test]
+fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_a_request() {
+    let port = free_port();
+    let good = with_canary(port, "3s");
+    let master = Master::start("canary-rollback", &good);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = Load::until_finished(addr, Mode::Fresh, 4);
+    // Ready at once, then dies 1 s later (it never accepts: it cannot take requests with it).
+    let mut bad = good.clone();
+    bad.command = binaries().it_worker.clone();
+    bad.env = vec![("IT_MODE".into(), "crash-after:1000".into())];
+    master.write_config(&bad.yaml());
+    let (code, _, err) = master.ctl(&["reload"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("rolled back to generation 1"), "{err}");
+    assert!(err.contains("exited with exit status 1"), "{err}");
+    let (_, status, _) = master.ctl(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let serving: Vec<u64> = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["state"] == "serving")
+        .map(|g| g["generation"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        serving,
+        vec![1],
+        "the old generation serves again: {status}"
+    );
+    let report = load.finish();
+    eprintln!("rollback under load: {}", report.summary());
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    assert_eq!(
+        report.generations.keys().copied().collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert!(
+        master.events("worker_killed").is_empty(),
+        "generation 1 was never drained"
+    );
+}
+
+#[test]
+fn a_generation_that_survives_its_probation_succeeds_and_then_the_old_one_drains() {
+    let port = free_port();
+    let master = Master::start("canary-ok", &with_canary(port, "1500ms"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = Load::until_finished(addr, Mode::KeepAlive, 4);
+    let (code, out, err) = master.ctl(&["reload", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let verdict: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        verdict["duration_ms"].as_u64().unwrap() >= 1500,
+        "the verdict waits for the probation: {verdict}"
+    );
+    master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+        v["generation"] == 1
+    });
+    let report = load.finish();
+    eprintln!("probation passed under load: {}", report.summary());
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    assert!(report.generations.contains_key(&2));
+}
