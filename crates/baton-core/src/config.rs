@@ -74,6 +74,20 @@ pub struct WorkerConfig {
     pub gid: Option<u32>,
     /// File mode creation mask of the workers.
     pub umask: Option<u32>,
+    /// Resource limits of the workers.
+    pub rlimits: Rlimits,
+}
+
+/// Resource limits set in each worker before it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimits {
+    /// `RLIMIT_NOFILE`.
+    #[serde(default)]
+    pub nofile: Option<u64>,
+    /// `RLIMIT_CORE`, in bytes (0: no core dumps).
+    #[serde(default)]
+    pub core: Option<u64>,
 }
 
 /// How a worker receives its listeners.
@@ -437,6 +451,7 @@ pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
             uid,
             gid,
             umask: w.umask.map(|m| m.0),
+            rlimits: w.rlimits,
         };
         if let Some(cwd) = &worker.cwd {
             if !cwd.is_dir() {
@@ -701,6 +716,8 @@ struct RawWorker {
     group: Option<GroupId>,
     #[serde(default)]
     umask: Option<Mode>,
+    #[serde(default)]
+    rlimits: Rlimits,
 }
 
 /// `ready:` is a word (`channel`, `notify`) or a map (`{delay: 2s}`, `{tcp: ADDRESS}`,

@@ -718,6 +718,8 @@ impl Master {
             process::ChildSetup {
                 umask: config.umask,
                 parent_death_signal: Some(config.drain_signal.unwrap_or(SignalNumber::SIGTERM)),
+                max_open_files: config.rlimits.nofile,
+                max_core_size: config.rlimits.core,
             },
         );
         let mut link = Link::default();

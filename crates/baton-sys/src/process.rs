@@ -299,17 +299,36 @@ pub struct ChildSetup {
     pub umask: Option<u32>,
     /// Signal the worker gets if the master dies (`PR_SET_PDEATHSIG`).
     pub parent_death_signal: Option<Signal>,
+    /// Limit on open descriptors (`RLIMIT_NOFILE`, soft and hard).
+    pub max_open_files: Option<u64>,
+    /// Limit on the core dump size (`RLIMIT_CORE`, soft and hard).
+    pub max_core_size: Option<u64>,
 }
 
 /// Applies `setup` in `cmd`'s child. (The user and group are `Command::uid`/`gid`, which also
 /// clear the supplementary groups when run as root.)
 pub fn setup_child(cmd: &mut Command, setup: ChildSetup) {
-    // SAFETY: the hook runs in the child between fork and exec and only makes the umask and
-    // prctl system calls, both async-signal-safe; it allocates nothing and takes no lock.
+    // SAFETY: the hook runs in the child between fork and exec and only makes the umask,
+    // setrlimit and prctl system calls, all async-signal-safe; `value` lives on this stack frame
+    // for the setrlimit call; it allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(mask) = setup.umask {
                 libc::umask(mask as libc::mode_t);
+            }
+            for (resource, limit) in [
+                (libc::RLIMIT_NOFILE, setup.max_open_files),
+                (libc::RLIMIT_CORE, setup.max_core_size),
+            ] {
+                if let Some(limit) = limit {
+                    let value = libc::rlimit {
+                        rlim_cur: limit as libc::rlim_t,
+                        rlim_max: limit as libc::rlim_t,
+                    };
+                    if libc::setrlimit(resource, &value) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
             }
             if let Some(signal) = setup.parent_death_signal {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {

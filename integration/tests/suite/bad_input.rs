@@ -108,3 +108,44 @@ fn check_validates_without_running() {
         );
     }
 }
+
+/// `integration/bad-configs/`: each file says on its first line (`# expect: ...`) what the error
+/// must contain. `baton check` and `baton run` both refuse it with exit 64, naming the file.
+#[test]
+fn the_bad_config_corpus_is_refused_with_located_messages() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bad-configs");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "the corpus is there: {files:?}");
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expected = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .expect("# expect: line");
+        for args in [["check", "-c"], ["run", "-c"]] {
+            let out = Command::new(&binaries().baton)
+                .args(args)
+                .arg(&file)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let name = file.file_name().unwrap().to_string_lossy();
+            assert_eq!(out.status.code(), Some(64), "{name} ({args:?}): {stderr}");
+            assert!(
+                stderr.contains(expected),
+                "{name} ({args:?}): {stderr:?} should contain {expected:?}"
+            );
+            assert!(
+                stderr.contains(&*name),
+                "{name}: the message names the file: {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+        }
+    }
+}

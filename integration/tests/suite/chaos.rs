@@ -37,6 +37,7 @@ fn a_storm_of_500_sigusr2_in_a_second_loses_nothing_and_settles() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let load = Load::until_finished(addr, Mode::Fresh, 8);
     let (stop, most) = sampler(&master);
+    let rss_before = baton_integration::procfs::rss_kib(master.pid());
     let start = Instant::now();
     for _ in 0..500 {
         master.signal(Signal::SIGUSR2);
@@ -55,6 +56,12 @@ fn a_storm_of_500_sigusr2_in_a_second_loses_nothing_and_settles() {
     stop.store(true, Ordering::SeqCst);
     let most = most.join().unwrap();
     let reloads = master.assert_logged_requests_accounted_for();
+    let rss_after = baton_integration::procfs::rss_kib(master.pid());
+    eprintln!("master RSS: {rss_before} KiB before the storm, {rss_after} KiB after");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "memory must stay bounded: {rss_before} -> {rss_after} KiB"
+    );
     eprintln!(
         "500 SIGUSR2 in {storm:?}: {} logged requests, {reloads} reloads; most live workers {most}; {}",
         master.events("reload_requested").len(),

@@ -66,7 +66,11 @@ fn workers_run_as_the_configured_user_without_the_masters_groups_or_its_control_
         ("IT_MODE".into(), format!("report-fds:{}", report.display())),
         ("IT_TRY_CONNECT".into(), "{dir}/baton.sock".into()),
     ];
-    c.worker_extra = vec!["user: nobody".into(), "umask: \"0027\"".into()];
+    c.worker_extra = vec![
+        "user: nobody".into(),
+        "umask: \"0027\"".into(),
+        "rlimits: {nofile: 4321, core: 0}".into(),
+    ];
     let master = Master::start("nobody", &c);
     let pid = master.events("worker_ready")[0]["pid"].as_u64().unwrap() as u32;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -93,6 +97,17 @@ fn workers_run_as_the_configured_user_without_the_masters_groups_or_its_control_
         "no supplementary groups: {status}"
     );
     assert_eq!(field("Umask:").split_whitespace().nth(1), Some("0027"));
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(limit("Max open files"), ["4321", "4321"], "{limits}");
+    assert_eq!(limit("Max core file size"), ["0", "0"], "{limits}");
     let text = std::fs::read_to_string(&report).unwrap();
     let line = text.lines().find(|l| l.starts_with("connect ")).unwrap();
     assert!(
