@@ -120,6 +120,8 @@ const MASTER_ONLY_ENV: [&str; 5] = [
 struct Resources {
     listeners: Vec<GenerationListener>,
     programs: Vec<Arc<WorkerConfig>>,
+    /// The probation of this generation (probes go on that long after readiness).
+    canary_window: Option<Duration>,
 }
 
 /// The master's side of one worker: its channel's command queue and the tasks serving it.
@@ -654,6 +656,7 @@ impl Master {
             Resources {
                 listeners: prepared.listeners,
                 programs: config.programs.into_iter().map(Arc::new).collect(),
+                canary_window: config.supervisor.canary_window,
             },
         );
         Ok(spec)
@@ -675,6 +678,7 @@ impl Master {
             .get(program)
             .ok_or_else(|| format!("generation {generation} has no program {program}"))?
             .clone();
+        let resources_canary = resources.canary_window;
         let listeners: Vec<GenerationListener> = config
             .listeners
             .iter()
@@ -802,7 +806,13 @@ impl Master {
                 link.tasks.push(task.abort_handle());
             }
             (Readiness::Probe(probe), Some(address)) => {
-                let task = tokio::spawn(probe_task(worker, probe.clone(), address, events));
+                let task = tokio::spawn(probe_task(
+                    worker,
+                    probe.clone(),
+                    address,
+                    resources_canary,
+                    events,
+                ));
                 link.tasks.push(task.abort_handle());
             }
             _ => {}
@@ -1053,21 +1063,27 @@ async fn notify_task(
 /// dropped (the worker left `Starting`). Each attempt is bounded by the probe's timeout, and
 /// attempts are `interval` apart: a backend that answers garbage or half-closes costs one short
 /// attempt per interval, never a spin.
+///
+/// With a canary window, probing goes on for that long after readiness: a failure then is
+/// reported ([`Event::ProbeFailed`]), and rolls the reload back. After the window, it stops.
 async fn probe_task(
     worker: WorkerId,
     probe: Probe,
     address: String,
+    probation: Option<Duration>,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let mut last_error = String::new();
-    loop {
-        let result = tokio::time::timeout(
+    let attempt = || async {
+        tokio::time::timeout(
             probe.timeout,
             probe_once(&address, probe.http_path.as_deref()),
         )
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {} ms", probe.timeout.as_millis())));
-        match result {
+        .unwrap_or_else(|_| Err(format!("no answer within {} ms", probe.timeout.as_millis())))
+    };
+    let mut last_error = String::new();
+    loop {
+        match attempt().await {
             Ok(()) => {
                 debug!(
                     worker = worker.0,
@@ -1077,7 +1093,7 @@ async fn probe_task(
                     worker,
                     message: WorkerMessage::Ready,
                 });
-                return;
+                break;
             }
             Err(err) => {
                 if err != last_error {
@@ -1090,6 +1106,15 @@ async fn probe_task(
             }
         }
         tokio::time::sleep(probe.interval).await;
+    }
+    let Some(probation) = probation else { return };
+    let until = tokio::time::Instant::now() + probation;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(probe.interval).await;
+        if let Err(reason) = attempt().await {
+            let _ = events.send(Event::ProbeFailed { worker, reason });
+            return;
+        }
     }
 }
 

@@ -149,6 +149,11 @@ pub enum Event {
         worker: WorkerId,
         message: WorkerMessage,
     },
+    /// A ready worker's readiness probe failed during its generation's probation.
+    ProbeFailed {
+        worker: WorkerId,
+        reason: String,
+    },
     /// The worker's main process is now `pid` (`MAINPID=`: a server that forks).
     MainPid {
         worker: WorkerId,
@@ -422,6 +427,7 @@ impl Supervisor {
             Event::Spawned { worker, result } => self.on_spawned(now, worker, result),
             Event::Message { worker, message } => self.on_message(now, worker, message),
             Event::MainPid { worker, pid } => self.on_main_pid(worker, pid),
+            Event::ProbeFailed { worker, reason } => self.on_probe_failed(now, worker, reason),
             Event::Exited { pid, status } => self.on_exited(now, pid, status),
             Event::Tick => self.on_tick(now),
         }
@@ -1022,6 +1028,22 @@ impl Supervisor {
                     "worker {id} sent a message type this master does not know"
                 );
             }
+        }
+    }
+
+    fn on_probe_failed(&mut self, now: Instant, id: WorkerId, reason: String) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let g = w.generation;
+        let pid = w.pid.unwrap_or(0);
+        let reason = format!(
+            "worker {id} of generation {g} (pid {pid}) failed its readiness probe: {reason}"
+        );
+        if self.canary.as_ref().is_some_and(|c| c.new == g) {
+            self.roll_back(now, reason);
+        } else {
+            debug!(worker = id.0, "{reason} (not on probation: ignored)");
         }
     }
 

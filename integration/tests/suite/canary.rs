@@ -77,3 +77,59 @@ fn a_generation_that_survives_its_probation_succeeds_and_then_the_old_one_drains
     assert_eq!(report.failed(), 0, "{}", report.summary());
     assert!(report.generations.contains_key(&2));
 }
+
+#[test]
+fn a_generation_whose_probe_fails_during_its_probation_is_rolled_back() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let port = free_port();
+    let good = with_canary(port, "5s");
+    let master = Master::start("canary-probe", &good);
+    // The new generation's health endpoint, played by the test: healthy until told otherwise.
+    let health = master.dir.path().join("health.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&health).unwrap();
+    let healthy = Arc::new(AtomicBool::new(true));
+    let flag = healthy.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut buf = [0u8; 512];
+            let _ = stream.read(&mut buf);
+            let answer: &[u8] = if flag.load(Ordering::SeqCst) {
+                b"HTTP/1.0 200 OK\r\n\r\nok\n"
+            } else {
+                b"HTTP/1.0 503 Service Unavailable\r\n\r\nsick\n"
+            };
+            let _ = stream.write_all(answer);
+        }
+    });
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = Load::until_finished(addr, Mode::Fresh, 4);
+    let mut probed = good.clone();
+    probed.command = binaries().it_worker.clone();
+    probed.env = vec![("IT_MODE".into(), "never-ready".into())];
+    probed.worker_extra = vec![format!(
+        "ready: {{http: \"{}\", path: /healthz, timeout: 500ms, interval: 100ms}}",
+        health.display()
+    )];
+    master.write_config(&probed.yaml());
+    let reload = master.ctl_spawn(&["reload"]);
+    master.wait_event("canary", Duration::from_secs(10), |_| true);
+    healthy.store(false, Ordering::SeqCst);
+    let out = reload.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("rolled back to generation 1"), "{err}");
+    assert!(
+        err.contains("failed its readiness probe: HTTP status 503"),
+        "{err}"
+    );
+    let report = load.finish();
+    eprintln!("probe rollback under load: {}", report.summary());
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    assert_eq!(
+        report.generations.keys().copied().collect::<Vec<_>>(),
+        vec![1]
+    );
+}

@@ -705,3 +705,31 @@ fn a_canary_that_crashes_in_its_window_is_rolled_back_and_the_old_generation_res
     // No restart of the failed canary, and nothing is due any more.
     assert_eq!(h.s.next_deadline(), None);
 }
+
+#[test]
+fn a_probe_failing_during_the_probation_rolls_back_and_outside_it_changes_nothing() {
+    let mut h = Harness::new();
+    let old = h.serving(1);
+    let prepare = h.ev(Event::Intent(usr2()));
+    let new = h.prepare(&prepare, on_probation(3000));
+    h.ready(&new);
+    let failed = h.ev(Event::ProbeFailed {
+        worker: new[0],
+        reason: "HTTP status 503".into(),
+    });
+    assert_eq!(sent(&failed, &MasterMessage::Resume), old);
+    assert_eq!(killed(&failed), vec![pid_of(new[0])]);
+    let verdict = h.s.history().next().unwrap().verdict.clone().unwrap_err();
+    assert!(
+        verdict.contains("failed its readiness probe: HTTP status 503"),
+        "{verdict}"
+    );
+    // A late report about a generation that is not on probation is ignored.
+    assert!(
+        h.ev(Event::ProbeFailed {
+            worker: old[0],
+            reason: "late".into()
+        })
+        .is_empty()
+    );
+}
