@@ -427,6 +427,11 @@ impl Master {
             proto::Request::Status => {
                 let _ = reply.send(proto::Response::Status(self.status()));
             }
+            proto::Request::Metrics => {
+                let _ = reply.send(proto::Response::Metrics {
+                    text: self.metrics(),
+                });
+            }
             proto::Request::History => {
                 let _ = reply.send(proto::Response::History {
                     reloads: self.history(),
@@ -600,6 +605,122 @@ impl Master {
             },
             generations,
         }
+    }
+
+    /// The Prometheus text exposition of the master's counters and gauges.
+    fn metrics(&self) -> String {
+        let c = self.supervisor.counters();
+        let snap = self.supervisor.snapshot(Instant::now());
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+            out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            for (labels, value) in samples {
+                out += &format!("{name}{labels} {value}\n");
+            }
+        };
+        metric(
+            "baton_reloads_total",
+            "counter",
+            "Reloads that ended, by verdict.",
+            vec![
+                ("{verdict=\"ok\"}".into(), c.reloads_ok.to_string()),
+                (
+                    "{verdict=\"failed\"}".into(),
+                    (c.reloads_failed - c.reloads_rolled_back).to_string(),
+                ),
+                (
+                    "{verdict=\"rolled_back\"}".into(),
+                    c.reloads_rolled_back.to_string(),
+                ),
+            ],
+        );
+        metric(
+            "baton_reload_duration_seconds",
+            "histogram",
+            "From reload request to verdict.",
+            histogram(
+                &c.reload_durations,
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ],
+            ),
+        );
+        metric(
+            "baton_drain_duration_seconds",
+            "histogram",
+            "How long retired generations took to drain.",
+            histogram(
+                &c.drain_durations,
+                &[0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0],
+            ),
+        );
+        metric(
+            "baton_worker_restarts_total",
+            "counter",
+            "Crashed workers replaced.",
+            vec![(String::new(), c.restarts.to_string())],
+        );
+        metric(
+            "baton_workers_killed_total",
+            "counter",
+            "Workers of draining generations killed, by reason.",
+            vec![
+                (
+                    "{reason=\"deadline\"}".into(),
+                    c.killed_at_deadline.to_string(),
+                ),
+                ("{reason=\"cap\"}".into(), c.killed_by_cap.to_string()),
+            ],
+        );
+        let phases = [
+            "preparing",
+            "starting",
+            "serving",
+            "standby",
+            "draining",
+            "failed",
+        ];
+        metric(
+            "baton_generations",
+            "gauge",
+            "Generations by state.",
+            phases
+                .iter()
+                .map(|p| {
+                    let n = snap
+                        .generations
+                        .iter()
+                        .filter(|g| phase_name(g.phase) == *p)
+                        .count();
+                    (format!("{{state=\"{p}\"}}"), n.to_string())
+                })
+                .collect(),
+        );
+        let states = ["spawning", "starting", "ready", "draining", "killed"];
+        metric(
+            "baton_workers",
+            "gauge",
+            "Worker processes by state.",
+            states
+                .iter()
+                .map(|s| {
+                    let n = snap
+                        .generations
+                        .iter()
+                        .flat_map(|g| &g.workers)
+                        .filter(|w| w.state == *s)
+                        .count();
+                    (format!("{{state=\"{s}\"}}"), n.to_string())
+                })
+                .collect(),
+        );
+        metric(
+            "baton_uptime_seconds",
+            "gauge",
+            "Seconds since the master started.",
+            vec![(String::new(), format!("{:.3}", snap.uptime.as_secs_f64()))],
+        );
+        out
     }
 
     fn history(&self) -> Vec<proto::ReloadRecord> {
@@ -891,6 +1012,24 @@ fn status_line(snap: &crate::supervisor::Snapshot) -> String {
         );
     }
     parts.join("; ")
+}
+
+/// Prometheus histogram samples (cumulative buckets, sum, count) of `values` in seconds.
+fn histogram(values: &[Duration], bounds: &[f64]) -> Vec<(String, String)> {
+    let secs: Vec<f64> = values.iter().map(Duration::as_secs_f64).collect();
+    let mut samples: Vec<(String, String)> = bounds
+        .iter()
+        .map(|b| {
+            (
+                format!("_bucket{{le=\"{b}\"}}"),
+                secs.iter().filter(|v| **v <= *b).count().to_string(),
+            )
+        })
+        .collect();
+    samples.push(("_bucket{le=\"+Inf\"}".into(), secs.len().to_string()));
+    samples.push(("_sum".into(), format!("{:.6}", secs.iter().sum::<f64>())));
+    samples.push(("_count".into(), secs.len().to_string()));
+    samples
 }
 
 fn phase_name(phase: Phase) -> &'static str {

@@ -378,6 +378,24 @@ enum Stop {
     Fast,
 }
 
+/// Counters since the master started, for `baton metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// Failed reloads that were rollbacks of a generation on probation.
+    pub reloads_rolled_back: u64,
+    /// Durations of finished reloads (request to verdict).
+    pub reload_durations: Vec<Duration>,
+    /// Crashed workers replaced.
+    pub restarts: u64,
+    /// Workers killed at their drain deadline, and to respect `max_draining`.
+    pub killed_at_deadline: u64,
+    pub killed_by_cap: u64,
+    /// How long finished drains took.
+    pub drain_durations: Vec<Duration>,
+}
+
 /// How many reload verdicts are kept.
 const HISTORY: usize = 100;
 
@@ -399,6 +417,7 @@ pub struct Supervisor {
     next_request: u64,
     next_reload: u64,
     history: VecDeque<ReloadRecord>,
+    counters: Counters,
     actions: Vec<Action>,
     started: Option<Instant>,
 }
@@ -552,6 +571,11 @@ impl Supervisor {
                 .map(|c| (c.reload.id, c.new, c.until.saturating_duration_since(now))),
             generations,
         }
+    }
+
+    /// Counters since the start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// The last reloads' verdicts, oldest first.
@@ -901,6 +925,16 @@ impl Supervisor {
             self.history.pop_front();
         }
         let duration = now.saturating_duration_since(reload.started);
+        match &verdict {
+            Ok(()) => self.counters.reloads_ok += 1,
+            Err(why) => {
+                self.counters.reloads_failed += 1;
+                if why.starts_with("rolled back") {
+                    self.counters.reloads_rolled_back += 1;
+                }
+            }
+        }
+        self.counters.reload_durations.push(duration);
         self.actions.push(Action::Verdict(Verdict {
             requests: reload.covers.clone(),
             reload: Some(reload.id),
@@ -1143,6 +1177,7 @@ impl Supervisor {
                 let Some(program) = self.slot_program(g, slot).cloned() else {
                     return;
                 };
+                self.counters.restarts += 1;
                 let Some(s) = self.slot_mut(g, slot) else {
                     return;
                 };
@@ -1363,6 +1398,11 @@ impl Supervisor {
         {
             *killed = true;
         }
+        if why.contains("deadline") {
+            self.counters.killed_at_deadline += 1;
+        } else if why.contains("besides the serving one") {
+            self.counters.killed_by_cap += 1;
+        }
         self.kill(id);
     }
 
@@ -1457,6 +1497,9 @@ impl Supervisor {
         };
         match entry.state {
             GenState::Draining { since, killed } => {
+                self.counters
+                    .drain_durations
+                    .push(now.saturating_duration_since(since));
                 let took = now.saturating_duration_since(since).as_millis() as u64;
                 info!(
                     event = "generation_exited",

@@ -35,6 +35,8 @@ pub enum Request {
     History,
     /// Stop the master: drain everything (`fast: false`) or kill workers now.
     Stop { fast: bool },
+    /// Counters and gauges in the Prometheus text exposition format.
+    Metrics,
 }
 
 impl Request {
@@ -57,6 +59,10 @@ pub enum Response {
     Verdict(ReloadVerdict),
     History {
         reloads: Vec<ReloadRecord>,
+    },
+    /// The answer to `metrics`: Prometheus text exposition format (version 0.0.4).
+    Metrics {
+        text: String,
     },
     /// The stop was accepted.
     Stopping {

@@ -340,6 +340,17 @@ pub(crate) fn stop(target: &Target, fast: bool) -> u8 {
     }
 }
 
+pub(crate) fn metrics(target: &Target) -> u8 {
+    match call(target, Request::Metrics, Some(Duration::from_secs(10))) {
+        Ok(Response::Metrics { text }) => {
+            print!("{text}");
+            0
+        }
+        Ok(other) => unexpected(&other),
+        Err(code) => code,
+    }
+}
+
 pub(crate) fn history(target: &Target, json: bool) -> u8 {
     match call(target, Request::History, Some(Duration::from_secs(10))) {
         Ok(Response::History { reloads }) if json => {

@@ -97,6 +97,12 @@ enum Command {
         #[arg(long)]
         fast: bool,
     },
+    /// Counters and gauges in the Prometheus text format (for node_exporter's textfile
+    /// collector, or any scraper that runs a command).
+    Metrics {
+        #[command(flatten)]
+        target: Target,
+    },
     /// The last reloads: id, trigger, start, duration, verdict.
     History {
         #[command(flatten)]
@@ -133,6 +139,7 @@ fn main() -> ExitCode {
         } => commands::reload(&target, no_wait, request, json),
         Command::Stop { target, fast } => commands::stop(&target, fast),
         Command::History { target, json } => commands::history(&target, json),
+        Command::Metrics { target } => commands::metrics(&target),
     };
     ExitCode::from(code)
 }

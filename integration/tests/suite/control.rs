@@ -452,3 +452,55 @@ fn a_master_speaking_another_protocol_version_is_reported_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn metrics_count_reloads_restarts_and_states_in_the_prometheus_format() {
+    let port = free_port();
+    let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let master = Master::start("ctl-metrics", &good);
+    assert_eq!(master.ctl(&["reload"]).0, 0);
+    master.write_config(&(good.yaml() + "nonsense: 1\n"));
+    assert_eq!(master.ctl(&["reload"]).0, 1);
+    master.write_config(&good.yaml());
+    // A crash, replaced.
+    let victim = master.children()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    master.wait_event("worker_crashed", Duration::from_secs(5), |_| true);
+    eventually(Duration::from_secs(10), "the replacement", || {
+        (master.children().len() == 2).then_some(())
+    });
+    master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+        v["generation"] == 1
+    });
+    let (code, text, err) = master.ctl(&["metrics"]);
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "baton_reloads_total{verdict=\"ok\"} 1",
+        "baton_reloads_total{verdict=\"failed\"} 1",
+        "baton_reload_duration_seconds_count 2",
+        "baton_reload_duration_seconds_bucket{le=\"+Inf\"} 2",
+        "baton_drain_duration_seconds_count 1",
+        "baton_worker_restarts_total 1",
+        "baton_generations{state=\"serving\"} 1",
+        "baton_generations{state=\"draining\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == expected),
+            "{expected:?} missing from\n{text}"
+        );
+    }
+    // The exposition format: comments, or `name{labels} value` with a numeric value.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        assert!(
+            name.starts_with("baton_") && name.chars().all(|c| c.is_ascii_graphic()),
+            "{line}"
+        );
+    }
+    let ready_workers = text
+        .lines()
+        .find(|l| l.starts_with("baton_workers{state=\"ready\"}"))
+        .unwrap();
+    assert!(ready_workers.ends_with(" 2"), "{ready_workers}");
+}
