@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 mod client;
 mod commands;
@@ -103,6 +103,10 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print shell completions (for packaging: bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), generated from these definitions.
+    Man,
     /// The last reloads: id, trigger, start, duration, verdict.
     History {
         #[command(flatten)]
@@ -140,6 +144,17 @@ fn main() -> ExitCode {
         Command::Stop { target, fast } => commands::stop(&target, fast),
         Command::History { target, json } => commands::history(&target, json),
         Command::Metrics { target } => commands::metrics(&target),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
+            0
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(Cli::command());
+            match page.render(&mut std::io::stdout()) {
+                Ok(()) => 0,
+                Err(_) => 74,
+            }
+        }
     };
     ExitCode::from(code)
 }

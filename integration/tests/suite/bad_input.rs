@@ -149,3 +149,41 @@ fn the_bad_config_corpus_is_refused_with_located_messages() {
         }
     }
 }
+
+#[test]
+fn the_man_page_and_completions_come_from_the_command_definitions() {
+    let out = Command::new(&binaries().baton).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        man.starts_with(".ie") && man.contains(".TH baton 1"),
+        "{man}"
+    );
+    for sub in [
+        "run",
+        "check",
+        "status",
+        "drain\\-status",
+        "reload",
+        "stop",
+        "history",
+        "metrics",
+    ] {
+        assert!(
+            man.contains(&format!("baton\\-{sub}")) || man.contains(sub),
+            "{sub} missing from the man page"
+        );
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(&binaries().baton)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        // fish spells long options without their dashes (`-l no-wait`).
+        for word in ["drain-status", "reload", "no-wait"] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+    }
+}
