@@ -187,3 +187,20 @@ fn the_man_page_and_completions_come_from_the_command_definitions() {
         }
     }
 }
+
+/// The configurations shipped in packaging/ are valid (their worker paths, which exist only where
+/// they are installed, substituted).
+#[test]
+fn the_packaged_configurations_are_valid() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    for (file, command) in [
+        ("packaging/baton.example.yaml", "/usr/local/bin/my-server"),
+        ("packaging/container/baton.yaml", "/usr/bin/hello-worker"),
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        assert!(text.contains(command), "{file} runs {command}");
+        let text = text.replace(command, &binaries().hello_worker.display().to_string());
+        let (code, stderr) = run(&["check", "-c"], &text);
+        assert_eq!(code, Some(0), "{file}: {stderr}");
+    }
+}
