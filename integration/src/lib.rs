@@ -184,6 +184,37 @@ pub fn ctl(socket: &std::path::Path, args: &[&str], uid: Option<u32>) -> (i32, S
     )
 }
 
+/// Starts `program` the systemd way by hand (no baton): `listener` at fd 3, LISTEN_FDS=1,
+/// LISTEN_FDNAMES=http, and LISTEN_PID either the child's own pid or `wrong_pid`.
+pub fn start_socket_activated(
+    program: &std::path::Path,
+    listener: &std::net::TcpListener,
+    wrong_pid: Option<u32>,
+) -> std::process::Child {
+    let fd = listener.try_clone().unwrap();
+    let mut cmd = Command::new(program);
+    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
+    baton_sys::process::place_fds(&mut cmd, vec![(fd.into(), 3)]).unwrap();
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            !k.to_string_lossy().starts_with("LISTEN_")
+                && k != "NOTIFY_SOCKET"
+                && k != "BATON_CHANNEL_FD"
+        })
+        .collect();
+    env.push(("LISTEN_FDS".into(), "1".into()));
+    env.push(("LISTEN_FDNAMES".into(), "http".into()));
+    match wrong_pid {
+        Some(pid) => {
+            env.push(("LISTEN_PID".into(), pid.to_string().into()));
+            cmd.env_clear().envs(env);
+        }
+        None => baton_sys::process::exec_with_own_pid(&mut cmd, program, &[], &env, "LISTEN_PID")
+            .unwrap(),
+    }
+    cmd.spawn().unwrap()
+}
+
 /// A free loopback port (bound and released; the master binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

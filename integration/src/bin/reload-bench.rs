@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode, Report};
-use baton_integration::{Master, TestConfig, free_port};
+use baton_integration::{Master, TestConfig, binaries, free_port, procfs, start_socket_activated};
 use nix::sys::signal::Signal;
 
 struct Args {
@@ -24,7 +24,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        reloads: 100,
+        reloads: 1000,
         seconds: 10,
         clients: 8,
     };
@@ -116,6 +116,53 @@ fn under_reloads(mode: Mode, args: &Args, worker_args: &[&str]) -> (Report, u64)
     (load.finish(), sent)
 }
 
+/// Throughput of one worker process, alone (socket-activated) and under baton: the master must
+/// not be in the data path.
+fn throughput(mode: Mode, args: &Args) -> (Report, Report) {
+    let run = Duration::from_secs(args.seconds);
+    let bounds = Bounds {
+        clients: args.clients,
+        duration: run,
+        max_requests_per_client: u64::MAX,
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut alone = start_socket_activated(&binaries().hello_worker, &listener, None);
+    drop(listener);
+    let standalone = Load::start(addr, mode, bounds).join();
+    let _ = alone.kill();
+    let _ = alone.wait();
+    let port = free_port();
+    let master = Master::start(
+        "bench-throughput",
+        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
+    );
+    let supervised = Load::start(format!("127.0.0.1:{port}").parse().unwrap(), mode, bounds).join();
+    drop(master);
+    (standalone, supervised)
+}
+
+/// Time to start a master with 1000 listeners and hand them to a worker, and to reload it.
+fn thousand_listeners() -> (Duration, u64) {
+    let held: Vec<std::net::TcpListener> = (0..1000)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut c = TestConfig::hello("127.0.0.1:1", 1);
+    c.listeners = held
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("l{i}"), l.local_addr().unwrap().to_string()))
+        .collect();
+    drop(held);
+    c.ready_timeout = "60s";
+    let started = Instant::now();
+    let master = Master::spawn("bench-1000", &c.yaml());
+    master.wait_event("serving", Duration::from_secs(60), |_| true);
+    let start = started.elapsed();
+    let reload = master.reload();
+    (start, reload["took_ms"].as_u64().unwrap_or(0))
+}
+
 fn row(name: &str, (r, reloads): &(Report, u64)) -> String {
     let total = r.ok + r.failed();
     format!(
@@ -164,6 +211,65 @@ fn main() {
         light.ok,
         light.failed()
     );
+
+    eprintln!("throughput: a worker alone vs the same worker under baton ...");
+    println!(
+        "## The master is not in the data path (1 worker process, {} clients, {} s each)\n",
+        args.clients, args.seconds
+    );
+    println!(
+        "| load | worker alone req/s | under baton req/s | ratio | alone p50/p99 ms | baton p50/p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, mode) in [
+        ("keep-alive", Mode::KeepAlive),
+        ("fresh connection per request", Mode::Fresh),
+    ] {
+        let (alone, baton) = throughput(mode, &args);
+        let rate = |r: &Report| r.ok as f64 / args.seconds as f64;
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.2} | {}/{} | {}/{} |",
+            rate(&alone),
+            rate(&baton),
+            rate(&baton) / rate(&alone).max(1.0),
+            ms(alone.quantile(0.5)),
+            ms(alone.quantile(0.99)),
+            ms(baton.quantile(0.5)),
+            ms(baton.quantile(0.99))
+        );
+    }
+    println!();
+
+    eprintln!("master footprint ...");
+    {
+        let port = free_port();
+        let master = Master::start(
+            "bench-idle",
+            &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
+        );
+        let before = procfs::cpu_ns(master.pid());
+        std::thread::sleep(Duration::from_secs(10));
+        let idle_us = (procfs::cpu_ns(master.pid()) - before) / 1000;
+        let rss = procfs::rss_kib(master.pid());
+        drop(master);
+        let (start, reload_ms) = thousand_listeners();
+        println!("## The master itself\n");
+        println!("| measure | value |");
+        println!("|---|---|");
+        println!("| CPU time over 10 s idle (2 workers) | {idle_us} µs |");
+        println!(
+            "| resident memory (VmRSS), 2 workers | {:.1} MiB |",
+            rss as f64 / 1024.0
+        );
+        println!(
+            "| start with 1000 listeners, all handed to a worker (4 SCM_RIGHTS chunks) | {} ms |",
+            ms(start)
+        );
+        println!(
+            "| reload with 1000 listeners (signal to new generation serving) | {reload_ms} ms |"
+        );
+        println!();
+    }
 
     eprintln!("fresh connections under reloads every 100 ms ...");
     let fresh = under_reloads(Mode::Fresh, &args, &[]);

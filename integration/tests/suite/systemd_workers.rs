@@ -6,14 +6,16 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton_integration::load::{Load, Mode, requests};
-use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
+use baton_integration::{
+    Master, TestConfig, binaries, eventually, free_port, start_socket_activated,
+};
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
 
@@ -130,37 +132,6 @@ fn baton_and_systemd_style_programs_serve_side_by_side() {
     eprintln!("mixed: {}", report.summary());
     assert_eq!(report.failed(), 0, "{}", report.summary());
     master.assert_every_request_accounted_for(sent);
-}
-
-/// Starts `program` the systemd way by hand (no baton): `listener` at fd 3, LISTEN_FDS=1,
-/// LISTEN_FDNAMES=http, and LISTEN_PID either the child's own pid or `wrong_pid`.
-fn start_socket_activated(
-    program: &Path,
-    listener: &std::net::TcpListener,
-    wrong_pid: Option<u32>,
-) -> std::process::Child {
-    let fd = listener.try_clone().unwrap();
-    let mut cmd = Command::new(program);
-    cmd.stdin(Stdio::null()).stderr(Stdio::piped());
-    baton_sys::process::place_fds(&mut cmd, vec![(fd.into(), 3)]).unwrap();
-    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
-        .filter(|(k, _)| {
-            !k.to_string_lossy().starts_with("LISTEN_")
-                && k != "NOTIFY_SOCKET"
-                && k != "BATON_CHANNEL_FD"
-        })
-        .collect();
-    env.push(("LISTEN_FDS".into(), "1".into()));
-    env.push(("LISTEN_FDNAMES".into(), "http".into()));
-    match wrong_pid {
-        Some(pid) => {
-            env.push(("LISTEN_PID".into(), pid.to_string().into()));
-            cmd.env_clear().envs(env);
-        }
-        None => baton_sys::process::exec_with_own_pid(&mut cmd, program, &[], &env, "LISTEN_PID")
-            .unwrap(),
-    }
-    cmd.spawn().unwrap()
 }
 
 #[test]
