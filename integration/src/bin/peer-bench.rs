@@ -1,0 +1,434 @@
+//! `peer-bench`: reload under load, baton side by side with the servers its users would
+//! otherwise pick, measured in one run on this machine.
+//!
+//! ```text
+//! cargo run --release -p baton-integration --bin peer-bench [-- --seconds 20 --clients 8 --svg docs/peers.svg]
+//! ```
+//!
+//! Needs `nginx` and `haproxy` (Debian: `apt-get install nginx-light haproxy`; nothing is
+//! started by the package without systemd). Loopback only; every run is bounded in time. It
+//! kills every `nginx` and `haproxy` process between runs: do not run it on a machine that
+//! serves with them.
+
+#![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use baton_integration::load::{Bounds, Load, Mode, Report};
+use baton_integration::{Master, TestConfig, free_port, procfs};
+use nix::sys::signal::Signal;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Baton,
+    Nginx,
+    HaproxyMasterWorker,
+    HaproxySf,
+    NaiveRestart,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Baton => "baton + hello-worker (SIGUSR2)",
+            Peer::Nginx => "nginx (nginx -s reload)",
+            Peer::HaproxyMasterWorker => "HAProxy -W, expose-fd listeners (SIGUSR2)",
+            Peer::HaproxySf => "HAProxy -sf (new process, SO_REUSEPORT)",
+            Peer::NaiveRestart => "naive stop/start (nginx -s stop; nginx)",
+        }
+    }
+}
+
+/// A running peer: how to reload it, its master's pid, how to stop it.
+struct Running {
+    peer: Peer,
+    dir: PathBuf,
+    master: Option<Master>,
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if !out.status.success() {
+        eprintln!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn pid_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procfs::listening_inodes(port).is_empty() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill_peers() {
+    for name in ["nginx", "haproxy"] {
+        let _ = Command::new("pkill").args(["-KILL", "-x", name]).output();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && Command::new("pgrep")
+            .args(["-x", "nginx|haproxy"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nginx_conf(dir: &Path, port: u16) -> PathBuf {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_timeout 75s;\n  keepalive_requests 100000;\n  client_body_temp_path {d};\n  server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"hello from nginx\\n\"; }} }}\n}}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+fn haproxy_conf(dir: &Path, port: u16, master_worker: bool) -> PathBuf {
+    let conf = dir.join("haproxy.cfg");
+    let global = if master_worker {
+        format!(
+            "  master-worker\n  stats socket {}/admin.sock mode 600 level admin expose-fd listeners\n",
+            dir.display()
+        )
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        &conf,
+        format!(
+            "global\n{global}  nbthread 2\n  maxconn 8192\ndefaults\n  mode http\n  timeout client 30s\n  timeout connect 5s\n  timeout server 30s\n  timeout http-keep-alive 75s\nfrontend fe\n  bind 127.0.0.1:{port}\n  http-request return status 200 content-type text/plain string \"hello from haproxy\"\n"
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+fn start(peer: Peer, port: u16) -> Running {
+    let dir = tempfile::Builder::new()
+        .prefix("peer-bench-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let master = match peer {
+        Peer::Baton => Some(Master::start(
+            "peer-baton",
+            &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
+        )),
+        Peer::Nginx | Peer::NaiveRestart => {
+            let conf = nginx_conf(&dir, port);
+            run(Command::new("nginx")
+                .arg("-c")
+                .arg(&conf)
+                .arg("-p")
+                .arg(&dir)
+                .arg("-e")
+                .arg(dir.join("error.log")));
+            None
+        }
+        Peer::HaproxyMasterWorker => {
+            let conf = haproxy_conf(&dir, port, true);
+            run(Command::new("haproxy")
+                .args(["-W", "-D", "-f"])
+                .arg(&conf)
+                .arg("-p")
+                .arg(dir.join("haproxy.pid")));
+            None
+        }
+        Peer::HaproxySf => {
+            let conf = haproxy_conf(&dir, port, false);
+            run(Command::new("haproxy")
+                .args(["-D", "-f"])
+                .arg(&conf)
+                .arg("-p")
+                .arg(dir.join("haproxy.pid")));
+            None
+        }
+    };
+    wait_listening(port);
+    Running { peer, dir, master }
+}
+
+impl Running {
+    fn reload(&self) {
+        let dir = &self.dir;
+        match self.peer {
+            Peer::Baton => self.master.as_ref().unwrap().signal(Signal::SIGUSR2),
+            Peer::Nginx => run(Command::new("nginx")
+                .arg("-c")
+                .arg(dir.join("nginx.conf"))
+                .arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .args(["-s", "reload"])),
+            Peer::HaproxyMasterWorker => {
+                if let Some(pid) = pid_file(&dir.join("haproxy.pid")) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        Signal::SIGUSR2,
+                    );
+                }
+            }
+            Peer::HaproxySf => {
+                let old = pid_file(&dir.join("haproxy.pid"))
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                run(Command::new("haproxy")
+                    .args(["-D", "-f"])
+                    .arg(dir.join("haproxy.cfg"))
+                    .arg("-p")
+                    .arg(dir.join("haproxy.pid"))
+                    .args(["-sf", &old]));
+            }
+            Peer::NaiveRestart => {
+                let conf = dir.join("nginx.conf");
+                let pid = pid_file(&dir.join("nginx.pid"));
+                run(Command::new("nginx")
+                    .arg("-c")
+                    .arg(&conf)
+                    .arg("-p")
+                    .arg(dir)
+                    .arg("-e")
+                    .arg(dir.join("error.log"))
+                    .args(["-s", "stop"]));
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid.is_some_and(procfs::alive) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                run(Command::new("nginx")
+                    .arg("-c")
+                    .arg(&conf)
+                    .arg("-p")
+                    .arg(dir)
+                    .arg("-e")
+                    .arg(dir.join("error.log")));
+            }
+        }
+    }
+
+    /// Resident memory of the master process, in KiB.
+    fn master_rss(&self) -> u64 {
+        let pid = match self.peer {
+            Peer::Baton => self.master.as_ref().map(|m| m.pid()),
+            Peer::Nginx | Peer::NaiveRestart => pid_file(&self.dir.join("nginx.pid")),
+            Peer::HaproxyMasterWorker | Peer::HaproxySf => pid_file(&self.dir.join("haproxy.pid")),
+        };
+        pid.map_or(0, procfs::rss_kib)
+    }
+
+    /// Processes of the peer alive now.
+    fn processes(&self) -> usize {
+        match self.peer {
+            Peer::Baton => self.master.as_ref().map_or(0, |m| 1 + m.children().len()),
+            _ => {
+                let out = Command::new("pgrep")
+                    .args(["-c", "-x", "nginx|haproxy"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(0)
+            }
+        }
+    }
+}
+
+struct Row {
+    peer: Peer,
+    mode: Mode,
+    every: Duration,
+    reloads: u64,
+    report: Report,
+    processes_after: usize,
+    rss_kib: u64,
+}
+
+fn scenario(peer: Peer, mode: Mode, every: Duration, seconds: u64, clients: usize) -> Row {
+    kill_peers();
+    let port = free_port();
+    let running = start(peer, port);
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let bounds = Bounds {
+        clients,
+        duration: Duration::from_secs(seconds + 30),
+        max_requests_per_client: u64::MAX,
+    };
+    let load = Load::start(addr, mode, bounds);
+    let begin = Instant::now();
+    let mut reloads = 0;
+    while begin.elapsed() < Duration::from_secs(seconds) {
+        running.reload();
+        reloads += 1;
+        std::thread::sleep(every);
+    }
+    let report = load.finish();
+    // What is still alive a moment after the last reload (old generations lingering).
+    std::thread::sleep(Duration::from_millis(500));
+    let processes_after = running.processes();
+    let rss_kib = running.master_rss();
+    drop(running);
+    kill_peers();
+    Row {
+        peer,
+        mode,
+        every,
+        reloads,
+        report,
+        processes_after,
+        rss_kib,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+/// A bar chart of failed requests per million, on a log scale (so that 0.01% stays visible next
+/// to 30%).
+fn svg(rows: &[Row]) -> String {
+    let height = 24 * rows.len() + 70;
+    let ppm =
+        |r: &Row| 1e6 * r.report.failed() as f64 / (r.report.ok + r.report.failed()).max(1) as f64;
+    let max = rows.iter().map(ppm).fold(1.0, f64::max);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1000\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" font-size=\"15\">Failed requests under reload, per million (log scale; one run, loopback, 2 CPUs)</text>\n"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let y = 44 + i * 24;
+        let value = ppm(r);
+        let width = if value > 0.0 {
+            ((1.0 + value).ln() / (1.0 + max).ln() * 330.0).max(2.0)
+        } else {
+            0.0
+        };
+        let colour = if r.peer == Peer::Baton {
+            "#2a7"
+        } else {
+            "#c44"
+        };
+        out += &format!(
+            "<text x=\"10\" y=\"{}\">{} \u{2014} {} \u{2014} every {} ms</text>\n<rect x=\"330\" y=\"{}\" width=\"{width:.1}\" height=\"16\" fill=\"{colour}\"/>\n<text x=\"{:.1}\" y=\"{}\">{} of {} ({:.4}%)</text>\n",
+            y + 13,
+            short(r.peer),
+            mode_name(r.mode),
+            r.every.as_millis(),
+            y,
+            336.0 + width,
+            y + 13,
+            r.report.failed(),
+            r.report.ok + r.report.failed(),
+            failure_rate(&r.report),
+        );
+    }
+    out + "</svg>\n"
+}
+
+fn short(peer: Peer) -> &'static str {
+    match peer {
+        Peer::Baton => "baton",
+        Peer::Nginx => "nginx",
+        Peer::HaproxyMasterWorker => "HAProxy -W",
+        Peer::HaproxySf => "HAProxy -sf",
+        Peer::NaiveRestart => "stop/start",
+    }
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Fresh => "fresh",
+        Mode::KeepAlive => "keep-alive",
+    }
+}
+
+fn failure_rate(r: &Report) -> f64 {
+    100.0 * r.failed() as f64 / (r.ok + r.failed()).max(1) as f64
+}
+
+fn main() {
+    let mut seconds = 20u64;
+    let mut clients = 8usize;
+    let mut svg_path: Option<PathBuf> = None;
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        match (pair[0].as_str(), pair.get(1)) {
+            ("--seconds", Some(v)) => seconds = v.parse().unwrap_or(seconds),
+            ("--clients", Some(v)) => clients = v.parse().unwrap_or(clients),
+            ("--svg", Some(v)) => svg_path = Some(PathBuf::from(v)),
+            _ => {
+                eprintln!("usage: peer-bench [--seconds S] [--clients C] [--svg FILE]");
+                std::process::exit(64);
+            }
+        }
+    }
+    for tool in ["nginx", "haproxy"] {
+        if Command::new(tool).arg("-v").output().is_err() {
+            eprintln!("{tool} is missing: apt-get install nginx-light haproxy");
+            std::process::exit(69);
+        }
+    }
+    let peers = [
+        Peer::Baton,
+        Peer::Nginx,
+        Peer::HaproxyMasterWorker,
+        Peer::HaproxySf,
+        Peer::NaiveRestart,
+    ];
+    let mut rows = Vec::new();
+    for every in [Duration::from_millis(100), Duration::from_secs(1)] {
+        for mode in [Mode::Fresh, Mode::KeepAlive] {
+            for peer in peers {
+                eprintln!(
+                    "{} — {} — every {} ms ...",
+                    peer.name(),
+                    mode_name(mode),
+                    every.as_millis()
+                );
+                rows.push(scenario(peer, mode, every, seconds, clients));
+            }
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("# Reload under load: baton and its peers\n");
+    println!(
+        "{clients} clients, {seconds} s per run, no retries, loopback, {cpus} CPUs, one run.\n"
+    );
+    println!(
+        "| server | load | reload every | reloads | ok | failed | failures by kind | failure rate | p50 ms | p99 ms | max ms | processes after | master RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} ms | {} | {} | {} | {:?} | {:.4}% | {} | {} | {} | {} | {:.1} |",
+            r.peer.name(),
+            mode_name(r.mode),
+            r.every.as_millis(),
+            r.reloads,
+            r.report.ok,
+            r.report.failed(),
+            r.report.failures,
+            failure_rate(&r.report),
+            ms(r.report.quantile(0.5)),
+            ms(r.report.quantile(0.99)),
+            ms(r.report.latencies.last().copied().unwrap_or_default()),
+            r.processes_after,
+            r.rss_kib as f64 / 1024.0,
+        );
+    }
+    if let Some(path) = svg_path {
+        std::fs::write(&path, svg(&rows)).unwrap();
+        eprintln!("chart: {}", path.display());
+    }
+}
