@@ -466,9 +466,12 @@ fn metrics_count_reloads_restarts_and_states_in_the_prometheus_format() {
     let victim = master.children()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     master.wait_event("worker_crashed", Duration::from_secs(5), |_| true);
-    eventually(Duration::from_secs(10), "the replacement", || {
-        (master.children().len() == 2).then_some(())
-    });
+    // Ready, not merely started: 2 workers of generation 1, 2 of generation 2, the replacement.
+    eventually(
+        Duration::from_secs(10),
+        "the replacement to be ready",
+        || (master.events("worker_ready").len() == 5).then_some(()),
+    );
     master.wait_event("generation_exited", Duration::from_secs(10), |v| {
         v["generation"] == 1
     });
