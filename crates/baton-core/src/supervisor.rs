@@ -695,16 +695,50 @@ impl Supervisor {
                         })
                     })
                     .collect();
-                let slots = entry.slots.len();
                 entry.spec = Some(spec);
-                entry.state = GenState::Starting;
-                for slot in 0..slots {
-                    self.spawn(now, g, slot);
-                }
-                if slots == 0 {
-                    self.promote(now, g);
-                }
+                // Stays Preparing (prepared) until there is room under the cap.
+                self.start_if_room(now);
             }
+        }
+    }
+
+    /// Starts the prepared generation of the running reload once the generations the cap
+    /// killed to make room for it are gone: at most `max_draining` generations besides the
+    /// serving one are ever alive, the new one included.
+    fn start_if_room(&mut self, now: Instant) {
+        let Some(g) = self.reload.as_ref().map(|r| r.generation) else {
+            return;
+        };
+        let Some(entry) = self.generations.get(&g) else {
+            return;
+        };
+        if !matches!(entry.state, GenState::Preparing) || entry.spec.is_none() {
+            return;
+        }
+        let max = self.serving_spec().map_or(usize::MAX, |s| s.max_draining);
+        let others = self
+            .generations
+            .iter()
+            .filter(|(n, e)| **n != g && !matches!(e.state, GenState::Serving))
+            .filter(|(n, _)| self.workers.values().any(|w| w.generation == **n))
+            .count();
+        if others + 1 > max {
+            debug!(
+                generation = g.0,
+                "generation {g} waits for the generations killed by the cap to exit"
+            );
+            return;
+        }
+        let Some(entry) = self.generations.get_mut(&g) else {
+            return;
+        };
+        entry.state = GenState::Starting;
+        let slots = entry.slots.len();
+        for slot in 0..slots {
+            self.spawn(now, g, slot);
+        }
+        if slots == 0 {
+            self.promote(now, g);
         }
     }
 
@@ -1519,6 +1553,7 @@ impl Supervisor {
         }
         self.generations.remove(&g);
         self.actions.push(Action::Release { generation: g });
+        self.start_if_room(now);
         self.check_exit();
     }
 
