@@ -82,6 +82,19 @@ fn kill_peers() {
     }
 }
 
+/// `nginx` with this run's configuration, prefix and error log, plus `args`.
+fn nginx(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .args(args);
+    cmd
+}
+
 fn nginx_conf(dir: &Path, port: u16) -> PathBuf {
     let conf = dir.join("nginx.conf");
     std::fs::write(
@@ -127,14 +140,8 @@ fn start(peer: Peer, port: u16) -> Running {
             &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
         )),
         Peer::Nginx | Peer::NaiveRestart => {
-            let conf = nginx_conf(&dir, port);
-            run(Command::new("nginx")
-                .arg("-c")
-                .arg(&conf)
-                .arg("-p")
-                .arg(&dir)
-                .arg("-e")
-                .arg(dir.join("error.log")));
+            nginx_conf(&dir, port);
+            run(&mut nginx(&dir, &[]));
             None
         }
         Peer::HaproxyMasterWorker => {
@@ -165,14 +172,7 @@ impl Running {
         let dir = &self.dir;
         match self.peer {
             Peer::Baton => self.master.as_ref().unwrap().signal(Signal::SIGUSR2),
-            Peer::Nginx => run(Command::new("nginx")
-                .arg("-c")
-                .arg(dir.join("nginx.conf"))
-                .arg("-p")
-                .arg(dir)
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .args(["-s", "reload"])),
+            Peer::Nginx => run(&mut nginx(dir, &["-s", "reload"])),
             Peer::HaproxyMasterWorker => {
                 if let Some(pid) = pid_file(&dir.join("haproxy.pid")) {
                     let _ = nix::sys::signal::kill(
@@ -193,27 +193,13 @@ impl Running {
                     .args(["-sf", &old]));
             }
             Peer::NaiveRestart => {
-                let conf = dir.join("nginx.conf");
                 let pid = pid_file(&dir.join("nginx.pid"));
-                run(Command::new("nginx")
-                    .arg("-c")
-                    .arg(&conf)
-                    .arg("-p")
-                    .arg(dir)
-                    .arg("-e")
-                    .arg(dir.join("error.log"))
-                    .args(["-s", "stop"]));
+                run(&mut nginx(dir, &["-s", "stop"]));
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while pid.is_some_and(procfs::alive) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                run(Command::new("nginx")
-                    .arg("-c")
-                    .arg(&conf)
-                    .arg("-p")
-                    .arg(dir)
-                    .arg("-e")
-                    .arg(dir.join("error.log")));
+                run(&mut nginx(dir, &[]));
             }
         }
     }
