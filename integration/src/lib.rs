@@ -11,6 +11,7 @@
 
 pub mod load;
 pub mod procfs;
+pub mod storm;
 pub mod systemd;
 
 use std::io::{BufRead, BufReader};

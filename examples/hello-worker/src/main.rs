@@ -14,6 +14,7 @@
 //! 5. When the last connection is gone, it exits 0.
 //!
 //! `GET /?delay_ms=N` waits N ms (at most 60000) before answering, to hold a request in flight.
+//! With `--tag T` the body ends in `, tag T`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -40,6 +41,11 @@ struct Args {
     /// closed (milliseconds).
     #[arg(long, default_value_t = 2000)]
     idle_grace_ms: u64,
+
+    /// A word appended to every response body (`..., tag T`): benchmarks put a fresh one in the
+    /// configuration before each reload to see when the new configuration serves.
+    #[arg(long)]
+    tag: Option<String>,
 }
 
 #[tokio::main]
@@ -52,6 +58,10 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let idle_grace = Duration::from_millis(args.idle_grace_ms);
+    let tag: Arc<str> = args
+        .tag
+        .map_or_else(String::new, |t| format!(", tag {t}"))
+        .into();
 
     let mut worker = Worker::from_env()
         .await
@@ -62,7 +72,12 @@ async fn main() -> anyhow::Result<()> {
 
     let mut accepting = JoinSet::new();
     for (_, listener) in listeners {
-        accepting.spawn(accept_loop(listener, worker.clone(), idle_grace));
+        accepting.spawn(accept_loop(
+            listener,
+            worker.clone(),
+            idle_grace,
+            tag.clone(),
+        ));
     }
     worker.ready().await.context("reporting ready")?;
     let pid = std::process::id();
@@ -86,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Accepts until a drain is requested, then drops the listener. While the generation stands by
 /// (a newer one is on probation), it does not accept, but keeps the listener to resume.
-async fn accept_loop(listener: Listener, worker: Arc<Worker>, idle_grace: Duration) {
+async fn accept_loop(listener: Listener, worker: Arc<Worker>, idle_grace: Duration, tag: Arc<str>) {
     let mut drain = worker.drain_watch();
     let mut gate = worker.accept_gate();
     loop {
@@ -103,7 +118,7 @@ async fn accept_loop(listener: Listener, worker: Arc<Worker>, idle_grace: Durati
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
                     let guard = worker.track();
-                    let ctx = Ctx { drain: worker.drain_watch(), generation: worker.generation() };
+                    let ctx = Ctx { drain: worker.drain_watch(), generation: worker.generation(), tag: tag.clone() };
                     tokio::spawn(async move {
                         serve(stream, ctx, idle_grace).await;
                         drop(guard);
@@ -123,6 +138,7 @@ async fn accept_loop(listener: Listener, worker: Arc<Worker>, idle_grace: Durati
 struct Ctx {
     drain: DrainWatch,
     generation: u64,
+    tag: Arc<str>,
 }
 
 async fn serve(stream: baton_worker::Stream, ctx: Ctx, idle_grace: Duration) {
@@ -157,7 +173,10 @@ async fn respond(req: Request<Incoming>, ctx: Ctx) -> Result<Response<Full<Bytes
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let pid = std::process::id();
-    let body = format!("hello from pid {pid}, generation {}\n", ctx.generation);
+    let body = format!(
+        "hello from pid {pid}, generation {}{}\n",
+        ctx.generation, ctx.tag
+    );
     let mut response = Response::new(Full::new(Bytes::from(body)));
     let headers = response.headers_mut();
     headers.insert(

@@ -12,8 +12,11 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)]
 
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode, Report};
@@ -45,6 +48,7 @@ impl Peer {
 struct Running {
     peer: Peer,
     dir: PathBuf,
+    port: u16,
     master: Option<Master>,
 }
 
@@ -95,12 +99,12 @@ fn nginx(dir: &Path, args: &[&str]) -> Command {
     cmd
 }
 
-fn nginx_conf(dir: &Path, port: u16) -> PathBuf {
+fn nginx_conf(dir: &Path, port: u16, tag: u64) -> PathBuf {
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_timeout 75s;\n  keepalive_requests 100000;\n  client_body_temp_path {d};\n  server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"hello from nginx\\n\"; }} }}\n}}\n",
+            "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_timeout 75s;\n  keepalive_requests 100000;\n  client_body_temp_path {d};\n  server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"hello from nginx, tag {tag}\\n\"; }} }}\n}}\n",
             d = dir.display()
         ),
     )
@@ -108,7 +112,7 @@ fn nginx_conf(dir: &Path, port: u16) -> PathBuf {
     conf
 }
 
-fn haproxy_conf(dir: &Path, port: u16, master_worker: bool) -> PathBuf {
+fn haproxy_conf(dir: &Path, port: u16, master_worker: bool, tag: u64) -> PathBuf {
     let conf = dir.join("haproxy.cfg");
     let global = if master_worker {
         format!(
@@ -121,11 +125,17 @@ fn haproxy_conf(dir: &Path, port: u16, master_worker: bool) -> PathBuf {
     std::fs::write(
         &conf,
         format!(
-            "global\n{global}  nbthread 2\n  maxconn 8192\ndefaults\n  mode http\n  timeout client 30s\n  timeout connect 5s\n  timeout server 30s\n  timeout http-keep-alive 75s\nfrontend fe\n  bind 127.0.0.1:{port}\n  http-request return status 200 content-type text/plain string \"hello from haproxy\"\n"
+            "global\n{global}  nbthread 2\n  maxconn 8192\ndefaults\n  mode http\n  timeout client 30s\n  timeout connect 5s\n  timeout server 30s\n  timeout http-keep-alive 75s\nfrontend fe\n  bind 127.0.0.1:{port}\n  http-request return status 200 content-type text/plain string \"hello from haproxy, tag {tag}\"\n"
         ),
     )
     .unwrap();
     conf
+}
+
+fn baton_config(port: u16, tag: u64) -> TestConfig {
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    config.args = vec!["--tag".into(), tag.to_string()];
+    config
 }
 
 fn start(peer: Peer, port: u16) -> Running {
@@ -135,17 +145,14 @@ fn start(peer: Peer, port: u16) -> Running {
         .unwrap()
         .keep();
     let master = match peer {
-        Peer::Baton => Some(Master::start(
-            "peer-baton",
-            &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
-        )),
+        Peer::Baton => Some(Master::start("peer-baton", &baton_config(port, 1))),
         Peer::Nginx | Peer::NaiveRestart => {
-            nginx_conf(&dir, port);
+            nginx_conf(&dir, port, 1);
             run(&mut nginx(&dir, &[]));
             None
         }
         Peer::HaproxyMasterWorker => {
-            let conf = haproxy_conf(&dir, port, true);
+            let conf = haproxy_conf(&dir, port, true, 1);
             run(Command::new("haproxy")
                 .args(["-W", "-D", "-f"])
                 .arg(&conf)
@@ -154,7 +161,7 @@ fn start(peer: Peer, port: u16) -> Running {
             None
         }
         Peer::HaproxySf => {
-            let conf = haproxy_conf(&dir, port, false);
+            let conf = haproxy_conf(&dir, port, false, 1);
             run(Command::new("haproxy")
                 .args(["-D", "-f"])
                 .arg(&conf)
@@ -164,10 +171,36 @@ fn start(peer: Peer, port: u16) -> Running {
         }
     };
     wait_listening(port);
-    Running { peer, dir, master }
+    Running {
+        peer,
+        dir,
+        port,
+        master,
+    }
 }
 
 impl Running {
+    /// Writes the configuration whose responses end in `tag T`.
+    fn configure(&self, tag: u64) {
+        match self.peer {
+            Peer::Baton => {
+                let master = self.master.as_ref().unwrap();
+                master.write_config(&baton_config(self.port, tag).yaml());
+            }
+            Peer::Nginx | Peer::NaiveRestart => {
+                nginx_conf(&self.dir, self.port, tag);
+            }
+            Peer::HaproxyMasterWorker | Peer::HaproxySf => {
+                haproxy_conf(
+                    &self.dir,
+                    self.port,
+                    self.peer == Peer::HaproxyMasterWorker,
+                    tag,
+                );
+            }
+        }
+    }
+
     fn reload(&self) {
         let dir = &self.dir;
         match self.peer {
@@ -232,37 +265,124 @@ impl Running {
     }
 }
 
+/// Watches which configuration serves: a fresh connection every millisecond, noting when each
+/// `tag N` is first seen. Its requests are not part of the load's counts.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, u64)>>,
+}
+
+impl Probe {
+    fn start(addr: SocketAddr) -> Probe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut first_seen = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(tag) = served_tag(addr)
+                    && seen.insert(tag)
+                {
+                    first_seen.push((Instant::now(), tag));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            first_seen
+        });
+        Probe { stop, thread }
+    }
+
+    fn finish(self) -> Vec<(Instant, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The `tag N` of one response on a fresh connection, if one came within a second.
+fn served_tag(addr: SocketAddr) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    let after = &text[text.rfind("tag ")? + 4..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// One reload: when its command was issued (from the start of the run) and, if its
+/// configuration was ever seen serving, how long that took.
+#[derive(Clone, Copy)]
+struct Reload {
+    at: Duration,
+    latency: Option<Duration>,
+}
+
 struct Row {
     peer: Peer,
     mode: Mode,
     every: Duration,
-    reloads: u64,
+    reloads: Vec<Reload>,
     report: Report,
     processes_after: usize,
     rss_kib: u64,
+}
+
+impl Row {
+    /// Sorted latencies of the reloads whose configuration served.
+    fn reload_latencies(&self) -> Vec<Duration> {
+        let mut v: Vec<Duration> = self.reloads.iter().filter_map(|r| r.latency).collect();
+        v.sort();
+        v
+    }
+
+    /// Reloads whose configuration was never seen serving (skipped, or overtaken by the next).
+    fn never_served(&self) -> usize {
+        self.reloads.iter().filter(|r| r.latency.is_none()).count()
+    }
 }
 
 fn scenario(peer: Peer, mode: Mode, every: Duration, seconds: u64, clients: usize) -> Row {
     kill_peers();
     let port = free_port();
     let running = start(peer, port);
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let bounds = Bounds {
         clients,
         duration: Duration::from_secs(seconds + 30),
         max_requests_per_client: u64::MAX,
     };
     let load = Load::start(addr, mode, bounds);
+    let probe = Probe::start(addr);
     let begin = Instant::now();
-    let mut reloads = 0;
+    let mut sent = Vec::new();
+    let mut tag = 1;
     while begin.elapsed() < Duration::from_secs(seconds) {
+        tag += 1;
+        running.configure(tag);
+        sent.push((Instant::now(), tag));
         running.reload();
-        reloads += 1;
         std::thread::sleep(every);
     }
+    // The last reload gets a second to show before the probe stops.
+    std::thread::sleep(Duration::from_secs(1));
+    let first_seen = probe.finish();
     let report = load.finish();
-    // What is still alive a moment after the last reload (old generations lingering).
-    std::thread::sleep(Duration::from_millis(500));
+    let reloads = sent
+        .iter()
+        .map(|&(at, tag)| Reload {
+            at: at - begin,
+            latency: first_seen
+                .iter()
+                .find(|&&(_, t)| t == tag)
+                .map(|&(seen, _)| seen.saturating_duration_since(at)),
+        })
+        .collect();
+    // What is still alive after the last reload (old generations lingering).
     let processes_after = running.processes();
     let rss_kib = running.master_rss();
     drop(running);
@@ -276,6 +396,81 @@ fn scenario(peer: Peer, mode: Mode, every: Duration, seconds: u64, clients: usiz
         processes_after,
         rss_kib,
     }
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Reload latency over time, one panel per peer, for the scenarios at the fastest cadence with
+/// fresh connections: a dot per reload at the time it was issued, its height the time until
+/// its configuration served (log scale); a red cross on top for a reload never served.
+fn timeline_svg(rows: &[Row], seconds: u64) -> String {
+    let fastest = rows.iter().map(|r| r.every).min().unwrap_or_default();
+    let panels: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.every == fastest && r.mode == Mode::Fresh)
+        .collect();
+    let (left, width, panel_h) = (160.0, 800.0, 90.0);
+    let height = 50.0 + panel_h * panels.len() as f64 + 30.0;
+    let (lo, hi) = (0.5f64.ln(), 2000f64.ln());
+    let y_of = |top: f64, ms: f64| top + 70.0 - (ms.max(0.5).ln() - lo) / (hi - lo) * 70.0;
+    let x_of = |at: Duration| left + at.as_secs_f64() / seconds.max(1) as f64 * width;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1000\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" font-size=\"15\">Reload latency over time: command to new configuration serving, ms (log scale), a reload every {} ms, fresh connections</text>\n",
+        fastest.as_millis()
+    );
+    for (i, r) in panels.iter().enumerate() {
+        let top = 40.0 + panel_h * i as f64;
+        out += &format!(
+            "<text x=\"10\" y=\"{:.1}\">{}</text>\n<rect x=\"{left}\" y=\"{top:.1}\" width=\"{width}\" height=\"70\" fill=\"none\" stroke=\"#bbb\"/>\n",
+            top + 40.0,
+            short(r.peer)
+        );
+        for ms in [1.0, 10.0, 100.0, 1000.0] {
+            let y = y_of(top, ms);
+            out += &format!(
+                "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{ms}</text>\n",
+                left + width,
+                left - 4.0,
+                y + 3.0
+            );
+        }
+        let colour = if r.peer == Peer::Baton {
+            "#2a7"
+        } else {
+            "#c44"
+        };
+        for reload in &r.reloads {
+            let x = x_of(reload.at);
+            match reload.latency {
+                Some(l) => {
+                    out += &format!(
+                        "<circle cx=\"{x:.1}\" cy=\"{:.1}\" r=\"2\" fill=\"{colour}\"/>\n",
+                        y_of(top, l.as_secs_f64() * 1000.0)
+                    );
+                }
+                None => {
+                    out += &format!(
+                        "<text x=\"{x:.1}\" y=\"{:.1}\" fill=\"#c00\" text-anchor=\"middle\">\u{d7}</text>\n",
+                        top + 8.0
+                    );
+                }
+            }
+        }
+    }
+    out += &format!(
+        "<text x=\"{left}\" y=\"{:.1}\">0 s</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\"><tspan fill=\"#c00\">\u{d7}</tspan> a reload whose configuration never served (skipped, or overtaken by the next)</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{seconds} s</text>\n</svg>\n",
+        height - 12.0,
+        left + width / 2.0,
+        height - 12.0,
+        left + width,
+        height - 12.0
+    );
+    out
 }
 
 fn ms(d: Duration) -> String {
@@ -392,16 +587,17 @@ fn main() {
         "{clients} clients, {seconds} s per run, no retries, loopback, {cpus} CPUs, one run.\n"
     );
     println!(
-        "| server | load | reload every | reloads | ok | failed | failures by kind | failure rate | p50 ms | p99 ms | max ms | processes after | master RSS MiB |"
+        "| server | load | reload every | reloads | ok | failed | failures by kind | failure rate | p50 ms | p99 ms | max ms | reload p50/p99/max ms | reloads never served | processes after | master RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
+        let reload = r.reload_latencies();
         println!(
-            "| {} | {} | {} ms | {} | {} | {} | {:?} | {:.4}% | {} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} ms | {} | {} | {} | {:?} | {:.4}% | {} | {} | {} | {}/{}/{} | {} | {} | {:.1} |",
             r.peer.name(),
             mode_name(r.mode),
             r.every.as_millis(),
-            r.reloads,
+            r.reloads.len(),
             r.report.ok,
             r.report.failed(),
             r.report.failures,
@@ -409,12 +605,30 @@ fn main() {
             ms(r.report.quantile(0.5)),
             ms(r.report.quantile(0.99)),
             ms(r.report.latencies.last().copied().unwrap_or_default()),
+            ms(quantile(&reload, 0.5)),
+            ms(quantile(&reload, 0.99)),
+            ms(reload.last().copied().unwrap_or_default()),
+            r.never_served(),
             r.processes_after,
             r.rss_kib as f64 / 1024.0,
         );
     }
     if let Some(path) = svg_path {
         std::fs::write(&path, svg(&rows)).unwrap();
-        eprintln!("chart: {}", path.display());
+        let timeline = path.with_file_name(format!(
+            "{}-reloads.svg",
+            path.file_stem().unwrap_or_default().to_string_lossy()
+        ));
+        std::fs::write(&timeline, timeline_svg(&rows, seconds)).unwrap();
+        eprintln!("charts: {} {}", path.display(), timeline.display());
+    }
+    let lost: u64 = rows
+        .iter()
+        .filter(|r| r.peer == Peer::Baton)
+        .map(|r| r.report.failed())
+        .sum();
+    if lost > 0 {
+        eprintln!("FAILED: baton lost {lost} requests");
+        std::process::exit(1);
     }
 }

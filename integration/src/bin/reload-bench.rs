@@ -4,8 +4,8 @@
 //! cargo run --release -p baton-integration --bin reload-bench [-- --reloads 100 --seconds 10]
 //! ```
 //!
-//! Prints a Markdown report (see `docs/benchmarks.md`). Loopback only; every phase is bounded in
-//! count and time.
+//! Prints a Markdown report (see `docs/benchmarks.md`) and exits 1 if baton lost a request in a
+//! scenario where it must lose none. Loopback only; every phase is bounded in count and time.
 
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)] // a report on stdout; 64 on bad usage
 
@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode, Report};
+use baton_integration::storm::storm;
 use baton_integration::{Master, TestConfig, binaries, free_port, procfs, start_socket_activated};
 use nix::sys::signal::Signal;
 
@@ -211,6 +212,8 @@ fn main() {
         light.ok,
         light.failed()
     );
+    // Requests baton lost in the scenarios that must lose none: the exit status says.
+    let mut lost = light.failed();
 
     eprintln!("throughput: a worker alone vs the same worker under baton ...");
     println!(
@@ -271,6 +274,45 @@ fn main() {
         println!();
     }
 
+    eprintln!("a storm of 500 SIGUSR2 ...");
+    let s = storm(3, 2, 500, args.clients);
+    println!(
+        "## A storm: {} SIGUSR2 in {:.2} s ({} clients of fresh-connection load, 2 workers, `max_draining: 3`)\n",
+        s.signals,
+        s.sending.as_secs_f64(),
+        args.clients
+    );
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| reload requests logged (signals that arrive together merge) | {} |",
+        s.requested
+    );
+    println!(
+        "| reloads run (a request that arrives while one is pending joins it; every request gets its verdict) | {} |",
+        s.reloads
+    );
+    println!(
+        "| from the first signal to settled (every verdict given, one generation serving) | {:.2} s |",
+        s.settled.as_secs_f64()
+    );
+    println!(
+        "| most worker processes alive at once (cap + 1 generations = 8) | {} |",
+        s.most_workers
+    );
+    println!(
+        "| requests ok / failed | {} / {} |",
+        s.report.ok,
+        s.report.failed()
+    );
+    println!(
+        "| master RSS before / after | {:.1} / {:.1} MiB |",
+        s.rss_before_kib as f64 / 1024.0,
+        s.rss_after_kib as f64 / 1024.0
+    );
+    println!("| zombies left | {} |\n", s.zombies);
+    lost += s.report.failed();
+
     eprintln!("fresh connections under reloads every 100 ms ...");
     let fresh = under_reloads(Mode::Fresh, &args, &[]);
     eprintln!("keep-alive under reloads every 100 ms ...");
@@ -294,4 +336,9 @@ fn main() {
             &naive
         )
     );
+    lost += fresh.0.failed() + keep.0.failed();
+    if lost > 0 {
+        eprintln!("FAILED: baton lost {lost} requests");
+        std::process::exit(1);
+    }
 }

@@ -2,81 +2,47 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Load, Mode};
 use baton_integration::procfs::zombies;
+use baton_integration::storm::storm;
 use baton_integration::{Master, TestConfig, eventually, free_port};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-/// Samples the master's live children until stopped; returns the most seen.
-fn sampler(master: &Arc<Master>) -> (Arc<AtomicBool>, std::thread::JoinHandle<usize>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (m, s) = (master.clone(), stop.clone());
-    let handle = std::thread::spawn(move || {
-        let mut most = 0;
-        while !s.load(Ordering::SeqCst) {
-            most = most.max(m.children().len());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        most
-    });
-    (stop, handle)
-}
 
 #[test]
 fn a_storm_of_500_sigusr2_in_a_second_loses_nothing_and_settles() {
     const CAP: usize = 3;
     const PROCESSES: usize = 2;
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), PROCESSES);
-    c.max_draining = CAP;
-    let master = Arc::new(Master::start("storm", &c));
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let load = Load::until_finished(addr, Mode::Fresh, 8);
-    let (stop, most) = sampler(&master);
-    let rss_before = baton_integration::procfs::rss_kib(master.pid());
-    let start = Instant::now();
-    for _ in 0..500 {
-        master.signal(Signal::SIGUSR2);
-        std::thread::sleep(Duration::from_micros(1500));
-    }
-    let storm = start.elapsed();
-    // Everything settles: every logged request has its verdict, one generation serves.
-    eventually(Duration::from_secs(30), "the storm to settle", || {
-        let requested = master.events("reload_requested").len();
-        let verdicts =
-            master.events("reload_succeeded").len() + master.events("reload_failed").len();
-        let started = master.events("reload_started").len();
-        (requested > 0 && verdicts == started && master.children().len() == PROCESSES).then_some(())
-    });
-    let report = load.finish();
-    stop.store(true, Ordering::SeqCst);
-    let most = most.join().unwrap();
-    let reloads = master.assert_logged_requests_accounted_for();
-    let rss_after = baton_integration::procfs::rss_kib(master.pid());
-    eprintln!("master RSS: {rss_before} KiB before the storm, {rss_after} KiB after");
-    assert!(
-        rss_after < rss_before + 16 * 1024,
-        "memory must stay bounded: {rss_before} -> {rss_after} KiB"
-    );
+    let s = storm(CAP, PROCESSES, 500, 8);
     eprintln!(
-        "500 SIGUSR2 in {storm:?}: {} logged requests, {reloads} reloads; most live workers {most}; {}",
-        master.events("reload_requested").len(),
-        report.summary()
+        "{} SIGUSR2 in {:?}: {} logged requests, {} reloads, settled in {:?}; most live workers {}; master RSS {} -> {} KiB; {}",
+        s.signals,
+        s.sending,
+        s.requested,
+        s.reloads,
+        s.settled,
+        s.most_workers,
+        s.rss_before_kib,
+        s.rss_after_kib,
+        s.report.summary()
     );
-    assert_eq!(report.failed(), 0, "{}", report.summary());
     assert!(
-        most <= (CAP + 1) * PROCESSES,
-        "{most} live workers: more than cap + 1 generations"
+        s.rss_after_kib < s.rss_before_kib + 16 * 1024,
+        "memory must stay bounded: {} -> {} KiB",
+        s.rss_before_kib,
+        s.rss_after_kib
     );
+    assert_eq!(s.report.failed(), 0, "{}", s.report.summary());
     assert!(
-        reloads < master.events("reload_requested").len(),
-        "a storm must coalesce"
+        s.most_workers <= (CAP + 1) * PROCESSES,
+        "{} live workers: more than cap + 1 generations",
+        s.most_workers
     );
-    assert!(zombies(master.pid()).is_empty());
+    assert!(s.reloads < s.requested, "a storm must coalesce");
+    assert_eq!(s.zombies, 0);
 }
 
 #[test]

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every benchmark in one command: baton alone (reload-bench), then baton side by side with
+# nginx, HAProxy and a naive restart (peer-bench). Installs nginx-light and haproxy from Debian's
+# packages when missing. Loopback only; every phase is bounded in time (about 12 minutes in all).
+#
+#   bash integration/bench.sh [OUTDIR]      # default: target/bench
+#
+# Writes OUTDIR/reload-bench.md, OUTDIR/peer-bench.md, OUTDIR/peers.svg and
+# OUTDIR/peers-reloads.svg, and exits non-zero if baton lost a request in any scenario where it
+# must lose none (or if a benchmark failed). peer-bench kills every nginx and haproxy process
+# between runs: use a machine that does not serve with them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-target/bench}
+mkdir -p "$out"
+
+missing=()
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v haproxy >/dev/null || missing+=(haproxy)
+if ((${#missing[@]})); then
+    echo "installing ${missing[*]} ..." >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo build --release --locked -p baton -p baton-example-worker -p baton-integration --bins
+{
+    echo "Run $(date -u +%Y-%m-%dT%H:%MZ); $(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB,"
+    echo "Linux $(uname -r), $(. /etc/os-release && echo "$PRETTY_NAME"), baton $(git rev-parse --short HEAD 2>/dev/null || echo '?'),"
+    echo "$(nginx -v 2>&1), $(haproxy -v | head -1)."
+    echo
+} | tee "$out/machine.md" >&2
+
+status=0
+./target/release/reload-bench >"$out/reload-bench.md" || status=1
+./target/release/peer-bench --seconds 20 --svg "$out/peers.svg" >"$out/peer-bench.md" || status=1
+cat "$out/machine.md" "$out/reload-bench.md" "$out/peer-bench.md"
+if ((status)); then
+    echo "FAILED: see above" >&2
+fi
+exit "$status"
