@@ -74,6 +74,49 @@ pub fn binaries() -> &'static Binaries {
     })
 }
 
+/// Opens a keep-alive connection and completes one request on it; returns it open.
+pub fn held_connection(port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("generation") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    s
+}
+
+/// A second build of `baton`, different from [`binaries`]'s: built with `BATON_BUILD_TAG=next`,
+/// so it reports version `<version>+next` (the target of `baton upgrade` in tests). It lives in
+/// its own target directory, built once per test run.
+pub fn next_baton() -> &'static PathBuf {
+    static NEXT: OnceLock<PathBuf> = OnceLock::new();
+    NEXT.get_or_init(|| {
+        let baton = &binaries().baton;
+        let profile_dir = baton.parent().expect("profile dir");
+        let profile = profile_dir.file_name().expect("profile name").to_owned();
+        let target = profile_dir
+            .parent()
+            .expect("target dir")
+            .join("upgrade-next");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "baton", "--bin", "baton"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        cmd.env("CARGO_TARGET_DIR", &target)
+            .env("BATON_BUILD_TAG", "next");
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build of the next baton failed");
+        target.join(profile).join("baton")
+    })
+}
+
 /// How long to wait for anything: generous, since CI machines are loaded. Scaled by
 /// `BATON_TEST_PATIENCE` (a factor).
 pub fn patience(base: Duration) -> Duration {

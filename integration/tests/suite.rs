@@ -20,5 +20,6 @@ mod suite {
     mod signals;
     mod systemd;
     mod systemd_workers;
+    mod upgrade;
     mod zero_loss;
 }

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use baton_proto::ListenerAddress;
 use baton_sys::process::SignalNumber;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole configuration of one master.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     /// The file this was read from; reloads read it again.
     pub source: PathBuf,
@@ -28,7 +28,7 @@ pub struct Config {
 }
 
 /// One listening socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerConfig {
     pub name: String,
     pub address: ListenerAddress,
@@ -39,7 +39,7 @@ pub struct ListenerConfig {
 }
 
 /// How to run one worker program.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerConfig {
     /// The program's name (`worker` when the file has a single `worker:` section).
     pub name: String,
@@ -55,6 +55,7 @@ pub struct WorkerConfig {
     /// How long a retired generation may drain before it is killed.
     pub drain_timeout: Duration,
     /// Signal sent to each worker of a retired generation, besides the channel's drain message.
+    #[serde(with = "crate::upgrade::signal_opt")]
     pub drain_signal: Option<SignalNumber>,
     /// First delay before a crashed worker is restarted; doubles on each crash in a row.
     pub restart_backoff: Duration,
@@ -79,7 +80,7 @@ pub struct WorkerConfig {
 }
 
 /// Resource limits set in each worker before it starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rlimits {
     /// `RLIMIT_NOFILE`.
@@ -91,7 +92,7 @@ pub struct Rlimits {
 }
 
 /// How a worker receives its listeners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     /// baton's channel at fd 3 (`docs/protocol.md`).
@@ -102,7 +103,7 @@ pub enum Protocol {
 }
 
 /// How the master learns a new worker is ready.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Readiness {
     /// A `ready` packet on the baton channel.
     Channel,
@@ -115,7 +116,7 @@ pub enum Readiness {
 }
 
 /// A readiness probe of one worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {
     /// `{worker}`, `{slot}` and `{generation}` are replaced per worker; the result is also given
     /// to the worker as `BATON_PROBE_ADDRESS`.
@@ -139,7 +140,7 @@ impl Probe {
 }
 
 /// Who may notify for a systemd-style worker (like systemd's `NotifyAccess=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NotifyAccess {
     /// The worker process, or the pid it announced with `MAINPID=`.
@@ -150,7 +151,7 @@ pub enum NotifyAccess {
 }
 
 /// Settings of the master itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SupervisorConfig {
     /// Most generations allowed to drain at once; the oldest is killed to make room.
     pub max_draining: usize,
@@ -165,7 +166,7 @@ pub struct SupervisorConfig {
 }
 
 /// The control socket (`baton status`, `baton reload`, ...). Bound once, at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlConfig {
     pub socket: PathBuf,
     /// Permission bits of the socket file (0600: only the owner can even connect).

@@ -43,6 +43,8 @@ pub struct ControlRequest {
     pub request: Request,
     pub peer: Peer,
     pub reply: oneshot::Sender<Response>,
+    /// For `upgrade`: the client's connection, which the master's successor answers on.
+    pub client: Option<std::os::fd::OwnedFd>,
 }
 
 /// Binds the control socket: a stale file of a dead master is replaced, a live master's is not.
@@ -188,11 +190,19 @@ async fn client(
         return;
     }
     let (reply, answer) = oneshot::channel();
+    let client = match request {
+        Request::Upgrade { .. } => {
+            use std::os::fd::AsFd;
+            stream.as_fd().try_clone_to_owned().ok()
+        }
+        _ => None,
+    };
     if requests
         .send(ControlRequest {
             request,
             peer,
             reply,
+            client,
         })
         .await
         .is_err()
@@ -246,6 +256,17 @@ fn authorize(
         || peer.uid == owner
         || config.allow_uids.contains(&peer.uid)
         || groups.iter().any(|g| config.allow_gids.contains(g));
+    if let Request::Upgrade {
+        binary: Some(binary),
+    } = request
+    {
+        // Running a program of the client's choice as the master: only for who could anyway.
+        if peer.uid != 0 && peer.uid != owner {
+            return Err(format!(
+                "{peer} may not choose the program the master runs ({binary}): only root and uid {owner} may"
+            ));
+        }
+    }
     if may_mutate {
         return Ok(());
     }

@@ -15,6 +15,7 @@ pub mod listeners;
 pub mod master;
 mod procnet;
 pub mod supervisor;
+pub mod upgrade;
 
 /// Makes this process the reaper of its workers' orphans (`PR_SET_CHILD_SUBREAPER`). A
 /// process-wide setting, so the binary calls it, not [`master::run`].

@@ -41,6 +41,16 @@ impl BoundSocket {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
     }
+    /// What a successor needs to take this socket over (its descriptor travels separately).
+    pub fn state(&self, fd: i32) -> crate::upgrade::SocketState {
+        crate::upgrade::SocketState {
+            address: self.address.clone(),
+            local: self.local.clone(),
+            fd,
+            unix_file: self.unix_file.clone(),
+        }
+    }
+
     /// A close-on-exec duplicate to hand over.
     pub fn duplicate(&self) -> io::Result<OwnedFd> {
         self.socket.as_fd().try_clone_to_owned()
@@ -185,6 +195,25 @@ impl ListenerTable {
             self.adopted.push(bound);
         }
         Ok(unused)
+    }
+
+    /// Sockets of a master that upgraded itself: they listen already, as `states` say.
+    pub fn restore(
+        &mut self,
+        states: Vec<(crate::upgrade::SocketState, OwnedFd)>,
+    ) -> Vec<Rc<BoundSocket>> {
+        let mut out = Vec::new();
+        for (state, fd) in states {
+            let bound = Rc::new(BoundSocket {
+                address: state.address.clone(),
+                local: state.local,
+                socket: Socket::from(fd),
+                unix_file: state.unix_file,
+            });
+            self.live.insert(state.address, Rc::downgrade(&bound));
+            out.push(bound);
+        }
+        out
     }
 
     /// Number of sockets that are still open.

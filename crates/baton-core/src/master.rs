@@ -31,6 +31,9 @@ use tracing::{debug, info, warn};
 
 use baton_proto::control as proto;
 
+mod upgrade;
+pub use upgrade::SignalGate;
+
 use crate::config::{self, Config, NotifyAccess, Probe, Protocol, Readiness, WorkerConfig};
 use crate::control::{self, ControlRequest};
 use crate::listeners::{BindError, GenerationListener, ListenerTable, Prepared};
@@ -71,6 +74,9 @@ pub struct Options {
     /// Listening sockets inherited by name (`LISTEN_FDS`/`LISTEN_FDNAMES`): a listener of the
     /// same name uses them instead of binding.
     pub inherited: Vec<(String, OwnedFd)>,
+    /// Holds signal delivery around a self-upgrade (see [`SignalGate`]); `None`: signals are
+    /// not the binary's concern (tests feeding inputs directly).
+    pub signals: Option<Box<dyn SignalGate>>,
 }
 
 impl std::fmt::Debug for Options {
@@ -79,6 +85,7 @@ impl std::fmt::Debug for Options {
             .field("notify", &self.notify.is_some())
             .field("watchdog", &self.watchdog)
             .field("inherited", &self.inherited.len())
+            .field("signals", &self.signals.is_some())
             .finish()
     }
 }
@@ -107,12 +114,13 @@ const NOTIFY_MAX: usize = 4096;
 
 /// Environment variables of the master that describe *its* relation to systemd and must not
 /// leak into a worker, where they would be wrong.
-const MASTER_ONLY_ENV: [&str; 5] = [
+const MASTER_ONLY_ENV: [&str; 6] = [
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "WATCHDOG_USEC",
+    crate::upgrade::STATE_FD_ENV,
 ];
 
 /// What a generation holds while it lives.
@@ -129,6 +137,10 @@ struct Resources {
 struct Link {
     commands: Option<mpsc::UnboundedSender<MasterMessage>>,
     tasks: Vec<tokio::task::AbortHandle>,
+    /// Duplicates kept for a self-upgrade: the baton channel, or the notify socket with its
+    /// path and access rule.
+    channel: Option<OwnedFd>,
+    notify: Option<(OwnedFd, PathBuf, NotifyAccess)>,
 }
 
 /// The master: listeners, workers and the state machine.
@@ -158,6 +170,19 @@ pub struct Master {
     options: Options,
     /// What was last told to the service manager.
     told: Told,
+    /// How this master was started, to exec itself again on `baton upgrade`.
+    argv: Vec<OsString>,
+    binary: PathBuf,
+    /// The control socket's descriptor (a duplicate) and settings, for a self-upgrade.
+    control_fd: Option<(OwnedFd, config::ControlConfig)>,
+    /// The upgrade under way, if any, and where its preflight reports.
+    upgrade: Option<upgrade::Pending>,
+    upgrade_tx: mpsc::UnboundedSender<upgrade::Preflight>,
+    upgrade_rx: mpsc::UnboundedReceiver<upgrade::Preflight>,
+    upgrades: Vec<proto::UpgradeInfo>,
+    next_upgrade: u64,
+    /// Set when this master took over from its predecessor: what is left to do when it runs.
+    resumed: Option<upgrade::Resumed>,
 }
 
 #[derive(Debug, Default)]
@@ -204,6 +229,7 @@ impl Master {
         })?;
         let socket_file = control::SocketFile(control_config.socket.clone());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         Ok(Master {
             config_path: config.source.clone(),
             runtime_dir: config.supervisor.runtime_dir.clone(),
@@ -220,6 +246,15 @@ impl Master {
             started: (Instant::now(), std::time::SystemTime::now()),
             options,
             told: Told::default(),
+            argv: std::env::args_os().collect(),
+            binary: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+            control_fd: None,
+            upgrade: None,
+            upgrade_tx,
+            upgrade_rx,
+            upgrades: Vec::new(),
+            next_upgrade: 1,
+            resumed: None,
         })
     }
 
@@ -285,8 +320,10 @@ impl Master {
     /// Must run inside a tokio runtime (the binary uses a current-thread one). If `inputs`
     /// closes, the master stops gracefully.
     pub async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) -> i32 {
-        info!(event = "started", pid = std::process::id(), config = %self.config_path.display(),
-            "baton {} master started (pid {})", env!("CARGO_PKG_VERSION"), std::process::id());
+        if self.resumed.is_none() {
+            info!(event = "started", pid = std::process::id(), config = %self.config_path.display(),
+                "baton {} master started (pid {})", crate::upgrade::version(), std::process::id());
+        }
         for (name, address) in self.listening() {
             info!(event = "listening", listener = %name, address = %address,
                 "listener {name} listening on {address}");
@@ -294,8 +331,15 @@ impl Master {
         let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
         let mut _socket_file = None;
         if let Some((listener, config, file)) = self.control.take() {
-            info!(event = "control_socket", path = %config.socket.display(),
-                "control socket at {}", config.socket.display());
+            if self.resumed.is_none() {
+                info!(event = "control_socket", path = %config.socket.display(),
+                    "control socket at {}", config.socket.display());
+            }
+            self.control_fd = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(|fd| (fd, config.clone()));
             _socket_file = Some(file);
             tokio::spawn(control::serve(listener, config, control_tx));
         }
@@ -305,7 +349,11 @@ impl Master {
         }
         let mut watchdog = self.options.watchdog.map(|w| tokio::time::interval(w / 2));
         let mut queue = VecDeque::new();
-        let actions = self.supervisor.start(Instant::now());
+        let actions = if self.resumed.is_some() {
+            self.on_resumed(&mut queue)
+        } else {
+            self.supervisor.start(Instant::now())
+        };
         if let Some(code) = self.apply(actions, &mut queue) {
             return code;
         }
@@ -347,6 +395,14 @@ impl Master {
                     if let Some(code) = self.on_control(request, &mut queue) {
                         return code;
                     }
+                }
+                Some(preflight) = self.upgrade_rx.recv() => {
+                    if let Some(code) = self.on_preflight(preflight, &mut inputs, &mut queue) {
+                        return code;
+                    }
+                }
+                () = sleep_until(self.upgrade.as_ref().map(|u| u.deadline)), if self.upgrade.is_some() => {
+                    self.preflight_expired();
                 }
                 () = sleep_until(deadline), if deadline.is_some() => queue.push_back(Event::Tick),
             }
@@ -422,6 +478,7 @@ impl Master {
             request,
             peer,
             reply,
+            client,
         } = req;
         match request {
             proto::Request::Status => {
@@ -467,6 +524,9 @@ impl Master {
                         message: format!("no reload request #{request} is known"),
                     });
                 }
+            }
+            proto::Request::Upgrade { binary } => {
+                self.begin_upgrade(binary, reply, client, &peer);
             }
             proto::Request::Stop { fast } => {
                 let trigger = Trigger::Other(format!("baton stop from {peer}"));
@@ -580,7 +640,7 @@ impl Master {
         proto::StatusSnapshot {
             master: proto::MasterStatus {
                 pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").into(),
+                version: crate::upgrade::version().into(),
                 uptime_ms: snap.uptime.as_millis() as u64,
                 config: self.config_path.display().to_string(),
                 state: if snap.stopping {
@@ -602,6 +662,7 @@ impl Master {
                         running_ms: running.as_millis() as u64,
                     }),
                 queued_requests: snap.queued.iter().map(|r| r.0).collect(),
+                upgrades: self.upgrades.clone(),
             },
             generations,
         }
@@ -857,6 +918,7 @@ impl Master {
                     .map_err(|e| format!("placing the channel: {e}"))?;
                 let pid = spawn_child(&mut cmd, &config)?;
                 let (commands, commands_rx) = mpsc::unbounded_channel();
+                link.channel = ours.try_clone().ok();
                 match handoff_parts(worker, generation, &listeners).and_then(|(hello, fds)| {
                     let channel = channel::into_async(ours)?;
                     Ok((hello, fds, channel))
@@ -900,6 +962,10 @@ impl Master {
                 process::exec_with_own_pid(&mut cmd, &config.command, &args, &env, "LISTEN_PID")
                     .map_err(|e| format!("preparing the exec: {e}"))?;
                 let pid = spawn_child(&mut cmd, &config)?;
+                link.notify = socket
+                    .duplicate()
+                    .ok()
+                    .map(|fd| (fd, socket.path().to_owned(), config.notify_access));
                 let events = self.events_tx.clone();
                 let task = tokio::spawn(notify_task(
                     worker,
@@ -1320,7 +1386,7 @@ async fn link_task(
     channel: UnixDatagram,
     hello: Hello,
     fds: Vec<OwnedFd>,
-    mut commands: mpsc::UnboundedReceiver<MasterMessage>,
+    commands: mpsc::UnboundedReceiver<MasterMessage>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     if let Err(err) = handoff(&channel, hello, &fds).await {
@@ -1331,6 +1397,16 @@ async fn link_task(
         return;
     }
     drop(fds);
+    link_loop(worker, channel, commands, events).await;
+}
+
+/// A worker's channel after its handoff: commands out, messages in, until either side closes.
+async fn link_loop(
+    worker: WorkerId,
+    channel: UnixDatagram,
+    mut commands: mpsc::UnboundedReceiver<MasterMessage>,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     let mut invalid = 0u32;
     loop {

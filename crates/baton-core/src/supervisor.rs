@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use baton_proto::{MasterMessage, WorkerMessage};
 use baton_sys::process::{ExitKind, SignalNumber};
+use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
@@ -22,7 +23,7 @@ use crate::config::Config;
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $fmt:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
         pub struct $name(pub u64);
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -54,6 +55,19 @@ pub enum Trigger {
     Other(String),
 }
 
+/// A trigger crosses a master upgrade as its text (what the log and history show anyway).
+impl Serialize for Trigger {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Trigger {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Trigger::Other(String::deserialize(d)?))
+    }
+}
+
 impl fmt::Display for Trigger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -71,7 +85,7 @@ impl fmt::Display for Trigger {
 }
 
 /// What an operator wants, whatever the channel it came through.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Intent {
     Reload(Trigger),
     /// Graceful: drain every generation within its deadline, then exit 0. Fast: kill workers now.
@@ -87,18 +101,19 @@ pub enum Intent {
 /// counts, never the command or environment (those stay with the event loop, which spawns).
 /// Deliberately a copy of those fields of [`crate::config::WorkerConfig`], so the state
 /// machine's tests build it directly.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgramSpec {
     pub processes: usize,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
+    #[serde(with = "crate::upgrade::signal_opt")]
     pub drain_signal: Option<SignalNumber>,
     pub restart_backoff: Duration,
     pub restart_backoff_max: Duration,
 }
 
 /// What a generation runs: every program of the configuration, and the master-wide settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationSpec {
     pub programs: Vec<ProgramSpec>,
     pub max_draining: usize,
@@ -230,13 +245,14 @@ pub enum Phase {
 }
 
 /// How one reload ended, kept for `baton history` and for tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReloadRecord {
     pub id: ReloadId,
     pub covers: Vec<RequestId>,
     /// Who asked, for each covered request.
     pub triggers: Vec<Trigger>,
     pub generation: Generation,
+    #[serde(with = "crate::upgrade::mono")]
     pub started: Instant,
     pub duration: Duration,
     pub verdict: Result<(), String>,
@@ -285,7 +301,7 @@ pub struct WorkerSnapshot {
     pub status: Option<String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 enum GenState {
     Preparing,
     Starting,
@@ -293,13 +309,14 @@ enum GenState {
     Standby,
     /// Each worker is killed at `since` + its program's drain timeout; `killed`: some were.
     Draining {
+        #[serde(with = "crate::upgrade::mono")]
         since: Instant,
         killed: bool,
     },
     Failed,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Gen {
     spec: Option<GenerationSpec>,
     state: GenState,
@@ -307,7 +324,7 @@ struct Gen {
     slots: Vec<Slot>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Slot {
     program: usize,
     /// Index within its program (what `BATON_SLOT` tells the worker).
@@ -318,14 +335,16 @@ struct Slot {
     /// Replacements so far.
     restarts: u32,
     last_exit: Option<String>,
+    #[serde(with = "crate::upgrade::mono_opt")]
     restart_at: Option<Instant>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum WorkerState {
     /// Asked to spawn; no pid yet.
     Spawning,
     Starting {
+        #[serde(with = "crate::upgrade::mono")]
         deadline: Instant,
     },
     Ready,
@@ -334,7 +353,7 @@ enum WorkerState {
     Killed,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Worker {
     generation: Generation,
     /// Its slot in the generation (slots of all programs, in order).
@@ -345,6 +364,7 @@ struct Worker {
     /// The pid it was spawned as, which leads its process group.
     pgid: Option<u32>,
     state: WorkerState,
+    #[serde(with = "crate::upgrade::mono")]
     spawned: Instant,
     ready_after: Option<Duration>,
     connections: Option<u64>,
@@ -352,34 +372,36 @@ struct Worker {
     status: Option<String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Reload {
     id: ReloadId,
     generation: Generation,
     covers: Vec<RequestId>,
     triggers: Vec<Trigger>,
+    #[serde(with = "crate::upgrade::mono")]
     started: Instant,
     /// The first generation at startup: its failure ends the master.
     initial: bool,
 }
 
 /// A reload whose new generation serves on probation while the old one stands by.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Canary {
     reload: Reload,
     old: Vec<Generation>,
     new: Generation,
+    #[serde(with = "crate::upgrade::mono")]
     until: Instant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Stop {
     Graceful,
     Fast,
 }
 
 /// Counters since the master started, for `baton metrics`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
@@ -400,7 +422,7 @@ pub struct Counters {
 const HISTORY: usize = 100;
 
 /// All state of the master's supervision.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Supervisor {
     generations: BTreeMap<Generation, Gen>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -418,7 +440,10 @@ pub struct Supervisor {
     next_reload: u64,
     history: VecDeque<ReloadRecord>,
     counters: Counters,
+    /// Actions of the event being handled (empty between events).
+    #[serde(skip)]
     actions: Vec<Action>,
+    #[serde(with = "crate::upgrade::mono_opt")]
     started: Option<Instant>,
 }
 
@@ -1360,6 +1385,27 @@ impl Supervisor {
         if let Some(signal) = program.drain_signal {
             self.actions.push(Action::Signal { pid, signal });
         }
+    }
+
+    /// The drain message of every draining worker, again, with the time it has left. A master
+    /// that upgraded itself sends them once more, in case one was still queued for its channel
+    /// when the old program was replaced (a worker takes a second drain request as a no-op).
+    pub fn drain_messages(&self, now: Instant) -> Vec<Action> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.state == WorkerState::Draining)
+            .map(|(&worker, w)| {
+                let left = self
+                    .drain_deadline(w)
+                    .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+                Action::Send {
+                    worker,
+                    message: MasterMessage::Drain {
+                        deadline_ms: left.as_millis() as u64,
+                    },
+                }
+            })
+            .collect()
     }
 
     /// When a draining worker is killed: its generation's drain start plus its program's timeout.

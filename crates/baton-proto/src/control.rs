@@ -37,12 +37,18 @@ pub enum Request {
     Stop { fast: bool },
     /// Counters and gauges in the Prometheus text exposition format.
     Metrics,
+    /// Replace the master's program in place (same pid, sockets and workers): with `binary`, or
+    /// the one the master was started from. The answer is [`Response::Upgraded`].
+    Upgrade { binary: Option<String> },
 }
 
 impl Request {
     /// Whether the request changes anything (needs the mutating permission).
     pub fn mutates(&self) -> bool {
-        matches!(self, Request::Reload { .. } | Request::Stop { .. })
+        matches!(
+            self,
+            Request::Reload { .. } | Request::Stop { .. } | Request::Upgrade { .. }
+        )
     }
 }
 
@@ -68,10 +74,34 @@ pub enum Response {
     Stopping {
         fast: bool,
     },
+    /// The verdict of an upgrade: given by the new program on success, by the old one (still
+    /// running) on failure.
+    Upgraded(UpgradeVerdict),
     Error {
         kind: ErrorKind,
         message: String,
     },
+}
+
+/// How a master self-upgrade ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeVerdict {
+    pub ok: bool,
+    pub pid: u32,
+    pub from_version: String,
+    /// The version now running (the old one when the upgrade failed).
+    pub version: String,
+    pub binary: String,
+    pub reason: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// One self-upgrade in a master's life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeInfo {
+    pub from_version: String,
+    pub to_version: String,
+    pub at_unix_ms: u64,
 }
 
 /// Why a request failed.
@@ -134,6 +164,9 @@ pub struct MasterStatus {
     pub reload: Option<RunningReload>,
     /// Requests queued behind it.
     pub queued_requests: Vec<u64>,
+    /// Self-upgrades of this master (same pid), oldest first.
+    #[serde(default)]
+    pub upgrades: Vec<UpgradeInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,3 +16,4 @@
 pub mod channel;
 pub mod notify;
 pub mod process;
+pub mod upgrade;

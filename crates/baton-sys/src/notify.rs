@@ -47,6 +47,23 @@ impl NotifySocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// A close-on-exec duplicate of the socket (a master keeps one to hand to its successor).
+    pub fn duplicate(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.socket.as_fd().try_clone_to_owned()
+    }
+
+    /// Takes over a notify socket bound at `path` by a predecessor (a master before its
+    /// self-upgrade).
+    pub fn adopt(fd: OwnedFd, path: PathBuf) -> io::Result<NotifySocket> {
+        let std = std::os::unix::net::UnixDatagram::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(NotifySocket {
+            socket: UnixDatagram::from_std(std)?,
+            path,
+        })
+    }
 }
 
 impl Drop for NotifySocket {

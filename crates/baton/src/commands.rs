@@ -23,21 +23,62 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
         Ok(limit) => tracing::debug!("open file limit: {limit}"),
         Err(err) => tracing::warn!("cannot raise the open file limit: {err}"),
     }
-    let config = match baton_core::config::load(path) {
-        Ok(config) => config,
+    // Every thread started from here on inherits these signals blocked: only the signal
+    // adapter's thread takes them, so that they can be held across a self-upgrade.
+    if let Err(err) = signals::block_in_this_thread() {
+        tracing::error!("cannot block signals: {err}");
+        return 1;
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let gate = match signals::forward(tx) {
+        Ok(gate) => gate,
         Err(err) => {
-            tracing::error!(event = "config_invalid", "invalid configuration: {err}");
-            return EX_USAGE;
+            tracing::error!("registering signal handlers: {err}");
+            return 1;
         }
     };
-    let master = match baton_core::master::Master::new(config, crate::systemd::options()) {
-        Ok(master) => master,
-        Err(err) => {
-            tracing::error!(event = "start_failed", "cannot start: {err}");
-            return EX_USAGE;
+    let mut options = crate::systemd::options();
+    options.signals = Some(Box::new(gate));
+    let master = match resumed_state() {
+        // A self-upgrade: this program takes over from the one that exec'd it.
+        Some(Ok((state, supervisor))) => {
+            options.inherited.clear();
+            match baton_core::master::Master::resume(state, supervisor, options) {
+                Ok(master) => master,
+                Err(err) => {
+                    tracing::error!(
+                        event = "upgrade_resume_failed",
+                        "cannot take over after the upgrade: {err}"
+                    );
+                    return 1;
+                }
+            }
+        }
+        Some(Err(err)) => {
+            tracing::error!(
+                event = "upgrade_resume_failed",
+                "cannot take over after the upgrade: {err}"
+            );
+            return 1;
+        }
+        None => {
+            let config = match baton_core::config::load(path) {
+                Ok(config) => config,
+                Err(err) => {
+                    tracing::error!(event = "config_invalid", "invalid configuration: {err}");
+                    return EX_USAGE;
+                }
+            };
+            match baton_core::master::Master::new(config, options) {
+                Ok(master) => master,
+                Err(err) => {
+                    tracing::error!(event = "start_failed", "cannot start: {err}");
+                    return EX_USAGE;
+                }
+            }
         }
     };
-    match serve(master) {
+    match serve(master, rx) {
         Ok(code) => code.clamp(0, 255) as u8,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -46,13 +87,117 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
     }
 }
 
-fn serve(master: baton_core::master::Master) -> anyhow::Result<i32> {
+/// The state left by a master that exec'd this program (`baton upgrade`), if any.
+fn resumed_state() -> Option<
+    Result<
+        (
+            baton_core::upgrade::State,
+            baton_core::supervisor::Supervisor,
+        ),
+        String,
+    >,
+> {
+    let raw = std::env::var(baton_core::upgrade::STATE_FD_ENV).ok()?;
+    Some(read_state(&raw))
+}
+
+fn read_state(
+    raw: &str,
+) -> Result<
+    (
+        baton_core::upgrade::State,
+        baton_core::supervisor::Supervisor,
+    ),
+    String,
+> {
+    use std::os::fd::AsFd;
+    let number: i32 = raw.parse().map_err(|_| {
+        format!(
+            "{}={raw}: not a descriptor",
+            baton_core::upgrade::STATE_FD_ENV
+        )
+    })?;
+    let fd = baton_sys::channel::adopt_inherited(number)
+        .map_err(|e| format!("state descriptor {number}: {e}"))?;
+    let bytes =
+        baton_sys::upgrade::read_all(fd.as_fd()).map_err(|e| format!("reading the state: {e}"))?;
+    baton_core::upgrade::decode(&bytes).map_err(|e| e.to_string())
+}
+
+/// `baton upgrade-check`: can this program take over the state it is given?
+pub(crate) fn upgrade_check() -> u8 {
+    match resumed_state() {
+        Some(Ok((state, _))) => {
+            println!(
+                "{} format={} version={}",
+                baton_core::upgrade::CHECK_OK,
+                state.format,
+                baton_core::upgrade::version()
+            );
+            0
+        }
+        Some(Err(err)) => {
+            eprintln!("baton {}: {err}", baton_core::upgrade::version());
+            1
+        }
+        None => {
+            eprintln!(
+                "upgrade-check is run by a master during `baton upgrade`, with its state in ${}",
+                baton_core::upgrade::STATE_FD_ENV
+            );
+            EX_USAGE
+        }
+    }
+}
+
+pub(crate) fn upgrade(target: &Target, binary: Option<&Path>, json: bool) -> u8 {
+    let binary = match binary {
+        Some(b) if !b.is_absolute() => {
+            eprintln!(
+                "baton upgrade: --binary must be an absolute path: {}",
+                b.display()
+            );
+            return EX_USAGE;
+        }
+        b => b.map(|b| b.display().to_string()),
+    };
+    match call(
+        target,
+        Request::Upgrade { binary },
+        Some(Duration::from_secs(60)),
+    ) {
+        Ok(Response::Upgraded(v)) => {
+            if json {
+                print_json(&v);
+            } else if v.ok {
+                println!(
+                    "master upgraded in place: {} -> {} (pid {}, {} ms, {})",
+                    v.from_version, v.version, v.pid, v.duration_ms, v.binary
+                );
+            } else {
+                eprintln!(
+                    "master upgrade to {} failed: {}; baton {} (pid {}) goes on serving",
+                    v.binary,
+                    v.reason.as_deref().unwrap_or("unknown reason"),
+                    v.version,
+                    v.pid
+                );
+            }
+            if v.ok { 0 } else { 1 }
+        }
+        Ok(other) => unexpected(&other),
+        Err(code) => code,
+    }
+}
+
+fn serve(
+    master: baton_core::master::Master,
+    rx: tokio::sync::mpsc::UnboundedReceiver<baton_core::master::Input>,
+) -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    signals::forward(tx).context("registering signal handlers")?;
     // Orphans of workers (a server that forks and announces MAINPID=) are reparented to the
     // master, which reaps them, instead of to init.
     if let Err(err) = baton_core::become_subreaper() {

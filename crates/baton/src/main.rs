@@ -20,7 +20,7 @@ const EX_USAGE: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "baton",
-    version,
+    version = baton_core::upgrade::version(),
     about = "Master-worker process supervisor with seamless reload"
 )]
 struct Cli {
@@ -103,6 +103,22 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Replace the running master's program in place (same pid, sockets and workers) with the
+    /// binary it was started from, or `--binary`; wait for the verdict (exit 0: the new program
+    /// runs, 1: the upgrade failed and the old program goes on).
+    Upgrade {
+        #[command(flatten)]
+        target: Target,
+        /// The program to run instead (absolute path; only root and the master's user may).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// (Used by `baton upgrade`: decode a master's state from the descriptor in
+    /// $BATON_UPGRADE_STATE_FD and say whether this program can take it over.)
+    #[command(hide = true)]
+    UpgradeCheck,
     /// Print shell completions (for packaging: bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), generated from these definitions.
@@ -144,6 +160,12 @@ fn main() -> ExitCode {
         Command::Stop { target, fast } => commands::stop(&target, fast),
         Command::History { target, json } => commands::history(&target, json),
         Command::Metrics { target } => commands::metrics(&target),
+        Command::Upgrade {
+            target,
+            binary,
+            json,
+        } => commands::upgrade(&target, binary.as_deref(), json),
+        Command::UpgradeCheck => commands::upgrade_check(),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
             0

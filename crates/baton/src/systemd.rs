@@ -27,6 +27,7 @@ pub(crate) fn options() -> Options {
         notify,
         watchdog,
         inherited: inherited(),
+        signals: None,
     }
 }
 
@@ -41,7 +42,9 @@ fn inherited() -> Vec<(String, OwnedFd)> {
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         == Some(std::process::id());
-    if count == 0 || !pid_ok {
+    // After a self-upgrade every socket is in the state, and LISTEN_PID (the same pid) is stale.
+    let upgrading = std::env::var_os(baton_core::upgrade::STATE_FD_ENV).is_some();
+    if count == 0 || !pid_ok || upgrading {
         return Vec::new();
     }
     let names: Vec<String> = std::env::var("LISTEN_FDNAMES")

@@ -1,30 +1,12 @@
 //! Draining generations: held connections keep them alive until closed or until the deadline;
 //! the cap on draining generations bounds the process count.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::procfs::{alive, zombies};
-use baton_integration::{Master, TestConfig, eventually, free_port};
-
-/// Opens a keep-alive connection and completes one request on it; returns it open.
-fn held_connection(port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    let mut buf = [0u8; 1024];
-    let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).contains("generation") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "connection closed before the response");
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
-    s
-}
+use baton_integration::{Master, TestConfig, eventually, free_port, held_connection};
 
 fn config(port: u16, drain_timeout: &'static str) -> TestConfig {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);

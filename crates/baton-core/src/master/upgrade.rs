@@ -1,0 +1,654 @@
+//! `baton upgrade`: the master replaces its own program in place. `execve` keeps the pid (so
+//! systemd's `MainPID` and the workers' parent stay the same), and every descriptor that must
+//! survive (listeners, worker channels, notify sockets, the control socket, the asking client's
+//! connection, the state itself) is inherited by number.
+//!
+//! 1. **Preflight** (nothing changes yet): the state is written to a sealed memory file and the
+//!    new binary runs as `baton upgrade-check` on it. It must decode the state and answer with
+//!    its version. A missing, non-executable, crashing or incompatible binary fails here, and
+//!    the old master goes on as if nothing happened.
+//! 2. **Quiet point**: signal delivery is held (signals stay pending, across the exec too),
+//!    intents and worker news already read are taken in, and the state is written again.
+//! 3. **Exec**: only descriptors named in the state lose close-on-exec. If `execve` itself
+//!    fails, they get it back and the old master goes on.
+//! 4. **Resume** (the new program, [`Master::resume`]): adopts every descriptor, restarts the
+//!    tasks that read workers, re-sends drain requests, re-arms deadlines (absolute monotonic
+//!    times), answers the client, and refreshes the service manager's fd store.
+//!
+//! An upgrade waits for no reload: while one runs (or a generation is starting, on probation,
+//! or the master stops) it is refused with the reason, and can be retried a moment later.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::Path;
+
+use baton_sys::upgrade as sys;
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::control::Peer;
+use crate::upgrade::{
+    CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, STATE_FD_ENV, STATE_FORMAT,
+    State, version,
+};
+
+/// Lets the master hold signal delivery across its exec. The binary's signal adapter implements
+/// it: signals are blocked in every thread but the adapter's own.
+pub trait SignalGate {
+    /// Stops delivery: afterwards every signal already received has been sent on the input
+    /// channel, and new ones stay pending in the kernel (also across `execve`).
+    fn hold(&mut self);
+    /// Delivers signals again (the upgrade failed; pending ones arrive now).
+    fn release(&mut self);
+}
+
+/// How long the new binary may take to check the state.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An upgrade under way (its preflight runs).
+#[derive(Debug)]
+pub(super) struct Pending {
+    id: u64,
+    binary: PathBuf,
+    reply: oneshot::Sender<proto::Response>,
+    client: Option<OwnedFd>,
+    started: Instant,
+    pub(super) deadline: Instant,
+    preflight: u32,
+}
+
+/// What the preflight said: the new program's version, or why it cannot take over.
+#[derive(Debug)]
+pub(super) struct Preflight {
+    id: u64,
+    result: Result<String, String>,
+}
+
+/// What a master that took over from its predecessor still does when it starts running.
+#[derive(Debug)]
+pub(super) struct Resumed {
+    client: Option<OwnedFd>,
+    from_version: String,
+    binary: PathBuf,
+    began: Option<Instant>,
+    intents: Vec<Intent>,
+    channels: Vec<(WorkerId, OwnedFd)>,
+    notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
+}
+
+impl Master {
+    /// Why an upgrade cannot start now, if it cannot.
+    fn upgrade_blocker(&self) -> Option<String> {
+        let snap = self.supervisor.snapshot(Instant::now());
+        if snap.stopping {
+            return Some("the master is stopping".into());
+        }
+        if let Some((reload, generation, ..)) = snap.reload {
+            return Some(format!(
+                "reload {reload} (generation {generation}) is running"
+            ));
+        }
+        if !snap.queued.is_empty() {
+            return Some("reload requests are queued".into());
+        }
+        if let Some((_, generation, _)) = snap.probation {
+            return Some(format!("generation {generation} is on probation"));
+        }
+        for g in &snap.generations {
+            if !matches!(g.phase, Phase::Serving | Phase::Draining) {
+                return Some(format!(
+                    "generation {} is {}",
+                    g.generation,
+                    phase_name(g.phase)
+                ));
+            }
+            for w in &g.workers {
+                if matches!(w.state, "spawning" | "starting") {
+                    return Some(format!("worker {} is {}", w.id, w.state));
+                }
+            }
+        }
+        None
+    }
+
+    /// `baton upgrade`: checks, then runs the preflight.
+    pub(super) fn begin_upgrade(
+        &mut self,
+        binary: Option<String>,
+        reply: oneshot::Sender<proto::Response>,
+        client: Option<OwnedFd>,
+        peer: &Peer,
+    ) {
+        let binary = binary.map_or_else(|| self.binary.clone(), PathBuf::from);
+        info!(event = "upgrade_requested", binary = %binary.display(),
+            "master upgrade to {} requested by {peer}", binary.display());
+        let blocker = if self.upgrade.is_some() {
+            Some("another upgrade is under way".to_string())
+        } else {
+            self.upgrade_blocker()
+        };
+        if let Some(why) = blocker {
+            warn!(
+                event = "upgrade_refused",
+                "master upgrade refused: {why}; retry when it is over"
+            );
+            let _ = reply.send(proto::Response::Error {
+                kind: proto::ErrorKind::Unavailable,
+                message: format!("cannot upgrade now: {why}"),
+            });
+            return;
+        }
+        let started = Instant::now();
+        let id = self.next_upgrade;
+        self.next_upgrade += 1;
+        let preflight = self.state(Vec::new(), None, None).and_then(|(state, _)| {
+            let memfd = sys::sealed_memfd("baton-state", &crate::upgrade::encode(&state))
+                .map_err(|e| format!("writing the state: {e}"))?;
+            self.preflight(id, &binary, memfd)
+        });
+        let pending = Pending {
+            id,
+            binary,
+            reply,
+            client,
+            started,
+            deadline: started + PREFLIGHT_TIMEOUT,
+            preflight: 0,
+        };
+        match preflight {
+            Ok(pid) => {
+                self.upgrade = Some(Pending {
+                    preflight: pid,
+                    ..pending
+                })
+            }
+            Err(reason) => self.fail_upgrade(pending, reason),
+        }
+    }
+
+    /// Runs `<binary> upgrade-check` on the state; its answer arrives as a [`Preflight`].
+    fn preflight(&self, id: u64, binary: &Path, memfd: OwnedFd) -> Result<u32, String> {
+        let mut cmd = Command::new(binary);
+        cmd.arg("upgrade-check")
+            .env(STATE_FD_ENV, FIRST_FD.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        process::place_fds(&mut cmd, vec![(memfd, FIRST_FD)])
+            .map_err(|e| format!("preparing the check: {e}"))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+        let pid = child.id();
+        let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+        let tx = self.upgrade_tx.clone();
+        let shown = binary.display().to_string();
+        // The child is reaped by the event loop like any other; this thread only reads its
+        // answer, to the end of its output (a hung check is killed at the deadline).
+        std::thread::spawn(move || {
+            let (mut out, mut err) = (String::new(), String::new());
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.read_to_string(&mut out);
+            }
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.read_to_string(&mut err);
+            }
+            let answer = out
+                .lines()
+                .find_map(|l| l.strip_prefix(CHECK_OK))
+                .and_then(|rest| {
+                    rest.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix("version="))
+                })
+                .map(str::to_string);
+            let result = answer.ok_or_else(|| {
+                let said = err.trim().lines().last().unwrap_or("").trim().to_string();
+                if said.is_empty() {
+                    format!("{shown} did not accept the state (no answer to upgrade-check: not a baton, or one too old)")
+                } else {
+                    format!("{shown} did not accept the state: {said}")
+                }
+            });
+            let _ = tx.send(Preflight { id, result });
+        });
+        drop(child);
+        Ok(pid)
+    }
+
+    /// The preflight took too long: it is killed and the upgrade fails.
+    pub(super) fn preflight_expired(&mut self) {
+        if let Some(pending) = self.upgrade.take() {
+            let _ = process::signal_process(pending.preflight, SignalNumber::SIGKILL);
+            self.fail_upgrade(
+                pending,
+                format!(
+                    "the new binary did not answer upgrade-check within {} s",
+                    PREFLIGHT_TIMEOUT.as_secs()
+                ),
+            );
+        }
+    }
+
+    fn fail_upgrade(&mut self, pending: Pending, reason: String) {
+        warn!(event = "upgrade_failed", binary = %pending.binary.display(), reason = %reason,
+            "master upgrade to {} failed: {reason}; this master ({}) goes on",
+            pending.binary.display(), version());
+        let verdict = proto::UpgradeVerdict {
+            ok: false,
+            pid: std::process::id(),
+            from_version: version().into(),
+            version: version().into(),
+            binary: pending.binary.display().to_string(),
+            reason: Some(reason),
+            duration_ms: pending.started.elapsed().as_millis() as u64,
+        };
+        let _ = pending.reply.send(proto::Response::Upgraded(verdict));
+    }
+
+    /// The preflight answered: on success, the quiet point and the exec.
+    pub(super) fn on_preflight(
+        &mut self,
+        preflight: Preflight,
+        inputs: &mut mpsc::UnboundedReceiver<Input>,
+        queue: &mut VecDeque<Event>,
+    ) -> Option<i32> {
+        let pending = self.upgrade.take_if(|p| p.id == preflight.id)?;
+        let to_version = match preflight.result {
+            Ok(v) => v,
+            Err(reason) => {
+                self.fail_upgrade(pending, reason);
+                return None;
+            }
+        };
+        if let Some(gate) = self.options.signals.as_mut() {
+            gate.hold();
+        }
+        // Everything already received is taken in: intents travel in the state, worker news
+        // is handled now.
+        let mut intents = Vec::new();
+        while let Ok(input) = inputs.try_recv() {
+            match input {
+                Input::Intent(intent) => intents.push(intent),
+                Input::ChildExited => reap(queue),
+            }
+        }
+        while let Ok(event) = self.events_rx.try_recv() {
+            queue.push_back(event);
+        }
+        while let Some(event) = queue.pop_front() {
+            let actions = self.supervisor.handle(Instant::now(), event);
+            if let Some(code) = self.apply(actions, queue) {
+                return Some(code);
+            }
+        }
+        let result = match self.upgrade_blocker() {
+            Some(why) => Err(format!("cannot upgrade now: {why}")),
+            None => self.exec(&pending, intents.clone(), &to_version),
+        };
+        // Still here: the exec did not happen.
+        if let Some(gate) = self.options.signals.as_mut() {
+            gate.release();
+        }
+        queue.extend(intents.into_iter().map(Event::Intent));
+        if let Err(reason) = result {
+            self.fail_upgrade(pending, reason);
+        }
+        None
+    }
+
+    /// Writes the state and execs. Returns only if the exec did not happen.
+    fn exec(
+        &mut self,
+        pending: &Pending,
+        intents: Vec<Intent>,
+        to_version: &str,
+    ) -> Result<(), String> {
+        self.notify(Notification::Status(format!(
+            "upgrading the master to {to_version}"
+        )));
+        let client = pending.client.as_ref().map(|fd| fd.as_raw_fd());
+        let (mut state, mut keep) = self.state(intents, client, Some(pending.started))?;
+        state.upgrades.push(proto::UpgradeInfo {
+            from_version: version().into(),
+            to_version: to_version.to_string(),
+            at_unix_ms: self.unix_ms_ago(Duration::ZERO),
+        });
+        let memfd = sys::sealed_memfd("baton-state", &crate::upgrade::encode(&state))
+            .map_err(|e| format!("writing the state: {e}"))?;
+        if let Some(fd) = &pending.client {
+            keep.push(fd.as_fd());
+        }
+        keep.push(memfd.as_fd());
+        let restore = |fds: &[BorrowedFd<'_>]| {
+            for fd in fds {
+                let _ = sys::set_inheritable(*fd, false);
+            }
+        };
+        for fd in &keep {
+            if let Err(err) = sys::set_inheritable(*fd, true) {
+                restore(&keep);
+                return Err(format!("keeping a descriptor across the exec: {err}"));
+            }
+        }
+        // The environment as it was, minus what described the start (the sockets systemd
+        // passed are now in the state), plus where the state is.
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| {
+                !["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", STATE_FD_ENV]
+                    .iter()
+                    .any(|m| k == m)
+            })
+            .collect();
+        env.push((STATE_FD_ENV.into(), sys::number(&memfd).to_string().into()));
+        info!(event = "upgrade_exec", binary = %pending.binary.display(), to_version = %to_version,
+            "master upgrade: exec {} ({to_version}) in place, pid {}",
+            pending.binary.display(), std::process::id());
+        let err = sys::exec_in_place(&pending.binary, &self.argv, &env);
+        restore(&keep);
+        Err(format!("exec {}: {err}", pending.binary.display()))
+    }
+
+    /// The state as of now, and the descriptors it names (to keep across the exec).
+    fn state(
+        &self,
+        intents: Vec<Intent>,
+        client: Option<i32>,
+        began: Option<Instant>,
+    ) -> Result<(State, Vec<BorrowedFd<'_>>), String> {
+        let mut keep: Vec<BorrowedFd<'_>> = Vec::new();
+        let (control_fd, control_config) = self
+            .control_fd
+            .as_ref()
+            .ok_or("the control socket is not open")?;
+        keep.push(control_fd.as_fd());
+        let mut sockets: Vec<&Rc<crate::listeners::BoundSocket>> = Vec::new();
+        let mut generations = Vec::new();
+        let mut order: Vec<&Generation> = self.resources.keys().collect();
+        order.sort();
+        for generation in order {
+            let r = &self.resources[generation];
+            let listeners = r
+                .listeners
+                .iter()
+                .map(|l| {
+                    let index = match sockets.iter().position(|s| Rc::ptr_eq(s, &l.socket)) {
+                        Some(i) => i,
+                        None => {
+                            sockets.push(&l.socket);
+                            sockets.len() - 1
+                        }
+                    };
+                    (l.config.clone(), index)
+                })
+                .collect();
+            generations.push(GenerationState {
+                generation: *generation,
+                listeners,
+                programs: r.programs.iter().map(|p| (**p).clone()).collect(),
+                canary_window: r.canary_window,
+            });
+        }
+        let sockets = sockets
+            .into_iter()
+            .map(|s| {
+                keep.push(s.fd());
+                s.state(sys::number(s.fd()))
+            })
+            .collect();
+        let pids: HashMap<WorkerId, u32> = self
+            .supervisor
+            .snapshot(Instant::now())
+            .generations
+            .iter()
+            .flat_map(|g| &g.workers)
+            .filter_map(|w| Some((w.id, w.pid?)))
+            .collect();
+        let mut links = Vec::new();
+        for (&worker, link) in &self.links {
+            let channel = link.channel.as_ref().map(|fd| {
+                keep.push(fd.as_fd());
+                sys::number(fd)
+            });
+            let notify = link.notify.as_ref().map(|(fd, path, access)| {
+                keep.push(fd.as_fd());
+                NotifyLink {
+                    fd: sys::number(fd),
+                    path: path.clone(),
+                    pid: pids.get(&worker).copied().unwrap_or(0),
+                    access: *access,
+                }
+            });
+            links.push(LinkState {
+                worker,
+                channel,
+                notify,
+            });
+        }
+        let state = State {
+            format: STATE_FORMAT,
+            from_version: version().into(),
+            upgrades: self.upgrades.clone(),
+            config_path: self.config_path.clone(),
+            runtime_dir: self.runtime_dir.clone(),
+            argv: self
+                .argv
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            binary: self.binary.clone(),
+            started: self.started.0,
+            started_unix_ms: self
+                .started
+                .1
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            upgrade_began: began,
+            supervisor: crate::upgrade::supervisor_value(&self.supervisor),
+            control: ControlState {
+                config: control_config.clone(),
+                fd: sys::number(control_fd),
+                client,
+            },
+            sockets,
+            generations,
+            links,
+            verdicts: self.verdicts.values().cloned().collect(),
+            intents,
+            told_ready: self.told.ready,
+        };
+        Ok((state, keep))
+    }
+
+    /// A master that takes over from its predecessor (the same process, before the exec): every
+    /// descriptor the state names is adopted here; tasks start in [`Master::run`].
+    pub fn resume(
+        state: State,
+        supervisor: Supervisor,
+        options: Options,
+    ) -> Result<Master, String> {
+        let adopt = |raw: i32, what: &str| {
+            channel::adopt_inherited(raw).map_err(|e| format!("{what} (fd {raw}): {e}"))
+        };
+        let mut table = ListenerTable::default();
+        let mut socket_fds = Vec::new();
+        for s in state.sockets {
+            let fd = adopt(s.fd, &format!("listener socket {}", s.local))?;
+            socket_fds.push((s, fd));
+        }
+        let sockets = table.restore(socket_fds);
+        let mut resources = HashMap::new();
+        for g in state.generations {
+            let listeners = g
+                .listeners
+                .into_iter()
+                .map(|(config, index)| {
+                    let socket = sockets
+                        .get(index)
+                        .cloned()
+                        .ok_or_else(|| format!("listener {} has no socket", config.name))?;
+                    Ok(GenerationListener { config, socket })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            resources.insert(
+                g.generation,
+                Resources {
+                    listeners,
+                    programs: g.programs.into_iter().map(Arc::new).collect(),
+                    canary_window: g.canary_window,
+                },
+            );
+        }
+        let control_fd = adopt(state.control.fd, "control socket")?;
+        let listener = std::os::unix::net::UnixListener::from(control_fd);
+        let client = match state.control.client {
+            Some(raw) => adopt(raw, "the upgrading client").ok(),
+            None => None,
+        };
+        let (mut links, mut channels, mut notifies) = (HashMap::new(), Vec::new(), Vec::new());
+        for l in state.links {
+            let mut link = Link::default();
+            if let Some(raw) = l.channel {
+                let fd = adopt(raw, &format!("channel of worker {}", l.worker))?;
+                link.channel = fd.try_clone().ok();
+                channels.push((l.worker, fd));
+            }
+            if let Some(n) = l.notify {
+                let fd = adopt(n.fd, &format!("notify socket of worker {}", l.worker))?;
+                let dup = fd.try_clone().map_err(|e| e.to_string())?;
+                link.notify = Some((dup, n.path.clone(), n.access));
+                let socket = notify::NotifySocket::adopt(fd, n.path)
+                    .map_err(|e| format!("notify socket of worker {}: {e}", l.worker))?;
+                notifies.push((l.worker, socket, n.pid, n.access));
+            }
+            links.insert(l.worker, link);
+        }
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
+        let control_config = state.control.config;
+        Ok(Master {
+            config_path: state.config_path,
+            runtime_dir: state.runtime_dir,
+            initial: None,
+            table,
+            resources,
+            links,
+            supervisor,
+            events_tx,
+            events_rx,
+            control: Some((
+                listener,
+                control_config.clone(),
+                control::SocketFile(control_config.socket.clone()),
+            )),
+            waiters: HashMap::new(),
+            verdicts: state
+                .verdicts
+                .into_iter()
+                .map(|v| (RequestId(v.request), v))
+                .collect(),
+            started: (
+                state.started,
+                std::time::UNIX_EPOCH + Duration::from_millis(state.started_unix_ms),
+            ),
+            options,
+            told: Told {
+                ready: state.told_ready,
+                ..Told::default()
+            },
+            argv: state.argv.into_iter().map(OsString::from).collect(),
+            binary: state.binary.clone(),
+            control_fd: None,
+            upgrade: None,
+            upgrade_tx,
+            upgrade_rx,
+            upgrades: state.upgrades,
+            next_upgrade: 1,
+            resumed: Some(Resumed {
+                client,
+                from_version: state.from_version,
+                binary: state.binary,
+                began: state.upgrade_began,
+                intents: state.intents,
+                channels,
+                notify: notifies,
+            }),
+        })
+    }
+
+    /// First steps of a resumed master: tasks for every worker, drain requests again, the
+    /// verdict to the client, the fd store refreshed. Returns the actions to apply.
+    pub(super) fn on_resumed(&mut self, queue: &mut VecDeque<Event>) -> Vec<Action> {
+        let Some(resumed) = self.resumed.take() else {
+            return Vec::new();
+        };
+        for (worker, fd) in resumed.channels {
+            match channel::into_async(fd) {
+                Ok(channel) => {
+                    let (commands, commands_rx) = mpsc::unbounded_channel();
+                    let task = tokio::spawn(link_loop(
+                        worker,
+                        channel,
+                        commands_rx,
+                        self.events_tx.clone(),
+                    ));
+                    if let Some(link) = self.links.get_mut(&worker) {
+                        link.commands = Some(commands);
+                        link.tasks.push(task.abort_handle());
+                    }
+                }
+                Err(err) => warn!(worker = worker.0, "channel of worker {worker}: {err}"),
+            }
+        }
+        for (worker, socket, pid, access) in resumed.notify {
+            let task = tokio::spawn(notify_task(
+                worker,
+                socket,
+                pid,
+                access,
+                self.events_tx.clone(),
+            ));
+            if let Some(link) = self.links.get_mut(&worker) {
+                link.tasks.push(task.abort_handle());
+            }
+        }
+        // Children that exited during the exec wait as zombies: reap them now.
+        reap(queue);
+        queue.extend(resumed.intents.into_iter().map(Event::Intent));
+        let took = resumed.began.map(|b| b.elapsed()).unwrap_or_default();
+        let to = version().to_string();
+        info!(event = "upgraded", from_version = %resumed.from_version, to_version = %to,
+            pid = std::process::id(), took_ms = took.as_millis() as u64,
+            "master upgraded in place: {} -> {to}, pid {} (took {} ms); {} generations, {} workers kept",
+            resumed.from_version, std::process::id(), took.as_millis(),
+            self.resources.len(), self.links.len());
+        if let Some(fd) = resumed.client {
+            let verdict = proto::UpgradeVerdict {
+                ok: true,
+                pid: std::process::id(),
+                from_version: resumed.from_version,
+                version: to,
+                binary: resumed.binary.display().to_string(),
+                reason: None,
+                duration_ms: took.as_millis() as u64,
+            };
+            let frame = proto::encode_frame(proto::Response::Upgraded(verdict));
+            let mut stream = std::os::unix::net::UnixStream::from(fd);
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = std::io::Write::write_all(&mut stream, &frame);
+        }
+        // The service manager's fd store gets every socket again (it ignores duplicates), and
+        // learns the (possibly new) program is ready.
+        let listeners: Vec<GenerationListener> = self
+            .resources
+            .values()
+            .flat_map(|r| r.listeners.iter().cloned())
+            .collect();
+        self.store_fds(&listeners);
+        if self.told.ready {
+            self.notify(Notification::Ready);
+        }
+        self.told.status.clear();
+        self.supervisor.drain_messages(Instant::now())
+    }
+}

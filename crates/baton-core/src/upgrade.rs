@@ -1,0 +1,238 @@
+//! The master's state as it crosses a self-upgrade (`baton upgrade`): what the old program writes
+//! into a sealed memory file before it execs the new one in place, and what the new one reads.
+//!
+//! The format is JSON with a `format` number. A master reads every format up to its own
+//! ([`STATE_FORMAT`]) and refuses newer ones with a clear error; the old master asks the new
+//! binary to decode the state (`baton upgrade-check`) before the exec, so a refusal leaves the
+//! old master running. Fields added later must default, so that older states still decode; the
+//! fixture `tests/fixtures/state-v1.json` keeps format 1 readable.
+//!
+//! Times: a deadline is an [`Instant`], which is `CLOCK_MONOTONIC`, and `execve` keeps the boot,
+//! so deadlines cross as absolute monotonic nanoseconds and fire at the same moment after the
+//! upgrade as before it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use baton_proto::control::{ReloadVerdict, UpgradeInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ControlConfig, ListenerConfig, NotifyAccess, WorkerConfig};
+use crate::supervisor::{Generation, Intent, Supervisor, WorkerId};
+
+/// The state format this master writes (and the newest it reads).
+pub const STATE_FORMAT: u32 = 1;
+
+/// Where the new master finds its state: the number of an inherited descriptor.
+pub const STATE_FD_ENV: &str = "BATON_UPGRADE_STATE_FD";
+
+/// The first words of `baton upgrade-check`'s answer; then `format=N version=V`.
+pub const CHECK_OK: &str = "baton-upgrade-check ok";
+
+/// Everything a master needs to carry on where its predecessor stopped. Descriptors are numbers
+/// of descriptors inherited across the exec.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct State {
+    pub format: u32,
+    /// The version of the master that wrote this.
+    pub from_version: String,
+    /// Earlier self-upgrades of this master, oldest first.
+    #[serde(default)]
+    pub upgrades: Vec<UpgradeInfo>,
+    pub config_path: PathBuf,
+    pub runtime_dir: PathBuf,
+    /// The argument vector and binary the master was started with.
+    pub argv: Vec<String>,
+    pub binary: PathBuf,
+    #[serde(with = "mono")]
+    pub started: Instant,
+    pub started_unix_ms: u64,
+    /// When the old master began the upgrade (for the verdict's duration).
+    #[serde(default, with = "mono_opt")]
+    pub upgrade_began: Option<Instant>,
+    /// The state machine ([`Supervisor`]), decoded by [`decode`].
+    pub supervisor: serde_json::Value,
+    pub control: ControlState,
+    /// Every listening socket some generation uses.
+    pub sockets: Vec<SocketState>,
+    pub generations: Vec<GenerationState>,
+    pub links: Vec<LinkState>,
+    /// Recent verdicts, for `baton reload --request N`.
+    pub verdicts: Vec<ReloadVerdict>,
+    /// Operator intents (signals) that arrived while the upgrade was under way: the new master
+    /// acts on them first.
+    #[serde(default)]
+    pub intents: Vec<Intent>,
+    /// Whether the service manager was told READY=1.
+    pub told_ready: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ControlState {
+    pub config: ControlConfig,
+    /// The listening control socket.
+    pub fd: i32,
+    /// The connection of the client that asked for the upgrade: the new master answers on it.
+    pub client: Option<i32>,
+}
+
+/// One listening socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SocketState {
+    pub address: baton_proto::ListenerAddress,
+    pub local: String,
+    pub fd: i32,
+    /// A Unix socket's file the master created (path, device, inode), removed when it closes.
+    pub unix_file: Option<(PathBuf, u64, u64)>,
+}
+
+/// What one live generation holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenerationState {
+    pub generation: Generation,
+    /// Its listeners, in order, each with the index of its socket in [`State::sockets`].
+    pub listeners: Vec<(ListenerConfig, usize)>,
+    pub programs: Vec<WorkerConfig>,
+    pub canary_window: Option<Duration>,
+}
+
+/// The master's side of one worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinkState {
+    pub worker: WorkerId,
+    /// A baton-protocol worker's channel (past its handoff).
+    pub channel: Option<i32>,
+    /// A systemd-style worker's notify socket.
+    pub notify: Option<NotifyLink>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NotifyLink {
+    pub fd: i32,
+    pub path: PathBuf,
+    pub pid: u32,
+    pub access: NotifyAccess,
+}
+
+/// Why a state cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state format {found} is newer than this baton understands (at most {STATE_FORMAT})")]
+    TooNew { found: u32 },
+    #[error("state unreadable: {0}")]
+    Invalid(String),
+}
+
+pub fn encode(state: &State) -> Vec<u8> {
+    serde_json::to_vec(state).expect("the state serializes")
+}
+
+/// Decodes a state of any format up to [`STATE_FORMAT`], with its state machine.
+pub fn decode(bytes: &[u8]) -> Result<(State, Supervisor), StateError> {
+    #[derive(Deserialize)]
+    struct Header {
+        format: u32,
+    }
+    let header: Header =
+        serde_json::from_slice(bytes).map_err(|e| StateError::Invalid(e.to_string()))?;
+    if header.format > STATE_FORMAT {
+        return Err(StateError::TooNew {
+            found: header.format,
+        });
+    }
+    // Format 1 is the first: later formats convert older ones here.
+    let mut state: State =
+        serde_json::from_slice(bytes).map_err(|e| StateError::Invalid(e.to_string()))?;
+    let supervisor = serde_json::from_value(state.supervisor.take())
+        .map_err(|e| StateError::Invalid(format!("supervisor: {e}")))?;
+    Ok((state, supervisor))
+}
+
+/// The state machine as it goes into a [`State`].
+pub fn supervisor_value(supervisor: &Supervisor) -> serde_json::Value {
+    serde_json::to_value(supervisor).expect("the state machine serializes")
+}
+
+/// The running program's version: the package version, plus `+TAG` when built with
+/// `BATON_BUILD_TAG=TAG` (tests build a second baton that way to upgrade to).
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| match option_env!("BATON_BUILD_TAG") {
+        Some(tag) if !tag.is_empty() => format!("{}+{tag}", env!("CARGO_PKG_VERSION")),
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds.
+fn monotonic_ns() -> i128 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    now.tv_sec() as i128 * 1_000_000_000 + now.tv_nsec() as i128
+}
+
+fn to_monotonic(instant: Instant) -> i128 {
+    let (now, mono) = (Instant::now(), monotonic_ns());
+    match instant.checked_duration_since(now) {
+        Some(ahead) => mono + ahead.as_nanos() as i128,
+        None => mono - now.duration_since(instant).as_nanos() as i128,
+    }
+}
+
+fn from_monotonic(ns: i128) -> Instant {
+    let (now, mono) = (Instant::now(), monotonic_ns());
+    let delta = ns - mono;
+    if delta >= 0 {
+        now + Duration::from_nanos(delta as u64)
+    } else {
+        now.checked_sub(Duration::from_nanos((-delta) as u64))
+            .unwrap_or(now)
+    }
+}
+
+/// An [`Instant`] as absolute `CLOCK_MONOTONIC` nanoseconds.
+pub mod mono {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(instant: &Instant, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i128(to_monotonic(*instant))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Instant, D::Error> {
+        Ok(from_monotonic(i128::deserialize(d)?))
+    }
+}
+
+/// An optional [`Instant`], as [`mono`].
+pub mod mono_opt {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(instant: &Option<Instant>, s: S) -> Result<S::Ok, S::Error> {
+        instant.map(to_monotonic).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Instant>, D::Error> {
+        Ok(Option::<i128>::deserialize(d)?.map(from_monotonic))
+    }
+}
+
+/// An optional signal, by name (`SIGTERM`).
+pub mod signal_opt {
+    use baton_sys::process::SignalNumber;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::str::FromStr;
+
+    pub fn serialize<S: Serializer>(
+        signal: &Option<SignalNumber>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        signal.map(|sig| sig.as_str()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SignalNumber>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|name| SignalNumber::from_str(&name).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}

@@ -1,0 +1,203 @@
+//! `baton upgrade`: the master replaces its own program in place, under load, while a
+//! generation drains, and refuses binaries that cannot take over.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use baton_integration::load::{Load, Mode};
+use baton_integration::procfs::{alive, children, listening_inodes};
+use baton_integration::{Master, TestConfig, binaries, free_port, held_connection, next_baton};
+use serde_json::Value;
+
+fn status(master: &Master) -> Value {
+    let (code, out, err) = master.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn upgrade(master: &Master, binary: &str) -> (i32, String, String) {
+    master.ctl(&["upgrade", "--binary", binary])
+}
+
+#[test]
+fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
+    let next = next_baton();
+    let port = free_port();
+    let master = Master::start(
+        "upgrade",
+        &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
+    );
+    for _ in 0..2 {
+        assert_eq!(master.reload()["event"], "reload_succeeded");
+    }
+    let before = status(&master);
+    let old_version = before["master"]["version"].as_str().unwrap().to_string();
+    let inodes = listening_inodes(port);
+    let workers = children(master.pid());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = Load::until_finished(addr, Mode::Fresh, 8);
+    // The load runs against the old program: some requests of ours complete meanwhile.
+    let served = || {
+        for _ in 0..20 {
+            drop(held_connection(port));
+        }
+    };
+    served();
+    let (code, out, err) = upgrade(&master, &next.display().to_string());
+    assert_eq!(code, 0, "upgrade failed: {out}{err}");
+    assert!(
+        out.contains(&format!("{old_version} -> {old_version}+next")),
+        "{out}"
+    );
+    let upgraded = master
+        .wait_event("upgraded", Duration::from_secs(10), |_| true)
+        .1;
+    served();
+    let report = load.finish();
+    eprintln!("upgrade under load: {upgraded}; {}", report.summary());
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+
+    let after = status(&master);
+    assert_eq!(
+        after["master"]["pid"], before["master"]["pid"],
+        "same master pid"
+    );
+    assert_eq!(after["master"]["version"], format!("{old_version}+next"));
+    assert_eq!(after["master"]["upgrades"][0]["from_version"], old_version);
+    assert_eq!(listening_inodes(port), inodes, "the same listening sockets");
+    assert_eq!(
+        children(master.pid()),
+        workers,
+        "the same workers, still children"
+    );
+    assert!(workers.iter().all(|&w| alive(w)));
+    assert_eq!(after["generations"][0]["generation"], 3);
+    let (code, history, _) = master.ctl(&["history", "--json"]);
+    assert_eq!(code, 0);
+    let history: Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(
+        history.as_array().unwrap().len(),
+        2,
+        "both reloads: {history}"
+    );
+
+    // The new program reloads, accounting for the requests of both programs.
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    master.assert_logged_requests_accounted_for();
+    assert_eq!(
+        status(&master)["master"]["version"],
+        format!("{old_version}+next")
+    );
+}
+
+#[test]
+fn a_generation_draining_through_an_upgrade_is_killed_at_its_deadline_by_the_new_program() {
+    let next = next_baton();
+    let port = free_port();
+    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    c.drain_timeout = "3s";
+    let master = Master::start("upgrade-drain", &c);
+    let old = master.events("worker_ready")[0]["pid"].as_u64().unwrap() as u32;
+    let _held = held_connection(port);
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    let (draining_at, _) = master.wait_event("generation_draining", Duration::from_secs(5), |v| {
+        v["generation"] == 1
+    });
+    let (code, out, err) = upgrade(&master, &next.display().to_string());
+    assert_eq!(code, 0, "{out}{err}");
+    let (upgraded_at, _) = master.wait_event("upgraded", Duration::from_secs(10), |_| true);
+    assert!(alive(old), "the draining worker survives the upgrade");
+    let (exited_at, exited) =
+        master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+            v["generation"] == 1
+        });
+    assert_eq!(exited["killed"], true, "killed at the deadline: {exited}");
+    let at = exited_at.duration_since(draining_at);
+    eprintln!(
+        "drain began, upgrade after {:?}, killed {at:?} after the drain began",
+        upgraded_at.duration_since(draining_at)
+    );
+    assert!(
+        upgraded_at < exited_at,
+        "the new program enforced the deadline"
+    );
+    assert!(
+        at >= Duration::from_millis(2900) && at < Duration::from_secs(5),
+        "deadline 3 s after the drain began, enforced at {at:?}"
+    );
+    assert!(!alive(old));
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_on() {
+    let port = free_port();
+    let master = Master::start(
+        "upgrade-broken",
+        &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("crashes");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'segfault, as it were' >&2\nexit 139\n",
+    )
+    .unwrap();
+    let not_executable = dir.path().join("not-executable");
+    std::fs::copy(&binaries().baton, &not_executable).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let before = status(&master);
+    let workers = children(master.pid());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = Load::until_finished(addr, Mode::Fresh, 4);
+    for (binary, why) in [
+        ("/nonexistent/baton".to_string(), "No such file"),
+        (script.display().to_string(), "segfault, as it were"),
+        ("/bin/true".to_string(), "no answer to upgrade-check"),
+        (not_executable.display().to_string(), "ermission denied"),
+    ] {
+        let started = Instant::now();
+        let (code, out, err) = upgrade(&master, &binary);
+        assert_eq!(code, 1, "{binary}: {out}{err}");
+        assert!(err.contains(why), "{binary}: {err}");
+        assert!(err.contains("goes on serving"), "{err}");
+        eprintln!(
+            "{binary}: refused in {:?}: {}",
+            started.elapsed(),
+            err.trim()
+        );
+        assert_eq!(
+            status(&master)["master"]["version"],
+            before["master"]["version"]
+        );
+    }
+    let (code, _, err) = master.ctl(&["upgrade", "--binary", "relative/baton"]);
+    assert_eq!(code, 64, "{err}");
+    let report = load.finish();
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    assert!(report.ok > 0);
+    let after = status(&master);
+    assert_eq!(after["master"]["pid"], before["master"]["pid"]);
+    assert_eq!(children(master.pid()), workers);
+    assert_eq!(master.events("upgrade_failed").len(), 4);
+    // And the old master still does its job.
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+}
+
+#[test]
+fn an_upgrade_during_a_reload_is_refused_with_the_reason() {
+    let port = free_port();
+    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    // A worker that is slow to become ready keeps the reload running.
+    c.command = binaries().it_worker.clone();
+    c.env = vec![("IT_MODE".into(), "ready-after:1500".into())];
+    let master = Master::start("upgrade-busy", &c);
+    master.signal(nix::sys::signal::Signal::SIGUSR2);
+    master.wait_event("reload_started", Duration::from_secs(10), |_| true);
+    let (code, _, err) = upgrade(&master, &binaries().baton.display().to_string());
+    assert_eq!(code, 69, "{err}");
+    assert!(err.contains("cannot upgrade now: reload"), "{err}");
+}
