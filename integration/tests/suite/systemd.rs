@@ -323,3 +323,89 @@ fn with_a_socket_unit_baton_adopts_systemds_socket() {
     assert!(ok(&sd.systemctl(&["reload", "baton.service"])));
     assert_eq!(sd.listening_inodes(PORT), systemds);
 }
+
+#[test]
+fn baton_upgrade_under_systemd_keeps_the_main_pid_and_the_unit_active_and_reload_still_works() {
+    let (sd, _) = boot("upgrade", &[]);
+    assert!(
+        ok(&sd.systemctl(&["start", "baton.service"])),
+        "{}",
+        sd.journal("baton")
+    );
+    let main_pid = sd.show("baton.service", "MainPID");
+    let inodes = sd.listening_inodes(PORT);
+    let stored = sd.show("baton.service", "NFileDescriptorStore");
+    assert_eq!(stored, "1", "the listener is in the fd store");
+    let load = sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "4", "4"]);
+    let next = baton_integration::next_baton().display().to_string();
+    let upgrade = sd
+        .command(&binaries().baton.display().to_string())
+        .args(["upgrade", "--binary", &next])
+        .output()
+        .unwrap();
+    assert!(
+        ok(&upgrade),
+        "upgrade: {}{}\n{}",
+        String::from_utf8_lossy(&upgrade.stdout),
+        String::from_utf8_lossy(&upgrade.stderr),
+        sd.journal("baton")
+    );
+    eprintln!("{}", String::from_utf8_lossy(&upgrade.stdout).trim());
+    assert_eq!(
+        sd.show("baton.service", "MainPID"),
+        main_pid,
+        "same MainPID"
+    );
+    assert_eq!(sd.show("baton.service", "ActiveState"), "active");
+    assert_eq!(sd.show("baton.service", "NFileDescriptorStore"), stored);
+    assert_eq!(sd.listening_inodes(PORT), inodes);
+    // The upgraded master still has a real reload path.
+    let reload = sd.systemctl(&["reload", "baton.service"]);
+    assert!(
+        ok(&reload),
+        "reload after the upgrade: {}\n{}",
+        String::from_utf8_lossy(&reload.stderr),
+        sd.journal("baton")
+    );
+    let status = sd.show("baton.service", "StatusText");
+    assert!(status.starts_with("gen 2 serving"), "{status:?}");
+    assert_eq!(sd.show("baton.service", "MainPID"), main_pid);
+    let r = report(load);
+    eprintln!(
+        "upgrade and reload under systemd, under load: {}",
+        r["summary"]
+    );
+    assert_eq!(r["failed"], 0, "{r}");
+    let out = sd
+        .command(&binaries().baton.display().to_string())
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status["master"]["version"]
+            .as_str()
+            .is_some_and(|v| v.ends_with("+next")),
+        "{status}"
+    );
+    // The fd store still serves a restart after the upgrade: kill -9, the socket comes back.
+    assert!(ok(&sd
+        .command("kill")
+        .args(["-9", &main_pid])
+        .output()
+        .unwrap()));
+    eventually(
+        Duration::from_secs(20),
+        "the unit to be active again",
+        || {
+            (sd.show("baton.service", "ActiveState") == "active"
+                && sd.show("baton.service", "MainPID") != main_pid)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        sd.listening_inodes(PORT),
+        inodes,
+        "the same socket, from the fd store"
+    );
+}

@@ -627,7 +627,11 @@ impl Master {
                 pid: std::process::id(),
                 from_version: resumed.from_version,
                 version: to,
-                binary: resumed.binary.display().to_string(),
+                // The program now running (the default for the next upgrade stays `binary`).
+                binary: std::env::current_exe()
+                    .unwrap_or(resumed.binary)
+                    .display()
+                    .to_string(),
                 reason: None,
                 duration_ms: took.as_millis() as u64,
             };
