@@ -236,3 +236,71 @@ pub mod signal_opt {
             .transpose()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::Phase;
+
+    /// A state written by the first format (a real master: two reloads, generation 2 draining
+    /// with a client, generation 3 serving). Every later baton must still read it.
+    const STATE_V1: &str = include_str!("../tests/fixtures/state-v1.json");
+
+    #[test]
+    fn a_format_1_state_still_decodes_with_its_generations_workers_and_history() {
+        let (state, supervisor) = decode(STATE_V1.as_bytes()).unwrap();
+        assert_eq!(state.format, 1);
+        assert_eq!(state.from_version, "0.1.0");
+        assert_eq!(state.sockets.len(), 1);
+        assert_eq!(state.generations.len(), 2);
+        assert_eq!(state.links.len(), 3);
+        let phases: Vec<(u64, Phase, usize)> = supervisor
+            .generations()
+            .into_iter()
+            .map(|(g, p, n)| (g.0, p, n))
+            .collect();
+        assert_eq!(
+            phases,
+            vec![(2, Phase::Draining, 1), (3, Phase::Serving, 2)]
+        );
+        assert_eq!(supervisor.history().count(), 2);
+        assert!(supervisor.next_deadline().is_some(), "the drain deadline");
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_by_name_and_garbage_is_invalid() {
+        let newer = STATE_V1.replacen("\"format\": 1", "\"format\": 99", 1);
+        assert!(matches!(
+            decode(newer.as_bytes()),
+            Err(StateError::TooNew { found: 99 })
+        ));
+        let message = decode(newer.as_bytes()).unwrap_err().to_string();
+        assert!(message.contains("format 99 is newer"), "{message}");
+        assert!(matches!(
+            decode(b"{\"format\": 1}"),
+            Err(StateError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode(b"\x00garbage"),
+            Err(StateError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn an_instant_crosses_as_the_same_monotonic_time() {
+        let now = Instant::now();
+        for instant in [
+            now,
+            now + Duration::from_secs(30),
+            now - Duration::from_millis(5),
+        ] {
+            let back = from_monotonic(to_monotonic(instant));
+            let error = if back > instant {
+                back - instant
+            } else {
+                instant - back
+            };
+            assert!(error < Duration::from_millis(1), "{error:?}");
+        }
+    }
+}

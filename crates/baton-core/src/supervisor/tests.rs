@@ -738,3 +738,44 @@ fn a_probe_failing_during_the_probation_rolls_back_and_outside_it_changes_nothin
         .is_empty()
     );
 }
+
+#[test]
+fn a_supervisor_that_crosses_an_upgrade_decides_the_same_and_resends_the_drains() {
+    let mut h = Harness::new();
+    let old = h.serving(2);
+    h.reload(2);
+    h.advance(Duration::from_secs(10));
+    let value = crate::upgrade::supervisor_value(&h.s);
+    let mut resumed: Supervisor = serde_json::from_value(value).unwrap();
+    assert_eq!(resumed.generations(), h.s.generations());
+    assert_eq!(resumed.history().count(), h.s.history().count());
+    let (a, b) = (
+        resumed.next_deadline().unwrap(),
+        h.s.next_deadline().unwrap(),
+    );
+    let skew = if a > b { a - b } else { b - a };
+    assert!(
+        skew < Duration::from_millis(1),
+        "deadline moved by {skew:?}"
+    );
+    // The drains go out again, with the time left.
+    let drains = resumed.drain_messages(h.now);
+    assert_eq!(drains.len(), 2, "{drains:?}");
+    for action in &drains {
+        match action {
+            Action::Send {
+                worker,
+                message: MasterMessage::Drain { deadline_ms },
+            } => {
+                assert!(old.contains(worker));
+                assert!((19_000..=20_000).contains(deadline_ms), "{deadline_ms}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // At the deadline both kill the same workers.
+    let at = b + Duration::from_millis(1);
+    let kills = killed(&resumed.handle(at, Event::Tick));
+    assert_eq!(kills, killed(&h.s.handle(at, Event::Tick)));
+    assert_eq!(kills.len(), 2);
+}
