@@ -21,7 +21,7 @@ for f in usr/bin/baton lib/systemd/system/baton.service etc/baton/baton.yaml \
     [ -e "$root/$f" ] || fail "missing /$f"
 done
 grep -qx /etc/baton/baton.yaml "$root/DEBIAN/conffiles" || fail "/etc/baton/baton.yaml is not a conffile"
-grep -q "systemctl reload baton.service" "$root/DEBIAN/postinst" || fail "upgrade must reload"
+grep -q "/usr/bin/baton upgrade" "$root/DEBIAN/postinst" || fail "a package upgrade must upgrade the running master in place"
 grep -q "^Type=notify" "$root/lib/systemd/system/baton.service" || fail "unit type"
 "$root/usr/bin/baton" --version | grep -q "^baton " || fail "the packaged binary runs"
 zcat "$root/usr/share/man/man1/baton.1.gz" | grep -q '^.TH baton 1' || fail "man page"
