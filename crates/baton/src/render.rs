@@ -65,6 +65,15 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
         duration(m.uptime_ms),
         m.config
     );
+    if let Some(last) = m.upgrades.last() {
+        let _ = writeln!(
+            out,
+            "upgraded in place {} time(s), last from {} to {}",
+            m.upgrades.len(),
+            last.from_version,
+            last.to_version
+        );
+    }
     match &m.reload {
         Some(r) => {
             let covers: Vec<String> = r.covers.iter().map(|c| format!("#{c}")).collect();

@@ -65,6 +65,13 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
     );
     assert_eq!(after["master"]["version"], format!("{old_version}+next"));
     assert_eq!(after["master"]["upgrades"][0]["from_version"], old_version);
+    let (_, text, _) = master.ctl(&["status"]);
+    assert!(
+        text.contains(&format!(
+            "upgraded in place 1 time(s), last from {old_version} to {old_version}+next"
+        )),
+        "{text}"
+    );
     assert_eq!(listening_inodes(port), inodes, "the same listening sockets");
     assert_eq!(
         children(master.pid()),
