@@ -308,6 +308,7 @@ pub struct ChildSetup {
 /// Applies `setup` in `cmd`'s child. (The user and group are `Command::uid`/`gid`, which also
 /// clear the supplementary groups when run as root.)
 pub fn setup_child(cmd: &mut Command, setup: ChildSetup) {
+    unblock_signals_in_child(cmd);
     // SAFETY: the hook runs in the child between fork and exec and only makes the umask,
     // setrlimit and prctl system calls, all async-signal-safe; `value` lives on this stack frame
     // for the setrlimit call; it allocates nothing and takes no lock.
@@ -340,10 +341,56 @@ pub fn setup_child(cmd: &mut Command, setup: ChildSetup) {
     }
 }
 
+/// The child starts with no signal blocked, whatever the spawning thread blocks (the master
+/// blocks its handled signals in every thread but its signal thread, and a blocked mask survives
+/// `execve`: a worker would never see its drain signal or `PDEATHSIG`).
+pub fn unblock_signals_in_child(cmd: &mut Command) {
+    // SAFETY: the hook runs in the child between fork and exec; sigemptyset and sigprocmask are
+    // async-signal-safe, `set` lives on this stack frame, nothing is allocated or locked.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            if libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn a_child_starts_with_no_signal_blocked_whatever_its_parent_thread_blocks() {
+        let child = std::thread::spawn(|| {
+            crate::upgrade::block_signals(&[SignalNumber::SIGTERM, SignalNumber::SIGUSR2]).unwrap();
+            // A systemd-style worker is exec'd from a pre-exec hook (for LISTEN_PID), before std
+            // resets the mask: without the reset, the blocked signals leak into it.
+            let blocked = |reset: bool| {
+                let mut cmd = Command::new("sh");
+                if reset {
+                    unblock_signals_in_child(&mut cmd);
+                }
+                cmd.stdout(std::process::Stdio::piped());
+                let args = ["SigBlk".into(), "/proc/self/status".into()];
+                exec_with_own_pid(&mut cmd, std::path::Path::new("/bin/grep"), &args, &[], "X")
+                    .unwrap();
+                let out = cmd.output().unwrap();
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            };
+            (blocked(false), blocked(true))
+        });
+        let (plain, cleaned) = child.join().unwrap();
+        assert_ne!(
+            plain, "SigBlk:\t0000000000000000",
+            "without the reset the mask leaks"
+        );
+        assert_eq!(cleaned, "SigBlk:\t0000000000000000");
+    }
 
     #[test]
     fn placed_fds_are_inherited_at_their_numbers_and_nothing_else_leaks() {

@@ -176,6 +176,7 @@ impl Master {
             .stderr(Stdio::piped());
         process::place_fds(&mut cmd, vec![(memfd, FIRST_FD)])
             .map_err(|e| format!("preparing the check: {e}"))?;
+        process::unblock_signals_in_child(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
