@@ -59,6 +59,11 @@ fn serves(sd: &Systemd) -> bool {
     r["ok"].as_u64().unwrap_or(0) > 0 && r["failed"] == 0
 }
 
+/// `kill -9 PID` inside the namespace.
+fn kill9(sd: &Systemd, pid: &str) {
+    assert!(ok(&sd.command("kill").args(["-9", pid]).output().unwrap()));
+}
+
 fn ok(out: &std::process::Output) -> bool {
     out.status.success()
 }
@@ -232,11 +237,7 @@ fn a_killed_master_is_restarted_with_its_listener_from_the_fd_store_and_clients_
     let before = sd.listening_inodes(PORT);
     assert_eq!(before.len(), 1, "{before:?}");
     let main_pid = sd.show("baton.service", "MainPID");
-    assert!(ok(&sd
-        .command("kill")
-        .args(["-9", &main_pid])
-        .output()
-        .unwrap()));
+    kill9(&sd, &main_pid);
     // The restart window: the master is dead, its workers have drained and exited, and systemd
     // waits RestartSec before starting it again. The socket lives on in the fd store.
     eventually(
@@ -389,11 +390,7 @@ fn baton_upgrade_under_systemd_keeps_the_main_pid_and_the_unit_active_and_reload
         "{status}"
     );
     // The fd store still serves a restart after the upgrade: kill -9, the socket comes back.
-    assert!(ok(&sd
-        .command("kill")
-        .args(["-9", &main_pid])
-        .output()
-        .unwrap()));
+    kill9(&sd, &main_pid);
     eventually(
         Duration::from_secs(20),
         "the unit to be active again",
