@@ -24,6 +24,12 @@ draining = threading.Event()
 generation = os.environ.get("BATON_GENERATION", "0")
 
 
+def log(message):
+    """One line on stderr in one write. stderr is the master's: print() writes the text and the
+    newline separately, and a master line written in between would be glued to this one."""
+    os.write(2, f"python worker pid {os.getpid()} {message}\n".encode())
+
+
 def listen_fds():
     """The inherited listeners as (name, socket), or exit if they are not ours."""
     listen_pid = os.environ.get("LISTEN_PID")
@@ -101,7 +107,7 @@ def main():
         t.start()
     names = ", ".join(name for name, _ in sockets)
     notify(f"READY=1\nSTATUS=serving {names}")
-    print(f"python worker pid {os.getpid()} generation {generation} ready on {names}", file=sys.stderr, flush=True)
+    log(f"generation {generation} ready on {names}")
     stop.wait()
     draining.set()
     notify("STOPPING=1")
@@ -109,7 +115,7 @@ def main():
         s.shutdown()  # stop accepting
     for s in servers:
         s.server_close()  # wait for requests in flight
-    print(f"python worker pid {os.getpid()} drained: exiting", file=sys.stderr, flush=True)
+    log("drained: exiting")
 
 
 if __name__ == "__main__":

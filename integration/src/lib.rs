@@ -275,6 +275,24 @@ struct Log {
     grew: Condvar,
 }
 
+/// One line of the master's stderr as events. Workers share that stderr and a worker may write a
+/// line in pieces (CPython's `print` writes the text and the newline in two `write`s), so a
+/// master's JSON line, always written whole, can land after a worker's unfinished text: the
+/// worker's part becomes `{"raw": ...}` and the master's object is still read.
+pub fn parse_log_line(line: &str) -> Vec<Value> {
+    if let Ok(value) = serde_json::from_str::<Value>(line) {
+        return vec![value];
+    }
+    let glued = line.match_indices("{\"").find_map(|(at, _)| {
+        let value = serde_json::from_str::<Value>(&line[at..]).ok()?;
+        value.get("event").is_some().then_some((at, value))
+    });
+    match glued {
+        Some((at, value)) => vec![serde_json::json!({ "raw": &line[..at] }), value],
+        None => vec![serde_json::json!({ "raw": line })],
+    }
+}
+
 /// A running `baton run`.
 #[derive(Debug)]
 pub struct Master {
@@ -343,12 +361,16 @@ impl Master {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let value = serde_json::from_str::<Value>(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
                 if std::env::var_os("BATON_TEST_VERBOSE").is_some() {
                     eprintln!("[{tag}] {line}");
                 }
-                sink.lines.lock().unwrap().push((Instant::now(), value));
+                let mut lines = sink.lines.lock().unwrap();
+                lines.extend(
+                    parse_log_line(&line)
+                        .into_iter()
+                        .map(|v| (Instant::now(), v)),
+                );
+                drop(lines);
                 sink.grew.notify_all();
             }
         });
@@ -386,6 +408,15 @@ impl Master {
             .iter()
             .filter(|(_, v)| v["event"] == name && pred(v))
             .cloned()
+            .collect()
+    }
+
+    /// The lines of stderr that are not the master's JSON events (the workers' output).
+    pub fn raw_lines(&self) -> Vec<String> {
+        let lines = self.log.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|(_, v)| v["raw"].as_str().map(str::to_string))
             .collect()
     }
 
@@ -547,8 +578,17 @@ impl Master {
     /// Every reload request is logged once and covered by exactly one reload (or rejected), and
     /// every reload that started has a verdict, none of them a failure. Returns the reload count.
     pub fn assert_every_request_accounted_for(&self, sent: u64) -> usize {
-        let logged = self.events("reload_requested").len() as u64;
-        assert_eq!(logged, sent, "one log line per signal");
+        let logged: Vec<u64> = self
+            .events("reload_requested")
+            .iter()
+            .filter_map(|v| v["request"].as_u64())
+            .collect();
+        assert_eq!(
+            logged.len() as u64,
+            sent,
+            "one log line per signal; requests logged: {logged:?}; other output:\n{}",
+            self.raw_lines().join("\n")
+        );
         self.assert_logged_requests_accounted_for()
     }
 
@@ -606,6 +646,40 @@ impl Drop for Master {
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_log_line;
+
+    #[test]
+    fn a_master_line_glued_to_a_workers_unfinished_line_is_still_read() {
+        let event = r#"{"timestamp":"t","event":"reload_requested","request":80}"#;
+        assert_eq!(parse_log_line(event).len(), 1);
+        let glued = format!("python worker pid 7 generation 3 ready on http{event}");
+        let values = parse_log_line(&glued);
+        assert_eq!(values.len(), 2, "{values:?}");
+        assert_eq!(
+            values[0]["raw"],
+            "python worker pid 7 generation 3 ready on http"
+        );
+        assert_eq!(values[1]["event"], "reload_requested");
+        assert_eq!(values[1]["request"], 80);
+    }
+
+    #[test]
+    fn other_lines_stay_raw() {
+        for line in [
+            "",
+            "plain text",
+            "a {\"brace\" that is not json",
+            r#"x{"no":"event"}"#,
+        ] {
+            let values = parse_log_line(line);
+            assert_eq!(values.len(), 1, "{line}");
+            assert_eq!(values[0]["raw"], line);
         }
     }
 }
