@@ -151,10 +151,24 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
         "#!/bin/sh\necho 'segfault, as it were' >&2\nexit 139\n",
     )
     .unwrap();
+    // A real baton given a state newer than it understands (as an older baton would be): the
+    // script rewrites the format and hands the copy to `baton upgrade-check`.
+    let too_new = dir.path().join("older-baton");
+    std::fs::write(
+        &too_new,
+        format!(
+            "#!/bin/sh\nsed 's/\"format\":1,/\"format\":2,/' /proc/self/fd/$BATON_UPGRADE_STATE_FD > {state}\nexec 9< {state}\nBATON_UPGRADE_STATE_FD=9 exec {baton} \"$@\"\n",
+            state = dir.path().join("state-v2.json").display(),
+            baton = binaries().baton.display(),
+        ),
+    )
+    .unwrap();
     let not_executable = dir.path().join("not-executable");
     std::fs::copy(&binaries().baton, &not_executable).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for file in [&script, &too_new] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
     let before = status(&master);
     let workers = children(master.pid());
@@ -164,6 +178,10 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
         ("/nonexistent/baton".to_string(), "No such file"),
         (script.display().to_string(), "segfault, as it were"),
         ("/bin/true".to_string(), "no answer to upgrade-check"),
+        (
+            too_new.display().to_string(),
+            "state format 2 is newer than this baton understands",
+        ),
         (not_executable.display().to_string(), "ermission denied"),
     ] {
         let started = Instant::now();
@@ -189,7 +207,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
     assert_eq!(children(master.pid()), workers);
-    assert_eq!(master.events("upgrade_failed").len(), 4);
+    assert_eq!(master.events("upgrade_failed").len(), 5);
     // And the old master still does its job.
     assert_eq!(master.reload()["event"], "reload_succeeded");
 }
