@@ -163,6 +163,11 @@ pub struct SupervisorConfig {
     /// After a reload, how long the new generation is on probation while the old one stands by
     /// (paused, ready to take over). `None`: no probation, the old generation drains at once.
     pub canary_window: Option<Duration>,
+    /// A signal that upgrades the master in place, as `baton upgrade` does (SIGURG or SIGWINCH:
+    /// both are ignored by default, so one sent to a baton without this setting is harmless).
+    /// `None`: only `baton upgrade` does.
+    #[serde(default, with = "crate::upgrade::signal_opt")]
+    pub upgrade_signal: Option<SignalNumber>,
 }
 
 /// The control socket (`baton status`, `baton reload`, ...). Bound once, at start.
@@ -512,6 +517,7 @@ pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
                 max_clients: s.control.max_clients.map_or(16, |m| m.0),
             },
             canary_window: s.canary_window.map(|t| t.0),
+            upgrade_signal: s.upgrade_signal.and_then(|u| u.0),
             runtime_dir: s
                 .runtime_dir
                 .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(d)),
@@ -831,6 +837,8 @@ struct RawSupervisor {
     control: RawControl,
     #[serde(default)]
     canary_window: Option<Timeout>,
+    #[serde(default)]
+    upgrade_signal: Option<UpgradeSignal>,
 }
 
 #[derive(Deserialize, Default)]
@@ -958,6 +966,32 @@ validated!(DrainSignal(Option<SignalNumber>) from String, "signal", |s| {
     }
 });
 
+validated!(UpgradeSignal(Option<SignalNumber>) from String, "signal", |s| {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    match baton_sys::process::parse_signal(&s) {
+        Some(sig @ (SignalNumber::SIGURG | SignalNumber::SIGWINCH)) => Ok(Some(sig)),
+        Some(sig) => Err(format!(
+            "upgrade_signal {s:?}: {} cannot be the upgrade signal: use SIGURG, SIGWINCH or none \
+             ({})",
+            sig.as_str(),
+            match sig {
+                SignalNumber::SIGUSR2 | SignalNumber::SIGHUP => "it means reload",
+                SignalNumber::SIGTERM | SignalNumber::SIGINT | SignalNumber::SIGQUIT => {
+                    "it means stop"
+                }
+                SignalNumber::SIGUSR1 => "it means reopen logs",
+                SignalNumber::SIGCHLD => "it reports exited workers",
+                SignalNumber::SIGCONT => "shells and the kernel send it on resume",
+                SignalNumber::SIGKILL | SignalNumber::SIGSTOP => "it cannot be handled",
+                _ => "its default action would kill a baton that does not handle it",
+            }
+        )),
+        None => Err(format!("unknown signal {s:?}: use SIGURG, SIGWINCH or none")),
+    }
+});
+
 impl Default for DrainSignal {
     fn default() -> Self {
         DrainSignal(Some(SignalNumber::SIGTERM))
@@ -1077,6 +1111,24 @@ supervisor:
         assert_eq!(c.programs[0].drain_signal, Some(SignalNumber::SIGTERM));
         assert!(c.programs[0].command.is_absolute(), "resolved from PATH");
         assert_eq!(c.supervisor.max_draining, 8);
+        assert_eq!(c.supervisor.upgrade_signal, None);
+    }
+
+    #[test]
+    fn the_upgrade_signal_is_sigurg_sigwinch_or_none() {
+        for (word, expected) in [
+            ("SIGURG", Some(SignalNumber::SIGURG)),
+            ("winch", Some(SignalNumber::SIGWINCH)),
+            ("none", None),
+        ] {
+            let text = format!(
+                "listeners: []\nworker: {{command: sh}}\nsupervisor: {{upgrade_signal: {word}}}\n"
+            );
+            assert_eq!(
+                parse_str(&text).unwrap().supervisor.upgrade_signal,
+                expected
+            );
+        }
     }
 
     /// Each bad config gives one error naming the file, the line, and what is wrong.
@@ -1111,6 +1163,16 @@ supervisor:
             (
                 "listeners: []\nworker:\n  command: sh\n  drain_signal: SIGKILL\n",
                 "cannot be handled",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  upgrade_signal: SIGUSR2\n",
+                "test.yaml:4:19: supervisor.upgrade_signal: upgrade_signal \"SIGUSR2\": SIGUSR2 cannot be the upgrade signal: use SIGURG, SIGWINCH or none (it means reload)",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  upgrade_signal: SIGPWR\n",
+                "would kill a baton that does not handle it",
                 Some(4),
             ),
             ("listeners: [\n", "did not find expected node", Some(2)),

@@ -96,6 +96,11 @@ pub enum Input {
     Intent(Intent),
     /// SIGCHLD arrived: reap every exited child.
     ChildExited,
+    /// SIGURG or SIGWINCH arrived: an upgrade if `supervisor.upgrade_signal` names it.
+    UpgradeSignal {
+        signal: baton_sys::process::SignalNumber,
+        trigger: Trigger,
+    },
 }
 
 /// The number at which a baton-protocol worker finds its channel, and a systemd-style worker its
@@ -384,6 +389,9 @@ impl Master {
                 input = inputs.recv(), if inputs_open => match input {
                     Some(Input::Intent(intent)) => queue.push_back(Event::Intent(intent)),
                     Some(Input::ChildExited) => reap(&mut queue),
+                    Some(Input::UpgradeSignal { signal, trigger }) => {
+                        self.on_upgrade_signal(signal, trigger, false);
+                    }
                     None => {
                         inputs_open = false;
                         let trigger = crate::supervisor::Trigger::Other("input closed".into());

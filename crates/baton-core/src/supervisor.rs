@@ -120,6 +120,9 @@ pub struct GenerationSpec {
     pub forward_usr1: bool,
     /// Probation of this generation after it becomes ready (see [`crate::config::SupervisorConfig`]).
     pub canary_window: Option<Duration>,
+    /// The signal that upgrades the master (`supervisor.upgrade_signal`), if any.
+    #[serde(default, with = "crate::upgrade::signal_opt")]
+    pub upgrade_signal: Option<SignalNumber>,
 }
 
 impl GenerationSpec {
@@ -141,6 +144,7 @@ impl GenerationSpec {
             max_draining: config.supervisor.max_draining,
             forward_usr1: config.supervisor.forward_usr1,
             canary_window: config.supervisor.canary_window,
+            upgrade_signal: config.supervisor.upgrade_signal,
         }
     }
 }
@@ -601,6 +605,11 @@ impl Supervisor {
     /// Counters since the start.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The serving generation's upgrade signal (`supervisor.upgrade_signal`), if any.
+    pub fn upgrade_signal(&self) -> Option<SignalNumber> {
+        self.serving_spec().and_then(|s| s.upgrade_signal)
     }
 
     /// The last reloads' verdicts, oldest first.

@@ -8,6 +8,7 @@
 //! | SIGQUIT       | `Intent::Stop { graceful: false }`   |
 //! | SIGUSR1       | `Intent::ReopenLogs` (never fatal)   |
 //! | SIGCHLD       | `Input::ChildExited` (reap)          |
+//! | SIGURG, SIGWINCH | `Input::UpgradeSignal`: an upgrade if `supervisor.upgrade_signal` names it, else ignored (their default) |
 //!
 //! These signals are blocked in every thread but the adapter's own (the master blocks them
 //! before it starts any thread), so the adapter can hold them: during a self-upgrade it blocks
@@ -22,13 +23,15 @@ use std::time::Duration;
 use baton_core::master::{Input, SignalGate};
 use baton_core::supervisor::{Intent, Trigger};
 use baton_sys::process::SignalNumber as Signal;
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::consts::{
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGURG, SIGUSR1, SIGUSR2, SIGWINCH,
+};
 use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Origin;
 use tokio::sync::mpsc::UnboundedSender;
 
-const HANDLED: [Signal; 7] = [
+const HANDLED: [Signal; 9] = [
     Signal::SIGUSR2,
     Signal::SIGHUP,
     Signal::SIGTERM,
@@ -36,6 +39,8 @@ const HANDLED: [Signal; 7] = [
     Signal::SIGQUIT,
     Signal::SIGUSR1,
     Signal::SIGCHLD,
+    Signal::SIGURG,
+    Signal::SIGWINCH,
 ];
 
 /// Blocks the handled signals in the calling thread (and so in every thread it starts).
@@ -59,9 +64,7 @@ pub(crate) struct Gate {
 /// Registers the handlers and forwards signals to `tx` from a dedicated thread, which blocks on
 /// signal-hook's self-pipe: no polling.
 pub(crate) fn forward(tx: UnboundedSender<Input>) -> std::io::Result<Gate> {
-    let mut signals = SignalsInfo::<WithOrigin>::new([
-        SIGUSR2, SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGUSR1, SIGCHLD,
-    ])?;
+    let mut signals = SignalsInfo::<WithOrigin>::new(HANDLED.map(|s| s as i32))?;
     let shared = Arc::new((Mutex::new(GateState::Open), Condvar::new()));
     let gate = shared.clone();
     std::thread::Builder::new()
@@ -118,6 +121,14 @@ fn send(tx: &UnboundedSender<Input>, origin: &Origin) -> bool {
         }),
         SIGUSR1 => Input::Intent(Intent::ReopenLogs(trigger("SIGUSR1"))),
         SIGCHLD => Input::ChildExited,
+        SIGURG => Input::UpgradeSignal {
+            signal: Signal::SIGURG,
+            trigger: trigger("SIGURG"),
+        },
+        SIGWINCH => Input::UpgradeSignal {
+            signal: Signal::SIGWINCH,
+            trigger: trigger("SIGWINCH"),
+        },
         _ => return true,
     };
     tx.send(input).is_ok()

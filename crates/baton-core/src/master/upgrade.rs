@@ -17,6 +17,10 @@
 //!
 //! An upgrade waits for no reload: while one runs (or a generation is starting, on probation,
 //! or the master stops) it is refused with the reason, and can be retried a moment later.
+//!
+//! `supervisor.upgrade_signal` (SIGURG or SIGWINCH) starts the same upgrade, to the program the
+//! master was started from; with no client to answer, its verdict goes to the log and to
+//! `baton status`.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -26,7 +30,6 @@ use baton_sys::upgrade as sys;
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::control::Peer;
 use crate::upgrade::{
     CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, STATE_FD_ENV, STATE_FORMAT,
     State, version,
@@ -76,6 +79,18 @@ pub(super) struct Resumed {
     notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
 }
 
+/// An upgrade that cannot start now: the reason to the log and to the client, if one asks.
+fn refuse_upgrade(why: &str, reply: oneshot::Sender<proto::Response>) {
+    warn!(
+        event = "upgrade_refused",
+        "master upgrade refused: {why}; retry when it is over"
+    );
+    let _ = reply.send(proto::Response::Error {
+        kind: proto::ErrorKind::Unavailable,
+        message: format!("cannot upgrade now: {why}"),
+    });
+}
+
 impl Master {
     /// Why an upgrade cannot start now, if it cannot.
     fn upgrade_blocker(&self) -> Option<String> {
@@ -111,31 +126,65 @@ impl Master {
         None
     }
 
-    /// `baton upgrade`: checks, then runs the preflight.
+    /// A signal that may be `supervisor.upgrade_signal`: if it is, an upgrade to the program
+    /// this master was started from. `held`: it arrived during another upgrade's quiet point.
+    pub(super) fn on_upgrade_signal(
+        &mut self,
+        signal: baton_sys::process::SignalNumber,
+        trigger: Trigger,
+        held: bool,
+    ) {
+        if self.supervisor.upgrade_signal() != Some(signal) {
+            let why = match self.supervisor.upgrade_signal() {
+                Some(s) => format!("supervisor.upgrade_signal is {}", s.as_str()),
+                None => "supervisor.upgrade_signal is not set".to_string(),
+            };
+            // A terminal's resize sends SIGWINCH from the kernel: not worth a line.
+            if matches!(
+                trigger,
+                Trigger::Signal {
+                    sender_pid: None,
+                    ..
+                }
+            ) {
+                debug!("{trigger} ignored: {why}");
+            } else {
+                info!(
+                    event = "upgrade_signal_ignored",
+                    signal = signal.as_str(),
+                    "{trigger} ignored: {why} (`baton upgrade` upgrades the master)"
+                );
+            }
+            return;
+        }
+        let (reply, _) = oneshot::channel();
+        if held {
+            info!(event = "upgrade_requested", binary = %self.binary.display(),
+                "master upgrade to {} requested by {trigger}", self.binary.display());
+            refuse_upgrade("another upgrade is under way", reply);
+        } else {
+            self.begin_upgrade(None, reply, None, &trigger);
+        }
+    }
+
+    /// `baton upgrade` (or the upgrade signal): checks, then runs the preflight.
     pub(super) fn begin_upgrade(
         &mut self,
         binary: Option<String>,
         reply: oneshot::Sender<proto::Response>,
         client: Option<OwnedFd>,
-        peer: &Peer,
+        by: &dyn std::fmt::Display,
     ) {
         let binary = binary.map_or_else(|| self.binary.clone(), PathBuf::from);
         info!(event = "upgrade_requested", binary = %binary.display(),
-            "master upgrade to {} requested by {peer}", binary.display());
+            "master upgrade to {} requested by {by}", binary.display());
         let blocker = if self.upgrade.is_some() {
             Some("another upgrade is under way".to_string())
         } else {
             self.upgrade_blocker()
         };
         if let Some(why) = blocker {
-            warn!(
-                event = "upgrade_refused",
-                "master upgrade refused: {why}; retry when it is over"
-            );
-            let _ = reply.send(proto::Response::Error {
-                kind: proto::ErrorKind::Unavailable,
-                message: format!("cannot upgrade now: {why}"),
-            });
+            refuse_upgrade(&why, reply);
             return;
         }
         let started = Instant::now();
@@ -271,6 +320,9 @@ impl Master {
             match input {
                 Input::Intent(intent) => intents.push(intent),
                 Input::ChildExited => reap(queue),
+                Input::UpgradeSignal { signal, trigger } => {
+                    self.on_upgrade_signal(signal, trigger, true);
+                }
             }
         }
         while let Ok(event) = self.events_rx.try_recv() {

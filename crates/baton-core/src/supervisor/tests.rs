@@ -19,6 +19,7 @@ fn spec(processes: usize) -> GenerationSpec {
         max_draining: 8,
         forward_usr1: false,
         canary_window: None,
+        upgrade_signal: None,
     }
 }
 
