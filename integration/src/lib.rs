@@ -318,17 +318,30 @@ impl Master {
 
     /// Starts a master with extra environment variables (as a service manager would set them).
     pub fn spawn_with_env(name: &str, yaml: &str, env: &[(&str, &str)]) -> Master {
-        Master::spawn_full(name, yaml, env, &[])
+        Master::spawn_full(name, yaml, env, &[], &binaries().baton)
+    }
+
+    /// Starts `program run ...`, `program` being a baton at another path (one a test replaces,
+    /// as a package update does), and waits until it serves.
+    pub fn start_program(name: &str, config: &TestConfig, program: &std::path::Path) -> Master {
+        let master = Master::spawn_full(name, &config.yaml(), &[], &[], program);
+        master.wait_event("serving", Duration::from_secs(30), |_| true);
+        master
     }
 
     /// Starts `wrapper... baton run ...` (e.g. `unshare --pid --fork`): [`Master::pid`] is then
     /// the wrapper's.
     pub fn spawn_wrapped(name: &str, yaml: &str, wrapper: &[&str]) -> Master {
-        Master::spawn_full(name, yaml, &[], wrapper)
+        Master::spawn_full(name, yaml, &[], wrapper, &binaries().baton)
     }
 
-    fn spawn_full(name: &str, yaml: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Master {
-        let bins = binaries();
+    fn spawn_full(
+        name: &str,
+        yaml: &str,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+        program: &std::path::Path,
+    ) -> Master {
         let dir = tempfile::Builder::new()
             .prefix(&format!("baton-{name}-"))
             .tempdir()
@@ -339,10 +352,10 @@ impl Master {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(&bins.baton);
+                c.args(args).arg(program);
                 c
             }
-            None => Command::new(&bins.baton),
+            None => Command::new(program),
         };
         let mut child = command
             .args(["run", "--log-format", "json", "-c"])

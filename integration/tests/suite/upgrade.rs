@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use baton_integration::load::{Load, Mode};
 use baton_integration::procfs::{alive, children, listening_inodes};
-use baton_integration::{Master, TestConfig, binaries, free_port, held_connection, next_baton};
+use baton_integration::{
+    Master, TestConfig, binaries, eventually, free_port, held_connection, next_baton,
+};
 use serde_json::Value;
 
 fn status(master: &Master) -> Value {
@@ -201,6 +203,12 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     }
     let (code, _, err) = master.ctl(&["upgrade", "--binary", "relative/baton"]);
     assert_eq!(code, 64, "{err}");
+    // No upgrade signal is configured: SIGURG upgrades nothing, and the log says why.
+    ignored_with(
+        &master,
+        nix::sys::signal::Signal::SIGURG,
+        "supervisor.upgrade_signal is not set",
+    );
     let report = load.finish();
     assert_eq!(report.failed(), 0, "{}", report.summary());
     assert!(report.ok > 0);
@@ -225,4 +233,86 @@ fn an_upgrade_during_a_reload_is_refused_with_the_reason() {
     let (code, _, err) = upgrade(&master, &binaries().baton.display().to_string());
     assert_eq!(code, 69, "{err}");
     assert!(err.contains("cannot upgrade now: reload"), "{err}");
+}
+
+/// Sends `signal` and waits for the master to log that it ignored it, saying `why`.
+fn ignored_with(master: &Master, signal: nix::sys::signal::Signal, why: &str) {
+    master.signal(signal);
+    let ignored = master
+        .wait_event("upgrade_signal_ignored", Duration::from_secs(10), |v| {
+            v["signal"] == signal.as_str()
+        })
+        .1;
+    let message = ignored["message"].as_str().unwrap();
+    assert!(message.contains(why), "{ignored}");
+}
+
+/// Replaces `path` the way a package manager does: a new file renamed over the old one (the
+/// running program keeps its inode).
+fn replace_program(path: &std::path::Path, with: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("dpkg-new");
+    std::fs::write(&tmp, with).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_ignored() {
+    use nix::sys::signal::Signal::{SIGURG, SIGWINCH};
+    let next = next_baton();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("baton");
+    std::fs::copy(&binaries().baton, &program).unwrap();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    config.supervisor_extra = vec!["upgrade_signal: SIGURG".into()];
+    let master = Master::start_program("upgrade-signal", &config, &program);
+    let before = status(&master);
+    let old_version = before["master"]["version"].as_str().unwrap().to_string();
+    let workers = children(master.pid());
+
+    // Not the configured signal: nothing happens, and the log says why.
+    ignored_with(&master, SIGWINCH, "supervisor.upgrade_signal is SIGURG");
+
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = Load::until_finished(addr, Mode::Fresh, 8);
+    // The file is replaced by something that is not baton: the upgrade fails, the master goes on.
+    replace_program(&program, b"#!/bin/sh\necho 'not a baton' >&2\nexit 3\n");
+    master.signal(SIGURG);
+    let failed = master
+        .wait_event("upgrade_failed", Duration::from_secs(20), |_| true)
+        .1;
+    assert!(
+        failed["reason"].as_str().unwrap().contains("not a baton"),
+        "{failed}"
+    );
+    assert_eq!(status(&master)["master"]["version"], old_version);
+    // Then by the next version, as a package update does: the same signal upgrades to it.
+    replace_program(&program, &std::fs::read(next).unwrap());
+    master.signal(SIGURG);
+    let upgraded = master
+        .wait_event("upgraded", Duration::from_secs(20), |_| true)
+        .1;
+    let report = load.finish();
+    eprintln!(
+        "upgrade by SIGURG under load: {upgraded}; {}",
+        report.summary()
+    );
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    assert!(report.ok > 0, "{}", report.summary());
+
+    let after = status(&master);
+    assert_eq!(after["master"]["pid"], before["master"]["pid"]);
+    assert_eq!(after["master"]["version"], format!("{old_version}+next"));
+    assert_eq!(children(master.pid()), workers, "the same workers");
+    assert_eq!(master.events("upgrade_requested").len(), 2);
+    // The new program keeps the setting and the program path.
+    master.signal(SIGWINCH);
+    eventually(
+        Duration::from_secs(10),
+        "the new program ignores SIGWINCH too",
+        || (master.events("upgrade_signal_ignored").len() == 2).then_some(()),
+    );
+    assert_eq!(master.reload()["event"], "reload_succeeded");
 }
