@@ -327,7 +327,12 @@ fn with_a_socket_unit_baton_adopts_systemds_socket() {
 
 #[test]
 fn baton_upgrade_under_systemd_keeps_the_main_pid_and_the_unit_active_and_reload_still_works() {
-    let (sd, _) = boot("upgrade", &[]);
+    let (sd, config_path) = boot("upgrade", &[]);
+    std::fs::write(
+        &config_path,
+        config("supervisor:\n  upgrade_signal: SIGURG\n"),
+    )
+    .unwrap();
     assert!(
         ok(&sd.systemctl(&["start", "baton.service"])),
         "{}",
@@ -371,23 +376,45 @@ fn baton_upgrade_under_systemd_keeps_the_main_pid_and_the_unit_active_and_reload
     let status = sd.show("baton.service", "StatusText");
     assert!(status.starts_with("gen 2 serving"), "{status:?}");
     assert_eq!(sd.show("baton.service", "MainPID"), main_pid);
+    // The upgrade signal, sent by systemd to the master only, upgrades again: to the program
+    // the unit started (the `--binary` of the first upgrade was for that upgrade only).
+    let baton_status = || -> Value {
+        let out = sd
+            .command(&binaries().baton.display().to_string())
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let first_version = baton_status()["master"]["upgrades"][0]["from_version"].clone();
+    assert!(ok(&sd.systemctl(&[
+        "kill",
+        "--kill-whom=main",
+        "-s",
+        "URG",
+        "baton.service"
+    ])));
+    let after_signal = eventually(
+        Duration::from_secs(20),
+        "the second upgrade (by SIGURG)",
+        || {
+            let s = baton_status();
+            (s["master"]["upgrades"].as_array().map(Vec::len) == Some(2)).then_some(s)
+        },
+    );
+    assert_eq!(after_signal["master"]["version"], first_version);
+    assert_eq!(sd.show("baton.service", "MainPID"), main_pid);
+    assert_eq!(sd.show("baton.service", "ActiveState"), "active");
     let r = report(load);
     eprintln!(
         "upgrade and reload under systemd, under load: {}",
         r["summary"]
     );
     assert_eq!(r["failed"], 0, "{r}");
-    let out = sd
-        .command(&binaries().baton.display().to_string())
-        .args(["status", "--json"])
-        .output()
-        .unwrap();
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(
-        status["master"]["version"]
-            .as_str()
-            .is_some_and(|v| v.ends_with("+next")),
-        "{status}"
+    assert_eq!(
+        after_signal["master"]["upgrades"][0]["to_version"],
+        format!("{}+next", first_version.as_str().unwrap()),
+        "{after_signal}"
     );
     // The fd store still serves a restart after the upgrade: kill -9, the socket comes back.
     kill9(&sd, &main_pid);
