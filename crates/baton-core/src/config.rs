@@ -168,6 +168,9 @@ pub struct SupervisorConfig {
     /// `None`: only `baton upgrade` does.
     #[serde(default, with = "crate::upgrade::signal_opt")]
     pub upgrade_signal: Option<SignalNumber>,
+    /// How long the new program may take to check the state during an upgrade.
+    #[serde(default = "default_upgrade_timeout")]
+    pub upgrade_timeout: Duration,
 }
 
 /// The control socket (`baton status`, `baton reload`, ...). Bound once, at start.
@@ -518,6 +521,9 @@ pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
             },
             canary_window: s.canary_window.map(|t| t.0),
             upgrade_signal: s.upgrade_signal.and_then(|u| u.0),
+            upgrade_timeout: s
+                .upgrade_timeout
+                .map_or_else(default_upgrade_timeout, |t| t.0),
             runtime_dir: s
                 .runtime_dir
                 .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(d)),
@@ -811,6 +817,11 @@ impl<'de> Deserialize<'de> for ReadySpec {
     }
 }
 
+/// Default `supervisor.upgrade_timeout`.
+pub(crate) fn default_upgrade_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
 fn default_ready_timeout() -> Timeout {
     Timeout(Duration::from_secs(10))
 }
@@ -839,6 +850,8 @@ struct RawSupervisor {
     canary_window: Option<Timeout>,
     #[serde(default)]
     upgrade_signal: Option<UpgradeSignal>,
+    #[serde(default)]
+    upgrade_timeout: Option<UpgradeTimeout>,
 }
 
 #[derive(Deserialize, Default)]
@@ -992,6 +1005,21 @@ validated!(UpgradeSignal(Option<SignalNumber>) from String, "signal", |s| {
     }
 });
 
+/// Longest `supervisor.upgrade_timeout`: `baton upgrade` waits a minute for the verdict.
+const MAX_UPGRADE_TIMEOUT: Duration = Duration::from_secs(50);
+
+validated!(UpgradeTimeout(Duration) from String, "duration", |s| {
+    let d = parse_duration(&s)?;
+    if d.is_zero() || d > MAX_UPGRADE_TIMEOUT {
+        return Err(format!(
+            "upgrade_timeout {s:?} must be more than 0 and at most {} s (`baton upgrade` waits a \
+             minute for the verdict)",
+            MAX_UPGRADE_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(d)
+});
+
 impl Default for DrainSignal {
     fn default() -> Self {
         DrainSignal(Some(SignalNumber::SIGTERM))
@@ -1112,6 +1140,11 @@ supervisor:
         assert!(c.programs[0].command.is_absolute(), "resolved from PATH");
         assert_eq!(c.supervisor.max_draining, 8);
         assert_eq!(c.supervisor.upgrade_signal, None);
+        assert_eq!(c.supervisor.upgrade_timeout, Duration::from_secs(10));
+        let c =
+            parse_str("listeners: []\nworker: {command: sh}\nsupervisor: {upgrade_timeout: 2s}\n")
+                .unwrap();
+        assert_eq!(c.supervisor.upgrade_timeout, Duration::from_secs(2));
     }
 
     #[test]
@@ -1173,6 +1206,11 @@ supervisor:
             (
                 "listeners: []\nworker: {command: sh}\nsupervisor:\n  upgrade_signal: SIGPWR\n",
                 "would kill a baton that does not handle it",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  upgrade_timeout: 2m\n",
+                "upgrade_timeout \"2m\" must be more than 0 and at most 50 s",
                 Some(4),
             ),
             ("listeners: [\n", "did not find expected node", Some(2)),

@@ -123,6 +123,9 @@ pub struct GenerationSpec {
     /// The signal that upgrades the master (`supervisor.upgrade_signal`), if any.
     #[serde(default, with = "crate::upgrade::signal_opt")]
     pub upgrade_signal: Option<SignalNumber>,
+    /// How long a new program may take to check the state (`supervisor.upgrade_timeout`).
+    #[serde(default = "crate::config::default_upgrade_timeout")]
+    pub upgrade_timeout: Duration,
 }
 
 impl GenerationSpec {
@@ -145,6 +148,7 @@ impl GenerationSpec {
             forward_usr1: config.supervisor.forward_usr1,
             canary_window: config.supervisor.canary_window,
             upgrade_signal: config.supervisor.upgrade_signal,
+            upgrade_timeout: config.supervisor.upgrade_timeout,
         }
     }
 }
@@ -610,6 +614,15 @@ impl Supervisor {
     /// The serving generation's upgrade signal (`supervisor.upgrade_signal`), if any.
     pub fn upgrade_signal(&self) -> Option<SignalNumber> {
         self.serving_spec().and_then(|s| s.upgrade_signal)
+    }
+
+    /// How long a new program may take to check the state, from the serving generation's
+    /// configuration.
+    pub fn upgrade_timeout(&self) -> Duration {
+        self.serving_spec()
+            .map_or_else(crate::config::default_upgrade_timeout, |s| {
+                s.upgrade_timeout
+            })
     }
 
     /// The last reloads' verdicts, oldest first.

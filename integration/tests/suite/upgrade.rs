@@ -142,11 +142,12 @@ fn a_generation_draining_through_an_upgrade_is_killed_at_its_deadline_by_the_new
 #[test]
 fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_on() {
     let port = free_port();
-    let master = Master::start(
-        "upgrade-broken",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
-    );
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    config.supervisor_extra = vec!["upgrade_timeout: 1s".into()];
+    let master = Master::start("upgrade-broken", &config);
     let dir = tempfile::tempdir().unwrap();
+    let hangs = dir.path().join("hangs");
+    std::fs::write(&hangs, "#!/bin/sh\nexec sleep 60\n").unwrap();
     let script = dir.path().join("crashes");
     std::fs::write(
         &script,
@@ -168,7 +169,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     let not_executable = dir.path().join("not-executable");
     std::fs::copy(&binaries().baton, &not_executable).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    for file in [&script, &too_new] {
+    for file in [&script, &too_new, &hangs] {
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -185,6 +186,10 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
             "state format 2 is newer than this baton understands",
         ),
         (not_executable.display().to_string(), "ermission denied"),
+        (
+            hangs.display().to_string(),
+            "did not answer upgrade-check within 1000 ms (supervisor.upgrade_timeout)",
+        ),
     ] {
         let started = Instant::now();
         let (code, out, err) = upgrade(&master, &binary);
@@ -215,7 +220,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
     assert_eq!(children(master.pid()), workers);
-    assert_eq!(master.events("upgrade_failed").len(), 5);
+    assert_eq!(master.events("upgrade_failed").len(), 6);
     // And the old master still does its job.
     assert_eq!(master.reload()["event"], "reload_succeeded");
 }

@@ -45,9 +45,6 @@ pub trait SignalGate {
     fn release(&mut self);
 }
 
-/// How long the new binary may take to check the state.
-const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// An upgrade under way (its preflight runs).
 #[derive(Debug)]
 pub(super) struct Pending {
@@ -201,7 +198,7 @@ impl Master {
             reply,
             client,
             started,
-            deadline: started + PREFLIGHT_TIMEOUT,
+            deadline: started + self.supervisor.upgrade_timeout(),
             preflight: 0,
         };
         match preflight {
@@ -269,11 +266,13 @@ impl Master {
     pub(super) fn preflight_expired(&mut self) {
         if let Some(pending) = self.upgrade.take() {
             let _ = process::signal_process(pending.preflight, SignalNumber::SIGKILL);
+            let allowed = pending.deadline.saturating_duration_since(pending.started);
             self.fail_upgrade(
                 pending,
                 format!(
-                    "the new binary did not answer upgrade-check within {} s",
-                    PREFLIGHT_TIMEOUT.as_secs()
+                    "the new binary did not answer upgrade-check within {} ms \
+                     (supervisor.upgrade_timeout)",
+                    allowed.as_millis()
                 ),
             );
         }

@@ -20,6 +20,7 @@ fn spec(processes: usize) -> GenerationSpec {
         forward_usr1: false,
         canary_window: None,
         upgrade_signal: None,
+        upgrade_timeout: Duration::from_secs(10),
     }
 }
 
