@@ -220,7 +220,10 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
     assert_eq!(children(master.pid()), workers);
-    assert_eq!(master.events("upgrade_failed").len(), 6);
+    // Each verdict is in the log too (its line may trail the client's answer).
+    eventually(Duration::from_secs(10), "six upgrade_failed lines", || {
+        (master.events("upgrade_failed").len() == 6).then_some(())
+    });
     // And the old master still does its job.
     assert_eq!(master.reload()["event"], "reload_succeeded");
 }
@@ -320,4 +323,52 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
         || (master.events("upgrade_signal_ignored").len() == 2).then_some(()),
     );
     assert_eq!(master.reload()["event"], "reload_succeeded");
+}
+
+#[test]
+fn an_upgrade_signal_during_an_upgrade_is_refused_and_the_first_upgrade_keeps_its_verdict() {
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    config.supervisor_extra = vec!["upgrade_signal: SIGURG".into()];
+    let master = Master::start("upgrade-twice", &config);
+    let dir = tempfile::tempdir().unwrap();
+    // A program whose check takes a while (and then fails): the first upgrade is under way
+    // for that long.
+    let slow = dir.path().join("slow");
+    std::fs::write(
+        &slow,
+        "#!/bin/sh\nsleep 2\necho 'slow and broken' >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let first = master.ctl_spawn(&["upgrade", "--binary", &slow.display().to_string()]);
+    master.wait_event("upgrade_requested", Duration::from_secs(10), |_| true);
+    master.signal(nix::sys::signal::Signal::SIGURG);
+    let refused = master
+        .wait_event("upgrade_refused", Duration::from_secs(10), |_| true)
+        .1;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("another upgrade is under way"),
+        "{refused}"
+    );
+    let out = first.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("slow and broken"), "{err}");
+    let requested = master.events("upgrade_requested");
+    assert_eq!(requested.len(), 2, "{requested:?}");
+    assert!(
+        requested[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("requested by SIGURG from pid"),
+        "{requested:?}"
+    );
+    // The log line may trail the client's answer.
+    master.wait_event("upgrade_failed", Duration::from_secs(10), |_| true);
+    assert_eq!(master.events("upgrade_failed").len(), 1);
 }
