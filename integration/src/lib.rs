@@ -350,8 +350,8 @@ impl Master {
         let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(&config_path, yaml).unwrap();
         let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
+            Some((outer, args)) => {
+                let mut c = Command::new(outer);
                 c.args(args).arg(program);
                 c
             }
