@@ -140,7 +140,13 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
     assert!(ok(&sd.systemctl(&["reload", "baton.service"])));
 
     // The logrotate case: USR1 to every process of the unit.
-    assert!(ok(&sd.systemctl(&["kill", "-s", "USR1", "baton.service"])));
+    let kill = sd.systemctl(&["kill", "-s", "USR1", "baton.service"]);
+    assert!(
+        ok(&kill),
+        "systemctl kill -s USR1: {}\n{}",
+        String::from_utf8_lossy(&kill.stderr),
+        sd.journal("baton")
+    );
     // Every process got it and handled it: the master and both workers said so.
     eventually(
         Duration::from_secs(5),
