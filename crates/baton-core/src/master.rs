@@ -534,7 +534,7 @@ impl Master {
                 }
             }
             proto::Request::Upgrade { binary } => {
-                self.begin_upgrade(binary, reply, client, &peer);
+                self.begin_upgrade(binary, reply, client, &peer, false);
             }
             proto::Request::Stop { fast } => {
                 let trigger = Trigger::Other(format!("baton stop from {peer}"));

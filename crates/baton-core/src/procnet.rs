@@ -1,4 +1,6 @@
-//! Counting a worker's connections from the kernel, for workers that do not report them.
+//! Counting a worker's connections from the kernel, for workers that do not report them: the
+//! established TCP sockets on a listener's port (from `sock_diag`), among the worker's own
+//! descriptors.
 
 use std::collections::{HashMap, HashSet};
 
@@ -6,27 +8,18 @@ use std::collections::{HashMap, HashSet};
 /// one of `ports` (the listeners' ports). Only the process's own descriptors count, not its
 /// children's. Unix-socket connections are not counted.
 pub(crate) fn established_connections(pids: &[u32], ports: &HashSet<u16>) -> HashMap<u32, u64> {
-    let mut established = HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != "01" {
-                continue; // not ESTABLISHED
-            }
-            let port = cols[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if port.is_some_and(|p| ports.contains(&p)) {
-                if let Ok(inode) = cols[9].parse::<u64>() {
-                    established.insert(inode);
-                }
-            }
-        }
+    if pids.is_empty() {
+        return HashMap::new();
     }
+    // From sock_diag, which filters by state in the kernel: `/proc/net/tcp` lists every socket
+    // of the namespace, TIME_WAIT ones too, and reading it stalled the event loop under churn.
+    let established = match baton_sys::sockdiag::established_inodes(ports) {
+        Ok(inodes) => inodes,
+        Err(e) => {
+            tracing::debug!("connections not counted: sock_diag: {e}");
+            return HashMap::new();
+        }
+    };
     pids.iter()
         .map(|&pid| {
             let count = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -16,4 +16,5 @@
 pub mod channel;
 pub mod notify;
 pub mod process;
+pub mod sockdiag;
 pub mod upgrade;

@@ -76,18 +76,6 @@ pub(super) struct Resumed {
     notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
 }
 
-/// An upgrade that cannot start now: the reason to the log and to the client, if one asks.
-fn refuse_upgrade(why: &str, reply: oneshot::Sender<proto::Response>) {
-    warn!(
-        event = "upgrade_refused",
-        "master upgrade refused: {why}; retry when it is over"
-    );
-    let _ = reply.send(proto::Response::Error {
-        kind: proto::ErrorKind::Unavailable,
-        message: format!("cannot upgrade now: {why}"),
-    });
-}
-
 impl Master {
     /// Why an upgrade cannot start now, if it cannot.
     fn upgrade_blocker(&self) -> Option<String> {
@@ -155,33 +143,36 @@ impl Master {
             return;
         }
         let (reply, _) = oneshot::channel();
-        if held {
-            info!(event = "upgrade_requested", binary = %self.binary.display(),
-                "master upgrade to {} requested by {trigger}", self.binary.display());
-            refuse_upgrade("another upgrade is under way", reply);
-        } else {
-            self.begin_upgrade(None, reply, None, &trigger);
-        }
+        self.begin_upgrade(None, reply, None, &trigger, held);
     }
 
     /// `baton upgrade` (or the upgrade signal): checks, then runs the preflight.
+    /// `another_under_way`: asked during another upgrade's quiet point (refused).
     pub(super) fn begin_upgrade(
         &mut self,
         binary: Option<String>,
         reply: oneshot::Sender<proto::Response>,
         client: Option<OwnedFd>,
         by: &dyn std::fmt::Display,
+        another_under_way: bool,
     ) {
         let binary = binary.map_or_else(|| self.binary.clone(), PathBuf::from);
         info!(event = "upgrade_requested", binary = %binary.display(),
             "master upgrade to {} requested by {by}", binary.display());
-        let blocker = if self.upgrade.is_some() {
+        let blocker = if self.upgrade.is_some() || another_under_way {
             Some("another upgrade is under way".to_string())
         } else {
             self.upgrade_blocker()
         };
         if let Some(why) = blocker {
-            refuse_upgrade(&why, reply);
+            warn!(
+                event = "upgrade_refused",
+                "master upgrade refused: {why}; retry when it is over"
+            );
+            let _ = reply.send(proto::Response::Error {
+                kind: proto::ErrorKind::Unavailable,
+                message: format!("cannot upgrade now: {why}"),
+            });
             return;
         }
         let started = Instant::now();
