@@ -1,6 +1,15 @@
-//! A real systemd, booted as PID 1 of private PID, mount, network, UTS and IPC namespaces
-//! (`unshare`), driven with `systemctl` through `nsenter`. Needs root. Dropping it SIGKILLs the
-//! namespace's PID 1, which takes every process of the namespace with it.
+//! A real systemd, booted as PID 1 of private PID, mount, network, UTS, IPC and cgroup
+//! namespaces (`unshare`), driven with `systemctl` through `nsenter`. Needs root. Dropping it
+//! SIGKILLs the namespace's PID 1, which takes every process of the namespace with it, then
+//! removes the cgroups it made.
+//!
+//! Each booted systemd gets cgroups of its own (a fresh directory in every hierarchy systemd
+//! uses, made the root of a cgroup namespace, and the cgroup file systems mounted again inside
+//! it). Without them, every systemd booted by a parallel test put its `baton.service` in the
+//! same host cgroup: one systemd saw another's processes there as PID 0, and systemd 252 fails
+//! `systemctl kill` with "Input/output error" when it reads one (its `cg_read_pid`).
+//! It also gets a journal of its own (a tmpfs on /var/log/journal): a test reading the journal
+//! reads this boot's lines only, and the host's journal is left alone.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -15,9 +24,140 @@ const SYSTEMD: &str = "/lib/systemd/systemd";
 pub struct Systemd {
     /// PID 1 of the namespace, as seen from outside.
     pub pid: u32,
-    unshare: Child,
     /// Files shared with the namespace.
     pub dir: PathBuf,
+    /// Held for its drop, which runs after `Systemd`'s.
+    _namespace: Namespace,
+}
+
+/// What a boot leaves on the host, undone on drop even when the boot fails half-way: the
+/// `unshare` process (killing it kills the namespace's PID 1: `--kill-child`), then the cgroups
+/// made for the namespace (host paths).
+#[derive(Debug)]
+struct Namespace {
+    unshare: Option<Child>,
+    cgroups: Vec<PathBuf>,
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if let Some(unshare) = &mut self.unshare {
+            let _ = unshare.kill();
+            let _ = unshare.wait();
+        }
+        for cgroup in &self.cgroups {
+            if let Err(e) = remove_cgroup_tree(cgroup) {
+                eprintln!("removing the test cgroup {}: {e}", cgroup.display());
+            }
+        }
+    }
+}
+
+/// How the host mounts cgroups, as systemd sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CgroupLayout {
+    /// cgroup2 at /sys/fs/cgroup.
+    Unified,
+    /// cgroup v1 controllers with a `name=systemd` hierarchy, cgroup2 at /sys/fs/cgroup/unified.
+    Hybrid,
+}
+
+/// Fresh cgroups for one booted systemd, each inside this process's own cgroup of one hierarchy:
+/// `(layout, [(directory, required)])`. Those of cgroup2 and of `name=systemd` are required;
+/// those of v1 controllers are used where the host lets us (cpuset, for one, refuses a process
+/// until its cpus are set), else the namespace's root for that controller stays the one this
+/// process is in: systemd only tunes resources there, it tracks processes with the others.
+fn make_cgroups(leaf: &str) -> (CgroupLayout, Vec<(PathBuf, bool)>) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("/proc/self/mountinfo");
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    // Every cgroup mount: (mount point, root of the mount, fstype, super options).
+    let mounts: Vec<(PathBuf, String, String, String)> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let left: Vec<&str> = left.split_whitespace().collect();
+            let right: Vec<&str> = right.split_whitespace().collect();
+            let fstype = *right.first()?;
+            matches!(fstype, "cgroup" | "cgroup2").then(|| {
+                Some((
+                    PathBuf::from(left.get(4)?),
+                    left.get(3)?.to_string(),
+                    fstype.to_string(),
+                    right.get(2)?.to_string(),
+                ))
+            })?
+        })
+        .collect();
+    let unified_at_root = mounts
+        .iter()
+        .any(|(point, _, fstype, _)| fstype == "cgroup2" && point == Path::new("/sys/fs/cgroup"));
+    let layout = if unified_at_root {
+        CgroupLayout::Unified
+    } else {
+        CgroupLayout::Hybrid
+    };
+    let mut dirs = Vec::new();
+    // One line `ID:CONTROLLERS:PATH` per hierarchy this process is in.
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let required = controllers.is_empty() || controllers == "name=systemd";
+        let mount = mounts.iter().find(|(_, _, fstype, options)| {
+            if controllers.is_empty() {
+                fstype == "cgroup2"
+            } else {
+                fstype == "cgroup"
+                    && controllers
+                        .split(',')
+                        .all(|c| options.split(',').any(|o| o == c))
+            }
+        });
+        let Some((point, root, _, _)) = mount else {
+            assert!(
+                !required,
+                "no mount of the cgroup hierarchy {controllers:?}"
+            );
+            continue;
+        };
+        let relative = path.strip_prefix(root.as_str()).unwrap_or(path);
+        let dir = point.join(relative.trim_start_matches('/')).join(leaf);
+        match std::fs::create_dir_all(&dir) {
+            Ok(()) => dirs.push((dir, required)),
+            Err(e) if required => panic!("making the test cgroup {}: {e}", dir.display()),
+            Err(_) => {}
+        }
+    }
+    (layout, dirs)
+}
+
+/// Removes a cgroup and the ones systemd made inside it, deepest first. A cgroup whose last
+/// process is still being reaped is busy for a moment: retried for a few seconds.
+fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path())?;
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(nix::libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Fails, saying what to install, if the machine cannot run these tests.
@@ -66,6 +206,33 @@ impl Systemd {
         for (file, text) in units {
             std::fs::write(dir.join("units").join(file), text).unwrap();
         }
+        let leaf = format!("baton-test-{}", dir.file_name().unwrap().to_string_lossy());
+        let (layout, cgroups) = make_cgroups(&leaf);
+        let mut namespace = Namespace {
+            unshare: None,
+            cgroups: cgroups.iter().map(|(dir, _)| dir.clone()).collect(),
+        };
+        let remount_cgroups = match layout {
+            CgroupLayout::Unified => "mount -t cgroup2 cgroup2 /sys/fs/cgroup".to_string(),
+            CgroupLayout::Hybrid => [
+                "mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup",
+                "mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified",
+                "mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd",
+                "mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified",
+            ]
+            .join("\n"),
+        };
+        let join_cgroups: String = cgroups
+            .iter()
+            .map(|(d, required)| {
+                let fallback = if *required {
+                    ""
+                } else {
+                    " 2>/dev/null || true"
+                };
+                format!("  echo $$ > {}/cgroup.procs{fallback}\n", d.display())
+            })
+            .collect();
         let script = dir.join("boot.sh");
         let target = binaries()
             .baton
@@ -78,10 +245,18 @@ impl Systemd {
             format!(
                 r#"#!/bin/sh
 set -e
+if [ "$1" != in-cgroup-namespace ]; then
+  # Cgroups of its own, made the root of a new cgroup namespace.
+{join_cgroups}  exec unshare --cgroup sh "$0" in-cgroup-namespace
+fi
 # Everything mounted here stays in this namespace.
 mount --make-rprivate /
 mount -t tmpfs tmpfs /run
 mount -t proc proc /proc
+# The cgroup file systems again, rooted at this namespace's cgroups.
+{remount_cgroups}
+# A journal of its own.
+if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi
 # A /tmp of its own. If the build lives under /tmp, bring its target directory back.
 mkdir -p /run/host-tmp
 mount --bind /tmp /run/host-tmp
@@ -108,16 +283,22 @@ for unit in systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service \
     systemd-firstboot.service ldconfig.service sysinit.target; do
   ln -sf /dev/null "/run/systemd/system/$unit"
 done
+# The journal, explicitly: the tests read the units' output from it (nothing else would start it
+# reliably once early boot is cut away).
 cat > /run/systemd/system/baton-test.target <<'UNIT'
 [Unit]
 Description=baton test target
 DefaultDependencies=no
+Wants=systemd-journald.socket systemd-journald.service
+After=systemd-journald.socket systemd-journald.service
 UNIT
 export container=baton-test
 exec {SYSTEMD} --system --unit=baton-test.target --log-target=console --log-level=notice
 "#,
                 units = dir.join("units").display(),
                 target = target.display(),
+                join_cgroups = join_cgroups,
+                remount_cgroups = remount_cgroups,
             ),
         )
         .unwrap();
@@ -145,6 +326,7 @@ exec {SYSTEMD} --system --unit=baton-test.target --log-target=console --log-leve
             .spawn()
             .expect("starting unshare");
         let parent = unshare.id();
+        namespace.unshare = Some(unshare);
         let pid = eventually(
             Duration::from_secs(10),
             "systemd to start in the namespace",
@@ -157,7 +339,22 @@ exec {SYSTEMD} --system --unit=baton-test.target --log-target=console --log-leve
                 (comm.trim() == "systemd").then_some(pid)
             },
         );
-        let systemd = Systemd { pid, unshare, dir };
+        // Its processes are in the cgroups made for it, not in the host's (nor a sibling's).
+        let placed = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        for line in placed.lines() {
+            let controllers = line.split(':').nth(1).unwrap_or_default();
+            if controllers.is_empty() || controllers == "name=systemd" {
+                assert!(
+                    line.contains(&leaf),
+                    "systemd is not in its own cgroup: {placed}"
+                );
+            }
+        }
+        let systemd = Systemd {
+            pid,
+            dir,
+            _namespace: namespace,
+        };
         eventually(Duration::from_secs(30), "systemd to finish booting", || {
             let out = systemd.systemctl(&["is-system-running"]);
             let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -239,8 +436,7 @@ impl Drop for Systemd {
             nix::unistd::Pid::from_raw(self.pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
-        let _ = self.unshare.kill();
-        let _ = self.unshare.wait();
+        // Then `self.namespace` is dropped: unshare is reaped and the cgroups removed.
     }
 }
 
