@@ -171,6 +171,10 @@ pub struct SupervisorConfig {
     /// How long the new program may take to check the state during an upgrade.
     #[serde(default = "default_upgrade_timeout")]
     pub upgrade_timeout: Duration,
+    /// Where the master serves `GET /metrics` over HTTP (the text of `baton metrics`), if
+    /// anywhere.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The control socket (`baton status`, `baton reload`, ...). Bound once, at start.
@@ -496,6 +500,37 @@ pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
             ));
         }
     }
+    if let Some(metrics) = raw.supervisor.metrics_listen.as_ref().map(|a| a.0) {
+        let at = line_of("metrics_listen:");
+        let tcp = ListenerAddress::Tcp { address: metrics };
+        if let Some(problem) = address_problem(&tcp) {
+            problems.push(ConfigError::at(
+                path,
+                at,
+                format!("supervisor.metrics_listen: {metrics} {problem}"),
+            ));
+        }
+        // The same port on the same address, or on a wildcard one, would not bind.
+        let clash = listeners.iter().find(|l| match l.address {
+            ListenerAddress::Tcp { address } => {
+                address.port() == metrics.port()
+                    && (address.ip() == metrics.ip()
+                        || address.ip().is_unspecified()
+                        || metrics.ip().is_unspecified())
+            }
+            ListenerAddress::Unix { .. } => false,
+        });
+        if let Some(l) = clash {
+            problems.push(ConfigError::at(
+                path,
+                at,
+                format!(
+                    "supervisor.metrics_listen: {metrics} clashes with listener `{}` ({})",
+                    l.name, l.address
+                ),
+            ));
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -524,6 +559,7 @@ pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
             upgrade_timeout: s
                 .upgrade_timeout
                 .map_or_else(default_upgrade_timeout, |t| t.0),
+            metrics_listen: s.metrics_listen.map(|a| a.0),
             runtime_dir: s
                 .runtime_dir
                 .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(d)),
@@ -584,8 +620,16 @@ fn address_problem(address: &ListenerAddress) -> Option<String> {
     }
 }
 
+/// The first line that holds `needle` outside a comment.
 fn find_line(text: &str, needle: &str) -> Option<usize> {
-    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            l.split(" #")
+                .next()
+                .is_some_and(|code| code.contains(needle))
+                && !l.trim_start().starts_with('#')
+        })
+        .map(|i| i + 1)
 }
 
 /// Resolves the worker program: a name with a `/` is a path (relative to the config file's
@@ -852,6 +896,8 @@ struct RawSupervisor {
     upgrade_signal: Option<UpgradeSignal>,
     #[serde(default)]
     upgrade_timeout: Option<UpgradeTimeout>,
+    #[serde(default)]
+    metrics_listen: Option<TcpAddress>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1211,6 +1257,21 @@ supervisor:
             (
                 "listeners: []\nworker: {command: sh}\nsupervisor:\n  upgrade_timeout: 2m\n",
                 "upgrade_timeout \"2m\" must be more than 0 and at most 50 s",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  metrics_listen: localhost\n",
+                "supervisor.metrics_listen: invalid TCP address \"localhost\": expected IP:port",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: web\n    address: 0.0.0.0:8080\nworker: {command: sh}\nsupervisor:\n  metrics_listen: 127.0.0.1:8080\n",
+                "supervisor.metrics_listen: 127.0.0.1:8080 clashes with listener `web` (tcp://0.0.0.0:8080)",
+                Some(6),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  metrics_listen: 192.0.2.1:9273\n",
+                "supervisor.metrics_listen: 192.0.2.1:9273 is not an address of this machine",
                 Some(4),
             ),
             ("listeners: [\n", "did not find expected node", Some(2)),

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod listeners;
 pub mod master;
+pub mod metrics_http;
 mod procnet;
 pub mod supervisor;
 pub mod upgrade;

@@ -37,6 +37,7 @@ pub use upgrade::SignalGate;
 use crate::config::{self, Config, NotifyAccess, Probe, Protocol, Readiness, WorkerConfig};
 use crate::control::{self, ControlRequest};
 use crate::listeners::{BindError, GenerationListener, ListenerTable, Prepared};
+use crate::metrics_http;
 use crate::supervisor::{
     Action, Event, Generation, GenerationSpec, Intent, Phase, RequestId, Supervisor, Trigger,
     Verdict, WorkerId,
@@ -188,7 +189,16 @@ pub struct Master {
     next_upgrade: u64,
     /// Set when this master took over from its predecessor: what is left to do when it runs.
     resumed: Option<upgrade::Resumed>,
+    /// The metrics endpoint serving (its address, its task), one bound but not yet serving,
+    /// and where its clients ask for the text.
+    metrics: Option<(std::net::SocketAddr, tokio::task::AbortHandle)>,
+    metrics_pending: Option<metrics_http::Endpoint>,
+    metrics_tx: mpsc::Sender<metrics_http::Ask>,
+    metrics_rx: mpsc::Receiver<metrics_http::Ask>,
 }
+
+/// Metrics requests waiting for the event loop (their clients wait too, bounded in number).
+const MAX_ASKS: usize = metrics_http::MAX_CLIENTS;
 
 #[derive(Debug, Default)]
 struct Told {
@@ -207,6 +217,9 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    /// `supervisor.metrics_listen` could not be bound (the message names the address).
+    #[error("{0}")]
+    Metrics(std::io::Error),
 }
 
 /// Verdicts kept for `Request::Verdict`.
@@ -233,6 +246,13 @@ impl Master {
             source,
         })?;
         let socket_file = control::SocketFile(control_config.socket.clone());
+        let metrics_pending = config
+            .supervisor
+            .metrics_listen
+            .map(metrics_http::bind)
+            .transpose()
+            .map_err(StartError::Metrics)?;
+        let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         Ok(Master {
@@ -260,7 +280,32 @@ impl Master {
             upgrades: Vec::new(),
             next_upgrade: 1,
             resumed: None,
+            metrics: None,
+            metrics_pending,
+            metrics_tx,
+            metrics_rx,
         })
+    }
+
+    /// Serves `endpoint` in place of the current one (if any, it closes); `announce`: log it
+    /// (a master resumed after an upgrade serves the same endpoint again, quietly).
+    fn serve_metrics(&mut self, endpoint: Option<metrics_http::Endpoint>, announce: bool) {
+        if let Some((old, task)) = self.metrics.take() {
+            task.abort();
+            if endpoint.as_ref().map(|e| e.address) != Some(old) {
+                info!(event = "metrics_endpoint_closed", address = %old,
+                    "metrics endpoint http://{old}/metrics closed");
+            }
+        }
+        if let Some(endpoint) = endpoint {
+            let address = endpoint.address;
+            if announce {
+                info!(event = "metrics_endpoint", address = %address,
+                    "metrics at http://{address}/metrics");
+            }
+            let task = tokio::spawn(metrics_http::serve(endpoint, self.metrics_tx.clone()));
+            self.metrics = Some((address, task.abort_handle()));
+        }
     }
 
     fn notify(&mut self, notification: Notification) {
@@ -348,6 +393,10 @@ impl Master {
             _socket_file = Some(file);
             tokio::spawn(control::serve(listener, config, control_tx));
         }
+        if let Some(endpoint) = self.metrics_pending.take() {
+            let announce = self.resumed.is_none();
+            self.serve_metrics(Some(endpoint), announce);
+        }
         if let Some((_, prepared)) = &self.initial {
             let listeners = prepared.listeners.clone();
             self.store_fds(&listeners);
@@ -399,6 +448,9 @@ impl Master {
                     }
                 },
                 Some(event) = self.events_rx.recv() => queue.push_back(event),
+                Some(ask) = self.metrics_rx.recv() => {
+                    let _ = ask.send(self.metrics());
+                }
                 Some(request) = control_rx.recv() => {
                     if let Some(code) = self.on_control(request, &mut queue) {
                         return code;
@@ -784,6 +836,15 @@ impl Master {
                 .collect(),
         );
         metric(
+            "baton_build_info",
+            "gauge",
+            "The running master's version (it changes with `baton upgrade`).",
+            vec![(
+                format!("{{version=\"{}\"}}", crate::upgrade::version()),
+                "1".into(),
+            )],
+        );
+        metric(
             "baton_uptime_seconds",
             "gauge",
             "Seconds since the master started.",
@@ -818,10 +879,20 @@ impl Master {
             Some(initial) => initial,
             None => {
                 let config = config::load(&self.config_path).map_err(|e| e.to_string())?;
+                // A moved metrics endpoint is bound first, and replaces the old one only if the
+                // listeners can be prepared too.
+                let wanted = config.supervisor.metrics_listen;
+                let moved = (wanted != self.metrics.as_ref().map(|m| m.0))
+                    .then(|| wanted.map(metrics_http::bind).transpose())
+                    .transpose()
+                    .map_err(|e| format!("supervisor.metrics_listen: {e}"))?;
                 let prepared = self
                     .table
                     .prepare(&config.listeners)
                     .map_err(|e| e.to_string())?;
+                if let Some(endpoint) = moved {
+                    self.serve_metrics(endpoint, true);
+                }
                 let bound: Vec<GenerationListener> = prepared
                     .listeners
                     .iter()

@@ -65,6 +65,10 @@ pub struct State {
     pub intents: Vec<Intent>,
     /// Whether the service manager was told READY=1.
     pub told_ready: bool,
+    /// Where the metrics endpoint listens: the new master binds it again (its socket does not
+    /// survive the exec; scrapes during the exec are refused).
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -24,6 +24,7 @@ fn each_bad_config_gets_one_line_naming_the_problem_and_exit_64() {
     let good = TestConfig::hello("127.0.0.1:1", 1);
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_config = TestConfig::hello(&busy.local_addr().unwrap().to_string(), 1);
+    let busy_metrics = format!("metrics endpoint {}: ", busy.local_addr().unwrap());
     let mut missing = good.clone();
     missing.command = "./no-such-worker".into();
     let cases: Vec<(&str, String, &str)> = vec![
@@ -43,6 +44,15 @@ fn each_bad_config_gets_one_line_naming_the_problem_and_exit_64() {
             "invalid TCP address \"300.0.0.1:80\"",
         ),
         ("port in use", busy_config.yaml(), "address already in use"),
+        (
+            "metrics port in use",
+            format!(
+                "{}  metrics_listen: {}\n",
+                good.yaml(),
+                busy.local_addr().unwrap()
+            ),
+            &busy_metrics,
+        ),
         (
             "missing worker",
             missing.yaml(),

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use baton_integration::{Master, TestConfig, binaries, ctl, eventually, free_port};
+use baton_integration::{Master, TestConfig, binaries, ctl, eventually, free_port, http};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -514,4 +514,120 @@ fn metrics_count_reloads_restarts_and_states_in_the_prometheus_format() {
         .find(|l| l.starts_with("baton_workers{state=\"ready\"}"))
         .unwrap();
     assert!(ready_workers.ends_with(" 2"), "{ready_workers}");
+}
+
+fn refused(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+#[test]
+fn the_metrics_endpoint_serves_over_http_follows_reloads_and_a_busy_port_fails_the_reload() {
+    let port = free_port();
+    let (first, second) = (free_port(), free_port());
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    config
+        .supervisor_extra
+        .push(format!("metrics_listen: 127.0.0.1:{first}"));
+    let master = Master::start("ctl-metrics-http", &config);
+    master.wait_event("metrics_endpoint", Duration::from_secs(5), |v| {
+        v["address"] == format!("127.0.0.1:{first}")
+    });
+
+    let (status, head, body) = http(first, "GET", "/metrics");
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(
+        body.contains("baton_reloads_total{verdict=\"ok\"} 0\n"),
+        "{body}"
+    );
+    // The same families as `baton metrics`.
+    let families = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("# TYPE"))
+            .map(String::from)
+            .collect()
+    };
+    let (code, cli, err) = master.ctl(&["metrics"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(families(&body), families(&cli));
+    assert_eq!(http(first, "HEAD", "/metrics").2, "", "HEAD: no body");
+    assert_eq!(http(first, "GET", "/").0, 404);
+    let (status, head, _) = http(first, "POST", "/metrics");
+    assert_eq!(status, 405);
+    assert!(
+        head.to_ascii_lowercase().contains("allow: get, head"),
+        "{head}"
+    );
+
+    // Clients that never send a request do not keep others out, and are closed in time.
+    let silent: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", first)).unwrap())
+        .collect();
+    assert_eq!(http(first, "GET", "/metrics").0, 200);
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut rest = Vec::new();
+        // Closed by the server (maybe with a 408 first), not by our timeout.
+        let read = s.read_to_end(&mut rest);
+        assert!(
+            read.is_ok(),
+            "a silent client is closed by the master: {read:?}"
+        );
+    }
+
+    // A reload counts, and moves the endpoint with the configuration.
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    assert!(
+        http(first, "GET", "/metrics")
+            .2
+            .contains("baton_reloads_total{verdict=\"ok\"} 1\n")
+    );
+    let mut moved = config.clone();
+    moved.supervisor_extra = vec![format!("metrics_listen: 127.0.0.1:{second}")];
+    master.write_config(&moved.yaml());
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    assert!(refused(first), "the old endpoint is closed");
+    assert!(
+        http(second, "GET", "/metrics")
+            .2
+            .contains("baton_reloads_total{verdict=\"ok\"} 2\n")
+    );
+
+    // A port that cannot be bound fails the reload, by name; the endpoint and generation stay.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    let mut blocked = config.clone();
+    blocked.supervisor_extra = vec![format!("metrics_listen: 127.0.0.1:{busy_port}")];
+    master.write_config(&blocked.yaml());
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_failed", "{verdict}");
+    let reason = verdict["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!(
+            "supervisor.metrics_listen: metrics endpoint 127.0.0.1:{busy_port}"
+        )),
+        "{verdict}"
+    );
+    let (_, _, text) = http(second, "GET", "/metrics");
+    assert!(
+        text.contains("baton_reloads_total{verdict=\"failed\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("baton_generations{state=\"serving\"} 1\n"),
+        "{text}"
+    );
+
+    // Without the setting, the endpoint closes.
+    master.write_config(&TestConfig::hello(&format!("127.0.0.1:{port}"), 1).yaml());
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    assert!(refused(second), "no endpoint without metrics_listen");
+    master.wait_event("metrics_endpoint_closed", Duration::from_secs(5), |v| {
+        v["address"] == format!("127.0.0.1:{second}")
+    });
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use baton_integration::load::{Load, Mode};
 use baton_integration::procfs::{alive, children, listening_inodes};
 use baton_integration::{
-    Master, TestConfig, binaries, eventually, free_port, held_connection, next_baton,
+    Master, TestConfig, binaries, eventually, free_port, held_connection, http, next_baton,
 };
 use serde_json::Value;
 
@@ -25,15 +25,20 @@ fn upgrade(master: &Master, binary: &str) -> (i32, String, String) {
 fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
     let next = next_baton();
     let port = free_port();
-    let master = Master::start(
-        "upgrade",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
-    );
+    let metrics = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    config
+        .supervisor_extra
+        .push(format!("metrics_listen: 127.0.0.1:{metrics}"));
+    let master = Master::start("upgrade", &config);
     for _ in 0..2 {
         assert_eq!(master.reload()["event"], "reload_succeeded");
     }
     let before = status(&master);
     let old_version = before["master"]["version"].as_str().unwrap().to_string();
+    assert!(http(metrics, "GET", "/metrics").2.contains(&format!(
+        "baton_build_info{{version=\"{old_version}\"}} 1\n"
+    )));
     let inodes = listening_inodes(port);
     let workers = children(master.pid());
     assert_eq!(workers.len(), 2, "{workers:?}");
@@ -66,6 +71,15 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
         "same master pid"
     );
     assert_eq!(after["master"]["version"], format!("{old_version}+next"));
+    // The metrics endpoint is bound again by the new program, which it describes.
+    let (code, _, text) = http(metrics, "GET", "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        text.contains(&format!(
+            "baton_build_info{{version=\"{old_version}+next\"}} 1\n"
+        )),
+        "{text}"
+    );
     assert_eq!(after["master"]["upgrades"][0]["from_version"], old_version);
     let (_, text, _) = master.ctl(&["status"]);
     assert!(

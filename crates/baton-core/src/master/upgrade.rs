@@ -498,6 +498,7 @@ impl Master {
             verdicts: self.verdicts.values().cloned().collect(),
             intents,
             told_ready: self.told.ready,
+            metrics_listen: self.metrics.as_ref().map(|m| m.0),
         };
         Ok((state, keep))
     }
@@ -568,6 +569,15 @@ impl Master {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let control_config = state.control.config;
+        let metrics_pending = state.metrics_listen.and_then(|address| {
+            metrics_http::bind(address)
+                .map_err(|e| {
+                    warn!(event = "metrics_unavailable", address = %address, error = %e,
+                        "{e}: no metrics endpoint until the next reload that sets it");
+                })
+                .ok()
+        });
+        let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
         Ok(Master {
             config_path: state.config_path,
             runtime_dir: state.runtime_dir,
@@ -606,6 +616,10 @@ impl Master {
             upgrade_rx,
             upgrades: state.upgrades,
             next_upgrade: 1,
+            metrics: None,
+            metrics_pending,
+            metrics_tx,
+            metrics_rx,
             resumed: Some(Resumed {
                 client,
                 from_version: state.from_version,

@@ -1,0 +1,130 @@
+//! The metrics endpoint (`supervisor.metrics_listen`): `GET /metrics` over HTTP/1.1, answering
+//! the text of `baton metrics` (Prometheus text format 0.0.4), for a scraper that cannot run a
+//! command.
+//!
+//! It reads only: the text comes from the master's event loop through a channel, like a
+//! control request, and nothing a client sends can change anything. A client is bounded in
+//! time (its request head within [`HEAD_TIMEOUT`]), in number ([`MAX_CLIENTS`] at once; more
+//! wait in the backlog) and gets one answer per connection.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::warn;
+
+/// How long a client may take to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients served at once.
+pub const MAX_CLIENTS: usize = 16;
+/// How long the event loop may take to produce the text before the answer is 503.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request for the metrics text, answered by the master's event loop.
+pub type Ask = oneshot::Sender<String>;
+
+/// A bound endpoint, not yet serving.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    listener: std::net::TcpListener,
+}
+
+/// Binds `address` (the error names it).
+pub fn bind(address: SocketAddr) -> std::io::Result<Endpoint> {
+    let listener = std::net::TcpListener::bind(address)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("metrics endpoint {address}: {e}")))?;
+    listener.set_nonblocking(true)?;
+    Ok(Endpoint { address, listener })
+}
+
+/// Serves until the task is aborted (which closes the socket). Must run inside tokio.
+pub async fn serve(endpoint: Endpoint, ask: mpsc::Sender<Ask>) {
+    let listener = match TcpListener::from_std(endpoint.listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(event = "metrics_unavailable", address = %endpoint.address, error = %e,
+                "metrics endpoint {}: {e}", endpoint.address);
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of descriptors or a connection reset before accept: try the next one.
+            Err(_) => continue,
+        };
+        let ask = ask.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(req, ask.clone()));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    ask: mpsc::Sender<Ask>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, text: String| {
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        *response.status_mut() = status;
+        response
+    };
+    if req.uri().path() != "/metrics" {
+        return Ok(reply(
+            StatusCode::NOT_FOUND,
+            "baton serves GET /metrics only\n".into(),
+        ));
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut response = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET or HEAD only: the metrics endpoint reads, it changes nothing\n".into(),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return Ok(response);
+    }
+    let (tx, rx) = oneshot::channel();
+    let text = match ask.send(tx).await {
+        Ok(()) => tokio::time::timeout(ANSWER_TIMEOUT, rx)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        Err(_) => None,
+    };
+    let Some(text) = text else {
+        return Ok(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the master did not answer (stopping?)\n".into(),
+        ));
+    };
+    let mut response = reply(StatusCode::OK, text);
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(response)
+}
