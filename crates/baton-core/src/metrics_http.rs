@@ -65,8 +65,15 @@ pub async fn serve(endpoint: Endpoint, ask: mpsc::Sender<Ask>) {
         };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
-            // Out of descriptors or a connection reset before accept: try the next one.
-            Err(_) => continue,
+            Err(err) => {
+                warn!(
+                    "metrics endpoint {}: accept failed: {err}",
+                    endpoint.address
+                );
+                // Out of descriptors and the like: do not spin on a failing accept.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let ask = ask.clone();
         tokio::spawn(async move {
