@@ -96,28 +96,65 @@ pub async fn serve(
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(config.max_clients));
+    let max_clients = config.max_clients;
     let config = Arc::new(config);
     let owner = nix::unistd::geteuid().as_raw();
+    accept_bounded(&listener, "control socket", max_clients, |stream| {
+        let (config, requests) = (config.clone(), requests.clone());
+        async move { client(stream, &config, owner, requests).await }
+    })
+    .await;
+}
+
+/// A listener [`accept_bounded`] accepts on.
+pub(crate) trait Accept {
+    type Stream: Send + 'static;
+    fn accept_one(&self) -> impl Future<Output = io::Result<Self::Stream>>;
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    async fn accept_one(&self) -> io::Result<UnixStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> io::Result<tokio::net::TcpStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts connections forever, each served by a task of its own, at most `max` at once. A slot
+/// is taken before accepting, so excess clients wait in the backlog, not in memory; a failing
+/// accept (out of descriptors and the like) backs off instead of spinning.
+pub(crate) async fn accept_bounded<L: Accept, F>(
+    listener: &L,
+    what: &str,
+    max: usize,
+    handle: impl Fn(L::Stream) -> F,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max));
     loop {
-        // Take a slot before accepting: excess clients wait in the backlog, not in memory.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                warn!("control socket: accept failed: {err}");
-                // Out of descriptors and the like: do not spin on a failing accept.
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
+        match listener.accept_one().await {
+            Ok(stream) => {
+                let served = handle(stream);
+                tokio::spawn(async move {
+                    served.await;
+                    drop(slot);
+                });
             }
-        };
-        let (config, requests) = (config.clone(), requests.clone());
-        tokio::spawn(async move {
-            client(stream, &config, owner, requests).await;
-            drop(slot);
-        });
+            Err(err) => {
+                warn!("{what}: accept failed: {err}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 

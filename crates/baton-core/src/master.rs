@@ -882,10 +882,13 @@ impl Master {
                 // A moved metrics endpoint is bound first, and replaces the old one only if the
                 // listeners can be prepared too.
                 let wanted = config.supervisor.metrics_listen;
-                let moved = (wanted != self.metrics.as_ref().map(|m| m.0))
-                    .then(|| wanted.map(metrics_http::bind).transpose())
-                    .transpose()
-                    .map_err(|e| format!("supervisor.metrics_listen: {e}"))?;
+                // `Some(new endpoint, or none)` when the setting changed.
+                let moved = if wanted == self.metrics.as_ref().map(|m| m.0) {
+                    None
+                } else {
+                    let bound = wanted.map(metrics_http::bind).transpose();
+                    Some(bound.map_err(|e| format!("supervisor.metrics_listen: {e}"))?)
+                };
                 let prepared = self
                     .table
                     .prepare(&config.listeners)

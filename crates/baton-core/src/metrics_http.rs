@@ -9,7 +9,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -20,8 +19,10 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
+
+use crate::control::accept_bounded;
 
 /// How long a client may take to send its request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,25 +59,10 @@ pub async fn serve(endpoint: Endpoint, ask: mpsc::Sender<Ask>) {
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                warn!(
-                    "metrics endpoint {}: accept failed: {err}",
-                    endpoint.address
-                );
-                // Out of descriptors and the like: do not spin on a failing accept.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let what = format!("metrics endpoint {}", endpoint.address);
+    accept_bounded(&listener, &what, MAX_CLIENTS, |stream| {
         let ask = ask.clone();
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req| answer(req, ask.clone()));
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -84,9 +70,9 @@ pub async fn serve(endpoint: Endpoint, ask: mpsc::Sender<Ask>) {
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-            drop(slot);
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn answer(
