@@ -18,8 +18,6 @@ use baton_sys::process::{ExitKind, SignalNumber};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
-
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $fmt:literal) => {
         $(#[$doc])*
@@ -126,31 +124,6 @@ pub struct GenerationSpec {
     /// How long a new program may take to check the state (`supervisor.upgrade_timeout`).
     #[serde(default = "crate::config::default_upgrade_timeout")]
     pub upgrade_timeout: Duration,
-}
-
-impl GenerationSpec {
-    pub fn from_config(config: &Config) -> Self {
-        let programs = config
-            .programs
-            .iter()
-            .map(|w| ProgramSpec {
-                processes: w.processes,
-                ready_timeout: w.ready_timeout,
-                drain_timeout: w.drain_timeout,
-                drain_signal: w.drain_signal,
-                restart_backoff: w.restart_backoff,
-                restart_backoff_max: w.restart_backoff_max,
-            })
-            .collect();
-        GenerationSpec {
-            programs,
-            max_draining: config.supervisor.max_draining,
-            forward_usr1: config.supervisor.forward_usr1,
-            canary_window: config.supervisor.canary_window,
-            upgrade_signal: config.supervisor.upgrade_signal,
-            upgrade_timeout: config.supervisor.upgrade_timeout,
-        }
-    }
 }
 
 /// Everything the state machine reacts to.

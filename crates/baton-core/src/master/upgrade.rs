@@ -22,14 +22,37 @@
 //! master was started from; with no client to answer, its verdict goes to the log and to
 //! `baton status`.
 
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
 use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use baton_proto::control as proto;
+use baton_sys::process::{self, SignalNumber};
 use baton_sys::upgrade as sys;
-use tokio::sync::oneshot;
+use baton_sys::{channel, notify};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
 
-use super::*;
+use super::generations::Resources;
+use super::link::{Link, link_loop};
+use super::report::phase_name;
+use super::service_manager::{Notification, Told};
+use super::spawn::FIRST_FD;
+use super::worker_notify::notify_task;
+use super::{Input, MAX_ASKS, Master, Options, reap};
+use crate::config::NotifyAccess;
+use crate::control;
+use crate::listeners::{GenerationListener, ListenerTable};
+use crate::metrics_http;
+use crate::supervisor::{
+    Action, Event, Generation, Intent, Phase, RequestId, Supervisor, Trigger, WorkerId,
+};
 use crate::upgrade::{
     CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, STATE_FD_ENV, STATE_FORMAT,
     State, version,

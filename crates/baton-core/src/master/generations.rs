@@ -1,0 +1,164 @@
+//! What a generation holds while it lives: its listeners and programs. `prepare` reads the
+//! configuration again (for a reload), binds what is new and moves the metrics endpoint;
+//! `release` drops a generation's share when its last worker is gone (a listener no generation
+//! uses any more closes then).
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::info;
+
+use super::Master;
+use super::service_manager::Notification;
+use crate::config::{self, Config, WorkerConfig};
+use crate::listeners::{BindError, GenerationListener};
+use crate::metrics_http;
+use crate::supervisor::{Generation, GenerationSpec, ProgramSpec};
+
+/// What a generation holds while it lives.
+#[derive(Debug)]
+pub(super) struct Resources {
+    pub(super) listeners: Vec<GenerationListener>,
+    pub(super) programs: Vec<Arc<WorkerConfig>>,
+    /// The probation of this generation (probes go on that long after readiness).
+    pub(super) canary_window: Option<Duration>,
+}
+
+/// Why a reload's generation could not be prepared (the serving one is untouched).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PrepareError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The moved metrics endpoint could not be bound (the message names the address).
+    #[error("supervisor.metrics_listen: {0}")]
+    Metrics(std::io::Error),
+}
+
+impl Master {
+    /// Serves `endpoint` in place of the current one (if any, it closes); `announce`: log it
+    /// (a master resumed after an upgrade serves the same endpoint again, quietly).
+    pub(super) fn serve_metrics(
+        &mut self,
+        endpoint: Option<metrics_http::Endpoint>,
+        announce: bool,
+    ) {
+        if let Some((old, task)) = self.metrics.take() {
+            task.abort();
+            if endpoint.as_ref().map(|e| e.address) != Some(old) {
+                info!(event = "metrics_endpoint_closed", address = %old,
+                    "metrics endpoint http://{old}/metrics closed");
+            }
+        }
+        if let Some(endpoint) = endpoint {
+            let address = endpoint.address;
+            if announce {
+                info!(event = "metrics_endpoint", address = %address,
+                    "metrics at http://{address}/metrics");
+            }
+            let task = tokio::spawn(metrics_http::serve(endpoint, self.metrics_tx.clone()));
+            self.metrics = Some((address, task.abort_handle()));
+        }
+    }
+
+    /// The resources of `generation`: the first one's were bound by [`Master::new`]; a reload's
+    /// configuration is read again and its new listeners bound. Nothing changes on an error.
+    pub(super) fn prepare(
+        &mut self,
+        generation: Generation,
+    ) -> Result<GenerationSpec, PrepareError> {
+        let (config, prepared) = match self.initial.take() {
+            Some(initial) => initial,
+            None => {
+                let config = config::load(&self.config_path)?;
+                // A moved metrics endpoint is bound first, and replaces the old one only if the
+                // listeners can be prepared too.
+                let wanted = config.supervisor.metrics_listen;
+                // `Some(new endpoint, or none)` when the setting changed.
+                let moved = if wanted == self.metrics.as_ref().map(|m| m.0) {
+                    None
+                } else {
+                    let bound = wanted.map(metrics_http::bind).transpose();
+                    Some(bound.map_err(PrepareError::Metrics)?)
+                };
+                let prepared = self.table.prepare(&config.listeners)?;
+                if let Some(endpoint) = moved {
+                    self.serve_metrics(endpoint, true);
+                }
+                let bound: Vec<GenerationListener> = prepared
+                    .listeners
+                    .iter()
+                    .filter(|l| prepared.bound.contains(&l.config.name))
+                    .cloned()
+                    .collect();
+                self.store_fds(&bound);
+                for l in &prepared.listeners {
+                    if prepared.bound.contains(&l.config.name) {
+                        info!(event = "listening", listener = %l.config.name,
+                            address = %l.socket.local(), generation = generation.0,
+                            "listener {} listening on {} (new in generation {generation})",
+                            l.config.name, l.socket.local());
+                    }
+                }
+                (config, prepared)
+            }
+        };
+        let spec = GenerationSpec::from_config(&config);
+        self.resources.insert(
+            generation,
+            Resources {
+                listeners: prepared.listeners,
+                programs: config.programs.into_iter().map(Arc::new).collect(),
+                canary_window: config.supervisor.canary_window,
+            },
+        );
+        Ok(spec)
+    }
+
+    pub(super) fn release(&mut self, generation: Generation) {
+        let Some(resources) = self.resources.remove(&generation) else {
+            return;
+        };
+        let mut closed = Vec::new();
+        for l in resources.listeners {
+            // This generation held the last reference: dropping it closes the socket. Log only
+            // after the close, so that whoever reads the line finds the port closed.
+            if Rc::strong_count(&l.socket) == 1 {
+                closed.push((l.config.name.clone(), l.socket.local().to_string()));
+            }
+        }
+        for (name, address) in closed {
+            info!(event = "listener_closed", listener = %name, address = %address,
+                "listener {name} ({address}) closed: no generation uses it any more");
+            self.notify(Notification::RemoveFd(name));
+        }
+    }
+}
+
+impl GenerationSpec {
+    /// What the state machine needs of a configuration.
+    pub(super) fn from_config(config: &Config) -> Self {
+        let programs = config
+            .programs
+            .iter()
+            .map(|w| ProgramSpec {
+                processes: w.processes,
+                ready_timeout: w.ready_timeout,
+                drain_timeout: w.drain_timeout,
+                drain_signal: w.drain_signal,
+                restart_backoff: w.restart_backoff,
+                restart_backoff_max: w.restart_backoff_max,
+            })
+            .collect();
+        GenerationSpec {
+            programs,
+            max_draining: config.supervisor.max_draining,
+            forward_usr1: config.supervisor.forward_usr1,
+            canary_window: config.supervisor.canary_window,
+            upgrade_signal: config.supervisor.upgrade_signal,
+            upgrade_timeout: config.supervisor.upgrade_timeout,
+        }
+    }
+}

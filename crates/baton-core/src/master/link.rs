@@ -1,0 +1,132 @@
+//! The master's side of one worker: the baton channel (a `SOCK_SEQPACKET` pair), the handoff of
+//! its listeners over `SCM_RIGHTS`, then commands out and packets in until either side closes.
+//! [`Link`] holds what the event loop keeps of a worker: its command queue, the tasks serving
+//! it, and the duplicates a self-upgrade carries across the exec.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+
+use baton_proto::{Hello, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE, MasterMessage, WorkerMessage};
+use baton_sys::channel;
+use tokio::net::UnixDatagram;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::config::NotifyAccess;
+use crate::supervisor::{Event, WorkerId};
+
+/// Invalid packets a worker may send before the master stops listening to it.
+const MAX_INVALID_PACKETS: u32 = 100;
+
+/// The master's side of one worker: its channel's command queue and the tasks serving it.
+#[derive(Debug, Default)]
+pub(super) struct Link {
+    pub(super) commands: Option<mpsc::UnboundedSender<MasterMessage>>,
+    pub(super) tasks: Vec<tokio::task::AbortHandle>,
+    /// Duplicates kept for a self-upgrade: the baton channel, or the notify socket with its
+    /// path and access rule.
+    pub(super) channel: Option<OwnedFd>,
+    pub(super) notify: Option<(OwnedFd, PathBuf, NotifyAccess)>,
+}
+
+/// One worker's channel: hands over the listeners, then forwards the worker's packets as events
+/// and the master's commands as packets, until either side closes.
+pub(super) async fn link_task(
+    worker: WorkerId,
+    channel: UnixDatagram,
+    hello: Hello,
+    fds: Vec<OwnedFd>,
+    commands: mpsc::UnboundedReceiver<MasterMessage>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    if let Err(err) = handoff(&channel, hello, &fds).await {
+        warn!(
+            worker = worker.0,
+            "handing listeners to worker {worker} failed: {err}"
+        );
+        return;
+    }
+    drop(fds);
+    link_loop(worker, channel, commands, events).await;
+}
+
+/// A worker's channel after its handoff: commands out, messages in, until either side closes.
+pub(super) async fn link_loop(
+    worker: WorkerId,
+    channel: UnixDatagram,
+    mut commands: mpsc::UnboundedReceiver<MasterMessage>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    let mut invalid = 0u32;
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(message) => {
+                    if let Err(err) = channel.send(&baton_proto::encode(&message)).await {
+                        debug!(worker = worker.0, "cannot send to worker {worker}: {err}");
+                    }
+                }
+                None => return,
+            },
+            received = channel::recv_with_fds(&channel, &mut buf, 1) => {
+                let packet = match received {
+                    // End of stream: the worker closed its end (or exited). Stop reading, or a
+                    // closed socket would wake this loop forever.
+                    Ok(r) if r.len == 0 => {
+                        debug!(worker = worker.0, "worker {worker} closed its channel");
+                        return;
+                    }
+                    Ok(r) if r.truncated || !r.fds.is_empty() || r.fds_truncated => Err(
+                        "oversized packet or unexpected descriptors".to_string(),
+                    ),
+                    Ok(r) => baton_proto::decode::<WorkerMessage>(&buf[..r.len])
+                        .map_err(|e| format!("{e:#}")),
+                    // A SEQPACKET peer that exits with unread packets resets instead of closing.
+                    Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                        debug!(worker = worker.0, "worker {worker} closed its channel (reset)");
+                        return;
+                    }
+                    Err(err) => {
+                        warn!(worker = worker.0, "reading the channel of worker {worker}: {err}");
+                        return;
+                    }
+                };
+                match packet {
+                    Ok(message) => {
+                        if events.send(Event::Message { worker, message }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        invalid += 1;
+                        if invalid == 1 {
+                            warn!(event = "worker_protocol_error", worker = worker.0,
+                                "worker {worker} sent an invalid packet: {err}");
+                        }
+                        if invalid >= MAX_INVALID_PACKETS {
+                            warn!(event = "worker_protocol_error", worker = worker.0,
+                                "worker {worker} sent {invalid} invalid packets: no longer listening to it");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends the manifest, then the descriptors in chunks of at most `SCM_MAX_FD`.
+async fn handoff(channel: &UnixDatagram, hello: Hello, fds: &[OwnedFd]) -> std::io::Result<()> {
+    let hello = baton_proto::encode(&MasterMessage::Hello(hello));
+    channel::send_with_fds(channel, &hello, &[]).await?;
+    for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
+        let header = MasterMessage::Fds {
+            first: i * MAX_FDS_PER_MESSAGE,
+            count: chunk.len(),
+        };
+        let borrowed: Vec<_> = chunk.iter().map(|fd| fd.as_fd()).collect();
+        channel::send_with_fds(channel, &baton_proto::encode(&header), &borrowed).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! Control requests (already authorized by the control socket) and the verdicts clients wait
+//! for: a `reload` that waits parks its reply in a table keyed by request id, answered when the
+//! state machine's [`Verdict`] names that request.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use baton_proto::control as proto;
+
+use super::Master;
+use crate::control::ControlRequest;
+use crate::supervisor::{Event, Intent, RequestId, Trigger, Verdict};
+
+/// Verdicts kept for `Request::Verdict`.
+const KEPT_VERDICTS: usize = 1000;
+
+impl Master {
+    /// A request from the control socket, already authorized.
+    pub(super) fn on_control(
+        &mut self,
+        req: ControlRequest,
+        queue: &mut VecDeque<Event>,
+    ) -> Option<i32> {
+        let ControlRequest {
+            request,
+            peer,
+            reply,
+            client,
+        } = req;
+        match request {
+            proto::Request::Status => {
+                let _ = reply.send(proto::Response::Status(self.status()));
+            }
+            proto::Request::Metrics => {
+                let _ = reply.send(proto::Response::Metrics {
+                    text: self.metrics(),
+                });
+            }
+            proto::Request::History => {
+                let _ = reply.send(proto::Response::History {
+                    reloads: self.history(),
+                });
+            }
+            proto::Request::Reload { wait } => {
+                let trigger = Trigger::Other(format!("baton reload from {peer}"));
+                let actions = self
+                    .supervisor
+                    .handle(Instant::now(), Event::Intent(Intent::Reload(trigger)));
+                let request = self.supervisor.last_request().unwrap_or(RequestId(0));
+                if wait {
+                    self.waiters.entry(request).or_default().push(reply);
+                } else {
+                    let _ = reply.send(proto::Response::Accepted { request: request.0 });
+                }
+                return self.apply(actions, queue);
+            }
+            proto::Request::Verdict { request } => {
+                let id = RequestId(request);
+                if let Some(verdict) = self.verdicts.get(&id) {
+                    let _ = reply.send(proto::Response::Verdict(verdict.clone()));
+                } else if self
+                    .supervisor
+                    .last_request()
+                    .is_some_and(|last| id <= last)
+                    && id.0 > 0
+                {
+                    self.waiters.entry(id).or_default().push(reply);
+                } else {
+                    let _ = reply.send(proto::Response::Error {
+                        kind: proto::ErrorKind::Unavailable,
+                        message: format!("no reload request #{request} is known"),
+                    });
+                }
+            }
+            proto::Request::Upgrade { binary } => {
+                self.begin_upgrade(binary, reply, client, &peer, false);
+            }
+            proto::Request::Stop { fast } => {
+                let trigger = Trigger::Other(format!("baton stop from {peer}"));
+                let _ = reply.send(proto::Response::Stopping { fast });
+                let actions = self.supervisor.handle(
+                    Instant::now(),
+                    Event::Intent(Intent::Stop {
+                        graceful: !fast,
+                        trigger,
+                    }),
+                );
+                return self.apply(actions, queue);
+            }
+        }
+        None
+    }
+
+    pub(super) fn on_verdict(&mut self, verdict: Verdict) {
+        for &request in &verdict.requests {
+            let answer = proto::ReloadVerdict {
+                request: request.0,
+                reload: verdict.reload.map(|r| r.0),
+                generation: verdict.generation.map(|g| g.0),
+                ok: verdict.result.is_ok(),
+                reason: verdict.result.clone().err(),
+                duration_ms: Some(verdict.duration.as_millis() as u64),
+            };
+            for waiter in self.waiters.remove(&request).unwrap_or_default() {
+                let _ = waiter.send(proto::Response::Verdict(answer.clone()));
+            }
+            self.verdicts.insert(request, answer);
+            while self.verdicts.len() > KEPT_VERDICTS {
+                self.verdicts.pop_first();
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! Starting a worker process: its environment (the master's, minus what describes the master's
+//! own relation to systemd), user, group, umask and limits, its descriptors placed between fork
+//! and exec, and the tasks that then listen to it (its channel, its notify socket, its probe).
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use baton_proto::{
+    CHANNEL_FD_ENV, GENERATION_ENV, Hello, ListenerInfo, PROTOCOL_VERSION, WORKER_ID_ENV,
+    WorkerMessage,
+};
+use baton_sys::process::{self, SignalNumber};
+use baton_sys::{channel, notify};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tracing::warn;
+
+use super::Master;
+use super::link::{Link, link_task};
+use super::probe::probe_task;
+use super::worker_notify::notify_task;
+use crate::config::{Protocol, Readiness, WorkerConfig};
+use crate::listeners::GenerationListener;
+use crate::supervisor::{Event, Generation, WorkerId};
+
+/// The number at which a baton-protocol worker finds its channel, and a systemd-style worker its
+/// first listener (`SD_LISTEN_FDS_START`).
+pub(super) const FIRST_FD: i32 = 3;
+
+/// Environment variables of the master that describe *its* relation to systemd and must not
+/// leak into a worker, where they would be wrong.
+const MASTER_ONLY_ENV: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    crate::upgrade::STATE_FD_ENV,
+];
+
+/// Why a worker could not be started. Each message names what failed; the state machine logs it
+/// with the worker and slot.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SpawnError {
+    #[error("generation {0} has no resources")]
+    NoResources(Generation),
+    #[error("generation {generation} has no program {program}")]
+    NoProgram {
+        generation: Generation,
+        program: usize,
+    },
+    #[error("socketpair: {0}")]
+    Channel(std::io::Error),
+    #[error("placing the channel: {0}")]
+    PlaceChannel(std::io::Error),
+    #[error(
+        "notify socket in {}: {source} (set supervisor.runtime_dir to a writable directory)",
+        dir.display()
+    )]
+    NotifySocket {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("duplicating listeners: {0}")]
+    Duplicate(std::io::Error),
+    #[error("placing listeners: {0}")]
+    PlaceListeners(std::io::Error),
+    #[error("preparing the exec: {0}")]
+    PrepareExec(std::io::Error),
+    #[error("cannot execute {}: {source}", command.display())]
+    Execute {
+        command: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The worker being started: what both protocols need to know of it.
+struct Start<'a> {
+    config: &'a WorkerConfig,
+    worker: WorkerId,
+    generation: Generation,
+    listeners: Vec<GenerationListener>,
+}
+
+impl Master {
+    /// Starts process `slot` of program `program` of `generation` as `worker`, and the tasks
+    /// that listen to it. Returns its pid.
+    pub(super) fn spawn(
+        &mut self,
+        worker: WorkerId,
+        generation: Generation,
+        program: usize,
+        slot: usize,
+    ) -> Result<u32, SpawnError> {
+        let resources = self
+            .resources
+            .get(&generation)
+            .ok_or(SpawnError::NoResources(generation))?;
+        let config = resources
+            .programs
+            .get(program)
+            .ok_or(SpawnError::NoProgram {
+                generation,
+                program,
+            })?
+            .clone();
+        let canary_window = resources.canary_window;
+        let listeners: Vec<GenerationListener> = config
+            .listeners
+            .iter()
+            .filter_map(|&i| resources.listeners.get(i).cloned())
+            .collect();
+        let probe_address = match &config.ready {
+            Readiness::Probe(probe) => Some(probe.address_for(worker.0, slot, generation.0)),
+            _ => None,
+        };
+        let env = worker_env(&config, worker, generation, slot, probe_address.as_deref());
+        let mut cmd = command(&config);
+        let mut link = Link::default();
+        let start = Start {
+            config: &config,
+            worker,
+            generation,
+            listeners,
+        };
+        let pid = match config.protocol {
+            Protocol::Baton => self.spawn_baton(&mut cmd, env, &start, &mut link)?,
+            Protocol::Systemd => self.spawn_systemd(&mut cmd, env, &start, &mut link)?,
+        };
+        drop(cmd);
+        if let Some(task) = self.start_readiness(&config, worker, probe_address, canary_window) {
+            link.tasks.push(task);
+        }
+        self.links.insert(worker, link);
+        Ok(pid)
+    }
+
+    /// A baton-protocol worker: its channel at [`FIRST_FD`], and a task that hands it the
+    /// listeners and then relays its packets.
+    fn spawn_baton(
+        &self,
+        cmd: &mut Command,
+        mut env: Vec<(OsString, OsString)>,
+        start: &Start<'_>,
+        link: &mut Link,
+    ) -> Result<u32, SpawnError> {
+        let Start {
+            config,
+            worker,
+            generation,
+            ref listeners,
+        } = *start;
+        let (ours, theirs) = channel::pair().map_err(SpawnError::Channel)?;
+        env.push((CHANNEL_FD_ENV.into(), FIRST_FD.to_string().into()));
+        cmd.env_clear().envs(env);
+        process::place_fds(cmd, vec![(theirs, FIRST_FD)]).map_err(SpawnError::PlaceChannel)?;
+        let pid = spawn_child(cmd, config)?;
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        link.channel = ours.try_clone().ok();
+        match handoff_parts(worker, generation, listeners).and_then(|(hello, fds)| {
+            let channel = channel::into_async(ours)?;
+            Ok((hello, fds, channel))
+        }) {
+            Ok((hello, fds, channel)) => {
+                let events = self.events_tx.clone();
+                let task =
+                    tokio::spawn(link_task(worker, channel, hello, fds, commands_rx, events));
+                link.tasks.push(task.abort_handle());
+                link.commands = Some(commands);
+            }
+            // The process runs but cannot get its listeners: it fails its ready timeout.
+            Err(e) => warn!(
+                worker = worker.0,
+                pid, "cannot hand listeners to worker {worker}: {e}"
+            ),
+        }
+        Ok(pid)
+    }
+
+    /// A systemd-style worker: its listeners from [`FIRST_FD`] on (`LISTEN_FDS`,
+    /// `LISTEN_FDNAMES`, `LISTEN_PID` set to its own pid), and a notify socket of its own.
+    fn spawn_systemd(
+        &self,
+        cmd: &mut Command,
+        mut env: Vec<(OsString, OsString)>,
+        start: &Start<'_>,
+        link: &mut Link,
+    ) -> Result<u32, SpawnError> {
+        let Start {
+            config,
+            worker,
+            ref listeners,
+            ..
+        } = *start;
+        let socket = self.notify_socket(worker)?;
+        let names: Vec<&str> = listeners.iter().map(|l| l.config.name.as_str()).collect();
+        env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
+        env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
+        env.push(("NOTIFY_SOCKET".into(), socket.path().into()));
+        let placements = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Ok((l.socket.duplicate()?, FIRST_FD + i as i32)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(SpawnError::Duplicate)?;
+        process::place_fds(cmd, placements).map_err(SpawnError::PlaceListeners)?;
+        let args: Vec<OsString> = config.args.iter().map(OsString::from).collect();
+        process::exec_with_own_pid(cmd, &config.command, &args, &env, "LISTEN_PID")
+            .map_err(SpawnError::PrepareExec)?;
+        let pid = spawn_child(cmd, config)?;
+        link.notify = socket
+            .duplicate()
+            .ok()
+            .map(|fd| (fd, socket.path().to_owned(), config.notify_access));
+        let events = self.events_tx.clone();
+        let task = tokio::spawn(notify_task(
+            worker,
+            socket,
+            pid,
+            config.notify_access,
+            events,
+        ));
+        link.tasks.push(task.abort_handle());
+        Ok(pid)
+    }
+
+    /// The task that decides readiness when the worker does not report it: a delay, or a probe
+    /// (which goes on through the generation's canary window).
+    fn start_readiness(
+        &self,
+        config: &WorkerConfig,
+        worker: WorkerId,
+        probe_address: Option<String>,
+        canary_window: Option<Duration>,
+    ) -> Option<AbortHandle> {
+        let events = self.events_tx.clone();
+        let task = match (&config.ready, probe_address) {
+            (Readiness::Delay(delay), _) => {
+                let delay = *delay;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = events.send(Event::Message {
+                        worker,
+                        message: WorkerMessage::Ready,
+                    });
+                })
+            }
+            (Readiness::Probe(probe), Some(address)) => tokio::spawn(probe_task(
+                worker,
+                probe.clone(),
+                address,
+                canary_window,
+                events,
+            )),
+            _ => return None,
+        };
+        Some(task.abort_handle())
+    }
+
+    /// A notify socket for one systemd-style worker, in `<runtime_dir>/notify/`.
+    fn notify_socket(&self, worker: WorkerId) -> Result<notify::NotifySocket, SpawnError> {
+        let dir = self.runtime_dir.join("notify");
+        let path = dir.join(format!("{}.{worker}.sock", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| notify::NotifySocket::bind(&path))
+            .map_err(|source| SpawnError::NotifySocket { dir, source })
+    }
+}
+
+/// The worker's environment: the master's, minus what describes the master's relation to
+/// systemd, plus the configured variables, plus baton's.
+fn worker_env(
+    config: &WorkerConfig,
+    worker: WorkerId,
+    generation: Generation,
+    slot: usize,
+    probe_address: Option<&str>,
+) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !MASTER_ONLY_ENV.iter().any(|m| k == m))
+        .filter(|(k, _)| !config.env.contains_key(&k.to_string_lossy().into_owned()))
+        .collect();
+    env.extend(config.env.iter().map(|(k, v)| (k.into(), v.into())));
+    env.push((GENERATION_ENV.into(), generation.to_string().into()));
+    env.push((WORKER_ID_ENV.into(), worker.to_string().into()));
+    env.push(("BATON_SLOT".into(), slot.to_string().into()));
+    env.push(("BATON_PROGRAM".into(), config.name.clone().into()));
+    if let Some(address) = probe_address {
+        env.push(("BATON_PROBE_ADDRESS".into(), address.into()));
+    }
+    env
+}
+
+/// The command of a worker: its program and arguments, directory, user and group, umask and
+/// limits, in a process group of its own, stdin from `/dev/null`.
+fn command(config: &WorkerConfig) -> Command {
+    let mut cmd = Command::new(&config.command);
+    cmd.args(&config.args).stdin(Stdio::null()).process_group(0);
+    if let Some(cwd) = &config.cwd {
+        cmd.current_dir(cwd);
+    }
+    if let Some(uid) = config.uid {
+        cmd.uid(uid);
+    }
+    if let Some(gid) = config.gid {
+        cmd.gid(gid);
+    }
+    // If the master dies, its workers learn it at once (and drain): PR_SET_PDEATHSIG with the
+    // drain signal. Set after the user change, which would clear it.
+    process::setup_child(
+        &mut cmd,
+        process::ChildSetup {
+            umask: config.umask,
+            parent_death_signal: Some(config.drain_signal.unwrap_or(SignalNumber::SIGTERM)),
+            max_open_files: config.rlimits.nofile,
+            max_core_size: config.rlimits.core,
+        },
+    );
+    cmd
+}
+
+fn spawn_child(cmd: &mut Command, config: &WorkerConfig) -> Result<u32, SpawnError> {
+    let child = cmd.spawn().map_err(|source| SpawnError::Execute {
+        command: config.command.clone(),
+        source,
+    })?;
+    // Dropping a std Child neither waits nor kills: the master reaps by pid on SIGCHLD.
+    Ok(child.id())
+}
+
+/// The manifest and duplicated descriptors of a baton-protocol handoff.
+fn handoff_parts(
+    worker: WorkerId,
+    generation: Generation,
+    listeners: &[GenerationListener],
+) -> std::io::Result<(Hello, Vec<OwnedFd>)> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        generation: generation.0,
+        worker_id: worker.0,
+        listeners: listeners
+            .iter()
+            .map(|l| ListenerInfo {
+                name: l.config.name.clone(),
+                address: l.config.address.clone(),
+            })
+            .collect(),
+    };
+    let fds = listeners
+        .iter()
+        .map(|l| l.socket.duplicate())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok((hello, fds))
+}
