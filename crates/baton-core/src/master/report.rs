@@ -2,26 +2,24 @@
 //! `baton metrics` and the metrics endpoint, `baton history`, and the one-line status that
 //! `systemctl status` shows. Read-only: nothing here changes the master.
 
-use std::time::{Duration, Instant};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use baton_proto::control as proto;
 
 use super::Master;
-use crate::supervisor::{Phase, Snapshot};
+use crate::supervisor::{Generation, Phase, Snapshot};
 
 impl Master {
     pub(super) fn unix_ms_ago(&self, ago: Duration) -> u64 {
-        let now = self.started.1 + self.started.0.elapsed();
-        now.checked_sub(ago)
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_millis() as u64)
+        unix_ms(self.started.1 + self.started.0.elapsed(), ago)
     }
 
+    /// What `baton status` shows, as of now.
     pub(super) fn status(&self) -> proto::StatusSnapshot {
-        let now = Instant::now();
-        let snap = self.supervisor.snapshot(now);
+        let snap = self.supervisor.snapshot(Instant::now());
         // Connections of workers that do not report them, counted from the kernel.
-        let ports: std::collections::HashSet<u16> = self
+        let ports: HashSet<u16> = self
             .resources
             .values()
             .flat_map(|r| &r.listeners)
@@ -39,79 +37,20 @@ impl Master {
             .filter(|w| w.connections.is_none())
             .filter_map(|w| w.pid)
             .collect();
-        let counted = crate::procnet::established_connections(&unreported, &ports);
-        let generations = snap
-            .generations
-            .iter()
-            .rev()
-            .map(|g| proto::GenerationStatus {
-                generation: g.generation.0,
-                state: phase_name(g.phase).into(),
-                draining_ms: g.draining_for.map(|d| d.as_millis() as u64),
-                time_left_ms: g.time_left.map(|d| d.as_millis() as u64),
-                deadline_unix_ms: g
-                    .time_left
-                    .map(|d| self.unix_ms_ago(Duration::ZERO) + d.as_millis() as u64),
-                workers: g
-                    .workers
-                    .iter()
-                    .map(|w| {
-                        let kernel = w.pid.and_then(|p| counted.get(&p).copied());
-                        proto::WorkerStatus {
-                            worker: w.id.0,
-                            program: self
-                                .resources
-                                .get(&g.generation)
-                                .and_then(|r| r.programs.get(w.program))
-                                .map_or_else(|| w.program.to_string(), |p| p.name.clone()),
-                            slot: w.slot,
-                            pid: w.pid,
-                            state: w.state.into(),
-                            started_unix_ms: self.unix_ms_ago(w.age),
-                            ready_after_ms: w.ready_after.map(|d| d.as_millis() as u64),
-                            restarts: w.restarts,
-                            last_exit: w.last_exit.clone(),
-                            connections: w.connections.or(kernel),
-                            connections_source: match (w.connections, kernel) {
-                                (Some(_), _) => Some("reported".into()),
-                                (None, Some(_)) => Some("kernel".into()),
-                                _ => None,
-                            },
-                            status: w.status.clone(),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
-        proto::StatusSnapshot {
-            master: proto::MasterStatus {
-                pid: std::process::id(),
-                version: crate::upgrade::version().into(),
-                uptime_ms: snap.uptime.as_millis() as u64,
-                config: self.config_path.display().to_string(),
-                state: if snap.stopping {
-                    "stopping"
-                } else if snap.reload.is_some() {
-                    "reloading"
-                } else if snap.probation.is_some() {
-                    "probation"
-                } else {
-                    "idle"
-                }
-                .into(),
-                reload: snap
-                    .reload
-                    .map(|(id, g, covers, running)| proto::RunningReload {
-                        reload: id.0,
-                        generation: g.0,
-                        covers: covers.iter().map(|r| r.0).collect(),
-                        running_ms: running.as_millis() as u64,
-                    }),
-                queued_requests: snap.queued.iter().map(|r| r.0).collect(),
-                upgrades: self.upgrades.clone(),
-            },
-            generations,
-        }
+        let context = StatusContext {
+            pid: std::process::id(),
+            version: crate::upgrade::version(),
+            config: self.config_path.display().to_string(),
+            now: self.started.1 + self.started.0.elapsed(),
+            upgrades: self.upgrades.clone(),
+            programs: self
+                .resources
+                .iter()
+                .map(|(g, r)| (*g, r.programs.iter().map(|p| p.name.clone()).collect()))
+                .collect(),
+            counted: crate::procnet::established_connections(&unreported, &ports),
+        };
+        status_view(&snap, &context)
     }
 
     /// The Prometheus text exposition of the master's counters and gauges.
@@ -261,6 +200,105 @@ impl Master {
     }
 }
 
+/// `ago` before `now`, in Unix milliseconds.
+fn unix_ms(now: SystemTime, ago: Duration) -> u64 {
+    now.checked_sub(ago)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a status snapshot needs besides the state machine's [`Snapshot`].
+#[derive(Debug)]
+struct StatusContext {
+    pid: u32,
+    version: &'static str,
+    config: String,
+    /// The wall-clock time of the snapshot.
+    now: SystemTime,
+    upgrades: Vec<proto::UpgradeInfo>,
+    /// Program names by generation, in configuration order.
+    programs: HashMap<Generation, Vec<String>>,
+    /// Connections counted from the kernel, by pid, for workers that do not report them.
+    counted: HashMap<u32, u64>,
+}
+
+/// The `baton status` snapshot (what `--json` prints) of a state machine's [`Snapshot`].
+fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapshot {
+    let generations = snap
+        .generations
+        .iter()
+        .rev()
+        .map(|g| proto::GenerationStatus {
+            generation: g.generation.0,
+            state: phase_name(g.phase).into(),
+            draining_ms: g.draining_for.map(|d| d.as_millis() as u64),
+            time_left_ms: g.time_left.map(|d| d.as_millis() as u64),
+            deadline_unix_ms: g
+                .time_left
+                .map(|d| unix_ms(context.now, Duration::ZERO) + d.as_millis() as u64),
+            workers: g
+                .workers
+                .iter()
+                .map(|w| {
+                    let kernel = w.pid.and_then(|p| context.counted.get(&p).copied());
+                    proto::WorkerStatus {
+                        worker: w.id.0,
+                        program: context
+                            .programs
+                            .get(&g.generation)
+                            .and_then(|names| names.get(w.program))
+                            .map_or_else(|| w.program.to_string(), Clone::clone),
+                        slot: w.slot,
+                        pid: w.pid,
+                        state: w.state.into(),
+                        started_unix_ms: unix_ms(context.now, w.age),
+                        ready_after_ms: w.ready_after.map(|d| d.as_millis() as u64),
+                        restarts: w.restarts,
+                        last_exit: w.last_exit.clone(),
+                        connections: w.connections.or(kernel),
+                        connections_source: match (w.connections, kernel) {
+                            (Some(_), _) => Some("reported".into()),
+                            (None, Some(_)) => Some("kernel".into()),
+                            _ => None,
+                        },
+                        status: w.status.clone(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    proto::StatusSnapshot {
+        master: proto::MasterStatus {
+            pid: context.pid,
+            version: context.version.into(),
+            uptime_ms: snap.uptime.as_millis() as u64,
+            config: context.config.clone(),
+            state: if snap.stopping {
+                "stopping"
+            } else if snap.reload.is_some() {
+                "reloading"
+            } else if snap.probation.is_some() {
+                "probation"
+            } else {
+                "idle"
+            }
+            .into(),
+            reload: snap
+                .reload
+                .as_ref()
+                .map(|(id, g, covers, running)| proto::RunningReload {
+                    reload: id.0,
+                    generation: g.0,
+                    covers: covers.iter().map(|r| r.0).collect(),
+                    running_ms: running.as_millis() as u64,
+                }),
+            queued_requests: snap.queued.iter().map(|r| r.0).collect(),
+            upgrades: context.upgrades.clone(),
+        },
+        generations,
+    }
+}
+
 /// The one-line summary for `systemctl status`: "gen 7 serving 4 workers; gen 6 draining 2
 /// workers, 3 conns, 12 s left".
 pub(super) fn status_line(snap: &Snapshot) -> String {
@@ -325,5 +363,134 @@ pub(super) fn phase_name(phase: Phase) -> &'static str {
         Phase::Standby => "standby",
         Phase::Draining => "draining",
         Phase::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::{GenerationSnapshot, ReloadId, RequestId, WorkerId, WorkerSnapshot};
+
+    /// What `baton status --json` printed for these states before states became enums (the
+    /// fixture was written by that code): the same bytes now.
+    const STATUS_JSON: &str = include_str!("../../tests/fixtures/status.json");
+
+    fn worker(
+        id: u64,
+        state: &'static str,
+        pid: Option<u32>,
+        connections: Option<u64>,
+    ) -> WorkerSnapshot {
+        WorkerSnapshot {
+            id: WorkerId(id),
+            program: (id % 2) as usize,
+            slot: id as usize % 3,
+            pid,
+            state,
+            age: Duration::from_millis(1500 + id),
+            ready_after: pid.map(|_| Duration::from_millis(40 + id)),
+            restarts: (id % 3) as u32,
+            last_exit: (id == 4).then(|| "exited with status 1".to_string()),
+            connections,
+            status: (id == 3).then(|| "serving 2 sites".to_string()),
+        }
+    }
+
+    fn generation(g: u64, phase: Phase, workers: Vec<WorkerSnapshot>) -> GenerationSnapshot {
+        let draining = phase == Phase::Draining;
+        GenerationSnapshot {
+            generation: Generation(g),
+            phase,
+            draining_for: draining.then(|| Duration::from_millis(2500)),
+            time_left: draining.then(|| Duration::from_millis(27_500)),
+            workers,
+        }
+    }
+
+    /// One snapshot in each master state, with every generation phase and worker state.
+    fn snapshots() -> Vec<Snapshot> {
+        let generations = vec![
+            generation(1, Phase::Failed, vec![worker(1, "killed", Some(101), None)]),
+            generation(
+                2,
+                Phase::Draining,
+                vec![
+                    worker(2, "draining", Some(102), Some(7)),
+                    worker(3, "draining", Some(103), None),
+                ],
+            ),
+            generation(
+                3,
+                Phase::Standby,
+                vec![worker(4, "ready", Some(104), Some(0))],
+            ),
+            generation(4, Phase::Serving, vec![worker(5, "ready", Some(105), None)]),
+            generation(
+                5,
+                Phase::Starting,
+                vec![
+                    worker(6, "starting", Some(106), None),
+                    worker(7, "spawning", None, None),
+                ],
+            ),
+            generation(6, Phase::Preparing, vec![]),
+        ];
+        let base = Snapshot {
+            uptime: Duration::from_millis(86_400_123),
+            stopping: false,
+            reload: None,
+            queued: vec![],
+            probation: None,
+            generations,
+        };
+        vec![
+            base.clone(),
+            Snapshot {
+                reload: Some((
+                    ReloadId(5),
+                    Generation(5),
+                    vec![RequestId(8), RequestId(9)],
+                    Duration::from_millis(310),
+                )),
+                queued: vec![RequestId(10)],
+                ..base.clone()
+            },
+            Snapshot {
+                probation: Some((ReloadId(4), Generation(4), Duration::from_secs(3))),
+                ..base.clone()
+            },
+            Snapshot {
+                stopping: true,
+                ..base
+            },
+        ]
+    }
+
+    fn context() -> StatusContext {
+        StatusContext {
+            pid: 4242,
+            version: "0.1.0",
+            config: "/etc/baton/baton.yaml".into(),
+            now: UNIX_EPOCH + Duration::from_millis(1_795_000_000_000),
+            upgrades: vec![proto::UpgradeInfo {
+                from_version: "0.0.9".into(),
+                to_version: "0.1.0".into(),
+                at_unix_ms: 1_794_999_000_000,
+            }],
+            programs: (1..=6)
+                .map(|g| (Generation(g), vec!["web".to_string(), "api".to_string()]))
+                .collect(),
+            counted: [(103, 2), (105, 11)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn status_json_is_byte_identical_to_the_fixture() {
+        let context = context();
+        let json: Vec<String> = snapshots()
+            .iter()
+            .map(|snap| serde_json::to_string_pretty(&status_view(snap, &context)).unwrap())
+            .collect();
+        assert_eq!(json.join("\n") + "\n", STATUS_JSON);
     }
 }
