@@ -55,7 +55,7 @@ pub struct WorkerConfig {
     /// How long a retired generation may drain before it is killed.
     pub drain_timeout: Duration,
     /// Signal sent to each worker of a retired generation, besides the channel's drain message.
-    #[serde(with = "crate::upgrade::signal_opt")]
+    #[serde(with = "crate::codec::signal_opt")]
     pub drain_signal: Option<SignalNumber>,
     /// First delay before a crashed worker is restarted; doubles on each crash in a row.
     pub restart_backoff: Duration,
@@ -166,7 +166,7 @@ pub struct SupervisorConfig {
     /// A signal that upgrades the master in place, as `baton upgrade` does (SIGURG or SIGWINCH:
     /// both are ignored by default, so one sent to a baton without this setting is harmless).
     /// `None`: only `baton upgrade` does.
-    #[serde(default, with = "crate::upgrade::signal_opt")]
+    #[serde(default, with = "crate::codec::signal_opt")]
     pub upgrade_signal: Option<SignalNumber>,
     /// How long the new program may take to check the state during an upgrade.
     #[serde(default = "default_upgrade_timeout")]
@@ -862,8 +862,8 @@ impl<'de> Deserialize<'de> for ReadySpec {
 }
 
 /// Default `supervisor.upgrade_timeout`.
-pub(crate) fn default_upgrade_timeout() -> Duration {
-    Duration::from_secs(10)
+fn default_upgrade_timeout() -> Duration {
+    crate::DEFAULT_UPGRADE_TIMEOUT
 }
 
 fn default_ready_timeout() -> Timeout {

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod codec;
 pub mod config;
 pub mod control;
 pub mod listeners;
@@ -23,3 +24,16 @@ pub mod upgrade;
 pub fn become_subreaper() -> std::io::Result<()> {
     baton_sys::process::become_subreaper()
 }
+
+/// The running program's version: the package version, plus `+TAG` when built with
+/// `BATON_BUILD_TAG=TAG` (tests build a second baton that way to upgrade to).
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| match option_env!("BATON_BUILD_TAG") {
+        Some(tag) if !tag.is_empty() => format!("{}+{tag}", env!("CARGO_PKG_VERSION")),
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+/// Default `supervisor.upgrade_timeout`: how long a new program may take to check the state.
+pub(crate) const DEFAULT_UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -240,7 +240,7 @@ impl Master {
     pub async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) -> i32 {
         if self.resumed.is_none() {
             info!(event = "started", pid = std::process::id(), config = %self.config_path.display(),
-                "baton {} master started (pid {})", crate::upgrade::version(), std::process::id());
+                "baton {} master started (pid {})", crate::version(), std::process::id());
         }
         for (name, address) in self.listening() {
             info!(event = "listening", listener = %name, address = %address,

@@ -104,7 +104,7 @@ pub struct ProgramSpec {
     pub processes: usize,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
-    #[serde(with = "crate::upgrade::signal_opt")]
+    #[serde(with = "crate::codec::signal_opt")]
     pub drain_signal: Option<SignalNumber>,
     pub restart_backoff: Duration,
     pub restart_backoff_max: Duration,
@@ -119,11 +119,16 @@ pub struct GenerationSpec {
     /// Probation of this generation after it becomes ready (see [`crate::config::SupervisorConfig`]).
     pub canary_window: Option<Duration>,
     /// The signal that upgrades the master (`supervisor.upgrade_signal`), if any.
-    #[serde(default, with = "crate::upgrade::signal_opt")]
+    #[serde(default, with = "crate::codec::signal_opt")]
     pub upgrade_signal: Option<SignalNumber>,
     /// How long a new program may take to check the state (`supervisor.upgrade_timeout`).
-    #[serde(default = "crate::config::default_upgrade_timeout")]
+    #[serde(default = "default_upgrade_timeout")]
     pub upgrade_timeout: Duration,
+}
+
+/// States written before `upgrade_timeout` existed get the default.
+fn default_upgrade_timeout() -> Duration {
+    crate::DEFAULT_UPGRADE_TIMEOUT
 }
 
 /// Everything the state machine reacts to.
@@ -233,7 +238,7 @@ pub struct ReloadRecord {
     /// Who asked, for each covered request.
     pub triggers: Vec<Trigger>,
     pub generation: Generation,
-    #[serde(with = "crate::upgrade::mono")]
+    #[serde(with = "crate::codec::mono")]
     pub started: Instant,
     pub duration: Duration,
     pub verdict: Result<(), String>,
@@ -290,7 +295,7 @@ enum GenState {
     Standby,
     /// Each worker is killed at `since` + its program's drain timeout; `killed`: some were.
     Draining {
-        #[serde(with = "crate::upgrade::mono")]
+        #[serde(with = "crate::codec::mono")]
         since: Instant,
         killed: bool,
     },
@@ -316,7 +321,7 @@ struct Slot {
     /// Replacements so far.
     restarts: u32,
     last_exit: Option<String>,
-    #[serde(with = "crate::upgrade::mono_opt")]
+    #[serde(with = "crate::codec::mono_opt")]
     restart_at: Option<Instant>,
 }
 
@@ -325,7 +330,7 @@ enum WorkerState {
     /// Asked to spawn; no pid yet.
     Spawning,
     Starting {
-        #[serde(with = "crate::upgrade::mono")]
+        #[serde(with = "crate::codec::mono")]
         deadline: Instant,
     },
     Ready,
@@ -345,7 +350,7 @@ struct Worker {
     /// The pid it was spawned as, which leads its process group.
     pgid: Option<u32>,
     state: WorkerState,
-    #[serde(with = "crate::upgrade::mono")]
+    #[serde(with = "crate::codec::mono")]
     spawned: Instant,
     ready_after: Option<Duration>,
     connections: Option<u64>,
@@ -359,7 +364,7 @@ struct Reload {
     generation: Generation,
     covers: Vec<RequestId>,
     triggers: Vec<Trigger>,
-    #[serde(with = "crate::upgrade::mono")]
+    #[serde(with = "crate::codec::mono")]
     started: Instant,
     /// The first generation at startup: its failure ends the master.
     initial: bool,
@@ -371,7 +376,7 @@ struct Canary {
     reload: Reload,
     old: Vec<Generation>,
     new: Generation,
-    #[serde(with = "crate::upgrade::mono")]
+    #[serde(with = "crate::codec::mono")]
     until: Instant,
 }
 
@@ -424,7 +429,7 @@ pub struct Supervisor {
     /// Actions of the event being handled (empty between events).
     #[serde(skip)]
     actions: Vec<Action>,
-    #[serde(with = "crate::upgrade::mono_opt")]
+    #[serde(with = "crate::codec::mono_opt")]
     started: Option<Instant>,
 }
 
@@ -593,9 +598,7 @@ impl Supervisor {
     /// configuration.
     pub fn upgrade_timeout(&self) -> Duration {
         self.serving_spec()
-            .map_or_else(crate::config::default_upgrade_timeout, |s| {
-                s.upgrade_timeout
-            })
+            .map_or(crate::DEFAULT_UPGRADE_TIMEOUT, |s| s.upgrade_timeout)
     }
 
     /// The last reloads' verdicts, oldest first.

@@ -132,12 +132,12 @@ pub(crate) fn upgrade_check() -> u8 {
                 "{} format={} version={}",
                 baton_core::upgrade::CHECK_OK,
                 state.format,
-                baton_core::upgrade::version()
+                baton_core::version()
             );
             0
         }
         Some(Err(err)) => {
-            eprintln!("baton {}: {err}", baton_core::upgrade::version());
+            eprintln!("baton {}: {err}", baton_core::version());
             1
         }
         None => {

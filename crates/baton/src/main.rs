@@ -20,7 +20,7 @@ const EX_USAGE: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "baton",
-    version = baton_core::upgrade::version(),
+    version = baton_core::version(),
     about = "Master-worker process supervisor with seamless reload"
 )]
 struct Cli {

@@ -39,7 +39,7 @@ impl Master {
             .collect();
         let context = StatusContext {
             pid: std::process::id(),
-            version: crate::upgrade::version(),
+            version: crate::version(),
             config: self.config_path.display().to_string(),
             now: self.started.1 + self.started.0.elapsed(),
             upgrades: self.upgrades.clone(),
@@ -164,10 +164,7 @@ impl Master {
             "baton_build_info",
             "gauge",
             "The running master's version (it changes with `baton upgrade`).",
-            vec![(
-                format!("{{version=\"{}\"}}", crate::upgrade::version()),
-                "1".into(),
-            )],
+            vec![(format!("{{version=\"{}\"}}", crate::version()), "1".into())],
         );
         metric(
             "baton_uptime_seconds",

@@ -55,8 +55,9 @@ use crate::supervisor::{
 };
 use crate::upgrade::{
     CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, STATE_FD_ENV, STATE_FORMAT,
-    State, version,
+    State,
 };
+use crate::version;
 
 /// Lets the master hold signal delivery across its exec. The binary's signal adapter implements
 /// it: signals are blocked in every thread but the adapter's own.
