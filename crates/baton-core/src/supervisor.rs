@@ -10,7 +10,6 @@
 //! request is logged with the reload that covered it (or why it was rejected).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fmt;
 use std::time::{Duration, Instant};
 
 use baton_proto::{MasterMessage, WorkerMessage};
@@ -18,391 +17,18 @@ use baton_sys::process::{ExitKind, SignalNumber};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $fmt:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-        pub struct $name(pub u64);
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, $fmt, self.0)
-            }
-        }
-    };
-}
-id_type!(
-    /// A generation of workers: all started by one reload, with one configuration.
-    Generation, "{}");
-id_type!(
-    /// A worker process, unique for the master's lifetime (a restarted worker gets a new id).
-    WorkerId, "{}");
-id_type!(
-    /// One reload request (a signal, a command): each is accounted for in the log.
-    RequestId, "#{}");
-id_type!(
-    /// One reload actually carried out; it covers one or more requests.
-    ReloadId, "{}");
+mod model;
+mod records;
+mod snapshot;
 
-/// Who asked for something.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trigger {
-    Signal {
-        name: &'static str,
-        sender_pid: Option<u32>,
-    },
-    Other(String),
-}
+pub use crate::intent::{Intent, Trigger};
+pub use model::{
+    Action, Event, Generation, GenerationSpec, Phase, ProgramSpec, ReloadId, ReloadRecord,
+    RequestId, Verdict, WorkerId,
+};
+pub use snapshot::{Counters, GenerationSnapshot, Snapshot, WorkerSnapshot};
 
-/// A trigger crosses a master upgrade as its text (what the log and history show anyway).
-impl Serialize for Trigger {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Trigger {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Trigger::Other(String::deserialize(d)?))
-    }
-}
-
-impl fmt::Display for Trigger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Trigger::Signal {
-                name,
-                sender_pid: Some(pid),
-            } => write!(f, "{name} from pid {pid}"),
-            Trigger::Signal {
-                name,
-                sender_pid: None,
-            } => write!(f, "{name}"),
-            Trigger::Other(what) => write!(f, "{what}"),
-        }
-    }
-}
-
-/// What an operator wants, whatever the channel it came through.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Intent {
-    Reload(Trigger),
-    /// Graceful: drain every generation within its deadline, then exit 0. Fast: kill workers now.
-    Stop {
-        graceful: bool,
-        trigger: Trigger,
-    },
-    /// SIGUSR1: never fatal; forwarded to workers only if configured.
-    ReopenLogs(Trigger),
-}
-
-/// The parts of one worker program's configuration the state machine decides with: timings and
-/// counts, never the command or environment (those stay with the event loop, which spawns).
-/// Deliberately a copy of those fields of [`crate::config::WorkerConfig`], so the state
-/// machine's tests build it directly.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgramSpec {
-    pub processes: usize,
-    pub ready_timeout: Duration,
-    pub drain_timeout: Duration,
-    #[serde(with = "crate::codec::signal_opt")]
-    pub drain_signal: Option<SignalNumber>,
-    pub restart_backoff: Duration,
-    pub restart_backoff_max: Duration,
-}
-
-/// What a generation runs: every program of the configuration, and the master-wide settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GenerationSpec {
-    pub programs: Vec<ProgramSpec>,
-    pub max_draining: usize,
-    pub forward_usr1: bool,
-    /// Probation of this generation after it becomes ready (see [`crate::config::SupervisorConfig`]).
-    pub canary_window: Option<Duration>,
-    /// The signal that upgrades the master (`supervisor.upgrade_signal`), if any.
-    #[serde(default, with = "crate::codec::signal_opt")]
-    pub upgrade_signal: Option<SignalNumber>,
-    /// How long a new program may take to check the state (`supervisor.upgrade_timeout`).
-    #[serde(default = "default_upgrade_timeout")]
-    pub upgrade_timeout: Duration,
-}
-
-/// States written before `upgrade_timeout` existed get the default.
-fn default_upgrade_timeout() -> Duration {
-    crate::DEFAULT_UPGRADE_TIMEOUT
-}
-
-/// Everything the state machine reacts to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Intent(Intent),
-    /// Answer to [`Action::Prepare`]: the configuration was read and the listeners bound.
-    Prepared {
-        generation: Generation,
-        result: Result<GenerationSpec, String>,
-    },
-    /// Answer to [`Action::Spawn`]: the process runs with this pid, or could not be started.
-    Spawned {
-        worker: WorkerId,
-        result: Result<u32, String>,
-    },
-    /// News from a worker: a packet of its channel, or the same from its notify socket or probe.
-    Message {
-        worker: WorkerId,
-        message: WorkerMessage,
-    },
-    /// A ready worker's readiness probe failed during its generation's probation.
-    ProbeFailed {
-        worker: WorkerId,
-        reason: String,
-    },
-    /// The worker's main process is now `pid` (`MAINPID=`: a server that forks).
-    MainPid {
-        worker: WorkerId,
-        pid: u32,
-    },
-    /// A child was reaped.
-    Exited {
-        pid: u32,
-        status: ExitKind,
-    },
-    /// Time passed: act on every deadline that is due.
-    Tick,
-}
-
-/// Everything the state machine asks the event loop to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Read the configuration, bind new listeners, keep the resources for `generation`, and
-    /// answer with [`Event::Prepared`].
-    Prepare { generation: Generation },
-    /// Start process `slot` (0-based within its program) of program `program` (an index into
-    /// the configuration's programs) of `generation`; answer with [`Event::Spawned`].
-    Spawn {
-        worker: WorkerId,
-        generation: Generation,
-        program: usize,
-        slot: usize,
-    },
-    /// Send a packet over the worker's channel (ignored for workers without one).
-    Send {
-        worker: WorkerId,
-        message: MasterMessage,
-    },
-    /// Send a signal to one worker process.
-    Signal { pid: u32, signal: SignalNumber },
-    /// SIGKILL the worker's process group (`pgid`, the pid it was started as) and its main
-    /// process `pid`.
-    Kill { pid: u32, pgid: u32 },
-    /// A worker's main process exited: SIGKILL what is left of its process group (children it
-    /// left behind). The group's id cannot have been reused while a member lives.
-    KillGroup { pgid: u32 },
-    /// The worker is gone: drop its channel, notify socket and probe.
-    Forget { worker: WorkerId },
-    /// No worker of `generation` is left: drop its resources (listeners it alone used close).
-    Release { generation: Generation },
-    /// Leave the event loop and exit the process with this code.
-    Exit { code: i32 },
-    /// These reload requests have their verdict (for clients waiting on them).
-    Verdict(Verdict),
-}
-
-/// How the reload covering some requests ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
-    pub requests: Vec<RequestId>,
-    /// The reload that covered them; `None` if they were rejected before one started.
-    pub reload: Option<ReloadId>,
-    pub generation: Option<Generation>,
-    pub result: Result<(), String>,
-    pub duration: Duration,
-}
-
-/// The phase of a generation, as shown to operators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Preparing,
-    Starting,
-    Serving,
-    /// Replaced by a generation on probation: paused, ready to serve again.
-    Standby,
-    Draining,
-    /// Its reload failed; its workers are being killed.
-    Failed,
-}
-
-/// How one reload ended, kept for `baton history` and for tests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReloadRecord {
-    pub id: ReloadId,
-    pub covers: Vec<RequestId>,
-    /// Who asked, for each covered request.
-    pub triggers: Vec<Trigger>,
-    pub generation: Generation,
-    #[serde(with = "crate::codec::mono")]
-    pub started: Instant,
-    pub duration: Duration,
-    pub verdict: Result<(), String>,
-}
-
-/// What the state machine knows at one instant, for `baton status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    pub uptime: Duration,
-    pub stopping: bool,
-    /// The reload running now: its id, generation, the requests it covers, how long it runs.
-    pub reload: Option<(ReloadId, Generation, Vec<RequestId>, Duration)>,
-    /// Requests queued behind it.
-    pub queued: Vec<RequestId>,
-    /// A reload whose new generation is on probation, and the time left.
-    pub probation: Option<(ReloadId, Generation, Duration)>,
-    pub generations: Vec<GenerationSnapshot>,
-}
-
-/// One generation in a [`Snapshot`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GenerationSnapshot {
-    pub generation: Generation,
-    pub phase: Phase,
-    /// Draining: since when, and the time left before its last worker is killed.
-    pub draining_for: Option<Duration>,
-    pub time_left: Option<Duration>,
-    pub workers: Vec<WorkerSnapshot>,
-}
-
-/// One worker in a [`Snapshot`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerSnapshot {
-    pub id: WorkerId,
-    /// Index of its program in the configuration, and its slot within the program.
-    pub program: usize,
-    pub slot: usize,
-    pub pid: Option<u32>,
-    /// `spawning`, `starting`, `ready`, `draining` or `killed`.
-    pub state: &'static str,
-    pub age: Duration,
-    pub ready_after: Option<Duration>,
-    pub restarts: u32,
-    pub last_exit: Option<String>,
-    pub connections: Option<u64>,
-    pub status: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-enum GenState {
-    Preparing,
-    Starting,
-    Serving,
-    Standby,
-    /// Each worker is killed at `since` + its program's drain timeout; `killed`: some were.
-    Draining {
-        #[serde(with = "crate::codec::mono")]
-        since: Instant,
-        killed: bool,
-    },
-    Failed,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Gen {
-    spec: Option<GenerationSpec>,
-    state: GenState,
-    /// The processes of every program, in order.
-    slots: Vec<Slot>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Slot {
-    program: usize,
-    /// Index within its program (what `BATON_SLOT` tells the worker).
-    index: usize,
-    worker: Option<WorkerId>,
-    /// Crashes in a row (for the backoff).
-    crashes: u32,
-    /// Replacements so far.
-    restarts: u32,
-    last_exit: Option<String>,
-    #[serde(with = "crate::codec::mono_opt")]
-    restart_at: Option<Instant>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum WorkerState {
-    /// Asked to spawn; no pid yet.
-    Spawning,
-    Starting {
-        #[serde(with = "crate::codec::mono")]
-        deadline: Instant,
-    },
-    Ready,
-    Draining,
-    /// SIGKILL sent; waiting to be reaped.
-    Killed,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Worker {
-    generation: Generation,
-    /// Its slot in the generation (slots of all programs, in order).
-    slot: usize,
-    program: usize,
-    /// The main process: the one spawned, or the one announced with `MAINPID=`.
-    pid: Option<u32>,
-    /// The pid it was spawned as, which leads its process group.
-    pgid: Option<u32>,
-    state: WorkerState,
-    #[serde(with = "crate::codec::mono")]
-    spawned: Instant,
-    ready_after: Option<Duration>,
-    connections: Option<u64>,
-    /// The last status line it reported (`STATUS=`, or a status packet).
-    status: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Reload {
-    id: ReloadId,
-    generation: Generation,
-    covers: Vec<RequestId>,
-    triggers: Vec<Trigger>,
-    #[serde(with = "crate::codec::mono")]
-    started: Instant,
-    /// The first generation at startup: its failure ends the master.
-    initial: bool,
-}
-
-/// A reload whose new generation serves on probation while the old one stands by.
-#[derive(Debug, Serialize, Deserialize)]
-struct Canary {
-    reload: Reload,
-    old: Vec<Generation>,
-    new: Generation,
-    #[serde(with = "crate::codec::mono")]
-    until: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-enum Stop {
-    Graceful,
-    Fast,
-}
-
-/// Counters since the master started, for `baton metrics`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub reloads_ok: u64,
-    pub reloads_failed: u64,
-    /// Failed reloads that were rollbacks of a generation on probation.
-    pub reloads_rolled_back: u64,
-    /// Durations of finished reloads (request to verdict).
-    pub reload_durations: Vec<Duration>,
-    /// Crashed workers replaced.
-    pub restarts: u64,
-    /// Workers killed at their drain deadline, and to respect `max_draining`.
-    pub killed_at_deadline: u64,
-    pub killed_by_cap: u64,
-    /// How long finished drains took.
-    pub drain_durations: Vec<Duration>,
-}
+use records::{Canary, Gen, GenState, ReloadRun, Slot, StopMode, Worker, WorkerState};
 
 /// How many reload verdicts are kept.
 const HISTORY: usize = 100;
@@ -414,10 +40,10 @@ pub struct Supervisor {
     workers: BTreeMap<WorkerId, Worker>,
     /// Every pid that belongs to a worker: its spawned pid and its announced main pid.
     pids: BTreeMap<u32, WorkerId>,
-    reload: Option<Reload>,
+    reload: Option<ReloadRun>,
     canary: Option<Canary>,
     pending: Vec<(RequestId, Trigger)>,
-    stop: Option<Stop>,
+    stop: Option<StopMode>,
     exit_code: i32,
     exited: bool,
     next_generation: u64,
@@ -481,114 +107,6 @@ impl Supervisor {
             .min()
     }
 
-    /// Generations with their phase and number of live workers, oldest first.
-    pub fn generations(&self) -> Vec<(Generation, Phase, usize)> {
-        self.generations
-            .iter()
-            .map(|(&g, entry)| {
-                let phase = match entry.state {
-                    GenState::Preparing => Phase::Preparing,
-                    GenState::Starting => Phase::Starting,
-                    GenState::Serving => Phase::Serving,
-                    GenState::Standby => Phase::Standby,
-                    GenState::Draining { .. } => Phase::Draining,
-                    GenState::Failed => Phase::Failed,
-                };
-                (g, phase, self.live_workers(g))
-            })
-            .collect()
-    }
-
-    /// Everything `baton status` shows, as of `now`.
-    pub fn snapshot(&self, now: Instant) -> Snapshot {
-        let generations = self
-            .generations
-            .iter()
-            .map(|(&g, entry)| {
-                let mut workers: Vec<WorkerSnapshot> = self
-                    .workers
-                    .iter()
-                    .filter(|(_, w)| w.generation == g)
-                    .map(|(&id, w)| {
-                        let slot = entry.slots.get(w.slot);
-                        WorkerSnapshot {
-                            id,
-                            program: w.program,
-                            slot: slot.map_or(0, |s| s.index),
-                            pid: w.pid,
-                            state: match w.state {
-                                WorkerState::Spawning => "spawning",
-                                WorkerState::Starting { .. } => "starting",
-                                WorkerState::Ready => "ready",
-                                WorkerState::Draining => "draining",
-                                WorkerState::Killed => "killed",
-                            },
-                            age: now.saturating_duration_since(w.spawned),
-                            ready_after: w.ready_after,
-                            restarts: slot.map_or(0, |s| s.restarts),
-                            last_exit: slot.and_then(|s| s.last_exit.clone()),
-                            connections: w.connections,
-                            status: w.status.clone(),
-                        }
-                    })
-                    .collect();
-                workers.sort_by_key(|w| (w.program, w.slot, w.id));
-                let (phase, draining_for, time_left) = match entry.state {
-                    GenState::Preparing => (Phase::Preparing, None, None),
-                    GenState::Starting => (Phase::Starting, None, None),
-                    GenState::Serving => (Phase::Serving, None, None),
-                    GenState::Standby => (Phase::Standby, None, None),
-                    GenState::Failed => (Phase::Failed, None, None),
-                    GenState::Draining { since, .. } => {
-                        let last = self
-                            .workers
-                            .values()
-                            .filter(|w| w.generation == g && w.state != WorkerState::Killed)
-                            .filter_map(|w| self.drain_deadline(w))
-                            .max();
-                        (
-                            Phase::Draining,
-                            Some(now.saturating_duration_since(since)),
-                            last.map(|d| d.saturating_duration_since(now)),
-                        )
-                    }
-                };
-                GenerationSnapshot {
-                    generation: g,
-                    phase,
-                    draining_for,
-                    time_left,
-                    workers,
-                }
-            })
-            .collect();
-        Snapshot {
-            uptime: self
-                .started
-                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
-            stopping: self.stop.is_some(),
-            reload: self.reload.as_ref().filter(|r| !r.initial).map(|r| {
-                (
-                    r.id,
-                    r.generation,
-                    r.covers.clone(),
-                    now.saturating_duration_since(r.started),
-                )
-            }),
-            queued: self.pending.iter().map(|(r, _)| *r).collect(),
-            probation: self
-                .canary
-                .as_ref()
-                .map(|c| (c.reload.id, c.new, c.until.saturating_duration_since(now))),
-            generations,
-        }
-    }
-
-    /// Counters since the start.
-    pub fn counters(&self) -> &Counters {
-        &self.counters
-    }
-
     /// The serving generation's upgrade signal (`supervisor.upgrade_signal`), if any.
     pub fn upgrade_signal(&self) -> Option<SignalNumber> {
         self.serving_spec().and_then(|s| s.upgrade_signal)
@@ -599,11 +117,6 @@ impl Supervisor {
     pub fn upgrade_timeout(&self) -> Duration {
         self.serving_spec()
             .map_or(crate::DEFAULT_UPGRADE_TIMEOUT, |s| s.upgrade_timeout)
-    }
-
-    /// The last reloads' verdicts, oldest first.
-    pub fn history(&self) -> impl Iterator<Item = &ReloadRecord> {
-        self.history.iter()
     }
 
     // ---- reloads ----------------------------------------------------------------------------
@@ -676,7 +189,7 @@ impl Supervisor {
                 slots: Vec::new(),
             },
         );
-        self.reload = Some(Reload {
+        self.reload = Some(ReloadRun {
             id,
             generation,
             covers,
@@ -948,7 +461,7 @@ impl Supervisor {
             error!(event = "start_failed", generation = g.0, reason = %reason,
                 "generation {g} failed to start: {reason}");
             self.exit_code = 1;
-            self.stop = Some(Stop::Fast);
+            self.stop = Some(StopMode::Fast);
         } else {
             let list = join(&reload.covers);
             let serving = self
@@ -977,7 +490,7 @@ impl Supervisor {
         }
     }
 
-    fn record(&mut self, reload: &Reload, now: Instant, verdict: Result<(), String>) {
+    fn record(&mut self, reload: &ReloadRun, now: Instant, verdict: Result<(), String>) {
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
@@ -1485,9 +998,13 @@ impl Supervisor {
     }
 
     fn on_stop(&mut self, now: Instant, graceful: bool, trigger: Trigger) {
-        let wanted = if graceful { Stop::Graceful } else { Stop::Fast };
+        let wanted = if graceful {
+            StopMode::Graceful
+        } else {
+            StopMode::Fast
+        };
         match (self.stop, wanted) {
-            (Some(Stop::Fast), _) | (Some(Stop::Graceful), Stop::Graceful) => {
+            (Some(StopMode::Fast), _) | (Some(StopMode::Graceful), StopMode::Graceful) => {
                 info!("{trigger}: already stopping");
                 return;
             }

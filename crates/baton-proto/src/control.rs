@@ -158,8 +158,7 @@ pub struct MasterStatus {
     pub version: String,
     pub uptime_ms: u64,
     pub config: String,
-    /// `idle`, `reloading` or `stopping`.
-    pub state: String,
+    pub state: MasterState,
     /// The reload running now.
     pub reload: Option<RunningReload>,
     /// Requests queued behind it.
@@ -180,8 +179,7 @@ pub struct RunningReload {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationStatus {
     pub generation: u64,
-    /// `preparing`, `starting`, `serving`, `draining` or `failed`.
-    pub state: String,
+    pub state: GenerationState,
     /// Draining: how long so far, and the time left before the last worker is killed.
     pub draining_ms: Option<u64>,
     pub time_left_ms: Option<u64>,
@@ -196,8 +194,7 @@ pub struct WorkerStatus {
     pub program: String,
     pub slot: usize,
     pub pid: Option<u32>,
-    /// `spawning`, `starting`, `ready`, `draining` or `killed`.
-    pub state: String,
+    pub state: WorkerState,
     pub started_unix_ms: u64,
     pub ready_after_ms: Option<u64>,
     /// Restarts of this slot (crash replacements) so far.
@@ -206,11 +203,97 @@ pub struct WorkerStatus {
     pub last_exit: Option<String>,
     /// Open connections: reported by the worker, or counted from the kernel.
     pub connections: Option<u64>,
-    /// `reported` or `kernel`.
-    pub connections_source: Option<String>,
+    pub connections_source: Option<ConnectionsSource>,
     /// The last status line the worker sent.
     pub status: Option<String>,
 }
+
+/// Defines a state enum serialized as its name, each name written once.
+macro_rules! state_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$doc])*
+        ///
+        /// A name this build does not know (from a newer master) reads as `Unknown`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $text)] $variant,)+
+            /// A state this build does not know; never produced by this build's master.
+            #[serde(other, rename = "unknown")]
+            Unknown,
+        }
+
+        impl $name {
+            /// Every state this build produces, in lifecycle order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The name, as serialized.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                    $name::Unknown => "unknown",
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+state_enum!(
+    /// What the master is doing.
+    MasterState {
+        Idle = "idle",
+        /// A reload runs.
+        Reloading = "reloading",
+        /// A reload's new generation serves on probation (`canary_window`).
+        Probation = "probation",
+        Stopping = "stopping",
+    }
+);
+
+state_enum!(
+    /// The phase of a generation.
+    GenerationState {
+        /// Its configuration is read and its listeners bound.
+        Preparing = "preparing",
+        /// Its workers start; not yet serving.
+        Starting = "starting",
+        Serving = "serving",
+        /// Replaced by a generation on probation: paused, ready to serve again.
+        Standby = "standby",
+        Draining = "draining",
+        /// Its reload failed; its workers are being killed.
+        Failed = "failed",
+    }
+);
+
+state_enum!(
+    /// The state of one worker process.
+    WorkerState {
+        /// Asked to spawn; no pid yet.
+        Spawning = "spawning",
+        /// Running, not yet ready.
+        Starting = "starting",
+        Ready = "ready",
+        Draining = "draining",
+        /// SIGKILL sent; waiting to be reaped.
+        Killed = "killed",
+    }
+);
+
+state_enum!(
+    /// Where a worker's connection count comes from.
+    ConnectionsSource {
+        /// The worker reported it (baton protocol status packets).
+        Reported = "reported",
+        /// Counted from the kernel's established sockets of its pid.
+        Kernel = "kernel",
+    }
+);
 
 /// Encodes one frame.
 pub fn encode_frame<T: Serialize>(body: T) -> Vec<u8> {

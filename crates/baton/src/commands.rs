@@ -391,13 +391,16 @@ pub(crate) fn drain_status(
             Ok(other) => return unexpected(&other),
             Err(code) => return code,
         };
-        let draining = snapshot.generations.iter().any(|g| g.state == "draining");
+        let draining = snapshot
+            .generations
+            .iter()
+            .any(|g| g.state == baton_proto::control::GenerationState::Draining);
         if !wait {
             if json {
                 let draining: Vec<_> = snapshot
                     .generations
                     .iter()
-                    .filter(|g| g.state == "draining")
+                    .filter(|g| g.state == baton_proto::control::GenerationState::Draining)
                     .collect();
                 print_json(&draining);
             } else {

@@ -4,7 +4,8 @@
 use std::fmt::Write;
 
 use baton_proto::control::{
-    GenerationStatus, ReloadRecord, ReloadVerdict, StatusSnapshot, WorkerStatus,
+    ConnectionsSource, GenerationState, GenerationStatus, ReloadRecord, ReloadVerdict,
+    StatusSnapshot, WorkerState, WorkerStatus,
 };
 
 pub(crate) fn duration(ms: u64) -> String {
@@ -27,7 +28,7 @@ fn ago(unix_ms: u64) -> String {
 }
 
 fn connections(w: &WorkerStatus) -> String {
-    match (w.connections, w.connections_source.as_deref()) {
+    match (w.connections, w.connections_source) {
         (Some(n), Some(source)) => format!("{n} ({source})"),
         (Some(n), None) => n.to_string(),
         _ => "-".into(),
@@ -118,7 +119,7 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
                 w.program.clone(),
                 w.slot.to_string(),
                 w.pid.map_or("-".into(), |p| p.to_string()),
-                w.state.clone(),
+                w.state.to_string(),
                 ago(w.started_unix_ms),
                 w.ready_after_ms.map_or("-".into(), duration),
                 w.restarts.to_string(),
@@ -140,7 +141,7 @@ pub(crate) fn drain_status(s: &StatusSnapshot) -> String {
     let draining: Vec<&GenerationStatus> = s
         .generations
         .iter()
-        .filter(|g| g.state == "draining")
+        .filter(|g| g.state == GenerationState::Draining)
         .collect();
     if draining.is_empty() {
         return "no generation is draining\n".into();
@@ -154,17 +155,12 @@ pub(crate) fn drain_status(s: &StatusSnapshot) -> String {
             g.workers.len()
         );
         for w in &g.workers {
-            let why = match (w.connections, w.state.as_str()) {
-                (_, "killed") => "killed, waiting to be reaped".to_string(),
+            let source = w.connections_source.map_or("?", ConnectionsSource::as_str);
+            let why = match (w.connections, w.state) {
+                (_, WorkerState::Killed) => "killed, waiting to be reaped".to_string(),
                 (Some(0), _) => "no connection open: finishing".to_string(),
-                (Some(1), _) => format!(
-                    "1 connection open ({})",
-                    w.connections_source.as_deref().unwrap_or("?")
-                ),
-                (Some(n), _) => format!(
-                    "{n} connections open ({})",
-                    w.connections_source.as_deref().unwrap_or("?")
-                ),
+                (Some(1), _) => format!("1 connection open ({source})"),
+                (Some(n), _) => format!("{n} connections open ({source})"),
                 (None, _) => "running (connections unknown)".to_string(),
             };
             let status = w
@@ -188,7 +184,7 @@ pub(crate) fn drain_progress(s: &StatusSnapshot) -> String {
     let parts: Vec<String> = s
         .generations
         .iter()
-        .filter(|g| g.state == "draining")
+        .filter(|g| g.state == GenerationState::Draining)
         .map(|g| {
             let conns: u64 = g.workers.iter().filter_map(|w| w.connections).sum();
             format!(

@@ -118,36 +118,27 @@ impl Master {
                 ("{reason=\"cap\"}".into(), c.killed_by_cap.to_string()),
             ],
         );
-        let phases = [
-            "preparing",
-            "starting",
-            "serving",
-            "standby",
-            "draining",
-            "failed",
-        ];
         metric(
             "baton_generations",
             "gauge",
             "Generations by state.",
-            phases
+            proto::GenerationState::ALL
                 .iter()
                 .map(|p| {
                     let n = snap
                         .generations
                         .iter()
-                        .filter(|g| phase_name(g.phase) == *p)
+                        .filter(|g| proto::GenerationState::from(g.phase) == *p)
                         .count();
                     (format!("{{state=\"{p}\"}}"), n.to_string())
                 })
                 .collect(),
         );
-        let states = ["spawning", "starting", "ready", "draining", "killed"];
         metric(
             "baton_workers",
             "gauge",
             "Worker processes by state.",
-            states
+            proto::WorkerState::ALL
                 .iter()
                 .map(|s| {
                     let n = snap
@@ -227,7 +218,7 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
         .rev()
         .map(|g| proto::GenerationStatus {
             generation: g.generation.0,
-            state: phase_name(g.phase).into(),
+            state: g.phase.into(),
             draining_ms: g.draining_for.map(|d| d.as_millis() as u64),
             time_left_ms: g.time_left.map(|d| d.as_millis() as u64),
             deadline_unix_ms: g
@@ -247,15 +238,15 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
                             .map_or_else(|| w.program.to_string(), Clone::clone),
                         slot: w.slot,
                         pid: w.pid,
-                        state: w.state.into(),
+                        state: w.state,
                         started_unix_ms: unix_ms(context.now, w.age),
                         ready_after_ms: w.ready_after.map(|d| d.as_millis() as u64),
                         restarts: w.restarts,
                         last_exit: w.last_exit.clone(),
                         connections: w.connections.or(kernel),
                         connections_source: match (w.connections, kernel) {
-                            (Some(_), _) => Some("reported".into()),
-                            (None, Some(_)) => Some("kernel".into()),
+                            (Some(_), _) => Some(proto::ConnectionsSource::Reported),
+                            (None, Some(_)) => Some(proto::ConnectionsSource::Kernel),
                             _ => None,
                         },
                         status: w.status.clone(),
@@ -271,15 +262,14 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
             uptime_ms: snap.uptime.as_millis() as u64,
             config: context.config.clone(),
             state: if snap.stopping {
-                "stopping"
+                proto::MasterState::Stopping
             } else if snap.reload.is_some() {
-                "reloading"
+                proto::MasterState::Reloading
             } else if snap.probation.is_some() {
-                "probation"
+                proto::MasterState::Probation
             } else {
-                "idle"
-            }
-            .into(),
+                proto::MasterState::Idle
+            },
             reload: snap
                 .reload
                 .as_ref()
@@ -314,7 +304,7 @@ pub(super) fn status_line(snap: &Snapshot) -> String {
                         g.generation
                     )
                 }
-                phase => format!("gen {} {} {n} workers", g.generation, phase_name(phase)),
+                phase => format!("gen {} {phase} {n} workers", g.generation),
             }
         })
         .collect();
@@ -352,17 +342,6 @@ fn histogram(values: &[Duration], bounds: &[f64]) -> Vec<(String, String)> {
     samples
 }
 
-pub(super) fn phase_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Preparing => "preparing",
-        Phase::Starting => "starting",
-        Phase::Serving => "serving",
-        Phase::Standby => "standby",
-        Phase::Draining => "draining",
-        Phase::Failed => "failed",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +353,7 @@ mod tests {
 
     fn worker(
         id: u64,
-        state: &'static str,
+        state: proto::WorkerState,
         pid: Option<u32>,
         connections: Option<u64>,
     ) -> WorkerSnapshot {
@@ -407,27 +386,35 @@ mod tests {
     /// One snapshot in each master state, with every generation phase and worker state.
     fn snapshots() -> Vec<Snapshot> {
         let generations = vec![
-            generation(1, Phase::Failed, vec![worker(1, "killed", Some(101), None)]),
+            generation(
+                1,
+                Phase::Failed,
+                vec![worker(1, proto::WorkerState::Killed, Some(101), None)],
+            ),
             generation(
                 2,
                 Phase::Draining,
                 vec![
-                    worker(2, "draining", Some(102), Some(7)),
-                    worker(3, "draining", Some(103), None),
+                    worker(2, proto::WorkerState::Draining, Some(102), Some(7)),
+                    worker(3, proto::WorkerState::Draining, Some(103), None),
                 ],
             ),
             generation(
                 3,
                 Phase::Standby,
-                vec![worker(4, "ready", Some(104), Some(0))],
+                vec![worker(4, proto::WorkerState::Ready, Some(104), Some(0))],
             ),
-            generation(4, Phase::Serving, vec![worker(5, "ready", Some(105), None)]),
+            generation(
+                4,
+                Phase::Serving,
+                vec![worker(5, proto::WorkerState::Ready, Some(105), None)],
+            ),
             generation(
                 5,
                 Phase::Starting,
                 vec![
-                    worker(6, "starting", Some(106), None),
-                    worker(7, "spawning", None, None),
+                    worker(6, proto::WorkerState::Starting, Some(106), None),
+                    worker(7, proto::WorkerState::Spawning, None, None),
                 ],
             ),
             generation(6, Phase::Preparing, vec![]),

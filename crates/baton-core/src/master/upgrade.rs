@@ -32,7 +32,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_proto::control as proto;
+use baton_proto::control::{self as proto, WorkerState};
 use baton_sys::process::{self, SignalNumber};
 use baton_sys::upgrade as sys;
 use baton_sys::{channel, notify};
@@ -41,7 +41,6 @@ use tracing::{debug, info, warn};
 
 use super::generations::Resources;
 use super::link::{Link, link_loop};
-use super::report::phase_name;
 use super::service_manager::{Notification, Told};
 use super::spawn::FIRST_FD;
 use super::worker_notify::notify_task;
@@ -120,14 +119,10 @@ impl Master {
         }
         for g in &snap.generations {
             if !matches!(g.phase, Phase::Serving | Phase::Draining) {
-                return Some(format!(
-                    "generation {} is {}",
-                    g.generation,
-                    phase_name(g.phase)
-                ));
+                return Some(format!("generation {} is {}", g.generation, g.phase));
             }
             for w in &g.workers {
-                if matches!(w.state, "spawning" | "starting") {
+                if matches!(w.state, WorkerState::Spawning | WorkerState::Starting) {
                     return Some(format!("worker {} is {}", w.id, w.state));
                 }
             }

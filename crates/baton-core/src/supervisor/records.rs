@@ -1,0 +1,109 @@
+//! The state machine's private records: generations, slots, workers, the reload running and
+//! the canary. They are serialized because the whole machine crosses a self-upgrade (see
+//! [`crate::upgrade`]): renaming a field here is a change of the state format.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{Generation, GenerationSpec, ReloadId, RequestId, WorkerId};
+use crate::intent::Trigger;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum GenState {
+    Preparing,
+    Starting,
+    Serving,
+    Standby,
+    /// Each worker is killed at `since` + its program's drain timeout; `killed`: some were.
+    Draining {
+        #[serde(with = "crate::codec::mono")]
+        since: Instant,
+        killed: bool,
+    },
+    Failed,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Gen {
+    pub(super) spec: Option<GenerationSpec>,
+    pub(super) state: GenState,
+    /// The processes of every program, in order.
+    pub(super) slots: Vec<Slot>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Slot {
+    pub(super) program: usize,
+    /// Index within its program (what `BATON_SLOT` tells the worker).
+    pub(super) index: usize,
+    pub(super) worker: Option<WorkerId>,
+    /// Crashes in a row (for the backoff).
+    pub(super) crashes: u32,
+    /// Replacements so far.
+    pub(super) restarts: u32,
+    pub(super) last_exit: Option<String>,
+    #[serde(with = "crate::codec::mono_opt")]
+    pub(super) restart_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum WorkerState {
+    /// Asked to spawn; no pid yet.
+    Spawning,
+    Starting {
+        #[serde(with = "crate::codec::mono")]
+        deadline: Instant,
+    },
+    Ready,
+    Draining,
+    /// SIGKILL sent; waiting to be reaped.
+    Killed,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Worker {
+    pub(super) generation: Generation,
+    /// Its slot in the generation (slots of all programs, in order).
+    pub(super) slot: usize,
+    pub(super) program: usize,
+    /// The main process: the one spawned, or the one announced with `MAINPID=`.
+    pub(super) pid: Option<u32>,
+    /// The pid it was spawned as, which leads its process group.
+    pub(super) pgid: Option<u32>,
+    pub(super) state: WorkerState,
+    #[serde(with = "crate::codec::mono")]
+    pub(super) spawned: Instant,
+    pub(super) ready_after: Option<Duration>,
+    pub(super) connections: Option<u64>,
+    /// The last status line it reported (`STATUS=`, or a status packet).
+    pub(super) status: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ReloadRun {
+    pub(super) id: ReloadId,
+    pub(super) generation: Generation,
+    pub(super) covers: Vec<RequestId>,
+    pub(super) triggers: Vec<Trigger>,
+    #[serde(with = "crate::codec::mono")]
+    pub(super) started: Instant,
+    /// The first generation at startup: its failure ends the master.
+    pub(super) initial: bool,
+}
+
+/// A reload whose new generation serves on probation while the old one stands by.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Canary {
+    pub(super) reload: ReloadRun,
+    pub(super) old: Vec<Generation>,
+    pub(super) new: Generation,
+    #[serde(with = "crate::codec::mono")]
+    pub(super) until: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum StopMode {
+    Graceful,
+    Fast,
+}

@@ -1,0 +1,186 @@
+//! The read side of the state machine: what `baton status`, `baton history` and the metrics
+//! see ([`Snapshot`], [`Counters`]). Nothing here changes the state.
+
+use std::time::{Duration, Instant};
+
+use baton_proto::control::WorkerState as WorkerPhase;
+use serde::{Deserialize, Serialize};
+
+use super::Supervisor;
+use super::model::{Generation, Phase, ReloadId, ReloadRecord, RequestId, WorkerId};
+use super::records::{GenState, WorkerState};
+
+/// What the state machine knows at one instant, for `baton status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub uptime: Duration,
+    pub stopping: bool,
+    /// The reload running now: its id, generation, the requests it covers, how long it runs.
+    pub reload: Option<(ReloadId, Generation, Vec<RequestId>, Duration)>,
+    /// Requests queued behind it.
+    pub queued: Vec<RequestId>,
+    /// A reload whose new generation is on probation, and the time left.
+    pub probation: Option<(ReloadId, Generation, Duration)>,
+    pub generations: Vec<GenerationSnapshot>,
+}
+
+/// One generation in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationSnapshot {
+    pub generation: Generation,
+    pub phase: Phase,
+    /// Draining: since when, and the time left before its last worker is killed.
+    pub draining_for: Option<Duration>,
+    pub time_left: Option<Duration>,
+    pub workers: Vec<WorkerSnapshot>,
+}
+
+/// One worker in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSnapshot {
+    pub id: WorkerId,
+    /// Index of its program in the configuration, and its slot within the program.
+    pub program: usize,
+    pub slot: usize,
+    pub pid: Option<u32>,
+    pub state: WorkerPhase,
+    pub age: Duration,
+    pub ready_after: Option<Duration>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub connections: Option<u64>,
+    pub status: Option<String>,
+}
+
+/// Counters since the master started, for `baton metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// Failed reloads that were rollbacks of a generation on probation.
+    pub reloads_rolled_back: u64,
+    /// Durations of finished reloads (request to verdict).
+    pub reload_durations: Vec<Duration>,
+    /// Crashed workers replaced.
+    pub restarts: u64,
+    /// Workers killed at their drain deadline, and to respect `max_draining`.
+    pub killed_at_deadline: u64,
+    pub killed_by_cap: u64,
+    /// How long finished drains took.
+    pub drain_durations: Vec<Duration>,
+}
+
+impl Supervisor {
+    /// Generations with their phase and number of live workers, oldest first.
+    pub fn generations(&self) -> Vec<(Generation, Phase, usize)> {
+        self.generations
+            .iter()
+            .map(|(&g, entry)| {
+                let phase = match entry.state {
+                    GenState::Preparing => Phase::Preparing,
+                    GenState::Starting => Phase::Starting,
+                    GenState::Serving => Phase::Serving,
+                    GenState::Standby => Phase::Standby,
+                    GenState::Draining { .. } => Phase::Draining,
+                    GenState::Failed => Phase::Failed,
+                };
+                (g, phase, self.live_workers(g))
+            })
+            .collect()
+    }
+
+    /// Everything `baton status` shows, as of `now`.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let generations = self
+            .generations
+            .iter()
+            .map(|(&g, entry)| {
+                let mut workers: Vec<WorkerSnapshot> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.generation == g)
+                    .map(|(&id, w)| {
+                        let slot = entry.slots.get(w.slot);
+                        WorkerSnapshot {
+                            id,
+                            program: w.program,
+                            slot: slot.map_or(0, |s| s.index),
+                            pid: w.pid,
+                            state: match w.state {
+                                WorkerState::Spawning => WorkerPhase::Spawning,
+                                WorkerState::Starting { .. } => WorkerPhase::Starting,
+                                WorkerState::Ready => WorkerPhase::Ready,
+                                WorkerState::Draining => WorkerPhase::Draining,
+                                WorkerState::Killed => WorkerPhase::Killed,
+                            },
+                            age: now.saturating_duration_since(w.spawned),
+                            ready_after: w.ready_after,
+                            restarts: slot.map_or(0, |s| s.restarts),
+                            last_exit: slot.and_then(|s| s.last_exit.clone()),
+                            connections: w.connections,
+                            status: w.status.clone(),
+                        }
+                    })
+                    .collect();
+                workers.sort_by_key(|w| (w.program, w.slot, w.id));
+                let (phase, draining_for, time_left) = match entry.state {
+                    GenState::Preparing => (Phase::Preparing, None, None),
+                    GenState::Starting => (Phase::Starting, None, None),
+                    GenState::Serving => (Phase::Serving, None, None),
+                    GenState::Standby => (Phase::Standby, None, None),
+                    GenState::Failed => (Phase::Failed, None, None),
+                    GenState::Draining { since, .. } => {
+                        let last = self
+                            .workers
+                            .values()
+                            .filter(|w| w.generation == g && w.state != WorkerState::Killed)
+                            .filter_map(|w| self.drain_deadline(w))
+                            .max();
+                        (
+                            Phase::Draining,
+                            Some(now.saturating_duration_since(since)),
+                            last.map(|d| d.saturating_duration_since(now)),
+                        )
+                    }
+                };
+                GenerationSnapshot {
+                    generation: g,
+                    phase,
+                    draining_for,
+                    time_left,
+                    workers,
+                }
+            })
+            .collect();
+        Snapshot {
+            uptime: self
+                .started
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
+            stopping: self.stop.is_some(),
+            reload: self.reload.as_ref().filter(|r| !r.initial).map(|r| {
+                (
+                    r.id,
+                    r.generation,
+                    r.covers.clone(),
+                    now.saturating_duration_since(r.started),
+                )
+            }),
+            queued: self.pending.iter().map(|(r, _)| *r).collect(),
+            probation: self
+                .canary
+                .as_ref()
+                .map(|c| (c.reload.id, c.new, c.until.saturating_duration_since(now))),
+            generations,
+        }
+    }
+
+    /// Counters since the start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The last reloads' verdicts, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = &ReloadRecord> {
+        self.history.iter()
+    }
+}
