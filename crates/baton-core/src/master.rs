@@ -48,13 +48,16 @@ mod link;
 mod probe;
 mod report;
 mod requests;
+mod resume;
 mod service_manager;
 mod spawn;
 mod upgrade;
 mod worker_notify;
 
+pub use crate::upgrade::STATE_FD_ENV;
 use generations::Resources;
 use link::Link;
+pub use resume::{Inherited, ResumeError};
 pub use service_manager::Notification;
 use service_manager::Told;
 pub use upgrade::SignalGate;
@@ -72,6 +75,12 @@ pub struct Options {
     /// Holds signal delivery around a self-upgrade (see [`SignalGate`]); `None`: signals are
     /// not the binary's concern (tests feeding inputs directly).
     pub signals: Option<Box<dyn SignalGate>>,
+    /// The arguments this program was started with: `baton upgrade` execs the new program with
+    /// them.
+    pub argv: Vec<OsString>,
+    /// The program now running (`None`: unknown; an upgrade by signal then execs
+    /// `/proc/self/exe`).
+    pub binary: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Options {
@@ -81,6 +90,8 @@ impl std::fmt::Debug for Options {
             .field("watchdog", &self.watchdog)
             .field("inherited", &self.inherited.len())
             .field("signals", &self.signals.is_some())
+            .field("argv", &self.argv)
+            .field("binary", &self.binary)
             .finish()
     }
 }
@@ -136,7 +147,7 @@ pub struct Master {
     upgrades: Vec<proto::UpgradeInfo>,
     next_upgrade: u64,
     /// Set when this master took over from its predecessor: what is left to do when it runs.
-    resumed: Option<upgrade::Resumed>,
+    resumed: Option<resume::Resumed>,
     /// The metrics endpoint serving (its address, its task), one bound but not yet serving,
     /// and where its clients ask for the text.
     metrics: Option<(std::net::SocketAddr, tokio::task::AbortHandle)>,
@@ -192,6 +203,8 @@ impl Master {
         let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
+        let argv = options.argv.clone();
+        let binary = (options.binary.clone()).unwrap_or_else(|| "/proc/self/exe".into());
         Ok(Master {
             config_path: config.source.clone(),
             runtime_dir: config.supervisor.runtime_dir.clone(),
@@ -208,8 +221,8 @@ impl Master {
             started: (Instant::now(), std::time::SystemTime::now()),
             options,
             told: Told::default(),
-            argv: std::env::args_os().collect(),
-            binary: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+            argv,
+            binary,
             control_fd: None,
             upgrade: None,
             upgrade_tx,

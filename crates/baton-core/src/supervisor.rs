@@ -403,13 +403,7 @@ impl Supervisor {
     fn roll_back(&mut self, now: Instant, reason: String) {
         let Some(c) = self.canary.take() else { return };
         let g = c.new;
-        if let Some(entry) = self.generations.get_mut(&g) {
-            entry.state = GenState::Failed;
-            for slot in &mut entry.slots {
-                slot.restart_at = None;
-            }
-        }
-        self.kill_workers_of(g);
+        self.fail_generation(g);
         for &o in &c.old {
             if let Some(entry) = self.generations.get_mut(&o) {
                 entry.state = GenState::Serving;
@@ -445,13 +439,7 @@ impl Supervisor {
             return;
         };
         let g = reload.generation;
-        if let Some(entry) = self.generations.get_mut(&g) {
-            entry.state = GenState::Failed;
-            for slot in &mut entry.slots {
-                slot.restart_at = None;
-            }
-        }
-        self.kill_workers_of(g);
+        self.fail_generation(g);
         if reload.initial && self.stop.is_some() {
             info!(
                 generation = g.0,
@@ -1145,6 +1133,17 @@ impl Supervisor {
             self.actions.push(Action::Kill { pid, pgid });
         }
         w.state = WorkerState::Killed;
+    }
+
+    /// Marks `g` failed (no slot restarts any more) and kills its workers.
+    fn fail_generation(&mut self, g: Generation) {
+        if let Some(entry) = self.generations.get_mut(&g) {
+            entry.state = GenState::Failed;
+            for slot in &mut entry.slots {
+                slot.restart_at = None;
+            }
+        }
+        self.kill_workers_of(g);
     }
 
     fn kill_workers_of(&mut self, g: Generation) {

@@ -127,24 +127,42 @@ fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Resul
     })
 }
 
-/// Takes ownership of a descriptor this process inherited at a number announced out of band
-/// (the worker's end of the channel, `BATON_CHANNEL_FD`), and marks it close-on-exec so the
-/// worker's own children do not inherit it.
+/// Takes ownership of a descriptor this process inherited across `execve` at a number announced
+/// out of band (`BATON_CHANNEL_FD`, `LISTEN_FDS`, a self-upgrade's state), and marks it
+/// close-on-exec so the process's own children do not inherit it.
 ///
-/// Fails if `raw` is not an open descriptor. The caller must call this at most once per number:
-/// two `OwnedFd`s for one descriptor would close it twice.
+/// A safe function, because it refuses every number it cannot prove unowned: standard input,
+/// output and error; a closed number; and a descriptor that is close-on-exec. Everything this
+/// process creates is close-on-exec (std, tokio, nix and this crate all create so), and an
+/// inherited descriptor cannot be (the exec would have closed it); adopting one sets the flag,
+/// under a lock, so the same number is never adopted twice. The one place baton clears the flag
+/// on a descriptor it owns is [`crate::upgrade::set_inheritable`], just before its own `execve`.
 pub fn adopt_inherited(raw: RawFd) -> io::Result<OwnedFd> {
-    if raw < 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    static ADOPTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if raw < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {raw} is not one a process inherits for baton (3 or more)"),
+        ));
     }
+    let _adopting = ADOPTING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // SAFETY: F_GETFD reads the descriptor flags of `raw` and touches no memory; on a closed
     // number it fails with EBADF, which we report instead of adopting a dangling number.
     let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
     if flags < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `raw` is open (checked above) and was inherited for this process's exclusive use;
-    // the caller promises to adopt each number once, so no other owner exists.
+    if flags & libc::FD_CLOEXEC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("descriptor {raw} is close-on-exec: not inherited, or adopted already"),
+        ));
+    }
+    // SAFETY: `raw` is open (checked above), at least 3, and not close-on-exec: it was
+    // inherited, nothing in this process created it and nothing adopted it before (adopting
+    // sets close-on-exec, below, while this lock is held). So no other owner exists.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     nix::fcntl::fcntl(
         &fd,
@@ -271,5 +289,27 @@ mod tests {
     fn adopt_rejects_closed_numbers() {
         assert!(adopt_inherited(-1).is_err());
         assert!(adopt_inherited(1_000_000).is_err());
+    }
+
+    #[test]
+    fn adopt_takes_an_inheritable_number_once_and_nothing_this_process_owns() {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        // Standard streams are inheritable but never adopted.
+        assert_eq!(
+            adopt_inherited(0).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        // What this process creates is close-on-exec: owned by someone here, refused.
+        let (owned, other) = pair().unwrap();
+        let err = adopt_inherited(owned.as_raw_fd()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        // An inheritable descriptor nobody owns (as after an exec) is adopted, once.
+        crate::upgrade::set_inheritable(other.as_fd(), true).unwrap();
+        let raw = other.into_raw_fd();
+        let adopted = adopt_inherited(raw).unwrap();
+        assert_eq!(adopted.as_raw_fd(), raw);
+        let again = adopt_inherited(raw).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists, "{again}");
+        drop(owned);
     }
 }

@@ -14,6 +14,7 @@
 
 #![allow(unsafe_code)] // This crate is where unsafe lives; each block carries a SAFETY proof.
 
+pub mod activation;
 pub mod channel;
 pub mod notify;
 pub mod process;

@@ -32,6 +32,7 @@ use baton_proto::{
     CHANNEL_FD_ENV, Hello, ListenerAddress, ListenerInfo, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE,
     MasterMessage, PROTOCOL_VERSION, WorkerMessage,
 };
+use baton_sys::activation;
 use baton_sys::channel::{self, SocketKind};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixDatagram, UnixListener, UnixStream};
@@ -292,31 +293,19 @@ impl Worker {
     /// Takes listeners passed the systemd way (`LISTEN_FDS` at fds 3.., `LISTEN_PID`,
     /// `LISTEN_FDNAMES`). Fails with [`WorkerError::NotUnderBaton`] if `LISTEN_FDS` is unset.
     pub fn from_systemd_env() -> Result<Worker, WorkerError> {
-        let Ok(count) = std::env::var("LISTEN_FDS") else {
-            return Err(WorkerError::NotUnderBaton);
-        };
-        let pid = std::process::id();
-        let listen_pid = std::env::var("LISTEN_PID").unwrap_or_default();
-        if listen_pid.parse::<u32>().ok() != Some(pid) {
-            return Err(WorkerError::ListenPid { listen_pid, pid });
-        }
-        let count: usize =
-            count
-                .parse()
-                .ok()
-                .filter(|&n| n <= 65_536)
-                .ok_or_else(|| WorkerError::BadEnv {
-                    var: "LISTEN_FDS",
-                    value: count.clone(),
-                })?;
-        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-            .map(|n| n.split(':').map(String::from).collect())
-            .unwrap_or_default();
-        let mut listeners = Vec::with_capacity(count);
-        for i in 0..count {
-            let raw = 3 + i as i32;
-            let name = names.get(i).cloned().unwrap_or_else(|| format!("fd{raw}"));
-            let fd = channel::adopt_inherited(raw).map_err(|source| WorkerError::Adopt {
+        let passed = activation::listen_fds(&activation::ActivationEnv::from_process())
+            .map_err(|err| match err {
+                activation::ActivationError::NotOurs { listen_pid, pid } => {
+                    WorkerError::ListenPid { listen_pid, pid }
+                }
+                activation::ActivationError::Invalid { var, value } => {
+                    WorkerError::BadEnv { var, value }
+                }
+            })?
+            .ok_or(WorkerError::NotUnderBaton)?;
+        let mut listeners = Vec::with_capacity(passed.len());
+        for activation::Passed { name, fd, .. } in passed {
+            let fd = fd.map_err(|source| WorkerError::Adopt {
                 name: name.clone(),
                 source,
             })?;

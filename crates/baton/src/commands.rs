@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use baton_core::master::{Inherited, Master, ResumeError, STATE_FD_ENV};
 use baton_proto::control::{ErrorKind, Request, Response};
 
 use crate::client::{self, ClientError};
@@ -39,11 +40,11 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
     };
     let mut options = crate::systemd::options();
     options.signals = Some(Box::new(gate));
-    let master = match resumed_state() {
+    let master = match inherited_state() {
         // A self-upgrade: this program takes over from the one that exec'd it.
-        Some(Ok((state, supervisor))) => {
+        Some(inherited) => {
             options.inherited.clear();
-            match baton_core::master::Master::resume(state, supervisor, options) {
+            match inherited.and_then(|state| Master::resume(state, options)) {
                 Ok(master) => master,
                 Err(err) => {
                     tracing::error!(
@@ -54,13 +55,6 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
                 }
             }
         }
-        Some(Err(err)) => {
-            tracing::error!(
-                event = "upgrade_resume_failed",
-                "cannot take over after the upgrade: {err}"
-            );
-            return 1;
-        }
         None => {
             let config = match baton_core::config::load(path) {
                 Ok(config) => config,
@@ -69,7 +63,7 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
                     return EX_USAGE;
                 }
             };
-            match baton_core::master::Master::new(config, options) {
+            match Master::new(config, options) {
                 Ok(master) => master,
                 Err(err) => {
                     tracing::error!(event = "start_failed", "cannot start: {err}");
@@ -88,52 +82,16 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
 }
 
 /// The state left by a master that exec'd this program (`baton upgrade`), if any.
-fn resumed_state() -> Option<
-    Result<
-        (
-            baton_core::upgrade::State,
-            baton_core::supervisor::Supervisor,
-        ),
-        String,
-    >,
-> {
-    let raw = std::env::var(baton_core::upgrade::STATE_FD_ENV).ok()?;
-    Some(read_state(&raw))
-}
-
-fn read_state(
-    raw: &str,
-) -> Result<
-    (
-        baton_core::upgrade::State,
-        baton_core::supervisor::Supervisor,
-    ),
-    String,
-> {
-    use std::os::fd::AsFd;
-    let number: i32 = raw.parse().map_err(|_| {
-        format!(
-            "{}={raw}: not a descriptor",
-            baton_core::upgrade::STATE_FD_ENV
-        )
-    })?;
-    let fd = baton_sys::channel::adopt_inherited(number)
-        .map_err(|e| format!("state descriptor {number}: {e}"))?;
-    let bytes =
-        baton_sys::upgrade::read_all(fd.as_fd()).map_err(|e| format!("reading the state: {e}"))?;
-    baton_core::upgrade::decode(&bytes).map_err(|e| e.to_string())
+fn inherited_state() -> Option<Result<Inherited, ResumeError>> {
+    let value = std::env::var(STATE_FD_ENV).ok()?;
+    Some(Inherited::take(&value))
 }
 
 /// `baton upgrade-check`: can this program take over the state it is given?
 pub(crate) fn upgrade_check() -> u8 {
-    match resumed_state() {
-        Some(Ok((state, _))) => {
-            println!(
-                "{} format={} version={}",
-                baton_core::upgrade::CHECK_OK,
-                state.format,
-                baton_core::version()
-            );
+    match inherited_state() {
+        Some(Ok(inherited)) => {
+            println!("{}", inherited.check_answer());
             0
         }
         Some(Err(err)) => {
@@ -143,7 +101,7 @@ pub(crate) fn upgrade_check() -> u8 {
         None => {
             eprintln!(
                 "upgrade-check is run by a master during `baton upgrade`, with its state in ${}",
-                baton_core::upgrade::STATE_FD_ENV
+                STATE_FD_ENV
             );
             EX_USAGE
         }

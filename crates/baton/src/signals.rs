@@ -1,5 +1,7 @@
 //! The signal adapter: the one place that registers signal handlers. Signals become
-//! [`Input`]s; the core never sees a signal number.
+//! [`Input`]s: intents, which carry no signal number, except for the upgrade signals, which reach
+//! the core by name (`Input::UpgradeSignal`) because only the serving configuration
+//! (`supervisor.upgrade_signal`) says whether SIGURG or SIGWINCH means "upgrade".
 //!
 //! | signal        | becomes                              |
 //! |---------------|--------------------------------------|
@@ -20,8 +22,8 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use baton_core::intent::{Intent, Trigger};
 use baton_core::master::{Input, SignalGate};
-use baton_core::supervisor::{Intent, Trigger};
 use baton_sys::process::SignalNumber as Signal;
 use signal_hook::consts::{
     SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGURG, SIGUSR1, SIGUSR2, SIGWINCH,

@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use baton_core::master::{Notification, Options};
+use baton_sys::activation;
 use sd_notify::NotifyState;
 
 /// Options for a master started by systemd (or anything speaking its conventions).
@@ -28,38 +29,38 @@ pub(crate) fn options() -> Options {
         watchdog,
         inherited: inherited(),
         signals: None,
+        argv: std::env::args_os().collect(),
+        binary: std::env::current_exe().ok(),
     }
 }
 
 /// Listening sockets passed with `LISTEN_FDS` (a `.socket` unit, or the fd store after a
 /// restart), if `LISTEN_PID` says they are ours.
 fn inherited() -> Vec<(String, OwnedFd)> {
-    let count: usize = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        == Some(std::process::id());
     // After a self-upgrade every socket is in the state, and LISTEN_PID (the same pid) is stale.
-    let upgrading = std::env::var_os(baton_core::upgrade::STATE_FD_ENV).is_some();
-    if count == 0 || !pid_ok || upgrading {
+    if std::env::var_os(baton_core::master::STATE_FD_ENV).is_some() {
         return Vec::new();
     }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|n| n.split(':').map(String::from).collect())
-        .unwrap_or_default();
+    let passed = match activation::listen_fds(&activation::ActivationEnv::from_process()) {
+        Ok(Some(passed)) => passed,
+        Ok(None) => return Vec::new(),
+        Err(err @ activation::ActivationError::NotOurs { .. }) => {
+            tracing::debug!("LISTEN_FDS ignored: {err}");
+            return Vec::new();
+        }
+        Err(err) => {
+            tracing::warn!("LISTEN_FDS ignored: {err}");
+            return Vec::new();
+        }
+    };
     let mut out = Vec::new();
-    for i in 0..count {
-        let raw = 3 + i as i32;
-        let name = names.get(i).cloned().unwrap_or_else(|| format!("fd{raw}"));
-        match baton_sys::channel::adopt_inherited(raw) {
+    for activation::Passed { name, number, fd } in passed {
+        match fd {
             Ok(fd) => {
-                tracing::info!(event = "inherited_socket", name = %name, "inherited socket `{name}` (fd {raw}) from the service manager");
+                tracing::info!(event = "inherited_socket", name = %name, "inherited socket `{name}` (fd {number}) from the service manager");
                 out.push((name, fd));
             }
-            Err(err) => tracing::warn!("LISTEN_FDS: fd {raw} ({name}) unusable: {err}"),
+            Err(err) => tracing::warn!("LISTEN_FDS: fd {number} ({name}) unusable: {err}"),
         }
     }
     out

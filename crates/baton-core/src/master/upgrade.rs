@@ -29,29 +29,18 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_proto::control::{self as proto, WorkerState};
 use baton_sys::process::{self, SignalNumber};
 use baton_sys::upgrade as sys;
-use baton_sys::{channel, notify};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::generations::Resources;
-use super::link::{Link, link_loop};
-use super::service_manager::{Notification, Told};
+use super::service_manager::Notification;
 use super::spawn::FIRST_FD;
-use super::worker_notify::notify_task;
-use super::{Input, MAX_ASKS, Master, Options, reap};
-use crate::config::NotifyAccess;
-use crate::control;
-use crate::listeners::{GenerationListener, ListenerTable};
-use crate::metrics_http;
-use crate::supervisor::{
-    Action, Event, Generation, Intent, Phase, RequestId, Supervisor, Trigger, WorkerId,
-};
+use super::{Input, Master, reap};
+use crate::supervisor::{Event, Generation, Intent, Phase, Trigger, WorkerId};
 use crate::upgrade::{
     CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, STATE_FD_ENV, STATE_FORMAT,
     State,
@@ -85,18 +74,6 @@ pub(super) struct Pending {
 pub(super) struct Preflight {
     id: u64,
     result: Result<String, String>,
-}
-
-/// What a master that took over from its predecessor still does when it starts running.
-#[derive(Debug)]
-pub(super) struct Resumed {
-    client: Option<OwnedFd>,
-    from_version: String,
-    binary: PathBuf,
-    began: Option<Instant>,
-    intents: Vec<Intent>,
-    channels: Vec<(WorkerId, OwnedFd)>,
-    notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
 }
 
 impl Master {
@@ -520,215 +497,5 @@ impl Master {
             metrics_listen: self.metrics.as_ref().map(|m| m.0),
         };
         Ok((state, keep))
-    }
-
-    /// A master that takes over from its predecessor (the same process, before the exec): every
-    /// descriptor the state names is adopted here; tasks start in [`Master::run`].
-    pub fn resume(
-        state: State,
-        supervisor: Supervisor,
-        options: Options,
-    ) -> Result<Master, String> {
-        let adopt = |raw: i32, what: &str| {
-            channel::adopt_inherited(raw).map_err(|e| format!("{what} (fd {raw}): {e}"))
-        };
-        let mut table = ListenerTable::default();
-        let mut socket_fds = Vec::new();
-        for s in state.sockets {
-            let fd = adopt(s.fd, &format!("listener socket {}", s.local))?;
-            socket_fds.push((s, fd));
-        }
-        let sockets = table.restore(socket_fds);
-        let mut resources = HashMap::new();
-        for g in state.generations {
-            let listeners = g
-                .listeners
-                .into_iter()
-                .map(|(config, index)| {
-                    let socket = sockets
-                        .get(index)
-                        .cloned()
-                        .ok_or_else(|| format!("listener {} has no socket", config.name))?;
-                    Ok(GenerationListener { config, socket })
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            resources.insert(
-                g.generation,
-                Resources {
-                    listeners,
-                    programs: g.programs.into_iter().map(Arc::new).collect(),
-                    canary_window: g.canary_window,
-                },
-            );
-        }
-        let control_fd = adopt(state.control.fd, "control socket")?;
-        let listener = std::os::unix::net::UnixListener::from(control_fd);
-        let client = match state.control.client {
-            Some(raw) => adopt(raw, "the upgrading client").ok(),
-            None => None,
-        };
-        let (mut links, mut channels, mut notifies) = (HashMap::new(), Vec::new(), Vec::new());
-        for l in state.links {
-            let mut link = Link::default();
-            if let Some(raw) = l.channel {
-                let fd = adopt(raw, &format!("channel of worker {}", l.worker))?;
-                link.channel = fd.try_clone().ok();
-                channels.push((l.worker, fd));
-            }
-            if let Some(n) = l.notify {
-                let fd = adopt(n.fd, &format!("notify socket of worker {}", l.worker))?;
-                let dup = fd.try_clone().map_err(|e| e.to_string())?;
-                link.notify = Some((dup, n.path.clone(), n.access));
-                let socket = notify::NotifySocket::adopt(fd, n.path)
-                    .map_err(|e| format!("notify socket of worker {}: {e}", l.worker))?;
-                notifies.push((l.worker, socket, n.pid, n.access));
-            }
-            links.insert(l.worker, link);
-        }
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
-        let control_config = state.control.config;
-        let metrics_pending = state.metrics_listen.and_then(|address| {
-            metrics_http::bind(address)
-                .map_err(|e| {
-                    warn!(event = "metrics_unavailable", address = %address, error = %e,
-                        "{e}: no metrics endpoint until the next reload that sets it");
-                })
-                .ok()
-        });
-        let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
-        Ok(Master {
-            config_path: state.config_path,
-            runtime_dir: state.runtime_dir,
-            initial: None,
-            table,
-            resources,
-            links,
-            supervisor,
-            events_tx,
-            events_rx,
-            control: Some((
-                listener,
-                control_config.clone(),
-                control::SocketFile(control_config.socket.clone()),
-            )),
-            waiters: HashMap::new(),
-            verdicts: state
-                .verdicts
-                .into_iter()
-                .map(|v| (RequestId(v.request), v))
-                .collect(),
-            started: (
-                state.started,
-                std::time::UNIX_EPOCH + Duration::from_millis(state.started_unix_ms),
-            ),
-            options,
-            told: Told {
-                ready: state.told_ready,
-                ..Told::default()
-            },
-            argv: state.argv.into_iter().map(OsString::from).collect(),
-            binary: state.binary.clone(),
-            control_fd: None,
-            upgrade: None,
-            upgrade_tx,
-            upgrade_rx,
-            upgrades: state.upgrades,
-            next_upgrade: 1,
-            metrics: None,
-            metrics_pending,
-            metrics_tx,
-            metrics_rx,
-            resumed: Some(Resumed {
-                client,
-                from_version: state.from_version,
-                binary: state.binary,
-                began: state.upgrade_began,
-                intents: state.intents,
-                channels,
-                notify: notifies,
-            }),
-        })
-    }
-
-    /// First steps of a resumed master: tasks for every worker, drain requests again, the
-    /// verdict to the client, the fd store refreshed. Returns the actions to apply.
-    pub(super) fn on_resumed(&mut self, queue: &mut VecDeque<Event>) -> Vec<Action> {
-        let Some(resumed) = self.resumed.take() else {
-            return Vec::new();
-        };
-        for (worker, fd) in resumed.channels {
-            match channel::into_async(fd) {
-                Ok(channel) => {
-                    let (commands, commands_rx) = mpsc::unbounded_channel();
-                    let task = tokio::spawn(link_loop(
-                        worker,
-                        channel,
-                        commands_rx,
-                        self.events_tx.clone(),
-                    ));
-                    if let Some(link) = self.links.get_mut(&worker) {
-                        link.commands = Some(commands);
-                        link.tasks.push(task.abort_handle());
-                    }
-                }
-                Err(err) => warn!(worker = worker.0, "channel of worker {worker}: {err}"),
-            }
-        }
-        for (worker, socket, pid, access) in resumed.notify {
-            let task = tokio::spawn(notify_task(
-                worker,
-                socket,
-                pid,
-                access,
-                self.events_tx.clone(),
-            ));
-            if let Some(link) = self.links.get_mut(&worker) {
-                link.tasks.push(task.abort_handle());
-            }
-        }
-        // Children that exited during the exec wait as zombies: reap them now.
-        reap(queue);
-        queue.extend(resumed.intents.into_iter().map(Event::Intent));
-        let took = resumed.began.map(|b| b.elapsed()).unwrap_or_default();
-        let to = version().to_string();
-        info!(event = "upgraded", from_version = %resumed.from_version, to_version = %to,
-            pid = std::process::id(), took_ms = took.as_millis() as u64,
-            "master upgraded in place: {} -> {to}, pid {} (took {} ms); {} generations, {} workers kept",
-            resumed.from_version, std::process::id(), took.as_millis(),
-            self.resources.len(), self.links.len());
-        if let Some(fd) = resumed.client {
-            let verdict = proto::UpgradeVerdict {
-                ok: true,
-                pid: std::process::id(),
-                from_version: resumed.from_version,
-                version: to,
-                // The program now running (the default for the next upgrade stays `binary`).
-                binary: std::env::current_exe()
-                    .unwrap_or(resumed.binary)
-                    .display()
-                    .to_string(),
-                reason: None,
-                duration_ms: took.as_millis() as u64,
-            };
-            let frame = proto::encode_frame(proto::Response::Upgraded(verdict));
-            let mut stream = std::os::unix::net::UnixStream::from(fd);
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = std::io::Write::write_all(&mut stream, &frame);
-        }
-        // The service manager's fd store gets every socket again (it ignores duplicates), and
-        // learns the (possibly new) program is ready.
-        let listeners: Vec<GenerationListener> = self
-            .resources
-            .values()
-            .flat_map(|r| r.listeners.iter().cloned())
-            .collect();
-        self.store_fds(&listeners);
-        if self.told.ready {
-            self.notify(Notification::Ready);
-        }
-        self.told.status.clear();
-        self.supervisor.drain_messages(Instant::now())
     }
 }

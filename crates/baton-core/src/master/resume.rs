@@ -1,0 +1,322 @@
+//! The new program's side of `baton upgrade`: it finds the state its predecessor left
+//! ([`Inherited`]), adopts every descriptor the state names ([`Master::resume`]), and when it runs,
+//! restarts the tasks that read workers, re-sends drain requests, answers the client that asked,
+//! and refreshes the service manager's fd store ([`Master::on_resumed`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_proto::control as proto;
+use baton_sys::upgrade as sys;
+use baton_sys::{channel, notify};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::generations::Resources;
+use super::link::{Link, link_loop};
+use super::service_manager::{Notification, Told};
+use super::worker_notify::notify_task;
+use super::{MAX_ASKS, Master, Options, reap};
+use crate::config::NotifyAccess;
+use crate::control;
+use crate::intent::Intent;
+use crate::listeners::{GenerationListener, ListenerTable};
+use crate::metrics_http;
+use crate::supervisor::{Action, Event, RequestId, Supervisor, WorkerId};
+use crate::upgrade::{STATE_FD_ENV, State, StateError};
+use crate::version;
+
+/// The state a predecessor left for this program, read from the descriptor that
+/// [`STATE_FD_ENV`] names: what `baton upgrade-check` checks and [`Master::resume`] takes over.
+#[derive(Debug)]
+pub struct Inherited {
+    state: State,
+    supervisor: Supervisor,
+}
+
+impl Inherited {
+    /// Takes the state from descriptor `value` (the value of [`STATE_FD_ENV`]), once.
+    pub fn take(value: &str) -> Result<Inherited, ResumeError> {
+        let number: i32 = value.parse().map_err(|_| ResumeError::StateFd {
+            value: value.to_string(),
+        })?;
+        let fd = channel::adopt_inherited(number)
+            .map_err(|source| ResumeError::StateAdopt { number, source })?;
+        let bytes = sys::read_all(fd.as_fd()).map_err(ResumeError::StateRead)?;
+        let (state, supervisor) = crate::upgrade::decode(&bytes)?;
+        Ok(Inherited { state, supervisor })
+    }
+
+    /// The answer of `baton upgrade-check` when this program can take the state over: the line
+    /// the old master's preflight reads (`baton-upgrade-check ok format=N version=V`).
+    pub fn check_answer(&self) -> String {
+        format!(
+            "{} format={} version={}",
+            crate::upgrade::CHECK_OK,
+            self.state.format,
+            version()
+        )
+    }
+}
+
+/// Why this program cannot take over from its predecessor. Each names the descriptor or object.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("{STATE_FD_ENV}={value}: not a descriptor")]
+    StateFd { value: String },
+    #[error("state descriptor {number}: {source}")]
+    StateAdopt { number: i32, source: std::io::Error },
+    #[error("reading the state: {0}")]
+    StateRead(std::io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A descriptor the state names is not usable.
+    #[error("{what} (fd {number}): {source}")]
+    Adopt {
+        what: String,
+        number: i32,
+        source: std::io::Error,
+    },
+    #[error("listener {0} has no socket")]
+    NoSocket(String),
+    #[error("notify socket of worker {worker}: {source}")]
+    NotifySocket {
+        worker: WorkerId,
+        source: std::io::Error,
+    },
+}
+
+/// What a master that took over from its predecessor still does when it starts running.
+#[derive(Debug)]
+pub(super) struct Resumed {
+    client: Option<OwnedFd>,
+    from_version: String,
+    binary: PathBuf,
+    began: Option<Instant>,
+    intents: Vec<Intent>,
+    channels: Vec<(WorkerId, OwnedFd)>,
+    notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
+}
+
+impl Master {
+    /// A master that takes over from its predecessor (the same process, before the exec): every
+    /// descriptor the state names is adopted here; tasks start in [`Master::run`].
+    pub fn resume(inherited: Inherited, options: Options) -> Result<Master, ResumeError> {
+        let Inherited { state, supervisor } = inherited;
+        let adopt = |number: i32, what: &str| {
+            channel::adopt_inherited(number).map_err(|source| ResumeError::Adopt {
+                what: what.to_string(),
+                number,
+                source,
+            })
+        };
+        let mut table = ListenerTable::default();
+        let mut socket_fds = Vec::new();
+        for s in state.sockets {
+            let fd = adopt(s.fd, &format!("listener socket {}", s.local))?;
+            socket_fds.push((s, fd));
+        }
+        let sockets = table.restore(socket_fds);
+        let mut resources = HashMap::new();
+        for g in state.generations {
+            let listeners = g
+                .listeners
+                .into_iter()
+                .map(|(config, index)| {
+                    let socket = sockets
+                        .get(index)
+                        .cloned()
+                        .ok_or_else(|| ResumeError::NoSocket(config.name.clone()))?;
+                    Ok(GenerationListener { config, socket })
+                })
+                .collect::<Result<Vec<_>, ResumeError>>()?;
+            resources.insert(
+                g.generation,
+                Resources {
+                    listeners,
+                    programs: g.programs.into_iter().map(Arc::new).collect(),
+                    canary_window: g.canary_window,
+                },
+            );
+        }
+        let control_fd = adopt(state.control.fd, "control socket")?;
+        let listener = std::os::unix::net::UnixListener::from(control_fd);
+        let client = match state.control.client {
+            Some(raw) => adopt(raw, "the upgrading client").ok(),
+            None => None,
+        };
+        let (mut links, mut channels, mut notifies) = (HashMap::new(), Vec::new(), Vec::new());
+        for l in state.links {
+            let mut link = Link::default();
+            if let Some(raw) = l.channel {
+                let fd = adopt(raw, &format!("channel of worker {}", l.worker))?;
+                link.channel = fd.try_clone().ok();
+                channels.push((l.worker, fd));
+            }
+            if let Some(n) = l.notify {
+                let fd = adopt(n.fd, &format!("notify socket of worker {}", l.worker))?;
+                let fail = |source| ResumeError::NotifySocket {
+                    worker: l.worker,
+                    source,
+                };
+                let dup = fd.try_clone().map_err(fail)?;
+                link.notify = Some((dup, n.path.clone(), n.access));
+                let socket = notify::NotifySocket::adopt(fd, n.path).map_err(fail)?;
+                notifies.push((l.worker, socket, n.pid, n.access));
+            }
+            links.insert(l.worker, link);
+        }
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
+        let control_config = state.control.config;
+        let metrics_pending = state.metrics_listen.and_then(|address| {
+            metrics_http::bind(address)
+                .map_err(|e| {
+                    warn!(event = "metrics_unavailable", address = %address, error = %e,
+                        "{e}: no metrics endpoint until the next reload that sets it");
+                })
+                .ok()
+        });
+        let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
+        Ok(Master {
+            config_path: state.config_path,
+            runtime_dir: state.runtime_dir,
+            initial: None,
+            table,
+            resources,
+            links,
+            supervisor,
+            events_tx,
+            events_rx,
+            control: Some((
+                listener,
+                control_config.clone(),
+                control::SocketFile(control_config.socket.clone()),
+            )),
+            waiters: HashMap::new(),
+            verdicts: state
+                .verdicts
+                .into_iter()
+                .map(|v| (RequestId(v.request), v))
+                .collect(),
+            started: (
+                state.started,
+                std::time::UNIX_EPOCH + Duration::from_millis(state.started_unix_ms),
+            ),
+            options,
+            told: Told {
+                ready: state.told_ready,
+                ..Told::default()
+            },
+            argv: state.argv.into_iter().map(OsString::from).collect(),
+            binary: state.binary.clone(),
+            control_fd: None,
+            upgrade: None,
+            upgrade_tx,
+            upgrade_rx,
+            upgrades: state.upgrades,
+            next_upgrade: 1,
+            metrics: None,
+            metrics_pending,
+            metrics_tx,
+            metrics_rx,
+            resumed: Some(Resumed {
+                client,
+                from_version: state.from_version,
+                binary: state.binary,
+                began: state.upgrade_began,
+                intents: state.intents,
+                channels,
+                notify: notifies,
+            }),
+        })
+    }
+
+    /// First steps of a resumed master: tasks for every worker, drain requests again, the
+    /// verdict to the client, the fd store refreshed. Returns the actions to apply.
+    pub(super) fn on_resumed(&mut self, queue: &mut VecDeque<Event>) -> Vec<Action> {
+        let Some(resumed) = self.resumed.take() else {
+            return Vec::new();
+        };
+        for (worker, fd) in resumed.channels {
+            match channel::into_async(fd) {
+                Ok(channel) => {
+                    let (commands, commands_rx) = mpsc::unbounded_channel();
+                    let task = tokio::spawn(link_loop(
+                        worker,
+                        channel,
+                        commands_rx,
+                        self.events_tx.clone(),
+                    ));
+                    if let Some(link) = self.links.get_mut(&worker) {
+                        link.commands = Some(commands);
+                        link.tasks.push(task.abort_handle());
+                    }
+                }
+                Err(err) => warn!(worker = worker.0, "channel of worker {worker}: {err}"),
+            }
+        }
+        for (worker, socket, pid, access) in resumed.notify {
+            let task = tokio::spawn(notify_task(
+                worker,
+                socket,
+                pid,
+                access,
+                self.events_tx.clone(),
+            ));
+            if let Some(link) = self.links.get_mut(&worker) {
+                link.tasks.push(task.abort_handle());
+            }
+        }
+        // Children that exited during the exec wait as zombies: reap them now.
+        reap(queue);
+        queue.extend(resumed.intents.into_iter().map(Event::Intent));
+        let took = resumed.began.map(|b| b.elapsed()).unwrap_or_default();
+        let to = version().to_string();
+        info!(event = "upgraded", from_version = %resumed.from_version, to_version = %to,
+            pid = std::process::id(), took_ms = took.as_millis() as u64,
+            "master upgraded in place: {} -> {to}, pid {} (took {} ms); {} generations, {} workers kept",
+            resumed.from_version, std::process::id(), took.as_millis(),
+            self.resources.len(), self.links.len());
+        if let Some(fd) = resumed.client {
+            let verdict = proto::UpgradeVerdict {
+                ok: true,
+                pid: std::process::id(),
+                from_version: resumed.from_version,
+                version: to,
+                // The program now running (the default for the next upgrade stays `binary`).
+                binary: self
+                    .options
+                    .binary
+                    .clone()
+                    .unwrap_or(resumed.binary)
+                    .display()
+                    .to_string(),
+                reason: None,
+                duration_ms: took.as_millis() as u64,
+            };
+            let frame = proto::encode_frame(proto::Response::Upgraded(verdict));
+            let mut stream = std::os::unix::net::UnixStream::from(fd);
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = std::io::Write::write_all(&mut stream, &frame);
+        }
+        // The service manager's fd store gets every socket again (it ignores duplicates), and
+        // learns the (possibly new) program is ready.
+        let listeners: Vec<GenerationListener> = self
+            .resources
+            .values()
+            .flat_map(|r| r.listeners.iter().cloned())
+            .collect();
+        self.store_fds(&listeners);
+        if self.told.ready {
+            self.notify(Notification::Ready);
+        }
+        self.told.status.clear();
+        self.supervisor.drain_messages(Instant::now())
+    }
+}
