@@ -1,0 +1,58 @@
+//! Where in the file a problem is: the file:line:column prefix of a [`super::ConfigError`], the
+//! line a value's validation error belongs to, and the first line holding a key.
+
+use std::path::Path;
+
+pub(super) fn location_prefix(path: &Path, line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("{}:{l}:{c}: ", path.display()),
+        (Some(l), None) => format!("{}:{l}: ", path.display()),
+        _ => format!("{}: ", path.display()),
+    }
+}
+
+/// The parser places a value's validation error at the mapping that holds it. Our messages quote
+/// the offending value, so look for the first `key: value` line at or below that place whose value
+/// is the quoted one, and return its line, column and key.
+pub(super) fn locate_value(
+    text: &str,
+    from: usize,
+    message: &str,
+) -> Option<(usize, usize, String)> {
+    let start = message.find('"')? + 1;
+    let len = message[start..].find('"')?;
+    let raw = &message[start..start + len];
+    for (i, line) in text.lines().enumerate().skip(from.saturating_sub(1)) {
+        let Some(colon) = line.find(": ") else {
+            continue;
+        };
+        let value = line[colon + 1..].trim();
+        let unquoted = value.trim_matches(|c| c == '"' || c == '\'');
+        if unquoted == raw {
+            let key = line[..colon].trim().trim_start_matches("- ").to_string();
+            let column = line.len() - line[colon + 1..].trim_start().len() + 1;
+            return Some((i + 1, column, key));
+        }
+    }
+    None
+}
+
+/// `worker: invalid duration ...` becomes `worker.ready_timeout: invalid duration ...`.
+pub(super) fn qualify(message: &str, key: &str) -> String {
+    match message.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') => format!("{path}.{key}: {rest}"),
+        _ => format!("{key}: {message}"),
+    }
+}
+
+/// The first line that holds `needle` outside a comment.
+pub(super) fn find_line(text: &str, needle: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.split(" #")
+                .next()
+                .is_some_and(|code| code.contains(needle))
+                && !l.trim_start().starts_with('#')
+        })
+        .map(|i| i + 1)
+}

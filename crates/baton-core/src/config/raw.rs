@@ -1,0 +1,466 @@
+//! The file's shape: the serde types the YAML is read into, and the validated newtypes whose
+//! `Deserialize` judges one value (an address, a duration, a signal, a mode, a count), so that a
+//! bad value is reported with the line and column the parser knows.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use baton_proto::ListenerAddress;
+use baton_sys::process::SignalNumber;
+use serde::Deserialize;
+
+use super::{DEFAULT_BACKLOG, NotifyAccess, Probe, Protocol, Readiness, Rlimits};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub(super) worker: Option<RawWorker>,
+    #[serde(default)]
+    pub(super) workers: Option<Vec<RawWorker>>,
+    #[serde(default)]
+    pub(super) supervisor: RawSupervisor,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, try_from = "ListenerFields")]
+pub(super) struct RawListener {
+    pub(super) name: String,
+    pub(super) address: ListenerAddress,
+    pub(super) backlog: u32,
+    pub(super) mode: Option<Mode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListenerFields {
+    name: ListenerName,
+    /// TCP: `host:port`, IPv6 as `[::1]:port`.
+    address: Option<TcpAddress>,
+    /// Unix stream socket path.
+    path: Option<PathBuf>,
+    #[serde(default)]
+    backlog: Option<Backlog>,
+    #[serde(default)]
+    mode: Option<Mode>,
+}
+
+impl TryFrom<ListenerFields> for RawListener {
+    type Error = String;
+    fn try_from(f: ListenerFields) -> Result<Self, String> {
+        let name = f.name.0;
+        let address = match (f.address, f.path) {
+            (Some(a), None) => ListenerAddress::Tcp { address: a.0 },
+            (None, Some(p)) => ListenerAddress::Unix { path: p },
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "listener `{name}`: give either `address` or `path`, not both"
+                ));
+            }
+            (None, None) => {
+                return Err(format!(
+                    "listener `{name}`: needs `address` (TCP host:port) or `path` (Unix socket)"
+                ));
+            }
+        };
+        if f.mode.is_some() && matches!(address, ListenerAddress::Tcp { .. }) {
+            return Err(format!(
+                "listener `{name}`: `mode` applies to Unix sockets only"
+            ));
+        }
+        Ok(RawListener {
+            name,
+            address,
+            backlog: f.backlog.map_or(DEFAULT_BACKLOG, |b| b.0),
+            mode: f.mode,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorker {
+    #[serde(default)]
+    pub(super) name: Option<ListenerName>,
+    pub(super) command: String,
+    #[serde(default)]
+    pub(super) args: Vec<String>,
+    #[serde(default)]
+    pub(super) env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) cwd: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) processes: Processes,
+    #[serde(default = "default_ready_timeout")]
+    pub(super) ready_timeout: Timeout,
+    #[serde(default = "default_drain_timeout")]
+    pub(super) drain_timeout: Timeout,
+    #[serde(default)]
+    pub(super) drain_signal: DrainSignal,
+    #[serde(default = "default_backoff")]
+    pub(super) restart_backoff: Timeout,
+    #[serde(default = "default_backoff_max")]
+    pub(super) restart_backoff_max: Timeout,
+    #[serde(default)]
+    pub(super) protocol: Option<Protocol>,
+    #[serde(default)]
+    pub(super) ready: Option<ReadySpec>,
+    #[serde(default)]
+    pub(super) notify_access: NotifyAccess,
+    /// Names of the listeners this program gets; default: all.
+    #[serde(default)]
+    pub(super) listeners: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) user: Option<UserId>,
+    #[serde(default)]
+    pub(super) group: Option<GroupId>,
+    #[serde(default)]
+    pub(super) umask: Option<Mode>,
+    #[serde(default)]
+    pub(super) rlimits: Rlimits,
+}
+
+/// `ready:` is a word (`channel`, `notify`) or a map (`{delay: 2s}`, `{tcp: ADDRESS}`,
+/// `{http: ADDRESS, path: /healthz}`, with optional `timeout` and `interval`).
+pub(super) struct ReadySpec(pub(super) Readiness);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReadyFields {
+    #[serde(default)]
+    delay: Option<Timeout>,
+    #[serde(default)]
+    tcp: Option<String>,
+    #[serde(default)]
+    http: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    timeout: Option<Timeout>,
+    #[serde(default)]
+    interval: Option<Timeout>,
+}
+
+impl<'de> Deserialize<'de> for ReadySpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ReadySpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`channel`, `notify`, or a map with one of `delay`, `tcp`, `http`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ReadySpec, E> {
+                match v {
+                    "channel" => Ok(ReadySpec(Readiness::Channel)),
+                    "notify" => Ok(ReadySpec(Readiness::Notify)),
+                    other => Err(E::custom(format!(
+                        "invalid readiness \"{other}\": use channel, notify, {{delay: 2s}}, {{tcp: ADDRESS}} or {{http: ADDRESS, path: /healthz}}"
+                    ))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ReadySpec, A::Error> {
+                use serde::de::Error;
+                let f =
+                    ReadyFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                let timeout = f.timeout.map_or(Duration::from_secs(1), |t| t.0);
+                let interval = f.interval.map_or(Duration::from_millis(250), |t| t.0);
+                let probe = |address: String, http_path| {
+                    if address.is_empty() {
+                        return Err(A::Error::custom(
+                            "invalid probe address \"\": give host:port or a Unix socket path",
+                        ));
+                    }
+                    Ok(ReadySpec(Readiness::Probe(Probe {
+                        address,
+                        http_path,
+                        timeout,
+                        interval,
+                    })))
+                };
+                match (f.delay, f.tcp, f.http) {
+                    (Some(d), None, None) if f.path.is_none() => {
+                        Ok(ReadySpec(Readiness::Delay(d.0)))
+                    }
+                    (None, Some(a), None) if f.path.is_none() => probe(a, None),
+                    (None, None, Some(a)) => {
+                        let path = f.path.unwrap_or_else(|| "/".into());
+                        if !path.starts_with('/') {
+                            return Err(A::Error::custom(format!(
+                                "invalid probe path \"{path}\": it must start with /"
+                            )));
+                        }
+                        probe(a, Some(path))
+                    }
+                    _ => Err(A::Error::custom(
+                        "invalid readiness: give exactly one of `delay`, `tcp`, `http` (`path` goes with `http`)",
+                    )),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+pub(super) fn default_ready_timeout() -> Timeout {
+    Timeout(Duration::from_secs(10))
+}
+pub(super) fn default_drain_timeout() -> Timeout {
+    Timeout(Duration::from_secs(30))
+}
+pub(super) fn default_backoff() -> Timeout {
+    Timeout(Duration::from_millis(100))
+}
+pub(super) fn default_backoff_max() -> Timeout {
+    Timeout(Duration::from_secs(10))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSupervisor {
+    #[serde(default)]
+    pub(super) max_draining: MaxDraining,
+    #[serde(default)]
+    pub(super) forward_usr1: bool,
+    #[serde(default)]
+    pub(super) runtime_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) control: RawControl,
+    #[serde(default)]
+    pub(super) canary_window: Option<Timeout>,
+    #[serde(default)]
+    pub(super) upgrade_signal: Option<UpgradeSignal>,
+    #[serde(default)]
+    pub(super) upgrade_timeout: Option<UpgradeTimeout>,
+    #[serde(default)]
+    pub(super) metrics_listen: Option<TcpAddress>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawControl {
+    #[serde(default)]
+    pub(super) socket: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) mode: Option<Mode>,
+    #[serde(default)]
+    pub(super) read_group: Option<GroupId>,
+    #[serde(default)]
+    pub(super) allow_users: Vec<UserId>,
+    #[serde(default)]
+    pub(super) allow_groups: Vec<GroupId>,
+    #[serde(default)]
+    pub(super) timeout: Option<Timeout>,
+    #[serde(default)]
+    pub(super) max_clients: Option<Processes>,
+}
+
+/// Declares a newtype whose `Deserialize` validates through a parse function, so a bad value is
+/// reported at its own line and column.
+macro_rules! validated {
+    ($name:ident($inner:ty) from $raw:ty, $expecting:literal, $parse:expr) => {
+        pub(super) struct $name(pub(super) $inner);
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let raw = <$raw>::deserialize(d)?;
+                let parse: fn($raw) -> Result<$inner, String> = $parse;
+                parse(raw).map($name).map_err(serde::de::Error::custom)
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", $expecting, self.0)
+            }
+        }
+    };
+}
+
+validated!(ListenerName(String) from String, "listener name", |s| {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(s)
+    } else {
+        // The name travels in LISTEN_FDNAMES, where ':' separates names.
+        Err(format!("invalid listener name {s:?}: use 1-255 of A-Z a-z 0-9 - _ ."))
+    }
+});
+
+validated!(TcpAddress(SocketAddr) from String, "TCP address", |s| {
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!("invalid TCP address {s:?}: expected IP:port, e.g. 127.0.0.1:8080 or [::1]:8080")
+    })
+});
+
+validated!(Backlog(u32) from u64, "backlog", |n| {
+    if (1..=65535).contains(&n) {
+        Ok(n as u32)
+    } else {
+        Err(format!("backlog \"{n}\" is out of range 1..=65535"))
+    }
+});
+
+validated!(Mode(u32) from String, "mode", |s| {
+    let digits = s.strip_prefix("0o").unwrap_or(&s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
+        _ => Err(format!("invalid mode {s:?}: write octal digits such as 0660")),
+    }
+});
+
+validated!(Processes(usize) from u64, "processes", |n| {
+    if (1..=1024).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(format!("processes \"{n}\" is out of range: use 1 to 1024"))
+    }
+});
+
+impl Default for Processes {
+    fn default() -> Self {
+        Processes(1)
+    }
+}
+
+validated!(MaxDraining(usize) from u64, "max_draining", |n| {
+    if (1..=1000).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(format!("max_draining \"{n}\" is out of range: use 1 to 1000"))
+    }
+});
+
+impl Default for MaxDraining {
+    fn default() -> Self {
+        MaxDraining(8)
+    }
+}
+
+validated!(Timeout(Duration) from String, "duration", |s| {
+    let d = parse_duration(&s)?;
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be greater than zero"));
+    }
+    if d > Duration::from_secs(7 * 24 * 3600) {
+        return Err(format!("duration {s:?} is longer than a week"));
+    }
+    Ok(d)
+});
+
+validated!(DrainSignal(Option<SignalNumber>) from String, "signal", |s| {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    match baton_sys::process::parse_signal(&s) {
+        Some(SignalNumber::SIGKILL) | Some(SignalNumber::SIGSTOP) => Err(format!(
+            "drain_signal {s:?} cannot be handled by a worker: use SIGTERM, SIGQUIT, ... or none"
+        )),
+        Some(sig) => Ok(Some(sig)),
+        None => Err(format!("unknown signal {s:?}: use a name such as SIGTERM, or none")),
+    }
+});
+
+validated!(UpgradeSignal(Option<SignalNumber>) from String, "signal", |s| {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    match baton_sys::process::parse_signal(&s) {
+        Some(sig @ (SignalNumber::SIGURG | SignalNumber::SIGWINCH)) => Ok(Some(sig)),
+        Some(sig) => Err(format!(
+            "upgrade_signal {s:?}: {} cannot be the upgrade signal: use SIGURG, SIGWINCH or none \
+             ({})",
+            sig.as_str(),
+            match sig {
+                SignalNumber::SIGUSR2 | SignalNumber::SIGHUP => "it means reload",
+                SignalNumber::SIGTERM | SignalNumber::SIGINT | SignalNumber::SIGQUIT => {
+                    "it means stop"
+                }
+                SignalNumber::SIGUSR1 => "it means reopen logs",
+                SignalNumber::SIGCHLD => "it reports exited workers",
+                SignalNumber::SIGCONT => "shells and the kernel send it on resume",
+                SignalNumber::SIGKILL | SignalNumber::SIGSTOP => "it cannot be handled",
+                _ => "its default action would kill a baton that does not handle it",
+            }
+        )),
+        None => Err(format!("unknown signal {s:?}: use SIGURG, SIGWINCH or none")),
+    }
+});
+
+/// Longest `supervisor.upgrade_timeout`: `baton upgrade` waits a minute for the verdict.
+const MAX_UPGRADE_TIMEOUT: Duration = Duration::from_secs(50);
+
+validated!(UpgradeTimeout(Duration) from String, "duration", |s| {
+    let d = parse_duration(&s)?;
+    if d.is_zero() || d > MAX_UPGRADE_TIMEOUT {
+        return Err(format!(
+            "upgrade_timeout {s:?} must be more than 0 and at most {} s (`baton upgrade` waits a \
+             minute for the verdict)",
+            MAX_UPGRADE_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(d)
+});
+
+impl Default for DrainSignal {
+    fn default() -> Self {
+        DrainSignal(Some(SignalNumber::SIGTERM))
+    }
+}
+
+validated!(UserId(u32) from String, "user", |s| {
+    if let Ok(uid) = s.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(&s) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        _ => Err(format!("unknown user \"{s}\"")),
+    }
+});
+
+validated!(GroupId(u32) from String, "group", |s| {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(&s) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        _ => Err(format!("unknown group \"{s}\"")),
+    }
+});
+
+/// Parses `500ms`, `10s`, `2m`, `1h`, or a sum such as `1m30s`.
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: use a number with a unit, e.g. 500ms, 10s, 2m");
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(unit);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}

@@ -1,0 +1,436 @@
+//! The configuration's tests: files that load, files that fail with file:line and the key, and
+//! arbitrary YAML that never panics the parser.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::raw::parse_duration;
+use super::*;
+
+mod unit {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("/etc/baton/test.yaml"), text)
+    }
+
+    const GOOD: &str = "\
+listeners:
+  - name: http
+    address: 127.0.0.1:8080
+    backlog: 512
+  - name: v6
+    address: \"[::1]:8080\"
+  - name: local
+    path: /tmp/baton-test.sock
+    mode: \"0660\"
+worker:
+  command: /bin/sh
+  args: [-c, 'exec sleep 1000']
+  env: {GREETING: hi}
+  processes: 3
+  ready_timeout: 2s
+  drain_timeout: 1m30s
+  drain_signal: SIGQUIT
+supervisor:
+  max_draining: 2
+";
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = parse_str(GOOD).unwrap();
+        assert_eq!(c.listeners.len(), 3);
+        assert_eq!(c.listeners[0].backlog, 512);
+        assert_eq!(c.listeners[1].backlog, DEFAULT_BACKLOG);
+        assert_eq!(
+            c.listeners[1].address,
+            ListenerAddress::Tcp {
+                address: "[::1]:8080".parse().unwrap()
+            }
+        );
+        assert_eq!(c.listeners[2].mode, Some(0o660));
+        // Unquoted, YAML would read 0660 as a number; the file's digits are what is meant.
+        let unquoted = GOOD.replace("mode: \"0660\"", "mode: 0640");
+        assert_eq!(parse_str(&unquoted).unwrap().listeners[2].mode, Some(0o640));
+        assert_eq!(c.programs[0].command, PathBuf::from("/bin/sh"));
+        assert_eq!(c.programs[0].processes, 3);
+        assert_eq!(c.programs[0].drain_timeout, Duration::from_secs(90));
+        assert_eq!(c.programs[0].drain_signal, Some(SignalNumber::SIGQUIT));
+        assert_eq!(c.programs[0].env["GREETING"], "hi");
+        assert_eq!(c.supervisor.max_draining, 2);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse_str("listeners: []\nworker: {command: sh}\n").unwrap();
+        assert_eq!(c.programs[0].processes, 1);
+        assert_eq!(c.programs[0].ready_timeout, Duration::from_secs(10));
+        assert_eq!(c.programs[0].drain_signal, Some(SignalNumber::SIGTERM));
+        assert!(c.programs[0].command.is_absolute(), "resolved from PATH");
+        assert_eq!(c.supervisor.max_draining, 8);
+        assert_eq!(c.supervisor.upgrade_signal, None);
+        assert_eq!(c.supervisor.upgrade_timeout, Duration::from_secs(10));
+        let c =
+            parse_str("listeners: []\nworker: {command: sh}\nsupervisor: {upgrade_timeout: 2s}\n")
+                .unwrap();
+        assert_eq!(c.supervisor.upgrade_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_upgrade_signal_is_sigurg_sigwinch_or_none() {
+        for (word, expected) in [
+            ("SIGURG", Some(SignalNumber::SIGURG)),
+            ("winch", Some(SignalNumber::SIGWINCH)),
+            ("none", None),
+        ] {
+            let text = format!(
+                "listeners: []\nworker: {{command: sh}}\nsupervisor: {{upgrade_signal: {word}}}\n"
+            );
+            assert_eq!(
+                parse_str(&text).unwrap().supervisor.upgrade_signal,
+                expected
+            );
+        }
+    }
+
+    /// Each bad config gives one error naming the file, the line, and what is wrong.
+    #[test]
+    fn bad_configs_name_file_line_and_problem() {
+        let cases: &[(&str, &str, Option<usize>)] = &[
+            (
+                "listeners: []\nworker: {command: sh}\nbogus: 1\n",
+                "unknown field `bogus`",
+                Some(3),
+            ),
+            (
+                "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    colour: red\nworker: {command: sh}\n",
+                "listeners[0]: unknown field `colour`",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: a\n    address: 300.0.0.1:80\nworker: {command: sh}\n",
+                "test.yaml:3:14: listeners[0].address: invalid TCP address \"300.0.0.1:80\"",
+                Some(3),
+            ),
+            (
+                "listeners: []\nworker:\n  command: sh\n  ready_timeout: 10\n",
+                "test.yaml:4:18: worker.ready_timeout: invalid duration \"10\"",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker:\n  command: sh\n  processes: 0\n",
+                "worker.processes: processes \"0\" is out of range",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker:\n  command: sh\n  drain_signal: SIGKILL\n",
+                "cannot be handled",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  upgrade_signal: SIGUSR2\n",
+                "test.yaml:4:19: supervisor.upgrade_signal: upgrade_signal \"SIGUSR2\": SIGUSR2 cannot be the upgrade signal: use SIGURG, SIGWINCH or none (it means reload)",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  upgrade_signal: SIGPWR\n",
+                "would kill a baton that does not handle it",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  upgrade_timeout: 2m\n",
+                "upgrade_timeout \"2m\" must be more than 0 and at most 50 s",
+                Some(4),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  metrics_listen: localhost\n",
+                "supervisor.metrics_listen: invalid TCP address \"localhost\": expected IP:port",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: web\n    address: 0.0.0.0:8080\nworker: {command: sh}\nsupervisor:\n  metrics_listen: 127.0.0.1:8080\n",
+                "supervisor.metrics_listen: 127.0.0.1:8080 clashes with listener `web` (tcp://0.0.0.0:8080)",
+                Some(6),
+            ),
+            (
+                "listeners: []\nworker: {command: sh}\nsupervisor:\n  metrics_listen: 192.0.2.1:9273\n",
+                "supervisor.metrics_listen: 192.0.2.1:9273 is not an address of this machine",
+                Some(4),
+            ),
+            ("listeners: [\n", "did not find expected node", Some(2)),
+            (
+                "listeners:\n  - name: a\n    address: 127.0.0.1:1\n  - name: a\n    address: 127.0.0.1:2\nworker: {command: sh}\n",
+                "name `a` is already used",
+                Some(2),
+            ),
+            (
+                "listeners: []\nworker:\n  command: ./no-such-worker\n",
+                "/etc/baton/./no-such-worker does not exist",
+                Some(3),
+            ),
+            (
+                "listeners: []\nworker:\n  command: no-such-program-xyz\n",
+                "not found in PATH",
+                Some(3),
+            ),
+            (
+                "listeners:\n  - name: a\nworker: {command: sh}\n",
+                "needs `address`",
+                Some(2),
+            ),
+            (
+                "listeners:\n  - name: a\n    path: /tmp/x\n    mode: rw-rw----\nworker: {command: sh}\n",
+                "listeners[0].mode: invalid mode \"rw-rw----\": write octal digits such as 0660",
+                Some(4),
+            ),
+        ];
+        for (text, expected, line) in cases {
+            let err = parse_str(text).expect_err(text);
+            let shown = err.to_string();
+            assert!(shown.starts_with("/etc/baton/test.yaml:"), "{shown}");
+            assert!(
+                shown.contains(expected),
+                "{shown:?} should contain {expected:?}"
+            );
+            assert_eq!(err.line, *line, "line of {shown:?}");
+            assert!(!shown.contains('\n'), "one line: {shown:?}");
+        }
+    }
+
+    #[test]
+    fn several_programs_each_with_its_protocol_readiness_and_listeners() {
+        let c = parse_str(
+            "listeners:
+  - {name: web, address: 127.0.0.1:8080}
+  - {name: api, address: 127.0.0.1:8081}
+workers:
+  - name: rust
+    command: sh
+  - name: python
+    command: sh
+    protocol: systemd
+    listeners: [api]
+    notify_access: all
+  - name: node
+    command: sh
+    protocol: systemd
+    ready: {http: \"/tmp/health-{worker}.sock\", path: /healthz, timeout: 2s}
+  - name: slow
+    command: sh
+    ready: {delay: 1500ms}
+",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.programs.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["rust", "python", "node", "slow"]);
+        assert_eq!(c.programs[0].protocol, Protocol::Baton);
+        assert_eq!(c.programs[0].ready, Readiness::Channel);
+        assert_eq!(c.programs[0].listeners, [0, 1]);
+        assert_eq!(c.programs[1].ready, Readiness::Notify);
+        assert_eq!(c.programs[1].listeners, [1]);
+        assert_eq!(c.programs[1].notify_access, NotifyAccess::All);
+        let Readiness::Probe(probe) = &c.programs[2].ready else {
+            panic!("{:?}", c.programs[2].ready)
+        };
+        assert_eq!(probe.http_path.as_deref(), Some("/healthz"));
+        assert_eq!(probe.timeout, Duration::from_secs(2));
+        assert_eq!(probe.address_for(7, 1, 3), "/tmp/health-7.sock");
+        assert_eq!(
+            c.programs[3].ready,
+            Readiness::Delay(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn program_errors_are_named() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "listeners: []\nworker: {command: sh, protocol: systemd, ready: channel}\n",
+                "`channel` needs `protocol: baton`",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, ready: notify}\n",
+                "`notify` needs `protocol: systemd`",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, ready: sometimes}\n",
+                "invalid readiness \"sometimes\"",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, ready: {tcp: a, delay: 1s}}\n",
+                "exactly one of",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, ready: {http: /x, path: health}}\n",
+                "must start with /",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, protocol: inetd}\n",
+                "unknown variant `inetd`",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, listeners: [nope]}\n",
+                "no listener is named `nope`",
+            ),
+            (
+                "listeners: []\nworkers:\n  - {command: sh}\n",
+                "workers[0]: needs a `name`",
+            ),
+            (
+                "listeners: []\nworkers:\n  - {name: a, command: sh}\n  - {name: a, command: sh}\n",
+                "`a` is used twice",
+            ),
+            ("listeners: []\n", "missing `worker`"),
+            (
+                "listeners: []\nworker: {command: sh}\nworkers: []\n",
+                "either `worker` or `workers`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let shown = parse_str(text).expect_err(text).to_string();
+            assert!(
+                shown.contains(expected),
+                "{shown:?} should contain {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let text = "listeners:
+  - {name: web, address: 192.0.2.1:80}
+  - {name: sock, path: /nonexistent-dir/x.sock}
+workers:
+  - name: a
+    command: ./missing
+    listeners: [nope]
+  - name: b
+    command: sh
+    protocol: systemd
+    ready_timeout: 1s
+    ready: {http: /tmp/h.sock, timeout: 2s}
+";
+        let problems = parse_all(Path::new("/etc/baton/test.yaml"), text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        for expected in [
+            "workers[0].command: /etc/baton/./missing does not exist",
+            "workers[0].listeners: no listener is named `nope`",
+            "workers[1].ready: the probe's timeout (2000 ms)",
+            "tcp://192.0.2.1:80 is not an address of this machine",
+            "/nonexistent-dir is not a directory",
+        ] {
+            assert!(
+                shown.iter().any(|s| s.contains(expected)),
+                "{expected:?} missing from {shown:#?}"
+            );
+        }
+        assert_eq!(shown.len(), 5, "{shown:#?}");
+        // `parse` (used by run and reload) reports the first.
+        assert_eq!(parse_str(text).unwrap_err().to_string(), shown[0]);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1h2m3s").unwrap(), Duration::from_secs(3723));
+        for bad in ["", "5", "s", "5 s", "-1s", "1.5s", "3d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn yaml_noise() -> impl Strategy<Value = String> {
+        let keys = prop::sample::select(vec![
+            "listeners",
+            "worker",
+            "workers",
+            "name",
+            "address",
+            "path",
+            "mode",
+            "backlog",
+            "command",
+            "args",
+            "env",
+            "processes",
+            "ready_timeout",
+            "drain_timeout",
+            "drain_signal",
+            "ready",
+            "protocol",
+            "supervisor",
+            "control",
+            "socket",
+            "max_draining",
+            "user",
+            "umask",
+            "bogus",
+        ]);
+        let values = prop::sample::select(vec![
+            "sh",
+            "1",
+            "0",
+            "-1",
+            "99999999999",
+            "1s",
+            "10",
+            "[]",
+            "{}",
+            "\"[::1]:80\"",
+            "127.0.0.1:0",
+            "notify",
+            "{delay: 2s}",
+            "{http: /x}",
+            "systemd",
+            "SIGTERM",
+            "\"0660\"",
+            "~",
+            "'",
+            "[",
+            "\"\\u0000\"",
+            "nobody",
+            "*a",
+            "&a x",
+            "!tag x",
+        ]);
+        prop::collection::vec((0usize..4, keys, values, any::<bool>()), 0..24).prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|(indent, k, v, dash)| {
+                    format!(
+                        "{}{}{k}: {v}\n",
+                        "  ".repeat(indent),
+                        if dash { "- " } else { "" }
+                    )
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// Whatever the file says, loading it gives a configuration or errors that name the
+        /// file, on one line each: it never panics.
+        #[test]
+        fn the_config_loader_never_panics_on_yaml_shaped_noise(text in yaml_noise()) {
+            if let Err(problems) = parse_all(Path::new("/etc/baton/fuzz.yaml"), &text) {
+                prop_assert!(!problems.is_empty());
+                for p in problems {
+                    let shown = p.to_string();
+                    prop_assert!(shown.starts_with("/etc/baton/fuzz.yaml"), "{}", shown);
+                    prop_assert!(!shown.contains('\n'), "{}", shown);
+                }
+            }
+        }
+
+        #[test]
+        fn the_config_loader_never_panics_on_bytes(text in "\\PC{0,300}") {
+            let _ = parse_all(Path::new("/x.yaml"), &text);
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! Checks that need the whole file (names used twice, a program's listeners, its command on
+//! disk, readiness that fits the protocol, addresses this machine has), run after parsing: each
+//! problem names its key, and the line where it can be found.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_proto::ListenerAddress;
+
+use super::locate::{find_line, locate_value, qualify};
+use super::raw::{RawConfig, RawListener, RawSupervisor, RawWorker};
+use super::{
+    Config, ConfigError, ControlConfig, DEFAULT_CONTROL_SOCKET, DEFAULT_RUNTIME_DIR,
+    ListenerConfig, Protocol, Readiness, SupervisorConfig, WorkerConfig,
+};
+
+/// Reads `text` (the file at `path`) into a [`Config`], with every problem found.
+pub(super) fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
+    let raw = read(path, text)?;
+    let mut check = Check {
+        path,
+        text,
+        base: path.parent().unwrap_or(Path::new(".")),
+        problems: Vec::new(),
+    };
+    let listeners = check.listeners(raw.listeners);
+    let programs = check.programs(raw.worker, raw.workers, &listeners)?;
+    check.addresses(&listeners);
+    check.metrics_listen(&raw.supervisor, &listeners);
+    if !check.problems.is_empty() {
+        return Err(check.problems);
+    }
+    Ok(Config {
+        source: path.to_owned(),
+        listeners,
+        programs,
+        supervisor: supervisor(raw.supervisor, check.base),
+    })
+}
+
+/// The YAML read into its raw shape; a syntax or type error comes alone, placed at the value it
+/// is about where that can be found.
+fn read(path: &Path, text: &str) -> Result<RawConfig, Vec<ConfigError>> {
+    serde_yaml::from_str(text).map_err(|err| {
+        let location = err.location();
+        let mut message = err.to_string();
+        // The parser appends " at line L column C"; we print the location first instead.
+        if let Some(cut) = message.rfind(" at line ") {
+            message.truncate(cut);
+        }
+        let mut line = location.as_ref().map(|l| l.line());
+        let mut column = location.as_ref().map(|l| l.column());
+        if let Some((l, c, key)) = line.and_then(|from| locate_value(text, from, &message)) {
+            (line, column) = (Some(l), Some(c));
+            message = qualify(&message, &key);
+        }
+        vec![ConfigError {
+            path: path.to_owned(),
+            line,
+            column,
+            message,
+        }]
+    })
+}
+
+/// The checks of one file: where it is, its text (to find lines in), and the problems so far.
+struct Check<'a> {
+    path: &'a Path,
+    text: &'a str,
+    /// Relative paths in the file are relative to its directory.
+    base: &'a Path,
+    problems: Vec<ConfigError>,
+}
+
+impl Check<'_> {
+    /// Records a problem, at the first line holding `needle` if given and found.
+    fn problem(&mut self, needle: Option<&str>, message: impl Into<String>) {
+        let line = needle.and_then(|n| find_line(self.text, n));
+        self.problems
+            .push(ConfigError::at(self.path, line, message));
+    }
+
+    /// The problems so far, ending the checks.
+    fn stop(&mut self) -> Vec<ConfigError> {
+        std::mem::take(&mut self.problems)
+    }
+
+    /// `listeners:`: names and addresses used once each; relative Unix paths resolved.
+    fn listeners(&mut self, raw: Vec<RawListener>) -> Vec<ListenerConfig> {
+        let mut names = BTreeMap::new();
+        let mut addresses = HashMap::new();
+        for (i, l) in raw.iter().enumerate() {
+            if let Some(first) = names.insert(l.name.clone(), i) {
+                self.problem(
+                    Some(&format!("name: {}", l.name)),
+                    format!(
+                        "listeners[{i}]: name `{}` is already used by listeners[{first}]",
+                        l.name
+                    ),
+                );
+            }
+            if let Some(first) = addresses.insert(l.address.clone(), i) {
+                self.problem(
+                    None,
+                    format!(
+                        "listeners[{i}] (`{}`): {} is already used by listeners[{first}]",
+                        l.name, l.address
+                    ),
+                );
+            }
+        }
+        raw.into_iter()
+            .map(|l| ListenerConfig {
+                address: match l.address {
+                    ListenerAddress::Unix { path: p } if p.is_relative() => ListenerAddress::Unix {
+                        path: self.base.join(p),
+                    },
+                    other => other,
+                },
+                name: l.name,
+                backlog: l.backlog,
+                mode: l.mode.map(|m| m.0),
+            })
+            .collect()
+    }
+
+    /// `worker:` or `workers:`, each program checked. A file without a usable program list
+    /// stops here (nothing else can be judged without it).
+    fn programs(
+        &mut self,
+        worker: Option<RawWorker>,
+        workers: Option<Vec<RawWorker>>,
+        listeners: &[ListenerConfig],
+    ) -> Result<Vec<WorkerConfig>, Vec<ConfigError>> {
+        let single = worker.is_some();
+        let raws = match (worker, workers) {
+            (Some(w), None) => vec![w],
+            (None, Some(ws)) if !ws.is_empty() => ws,
+            (None, Some(_)) => {
+                self.problem(Some("workers:"), "workers: list at least one program");
+                return Err(self.stop());
+            }
+            (Some(_), Some(_)) => {
+                self.problem(
+                    Some("workers:"),
+                    "give either `worker` or `workers`, not both",
+                );
+                return Err(self.stop());
+            }
+            (None, None) => {
+                self.problem(
+                    None,
+                    "missing `worker` (or `workers`): what should baton run?",
+                );
+                return Err(self.stop());
+            }
+        };
+        let mut programs: Vec<WorkerConfig> = Vec::with_capacity(raws.len());
+        for (i, w) in raws.into_iter().enumerate() {
+            let key = if single {
+                "worker".to_string()
+            } else {
+                format!("workers[{i}]")
+            };
+            let name = match &w.name {
+                Some(n) => n.0.clone(),
+                None if single => "worker".to_string(),
+                None => {
+                    self.problem(Some("workers:"), format!("{key}: needs a `name`"));
+                    continue;
+                }
+            };
+            if programs.iter().any(|p| p.name == name) {
+                self.problem(
+                    Some(&format!("name: {name}")),
+                    format!("{key}: program name `{name}` is used twice"),
+                );
+            }
+            programs.push(self.program(&key, name, w, listeners));
+        }
+        Ok(programs)
+    }
+
+    /// One program, as `key` (`worker` or `workers[i]`) names it.
+    fn program(
+        &mut self,
+        key: &str,
+        name: String,
+        w: RawWorker,
+        listeners: &[ListenerConfig],
+    ) -> WorkerConfig {
+        let command = match resolve_command(self.base, &w.command) {
+            Ok(command) => command,
+            Err(message) => {
+                self.problem(
+                    Some(&format!("command: {}", w.command)),
+                    format!("{key}.command: {message}"),
+                );
+                PathBuf::from(&w.command)
+            }
+        };
+        let wanted_listeners = match &w.listeners {
+            None => (0..listeners.len()).collect(),
+            Some(wanted) => {
+                let mut idx = Vec::with_capacity(wanted.len());
+                for want in wanted {
+                    match listeners.iter().position(|l| &l.name == want) {
+                        Some(i) => idx.push(i),
+                        None => self.problem(
+                            Some("listeners: ["),
+                            format!("{key}.listeners: no listener is named `{want}`"),
+                        ),
+                    }
+                }
+                idx
+            }
+        };
+        let protocol = w.protocol.unwrap_or(Protocol::Baton);
+        let ready = self.readiness(key, w.ready.map(|r| r.0), protocol);
+        let uid = w.user.as_ref().map(|u| u.0);
+        // A user without a group runs with the user's primary group.
+        let gid = w.group.as_ref().map(|g| g.0).or_else(|| {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid?)).ok()??;
+            Some(user.gid.as_raw())
+        });
+        let worker = WorkerConfig {
+            name,
+            command,
+            args: w.args,
+            env: w.env,
+            cwd: w.cwd.map(|c| self.base.join(c)),
+            processes: w.processes.0,
+            ready_timeout: w.ready_timeout.0,
+            drain_timeout: w.drain_timeout.0,
+            drain_signal: w.drain_signal.0,
+            restart_backoff: w.restart_backoff.0,
+            restart_backoff_max: w.restart_backoff_max.0.max(w.restart_backoff.0),
+            protocol,
+            ready,
+            notify_access: w.notify_access,
+            listeners: wanted_listeners,
+            uid,
+            gid,
+            umask: w.umask.map(|m| m.0),
+            rlimits: w.rlimits,
+        };
+        if let Some(cwd) = &worker.cwd {
+            if !cwd.is_dir() {
+                self.problem(
+                    Some("cwd:"),
+                    format!("{key}.cwd: {} is not a directory", cwd.display()),
+                );
+            }
+        }
+        if let Readiness::Probe(probe) = &worker.ready {
+            if probe.timeout >= worker.ready_timeout || probe.interval >= worker.ready_timeout {
+                self.problem(
+                    Some("ready:"),
+                    format!(
+                        "{key}.ready: the probe's timeout ({} ms) and interval ({} ms) must be shorter than ready_timeout ({} ms), or it never gets a second try",
+                        probe.timeout.as_millis(),
+                        probe.interval.as_millis(),
+                        worker.ready_timeout.as_millis()
+                    ),
+                );
+            }
+        }
+        worker
+    }
+
+    /// `ready:` as the protocol allows it (by default: what the protocol reports with).
+    fn readiness(&mut self, key: &str, ready: Option<Readiness>, protocol: Protocol) -> Readiness {
+        match (ready, protocol) {
+            (None, Protocol::Baton) => Readiness::Channel,
+            (None, Protocol::Systemd) => Readiness::Notify,
+            (Some(Readiness::Channel), Protocol::Systemd) => {
+                self.problem(
+                    Some("ready:"),
+                    format!(
+                        "{key}.ready: `channel` needs `protocol: baton`; a systemd-style worker reports with `notify` or a probe"
+                    ),
+                );
+                Readiness::Notify
+            }
+            (Some(Readiness::Notify), Protocol::Baton) => {
+                self.problem(
+                    Some("ready:"),
+                    format!(
+                        "{key}.ready: `notify` needs `protocol: systemd`; a baton worker reports on its channel"
+                    ),
+                );
+                Readiness::Channel
+            }
+            // A relative Unix socket path of a probe is relative to this file, like every path.
+            (Some(Readiness::Probe(mut probe)), _) => {
+                if probe.address.contains('/') && !probe.address.starts_with('/') {
+                    probe.address = self.base.join(&probe.address).display().to_string();
+                }
+                Readiness::Probe(probe)
+            }
+            (Some(r), _) => r,
+        }
+    }
+
+    /// Every listener's address can be bound on this machine.
+    fn addresses(&mut self, listeners: &[ListenerConfig]) {
+        for (i, l) in listeners.iter().enumerate() {
+            if let Some(problem) = address_problem(&l.address) {
+                self.problem(
+                    None,
+                    format!("listeners[{i}] (`{}`): {} {problem}", l.name, l.address),
+                );
+            }
+        }
+    }
+
+    /// `supervisor.metrics_listen`: an address of this machine that no listener uses.
+    fn metrics_listen(&mut self, supervisor: &RawSupervisor, listeners: &[ListenerConfig]) {
+        let Some(metrics) = supervisor.metrics_listen.as_ref().map(|a| a.0) else {
+            return;
+        };
+        let at = Some("metrics_listen:");
+        let tcp = ListenerAddress::Tcp { address: metrics };
+        if let Some(problem) = address_problem(&tcp) {
+            self.problem(
+                at,
+                format!("supervisor.metrics_listen: {metrics} {problem}"),
+            );
+        }
+        // The same port on the same address, or on a wildcard one, would not bind.
+        let clash = listeners.iter().find(|l| match l.address {
+            ListenerAddress::Tcp { address } => {
+                address.port() == metrics.port()
+                    && (address.ip() == metrics.ip()
+                        || address.ip().is_unspecified()
+                        || metrics.ip().is_unspecified())
+            }
+            ListenerAddress::Unix { .. } => false,
+        });
+        if let Some(l) = clash {
+            self.problem(
+                at,
+                format!(
+                    "supervisor.metrics_listen: {metrics} clashes with listener `{}` ({})",
+                    l.name, l.address
+                ),
+            );
+        }
+    }
+}
+
+/// `supervisor:` with its defaults.
+fn supervisor(s: RawSupervisor, base: &Path) -> SupervisorConfig {
+    SupervisorConfig {
+        max_draining: s.max_draining.0,
+        forward_usr1: s.forward_usr1,
+        control: ControlConfig {
+            socket: s
+                .control
+                .socket
+                .map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), |p| base.join(p)),
+            mode: s.control.mode.map_or(0o600, |m| m.0),
+            read_group: s.control.read_group.map(|g| g.0),
+            allow_uids: s.control.allow_users.iter().map(|u| u.0).collect(),
+            allow_gids: s.control.allow_groups.iter().map(|g| g.0).collect(),
+            timeout: s.control.timeout.map_or(Duration::from_secs(5), |t| t.0),
+            max_clients: s.control.max_clients.map_or(16, |m| m.0),
+        },
+        canary_window: s.canary_window.map(|t| t.0),
+        upgrade_signal: s.upgrade_signal.and_then(|u| u.0),
+        upgrade_timeout: s
+            .upgrade_timeout
+            .map_or(crate::DEFAULT_UPGRADE_TIMEOUT, |t| t.0),
+        metrics_listen: s.metrics_listen.map(|a| a.0),
+        runtime_dir: s
+            .runtime_dir
+            .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(d)),
+    }
+}
+
+/// Whether a listener's address can be bound here, judged without binding it: the IP must be
+/// one of this machine's (bind it with port 0), a Unix socket's directory must exist.
+fn address_problem(address: &ListenerAddress) -> Option<String> {
+    match address {
+        ListenerAddress::Tcp { address } => {
+            let probe = std::net::SocketAddr::new(address.ip(), 0);
+            match std::net::TcpListener::bind(probe) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL) => {
+                    Some("is not an address of this machine".into())
+                }
+                _ => None,
+            }
+        }
+        ListenerAddress::Unix { path } => match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Some(format!(
+                "cannot be created: {} is not a directory",
+                dir.display()
+            )),
+            _ => None,
+        },
+    }
+}
+
+/// Resolves the worker program: a name with a `/` is a path (relative to the config file's
+/// directory), a bare name is looked up in `PATH`, like a shell would.
+fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
+    if command.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let candidates: Vec<PathBuf> = if command.contains('/') {
+        vec![base.join(command)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|dir| dir.join(command))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for candidate in &candidates {
+        if let Ok(meta) = std::fs::metadata(candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate.clone());
+            }
+            if command.contains('/') {
+                return Err(format!("{} is not an executable file", candidate.display()));
+            }
+        }
+    }
+    match candidates.first() {
+        Some(path) if command.contains('/') => Err(format!("{} does not exist", path.display())),
+        _ => Err(format!("`{command}` was not found in PATH")),
+    }
+}
