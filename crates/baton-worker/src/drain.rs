@@ -1,0 +1,115 @@
+//! Draining: why a drain was requested ([`DrainReason`]), waiting for it ([`DrainWatch`]), the
+//! accept gate a standing-by generation closes ([`AcceptGate`]), connection counting
+//! ([`ConnectionGuard`]), and the signals: the drain signal requests a drain, SIGUSR1 is ignored.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::Shared;
+
+/// Why a drain was requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainReason {
+    /// The master retired this worker's generation; it kills the worker after `deadline`.
+    Master { deadline: Duration },
+    /// The drain signal arrived (SIGTERM by default).
+    Signal,
+    /// The channel closed: the master is gone.
+    MasterGone,
+}
+
+impl std::fmt::Display for DrainReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DrainReason::Master { deadline } => {
+                write!(
+                    f,
+                    "the master asked (killed in {} ms)",
+                    deadline.as_millis()
+                )
+            }
+            DrainReason::Signal => write!(f, "the drain signal arrived"),
+            DrainReason::MasterGone => write!(f, "the master is gone"),
+        }
+    }
+}
+
+/// Resolves when a drain is requested. Cheap to clone: give one to every connection task.
+#[derive(Debug, Clone)]
+pub struct DrainWatch(pub(crate) watch::Receiver<Option<DrainReason>>);
+
+impl DrainWatch {
+    /// Waits until a drain is requested and says why.
+    pub async fn requested(&mut self) -> DrainReason {
+        loop {
+            if let Some(reason) = *self.0.borrow_and_update() {
+                return reason;
+            }
+            if self.0.changed().await.is_err() {
+                // The sender lives as long as the worker; if it is gone, so is the master.
+                return DrainReason::MasterGone;
+            }
+        }
+    }
+    /// Whether a drain was requested already.
+    pub fn is_requested(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+}
+
+/// Whether to accept now: closed while the worker's generation stands by during a newer
+/// generation's probation (`pause`), open again if that generation is rolled back (`resume`).
+#[derive(Debug, Clone)]
+pub struct AcceptGate(pub(crate) watch::Receiver<bool>);
+
+impl AcceptGate {
+    pub fn is_open(&self) -> bool {
+        *self.0.borrow()
+    }
+    /// Waits until the gate opens or closes.
+    pub async fn changed(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Counts a connection while alive.
+#[derive(Debug)]
+pub struct ConnectionGuard(pub(crate) Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+        self.0.changed.notify_one();
+    }
+}
+
+/// SIGUSR1 (logrotate's habit, and `systemctl kill -s USR1` reaches every process of a unit)
+/// must not kill a worker: it is noted and otherwise ignored.
+pub(crate) async fn ignore_usr1() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        tracing::info!("SIGUSR1: nothing to reopen (the worker logs to stderr)");
+    }
+}
+
+/// The drain signal (SIGTERM, baton's default) requests a drain instead of killing the process.
+pub(crate) async fn watch_drain_signal(shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    if term.recv().await.is_some() {
+        shared
+            .drain
+            .send_if_modified(|d| d.get_or_insert(DrainReason::Signal) == &DrainReason::Signal);
+    }
+}

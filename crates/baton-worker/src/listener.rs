@@ -1,0 +1,130 @@
+//! The listeners a worker receives ([`Listener`]), the connections it accepts ([`Stream`]), and
+//! the check that turns a received descriptor into a listener: a listening stream socket, bound
+//! where the manifest says.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use baton_proto::{ListenerAddress, ListenerInfo};
+use baton_sys::channel;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::WorkerError;
+
+/// A listening socket handed over by the master.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Accepts one connection.
+    pub async fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        }
+    }
+}
+
+/// An accepted connection of either kind.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+macro_rules! delegate {
+    ($self:ident, $method:ident($($arg:ident),*)) => {
+        match $self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).$method($($arg),*),
+            Stream::Unix(s) => Pin::new(s).$method($($arg),*),
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_shutdown(cx))
+    }
+}
+
+/// A received descriptor as the listener `info` announces, or why it is not that.
+pub(crate) fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, WorkerError> {
+    let not_a_listener = || WorkerError::NotAListener {
+        name: info.name.clone(),
+    };
+    match channel::socket_kind(fd.as_fd()) {
+        Ok(kind) if kind.listening && kind.sock_type == channel::SockType::Stream => {}
+        _ => return Err(not_a_listener()),
+    }
+    // The descriptor must be bound where the manifest says: a mixed-up handoff is refused.
+    let local = channel::local_address(fd.as_fd()).map_err(|source| WorkerError::Adopt {
+        name: info.name.clone(),
+        source,
+    })?;
+    let matches = match (&info.address, &local) {
+        (ListenerAddress::Tcp { address }, channel::LocalAddress::Inet(got)) => {
+            got.ip() == address.ip() && (address.port() == 0 || got.port() == address.port())
+        }
+        (ListenerAddress::Unix { path }, channel::LocalAddress::Unix(got)) => {
+            got.as_deref() == Some(path.as_path())
+        }
+        _ => false,
+    };
+    if !matches {
+        return Err(WorkerError::WrongSocket {
+            name: info.name.clone(),
+            address: info.address.to_string(),
+            actual: format!("{local:?}"),
+        });
+    }
+    let adopt_err = |source| WorkerError::Adopt {
+        name: info.name.clone(),
+        source,
+    };
+    match info.address {
+        ListenerAddress::Tcp { .. } => {
+            let std = std::net::TcpListener::from(fd);
+            std.set_nonblocking(true).map_err(adopt_err)?;
+            TcpListener::from_std(std)
+                .map(Listener::Tcp)
+                .map_err(adopt_err)
+        }
+        ListenerAddress::Unix { .. } => {
+            let std = std::os::unix::net::UnixListener::from(fd);
+            std.set_nonblocking(true).map_err(adopt_err)?;
+            UnixListener::from_std(std)
+                .map(Listener::Unix)
+                .map_err(adopt_err)
+        }
+    }
+}

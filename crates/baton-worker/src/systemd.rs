@@ -1,0 +1,70 @@
+//! The systemd path: listeners from socket activation (`LISTEN_FDS`, parsed once for baton in
+//! [`baton_sys::activation`]), readiness and status through `NOTIFY_SOCKET`, SIGTERM to drain.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use baton_proto::{ListenerAddress, ListenerInfo};
+use baton_sys::{activation, channel};
+use tokio::sync::{Notify, watch};
+
+use crate::drain::{ignore_usr1, watch_drain_signal};
+use crate::listener::adopt;
+use crate::{Control, Shared, Worker, WorkerError};
+
+impl Worker {
+    /// Takes listeners passed the systemd way (`LISTEN_FDS` at fds 3.., `LISTEN_PID`,
+    /// `LISTEN_FDNAMES`). Fails with [`WorkerError::NotUnderBaton`] if `LISTEN_FDS` is unset.
+    pub fn from_systemd_env() -> Result<Worker, WorkerError> {
+        let passed = activation::listen_fds(&activation::ActivationEnv::from_process())
+            .map_err(|err| match err {
+                activation::ActivationError::NotOurs { listen_pid, pid } => {
+                    WorkerError::ListenPid { listen_pid, pid }
+                }
+                activation::ActivationError::Invalid { var, value } => {
+                    WorkerError::BadEnv { var, value }
+                }
+            })?
+            .ok_or(WorkerError::NotUnderBaton)?;
+        let mut listeners = Vec::with_capacity(passed.len());
+        for activation::Passed { name, fd, .. } in passed {
+            let fd = fd.map_err(|source| WorkerError::Adopt {
+                name: name.clone(),
+                source,
+            })?;
+            let address = match channel::local_address(fd.as_fd()) {
+                Ok(channel::LocalAddress::Inet(address)) => ListenerAddress::Tcp { address },
+                Ok(channel::LocalAddress::Unix(path)) => ListenerAddress::Unix {
+                    path: path.unwrap_or_default(),
+                },
+                Err(source) => return Err(WorkerError::Adopt { name, source }),
+            };
+            let info = ListenerInfo { name, address };
+            let listener = adopt(&info, fd)?;
+            listeners.push((info, Some(listener)));
+        }
+        let generation = std::env::var(baton_proto::GENERATION_ENV)
+            .ok()
+            .and_then(|g| g.parse().ok());
+        let worker_id = std::env::var(baton_proto::WORKER_ID_ENV)
+            .ok()
+            .and_then(|w| w.parse().ok());
+        let (drain, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            control: Control::Systemd,
+            accepting: watch::channel(true).0,
+            connections: AtomicU64::new(0),
+            changed: Notify::new(),
+            drain,
+        });
+        tokio::spawn(watch_drain_signal(shared.clone()));
+        tokio::spawn(ignore_usr1());
+        Ok(Worker {
+            shared,
+            generation: generation.unwrap_or(0),
+            worker_id: worker_id.unwrap_or(0),
+            listeners,
+        })
+    }
+}
