@@ -12,6 +12,7 @@
 mod codec;
 pub mod config;
 pub mod control;
+pub mod histogram;
 pub mod intent;
 pub mod listeners;
 pub mod master;

@@ -492,7 +492,7 @@ impl Supervisor {
                 }
             }
         }
-        self.counters.reload_durations.push(duration);
+        self.counters.reload_durations.observe(duration);
         self.actions.push(Action::Verdict(Verdict {
             requests: reload.covers.clone(),
             reload: Some(reload.id),
@@ -1082,7 +1082,7 @@ impl Supervisor {
             GenState::Draining { since, killed } => {
                 self.counters
                     .drain_durations
-                    .push(now.saturating_duration_since(since));
+                    .observe(now.saturating_duration_since(since));
                 let took = now.saturating_duration_since(since).as_millis() as u64;
                 info!(
                     event = "generation_exited",

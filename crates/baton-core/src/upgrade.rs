@@ -7,6 +7,14 @@
 //! old master running. Fields added later must default, so that older states still decode; the
 //! fixture `tests/fixtures/state-v1.json` keeps format 1 readable.
 //!
+//! Format 2 differs from format 1 in one place: the state machine's reload and drain durations
+//! are fixed-bucket histograms ([`crate::histogram`]) instead of ever-growing lists, and a list
+//! from format 1 is read into buckets.
+//!
+//! This state is baton's second boundary between programs, beside `baton-proto`: the
+//! configuration types, the state machine and its private records cross it as they are
+//! serialized here. Renaming a field of any of them changes this format.
+//!
 //! Times cross as absolute `CLOCK_MONOTONIC` nanoseconds ([`crate::codec::mono`]), so deadlines
 //! fire at the same moment after the upgrade as before it.
 
@@ -20,7 +28,7 @@ use crate::config::{ControlConfig, ListenerConfig, NotifyAccess, WorkerConfig};
 use crate::supervisor::{Generation, Intent, Supervisor, WorkerId};
 
 /// The state format this master writes (and the newest it reads).
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
 /// Where the new master finds its state: the number of an inherited descriptor.
 pub const STATE_FD_ENV: &str = "BATON_UPGRADE_STATE_FD";
@@ -143,7 +151,7 @@ pub fn decode(bytes: &[u8]) -> Result<(State, Supervisor), StateError> {
             found: header.format,
         });
     }
-    // Format 1 is the first: later formats convert older ones here.
+    // Format 1 reads as format 2: its duration lists become histograms as they decode.
     let mut state: State =
         serde_json::from_slice(bytes).map_err(|e| StateError::Invalid(e.to_string()))?;
     let supervisor = serde_json::from_value(state.supervisor.take())
@@ -225,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn a_format_1_state_encodes_back_to_the_same_json() {
+    fn a_format_1_state_encodes_back_to_the_same_json_but_for_the_histograms() {
         let (mut state, supervisor) = decode(STATE_V1.as_bytes()).unwrap();
         state.supervisor = supervisor_value(&supervisor);
         let again: serde_json::Value = serde_json::from_slice(&encode(&state)).unwrap();
@@ -244,6 +252,15 @@ mod tests {
                 d.ends_with(&format!("{a} vs Some(Null)"))
                     || d.contains(&format!(".{a} vs Some(Object"))
             })
+        });
+        // Format 2: the durations are histograms now, with what the lists held.
+        let counters = &again["supervisor"]["counters"];
+        assert_eq!(counters["reload_durations"]["count"], 2, "{counters}");
+        assert_eq!(counters["reload_durations"]["counts"][0], 2, "{counters}");
+        assert_eq!(counters["drain_durations"]["count"], 1, "{counters}");
+        diff.retain(|d| {
+            !d.starts_with(".supervisor.counters.reload_durations: [")
+                && !d.starts_with(".supervisor.counters.drain_durations: [")
         });
         assert!(diff.is_empty(), "{diff:#?}");
     }

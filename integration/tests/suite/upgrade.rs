@@ -174,8 +174,8 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     std::fs::write(
         &too_new,
         format!(
-            "#!/bin/sh\nsed 's/\"format\":1,/\"format\":2,/' /proc/self/fd/$BATON_UPGRADE_STATE_FD > {state}\nexec 9< {state}\nBATON_UPGRADE_STATE_FD=9 exec {baton} \"$@\"\n",
-            state = dir.path().join("state-v2.json").display(),
+            "#!/bin/sh\nsed 's/\"format\":[0-9]*,/\"format\":999,/' /proc/self/fd/$BATON_UPGRADE_STATE_FD > {state}\nexec 9< {state}\nBATON_UPGRADE_STATE_FD=9 exec {baton} \"$@\"\n",
+            state = dir.path().join("state-newer.json").display(),
             baton = binaries().baton.display(),
         ),
     )
@@ -197,7 +197,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
         ("/bin/true".to_string(), "no answer to upgrade-check"),
         (
             too_new.display().to_string(),
-            "state format 2 is newer than this baton understands",
+            "state format 999 is newer than this baton understands",
         ),
         (not_executable.display().to_string(), "ermission denied"),
         (

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use baton_proto::control as proto;
 
 use super::Master;
+use crate::histogram::{Buckets, Histogram};
 use crate::supervisor::{Generation, Phase, Snapshot};
 
 impl Master {
@@ -84,21 +85,13 @@ impl Master {
             "baton_reload_duration_seconds",
             "histogram",
             "From reload request to verdict.",
-            histogram(
-                &c.reload_durations,
-                &[
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                ],
-            ),
+            histogram(&c.reload_durations),
         );
         metric(
             "baton_drain_duration_seconds",
             "histogram",
             "How long retired generations took to drain.",
-            histogram(
-                &c.drain_durations,
-                &[0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0],
-            ),
+            histogram(&c.drain_durations),
         );
         metric(
             "baton_worker_restarts_total",
@@ -324,21 +317,18 @@ pub(super) fn status_line(snap: &Snapshot) -> String {
     parts.join("; ")
 }
 
-/// Prometheus histogram samples (cumulative buckets, sum, count) of `values` in seconds.
-fn histogram(values: &[Duration], bounds: &[f64]) -> Vec<(String, String)> {
-    let secs: Vec<f64> = values.iter().map(Duration::as_secs_f64).collect();
-    let mut samples: Vec<(String, String)> = bounds
-        .iter()
-        .map(|b| {
-            (
-                format!("_bucket{{le=\"{b}\"}}"),
-                secs.iter().filter(|v| **v <= *b).count().to_string(),
-            )
+/// Prometheus histogram samples (cumulative buckets, sum, count), in seconds.
+fn histogram<B: Buckets>(h: &Histogram<B>) -> Vec<(String, String)> {
+    let mut samples: Vec<(String, String)> = h
+        .cumulative()
+        .into_iter()
+        .map(|(bound, n)| {
+            let le = bound.map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            (format!("_bucket{{le=\"{le}\"}}"), n.to_string())
         })
         .collect();
-    samples.push(("_bucket{le=\"+Inf\"}".into(), secs.len().to_string()));
-    samples.push(("_sum".into(), format!("{:.6}", secs.iter().sum::<f64>())));
-    samples.push(("_count".into(), secs.len().to_string()));
+    samples.push(("_sum".into(), format!("{:.6}", h.sum().as_secs_f64())));
+    samples.push(("_count".into(), h.count().to_string()));
     samples
 }
 

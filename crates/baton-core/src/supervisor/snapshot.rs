@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::Supervisor;
 use super::model::{Generation, Phase, ReloadId, ReloadRecord, RequestId, WorkerId};
 use super::records::{GenState, WorkerState};
+use crate::histogram::{DrainBuckets, Histogram, ReloadBuckets};
 
 /// What the state machine knows at one instant, for `baton status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,14 +61,14 @@ pub struct Counters {
     /// Failed reloads that were rollbacks of a generation on probation.
     pub reloads_rolled_back: u64,
     /// Durations of finished reloads (request to verdict).
-    pub reload_durations: Vec<Duration>,
+    pub reload_durations: Histogram<ReloadBuckets>,
     /// Crashed workers replaced.
     pub restarts: u64,
     /// Workers killed at their drain deadline, and to respect `max_draining`.
     pub killed_at_deadline: u64,
     pub killed_by_cap: u64,
     /// How long finished drains took.
-    pub drain_durations: Vec<Duration>,
+    pub drain_durations: Histogram<DrainBuckets>,
 }
 
 impl Supervisor {
