@@ -8,8 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 /// `CLOCK_MONOTONIC` now, in nanoseconds.
 fn monotonic_ns() -> i128 {
     // CLOCK_MONOTONIC cannot fail on Linux (EINVAL is for unknown clocks, EFAULT for a bad
@@ -40,8 +38,11 @@ pub(crate) fn from_monotonic(ns: i128) -> Instant {
 
 /// An [`Instant`] as absolute `CLOCK_MONOTONIC` nanoseconds.
 pub(crate) mod mono {
-    use super::*;
-    use serde::{Deserializer, Serializer};
+    use std::time::Instant;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{from_monotonic, to_monotonic};
 
     pub(crate) fn serialize<S: Serializer>(instant: &Instant, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_i128(to_monotonic(*instant))
@@ -54,8 +55,11 @@ pub(crate) mod mono {
 
 /// An optional [`Instant`], as [`mono`].
 pub(crate) mod mono_opt {
-    use super::*;
-    use serde::{Deserializer, Serializer};
+    use std::time::Instant;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{from_monotonic, to_monotonic};
 
     pub(crate) fn serialize<S: Serializer>(
         instant: &Option<Instant>,

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod accept;
 mod codec;
 pub mod config;
 pub mod control;

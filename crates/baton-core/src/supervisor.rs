@@ -107,18 +107,6 @@ impl Supervisor {
             .min()
     }
 
-    /// The serving generation's upgrade signal (`supervisor.upgrade_signal`), if any.
-    pub fn upgrade_signal(&self) -> Option<SignalNumber> {
-        self.serving_spec().and_then(|s| s.upgrade_signal)
-    }
-
-    /// How long a new program may take to check the state, from the serving generation's
-    /// configuration.
-    pub fn upgrade_timeout(&self) -> Duration {
-        self.serving_spec()
-            .map_or(crate::DEFAULT_UPGRADE_TIMEOUT, |s| s.upgrade_timeout)
-    }
-
     // ---- reloads ----------------------------------------------------------------------------
 
     fn on_reload_request(&mut self, now: Instant, trigger: Trigger) {
@@ -159,11 +147,6 @@ impl Supervisor {
             result: Err("rejected: the master is stopping".into()),
             duration: Duration::ZERO,
         }));
-    }
-
-    /// The id of the last reload request handled: a caller that just sent one learns its id.
-    pub fn last_request(&self) -> Option<RequestId> {
-        (self.next_request > 0).then_some(RequestId(self.next_request))
     }
 
     fn begin_reload(&mut self, now: Instant, requests: Vec<(RequestId, Trigger)>, initial: bool) {
@@ -747,7 +730,7 @@ impl Supervisor {
                 } else {
                     s.crashes + 1
                 };
-                let delay = backoff(&program, s.crashes);
+                let delay = program.backoff(s.crashes);
                 s.restart_at = Some(now + delay);
                 let crashes = s.crashes;
                 warn!(
@@ -1195,18 +1178,6 @@ impl Supervisor {
             .get_mut(&g)
             .and_then(|entry| entry.slots.get_mut(slot))
     }
-}
-
-/// Delay before the restart after `crashes` crashes in a row: doubling from `restart_backoff`,
-/// capped at `restart_backoff_max`.
-fn backoff(program: &ProgramSpec, crashes: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(crashes.saturating_sub(1))
-        .unwrap_or(u32::MAX);
-    program
-        .restart_backoff
-        .saturating_mul(factor)
-        .min(program.restart_backoff_max)
 }
 
 fn join(ids: &[RequestId]) -> String {

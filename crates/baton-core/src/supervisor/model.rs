@@ -51,6 +51,19 @@ pub struct ProgramSpec {
     pub restart_backoff_max: Duration,
 }
 
+impl ProgramSpec {
+    /// Delay before the restart after `crashes` crashes in a row: doubling from
+    /// `restart_backoff`, capped at `restart_backoff_max`.
+    pub fn backoff(&self, crashes: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(crashes.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.restart_backoff
+            .saturating_mul(factor)
+            .min(self.restart_backoff_max)
+    }
+}
+
 /// What a generation runs: every program of the configuration, and the master-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationSpec {

@@ -7,6 +7,8 @@ use baton_proto::control::WorkerState as WorkerPhase;
 use serde::{Deserialize, Serialize};
 
 use super::Supervisor;
+use baton_sys::process::SignalNumber;
+
 use super::model::{Generation, Phase, ReloadId, ReloadRecord, RequestId, WorkerId};
 use super::records::{GenState, WorkerState};
 use crate::histogram::{DrainBuckets, Histogram, ReloadBuckets};
@@ -183,5 +185,22 @@ impl Supervisor {
     /// The last reloads' verdicts, oldest first.
     pub fn history(&self) -> impl Iterator<Item = &ReloadRecord> {
         self.history.iter()
+    }
+
+    /// The serving generation's upgrade signal (`supervisor.upgrade_signal`), if any.
+    pub fn upgrade_signal(&self) -> Option<SignalNumber> {
+        self.serving_spec().and_then(|s| s.upgrade_signal)
+    }
+
+    /// How long a new program may take to check the state, from the serving generation's
+    /// configuration.
+    pub fn upgrade_timeout(&self) -> Duration {
+        self.serving_spec()
+            .map_or(crate::DEFAULT_UPGRADE_TIMEOUT, |s| s.upgrade_timeout)
+    }
+
+    /// The id of the last reload request handled: a caller that just sent one learns its id.
+    pub fn last_request(&self) -> Option<RequestId> {
+        (self.next_request > 0).then_some(RequestId(self.next_request))
     }
 }

@@ -1,0 +1,154 @@
+//! The shape of the code, checked: what `docs/ARCHITECTURE.md` states about rooms and arrows.
+//! Read from the sources, outside comments and test modules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// A source file's code: comment lines and a trailing `#[cfg(test)] mod tests { .. }` left out.
+fn code(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let text = match text.find("#[cfg(test)]\nmod tests {") {
+        Some(cut) => &text[..cut],
+        None => &text,
+    };
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn is_test_file(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n == "tests.rs")
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `crate::X` references of each top-level module of baton-core (a folder counts as its module).
+fn arrows() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut arrows: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in files.iter().filter(|f| !is_test_file(f)) {
+        let rel = file.strip_prefix(&src).unwrap();
+        let top = rel.iter().next().unwrap().to_string_lossy();
+        let top = top.trim_end_matches(".rs").to_string();
+        if top == "lib" {
+            continue;
+        }
+        let code = code(file);
+        let targets = arrows.entry(top.clone()).or_default();
+        for (i, _) in code.match_indices("crate::") {
+            let name: String = code[i + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if !name.is_empty() && name != top {
+                targets.insert(name);
+            }
+        }
+    }
+    arrows
+}
+
+#[test]
+fn baton_core_modules_form_no_cycle() {
+    let arrows = arrows();
+    assert!(arrows.contains_key("master") && arrows.contains_key("supervisor"));
+    fn visit(
+        node: &str,
+        arrows: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        path.push(node.to_string());
+        for next in arrows.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, arrows, path) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        None
+    }
+    for node in arrows.keys() {
+        let cycle = visit(node, &arrows, &mut Vec::new());
+        assert!(cycle.is_none(), "{cycle:?} in {arrows:#?}");
+    }
+}
+
+#[test]
+fn the_state_machine_and_the_configuration_do_not_name_the_upgrade_format() {
+    let arrows = arrows();
+    for module in ["supervisor", "config", "codec", "histogram", "intent"] {
+        let targets = &arrows[module];
+        for forbidden in ["upgrade", "master"] {
+            assert!(
+                !targets.contains(forbidden),
+                "{module} refers to crate::{forbidden}: {targets:?}"
+            );
+        }
+    }
+    assert!(
+        !arrows["supervisor"].contains("config"),
+        "the state machine decides with its own model, not the configuration"
+    );
+}
+
+#[test]
+fn rooms_stay_small_and_say_what_they_touch() {
+    let mut files = Vec::new();
+    for krate in [
+        "baton",
+        "baton-core",
+        "baton-proto",
+        "baton-sys",
+        "baton-worker",
+    ] {
+        rust_files(
+            &workspace().join("crates").join(krate).join("src"),
+            &mut files,
+        );
+    }
+    assert!(files.len() > 30, "{files:?}");
+    let mut too_long = Vec::new();
+    for file in files.iter().filter(|f| !is_test_file(f)) {
+        let text = std::fs::read_to_string(file).unwrap();
+        let lines = match text.find("#[cfg(test)]\nmod tests {") {
+            Some(cut) => text[..cut].lines().count(),
+            None => text.lines().count(),
+        };
+        let name = file.to_string_lossy();
+        let limit = if name.ends_with("baton-core/src/supervisor.rs") {
+            1200 // the transitions, kept together: they call each other
+        } else if name.ends_with("baton-core/src/master.rs") {
+            600
+        } else {
+            800
+        };
+        if lines > limit {
+            too_long.push(format!("{name}: {lines} lines (limit {limit})"));
+        }
+        assert!(
+            !code(file).contains("use super::*;"),
+            "{name}: imports say what a room touches; no `use super::*`"
+        );
+    }
+    assert!(too_long.is_empty(), "{too_long:#?}");
+}
