@@ -174,9 +174,9 @@ pub enum StartError {
 }
 
 impl Master {
-    /// Binds the configured listeners and the control socket. Nothing is spawned until
-    /// [`Master::run`]. Must be called inside a tokio runtime (the control socket registers
-    /// with it).
+    /// Binds the configured listeners, the control socket and the metrics endpoint (as std
+    /// sockets: no runtime is needed yet; the binary builds its runtime after this). Nothing is
+    /// spawned until [`Master::run`].
     pub fn new(config: Config, mut options: Options) -> Result<Master, StartError> {
         let mut table = ListenerTable::default();
         let inherited = std::mem::take(&mut options.inherited);
