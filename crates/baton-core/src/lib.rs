@@ -1,11 +1,13 @@
 //! The baton master as a library.
 //!
 //! It owns the configuration ([`config`]), the listening sockets ([`listeners`]), the supervision
-//! state machine ([`supervisor`]) and the event loop that drives it ([`master`]).
+//! state machine ([`supervisor`]), the event loop that drives it ([`master`]), and the state that
+//! crosses a self-upgrade ([`upgrade`]). `docs/ARCHITECTURE.md` has the code map.
 //!
 //! It must not register signal handlers, read the environment for its own behaviour, or exit the
-//! process: signals arrive as [`supervisor::Intent`]s through [`master::Input`], and [`master::run`]
-//! returns the exit code. That is what lets tests run a whole master inside a test process.
+//! process: signals arrive as [`intent::Intent`]s through [`master::Input`], what the binary
+//! knows of its environment arrives in [`master::Options`], and [`master::Master::run`] returns
+//! the exit code. That is what lets tests run a whole master inside a test process.
 
 #![forbid(unsafe_code)]
 
@@ -23,7 +25,7 @@ pub mod supervisor;
 pub mod upgrade;
 
 /// Makes this process the reaper of its workers' orphans (`PR_SET_CHILD_SUBREAPER`). A
-/// process-wide setting, so the binary calls it, not [`master::run`].
+/// process-wide setting, so the binary calls it, not [`master::Master::run`].
 pub fn become_subreaper() -> std::io::Result<()> {
     baton_sys::process::become_subreaper()
 }

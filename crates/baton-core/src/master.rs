@@ -8,7 +8,7 @@
 //! event and no deadline the loop sleeps in `epoll_wait`.
 //!
 //! This file holds the loop itself ([`Master::run`]) and the carrying out of actions
-//! ([`Master::apply`]); each job the loop hands out has a room of its own:
+//! (`Master::apply`); each job the loop hands out has a room of its own:
 //!
 //! - `generations`: a generation's resources (configuration re-read, listeners, the metrics
 //!   endpoint moved) and their release;

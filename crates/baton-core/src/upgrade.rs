@@ -15,7 +15,7 @@
 //! configuration types, the state machine and its private records cross it as they are
 //! serialized here. Renaming a field of any of them changes this format.
 //!
-//! Times cross as absolute `CLOCK_MONOTONIC` nanoseconds ([`crate::codec::mono`]), so deadlines
+//! Times cross as absolute `CLOCK_MONOTONIC` nanoseconds (`codec::mono`), so deadlines
 //! fire at the same moment after the upgrade as before it.
 
 use std::path::PathBuf;

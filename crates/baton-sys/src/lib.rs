@@ -1,13 +1,17 @@
 //! The system-call edge of baton: the only crate with `unsafe` code.
 //!
 //! It owns: moving descriptors over the worker channel (`SCM_RIGHTS` over a `SOCK_SEQPACKET`
-//! socket pair), placing descriptors at fixed numbers in a child between `fork` and `exec`, the
-//! process syscalls the master needs (signals, reaping), the self-upgrade's memfd and `execve`,
-//! and the kernel's count of established connections (`sock_diag` netlink).
+//! socket pair), adopting descriptors inherited across `execve` (socket activation in
+//! [`activation`], the channel, a self-upgrade's state), placing descriptors at fixed numbers in a
+//! child between `fork` and `exec`, the process syscalls the master needs (signals, reaping), the
+//! self-upgrade's memfd and `execve`, and the kernel's count of established connections
+//! (`sock_diag` netlink).
 //!
-//! Its public API speaks [`OwnedFd`] and [`BorrowedFd`]; a raw descriptor never leaves a function
-//! body here. It must not know about configuration, generations or the protocol's JSON: callers
-//! hand it bytes and descriptors.
+//! Its public API speaks [`OwnedFd`] and [`BorrowedFd`]. Raw numbers appear only where a
+//! descriptor crosses `execve` on purpose: [`upgrade::number`] names one in a self-upgrade's
+//! state, and [`channel::adopt_inherited`] takes one back, refusing any number this process
+//! might own. No safe function here has an unsafe contract. It must not know about
+//! configuration, generations or the protocol's JSON: callers hand it bytes and descriptors.
 //!
 //! [`OwnedFd`]: std::os::fd::OwnedFd
 //! [`BorrowedFd`]: std::os::fd::BorrowedFd

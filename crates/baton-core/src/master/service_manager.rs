@@ -12,7 +12,7 @@ use crate::listeners::GenerationListener;
 use crate::supervisor::Phase;
 
 /// What the master tells its service manager (systemd's `sd_notify`). The core does not talk to
-/// systemd itself: the binary passes a function that does (see [`Options::notify`]).
+/// systemd itself: the binary passes a function that does (see [`super::Options::notify`]).
 #[derive(Debug)]
 pub enum Notification {
     /// The first generation serves; or a reload ended (either way: not reloading any more).
