@@ -371,6 +371,41 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn every_state_serializes_as_its_name_and_an_unknown_name_reads_as_unknown() {
+        fn check<T>(all: &[T], name: fn(T) -> &'static str)
+        where
+            T: Copy + std::fmt::Debug + PartialEq + Serialize + for<'de> Deserialize<'de>,
+        {
+            for &state in all {
+                let json = serde_json::to_string(&state).unwrap();
+                assert_eq!(json, format!("\"{}\"", name(state)));
+                assert_eq!(serde_json::from_str::<T>(&json).unwrap(), state);
+            }
+        }
+        check(MasterState::ALL, MasterState::as_str);
+        check(GenerationState::ALL, GenerationState::as_str);
+        check(WorkerState::ALL, WorkerState::as_str);
+        check(ConnectionsSource::ALL, ConnectionsSource::as_str);
+        let names: Vec<&str> = GenerationState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "preparing",
+                "starting",
+                "serving",
+                "standby",
+                "draining",
+                "failed"
+            ]
+        );
+        assert_eq!(
+            serde_json::from_str::<WorkerState>("\"hibernating\"").unwrap(),
+            WorkerState::Unknown
+        );
+        assert_eq!(MasterState::Unknown.to_string(), "unknown");
+    }
+
+    #[test]
     fn requests_round_trip_in_their_documented_shape() {
         let frame = encode_frame(Request::Reload { wait: true });
         assert_eq!(&frame[..4], &(frame.len() as u32 - 4).to_be_bytes());
