@@ -169,7 +169,7 @@ async fn client(
             config,
             Response::Error {
                 kind: ErrorKind::PermissionDenied,
-                message,
+                message: message.to_string(),
             },
         )
         .await;
@@ -229,6 +229,25 @@ async fn respond(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read"))?
 }
 
+/// Why a control client may not do what it asked.
+#[derive(Debug, thiserror::Error)]
+enum Denied {
+    #[error(
+        "{peer} may not choose the program the master runs ({binary}): only root and uid {owner} may"
+    )]
+    Program {
+        peer: Peer,
+        binary: String,
+        owner: u32,
+    },
+    #[error(
+        "{peer} may not change the master (allowed: root, uid {owner}, supervisor.control.allow_users/allow_groups)"
+    )]
+    Change { peer: Peer, owner: u32 },
+    #[error("{peer} may not read the master's status (not in supervisor.control.read_group)")]
+    Read { peer: Peer },
+}
+
 /// Mutating requests: root, the master's own user, or an allowed user or group. Read-only
 /// requests: also the read group.
 fn authorize(
@@ -236,7 +255,7 @@ fn authorize(
     peer: &Peer,
     config: &ControlConfig,
     owner: u32,
-) -> Result<(), String> {
+) -> Result<(), Denied> {
     let groups = peer_groups(peer);
     let may_mutate = peer.uid == 0
         || peer.uid == owner
@@ -248,24 +267,25 @@ fn authorize(
     {
         // Running a program of the client's choice as the master: only for who could anyway.
         if peer.uid != 0 && peer.uid != owner {
-            return Err(format!(
-                "{peer} may not choose the program the master runs ({binary}): only root and uid {owner} may"
-            ));
+            return Err(Denied::Program {
+                peer: peer.clone(),
+                binary: binary.clone(),
+                owner,
+            });
         }
     }
     if may_mutate {
         return Ok(());
     }
     if request.mutates() {
-        return Err(format!(
-            "{peer} may not change the master (allowed: root, uid {owner}, supervisor.control.allow_users/allow_groups)"
-        ));
+        return Err(Denied::Change {
+            peer: peer.clone(),
+            owner,
+        });
     }
     match config.read_group {
         Some(gid) if groups.contains(&gid) => Ok(()),
-        _ => Err(format!(
-            "{peer} may not read the master's status (not in supervisor.control.read_group)"
-        )),
+        _ => Err(Denied::Read { peer: peer.clone() }),
     }
 }
 
@@ -330,7 +350,9 @@ mod tests {
             authorize(&reload, &peer(9, 5000), &c, 77).is_ok(),
             "allowed group"
         );
-        let denied = authorize(&reload, &peer(9, 4242), &c, 77).unwrap_err();
+        let denied = authorize(&reload, &peer(9, 4242), &c, 77)
+            .unwrap_err()
+            .to_string();
         assert!(denied.contains("uid 9 may not change"), "{denied}");
         assert!(
             authorize(&Request::Status, &peer(9, 4242), &c, 77).is_ok(),

@@ -403,11 +403,24 @@ fn address_problem(address: &ListenerAddress) -> Option<String> {
     }
 }
 
+/// Why a worker's command cannot be run.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{} is not an executable file", .0.display())]
+    NotExecutable(PathBuf),
+    #[error("{} does not exist", .0.display())]
+    Missing(PathBuf),
+    #[error("`{0}` was not found in PATH")]
+    NotInPath(String),
+}
+
 /// Resolves the worker program: a name with a `/` is a path (relative to the config file's
 /// directory), a bare name is looked up in `PATH`, like a shell would.
-fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
+fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, CommandError> {
     if command.is_empty() {
-        return Err("must not be empty".into());
+        return Err(CommandError::Empty);
     }
     let candidates: Vec<PathBuf> = if command.contains('/') {
         vec![base.join(command)]
@@ -426,12 +439,12 @@ fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, String> {
                 return Ok(candidate.clone());
             }
             if command.contains('/') {
-                return Err(format!("{} is not an executable file", candidate.display()));
+                return Err(CommandError::NotExecutable(candidate.clone()));
             }
         }
     }
     match candidates.first() {
-        Some(path) if command.contains('/') => Err(format!("{} does not exist", path.display())),
-        _ => Err(format!("`{command}` was not found in PATH")),
+        Some(path) if command.contains('/') => Err(CommandError::Missing(path.clone())),
+        _ => Err(CommandError::NotInPath(command.to_string())),
     }
 }

@@ -69,11 +69,54 @@ pub(super) struct Pending {
     preflight: u32,
 }
 
+/// Why an upgrade failed (the old master goes on). The message goes to the verdict.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum UpgradeError {
+    #[error("cannot upgrade now: {0}")]
+    NotNow(String),
+    #[error("the control socket is not open")]
+    NoControlSocket,
+    #[error("writing the state: {0}")]
+    WriteState(std::io::Error),
+    #[error("preparing the check: {0}")]
+    PrepareCheck(std::io::Error),
+    #[error("cannot run {}: {source}", binary.display())]
+    Run {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    /// The new program ran but gave no answer; `said`: the last line of its stderr.
+    #[error(
+        "{} did not accept the state{}",
+        binary.display(),
+        said.as_ref().map_or_else(
+            || " (no answer to upgrade-check: not a baton, or one too old)".to_string(),
+            |s| format!(": {s}")
+        )
+    )]
+    Refused {
+        binary: PathBuf,
+        said: Option<String>,
+    },
+    #[error(
+        "the new binary did not answer upgrade-check within {} ms (supervisor.upgrade_timeout)",
+        .0.as_millis()
+    )]
+    Timeout(Duration),
+    #[error("keeping a descriptor across the exec: {0}")]
+    Keep(std::io::Error),
+    #[error("exec {}: {source}", binary.display())]
+    Exec {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// What the preflight said: the new program's version, or why it cannot take over.
 #[derive(Debug)]
 pub(super) struct Preflight {
     id: u64,
-    result: Result<String, String>,
+    result: Result<String, UpgradeError>,
 }
 
 impl Master {
@@ -176,7 +219,7 @@ impl Master {
         self.next_upgrade += 1;
         let preflight = self.state(Vec::new(), None, None).and_then(|(state, _)| {
             let memfd = sys::sealed_memfd("baton-state", &crate::upgrade::encode(&state))
-                .map_err(|e| format!("writing the state: {e}"))?;
+                .map_err(UpgradeError::WriteState)?;
             self.preflight(id, &binary, memfd)
         });
         let pending = Pending {
@@ -200,7 +243,7 @@ impl Master {
     }
 
     /// Runs `<binary> upgrade-check` on the state; its answer arrives as a [`Preflight`].
-    fn preflight(&self, id: u64, binary: &Path, memfd: OwnedFd) -> Result<u32, String> {
+    fn preflight(&self, id: u64, binary: &Path, memfd: OwnedFd) -> Result<u32, UpgradeError> {
         let mut cmd = Command::new(binary);
         cmd.arg("upgrade-check")
             .env(STATE_FD_ENV, FIRST_FD.to_string())
@@ -208,15 +251,16 @@ impl Master {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         process::place_fds(&mut cmd, vec![(memfd, FIRST_FD)])
-            .map_err(|e| format!("preparing the check: {e}"))?;
+            .map_err(UpgradeError::PrepareCheck)?;
         process::unblock_signals_in_child(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+        let mut child = cmd.spawn().map_err(|source| UpgradeError::Run {
+            binary: binary.to_owned(),
+            source,
+        })?;
         let pid = child.id();
         let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
         let tx = self.upgrade_tx.clone();
-        let shown = binary.display().to_string();
+        let binary = binary.to_owned();
         // The child is reaped by the event loop like any other; this thread only reads its
         // answer, to the end of its output (a hung check is killed at the deadline).
         std::thread::spawn(move || {
@@ -237,10 +281,9 @@ impl Master {
                 .map(str::to_string);
             let result = answer.ok_or_else(|| {
                 let said = err.trim().lines().last().unwrap_or("").trim().to_string();
-                if said.is_empty() {
-                    format!("{shown} did not accept the state (no answer to upgrade-check: not a baton, or one too old)")
-                } else {
-                    format!("{shown} did not accept the state: {said}")
+                UpgradeError::Refused {
+                    binary,
+                    said: (!said.is_empty()).then_some(said),
                 }
             });
             let _ = tx.send(Preflight { id, result });
@@ -254,18 +297,11 @@ impl Master {
         if let Some(pending) = self.upgrade.take() {
             let _ = process::signal_process(pending.preflight, SignalNumber::SIGKILL);
             let allowed = pending.deadline.saturating_duration_since(pending.started);
-            self.fail_upgrade(
-                pending,
-                format!(
-                    "the new binary did not answer upgrade-check within {} ms \
-                     (supervisor.upgrade_timeout)",
-                    allowed.as_millis()
-                ),
-            );
+            self.fail_upgrade(pending, UpgradeError::Timeout(allowed));
         }
     }
 
-    fn fail_upgrade(&mut self, pending: Pending, reason: String) {
+    fn fail_upgrade(&mut self, pending: Pending, reason: UpgradeError) {
         warn!(event = "upgrade_failed", binary = %pending.binary.display(), reason = %reason,
             "master upgrade to {} failed: {reason}; this master ({}) goes on",
             pending.binary.display(), version());
@@ -275,7 +311,7 @@ impl Master {
             from_version: version().into(),
             version: version().into(),
             binary: pending.binary.display().to_string(),
-            reason: Some(reason),
+            reason: Some(reason.to_string()),
             duration_ms: pending.started.elapsed().as_millis() as u64,
         };
         let _ = pending.reply.send(proto::Response::Upgraded(verdict));
@@ -321,7 +357,7 @@ impl Master {
             }
         }
         let result = match self.upgrade_blocker() {
-            Some(why) => Err(format!("cannot upgrade now: {why}")),
+            Some(why) => Err(UpgradeError::NotNow(why)),
             None => self.exec(&pending, intents.clone(), &to_version),
         };
         // Still here: the exec did not happen.
@@ -341,7 +377,7 @@ impl Master {
         pending: &Pending,
         intents: Vec<Intent>,
         to_version: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpgradeError> {
         self.notify(Notification::Status(format!(
             "upgrading the master to {to_version}"
         )));
@@ -353,7 +389,7 @@ impl Master {
             at_unix_ms: self.unix_ms_ago(Duration::ZERO),
         });
         let memfd = sys::sealed_memfd("baton-state", &crate::upgrade::encode(&state))
-            .map_err(|e| format!("writing the state: {e}"))?;
+            .map_err(UpgradeError::WriteState)?;
         if let Some(fd) = &pending.client {
             keep.push(fd.as_fd());
         }
@@ -366,7 +402,7 @@ impl Master {
         for fd in &keep {
             if let Err(err) = sys::set_inheritable(*fd, true) {
                 restore(&keep);
-                return Err(format!("keeping a descriptor across the exec: {err}"));
+                return Err(UpgradeError::Keep(err));
             }
         }
         // The environment as it was, minus what described the start (the sockets systemd
@@ -384,7 +420,10 @@ impl Master {
             pending.binary.display(), std::process::id());
         let err = sys::exec_in_place(&pending.binary, &self.argv, &env);
         restore(&keep);
-        Err(format!("exec {}: {err}", pending.binary.display()))
+        Err(UpgradeError::Exec {
+            binary: pending.binary.clone(),
+            source: err,
+        })
     }
 
     /// The state as of now, and the descriptors it names (to keep across the exec).
@@ -393,12 +432,12 @@ impl Master {
         intents: Vec<Intent>,
         client: Option<i32>,
         began: Option<Instant>,
-    ) -> Result<(State, Vec<BorrowedFd<'_>>), String> {
+    ) -> Result<(State, Vec<BorrowedFd<'_>>), UpgradeError> {
         let mut keep: Vec<BorrowedFd<'_>> = Vec::new();
         let (control_fd, control_config) = self
             .control_fd
             .as_ref()
-            .ok_or("the control socket is not open")?;
+            .ok_or(UpgradeError::NoControlSocket)?;
         keep.push(control_fd.as_fd());
         let mut sockets: Vec<&Rc<crate::listeners::BoundSocket>> = Vec::new();
         let mut generations = Vec::new();
