@@ -13,6 +13,35 @@ use baton_proto::control::{ErrorKind, Request, Response};
 use crate::client::{self, ClientError};
 use crate::{EX_USAGE, LogFormat, Target, render, signals};
 
+/// Writes to stdout. A reader that went away (`baton status --json | head`) ends the command
+/// quietly with status 0, as it would a shell tool, instead of a panic on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+fn write_stdout(text: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+            #[allow(clippy::exit)] // nobody reads any more: the command has nothing left to do
+            std::process::exit(0)
+        }
+        Err(err) => {
+            eprintln!("baton: writing to stdout: {err}");
+        }
+    }
+}
+
 const EX_UNAVAILABLE: u8 = 69;
 const EX_PROTOCOL: u8 = 76;
 const EX_NOPERM: u8 = 77;
@@ -91,7 +120,7 @@ fn inherited_state() -> Option<Result<Inherited, ResumeError>> {
 pub(crate) fn upgrade_check() -> u8 {
     match inherited_state() {
         Some(Ok(inherited)) => {
-            println!("{}", inherited.check_answer());
+            outln!("{}", inherited.check_answer());
             0
         }
         Some(Err(err)) => {
@@ -128,9 +157,13 @@ pub(crate) fn upgrade(target: &Target, binary: Option<&Path>, json: bool) -> u8 
             if json {
                 print_json(&v);
             } else if v.ok {
-                println!(
+                outln!(
                     "master upgraded in place: {} -> {} (pid {}, {} ms, {})",
-                    v.from_version, v.version, v.pid, v.duration_ms, v.binary
+                    v.from_version,
+                    v.version,
+                    v.pid,
+                    v.duration_ms,
+                    v.binary
                 );
             } else {
                 eprintln!(
@@ -172,7 +205,7 @@ pub(crate) fn check(path: &Path) -> u8 {
                 .iter()
                 .map(|p| format!("{} x {} ({})", p.processes, p.name, p.command.display()))
                 .collect();
-            println!(
+            outln!(
                 "{}: ok ({} listeners; workers: {})",
                 path.display(),
                 config.listeners.len(),
@@ -313,7 +346,7 @@ fn unexpected(response: &Response) -> u8 {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
@@ -326,7 +359,7 @@ pub(crate) fn status(target: &Target, json: bool) -> u8 {
             0
         }
         Ok(Response::Status(s)) => {
-            print!("{}", render::status(&s));
+            out!("{}", render::status(&s));
             0
         }
         Ok(other) => unexpected(&other),
@@ -362,23 +395,23 @@ pub(crate) fn drain_status(
                     .collect();
                 print_json(&draining);
             } else {
-                print!("{}", render::drain_status(&snapshot));
+                out!("{}", render::drain_status(&snapshot));
             }
             return 0;
         }
         if !draining {
             if terminal {
-                println!();
+                outln!("");
             }
-            println!("no generation is draining");
+            outln!("no generation is draining");
             return 0;
         }
         let line = render::drain_progress(&snapshot);
         if terminal {
-            print!("\r\x1b[K{line}");
+            out!("\r\x1b[K{line}");
             let _ = std::io::stdout().flush();
         } else if line != last_line {
-            println!("{line}");
+            outln!("{line}");
         }
         last_line = line;
         if timeout.is_some_and(|t| started.elapsed() >= t) {
@@ -403,7 +436,7 @@ pub(crate) fn reload(target: &Target, no_wait: bool, request: Option<u64>, json:
             if json {
                 print_json(&serde_json::json!({ "request": request }));
             } else {
-                println!(
+                outln!(
                     "reload request #{request} accepted (wait for it: baton reload --request {request})"
                 );
             }
@@ -413,7 +446,7 @@ pub(crate) fn reload(target: &Target, no_wait: bool, request: Option<u64>, json:
             if json {
                 print_json(&v);
             } else if v.ok {
-                print!("{}", render::verdict(&v));
+                out!("{}", render::verdict(&v));
             } else {
                 eprint!("{}", render::verdict(&v));
             }
@@ -431,7 +464,7 @@ pub(crate) fn stop(target: &Target, fast: bool) -> u8 {
         Some(Duration::from_secs(10)),
     ) {
         Ok(Response::Stopping { .. }) => {
-            println!(
+            outln!(
                 "the master is stopping ({})",
                 if fast {
                     "fast"
@@ -449,7 +482,7 @@ pub(crate) fn stop(target: &Target, fast: bool) -> u8 {
 pub(crate) fn metrics(target: &Target) -> u8 {
     match call(target, Request::Metrics, Some(Duration::from_secs(10))) {
         Ok(Response::Metrics { text }) => {
-            print!("{text}");
+            out!("{text}");
             0
         }
         Ok(other) => unexpected(&other),
@@ -464,7 +497,7 @@ pub(crate) fn history(target: &Target, json: bool) -> u8 {
             0
         }
         Ok(Response::History { reloads }) => {
-            print!("{}", render::history(&reloads));
+            out!("{}", render::history(&reloads));
             0
         }
         Ok(other) => unexpected(&other),

@@ -631,3 +631,34 @@ fn the_metrics_endpoint_serves_over_http_follows_reloads_and_a_busy_port_fails_t
         v["address"] == format!("127.0.0.1:{second}")
     });
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_cli_quietly() {
+    let port = free_port();
+    let master = Master::start(
+        "ctl-pipe",
+        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // `baton status --json | head -0`: the pipe's reader is gone before baton writes.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    for args in [
+        &["status", "--json"][..],
+        &["status"],
+        &["history"],
+        &["metrics"],
+    ] {
+        let out = std::process::Command::new(&binaries().baton)
+            .args(args)
+            .arg("-s")
+            .arg(master.socket())
+            .stdout(writer.try_clone().unwrap())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
