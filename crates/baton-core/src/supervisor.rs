@@ -317,15 +317,7 @@ impl Supervisor {
             .and_then(|s| s.canary_window);
         if let (false, false, Some(window)) = (reload.initial, old.is_empty(), window) {
             for &o in &old {
-                if let Some(entry) = self.generations.get_mut(&o) {
-                    entry.state = GenState::Standby;
-                }
-                for id in self.worker_ids(o) {
-                    self.actions.push(Action::Send {
-                        worker: id,
-                        message: MasterMessage::Pause,
-                    });
-                }
+                self.switch_generation(o, GenState::Standby, MasterMessage::Pause);
             }
             info!(
                 event = "canary",
@@ -388,15 +380,7 @@ impl Supervisor {
         let g = c.new;
         self.fail_generation(g);
         for &o in &c.old {
-            if let Some(entry) = self.generations.get_mut(&o) {
-                entry.state = GenState::Serving;
-            }
-            for id in self.worker_ids(o) {
-                self.actions.push(Action::Send {
-                    worker: id,
-                    message: MasterMessage::Resume,
-                });
-            }
+            self.switch_generation(o, GenState::Serving, MasterMessage::Resume);
         }
         let back: Vec<String> = c.old.iter().map(|o| o.to_string()).collect();
         let list = join(&c.reload.covers);
@@ -1116,6 +1100,19 @@ impl Supervisor {
             self.actions.push(Action::Kill { pid, pgid });
         }
         w.state = WorkerState::Killed;
+    }
+
+    /// Puts `g` in `state` and tells each of its workers (`pause` or `resume`).
+    fn switch_generation(&mut self, g: Generation, state: GenState, message: MasterMessage) {
+        if let Some(entry) = self.generations.get_mut(&g) {
+            entry.state = state;
+        }
+        for id in self.worker_ids(g) {
+            self.actions.push(Action::Send {
+                worker: id,
+                message: message.clone(),
+            });
+        }
     }
 
     /// Marks `g` failed (no slot restarts any more) and kills its workers.

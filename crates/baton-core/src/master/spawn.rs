@@ -78,12 +78,15 @@ pub(super) enum SpawnError {
     },
 }
 
-/// The worker being started: what both protocols need to know of it.
+/// The worker being started: what both protocols need to know of it, its environment so far
+/// and its command.
 struct Start<'a> {
     config: &'a WorkerConfig,
     worker: WorkerId,
     generation: Generation,
     listeners: Vec<GenerationListener>,
+    env: Vec<(OsString, OsString)>,
+    cmd: Command,
 }
 
 impl Master {
@@ -118,20 +121,20 @@ impl Master {
             Readiness::Probe(probe) => Some(probe.address_for(worker.0, slot, generation.0)),
             _ => None,
         };
-        let env = worker_env(&config, worker, generation, slot, probe_address.as_deref());
-        let mut cmd = command(&config);
         let mut link = Link::default();
         let start = Start {
             config: &config,
             worker,
             generation,
             listeners,
+            env: worker_env(&config, worker, generation, slot, probe_address.as_deref()),
+            cmd: command(&config),
         };
+        // The command (and the descriptors placed in it) is dropped once the child runs.
         let pid = match config.protocol {
-            Protocol::Baton => self.spawn_baton(&mut cmd, env, &start, &mut link)?,
-            Protocol::Systemd => self.spawn_systemd(&mut cmd, env, &start, &mut link)?,
+            Protocol::Baton => self.spawn_baton(start, &mut link)?,
+            Protocol::Systemd => self.spawn_systemd(start, &mut link)?,
         };
-        drop(cmd);
         if let Some(task) = self.start_readiness(&config, worker, probe_address, canary_window) {
             link.tasks.push(task);
         }
@@ -141,19 +144,16 @@ impl Master {
 
     /// A baton-protocol worker: its channel at [`FIRST_FD`], and a task that hands it the
     /// listeners and then relays its packets.
-    fn spawn_baton(
-        &self,
-        cmd: &mut Command,
-        mut env: Vec<(OsString, OsString)>,
-        start: &Start<'_>,
-        link: &mut Link,
-    ) -> Result<u32, SpawnError> {
+    fn spawn_baton(&self, start: Start<'_>, link: &mut Link) -> Result<u32, SpawnError> {
         let Start {
             config,
             worker,
             generation,
-            ref listeners,
-        } = *start;
+            listeners,
+            mut env,
+            mut cmd,
+        } = start;
+        let cmd = &mut cmd;
         let (ours, theirs) = channel::pair().map_err(SpawnError::Channel)?;
         env.push((CHANNEL_FD_ENV.into(), FIRST_FD.to_string().into()));
         cmd.env_clear().envs(env);
@@ -161,7 +161,7 @@ impl Master {
         let pid = spawn_child(cmd, config)?;
         let (commands, commands_rx) = mpsc::unbounded_channel();
         link.channel = ours.try_clone().ok();
-        match handoff_parts(worker, generation, listeners).and_then(|(hello, fds)| {
+        match handoff_parts(worker, generation, &listeners).and_then(|(hello, fds)| {
             let channel = channel::into_async(ours)?;
             Ok((hello, fds, channel))
         }) {
@@ -183,19 +183,16 @@ impl Master {
 
     /// A systemd-style worker: its listeners from [`FIRST_FD`] on (`LISTEN_FDS`,
     /// `LISTEN_FDNAMES`, `LISTEN_PID` set to its own pid), and a notify socket of its own.
-    fn spawn_systemd(
-        &self,
-        cmd: &mut Command,
-        mut env: Vec<(OsString, OsString)>,
-        start: &Start<'_>,
-        link: &mut Link,
-    ) -> Result<u32, SpawnError> {
+    fn spawn_systemd(&self, start: Start<'_>, link: &mut Link) -> Result<u32, SpawnError> {
         let Start {
             config,
             worker,
-            ref listeners,
+            listeners,
+            mut env,
+            mut cmd,
             ..
-        } = *start;
+        } = start;
+        let cmd = &mut cmd;
         let socket = self.notify_socket(worker)?;
         let names: Vec<&str> = listeners.iter().map(|l| l.config.name.as_str()).collect();
         env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
