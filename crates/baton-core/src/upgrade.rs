@@ -132,10 +132,15 @@ pub enum StateError {
     TooNew { found: u32 },
     #[error("state unreadable: {0}")]
     Invalid(String),
+    /// The state could not be written (a map with a non-text key, say): the upgrade fails and
+    /// the master goes on.
+    #[error("state not writable: {0}")]
+    Unwritable(String),
 }
 
-pub fn encode(state: &State) -> Vec<u8> {
-    serde_json::to_vec(state).expect("the state serializes")
+/// The state as bytes, for the memory file.
+pub fn encode(state: &State) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(state).map_err(|e| StateError::Unwritable(e.to_string()))
 }
 
 /// Decodes a state of any format up to [`STATE_FORMAT`], with its state machine.
@@ -160,8 +165,8 @@ pub fn decode(bytes: &[u8]) -> Result<(State, Supervisor), StateError> {
 }
 
 /// The state machine as it goes into a [`State`].
-pub fn supervisor_value(supervisor: &Supervisor) -> serde_json::Value {
-    serde_json::to_value(supervisor).expect("the state machine serializes")
+pub fn supervisor_value(supervisor: &Supervisor) -> Result<serde_json::Value, StateError> {
+    serde_json::to_value(supervisor).map_err(|e| StateError::Unwritable(format!("supervisor: {e}")))
 }
 
 #[cfg(test)]
@@ -235,8 +240,8 @@ mod tests {
     #[test]
     fn a_format_1_state_encodes_back_to_the_same_json_but_for_the_histograms() {
         let (mut state, supervisor) = decode(STATE_V1.as_bytes()).unwrap();
-        state.supervisor = supervisor_value(&supervisor);
-        let again: serde_json::Value = serde_json::from_slice(&encode(&state)).unwrap();
+        state.supervisor = supervisor_value(&supervisor).unwrap();
+        let again: serde_json::Value = serde_json::from_slice(&encode(&state).unwrap()).unwrap();
         let fixture: serde_json::Value = serde_json::from_str(STATE_V1).unwrap();
         let mut diff = Vec::new();
         differences("", &fixture, &again, &mut diff);

@@ -43,7 +43,7 @@ use super::{Input, Master, reap};
 use crate::supervisor::{Event, Generation, Intent, Phase, Trigger, WorkerId};
 use crate::upgrade::{
     CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, STATE_FD_ENV, STATE_FORMAT,
-    State,
+    State, StateError,
 };
 use crate::version;
 
@@ -78,6 +78,8 @@ pub(super) enum UpgradeError {
     NoControlSocket,
     #[error("writing the state: {0}")]
     WriteState(std::io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("preparing the check: {0}")]
     PrepareCheck(std::io::Error),
     #[error("cannot run {}: {source}", binary.display())]
@@ -218,8 +220,9 @@ impl Master {
         let id = self.next_upgrade;
         self.next_upgrade += 1;
         let preflight = self.state(Vec::new(), None, None).and_then(|(state, _)| {
-            let memfd = sys::sealed_memfd("baton-state", &crate::upgrade::encode(&state))
-                .map_err(UpgradeError::WriteState)?;
+            let bytes = crate::upgrade::encode(&state)?;
+            let memfd =
+                sys::sealed_memfd("baton-state", &bytes).map_err(UpgradeError::WriteState)?;
             self.preflight(id, &binary, memfd)
         });
         let pending = Pending {
@@ -388,8 +391,8 @@ impl Master {
             to_version: to_version.to_string(),
             at_unix_ms: self.unix_ms_ago(Duration::ZERO),
         });
-        let memfd = sys::sealed_memfd("baton-state", &crate::upgrade::encode(&state))
-            .map_err(UpgradeError::WriteState)?;
+        let bytes = crate::upgrade::encode(&state)?;
+        let memfd = sys::sealed_memfd("baton-state", &bytes).map_err(UpgradeError::WriteState)?;
         if let Some(fd) = &pending.client {
             keep.push(fd.as_fd());
         }
@@ -521,7 +524,7 @@ impl Master {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             upgrade_began: began,
-            supervisor: crate::upgrade::supervisor_value(&self.supervisor),
+            supervisor: crate::upgrade::supervisor_value(&self.supervisor)?,
             control: ControlState {
                 config: control_config.clone(),
                 fd: sys::number(control_fd),

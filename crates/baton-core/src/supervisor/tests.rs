@@ -747,7 +747,7 @@ fn a_supervisor_that_crosses_an_upgrade_decides_the_same_and_resends_the_drains(
     let old = h.serving(2);
     h.reload(2);
     h.advance(Duration::from_secs(10));
-    let value = crate::upgrade::supervisor_value(&h.s);
+    let value = crate::upgrade::supervisor_value(&h.s).unwrap();
     let mut resumed: Supervisor = serde_json::from_value(value).unwrap();
     assert_eq!(resumed.generations(), h.s.generations());
     assert_eq!(resumed.history().count(), h.s.history().count());
