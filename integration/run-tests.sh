@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need from Debian's packages (Python 3 and
+# Node.js for the example workers, util-linux's unshare/nsenter and systemd for the booted-systemd
+# tests), then runs every test of the workspace. Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v python3 >/dev/null || missing+=(python3)
+command -v node >/dev/null || missing+=(nodejs)
+{ command -v unshare >/dev/null && command -v nsenter >/dev/null; } || missing+=(util-linux)
+[ -x /lib/systemd/systemd ] || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "the tests need: ${missing[*]} (apt-get install them as root, or run this as root)" >&2
+    exit 1
+  fi
+  echo "installing ${missing[*]}"
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+fi
+
+exec cargo test --workspace --locked "$@"
