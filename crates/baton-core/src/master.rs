@@ -204,7 +204,10 @@ impl Master {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let argv = options.argv.clone();
-        let binary = (options.binary.clone()).unwrap_or_else(|| "/proc/self/exe".into());
+        let binary = options
+            .binary
+            .clone()
+            .unwrap_or_else(|| "/proc/self/exe".into());
         Ok(Master {
             config_path: config.source.clone(),
             runtime_dir: config.supervisor.runtime_dir.clone(),
