@@ -163,13 +163,13 @@ pub(crate) fn upgrade(target: &Target, binary: Option<&Path>, json: bool) -> u8 
                     v.version,
                     v.pid,
                     v.duration_ms,
-                    v.binary
+                    render::safe(&v.binary)
                 );
             } else {
                 eprintln!(
                     "master upgrade to {} failed: {}; baton {} (pid {}) goes on serving",
-                    v.binary,
-                    v.reason.as_deref().unwrap_or("unknown reason"),
+                    render::safe(&v.binary),
+                    render::safe(v.reason.as_deref().unwrap_or("unknown reason")),
                     v.version,
                     v.pid
                 );
@@ -319,7 +319,7 @@ fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<
     let path = socket(target)?;
     match client::call(&path, &request, timeout) {
         Ok(Response::Error { kind, message }) => {
-            eprintln!("baton: the master refused: {message}");
+            eprintln!("baton: the master refused: {}", render::safe(&message));
             Err(match kind {
                 ErrorKind::PermissionDenied => EX_NOPERM,
                 ErrorKind::Version => EX_PROTOCOL,

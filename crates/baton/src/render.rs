@@ -8,6 +8,21 @@ use baton_proto::control::{
     StatusSnapshot, WorkerState, WorkerStatus,
 };
 
+/// Text from a worker, a client or a file, made safe for a terminal: control characters
+/// (escape sequences, carriage returns, bells) are shown escaped (`\u{1b}`), never sent raw.
+/// Human output only: `--json` keeps the exact text, escaped by JSON itself.
+pub(crate) fn safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub(crate) fn duration(ms: u64) -> String {
     match ms {
         0..=999 => format!("{ms} ms"),
@@ -64,7 +79,7 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
         m.version,
         m.pid,
         duration(m.uptime_ms),
-        m.config
+        safe(&m.config)
     );
     if let Some(last) = m.upgrades.last() {
         let _ = writeln!(
@@ -116,16 +131,16 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
         for w in &g.workers {
             rows.push([
                 w.worker.to_string(),
-                w.program.clone(),
+                safe(&w.program),
                 w.slot.to_string(),
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.state.to_string(),
                 ago(w.started_unix_ms),
                 w.ready_after_ms.map_or("-".into(), duration),
                 w.restarts.to_string(),
-                w.last_exit.clone().unwrap_or_else(|| "-".into()),
+                w.last_exit.as_deref().map_or_else(|| "-".into(), safe),
                 connections(w),
-                w.status.clone().unwrap_or_else(|| "-".into()),
+                w.status.as_deref().map_or_else(|| "-".into(), safe),
             ]);
         }
         out += &table(&rows, "  ");
@@ -166,12 +181,12 @@ pub(crate) fn drain_status(s: &StatusSnapshot) -> String {
             let status = w
                 .status
                 .as_ref()
-                .map_or(String::new(), |s| format!("; status: {s}"));
+                .map_or(String::new(), |s| format!("; status: {}", safe(s)));
             let _ = writeln!(
                 out,
                 "  pid {} ({} worker {}): {why}{status}",
                 w.pid.unwrap_or(0),
-                w.program,
+                safe(&w.program),
                 w.worker
             );
         }
@@ -213,7 +228,7 @@ pub(crate) fn verdict(v: &ReloadVerdict) -> String {
             "reload{} (request #{}) failed{took}: {}\n",
             v.reload.map_or(String::new(), |r| format!(" {r}")),
             v.request,
-            v.reason.as_deref().unwrap_or("unknown reason")
+            safe(v.reason.as_deref().unwrap_or("unknown reason"))
         ),
     }
 }
@@ -238,9 +253,9 @@ pub(crate) fn history(reloads: &[ReloadRecord]) -> String {
             if r.ok {
                 "ok".into()
             } else {
-                format!("failed: {}", r.reason.as_deref().unwrap_or("?"))
+                format!("failed: {}", safe(r.reason.as_deref().unwrap_or("?")))
             },
-            r.requests.join("; "),
+            safe(&r.requests.join("; ")),
         ]);
     }
     table(&rows, "")

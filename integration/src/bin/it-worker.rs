@@ -3,7 +3,8 @@
 //! - `exit:<code>`: receive the listeners, then exit with `<code>` without reporting ready.
 //! - `never-ready`: receive the listeners and never report ready (nor accept); exit on drain.
 //! - `crash-after:<ms>`: report ready, then exit with status 1 after `<ms>` (a crash loop).
-//! - `ready-after:<ms>`: report ready only after `<ms>` (a slow start); exit on drain.
+//! - `ready-after:<ms>`: report ready only after `<ms>` (a slow start); exit on drain. With
+//!   `IT_STATUS_HEX`, then report that status line (hex, so it may hold any control character).
 //! - `report-fds:<path>`: first thing in `main`, before any runtime exists, write this process's
 //!   open descriptors (`<fd> <target>` lines) and a few environment variables (`env NAME=value`)
 //!   to `<path>`; then serve like `ready-after:0`.
@@ -96,6 +97,15 @@ async fn run(mode: &str) -> ExitCode {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         if worker.ready().await.is_err() {
             return ExitCode::from(2);
+        }
+        if let Ok(hex) = std::env::var("IT_STATUS_HEX") {
+            let bytes: Vec<u8> = (0..hex.len() / 2)
+                .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect();
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            if worker.status(text).await.is_err() {
+                return ExitCode::from(2);
+            }
         }
     } else if mode != "never-ready" {
         return ExitCode::from(2);

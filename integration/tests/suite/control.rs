@@ -662,3 +662,36 @@ fn a_reader_that_goes_away_ends_the_cli_quietly() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_worker_s_status_text_never_reaches_the_terminal_raw() {
+    let port = free_port();
+    let evil = "\u{1b}]0;owned\u{7}\u{1b}[2J\rcleared";
+    let mut config = slow(port, 0);
+    let hex: String = evil.bytes().map(|b| format!("{b:02x}")).collect();
+    config.env.push(("IT_STATUS_HEX".into(), hex));
+    let master = Master::start("ctl-inject", &config);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // The status line arrives after readiness: wait until the master has it.
+    let json_status = eventually(Duration::from_secs(10), "the worker's status line", || {
+        let (_, out, _) = master.ctl(&["status", "--json"]);
+        let s = json(&out);
+        let text = s["generations"][0]["workers"][0]["status"]
+            .as_str()?
+            .to_string();
+        Some(text)
+    });
+    assert_eq!(json_status, evil, "JSON keeps the exact text");
+    let (code, table, err) = master.ctl(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    for raw in ['\u{1b}', '\u{7}', '\r'] {
+        assert!(
+            !table.contains(raw),
+            "{raw:?} reached the terminal: {table:?}"
+        );
+    }
+    assert!(
+        table.contains(r"\u{1b}]0;owned\u{7}\u{1b}[2J\rcleared"),
+        "{table}"
+    );
+}
