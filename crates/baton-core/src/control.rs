@@ -162,7 +162,7 @@ async fn client(
         warn!(
             event = "control_denied",
             uid = peer.uid,
-            "control request {request:?} from {peer} denied: {message}"
+            "control request {request} from {peer} denied: {message}"
         );
         let _ = respond(
             &mut stream,
@@ -211,10 +211,13 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
         .map_err(|e| FrameError::Invalid(format!("reading the frame header: {e}")))?;
     let len = control::frame_len(header)?;
     let mut body = vec![0u8; len];
-    stream
-        .read_exact(&mut body)
-        .await
-        .map_err(|_| FrameError::Truncated { got: 0, want: len })?;
+    let mut got = 0;
+    while got < len {
+        match stream.read(&mut body[got..]).await {
+            Ok(0) | Err(_) => return Err(FrameError::Truncated { got, want: len }),
+            Ok(n) => got += n,
+        }
+    }
     control::decode_body(&body)
 }
 

@@ -626,7 +626,7 @@ impl Supervisor {
 
     fn on_exited(&mut self, now: Instant, pid: u32, status: ExitKind) {
         let Some(id) = self.pids.remove(&pid) else {
-            debug!(pid, "reaped pid {pid} ({status}), not a worker");
+            debug!(pid, "reaped pid {pid}, not a worker: it {status}");
             return;
         };
         let Some(w) = self.workers.get(&id) else {
@@ -637,7 +637,7 @@ impl Supervisor {
             // process (a server that forks): the worker lives on as that process.
             debug!(
                 worker = id.0,
-                pid, "worker {id}'s launcher pid {pid} exited ({status})"
+                pid, "worker {id}'s launcher pid {pid} {status}"
             );
             return;
         }
@@ -660,13 +660,13 @@ impl Supervisor {
         match self.generations.get(&g).map(|entry| &entry.state) {
             Some(GenState::Draining { .. }) => {
                 info!(event = "worker_exited", worker = id.0, generation = g.0, pid,
-                    status = %status, "worker {id} of generation {g} (pid {pid}) exited: {status}");
+                    status = %status, "worker {id} of generation {g} (pid {pid}) {status}");
                 self.finish_if_empty(now, g);
             }
             Some(GenState::Failed) | None => {
                 debug!(
                     worker = id.0,
-                    pid, "worker {id} of failed generation {g} is gone ({status})"
+                    pid, "worker {id} of failed generation {g} is gone: it {status}"
                 );
                 self.finish_if_empty(now, g);
             }
@@ -676,9 +676,7 @@ impl Supervisor {
                 } else {
                     " before it was ready"
                 };
-                let reason = format!(
-                    "worker {id} of generation {g} (pid {pid}) exited with {status}{before}"
-                );
+                let reason = format!("worker {id} of generation {g} (pid {pid}) {status}{before}");
                 self.after_worker_loss(now, g, w.slot, ran, reason);
             }
         }

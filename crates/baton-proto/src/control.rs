@@ -42,6 +42,24 @@ pub enum Request {
     Upgrade { binary: Option<String> },
 }
 
+/// What a request asks, in words (for logs): `reload (waiting for the verdict)`.
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Status => write!(f, "status"),
+            Request::Reload { wait: true } => write!(f, "reload (waiting for the verdict)"),
+            Request::Reload { wait: false } => write!(f, "reload"),
+            Request::Verdict { request } => write!(f, "the verdict of request #{request}"),
+            Request::History => write!(f, "history"),
+            Request::Stop { fast: true } => write!(f, "fast stop"),
+            Request::Stop { fast: false } => write!(f, "stop"),
+            Request::Metrics => write!(f, "metrics"),
+            Request::Upgrade { binary: Some(b) } => write!(f, "upgrade to {b:?}"),
+            Request::Upgrade { binary: None } => write!(f, "upgrade"),
+        }
+    }
+}
+
 impl Request {
     /// Whether the request changes anything (needs the mutating permission).
     pub fn mutates(&self) -> bool {
@@ -114,8 +132,13 @@ pub enum ErrorKind {
     Version,
     /// The peer may not do this.
     PermissionDenied,
-    /// Unknown request id, or the master is stopping.
+    /// The master cannot do it now (it is stopping, or another upgrade runs).
     Unavailable,
+    /// What the request names does not exist (a reload request id never handed out).
+    NotFound,
+    /// A kind this build does not know (from a newer master).
+    #[serde(other)]
+    Unknown,
 }
 
 /// The verdict of one reload request.

@@ -87,8 +87,8 @@ pub enum ExitKind {
 impl std::fmt::Display for ExitKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ExitKind::Exited(code) => write!(f, "exit status {code}"),
-            ExitKind::Signaled(sig) => write!(f, "killed by {}", sig.as_str()),
+            ExitKind::Exited(code) => write!(f, "exited with status {code}"),
+            ExitKind::Signaled(sig) => write!(f, "was killed by {}", sig.as_str()),
         }
     }
 }

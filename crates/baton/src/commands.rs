@@ -325,6 +325,8 @@ fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<
                 ErrorKind::Version => EX_PROTOCOL,
                 ErrorKind::BadRequest => EX_USAGE,
                 ErrorKind::Unavailable => EX_UNAVAILABLE,
+                ErrorKind::NotFound => EX_USAGE,
+                ErrorKind::Unknown => EX_PROTOCOL,
             })
         }
         Ok(response) => Ok(response),

@@ -140,7 +140,15 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version are answers (0); anything else is a usage error, 64 like a bad
+        // configuration (docs/cli.md).
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { EX_USAGE } else { 0 });
+        }
+    };
     let code = match cli.command {
         Command::Run { config, log_format } => commands::run(&config, log_format),
         Command::Check { config } => commands::check(&config),

@@ -23,6 +23,15 @@ pub(crate) fn safe(text: &str) -> String {
     out
 }
 
+/// `1 worker`, `2 workers`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 pub(crate) fn duration(ms: u64) -> String {
     match ms {
         0..=999 => format!("{ms} ms"),
@@ -165,15 +174,20 @@ pub(crate) fn drain_status(s: &StatusSnapshot) -> String {
     for g in draining {
         let _ = writeln!(
             out,
-            "{}, {} workers left:",
+            "{}, {} left:",
             generation_heading(g),
-            g.workers.len()
+            plural(g.workers.len(), "worker")
         );
         for w in &g.workers {
             let source = w.connections_source.map_or("?", ConnectionsSource::as_str);
             let why = match (w.connections, w.state) {
                 (_, WorkerState::Killed) => "killed, waiting to be reaped".to_string(),
-                (Some(0), _) => "no connection open: finishing".to_string(),
+                // A worker that reports its connections exits when the last one closes; one
+                // counted by the kernel may as well ignore the drain signal: only say what is known.
+                (Some(0), _) if w.connections_source == Some(ConnectionsSource::Reported) => {
+                    "no connection open: finishing".to_string()
+                }
+                (Some(0), _) => format!("no connection open ({source}), still running"),
                 (Some(1), _) => format!("1 connection open ({source})"),
                 (Some(n), _) => format!("{n} connections open ({source})"),
                 (None, _) => "running (connections unknown)".to_string(),
@@ -184,10 +198,10 @@ pub(crate) fn drain_status(s: &StatusSnapshot) -> String {
                 .map_or(String::new(), |s| format!("; status: {}", safe(s)));
             let _ = writeln!(
                 out,
-                "  pid {} ({} worker {}): {why}{status}",
-                w.pid.unwrap_or(0),
-                safe(&w.program),
-                w.worker
+                "  pid {} (worker {}, program {}): {why}{status}",
+                w.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
+                w.worker,
+                safe(&w.program)
             );
         }
     }
@@ -203,9 +217,9 @@ pub(crate) fn drain_progress(s: &StatusSnapshot) -> String {
         .map(|g| {
             let conns: u64 = g.workers.iter().filter_map(|w| w.connections).sum();
             format!(
-                "gen {}: {} workers, {} conns, {} left",
+                "gen {}: {}, {} conns, {} left",
                 g.generation,
-                g.workers.len(),
+                plural(g.workers.len(), "worker"),
                 conns,
                 g.time_left_ms.map_or("-".into(), duration)
             )
@@ -294,5 +308,77 @@ mod tests {
         assert_eq!(duration(12_345), "12.3 s");
         assert_eq!(duration(125_000), "2m05s");
         assert_eq!(duration(7_500_000), "2h05m");
+    }
+
+    fn worker(
+        id: u64,
+        connections: Option<u64>,
+        source: Option<ConnectionsSource>,
+    ) -> WorkerStatus {
+        WorkerStatus {
+            worker: id,
+            program: "web".into(),
+            slot: 0,
+            pid: Some(100 + id as u32),
+            state: WorkerState::Draining,
+            started_unix_ms: 0,
+            ready_after_ms: None,
+            restarts: 0,
+            last_exit: None,
+            connections,
+            connections_source: source,
+            status: None,
+        }
+    }
+
+    fn draining(workers: Vec<WorkerStatus>) -> StatusSnapshot {
+        StatusSnapshot {
+            master: baton_proto::control::MasterStatus {
+                pid: 1,
+                version: "0".into(),
+                uptime_ms: 0,
+                config: "c".into(),
+                state: baton_proto::control::MasterState::Idle,
+                reload: None,
+                queued_requests: vec![],
+                upgrades: vec![],
+            },
+            generations: vec![GenerationStatus {
+                generation: 4,
+                state: GenerationState::Draining,
+                draining_ms: Some(10),
+                time_left_ms: Some(1000),
+                deadline_unix_ms: None,
+                workers,
+            }],
+        }
+    }
+
+    #[test]
+    fn drain_status_says_only_what_it_knows_and_counts_in_words() {
+        let one = drain_status(&draining(vec![worker(
+            7,
+            Some(0),
+            Some(ConnectionsSource::Reported),
+        )]));
+        assert!(one.contains(", 1 worker left:"), "{one}");
+        assert!(
+            one.contains("pid 107 (worker 7, program web): no connection open: finishing"),
+            "{one}"
+        );
+        // The kernel's count of 0 says nothing of whether the worker is finishing (it may
+        // ignore the drain signal).
+        let two = drain_status(&draining(vec![
+            worker(7, Some(0), Some(ConnectionsSource::Kernel)),
+            worker(8, None, None),
+        ]));
+        assert!(two.contains(", 2 workers left:"), "{two}");
+        assert!(
+            two.contains("(worker 7, program web): no connection open (kernel), still running"),
+            "{two}"
+        );
+        assert!(!two.contains("finishing"), "{two}");
+        assert!(two.contains("running (connections unknown)"), "{two}");
+        assert!(drain_progress(&draining(vec![worker(7, None, None)])).contains("1 worker,"));
     }
 }

@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     accepting.join_all().await;
     let _ = worker.draining().await;
     info!(
-        "pid {pid} draining ({reason:?}): {} connections open",
+        "pid {pid} draining ({reason}): {} connections open",
         worker.connections()
     );
     worker.idle().await;

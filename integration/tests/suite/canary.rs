@@ -28,7 +28,7 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
     let (code, _, err) = master.ctl(&["reload"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("rolled back to generation 1"), "{err}");
-    assert!(err.contains("exited with exit status 1"), "{err}");
+    assert!(err.contains("exited with status 1"), "{err}");
     let (_, status, _) = master.ctl(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     let serving: Vec<u64> = status["generations"]

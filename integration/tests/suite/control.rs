@@ -126,6 +126,11 @@ fn drain_status_shows_a_lingering_connection_and_its_shrinking_time_left() {
     let (_, human, _) = master.ctl(&["drain-status"]);
     assert!(human.contains("generation 1  draining"), "{human}");
     assert!(human.contains("1 connection open (reported)"), "{human}");
+    assert!(human.contains(", 1 worker left:"), "{human}");
+    assert!(
+        human.contains("(worker 1, program worker): 1 connection open"),
+        "{human}"
+    );
     // `--wait` returns once the client lets go.
     let waiting = master.ctl_spawn(&["drain-status", "--wait", "--timeout", "20"]);
     drop(held);
@@ -161,7 +166,7 @@ fn reload_exits_zero_on_success_and_non_zero_with_the_reason_on_each_failure() {
         (good.yaml() + "oops: 1\n", "baton.yaml:"),
         (
             failing("exit:4", "10s"),
-            "exited with exit status 4 before it was ready",
+            "exited with status 4 before it was ready",
         ),
         (failing("never-ready", "1s"), "was not ready after 1000 ms"),
     ];
@@ -324,6 +329,20 @@ fn an_unprivileged_user_may_not_change_the_master_and_reads_only_with_the_read_g
         },
     );
     assert_eq!(denied.len(), 3, "each denial is logged once");
+    for line in &denied {
+        let message = line["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("control request ") && !message.contains('{'),
+            "the request in words, not as Rust debug text: {message}"
+        );
+    }
+    assert!(
+        denied[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("control request reload (waiting for the verdict) from uid 65534"),
+        "{denied:?}"
+    );
     assert!(master.events("reload_requested").is_empty());
     assert!(master.events("stopping").is_empty());
 
@@ -693,5 +712,66 @@ fn a_worker_s_status_text_never_reaches_the_terminal_raw() {
     assert!(
         table.contains(r"\u{1b}]0;owned\u{7}\u{1b}[2J\rcleared"),
         "{table}"
+    );
+}
+
+#[test]
+fn usage_errors_unknown_requests_truncated_frames_and_paths_are_told_plainly() {
+    // Usage errors exit 64, as docs/cli.md says; help is an answer.
+    let baton = |args: &[&str]| {
+        let out = std::process::Command::new(&binaries().baton)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    assert_eq!(baton(&["--bogus"]).0, Some(64));
+    assert_eq!(
+        baton(&["status", "-c", "a.yaml", "-s", "b.sock"]).0,
+        Some(64)
+    );
+    assert_eq!(baton(&["--help"]).0, Some(0));
+
+    // A socket path given relative to the configuration is shown as the place it names.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("conf")).unwrap();
+    let conf = dir.path().join("conf/baton.yaml");
+    let yaml = TestConfig::hello("127.0.0.1:1", 1)
+        .yaml()
+        .replace("\"{dir}/baton.sock\"", "../run/b.sock")
+        .replace("{dir}", dir.path().to_str().unwrap());
+    std::fs::write(&conf, yaml).unwrap();
+    let (code, err) = baton(&["status", "-c", conf.to_str().unwrap()]);
+    assert_eq!(code, Some(69), "{err}");
+    let real = std::fs::canonicalize(dir.path())
+        .unwrap()
+        .join("run/b.sock");
+    assert!(
+        err.contains(&format!("no master at {}:", real.display())),
+        "{err}"
+    );
+
+    let port = free_port();
+    let master = Master::start(
+        "ctl-words",
+        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // A request id never handed out: a bad argument (64), not "no master" (69).
+    let (code, _, err) = master.ctl(&["reload", "--request", "999"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("no reload request #999 is known"), "{err}");
+    // A frame cut short says how much arrived.
+    let mut stream = UnixStream::connect(master.socket()).unwrap();
+    stream.write_all(&100u32.to_be_bytes()).unwrap();
+    stream.write_all(b"{").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.contains("frame truncated: 1 of 100 bytes"),
+        "{answer}"
     );
 }

@@ -32,7 +32,7 @@ fn failed_reloads_leave_the_old_generation_serving_without_losing_a_request() {
         (
             "worker exits at start",
             it("exit:3", "20s"),
-            "exited with exit status 3 before it was ready",
+            "exited with status 3 before it was ready",
         ),
         (
             "worker never ready",

@@ -165,7 +165,7 @@ supervisor:
             ),
             (
                 "listeners: []\nworker:\n  command: ./no-such-worker\n",
-                "/etc/baton/./no-such-worker does not exist",
+                "/etc/baton/no-such-worker does not exist",
                 Some(3),
             ),
             (
@@ -313,7 +313,7 @@ workers:
         let problems = parse_all(Path::new("/etc/baton/test.yaml"), text).unwrap_err();
         let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         for expected in [
-            "workers[0].command: /etc/baton/./missing does not exist",
+            "workers[0].command: /etc/baton/missing does not exist",
             "workers[0].listeners: no listener is named `nope`",
             "workers[1].ready: the probe's timeout (2000 ms)",
             "tcp://192.0.2.1:80 is not an address of this machine",

@@ -22,7 +22,7 @@ pub(super) fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigErr
     let mut check = Check {
         path,
         text,
-        base: path.parent().unwrap_or(Path::new(".")),
+        base: Base::of(path),
         problems: Vec::new(),
     };
     let listeners = check.listeners(raw.listeners);
@@ -36,7 +36,7 @@ pub(super) fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigErr
         source: path.to_owned(),
         listeners,
         programs,
-        supervisor: supervisor(raw.supervisor, check.base),
+        supervisor: supervisor(raw.supervisor, &check.base),
     })
 }
 
@@ -65,12 +65,61 @@ fn read(path: &Path, text: &str) -> Result<RawConfig, Vec<ConfigError>> {
     })
 }
 
+/// The directory relative paths in a file are relative to: the file's own, made absolute and
+/// free of symbolic links when it exists, so that `../run/baton.sock` is shown as the place it
+/// names (`/srv/run/baton.sock`), not as `conf/../run/baton.sock`.
+#[derive(Debug)]
+struct Base {
+    dir: PathBuf,
+    /// Whether `dir` is canonical (it exists): then a leading `..` can be resolved exactly.
+    canonical: bool,
+}
+
+impl Base {
+    fn of(file: &Path) -> Base {
+        let dir = match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        match std::fs::canonicalize(dir) {
+            Ok(dir) => Base {
+                dir,
+                canonical: true,
+            },
+            Err(_) => Base {
+                dir: dir.to_owned(),
+                canonical: false,
+            },
+        }
+    }
+
+    /// `path` relative to this directory. A leading `..` takes the last component off the
+    /// directory, which is exact when the directory is canonical (no link to step back over);
+    /// a `..` after a component of `path` itself stays, since that component may be a link.
+    fn join(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            return path.to_owned();
+        }
+        let mut out = self.dir.clone();
+        let mut components = path.components().peekable();
+        while self.canonical && components.peek() == Some(&std::path::Component::ParentDir) {
+            components.next();
+            out.pop(); // `/..` is `/`
+        }
+        while components.peek() == Some(&std::path::Component::CurDir) {
+            components.next();
+        }
+        out.extend(components);
+        out
+    }
+}
+
 /// The checks of one file: where it is, its text (to find lines in), and the problems so far.
 struct Check<'a> {
     path: &'a Path,
     text: &'a str,
     /// Relative paths in the file are relative to its directory.
-    base: &'a Path,
+    base: Base,
     problems: Vec<ConfigError>,
 }
 
@@ -115,7 +164,7 @@ impl Check<'_> {
             .map(|l| ListenerConfig {
                 address: match l.address {
                     ListenerAddress::Unix { path: p } if p.is_relative() => ListenerAddress::Unix {
-                        path: self.base.join(p),
+                        path: self.base.join(&p),
                     },
                     other => other,
                 },
@@ -191,7 +240,7 @@ impl Check<'_> {
         w: RawWorker,
         listeners: &[ListenerConfig],
     ) -> WorkerConfig {
-        let command = match resolve_command(self.base, &w.command) {
+        let command = match resolve_command(&self.base, &w.command) {
             Ok(command) => command,
             Err(message) => {
                 self.problem(
@@ -230,7 +279,7 @@ impl Check<'_> {
             command,
             args: w.args,
             env: w.env,
-            cwd: w.cwd.map(|c| self.base.join(c)),
+            cwd: w.cwd.map(|c| self.base.join(&c)),
             processes: w.processes.0,
             ready_timeout: w.ready_timeout.0,
             drain_timeout: w.drain_timeout.0,
@@ -296,7 +345,11 @@ impl Check<'_> {
             // A relative Unix socket path of a probe is relative to this file, like every path.
             (Some(Readiness::Probe(mut probe)), _) => {
                 if probe.address.contains('/') && !probe.address.starts_with('/') {
-                    probe.address = self.base.join(&probe.address).display().to_string();
+                    probe.address = self
+                        .base
+                        .join(Path::new(&probe.address))
+                        .display()
+                        .to_string();
                 }
                 Readiness::Probe(probe)
             }
@@ -352,7 +405,7 @@ impl Check<'_> {
 }
 
 /// `supervisor:` with its defaults.
-fn supervisor(s: RawSupervisor, base: &Path) -> SupervisorConfig {
+fn supervisor(s: RawSupervisor, base: &Base) -> SupervisorConfig {
     SupervisorConfig {
         max_draining: s.max_draining.0,
         forward_usr1: s.forward_usr1,
@@ -360,7 +413,7 @@ fn supervisor(s: RawSupervisor, base: &Path) -> SupervisorConfig {
             socket: s
                 .control
                 .socket
-                .map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), |p| base.join(p)),
+                .map_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET), |p| base.join(&p)),
             mode: s.control.mode.map_or(0o600, |m| m.0),
             read_group: s.control.read_group.map(|g| g.0),
             allow_uids: s.control.allow_users.iter().map(|u| u.0).collect(),
@@ -376,7 +429,7 @@ fn supervisor(s: RawSupervisor, base: &Path) -> SupervisorConfig {
         metrics_listen: s.metrics_listen.map(|a| a.0),
         runtime_dir: s
             .runtime_dir
-            .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(d)),
+            .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(&d)),
     }
 }
 
@@ -418,12 +471,12 @@ enum CommandError {
 
 /// Resolves the worker program: a name with a `/` is a path (relative to the config file's
 /// directory), a bare name is looked up in `PATH`, like a shell would.
-fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, CommandError> {
+fn resolve_command(base: &Base, command: &str) -> Result<PathBuf, CommandError> {
     if command.is_empty() {
         return Err(CommandError::Empty);
     }
     let candidates: Vec<PathBuf> = if command.contains('/') {
-        vec![base.join(command)]
+        vec![base.join(Path::new(command))]
     } else {
         std::env::var_os("PATH")
             .map(|p| {
@@ -446,5 +499,36 @@ fn resolve_command(base: &Path, command: &str) -> Result<PathBuf, CommandError> 
     match candidates.first() {
         Some(path) if command.contains('/') => Err(CommandError::Missing(path.clone())),
         _ => Err(CommandError::NotInPath(command.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_shown_as_the_places_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir(&conf).unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        let base = Base::of(&conf.join("baton.yaml"));
+        assert_eq!(
+            base.join(Path::new("../run/b.sock")),
+            real.join("run/b.sock")
+        );
+        assert_eq!(base.join(Path::new("./x.sock")), real.join("conf/x.sock"));
+        assert_eq!(
+            base.join(Path::new("/abs/x.sock")),
+            Path::new("/abs/x.sock")
+        );
+        // A `..` after a component of the path itself is left to the kernel (a link, maybe).
+        assert_eq!(base.join(Path::new("a/../b")), real.join("conf/a/../b"));
+        // A directory that does not exist is not canonical: nothing is resolved.
+        let gone = Base::of(Path::new("/nonexistent-baton-dir/baton.yaml"));
+        assert_eq!(
+            gone.join(Path::new("../x.sock")),
+            Path::new("/nonexistent-baton-dir/../x.sock")
+        );
     }
 }

@@ -288,16 +288,17 @@ pub(super) fn status_line(snap: &Snapshot) -> String {
         .rev()
         .map(|g| {
             let n = g.workers.len();
+            let workers = if n == 1 { "worker" } else { "workers" };
             match g.phase {
                 Phase::Draining => {
                     let conns: u64 = g.workers.iter().filter_map(|w| w.connections).sum();
                     let left = g.time_left.map_or(0, |d| d.as_secs());
                     format!(
-                        "gen {} draining {n} workers, {conns} conns, {left} s left",
+                        "gen {} draining {n} {workers}, {conns} conns, {left} s left",
                         g.generation
                     )
                 }
-                phase => format!("gen {} {phase} {n} workers", g.generation),
+                phase => format!("gen {} {phase} {n} {workers}", g.generation),
             }
         })
         .collect();

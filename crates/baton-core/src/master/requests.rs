@@ -67,7 +67,7 @@ impl Master {
                     self.waiters.entry(id).or_default().push(reply);
                 } else {
                     let _ = reply.send(proto::Response::Error {
-                        kind: proto::ErrorKind::Unavailable,
+                        kind: proto::ErrorKind::NotFound,
                         message: format!("no reload request #{request} is known"),
                     });
                 }

@@ -70,8 +70,10 @@ pub(super) async fn notify_task(
                 warn!(
                     event = "worker_protocol_error",
                     worker = worker.0,
-                    "notification for worker {worker} from pid {:?} refused (not the worker; see notify_access)",
-                    datagram.pid
+                    "notification for worker {worker} from {} refused (not the worker; see notify_access)",
+                    datagram
+                        .pid
+                        .map_or_else(|| "an unknown sender".to_string(), |p| format!("pid {p}"))
                 );
                 warned_sender = true;
             }

@@ -288,7 +288,7 @@ fn a_worker_that_exits_before_ready_fails_the_reload_and_leaves_the_old_generati
     assert!(!actions.iter().any(|a| matches!(a, Action::Signal { .. })));
     let verdict = h.s.history().last().unwrap().verdict.clone().unwrap_err();
     assert!(
-        verdict.contains("exited with exit status 3 before it was ready"),
+        verdict.contains("exited with status 3 before it was ready"),
         "{verdict}"
     );
     assert_eq!(
@@ -708,7 +708,7 @@ fn a_canary_that_crashes_in_its_window_is_rolled_back_and_the_old_generation_res
     assert_eq!(h.s.generations()[0], (Generation(1), Phase::Serving, 1));
     let verdict = h.s.history().next().unwrap().verdict.clone().unwrap_err();
     assert!(verdict.contains("rolled back to generation 1"), "{verdict}");
-    assert!(verdict.contains("exited with exit status 1"), "{verdict}");
+    assert!(verdict.contains("exited with status 1"), "{verdict}");
     // No restart of the failed canary, and nothing is due any more.
     assert_eq!(h.s.next_deadline(), None);
 }
