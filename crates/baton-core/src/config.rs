@@ -252,6 +252,18 @@ pub fn check_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
     parse_all(path, &text)
 }
 
+/// The control socket the file at `path` names, found even when the rest of the file is invalid
+/// (the running master must stay reachable while its file is being edited). Fails only when the
+/// file cannot be read or is not YAML.
+pub fn control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| ConfigError::at(path, None, format!("cannot read: {err}")))?;
+    validate::control_socket(path, &text).ok_or_else(|| match parse(path, &text) {
+        Err(err) => err,
+        Ok(_) => ConfigError::at(path, None, "not YAML"),
+    })
+}
+
 /// Like [`parse`], with every problem.
 pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
     validate::parse_all(path, text)

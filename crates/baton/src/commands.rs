@@ -296,13 +296,29 @@ impl tracing::field::Visit for MessageOnly {
 }
 
 /// The control socket to talk to: `-s`, the one `-c` configures, `$BATON_SOCKET`, or the default.
-fn socket(target: &Target) -> Result<PathBuf, u8> {
+/// With `-c`, a file with problems still gives its socket for `lenient` requests (those that
+/// read, and `stop`): the running master answers them whatever the file now says.
+fn socket(target: &Target, lenient: bool) -> Result<PathBuf, u8> {
     if let Some(socket) = &target.socket {
         return Ok(socket.clone());
     }
     if let Some(path) = &target.config {
         return match baton_core::config::load(path) {
             Ok(config) => Ok(config.supervisor.control.socket),
+            Err(err) if lenient => match baton_core::config::control_socket(path) {
+                Ok(socket) => {
+                    eprintln!("baton: warning: {err}");
+                    eprintln!(
+                        "baton: asking the master at {} (the file's control socket) anyway",
+                        socket.display()
+                    );
+                    Ok(socket)
+                }
+                Err(_) => {
+                    eprintln!("baton: {err}");
+                    Err(EX_USAGE)
+                }
+            },
             Err(err) => {
                 eprintln!("baton: {err}");
                 Err(EX_USAGE)
@@ -316,7 +332,8 @@ fn socket(target: &Target) -> Result<PathBuf, u8> {
 
 /// Sends one request; on failure prints why and returns the exit status.
 fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<Response, u8> {
-    let path = socket(target)?;
+    let lenient = !request.mutates() || matches!(request, Request::Stop { .. });
+    let path = socket(target, lenient)?;
     match client::call(&path, &request, timeout) {
         Ok(Response::Error { kind, message }) => {
             eprintln!("baton: the master refused: {}", render::safe(&message));

@@ -775,3 +775,51 @@ fn usage_errors_unknown_requests_truncated_frames_and_paths_are_told_plainly() {
         "{answer}"
     );
 }
+
+#[test]
+fn a_broken_file_does_not_hide_the_running_master_from_reads_and_stop() {
+    let port = free_port();
+    let master = Master::start(
+        "ctl-broken",
+        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // The operator is editing the file: it no longer validates.
+    let file = master.dir.path().join("baton.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text + "colour: blue\n").unwrap();
+    let with_file = |args: &[&str]| {
+        let out = std::process::Command::new(&binaries().baton)
+            .args(args)
+            .arg("-c")
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["history"],
+        &["drain-status"],
+        &["metrics"],
+    ] {
+        let (code, out, err) = with_file(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert!(!out.is_empty(), "{args:?}");
+        assert!(err.contains("unknown field `colour`"), "{args:?}: {err}");
+    }
+    // A reload of a broken file is refused before it reaches the master, with the reason.
+    let (code, _, err) = with_file(&["reload"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("unknown field `colour`"), "{err}");
+    assert!(master.events("reload_requested").is_empty());
+    // And stop still stops.
+    let (code, _, err) = with_file(&["stop"]);
+    assert_eq!(code, Some(0), "{err}");
+    master.wait_event("exiting", Duration::from_secs(30), |_| true);
+}

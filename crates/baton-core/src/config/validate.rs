@@ -65,6 +65,22 @@ fn read(path: &Path, text: &str) -> Result<RawConfig, Vec<ConfigError>> {
     })
 }
 
+/// The control socket a configuration names, read from `text` leniently: whatever else is wrong
+/// with the file, the running master can still be found (`baton status -c FILE` with a file
+/// being edited). `None`: the text is not YAML at all.
+pub(super) fn control_socket(path: &Path, text: &str) -> Option<PathBuf> {
+    let value: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
+    let socket = value
+        .get("supervisor")
+        .and_then(|s| s.get("control"))
+        .and_then(|c| c.get("socket"))
+        .and_then(|s| s.as_str());
+    Some(match socket {
+        Some(socket) => Base::of(path).join(Path::new(socket)),
+        None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+    })
+}
+
 /// The directory relative paths in a file are relative to: the file's own, made absolute and
 /// free of symbolic links when it exists, so that `../run/baton.sock` is shown as the place it
 /// names (`/srv/run/baton.sock`), not as `conf/../run/baton.sock`.
