@@ -17,6 +17,7 @@ mod suite {
     mod hardening;
     mod kinds;
     mod listeners;
+    mod readiness;
     mod signals;
     mod systemd;
     mod systemd_workers;

@@ -119,6 +119,29 @@ pub enum Readiness {
     Delay(Duration),
     /// A probe that succeeds: a TCP connect or an HTTP GET answered with a 2xx status.
     Probe(Probe),
+    /// Every one of these (`ready: {all: [notify, {http: ...}]}`): at most one probe and one
+    /// delay, no `all` inside.
+    All(Vec<Readiness>),
+}
+
+impl Readiness {
+    /// The probe among the conditions, if any.
+    pub fn probe(&self) -> Option<&Probe> {
+        match self {
+            Readiness::Probe(probe) => Some(probe),
+            Readiness::All(all) => all.iter().find_map(Readiness::probe),
+            _ => None,
+        }
+    }
+
+    /// The delay among the conditions, if any.
+    pub fn delay(&self) -> Option<Duration> {
+        match self {
+            Readiness::Delay(delay) => Some(*delay),
+            Readiness::All(all) => all.iter().find_map(Readiness::delay),
+            _ => None,
+        }
+    }
 }
 
 /// A readiness probe of one worker.

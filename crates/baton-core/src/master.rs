@@ -46,6 +46,7 @@ use crate::supervisor::{
 mod generations;
 mod link;
 mod probe;
+mod readiness;
 mod report;
 mod requests;
 mod resume;
@@ -57,6 +58,7 @@ mod worker_notify;
 pub use crate::upgrade::STATE_FD_ENV;
 use generations::Resources;
 use link::Link;
+use readiness::News;
 pub use resume::{Inherited, ResumeError};
 pub use service_manager::Notification;
 use service_manager::Told;
@@ -120,8 +122,8 @@ pub struct Master {
     resources: HashMap<Generation, Resources>,
     links: HashMap<WorkerId, Link>,
     supervisor: Supervisor,
-    events_tx: mpsc::UnboundedSender<Event>,
-    events_rx: mpsc::UnboundedReceiver<Event>,
+    events_tx: mpsc::UnboundedSender<News>,
+    events_rx: mpsc::UnboundedReceiver<News>,
     control: Option<(
         std::os::unix::net::UnixListener,
         config::ControlConfig,
@@ -331,7 +333,7 @@ impl Master {
                         queue.push_back(Event::Intent(Intent::Stop { graceful: true, trigger }));
                     }
                 },
-                Some(event) = self.events_rx.recv() => queue.push_back(event),
+                Some(news) = self.events_rx.recv() => self.on_news(news, &mut queue),
                 Some(ask) = self.metrics_rx.recv() => {
                     let _ = ask.send(self.metrics());
                 }
@@ -349,6 +351,24 @@ impl Master {
                     self.preflight_expired();
                 }
                 () = sleep_until(deadline), if deadline.is_some() => queue.push_back(Event::Tick),
+            }
+        }
+    }
+
+    /// News from the tasks watching workers: events for the state machine go to `queue`; a
+    /// readiness condition goes through the worker's gate, which lets its last one through as
+    /// the worker's `ready`.
+    fn on_news(&mut self, news: News, queue: &mut VecDeque<Event>) {
+        match news {
+            News::Event(event) => queue.push_back(event),
+            News::Ready(worker, condition) => {
+                if let Some(ready) = self
+                    .links
+                    .get_mut(&worker)
+                    .and_then(|link| link.ready.met(worker, condition))
+                {
+                    queue.push_back(ready);
+                }
             }
         }
     }

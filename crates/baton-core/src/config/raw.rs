@@ -132,6 +132,8 @@ pub(super) struct ReadySpec(pub(super) Readiness);
 #[serde(deny_unknown_fields)]
 pub(super) struct ReadyFields {
     #[serde(default)]
+    all: Option<Vec<ReadySpec>>,
+    #[serde(default)]
     delay: Option<Timeout>,
     #[serde(default)]
     tcp: Option<String>,
@@ -151,14 +153,16 @@ impl<'de> Deserialize<'de> for ReadySpec {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = ReadySpec;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("`channel`, `notify`, or a map with one of `delay`, `tcp`, `http`")
+                f.write_str(
+                    "`channel`, `notify`, or a map with one of `delay`, `tcp`, `http`, `all`",
+                )
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ReadySpec, E> {
                 match v {
                     "channel" => Ok(ReadySpec(Readiness::Channel)),
                     "notify" => Ok(ReadySpec(Readiness::Notify)),
                     other => Err(E::custom(format!(
-                        "invalid readiness \"{other}\": use channel, notify, {{delay: 2s}}, {{tcp: ADDRESS}} or {{http: ADDRESS, path: /healthz}}"
+                        "invalid readiness \"{other}\": use channel, notify, {{delay: 2s}}, {{tcp: ADDRESS}}, {{http: ADDRESS, path: /healthz}} or {{all: [...]}}"
                     ))),
                 }
             }
@@ -169,6 +173,22 @@ impl<'de> Deserialize<'de> for ReadySpec {
                 use serde::de::Error;
                 let f =
                     ReadyFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                if let Some(all) = f.all {
+                    let alone = f.delay.is_none()
+                        && f.tcp.is_none()
+                        && f.http.is_none()
+                        && f.path.is_none()
+                        && f.timeout.is_none()
+                        && f.interval.is_none();
+                    if !alone {
+                        return Err(A::Error::custom(
+                            "invalid readiness: `all` takes a list and nothing beside it",
+                        ));
+                    }
+                    return Ok(ReadySpec(Readiness::All(
+                        all.into_iter().map(|r| r.0).collect(),
+                    )));
+                }
                 let timeout = f.timeout.map_or(Duration::from_secs(1), |t| t.0);
                 let interval = f.interval.map_or(Duration::from_millis(250), |t| t.0);
                 let probe = |address: String, http_path| {

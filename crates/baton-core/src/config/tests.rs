@@ -37,6 +37,39 @@ supervisor:
 ";
 
     #[test]
+    fn readiness_can_combine_conditions_the_protocol_allows() {
+        let config = |protocol: &str, ready: &str| {
+            format!(
+                "listeners: []\nworker:\n  command: /bin/sh\n  protocol: {protocol}\n  ready: {ready}\n"
+            )
+        };
+        let c = parse_str(&config(
+            "systemd",
+            "{all: [notify, {http: 127.0.0.1:9000, path: /up}, {delay: 1s}]}",
+        ))
+        .unwrap();
+        let ready = &c.programs[0].ready;
+        assert!(matches!(ready, Readiness::All(all) if all.len() == 3), "{ready:?}");
+        assert_eq!(ready.probe().unwrap().http_path.as_deref(), Some("/up"));
+        assert_eq!(ready.delay(), Some(Duration::from_secs(1)));
+        for (protocol, ready, problem) in [
+            ("systemd", "{all: [channel]}", "`channel` needs `protocol: baton`"),
+            ("baton", "{all: [notify, {delay: 1s}]}", "`notify` needs `protocol: systemd`"),
+            ("systemd", "{all: []}", "`all` lists no condition"),
+            ("systemd", "{all: [notify, {all: [notify]}]}", "`all` inside `all`"),
+            (
+                "systemd",
+                "{all: [{tcp: 127.0.0.1:1}, {tcp: 127.0.0.1:2}]}",
+                "at most one probe and one delay",
+            ),
+            ("systemd", "{all: [notify], delay: 1s}", "nothing beside it"),
+        ] {
+            let err = parse_str(&config(protocol, ready)).unwrap_err().to_string();
+            assert!(err.contains(problem), "{ready}: {err}");
+        }
+    }
+
+    #[test]
     fn a_full_config_parses() {
         let c = parse_str(GOOD).unwrap();
         assert_eq!(c.listeners.len(), 3);

@@ -319,7 +319,7 @@ impl Check<'_> {
                 );
             }
         }
-        if let Readiness::Probe(probe) = &worker.ready {
+        if let Some(probe) = worker.ready.probe() {
             if probe.timeout >= worker.ready_timeout || probe.interval >= worker.ready_timeout {
                 self.problem(
                     Some("ready:"),
@@ -340,7 +340,42 @@ impl Check<'_> {
         match (ready, protocol) {
             (None, Protocol::Baton) => Readiness::Channel,
             (None, Protocol::Systemd) => Readiness::Notify,
-            (Some(Readiness::Channel), Protocol::Systemd) => {
+            (Some(Readiness::All(all)), _) => {
+                let kinds = |f: fn(&Readiness) -> bool| all.iter().filter(|r| f(r)).count();
+                if all.is_empty() {
+                    self.problem(
+                        Some("ready:"),
+                        format!("{key}.ready: `all` lists no condition"),
+                    );
+                }
+                if kinds(|r| matches!(r, Readiness::All(_))) > 0 {
+                    self.problem(
+                        Some("ready:"),
+                        format!("{key}.ready: `all` inside `all` says nothing more: list the conditions once"),
+                    );
+                }
+                if kinds(|r| matches!(r, Readiness::Probe(_))) > 1
+                    || kinds(|r| matches!(r, Readiness::Delay(_))) > 1
+                {
+                    self.problem(
+                        Some("ready:"),
+                        format!("{key}.ready: `all` takes at most one probe and one delay"),
+                    );
+                }
+                Readiness::All(
+                    all.into_iter()
+                        .map(|r| self.condition(key, r, protocol))
+                        .collect(),
+                )
+            }
+            (Some(r), _) => self.condition(key, r, protocol),
+        }
+    }
+
+    /// One readiness condition, checked against the protocol.
+    fn condition(&mut self, key: &str, ready: Readiness, protocol: Protocol) -> Readiness {
+        match (ready, protocol) {
+            (Readiness::Channel, Protocol::Systemd) => {
                 self.problem(
                     Some("ready:"),
                     format!(
@@ -349,7 +384,7 @@ impl Check<'_> {
                 );
                 Readiness::Notify
             }
-            (Some(Readiness::Notify), Protocol::Baton) => {
+            (Readiness::Notify, Protocol::Baton) => {
                 self.problem(
                     Some("ready:"),
                     format!(
@@ -359,7 +394,7 @@ impl Check<'_> {
                 Readiness::Channel
             }
             // A relative Unix socket path of a probe is relative to this file, like every path.
-            (Some(Readiness::Probe(mut probe)), _) => {
+            (Readiness::Probe(mut probe), _) => {
                 if probe.address.contains('/') && !probe.address.starts_with('/') {
                     probe.address = self
                         .base
@@ -369,7 +404,7 @@ impl Check<'_> {
                 }
                 Readiness::Probe(probe)
             }
-            (Some(r), _) => r,
+            (r, _) => r,
         }
     }
 

@@ -12,6 +12,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::readiness::{Condition, Gate, News};
 use crate::config::NotifyAccess;
 use crate::supervisor::{Event, WorkerId};
 
@@ -27,6 +28,8 @@ pub(super) struct Link {
     /// path and access rule.
     pub(super) channel: Option<OwnedFd>,
     pub(super) notify: Option<(OwnedFd, PathBuf, NotifyAccess)>,
+    /// The readiness conditions it has yet to meet.
+    pub(super) ready: Gate,
 }
 
 /// One worker's channel: hands over the listeners, then forwards the worker's packets as events
@@ -37,7 +40,7 @@ pub(super) async fn link_task(
     hello: Hello,
     fds: Vec<OwnedFd>,
     commands: mpsc::UnboundedReceiver<MasterMessage>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<News>,
 ) {
     if let Err(err) = handoff(&channel, hello, &fds).await {
         warn!(
@@ -55,7 +58,7 @@ pub(super) async fn link_loop(
     worker: WorkerId,
     channel: UnixDatagram,
     mut commands: mpsc::UnboundedReceiver<MasterMessage>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<News>,
 ) {
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     let mut invalid = 0u32;
@@ -94,7 +97,11 @@ pub(super) async fn link_loop(
                 };
                 match packet {
                     Ok(message) => {
-                        if events.send(Event::Message { worker, message }).is_err() {
+                        let news = match message {
+                            WorkerMessage::Ready => News::Ready(worker, Condition::Channel),
+                            message => News::Event(Event::Message { worker, message }),
+                        };
+                        if events.send(news).is_err() {
                             return;
                         }
                     }

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use baton_proto::WorkerMessage;
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use super::readiness::{Condition, News};
 use crate::config::Probe;
 use crate::supervisor::{Event, WorkerId};
 
@@ -24,7 +24,7 @@ pub(super) async fn probe_task(
     probe: Probe,
     address: String,
     probation: Option<Duration>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<News>,
 ) {
     let attempt = || async {
         tokio::time::timeout(
@@ -42,10 +42,7 @@ pub(super) async fn probe_task(
                     worker = worker.0,
                     "readiness probe of worker {worker} at {address} succeeded"
                 );
-                let _ = events.send(Event::Message {
-                    worker,
-                    message: WorkerMessage::Ready,
-                });
+                let _ = events.send(News::Ready(worker, Condition::Probe));
                 break;
             }
             Err(err) => {
@@ -67,7 +64,7 @@ pub(super) async fn probe_task(
         tokio::time::sleep(probe.interval).await;
         if let Err(err) = attempt().await {
             let reason = err.to_string();
-            let _ = events.send(Event::ProbeFailed { worker, reason });
+            let _ = events.send(News::Event(Event::ProbeFailed { worker, reason }));
             return;
         }
     }

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use baton_proto::{
     CHANNEL_FD_ENV, GENERATION_ENV, Hello, ListenerInfo, PROTOCOL_VERSION, WORKER_ID_ENV,
-    WorkerMessage,
 };
 use baton_sys::process::{self, SignalNumber};
 use baton_sys::{channel, notify};
@@ -22,10 +21,11 @@ use tracing::warn;
 use super::Master;
 use super::link::{Link, link_task};
 use super::probe::probe_task;
+use super::readiness::{self, Condition, Gate, News};
 use super::worker_notify::notify_task;
-use crate::config::{Protocol, Readiness, WorkerConfig};
+use crate::config::{Protocol, WorkerConfig};
 use crate::listeners::GenerationListener;
-use crate::supervisor::{Event, Generation, WorkerId};
+use crate::supervisor::{Generation, WorkerId};
 
 /// The number at which a baton-protocol worker finds its channel, and a systemd-style worker its
 /// first listener (`SD_LISTEN_FDS_START`).
@@ -117,11 +117,14 @@ impl Master {
             .iter()
             .filter_map(|&i| resources.listeners.get(i).cloned())
             .collect();
-        let probe_address = match &config.ready {
-            Readiness::Probe(probe) => Some(probe.address_for(worker.0, slot, generation.0)),
-            _ => None,
+        let probe_address = config
+            .ready
+            .probe()
+            .map(|probe| probe.address_for(worker.0, slot, generation.0));
+        let mut link = Link {
+            ready: Gate::new(readiness::conditions(&config)),
+            ..Link::default()
         };
-        let mut link = Link::default();
         let start = Start {
             config: &config,
             worker,
@@ -135,9 +138,8 @@ impl Master {
             Protocol::Baton => self.spawn_baton(start, &mut link)?,
             Protocol::Systemd => self.spawn_systemd(start, &mut link)?,
         };
-        if let Some(task) = self.start_readiness(&config, worker, probe_address, canary_window) {
-            link.tasks.push(task);
-        }
+        let watching = self.start_readiness(&config, worker, probe_address, canary_window);
+        link.tasks.extend(watching);
         self.links.insert(worker, link);
         Ok(pid)
     }
@@ -225,37 +227,35 @@ impl Master {
         Ok(pid)
     }
 
-    /// The task that decides readiness when the worker does not report it: a delay, or a probe
-    /// (which goes on through the generation's canary window).
+    /// The tasks that watch readiness conditions the worker does not report itself: a delay, a
+    /// probe (which goes on through the generation's canary window).
     fn start_readiness(
         &self,
         config: &WorkerConfig,
         worker: WorkerId,
         probe_address: Option<String>,
         canary_window: Option<Duration>,
-    ) -> Option<AbortHandle> {
-        let events = self.events_tx.clone();
-        let task = match (&config.ready, probe_address) {
-            (Readiness::Delay(delay), _) => {
-                let delay = *delay;
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = events.send(Event::Message {
-                        worker,
-                        message: WorkerMessage::Ready,
-                    });
-                })
-            }
-            (Readiness::Probe(probe), Some(address)) => tokio::spawn(probe_task(
+    ) -> Vec<AbortHandle> {
+        let mut tasks = Vec::new();
+        if let Some(delay) = config.ready.delay() {
+            let events = self.events_tx.clone();
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = events.send(News::Ready(worker, Condition::Delay));
+            });
+            tasks.push(task.abort_handle());
+        }
+        if let (Some(probe), Some(address)) = (config.ready.probe(), probe_address) {
+            let task = tokio::spawn(probe_task(
                 worker,
                 probe.clone(),
                 address,
                 canary_window,
-                events,
-            )),
-            _ => return None,
-        };
-        Some(task.abort_handle())
+                self.events_tx.clone(),
+            ));
+            tasks.push(task.abort_handle());
+        }
+        tasks
     }
 
     /// A notify socket for one systemd-style worker, in `<runtime_dir>/notify/`.

@@ -350,8 +350,8 @@ impl Master {
                 }
             }
         }
-        while let Ok(event) = self.events_rx.try_recv() {
-            queue.push_back(event);
+        while let Ok(news) = self.events_rx.try_recv() {
+            self.on_news(news, queue);
         }
         while let Some(event) = queue.pop_front() {
             let actions = self.supervisor.handle(Instant::now(), event);

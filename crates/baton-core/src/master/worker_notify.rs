@@ -10,6 +10,7 @@ use baton_sys::{notify, process};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use super::readiness::{Condition, News};
 use crate::config::NotifyAccess;
 use crate::supervisor::{Event, WorkerId};
 
@@ -29,7 +30,7 @@ pub(super) async fn notify_task(
     socket: notify::NotifySocket,
     spawned: u32,
     access: NotifyAccess,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<News>,
 ) {
     let mut buf = vec![0u8; NOTIFY_MAX];
     let mut main = spawned;
@@ -93,25 +94,22 @@ pub(super) async fn notify_task(
         let text = String::from_utf8_lossy(&buf[..datagram.len]);
         for line in text.lines() {
             let event = match line.split_once('=') {
-                Some(("READY", "1")) => Event::Message {
-                    worker,
-                    message: WorkerMessage::Ready,
-                },
-                Some(("STOPPING", "1")) => Event::Message {
+                Some(("READY", "1")) => News::Ready(worker, Condition::Notify),
+                Some(("STOPPING", "1")) => News::Event(Event::Message {
                     worker,
                     message: WorkerMessage::Draining,
-                },
-                Some(("STATUS", status)) => Event::Message {
+                }),
+                Some(("STATUS", status)) => News::Event(Event::Message {
                     worker,
                     message: WorkerMessage::Status {
                         connections: None,
                         text: Some(status.to_string()),
                     },
-                },
+                }),
                 Some(("MAINPID", pid)) => match pid.parse::<u32>() {
                     Ok(pid) if pid > 1 => {
                         main = pid;
-                        Event::MainPid { worker, pid }
+                        News::Event(Event::MainPid { worker, pid })
                     }
                     _ => continue,
                 },

@@ -1,0 +1,129 @@
+//! When a new worker counts as ready: every condition its program names, each reported by the
+//! task that watches it (the channel's `ready` packet, `READY=1` on its notify socket, a probe
+//! that answers, a delay that passed). [`News`] is what those tasks send the event loop; a
+//! [`Gate`] per worker turns the last missing condition into the one `ready` the state machine
+//! sees. A report of a condition the program does not name (a systemd-style worker's early
+//! `READY=1` when a probe is configured) is ignored, with a debug line.
+//!
+//! A baton-protocol worker always reports on its channel, so its channel `ready` is always one
+//! of the conditions: `ready: {http: ...}` on such a worker waits for both.
+
+use baton_proto::WorkerMessage;
+use tracing::debug;
+
+use crate::config::{Protocol, Readiness, WorkerConfig};
+use crate::supervisor::{Event, WorkerId};
+
+/// What the tasks watching workers send the event loop.
+#[derive(Debug)]
+pub(super) enum News {
+    /// Anything for the state machine.
+    Event(Event),
+    /// One readiness condition of a worker is met.
+    Ready(WorkerId, Condition),
+}
+
+/// One readiness condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Condition {
+    Channel,
+    Notify,
+    Probe,
+    Delay,
+}
+
+impl std::fmt::Display for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Condition::Channel => "the channel's ready packet",
+            Condition::Notify => "READY=1",
+            Condition::Probe => "the readiness probe",
+            Condition::Delay => "the ready delay",
+        })
+    }
+}
+
+/// The conditions a program's workers must meet, in the order they are checked.
+pub(super) fn conditions(config: &WorkerConfig) -> Vec<Condition> {
+    fn add(readiness: &Readiness, out: &mut Vec<Condition>) {
+        let condition = match readiness {
+            Readiness::Channel => Condition::Channel,
+            Readiness::Notify => Condition::Notify,
+            Readiness::Probe(_) => Condition::Probe,
+            Readiness::Delay(_) => Condition::Delay,
+            Readiness::All(all) => {
+                for r in all {
+                    add(r, out);
+                }
+                return;
+            }
+        };
+        if !out.contains(&condition) {
+            out.push(condition);
+        }
+    }
+    let mut out = Vec::new();
+    if config.protocol == Protocol::Baton {
+        out.push(Condition::Channel);
+    }
+    add(&config.ready, &mut out);
+    out
+}
+
+/// The readiness conditions of one worker not met yet; empty once it is ready.
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    missing: Vec<Condition>,
+}
+
+impl Gate {
+    pub(super) fn new(conditions: Vec<Condition>) -> Gate {
+        Gate {
+            missing: conditions,
+        }
+    }
+
+    /// `condition` is met: the worker's `ready` event when it was the last one missing.
+    pub(super) fn met(&mut self, worker: WorkerId, condition: Condition) -> Option<Event> {
+        let Some(at) = self.missing.iter().position(|c| *c == condition) else {
+            debug!(
+                worker = worker.0,
+                "worker {worker}: {condition} ignored (not one of its readiness conditions, or met already)"
+            );
+            return None;
+        };
+        self.missing.remove(at);
+        if let Some(next) = self.missing.first() {
+            debug!(
+                worker = worker.0,
+                "worker {worker}: {condition} met; waiting for {next}"
+            );
+            return None;
+        }
+        Some(Event::Message {
+            worker,
+            message: WorkerMessage::Ready,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_is_ready_once_every_condition_is_met_whatever_the_order() {
+        let w = WorkerId(3);
+        let mut gate = Gate::new(vec![Condition::Channel, Condition::Probe]);
+        assert_eq!(gate.met(w, Condition::Probe), None);
+        assert_eq!(gate.met(w, Condition::Notify), None, "not a condition");
+        assert!(matches!(
+            gate.met(w, Condition::Channel),
+            Some(Event::Message {
+                worker: WorkerId(3),
+                message: WorkerMessage::Ready
+            })
+        ));
+        assert_eq!(gate.met(w, Condition::Channel), None, "once");
+    }
+}

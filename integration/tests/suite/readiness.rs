@@ -1,0 +1,90 @@
+//! Readiness as configured: every condition a program names counts, and none it does not.
+
+use std::time::Duration;
+
+use baton_integration::{Master, TestConfig, free_port};
+
+/// `ready: {http: ...}` on a baton-protocol worker is not decoration: its channel says ready at
+/// once, but the reload waits for the probe too, and fails when nothing answers it.
+#[test]
+fn a_probe_configured_for_a_baton_worker_is_honoured() {
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    config.ready_timeout = "2s";
+    let master = Master::start("ready-probe", &config);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // Nothing listens at the probe's address.
+    let nobody = free_port();
+    config.worker_extra = vec![format!(
+        "ready: {{http: \"127.0.0.1:{nobody}\", path: /healthz, timeout: 200ms, interval: 100ms}}"
+    )];
+    master.write_config(&config.yaml());
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_failed", "{verdict}");
+    let reason = verdict["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("not ready after"), "{verdict}");
+    // The probe at the worker's own listener answers: the reload succeeds.
+    config.worker_extra = vec![format!(
+        "ready: {{http: \"127.0.0.1:{port}\", path: /, timeout: 500ms, interval: 100ms}}"
+    )];
+    master.write_config(&config.yaml());
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+}
+
+/// A systemd-style worker that sends READY=1 before it can serve (gunicorn does): with
+/// `ready: {all: [notify, {http: ...}]}` it counts as ready only once the probe answers too.
+#[test]
+fn all_conditions_wait_for_the_probe_after_an_early_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("early-ready.py");
+    std::fs::write(
+        &script,
+        r#"#!/usr/bin/env python3
+import os, socket, time
+path = os.environ["NOTIFY_SOCKET"]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.connect(path)
+    s.sendall(b"READY=1")
+time.sleep(1.5)
+probe = os.environ.get("BATON_PROBE_ADDRESS")
+if not probe:
+    time.sleep(3600)
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(probe)
+server.listen(16)
+while True:
+    conn, _ = server.accept()
+    conn.recv(1024)
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+    conn.close()
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    config.command = script;
+    config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
+    let master = Master::start("ready-all", &config);
+    let (_, first) = master.wait_event("worker_ready", Duration::from_secs(30), |_| true);
+    let early = first["ready_ms"].as_u64().unwrap();
+    assert!(early < 1_400, "READY=1 alone counts at once: {first}");
+    let probe = dir.path().join("probe-{worker}.sock");
+    config.worker_extra = vec![
+        "protocol: systemd".into(),
+        format!(
+            "ready: {{all: [notify, {{http: \"{}\", path: /, timeout: 200ms, interval: 100ms}}]}}",
+            probe.display()
+        ),
+    ];
+    master.write_config(&config.yaml());
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    let (_, second) = master.wait_event("worker_ready", Duration::from_secs(1), |v| {
+        v["generation"] == 2
+    });
+    let waited = second["ready_ms"].as_u64().unwrap();
+    assert!(waited >= 1_400, "the probe counts too: {second}");
+}
