@@ -83,6 +83,16 @@ impl Supervisor {
             Event::Spawned { worker, result } => self.on_spawned(now, worker, result),
             Event::Message { worker, message } => self.on_message(now, worker, message),
             Event::MainPid { worker, pid } => self.on_main_pid(worker, pid),
+            Event::NotReadyBecause { worker, cause } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    if matches!(
+                        w.state,
+                        WorkerState::Starting { .. } | WorkerState::Spawning
+                    ) {
+                        w.not_ready = Some(cause);
+                    }
+                }
+            }
             Event::ProbeFailed { worker, reason } => self.on_probe_failed(now, worker, reason),
             Event::Exited { pid, status } => self.on_exited(now, pid, status),
             Event::Tick => self.on_tick(now),
@@ -285,6 +295,7 @@ impl Supervisor {
                 ready_after: None,
                 connections: None,
                 status: None,
+                not_ready: None,
             },
         );
         self.actions.push(Action::Spawn {
@@ -750,12 +761,25 @@ impl Supervisor {
             let g = w.generation;
             let pid = w.pid.unwrap_or(0);
             let timeout = self.program(id).map_or(Duration::ZERO, |p| p.ready_timeout);
+            let cause = w
+                .not_ready
+                .as_ref()
+                .map_or_else(String::new, |cause| format!(": {cause}"));
             let reason = format!(
-                "worker {id} of generation {g} (pid {pid}) was not ready after {} ms",
+                "worker {id} of generation {g} (pid {pid}) was not ready after {} ms{cause}",
                 timeout.as_millis()
             );
             match self.generations.get(&g).map(|entry| &entry.state) {
-                Some(GenState::Starting) => self.fail_reload(now, reason),
+                Some(GenState::Starting) => {
+                    info!(
+                        event = "worker_not_ready",
+                        worker = id.0,
+                        generation = g.0,
+                        pid,
+                        "{reason}"
+                    );
+                    self.fail_reload(now, reason);
+                }
                 _ => {
                     warn!(
                         event = "worker_not_ready",

@@ -23,6 +23,20 @@ fn a_probe_configured_for_a_baton_worker_is_honoured() {
     assert_eq!(verdict["event"], "reload_failed", "{verdict}");
     let reason = verdict["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("not ready after"), "{verdict}");
+    // The cause, not only the symptom: what the probe got.
+    let cause = format!("its readiness probe at 127.0.0.1:{nobody} failed: connect:");
+    assert!(reason.contains(&cause), "{verdict}");
+    let (code, out, _) = master.ctl(&["history", "--json"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&cause), "{out}");
+    let (_, table, _) = master.ctl(&["history"]);
+    assert!(table.contains(&cause), "{table}");
+    assert!(
+        !master
+            .events_where("worker_not_ready", |v| v["level"] == "INFO")
+            .is_empty(),
+        "an info line names the cause"
+    );
     // The probe at the worker's own listener answers: the reload succeeds.
     config.worker_extra = vec![format!(
         "ready: {{http: \"127.0.0.1:{port}\", path: /, timeout: 500ms, interval: 100ms}}"

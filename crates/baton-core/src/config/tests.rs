@@ -49,14 +49,29 @@ supervisor:
         ))
         .unwrap();
         let ready = &c.programs[0].ready;
-        assert!(matches!(ready, Readiness::All(all) if all.len() == 3), "{ready:?}");
+        assert!(
+            matches!(ready, Readiness::All(all) if all.len() == 3),
+            "{ready:?}"
+        );
         assert_eq!(ready.probe().unwrap().http_path.as_deref(), Some("/up"));
         assert_eq!(ready.delay(), Some(Duration::from_secs(1)));
         for (protocol, ready, problem) in [
-            ("systemd", "{all: [channel]}", "`channel` needs `protocol: baton`"),
-            ("baton", "{all: [notify, {delay: 1s}]}", "`notify` needs `protocol: systemd`"),
+            (
+                "systemd",
+                "{all: [channel]}",
+                "`channel` needs `protocol: baton`",
+            ),
+            (
+                "baton",
+                "{all: [notify, {delay: 1s}]}",
+                "`notify` needs `protocol: systemd`",
+            ),
             ("systemd", "{all: []}", "`all` lists no condition"),
-            ("systemd", "{all: [notify, {all: [notify]}]}", "`all` inside `all`"),
+            (
+                "systemd",
+                "{all: [notify, {all: [notify]}]}",
+                "`all` inside `all`",
+            ),
             (
                 "systemd",
                 "{all: [{tcp: 127.0.0.1:1}, {tcp: 127.0.0.1:2}]}",

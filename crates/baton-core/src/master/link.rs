@@ -47,6 +47,8 @@ pub(super) async fn link_task(
             worker = worker.0,
             "handing listeners to worker {worker} failed: {err}"
         );
+        let cause = format!("handing it its listeners failed: {err}");
+        let _ = events.send(News::Event(Event::NotReadyBecause { worker, cause }));
         return;
     }
     drop(fds);
@@ -110,6 +112,8 @@ pub(super) async fn link_loop(
                         if invalid == 1 {
                             warn!(event = "worker_protocol_error", worker = worker.0,
                                 "worker {worker} sent an invalid packet: {err}");
+                            let cause = format!("it sent an invalid packet: {err}");
+                            let _ = events.send(News::Event(Event::NotReadyBecause { worker, cause }));
                         }
                         if invalid >= MAX_INVALID_PACKETS {
                             warn!(event = "worker_protocol_error", worker = worker.0,

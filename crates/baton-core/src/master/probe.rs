@@ -52,8 +52,12 @@ pub(super) async fn probe_task(
                         worker = worker.0,
                         "readiness probe of worker {worker} at {address}: {err}"
                     );
-                    last_error = err;
+                    last_error = err.clone();
                 }
+                // Every failed attempt (one per interval, while the worker starts): the last
+                // one is what the verdict says if the worker times out.
+                let cause = format!("its readiness probe at {address} failed: {err}");
+                let _ = events.send(News::Event(Event::NotReadyBecause { worker, cause }));
             }
         }
         tokio::time::sleep(probe.interval).await;

@@ -37,7 +37,7 @@ impl std::fmt::Display for Condition {
         f.write_str(match self {
             Condition::Channel => "the channel's ready packet",
             Condition::Notify => "READY=1",
-            Condition::Probe => "the readiness probe",
+            Condition::Probe => "a readiness probe answer",
             Condition::Delay => "the ready delay",
         })
     }
@@ -98,7 +98,10 @@ impl Gate {
                 worker = worker.0,
                 "worker {worker}: {condition} met; waiting for {next}"
             );
-            return None;
+            return Some(Event::NotReadyBecause {
+                worker,
+                cause: format!("still waiting for {next}; {condition} is in"),
+            });
         }
         Some(Event::Message {
             worker,
@@ -115,7 +118,15 @@ mod tests {
     fn a_worker_is_ready_once_every_condition_is_met_whatever_the_order() {
         let w = WorkerId(3);
         let mut gate = Gate::new(vec![Condition::Channel, Condition::Probe]);
-        assert_eq!(gate.met(w, Condition::Probe), None);
+        assert_eq!(
+            gate.met(w, Condition::Probe),
+            Some(Event::NotReadyBecause {
+                worker: w,
+                cause:
+                    "still waiting for the channel's ready packet; a readiness probe answer is in"
+                        .into()
+            })
+        );
         assert_eq!(gate.met(w, Condition::Notify), None, "not a condition");
         assert!(matches!(
             gate.met(w, Condition::Channel),

@@ -9,7 +9,7 @@ use baton_proto::control as proto;
 
 use super::Master;
 use crate::histogram::{Buckets, Histogram};
-use crate::supervisor::{Generation, Phase, Snapshot};
+use crate::supervisor::{Generation, Phase, ReloadRecord, Snapshot};
 
 impl Master {
     pub(super) fn unix_ms_ago(&self, ago: Duration) -> u64 {
@@ -281,7 +281,7 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
 
 /// The one-line summary for `systemctl status`: "gen 7 serving 4 workers; gen 6 draining 2
 /// workers, 3 conns, 12 s left".
-pub(super) fn status_line(snap: &Snapshot) -> String {
+pub(super) fn status_line(snap: &Snapshot, last: Option<&ReloadRecord>) -> String {
     let mut parts: Vec<String> = snap
         .generations
         .iter()
@@ -314,6 +314,14 @@ pub(super) fn status_line(snap: &Snapshot) -> String {
                 left.as_secs()
             ),
         );
+    } else if let Some(ReloadRecord {
+        id,
+        verdict: Err(reason),
+        ..
+    }) = last
+    {
+        // Until the next reload, the last failure and its cause stay in `systemctl status`.
+        parts.push(format!("reload {id} failed: {reason}"));
     }
     parts.join("; ")
 }
@@ -457,6 +465,40 @@ mod tests {
                 .collect(),
             counted: [(103, 2), (105, 11)].into_iter().collect(),
         }
+    }
+
+    #[test]
+    fn the_systemd_status_line_keeps_the_last_failure_and_its_cause() {
+        let serving = Snapshot {
+            uptime: Duration::ZERO,
+            stopping: false,
+            reload: None,
+            queued: vec![],
+            probation: None,
+            generations: vec![generation(
+                4,
+                Phase::Serving,
+                vec![worker(5, proto::WorkerState::Ready, Some(105), None)],
+            )],
+        };
+        let failed = ReloadRecord {
+            id: ReloadId(7),
+            covers: vec![RequestId(9)],
+            triggers: vec![],
+            generation: Generation(5),
+            started: std::time::Instant::now(),
+            duration: Duration::from_secs(2),
+            verdict: Err("worker 9 was not ready after 2000 ms: its readiness probe failed".into()),
+        };
+        assert_eq!(
+            status_line(&serving, Some(&failed)),
+            "gen 4 serving 1 worker; reload 7 failed: worker 9 was not ready after 2000 ms: its readiness probe failed"
+        );
+        let ok = ReloadRecord {
+            verdict: Ok(()),
+            ..failed
+        };
+        assert_eq!(status_line(&serving, Some(&ok)), "gen 4 serving 1 worker");
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl Master {
             self.told.stopping = true;
             self.notify(Notification::Stopping);
         }
-        let status = status_line(&snap);
+        let status = status_line(&snap, self.supervisor.history().last());
         if status != self.told.status {
             if snap.stopping {
                 let left = snap

@@ -77,6 +77,13 @@ pub(super) async fn notify_task(
                         .map_or_else(|| "an unknown sender".to_string(), |p| format!("pid {p}"))
                 );
                 warned_sender = true;
+                let cause = format!(
+                    "a notification from {} was refused (not the worker; see notify_access)",
+                    datagram
+                        .pid
+                        .map_or_else(|| "an unknown sender".to_string(), |p| format!("pid {p}"))
+                );
+                let _ = events.send(News::Event(Event::NotReadyBecause { worker, cause }));
             }
             continue;
         }

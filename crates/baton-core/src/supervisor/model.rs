@@ -109,6 +109,12 @@ pub enum Event {
         worker: WorkerId,
         reason: String,
     },
+    /// Why a starting worker is not ready yet, as last seen (a probe's answer, a refused
+    /// packet, the condition still missing): it goes into the verdict if the worker times out.
+    NotReadyBecause {
+        worker: WorkerId,
+        cause: String,
+    },
     /// The worker's main process is now `pid` (`MAINPID=`: a server that forks).
     MainPid {
         worker: WorkerId,

@@ -78,6 +78,9 @@ pub(super) struct Worker {
     pub(super) connections: Option<u64>,
     /// The last status line it reported (`STATUS=`, or a status packet).
     pub(super) status: Option<String>,
+    /// Why it is not ready yet, as last seen (see [`super::Event::NotReadyBecause`]).
+    #[serde(default)]
+    pub(super) not_ready: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
