@@ -60,6 +60,10 @@ pub struct WorkerConfig {
     pub ready_timeout: Duration,
     /// How long a retired generation may drain before it is killed.
     pub drain_timeout: Duration,
+    /// How long a worker of a failed generation (never ready, or a sibling failed) may finish
+    /// what it accepted, after its drain request, before it is killed.
+    #[serde(default = "default_failed_stop_timeout")]
+    pub failed_stop_timeout: Duration,
     /// Signal sent to each worker of a retired generation, besides the channel's drain message.
     #[serde(with = "crate::codec::signal_opt")]
     pub drain_signal: Option<SignalNumber>,
@@ -290,6 +294,11 @@ pub fn control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
 /// Like [`parse`], with every problem.
 pub fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
     validate::parse_all(path, text)
+}
+
+/// Default `worker.failed_stop_timeout` (also for states written before the setting existed).
+fn default_failed_stop_timeout() -> Duration {
+    crate::DEFAULT_FAILED_STOP_TIMEOUT
 }
 
 /// Default `supervisor.upgrade_timeout` (also for states written before the setting existed).

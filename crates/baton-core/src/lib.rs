@@ -40,5 +40,9 @@ pub fn version() -> &'static str {
     })
 }
 
+/// Default `worker.failed_stop_timeout`: how long a worker of a failed generation may finish.
+pub(crate) const DEFAULT_FAILED_STOP_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(5);
+
 /// Default `supervisor.upgrade_timeout`: how long a new program may take to check the state.
 pub(crate) const DEFAULT_UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

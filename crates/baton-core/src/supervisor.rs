@@ -17,6 +17,7 @@ use baton_sys::process::{ExitKind, SignalNumber};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
+mod lookup;
 mod model;
 mod records;
 mod snapshot;
@@ -28,6 +29,7 @@ pub use model::{
 };
 pub use snapshot::{Counters, GenerationSnapshot, Snapshot, WorkerSnapshot};
 
+use lookup::join;
 use records::{Canary, Gen, GenState, ReloadRun, Slot, StopMode, Worker, WorkerState};
 
 /// How many reload verdicts are kept.
@@ -100,23 +102,6 @@ impl Supervisor {
         std::mem::take(&mut self.actions)
     }
 
-    /// The earliest time at which [`Event::Tick`] has something to do.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let workers = self.workers.values().filter_map(|w| match w.state {
-            WorkerState::Starting { deadline } => Some(deadline),
-            WorkerState::Killed => None,
-            _ => self.drain_deadline(w),
-        });
-        let restarts = self
-            .generations
-            .values()
-            .flat_map(|g| g.slots.iter().filter_map(|s| s.restart_at));
-        workers
-            .chain(restarts)
-            .chain(self.canary.as_ref().map(|c| c.until))
-            .min()
-    }
-
     // ---- reloads ----------------------------------------------------------------------------
 
     fn on_reload_request(&mut self, now: Instant, trigger: Trigger) {
@@ -180,6 +165,7 @@ impl Supervisor {
                 spec: None,
                 state: GenState::Preparing,
                 slots: Vec::new(),
+                failed_at: None,
             },
         );
         self.reload = Some(ReloadRun {
@@ -389,7 +375,7 @@ impl Supervisor {
     fn roll_back(&mut self, now: Instant, reason: String) {
         let Some(c) = self.canary.take() else { return };
         let g = c.new;
-        self.fail_generation(g);
+        self.fail_generation(now, g);
         for &o in &c.old {
             self.switch_generation(o, GenState::Serving, MasterMessage::Resume);
         }
@@ -417,7 +403,7 @@ impl Supervisor {
             return;
         };
         let g = reload.generation;
-        self.fail_generation(g);
+        self.fail_generation(now, g);
         if reload.initial && self.stop.is_some() {
             info!(
                 generation = g.0,
@@ -755,7 +741,13 @@ impl Supervisor {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
-            let Some(w) = self.workers.get(&id) else {
+            // A worker whose generation failed because of an earlier one in this list is
+            // draining already: it is not late any more.
+            let Some(w) = self
+                .workers
+                .get(&id)
+                .filter(|w| matches!(w.state, WorkerState::Starting { .. }))
+            else {
                 continue;
             };
             let g = w.generation;
@@ -801,7 +793,16 @@ impl Supervisor {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            self.kill_draining(id, "its drain deadline passed");
+            let failed = self
+                .workers
+                .get(&id)
+                .and_then(|w| self.generations.get(&w.generation))
+                .is_some_and(|entry| matches!(entry.state, GenState::Failed));
+            if failed {
+                self.kill_draining(id, "its generation failed and failed_stop_timeout passed");
+            } else {
+                self.kill_draining(id, "its drain deadline passed");
+            }
         }
         // Restarts that are due.
         let due: Vec<(Generation, usize)> = self
@@ -854,6 +855,14 @@ impl Supervisor {
     }
 
     fn drain_worker(&mut self, id: WorkerId) {
+        let Some(timeout) = self.program(id).map(|p| p.drain_timeout) else {
+            return;
+        };
+        self.drain_worker_within(id, timeout);
+    }
+
+    /// Asks worker `id` to drain (packet and drain signal), telling it it has `timeout`.
+    fn drain_worker_within(&mut self, id: WorkerId, timeout: Duration) {
         let Some(program) = self.program(id).cloned() else {
             return;
         };
@@ -865,7 +874,7 @@ impl Supervisor {
             return;
         }
         w.state = WorkerState::Draining;
-        let deadline_ms = program.drain_timeout.as_millis() as u64;
+        let deadline_ms = timeout.as_millis() as u64;
         self.actions.push(Action::Send {
             worker: id,
             message: MasterMessage::Drain { deadline_ms },
@@ -873,37 +882,6 @@ impl Supervisor {
         if let Some(signal) = program.drain_signal {
             self.actions.push(Action::Signal { pid, signal });
         }
-    }
-
-    /// The drain message of every draining worker, again, with the time it has left. A master
-    /// that upgraded itself sends them once more, in case one was still queued for its channel
-    /// when the old program was replaced (a worker takes a second drain request as a no-op).
-    pub fn drain_messages(&self, now: Instant) -> Vec<Action> {
-        self.workers
-            .iter()
-            .filter(|(_, w)| w.state == WorkerState::Draining)
-            .map(|(&worker, w)| {
-                let left = self
-                    .drain_deadline(w)
-                    .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
-                Action::Send {
-                    worker,
-                    message: MasterMessage::Drain {
-                        deadline_ms: left.as_millis() as u64,
-                    },
-                }
-            })
-            .collect()
-    }
-
-    /// When a draining worker is killed: its generation's drain start plus its program's timeout.
-    fn drain_deadline(&self, w: &Worker) -> Option<Instant> {
-        let entry = self.generations.get(&w.generation)?;
-        let GenState::Draining { since, .. } = entry.state else {
-            return None;
-        };
-        let program = entry.spec.as_ref()?.programs.get(w.program)?;
-        Some(since + program.drain_timeout)
     }
 
     /// More generations drain than allowed: the oldest go first.
@@ -919,7 +897,9 @@ impl Supervisor {
         let draining: Vec<Generation> = self
             .generations
             .iter()
-            .filter(|(_, entry)| matches!(entry.state, GenState::Draining { .. }))
+            .filter(|(_, entry)| {
+                matches!(entry.state, GenState::Draining { .. } | GenState::Failed)
+            })
             .filter(|(g, _)| {
                 self.workers
                     .values()
@@ -1137,73 +1117,36 @@ impl Supervisor {
         }
     }
 
-    /// Marks `g` failed (no slot restarts any more) and kills its workers.
-    fn fail_generation(&mut self, g: Generation) {
+    /// Marks `g` failed (no slot restarts any more) and asks its workers to drain: a worker may
+    /// have accepted connections before it reported ready (systemd allows it), and those are
+    /// finished, not reset. Each is killed at its program's `failed_stop_timeout`; one not
+    /// started yet is killed at once.
+    fn fail_generation(&mut self, now: Instant, g: Generation) {
         if let Some(entry) = self.generations.get_mut(&g) {
             entry.state = GenState::Failed;
+            entry.failed_at = Some(now);
             for slot in &mut entry.slots {
                 slot.restart_at = None;
             }
         }
-        self.kill_workers_of(g);
-    }
-
-    fn kill_workers_of(&mut self, g: Generation) {
         for id in self.worker_ids(g) {
-            self.kill(id);
+            let Some(w) = self.workers.get(&id) else {
+                continue;
+            };
+            match w.state {
+                WorkerState::Spawning => self.kill(id),
+                WorkerState::Killed | WorkerState::Draining => {}
+                WorkerState::Starting { .. } | WorkerState::Ready => {
+                    let timeout = self
+                        .program(id)
+                        .map_or(crate::DEFAULT_FAILED_STOP_TIMEOUT, |p| {
+                            p.failed_stop_timeout
+                        });
+                    self.drain_worker_within(id, timeout);
+                }
+            }
         }
     }
-
-    fn worker_ids(&self, g: Generation) -> Vec<WorkerId> {
-        self.workers
-            .iter()
-            .filter(|(_, w)| w.generation == g)
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    fn live_workers(&self, g: Generation) -> usize {
-        self.workers.values().filter(|w| w.generation == g).count()
-    }
-
-    /// The settings of the newest serving generation: the master-wide ones apply from there.
-    fn serving_spec(&self) -> Option<&GenerationSpec> {
-        self.generations
-            .values()
-            .rev()
-            .find(|entry| matches!(entry.state, GenState::Serving))
-            .and_then(|entry| entry.spec.as_ref())
-    }
-
-    /// The program settings of a worker.
-    fn program(&self, id: WorkerId) -> Option<&ProgramSpec> {
-        let w = self.workers.get(&id)?;
-        self.generations
-            .get(&w.generation)?
-            .spec
-            .as_ref()?
-            .programs
-            .get(w.program)
-    }
-
-    fn slot_program(&self, g: Generation, slot: usize) -> Option<&ProgramSpec> {
-        let entry = self.generations.get(&g)?;
-        let program = entry.slots.get(slot)?.program;
-        entry.spec.as_ref()?.programs.get(program)
-    }
-
-    fn slot_mut(&mut self, g: Generation, slot: usize) -> Option<&mut Slot> {
-        self.generations
-            .get_mut(&g)
-            .and_then(|entry| entry.slots.get_mut(slot))
-    }
-}
-
-fn join(ids: &[RequestId]) -> String {
-    ids.iter()
-        .map(|r| r.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 #[cfg(test)]

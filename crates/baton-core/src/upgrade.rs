@@ -251,6 +251,9 @@ mod tests {
             "upgrade_signal: None",
             "upgrade_timeout: None",
             "metrics_listen: None",
+            "failed_stop_timeout: None",
+            "failed_at: None",
+            "not_ready: None",
         ];
         diff.retain(|d| {
             !added.iter().any(|a| {

@@ -1,4 +1,5 @@
-//! Failed reloads: the new generation is killed, the old one keeps serving, nothing is lost.
+//! Failed reloads: the new generation is drained and then killed, the old one keeps serving,
+//! nothing is lost.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -81,4 +82,104 @@ fn failed_reloads_leave_the_old_generation_serving_without_losing_a_request() {
     assert_eq!(report.failed(), 0, "{}", report.summary());
     assert!(report.ok > 100, "{}", report.summary());
     assert!(report.generations.contains_key(&1));
+}
+
+/// A systemd-style worker may accept connections before it reports ready (systemd allows it).
+/// When its generation fails, what it accepted is finished, not reset: it gets the drain request
+/// and signal, and SIGKILL only at `failed_stop_timeout`.
+#[test]
+fn a_failed_generation_that_served_before_ready_finishes_its_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("serves-before-ready.py");
+    std::fs::write(
+        &script,
+        r#"#!/usr/bin/env python3
+import http.server, select, signal, socket, socketserver, time
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def do_GET(self):
+        # A slow answer: requests are in flight whenever the generation fails.
+        time.sleep(0.1)
+        body = b"served before ready\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = False
+    block_on_close = True
+    def get_request(self):
+        # The listener is non-blocking (another process may take a connection first); the
+        # connection it gives must not be.
+        conn, address = self.socket.accept()
+        conn.setblocking(True)
+        return conn, address
+
+draining = False
+def drain(*_):
+    global draining
+    draining = True
+signal.signal(signal.SIGTERM, drain)
+listener = socket.socket(fileno=3)
+listener.setblocking(False)
+server = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = listener
+# Never READY=1, but serving. On the drain signal: stop accepting, finish what was accepted.
+while not draining:
+    if select.select([listener], [], [], 0.05)[0]:
+        server._handle_request_noblock()
+server.server_close()
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let port = free_port();
+    let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let master = Master::start("failed-served", &good);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let fresh = Load::until_finished(addr, Mode::Fresh, 4);
+    let kept = Load::until_finished(addr, Mode::KeepAlive, 4);
+    let mut early = good.clone();
+    early.command = script;
+    early.ready_timeout = "800ms";
+    early.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
+    master.write_config(&early.yaml());
+    for i in 0..20 {
+        let verdict = master.reload();
+        assert_eq!(verdict["event"], "reload_failed", "reload {i}: {verdict}");
+        assert!(
+            verdict["reason"]
+                .as_str()
+                .unwrap()
+                .contains("was not ready after 800 ms"),
+            "{verdict}"
+        );
+    }
+    let (fresh, kept) = (fresh.finish(), kept.finish());
+    eprintln!("fresh: {}", fresh.summary());
+    eprintln!("keep-alive: {}", kept.summary());
+    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
+    assert_eq!(kept.failed(), 0, "{}", kept.summary());
+    // The failing generations did serve (or the test proves nothing): generation 1's answers
+    // carry its number, the script's carry none.
+    let by_gen_one = fresh.generations.get(&1).copied().unwrap_or(0);
+    assert!(
+        fresh.ok > by_gen_one,
+        "no request reached a failing generation: {}",
+        fresh.summary()
+    );
+    // None of them was killed: each finished when asked.
+    assert!(
+        master.events("worker_killed").is_empty(),
+        "{:?}",
+        master.events("worker_killed")
+    );
 }

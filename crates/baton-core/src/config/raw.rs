@@ -100,6 +100,8 @@ pub(super) struct RawWorker {
     #[serde(default = "default_drain_timeout")]
     pub(super) drain_timeout: Timeout,
     #[serde(default)]
+    pub(super) failed_stop_timeout: Option<Timeout>,
+    #[serde(default)]
     pub(super) drain_signal: DrainSignal,
     #[serde(default = "default_backoff")]
     pub(super) restart_backoff: Timeout,

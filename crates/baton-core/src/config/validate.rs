@@ -299,6 +299,9 @@ impl Check<'_> {
             processes: w.processes.0,
             ready_timeout: w.ready_timeout.0,
             drain_timeout: w.drain_timeout.0,
+            failed_stop_timeout: w
+                .failed_stop_timeout
+                .map_or(crate::DEFAULT_FAILED_STOP_TIMEOUT, |t| t.0),
             drain_signal: w.drain_signal.0,
             restart_backoff: w.restart_backoff.0,
             restart_backoff_max: w.restart_backoff_max.0.max(w.restart_backoff.0),

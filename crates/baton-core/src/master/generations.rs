@@ -147,6 +147,7 @@ impl GenerationSpec {
                 processes: w.processes,
                 ready_timeout: w.ready_timeout,
                 drain_timeout: w.drain_timeout,
+                failed_stop_timeout: w.failed_stop_timeout,
                 drain_signal: w.drain_signal,
                 restart_backoff: w.restart_backoff,
                 restart_backoff_max: w.restart_backoff_max,

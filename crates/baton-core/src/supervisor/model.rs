@@ -49,6 +49,15 @@ pub struct ProgramSpec {
     pub drain_signal: Option<SignalNumber>,
     pub restart_backoff: Duration,
     pub restart_backoff_max: Duration,
+    /// How long a worker of a failed generation may take to finish what it accepted before it
+    /// was given up (a worker may accept before it reports ready), after its drain request.
+    #[serde(default = "default_failed_stop_timeout")]
+    pub failed_stop_timeout: Duration,
+}
+
+/// States written before `failed_stop_timeout` existed get the default.
+fn default_failed_stop_timeout() -> Duration {
+    crate::DEFAULT_FAILED_STOP_TIMEOUT
 }
 
 impl ProgramSpec {

@@ -30,6 +30,10 @@ pub(super) struct Gen {
     pub(super) state: GenState,
     /// The processes of every program, in order.
     pub(super) slots: Vec<Slot>,
+    /// Failed: since when. Its workers were asked to drain then, and each is killed at this
+    /// plus its program's `failed_stop_timeout`.
+    #[serde(default, with = "crate::codec::mono_opt")]
+    pub(super) failed_at: Option<Instant>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

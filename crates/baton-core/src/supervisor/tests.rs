@@ -10,6 +10,7 @@ fn program(processes: usize) -> ProgramSpec {
         drain_signal: Some(SignalNumber::SIGTERM),
         restart_backoff: Duration::from_millis(100),
         restart_backoff_max: Duration::from_secs(10),
+        failed_stop_timeout: Duration::from_secs(5),
     }
 }
 
@@ -282,10 +283,19 @@ fn a_worker_that_exits_before_ready_fails_the_reload_and_leaves_the_old_generati
     let prepare = h.ev(Event::Intent(usr2()));
     let new = h.prepare(&prepare, spec(2));
     let actions = h.exit(new[0], 3);
-    // The other new worker is killed; nothing is sent to the old workers.
-    assert_eq!(killed(&actions), vec![pid_of(new[1])]);
-    assert!(drained(&actions).is_empty());
-    assert!(!actions.iter().any(|a| matches!(a, Action::Signal { .. })));
+    // The other new worker is asked to drain (it may have accepted connections before it was
+    // ready), not killed; nothing is sent to the old workers.
+    assert!(killed(&actions).is_empty(), "{actions:?}");
+    assert_eq!(drained(&actions), vec![new[1]]);
+    assert!(actions.contains(&Action::Send {
+        worker: new[1],
+        message: MasterMessage::Drain { deadline_ms: 5000 }
+    }));
+    assert!(actions.contains(&Action::Signal {
+        pid: pid_of(new[1]),
+        signal: SignalNumber::SIGTERM
+    }));
+    assert!(!actions.iter().any(|a| matches!(a, Action::Signal { pid, .. } if *pid == pid_of(old[0]) || *pid == pid_of(old[1]))));
     let verdict = h.s.history().last().unwrap().verdict.clone().unwrap_err();
     assert!(
         verdict.contains("exited with status 3 before it was ready"),
@@ -308,14 +318,30 @@ fn a_worker_that_is_never_ready_fails_the_reload_at_its_deadline() {
     let mut h = Harness::new();
     h.serving(1);
     let prepare = h.ev(Event::Intent(usr2()));
-    let new = h.prepare(&prepare, spec(1));
+    let new = h.prepare(&prepare, spec(2));
     assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(5)));
     h.advance(Duration::from_millis(4999));
     assert!(h.ev(Event::Tick).is_empty());
     h.advance(Duration::from_millis(1));
-    assert_eq!(killed(&h.ev(Event::Tick)), vec![pid_of(new[0])]);
+    // Both are late at once; the first fails the generation, both are asked to finish.
+    let failed = h.ev(Event::Tick);
+    assert_eq!(drained(&failed), new, "asked to finish, not killed");
+    assert!(killed(&failed).is_empty(), "{failed:?}");
     let verdict = h.s.history().last().unwrap().verdict.clone().unwrap_err();
     assert!(verdict.contains("was not ready after 5000 ms"), "{verdict}");
+    // A worker of the failed generation that does not exit is killed at failed_stop_timeout.
+    assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(5)));
+    h.advance(Duration::from_millis(4999));
+    assert!(killed(&h.ev(Event::Tick)).is_empty());
+    h.exit(new[1], 0);
+    h.advance(Duration::from_millis(1));
+    assert_eq!(killed(&h.ev(Event::Tick)), vec![pid_of(new[0])]);
+    assert_eq!(
+        h.exit(new[0], 137).last(),
+        Some(&Action::Release {
+            generation: Generation(2)
+        })
+    );
 }
 
 #[test]
@@ -462,7 +488,7 @@ fn graceful_stop_drains_everything_then_exits_zero() {
 }
 
 #[test]
-fn stop_during_a_reload_kills_the_new_generation_and_drains_the_old() {
+fn stop_during_a_reload_drains_the_new_generation_and_the_old() {
     let mut h = Harness::new();
     let old = h.serving(1);
     let prepare = h.ev(Event::Intent(usr2()));
@@ -471,9 +497,12 @@ fn stop_during_a_reload_kills_the_new_generation_and_drains_the_old() {
         graceful: true,
         trigger: Trigger::Other("t".into()),
     }));
-    assert_eq!(killed(&stop), vec![pid_of(new[0])]);
-    assert_eq!(drained(&stop), old);
-    h.exit(new[0], 137);
+    // Both finish what they have: the old one drains, the one that was starting too.
+    assert!(killed(&stop).is_empty(), "{stop:?}");
+    let mut both = drained(&stop);
+    both.sort();
+    assert_eq!(both, [old.clone(), new.clone()].concat());
+    h.exit(new[0], 0);
     assert_eq!(h.exit(old[0], 0).last(), Some(&Action::Exit { code: 0 }));
 }
 
@@ -503,9 +532,9 @@ fn a_failed_first_generation_ends_the_master_with_status_one() {
     let start = h.s.start(h.now);
     let workers = h.prepare(&start, spec(2));
     let actions = h.exit(workers[0], 1);
-    assert_eq!(killed(&actions), vec![pid_of(workers[1])]);
+    assert_eq!(drained(&actions), vec![workers[1]]);
     assert_eq!(
-        h.exit(workers[1], 137).last(),
+        h.exit(workers[1], 0).last(),
         Some(&Action::Exit { code: 1 })
     );
 }
@@ -573,9 +602,9 @@ fn a_stop_before_the_first_generation_serves_exits_zero() {
         graceful: true,
         trigger: Trigger::Other("t".into()),
     }));
-    assert_eq!(killed(&stop), vec![pid_of(workers[0])]);
+    assert_eq!(drained(&stop), workers);
     assert_eq!(
-        h.exit(workers[0], 137).last(),
+        h.exit(workers[0], 0).last(),
         Some(&Action::Exit { code: 0 })
     );
 }
@@ -725,7 +754,12 @@ fn a_probe_failing_during_the_probation_rolls_back_and_outside_it_changes_nothin
         reason: "HTTP status 503".into(),
     });
     assert_eq!(sent(&failed, &MasterMessage::Resume), old);
-    assert_eq!(killed(&failed), vec![pid_of(new[0])]);
+    assert_eq!(
+        drained(&failed),
+        new,
+        "the canary finishes what it accepted"
+    );
+    assert!(killed(&failed).is_empty());
     let verdict = h.s.history().next().unwrap().verdict.clone().unwrap_err();
     assert!(
         verdict.contains("failed its readiness probe: HTTP status 503"),

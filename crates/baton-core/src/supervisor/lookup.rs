@@ -1,0 +1,117 @@
+//! Lookups the transitions share and the loop asks: deadlines (the next one, a draining worker's),
+//! a generation's workers, the serving settings, a worker's or a slot's program, the drain
+//! requests to send again after an upgrade. Read-only, beside `supervisor.rs` so the
+//! transitions stay in one file.
+
+use std::time::{Duration, Instant};
+
+use baton_proto::MasterMessage;
+
+use super::Supervisor;
+use super::model::{Action, Generation, GenerationSpec, ProgramSpec, RequestId, WorkerId};
+use super::records::{GenState, Slot, Worker, WorkerState};
+
+impl Supervisor {
+    /// The earliest time at which [`Event::Tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().filter_map(|w| match w.state {
+            WorkerState::Starting { deadline } => Some(deadline),
+            WorkerState::Killed => None,
+            _ => self.drain_deadline(w),
+        });
+        let restarts = self
+            .generations
+            .values()
+            .flat_map(|g| g.slots.iter().filter_map(|s| s.restart_at));
+        workers
+            .chain(restarts)
+            .chain(self.canary.as_ref().map(|c| c.until))
+            .min()
+    }
+
+    /// The drain message of every draining worker, again, with the time it has left. A master
+    /// that upgraded itself sends them once more, in case one was still queued for its channel
+    /// when the old program was replaced (a worker takes a second drain request as a no-op).
+    pub fn drain_messages(&self, now: Instant) -> Vec<Action> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.state == WorkerState::Draining)
+            .map(|(&worker, w)| {
+                let left = self
+                    .drain_deadline(w)
+                    .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+                Action::Send {
+                    worker,
+                    message: MasterMessage::Drain {
+                        deadline_ms: left.as_millis() as u64,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// When a draining worker is killed: its generation's drain start plus its program's timeout.
+    pub(super) fn drain_deadline(&self, w: &Worker) -> Option<Instant> {
+        let entry = self.generations.get(&w.generation)?;
+        let program = entry.spec.as_ref()?.programs.get(w.program)?;
+        match entry.state {
+            GenState::Draining { since, .. } => Some(since + program.drain_timeout),
+            GenState::Failed if w.state == WorkerState::Draining => {
+                Some(entry.failed_at? + program.failed_stop_timeout)
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn worker_ids(&self, g: Generation) -> Vec<WorkerId> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.generation == g)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub(super) fn live_workers(&self, g: Generation) -> usize {
+        self.workers.values().filter(|w| w.generation == g).count()
+    }
+
+    /// The settings of the newest serving generation: the master-wide ones apply from there.
+    pub(super) fn serving_spec(&self) -> Option<&GenerationSpec> {
+        self.generations
+            .values()
+            .rev()
+            .find(|entry| matches!(entry.state, GenState::Serving))
+            .and_then(|entry| entry.spec.as_ref())
+    }
+
+    /// The program settings of a worker.
+    pub(super) fn program(&self, id: WorkerId) -> Option<&ProgramSpec> {
+        let w = self.workers.get(&id)?;
+        self.generations
+            .get(&w.generation)?
+            .spec
+            .as_ref()?
+            .programs
+            .get(w.program)
+    }
+
+    pub(super) fn slot_program(&self, g: Generation, slot: usize) -> Option<&ProgramSpec> {
+        let entry = self.generations.get(&g)?;
+        let program = entry.slots.get(slot)?.program;
+        entry.spec.as_ref()?.programs.get(program)
+    }
+
+    pub(super) fn slot_mut(&mut self, g: Generation, slot: usize) -> Option<&mut Slot> {
+        self.generations
+            .get_mut(&g)
+            .and_then(|entry| entry.slots.get_mut(slot))
+    }
+}
+
+/// `#1, #2`.
+pub(super) fn join(ids: &[RequestId]) -> String {
+    ids.iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
