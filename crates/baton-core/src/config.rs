@@ -228,6 +228,66 @@ pub struct ControlConfig {
     pub max_clients: usize,
 }
 
+/// The settings a master reads only when it starts, by name, as text: a reload that changes
+/// them in the file says so ([`start_only_changes`]) instead of ignoring them silently.
+pub fn start_only_settings(
+    control: &ControlConfig,
+    runtime_dir: &Path,
+) -> BTreeMap<String, String> {
+    let list = |ids: &[u32]| {
+        ids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    [
+        (
+            "supervisor.control.socket",
+            control.socket.display().to_string(),
+        ),
+        ("supervisor.control.mode", format!("{:04o}", control.mode)),
+        (
+            "supervisor.control.read_group",
+            control
+                .read_group
+                .map_or_else(|| "none".into(), |g| g.to_string()),
+        ),
+        ("supervisor.control.allow_users", list(&control.allow_uids)),
+        ("supervisor.control.allow_groups", list(&control.allow_gids)),
+        (
+            "supervisor.control.timeout",
+            format!("{} ms", control.timeout.as_millis()),
+        ),
+        (
+            "supervisor.control.max_clients",
+            control.max_clients.to_string(),
+        ),
+        ("supervisor.runtime_dir", runtime_dir.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// What differs between the settings a master started with and those of a file, in words:
+/// `supervisor.control.socket: /b.sock in the file, /a.sock in the running master (takes effect
+/// at the next start)`.
+pub fn start_only_changes(
+    running: &BTreeMap<String, String>,
+    file: &BTreeMap<String, String>,
+) -> Vec<String> {
+    file.iter()
+        .filter_map(|(name, wanted)| {
+            let now = running.get(name)?;
+            (now != wanted).then(|| {
+                format!(
+                    "{name}: {wanted} in the file, {now} in the running master (takes effect at the next start)"
+                )
+            })
+        })
+        .collect()
+}
+
 /// Default control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/baton/baton.sock";
 

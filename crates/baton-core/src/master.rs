@@ -24,7 +24,7 @@
 //! Architecture invariant: the master never accepts on a listener and never reads or writes
 //! client data. It hands listeners over and then only exchanges small control messages.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -142,6 +142,12 @@ pub struct Master {
     binary: PathBuf,
     /// The control socket's descriptor (a duplicate) and settings, for a self-upgrade.
     control_fd: Option<(OwnedFd, config::ControlConfig)>,
+    /// The settings this master read at its start and keeps until it stops
+    /// ([`config::start_only_settings`]).
+    start_settings: BTreeMap<String, String>,
+    /// Links at a control socket path a reload named, to the socket this master listens on,
+    /// so that `baton ... -c FILE` finds it; removed when the master stops or the path changes.
+    control_aliases: Vec<control::SocketFile>,
     /// The upgrade under way, if any, and where its preflight reports.
     upgrade: Option<upgrade::Pending>,
     upgrade_tx: mpsc::UnboundedSender<upgrade::Preflight>,
@@ -206,6 +212,8 @@ impl Master {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let argv = options.argv.clone();
+        let start_settings =
+            config::start_only_settings(&config.supervisor.control, &config.supervisor.runtime_dir);
         let binary = options
             .binary
             .clone()
@@ -229,6 +237,8 @@ impl Master {
             argv,
             binary,
             control_fd: None,
+            start_settings,
+            control_aliases: Vec::new(),
             upgrade: None,
             upgrade_tx,
             upgrade_rx,

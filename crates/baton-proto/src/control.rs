@@ -153,6 +153,9 @@ pub struct ReloadVerdict {
     /// Why it failed (`ok: false`).
     pub reason: Option<String>,
     pub duration_ms: Option<u64>,
+    /// What the reload read but did not apply: settings that take effect only at the next start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One reload, for `baton history`.
@@ -189,6 +192,10 @@ pub struct MasterStatus {
     /// Self-upgrades of this master (same pid), oldest first.
     #[serde(default)]
     pub upgrades: Vec<UpgradeInfo>,
+    /// The settings read only at start, as this master uses them (`supervisor.control.socket`,
+    /// `supervisor.runtime_dir`, ...): `baton check` compares a file with them.
+    #[serde(default)]
+    pub start_settings: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

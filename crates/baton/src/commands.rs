@@ -211,6 +211,20 @@ pub(crate) fn check(path: &Path) -> u8 {
                 config.listeners.len(),
                 programs.join(", ")
             );
+            // A master running with this file's socket: what a reload would not apply.
+            let socket = &config.supervisor.control.socket;
+            let asked = client::call(socket, &Request::Status, Some(Duration::from_secs(2)));
+            if let Ok(Response::Status(status)) = asked {
+                let file = baton_core::config::start_only_settings(
+                    &config.supervisor.control,
+                    &config.supervisor.runtime_dir,
+                );
+                let changes =
+                    baton_core::config::start_only_changes(&status.master.start_settings, &file);
+                for change in changes {
+                    eprintln!("baton: warning: {}", render::safe(&change));
+                }
+            }
             0
         }
         Err(problems) => {

@@ -233,9 +233,14 @@ pub(crate) fn verdict(v: &ReloadVerdict) -> String {
     let took = v
         .duration_ms
         .map_or(String::new(), |ms| format!(" in {}", duration(ms)));
+    let warnings: String = v
+        .warnings
+        .iter()
+        .map(|w| format!("warning: {}\n", safe(w)))
+        .collect();
     match (v.ok, v.reload, v.generation) {
         (true, Some(r), Some(g)) => format!(
-            "reload {r} (request #{}) succeeded{took}: generation {g} is serving\n",
+            "reload {r} (request #{}) succeeded{took}: generation {g} is serving\n{warnings}",
             v.request
         ),
         _ => format!(

@@ -823,3 +823,61 @@ fn a_broken_file_does_not_hide_the_running_master_from_reads_and_stop() {
     assert_eq!(code, Some(0), "{err}");
     master.wait_event("exiting", Duration::from_secs(30), |_| true);
 }
+
+#[test]
+fn settings_read_only_at_start_are_named_by_the_reload_and_check_and_the_master_stays_reachable() {
+    let port = free_port();
+    let config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let master = Master::start("ctl-start-only", &config);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let dir = master.dir.path().to_path_buf();
+    let file = dir.join("baton.yaml");
+    // The operator moves the control socket and raises the client limit in the file.
+    master.write_config(
+        &config
+            .yaml()
+            .replace("{dir}/baton.sock", "{dir}/moved.sock")
+            .replace("  control:\n", "  control:\n    max_clients: 3\n"),
+    );
+    let (code, out, err) = master.ctl(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    let moved = dir.join("moved.sock");
+    let socket_change = format!(
+        "supervisor.control.socket: {} in the file, {} in the running master (takes effect at the next start)",
+        moved.display(),
+        master.socket().display()
+    );
+    assert!(out.contains(&format!("warning: {socket_change}")), "{out}");
+    assert!(
+        out.contains("supervisor.control.max_clients: 3 in the file, 16 in the running master"),
+        "{out}"
+    );
+    // Commands given the file still reach this master, through a link at the new path.
+    let with_file = |args: &[&str]| {
+        let out = std::process::Command::new(&binaries().baton)
+            .args(args)
+            .arg("-c")
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = with_file(&["status", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(json(&out)["master"]["pid"], master.pid());
+    // `check` says what a reload would not apply.
+    let (code, _, err) = with_file(&["check"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains(&format!("warning: {socket_change}")), "{err}");
+    // The link goes away with the master.
+    let (code, _, err) = with_file(&["stop"]);
+    assert_eq!(code, Some(0), "{err}");
+    master.wait_event("exiting", Duration::from_secs(30), |_| true);
+    eventually(Duration::from_secs(10), "the link removed", || {
+        (!moved.exists() && std::fs::symlink_metadata(&moved).is_err()).then_some(())
+    });
+}

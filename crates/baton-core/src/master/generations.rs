@@ -7,14 +7,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::Master;
 use super::service_manager::Notification;
 use crate::config::{self, Config, WorkerConfig};
 use crate::listeners::{BindError, GenerationListener};
-use crate::metrics_http;
 use crate::supervisor::{Generation, GenerationSpec, ProgramSpec};
+use crate::{control, metrics_http};
 
 /// What a generation holds while it lives.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub(super) struct Resources {
     pub(super) programs: Vec<Arc<WorkerConfig>>,
     /// The probation of this generation (probes go on that long after readiness).
     pub(super) canary_window: Option<Duration>,
+    /// What its reload read but did not apply (settings read only at start), for the verdict.
+    pub(super) warnings: Vec<String>,
 }
 
 /// Why a reload's generation could not be prepared (the serving one is untouched).
@@ -106,15 +108,68 @@ impl Master {
             }
         };
         let spec = GenerationSpec::from_config(&config);
+        let warnings = self.start_only_changes(generation, &config);
         self.resources.insert(
             generation,
             Resources {
                 listeners: prepared.listeners,
                 programs: config.programs.into_iter().map(Arc::new).collect(),
                 canary_window: config.supervisor.canary_window,
+                warnings,
             },
         );
         Ok(spec)
+    }
+
+    /// Settings of `config` read only at start that differ from this master's: each is logged
+    /// and goes into the verdict. A control socket moved in the file gets a link at its new path
+    /// to the socket in use, so that `baton ... -c FILE` still finds this master.
+    fn start_only_changes(&mut self, generation: Generation, config: &Config) -> Vec<String> {
+        let wanted = &config.supervisor.control.socket;
+        let mut warnings = config::start_only_changes(
+            &self.start_settings,
+            &config::start_only_settings(
+                &config.supervisor.control,
+                &config.supervisor.runtime_dir,
+            ),
+        );
+        for warning in &warnings {
+            warn!(
+                event = "start_only_setting",
+                generation = generation.0,
+                "reload of generation {generation}: {warning}"
+            );
+        }
+        // A link made by an earlier reload for another path goes away.
+        self.control_aliases.retain(|alias| &alias.0 == wanted);
+        let Some((_, control)) = &self.control_fd else {
+            return warnings;
+        };
+        let current = control.socket.clone();
+        if *wanted == current || self.control_aliases.iter().any(|a| &a.0 == wanted) {
+            return warnings;
+        }
+        match std::os::unix::fs::symlink(&current, wanted) {
+            Ok(()) => {
+                info!(event = "control_alias", path = %wanted.display(),
+                    "control socket also at {} (a link to {}) until the next start",
+                    wanted.display(), current.display());
+                warnings.push(format!(
+                    "{} links to {} until the next start, so that commands given this file find this master",
+                    wanted.display(),
+                    current.display()
+                ));
+                self.control_aliases
+                    .push(control::SocketFile(wanted.clone()));
+            }
+            Err(err) => warnings.push(format!(
+                "no link to {} could be made at {}: {err}; use -s {} to reach this master",
+                current.display(),
+                wanted.display(),
+                current.display()
+            )),
+        }
+        warnings
     }
 
     pub(super) fn release(&mut self, generation: Generation) {

@@ -50,6 +50,7 @@ impl Master {
                 .map(|(g, r)| (*g, r.programs.iter().map(|p| p.name.clone()).collect()))
                 .collect(),
             counted: crate::procnet::established_connections(&unreported, &ports),
+            start_settings: self.start_settings.clone(),
         };
         status_view(&snap, &context)
     }
@@ -201,6 +202,7 @@ struct StatusContext {
     programs: HashMap<Generation, Vec<String>>,
     /// Connections counted from the kernel, by pid, for workers that do not report them.
     counted: HashMap<u32, u64>,
+    start_settings: std::collections::BTreeMap<String, String>,
 }
 
 /// The `baton status` snapshot (what `--json` prints) of a state machine's [`Snapshot`].
@@ -274,6 +276,7 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
                 }),
             queued_requests: snap.queued.iter().map(|r| r.0).collect(),
             upgrades: context.upgrades.clone(),
+            start_settings: context.start_settings.clone(),
         },
         generations,
     }
@@ -347,7 +350,7 @@ mod tests {
     use crate::supervisor::{GenerationSnapshot, ReloadId, RequestId, WorkerId, WorkerSnapshot};
 
     /// What `baton status --json` printed for these states before states became enums (the
-    /// fixture was written by that code): the same bytes now.
+    /// fixture was written by that code), plus `start_settings` (added since): the same bytes.
     const STATUS_JSON: &str = include_str!("../../tests/fixtures/status.json");
 
     fn worker(
@@ -464,6 +467,10 @@ mod tests {
                 .map(|g| (Generation(g), vec!["web".to_string(), "api".to_string()]))
                 .collect(),
             counted: [(103, 2), (105, 11)].into_iter().collect(),
+            start_settings: [("supervisor.control.socket", "/run/baton/baton.sock")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 

@@ -100,6 +100,14 @@ impl Master {
                 ok: verdict.result.is_ok(),
                 reason: verdict.result.clone().err(),
                 duration_ms: Some(verdict.duration.as_millis() as u64),
+                warnings: match (&verdict.result, verdict.generation) {
+                    (Ok(()), Some(g)) => self
+                        .resources
+                        .get(&g)
+                        .map(|r| r.warnings.clone())
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
+                },
             };
             for waiter in self.waiters.remove(&request).unwrap_or_default() {
                 let _ = waiter.send(proto::Response::Verdict(answer.clone()));

@@ -21,7 +21,7 @@ use super::link::{Link, link_loop};
 use super::service_manager::{Notification, Told};
 use super::worker_notify::notify_task;
 use super::{MAX_ASKS, Master, Options, reap};
-use crate::config::NotifyAccess;
+use crate::config::{self, NotifyAccess};
 use crate::control;
 use crate::intent::Intent;
 use crate::listeners::{GenerationListener, ListenerTable};
@@ -140,6 +140,7 @@ impl Master {
                     listeners,
                     programs: g.programs.into_iter().map(Arc::new).collect(),
                     canary_window: g.canary_window,
+                    warnings: Vec::new(),
                 },
             );
         }
@@ -173,6 +174,7 @@ impl Master {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let control_config = state.control.config;
+        let state_runtime_dir = state.runtime_dir.clone();
         let metrics_pending = state.metrics_listen.and_then(|address| {
             metrics_http::bind(address)
                 .map_err(|e| {
@@ -215,6 +217,8 @@ impl Master {
             argv: state.argv.into_iter().map(OsString::from).collect(),
             binary: state.binary.clone(),
             control_fd: None,
+            start_settings: config::start_only_settings(&control_config, &state_runtime_dir),
+            control_aliases: Vec::new(),
             upgrade: None,
             upgrade_tx,
             upgrade_rx,
