@@ -347,6 +347,7 @@ mod tests {
                 reload: None,
                 queued_requests: vec![],
                 upgrades: vec![],
+                start_settings: Default::default(),
             },
             generations: vec![GenerationStatus {
                 generation: 4,
