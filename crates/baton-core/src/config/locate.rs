@@ -47,12 +47,19 @@ pub(super) fn qualify(message: &str, key: &str) -> String {
 
 /// The first line that holds `needle` outside a comment.
 pub(super) fn find_line(text: &str, needle: &str) -> Option<usize> {
+    find_nth_line(text, needle, 0)
+}
+
+/// The line of the `n`th (0-based) occurrence of `needle` outside a comment.
+pub(super) fn find_nth_line(text: &str, needle: &str, n: usize) -> Option<usize> {
     text.lines()
-        .position(|l| {
+        .enumerate()
+        .filter(|(_, l)| {
             l.split(" #")
                 .next()
                 .is_some_and(|code| code.contains(needle))
                 && !l.trim_start().starts_with('#')
         })
-        .map(|i| i + 1)
+        .nth(n)
+        .map(|(i, _)| i + 1)
 }

@@ -209,7 +209,7 @@ supervisor:
             (
                 "listeners:\n  - name: a\n    address: 127.0.0.1:1\n  - name: a\n    address: 127.0.0.1:2\nworker: {command: sh}\n",
                 "name `a` is already used",
-                Some(2),
+                Some(4),
             ),
             (
                 "listeners: []\nworker:\n  command: ./no-such-worker\n",
@@ -375,6 +375,46 @@ workers:
         assert_eq!(shown.len(), 5, "{shown:#?}");
         // `parse` (used by run and reload) reports the first.
         assert_eq!(parse_str(text).unwrap_err().to_string(), shown[0]);
+    }
+
+    #[test]
+    fn check_lists_every_problem_each_at_its_own_line() {
+        let text = "\
+listeners:
+  - name: web
+    address: 127.0.0.1:8080
+  - name: web
+    address: 127.0.0.1:8081
+worker:
+  command: /bin/sh
+  colour: blue
+  ready_timeout: 10
+  processes: 0
+supervisor:
+  max_draining: 2
+supervisor:
+  max_draining: 3
+";
+        let problems = parse_all(Path::new("/etc/baton/test.yaml"), text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        for expected in [
+            "test.yaml:8:3: worker: unknown field `colour`",
+            "test.yaml:9:18: worker.ready_timeout: invalid duration \"10\"",
+            "test.yaml:10:14: worker.processes:",
+            "test.yaml:13:1: duplicate field `supervisor`",
+        ] {
+            assert!(
+                shown.iter().any(|s| s.contains(expected)),
+                "{expected:?} missing from {shown:#?}"
+            );
+        }
+        // The whole-file checks run on what could be read, at the second occurrence.
+        assert!(
+            shown
+                .iter()
+                .any(|s| s.contains("test.yaml:4: listeners[1]: name `web` is already used")),
+            "{shown:#?}"
+        );
     }
 
     #[test]

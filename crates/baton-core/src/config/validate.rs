@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use baton_proto::ListenerAddress;
 
-use super::locate::{find_line, locate_value, qualify};
+use super::locate::{find_line, find_nth_line, locate_value, qualify};
 use super::raw::{RawConfig, RawListener, RawSupervisor, RawWorker};
 use super::{
     Config, ConfigError, ControlConfig, DEFAULT_CONTROL_SOCKET, DEFAULT_RUNTIME_DIR,
@@ -18,7 +18,11 @@ use super::{
 
 /// Reads `text` (the file at `path`) into a [`Config`], with every problem found.
 pub(super) fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
-    let raw = read(path, text)?;
+    let (raw, mut problems) = read_all(path, text);
+    let raw = match raw {
+        Some(raw) => raw,
+        None => return Err(problems),
+    };
     let mut check = Check {
         path,
         text,
@@ -26,11 +30,18 @@ pub(super) fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigErr
         problems: Vec::new(),
     };
     let listeners = check.listeners(raw.listeners);
-    let programs = check.programs(raw.worker, raw.workers, &listeners)?;
+    let programs = match check.programs(raw.worker, raw.workers, &listeners) {
+        Ok(programs) => programs,
+        Err(more) => {
+            problems.extend(more);
+            return Err(problems);
+        }
+    };
     check.addresses(&listeners);
     check.metrics_listen(&raw.supervisor, &listeners);
-    if !check.problems.is_empty() {
-        return Err(check.problems);
+    problems.append(&mut check.problems);
+    if !problems.is_empty() {
+        return Err(problems);
     }
     Ok(Config {
         source: path.to_owned(),
@@ -40,9 +51,82 @@ pub(super) fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigErr
     })
 }
 
-/// The YAML read into its raw shape; a syntax or type error comes alone, placed at the value it
-/// is about where that can be found.
-fn read(path: &Path, text: &str) -> Result<RawConfig, Vec<ConfigError>> {
+/// Problems a file may have before it is read whole: past that many, `check` stops listing.
+const MAX_READ_PROBLEMS: usize = 100;
+
+/// Reads the YAML into its raw shape, with every problem of a value or a key: after each one the
+/// offending key (its line and those indented below it) is set aside as a comment and the text
+/// is read again, so the next problem is found at its own line and column. The raw shape is
+/// returned when what is left reads; a key set aside takes its default there, which the checks
+/// of the whole file may then report as missing. A syntax error ends the reading.
+fn read_all(path: &Path, text: &str) -> (Option<RawConfig>, Vec<ConfigError>) {
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let mut problems: Vec<ConfigError> = Vec::new();
+    let mut set_aside: Vec<String> = Vec::new();
+    loop {
+        let current = lines.join("\n") + "\n";
+        let problem = match read(path, &current) {
+            Ok(raw) => return (Some(raw), problems),
+            Err(problem) => problem,
+        };
+        // A required key set aside is missing now: that is no problem of the file.
+        let consequence = set_aside
+            .iter()
+            .any(|key| problem.message.contains(&format!("missing field `{key}`")));
+        if consequence {
+            return (None, problems);
+        }
+        let line = problem.line;
+        let syntax = problem.message.contains("did not find expected")
+            || problem.message.contains("found character")
+            || problem.message.contains("while parsing")
+            || problem.message.contains("while scanning");
+        problems.push(problem);
+        let Some(at) = line.filter(|_| !syntax && problems.len() < MAX_READ_PROBLEMS) else {
+            return (None, problems);
+        };
+        match set_aside_key(&mut lines, at) {
+            Some(key) => set_aside.push(key),
+            None => return (None, problems),
+        }
+    }
+}
+
+/// Comments out the key at 1-based `line` and every line indented below it; returns the key.
+/// `None` when there is no key there to set aside (the reading cannot go on).
+fn set_aside_key(lines: &mut [String], line: usize) -> Option<String> {
+    let first = lines.get(line.checked_sub(1)?)?;
+    let code = first.trim_start();
+    if code.is_empty() || code.starts_with('#') {
+        return None;
+    }
+    let indent = first.len() - code.len();
+    let key = code
+        .trim_start_matches("- ")
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if code.starts_with("- ") && !code.contains(':') {
+        return None; // a list item with no key of its own
+    }
+    let end = lines[line..]
+        .iter()
+        .position(|l| {
+            let c = l.trim_start();
+            !c.is_empty() && !c.starts_with('#') && l.len() - c.len() <= indent
+        })
+        .map_or(lines.len(), |n| line + n);
+    for l in &mut lines[line - 1..end] {
+        *l = format!("# {l}");
+    }
+    Some(key)
+}
+
+/// The YAML read into its raw shape; the first problem, placed at the value it is about where
+/// that can be found.
+fn read(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
     serde_yaml::from_str(text).map_err(|err| {
         let location = err.location();
         let mut message = err.to_string();
@@ -55,14 +139,38 @@ fn read(path: &Path, text: &str) -> Result<RawConfig, Vec<ConfigError>> {
         if let Some((l, c, key)) = line.and_then(|from| locate_value(text, from, &message)) {
             (line, column) = (Some(l), Some(c));
             message = qualify(&message, &key);
+        } else if let Some((l, c)) = duplicate_key(text, &message) {
+            // The parser places a key given twice at the start of the mapping: show the second.
+            (line, column) = (Some(l), Some(c));
         }
-        vec![ConfigError {
+        ConfigError {
             path: path.to_owned(),
             line,
             column,
             message,
-        }]
+        }
     })
+}
+
+/// For a "duplicate field `K`" message: the line and column of the second top-level or nested
+/// `K:` at the indentation of its first occurrence.
+fn duplicate_key(text: &str, message: &str) -> Option<(usize, usize)> {
+    let key = message
+        .strip_prefix("duplicate field `")?
+        .split('`')
+        .next()?;
+    let mut seen: Vec<usize> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let code = line.trim_start();
+        let indent = line.len() - code.len();
+        if code.starts_with(&format!("{key}:")) {
+            if seen.contains(&indent) {
+                return Some((i + 1, indent + 1));
+            }
+            seen.push(indent);
+        }
+    }
+    None
 }
 
 /// The control socket a configuration names, read from `text` leniently: whatever else is wrong
@@ -158,13 +266,17 @@ impl Check<'_> {
         let mut addresses = HashMap::new();
         for (i, l) in raw.iter().enumerate() {
             if let Some(first) = names.insert(l.name.clone(), i) {
-                self.problem(
-                    Some(&format!("name: {}", l.name)),
+                // At this occurrence of the name, not at the first.
+                let earlier = raw[..i].iter().filter(|o| o.name == l.name).count();
+                let line = find_nth_line(self.text, &format!("name: {}", l.name), earlier);
+                self.problems.push(ConfigError::at(
+                    self.path,
+                    line,
                     format!(
                         "listeners[{i}]: name `{}` is already used by listeners[{first}]",
                         l.name
                     ),
-                );
+                ));
             }
             if let Some(first) = addresses.insert(l.address.clone(), i) {
                 self.problem(
