@@ -28,6 +28,8 @@ pub struct BoundSocket {
     /// For Unix sockets: the file we created, identified by device and inode so we never remove
     /// a file someone else put at the same path.
     unix_file: Option<(PathBuf, u64, u64)>,
+    /// It no longer listens ([`BoundSocket::stop_listening`]).
+    stopped: std::cell::Cell<bool>,
 }
 
 impl BoundSocket {
@@ -49,6 +51,19 @@ impl BoundSocket {
             fd,
             unix_file: self.unix_file.clone(),
         }
+    }
+
+    /// Stops listening, for every process that holds this socket: a new connection is refused
+    /// at once (TCP: a reset to the SYN; Unix: `ECONNREFUSED`), connections already accepted are
+    /// untouched, and TCP connections still waiting in the queue are reset rather than left
+    /// waiting for an accept that will not come. For a listener no serving generation has.
+    /// `Ok(false)`: it had stopped already.
+    pub fn stop_listening(&self) -> io::Result<bool> {
+        if self.stopped.replace(true) {
+            return Ok(false);
+        }
+        self.socket.shutdown(std::net::Shutdown::Read)?;
+        Ok(true)
     }
 
     /// A close-on-exec duplicate to hand over.
@@ -189,6 +204,7 @@ impl ListenerTable {
                 socket,
                 // The service manager made it; the service manager removes its file.
                 unix_file: None,
+                stopped: std::cell::Cell::new(false),
             });
             self.live
                 .insert(config.address.clone(), Rc::downgrade(&bound));
@@ -209,6 +225,7 @@ impl ListenerTable {
                 local: state.local,
                 socket: Socket::from(fd),
                 unix_file: state.unix_file,
+                stopped: std::cell::Cell::new(false),
             });
             self.live.insert(state.address, Rc::downgrade(&bound));
             out.push(bound);
@@ -263,6 +280,7 @@ fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
                 local,
                 socket,
                 unix_file: None,
+                stopped: std::cell::Cell::new(false),
             })
         }
         ListenerAddress::Unix { path } => {
@@ -275,6 +293,7 @@ fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
                 local: path.display().to_string(),
                 socket,
                 unix_file: Some((path.clone(), meta.dev(), meta.ino())),
+                stopped: std::cell::Cell::new(false),
             };
             if let Some(mode) = config.mode {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;

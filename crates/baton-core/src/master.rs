@@ -441,6 +441,9 @@ impl Master {
                     {
                         self.notify(Notification::Ready);
                     }
+                    if let (Ok(()), Some(generation)) = (&verdict.result, verdict.generation) {
+                        self.stop_removed_listeners(generation);
+                    }
                     self.on_verdict(verdict);
                 }
             }

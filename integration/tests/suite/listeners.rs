@@ -99,3 +99,69 @@ fn a_listener_added_by_a_reload_serves_every_new_connection_at_once_and_a_remove
         report.summary()
     );
 }
+
+/// A listener a reload removes stops listening as soon as the new generation serves: while the
+/// old generation drains (here it holds a connection for up to 30 s), a new client is refused at
+/// once instead of waiting in a queue nobody accepts from; what was accepted finishes.
+#[test]
+fn a_removed_listener_refuses_new_clients_at_once_while_the_old_generation_drains() {
+    use baton_integration::load::{Load, Mode};
+    use std::io::{Read, Write};
+    let (kept, gone) = (free_port(), free_port());
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{kept}"), 2);
+    config
+        .listeners
+        .push(("admin".into(), format!("127.0.0.1:{gone}")));
+    config.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    config.drain_timeout = "30s";
+    let master = Master::start("removed", &config);
+    let (addr_kept, addr_gone): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{kept}").parse().unwrap(),
+        format!("127.0.0.1:{gone}").parse().unwrap(),
+    );
+    // A kept-alive client of the listener to be removed: it holds generation 1 open.
+    let mut held = std::net::TcpStream::connect(addr_gone).unwrap();
+    let ask = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    held.write_all(ask).unwrap();
+    let mut buf = [0u8; 512];
+    assert!(held.read(&mut buf).unwrap() > 0);
+    let on_kept = Load::until_finished(addr_kept, Mode::Fresh, 2);
+    let on_gone = Load::until_finished(addr_gone, Mode::Fresh, 2);
+
+    config.listeners.pop();
+    master.write_config(&config.yaml());
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    master.wait_event("listener_removed", Duration::from_secs(5), |v| {
+        v["listener"] == "admin"
+    });
+    // New clients of the removed address: refused at once, not queued.
+    let started = std::time::Instant::now();
+    let refused = std::net::TcpStream::connect_timeout(&addr_gone, Duration::from_secs(3));
+    assert_eq!(
+        refused.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused)
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Load goes on for a moment on both.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (on_kept, on_gone) = (on_kept.finish(), on_gone.finish());
+    eprintln!("kept: {}", on_kept.summary());
+    eprintln!("removed: {}", on_gone.summary());
+    assert_eq!(on_kept.failed(), 0, "{}", on_kept.summary());
+    // On the removed address: served before, refused after; nobody waits for an answer.
+    assert!(on_gone.ok > 0, "{}", on_gone.summary());
+    for kind in on_gone.failures.keys() {
+        assert!(
+            kind == "refused" || kind == "reset",
+            "a client of the removed listener was left waiting or cut: {}",
+            on_gone.summary()
+        );
+    }
+    // The connection accepted before the removal is still served by generation 1.
+    held.write_all(ask).unwrap();
+    let n = held.read(&mut buf).unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("generation 1"), "{answer}");
+}

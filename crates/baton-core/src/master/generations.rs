@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::Master;
 use super::service_manager::Notification;
 use crate::config::{self, Config, WorkerConfig};
-use crate::listeners::{BindError, GenerationListener};
+use crate::listeners::{BindError, BoundSocket, GenerationListener};
 use crate::supervisor::{Generation, GenerationSpec, ProgramSpec};
 use crate::{control, metrics_http};
 
@@ -170,6 +170,42 @@ impl Master {
             )),
         }
         warnings
+    }
+
+    /// `generation` serves for good (its reload succeeded): each listener only older generations
+    /// still hold stops listening now, so that new clients are refused at once instead of
+    /// waiting in a queue nobody accepts from while those generations drain.
+    pub(super) fn stop_removed_listeners(&mut self, generation: Generation) {
+        let Some(serving) = self.resources.get(&generation) else {
+            return;
+        };
+        let kept: Vec<Rc<BoundSocket>> =
+            serving.listeners.iter().map(|l| l.socket.clone()).collect();
+        let mut removed: Vec<(String, Rc<BoundSocket>, Generation)> = Vec::new();
+        for (&g, r) in &self.resources {
+            for l in &r.listeners {
+                let gone = !kept.iter().any(|k| Rc::ptr_eq(k, &l.socket))
+                    && !removed.iter().any(|(_, s, _)| Rc::ptr_eq(s, &l.socket));
+                if gone {
+                    removed.push((l.config.name.clone(), l.socket.clone(), g));
+                }
+            }
+        }
+        for (name, socket, held_by) in removed {
+            let address = socket.local().to_string();
+            match socket.stop_listening() {
+                Ok(false) => continue,
+                Ok(true) => {
+                    info!(event = "listener_removed", listener = %name, address = %address,
+                        generation = generation.0,
+                        "listener {name} ({address}) removed: generation {generation} does not have it; new connections are refused, generation {held_by} finishes those it accepted");
+                }
+                Err(err) => {
+                    warn!(listener = %name, "listener {name} ({address}) removed, but it still listens until generation {held_by} exits: {err}");
+                }
+            }
+            self.notify(Notification::RemoveFd(name));
+        }
     }
 
     pub(super) fn release(&mut self, generation: Generation) {
