@@ -108,7 +108,7 @@ fn a_generation_whose_probe_fails_during_its_probation_is_rolled_back() {
     let load = Load::until_finished(addr, Mode::Fresh, 4);
     let mut probed = good.clone();
     probed.command = binaries().it_worker.clone();
-    probed.env = vec![("IT_MODE".into(), "never-ready".into())];
+    probed.env = vec![("IT_MODE".into(), "ready-after:0".into())];
     probed.worker_extra = vec![format!(
         "ready: {{http: \"{}\", path: /healthz, timeout: 500ms, interval: 100ms}}",
         health.display()
