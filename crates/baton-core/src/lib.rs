@@ -20,6 +20,7 @@ pub mod intent;
 pub mod listeners;
 pub mod master;
 pub mod metrics_http;
+pub mod orphans;
 mod procnet;
 pub mod supervisor;
 pub mod upgrade;

@@ -21,6 +21,7 @@
 pub mod activation;
 pub mod channel;
 pub mod notify;
+pub mod pidfd;
 pub mod process;
 pub mod sockdiag;
 pub mod upgrade;
