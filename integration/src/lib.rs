@@ -368,6 +368,25 @@ impl Master {
         let config_path = dir.path().join("baton.yaml");
         let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(&config_path, yaml).unwrap();
+        Master::spawn_in(name, dir, env, wrapper, program)
+    }
+
+    /// A new master in this one's directory, on its configuration (this one has ended: killed,
+    /// say). The directory now belongs to the new one.
+    pub fn successor(&mut self, name: &str) -> Master {
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Master::spawn_in(name, dir, &[], &[], &binaries().baton)
+    }
+
+    fn spawn_in(
+        name: &str,
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+        program: &std::path::Path,
+    ) -> Master {
+        let config_path = dir.path().join("baton.yaml");
         let mut command = match wrapper.split_first() {
             Some((outer, args)) => {
                 let mut c = Command::new(outer);

@@ -17,6 +17,7 @@ mod suite {
     mod hardening;
     mod kinds;
     mod listeners;
+    mod orphans;
     mod readiness;
     mod signals;
     mod systemd;

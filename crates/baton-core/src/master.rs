@@ -38,12 +38,13 @@ use tracing::{debug, info, warn};
 use crate::config::{self, Config};
 use crate::control::{self, ControlRequest};
 use crate::listeners::{BindError, ListenerTable, Prepared};
-use crate::metrics_http;
 use crate::supervisor::{
     Action, Event, Generation, Intent, Phase, RequestId, Supervisor, Trigger, WorkerId,
 };
+use crate::{metrics_http, orphans};
 
 mod generations;
+mod guard;
 mod link;
 mod probe;
 mod readiness;
@@ -83,6 +84,10 @@ pub struct Options {
     /// The program now running (`None`: unknown; an upgrade by signal then execs
     /// `/proc/self/exe`).
     pub binary: Option<PathBuf>,
+    /// The guard: a program and its first arguments (`baton guard --log-format json`), to which
+    /// the master adds `--master PID --started TICKS --registry PATH`. It ends the workers of a
+    /// master that died without stopping them. `None`: no guard (tests of the core).
+    pub guard: Option<(PathBuf, Vec<OsString>)>,
 }
 
 impl std::fmt::Debug for Options {
@@ -94,6 +99,7 @@ impl std::fmt::Debug for Options {
             .field("signals", &self.signals.is_some())
             .field("argv", &self.argv)
             .field("binary", &self.binary)
+            .field("guard", &self.guard)
             .finish()
     }
 }
@@ -148,6 +154,9 @@ pub struct Master {
     /// Links at a control socket path a reload named, to the socket this master listens on,
     /// so that `baton ... -c FILE` finds it; removed when the master stops or the path changes.
     control_aliases: Vec<control::SocketFile>,
+    /// This master's workers as recorded for its guard and its successor ([`orphans`]).
+    registry: orphans::Registry,
+    registered: BTreeMap<u32, orphans::Entry>,
     /// The upgrade under way, if any, and where its preflight reports.
     upgrade: Option<upgrade::Pending>,
     upgrade_tx: mpsc::UnboundedSender<upgrade::Preflight>,
@@ -186,6 +195,16 @@ impl Master {
     /// sockets: no runtime is needed yet; the binary builds its runtime after this). Nothing is
     /// spawned until [`Master::run`].
     pub fn new(config: Config, mut options: Options) -> Result<Master, StartError> {
+        // The control socket first: bound, it proves no master runs with this configuration,
+        // so workers its registry still names were left behind by a predecessor.
+        let control_config = config.supervisor.control.clone();
+        let listener = control::bind(&control_config).map_err(|source| StartError::Control {
+            path: control_config.socket.display().to_string(),
+            source,
+        })?;
+        let socket_file = control::SocketFile(control_config.socket.clone());
+        let registry = orphans::Registry::beside(&control_config.socket);
+        end_predecessors_workers(&registry);
         let mut table = ListenerTable::default();
         let inherited = std::mem::take(&mut options.inherited);
         let unused = table.adopt(&config.listeners, inherited)?;
@@ -196,12 +215,6 @@ impl Master {
                 notify(Notification::RemoveFd(name));
             }
         }
-        let control_config = config.supervisor.control.clone();
-        let listener = control::bind(&control_config).map_err(|source| StartError::Control {
-            path: control_config.socket.display().to_string(),
-            source,
-        })?;
-        let socket_file = control::SocketFile(control_config.socket.clone());
         let metrics_pending = config
             .supervisor
             .metrics_listen
@@ -239,6 +252,8 @@ impl Master {
             control_fd: None,
             start_settings,
             control_aliases: Vec::new(),
+            registry,
+            registered: BTreeMap::new(),
             upgrade: None,
             upgrade_tx,
             upgrade_rx,
@@ -265,7 +280,15 @@ impl Master {
     ///
     /// Must run inside a tokio runtime (the binary uses a current-thread one). If `inputs`
     /// closes, the master stops gracefully.
-    pub async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) -> i32 {
+    pub async fn run(mut self, inputs: mpsc::UnboundedReceiver<Input>) -> i32 {
+        let code = self.serve(inputs).await;
+        // Every worker is gone (or the master exits at once after a failed start): the
+        // registry names nobody the guard should end.
+        self.registry.remove();
+        code
+    }
+
+    async fn serve(&mut self, mut inputs: mpsc::UnboundedReceiver<Input>) -> i32 {
         if self.resumed.is_none() {
             info!(event = "started", pid = std::process::id(), config = %self.config_path.display(),
                 "baton {} master started (pid {})", crate::version(), std::process::id());
@@ -293,6 +316,11 @@ impl Master {
             let announce = self.resumed.is_none();
             self.serve_metrics(Some(endpoint), announce);
         }
+        if self.resumed.is_none() {
+            // A predecessor's guard watches its own pid; after `baton upgrade` it watches this
+            // one already.
+            self.start_guard();
+        }
         if let Some((_, prepared)) = &self.initial {
             let listeners = prepared.listeners.clone();
             self.store_fds(&listeners);
@@ -316,6 +344,7 @@ impl Master {
                 }
             }
             self.report();
+            self.update_registry();
             let deadline = self.supervisor.next_deadline();
             // While something drains, refresh the status line (time left) once a second.
             let refresh = (self.options.notify.is_some()
@@ -470,4 +499,21 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
     }
+}
+
+/// Ends the workers a master killed before this one left behind (its registry names them): a
+/// worker that ignores its drain signal would otherwise serve old code on the shared sockets for
+/// good, and hold the ports this master is about to bind.
+fn end_predecessors_workers(registry: &orphans::Registry) {
+    let entries = registry.read();
+    if entries.is_empty() {
+        return;
+    }
+    let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
+    warn!(event = "orphans_found", pids = %pids.join(" "), registry = %registry.path().display(),
+        "a master before this one ended without stopping its workers; ending those still running of pids {}",
+        pids.join(", "));
+    let ended = orphans::end(&entries);
+    orphans::report(&ended, "the master before this one");
+    registry.remove();
 }

@@ -67,6 +67,13 @@ impl Registry {
         Registry { path: path.into() }
     }
 
+    /// The registry at `path` itself (what [`Registry::path`] gives).
+    pub fn at(path: &Path) -> Registry {
+        Registry {
+            path: path.to_owned(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -69,6 +69,16 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
     };
     let mut options = crate::systemd::options();
     options.signals = Some(Box::new(gate));
+    options.guard = options.binary.clone().map(|program| {
+        let format = match format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        (
+            program,
+            vec!["guard".into(), "--log-format".into(), format.into()],
+        )
+    });
     let master = match inherited_state() {
         // A self-upgrade: this program takes over from the one that exec'd it.
         Some(inherited) => {
@@ -114,6 +124,19 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
 fn inherited_state() -> Option<Result<Inherited, ResumeError>> {
     let value = std::env::var(STATE_FD_ENV).ok()?;
     Some(Inherited::take(&value))
+}
+
+/// `baton guard`: ends the workers of a master that died without stopping them.
+pub(crate) fn guard(master: u32, started: u64, registry: &Path, format: LogFormat) -> u8 {
+    init_logging(format);
+    let registry = baton_core::orphans::Registry::at(registry);
+    match baton_core::orphans::guard(master, started, &registry) {
+        Ok(_) => 0,
+        Err(err) => {
+            tracing::error!("guard of master pid {master}: {err}");
+            1
+        }
+    }
 }
 
 /// `baton upgrade-check`: can this program take over the state it is given?

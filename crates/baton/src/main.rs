@@ -119,6 +119,19 @@ enum Command {
     /// $BATON_UPGRADE_STATE_FD and say whether this program can take it over.)
     #[command(hide = true)]
     UpgradeCheck,
+    /// (Started by `baton run`: wait for the master to end, then end the workers it left
+    /// behind, as its registry names them.)
+    #[command(hide = true)]
+    Guard {
+        #[arg(long)]
+        master: u32,
+        #[arg(long)]
+        started: u64,
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
     /// Print shell completions (for packaging: bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), generated from these definitions.
@@ -133,7 +146,7 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     /// One JSON object per line, event fields at the top level.
     Json,
@@ -174,6 +187,12 @@ fn main() -> ExitCode {
             json,
         } => commands::upgrade(&target, binary.as_deref(), json),
         Command::UpgradeCheck => commands::upgrade_check(),
+        Command::Guard {
+            master,
+            started,
+            registry,
+            log_format,
+        } => commands::guard(master, started, &registry, log_format),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
             0

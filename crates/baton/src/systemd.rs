@@ -31,6 +31,7 @@ pub(crate) fn options() -> Options {
         signals: None,
         argv: std::env::args_os().collect(),
         binary: std::env::current_exe().ok(),
+        guard: None,
     }
 }
 

@@ -10,6 +10,8 @@
 //!   to `<path>`; then serve like `ready-after:0`.
 //! - `notify-abuse`: (systemd-style) report ready, then for `IT_ABUSE_MS` (default 2000) send
 //!   garbage, oversized and as many datagrams as the notify socket takes; then wait for the drain.
+//! - `stubborn`: report ready, then ignore every drain request and signal it can (SIGTERM
+//!   included): only SIGKILL ends it.
 //! - `garbage`: speak the protocol by hand (no SDK): take the handoff, send `ready`, then 50
 //!   packets that are not messages, then half-close the channel, then idle until killed.
 
@@ -80,6 +82,13 @@ async fn run(mode: &str) -> ExitCode {
         eprintln!("it-worker: sent {sent} abusive notifications");
         worker.drain_watch().requested().await;
         return ExitCode::SUCCESS;
+    }
+    if mode == "stubborn" {
+        if worker.ready().await.is_err() {
+            return ExitCode::from(2);
+        }
+        // The SDK turns SIGTERM into a drain request, which this worker ignores.
+        std::future::pending::<()>().await;
     }
     if let Some(ms) = mode.strip_prefix("crash-after:") {
         if worker.ready().await.is_err() {

@@ -3,7 +3,7 @@
 //! restarts the tasks that read workers, re-sends drain requests, answers the client that asked,
 //! and refreshes the service manager's fd store ([`Master::on_resumed`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -219,6 +219,8 @@ impl Master {
             control_fd: None,
             start_settings: config::start_only_settings(&control_config, &state_runtime_dir),
             control_aliases: Vec::new(),
+            registry: crate::orphans::Registry::beside(&control_config.socket),
+            registered: BTreeMap::new(),
             upgrade: None,
             upgrade_tx,
             upgrade_rx,
