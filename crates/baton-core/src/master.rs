@@ -505,8 +505,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// worker that ignores its drain signal would otherwise serve old code on the shared sockets for
 /// good, and hold the ports this master is about to bind.
 fn end_predecessors_workers(registry: &orphans::Registry) {
-    let entries = registry.read();
+    // Those still running: under systemd, say, the unit's stop killed them all already.
+    let entries = orphans::alive(&registry.read());
     if entries.is_empty() {
+        registry.remove();
         return;
     }
     let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();

@@ -102,6 +102,15 @@ impl Registry {
     }
 }
 
+/// The entries whose process still runs: same pid, same start time.
+pub fn alive(entries: &[Entry]) -> Vec<Entry> {
+    entries
+        .iter()
+        .filter(|e| matches!(Process::find(e.pid, e.started), Ok(Some(_))))
+        .cloned()
+        .collect()
+}
+
 /// What became of the workers of a registry.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Ended {
@@ -162,8 +171,9 @@ pub fn guard(master: u32, started: u64, registry: &Registry) -> io::Result<Ended
     if let Some(process) = Process::find(master, started)? {
         while !process.wait(Duration::from_secs(3600))? {}
     }
-    let entries = registry.read();
+    let entries = alive(&registry.read());
     if entries.is_empty() {
+        registry.remove();
         return Ok(Ended::default());
     }
     warn!(

@@ -439,3 +439,62 @@ fn baton_upgrade_under_systemd_keeps_the_main_pid_and_the_unit_active_and_reload
         "the same socket, from the fd store"
     );
 }
+
+/// The packaged unit and a worker that ignores SIGTERM (drain timeout 2 s): when the master is
+/// SIGKILLed, the worker does not outlive it by more than its drain timeout (systemd's
+/// `KillMode=mixed` ends what is left of the unit at once; baton's guard would at 2 s), and the
+/// restarted master starts cleanly over the registry its predecessor left.
+#[test]
+fn under_systemd_a_killed_master_s_stubborn_worker_does_not_outlive_it() {
+    let config_path = Systemd::workdir("orphans").join("baton.yaml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "listeners:\n  - name: http\n    address: 127.0.0.1:{PORT}\nworker:\n  command: {}\n  env: {{IT_MODE: stubborn}}\n  drain_timeout: 2s\n",
+            binaries().it_worker.display()
+        ),
+    )
+    .unwrap();
+    let unit = service_unit(&config_path);
+    assert!(unit.contains("TimeoutStopSec=60") && unit.contains("KillMode=mixed"));
+    let sd = Systemd::boot("orphans", &[("baton.service", unit)]);
+    assert!(
+        ok(&sd.systemctl(&["start", "baton.service"])),
+        "{}",
+        sd.journal("baton")
+    );
+    let workers = || {
+        let out = sd
+            .command("pgrep")
+            .args(["-f", "it-worker"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let worker = eventually(Duration::from_secs(10), "the worker", || {
+        Some(workers()).filter(|w| !w.is_empty())
+    });
+    let main_pid = sd.show("baton.service", "MainPID");
+    kill9(&sd, &main_pid);
+    let killed = std::time::Instant::now();
+    eventually(Duration::from_secs(20), "the stubborn worker gone", || {
+        (!workers().split_whitespace().any(|w| w == worker)).then_some(())
+    });
+    let lived = killed.elapsed();
+    eprintln!(
+        "under systemd the worker outlived its master by {lived:?} (drain timeout 2 s, stop timeout 60 s)"
+    );
+    assert!(lived < Duration::from_secs(10), "{lived:?}");
+    eventually(Duration::from_secs(30), "the unit active again", || {
+        (sd.show("baton.service", "ActiveState") == "active").then_some(())
+    });
+    assert_eq!(sd.show("baton.service", "NRestarts"), "1");
+    let journal = sd.journal("baton.service");
+    assert!(journal.contains("guard pid"), "{journal}");
+    assert!(
+        !journal.contains("ending those still running"),
+        "nothing left to end: {journal}"
+    );
+    // The new master bound the port again: no predecessor's worker held it.
+    assert_eq!(sd.listening_inodes(PORT).len(), 1);
+}
