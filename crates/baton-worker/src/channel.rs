@@ -14,7 +14,7 @@ use baton_sys::channel;
 use tokio::net::UnixDatagram;
 use tokio::sync::{Notify, watch};
 
-use crate::drain::{DrainReason, ignore_usr1, watch_drain_signal};
+use crate::drain::{DrainReason, watch_signals};
 use crate::listener::adopt;
 use crate::{Control, Shared, Worker, WorkerError};
 
@@ -79,8 +79,7 @@ impl Worker {
             drain,
         });
         tokio::spawn(listen_to_master(shared.clone()));
-        tokio::spawn(watch_drain_signal(shared.clone()));
-        tokio::spawn(ignore_usr1());
+        watch_signals(shared.clone());
         tokio::spawn(report_connections(shared.clone()));
         Ok(Worker {
             shared,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::Shared;
@@ -91,25 +92,30 @@ impl Drop for ConnectionGuard {
 
 /// SIGUSR1 (logrotate's habit, and `systemctl kill -s USR1` reaches every process of a unit)
 /// must not kill a worker: it is noted and otherwise ignored.
-pub(crate) async fn ignore_usr1() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-        return;
-    };
+async fn ignore_usr1(usr1: Option<Signal>) {
+    let Some(mut usr1) = usr1 else { return };
     while usr1.recv().await.is_some() {
         tracing::info!("SIGUSR1: nothing to reopen (the worker logs to stderr)");
     }
 }
 
 /// The drain signal (SIGTERM, baton's default) requests a drain instead of killing the process.
-pub(crate) async fn watch_drain_signal(shared: Arc<Shared>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return;
-    };
+async fn watch_drain_signal(shared: Arc<Shared>, term: Option<Signal>) {
+    let Some(mut term) = term else { return };
     if term.recv().await.is_some() {
         shared
             .drain
             .send_if_modified(|d| d.get_or_insert(DrainReason::Signal) == &DrainReason::Signal);
     }
+}
+
+/// Starts watching the drain signal (SIGTERM) and SIGUSR1. Their handlers are installed here,
+/// before the worker can report ready: a drain signal that comes right after `ready` requests a
+/// drain instead of killing the process (tasks spawned on a current-thread runtime start only
+/// when the caller yields).
+pub(crate) fn watch_signals(shared: Arc<Shared>) {
+    let term = signal(SignalKind::terminate()).ok();
+    let usr1 = signal(SignalKind::user_defined1()).ok();
+    tokio::spawn(watch_drain_signal(shared, term));
+    tokio::spawn(ignore_usr1(usr1));
 }

@@ -9,7 +9,7 @@ use baton_proto::{ListenerAddress, ListenerInfo};
 use baton_sys::{activation, channel};
 use tokio::sync::{Notify, watch};
 
-use crate::drain::{ignore_usr1, watch_drain_signal};
+use crate::drain::watch_signals;
 use crate::listener::adopt;
 use crate::{Control, Shared, Worker, WorkerError};
 
@@ -58,8 +58,7 @@ impl Worker {
             changed: Notify::new(),
             drain,
         });
-        tokio::spawn(watch_drain_signal(shared.clone()));
-        tokio::spawn(ignore_usr1());
+        watch_signals(shared.clone());
         Ok(Worker {
             shared,
             generation: generation.unwrap_or(0),

@@ -11,6 +11,21 @@ use baton_integration::{Master, TestConfig, binaries, ctl, eventually, free_port
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
+/// `baton ARGS -c FILE`: exit code, stdout, stderr.
+fn baton_with_file(file: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(&binaries().baton)
+        .args(args)
+        .arg("-c")
+        .arg(file)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
@@ -788,19 +803,7 @@ fn a_broken_file_does_not_hide_the_running_master_from_reads_and_stop() {
     let file = master.dir.path().join("baton.yaml");
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, text + "colour: blue\n").unwrap();
-    let with_file = |args: &[&str]| {
-        let out = std::process::Command::new(&binaries().baton)
-            .args(args)
-            .arg("-c")
-            .arg(&file)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let with_file = |args: &[&str]| baton_with_file(&file, args);
     for args in [
         &["status"][..],
         &["status", "--json"],
@@ -853,19 +856,7 @@ fn settings_read_only_at_start_are_named_by_the_reload_and_check_and_the_master_
         "{out}"
     );
     // Commands given the file still reach this master, through a link at the new path.
-    let with_file = |args: &[&str]| {
-        let out = std::process::Command::new(&binaries().baton)
-            .args(args)
-            .arg("-c")
-            .arg(&file)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let with_file = |args: &[&str]| baton_with_file(&file, args);
     let (code, out, err) = with_file(&["status", "--json"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(json(&out)["master"]["pid"], master.pid());

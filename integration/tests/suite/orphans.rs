@@ -28,15 +28,15 @@ fn stubborn(port: u16) -> TestConfig {
     c
 }
 
-#[test]
-fn a_killed_master_s_workers_are_ended_by_its_guard_at_their_drain_timeout() {
+/// A master with one stubborn worker, once its registry names it: (master, worker pid, guard
+/// pid, registry path, port).
+fn started_with_a_stubborn_worker(name: &str) -> (Master, u32, u32, std::path::PathBuf, u16) {
     let port = free_port();
-    let master = Master::start("orphan-guard", &stubborn(port));
+    let master = Master::start(name, &stubborn(port));
     let (_, ready) = master.wait_event("worker_ready", Duration::from_secs(30), |_| true);
     let worker = ready["pid"].as_u64().unwrap() as u32;
     let (_, guard) = master.wait_event("guard_started", Duration::from_secs(10), |_| true);
     let guard = guard["pid"].as_u64().unwrap() as u32;
-    // The registry names the worker before the master dies.
     let registry = master.dir.path().join("baton.sock.workers");
     eventually(
         Duration::from_secs(10),
@@ -47,6 +47,12 @@ fn a_killed_master_s_workers_are_ended_by_its_guard_at_their_drain_timeout() {
                 .filter(|r| r.contains(&format!("\"pid\":{worker}")))
         },
     );
+    (master, worker, guard, registry, port)
+}
+
+#[test]
+fn a_killed_master_s_workers_are_ended_by_its_guard_at_their_drain_timeout() {
+    let (master, worker, guard, registry, _) = started_with_a_stubborn_worker("orphan-guard");
     kill(Pid::from_raw(master.pid() as i32), Signal::SIGKILL).unwrap();
     let killed = Instant::now();
     // The worker ignores the drain signal its parent's death sent it...
@@ -71,22 +77,7 @@ fn a_killed_master_s_workers_are_ended_by_its_guard_at_their_drain_timeout() {
 
 #[test]
 fn a_new_master_ends_what_its_killed_predecessor_left_behind_and_serves() {
-    let port = free_port();
-    let mut first = Master::start("orphan-successor", &stubborn(port));
-    let (_, ready) = first.wait_event("worker_ready", Duration::from_secs(30), |_| true);
-    let orphan = ready["pid"].as_u64().unwrap() as u32;
-    let (_, guard) = first.wait_event("guard_started", Duration::from_secs(10), |_| true);
-    let guard = guard["pid"].as_u64().unwrap() as u32;
-    let registry = first.dir.path().join("baton.sock.workers");
-    eventually(
-        Duration::from_secs(10),
-        "the worker in the registry",
-        || {
-            std::fs::read_to_string(&registry)
-                .ok()
-                .filter(|r| r.contains(&format!("\"pid\":{orphan}")))
-        },
-    );
+    let (mut first, orphan, guard, _, port) = started_with_a_stubborn_worker("orphan-successor");
     // No guard either: the orphan would serve old code on the port for good.
     kill(Pid::from_raw(guard as i32), Signal::SIGKILL).unwrap();
     kill(Pid::from_raw(first.pid() as i32), Signal::SIGKILL).unwrap();
