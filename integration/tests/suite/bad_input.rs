@@ -91,6 +91,42 @@ fn the_readme_example_config_is_valid() {
     );
 }
 
+/// The README's second command is the script CI runs, and the script installs what the tests
+/// need (a fresh machine has no Node.js, and may lack a systemd binary) before it runs them.
+#[test]
+fn the_readme_test_command_installs_what_the_tests_need_and_is_what_ci_runs() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let first_screen: Vec<&str> = readme.lines().take(45).collect();
+    let commands: Vec<&str> = first_screen
+        .windows(2)
+        .filter(|w| w[0] == "```sh")
+        .map(|w| w[1])
+        .collect();
+    assert_eq!(
+        commands,
+        [
+            "cargo build && ./target/debug/baton run -c examples/baton.yaml",
+            "bash integration/run-tests.sh"
+        ],
+        "exactly two set-up commands on the first screen"
+    );
+    let ci = std::fs::read_to_string(format!("{root}/.ci/run")).unwrap();
+    assert!(
+        ci.lines().any(|l| l == "bash integration/run-tests.sh"),
+        "{ci}"
+    );
+    let script = std::fs::read_to_string(format!("{root}/integration/run-tests.sh")).unwrap();
+    for package in ["python3", "nodejs", "util-linux", "systemd"] {
+        assert!(
+            script.contains(&format!("missing+=({package})")),
+            "{package}"
+        );
+    }
+    assert!(script.contains("apt-get install"));
+    assert!(script.contains("cargo test --workspace --locked"));
+}
+
 #[test]
 fn check_validates_without_running() {
     let good = TestConfig::hello("127.0.0.1:1", 1);
