@@ -538,8 +538,19 @@ impl Master {
     }
 
     /// Live direct children of the master (its workers).
+    /// The master's worker processes: its children but its guard (`baton guard`).
     pub fn children(&self) -> Vec<u32> {
         procfs::children(self.pid())
+            .into_iter()
+            .filter(|pid| !is_guard(*pid))
+            .collect()
+    }
+
+    /// The master's guard process, if it runs.
+    pub fn guard(&self) -> Option<u32> {
+        procfs::children(self.pid())
+            .into_iter()
+            .find(|pid| is_guard(*pid))
     }
 
     /// Waits for the master to exit.
@@ -687,9 +698,22 @@ impl Master {
     }
 }
 
+/// Whether `pid` runs `baton guard` (its second argument).
+fn is_guard(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| cmdline.split(|b| *b == 0).nth(1) == Some(b"guard".as_slice()))
+        .unwrap_or(false)
+}
+
 impl Drop for Master {
     fn drop(&mut self) {
         let workers = self.children();
+        if let Some(guard) = self.guard() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(guard as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in workers {

@@ -55,14 +55,17 @@ impl BoundSocket {
 
     /// Stops listening, for every process that holds this socket: a new connection is refused
     /// at once (TCP: a reset to the SYN; Unix: `ECONNREFUSED`), connections already accepted are
-    /// untouched, and TCP connections still waiting in the queue are reset rather than left
-    /// waiting for an accept that will not come. For a listener no serving generation has.
+    /// untouched, and connections still waiting in the queue are refused (TCP: reset by the
+    /// kernel; Unix: taken and closed here) rather than left waiting for an accept that will not
+    /// come. For a listener no serving generation has.
     /// `Ok(false)`: it had stopped already.
     pub fn stop_listening(&self) -> io::Result<bool> {
         if self.stopped.replace(true) {
             return Ok(false);
         }
         self.socket.shutdown(std::net::Shutdown::Read)?;
+        // A Unix socket keeps its queue: those clients are refused too (closed unaccepted).
+        baton_sys::channel::refuse_queued(self.fd())?;
         Ok(true)
     }
 

@@ -182,6 +182,35 @@ pub struct SocketKind {
     pub listening: bool,
 }
 
+/// Takes every connection waiting in `listener`'s queue and closes it at once, so that its
+/// client learns it is refused instead of waiting for an accept that will not come: for a
+/// listener that stopped listening (`shutdown`), whose queue a Unix socket keeps. The socket's
+/// file description is made non-blocking first (it is shared with the workers holding it, none
+/// of which accepts on it any more), so this never waits. Returns how many were refused.
+pub fn refuse_queued(listener: BorrowedFd<'_>) -> io::Result<usize> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(listener, FcntlArg::F_GETFL)?);
+    fcntl(listener, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    let mut refused = 0;
+    loop {
+        match nix::sys::socket::accept4(
+            listener.as_raw_fd(),
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        ) {
+            Ok(raw) => {
+                // SAFETY: accept4 just returned `raw` as a new descriptor that nothing else
+                // owns; it is closed right here, once.
+                drop(unsafe { OwnedFd::from_raw_fd(raw) });
+                refused += 1;
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            // Empty (EAGAIN), or a TCP listener that stopped listening (EINVAL): done.
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINVAL) => return Ok(refused),
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
 /// Reads `SO_TYPE` and `SO_ACCEPTCONN`; fails if `fd` is not a socket.
 pub fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<SocketKind> {
     Ok(SocketKind {

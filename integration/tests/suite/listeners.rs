@@ -165,3 +165,57 @@ fn a_removed_listener_refuses_new_clients_at_once_while_the_old_generation_drain
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("generation 1"), "{answer}");
 }
+
+/// A Unix listener no program accepts on (a configuration that forgot it): its clients wait in
+/// the queue. When a reload removes it, they are refused, not left waiting until it closes.
+#[test]
+fn clients_queued_on_a_removed_unix_listener_are_refused_not_left_waiting() {
+    use std::io::Read;
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    config.drain_timeout = "30s";
+    config.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    config.worker_extra = vec!["listeners: [http]".into()];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("side.sock");
+    let with_side = config.yaml().replacen(
+        "listeners:\n",
+        &format!("listeners:\n  - name: side\n    path: {}\n", path.display()),
+        1,
+    );
+    let master = Master::spawn("removed-unix", &with_side);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // Keep generation 1 draining for a while after the reload: a held HTTP connection.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut held, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut buf = [0u8; 512];
+    assert!(held.read(&mut buf).unwrap() > 0);
+    // A client of the side socket: connected, queued, never accepted.
+    let mut queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    queued
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    master.write_config(&config.yaml());
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    master.wait_event("listener_removed", Duration::from_secs(5), |v| {
+        v["listener"] == "side"
+    });
+    let started = std::time::Instant::now();
+    let read = queued.read(&mut buf);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "{read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused, not left waiting"
+    );
+    // New clients are refused at once.
+    let refused = std::os::unix::net::UnixStream::connect(&path);
+    assert!(refused.is_err(), "{refused:?}");
+    drop(held);
+}
