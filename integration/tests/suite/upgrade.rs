@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Load, Mode};
-use baton_integration::procfs::{alive, children, listening_inodes};
+use baton_integration::procfs::{alive, listening_inodes};
 use baton_integration::{
     Master, TestConfig, binaries, eventually, free_port, held_connection, http, next_baton,
 };
@@ -40,7 +40,7 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
         "baton_build_info{{version=\"{old_version}\"}} 1\n"
     )));
     let inodes = listening_inodes(port);
-    let workers = children(master.pid());
+    let workers = master.children();
     assert_eq!(workers.len(), 2, "{workers:?}");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let load = Load::until_finished(addr, Mode::Fresh, 8);
@@ -90,7 +90,7 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
     );
     assert_eq!(listening_inodes(port), inodes, "the same listening sockets");
     assert_eq!(
-        children(master.pid()),
+        master.children(),
         workers,
         "the same workers, still children"
     );
@@ -188,7 +188,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     }
     std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
     let before = status(&master);
-    let workers = children(master.pid());
+    let workers = master.children();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let load = Load::until_finished(addr, Mode::Fresh, 4);
     for (binary, why) in [
@@ -233,7 +233,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     assert!(report.ok > 0);
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
-    assert_eq!(children(master.pid()), workers);
+    assert_eq!(master.children(), workers);
     // Each verdict is in the log too (its line may trail the client's answer).
     eventually(Duration::from_secs(10), "six upgrade_failed lines", || {
         (master.events("upgrade_failed").len() == 6).then_some(())
@@ -292,7 +292,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
     let master = Master::start_program("upgrade-signal", &config, &program);
     let before = status(&master);
     let old_version = before["master"]["version"].as_str().unwrap().to_string();
-    let workers = children(master.pid());
+    let workers = master.children();
 
     // Not the configured signal: nothing happens, and the log says why.
     ignored_with(&master, SIGWINCH, "supervisor.upgrade_signal is SIGURG");
@@ -327,7 +327,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
     assert_eq!(after["master"]["version"], format!("{old_version}+next"));
-    assert_eq!(children(master.pid()), workers, "the same workers");
+    assert_eq!(master.children(), workers, "the same workers");
     assert_eq!(master.events("upgrade_requested").len(), 2);
     // The new program keeps the setting and the program path.
     master.signal(SIGWINCH);
