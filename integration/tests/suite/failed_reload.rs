@@ -145,8 +145,8 @@ server.server_close()
     let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
     let master = Master::start("failed-served", &good);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let fresh = Load::until_finished(addr, Mode::Fresh, 4);
-    let kept = Load::until_finished(addr, Mode::KeepAlive, 4);
+    let fresh = Load::until_finished(addr, Mode::Fresh, 3);
+    let kept = Load::until_finished(addr, Mode::KeepAlive, 2);
     let mut early = good.clone();
     early.command = script;
     early.ready_timeout = "800ms";
