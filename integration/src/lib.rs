@@ -593,9 +593,18 @@ impl Master {
         let load = load::Load::start(addr, mode, bounds);
         let start = Instant::now();
         let mut sent = 0u64;
+        let before = self.events("reload_requested").len() as u64;
         while start.elapsed() < run {
             self.signal(nix::sys::signal::Signal::SIGUSR2);
             sent += 1;
+            // Standard signals do not queue: a second SIGUSR2 sent while the first is still
+            // pending (the master not scheduled, on a loaded machine) merges with it. Each is
+            // sent once the master has taken the one before (well under a millisecond).
+            eventually(
+                Duration::from_secs(10),
+                "the master to take the signal",
+                || (self.events("reload_requested").len() as u64 >= before + sent).then_some(()),
+            );
             std::thread::sleep(every); // the reload cadence under test, not a wait for a condition
         }
         // Let the last reload conclude before the load stops, so it runs across all of them.
