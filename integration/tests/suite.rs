@@ -17,6 +17,7 @@ mod suite {
     mod hardening;
     mod kinds;
     mod listeners;
+    mod master_log;
     mod orphans;
     mod readiness;
     mod signals;

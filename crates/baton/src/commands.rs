@@ -46,7 +46,18 @@ const EX_UNAVAILABLE: u8 = 69;
 const EX_PROTOCOL: u8 = 76;
 const EX_NOPERM: u8 = 77;
 
-pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
+pub(crate) fn run(
+    path: &Path,
+    format: LogFormat,
+    log_file: Option<&Path>,
+    pid_file: Option<&Path>,
+) -> u8 {
+    if let Some(log_file) = log_file {
+        if let Err(err) = crate::logfile::use_file(log_file) {
+            eprintln!("baton: --log-file {}: {err}", log_file.display());
+            return EX_USAGE;
+        }
+    }
     init_logging(format);
     // One descriptor per listener, duplicated for each handoff; workers inherit the limit.
     match baton_sys::process::raise_fd_limit() {
@@ -109,6 +120,14 @@ pub(crate) fn run(path: &Path, format: LogFormat) -> u8 {
                     return EX_USAGE;
                 }
             }
+        }
+    };
+    // Removed when it goes out of scope, after the master has stopped.
+    let _pid_file = match pid_file.map(crate::logfile::PidFile::write).transpose() {
+        Ok(file) => file,
+        Err(err) => {
+            tracing::error!(event = "start_failed", "cannot write the pid file: {err}");
+            return EX_USAGE;
         }
     };
     match serve(master, rx) {
@@ -265,8 +284,8 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(crate::logfile::Sink)
+        .with_ansi(std::io::stderr().is_terminal() && !crate::logfile::in_use());
     // Under systemd, stderr goes to the journal, which timestamps every line itself and reads a
     // "<N>" prefix as the line's priority (sd-daemon(3)).
     if std::env::var_os("JOURNAL_STREAM").is_some() && matches!(format, LogFormat::Text) {

@@ -9,6 +9,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 mod client;
 mod commands;
+mod logfile;
 mod render;
 mod signals;
 mod systemd;
@@ -49,6 +50,13 @@ enum Command {
         /// Log format on stderr.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Write the log to this file instead of stderr (appending); SIGUSR1 reopens it, for
+        /// logrotate's `create` mode. Workers' output still goes to stderr.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+        /// Write the master's pid to this file (whole, at start), removed when it exits.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Validate a configuration file without touching a running master (0: valid, 64: not).
     Check {
@@ -163,7 +171,17 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Run { config, log_format } => commands::run(&config, log_format),
+        Command::Run {
+            config,
+            log_format,
+            log_file,
+            pid_file,
+        } => commands::run(
+            &config,
+            log_format,
+            log_file.as_deref(),
+            pid_file.as_deref(),
+        ),
         Command::Check { config } => commands::check(&config),
         Command::Status { target, json } => commands::status(&target, json),
         Command::DrainStatus {

@@ -8,7 +8,7 @@
 //! | SIGUSR2, SIGHUP | `Intent::Reload`                   |
 //! | SIGTERM, SIGINT | `Intent::Stop { graceful: true }`  |
 //! | SIGQUIT       | `Intent::Stop { graceful: false }`   |
-//! | SIGUSR1       | `Intent::ReopenLogs` (never fatal)   |
+//! | SIGUSR1       | reopens `--log-file`, then `Intent::ReopenLogs` (never fatal) |
 //! | SIGCHLD       | `Input::ChildExited` (reap)          |
 //! | SIGURG, SIGWINCH | `Input::UpgradeSignal`: an upgrade if `supervisor.upgrade_signal` names it, else ignored (their default) |
 //!
@@ -121,7 +121,14 @@ fn send(tx: &UnboundedSender<Input>, origin: &Origin) -> bool {
             graceful: false,
             trigger: trigger("SIGQUIT"),
         }),
-        SIGUSR1 => Input::Intent(Intent::ReopenLogs(trigger("SIGUSR1"))),
+        SIGUSR1 => {
+            // The master's own log first (logrotate renamed it), then the core's part:
+            // forwarding to workers if configured.
+            if let Err(err) = crate::logfile::reopen() {
+                tracing::warn!("SIGUSR1: cannot reopen the log file: {err}");
+            }
+            Input::Intent(Intent::ReopenLogs(trigger("SIGUSR1")))
+        }
         SIGCHLD => Input::ChildExited,
         SIGURG => Input::UpgradeSignal {
             signal: Signal::SIGURG,

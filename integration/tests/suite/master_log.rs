@@ -1,0 +1,67 @@
+//! The master's own log in a file that logrotate can rotate (`create` mode: rename, then
+//! SIGUSR1), and its pid file.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use baton_integration::{TestConfig, binaries, ctl, eventually, free_port};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+#[test]
+fn the_log_file_is_reopened_on_sigusr1_and_the_pid_file_removed_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.yaml");
+    let yaml = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1)
+        .yaml()
+        .replace("{dir}", dir.path().to_str().unwrap());
+    std::fs::write(&config, yaml).unwrap();
+    let (log, pid_file) = (dir.path().join("baton.log"), dir.path().join("baton.pid"));
+    let mut master = Command::new(&binaries().baton)
+        .args(["run", "--log-format", "json", "--log-file"])
+        .arg(&log)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
+    eventually(Duration::from_secs(30), "serving, in the log file", || {
+        read(&log).contains("\"event\":\"serving\"").then_some(())
+    });
+    assert_eq!(read(&pid_file).trim(), master.id().to_string());
+    // logrotate, `create` mode: rename, then SIGUSR1.
+    let rotated = dir.path().join("baton.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    kill(Pid::from_raw(master.id() as i32), Signal::SIGUSR1).unwrap();
+    eventually(Duration::from_secs(10), "a new log file", || {
+        log.exists().then_some(())
+    });
+    let (code, _, err) = ctl(&dir.path().join("baton.sock"), &["reload"], None);
+    assert_eq!(code, 0, "{err}");
+    eventually(
+        Duration::from_secs(10),
+        "the reload in the new file",
+        || {
+            read(&log)
+                .contains("\"event\":\"reload_succeeded\"")
+                .then_some(())
+        },
+    );
+    assert!(!read(&rotated).contains("reload_succeeded"));
+    assert!(read(&rotated).contains("\"event\":\"started\""));
+    kill(Pid::from_raw(master.id() as i32), Signal::SIGTERM).unwrap();
+    let out = master.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The master's lines went to the file, not to stderr (workers may still write there).
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("\"event\":"));
+    assert!(!pid_file.exists(), "removed at exit");
+}
