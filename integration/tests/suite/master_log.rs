@@ -17,7 +17,7 @@ fn the_log_file_is_reopened_on_sigusr1_and_the_pid_file_removed_at_exit() {
         .replace("{dir}", dir.path().to_str().unwrap());
     std::fs::write(&config, yaml).unwrap();
     let (log, pid_file) = (dir.path().join("baton.log"), dir.path().join("baton.pid"));
-    let mut master = Command::new(&binaries().baton)
+    let master = Command::new(&binaries().baton)
         .args(["run", "--log-format", "json", "--log-file"])
         .arg(&log)
         .arg("--pid-file")
