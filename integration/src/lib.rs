@@ -289,10 +289,16 @@ pub fn free_port() -> u16 {
 
 #[derive(Debug, Default)]
 struct Log {
-    /// JSON events of the master; other lines (workers' stderr) as `{"raw": line}`.
+    /// JSON events of the master (workers' captured lines are `output` events, the first
+    /// [`KEPT_OUTPUT`] of them kept); other lines (output: inherit) as `{"raw": line}`.
     lines: Mutex<Vec<(Instant, Value)>>,
+    /// Every `output` event seen, kept or not.
+    output_seen: std::sync::atomic::AtomicU64,
     grew: Condvar,
 }
+
+/// Workers' output lines a test's log keeps (a flood test reads millions, and counts them).
+const KEPT_OUTPUT: u64 = 20_000;
 
 /// One line of the master's stderr as events. Workers share that stderr and a worker may write a
 /// line in pieces (CPython's `print` writes the text and the newline in two `write`s), so a
@@ -416,11 +422,17 @@ impl Master {
                     eprintln!("[{tag}] {line}");
                 }
                 let mut lines = sink.lines.lock().unwrap();
-                lines.extend(
-                    parse_log_line(&line)
-                        .into_iter()
-                        .map(|v| (Instant::now(), v)),
-                );
+                for v in parse_log_line(&line) {
+                    if v["event"] == "output"
+                        && sink
+                            .output_seen
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                            >= KEPT_OUTPUT
+                    {
+                        continue;
+                    }
+                    lines.push((Instant::now(), v));
+                }
                 drop(lines);
                 sink.grew.notify_all();
             }
@@ -462,7 +474,21 @@ impl Master {
             .collect()
     }
 
-    /// The lines of stderr that are not the master's JSON events (the workers' output).
+    /// Workers' captured lines (`output` events: `program`, `generation`, `worker`, `slot`,
+    /// `pid`, `stream`, `message`), the first 20,000.
+    pub fn output_lines(&self) -> Vec<Value> {
+        self.events("output")
+    }
+
+    /// How many `output` events the master logged so far, kept or not.
+    pub fn output_seen(&self) -> u64 {
+        self.log
+            .output_seen
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The lines of stderr that are not the master's JSON events (workers' output with
+    /// `output: inherit`).
     pub fn raw_lines(&self) -> Vec<String> {
         let lines = self.log.lines.lock().unwrap();
         lines

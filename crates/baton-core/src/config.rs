@@ -87,6 +87,9 @@ pub struct WorkerConfig {
     pub umask: Option<u32>,
     /// Resource limits of the workers.
     pub rlimits: Rlimits,
+    /// Where the workers' standard output and error go.
+    #[serde(default)]
+    pub output: Output,
 }
 
 /// Resource limits set in each worker before it starts.
@@ -170,6 +173,19 @@ impl Probe {
             .replace("{slot}", &slot.to_string())
             .replace("{generation}", &generation.to_string())
     }
+}
+
+/// Where a program's standard output and error go (`output:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Output {
+    /// Through a pipe per stream to the master, which logs each line with its program,
+    /// generation, worker, slot, pid and stream, and keeps the last ones for `baton logs`.
+    #[default]
+    Capture,
+    /// The master's own standard output and error, shared as they are (lines unattributed, a
+    /// worker's half-written line can meet the master's).
+    Inherit,
 }
 
 /// Who may notify for a systemd-style worker (like systemd's `NotifyAccess=`).

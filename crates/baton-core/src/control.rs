@@ -5,7 +5,9 @@
 //! one request and to take the answer; a client that stalls, sends garbage, an oversized or
 //! truncated frame, or a wrong version gets an error (or just a closed connection) and costs the
 //! master nothing more. Requests are authorized from the peer's credentials (`SO_PEERCRED`) and
-//! then handed to the event loop, which answers without ever waiting on a client.
+//! then handed to the event loop, which answers without ever waiting on a client; `logs` is
+//! answered here, from the workers' kept lines, without the event loop (a follower keeps its
+//! connection, and its place among the clients, until it leaves).
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -20,6 +22,9 @@ use tracing::{debug, warn};
 
 use crate::accept::accept_bounded;
 use crate::config::ControlConfig;
+use crate::output::Hub;
+
+mod logs;
 
 /// Who is asking.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +94,7 @@ pub async fn serve(
     listener: std::os::unix::net::UnixListener,
     config: ControlConfig,
     requests: mpsc::Sender<ControlRequest>,
+    hub: Hub,
 ) {
     let listener = match UnixListener::from_std(listener) {
         Ok(listener) => listener,
@@ -101,8 +107,8 @@ pub async fn serve(
     let config = Arc::new(config);
     let owner = nix::unistd::geteuid().as_raw();
     accept_bounded(&listener, "control socket", max_clients, |stream| {
-        let (config, requests) = (config.clone(), requests.clone());
-        async move { client(stream, &config, owner, requests).await }
+        let (config, requests, hub) = (config.clone(), requests.clone(), hub.clone());
+        async move { client(stream, &config, owner, requests, &hub).await }
     })
     .await;
 }
@@ -112,6 +118,7 @@ async fn client(
     config: &ControlConfig,
     owner: u32,
     requests: mpsc::Sender<ControlRequest>,
+    hub: &Hub,
 ) {
     let peer = match stream.peer_cred() {
         Ok(cred) => Peer {
@@ -173,6 +180,10 @@ async fn client(
             },
         )
         .await;
+        return;
+    }
+    if let Request::Logs { filter, follow } = request {
+        logs::serve_logs(&mut stream, config, hub, filter, follow).await;
         return;
     }
     let (reply, answer) = oneshot::channel();

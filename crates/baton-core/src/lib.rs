@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod master;
 pub mod metrics_http;
 pub mod orphans;
+pub mod output;
 mod procnet;
 pub mod supervisor;
 pub mod upgrade;

@@ -13,6 +13,7 @@
 //! - `generations`: a generation's resources (configuration re-read, listeners, the metrics
 //!   endpoint moved) and their release;
 //! - `spawn`: a worker's process (environment, user, limits, descriptors, both protocols);
+//! - `capture`: a worker's output pipes and the tasks reading them;
 //! - `link`: a baton-protocol worker's channel and the `SCM_RIGHTS` handoff;
 //! - `worker_notify`: a systemd-style worker's `NOTIFY_SOCKET`;
 //! - `probe`: readiness probes;
@@ -41,8 +42,9 @@ use crate::listeners::{BindError, ListenerTable, Prepared};
 use crate::supervisor::{
     Action, Event, Generation, Intent, Phase, RequestId, Supervisor, Trigger, WorkerId,
 };
-use crate::{metrics_http, orphans};
+use crate::{metrics_http, orphans, output};
 
+mod capture;
 mod generations;
 mod guard;
 mod link;
@@ -171,6 +173,8 @@ pub struct Master {
     metrics_pending: Option<metrics_http::Endpoint>,
     metrics_tx: mpsc::Sender<metrics_http::Ask>,
     metrics_rx: mpsc::Receiver<metrics_http::Ask>,
+    /// The workers' captured output: tails, followers, counters.
+    output: output::Hub,
 }
 
 /// Metrics requests waiting for the event loop (their clients wait too, bounded in number).
@@ -264,6 +268,7 @@ impl Master {
             metrics_pending,
             metrics_tx,
             metrics_rx,
+            output: output::Hub::default(),
         })
     }
 
@@ -310,7 +315,12 @@ impl Master {
                 .ok()
                 .map(|fd| (fd, config.clone()));
             _socket_file = Some(file);
-            tokio::spawn(control::serve(listener, config, control_tx));
+            tokio::spawn(control::serve(
+                listener,
+                config,
+                control_tx,
+                self.output.clone(),
+            ));
         }
         if let Some(endpoint) = self.metrics_pending.take() {
             let announce = self.resumed.is_none();
@@ -338,6 +348,9 @@ impl Master {
         let mut inputs_open = true;
         loop {
             while let Some(event) = queue.pop_front() {
+                if let Event::Exited { pid, .. } = event {
+                    self.drain_output(pid);
+                }
                 let actions = self.supervisor.handle(Instant::now(), event);
                 if let Some(code) = self.apply(actions, &mut queue) {
                     return code;
@@ -462,6 +475,7 @@ impl Master {
                             task.abort();
                         }
                     }
+                    self.output.gone(worker.0);
                 }
                 Action::Release { generation } => self.release(generation),
                 Action::Exit { code } => return Some(code),

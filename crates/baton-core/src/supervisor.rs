@@ -141,6 +141,7 @@ impl Supervisor {
             generation: None,
             result: Err("rejected: the master is stopping".into()),
             duration: Duration::ZERO,
+            culprit: None,
         }));
     }
 
@@ -192,7 +193,7 @@ impl Supervisor {
             return;
         }
         match result {
-            Err(reason) => self.fail_reload(now, reason),
+            Err(reason) => self.fail_reload(now, reason, None),
             Ok(spec) => {
                 entry.slots = spec
                     .programs
@@ -344,7 +345,7 @@ impl Supervisor {
             info!(event = "reload_succeeded", reload = reload.id.0, generation = g.0,
                 covers = %list, took_ms = took.as_millis() as u64,
                 "reload {} succeeded: generation {g} is serving (requests {list})", reload.id);
-            self.record(&reload, now, Ok(()));
+            self.record(&reload, now, Ok(()), None);
         }
         for old in old {
             self.begin_drain(now, old);
@@ -363,7 +364,7 @@ impl Supervisor {
             covers = %list, took_ms = took.as_millis() as u64,
             "reload {} succeeded: generation {g} passed its probation and serves (requests {list})",
             c.reload.id);
-        self.record(&c.reload, now, Ok(()));
+        self.record(&c.reload, now, Ok(()), None);
         for old in c.old {
             self.begin_drain(now, old);
         }
@@ -372,7 +373,7 @@ impl Supervisor {
     }
 
     /// The generation on probation failed: it is killed and the standing-by one serves again.
-    fn roll_back(&mut self, now: Instant, reason: String) {
+    fn roll_back(&mut self, now: Instant, reason: String, culprit: Option<WorkerId>) {
         let Some(c) = self.canary.take() else { return };
         let g = c.new;
         self.fail_generation(now, g);
@@ -392,13 +393,15 @@ impl Supervisor {
                 "rolled back to generation {}: {reason}",
                 back.join(", ")
             )),
+            culprit,
         );
         self.finish_if_empty(now, g);
         self.next_pending(now);
     }
 
     /// The running reload failed: its generation is killed, the serving one is not touched.
-    fn fail_reload(&mut self, now: Instant, reason: String) {
+    /// `culprit`: the worker whose failure failed it, if one did.
+    fn fail_reload(&mut self, now: Instant, reason: String, culprit: Option<WorkerId>) {
         let Some(reload) = self.reload.take() else {
             return;
         };
@@ -425,7 +428,7 @@ impl Supervisor {
             error!(event = "reload_failed", reload = reload.id.0, generation = g.0,
                 covers = %list, reason = %reason,
                 "reload {} failed: {reason}; {serving} (requests {list})", reload.id);
-            self.record(&reload, now, Err(reason));
+            self.record(&reload, now, Err(reason), culprit);
         }
         self.finish_if_empty(now, g);
         self.next_pending(now);
@@ -442,7 +445,13 @@ impl Supervisor {
         }
     }
 
-    fn record(&mut self, reload: &ReloadRun, now: Instant, verdict: Result<(), String>) {
+    fn record(
+        &mut self,
+        reload: &ReloadRun,
+        now: Instant,
+        verdict: Result<(), String>,
+        culprit: Option<WorkerId>,
+    ) {
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
@@ -463,6 +472,7 @@ impl Supervisor {
             generation: Some(reload.generation),
             result: verdict.clone(),
             duration,
+            culprit,
         }));
         self.history.push_back(ReloadRecord {
             id: reload.id,
@@ -516,7 +526,7 @@ impl Supervisor {
                 }
                 let reason =
                     format!("worker {id} of generation {g} could not be started: {reason}");
-                self.after_worker_loss(now, g, slot, Duration::ZERO, reason);
+                self.after_worker_loss(now, g, slot, Duration::ZERO, reason, id);
             }
         }
     }
@@ -597,7 +607,7 @@ impl Supervisor {
             "worker {id} of generation {g} (pid {pid}) failed its readiness probe: {reason}"
         );
         if self.canary.as_ref().is_some_and(|c| c.new == g) {
-            self.roll_back(now, reason);
+            self.roll_back(now, reason, Some(id));
         } else {
             debug!(worker = id.0, "{reason} (not on probation: ignored)");
         }
@@ -674,7 +684,7 @@ impl Supervisor {
                     " before it was ready"
                 };
                 let reason = format!("worker {id} of generation {g} (pid {pid}) {status}{before}");
-                self.after_worker_loss(now, g, w.slot, ran, reason);
+                self.after_worker_loss(now, g, w.slot, ran, reason, id);
             }
         }
     }
@@ -687,11 +697,14 @@ impl Supervisor {
         slot: usize,
         ran: Duration,
         reason: String,
+        worker: WorkerId,
     ) {
         match self.generations.get(&g).map(|entry| &entry.state) {
-            Some(GenState::Starting) | Some(GenState::Preparing) => self.fail_reload(now, reason),
+            Some(GenState::Starting) | Some(GenState::Preparing) => {
+                self.fail_reload(now, reason, Some(worker));
+            }
             Some(GenState::Serving) if self.canary.as_ref().is_some_and(|c| c.new == g) => {
-                self.roll_back(now, reason);
+                self.roll_back(now, reason, Some(worker));
             }
             Some(GenState::Serving) if self.stop.is_none() => {
                 let Some(program) = self.slot_program(g, slot).cloned() else {
@@ -770,7 +783,7 @@ impl Supervisor {
                         pid,
                         "{reason}"
                     );
-                    self.fail_reload(now, reason);
+                    self.fail_reload(now, reason, Some(id));
                 }
                 _ => {
                     warn!(
@@ -973,7 +986,7 @@ impl Supervisor {
         for (request, _) in std::mem::take(&mut self.pending) {
             self.reject(request);
         }
-        self.fail_reload(now, format!("stop requested ({trigger})"));
+        self.fail_reload(now, format!("stop requested ({trigger})"), None);
         if let Some(c) = self.canary.take() {
             // A stop ends the probation: everything drains, and the reload has no verdict of
             // success it could still earn.
@@ -981,6 +994,7 @@ impl Supervisor {
                 &c.reload,
                 now,
                 Err(format!("stop requested during the probation ({trigger})")),
+                None,
             );
         }
         let gens: Vec<Generation> = self.generations.keys().copied().collect();

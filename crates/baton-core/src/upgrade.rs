@@ -115,6 +115,28 @@ pub struct LinkState {
     pub channel: Option<i32>,
     /// A systemd-style worker's notify socket.
     pub notify: Option<NotifyLink>,
+    /// Its captured output (`output: capture`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputState>,
+}
+
+/// A worker's captured output: who it is, and each stream's pipe with the line it had begun.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OutputState {
+    pub program: String,
+    pub generation: u64,
+    pub slot: u64,
+    pub pid: u32,
+    pub streams: Vec<StreamState>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StreamState {
+    pub stream: baton_proto::control::OutputStream,
+    pub fd: i32,
+    /// The bytes of a line not finished when the old program stopped reading.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partial: Vec<u8>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -261,6 +283,8 @@ mod tests {
                     || d.contains(&format!(".{a} vs Some(Object"))
             })
         });
+        // `output:` came later too; its default is `capture`.
+        diff.retain(|d| !d.ends_with(".output: None vs Some(String(\"capture\"))"));
         // Format 2: the durations are histograms now, with what the lists held.
         let counters = &again["supervisor"]["counters"];
         assert_eq!(counters["reload_durations"]["count"], 2, "{counters}");

@@ -40,6 +40,72 @@ pub enum Request {
     /// Replace the master's program in place (same pid, sockets and workers): with `binary`, or
     /// the one the master was started from. The answer is [`Response::Upgraded`].
     Upgrade { binary: Option<String> },
+    /// The workers' last output lines the master keeps, of the workers that match every filter
+    /// given. The answer is one or more [`Response::Logs`] frames, the last with `done`; with
+    /// `follow`, frames of new lines go on until the client or the master goes.
+    Logs {
+        #[serde(default)]
+        filter: OutputFilter,
+        #[serde(default)]
+        follow: bool,
+    },
+}
+
+/// Which workers' output `logs` asks for: each given field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<u64>,
+}
+
+impl OutputFilter {
+    pub fn matches(&self, line: &OutputLine) -> bool {
+        self.program.as_ref().is_none_or(|p| *p == line.program)
+            && self.generation.is_none_or(|g| g == line.generation)
+            && self.worker.is_none_or(|w| w == line.worker)
+    }
+}
+
+/// Which stream of a worker a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+    /// A stream this build does not know (from a newer master).
+    #[serde(other)]
+    Unknown,
+}
+
+impl OutputStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+            OutputStream::Unknown => "unknown",
+        }
+    }
+}
+
+/// One line a worker wrote, with where it came from. `text` is escaped: no control character
+/// and no invalid UTF-8 (shown as `\u{1b}`, `\xff`); a line cut at the master's limit ends
+/// with a marker saying how much was cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputLine {
+    /// Order among every worker's lines since the master started.
+    pub seq: u64,
+    pub unix_ms: u64,
+    pub program: String,
+    pub generation: u64,
+    pub worker: u64,
+    pub slot: u64,
+    pub pid: u32,
+    pub stream: OutputStream,
+    pub text: String,
 }
 
 /// What a request asks, in words (for logs): `reload (waiting for the verdict)`.
@@ -56,6 +122,8 @@ impl std::fmt::Display for Request {
             Request::Metrics => write!(f, "metrics"),
             Request::Upgrade { binary: Some(b) } => write!(f, "upgrade to {b:?}"),
             Request::Upgrade { binary: None } => write!(f, "upgrade"),
+            Request::Logs { follow: true, .. } => write!(f, "logs (following)"),
+            Request::Logs { follow: false, .. } => write!(f, "logs"),
         }
     }
 }
@@ -95,6 +163,14 @@ pub enum Response {
     /// The verdict of an upgrade: given by the new program on success, by the old one (still
     /// running) on failure.
     Upgraded(UpgradeVerdict),
+    /// Workers' output lines, oldest first. `skipped`: lines a follower missed because it read
+    /// slower than the workers wrote. `done`: no frame follows.
+    Logs {
+        lines: Vec<OutputLine>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        skipped: u64,
+        done: bool,
+    },
     Error {
         kind: ErrorKind,
         message: String,
@@ -156,6 +232,13 @@ pub struct ReloadVerdict {
     /// What the reload read but did not apply: settings that take effect only at the next start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// When a worker failed it: the last lines it wrote on stderr (escaped), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One reload, for `baton history`.

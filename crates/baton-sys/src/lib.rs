@@ -22,6 +22,7 @@ pub mod activation;
 pub mod channel;
 pub mod notify;
 pub mod pidfd;
+pub mod pipe;
 pub mod process;
 pub mod sockdiag;
 pub mod upgrade;

@@ -1,4 +1,4 @@
-//! The control socket, client side: one request, one answer.
+//! The control socket, client side: one request, one answer (or, for `logs`, several frames).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -40,26 +40,72 @@ pub(crate) fn call(
     request: &Request,
     timeout: Option<Duration>,
 ) -> Result<Response, ClientError> {
-    let io = |e: std::io::Error| match e.kind() {
+    Conversation::open(path, request, timeout)?.next()
+}
+
+/// A request sent, and its answer frames to read (`logs` has several).
+pub(crate) struct Conversation {
+    stream: UnixStream,
+    path: PathBuf,
+}
+
+impl Conversation {
+    pub(crate) fn open(
+        path: &Path,
+        request: &Request,
+        timeout: Option<Duration>,
+    ) -> Result<Conversation, ClientError> {
+        let mut stream = UnixStream::connect(path).map_err(|e| io_error(path, e))?;
+        stream
+            .set_read_timeout(timeout)
+            .map_err(|e| io_error(path, e))?;
+        stream
+            .write_all(&control::encode_frame(request))
+            .map_err(|e| io_error(path, e))?;
+        Ok(Conversation {
+            stream,
+            path: path.into(),
+        })
+    }
+
+    /// The next answer frame. `Ok(None)`: the master closed the connection between frames.
+    pub(crate) fn next_or_end(&mut self) -> Result<Option<Response>, ClientError> {
+        let mut header = [0u8; 4];
+        match self.stream.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(io_error(&self.path, e)),
+        }
+        let protocol = |error| ClientError::Protocol {
+            path: self.path.clone(),
+            error,
+        };
+        let len = control::frame_len(header).map_err(protocol)?;
+        let mut body = vec![0u8; len];
+        self.stream
+            .read_exact(&mut body)
+            .map_err(|e| io_error(&self.path, e))?;
+        control::decode_body(&body).map(Some).map_err(protocol)
+    }
+
+    /// The next answer frame; the connection must not end first.
+    pub(crate) fn next(&mut self) -> Result<Response, ClientError> {
+        self.next_or_end()?.ok_or_else(|| {
+            let eof = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the master closed the connection without answering",
+            );
+            io_error(&self.path, eof)
+        })
+    }
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> ClientError {
+    match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             ClientError::NoMaster(path.into())
         }
         std::io::ErrorKind::PermissionDenied => ClientError::Permission(path.into()),
         _ => ClientError::Io(path.into(), e),
-    };
-    let mut stream = UnixStream::connect(path).map_err(io)?;
-    stream.set_read_timeout(timeout).map_err(io)?;
-    stream
-        .write_all(&control::encode_frame(request))
-        .map_err(io)?;
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).map_err(io)?;
-    let protocol = |error| ClientError::Protocol {
-        path: path.into(),
-        error,
-    };
-    let len = control::frame_len(header).map_err(protocol)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).map_err(io)?;
-    control::decode_body(&body).map_err(protocol)
+    }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use baton_core::master::{Inherited, Master, ResumeError, STATE_FD_ENV};
-use baton_proto::control::{ErrorKind, Request, Response};
+use baton_proto::control::{ErrorKind, OutputFilter, Request, Response};
 
 use crate::client::{self, ClientError};
 use crate::{EX_USAGE, LogFormat, Target, render, signals};
@@ -58,7 +58,7 @@ pub(crate) fn run(
             return EX_USAGE;
         }
     }
-    init_logging(format);
+    crate::logging::init(format);
     // One descriptor per listener, duplicated for each handoff; workers inherit the limit.
     match baton_sys::process::raise_fd_limit() {
         Ok(limit) => tracing::debug!("open file limit: {limit}"),
@@ -147,7 +147,7 @@ fn inherited_state() -> Option<Result<Inherited, ResumeError>> {
 
 /// `baton guard`: ends the workers of a master that died without stopping them.
 pub(crate) fn guard(master: u32, started: u64, registry: &Path, format: LogFormat) -> u8 {
-    init_logging(format);
+    crate::logging::init(format);
     let registry = baton_core::orphans::Registry::at(registry);
     match baton_core::orphans::guard(master, started, &registry) {
         Ok(_) => 0,
@@ -279,78 +279,6 @@ pub(crate) fn check(path: &Path) -> u8 {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(crate::logfile::Sink)
-        .with_ansi(std::io::stderr().is_terminal() && !crate::logfile::in_use());
-    // Under systemd, stderr goes to the journal, which timestamps every line itself and reads a
-    // "<N>" prefix as the line's priority (sd-daemon(3)).
-    if std::env::var_os("JOURNAL_STREAM").is_some() && matches!(format, LogFormat::Text) {
-        builder.event_format(Journald).init();
-        return;
-    }
-    match format {
-        // Messages are written to stand alone; the structured fields are for the JSON format.
-        LogFormat::Text => builder
-            .with_target(false)
-            .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
-                |w, field, value| {
-                    if field.name() == "message" {
-                        write!(w, "{value:?}")
-                    } else {
-                        Ok(())
-                    }
-                },
-            ))
-            .init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-    }
-}
-
-/// One line per event for the journal: a priority prefix and the message, no timestamp.
-struct Journald;
-
-impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Journald
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        _ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
-        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> std::fmt::Result {
-        let priority = match *event.metadata().level() {
-            tracing::Level::ERROR => 3,
-            tracing::Level::WARN => 4,
-            tracing::Level::INFO => 6,
-            _ => 7,
-        };
-        write!(writer, "<{priority}>")?;
-        let mut message = MessageOnly(String::new());
-        event.record(&mut message);
-        writeln!(writer, "{}", message.0)
-    }
-}
-
-struct MessageOnly(String);
-
-impl tracing::field::Visit for MessageOnly {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0 = format!("{value:?}");
-        }
-    }
-}
-
 /// The control socket to talk to: `-s`, the one `-c` configures, `$BATON_SOCKET`, or the default.
 /// With `-c`, a file with problems still gives its socket for `lenient` requests (those that
 /// read, and `stop`): the running master answers them whatever the file now says.
@@ -391,17 +319,7 @@ fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<
     let lenient = !request.mutates() || matches!(request, Request::Stop { .. });
     let path = socket(target, lenient)?;
     match client::call(&path, &request, timeout) {
-        Ok(Response::Error { kind, message }) => {
-            eprintln!("baton: the master refused: {}", render::safe(&message));
-            Err(match kind {
-                ErrorKind::PermissionDenied => EX_NOPERM,
-                ErrorKind::Version => EX_PROTOCOL,
-                ErrorKind::BadRequest => EX_USAGE,
-                ErrorKind::Unavailable => EX_UNAVAILABLE,
-                ErrorKind::NotFound => EX_USAGE,
-                ErrorKind::Unknown => EX_PROTOCOL,
-            })
-        }
+        Ok(Response::Error { kind, message }) => Err(refused(kind, &message)),
         Ok(response) => Ok(response),
         Err(err @ ClientError::Io(..)) if matches!(request, Request::Stop { .. }) => {
             // The master may exit before the answer is read: that is what was asked for.
@@ -411,6 +329,74 @@ fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<
         Err(err) => {
             eprintln!("baton: {err}");
             Err(err.exit_code())
+        }
+    }
+}
+
+/// The master refused a request: says why, returns the exit status.
+fn refused(kind: ErrorKind, message: &str) -> u8 {
+    eprintln!("baton: the master refused: {}", render::safe(message));
+    match kind {
+        ErrorKind::PermissionDenied => EX_NOPERM,
+        ErrorKind::Version => EX_PROTOCOL,
+        ErrorKind::BadRequest => EX_USAGE,
+        ErrorKind::Unavailable => EX_UNAVAILABLE,
+        ErrorKind::NotFound => EX_USAGE,
+        ErrorKind::Unknown => EX_PROTOCOL,
+    }
+}
+
+/// `baton logs`: the workers' last lines the master keeps; with `follow`, new ones as they
+/// come, until interrupted or the master goes.
+pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bool) -> u8 {
+    let path = match socket(target, true) {
+        Ok(path) => path,
+        Err(code) => return code,
+    };
+    let request = Request::Logs { filter, follow };
+    let timeout = (!follow).then(|| Duration::from_secs(10));
+    let mut conversation = match client::Conversation::open(&path, &request, timeout) {
+        Ok(conversation) => conversation,
+        Err(err) => {
+            eprintln!("baton: {err}");
+            return err.exit_code();
+        }
+    };
+    loop {
+        match conversation.next_or_end() {
+            Ok(Some(Response::Logs {
+                lines,
+                skipped,
+                done,
+            })) => {
+                if skipped > 0 {
+                    eprintln!("baton: {skipped} lines skipped: this reader fell behind");
+                }
+                for line in &lines {
+                    if json {
+                        outln!("{}", serde_json::to_string(line).unwrap_or_default());
+                    } else {
+                        out!("{}", render::output_line(line));
+                    }
+                }
+                if done {
+                    return 0;
+                }
+            }
+            Ok(Some(Response::Error { kind, message })) => return refused(kind, &message),
+            Ok(Some(other)) => return unexpected(&other),
+            Ok(None) if follow => {
+                eprintln!("baton: the master closed the connection (it stopped)");
+                return 0;
+            }
+            Ok(None) => {
+                eprintln!("baton: the master closed the connection before the last lines");
+                return EX_PROTOCOL;
+            }
+            Err(err) => {
+                eprintln!("baton: {err}");
+                return err.exit_code();
+            }
         }
     }
 }

@@ -9,7 +9,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 mod client;
 mod commands;
+mod journal;
 mod logfile;
+mod logging;
 mod render;
 mod signals;
 mod systemd;
@@ -140,6 +142,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// The workers' last output lines the master keeps (40 per worker, and those of the last 64
+    /// workers gone), oldest first; with `--follow`, new lines as they come.
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        /// Only this program's workers.
+        #[arg(long)]
+        program: Option<String>,
+        /// Only this generation's workers.
+        #[arg(long)]
+        generation: Option<u64>,
+        /// Only this worker (its id, as `baton status` shows it).
+        #[arg(long)]
+        worker: Option<u64>,
+        /// Go on printing new lines until interrupted (or the master stops).
+        #[arg(short, long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions (for packaging: bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), generated from these definitions.
@@ -198,6 +221,23 @@ fn main() -> ExitCode {
         } => commands::reload(&target, no_wait, request, json),
         Command::Stop { target, fast } => commands::stop(&target, fast),
         Command::History { target, json } => commands::history(&target, json),
+        Command::Logs {
+            target,
+            program,
+            generation,
+            worker,
+            follow,
+            json,
+        } => commands::logs(
+            &target,
+            baton_proto::control::OutputFilter {
+                program,
+                generation,
+                worker,
+            },
+            follow,
+            json,
+        ),
         Command::Metrics { target } => commands::metrics(&target),
         Command::Upgrade {
             target,

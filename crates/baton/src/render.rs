@@ -47,6 +47,28 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A UTC time to the millisecond, RFC 3339: `2026-11-27T15:20:01.123Z`.
+pub(crate) fn clock(unix_ms: u64) -> String {
+    let (secs, ms) = (unix_ms / 1000, unix_ms % 1000);
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm, proleptic Gregorian).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
 fn ago(unix_ms: u64) -> String {
     format!("{} ago", duration(now_unix_ms().saturating_sub(unix_ms)))
 }
@@ -243,13 +265,40 @@ pub(crate) fn verdict(v: &ReloadVerdict) -> String {
             "reload {r} (request #{}) succeeded{took}: generation {g} is serving\n{warnings}",
             v.request
         ),
-        _ => format!(
-            "reload{} (request #{}) failed{took}: {}\n",
-            v.reload.map_or(String::new(), |r| format!(" {r}")),
-            v.request,
-            safe(v.reason.as_deref().unwrap_or("unknown reason"))
-        ),
+        _ => {
+            let output: String = v
+                .output
+                .iter()
+                .map(|line| format!("  | {}\n", safe(line)))
+                .collect();
+            let output = if output.is_empty() {
+                output
+            } else {
+                format!("its last lines on stderr:\n{output}")
+            };
+            format!(
+                "reload{} (request #{}) failed{took}: {}\n{output}",
+                v.reload.map_or(String::new(), |r| format!(" {r}")),
+                v.request,
+                safe(v.reason.as_deref().unwrap_or("unknown reason"))
+            )
+        }
     }
+}
+
+/// `baton logs`: one worker's line, with where it came from.
+pub(crate) fn output_line(line: &baton_proto::control::OutputLine) -> String {
+    format!(
+        "{} {}[{}] g{} w{} s{} {}: {}\n",
+        clock(line.unix_ms),
+        safe(&line.program),
+        line.pid,
+        line.generation,
+        line.worker,
+        line.slot,
+        line.stream.as_str(),
+        safe(&line.text)
+    )
 }
 
 /// `baton history`.
@@ -313,6 +362,14 @@ mod tests {
         assert_eq!(duration(12_345), "12.3 s");
         assert_eq!(duration(125_000), "2m05s");
         assert_eq!(duration(7_500_000), "2h05m");
+    }
+
+    #[test]
+    fn clock_is_rfc3339_utc() {
+        assert_eq!(clock(0), "1970-01-01T00:00:00.000Z");
+        // date -u -d @1795792801 +%FT%T: 2026-11-27T15:20:01
+        assert_eq!(clock(1_795_792_801_123), "2026-11-27T15:20:01.123Z");
+        assert_eq!(clock(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     fn worker(

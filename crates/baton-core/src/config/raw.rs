@@ -12,7 +12,7 @@ use baton_proto::ListenerAddress;
 use baton_sys::process::SignalNumber;
 use serde::Deserialize;
 
-use super::{DEFAULT_BACKLOG, NotifyAccess, Probe, Protocol, Readiness, Rlimits};
+use super::{DEFAULT_BACKLOG, NotifyAccess, Output, Probe, Protocol, Readiness, Rlimits};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +124,8 @@ pub(super) struct RawWorker {
     pub(super) umask: Option<Mode>,
     #[serde(default)]
     pub(super) rlimits: Rlimits,
+    #[serde(default)]
+    pub(super) output: Output,
 }
 
 /// `ready:` is a word (`channel`, `notify`) or a map (`{delay: 2s}`, `{tcp: ADDRESS}`,

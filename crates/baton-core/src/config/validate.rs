@@ -425,6 +425,7 @@ impl Check<'_> {
             gid,
             umask: w.umask.map(|m| m.0),
             rlimits: w.rlimits,
+            output: w.output,
         };
         if let Some(cwd) = &worker.cwd {
             if !cwd.is_dir() {

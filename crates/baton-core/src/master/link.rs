@@ -30,6 +30,9 @@ pub(super) struct Link {
     pub(super) notify: Option<(OwnedFd, PathBuf, NotifyAccess)>,
     /// The readiness conditions it has yet to meet.
     pub(super) ready: Gate,
+    /// The process started for it, and its captured output streams (`output: capture`).
+    pub(super) pid: Option<u32>,
+    pub(super) output: Vec<std::sync::Arc<crate::output::Capture>>,
 }
 
 /// One worker's channel: hands over the listeners, then forwards the worker's packets as events

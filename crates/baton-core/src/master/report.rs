@@ -82,6 +82,25 @@ impl Master {
                 ),
             ],
         );
+        let output = self.output.totals();
+        metric(
+            "baton_output_lines_total",
+            "counter",
+            "Lines of workers' output logged (output: capture).",
+            vec![(String::new(), output.lines.to_string())],
+        );
+        metric(
+            "baton_output_bytes_total",
+            "counter",
+            "Bytes of workers' output read from their pipes.",
+            vec![(String::new(), output.bytes.to_string())],
+        );
+        metric(
+            "baton_output_cut_lines_total",
+            "counter",
+            "Workers' lines longer than the limit, cut with a marker.",
+            vec![(String::new(), output.cut.to_string())],
+        );
         metric(
             "baton_reload_duration_seconds",
             "histogram",

@@ -11,6 +11,9 @@ use super::Master;
 use crate::control::ControlRequest;
 use crate::supervisor::{Event, Intent, RequestId, Trigger, Verdict};
 
+/// Stderr lines of the worker that failed a reload, in its verdict.
+const VERDICT_LINES: usize = 10;
+
 /// Verdicts kept for `Request::Verdict`.
 const KEPT_VERDICTS: usize = 1000;
 
@@ -72,6 +75,13 @@ impl Master {
                     });
                 }
             }
+            // Answered by the control socket's client task, which never sends it here.
+            proto::Request::Logs { .. } => {
+                let _ = reply.send(proto::Response::Error {
+                    kind: proto::ErrorKind::BadRequest,
+                    message: "logs are answered by the control socket".into(),
+                });
+            }
             proto::Request::Upgrade { binary } => {
                 self.begin_upgrade(binary, reply, client, &peer, false);
             }
@@ -108,6 +118,10 @@ impl Master {
                         .unwrap_or_default(),
                     _ => Vec::new(),
                 },
+                output: verdict
+                    .culprit
+                    .map(|worker| self.output.last_errors(worker.0, VERDICT_LINES))
+                    .unwrap_or_default(),
             };
             for waiter in self.waiters.remove(&request).unwrap_or_default() {
                 let _ = waiter.send(proto::Response::Verdict(answer.clone()));

@@ -26,9 +26,11 @@ use crate::control;
 use crate::intent::Intent;
 use crate::listeners::{GenerationListener, ListenerTable};
 use crate::metrics_http;
+use crate::output::{Capture, Origin, capture_task};
 use crate::supervisor::{Action, Event, RequestId, Supervisor, WorkerId};
 use crate::upgrade::{STATE_FD_ENV, State, StateError};
 use crate::version;
+use proto::OutputStream;
 
 /// The state a predecessor left for this program, read from the descriptor that
 /// [`STATE_FD_ENV`] names: what `baton upgrade-check` checks and [`Master::resume`] takes over.
@@ -100,7 +102,12 @@ pub(super) struct Resumed {
     intents: Vec<Intent>,
     channels: Vec<(WorkerId, OwnedFd)>,
     notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
+    /// Each worker's output pipes, with who it is and the line each stream had begun.
+    output: Vec<(WorkerId, Arc<Origin>, Vec<AdoptedStream>)>,
 }
+
+/// A worker's output stream adopted across the exec: its pipe, and the line it had begun.
+type AdoptedStream = (OutputStream, std::fs::File, Vec<u8>);
 
 impl Master {
     /// A master that takes over from its predecessor (the same process, before the exec): every
@@ -151,6 +158,7 @@ impl Master {
             None => None,
         };
         let (mut links, mut channels, mut notifies) = (HashMap::new(), Vec::new(), Vec::new());
+        let mut output = Vec::new();
         for l in state.links {
             let mut link = Link::default();
             if let Some(raw) = l.channel {
@@ -168,6 +176,23 @@ impl Master {
                 link.notify = Some((dup, n.path.clone(), n.access));
                 let socket = notify::NotifySocket::adopt(fd, n.path).map_err(fail)?;
                 notifies.push((l.worker, socket, n.pid, n.access));
+            }
+            if let Some(o) = l.output {
+                link.pid = Some(o.pid);
+                let origin = Arc::new(Origin {
+                    program: o.program.into(),
+                    generation: o.generation,
+                    worker: l.worker.0,
+                    slot: o.slot,
+                    pid: o.pid,
+                });
+                let mut streams = Vec::new();
+                for s in o.streams {
+                    let what = format!("{} pipe of worker {}", s.stream.as_str(), l.worker);
+                    let fd = adopt(s.fd, &what)?;
+                    streams.push((s.stream, std::fs::File::from(fd), s.partial));
+                }
+                output.push((l.worker, origin, streams));
             }
             links.insert(l.worker, link);
         }
@@ -230,6 +255,7 @@ impl Master {
             metrics_pending,
             metrics_tx,
             metrics_rx,
+            output: crate::output::Hub::default(),
             resumed: Some(Resumed {
                 client,
                 from_version: state.from_version,
@@ -238,6 +264,7 @@ impl Master {
                 intents: state.intents,
                 channels,
                 notify: notifies,
+                output,
             }),
         })
     }
@@ -276,6 +303,31 @@ impl Master {
             ));
             if let Some(link) = self.links.get_mut(&worker) {
                 link.tasks.push(task.abort_handle());
+            }
+        }
+        for (worker, origin, streams) in resumed.output {
+            let captures = streams
+                .into_iter()
+                .filter_map(|(stream, pipe, partial)| {
+                    let hub = self.output.clone();
+                    match Capture::resume(pipe, origin.clone(), stream, hub, &partial) {
+                        Ok(capture) => {
+                            tokio::spawn(capture_task(capture.clone()));
+                            Some(capture)
+                        }
+                        Err(err) => {
+                            warn!(
+                                worker = worker.0,
+                                "{} of worker {worker}: {err}",
+                                stream.as_str()
+                            );
+                            None
+                        }
+                    }
+                })
+                .collect();
+            if let Some(link) = self.links.get_mut(&worker) {
+                link.output = captures;
             }
         }
         // Children that exited during the exec wait as zombies: reap them now.

@@ -19,6 +19,7 @@ use tokio::task::AbortHandle;
 use tracing::warn;
 
 use super::Master;
+use super::capture::{Who, output_pipes};
 use super::link::{Link, link_task};
 use super::probe::probe_task;
 use super::readiness::{self, Condition, Gate, News};
@@ -53,6 +54,8 @@ pub(super) enum SpawnError {
         generation: Generation,
         program: usize,
     },
+    #[error("output pipes: {0}")]
+    OutputPipes(std::io::Error),
     #[error("socketpair: {0}")]
     Channel(std::io::Error),
     #[error("placing the channel: {0}")]
@@ -125,7 +128,7 @@ impl Master {
             ready: Gate::new(readiness::conditions(&config)),
             ..Link::default()
         };
-        let start = Start {
+        let mut start = Start {
             config: &config,
             worker,
             generation,
@@ -133,6 +136,7 @@ impl Master {
             env: worker_env(&config, worker, generation, slot, probe_address.as_deref()),
             cmd: command(&config),
         };
+        let pipes = output_pipes(&config, &mut start.cmd).map_err(SpawnError::OutputPipes)?;
         // The command (and the descriptors placed in it) is dropped once the child runs.
         let pid = match config.protocol {
             Protocol::Baton => self.spawn_baton(start, &mut link)?,
@@ -140,6 +144,15 @@ impl Master {
         };
         let watching = self.start_readiness(&config, worker, probe_address, canary_window);
         link.tasks.extend(watching);
+        link.pid = Some(pid);
+        let who = Who {
+            program: &config.name,
+            worker,
+            generation,
+            slot,
+            pid,
+        };
+        link.output = self.start_capture(who, pipes);
         self.links.insert(worker, link);
         Ok(pid)
     }

@@ -42,8 +42,8 @@ use super::spawn::FIRST_FD;
 use super::{Input, Master, reap};
 use crate::supervisor::{Event, Generation, Intent, Phase, Trigger, WorkerId};
 use crate::upgrade::{
-    CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, STATE_FD_ENV, STATE_FORMAT,
-    State, StateError,
+    CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, OutputState, STATE_FD_ENV,
+    STATE_FORMAT, State, StateError, StreamState,
 };
 use crate::version;
 
@@ -499,10 +499,32 @@ impl Master {
                     access: *access,
                 }
             });
+            let output = link.output.first().map(|first| {
+                let origin = first.origin();
+                OutputState {
+                    program: origin.program.to_string(),
+                    generation: origin.generation,
+                    slot: origin.slot,
+                    pid: origin.pid,
+                    streams: link
+                        .output
+                        .iter()
+                        .map(|capture| {
+                            keep.push(capture.pipe());
+                            StreamState {
+                                stream: capture.stream(),
+                                fd: sys::number(capture.pipe()),
+                                partial: capture.partial(),
+                            }
+                        })
+                        .collect(),
+                }
+            });
             links.push(LinkState {
                 worker,
                 channel,
                 notify,
+                output,
             });
         }
         let state = State {

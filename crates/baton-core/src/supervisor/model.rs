@@ -184,6 +184,9 @@ pub struct Verdict {
     pub generation: Option<Generation>,
     pub result: Result<(), String>,
     pub duration: Duration,
+    /// The worker whose exit, lateness or failed probe failed the reload, if one did (its last
+    /// stderr lines go with the verdict).
+    pub culprit: Option<WorkerId>,
 }
 
 /// The phase of a generation. Shown to operators as

@@ -362,6 +362,7 @@ fn an_unreadable_config_fails_the_reload_without_spawning() {
                 generation: Some(Generation(2)),
                 result: Err("baton.yaml:3:1: unknown field `bogus`".into()),
                 duration: Duration::ZERO,
+                culprit: None,
             }),
             Action::Release {
                 generation: Generation(2)
