@@ -390,6 +390,21 @@ exec {SYSTEMD} --system --unit=baton-test.target --log-target=console --log-leve
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// The unit's journal entries (`journalctl -o json`) that have every `FIELD=value` of
+    /// `matches`.
+    pub fn journal_entries(&self, unit: &str, matches: &[&str]) -> Vec<serde_json::Value> {
+        let out = self
+            .command("journalctl")
+            .args(["-u", unit, "-o", "json", "--no-pager"])
+            .args(matches)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// The unit's journal so far (for failure messages).
     pub fn journal(&self, unit: &str) -> String {
         let out = self

@@ -19,6 +19,7 @@ mod suite {
     mod listeners;
     mod master_log;
     mod orphans;
+    mod output;
     mod readiness;
     mod signals;
     mod systemd;

@@ -37,6 +37,9 @@ pub const READ_CHUNK: usize = 64 * 1024;
 pub const TAIL_LINES: usize = 40;
 /// ... and at most this many bytes of text.
 pub const TAIL_BYTES: usize = 8 * 1024;
+/// The longest text a kept line holds: the log has the line whole (up to [`MAX_LINE`]), the
+/// tail a shorter copy, so that one long line does not push every other one out of it.
+pub const TAIL_LINE: usize = 1024;
 /// Workers gone whose last lines are still kept (the oldest is forgotten first).
 pub const KEPT_GONE: usize = 64;
 /// Lines a follower (`baton logs --follow`) may fall behind before it misses some (and is told
@@ -170,7 +173,7 @@ impl Hub {
             seq,
             unix_ms,
             stream,
-            text: cut.text.into_boxed_str(),
+            text: shortened(cut.text).into_boxed_str(),
         };
         let mut tails = self.lock();
         tails
@@ -255,6 +258,22 @@ impl Hub {
     pub fn kept_workers(&self) -> usize {
         self.lock().by_worker.len()
     }
+}
+
+/// `text` as a tail keeps it: at most [`TAIL_LINE`] bytes (cut at a character boundary), and
+/// how many more bytes the logged line has.
+fn shortened(mut text: String) -> String {
+    if text.len() <= TAIL_LINE {
+        return text;
+    }
+    let mut end = TAIL_LINE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let lacks = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!(" [{lacks} more bytes in the log]"));
+    text
 }
 
 fn matches(filter: &OutputFilter, origin: &Origin) -> bool {

@@ -53,7 +53,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
         /// Write the log to this file instead of stderr (appending); SIGUSR1 reopens it, for
-        /// logrotate's `create` mode. Workers' output still goes to stderr.
+        /// logrotate's `create` mode. Workers' captured lines go there too (`output: inherit`
+        /// workers write to stderr).
         #[arg(long)]
         log_file: Option<PathBuf>,
         /// Write the master's pid to this file (whole, at start), removed when it exits.

@@ -14,8 +14,17 @@
 //!   included): only SIGKILL ends it.
 //! - `garbage`: speak the protocol by hand (no SDK): take the handoff, send `ready`, then 50
 //!   packets that are not messages, then half-close the channel, then idle until killed.
+//!
+//! Output, in any mode (first thing in `main`):
+//! - `IT_STDOUT_HEX`, `IT_STDERR_HEX`: bytes (hex) written to stdout or stderr in one `write`.
+//! - `IT_PIECES=1`: write `piece-a ` to stdout, wait `IT_PIECES_MS` (default 300), then
+//!   `piece-b` and the newline: one line in two writes, far apart.
+//! - `IT_FLOOD_BYTES=<n>`: a thread writes `<n>` bytes of numbered 100-byte lines to stdout as
+//!   fast as the pipe takes them, then `flood done` on stderr; with `IT_FLOOD_ONCE=<path>`, only
+//!   the first worker that creates `<path>` does.
+//! - `IT_CHATTER_MS=<ms>`: a thread writes `chatter <n>` to stdout every `<ms>`.
 
-#![allow(clippy::print_stderr)] // a test worker reports what it did on stderr
+#![allow(clippy::print_stderr, clippy::print_stdout)] // a test worker reports what it did, and writes what tests ask of it
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,6 +61,7 @@ fn main() -> ExitCode {
         }
         std::fs::write(path, lines).unwrap();
     }
+    write_output();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -120,7 +130,102 @@ async fn run(mode: &str) -> ExitCode {
         return ExitCode::from(2);
     }
     worker.drain_watch().requested().await;
+    if let Some(flood) = FLOOD.lock().unwrap().take() {
+        let _ = flood.join();
+    }
     ExitCode::SUCCESS
+}
+
+fn hex_env(var: &str) -> Option<Vec<u8>> {
+    let hex = std::env::var(var).ok()?;
+    Some(
+        (0..hex.len() / 2)
+            .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect(),
+    )
+}
+
+/// The output `IT_STDOUT_HEX`, `IT_STDERR_HEX`, `IT_PIECES`, `IT_FLOOD_BYTES` and
+/// `IT_CHATTER_MS` ask for.
+fn write_output() {
+    use std::io::Write;
+    if let Some(bytes) = hex_env("IT_STDOUT_HEX") {
+        let _ = std::io::stdout().lock().write_all(&bytes);
+        let _ = std::io::stdout().flush();
+    }
+    if let Some(bytes) = hex_env("IT_STDERR_HEX") {
+        let _ = std::io::stderr().lock().write_all(&bytes);
+    }
+    if std::env::var_os("IT_PIECES").is_some() {
+        let ms = std::env::var("IT_PIECES_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300);
+        std::thread::spawn(move || {
+            let mut out = std::io::stdout();
+            let _ = out.write_all(b"piece-a ").and_then(|()| out.flush());
+            std::thread::sleep(Duration::from_millis(ms));
+            let _ = out.write_all(b"piece-b").and_then(|()| out.flush());
+            let _ = out.write_all(b"\n").and_then(|()| out.flush());
+        });
+    }
+    if let Some(bytes) = std::env::var("IT_FLOOD_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let first = match std::env::var("IT_FLOOD_ONCE") {
+            Ok(path) => std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .is_ok(),
+            Err(_) => true,
+        };
+        if first {
+            let thread = std::thread::spawn(move || flood(bytes));
+            *FLOOD.lock().unwrap() = Some(thread);
+        }
+    }
+    if let Some(ms) = std::env::var("IT_CHATTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::spawn(move || {
+            for n in 0u64.. {
+                println!("chatter {n}");
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        });
+    }
+}
+
+/// The flood under way: a drained worker finishes it before it exits.
+static FLOOD: std::sync::Mutex<Option<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(None);
+
+/// Writes `bytes` bytes of 100-byte lines (`flood 000000001 xxx...`) to stdout, 64 KiB per
+/// write, as fast as the pipe takes them.
+fn flood(bytes: u64) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut written = 0u64;
+    let mut n = 0u64;
+    let mut chunk = Vec::with_capacity(65_536 + 100);
+    while written < bytes {
+        chunk.clear();
+        while chunk.len() < 65_536 {
+            n += 1;
+            let line = format!("flood {n:09} ");
+            chunk.extend_from_slice(line.as_bytes());
+            chunk.resize(chunk.len() + 99 - line.len(), b'x');
+            chunk.push(b'\n');
+        }
+        if out.write_all(&chunk).is_err() {
+            return;
+        }
+        written += chunk.len() as u64;
+    }
+    let _ = out.flush();
+    eprintln!("flood done: {n} lines, {written} bytes");
 }
 
 /// A worker written from `docs/protocol.md` alone, which then misbehaves.

@@ -102,6 +102,37 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
     );
     assert!(serves(&sd));
 
+    // Workers' lines reach the journal in its native protocol, with their origin as fields.
+    let entries = eventually(
+        Duration::from_secs(10),
+        "workers' lines in the journal",
+        || {
+            let entries: Vec<Value> = sd
+                .journal_entries("baton.service", &["BATON_PROGRAM=worker"])
+                .into_iter()
+                .filter(|e| {
+                    e["MESSAGE"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("ready on http"))
+                })
+                .collect();
+            (entries.len() >= 2).then_some(entries)
+        },
+    );
+    for e in &entries {
+        assert_eq!(e["SYSLOG_IDENTIFIER"], "worker", "{e}");
+        assert_eq!(e["BATON_GENERATION"], "1", "{e}");
+        assert_eq!(e["BATON_STREAM"], "stderr", "{e}");
+        assert_eq!(e["PRIORITY"], "6", "{e}");
+        assert_eq!(e["OBJECT_PID"], e["BATON_PID"], "{e}");
+        assert!(e["BATON_SLOT"] == "0" || e["BATON_SLOT"] == "1", "{e}");
+    }
+    // The master's own events too: `journalctl BATON_EVENT=...` finds them.
+    let started = sd.journal_entries("baton.service", &["BATON_EVENT=started"]);
+    let started = started.first().expect("the started event in the journal");
+    assert_eq!(started["SYSLOG_IDENTIFIER"], "baton", "{started}");
+    assert_eq!(started["BATON_PID"], main_pid, "{started}");
+
     // reload under load: returns only when the new generation serves; nothing lost.
     let load = sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "4", "6"]);
     for generation in 2..=4 {
