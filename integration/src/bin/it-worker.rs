@@ -22,9 +22,9 @@
 //! - `IT_FLOOD_BYTES=<n>`: a thread writes `<n>` bytes of numbered 100-byte lines to stdout as
 //!   fast as the pipe takes them, then `flood done` on stderr; with `IT_FLOOD_ONCE=<path>`, only
 //!   the first worker that creates `<path>` does.
-//! - `IT_CHATTER_MS=<ms>`: a thread writes `chatter <n>` to stdout every `<ms>`.
+//! - `IT_CHATTER_MS=<ms>`: a thread writes `chatter <n>` to stderr every `<ms>`.
 
-#![allow(clippy::print_stderr, clippy::print_stdout)] // a test worker reports what it did, and writes what tests ask of it
+#![allow(clippy::print_stderr)] // a test worker reports what it did on stderr
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -192,7 +192,7 @@ fn write_output() {
     {
         std::thread::spawn(move || {
             for n in 0u64.. {
-                println!("chatter {n}");
+                eprintln!("chatter {n}");
                 std::thread::sleep(Duration::from_millis(ms));
             }
         });

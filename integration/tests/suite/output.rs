@@ -368,3 +368,51 @@ fn a_flooding_worker_delays_no_reload_loses_no_request_and_costs_no_memory() {
         "the master's memory stays bounded: {rss_start} -> {rss_peak} KiB"
     );
 }
+
+/// `baton upgrade` carries each worker's pipes to the new program, with the line it was in the
+/// middle of: the worker keeps writing (no SIGPIPE, no block), its lines keep their origin, and
+/// a line begun before the exec and ended after it is logged whole.
+#[test]
+fn an_upgrade_carries_the_pipes_and_the_unfinished_line() {
+    let config = it_workers(
+        1,
+        &[
+            ("IT_CHATTER_MS", "50".into()),
+            ("IT_PIECES", "1".into()),
+            ("IT_PIECES_MS", "3000".into()),
+        ],
+    );
+    let master = Master::start("output-upgrade", &config);
+    let pid = master.children()[0];
+    // The first piece is in the master's hands (chatter lines around it came through).
+    eventually(Duration::from_secs(10), "chatter", || {
+        (master.output_lines().len() >= 3).then_some(())
+    });
+    let next = baton_integration::next_baton();
+    let (code, out, err) = master.ctl(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (upgraded, _) = master.wait_event("upgraded", Duration::from_secs(20), |_| true);
+    eventually(Duration::from_secs(10), "the whole line after the upgrade", || {
+        master
+            .output_lines()
+            .iter()
+            .any(|v| message(v) == "piece-a piece-b")
+            .then_some(())
+    });
+    let after: Vec<(Instant, Value)> = master.events_where("output", |v| {
+        message(v).starts_with("chatter") && v["pid"] == pid
+    });
+    let later = after.iter().filter(|(at, _)| *at > upgraded).count();
+    assert!(later >= 3, "the worker's lines go on after the upgrade: {later}");
+    for (_, v) in &after {
+        assert_eq!((v["program"].as_str(), v["generation"].as_u64()), (Some("worker"), Some(1)));
+    }
+    assert!(
+        !master
+            .output_lines()
+            .iter()
+            .any(|v| message(v).contains("piece-") && message(v) != "piece-a piece-b"),
+        "the unfinished line was not split or lost"
+    );
+    assert_eq!(master.children(), vec![pid], "the worker lives on");
+}

@@ -17,10 +17,14 @@ use baton_integration::storm::storm;
 use baton_integration::{Master, TestConfig, binaries, free_port, procfs, start_socket_activated};
 use nix::sys::signal::Signal;
 
+mod output;
+
 struct Args {
     reloads: usize,
     seconds: u64,
     clients: usize,
+    /// `--only output`: that section alone.
+    only: Option<String>,
 }
 
 fn args() -> Args {
@@ -28,6 +32,7 @@ fn args() -> Args {
         reloads: 1000,
         seconds: 10,
         clients: 8,
+        only: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -36,8 +41,13 @@ fn args() -> Args {
             ("--reloads", Some(v)) => a.reloads = v,
             ("--seconds", Some(v)) => a.seconds = v as u64,
             ("--clients", Some(v)) => a.clients = v,
+            ("--only", _) if pair.get(1).is_some_and(|s| s == "output") => {
+                a.only = pair.get(1).cloned();
+            }
             _ => {
-                eprintln!("usage: reload-bench [--reloads N] [--seconds S] [--clients C]");
+                eprintln!(
+                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output]"
+                );
                 std::process::exit(64);
             }
         }
@@ -180,6 +190,10 @@ fn row(name: &str, (r, reloads): &(Report, u64)) -> String {
 
 fn main() {
     let args = args();
+    if args.only.as_deref() == Some("output") {
+        output::report();
+        return;
+    }
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("# baton reload benchmark\n");
@@ -273,6 +287,8 @@ fn main() {
         );
         println!();
     }
+
+    output::report();
 
     eprintln!("a storm of 500 SIGUSR2 ...");
     let s = storm(3, 2, 500, args.clients);
