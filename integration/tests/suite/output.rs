@@ -392,20 +392,30 @@ fn an_upgrade_carries_the_pipes_and_the_unfinished_line() {
     let (code, out, err) = master.ctl(&["upgrade", "--binary", next.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     let (upgraded, _) = master.wait_event("upgraded", Duration::from_secs(20), |_| true);
-    eventually(Duration::from_secs(10), "the whole line after the upgrade", || {
-        master
-            .output_lines()
-            .iter()
-            .any(|v| message(v) == "piece-a piece-b")
-            .then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "the whole line after the upgrade",
+        || {
+            master
+                .output_lines()
+                .iter()
+                .any(|v| message(v) == "piece-a piece-b")
+                .then_some(())
+        },
+    );
     let after: Vec<(Instant, Value)> = master.events_where("output", |v| {
         message(v).starts_with("chatter") && v["pid"] == pid
     });
     let later = after.iter().filter(|(at, _)| *at > upgraded).count();
-    assert!(later >= 3, "the worker's lines go on after the upgrade: {later}");
+    assert!(
+        later >= 3,
+        "the worker's lines go on after the upgrade: {later}"
+    );
     for (_, v) in &after {
-        assert_eq!((v["program"].as_str(), v["generation"].as_u64()), (Some("worker"), Some(1)));
+        assert_eq!(
+            (v["program"].as_str(), v["generation"].as_u64()),
+            (Some("worker"), Some(1))
+        );
     }
     assert!(
         !master
