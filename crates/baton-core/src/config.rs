@@ -224,6 +224,28 @@ pub struct SupervisorConfig {
     /// anywhere.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The master's log file and pid file (`--log-file` and `--pid-file` win over them).
+    #[serde(default)]
+    pub log_file: Option<PathBuf>,
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+}
+
+impl SupervisorConfig {
+    /// The files this configuration names for the master.
+    pub fn own_files(&self) -> OwnFiles {
+        OwnFiles {
+            log_file: self.log_file.clone(),
+            pid_file: self.pid_file.clone(),
+        }
+    }
+}
+
+/// The master's own files, as it uses them (the command line's, or the configuration's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnFiles {
+    pub log_file: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
 }
 
 /// The control socket (`baton status`, `baton reload`, ...). Bound once, at start.
@@ -249,7 +271,12 @@ pub struct ControlConfig {
 pub fn start_only_settings(
     control: &ControlConfig,
     runtime_dir: &Path,
+    files: &OwnFiles,
 ) -> BTreeMap<String, String> {
+    let file = |path: &Option<PathBuf>| {
+        path.as_ref()
+            .map_or_else(|| "none".into(), |p| p.display().to_string())
+    };
     let list = |ids: &[u32]| {
         ids.iter()
             .map(u32::to_string)
@@ -279,6 +306,8 @@ pub fn start_only_settings(
             control.max_clients.to_string(),
         ),
         ("supervisor.runtime_dir", runtime_dir.display().to_string()),
+        ("supervisor.log_file", file(&files.log_file)),
+        ("supervisor.pid_file", file(&files.pid_file)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

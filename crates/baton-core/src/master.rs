@@ -90,6 +90,8 @@ pub struct Options {
     /// the master adds `--master PID --started TICKS --registry PATH`. It ends the workers of a
     /// master that died without stopping them. `None`: no guard (tests of the core).
     pub guard: Option<(PathBuf, Vec<OsString>)>,
+    /// The log file and pid file the binary uses (shown among the start-only settings).
+    pub files: config::OwnFiles,
 }
 
 impl std::fmt::Debug for Options {
@@ -102,6 +104,7 @@ impl std::fmt::Debug for Options {
             .field("argv", &self.argv)
             .field("binary", &self.binary)
             .field("guard", &self.guard)
+            .field("files", &self.files)
             .finish()
     }
 }
@@ -229,8 +232,11 @@ impl Master {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let argv = options.argv.clone();
-        let start_settings =
-            config::start_only_settings(&config.supervisor.control, &config.supervisor.runtime_dir);
+        let start_settings = config::start_only_settings(
+            &config.supervisor.control,
+            &config.supervisor.runtime_dir,
+            &options.files,
+        );
         let binary = options
             .binary
             .clone()

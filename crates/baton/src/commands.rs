@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use baton_core::config::OwnFiles;
 use baton_core::master::{Inherited, Master, ResumeError, STATE_FD_ENV};
 use baton_proto::control::{ErrorKind, OutputFilter, Request, Response};
 
@@ -52,9 +53,21 @@ pub(crate) fn run(
     log_file: Option<&Path>,
     pid_file: Option<&Path>,
 ) -> u8 {
-    if let Some(log_file) = log_file {
+    let inherited = inherited_state();
+    // The configuration first, for the master's own files (`supervisor.log_file`, `pid_file`);
+    // not after a self-upgrade, where the command line carries them (see below).
+    let config = inherited.is_none().then(|| baton_core::config::load(path));
+    let configured = match &config {
+        Some(Ok(config)) => config.supervisor.own_files(),
+        _ => OwnFiles::default(),
+    };
+    let files = OwnFiles {
+        log_file: log_file.map(Path::to_path_buf).or(configured.log_file),
+        pid_file: pid_file.map(Path::to_path_buf).or(configured.pid_file),
+    };
+    if let Some(log_file) = &files.log_file {
         if let Err(err) = crate::logfile::use_file(log_file) {
-            eprintln!("baton: --log-file {}: {err}", log_file.display());
+            eprintln!("baton: log file {}: {err}", log_file.display());
             return EX_USAGE;
         }
     }
@@ -80,6 +93,19 @@ pub(crate) fn run(
     };
     let mut options = crate::systemd::options();
     options.signals = Some(Box::new(gate));
+    // `baton upgrade` execs the new program with these arguments: files the configuration
+    // named go on its command line, so it keeps them (it does not read the configuration).
+    for (flag, (given, file)) in [
+        ("--log-file", (log_file, &files.log_file)),
+        ("--pid-file", (pid_file, &files.pid_file)),
+    ] {
+        if let (None, Some(file)) = (given, file) {
+            options
+                .argv
+                .extend([flag.into(), file.clone().into_os_string()]);
+        }
+    }
+    options.files = files.clone();
     options.guard = options.binary.clone().map(|program| {
         let format = match format {
             LogFormat::Text => "text",
@@ -90,7 +116,7 @@ pub(crate) fn run(
             vec!["guard".into(), "--log-format".into(), format.into()],
         )
     });
-    let master = match inherited_state() {
+    let master = match inherited {
         // A self-upgrade: this program takes over from the one that exec'd it.
         Some(inherited) => {
             options.inherited.clear();
@@ -106,7 +132,7 @@ pub(crate) fn run(
             }
         }
         None => {
-            let config = match baton_core::config::load(path) {
+            let config = match config.unwrap_or_else(|| baton_core::config::load(path)) {
                 Ok(config) => config,
                 Err(err) => {
                     tracing::error!(event = "config_invalid", "invalid configuration: {err}");
@@ -123,7 +149,12 @@ pub(crate) fn run(
         }
     };
     // Removed when it goes out of scope, after the master has stopped.
-    let _pid_file = match pid_file.map(crate::logfile::PidFile::write).transpose() {
+    let _pid_file = match files
+        .pid_file
+        .as_deref()
+        .map(crate::logfile::PidFile::write)
+        .transpose()
+    {
         Ok(file) => file,
         Err(err) => {
             tracing::error!(event = "start_failed", "cannot write the pid file: {err}");
@@ -260,6 +291,7 @@ pub(crate) fn check(path: &Path) -> u8 {
                 let file = baton_core::config::start_only_settings(
                     &config.supervisor.control,
                     &config.supervisor.runtime_dir,
+                    &config.supervisor.own_files(),
                 );
                 let changes =
                     baton_core::config::start_only_changes(&status.master.start_settings, &file);

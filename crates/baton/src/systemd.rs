@@ -25,6 +25,7 @@ pub(crate) fn options() -> Options {
         .filter(|_| ours("WATCHDOG_PID"))
         .map(Duration::from_micros);
     Options {
+        files: Default::default(),
         notify,
         watchdog,
         inherited: inherited(),

@@ -264,6 +264,10 @@ pub(super) struct RawSupervisor {
     pub(super) upgrade_timeout: Option<UpgradeTimeout>,
     #[serde(default)]
     pub(super) metrics_listen: Option<TcpAddress>,
+    #[serde(default)]
+    pub(super) log_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) pid_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]

@@ -594,6 +594,8 @@ fn supervisor(s: RawSupervisor, base: &Base) -> SupervisorConfig {
             .upgrade_timeout
             .map_or(crate::DEFAULT_UPGRADE_TIMEOUT, |t| t.0),
         metrics_listen: s.metrics_listen.map(|a| a.0),
+        log_file: s.log_file.map(|f| base.join(&f)),
+        pid_file: s.pid_file.map(|f| base.join(&f)),
         runtime_dir: s
             .runtime_dir
             .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(&d)),

@@ -131,6 +131,7 @@ impl Master {
             &config::start_only_settings(
                 &config.supervisor.control,
                 &config.supervisor.runtime_dir,
+                &config.supervisor.own_files(),
             ),
         );
         for warning in &warnings {

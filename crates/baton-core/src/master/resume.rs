@@ -209,6 +209,8 @@ impl Master {
                 .ok()
         });
         let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
+        let start_settings =
+            config::start_only_settings(&control_config, &state_runtime_dir, &options.files);
         Ok(Master {
             config_path: state.config_path,
             runtime_dir: state.runtime_dir,
@@ -242,7 +244,7 @@ impl Master {
             argv: state.argv.into_iter().map(OsString::from).collect(),
             binary: state.binary.clone(),
             control_fd: None,
-            start_settings: config::start_only_settings(&control_config, &state_runtime_dir),
+            start_settings,
             control_aliases: Vec::new(),
             registry: crate::orphans::Registry::beside(&control_config.socket),
             registered: BTreeMap::new(),
