@@ -12,6 +12,7 @@ mod suite {
     mod control;
     mod cpu;
     mod crash;
+    mod degraded;
     mod drain;
     mod failed_reload;
     mod hardening;

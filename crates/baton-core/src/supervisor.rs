@@ -17,12 +17,14 @@ use baton_sys::process::{ExitKind, SignalNumber};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
+mod crash_loop;
 mod lookup;
 mod model;
 mod records;
 mod snapshot;
 
 pub use crate::intent::{Intent, Trigger};
+pub use crash_loop::{CRASH_LOOP, CrashLoop};
 pub use model::{
     Action, Event, Generation, GenerationSpec, Phase, ProgramSpec, ReloadId, ReloadRecord,
     RequestId, Verdict, WorkerId,
@@ -208,6 +210,8 @@ impl Supervisor {
                             restarts: 0,
                             last_exit: None,
                             restart_at: None,
+                            last_worker: None,
+                            stable_at: None,
                         })
                     })
                     .collect();
@@ -536,10 +540,15 @@ impl Supervisor {
             return;
         };
         let g = w.generation;
+        let slot = w.slot;
         match message {
             WorkerMessage::Ready => {
                 if let WorkerState::Starting { .. } = w.state {
                     w.state = WorkerState::Ready;
+                    self.watch_stability(now, g, slot);
+                    let Some(w) = self.workers.get_mut(&id) else {
+                        return;
+                    };
                     w.ready_after = Some(now.saturating_duration_since(w.spawned));
                     let after = now.saturating_duration_since(w.spawned).as_millis() as u64;
                     let pid = w.pid.unwrap_or(0);
@@ -661,6 +670,7 @@ impl Supervisor {
             if s.worker == Some(id) {
                 s.worker = None;
             }
+            s.last_worker = Some(id);
             s.last_exit = Some(status.to_string());
         }
         let ran = now.saturating_duration_since(w.spawned);
@@ -724,7 +734,9 @@ impl Supervisor {
                 };
                 let delay = program.backoff(s.crashes);
                 s.restart_at = Some(now + delay);
+                s.stable_at = None;
                 let crashes = s.crashes;
+                self.note_crash(g, slot, crashes, &reason);
                 warn!(
                     event = "worker_crashed",
                     generation = g.0,
@@ -817,6 +829,7 @@ impl Supervisor {
                 self.kill_draining(id, "its drain deadline passed");
             }
         }
+        self.settle_stable(now);
         // Restarts that are due.
         let due: Vec<(Generation, usize)> = self
             .generations

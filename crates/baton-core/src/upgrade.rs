@@ -276,6 +276,8 @@ mod tests {
             "failed_stop_timeout: None",
             "failed_at: None",
             "not_ready: None",
+            "last_worker: None",
+            "stable_at: None",
         ];
         diff.retain(|d| {
             !added.iter().any(|a| {

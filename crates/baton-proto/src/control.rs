@@ -299,6 +299,22 @@ pub struct GenerationStatus {
     /// When the last worker is killed (Unix time, ms).
     pub deadline_unix_ms: Option<u64>,
     pub workers: Vec<WorkerStatus>,
+    /// Programs whose workers keep crashing (3 crashes in a row of one slot): the generation
+    /// is degraded while this is not empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<CrashLoopStatus>,
+}
+
+/// A crash-looping program of a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrashLoopStatus {
+    pub program: String,
+    /// The most crashes in a row of one of its slots.
+    pub crashes: u32,
+    /// How that slot's last worker ended.
+    pub last_exit: Option<String>,
+    /// The soonest restart of one of its slots waiting out its backoff.
+    pub restart_in_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +335,9 @@ pub struct WorkerStatus {
     pub connections_source: Option<ConnectionsSource>,
     /// The last status line the worker sent.
     pub status: Option<String>,
+    /// `backoff`: when the slot's next worker starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_in_ms: Option<u64>,
 }
 
 /// Defines a state enum serialized as its name, each name written once.
@@ -395,6 +414,8 @@ state_enum!(
         Draining = "draining",
         /// SIGKILL sent; waiting to be reaped.
         Killed = "killed",
+        /// Crashed; its slot waits out the restart backoff (`restart_in_ms`).
+        Backoff = "backoff",
     }
 );
 

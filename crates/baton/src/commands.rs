@@ -445,15 +445,34 @@ fn print_json<T: serde::Serialize>(value: &T) {
     );
 }
 
+/// `baton status`'s exit status for scripts and monitoring (Nagios-style): 0 a generation
+/// serves and none is degraded, 1 a serving generation is degraded (a program crash-loops),
+/// 2 no generation serves (starting, stopping, or every reload failed since the start).
+fn status_code(s: &baton_proto::control::StatusSnapshot) -> u8 {
+    use baton_proto::control::GenerationState;
+    let serving: Vec<_> = s
+        .generations
+        .iter()
+        .filter(|g| g.state == GenerationState::Serving)
+        .collect();
+    if serving.is_empty() {
+        2
+    } else if serving.iter().any(|g| !g.degraded.is_empty()) {
+        1
+    } else {
+        0
+    }
+}
+
 pub(crate) fn status(target: &Target, json: bool) -> u8 {
     match call(target, Request::Status, Some(Duration::from_secs(10))) {
         Ok(Response::Status(s)) if json => {
             print_json(&s);
-            0
+            status_code(&s)
         }
         Ok(Response::Status(s)) => {
             out!("{}", render::status(&s));
-            0
+            status_code(&s)
         }
         Ok(other) => unexpected(&other),
         Err(code) => code,

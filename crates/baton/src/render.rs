@@ -99,6 +99,18 @@ fn generation_heading(g: &GenerationStatus) -> String {
             secs % 60
         );
     }
+    for c in &g.degraded {
+        let _ = write!(
+            line,
+            "\n  DEGRADED: program {} is crash-looping: {} crashes in a row, last {}",
+            safe(&c.program),
+            c.crashes,
+            c.last_exit.as_deref().map_or_else(|| "-".into(), safe)
+        );
+        if let Some(ms) = c.restart_in_ms {
+            let _ = write!(line, "; next restart in {}", duration(ms));
+        }
+    }
     line
 }
 
@@ -165,8 +177,15 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
                 safe(&w.program),
                 w.slot.to_string(),
                 w.pid.map_or("-".into(), |p| p.to_string()),
-                w.state.to_string(),
-                ago(w.started_unix_ms),
+                match w.restart_in_ms {
+                    Some(ms) => format!("{} (restart in {})", w.state, duration(ms)),
+                    None => w.state.to_string(),
+                },
+                if w.pid.is_some() {
+                    ago(w.started_unix_ms)
+                } else {
+                    "-".into()
+                },
                 w.ready_after_ms.map_or("-".into(), duration),
                 w.restarts.to_string(),
                 w.last_exit.as_deref().map_or_else(|| "-".into(), safe),
@@ -390,6 +409,7 @@ mod tests {
             connections,
             connections_source: source,
             status: None,
+            restart_in_ms: None,
         }
     }
 
@@ -413,8 +433,32 @@ mod tests {
                 time_left_ms: Some(1000),
                 deadline_unix_ms: None,
                 workers,
+                degraded: vec![],
             }],
         }
+    }
+
+    #[test]
+    fn a_degraded_generation_and_a_slot_in_backoff_are_shown() {
+        let mut s = draining(vec![worker(7, None, None)]);
+        let g = &mut s.generations[0];
+        g.state = GenerationState::Serving;
+        g.workers[0].state = WorkerState::Backoff;
+        g.workers[0].pid = None;
+        g.workers[0].restart_in_ms = Some(1600);
+        g.workers[0].last_exit = Some("exited with status 1".into());
+        g.degraded.push(baton_proto::control::CrashLoopStatus {
+            program: "web".into(),
+            crashes: 5,
+            last_exit: Some("exited with status 1".into()),
+            restart_in_ms: Some(1600),
+        });
+        let text = status(&s);
+        assert!(
+            text.contains("DEGRADED: program web is crash-looping: 5 crashes in a row, last exited with status 1; next restart in 1.6 s"),
+            "{text}"
+        );
+        assert!(text.contains("backoff (restart in 1.6 s)"), "{text}");
     }
 
     #[test]

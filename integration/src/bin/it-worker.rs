@@ -2,7 +2,9 @@
 //!
 //! - `exit:<code>`: receive the listeners, then exit with `<code>` without reporting ready.
 //! - `never-ready`: receive the listeners and never report ready (nor accept); exit on drain.
-//! - `crash-after:<ms>`: report ready, then exit with status 1 after `<ms>` (a crash loop).
+//! - `crash-after:<ms>`: report ready, then exit with status 1 after `<ms>` (a crash loop). With
+//!   `IT_CRASHES=<n>` and `IT_CRASHES_FILE=<path>` (a line per start), only the first `<n>`
+//!   starts crash; later ones serve until drained (a crash loop that ends).
 //! - `ready-after:<ms>`: report ready only after `<ms>` (a slow start); exit on drain. With
 //!   `IT_STATUS_HEX`, then report that status line (hex, so it may hold any control character).
 //! - `report-fds:<path>`: first thing in `main`, before any runtime exists, write this process's
@@ -104,8 +106,12 @@ async fn run(mode: &str) -> ExitCode {
         if worker.ready().await.is_err() {
             return ExitCode::from(2);
         }
-        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-        return ExitCode::from(1);
+        if !crashed_enough() {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            return ExitCode::from(1);
+        }
+        worker.drain_watch().requested().await;
+        return ExitCode::SUCCESS;
     }
     let delay = match mode.split_once(':') {
         Some(("ready-after", ms)) => Some(ms.parse().unwrap_or(0)),
@@ -134,6 +140,30 @@ async fn run(mode: &str) -> ExitCode {
         let _ = flood.join();
     }
     ExitCode::SUCCESS
+}
+
+/// `IT_CRASHES`/`IT_CRASHES_FILE`: notes this start; whether the crashes asked for are done.
+fn crashed_enough() -> bool {
+    use std::io::Write;
+    let (Some(n), Ok(path)) = (
+        std::env::var("IT_CRASHES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok()),
+        std::env::var("IT_CRASHES_FILE"),
+    ) else {
+        return false;
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let _ = writeln!(file, "start");
+    let starts = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    starts > n
 }
 
 fn hex_env(var: &str) -> Option<Vec<u8>> {

@@ -150,7 +150,7 @@ impl Master {
         metric(
             "baton_workers",
             "gauge",
-            "Worker processes by state.",
+            "Workers by state (backoff: a crashed worker's slot waiting to restart, no process).",
             proto::WorkerState::ALL
                 .iter()
                 .map(|s| {
@@ -161,6 +161,34 @@ impl Master {
                         .filter(|w| w.state == *s)
                         .count();
                     (format!("{{state=\"{s}\"}}"), n.to_string())
+                })
+                .collect(),
+        );
+        let degraded: Vec<(Generation, &crate::supervisor::CrashLoop)> = snap
+            .generations
+            .iter()
+            .filter(|g| g.phase == Phase::Serving)
+            .flat_map(|g| g.crash_loops.iter().map(move |c| (g.generation, c)))
+            .collect();
+        metric(
+            "baton_degraded",
+            "gauge",
+            "1 while a serving generation has a crash-looping program (3 crashes in a row of one slot).",
+            vec![(String::new(), u8::from(!degraded.is_empty()).to_string())],
+        );
+        metric(
+            "baton_crash_loop_crashes",
+            "gauge",
+            "Crashes in a row of each crash-looping program of a serving generation.",
+            degraded
+                .iter()
+                .map(|(g, c)| {
+                    let name = self
+                        .resources
+                        .get(g)
+                        .and_then(|r| r.programs.get(c.program))
+                        .map_or_else(|| c.program.to_string(), |p| p.name.clone());
+                    (format!("{{program=\"{name}\"}}"), c.crashes.to_string())
                 })
                 .collect(),
         );
@@ -230,43 +258,59 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
         .generations
         .iter()
         .rev()
-        .map(|g| proto::GenerationStatus {
-            generation: g.generation.0,
-            state: g.phase.into(),
-            draining_ms: g.draining_for.map(|d| d.as_millis() as u64),
-            time_left_ms: g.time_left.map(|d| d.as_millis() as u64),
-            deadline_unix_ms: g
-                .time_left
-                .map(|d| unix_ms(context.now, Duration::ZERO) + d.as_millis() as u64),
-            workers: g
-                .workers
-                .iter()
-                .map(|w| {
-                    let kernel = w.pid.and_then(|p| context.counted.get(&p).copied());
-                    proto::WorkerStatus {
-                        worker: w.id.0,
-                        program: context
-                            .programs
-                            .get(&g.generation)
-                            .and_then(|names| names.get(w.program))
-                            .map_or_else(|| w.program.to_string(), Clone::clone),
-                        slot: w.slot,
-                        pid: w.pid,
-                        state: w.state,
-                        started_unix_ms: unix_ms(context.now, w.age),
-                        ready_after_ms: w.ready_after.map(|d| d.as_millis() as u64),
-                        restarts: w.restarts,
-                        last_exit: w.last_exit.clone(),
-                        connections: w.connections.or(kernel),
-                        connections_source: match (w.connections, kernel) {
-                            (Some(_), _) => Some(proto::ConnectionsSource::Reported),
-                            (None, Some(_)) => Some(proto::ConnectionsSource::Kernel),
-                            _ => None,
-                        },
-                        status: w.status.clone(),
-                    }
-                })
-                .collect(),
+        .map(|g| {
+            let name = |program: usize| {
+                context
+                    .programs
+                    .get(&g.generation)
+                    .and_then(|names| names.get(program))
+                    .map_or_else(|| program.to_string(), Clone::clone)
+            };
+            proto::GenerationStatus {
+                generation: g.generation.0,
+                state: g.phase.into(),
+                draining_ms: g.draining_for.map(|d| d.as_millis() as u64),
+                time_left_ms: g.time_left.map(|d| d.as_millis() as u64),
+                deadline_unix_ms: g
+                    .time_left
+                    .map(|d| unix_ms(context.now, Duration::ZERO) + d.as_millis() as u64),
+                workers: g
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        let kernel = w.pid.and_then(|p| context.counted.get(&p).copied());
+                        proto::WorkerStatus {
+                            worker: w.id.0,
+                            program: name(w.program),
+                            slot: w.slot,
+                            pid: w.pid,
+                            state: w.state,
+                            started_unix_ms: unix_ms(context.now, w.age),
+                            ready_after_ms: w.ready_after.map(|d| d.as_millis() as u64),
+                            restarts: w.restarts,
+                            last_exit: w.last_exit.clone(),
+                            connections: w.connections.or(kernel),
+                            connections_source: match (w.connections, kernel) {
+                                (Some(_), _) => Some(proto::ConnectionsSource::Reported),
+                                (None, Some(_)) => Some(proto::ConnectionsSource::Kernel),
+                                _ => None,
+                            },
+                            status: w.status.clone(),
+                            restart_in_ms: w.restart_in.map(|d| d.as_millis() as u64),
+                        }
+                    })
+                    .collect(),
+                degraded: g
+                    .crash_loops
+                    .iter()
+                    .map(|c| proto::CrashLoopStatus {
+                        program: name(c.program),
+                        crashes: c.crashes,
+                        last_exit: c.last_exit.clone(),
+                        restart_in_ms: c.restart_in.map(|d| d.as_millis() as u64),
+                    })
+                    .collect(),
+            }
         })
         .collect();
     proto::StatusSnapshot {
@@ -303,7 +347,12 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
 
 /// The one-line summary for `systemctl status`: "gen 7 serving 4 workers; gen 6 draining 2
 /// workers, 3 conns, 12 s left".
-pub(super) fn status_line(snap: &Snapshot, last: Option<&ReloadRecord>) -> String {
+/// `programs`: the names of each generation's programs, in configuration order.
+pub(super) fn status_line(
+    snap: &Snapshot,
+    last: Option<&ReloadRecord>,
+    programs: &HashMap<Generation, Vec<String>>,
+) -> String {
     let mut parts: Vec<String> = snap
         .generations
         .iter()
@@ -320,7 +369,31 @@ pub(super) fn status_line(snap: &Snapshot, last: Option<&ReloadRecord>) -> Strin
                         g.generation
                     )
                 }
-                phase => format!("gen {} {phase} {n} {workers}", g.generation),
+                phase => {
+                    let mut line = format!("gen {} {phase} {n} {workers}", g.generation);
+                    // A waiting slot's row is not a process.
+                    let waiting = g
+                        .workers
+                        .iter()
+                        .filter(|w| w.state == proto::WorkerState::Backoff)
+                        .count();
+                    if waiting > 0 {
+                        line =
+                            format!("gen {} {phase} {}/{n} {workers}", g.generation, n - waiting);
+                    }
+                    for c in &g.crash_loops {
+                        let name = programs
+                            .get(&g.generation)
+                            .and_then(|names| names.get(c.program))
+                            .map_or_else(|| c.program.to_string(), Clone::clone);
+                        let last = c.last_exit.as_deref().unwrap_or("?");
+                        line.push_str(&format!(
+                            ", DEGRADED: {name} crash-looping ({} crashes in a row, last {last})",
+                            c.crashes
+                        ));
+                    }
+                    line
+                }
             }
         })
         .collect();
@@ -390,6 +463,7 @@ mod tests {
             last_exit: (id == 4).then(|| "exited with status 1".to_string()),
             connections,
             status: (id == 3).then(|| "serving 2 sites".to_string()),
+            restart_in: None,
         }
     }
 
@@ -401,6 +475,7 @@ mod tests {
             draining_for: draining.then(|| Duration::from_millis(2500)),
             time_left: draining.then(|| Duration::from_millis(27_500)),
             workers,
+            crash_loops: Vec::new(),
         }
     }
 
@@ -517,14 +592,34 @@ mod tests {
             verdict: Err("worker 9 was not ready after 2000 ms: its readiness probe failed".into()),
         };
         assert_eq!(
-            status_line(&serving, Some(&failed)),
+            status_line(&serving, Some(&failed), &HashMap::new()),
             "gen 4 serving 1 worker; reload 7 failed: worker 9 was not ready after 2000 ms: its readiness probe failed"
         );
         let ok = ReloadRecord {
             verdict: Ok(()),
             ..failed
         };
-        assert_eq!(status_line(&serving, Some(&ok)), "gen 4 serving 1 worker");
+        assert_eq!(
+            status_line(&serving, Some(&ok), &HashMap::new()),
+            "gen 4 serving 1 worker"
+        );
+        let mut degraded = serving.clone();
+        degraded.generations[0]
+            .workers
+            .push(worker(6, proto::WorkerState::Backoff, None, None));
+        degraded.generations[0]
+            .crash_loops
+            .push(crate::supervisor::CrashLoop {
+                program: 1,
+                crashes: 4,
+                last_exit: Some("exited with status 1".into()),
+                restart_in: Some(Duration::from_millis(800)),
+            });
+        let names = HashMap::from([(Generation(4), vec!["web".into(), "api".into()])]);
+        assert_eq!(
+            status_line(&degraded, Some(&ok), &names),
+            "gen 4 serving 1/2 workers, DEGRADED: api crash-looping (4 crashes in a row, last exited with status 1)"
+        );
     }
 
     #[test]

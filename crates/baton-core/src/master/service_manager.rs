@@ -73,7 +73,12 @@ impl Master {
             self.told.stopping = true;
             self.notify(Notification::Stopping);
         }
-        let status = status_line(&snap, self.supervisor.history().last());
+        let programs = self
+            .resources
+            .iter()
+            .map(|(g, r)| (*g, r.programs.iter().map(|p| p.name.clone()).collect()))
+            .collect();
+        let status = status_line(&snap, self.supervisor.history().last(), &programs);
         if status != self.told.status {
             if snap.stopping {
                 let left = snap

@@ -19,10 +19,11 @@ impl Supervisor {
             WorkerState::Killed => None,
             _ => self.drain_deadline(w),
         });
-        let restarts = self
-            .generations
-            .values()
-            .flat_map(|g| g.slots.iter().filter_map(|s| s.restart_at));
+        let restarts = self.generations.values().flat_map(|g| {
+            g.slots
+                .iter()
+                .flat_map(|s| s.restart_at.into_iter().chain(s.stable_at))
+        });
         workers
             .chain(restarts)
             .chain(self.canary.as_ref().map(|c| c.until))

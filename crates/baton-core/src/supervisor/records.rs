@@ -49,6 +49,12 @@ pub(super) struct Slot {
     pub(super) last_exit: Option<String>,
     #[serde(with = "crate::codec::mono_opt")]
     pub(super) restart_at: Option<Instant>,
+    /// The worker that last ran in it (shown while the slot waits out its backoff).
+    #[serde(default)]
+    pub(super) last_worker: Option<WorkerId>,
+    /// After crashes, when its worker will have stayed up long enough to start the count over.
+    #[serde(default, with = "crate::codec::mono_opt")]
+    pub(super) stable_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@ use baton_proto::control::WorkerState as WorkerPhase;
 use serde::{Deserialize, Serialize};
 
 use super::Supervisor;
+use super::crash_loop::CrashLoop;
 use baton_sys::process::SignalNumber;
 
 use super::model::{Generation, Phase, ReloadId, ReloadRecord, RequestId, WorkerId};
@@ -36,6 +37,8 @@ pub struct GenerationSnapshot {
     pub draining_for: Option<Duration>,
     pub time_left: Option<Duration>,
     pub workers: Vec<WorkerSnapshot>,
+    /// Its crash-looping programs (it is degraded while there is one).
+    pub crash_loops: Vec<CrashLoop>,
 }
 
 /// One worker in a [`Snapshot`].
@@ -53,6 +56,9 @@ pub struct WorkerSnapshot {
     pub last_exit: Option<String>,
     pub connections: Option<u64>,
     pub status: Option<String>,
+    /// A slot waiting out its restart backoff (`state: backoff`, the worker that last ran in
+    /// it, no pid): when its next worker starts.
+    pub restart_in: Option<Duration>,
 }
 
 /// Counters since the master started, for `baton metrics`.
@@ -122,9 +128,28 @@ impl Supervisor {
                             last_exit: slot.and_then(|s| s.last_exit.clone()),
                             connections: w.connections,
                             status: w.status.clone(),
+                            restart_in: None,
                         }
                     })
                     .collect();
+                // Slots waiting out a backoff keep a row: the worker that last ran there.
+                workers.extend(entry.slots.iter().filter_map(|s| {
+                    let at = s.restart_at.filter(|_| s.worker.is_none())?;
+                    Some(WorkerSnapshot {
+                        id: s.last_worker?,
+                        program: s.program,
+                        slot: s.index,
+                        pid: None,
+                        state: WorkerPhase::Backoff,
+                        age: Duration::ZERO,
+                        ready_after: None,
+                        restarts: s.restarts,
+                        last_exit: s.last_exit.clone(),
+                        connections: None,
+                        status: None,
+                        restart_in: Some(at.saturating_duration_since(now)),
+                    })
+                }));
                 workers.sort_by_key(|w| (w.program, w.slot, w.id));
                 let (phase, draining_for, time_left) = match entry.state {
                     GenState::Preparing => (Phase::Preparing, None, None),
@@ -152,6 +177,7 @@ impl Supervisor {
                     draining_for,
                     time_left,
                     workers,
+                    crash_loops: self.crash_loops(g, now),
                 }
             })
             .collect();

@@ -470,6 +470,59 @@ fn a_crashed_serving_worker_is_replaced_with_doubling_backoff() {
 }
 
 #[test]
+fn three_crashes_in_a_row_degrade_the_generation_until_a_worker_stays_up() {
+    let mut h = Harness::new();
+    let mut current = h.serving(1)[0];
+    let g = Generation(1);
+    for crash in 1..=CRASH_LOOP {
+        assert!(
+            h.s.crash_loops(g, h.now).is_empty(),
+            "not yet at crash {crash}"
+        );
+        h.exit(current, 1);
+        // While it waits out its backoff, the slot keeps a row: the worker that crashed.
+        let snap = h.s.snapshot(h.now);
+        let row = &snap.generations[0].workers[0];
+        assert_eq!(
+            (row.id, row.state, row.pid),
+            (current, baton_proto::control::WorkerState::Backoff, None)
+        );
+        assert!(row.restart_in.is_some());
+        if crash < CRASH_LOOP {
+            h.now = h.s.next_deadline().unwrap();
+            let respawn = h.ev(Event::Tick);
+            current = h.spawn_all(&respawn)[0];
+            h.ready(&[current]);
+        }
+    }
+    let loops = h.s.crash_loops(g, h.now);
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    assert_eq!(loops[0].crashes, CRASH_LOOP);
+    assert_eq!(loops[0].last_exit.as_deref(), Some("exited with status 1"));
+    assert_eq!(loops[0].restart_in, Some(Duration::from_millis(400)));
+    // Restarted and ready: still degraded until it has stayed up for restart_backoff_max.
+    h.now = h.s.next_deadline().unwrap();
+    let respawn = h.ev(Event::Tick);
+    current = h.spawn_all(&respawn)[0];
+    h.ready(&[current]);
+    assert_eq!(h.s.crash_loops(g, h.now)[0].restart_in, None);
+    let stable =
+        h.s.next_deadline()
+            .expect("a deadline to forget the crashes");
+    assert_eq!(stable - h.now, Duration::from_secs(10));
+    h.now = stable;
+    h.ev(Event::Tick);
+    assert!(h.s.crash_loops(g, h.now).is_empty(), "recovered");
+    assert_eq!(h.s.next_deadline(), None, "no timer left once recovered");
+    // The count started over: the next crash waits the first backoff.
+    h.exit(current, 1);
+    assert_eq!(
+        h.s.next_deadline().unwrap() - h.now,
+        Duration::from_millis(100)
+    );
+}
+
+#[test]
 fn graceful_stop_drains_everything_then_exits_zero() {
     let mut h = Harness::new();
     let old = h.serving(1);
