@@ -18,6 +18,7 @@ mod suite {
     mod hardening;
     mod kinds;
     mod listeners;
+    mod liveness;
     mod master_log;
     mod orphans;
     mod output;

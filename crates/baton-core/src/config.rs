@@ -90,6 +90,9 @@ pub struct WorkerConfig {
     /// Where the workers' standard output and error go.
     #[serde(default)]
     pub output: Output,
+    /// How a ready worker is judged alive, if it is (`liveness:`).
+    #[serde(default)]
+    pub liveness: Option<Liveness>,
 }
 
 /// Resource limits set in each worker before it starts.
@@ -173,6 +176,32 @@ impl Probe {
             .replace("{slot}", &slot.to_string())
             .replace("{generation}", &generation.to_string())
     }
+}
+
+/// How a ready worker is judged alive (`liveness:`): a failing one is replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Liveness {
+    pub check: LivenessCheck,
+    /// Probe failures in a row that condemn a worker (a watchdog condemns at its first silent
+    /// window).
+    pub threshold: u32,
+    /// At most this percentage of a generation's workers are being replaced for failing at once
+    /// (at least one): a machine that stalls does not lose every worker.
+    pub max_replacing_percent: u32,
+    /// A condemned worker gets its drain request and signal, and SIGKILL this much later.
+    pub kill_after: Duration,
+}
+
+/// What a liveness check is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LivenessCheck {
+    /// A TCP connect or an HTTP GET answered `2xx`, every `interval`, each within `timeout`.
+    Probe(Probe),
+    /// The worker proves it is alive at least once per this window: a `heartbeat` packet (the
+    /// Rust SDK sends them by itself) or `WATCHDOG=1` on its notify socket (`WATCHDOG_USEC` is
+    /// set for it).
+    Watchdog(Duration),
 }
 
 /// Where a program's standard output and error go (`output:`).

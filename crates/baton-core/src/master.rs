@@ -17,6 +17,7 @@
 //! - `link`: a baton-protocol worker's channel and the `SCM_RIGHTS` handoff;
 //! - `worker_notify`: a systemd-style worker's `NOTIFY_SOCKET`;
 //! - `probe`: readiness probes;
+//! - `liveness`: liveness checks of ready workers (probes, watchdog);
 //! - `requests`: control requests and the verdicts clients wait for;
 //! - `report`: the views (status, metrics, history, the systemd status line);
 //! - `service_manager`: what the master tells systemd;
@@ -48,6 +49,7 @@ mod capture;
 mod generations;
 mod guard;
 mod link;
+mod liveness;
 mod probe;
 mod readiness;
 mod report;
@@ -357,7 +359,17 @@ impl Master {
                 if let Event::Exited { pid, .. } = event {
                     self.drain_output(pid);
                 }
+                let ready = match &event {
+                    Event::Message {
+                        worker,
+                        message: baton_proto::WorkerMessage::Ready,
+                    } => Some(*worker),
+                    _ => None,
+                };
                 let actions = self.supervisor.handle(Instant::now(), event);
+                if let Some(worker) = ready {
+                    self.start_liveness(worker);
+                }
                 if let Some(code) = self.apply(actions, &mut queue) {
                     return code;
                 }
@@ -419,6 +431,11 @@ impl Master {
     fn on_news(&mut self, news: News, queue: &mut VecDeque<Event>) {
         match news {
             News::Event(event) => queue.push_back(event),
+            News::Heartbeat(worker) => {
+                if let Some(beats) = self.links.get(&worker).and_then(|l| l.heartbeats.as_ref()) {
+                    let _ = beats.send(());
+                }
+            }
             News::Ready(worker, condition) => {
                 if let Some(ready) = self
                     .links

@@ -21,13 +21,14 @@ mod crash_loop;
 mod lookup;
 mod model;
 mod records;
+mod replace;
 mod snapshot;
 
 pub use crate::intent::{Intent, Trigger};
 pub use crash_loop::{CRASH_LOOP, CrashLoop};
 pub use model::{
     Action, Event, Generation, GenerationSpec, Phase, ProgramSpec, ReloadId, ReloadRecord,
-    RequestId, Verdict, WorkerId,
+    ReplaceSpec, RequestId, Verdict, WorkerId,
 };
 pub use snapshot::{Counters, GenerationSnapshot, Snapshot, WorkerSnapshot};
 
@@ -98,6 +99,7 @@ impl Supervisor {
                 }
             }
             Event::ProbeFailed { worker, reason } => self.on_probe_failed(now, worker, reason),
+            Event::Unhealthy { worker, reason } => self.on_unhealthy(now, worker, reason),
             Event::Exited { pid, status } => self.on_exited(now, pid, status),
             Event::Tick => self.on_tick(now),
         }
@@ -287,6 +289,7 @@ impl Supervisor {
                 connections: None,
                 status: None,
                 not_ready: None,
+                replaced: None,
             },
         );
         self.actions.push(Action::Spawn {
@@ -597,6 +600,8 @@ impl Supervisor {
                 }
                 debug!(worker = id.0, "worker {id} of generation {g} is draining");
             }
+            // Heartbeats go to the master's liveness watchdog, not here.
+            WorkerMessage::Heartbeat => {}
             WorkerMessage::Unknown => {
                 debug!(
                     worker = id.0,
@@ -665,6 +670,9 @@ impl Supervisor {
         }
         self.pids.retain(|_, owner| *owner != id);
         self.actions.push(Action::Forget { worker: id });
+        if self.replaced_exited(now, id, &w, &status.to_string()) {
+            return;
+        }
         let g = w.generation;
         if let Some(s) = self.slot_mut(g, w.slot) {
             if s.worker == Some(id) {
@@ -823,7 +831,10 @@ impl Supervisor {
                 .get(&id)
                 .and_then(|w| self.generations.get(&w.generation))
                 .is_some_and(|entry| matches!(entry.state, GenState::Failed));
-            if failed {
+            let replaced = self.workers.get(&id).is_some_and(|w| w.replaced.is_some());
+            if replaced {
+                self.kill_draining(id, "it failed its liveness check and has not exited since");
+            } else if failed {
                 self.kill_draining(id, "its generation failed and failed_stop_timeout passed");
             } else {
                 self.kill_draining(id, "its drain deadline passed");

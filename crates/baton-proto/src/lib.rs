@@ -63,6 +63,10 @@ pub struct Hello {
     pub worker_id: u64,
     /// The listeners, in configuration order; descriptors follow in this order.
     pub listeners: Vec<ListenerInfo>,
+    /// `liveness: {watchdog: WINDOW}`: the worker must send [`WorkerMessage::Heartbeat`] at
+    /// least once per this many milliseconds once it is ready, or it is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog_ms: Option<u64>,
 }
 
 /// One listener of the manifest.
@@ -105,6 +109,8 @@ pub enum WorkerMessage {
     },
     /// The worker has stopped accepting and is finishing its connections.
     Draining,
+    /// The worker is alive (for `Hello::watchdog_ms`; the Rust SDK sends it by itself).
+    Heartbeat,
     /// A message type this build does not know. The master logs and ignores it.
     #[serde(other)]
     Unknown,
@@ -141,6 +147,7 @@ mod tests {
     fn hello_has_the_documented_shape() {
         let hello = MasterMessage::Hello(Hello {
             version: PROTOCOL_VERSION,
+            watchdog_ms: None,
             generation: 2,
             worker_id: 7,
             listeners: vec![
@@ -227,6 +234,7 @@ mod properties {
         fn manifests_round_trip(names in proptest::collection::vec("[a-z0-9_.-]{1,20}", 0..300), port in 1u16.., generation: u64) {
             let hello = MasterMessage::Hello(Hello {
                 version: PROTOCOL_VERSION,
+                watchdog_ms: None,
                 generation,
                 worker_id: 1,
                 listeners: names.iter().map(|n| ListenerInfo {

@@ -39,6 +39,7 @@ impl Worker {
             generation,
             worker_id,
             listeners,
+            watchdog_ms,
         } = hello;
         if version != PROTOCOL_VERSION {
             return Err(WorkerError::Version(version));
@@ -81,6 +82,9 @@ impl Worker {
         tokio::spawn(listen_to_master(shared.clone()));
         watch_signals(shared.clone());
         tokio::spawn(report_connections(shared.clone()));
+        if let Some(ms) = watchdog_ms {
+            tokio::spawn(heartbeat(shared.clone(), Duration::from_millis(ms)));
+        }
         Ok(Worker {
             shared,
             generation,
@@ -152,6 +156,24 @@ pub(crate) async fn listen_to_master(shared: Arc<Shared>) {
                 });
                 return;
             }
+        }
+    }
+}
+
+/// Proves the worker alive to the master (`liveness: {watchdog: WINDOW}`): a heartbeat packet
+/// three times per window, from this task of the worker's runtime, so a worker whose runtime
+/// hangs (or that is stopped) goes silent.
+pub(crate) async fn heartbeat(shared: Arc<Shared>, window: Duration) {
+    let Control::Channel(channel) = &shared.control else {
+        return;
+    };
+    let packet = baton_proto::encode(&WorkerMessage::Heartbeat);
+    let mut tick = tokio::time::interval(window / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        if channel.send(&packet).await.is_err() {
+            return;
         }
     }
 }

@@ -13,6 +13,28 @@ use crate::drain::watch_signals;
 use crate::listener::adopt;
 use crate::{Control, Shared, Worker, WorkerError};
 
+/// `WATCHDOG_USEC` (and `WATCHDOG_PID`, if set, naming this process): how often systemd, or
+/// baton, expects `WATCHDOG=1`.
+fn watchdog_window() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => (usec > 0).then(|| std::time::Duration::from_micros(usec)),
+    }
+}
+
+/// Sends `WATCHDOG=1` three times per window, from this task of the worker's runtime.
+async fn watchdog(window: std::time::Duration) {
+    let mut tick = tokio::time::interval(window / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        if sd_notify::notify(&[sd_notify::NotifyState::Watchdog]).is_err() {
+            return;
+        }
+    }
+}
+
 impl Worker {
     /// Takes listeners passed the systemd way (`LISTEN_FDS` at fds 3.., `LISTEN_PID`,
     /// `LISTEN_FDNAMES`). Fails with [`WorkerError::NotUnderBaton`] if `LISTEN_FDS` is unset.
@@ -59,6 +81,9 @@ impl Worker {
             drain,
         });
         watch_signals(shared.clone());
+        if let Some(window) = watchdog_window() {
+            tokio::spawn(watchdog(window));
+        }
         Ok(Worker {
             shared,
             generation: generation.unwrap_or(0),

@@ -39,6 +39,7 @@ async fn send(master: &UnixDatagram, message: &MasterMessage, fds: &[BorrowedFd<
 async fn hello(master: &UnixDatagram, listeners: Vec<ListenerInfo>) {
     let hello = Hello {
         version: PROTOCOL_VERSION,
+        watchdog_ms: None,
         generation: 4,
         worker_id: 9,
         listeners,

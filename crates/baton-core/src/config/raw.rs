@@ -12,7 +12,10 @@ use baton_proto::ListenerAddress;
 use baton_sys::process::SignalNumber;
 use serde::Deserialize;
 
-use super::{DEFAULT_BACKLOG, NotifyAccess, Output, Probe, Protocol, Readiness, Rlimits};
+use super::{
+    DEFAULT_BACKLOG, Liveness, LivenessCheck, NotifyAccess, Output, Probe, Protocol, Readiness,
+    Rlimits,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +129,111 @@ pub(super) struct RawWorker {
     pub(super) rlimits: Rlimits,
     #[serde(default)]
     pub(super) output: Output,
+    #[serde(default)]
+    pub(super) liveness: Option<LivenessSpec>,
+}
+
+/// `liveness:` is a map: `{http: ADDRESS, path: /healthz}` or `{tcp: ADDRESS}` with optional
+/// `interval`, `timeout`, `threshold`, or `{watchdog: 10s}`; and `max_replacing`, `kill_after`.
+pub(super) struct LivenessSpec(pub(super) Liveness);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LivenessFields {
+    #[serde(default)]
+    http: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    tcp: Option<String>,
+    #[serde(default)]
+    watchdog: Option<Timeout>,
+    #[serde(default)]
+    interval: Option<Timeout>,
+    #[serde(default)]
+    timeout: Option<Timeout>,
+    #[serde(default)]
+    threshold: Option<u32>,
+    #[serde(default)]
+    max_replacing: Option<String>,
+    #[serde(default)]
+    kill_after: Option<Timeout>,
+}
+
+impl<'de> Deserialize<'de> for LivenessSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let f = LivenessFields::deserialize(d)?;
+        let threshold = f.threshold.unwrap_or(3);
+        if !(1..=100).contains(&threshold) {
+            return Err(D::Error::custom(format!(
+                "invalid liveness threshold {threshold}: failures in a row, 1 to 100"
+            )));
+        }
+        let share = f.max_replacing.as_deref().unwrap_or("50%");
+        let max_replacing_percent = share
+            .strip_suffix('%')
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|p| (1..=100).contains(p))
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "invalid liveness max_replacing \"{share}\": a percentage of a generation's workers, 1% to 100%"
+                ))
+            })?;
+        let kill_after = f.kill_after.map_or(Duration::from_secs(2), |t| t.0);
+        let probe_timing = f.interval.is_some() || f.timeout.is_some();
+        let interval = f.interval.map_or(Duration::from_secs(5), |t| t.0);
+        let timeout = f.timeout.map_or(Duration::from_secs(1), |t| t.0);
+        if interval < Duration::from_millis(100) {
+            return Err(D::Error::custom(
+                "invalid liveness interval: at least 100ms (a probe per worker per interval)",
+            ));
+        }
+        let probe = |address: String, http_path| {
+            if address.is_empty() {
+                return Err(D::Error::custom(
+                    "invalid liveness address \"\": give host:port or a Unix socket path",
+                ));
+            }
+            Ok(LivenessCheck::Probe(Probe {
+                address,
+                http_path,
+                timeout,
+                interval,
+            }))
+        };
+        let check = match (f.http, f.tcp, f.watchdog) {
+            (Some(a), None, None) => {
+                let path = f.path.unwrap_or_else(|| "/".into());
+                if !path.starts_with('/') {
+                    return Err(D::Error::custom(format!(
+                        "invalid liveness path \"{path}\": it must start with /"
+                    )));
+                }
+                probe(a, Some(path))?
+            }
+            (None, Some(a), None) if f.path.is_none() => probe(a, None)?,
+            (None, None, Some(w)) if f.path.is_none() && !probe_timing => {
+                if w.0 < Duration::from_millis(100) {
+                    return Err(D::Error::custom(
+                        "invalid liveness watchdog: at least 100ms",
+                    ));
+                }
+                LivenessCheck::Watchdog(w.0)
+            }
+            _ => {
+                return Err(D::Error::custom(
+                    "invalid liveness: give exactly one of `http` (with `path`), `tcp` (each with `interval`, `timeout`, `threshold`), or `watchdog: WINDOW`",
+                ));
+            }
+        };
+        Ok(LivenessSpec(Liveness {
+            check,
+            threshold,
+            max_replacing_percent,
+            kill_after,
+        }))
+    }
 }
 
 /// `ready:` is a word (`channel`, `notify`) or a map (`{delay: 2s}`, `{tcp: ADDRESS}`,

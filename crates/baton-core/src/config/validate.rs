@@ -426,6 +426,7 @@ impl Check<'_> {
             umask: w.umask.map(|m| m.0),
             rlimits: w.rlimits,
             output: w.output,
+            liveness: w.liveness.map(|l| self.liveness(l.0)),
         };
         if let Some(cwd) = &worker.cwd {
             if !cwd.is_dir() {
@@ -486,6 +487,20 @@ impl Check<'_> {
             }
             (Some(r), _) => self.condition(key, r, protocol),
         }
+    }
+
+    /// A liveness check's Unix socket path, relative to this file like every path.
+    fn liveness(&self, mut liveness: crate::config::Liveness) -> crate::config::Liveness {
+        if let crate::config::LivenessCheck::Probe(probe) = &mut liveness.check {
+            if probe.address.contains('/') && !probe.address.starts_with('/') {
+                probe.address = self
+                    .base
+                    .join(Path::new(&probe.address))
+                    .display()
+                    .to_string();
+            }
+        }
+        liveness
     }
 
     /// One readiness condition, checked against the protocol.

@@ -243,6 +243,10 @@ impl GenerationSpec {
                 drain_signal: w.drain_signal,
                 restart_backoff: w.restart_backoff,
                 restart_backoff_max: w.restart_backoff_max,
+                replace: w.liveness.as_ref().map(|l| crate::supervisor::ReplaceSpec {
+                    max_replacing_percent: l.max_replacing_percent,
+                    kill_after: l.kill_after,
+                }),
             })
             .collect();
         GenerationSpec {

@@ -30,6 +30,10 @@ pub(super) struct Link {
     pub(super) notify: Option<(OwnedFd, PathBuf, NotifyAccess)>,
     /// The readiness conditions it has yet to meet.
     pub(super) ready: Gate,
+    /// Its liveness check runs (it became ready), and its watchdog's heartbeats go here
+    /// (`liveness: {watchdog: ...}`).
+    pub(super) liveness: bool,
+    pub(super) heartbeats: Option<tokio::sync::mpsc::UnboundedSender<()>>,
     /// The process started for it, and its captured output streams (`output: capture`).
     pub(super) pid: Option<u32>,
     pub(super) output: Vec<std::sync::Arc<crate::output::Capture>>,
@@ -104,6 +108,7 @@ pub(super) async fn link_loop(
                     Ok(message) => {
                         let news = match message {
                             WorkerMessage::Ready => News::Ready(worker, Condition::Channel),
+                            WorkerMessage::Heartbeat => News::Heartbeat(worker),
                             message => News::Event(Event::Message { worker, message }),
                         };
                         if events.send(news).is_err() {

@@ -26,14 +26,7 @@ pub(super) async fn probe_task(
     probation: Option<Duration>,
     events: mpsc::UnboundedSender<News>,
 ) {
-    let attempt = || async {
-        tokio::time::timeout(
-            probe.timeout,
-            probe_once(&address, probe.http_path.as_deref()),
-        )
-        .await
-        .unwrap_or(Err(ProbeError::Timeout(probe.timeout)))
-    };
+    let attempt = || attempt(&probe, &address);
     let mut last_error = String::new();
     loop {
         match attempt().await {
@@ -74,9 +67,19 @@ pub(super) async fn probe_task(
     }
 }
 
+/// One attempt of `probe` at `address`, within the probe's timeout.
+pub(super) async fn attempt(probe: &Probe, address: &str) -> Result<(), ProbeError> {
+    tokio::time::timeout(
+        probe.timeout,
+        probe_once(address, probe.http_path.as_deref()),
+    )
+    .await
+    .unwrap_or(Err(ProbeError::Timeout(probe.timeout)))
+}
+
 /// Why one probe attempt failed.
 #[derive(Debug, thiserror::Error)]
-enum ProbeError {
+pub(super) enum ProbeError {
     #[error("no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
     #[error("connect: {0}")]

@@ -21,6 +21,8 @@ pub(super) enum News {
     Event(Event),
     /// One readiness condition of a worker is met.
     Ready(WorkerId, Condition),
+    /// The worker proved it is alive (a heartbeat packet, `WATCHDOG=1`).
+    Heartbeat(WorkerId),
 }
 
 /// One readiness condition.

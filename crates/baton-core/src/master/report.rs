@@ -120,6 +120,15 @@ impl Master {
             vec![(String::new(), c.restarts.to_string())],
         );
         metric(
+            "baton_worker_replacements_total",
+            "counter",
+            "Ready workers replaced, by cause (liveness: failed its liveness check).",
+            vec![(
+                "{cause=\"liveness\"}".into(),
+                c.replaced_unhealthy.to_string(),
+            )],
+        );
+        metric(
             "baton_workers_killed_total",
             "counter",
             "Workers of draining generations killed, by reason.",

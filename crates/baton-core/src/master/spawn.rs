@@ -24,7 +24,7 @@ use super::link::{Link, link_task};
 use super::probe::probe_task;
 use super::readiness::{self, Condition, Gate, News};
 use super::worker_notify::notify_task;
-use crate::config::{Protocol, WorkerConfig};
+use crate::config::{LivenessCheck, Protocol, WorkerConfig};
 use crate::listeners::GenerationListener;
 use crate::supervisor::{Generation, WorkerId};
 
@@ -176,10 +176,12 @@ impl Master {
         let pid = spawn_child(cmd, config)?;
         let (commands, commands_rx) = mpsc::unbounded_channel();
         link.channel = ours.try_clone().ok();
-        match handoff_parts(worker, generation, &listeners).and_then(|(hello, fds)| {
-            let channel = channel::into_async(ours)?;
-            Ok((hello, fds, channel))
-        }) {
+        match handoff_parts(worker, generation, &listeners, watchdog(config)).and_then(
+            |(hello, fds)| {
+                let channel = channel::into_async(ours)?;
+                Ok((hello, fds, channel))
+            },
+        ) {
             Ok((hello, fds, channel)) => {
                 let events = self.events_tx.clone();
                 let task =
@@ -213,6 +215,14 @@ impl Master {
         env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
         env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
         env.push(("NOTIFY_SOCKET".into(), socket.path().into()));
+        if let Some(window) = watchdog(config) {
+            // No WATCHDOG_PID: the exec wrapper sets only LISTEN_PID to the worker's own pid,
+            // and sd_watchdog_enabled(3) accepts an unset WATCHDOG_PID.
+            env.push((
+                "WATCHDOG_USEC".into(),
+                window.as_micros().to_string().into(),
+            ));
+        }
         let placements = listeners
             .iter()
             .enumerate()
@@ -302,6 +312,10 @@ fn worker_env(
     if let Some(address) = probe_address {
         env.push(("BATON_PROBE_ADDRESS".into(), address.into()));
     }
+    if let Some(LivenessCheck::Probe(probe)) = config.liveness.as_ref().map(|l| &l.check) {
+        let address = probe.address_for(worker.0, slot, generation.0);
+        env.push(("BATON_LIVENESS_ADDRESS".into(), address.into()));
+    }
     env
 }
 
@@ -342,13 +356,23 @@ fn spawn_child(cmd: &mut Command, config: &WorkerConfig) -> Result<u32, SpawnErr
     Ok(child.id())
 }
 
+/// The program's liveness watchdog window, if it has one.
+fn watchdog(config: &WorkerConfig) -> Option<Duration> {
+    match config.liveness.as_ref()?.check {
+        LivenessCheck::Watchdog(window) => Some(window),
+        LivenessCheck::Probe(_) => None,
+    }
+}
+
 /// The manifest and duplicated descriptors of a baton-protocol handoff.
 fn handoff_parts(
     worker: WorkerId,
     generation: Generation,
     listeners: &[GenerationListener],
+    watchdog: Option<Duration>,
 ) -> std::io::Result<(Hello, Vec<OwnedFd>)> {
     let hello = Hello {
+        watchdog_ms: watchdog.map(|w| w.as_millis() as u64),
         version: PROTOCOL_VERSION,
         generation: generation.0,
         worker_id: worker.0,

@@ -102,6 +102,11 @@ pub(super) async fn notify_task(
         for line in text.lines() {
             let event = match line.split_once('=') {
                 Some(("READY", "1")) => News::Ready(worker, Condition::Notify),
+                Some(("WATCHDOG", "1")) => News::Heartbeat(worker),
+                Some(("WATCHDOG", "trigger")) => News::Event(Event::Unhealthy {
+                    worker,
+                    reason: "it asked to be replaced (WATCHDOG=trigger)".into(),
+                }),
                 Some(("STOPPING", "1")) => News::Event(Event::Message {
                     worker,
                     message: WorkerMessage::Draining,

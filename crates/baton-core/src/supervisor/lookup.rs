@@ -12,6 +12,14 @@ use super::model::{Action, Generation, GenerationSpec, ProgramSpec, RequestId, W
 use super::records::{GenState, Slot, Worker, WorkerState};
 
 impl Supervisor {
+    /// Where worker `id` runs: its generation, the index of its program, its slot within the
+    /// program (what `BATON_SLOT` says).
+    pub fn placement(&self, id: WorkerId) -> Option<(Generation, usize, usize)> {
+        let w = self.workers.get(&id)?;
+        let slot = self.generations.get(&w.generation)?.slots.get(w.slot)?;
+        Some((w.generation, w.program, slot.index))
+    }
+
     /// The earliest time at which [`Event::Tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.values().filter_map(|w| match w.state {
@@ -53,6 +61,9 @@ impl Supervisor {
 
     /// When a draining worker is killed: its generation's drain start plus its program's timeout.
     pub(super) fn drain_deadline(&self, w: &Worker) -> Option<Instant> {
+        if let Some(replaced) = &w.replaced {
+            return Some(replaced.kill_at);
+        }
         let entry = self.generations.get(&w.generation)?;
         let program = entry.spec.as_ref()?.programs.get(w.program)?;
         match entry.state {

@@ -53,6 +53,18 @@ pub struct ProgramSpec {
     /// was given up (a worker may accept before it reports ready), after its drain request.
     #[serde(default = "default_failed_stop_timeout")]
     pub failed_stop_timeout: Duration,
+    /// How a worker that fails its liveness check is replaced (`liveness:`); `None`: no check.
+    #[serde(default)]
+    pub replace: Option<ReplaceSpec>,
+}
+
+/// How the state machine replaces a worker that failed its liveness check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaceSpec {
+    /// At most this percentage of the generation's workers being replaced at once (at least 1).
+    pub max_replacing_percent: u32,
+    /// SIGKILL this long after the drain request.
+    pub kill_after: Duration,
 }
 
 /// States written before `failed_stop_timeout` existed get the default.
@@ -128,6 +140,11 @@ pub enum Event {
     MainPid {
         worker: WorkerId,
         pid: u32,
+    },
+    /// A ready worker failed its liveness check (`liveness:`): it is replaced.
+    Unhealthy {
+        worker: WorkerId,
+        reason: String,
     },
     /// A child was reaped.
     Exited {

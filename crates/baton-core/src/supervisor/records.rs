@@ -91,6 +91,17 @@ pub(super) struct Worker {
     /// Why it is not ready yet, as last seen (see [`super::Event::NotReadyBecause`]).
     #[serde(default)]
     pub(super) not_ready: Option<String>,
+    /// Replaced (it failed its liveness check): why, and when it is killed if still running.
+    /// Its slot has a new worker already.
+    #[serde(default)]
+    pub(super) replaced: Option<Replaced>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Replaced {
+    pub(super) reason: String,
+    #[serde(with = "crate::codec::mono")]
+    pub(super) kill_at: Instant,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

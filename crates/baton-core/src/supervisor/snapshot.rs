@@ -77,6 +77,9 @@ pub struct Counters {
     pub killed_by_cap: u64,
     /// How long finished drains took.
     pub drain_durations: Histogram<DrainBuckets>,
+    /// Workers replaced because they failed their liveness check.
+    #[serde(default)]
+    pub replaced_unhealthy: u64,
 }
 
 impl Supervisor {

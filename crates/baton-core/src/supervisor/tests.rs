@@ -11,6 +11,7 @@ fn program(processes: usize) -> ProgramSpec {
         restart_backoff: Duration::from_millis(100),
         restart_backoff_max: Duration::from_secs(10),
         failed_stop_timeout: Duration::from_secs(5),
+        replace: None,
     }
 }
 
@@ -520,6 +521,57 @@ fn three_crashes_in_a_row_degrade_the_generation_until_a_worker_stays_up() {
         h.s.next_deadline().unwrap() - h.now,
         Duration::from_millis(100)
     );
+}
+
+#[test]
+fn an_unhealthy_worker_is_replaced_at_once_and_killed_later_but_never_half_the_generation() {
+    let mut h = Harness::new();
+    let start = h.s.start(h.now);
+    let mut with_liveness = spec(2);
+    with_liveness.programs[0].replace = Some(ReplaceSpec {
+        max_replacing_percent: 50,
+        kill_after: Duration::from_secs(2),
+    });
+    let workers = h.prepare(&start, with_liveness);
+    h.ready(&workers);
+    let unhealthy = |worker| Event::Unhealthy {
+        worker,
+        reason: "no heartbeat for 1000 ms".into(),
+    };
+    let actions = h.ev(unhealthy(workers[0]));
+    // Its slot's next worker starts now; it is asked to drain (packet and signal).
+    let new = h.spawn_all(&actions);
+    assert_eq!(new.len(), 1);
+    assert_eq!(drained(&actions), vec![workers[0]]);
+    // 50% of 2 workers: the second one failing now is not replaced too.
+    let second = h.ev(unhealthy(workers[1]));
+    assert!(
+        spawned(&second).is_empty() && drained(&second).is_empty(),
+        "{second:?}"
+    );
+    // The replaced one is killed at kill_after, not before.
+    // (The new worker's ready deadline, 5 s, comes later.)
+    assert_eq!(h.s.next_deadline().unwrap() - h.now, Duration::from_secs(2));
+    h.advance(Duration::from_secs(2));
+    let kill = h.ev(Event::Tick);
+    assert!(
+        kill.iter()
+            .any(|a| matches!(a, Action::Kill { pid, .. } if *pid == pid_of(workers[0]))),
+        "{kill:?}"
+    );
+    // Its exit restarts nothing: the slot has its new worker.
+    let exit = h.exit(workers[0], 137);
+    assert!(spawned(&exit).is_empty(), "{exit:?}");
+    h.ready(&new);
+    assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 2)]);
+    assert_eq!(h.s.counters().replaced_unhealthy, 1);
+    // Now the second one may be replaced.
+    let again = h.ev(unhealthy(workers[1]));
+    assert_eq!(spawned(&again).len(), 1);
+    // A worker that is not ready (starting) is not judged.
+    let starting = spawned(&again)[0];
+    h.spawn_all(&again);
+    assert!(h.ev(unhealthy(starting)).is_empty());
 }
 
 #[test]
