@@ -20,6 +20,7 @@ mod suite {
     mod listeners;
     mod liveness;
     mod master_log;
+    mod memory;
     mod orphans;
     mod output;
     mod readiness;

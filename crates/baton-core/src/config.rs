@@ -93,6 +93,20 @@ pub struct WorkerConfig {
     /// How a ready worker is judged alive, if it is (`liveness:`).
     #[serde(default)]
     pub liveness: Option<Liveness>,
+    /// When a worker that uses too much memory is replaced (`recycle:`).
+    #[serde(default)]
+    pub recycle: Option<Recycle>,
+}
+
+/// `recycle:`: a ready worker whose process tree stays above `max_rss` for `above_for` is
+/// replaced: a new worker starts, and once it is ready the old one drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recycle {
+    pub max_rss_kib: u64,
+    /// How often the master reads the workers' memory.
+    pub check_every: Duration,
+    /// How long a worker must stay above `max_rss` (every check in a row).
+    pub above_for: Duration,
 }
 
 /// Resource limits set in each worker before it starts.

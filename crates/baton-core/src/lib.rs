@@ -22,6 +22,7 @@ pub mod master;
 pub mod metrics_http;
 pub mod orphans;
 pub mod output;
+mod procmem;
 mod procnet;
 pub mod supervisor;
 pub mod upgrade;

@@ -18,6 +18,7 @@
 //! - `worker_notify`: a systemd-style worker's `NOTIFY_SOCKET`;
 //! - `probe`: readiness probes;
 //! - `liveness`: liveness checks of ready workers (probes, watchdog);
+//! - `memory`: the periodic memory check of `recycle:`;
 //! - `requests`: control requests and the verdicts clients wait for;
 //! - `report`: the views (status, metrics, history, the systemd status line);
 //! - `service_manager`: what the master tells systemd;
@@ -50,6 +51,7 @@ mod generations;
 mod guard;
 mod link;
 mod liveness;
+mod memory;
 mod probe;
 mod readiness;
 mod report;
@@ -180,6 +182,8 @@ pub struct Master {
     metrics_rx: mpsc::Receiver<metrics_http::Ask>,
     /// The workers' captured output: tails, followers, counters.
     output: output::Hub,
+    /// `recycle:`'s memory checks.
+    memory: memory::MemoryWatch,
 }
 
 /// Metrics requests waiting for the event loop (their clients wait too, bounded in number).
@@ -277,6 +281,7 @@ impl Master {
             metrics_tx,
             metrics_rx,
             output: output::Hub::default(),
+            memory: memory::MemoryWatch::default(),
         })
     }
 
@@ -377,6 +382,7 @@ impl Master {
             self.report();
             self.update_registry();
             let deadline = self.supervisor.next_deadline();
+            let memory_check = self.next_memory_check();
             // While something drains, refresh the status line (time left) once a second.
             let refresh = (self.options.notify.is_some()
                 && self
@@ -421,6 +427,9 @@ impl Master {
                     self.preflight_expired();
                 }
                 () = sleep_until(deadline), if deadline.is_some() => queue.push_back(Event::Tick),
+                () = sleep_until(memory_check), if memory_check.is_some() => {
+                    self.check_memory(&mut queue);
+                }
             }
         }
     }

@@ -100,6 +100,7 @@ impl Supervisor {
             }
             Event::ProbeFailed { worker, reason } => self.on_probe_failed(now, worker, reason),
             Event::Unhealthy { worker, reason } => self.on_unhealthy(now, worker, reason),
+            Event::Recycle { worker, reason } => self.on_recycle(now, worker, reason),
             Event::Exited { pid, status } => self.on_exited(now, pid, status),
             Event::Tick => self.on_tick(now),
         }
@@ -290,6 +291,7 @@ impl Supervisor {
                 status: None,
                 not_ready: None,
                 replaced: None,
+                successor: None,
             },
         );
         self.actions.push(Action::Spawn {
@@ -549,6 +551,7 @@ impl Supervisor {
                 if let WorkerState::Starting { .. } = w.state {
                     w.state = WorkerState::Ready;
                     self.watch_stability(now, g, slot);
+                    self.successor_ready(now, id);
                     let Some(w) = self.workers.get_mut(&id) else {
                         return;
                     };
@@ -717,6 +720,9 @@ impl Supervisor {
         reason: String,
         worker: WorkerId,
     ) {
+        if self.recycle_failed(g, slot, worker, &reason) {
+            return;
+        }
         match self.generations.get(&g).map(|entry| &entry.state) {
             Some(GenState::Starting) | Some(GenState::Preparing) => {
                 self.fail_reload(now, reason, Some(worker));

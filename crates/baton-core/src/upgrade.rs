@@ -281,6 +281,8 @@ mod tests {
             "liveness: None",
             "replace: None",
             "replaced: None",
+            "successor: None",
+            "recycle: None",
         ];
         diff.retain(|d| {
             !added.iter().any(|a| {
@@ -290,7 +292,10 @@ mod tests {
         });
         // `output:` came later too; its default is `capture`.
         diff.retain(|d| !d.ends_with(".output: None vs Some(String(\"capture\"))"));
-        diff.retain(|d| d != ".supervisor.counters.replaced_unhealthy: None vs Some(Number(0))");
+        diff.retain(|d| {
+            d != ".supervisor.counters.replaced_unhealthy: None vs Some(Number(0))"
+                && d != ".supervisor.counters.replaced_memory: None vs Some(Number(0))"
+        });
         // Format 2: the durations are histograms now, with what the lists held.
         let counters = &again["supervisor"]["counters"];
         assert_eq!(counters["reload_durations"]["count"], 2, "{counters}");

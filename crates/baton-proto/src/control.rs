@@ -303,6 +303,20 @@ pub struct GenerationStatus {
     /// is degraded while this is not empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub degraded: Vec<CrashLoopStatus>,
+    /// The sum of its workers' memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStatus>,
+}
+
+/// Memory of a worker (its process and every descendant), or the sum over a generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStatus {
+    /// Resident set: pages in memory (a page shared by two processes counts in both).
+    pub rss_kib: u64,
+    /// Proportional set: a shared page divided among its sharers.
+    pub pss_kib: u64,
+    /// Processes counted.
+    pub processes: u32,
 }
 
 /// A crash-looping program of a generation.
@@ -338,6 +352,9 @@ pub struct WorkerStatus {
     /// `backoff`: when the slot's next worker starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_in_ms: Option<u64>,
+    /// Its memory, read from `/proc` when the status was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStatus>,
 }
 
 /// Defines a state enum serialized as its name, each name written once.

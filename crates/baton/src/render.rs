@@ -69,6 +69,11 @@ pub(crate) fn clock(unix_ms: u64) -> String {
     )
 }
 
+/// `12.3 MiB`.
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
 fn ago(unix_ms: u64) -> String {
     format!("{} ago", duration(now_unix_ms().saturating_sub(unix_ms)))
 }
@@ -97,6 +102,19 @@ fn generation_heading(g: &GenerationStatus) -> String {
             secs / 3600 % 24,
             secs / 60 % 60,
             secs % 60
+        );
+    }
+    if let Some(m) = g.memory {
+        let _ = write!(
+            line,
+            "  memory {} RSS, {} PSS ({})",
+            mib(m.rss_kib),
+            mib(m.pss_kib),
+            if m.processes == 1 {
+                "1 process".to_string()
+            } else {
+                format!("{} processes", m.processes)
+            }
         );
     }
     for c in &g.degraded {
@@ -167,6 +185,7 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
                 "RESTARTS",
                 "LAST EXIT",
                 "CONNS",
+                "RSS",
                 "STATUS",
             ]
             .map(String::from),
@@ -190,6 +209,7 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
                 w.restarts.to_string(),
                 w.last_exit.as_deref().map_or_else(|| "-".into(), safe),
                 connections(w),
+                w.memory.map_or_else(|| "-".into(), |m| mib(m.rss_kib)),
                 w.status.as_deref().map_or_else(|| "-".into(), safe),
             ]);
         }
@@ -410,6 +430,7 @@ mod tests {
             connections_source: source,
             status: None,
             restart_in_ms: None,
+            memory: None,
         }
     }
 
@@ -434,6 +455,7 @@ mod tests {
                 deadline_unix_ms: None,
                 workers,
                 degraded: vec![],
+                memory: None,
             }],
         }
     }

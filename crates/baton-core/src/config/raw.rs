@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::{
     DEFAULT_BACKLOG, Liveness, LivenessCheck, NotifyAccess, Output, Probe, Protocol, Readiness,
-    Rlimits,
+    Recycle, Rlimits,
 };
 
 #[derive(Deserialize)]
@@ -131,6 +131,64 @@ pub(super) struct RawWorker {
     pub(super) output: Output,
     #[serde(default)]
     pub(super) liveness: Option<LivenessSpec>,
+    #[serde(default)]
+    pub(super) recycle: Option<RecycleSpec>,
+}
+
+/// `recycle: {max_rss: 512MiB, check_every: 10s, above_for: 30s}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RecycleSpec {
+    max_rss: Size,
+    #[serde(default)]
+    check_every: Option<Timeout>,
+    #[serde(default)]
+    above_for: Option<Timeout>,
+}
+
+impl RecycleSpec {
+    pub(super) fn recycle(&self) -> Recycle {
+        Recycle {
+            max_rss_kib: self.max_rss.0 / 1024,
+            check_every: self
+                .check_every
+                .as_ref()
+                .map_or(Duration::from_secs(10), |t| t.0),
+            above_for: self
+                .above_for
+                .as_ref()
+                .map_or(Duration::from_secs(30), |t| t.0),
+        }
+    }
+}
+
+/// A size in bytes: `512MiB`, `2GiB`, `800KiB` (binary units; at least 1 MiB).
+pub(super) struct Size(pub(super) u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let text = String::deserialize(d)?;
+        let t = text.trim();
+        let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+        let factor: u64 = match unit.trim() {
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => {
+                return Err(D::Error::custom(format!(
+                    "invalid size \"{text}\": a number and KiB, MiB or GiB (512MiB)"
+                )));
+            }
+        };
+        let bytes = number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(factor))
+            .filter(|&b| b >= 1 << 20)
+            .ok_or_else(|| D::Error::custom(format!("invalid size \"{text}\": at least 1MiB")))?;
+        Ok(Size(bytes))
+    }
 }
 
 /// `liveness:` is a map: `{http: ADDRESS, path: /healthz}` or `{tcp: ADDRESS}` with optional

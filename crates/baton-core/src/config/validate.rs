@@ -427,6 +427,7 @@ impl Check<'_> {
             rlimits: w.rlimits,
             output: w.output,
             liveness: w.liveness.map(|l| self.liveness(l.0)),
+            recycle: w.recycle.as_ref().map(|r| r.recycle()),
         };
         if let Some(cwd) = &worker.cwd {
             if !cwd.is_dir() {

@@ -9,6 +9,7 @@ use baton_proto::control as proto;
 
 use super::Master;
 use crate::histogram::{Buckets, Histogram};
+use crate::procmem::Memory;
 use crate::supervisor::{Generation, Phase, ReloadRecord, Snapshot};
 
 impl Master {
@@ -50,6 +51,7 @@ impl Master {
                 .map(|(g, r)| (*g, r.programs.iter().map(|p| p.name.clone()).collect()))
                 .collect(),
             counted: crate::procnet::established_connections(&unreported, &ports),
+            memory: memory_of(&snap),
             start_settings: self.start_settings.clone(),
         };
         status_view(&snap, &context)
@@ -122,11 +124,14 @@ impl Master {
         metric(
             "baton_worker_replacements_total",
             "counter",
-            "Ready workers replaced, by cause (liveness: failed its liveness check).",
-            vec![(
-                "{cause=\"liveness\"}".into(),
-                c.replaced_unhealthy.to_string(),
-            )],
+            "Ready workers replaced, by cause (liveness: failed its liveness check; memory: recycle:).",
+            vec![
+                (
+                    "{cause=\"liveness\"}".into(),
+                    c.replaced_unhealthy.to_string(),
+                ),
+                ("{cause=\"memory\"}".into(), c.replaced_memory.to_string()),
+            ],
         );
         metric(
             "baton_workers_killed_total",
@@ -172,6 +177,54 @@ impl Master {
                     (format!("{{state=\"{s}\"}}"), n.to_string())
                 })
                 .collect(),
+        );
+        let memory = memory_of(&snap);
+        let program_name = |g: Generation, program: usize| {
+            self.resources
+                .get(&g)
+                .and_then(|r| r.programs.get(program))
+                .map_or_else(|| program.to_string(), |p| p.name.clone())
+        };
+        let mut per_worker = Vec::new();
+        let mut per_generation = Vec::new();
+        for g in &snap.generations {
+            let mut total = Memory::default();
+            for w in &g.workers {
+                let Some(m) = w.pid.and_then(|p| memory.get(&p)) else {
+                    continue;
+                };
+                total = total + *m;
+                let labels = format!(
+                    "program=\"{}\",slot=\"{}\",generation=\"{}\"",
+                    program_name(g.generation, w.program),
+                    w.slot,
+                    g.generation
+                );
+                for (kind, kib) in [("rss", m.rss_kib), ("pss", m.pss_kib)] {
+                    per_worker.push((
+                        format!("{{{labels},kind=\"{kind}\"}}"),
+                        (kib * 1024).to_string(),
+                    ));
+                }
+            }
+            for (kind, kib) in [("rss", total.rss_kib), ("pss", total.pss_kib)] {
+                per_generation.push((
+                    format!("{{generation=\"{}\",kind=\"{kind}\"}}", g.generation),
+                    (kib * 1024).to_string(),
+                ));
+            }
+        }
+        metric(
+            "baton_worker_memory_bytes",
+            "gauge",
+            "Memory of each worker's process and its descendants (rss: resident; pss: shared pages divided among sharers).",
+            per_worker,
+        );
+        metric(
+            "baton_generation_memory_bytes",
+            "gauge",
+            "Memory of each generation's workers, summed.",
+            per_generation,
         );
         let degraded: Vec<(Generation, &crate::supervisor::CrashLoop)> = snap
             .generations
@@ -258,7 +311,27 @@ struct StatusContext {
     programs: HashMap<Generation, Vec<String>>,
     /// Connections counted from the kernel, by pid, for workers that do not report them.
     counted: HashMap<u32, u64>,
+    /// Memory of each worker's process tree, by pid.
+    memory: HashMap<u32, Memory>,
     start_settings: std::collections::BTreeMap<String, String>,
+}
+
+/// The memory of every worker of `snap` (its process tree), by pid.
+fn memory_of(snap: &Snapshot) -> HashMap<u32, Memory> {
+    snap.generations
+        .iter()
+        .flat_map(|g| &g.workers)
+        .filter_map(|w| w.pid)
+        .filter_map(|pid| Some((pid, crate::procmem::of_tree(pid)?)))
+        .collect()
+}
+
+fn status_of(m: Memory) -> proto::MemoryStatus {
+    proto::MemoryStatus {
+        rss_kib: m.rss_kib,
+        pss_kib: m.pss_kib,
+        processes: m.processes,
+    }
 }
 
 /// The `baton status` snapshot (what `--json` prints) of a state machine's [`Snapshot`].
@@ -306,9 +379,20 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
                             },
                             status: w.status.clone(),
                             restart_in_ms: w.restart_in.map(|d| d.as_millis() as u64),
+                            memory: w
+                                .pid
+                                .and_then(|p| context.memory.get(&p))
+                                .map(|&m| status_of(m)),
                         }
                     })
                     .collect(),
+                memory: g
+                    .workers
+                    .iter()
+                    .filter_map(|w| context.memory.get(&w.pid?))
+                    .copied()
+                    .reduce(|a, b| a + b)
+                    .map(status_of),
                 degraded: g
                     .crash_loops
                     .iter()
@@ -570,6 +654,7 @@ mod tests {
                 .map(|g| (Generation(g), vec!["web".to_string(), "api".to_string()]))
                 .collect(),
             counted: [(103, 2), (105, 11)].into_iter().collect(),
+            memory: HashMap::new(),
             start_settings: [("supervisor.control.socket", "/run/baton/baton.sock")]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

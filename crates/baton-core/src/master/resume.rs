@@ -258,6 +258,7 @@ impl Master {
             metrics_tx,
             metrics_rx,
             output: crate::output::Hub::default(),
+            memory: super::memory::MemoryWatch::default(),
             resumed: Some(Resumed {
                 client,
                 from_version: state.from_version,

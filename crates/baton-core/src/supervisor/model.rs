@@ -146,6 +146,12 @@ pub enum Event {
         worker: WorkerId,
         reason: String,
     },
+    /// A ready worker used too much memory for too long (`recycle:`): a new worker starts in
+    /// its slot, and once that one is ready it drains.
+    Recycle {
+        worker: WorkerId,
+        reason: String,
+    },
     /// A child was reaped.
     Exited {
         pid: u32,

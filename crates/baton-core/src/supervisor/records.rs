@@ -95,6 +95,9 @@ pub(super) struct Worker {
     /// Its slot has a new worker already.
     #[serde(default)]
     pub(super) replaced: Option<Replaced>,
+    /// Being recycled: the worker that will take its slot once ready, and why.
+    #[serde(default)]
+    pub(super) successor: Option<(WorkerId, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

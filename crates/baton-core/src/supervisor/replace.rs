@@ -100,3 +100,110 @@ impl Supervisor {
             .count()
     }
 }
+
+impl Supervisor {
+    /// A ready worker used too much memory for too long: a new worker starts in its slot; the
+    /// old one serves on until the new one is ready, then drains. One at a time per program.
+    pub(super) fn on_recycle(&mut self, now: Instant, id: WorkerId, reason: String) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let (g, slot, program, pid) = (w.generation, w.slot, w.program, w.pid.unwrap_or(0));
+        let serving = matches!(
+            self.generations.get(&g).map(|e| &e.state),
+            Some(GenState::Serving)
+        );
+        if !serving
+            || self.stop.is_some()
+            || w.state != WorkerState::Ready
+            || w.replaced.is_some()
+            || w.successor.is_some()
+        {
+            return;
+        }
+        if let Some((other, _)) = self
+            .workers
+            .iter()
+            .find(|(_, o)| o.generation == g && o.program == program && o.successor.is_some())
+        {
+            debug!(
+                worker = id.0,
+                "worker {id}: {reason}; waits: worker {other} of its program is being recycled"
+            );
+            return;
+        }
+        self.counters.replaced_memory += 1;
+        if let Some(s) = self.slot_mut(g, slot) {
+            s.worker = None;
+        }
+        self.spawn(now, g, slot);
+        let new = WorkerId(self.next_worker);
+        warn!(event = "worker_recycled", worker = id.0, generation = g.0, pid, reason = %reason,
+            successor = new.0,
+            "worker {id} of generation {g} (pid {pid}): {reason}; recycling it: worker {new} \
+             starts in its place, and it drains once worker {new} is ready");
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.successor = Some((new, reason));
+        }
+    }
+
+    /// Worker `id` is ready: the worker it succeeds (if it was started to recycle one) drains.
+    pub(super) fn successor_ready(&mut self, now: Instant, id: WorkerId) {
+        let Some((&old, _)) = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.successor.as_ref().is_some_and(|(s, _)| *s == id))
+        else {
+            return;
+        };
+        let Some(timeout) = self.program(old).map(|p| p.drain_timeout) else {
+            return;
+        };
+        let Some(w) = self.workers.get_mut(&old) else {
+            return;
+        };
+        let reason = w.successor.take().map(|(_, r)| r).unwrap_or_default();
+        info!(
+            worker = old.0,
+            generation = w.generation.0,
+            "worker {id} is ready: worker {old}, recycled ({reason}), drains"
+        );
+        w.replaced = Some(Replaced {
+            reason: format!("recycled: {reason}"),
+            kill_at: now + timeout,
+        });
+        self.drain_worker_within(old, timeout);
+    }
+
+    /// A worker started to recycle another did not make it (it exited, or could not start, or
+    /// was not ready in time): the old one keeps its slot and serves on. Returns whether
+    /// `worker` was such a successor.
+    pub(super) fn recycle_failed(
+        &mut self,
+        g: Generation,
+        slot: usize,
+        worker: WorkerId,
+        reason: &str,
+    ) -> bool {
+        let Some((&old, _)) = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.successor.as_ref().is_some_and(|(s, _)| *s == worker))
+        else {
+            return false;
+        };
+        if let Some(w) = self.workers.get_mut(&old) {
+            w.successor = None;
+        }
+        if let Some(s) = self.slot_mut(g, slot) {
+            s.worker = Some(old);
+        }
+        warn!(
+            event = "worker_recycle_failed",
+            worker = old.0,
+            generation = g.0,
+            "recycling worker {old} failed: {reason}; worker {old} serves on"
+        );
+        true
+    }
+}

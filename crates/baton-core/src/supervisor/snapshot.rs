@@ -80,6 +80,9 @@ pub struct Counters {
     /// Workers replaced because they failed their liveness check.
     #[serde(default)]
     pub replaced_unhealthy: u64,
+    /// Workers replaced because they used too much memory (`recycle:`).
+    #[serde(default)]
+    pub replaced_memory: u64,
 }
 
 impl Supervisor {

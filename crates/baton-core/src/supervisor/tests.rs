@@ -575,6 +575,48 @@ fn an_unhealthy_worker_is_replaced_at_once_and_killed_later_but_never_half_the_g
 }
 
 #[test]
+fn a_recycled_worker_drains_only_once_its_successor_is_ready_one_at_a_time() {
+    let mut h = Harness::new();
+    let workers = h.serving(2);
+    let recycle = |worker| Event::Recycle {
+        worker,
+        reason: "its memory was 600.0 MiB, above max_rss 512.0 MiB, for 30 s".into(),
+    };
+    let actions = h.ev(recycle(workers[0]));
+    let successor = h.spawn_all(&actions);
+    assert_eq!(successor.len(), 1);
+    assert!(
+        drained(&actions).is_empty(),
+        "the old one serves on meanwhile"
+    );
+    // One at a time per program.
+    assert!(h.ev(recycle(workers[1])).is_empty());
+    // The successor is ready: now the old one drains.
+    let ready = h.ready(&successor);
+    assert_eq!(drained(&ready), vec![workers[0]]);
+    let exit = h.exit(workers[0], 0);
+    assert!(
+        spawned(&exit).is_empty(),
+        "its slot has its successor: {exit:?}"
+    );
+    assert_eq!(h.s.counters().replaced_memory, 1);
+    // A successor that dies before it is ready leaves the old worker in its slot, serving.
+    let again = h.ev(recycle(workers[1]));
+    let doomed = h.spawn_all(&again);
+    let died = h.exit(doomed[0], 1);
+    assert!(
+        spawned(&died).is_empty() && drained(&died).is_empty(),
+        "{died:?}"
+    );
+    assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 2)]);
+    let snap = h.s.snapshot(h.now);
+    let ids: Vec<WorkerId> = snap.generations[0].workers.iter().map(|w| w.id).collect();
+    assert_eq!(ids, vec![successor[0], workers[1]]);
+    // And it can be recycled again later.
+    assert_eq!(spawned(&h.ev(recycle(workers[1]))).len(), 1);
+}
+
+#[test]
 fn graceful_stop_drains_everything_then_exits_zero() {
     let mut h = Harness::new();
     let old = h.serving(1);
