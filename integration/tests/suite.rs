@@ -23,6 +23,7 @@ mod suite {
     mod memory;
     mod orphans;
     mod output;
+    mod process_tree;
     mod readiness;
     mod signals;
     mod systemd;

@@ -272,6 +272,20 @@ pub struct SupervisorConfig {
     pub log_file: Option<PathBuf>,
     #[serde(default)]
     pub pid_file: Option<PathBuf>,
+    /// Whether workers are contained in cgroups where the master can create them.
+    #[serde(default)]
+    pub cgroups: Cgroups,
+}
+
+/// `supervisor.cgroups`: contain each worker's process tree in a cgroup of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cgroups {
+    /// Where the master can write the cgroup2 hierarchy (root, or `Delegate=yes`).
+    #[default]
+    Auto,
+    /// Process groups only.
+    Off,
 }
 
 impl SupervisorConfig {

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod accept;
+pub mod cgroups;
 mod codec;
 pub mod config;
 pub mod control;

@@ -14,6 +14,7 @@
 //!   endpoint moved) and their release;
 //! - `spawn`: a worker's process (environment, user, limits, descriptors, both protocols);
 //! - `capture`: a worker's output pipes and the tasks reading them;
+//! - `containment`: workers' cgroups (made, killed, removed);
 //! - `link`: a baton-protocol worker's channel and the `SCM_RIGHTS` handoff;
 //! - `worker_notify`: a systemd-style worker's `NOTIFY_SOCKET`;
 //! - `probe`: readiness probes;
@@ -44,9 +45,10 @@ use crate::listeners::{BindError, ListenerTable, Prepared};
 use crate::supervisor::{
     Action, Event, Generation, Intent, Phase, RequestId, Supervisor, Trigger, WorkerId,
 };
-use crate::{metrics_http, orphans, output};
+use crate::{cgroups, metrics_http, orphans, output};
 
 mod capture;
+mod containment;
 mod generations;
 mod guard;
 mod link;
@@ -184,6 +186,10 @@ pub struct Master {
     output: output::Hub,
     /// `recycle:`'s memory checks.
     memory: memory::MemoryWatch,
+    /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]), and the
+    /// cgroups of gone workers still to remove (their last processes not reaped yet).
+    containment: Result<cgroups::Containment, cgroups::Unavailable>,
+    cgroups_to_remove: Vec<WorkerId>,
 }
 
 /// Metrics requests waiting for the event loop (their clients wait too, bounded in number).
@@ -218,6 +224,11 @@ impl Master {
         let socket_file = control::SocketFile(control_config.socket.clone());
         let registry = orphans::Registry::beside(&control_config.socket);
         end_predecessors_workers(&registry);
+        let containment = containment::open(config.supervisor.cgroups, &control_config.socket);
+        if let Ok(containment) = &containment {
+            // What escaped a predecessor's workers' process groups.
+            containment.end_leftovers();
+        }
         let mut table = ListenerTable::default();
         let inherited = std::mem::take(&mut options.inherited);
         let unused = table.adopt(&config.listeners, inherited)?;
@@ -282,6 +293,8 @@ impl Master {
             metrics_rx,
             output: output::Hub::default(),
             memory: memory::MemoryWatch::default(),
+            containment,
+            cgroups_to_remove: Vec::new(),
         })
     }
 
@@ -303,6 +316,7 @@ impl Master {
         // Every worker is gone (or the master exits at once after a failed start): the
         // registry names nobody the guard should end.
         self.registry.remove();
+        self.close_containment();
         code
     }
 
@@ -310,6 +324,9 @@ impl Master {
         if self.resumed.is_none() {
             info!(event = "started", pid = std::process::id(), config = %self.config_path.display(),
                 "baton {} master started (pid {})", crate::version(), std::process::id());
+        }
+        if self.resumed.is_none() {
+            cgroups::announce(&self.containment);
         }
         for (name, address) in self.listening() {
             info!(event = "listening", listener = %name, address = %address,
@@ -399,7 +416,10 @@ impl Master {
                 () = sleep_until(refresh), if refresh.is_some() => {}
                 input = inputs.recv(), if inputs_open => match input {
                     Some(Input::Intent(intent)) => queue.push_back(Event::Intent(intent)),
-                    Some(Input::ChildExited) => reap(&mut queue),
+                    Some(Input::ChildExited) => {
+                        reap(&mut queue);
+                        self.remove_cgroups();
+                    }
                     Some(Input::UpgradeSignal { signal, trigger }) => {
                         self.on_upgrade_signal(signal, trigger, false);
                     }
@@ -492,14 +512,17 @@ impl Master {
                         debug!(pid, "cannot send {} to pid {pid}: {err}", signal.as_str());
                     }
                 }
-                Action::Kill { pid, pgid } => {
+                Action::Kill { pid, pgid, worker } => {
                     // The worker leads its own process group: take its children with it. Signal
-                    // the main pid too, in case it left the group.
+                    // the main pid too, in case it left the group; and its cgroup, which holds
+                    // the children that left the group too.
                     let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
                     let _ = process::signal_process(pid, SignalNumber::SIGKILL);
+                    self.kill_cgroup(worker);
                 }
-                Action::KillGroup { pgid } => {
+                Action::KillGroup { pgid, worker } => {
                     let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
+                    self.kill_cgroup(worker);
                 }
                 Action::Forget { worker } => {
                     if let Some(link) = self.links.remove(&worker) {
@@ -508,6 +531,7 @@ impl Master {
                         }
                     }
                     self.output.gone(worker.0);
+                    self.forget_cgroup(worker);
                 }
                 Action::Release { generation } => self.release(generation),
                 Action::Exit { code } => return Some(code),

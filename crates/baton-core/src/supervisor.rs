@@ -13,11 +13,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use baton_proto::{MasterMessage, WorkerMessage};
-use baton_sys::process::{ExitKind, SignalNumber};
+use baton_sys::process::ExitKind;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
 mod crash_loop;
+mod drain;
 mod lookup;
 mod model;
 mod records;
@@ -669,7 +670,7 @@ impl Supervisor {
             return;
         };
         if let Some(pgid) = w.pgid {
-            self.actions.push(Action::KillGroup { pgid });
+            self.actions.push(Action::KillGroup { pgid, worker: id });
         }
         self.pids.retain(|_, owner| *owner != id);
         self.actions.push(Action::Forget { worker: id });
@@ -864,278 +865,6 @@ impl Supervisor {
         }
     }
 
-    // ---- drain and stop ---------------------------------------------------------------------
-
-    fn begin_drain(&mut self, now: Instant, g: Generation) {
-        let Some(entry) = self.generations.get_mut(&g) else {
-            return;
-        };
-        entry.state = GenState::Draining {
-            since: now,
-            killed: false,
-        };
-        for slot in &mut entry.slots {
-            slot.restart_at = None;
-        }
-        let longest = entry
-            .spec
-            .as_ref()
-            .and_then(|s| s.programs.iter().map(|p| p.drain_timeout).max())
-            .unwrap_or_default();
-        let workers = self.live_workers(g);
-        info!(
-            event = "generation_draining",
-            generation = g.0,
-            workers,
-            deadline_ms = longest.as_millis() as u64,
-            "generation {g} is draining: {workers} workers, killed in {} ms if still running",
-            longest.as_millis()
-        );
-        for id in self.worker_ids(g) {
-            self.drain_worker(id);
-        }
-        self.finish_if_empty(now, g);
-    }
-
-    fn drain_worker(&mut self, id: WorkerId) {
-        let Some(timeout) = self.program(id).map(|p| p.drain_timeout) else {
-            return;
-        };
-        self.drain_worker_within(id, timeout);
-    }
-
-    /// Asks worker `id` to drain (packet and drain signal), telling it it has `timeout`.
-    fn drain_worker_within(&mut self, id: WorkerId, timeout: Duration) {
-        let Some(program) = self.program(id).cloned() else {
-            return;
-        };
-        let Some(w) = self.workers.get_mut(&id) else {
-            return;
-        };
-        let Some(pid) = w.pid else { return };
-        if w.state == WorkerState::Killed {
-            return;
-        }
-        w.state = WorkerState::Draining;
-        let deadline_ms = timeout.as_millis() as u64;
-        self.actions.push(Action::Send {
-            worker: id,
-            message: MasterMessage::Drain { deadline_ms },
-        });
-        if let Some(signal) = program.drain_signal {
-            self.actions.push(Action::Signal { pid, signal });
-        }
-    }
-
-    /// More generations drain than allowed: the oldest go first.
-    /// At most `max_draining` generations besides the serving one: draining ones, and the one a
-    /// running reload is starting. The oldest draining generations are killed to make room.
-    fn enforce_drain_cap(&mut self) {
-        let max = self.serving_spec().map_or(usize::MAX, |s| s.max_draining);
-        let starting = self
-            .generations
-            .values()
-            .filter(|e| matches!(e.state, GenState::Preparing | GenState::Starting))
-            .count();
-        let draining: Vec<Generation> = self
-            .generations
-            .iter()
-            .filter(|(_, entry)| {
-                matches!(entry.state, GenState::Draining { .. } | GenState::Failed)
-            })
-            .filter(|(g, _)| {
-                self.workers
-                    .values()
-                    .any(|w| w.generation == **g && w.state != WorkerState::Killed)
-            })
-            .map(|(g, _)| *g)
-            .collect();
-        let excess = (draining.len() + starting).saturating_sub(max);
-        for g in draining.into_iter().take(excess) {
-            for id in self.worker_ids(g) {
-                self.kill_draining(
-                    id,
-                    &format!("more than {max} generations besides the serving one"),
-                );
-            }
-        }
-    }
-
-    /// Kills a worker of a draining generation, saying why and with what it still had.
-    fn kill_draining(&mut self, id: WorkerId, why: &str) {
-        let Some(w) = self.workers.get(&id) else {
-            return;
-        };
-        if w.state == WorkerState::Killed {
-            return;
-        }
-        let g = w.generation;
-        if let Some(pid) = w.pid {
-            let conns = w
-                .connections
-                .map_or("unknown".to_string(), |c| c.to_string());
-            warn!(
-                event = "worker_killed",
-                worker = id.0,
-                generation = g.0,
-                pid,
-                "killing worker {id} of generation {g} (pid {pid}, connections: {conns}): {why}"
-            );
-        }
-        if let Some(Gen {
-            state: GenState::Draining { killed, .. },
-            ..
-        }) = self.generations.get_mut(&g)
-        {
-            *killed = true;
-        }
-        if why.contains("deadline") {
-            self.counters.killed_at_deadline += 1;
-        } else if why.contains("besides the serving one") {
-            self.counters.killed_by_cap += 1;
-        }
-        self.kill(id);
-    }
-
-    fn on_stop(&mut self, now: Instant, graceful: bool, trigger: Trigger) {
-        let wanted = if graceful {
-            StopMode::Graceful
-        } else {
-            StopMode::Fast
-        };
-        match (self.stop, wanted) {
-            (Some(StopMode::Fast), _) | (Some(StopMode::Graceful), StopMode::Graceful) => {
-                info!("{trigger}: already stopping");
-                return;
-            }
-            _ => {}
-        }
-        self.stop = Some(wanted);
-        info!(event = "stopping", graceful, trigger = %trigger,
-            "{trigger}: {} stop", if graceful { "graceful" } else { "fast" });
-        for (request, _) in std::mem::take(&mut self.pending) {
-            self.reject(request);
-        }
-        self.fail_reload(now, format!("stop requested ({trigger})"), None);
-        if let Some(c) = self.canary.take() {
-            // A stop ends the probation: everything drains, and the reload has no verdict of
-            // success it could still earn.
-            self.record(
-                &c.reload,
-                now,
-                Err(format!("stop requested during the probation ({trigger})")),
-                None,
-            );
-        }
-        let gens: Vec<Generation> = self.generations.keys().copied().collect();
-        for g in gens {
-            let serving = matches!(
-                self.generations.get(&g).map(|e| &e.state),
-                Some(GenState::Serving | GenState::Standby)
-            );
-            if graceful {
-                if serving {
-                    self.begin_drain(now, g);
-                }
-                continue;
-            }
-            if let Some(entry) = self.generations.get_mut(&g) {
-                if !matches!(entry.state, GenState::Failed) {
-                    entry.state = GenState::Draining {
-                        since: now,
-                        killed: true,
-                    };
-                }
-            }
-            for id in self.worker_ids(g) {
-                self.kill_draining(id, "fast stop");
-            }
-        }
-        self.check_exit();
-    }
-
-    fn on_reopen_logs(&mut self, trigger: Trigger) {
-        let forward = self.serving_spec().is_some_and(|s| s.forward_usr1);
-        if !forward {
-            info!(
-                event = "reopen_logs",
-                "{trigger}: baton logs to stderr and has nothing to reopen; \
-                not forwarded (supervisor.forward_usr1 is off)"
-            );
-            return;
-        }
-        let pids: Vec<u32> = self
-            .workers
-            .values()
-            .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Draining))
-            .filter_map(|w| w.pid)
-            .collect();
-        info!(
-            event = "reopen_logs",
-            "{trigger}: forwarding SIGUSR1 to {} workers",
-            pids.len()
-        );
-        for pid in pids {
-            self.actions.push(Action::Signal {
-                pid,
-                signal: SignalNumber::SIGUSR1,
-            });
-        }
-    }
-
-    /// A draining or failed generation with no worker left is gone.
-    fn finish_if_empty(&mut self, now: Instant, g: Generation) {
-        if self.live_workers(g) > 0 {
-            return;
-        }
-        let Some(entry) = self.generations.get(&g) else {
-            return;
-        };
-        match entry.state {
-            GenState::Draining { since, killed } => {
-                self.counters
-                    .drain_durations
-                    .observe(now.saturating_duration_since(since));
-                let took = now.saturating_duration_since(since).as_millis() as u64;
-                info!(
-                    event = "generation_exited",
-                    generation = g.0,
-                    drain_ms = took,
-                    killed,
-                    "generation {g} is gone after draining for {took} ms{}",
-                    if killed {
-                        " (some workers were killed)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            GenState::Failed => debug!(generation = g.0, "failed generation {g} is gone"),
-            _ => return,
-        }
-        self.generations.remove(&g);
-        self.actions.push(Action::Release { generation: g });
-        self.start_if_room(now);
-        self.check_exit();
-    }
-
-    fn check_exit(&mut self) {
-        if self.stop.is_some() && !self.exited && self.workers.is_empty() {
-            for g in std::mem::take(&mut self.generations).into_keys() {
-                self.actions.push(Action::Release { generation: g });
-            }
-            self.exited = true;
-            info!(
-                event = "exiting",
-                code = self.exit_code,
-                "all workers are gone: exiting"
-            );
-            self.actions.push(Action::Exit {
-                code: self.exit_code,
-            });
-        }
-    }
-
     // ---- helpers ----------------------------------------------------------------------------
 
     fn kill(&mut self, id: WorkerId) {
@@ -1143,7 +872,11 @@ impl Supervisor {
             return;
         };
         if let (Some(pid), Some(pgid), false) = (w.pid, w.pgid, w.state == WorkerState::Killed) {
-            self.actions.push(Action::Kill { pid, pgid });
+            self.actions.push(Action::Kill {
+                pid,
+                pgid,
+                worker: id,
+            });
         }
         w.state = WorkerState::Killed;
     }

@@ -48,6 +48,9 @@ pub struct State {
     pub upgrades: Vec<UpgradeInfo>,
     pub config_path: PathBuf,
     pub runtime_dir: PathBuf,
+    /// Whether the workers are contained in cgroups (`supervisor.cgroups`, as read at start).
+    #[serde(default)]
+    pub cgroups: crate::config::Cgroups,
     /// The argument vector and binary the master was started with.
     pub argv: Vec<String>,
     pub binary: PathBuf,
@@ -283,6 +286,7 @@ mod tests {
             "replaced: None",
             "successor: None",
             "recycle: None",
+            "cgroups: None",
         ];
         diff.retain(|d| {
             !added.iter().any(|a| {
@@ -290,6 +294,8 @@ mod tests {
                     || d.contains(&format!(".{a} vs Some(Object"))
             })
         });
+        // So did `cgroups` (default `auto`).
+        diff.retain(|d| d != ".cgroups: None vs Some(String(\"auto\"))");
         // `output:` came later too; its default is `capture`.
         diff.retain(|d| !d.ends_with(".output: None vs Some(String(\"capture\"))"));
         diff.retain(|d| {

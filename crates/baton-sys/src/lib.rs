@@ -19,6 +19,7 @@
 #![allow(unsafe_code)] // This crate is where unsafe lives; each block carries a SAFETY proof.
 
 pub mod activation;
+pub mod cgroup;
 pub mod channel;
 pub mod notify;
 pub mod pidfd;

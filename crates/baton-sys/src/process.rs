@@ -293,8 +293,15 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 }
 
 /// What a worker process is set up with between fork and exec, besides its descriptors.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ChildSetup {
+    /// The `cgroup.procs` file of the cgroup the child moves itself into first, while it still
+    /// has the master's privileges (a worker's own children then start there too).
+    pub cgroup_procs: Option<std::ffi::CString>,
+    /// The user and group it runs as (supplementary groups cleared when the master is root),
+    /// set after the cgroup move and the limits, which need the master's privileges.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
     /// File mode creation mask.
     pub umask: Option<u32>,
     /// Signal the worker gets if the master dies (`PR_SET_PDEATHSIG`).
@@ -305,15 +312,32 @@ pub struct ChildSetup {
     pub max_core_size: Option<u64>,
 }
 
-/// Applies `setup` in `cmd`'s child. (The user and group are `Command::uid`/`gid`, which also
-/// clear the supplementary groups when run as root.)
+/// Applies `setup` in `cmd`'s child, in this order: the cgroup, the umask and limits, the group
+/// and user, the parent-death signal (which a user change would clear). Do not also use
+/// `Command::uid`/`gid`: std applies them before this hook, which could then not enter the
+/// cgroup.
 pub fn setup_child(cmd: &mut Command, setup: ChildSetup) {
     unblock_signals_in_child(cmd);
-    // SAFETY: the hook runs in the child between fork and exec and only makes the umask,
-    // setrlimit and prctl system calls, all async-signal-safe; `value` lives on this stack frame
-    // for the setrlimit call; it allocates nothing and takes no lock.
+    // SAFETY: the hook runs in the child between fork and exec and only makes the open, write,
+    // close, umask, setrlimit, setgroups, setgid, setuid and prctl system calls, all
+    // async-signal-safe; the cgroup path is a CString built before the fork and owned by the
+    // closure; `value` lives on this stack frame for the setrlimit call; it allocates nothing
+    // and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(procs) = &setup.cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // "0": the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err);
+                }
+            }
             if let Some(mask) = setup.umask {
                 libc::umask(mask as libc::mode_t);
             }
@@ -329,6 +353,25 @@ pub fn setup_child(cmd: &mut Command, setup: ChildSetup) {
                     if libc::setrlimit(resource, &value) != 0 {
                         return Err(io::Error::last_os_error());
                     }
+                }
+            }
+            if let Some(gid) = setup.gid {
+                if libc::geteuid() == 0 && libc::setgroups(0, std::ptr::null()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setgid(gid) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(uid) = setup.uid {
+                if setup.gid.is_none()
+                    && libc::geteuid() == 0
+                    && libc::setgroups(0, std::ptr::null()) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setuid(uid) != 0 {
+                    return Err(io::Error::last_os_error());
                 }
             }
             if let Some(signal) = setup.parent_death_signal {

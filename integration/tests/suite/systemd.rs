@@ -529,3 +529,67 @@ fn under_systemd_a_killed_master_s_stubborn_worker_does_not_outlive_it() {
     // The new master bound the port again: no predecessor's worker held it.
     assert_eq!(sd.listening_inodes(PORT).len(), 1);
 }
+
+/// The packaged unit (`Delegate=yes`): each worker runs in a cgroup of its own under the unit's,
+/// and a child it started in a session of its own ends with it at its drain deadline.
+#[test]
+fn under_systemd_a_workers_escaped_child_ends_with_it_in_its_delegated_cgroup() {
+    let workdir = Systemd::workdir("tree");
+    let config_path = workdir.join("baton.yaml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "listeners:\n  - name: http\n    address: 127.0.0.1:{PORT}\nworker:\n  command: /bin/sh\n  args: [-c, \"setsid sleep 3600 & echo $! > {dir}/escaped-$BATON_WORKER_ID; exec {it}\"]\n  env: {{IT_MODE: stubborn}}\n  drain_timeout: 1s\n",
+            dir = workdir.display(),
+            it = binaries().it_worker.display()
+        ),
+    )
+    .unwrap();
+    let unit = service_unit(&config_path);
+    assert!(unit.contains("Delegate=yes"));
+    let sd = Systemd::boot("tree", &[("baton.service", unit)]);
+    assert!(
+        ok(&sd.systemctl(&["start", "baton.service"])),
+        "{}",
+        sd.journal("baton")
+    );
+    let child = eventually(Duration::from_secs(10), "the escaped child's pid", || {
+        let text = std::fs::read_to_string(workdir.join("escaped-1")).ok()?;
+        Some(text.trim().to_string()).filter(|t| !t.is_empty())
+    });
+    let cgroup = sd
+        .command("cat")
+        .arg(format!("/proc/{child}/cgroup"))
+        .output()
+        .unwrap();
+    let cgroup = String::from_utf8_lossy(&cgroup.stdout).into_owned();
+    assert!(
+        cgroup.contains("/baton.service/baton-") && cgroup.contains("/w1\n"),
+        "{cgroup}"
+    );
+    let containment = sd.journal_entries("baton.service", &["BATON_EVENT=containment"]);
+    assert_eq!(
+        containment.first().map(|e| e["BATON_MODE"].clone()),
+        Some(serde_json::json!("cgroup")),
+        "{containment:?}"
+    );
+    // A reload retires the worker, which ignores its drain request: killed at the deadline, and
+    // the escaped child with it, while the unit runs on.
+    assert!(
+        ok(&sd.systemctl(&["reload", "baton.service"])),
+        "{}",
+        sd.journal("baton")
+    );
+    let alive = || {
+        sd.command("kill")
+            .args(["-0", &child])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    eventually(Duration::from_secs(15), "the escaped child gone", || {
+        (!alive()).then_some(())
+    });
+    assert_eq!(sd.show("baton.service", "ActiveState"), "active");
+}

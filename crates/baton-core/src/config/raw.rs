@@ -434,6 +434,8 @@ pub(super) struct RawSupervisor {
     pub(super) log_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) pid_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) cgroups: crate::config::Cgroups,
 }
 
 #[derive(Deserialize, Default)]

@@ -612,6 +612,7 @@ fn supervisor(s: RawSupervisor, base: &Base) -> SupervisorConfig {
         metrics_listen: s.metrics_listen.map(|a| a.0),
         log_file: s.log_file.map(|f| base.join(&f)),
         pid_file: s.pid_file.map(|f| base.join(&f)),
+        cgroups: s.cgroups,
         runtime_dir: s
             .runtime_dir
             .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(&d)),

@@ -200,6 +200,7 @@ impl Master {
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let control_config = state.control.config;
         let state_runtime_dir = state.runtime_dir.clone();
+        let state_cgroups = state.cgroups;
         let metrics_pending = state.metrics_listen.and_then(|address| {
             metrics_http::bind(address)
                 .map_err(|e| {
@@ -259,6 +260,9 @@ impl Master {
             metrics_rx,
             output: crate::output::Hub::default(),
             memory: super::memory::MemoryWatch::default(),
+            // The same container the old program used (the workers are in it).
+            containment: super::containment::open(state_cgroups, &control_config.socket),
+            cgroups_to_remove: Vec::new(),
             resumed: Some(Resumed {
                 client,
                 from_version: state.from_version,

@@ -54,6 +54,8 @@ pub(super) enum SpawnError {
         generation: Generation,
         program: usize,
     },
+    #[error("cgroup: {0}")]
+    Cgroup(std::io::Error),
     #[error("output pipes: {0}")]
     OutputPipes(std::io::Error),
     #[error("socketpair: {0}")]
@@ -134,7 +136,7 @@ impl Master {
             generation,
             listeners,
             env: worker_env(&config, worker, generation, slot, probe_address.as_deref()),
-            cmd: command(&config),
+            cmd: command(&config, self.cgroup_for(worker)?),
         };
         let pipes = output_pipes(&config, &mut start.cmd).map_err(SpawnError::OutputPipes)?;
         // The command (and the descriptors placed in it) is dropped once the child runs.
@@ -281,6 +283,17 @@ impl Master {
         tasks
     }
 
+    /// The `cgroup.procs` of a new cgroup for `worker`, when workers are contained in cgroups.
+    fn cgroup_for(&self, worker: WorkerId) -> Result<Option<std::ffi::CString>, SpawnError> {
+        let Ok(containment) = &self.containment else {
+            return Ok(None);
+        };
+        let procs = containment.create(worker.0).map_err(SpawnError::Cgroup)?;
+        std::ffi::CString::new(procs.into_os_string().into_encoded_bytes())
+            .map(Some)
+            .map_err(|e| SpawnError::Cgroup(std::io::Error::other(e)))
+    }
+
     /// A notify socket for one systemd-style worker, in `<runtime_dir>/notify/`.
     fn notify_socket(&self, worker: WorkerId) -> Result<notify::NotifySocket, SpawnError> {
         let dir = self.runtime_dir.join("notify");
@@ -320,24 +333,22 @@ fn worker_env(
 }
 
 /// The command of a worker: its program and arguments, directory, user and group, umask and
-/// limits, in a process group of its own, stdin from `/dev/null`.
-fn command(config: &WorkerConfig) -> Command {
+/// limits, in a process group of its own and in `cgroup_procs`'s cgroup, stdin from
+/// `/dev/null`.
+fn command(config: &WorkerConfig, cgroup_procs: Option<std::ffi::CString>) -> Command {
     let mut cmd = Command::new(&config.command);
     cmd.args(&config.args).stdin(Stdio::null()).process_group(0);
     if let Some(cwd) = &config.cwd {
         cmd.current_dir(cwd);
-    }
-    if let Some(uid) = config.uid {
-        cmd.uid(uid);
-    }
-    if let Some(gid) = config.gid {
-        cmd.gid(gid);
     }
     // If the master dies, its workers learn it at once (and drain): PR_SET_PDEATHSIG with the
     // drain signal. Set after the user change, which would clear it.
     process::setup_child(
         &mut cmd,
         process::ChildSetup {
+            cgroup_procs,
+            uid: config.uid,
+            gid: config.gid,
             umask: config.umask,
             parent_death_signal: Some(config.drain_signal.unwrap_or(SignalNumber::SIGTERM)),
             max_open_files: config.rlimits.nofile,

@@ -533,6 +533,10 @@ impl Master {
             upgrades: self.upgrades.clone(),
             config_path: self.config_path.clone(),
             runtime_dir: self.runtime_dir.clone(),
+            cgroups: match self.containment {
+                Err(crate::cgroups::Unavailable::Off) => crate::config::Cgroups::Off,
+                _ => crate::config::Cgroups::Auto,
+            },
             argv: self
                 .argv
                 .iter()
