@@ -1,13 +1,15 @@
-//! Containment of a worker's whole process tree in a cgroup of its own (cgroup v2), so that its
-//! children and grandchildren are stopped with it, even one that left its process group with
-//! `setsid()`.
+//! Containment of workers' whole process trees in cgroups (cgroup v2), so that a worker's
+//! children and grandchildren end with its generation, even one that left its process group
+//! with `setsid()`.
 //!
 //! Where: under the master's own cgroup, in `baton-<id>/` (the id is derived from the control
-//! socket's path, so the next master of the same configuration finds it), one `w<worker>/` per
-//! worker. A worker moves itself in between fork and exec, while it still has the master's
-//! privileges. At the drain deadline (or when its main process is gone) `cgroup.kill` ends
-//! everything in it at once (or, before Linux 5.14, SIGKILL to each process it lists, until
-//! none is left), and the empty cgroup is removed.
+//! socket's path, so the next master of the same configuration finds it), one `g<generation>-p
+//! <program>/` per program of each generation. The master enters that cgroup itself to start
+//! the program's workers, and comes back: a child is born in its parent's cgroup, so no worker
+//! is ever migrated (a migration costs the kernel a grace period, ~2 ms each; two per batch of
+//! spawns instead of one per worker). When the generation's last worker is gone (drained, or
+//! killed at the deadline) `cgroup.kill` ends whatever is left in its cgroups (or, before Linux
+//! 5.14, SIGKILL to each process listed, until none is), and the empty cgroups are removed.
 //!
 //! When: the cgroup2 filesystem is mounted (alone, or as the `unified` hierarchy beside v1
 //! controllers) and the master may write it: as root outside systemd, or under systemd with
@@ -28,6 +30,8 @@ const KILL_ROUNDS: usize = 100;
 #[derive(Debug, Clone)]
 pub struct Containment {
     dir: PathBuf,
+    /// The master's own cgroup, where it returns after starting workers.
+    home: PathBuf,
     /// `cgroup.kill` exists (Linux 5.14 and later).
     kill_file: bool,
 }
@@ -70,38 +74,48 @@ impl Containment {
             source,
         })?;
         let kill_file = dir.join("cgroup.kill").exists();
-        Ok(Containment { dir, kill_file })
+        Ok(Containment {
+            dir,
+            home: base,
+            kill_file,
+        })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    fn worker_dir(&self, worker: u64) -> PathBuf {
-        self.dir.join(format!("w{worker}"))
+    fn group_dir(&self, generation: u64, program: usize) -> PathBuf {
+        self.dir.join(format!("g{generation}-p{program}"))
     }
 
-    /// A cgroup for `worker`: its `cgroup.procs`, which the worker writes itself into.
-    pub fn create(&self, worker: u64) -> io::Result<PathBuf> {
-        let dir = self.worker_dir(worker);
+    /// Moves the master into the cgroup of `program` of `generation` (created if need be):
+    /// the workers it starts now are born there.
+    pub fn enter(&self, generation: u64, program: usize) -> io::Result<()> {
+        let dir = self.group_dir(generation, program);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
-            // Left by a worker of the same id of a master before this one: emptied at start.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        Ok(dir.join("cgroup.procs"))
+        // "0": the writing process (all its threads).
+        std::fs::write(dir.join("cgroup.procs"), "0")
     }
 
-    /// Ends every process in `worker`'s cgroup.
-    pub fn kill(&self, worker: u64) {
-        kill_dir(&self.worker_dir(worker), self.kill_file);
+    /// Moves the master back into its own cgroup.
+    pub fn leave(&self) -> io::Result<()> {
+        std::fs::write(self.home.join("cgroup.procs"), "0")
     }
 
-    /// Removes `worker`'s cgroup; `false` while processes remain in it (dying ones, not reaped
-    /// yet): try again later.
-    pub fn remove(&self, worker: u64) -> bool {
-        remove_dir(&self.worker_dir(worker))
+    /// Ends every process in the cgroup of `program` of `generation`.
+    pub fn kill(&self, generation: u64, program: usize) {
+        kill_dir(&self.group_dir(generation, program), self.kill_file);
+    }
+
+    /// Removes that cgroup; `false` while processes remain in it (dying ones, not reaped yet):
+    /// try again later.
+    pub fn remove(&self, generation: u64, program: usize) -> bool {
+        remove_dir(&self.group_dir(generation, program))
     }
 
     /// At start: ends whatever a master before this one left in its workers' cgroups (the

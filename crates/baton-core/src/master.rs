@@ -186,10 +186,12 @@ pub struct Master {
     output: output::Hub,
     /// `recycle:`'s memory checks.
     memory: memory::MemoryWatch,
-    /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]), and the
-    /// cgroups of gone workers still to remove (their last processes not reaped yet).
+    /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]); the one the
+    /// master is in to start workers; the cgroups of gone generations still to remove (their
+    /// last processes not reaped yet).
     containment: Result<cgroups::Containment, cgroups::Unavailable>,
-    cgroups_to_remove: Vec<WorkerId>,
+    inside: Option<(Generation, usize)>,
+    cgroups_to_remove: Vec<(Generation, usize)>,
 }
 
 /// Metrics requests waiting for the event loop (their clients wait too, bounded in number).
@@ -294,6 +296,7 @@ impl Master {
             output: output::Hub::default(),
             memory: memory::MemoryWatch::default(),
             containment,
+            inside: None,
             cgroups_to_remove: Vec::new(),
         })
     }
@@ -512,17 +515,15 @@ impl Master {
                         debug!(pid, "cannot send {} to pid {pid}: {err}", signal.as_str());
                     }
                 }
-                Action::Kill { pid, pgid, worker } => {
+                Action::Kill { pid, pgid } => {
                     // The worker leads its own process group: take its children with it. Signal
-                    // the main pid too, in case it left the group; and its cgroup, which holds
-                    // the children that left the group too.
+                    // the main pid too, in case it left the group. (What left the group too goes
+                    // with the generation's cgroup, when the generation is released.)
                     let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
                     let _ = process::signal_process(pid, SignalNumber::SIGKILL);
-                    self.kill_cgroup(worker);
                 }
-                Action::KillGroup { pgid, worker } => {
+                Action::KillGroup { pgid } => {
                     let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
-                    self.kill_cgroup(worker);
                 }
                 Action::Forget { worker } => {
                     if let Some(link) = self.links.remove(&worker) {
@@ -531,9 +532,15 @@ impl Master {
                         }
                     }
                     self.output.gone(worker.0);
-                    self.forget_cgroup(worker);
                 }
-                Action::Release { generation } => self.release(generation),
+                Action::Release { generation } => {
+                    let programs = self
+                        .resources
+                        .get(&generation)
+                        .map_or(0, |r| r.programs.len());
+                    self.release(generation);
+                    self.release_cgroups(generation, programs);
+                }
                 Action::Exit { code } => return Some(code),
                 Action::Verdict(verdict) => {
                     if self.told.ready && self.supervisor.snapshot(Instant::now()).reload.is_none()
@@ -547,6 +554,8 @@ impl Master {
                 }
             }
         }
+        // Workers started in this batch are born in their cgroup; the master goes home.
+        self.leave_cgroup();
         None
     }
 }

@@ -670,7 +670,7 @@ impl Supervisor {
             return;
         };
         if let Some(pgid) = w.pgid {
-            self.actions.push(Action::KillGroup { pgid, worker: id });
+            self.actions.push(Action::KillGroup { pgid });
         }
         self.pids.retain(|_, owner| *owner != id);
         self.actions.push(Action::Forget { worker: id });
@@ -872,11 +872,7 @@ impl Supervisor {
             return;
         };
         if let (Some(pid), Some(pgid), false) = (w.pid, w.pgid, w.state == WorkerState::Killed) {
-            self.actions.push(Action::Kill {
-                pid,
-                pgid,
-                worker: id,
-            });
+            self.actions.push(Action::Kill { pid, pgid });
         }
         w.state = WorkerState::Killed;
     }

@@ -69,6 +69,32 @@ pub struct Received {
     pub fds_truncated: bool,
 }
 
+/// [`recv_with_fds`] without a buffer of the caller's: the packet is read into one buffer of
+/// `max_len` bytes per thread and returned as a vector of its own length. For a receiver that
+/// waits on many sockets at once (the master, one channel per worker): a buffer per socket,
+/// held across the wait, would cost `max_len` per worker.
+pub async fn recv_packet(
+    sock: &UnixDatagram,
+    max_len: usize,
+    max_fds: usize,
+) -> io::Result<(Vec<u8>, Received)> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let mut cmsg = vec![0u8; cmsg_space_for(max_fds)];
+    sock.async_io(Interest::READABLE, || {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < max_len {
+                scratch.resize(max_len, 0);
+            }
+            let received = recv_now(sock.as_fd(), &mut scratch[..max_len], &mut cmsg)?;
+            Ok((scratch[..received.len].to_vec(), received))
+        })
+    })
+    .await
+}
+
 /// Receives one packet and up to `max_fds` descriptors, waiting until one is available.
 ///
 /// Descriptors are received with `MSG_CMSG_CLOEXEC`, so they never leak into a process the

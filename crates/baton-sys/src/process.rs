@@ -295,11 +295,8 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 /// What a worker process is set up with between fork and exec, besides its descriptors.
 #[derive(Debug, Clone, Default)]
 pub struct ChildSetup {
-    /// The `cgroup.procs` file of the cgroup the child moves itself into first, while it still
-    /// has the master's privileges (a worker's own children then start there too).
-    pub cgroup_procs: Option<std::ffi::CString>,
     /// The user and group it runs as (supplementary groups cleared when the master is root),
-    /// set after the cgroup move and the limits, which need the master's privileges.
+    /// set after the limits, which may need the master's privileges.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     /// File mode creation mask.
@@ -312,32 +309,18 @@ pub struct ChildSetup {
     pub max_core_size: Option<u64>,
 }
 
-/// Applies `setup` in `cmd`'s child, in this order: the cgroup, the umask and limits, the group
-/// and user, the parent-death signal (which a user change would clear). Do not also use
-/// `Command::uid`/`gid`: std applies them before this hook, which could then not enter the
-/// cgroup.
+/// Applies `setup` in `cmd`'s child, in this order: the umask and limits, the group and user,
+/// the parent-death signal (which a user change would clear). Do not also use
+/// `Command::uid`/`gid`: std applies them before this hook, and a limit above the user's hard
+/// limit could then not be set.
 pub fn setup_child(cmd: &mut Command, setup: ChildSetup) {
     unblock_signals_in_child(cmd);
-    // SAFETY: the hook runs in the child between fork and exec and only makes the open, write,
-    // close, umask, setrlimit, setgroups, setgid, setuid and prctl system calls, all
-    // async-signal-safe; the cgroup path is a CString built before the fork and owned by the
-    // closure; `value` lives on this stack frame for the setrlimit call; it allocates nothing
-    // and takes no lock.
+    // SAFETY: the hook runs in the child between fork and exec and only makes the umask,
+    // setrlimit, setgroups, setgid, setuid and prctl system calls, all async-signal-safe;
+    // `value` lives on this stack frame for the setrlimit call; it allocates nothing and takes
+    // no lock.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(procs) = &setup.cgroup_procs {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // "0": the writing process itself.
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = io::Error::last_os_error();
-                libc::close(fd);
-                if written != 1 {
-                    return Err(err);
-                }
-            }
             if let Some(mask) = setup.umask {
                 libc::umask(mask as libc::mode_t);
             }

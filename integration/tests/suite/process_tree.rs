@@ -1,6 +1,6 @@
 //! The whole process tree (issue 15, item 5): a worker's child that left its process group
-//! (`setsid`) ends with the worker at its drain deadline, because the worker runs in a cgroup of
-//! its own; a crashed master's leftovers are found there by the next one; with
+//! (`setsid`) ends with the worker's generation at its drain deadline, because the generation's
+//! workers run in a cgroup of their own; a crashed master's leftovers are found there by the next one; with
 //! `supervisor.cgroups: off`, the documented fallback (process groups) lets such a child live.
 //! These run as root outside systemd; `systemd.rs` runs the same under the booted systemd with
 //! the packaged unit (`Delegate=yes`).
@@ -54,11 +54,11 @@ fn a_child_that_left_the_process_group_ends_with_its_worker_at_the_drain_deadlin
     let child = escaped(dir.path(), worker);
     let cgroup = std::fs::read_to_string(format!("/proc/{child}/cgroup")).unwrap();
     assert!(
-        cgroup.contains("/baton-") && cgroup.contains(&format!("/w{worker}\n")),
+        cgroup.contains("/baton-") && cgroup.contains("/g1-p0\n"),
         "{cgroup}"
     );
-    // A reload retires the worker; it ignores its drain request and is killed at the deadline,
-    // and its escaped child with it.
+    // A reload retires the worker; it ignores its drain request and is killed at the deadline;
+    // its generation is then gone, and its cgroup, with the escaped child, is killed.
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
     master.wait_event("worker_killed", Duration::from_secs(10), |v| {
@@ -67,7 +67,7 @@ fn a_child_that_left_the_process_group_ends_with_its_worker_at_the_drain_deadlin
     eventually(Duration::from_secs(10), "the escaped child killed", || {
         (!procfs::alive(child)).then_some(())
     });
-    // And its cgroup is removed once empty.
+    // And the generation's cgroup is removed once empty.
     let dir_of = |line: &str| {
         let path = line.trim().strip_prefix("0::").unwrap().to_string();
         let base = if std::path::Path::new("/sys/fs/cgroup/unified").exists() {

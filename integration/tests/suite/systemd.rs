@@ -530,8 +530,9 @@ fn under_systemd_a_killed_master_s_stubborn_worker_does_not_outlive_it() {
     assert_eq!(sd.listening_inodes(PORT).len(), 1);
 }
 
-/// The packaged unit (`Delegate=yes`): each worker runs in a cgroup of its own under the unit's,
-/// and a child it started in a session of its own ends with it at its drain deadline.
+/// The packaged unit (`Delegate=yes`): each generation's workers run in a cgroup of their own
+/// under the unit's, and a child a worker started in a session of its own ends with its
+/// generation at the drain deadline.
 #[test]
 fn under_systemd_a_workers_escaped_child_ends_with_it_in_its_delegated_cgroup() {
     let workdir = Systemd::workdir("tree");
@@ -564,7 +565,7 @@ fn under_systemd_a_workers_escaped_child_ends_with_it_in_its_delegated_cgroup() 
         .unwrap();
     let cgroup = String::from_utf8_lossy(&cgroup.stdout).into_owned();
     assert!(
-        cgroup.contains("/baton.service/baton-") && cgroup.contains("/w1\n"),
+        cgroup.contains("/baton.service/baton-") && cgroup.contains("/g1-p0\n"),
         "{cgroup}"
     );
     let containment = sd.journal_entries("baton.service", &["BATON_EVENT=containment"]);

@@ -69,7 +69,6 @@ pub(super) async fn link_loop(
     mut commands: mpsc::UnboundedReceiver<MasterMessage>,
     events: mpsc::UnboundedSender<News>,
 ) {
-    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     let mut invalid = 0u32;
     loop {
         tokio::select! {
@@ -81,18 +80,20 @@ pub(super) async fn link_loop(
                 }
                 None => return,
             },
-            received = channel::recv_with_fds(&channel, &mut buf, 1) => {
+            // Into the thread's one buffer: a buffer per worker, held while it waits, would cost
+            // the master MAX_MESSAGE_SIZE per worker.
+            received = channel::recv_packet(&channel, MAX_MESSAGE_SIZE, 1) => {
                 let packet = match received {
                     // End of stream: the worker closed its end (or exited). Stop reading, or a
                     // closed socket would wake this loop forever.
-                    Ok(r) if r.len == 0 => {
+                    Ok((_, r)) if r.len == 0 => {
                         debug!(worker = worker.0, "worker {worker} closed its channel");
                         return;
                     }
-                    Ok(r) if r.truncated || !r.fds.is_empty() || r.fds_truncated => Err(
+                    Ok((_, r)) if r.truncated || !r.fds.is_empty() || r.fds_truncated => Err(
                         "oversized packet or unexpected descriptors".to_string(),
                     ),
-                    Ok(r) => baton_proto::decode::<WorkerMessage>(&buf[..r.len])
+                    Ok((packet, _)) => baton_proto::decode::<WorkerMessage>(&packet)
                         .map_err(|e| format!("{e:#}")),
                     // A SEQPACKET peer that exits with unread packets resets instead of closing.
                     Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {

@@ -136,8 +136,10 @@ impl Master {
             generation,
             listeners,
             env: worker_env(&config, worker, generation, slot, probe_address.as_deref()),
-            cmd: command(&config, self.cgroup_for(worker)?),
+            cmd: command(&config),
         };
+        self.enter_cgroup(generation, program)
+            .map_err(SpawnError::Cgroup)?;
         let pipes = output_pipes(&config, &mut start.cmd).map_err(SpawnError::OutputPipes)?;
         // The command (and the descriptors placed in it) is dropped once the child runs.
         let pid = match config.protocol {
@@ -283,17 +285,6 @@ impl Master {
         tasks
     }
 
-    /// The `cgroup.procs` of a new cgroup for `worker`, when workers are contained in cgroups.
-    fn cgroup_for(&self, worker: WorkerId) -> Result<Option<std::ffi::CString>, SpawnError> {
-        let Ok(containment) = &self.containment else {
-            return Ok(None);
-        };
-        let procs = containment.create(worker.0).map_err(SpawnError::Cgroup)?;
-        std::ffi::CString::new(procs.into_os_string().into_encoded_bytes())
-            .map(Some)
-            .map_err(|e| SpawnError::Cgroup(std::io::Error::other(e)))
-    }
-
     /// A notify socket for one systemd-style worker, in `<runtime_dir>/notify/`.
     fn notify_socket(&self, worker: WorkerId) -> Result<notify::NotifySocket, SpawnError> {
         let dir = self.runtime_dir.join("notify");
@@ -333,9 +324,8 @@ fn worker_env(
 }
 
 /// The command of a worker: its program and arguments, directory, user and group, umask and
-/// limits, in a process group of its own and in `cgroup_procs`'s cgroup, stdin from
-/// `/dev/null`.
-fn command(config: &WorkerConfig, cgroup_procs: Option<std::ffi::CString>) -> Command {
+/// limits, in a process group of its own, stdin from `/dev/null`.
+fn command(config: &WorkerConfig) -> Command {
     let mut cmd = Command::new(&config.command);
     cmd.args(&config.args).stdin(Stdio::null()).process_group(0);
     if let Some(cwd) = &config.cwd {
@@ -346,7 +336,6 @@ fn command(config: &WorkerConfig, cgroup_procs: Option<std::ffi::CString>) -> Co
     process::setup_child(
         &mut cmd,
         process::ChildSetup {
-            cgroup_procs,
             uid: config.uid,
             gid: config.gid,
             umask: config.umask,

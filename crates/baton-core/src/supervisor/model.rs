@@ -182,17 +182,12 @@ pub enum Action {
     },
     /// Send a signal to one worker process.
     Signal { pid: u32, signal: SignalNumber },
-    /// SIGKILL the worker's process group (`pgid`, the pid it was started as), its main
-    /// process `pid`, and everything in its cgroup.
-    Kill {
-        pid: u32,
-        pgid: u32,
-        worker: WorkerId,
-    },
-    /// A worker's main process exited: SIGKILL what is left of its process group and its
-    /// cgroup (children it left behind). The group's id cannot have been reused while a member
-    /// lives.
-    KillGroup { pgid: u32, worker: WorkerId },
+    /// SIGKILL the worker's process group (`pgid`, the pid it was started as) and its main
+    /// process `pid`.
+    Kill { pid: u32, pgid: u32 },
+    /// A worker's main process exited: SIGKILL what is left of its process group (children it
+    /// left behind). The group's id cannot have been reused while a member lives.
+    KillGroup { pgid: u32 },
     /// The worker is gone: drop its channel, notify socket and probe.
     Forget { worker: WorkerId },
     /// No worker of `generation` is left: drop its resources (listeners it alone used close).

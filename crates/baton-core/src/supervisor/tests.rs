@@ -225,8 +225,7 @@ fn a_reload_drains_the_old_generation_only_after_the_new_one_is_ready() {
         h.exit(old[0], 0),
         vec![
             Action::KillGroup {
-                pgid: pid_of(old[0]),
-                worker: old[0]
+                pgid: pid_of(old[0])
             },
             Action::Forget { worker: old[0] }
         ]
@@ -235,8 +234,7 @@ fn a_reload_drains_the_old_generation_only_after_the_new_one_is_ready() {
         h.exit(old[1], 0),
         vec![
             Action::KillGroup {
-                pgid: pid_of(old[1]),
-                worker: old[1]
+                pgid: pid_of(old[1])
             },
             Action::Forget { worker: old[1] },
             Action::Release {

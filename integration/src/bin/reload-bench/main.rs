@@ -17,6 +17,7 @@ use baton_integration::storm::storm;
 use baton_integration::{Master, TestConfig, binaries, free_port, procfs, start_socket_activated};
 use nix::sys::signal::Signal;
 
+mod cost;
 mod output;
 
 struct Args {
@@ -41,12 +42,12 @@ fn args() -> Args {
             ("--reloads", Some(v)) => a.reloads = v,
             ("--seconds", Some(v)) => a.seconds = v as u64,
             ("--clients", Some(v)) => a.clients = v,
-            ("--only", _) if pair.get(1).is_some_and(|s| s == "output") => {
+            ("--only", _) if pair.get(1).is_some_and(|s| s == "output" || s == "cost") => {
                 a.only = pair.get(1).cloned();
             }
             _ => {
                 eprintln!(
-                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output]"
+                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output|cost]"
                 );
                 std::process::exit(64);
             }
@@ -190,9 +191,10 @@ fn row(name: &str, (r, reloads): &(Report, u64)) -> String {
 
 fn main() {
     let args = args();
-    if args.only.as_deref() == Some("output") {
-        output::report();
-        return;
+    match args.only.as_deref() {
+        Some("output") => return output::report(),
+        Some("cost") => return cost::report(),
+        _ => {}
     }
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -289,6 +291,7 @@ fn main() {
     }
 
     output::report();
+    cost::report();
 
     eprintln!("a storm of 500 SIGUSR2 ...");
     let s = storm(3, 2, 500, args.clients);

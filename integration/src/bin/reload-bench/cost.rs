@@ -1,0 +1,150 @@
+//! The master's own cost per worker: its memory with 8, 64 and 256 workers (output captured),
+//! and the time to start a generation of 128 workers, against the same 128 started alone.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_integration::{Master, TestConfig, binaries, free_port, procfs};
+
+/// The master's RSS (KiB) with `n` workers: once the first generation serves, and after three
+/// reloads (each waits for the one before).
+fn rss_with(n: usize) -> (u64, u64) {
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), n);
+    config.ready_timeout = "120s";
+    let master = Master::spawn(&format!("bench-rss-{n}"), &config.yaml());
+    master.wait_event("serving", Duration::from_secs(180), |_| true);
+    let first = procfs::rss_kib(master.pid());
+    for _ in 0..3 {
+        let verdict = master.reload();
+        assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    }
+    // The retired generations are gone (their workers drained at once).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while master.children().len() > n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50)); // sampling, bounded
+    }
+    (first, procfs::rss_kib(master.pid()))
+}
+
+/// Milliseconds from SIGUSR2 to a new generation of `n` workers serving, as the master measures
+/// it (`took_ms`), best of `rounds`.
+fn reload_ms(n: usize, rounds: usize, cgroups: bool) -> u64 {
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), n);
+    config.ready_timeout = "120s";
+    if !cgroups {
+        config.supervisor_extra.push("cgroups: off".into());
+    }
+    let master = Master::spawn("bench-spawn", &config.yaml());
+    master.wait_event("serving", Duration::from_secs(180), |_| true);
+    (0..rounds)
+        .map(|_| master.reload()["took_ms"].as_u64().unwrap_or(u64::MAX))
+        .min()
+        .unwrap_or(0)
+}
+
+/// Milliseconds to start `n` hello-workers alone, the systemd way (the listener at fd 3,
+/// `NOTIFY_SOCKET`), until every one sent `READY=1`; best of `rounds`.
+fn alone_ms(n: usize, rounds: usize) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (0..rounds)
+        .map(|round| {
+            let path = dir.path().join(format!("notify-{round}.sock"));
+            let notify = UnixDatagram::bind(&path).unwrap();
+            notify
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let started = Instant::now();
+            let mut children: Vec<Child> = (0..n)
+                .map(|_| {
+                    let fd = listener.try_clone().unwrap();
+                    let mut cmd = Command::new(&binaries().hello_worker);
+                    cmd.stdin(Stdio::null()).stderr(Stdio::null());
+                    baton_sys::process::place_fds(&mut cmd, vec![(fd.into(), 3)]).unwrap();
+                    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+                        std::env::vars_os()
+                            .filter(|(k, _)| !k.to_string_lossy().starts_with("LISTEN_"))
+                            .collect();
+                    env.push(("LISTEN_FDS".into(), "1".into()));
+                    env.push(("LISTEN_FDNAMES".into(), "http".into()));
+                    env.push(("NOTIFY_SOCKET".into(), path.clone().into()));
+                    let program = binaries().hello_worker.clone();
+                    baton_sys::process::exec_with_own_pid(
+                        &mut cmd,
+                        &program,
+                        &[],
+                        &env,
+                        "LISTEN_PID",
+                    )
+                    .unwrap();
+                    cmd.spawn().unwrap()
+                })
+                .collect();
+            let mut ready = 0;
+            let mut buf = [0u8; 4096];
+            while ready < n {
+                let got = notify
+                    .recv(&mut buf)
+                    .expect("READY=1 from every worker in 60 s");
+                if String::from_utf8_lossy(&buf[..got])
+                    .lines()
+                    .any(|l| l == "READY=1")
+                {
+                    ready += 1;
+                }
+            }
+            let took = started.elapsed().as_millis() as u64;
+            for child in &mut children {
+                let _ = child.kill();
+            }
+            for child in &mut children {
+                let _ = child.wait();
+            }
+            took
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+pub(crate) fn report() {
+    println!("## The master's cost per worker (hello-worker, output captured)\n");
+    println!("| workers | master RSS, serving | after 3 reloads |");
+    println!("|---|---|---|");
+    let mut points = Vec::new();
+    for n in [8, 64, 256] {
+        eprintln!("master RSS with {n} workers ...");
+        let (first, after) = rss_with(n);
+        println!(
+            "| {n} | {:.1} MiB | {:.1} MiB |",
+            first as f64 / 1024.0,
+            after as f64 / 1024.0
+        );
+        points.push((n as u64, after));
+    }
+    let ((n0, r0), (n1, r1)) = (points[0], points[2]);
+    println!(
+        "\nPer worker (after reloads, 8 to 256 workers): {:.1} KiB.\n",
+        r1.saturating_sub(r0) as f64 / (n1 - n0) as f64
+    );
+    eprintln!("128 workers: reload vs alone ...");
+    let alone = alone_ms(128, 5);
+    let reload = reload_ms(128, 5, true);
+    let without = reload_ms(128, 5, false);
+    println!("| 128 workers ready | best of 5 | ratio to alone |");
+    println!("|---|---|---|");
+    println!("| started alone (socket activation, READY=1) | {alone} ms | 1 |");
+    for (name, ms) in [
+        (
+            "a reload under baton, each worker in its cgroup (SIGUSR2 to serving)",
+            reload,
+        ),
+        ("the same with `supervisor.cgroups: off`", without),
+    ] {
+        println!(
+            "| {name} | {ms} ms | {:.2} |",
+            ms as f64 / alone.max(1) as f64
+        );
+    }
+    println!();
+}
