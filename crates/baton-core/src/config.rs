@@ -277,7 +277,8 @@ pub struct SupervisorConfig {
     pub cgroups: Cgroups,
 }
 
-/// `supervisor.cgroups`: contain each worker's process tree in a cgroup of its own.
+/// `supervisor.cgroups`: contain workers' process trees in cgroups (one per program of each
+/// generation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cgroups {
