@@ -24,8 +24,8 @@ struct Args {
     reloads: usize,
     seconds: u64,
     clients: usize,
-    /// `--only output`: that section alone.
-    only: Option<String>,
+    /// `--only output,cost`: those sections alone, in that order.
+    only: Vec<String>,
 }
 
 fn args() -> Args {
@@ -33,7 +33,7 @@ fn args() -> Args {
         reloads: 1000,
         seconds: 10,
         clients: 8,
-        only: None,
+        only: Vec::new(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -42,12 +42,16 @@ fn args() -> Args {
             ("--reloads", Some(v)) => a.reloads = v,
             ("--seconds", Some(v)) => a.seconds = v as u64,
             ("--clients", Some(v)) => a.clients = v,
-            ("--only", _) if pair.get(1).is_some_and(|s| s == "output" || s == "cost") => {
-                a.only = pair.get(1).cloned();
+            ("--only", _)
+                if pair.get(1).is_some_and(|s| {
+                    s.split(',').all(|part| part == "output" || part == "cost")
+                }) =>
+            {
+                a.only = pair[1].split(',').map(str::to_string).collect();
             }
             _ => {
                 eprintln!(
-                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output|cost]"
+                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost]"
                 );
                 std::process::exit(64);
             }
@@ -191,10 +195,14 @@ fn row(name: &str, (r, reloads): &(Report, u64)) -> String {
 
 fn main() {
     let args = args();
-    match args.only.as_deref() {
-        Some("output") => return output::report(),
-        Some("cost") => return cost::report(),
-        _ => {}
+    if !args.only.is_empty() {
+        for section in &args.only {
+            match section.as_str() {
+                "output" => output::report(),
+                _ => cost::report(),
+            }
+        }
+        return;
     }
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
