@@ -136,7 +136,7 @@ pub(crate) fn report() {
     println!("| started alone (socket activation, READY=1) | {alone} ms | 1 |");
     for (name, ms) in [
         (
-            "a reload under baton, each worker in its cgroup (SIGUSR2 to serving)",
+            "a reload under baton, the generation in its cgroup (SIGUSR2 to serving)",
             reload,
         ),
         ("the same with `supervisor.cgroups: off`", without),
