@@ -162,3 +162,19 @@ while True:
     assert!(procfs::alive(pids[1]), "the healthy one stays");
     assert_eq!(master.events("worker_unhealthy").len(), 1);
 }
+
+/// `baton upgrade` keeps judging: a worker stopped after the upgrade is replaced all the same.
+#[test]
+fn liveness_goes_on_after_an_upgrade() {
+    let master = Master::start("liveness-upgrade", &watchdog_config(free_port()));
+    let pids = master.children();
+    let next = baton_integration::next_baton();
+    let (code, out, err) = master.ctl(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    master.wait_event("upgraded", Duration::from_secs(20), |_| true);
+    signal(pids[0], Signal::SIGSTOP);
+    master.wait_event("worker_unhealthy", Duration::from_secs(10), |v| {
+        v["pid"] == pids[0]
+    });
+    assert!(procfs::alive(pids[1]) && master.events("worker_unhealthy").len() == 1);
+}

@@ -338,6 +338,19 @@ impl Master {
                 link.output = captures;
             }
         }
+        // Ready workers are judged alive again (`liveness:`), as they were before the exec.
+        let ready: Vec<WorkerId> = self
+            .supervisor
+            .snapshot(Instant::now())
+            .generations
+            .iter()
+            .flat_map(|g| &g.workers)
+            .filter(|w| w.state == proto::WorkerState::Ready)
+            .map(|w| w.id)
+            .collect();
+        for worker in ready {
+            self.start_liveness(worker);
+        }
         // Children that exited during the exec wait as zombies: reap them now.
         reap(queue);
         queue.extend(resumed.intents.into_iter().map(Event::Intent));
