@@ -290,6 +290,43 @@ workers:
     }
 
     #[test]
+    fn liveness_recycle_and_output_read_as_written() {
+        let c = parse_str(
+            "listeners: []\nworkers:\n  - name: a\n    command: sh\n    liveness: {http: \"run/health-{worker}.sock\", path: /h, interval: 2s, threshold: 5, max_replacing: 25%, kill_after: 3s}\n    recycle: {max_rss: 512MiB, check_every: 5s, above_for: 20s}\n    output: inherit\n  - name: b\n    command: sh\n    liveness: {watchdog: 10s}\n",
+        )
+        .unwrap();
+        let a = &c.programs[0];
+        let live = a.liveness.as_ref().unwrap();
+        assert_eq!((live.threshold, live.max_replacing_percent), (5, 25));
+        assert_eq!(live.kill_after, Duration::from_secs(3));
+        let LivenessCheck::Probe(probe) = &live.check else {
+            panic!("{live:?}")
+        };
+        assert_eq!(
+            probe.address, "/etc/baton/run/health-{worker}.sock",
+            "relative to the file"
+        );
+        assert_eq!(
+            (probe.interval, probe.timeout),
+            (Duration::from_secs(2), Duration::from_secs(1))
+        );
+        let recycle = a.recycle.unwrap();
+        assert_eq!(recycle.max_rss_kib, 512 * 1024);
+        assert_eq!(
+            (recycle.check_every, recycle.above_for),
+            (Duration::from_secs(5), Duration::from_secs(20))
+        );
+        assert_eq!(a.output, Output::Inherit);
+        let b = &c.programs[1];
+        assert_eq!(
+            b.liveness.as_ref().unwrap().check,
+            LivenessCheck::Watchdog(Duration::from_secs(10))
+        );
+        assert_eq!(b.liveness.as_ref().unwrap().max_replacing_percent, 50);
+        assert_eq!(b.output, Output::Capture);
+    }
+
+    #[test]
     fn program_errors_are_named() {
         let cases: &[(&str, &str)] = &[
             (
@@ -315,6 +352,26 @@ workers:
             (
                 "listeners: []\nworker: {command: sh, protocol: inetd}\n",
                 "unknown variant `inetd`",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, liveness: {watchdog: 5s, threshold: 0}}\n",
+                "invalid liveness threshold 0: failures in a row, 1 to 100",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, liveness: {watchdog: 5s, interval: 1s}}\n",
+                "invalid liveness: give exactly one of `http` (with `path`), `tcp`",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, liveness: {tcp: a, max_replacing: 150%}}\n",
+                "invalid liveness max_replacing \"150%\"",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, recycle: {max_rss: 512MB}}\n",
+                "invalid size \"512MB\": a number and KiB, MiB or GiB (512MiB)",
+            ),
+            (
+                "listeners: []\nworker: {command: sh, output: tee}\n",
+                "unknown variant `tee`",
             ),
             (
                 "listeners: []\nworker: {command: sh, listeners: [nope]}\n",
