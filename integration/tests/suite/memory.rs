@@ -77,7 +77,7 @@ fn status_and_metrics_show_each_workers_memory_and_the_generations_total() {
         ),
         "{metrics}"
     );
-    assert!(metrics.contains("baton_generation_memory_bytes{generation=\"1\",kind=\"pss\"}"));
+    assert!(metrics.contains("baton_generation_memory_bytes{generation=\"1\",kind=\"rss\"}"));
 }
 
 #[test]

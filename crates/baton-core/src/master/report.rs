@@ -18,7 +18,11 @@ impl Master {
     }
 
     /// What `baton status` shows, as of now.
-    pub(super) fn status(&self) -> proto::StatusSnapshot {
+    /// What `baton status` answers, as a job to run off the event loop: the state is taken now;
+    /// the kernel's figures (connections of workers that do not report theirs, memory from
+    /// `smaps_rollup`, which walks each process's page tables) are read by the job, on a
+    /// blocking thread, so that a status of many big workers never holds up the master.
+    pub(super) fn status_job(&self) -> impl FnOnce() -> proto::StatusSnapshot + Send + 'static {
         let snap = self.supervisor.snapshot(Instant::now());
         // Connections of workers that do not report them, counted from the kernel.
         let ports: HashSet<u16> = self
@@ -39,7 +43,7 @@ impl Master {
             .filter(|w| w.connections.is_none())
             .filter_map(|w| w.pid)
             .collect();
-        let context = StatusContext {
+        let mut context = StatusContext {
             pid: std::process::id(),
             version: crate::version(),
             config: self.config_path.display().to_string(),
@@ -50,11 +54,15 @@ impl Master {
                 .iter()
                 .map(|(g, r)| (*g, r.programs.iter().map(|p| p.name.clone()).collect()))
                 .collect(),
-            counted: crate::procnet::established_connections(&unreported, &ports),
-            memory: memory_of(&snap),
+            counted: HashMap::new(),
+            memory: HashMap::new(),
             start_settings: self.start_settings.clone(),
         };
-        status_view(&snap, &context)
+        move || {
+            context.counted = crate::procnet::established_connections(&unreported, &ports);
+            context.memory = memory_of(&snap);
+            status_view(&snap, &context)
+        }
     }
 
     /// The Prometheus text exposition of the master's counters and gauges.
@@ -178,7 +186,15 @@ impl Master {
                 })
                 .collect(),
         );
-        let memory = memory_of(&snap);
+        // RSS from `statm` (cheap: no page-table walk) on the event loop; PSS is in `baton
+        // status`, read off the loop.
+        let memory: HashMap<u32, u64> = snap
+            .generations
+            .iter()
+            .flat_map(|g| &g.workers)
+            .filter_map(|w| w.pid)
+            .filter_map(|pid| Some((pid, crate::procmem::rss_of_tree(pid)?)))
+            .collect();
         let program_name = |g: Generation, program: usize| {
             self.resources
                 .get(&g)
@@ -188,36 +204,32 @@ impl Master {
         let mut per_worker = Vec::new();
         let mut per_generation = Vec::new();
         for g in &snap.generations {
-            let mut total = Memory::default();
+            let mut total = 0;
             for w in &g.workers {
-                let Some(m) = w.pid.and_then(|p| memory.get(&p)) else {
+                let Some(&rss) = w.pid.and_then(|p| memory.get(&p)) else {
                     continue;
                 };
-                total = total + *m;
+                total += rss;
                 let labels = format!(
                     "program=\"{}\",slot=\"{}\",generation=\"{}\"",
                     program_name(g.generation, w.program),
                     w.slot,
                     g.generation
                 );
-                for (kind, kib) in [("rss", m.rss_kib), ("pss", m.pss_kib)] {
-                    per_worker.push((
-                        format!("{{{labels},kind=\"{kind}\"}}"),
-                        (kib * 1024).to_string(),
-                    ));
-                }
-            }
-            for (kind, kib) in [("rss", total.rss_kib), ("pss", total.pss_kib)] {
-                per_generation.push((
-                    format!("{{generation=\"{}\",kind=\"{kind}\"}}", g.generation),
-                    (kib * 1024).to_string(),
+                per_worker.push((
+                    format!("{{{labels},kind=\"rss\"}}"),
+                    (rss * 1024).to_string(),
                 ));
             }
+            per_generation.push((
+                format!("{{generation=\"{}\",kind=\"rss\"}}", g.generation),
+                (total * 1024).to_string(),
+            ));
         }
         metric(
             "baton_worker_memory_bytes",
             "gauge",
-            "Memory of each worker's process and its descendants (rss: resident; pss: shared pages divided among sharers).",
+            "Resident memory (RSS) of each worker's process and its descendants (PSS: baton status).",
             per_worker,
         );
         metric(

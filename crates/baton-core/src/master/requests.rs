@@ -32,7 +32,13 @@ impl Master {
         } = req;
         match request {
             proto::Request::Status => {
-                let _ = reply.send(proto::Response::Status(self.status()));
+                // The kernel's figures are read off the event loop (see `status_job`).
+                let job = self.status_job();
+                tokio::spawn(async move {
+                    if let Ok(status) = tokio::task::spawn_blocking(job).await {
+                        let _ = reply.send(proto::Response::Status(status));
+                    }
+                });
             }
             proto::Request::Metrics => {
                 let _ = reply.send(proto::Response::Metrics {
