@@ -291,11 +291,36 @@ pub fn free_port() -> u16 {
 struct Log {
     /// JSON events of the master (workers' captured lines are `output` events, the first
     /// [`KEPT_OUTPUT`] of them kept); other lines (output: inherit) as `{"raw": line}`.
-    lines: Mutex<Vec<(Instant, Value)>>,
+    lines: Mutex<Lines>,
     /// Every `output` event seen, kept or not (stdout lines past the first [`KEPT_OUTPUT`] are
     /// counted only).
     output_seen: std::sync::atomic::AtomicU64,
     grew: Condvar,
+}
+
+/// The lines read so far: all of them (for dumps), and by event name, so that a test waiting
+/// for one event scans only those (the lock is short: the reader thread must never wait long
+/// for it, or the master, whose stderr it reads, would wait on a full pipe).
+#[derive(Debug, Default)]
+struct Lines {
+    all: Vec<(Instant, Arc<Value>)>,
+    by_event: std::collections::HashMap<String, Vec<(Instant, Arc<Value>)>>,
+}
+
+impl Lines {
+    fn push(&mut self, at: Instant, v: Value) {
+        let v = Arc::new(v);
+        let event = v["event"].as_str().unwrap_or_default().to_string();
+        self.by_event
+            .entry(event)
+            .or_default()
+            .push((at, v.clone()));
+        self.all.push((at, v));
+    }
+
+    fn named(&self, name: &str) -> &[(Instant, Arc<Value>)] {
+        self.by_event.get(name).map_or(&[], Vec::as_slice)
+    }
 }
 
 /// Workers' output lines a test's log keeps (a flood test reads millions, and counts them).
@@ -433,13 +458,15 @@ impl Master {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     continue;
                 }
+                let parsed = parse_log_line(&line);
+                let at = Instant::now();
                 let mut lines = sink.lines.lock().unwrap();
-                for v in parse_log_line(&line) {
+                for v in parsed {
                     if v["event"] == "output" {
                         sink.output_seen
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                    lines.push((Instant::now(), v));
+                    lines.push(at, v);
                 }
                 drop(lines);
                 sink.grew.notify_all();
@@ -476,9 +503,10 @@ impl Master {
             .lines
             .lock()
             .unwrap()
+            .named(name)
             .iter()
-            .filter(|(_, v)| v["event"] == name && pred(v))
-            .cloned()
+            .filter(|(_, v)| pred(v))
+            .map(|(at, v)| (*at, Value::clone(v)))
             .collect()
     }
 
@@ -500,6 +528,7 @@ impl Master {
     pub fn raw_lines(&self) -> Vec<String> {
         let lines = self.log.lines.lock().unwrap();
         lines
+            .named("")
             .iter()
             .filter_map(|(_, v)| v["raw"].as_str().map(str::to_string))
             .collect()
@@ -522,13 +551,17 @@ impl Master {
     ) -> (Instant, Value) {
         let deadline = Instant::now() + patience(timeout);
         let mut lines = self.log.lines.lock().unwrap();
+        // Each event is judged once: a wake-up scans only what came since.
+        let mut checked = 0;
         loop {
-            if let Some(found) = lines.iter().find(|(_, v)| v["event"] == name && pred(v)) {
-                return found.clone();
+            let named = lines.named(name);
+            if let Some((at, v)) = named[checked..].iter().find(|(_, v)| pred(v)) {
+                return (*at, Value::clone(v));
             }
+            checked = named.len();
             let now = Instant::now();
             if now >= deadline {
-                let dump: Vec<String> = lines.iter().map(|(_, v)| v.to_string()).collect();
+                let dump: Vec<String> = lines.all.iter().map(|(_, v)| v.to_string()).collect();
                 panic!(
                     "[{}] timed out waiting for event {name}; log:\n{}",
                     self.name,

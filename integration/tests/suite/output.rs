@@ -382,13 +382,14 @@ fn an_upgrade_carries_the_pipes_and_the_unfinished_line() {
             ("IT_PIECES_MS", "3000".into()),
         ],
     );
+    // Built before the worker starts, so that its unfinished line straddles the upgrade.
+    let next = baton_integration::next_baton();
     let master = Master::start("output-upgrade", &config);
     let pid = master.children()[0];
     // The first piece is in the master's hands (chatter lines around it came through).
     eventually(Duration::from_secs(10), "chatter", || {
         (master.output_lines().len() >= 3).then_some(())
     });
-    let next = baton_integration::next_baton();
     let (code, out, err) = master.ctl(&["upgrade", "--binary", next.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     let (upgraded, _) = master.wait_event("upgraded", Duration::from_secs(20), |_| true);
