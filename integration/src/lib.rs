@@ -259,6 +259,22 @@ pub fn start_socket_activated(
     cmd.spawn().unwrap()
 }
 
+/// `baton run --log-format FORMAT ARGS... -c CONFIG`, stdin and stdout on /dev/null, stderr piped
+/// (read it, or a full pipe stalls the master): for tests that need the process itself rather
+/// than a [`Master`].
+pub fn baton_run(config: &std::path::Path, format: &str, args: &[&std::ffi::OsStr]) -> Child {
+    Command::new(&binaries().baton)
+        .args(["run", "--log-format", format])
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning baton run")
+}
+
 /// A free loopback port (bound and released; the master binds it right after).
 /// One HTTP/1.1 request on a new connection: `(status, head, body)`.
 pub fn http(port: u16, method: &str, path: &str) -> (u16, String, String) {

@@ -1,10 +1,9 @@
 //! The master's own log in a file that logrotate can rotate (`create` mode: rename, then
 //! SIGUSR1), and its pid file.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use baton_integration::{TestConfig, binaries, ctl, eventually, free_port};
+use baton_integration::{TestConfig, baton_run, ctl, eventually, free_port};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -17,18 +16,16 @@ fn the_log_file_is_reopened_on_sigusr1_and_the_pid_file_removed_at_exit() {
         .replace("{dir}", dir.path().to_str().unwrap());
     std::fs::write(&config, yaml).unwrap();
     let (log, pid_file) = (dir.path().join("baton.log"), dir.path().join("baton.pid"));
-    let master = Command::new(&binaries().baton)
-        .args(["run", "--log-format", "json", "--log-file"])
-        .arg(&log)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg("-c")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let master = baton_run(
+        &config,
+        "json",
+        &[
+            "--log-file".as_ref(),
+            log.as_ref(),
+            "--pid-file".as_ref(),
+            pid_file.as_ref(),
+        ],
+    );
     let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
     eventually(Duration::from_secs(30), "serving, in the log file", || {
         read(&log).contains("\"event\":\"serving\"").then_some(())
@@ -86,14 +83,7 @@ fn the_configuration_names_the_log_file_and_the_pid_file() {
         dir.path().join("logs/baton.log"),
         dir.path().join("baton.pid"),
     );
-    let mut master = Command::new(&binaries().baton)
-        .args(["run", "--log-format", "json", "-c"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut master = baton_run(&config, "json", &[]);
     let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
     eventually(Duration::from_secs(30), "serving, in the log file", || {
         read(&log).contains("\"event\":\"serving\"").then_some(())

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode};
@@ -157,14 +156,7 @@ fn the_text_log_prefixes_each_workers_line_with_its_origin() {
         .yaml()
         .replace("{dir}", dir.path().to_str().unwrap());
     std::fs::write(&config, yaml).unwrap();
-    let mut child = Command::new(&binaries().baton)
-        .args(["run", "--log-format", "text", "-c"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = baton_integration::baton_run(&config, "text", &[]);
     let rx = lines_of(child.stderr.take().unwrap());
     let deadline = Instant::now() + patience(Duration::from_secs(20));
     let line = loop {

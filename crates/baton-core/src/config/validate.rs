@@ -493,15 +493,20 @@ impl Check<'_> {
     /// A liveness check's Unix socket path, relative to this file like every path.
     fn liveness(&self, mut liveness: crate::config::Liveness) -> crate::config::Liveness {
         if let crate::config::LivenessCheck::Probe(probe) = &mut liveness.check {
-            if probe.address.contains('/') && !probe.address.starts_with('/') {
-                probe.address = self
-                    .base
-                    .join(Path::new(&probe.address))
-                    .display()
-                    .to_string();
-            }
+            self.anchor_probe(probe);
         }
         liveness
+    }
+
+    /// A probe's relative Unix socket path is relative to this file, like every path.
+    fn anchor_probe(&self, probe: &mut crate::config::Probe) {
+        if probe.address.contains('/') && !probe.address.starts_with('/') {
+            probe.address = self
+                .base
+                .join(Path::new(&probe.address))
+                .display()
+                .to_string();
+        }
     }
 
     /// One readiness condition, checked against the protocol.
@@ -525,15 +530,8 @@ impl Check<'_> {
                 );
                 Readiness::Channel
             }
-            // A relative Unix socket path of a probe is relative to this file, like every path.
             (Readiness::Probe(mut probe), _) => {
-                if probe.address.contains('/') && !probe.address.starts_with('/') {
-                    probe.address = self
-                        .base
-                        .join(Path::new(&probe.address))
-                        .display()
-                        .to_string();
-                }
+                self.anchor_probe(&mut probe);
                 Readiness::Probe(probe)
             }
             (r, _) => r,

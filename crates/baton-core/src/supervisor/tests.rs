@@ -1,7 +1,8 @@
 //! The state machine as plain data: events in, actions out. No processes, no clock.
 
 use super::*;
-use baton_sys::process::SignalNumber;
+use baton_proto::WorkerMessage;
+use baton_sys::process::{ExitKind, SignalNumber};
 
 fn program(processes: usize) -> ProgramSpec {
     ProgramSpec {

@@ -2,7 +2,7 @@
 //! 100-byte lines as fast as its pipe takes them; the master logs each line with its origin.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_integration::{binaries, procfs};
@@ -35,16 +35,9 @@ pub(crate) fn forward(format: &str, log: &Path) -> Forwarded {
     )
     .unwrap();
     let started = Instant::now();
-    let mut master = Command::new(&binaries().baton)
-        .args(["run", "--log-format", format, "--log-file"])
-        .arg(log)
-        .arg("-c")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // (The log goes to the file: stderr stays quiet.)
+    let mut master =
+        baton_integration::baton_run(&config, format, &["--log-file".as_ref(), log.as_os_str()]);
     // The master's own counters say when every byte went through.
     let deadline = started + Duration::from_secs(300);
     let (lines, bytes) = loop {
