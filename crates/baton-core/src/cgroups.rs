@@ -4,10 +4,10 @@
 //!
 //! Where: under the master's own cgroup, in `baton-<id>/` (the id is derived from the control
 //! socket's path, so the next master of the same configuration finds it), one `g<generation>-p
-//! <program>/` per program of each generation. The master enters that cgroup itself to start
-//! the program's workers, and comes back: a child is born in its parent's cgroup, so no worker
-//! is ever migrated (a migration costs the kernel a grace period, ~2 ms each; two per batch of
-//! spawns instead of one per worker). When the generation's last worker is gone (drained, or
+//! <program>/` per program of each generation. A worker is made in its cgroup
+//! (`clone3(CLONE_INTO_CGROUP)`, [`baton_sys::spawn`]): no process is ever migrated (a migration
+//! costs the kernel a grace period, ~2 ms each), the master never leaves its own cgroup.
+//! When the generation's last worker is gone (drained, or
 //! killed at the deadline) `cgroup.kill` ends whatever is left in its cgroups (or, before Linux
 //! 5.14, SIGKILL to each process listed, until none is), and the empty cgroups are removed.
 //!
@@ -19,6 +19,7 @@
 //! (and is then reaped by the master).
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use tracing::{debug, info, warn};
@@ -30,8 +31,6 @@ const KILL_ROUNDS: usize = 100;
 #[derive(Debug, Clone)]
 pub struct Containment {
     dir: PathBuf,
-    /// The master's own cgroup, where it returns after starting workers.
-    home: PathBuf,
     /// `cgroup.kill` exists (Linux 5.14 and later).
     kill_file: bool,
 }
@@ -74,11 +73,7 @@ impl Containment {
             source,
         })?;
         let kill_file = dir.join("cgroup.kill").exists();
-        Ok(Containment {
-            dir,
-            home: base,
-            kill_file,
-        })
+        Ok(Containment { dir, kill_file })
     }
 
     pub fn dir(&self) -> &Path {
@@ -89,22 +84,16 @@ impl Containment {
         self.dir.join(format!("g{generation}-p{program}"))
     }
 
-    /// Moves the master into the cgroup of `program` of `generation` (created if need be):
-    /// the workers it starts now are born there.
-    pub fn enter(&self, generation: u64, program: usize) -> io::Result<()> {
+    /// The cgroup of `program` of `generation` (created if need be), open, to make its workers
+    /// in.
+    pub fn open_group(&self, generation: u64, program: usize) -> io::Result<OwnedFd> {
         let dir = self.group_dir(generation, program);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        // "0": the writing process (all its threads).
-        std::fs::write(dir.join("cgroup.procs"), "0")
-    }
-
-    /// Moves the master back into its own cgroup.
-    pub fn leave(&self) -> io::Result<()> {
-        std::fs::write(self.home.join("cgroup.procs"), "0")
+        Ok(std::fs::File::open(&dir)?.into())
     }
 
     /// Ends every process in the cgroup of `program` of `generation`.

@@ -43,7 +43,7 @@ use crate::config::{self, Config};
 use crate::control::{self, ControlRequest};
 use crate::listeners::{BindError, ListenerTable, Prepared};
 use crate::supervisor::{
-    Action, Event, Generation, Intent, Phase, RequestId, Supervisor, Trigger, WorkerId,
+    Action, Event, Generation, Intent, RequestId, Supervisor, Trigger, WorkerId,
 };
 use crate::{cgroups, metrics_http, orphans, output};
 
@@ -167,7 +167,7 @@ pub struct Master {
     control_aliases: Vec<control::SocketFile>,
     /// This master's workers as recorded for its guard and its successor ([`orphans`]).
     registry: orphans::Registry,
-    registered: BTreeMap<u32, orphans::Entry>,
+    registered: BTreeMap<u32, Option<orphans::Entry>>,
     /// The upgrade under way, if any, and where its preflight reports.
     upgrade: Option<upgrade::Pending>,
     upgrade_tx: mpsc::UnboundedSender<upgrade::Preflight>,
@@ -186,11 +186,11 @@ pub struct Master {
     output: output::Hub,
     /// `recycle:`'s memory checks.
     memory: memory::MemoryWatch,
-    /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]); the one the
-    /// master is in to start workers; the cgroups of gone generations still to remove (their
-    /// last processes not reaped yet).
+    /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]); those open
+    /// to make workers in; the cgroups of gone generations still to remove (their last
+    /// processes not reaped yet).
     containment: Result<cgroups::Containment, cgroups::Unavailable>,
-    inside: Option<(Generation, usize)>,
+    cgroup_fds: HashMap<(Generation, usize), OwnedFd>,
     cgroups_to_remove: Vec<(Generation, usize)>,
 }
 
@@ -296,7 +296,7 @@ impl Master {
             output: output::Hub::default(),
             memory: memory::MemoryWatch::default(),
             containment,
-            inside: None,
+            cgroup_fds: HashMap::new(),
             cgroups_to_remove: Vec::new(),
         })
     }
@@ -404,14 +404,8 @@ impl Master {
             let deadline = self.supervisor.next_deadline();
             let memory_check = self.next_memory_check();
             // While something drains, refresh the status line (time left) once a second.
-            let refresh = (self.options.notify.is_some()
-                && self
-                    .supervisor
-                    .snapshot(Instant::now())
-                    .generations
-                    .iter()
-                    .any(|g| g.phase == Phase::Draining))
-            .then(|| Instant::now() + Duration::from_secs(1));
+            let refresh = (self.options.notify.is_some() && self.supervisor.draining())
+                .then(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
                 _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
                     self.notify(Notification::Watchdog);
@@ -554,8 +548,6 @@ impl Master {
                 }
             }
         }
-        // Workers started in this batch are born in their cgroup; the master goes home.
-        self.leave_cgroup();
         None
     }
 }

@@ -3,7 +3,7 @@
 //! It owns: moving descriptors over the worker channel (`SCM_RIGHTS` over a `SOCK_SEQPACKET`
 //! socket pair), adopting descriptors inherited across `execve` (socket activation in
 //! [`activation`], the channel, a self-upgrade's state), placing descriptors at fixed numbers in a
-//! child between `fork` and `exec`, the process syscalls the master needs (signals, reaping), the
+//! child between `clone` and `exec`, the process syscalls the master needs (signals, reaping), the
 //! self-upgrade's memfd and `execve`, and the kernel's count of established connections
 //! (`sock_diag` netlink).
 //!
@@ -12,6 +12,10 @@
 //! state, and [`channel::adopt_inherited`] takes one back, refusing any number this process
 //! might own. No safe function here has an unsafe contract. It must not know about
 //! configuration, generations or the protocol's JSON: callers hand it bytes and descriptors.
+//!
+//! Workers are started by [`spawn`] (`clone3` with `CLONE_VM | CLONE_VFORK`, made in their
+//! cgroup); [`process`] keeps the hooks for `std::process::Command`, used for the rare
+//! processes where a copy of the master does not matter (a self-upgrade, the guard).
 //!
 //! [`OwnedFd`]: std::os::fd::OwnedFd
 //! [`BorrowedFd`]: std::os::fd::BorrowedFd
@@ -26,4 +30,5 @@ pub mod pidfd;
 pub mod pipe;
 pub mod process;
 pub mod sockdiag;
+pub mod spawn;
 pub mod upgrade;

@@ -240,20 +240,9 @@ impl ExecState {
     fn exec(&mut self) -> io::Result<()> {
         let _ = (&self.argv, &self.envs);
         // SAFETY: getpid has no preconditions.
-        let mut pid = unsafe { libc::getpid() } as u32;
-        let mut digits = [0u8; 10];
-        let mut n = 0;
-        loop {
-            digits[n] = b'0' + (pid % 10) as u8;
-            n += 1;
-            pid /= 10;
-            if pid == 0 {
-                break;
-            }
-        }
-        for i in 0..n {
-            self.pid_entry[self.prefix + i] = digits[n - 1 - i];
-        }
+        let pid = unsafe { libc::getpid() } as u32;
+        let (digits, n) = decimal(pid);
+        self.pid_entry[self.prefix..self.prefix + n].copy_from_slice(&digits[..n]);
         self.pid_entry[self.prefix + n] = 0;
         // SAFETY: every pointer of both arrays points into a NUL-terminated buffer owned by
         // `self` (the pid entry was just terminated above), and both arrays end with a null
@@ -267,6 +256,26 @@ impl ExecState {
         };
         Err(io::Error::last_os_error())
     }
+}
+
+/// The decimal digits of `n` (most significant first) and how many there are: allocates
+/// nothing, for a child between clone and exec.
+pub(crate) fn decimal(mut n: u32) -> ([u8; 10], usize) {
+    let mut reversed = [0u8; 10];
+    let mut len = 0;
+    while len < reversed.len() {
+        reversed[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut digits = [0u8; 10];
+    for i in 0..len {
+        digits[i] = reversed[len - 1 - i];
+    }
+    (digits, len)
 }
 
 /// Makes this process the reaper of its descendants' orphans (`PR_SET_CHILD_SUBREAPER`), so a
@@ -290,81 +299,6 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
     Ok(hard.max(soft))
-}
-
-/// What a worker process is set up with between fork and exec, besides its descriptors.
-#[derive(Debug, Clone, Default)]
-pub struct ChildSetup {
-    /// The user and group it runs as (supplementary groups cleared when the master is root),
-    /// set after the limits, which may need the master's privileges.
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    /// File mode creation mask.
-    pub umask: Option<u32>,
-    /// Signal the worker gets if the master dies (`PR_SET_PDEATHSIG`).
-    pub parent_death_signal: Option<Signal>,
-    /// Limit on open descriptors (`RLIMIT_NOFILE`, soft and hard).
-    pub max_open_files: Option<u64>,
-    /// Limit on the core dump size (`RLIMIT_CORE`, soft and hard).
-    pub max_core_size: Option<u64>,
-}
-
-/// Applies `setup` in `cmd`'s child, in this order: the umask and limits, the group and user,
-/// the parent-death signal (which a user change would clear). Do not also use
-/// `Command::uid`/`gid`: std applies them before this hook, and a limit above the user's hard
-/// limit could then not be set.
-pub fn setup_child(cmd: &mut Command, setup: ChildSetup) {
-    unblock_signals_in_child(cmd);
-    // SAFETY: the hook runs in the child between fork and exec and only makes the umask,
-    // setrlimit, setgroups, setgid, setuid and prctl system calls, all async-signal-safe;
-    // `value` lives on this stack frame for the setrlimit call; it allocates nothing and takes
-    // no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(mask) = setup.umask {
-                libc::umask(mask as libc::mode_t);
-            }
-            for (resource, limit) in [
-                (libc::RLIMIT_NOFILE, setup.max_open_files),
-                (libc::RLIMIT_CORE, setup.max_core_size),
-            ] {
-                if let Some(limit) = limit {
-                    let value = libc::rlimit {
-                        rlim_cur: limit as libc::rlim_t,
-                        rlim_max: limit as libc::rlim_t,
-                    };
-                    if libc::setrlimit(resource, &value) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-            }
-            if let Some(gid) = setup.gid {
-                if libc::geteuid() == 0 && libc::setgroups(0, std::ptr::null()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setgid(gid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(uid) = setup.uid {
-                if setup.gid.is_none()
-                    && libc::geteuid() == 0
-                    && libc::setgroups(0, std::ptr::null()) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setuid(uid) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(signal) = setup.parent_death_signal {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
 }
 
 /// The child starts with no signal blocked, whatever the spawning thread blocks (the master

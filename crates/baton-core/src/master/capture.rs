@@ -1,8 +1,8 @@
 //! A worker's output on its way to the master's log: the pipes set up before it starts, the
 //! tasks reading them, and the last read when it exits (see [`crate::output`]).
 
+use baton_sys::spawn::Spawn;
 use std::fs::File;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use baton_proto::control::OutputStream;
@@ -22,17 +22,16 @@ const DRAIN_AT_EXIT: usize = 1 << 20;
 /// `output: inherit`).
 pub(super) fn output_pipes(
     config: &WorkerConfig,
-    cmd: &mut Command,
+    spawn: &mut Spawn,
 ) -> std::io::Result<Vec<(OutputStream, File)>> {
     if config.output == Output::Inherit {
         return Ok(Vec::new());
     }
     let (stdout, stdout_w) = baton_sys::pipe::output_pipe()?;
     let (stderr, stderr_w) = baton_sys::pipe::output_pipe()?;
-    // The write ends live in the command until it is dropped after the spawn: then only the
-    // worker (and whatever it starts) holds them, and the pipe ends when they are all gone.
-    cmd.stdout(Stdio::from(stdout_w))
-        .stderr(Stdio::from(stderr_w));
+    // The write ends live in the spawn until the worker runs: then only the worker (and
+    // whatever it starts) holds them, and the pipe ends when they are all gone.
+    spawn.fd(stdout_w, 1).fd(stderr_w, 2);
     Ok(vec![
         (OutputStream::Stdout, stdout),
         (OutputStream::Stderr, stderr),

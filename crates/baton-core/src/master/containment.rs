@@ -1,12 +1,11 @@
-//! Workers' cgroups as the event loop uses them ([`crate::cgroups`]): the master enters a
-//! program's cgroup to start its workers and leaves once the batch of actions is carried out;
-//! when a generation is released (its last worker gone) its cgroups are killed (what escaped
+//! Workers' cgroups as the event loop uses them ([`crate::cgroups`]): each program's cgroup is
+//! opened once, at its first worker, and its workers are made in it; when a generation is released (its last worker gone) its cgroups are killed (what escaped
 //! the workers' process groups) and removed once empty (a killed process is gone only once
 //! reaped, so removal is tried again after each reap); the container goes when the master ends.
 
+use std::collections::hash_map::Entry;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-
-use tracing::warn;
 
 use super::Master;
 use crate::cgroups::{Containment, Unavailable};
@@ -22,33 +21,20 @@ pub(super) fn open(policy: Cgroups, socket: &Path) -> Result<Containment, Unavai
 }
 
 impl Master {
-    /// Puts the master in the cgroup of `program` of `generation`, to start workers there.
-    pub(super) fn enter_cgroup(
+    /// The cgroup to make a worker of `program` of `generation` in (`None`: not contained).
+    pub(super) fn cgroup_for(
         &mut self,
         generation: Generation,
         program: usize,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Option<BorrowedFd<'_>>> {
         let Ok(containment) = &self.containment else {
-            return Ok(());
+            return Ok(None);
         };
-        if self.inside == Some((generation, program)) {
-            return Ok(());
-        }
-        containment.enter(generation.0, program)?;
-        self.inside = Some((generation, program));
-        Ok(())
-    }
-
-    /// Back to the master's own cgroup (after a batch of spawns).
-    pub(super) fn leave_cgroup(&mut self) {
-        if self.inside.take().is_none() {
-            return;
-        }
-        if let Ok(containment) = &self.containment {
-            if let Err(err) = containment.leave() {
-                warn!("cannot leave the workers' cgroup: {err}");
-            }
-        }
+        let fd: &OwnedFd = match self.cgroup_fds.entry((generation, program)) {
+            Entry::Occupied(open) => open.into_mut(),
+            Entry::Vacant(slot) => slot.insert(containment.open_group(generation.0, program)?),
+        };
+        Ok(Some(fd.as_fd()))
     }
 
     /// `generation` is gone: what is left in its cgroups ends, and they go once empty.
@@ -57,6 +43,7 @@ impl Master {
             return;
         };
         for program in 0..programs {
+            self.cgroup_fds.remove(&(generation, program));
             containment.kill(generation.0, program);
             self.cgroups_to_remove.push((generation, program));
         }
@@ -73,7 +60,7 @@ impl Master {
 
     /// The master ends: what is empty goes, the container too.
     pub(super) fn close_containment(&mut self) {
-        self.leave_cgroup();
+        self.cgroup_fds.clear();
         self.remove_cgroups();
         if let Ok(containment) = &self.containment {
             containment.close();

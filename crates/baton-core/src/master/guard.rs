@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use tracing::{info, warn};
 
@@ -13,31 +12,32 @@ use super::Master;
 use crate::orphans::Entry;
 
 impl Master {
-    /// Rewrites the registry when the set of worker processes changed (a spawn, an exit).
+    /// Rewrites the registry when the set of worker processes changed (a spawn, an exit). Called
+    /// after every wake-up of the loop: when nothing changed it only compares pids.
     pub(super) fn update_registry(&mut self) {
-        let snap = self.supervisor.snapshot(Instant::now());
-        let mut current: BTreeMap<u32, Option<Entry>> = BTreeMap::new();
-        for g in &snap.generations {
-            let programs = self.resources.get(&g.generation).map(|r| &r.programs);
-            for w in &g.workers {
-                let Some(pid) = w.pid else { continue };
-                let entry = self.registered.get(&pid).cloned().or_else(|| {
-                    let program = programs.and_then(|p| p.get(w.program))?;
-                    Entry::of(pid, program.drain_signal, program.drain_timeout)
-                });
-                current.insert(pid, entry);
-            }
-        }
-        let same = current.len() == self.registered.len()
-            && current.keys().all(|pid| self.registered.contains_key(pid));
+        let mut count = 0;
+        let same = self.supervisor.processes().all(|(pid, ..)| {
+            count += 1;
+            self.registered.contains_key(&pid)
+        }) && count == self.registered.len();
         if same {
             return;
         }
-        self.registered = current
-            .into_iter()
-            .filter_map(|(pid, entry)| Some((pid, entry?)))
-            .collect();
-        let entries: Vec<Entry> = self.registered.values().cloned().collect();
+        let mut current: BTreeMap<u32, Option<Entry>> = BTreeMap::new();
+        for (pid, generation, program) in self.supervisor.processes() {
+            let entry = match self.registered.get(&pid) {
+                Some(known) => known.clone(),
+                // None: it ended before its start time could be read (nothing to guard).
+                None => self
+                    .resources
+                    .get(&generation)
+                    .and_then(|r| r.programs.get(program))
+                    .and_then(|p| Entry::of(pid, p.drain_signal, p.drain_timeout)),
+            };
+            current.insert(pid, entry);
+        }
+        self.registered = current;
+        let entries: Vec<Entry> = self.registered.values().flatten().cloned().collect();
         if let Err(err) = self.registry.write(&entries) {
             warn!(registry = %self.registry.path().display(),
                 "cannot record the workers in {}: {err}", self.registry.path().display());

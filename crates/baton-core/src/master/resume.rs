@@ -262,7 +262,7 @@ impl Master {
             memory: super::memory::MemoryWatch::default(),
             // The same container the old program used (the workers are in it).
             containment: super::containment::open(state_cgroups, &control_config.socket),
-            inside: None,
+            cgroup_fds: HashMap::new(),
             cgroups_to_remove: Vec::new(),
             resumed: Some(Resumed {
                 client,

@@ -1,18 +1,20 @@
 //! Starting a worker process: its environment (the master's, minus what describes the master's
-//! own relation to systemd), user, group, umask and limits, its descriptors placed between fork
-//! and exec, and the tasks that then listen to it (its channel, its notify socket, its probe).
+//! own relation to systemd), user, group, umask and limits, its descriptors placed between clone
+//! and exec, its cgroup, and the tasks that then listen to it (its channel, its notify socket,
+//! its probe). The process itself is made by [`baton_sys::spawn`], which copies nothing of the
+//! master.
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use baton_proto::{
     CHANNEL_FD_ENV, GENERATION_ENV, Hello, ListenerInfo, PROTOCOL_VERSION, WORKER_ID_ENV,
 };
-use baton_sys::process::{self, SignalNumber};
+use baton_sys::process::SignalNumber;
+use baton_sys::spawn::{ChildSetup, Spawn};
 use baton_sys::{channel, notify};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -60,8 +62,8 @@ pub(super) enum SpawnError {
     OutputPipes(std::io::Error),
     #[error("socketpair: {0}")]
     Channel(std::io::Error),
-    #[error("placing the channel: {0}")]
-    PlaceChannel(std::io::Error),
+    #[error("/dev/null: {0}")]
+    DevNull(std::io::Error),
     #[error(
         "notify socket in {}: {source} (set supervisor.runtime_dir to a writable directory)",
         dir.display()
@@ -72,26 +74,22 @@ pub(super) enum SpawnError {
     },
     #[error("duplicating listeners: {0}")]
     Duplicate(std::io::Error),
-    #[error("placing listeners: {0}")]
-    PlaceListeners(std::io::Error),
-    #[error("preparing the exec: {0}")]
-    PrepareExec(std::io::Error),
-    #[error("cannot execute {}: {source}", command.display())]
-    Execute {
+    #[error("cannot start {}: {source}", command.display())]
+    Start {
         command: PathBuf,
-        source: std::io::Error,
+        source: baton_sys::spawn::SpawnError,
     },
 }
 
-/// The worker being started: what both protocols need to know of it, its environment so far
-/// and its command.
+/// The worker being started: what both protocols need to know of it, its environment so far,
+/// the process being prepared and the cgroup to make it in.
 struct Start<'a> {
     config: &'a WorkerConfig,
     worker: WorkerId,
     generation: Generation,
     listeners: Vec<GenerationListener>,
     env: Vec<(OsString, OsString)>,
-    cmd: Command,
+    process: Spawn,
 }
 
 impl Master {
@@ -136,15 +134,22 @@ impl Master {
             generation,
             listeners,
             env: worker_env(&config, worker, generation, slot, probe_address.as_deref()),
-            cmd: command(&config),
+            process: process(&config)?,
         };
-        self.enter_cgroup(generation, program)
-            .map_err(SpawnError::Cgroup)?;
-        let pipes = output_pipes(&config, &mut start.cmd).map_err(SpawnError::OutputPipes)?;
-        // The command (and the descriptors placed in it) is dropped once the child runs.
+        let pipes = output_pipes(&config, &mut start.process).map_err(SpawnError::OutputPipes)?;
         let pid = match config.protocol {
-            Protocol::Baton => self.spawn_baton(start, &mut link)?,
-            Protocol::Systemd => self.spawn_systemd(start, &mut link)?,
+            Protocol::Baton => {
+                let prepared = self.prepare_baton(start)?;
+                let pid = self.start_process(prepared.process, &config, generation, program)?;
+                self.link_baton(prepared.link, pid, &mut link);
+                pid
+            }
+            Protocol::Systemd => {
+                let prepared = self.prepare_systemd(start)?;
+                let pid = self.start_process(prepared.process, &config, generation, program)?;
+                self.link_systemd(prepared.link, pid, &config, &mut link);
+                pid
+            }
         };
         let watching = self.start_readiness(&config, worker, probe_address, canary_window);
         link.tasks.extend(watching);
@@ -161,31 +166,48 @@ impl Master {
         Ok(pid)
     }
 
-    /// A baton-protocol worker: its channel at [`FIRST_FD`], and a task that hands it the
-    /// listeners and then relays its packets.
-    fn spawn_baton(&self, start: Start<'_>, link: &mut Link) -> Result<u32, SpawnError> {
+    /// A baton-protocol worker: its channel at [`FIRST_FD`].
+    fn prepare_baton(&self, start: Start<'_>) -> Result<Prepared<BatonLink>, SpawnError> {
         let Start {
             config,
             worker,
             generation,
             listeners,
             mut env,
-            mut cmd,
+            mut process,
         } = start;
-        let cmd = &mut cmd;
         let (ours, theirs) = channel::pair().map_err(SpawnError::Channel)?;
         env.push((CHANNEL_FD_ENV.into(), FIRST_FD.to_string().into()));
-        cmd.env_clear().envs(env);
-        process::place_fds(cmd, vec![(theirs, FIRST_FD)]).map_err(SpawnError::PlaceChannel)?;
-        let pid = spawn_child(cmd, config)?;
+        set_env(&mut process, &env, config)?;
+        process.fd(theirs, FIRST_FD);
+        Ok(Prepared {
+            process,
+            link: BatonLink {
+                worker,
+                generation,
+                listeners,
+                watchdog: watchdog(config),
+                ours,
+            },
+        })
+    }
+
+    /// The task that hands a started baton-protocol worker its listeners (duplicated only now:
+    /// fewer descriptors in the master while it starts a process), then relays its packets.
+    fn link_baton(&self, prepared: BatonLink, pid: u32, link: &mut Link) {
+        let BatonLink {
+            worker,
+            generation,
+            listeners,
+            watchdog,
+            ours,
+        } = prepared;
         let (commands, commands_rx) = mpsc::unbounded_channel();
         link.channel = ours.try_clone().ok();
-        match handoff_parts(worker, generation, &listeners, watchdog(config)).and_then(
-            |(hello, fds)| {
-                let channel = channel::into_async(ours)?;
-                Ok((hello, fds, channel))
-            },
-        ) {
+        match handoff_parts(worker, generation, &listeners, watchdog).and_then(|(hello, fds)| {
+            let channel = channel::into_async(ours)?;
+            Ok((hello, fds, channel))
+        }) {
             Ok((hello, fds, channel)) => {
                 let events = self.events_tx.clone();
                 let task =
@@ -199,45 +221,49 @@ impl Master {
                 pid, "cannot hand listeners to worker {worker}: {e}"
             ),
         }
-        Ok(pid)
     }
 
     /// A systemd-style worker: its listeners from [`FIRST_FD`] on (`LISTEN_FDS`,
     /// `LISTEN_FDNAMES`, `LISTEN_PID` set to its own pid), and a notify socket of its own.
-    fn spawn_systemd(&self, start: Start<'_>, link: &mut Link) -> Result<u32, SpawnError> {
+    fn prepare_systemd(&self, start: Start<'_>) -> Result<Prepared<NotifyLink>, SpawnError> {
         let Start {
             config,
             worker,
             listeners,
             mut env,
-            mut cmd,
+            mut process,
             ..
         } = start;
-        let cmd = &mut cmd;
         let socket = self.notify_socket(worker)?;
         let names: Vec<&str> = listeners.iter().map(|l| l.config.name.as_str()).collect();
         env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
         env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
         env.push(("NOTIFY_SOCKET".into(), socket.path().into()));
         if let Some(window) = watchdog(config) {
-            // No WATCHDOG_PID: the exec wrapper sets only LISTEN_PID to the worker's own pid,
-            // and sd_watchdog_enabled(3) accepts an unset WATCHDOG_PID.
+            // No WATCHDOG_PID: only LISTEN_PID is the worker's own pid, and
+            // sd_watchdog_enabled(3) accepts an unset WATCHDOG_PID.
             env.push((
                 "WATCHDOG_USEC".into(),
                 window.as_micros().to_string().into(),
             ));
         }
-        let placements = listeners
-            .iter()
-            .enumerate()
-            .map(|(i, l)| Ok((l.socket.duplicate()?, FIRST_FD + i as i32)))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(SpawnError::Duplicate)?;
-        process::place_fds(cmd, placements).map_err(SpawnError::PlaceListeners)?;
-        let args: Vec<OsString> = config.args.iter().map(OsString::from).collect();
-        process::exec_with_own_pid(cmd, &config.command, &args, &env, "LISTEN_PID")
-            .map_err(SpawnError::PrepareExec)?;
-        let pid = spawn_child(cmd, config)?;
+        set_env(&mut process, &env, config)?;
+        process
+            .env_own_pid("LISTEN_PID")
+            .map_err(|source| start_error(config, source))?;
+        for (i, listener) in listeners.iter().enumerate() {
+            let fd = listener.socket.duplicate().map_err(SpawnError::Duplicate)?;
+            process.fd(fd, FIRST_FD + i as i32);
+        }
+        Ok(Prepared {
+            process,
+            link: NotifyLink { worker, socket },
+        })
+    }
+
+    /// The task that reads a started systemd-style worker's notify socket.
+    fn link_systemd(&self, prepared: NotifyLink, pid: u32, config: &WorkerConfig, link: &mut Link) {
+        let NotifyLink { worker, socket } = prepared;
         link.notify = socket
             .duplicate()
             .ok()
@@ -251,7 +277,23 @@ impl Master {
             events,
         ));
         link.tasks.push(task.abort_handle());
-        Ok(pid)
+    }
+
+    /// Starts the prepared process in the cgroup of `program` of `generation` (if workers are
+    /// contained); returns its pid once it runs the program. The master reaps it by pid.
+    fn start_process(
+        &mut self,
+        process: Spawn,
+        config: &WorkerConfig,
+        generation: Generation,
+        program: usize,
+    ) -> Result<u32, SpawnError> {
+        let cgroup = self
+            .cgroup_for(generation, program)
+            .map_err(SpawnError::Cgroup)?;
+        process
+            .spawn(cgroup)
+            .map_err(|source| start_error(config, source))
     }
 
     /// The tasks that watch readiness conditions the worker does not report itself: a delay, a
@@ -295,6 +337,30 @@ impl Master {
     }
 }
 
+/// The master's environment minus what describes its relation to systemd: read once (the
+/// master never changes its own environment).
+fn master_env() -> &'static [(OsString, OsString)] {
+    static ENV: OnceLock<Vec<(OsString, OsString)>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        std::env::vars_os()
+            .filter(|(k, _)| !MASTER_ONLY_ENV.iter().any(|m| k == m))
+            .collect()
+    })
+}
+
+/// A duplicate of `/dev/null` for a worker's stdin (opened once).
+fn dev_null() -> std::io::Result<OwnedFd> {
+    static NULL: OnceLock<std::fs::File> = OnceLock::new();
+    let null = match NULL.get() {
+        Some(null) => null,
+        None => {
+            let opened = std::fs::File::open("/dev/null")?;
+            NULL.get_or_init(|| opened)
+        }
+    };
+    Ok(null.try_clone()?.into())
+}
+
 /// The worker's environment: the master's, minus what describes the master's relation to
 /// systemd, plus the configured variables, plus baton's.
 fn worker_env(
@@ -304,9 +370,10 @@ fn worker_env(
     slot: usize,
     probe_address: Option<&str>,
 ) -> Vec<(OsString, OsString)> {
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| !MASTER_ONLY_ENV.iter().any(|m| k == m))
-        .filter(|(k, _)| !config.env.contains_key(&k.to_string_lossy().into_owned()))
+    let mut env: Vec<(OsString, OsString)> = master_env()
+        .iter()
+        .filter(|(k, _)| !config.env.contains_key(&*k.to_string_lossy()))
+        .cloned()
         .collect();
     env.extend(config.env.iter().map(|(k, v)| (k.into(), v.into())));
     env.push((GENERATION_ENV.into(), generation.to_string().into()));
@@ -323,37 +390,73 @@ fn worker_env(
     env
 }
 
-/// The command of a worker: its program and arguments, directory, user and group, umask and
-/// limits, in a process group of its own, stdin from `/dev/null`.
-fn command(config: &WorkerConfig) -> Command {
-    let mut cmd = Command::new(&config.command);
-    cmd.args(&config.args).stdin(Stdio::null()).process_group(0);
-    if let Some(cwd) = &config.cwd {
-        cmd.current_dir(cwd);
+/// A process prepared for one protocol, and what its link needs once it runs.
+struct Prepared<L> {
+    process: Spawn,
+    link: L,
+}
+
+/// What the link of a baton-protocol worker is made of.
+struct BatonLink {
+    worker: WorkerId,
+    generation: Generation,
+    listeners: Vec<GenerationListener>,
+    watchdog: Option<Duration>,
+    ours: OwnedFd,
+}
+
+/// What the link of a systemd-style worker is made of.
+struct NotifyLink {
+    worker: WorkerId,
+    socket: notify::NotifySocket,
+}
+
+fn start_error(config: &WorkerConfig, source: baton_sys::spawn::SpawnError) -> SpawnError {
+    SpawnError::Start {
+        command: config.command.clone(),
+        source,
     }
-    // If the master dies, its workers learn it at once (and drain): PR_SET_PDEATHSIG with the
-    // drain signal. Set after the user change, which would clear it.
-    process::setup_child(
-        &mut cmd,
-        process::ChildSetup {
+}
+
+/// The process of a worker: its program and arguments, directory, user and group, umask and
+/// limits, in a process group of its own, stdin from `/dev/null`.
+fn process(config: &WorkerConfig) -> Result<Spawn, SpawnError> {
+    let prepare = || {
+        let mut process = Spawn::new(&config.command)?;
+        for arg in &config.args {
+            process.arg(arg)?;
+        }
+        if let Some(cwd) = &config.cwd {
+            process.cwd(cwd)?;
+        }
+        // If the master dies, its workers learn it at once (and drain): PR_SET_PDEATHSIG with
+        // the drain signal, set after the user change, which would clear it.
+        process.new_process_group().setup(ChildSetup {
             uid: config.uid,
             gid: config.gid,
             umask: config.umask,
             parent_death_signal: Some(config.drain_signal.unwrap_or(SignalNumber::SIGTERM)),
             max_open_files: config.rlimits.nofile,
             max_core_size: config.rlimits.core,
-        },
-    );
-    cmd
+        });
+        Ok(process)
+    };
+    let mut process = prepare().map_err(|source| start_error(config, source))?;
+    process.fd(dev_null().map_err(SpawnError::DevNull)?, 0);
+    Ok(process)
 }
 
-fn spawn_child(cmd: &mut Command, config: &WorkerConfig) -> Result<u32, SpawnError> {
-    let child = cmd.spawn().map_err(|source| SpawnError::Execute {
-        command: config.command.clone(),
-        source,
-    })?;
-    // Dropping a std Child neither waits nor kills: the master reaps by pid on SIGCHLD.
-    Ok(child.id())
+fn set_env(
+    process: &mut Spawn,
+    env: &[(OsString, OsString)],
+    config: &WorkerConfig,
+) -> Result<(), SpawnError> {
+    for (key, value) in env {
+        process
+            .env(key, value)
+            .map_err(|source| start_error(config, source))?;
+    }
+    Ok(())
 }
 
 /// The program's liveness watchdog window, if it has one.

@@ -1,5 +1,5 @@
 //! Lookups the transitions share and the loop asks: deadlines (the next one, a draining worker's),
-//! a generation's workers, the serving settings, a worker's or a slot's program, the drain
+//! the processes there are, whether anything drains, a generation's workers, the serving settings, a worker's or a slot's program, the drain
 //! requests to send again after an upgrade. Read-only, beside `supervisor.rs` so the
 //! transitions stay in one file.
 
@@ -18,6 +18,21 @@ impl Supervisor {
         let w = self.workers.get(&id)?;
         let slot = self.generations.get(&w.generation)?.slots.get(w.slot)?;
         Some((w.generation, w.program, slot.index))
+    }
+
+    /// The worker processes there are: pid, generation, index of the program. Cheap (no
+    /// snapshot): the loop asks after every wake-up.
+    pub fn processes(&self) -> impl Iterator<Item = (u32, Generation, usize)> + '_ {
+        self.workers
+            .values()
+            .filter_map(|w| Some((w.pid?, w.generation, w.program)))
+    }
+
+    /// Some generation is draining (the loop then refreshes the status line once a second).
+    pub fn draining(&self) -> bool {
+        self.generations
+            .values()
+            .any(|g| matches!(g.state, GenState::Draining { .. }))
     }
 
     /// The earliest time at which [`Event::Tick`] has something to do.
