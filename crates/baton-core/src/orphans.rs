@@ -38,18 +38,29 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The entry for worker process `pid`, if it still runs.
+    /// The entry for worker process `pid` that started at `started` (clock ticks since boot).
+    pub fn new(
+        pid: u32,
+        started: u64,
+        drain_signal: Option<SignalNumber>,
+        drain_timeout: Duration,
+    ) -> Entry {
+        Entry {
+            pid,
+            started,
+            drain_signal: drain_signal.map(|s| s.as_str().to_string()),
+            drain_timeout_ms: drain_timeout.as_millis() as u64,
+        }
+    }
+
+    /// The entry for worker process `pid`, if it still runs (its start time read from /proc).
     pub fn of(
         pid: u32,
         drain_signal: Option<SignalNumber>,
         drain_timeout: Duration,
     ) -> Option<Entry> {
-        Some(Entry {
-            pid,
-            started: start_time(pid).ok()?,
-            drain_signal: drain_signal.map(|s| s.as_str().to_string()),
-            drain_timeout_ms: drain_timeout.as_millis() as u64,
-        })
+        let started = start_time(pid).ok()?;
+        Some(Entry::new(pid, started, drain_signal, drain_timeout))
     }
 }
 

@@ -24,15 +24,27 @@ impl Master {
             return;
         }
         let mut current: BTreeMap<u32, Option<Entry>> = BTreeMap::new();
-        for (pid, generation, program) in self.supervisor.processes() {
+        for (pid, worker, generation, program) in self.supervisor.processes() {
             let entry = match self.registered.get(&pid) {
                 Some(known) => known.clone(),
                 // None: it ended before its start time could be read (nothing to guard).
-                None => self
-                    .resources
-                    .get(&generation)
-                    .and_then(|r| r.programs.get(program))
-                    .and_then(|p| Entry::of(pid, p.drain_signal, p.drain_timeout)),
+                None => {
+                    // Known from its spawn, unless the clock crossed a tick then, or it is a
+                    // main process it announced (`MAINPID=`): then read from /proc.
+                    let spawned = self
+                        .links
+                        .get(&worker)
+                        .filter(|l| l.pid == Some(pid))
+                        .and_then(|l| l.start_time);
+                    let start_time = spawned.or_else(|| baton_sys::pidfd::start_time(pid).ok());
+                    self.resources
+                        .get(&generation)
+                        .and_then(|r| r.programs.get(program))
+                        .zip(start_time)
+                        .map(|(p, started)| {
+                            Entry::new(pid, started, p.drain_signal, p.drain_timeout)
+                        })
+                }
             };
             current.insert(pid, entry);
         }

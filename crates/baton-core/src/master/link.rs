@@ -34,8 +34,10 @@ pub(super) struct Link {
     /// (`liveness: {watchdog: ...}`).
     pub(super) liveness: bool,
     pub(super) heartbeats: Option<tokio::sync::mpsc::UnboundedSender<()>>,
-    /// The process started for it, and its captured output streams (`output: capture`).
+    /// The process started for it, its start time if known without `/proc` (for the
+    /// registry), and its captured output streams (`output: capture`).
     pub(super) pid: Option<u32>,
+    pub(super) start_time: Option<u64>,
     pub(super) output: Vec<std::sync::Arc<crate::output::Capture>>,
 }
 

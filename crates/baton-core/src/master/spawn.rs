@@ -4,8 +4,9 @@
 //! its probe). The process itself is made by [`baton_sys::spawn`], which copies nothing of the
 //! master.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use baton_proto::{
     CHANNEL_FD_ENV, GENERATION_ENV, Hello, ListenerInfo, PROTOCOL_VERSION, WORKER_ID_ENV,
 };
 use baton_sys::process::SignalNumber;
-use baton_sys::spawn::{ChildSetup, Spawn};
+use baton_sys::spawn::{ChildSetup, Spawn, Started};
 use baton_sys::{channel, notify};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -137,23 +138,25 @@ impl Master {
             process: process(&config)?,
         };
         let pipes = output_pipes(&config, &mut start.process).map_err(SpawnError::OutputPipes)?;
-        let pid = match config.protocol {
+        let started = match config.protocol {
             Protocol::Baton => {
                 let prepared = self.prepare_baton(start)?;
-                let pid = self.start_process(prepared.process, &config, generation, program)?;
-                self.link_baton(prepared.link, pid, &mut link);
-                pid
+                let started = self.start_process(prepared.process, &config, generation, program)?;
+                self.link_baton(prepared.link, started.pid, &mut link);
+                started
             }
             Protocol::Systemd => {
                 let prepared = self.prepare_systemd(start)?;
-                let pid = self.start_process(prepared.process, &config, generation, program)?;
-                self.link_systemd(prepared.link, pid, &config, &mut link);
-                pid
+                let started = self.start_process(prepared.process, &config, generation, program)?;
+                self.link_systemd(prepared.link, started.pid, &config, &mut link);
+                started
             }
         };
         let watching = self.start_readiness(&config, worker, probe_address, canary_window);
         link.tasks.extend(watching);
+        let pid = started.pid;
         link.pid = Some(pid);
+        link.start_time = started.start_time;
         let who = Who {
             program: &config.name,
             worker,
@@ -287,7 +290,7 @@ impl Master {
         config: &WorkerConfig,
         generation: Generation,
         program: usize,
-    ) -> Result<u32, SpawnError> {
+    ) -> Result<Started, SpawnError> {
         let cgroup = self
             .cgroup_for(generation, program)
             .map_err(SpawnError::Cgroup)?;
@@ -337,15 +340,32 @@ impl Master {
     }
 }
 
-/// The master's environment minus what describes its relation to systemd: read once (the
-/// master never changes its own environment).
-fn master_env() -> &'static [(OsString, OsString)] {
-    static ENV: OnceLock<Vec<(OsString, OsString)>> = OnceLock::new();
+/// The master's environment minus what describes its relation to systemd, as each name and its
+/// `name=value` entry: read once (the master never changes its own environment), shared by
+/// every worker's process.
+fn master_env() -> &'static [(String, CString)] {
+    static ENV: OnceLock<Vec<(String, CString)>> = OnceLock::new();
     ENV.get_or_init(|| {
         std::env::vars_os()
             .filter(|(k, _)| !MASTER_ONLY_ENV.iter().any(|m| k == m))
+            .filter_map(|(k, v)| {
+                let mut entry = k.as_bytes().to_vec();
+                entry.push(b'=');
+                entry.extend_from_slice(v.as_bytes());
+                // The environment never holds a NUL byte.
+                Some((k.to_string_lossy().into_owned(), CString::new(entry).ok()?))
+            })
             .collect()
     })
+}
+
+/// Gives the worker the master's environment, but for what its configuration sets.
+fn inherit_env(process: &mut Spawn, config: &WorkerConfig) {
+    for (name, entry) in master_env() {
+        if !config.env.contains_key(name) {
+            process.env_entry(entry);
+        }
+    }
 }
 
 /// A duplicate of `/dev/null` for a worker's stdin (opened once).
@@ -361,8 +381,8 @@ fn dev_null() -> std::io::Result<OwnedFd> {
     Ok(null.try_clone()?.into())
 }
 
-/// The worker's environment: the master's, minus what describes the master's relation to
-/// systemd, plus the configured variables, plus baton's.
+/// The worker's own environment, beside what it inherits ([`inherit_env`]): the configured
+/// variables, and baton's.
 fn worker_env(
     config: &WorkerConfig,
     worker: WorkerId,
@@ -370,11 +390,7 @@ fn worker_env(
     slot: usize,
     probe_address: Option<&str>,
 ) -> Vec<(OsString, OsString)> {
-    let mut env: Vec<(OsString, OsString)> = master_env()
-        .iter()
-        .filter(|(k, _)| !config.env.contains_key(&*k.to_string_lossy()))
-        .cloned()
-        .collect();
+    let mut env: Vec<(OsString, OsString)> = Vec::with_capacity(config.env.len() + 6);
     env.extend(config.env.iter().map(|(k, v)| (k.into(), v.into())));
     env.push((GENERATION_ENV.into(), generation.to_string().into()));
     env.push((WORKER_ID_ENV.into(), worker.to_string().into()));
@@ -442,6 +458,7 @@ fn process(config: &WorkerConfig) -> Result<Spawn, SpawnError> {
         Ok(process)
     };
     let mut process = prepare().map_err(|source| start_error(config, source))?;
+    inherit_env(&mut process, config);
     process.fd(dev_null().map_err(SpawnError::DevNull)?, 0);
     Ok(process)
 }

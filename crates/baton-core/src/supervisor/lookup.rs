@@ -20,12 +20,12 @@ impl Supervisor {
         Some((w.generation, w.program, slot.index))
     }
 
-    /// The worker processes there are: pid, generation, index of the program. Cheap (no
-    /// snapshot): the loop asks after every wake-up.
-    pub fn processes(&self) -> impl Iterator<Item = (u32, Generation, usize)> + '_ {
+    /// The worker processes there are: pid, worker, generation, index of the program. Cheap
+    /// (no snapshot): the loop asks after every wake-up.
+    pub fn processes(&self) -> impl Iterator<Item = (u32, WorkerId, Generation, usize)> + '_ {
         self.workers
-            .values()
-            .filter_map(|w| Some((w.pid?, w.generation, w.program)))
+            .iter()
+            .filter_map(|(&id, w)| Some((w.pid?, id, w.generation, w.program)))
     }
 
     /// Some generation is draining (the loop then refreshes the status line once a second).

@@ -1,11 +1,14 @@
 //! The master's own cost per worker: its memory with 8, 64 and 256 workers (output captured),
-//! and the time to start a generation of 128 workers, against the same 128 started alone.
+//! and the time to start a generation of 128 workers, against the same 128 started alone (by
+//! baton's own spawner, the cheapest way, and by std's fork and exec).
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_integration::{Master, TestConfig, binaries, free_port, procfs};
+use baton_sys::process::SignalNumber;
+use baton_sys::spawn::Spawn;
 
 /// The master's RSS (KiB) with `n` workers: once the first generation serves, and after three
 /// reloads (each waits for the one before).
@@ -43,9 +46,19 @@ fn reload_ms(n: usize, rounds: usize, cgroups: bool) -> u64 {
         .unwrap_or(0)
 }
 
+/// How the bench itself starts workers alone.
+#[derive(Clone, Copy)]
+enum Starter {
+    /// std's `Command` (fork and exec), as most service managers do.
+    Fork,
+    /// baton's own spawner (`clone3` sharing memory): the cheapest start there is, so the
+    /// strictest baseline.
+    Spawn,
+}
+
 /// Milliseconds to start `n` hello-workers alone, the systemd way (the listener at fd 3,
 /// `NOTIFY_SOCKET`), until every one sent `READY=1`; best of `rounds`.
-fn alone_ms(n: usize, rounds: usize) -> u64 {
+fn alone_ms(n: usize, rounds: usize, starter: Starter) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     (0..rounds)
@@ -56,29 +69,51 @@ fn alone_ms(n: usize, rounds: usize) -> u64 {
                 .set_read_timeout(Some(Duration::from_secs(60)))
                 .unwrap();
             let started = Instant::now();
-            let mut children: Vec<Child> = (0..n)
+            let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+                .filter(|(k, _)| !k.to_string_lossy().starts_with("LISTEN_"))
+                .chain([
+                    ("LISTEN_FDS".into(), "1".into()),
+                    ("LISTEN_FDNAMES".into(), "http".into()),
+                    ("NOTIFY_SOCKET".into(), path.clone().into()),
+                ])
+                .collect();
+            let program = binaries().hello_worker.clone();
+            let children: Vec<u32> = (0..n)
                 .map(|_| {
-                    let fd = listener.try_clone().unwrap();
-                    let mut cmd = Command::new(&binaries().hello_worker);
-                    cmd.stdin(Stdio::null()).stderr(Stdio::null());
-                    baton_sys::process::place_fds(&mut cmd, vec![(fd.into(), 3)]).unwrap();
-                    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
-                        std::env::vars_os()
-                            .filter(|(k, _)| !k.to_string_lossy().starts_with("LISTEN_"))
-                            .collect();
-                    env.push(("LISTEN_FDS".into(), "1".into()));
-                    env.push(("LISTEN_FDNAMES".into(), "http".into()));
-                    env.push(("NOTIFY_SOCKET".into(), path.clone().into()));
-                    let program = binaries().hello_worker.clone();
-                    baton_sys::process::exec_with_own_pid(
-                        &mut cmd,
-                        &program,
-                        &[],
-                        &env,
-                        "LISTEN_PID",
-                    )
-                    .unwrap();
-                    cmd.spawn().unwrap()
+                    let fd: std::os::fd::OwnedFd = listener.try_clone().unwrap().into();
+                    match starter {
+                        Starter::Fork => {
+                            let mut cmd = Command::new(&program);
+                            cmd.stdin(Stdio::null()).stderr(Stdio::null());
+                            baton_sys::process::place_fds(&mut cmd, vec![(fd, 3)]).unwrap();
+                            baton_sys::process::exec_with_own_pid(
+                                &mut cmd,
+                                &program,
+                                &[],
+                                &env,
+                                "LISTEN_PID",
+                            )
+                            .unwrap();
+                            // Reaped below by pid, with the others.
+                            #[allow(clippy::zombie_processes)]
+                            let child: Child = cmd.spawn().unwrap();
+                            child.id()
+                        }
+                        Starter::Spawn => {
+                            let mut spawn = Spawn::new(&program).unwrap();
+                            for (k, v) in &env {
+                                spawn.env(k, v).unwrap();
+                            }
+                            spawn.env_own_pid("LISTEN_PID").unwrap();
+                            let null = std::fs::File::open("/dev/null").unwrap();
+                            let err = std::fs::OpenOptions::new()
+                                .write(true)
+                                .open("/dev/null")
+                                .unwrap();
+                            spawn.fd(null.into(), 0).fd(err.into(), 2).fd(fd, 3);
+                            spawn.spawn(None).unwrap().pid
+                        }
+                    }
                 })
                 .collect();
             let mut ready = 0;
@@ -95,11 +130,11 @@ fn alone_ms(n: usize, rounds: usize) -> u64 {
                 }
             }
             let took = started.elapsed().as_millis() as u64;
-            for child in &mut children {
-                let _ = child.kill();
+            for &pid in &children {
+                let _ = baton_sys::process::signal_process(pid, SignalNumber::SIGKILL);
             }
-            for child in &mut children {
-                let _ = child.wait();
+            for &pid in &children {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             }
             took
         })
@@ -128,13 +163,20 @@ pub(crate) fn report() {
         r1.saturating_sub(r0) as f64 / (n1 - n0) as f64
     );
     eprintln!("128 workers: reload vs alone ...");
-    let alone = alone_ms(128, 5);
+    let forked = alone_ms(128, 5, Starter::Fork);
+    let alone = alone_ms(128, 5, Starter::Spawn);
     let reload = reload_ms(128, 5, true);
     let without = reload_ms(128, 5, false);
     println!("| 128 workers ready | best of 5 | ratio to alone |");
     println!("|---|---|---|");
-    println!("| started alone (socket activation, READY=1) | {alone} ms | 1 |");
+    println!(
+        "| started alone (socket activation, READY=1), by baton's spawner (`clone3`, memory shared) | {alone} ms | 1 |"
+    );
     for (name, ms) in [
+        (
+            "started alone the same way, by std's `Command` (fork and exec)",
+            forked,
+        ),
         (
             "a reload under baton, the generation in its cgroup (SIGUSR2 to serving)",
             reload,
