@@ -24,6 +24,7 @@ mod suite {
     mod orphans;
     mod output;
     mod process_tree;
+    mod queues;
     mod readiness;
     mod signals;
     mod systemd;

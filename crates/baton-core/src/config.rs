@@ -275,6 +275,11 @@ pub struct SupervisorConfig {
     /// Whether workers are contained in cgroups where the master can create them.
     #[serde(default)]
     pub cgroups: Cgroups,
+    /// How often to sample the listeners' accept queues and the kernel's drop counters between
+    /// reloads, warning when a queue stays nearly full or drops rise. `None` (the default): the
+    /// master does not wake up for it.
+    #[serde(default)]
+    pub queue_watch: Option<Duration>,
 }
 
 /// `supervisor.cgroups`: contain workers' process trees in cgroups (one per program of each

@@ -69,6 +69,11 @@ impl BoundSocket {
         Ok(true)
     }
 
+    /// It stopped listening: only draining generations hold it.
+    pub fn stopped(&self) -> bool {
+        self.stopped.get()
+    }
+
     /// A close-on-exec duplicate to hand over.
     pub fn duplicate(&self) -> io::Result<OwnedFd> {
         self.socket.as_fd().try_clone_to_owned()

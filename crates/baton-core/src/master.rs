@@ -20,6 +20,7 @@
 //! - `probe`: readiness probes;
 //! - `liveness`: liveness checks of ready workers (probes, watchdog);
 //! - `memory`: the periodic memory check of `recycle:`;
+//! - `queues`: the listeners' accept queues, reload receipts, `queue_watch`;
 //! - `requests`: control requests and the verdicts clients wait for;
 //! - `report`: the views (status, metrics, history, the systemd status line);
 //! - `service_manager`: what the master tells systemd;
@@ -55,6 +56,7 @@ mod link;
 mod liveness;
 mod memory;
 mod probe;
+mod queues;
 mod readiness;
 mod report;
 mod requests;
@@ -184,8 +186,9 @@ pub struct Master {
     metrics_rx: mpsc::Receiver<metrics_http::Ask>,
     /// The workers' captured output: tails, followers, counters.
     output: output::Hub,
-    /// `recycle:`'s memory checks.
+    /// `recycle:`'s memory checks; the accept queues' watch and reload receipts.
     memory: memory::MemoryWatch,
+    queues: queues::QueueWatch,
     /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]); those open
     /// to make workers in; the cgroups of gone generations still to remove (their last
     /// processes not reaped yet).
@@ -225,7 +228,7 @@ impl Master {
         })?;
         let socket_file = control::SocketFile(control_config.socket.clone());
         let registry = orphans::Registry::beside(&control_config.socket);
-        end_predecessors_workers(&registry);
+        guard::end_predecessors_workers(&registry);
         let containment = containment::open(config.supervisor.cgroups, &control_config.socket);
         if let Ok(containment) = &containment {
             // What escaped a predecessor's workers' process groups.
@@ -295,6 +298,7 @@ impl Master {
             metrics_rx,
             output: output::Hub::default(),
             memory: memory::MemoryWatch::default(),
+            queues: queues::QueueWatch::default(),
             containment,
             cgroup_fds: HashMap::new(),
             cgroups_to_remove: Vec::new(),
@@ -402,7 +406,10 @@ impl Master {
             self.report();
             self.update_registry();
             let deadline = self.supervisor.next_deadline();
-            let memory_check = self.next_memory_check();
+            let sampling = [self.next_memory_check(), self.queues.next_sample()]
+                .into_iter()
+                .flatten()
+                .min();
             // While something drains, refresh the status line (time left) once a second.
             let refresh = (self.options.notify.is_some() && self.supervisor.draining())
                 .then(|| Instant::now() + Duration::from_secs(1));
@@ -444,8 +451,9 @@ impl Master {
                     self.preflight_expired();
                 }
                 () = sleep_until(deadline), if deadline.is_some() => queue.push_back(Event::Tick),
-                () = sleep_until(memory_check), if memory_check.is_some() => {
+                () = sleep_until(sampling), if sampling.is_some() => {
                     self.check_memory(&mut queue);
+                    self.sample_queues();
                 }
             }
         }
@@ -483,6 +491,7 @@ impl Master {
                     if self.told.ready {
                         self.notify(Notification::Reloading);
                     }
+                    self.watch_reload(generation);
                     let result = self.prepare(generation).map_err(|e| e.to_string());
                     queue.push_back(Event::Prepared { generation, result });
                 }
@@ -544,7 +553,8 @@ impl Master {
                     if let (Ok(()), Some(generation)) = (&verdict.result, verdict.generation) {
                         self.stop_removed_listeners(generation);
                     }
-                    self.on_verdict(verdict);
+                    let receipt = self.receipt(&verdict);
+                    self.on_verdict(verdict, receipt);
                 }
             }
         }
@@ -570,23 +580,4 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
     }
-}
-
-/// Ends the workers a master killed before this one left behind (its registry names them): a
-/// worker that ignores its drain signal would otherwise serve old code on the shared sockets for
-/// good, and hold the ports this master is about to bind.
-fn end_predecessors_workers(registry: &orphans::Registry) {
-    // Those still running: under systemd, say, the unit's stop killed them all already.
-    let entries = orphans::alive(&registry.read());
-    if entries.is_empty() {
-        registry.remove();
-        return;
-    }
-    let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
-    warn!(event = "orphans_found", pids = %pids.join(" "), registry = %registry.path().display(),
-        "a master before this one ended without stopping its workers; ending those still running of pids {}",
-        pids.join(", "));
-    let ended = orphans::end(&entries);
-    orphans::report(&ended, "the master before this one");
-    registry.remove();
 }

@@ -235,6 +235,74 @@ pub struct ReloadVerdict {
     /// When a worker failed it: the last lines it wrote on stderr (escaped), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub output: Vec<String>,
+    /// What the kernel did with connections during the reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<ReloadReceipt>,
+}
+
+/// What the kernel did with connections before any worker saw them, during one reload: its
+/// drop counters (of the master's network namespace: every listener there moves them, baton's
+/// or not) from the reload's start to its verdict, and the fullest each listener's accept queue
+/// was when sampled (every 10 ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReceipt {
+    /// `ListenOverflows`: handshakes completed into a full accept queue.
+    pub listen_overflows: u64,
+    /// `ListenDrops`: connections dropped at a listener, overflows included.
+    pub listen_drops: u64,
+    /// `SyncookiesSent`: SYNs answered with a cookie because the SYN queue was full.
+    pub syncookies_sent: u64,
+    pub queues: Vec<QueuePeak>,
+}
+
+/// The fullest a listener's accept queue was during a reload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuePeak {
+    pub listener: String,
+    pub peak: u32,
+    pub max: u32,
+}
+
+impl std::fmt::Display for ReloadReceipt {
+    /// `0 connections dropped by the kernel, queue peak 37 of 1024 on http`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} connections dropped by the kernel", self.listen_drops)?;
+        if self.syncookies_sent > 0 {
+            write!(f, ", {} SYN cookies sent", self.syncookies_sent)?;
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            let lead = if i == 0 { ", queue peak" } else { "," };
+            write!(f, "{lead} {} of {} on {}", q.peak, q.max, q.listener)?;
+        }
+        Ok(())
+    }
+}
+
+/// One listening socket, as `baton status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub kind: ListenerKind,
+    /// Where it listens (the kernel's address: the port chosen for port 0).
+    pub address: String,
+    /// The configured backlog (the kernel caps it at `net.core.somaxconn`: see `queue.max`).
+    pub backlog: u32,
+    /// The generations that hold it, oldest first.
+    pub generations: Vec<u64>,
+    pub state: ListenerState,
+    /// Removed: when it closed (Unix time, ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_unix_ms: Option<u64>,
+    /// Its accept queue now, read from the kernel (none once closed, or if it cannot be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueNow>,
+}
+
+/// A listener's accept queue now: connections waiting for an `accept`, and how many may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueNow {
+    pub length: u32,
+    pub max: u32,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -252,6 +320,9 @@ pub struct ReloadRecord {
     pub duration_ms: u64,
     pub ok: bool,
     pub reason: Option<String>,
+    /// What the kernel did with connections during it (not kept across `baton upgrade`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<ReloadReceipt>,
 }
 
 /// Everything `baton status` shows.
@@ -259,6 +330,9 @@ pub struct ReloadRecord {
 pub struct StatusSnapshot {
     pub master: MasterStatus,
     pub generations: Vec<GenerationStatus>,
+    /// Every listening socket (and the last ones removed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,6 +465,26 @@ macro_rules! state_enum {
         }
     };
 }
+
+state_enum!(
+    /// What a listening socket is.
+    ListenerKind {
+        Tcp = "tcp",
+        Unix = "unix",
+    }
+);
+
+state_enum!(
+    /// Where a listening socket is in its life.
+    ListenerState {
+        /// The serving generation has it: it accepts new connections.
+        Open = "open",
+        /// Only draining generations hold it: it refuses new connections while they finish.
+        Draining = "draining",
+        /// Closed: no generation holds it any more.
+        Removed = "removed",
+    }
+);
 
 state_enum!(
     /// What the master is doing.

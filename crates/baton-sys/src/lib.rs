@@ -22,6 +22,7 @@
 
 #![allow(unsafe_code)] // This crate is where unsafe lives; each block carries a SAFETY proof.
 
+pub mod acceptq;
 pub mod activation;
 pub mod cgroup;
 pub mod channel;

@@ -4,8 +4,8 @@
 use std::fmt::Write;
 
 use baton_proto::control::{
-    ConnectionsSource, GenerationState, GenerationStatus, ReloadRecord, ReloadVerdict,
-    StatusSnapshot, WorkerState, WorkerStatus,
+    ConnectionsSource, GenerationState, GenerationStatus, ListenerStatus, ReloadRecord,
+    ReloadVerdict, StatusSnapshot, WorkerState, WorkerStatus,
 };
 
 /// Text from a worker, a client or a file, made safe for a terminal: control characters
@@ -218,7 +218,49 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
     if s.generations.is_empty() {
         out += "\nno generation\n";
     }
+    if !s.listeners.is_empty() {
+        out += "\nlisteners\n";
+        out += &listeners(&s.listeners);
+    }
     out
+}
+
+/// The listeners' table: address, state, who holds each, its accept queue now.
+fn listeners(all: &[ListenerStatus]) -> String {
+    let mut rows = vec![
+        [
+            "LISTENER",
+            "KIND",
+            "ADDRESS",
+            "STATE",
+            "GENERATIONS",
+            "QUEUE",
+            "BACKLOG",
+        ]
+        .map(String::from),
+    ];
+    for l in all {
+        let state = match l.closed_unix_ms {
+            Some(at) => format!("{} {}", l.state, ago(at)),
+            None => l.state.to_string(),
+        };
+        let held: Vec<String> = l.generations.iter().map(|g| g.to_string()).collect();
+        rows.push([
+            safe(&l.name),
+            l.kind.to_string(),
+            safe(&l.address),
+            state,
+            if held.is_empty() {
+                "-".into()
+            } else {
+                held.join(", ")
+            },
+            l.queue
+                .map_or_else(|| "-".into(), |q| format!("{} of {}", q.length, q.max)),
+            l.backlog.to_string(),
+        ]);
+    }
+    table(&rows, "  ")
 }
 
 /// `baton drain-status`: only the draining generations, and what keeps each alive.
@@ -301,8 +343,12 @@ pub(crate) fn verdict(v: &ReloadVerdict) -> String {
         .collect();
     match (v.ok, v.reload, v.generation) {
         (true, Some(r), Some(g)) => format!(
-            "reload {r} (request #{}) succeeded{took}: generation {g} is serving\n{warnings}",
-            v.request
+            "reload {r} (request #{}) succeeded{took}: generation {g} is serving\n{}{warnings}",
+            v.request,
+            v.receipt.as_ref().map_or_else(String::new, |k| format!(
+                "kernel: {}\n",
+                safe(&k.to_string())
+            ))
         ),
         _ => {
             let output: String = v
@@ -347,7 +393,7 @@ pub(crate) fn history(reloads: &[ReloadRecord]) -> String {
     }
     let mut rows = vec![
         [
-            "RELOAD", "GEN", "STARTED", "DURATION", "VERDICT", "REQUESTS",
+            "RELOAD", "GEN", "STARTED", "DURATION", "VERDICT", "KERNEL", "REQUESTS",
         ]
         .map(String::from),
     ];
@@ -362,6 +408,13 @@ pub(crate) fn history(reloads: &[ReloadRecord]) -> String {
             } else {
                 format!("failed: {}", safe(r.reason.as_deref().unwrap_or("?")))
             },
+            r.receipt.as_ref().map_or_else(
+                || "-".into(),
+                |k| {
+                    let peak = k.queues.iter().map(|q| q.peak).max().unwrap_or(0);
+                    format!("{} dropped, peak {peak}", k.listen_drops)
+                },
+            ),
             safe(&r.requests.join("; ")),
         ]);
     }
@@ -447,6 +500,7 @@ mod tests {
                 upgrades: vec![],
                 start_settings: Default::default(),
             },
+            listeners: vec![],
             generations: vec![GenerationStatus {
                 generation: 4,
                 state: GenerationState::Draining,

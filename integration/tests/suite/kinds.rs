@@ -54,6 +54,23 @@ fn tcp4_tcp6_and_unix_listeners_are_all_served() {
         s.read_to_string(&mut response).unwrap();
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     }
+    // `baton status` lists each with its kind and its accept queue, read from the kernel (the
+    // Unix one through sock_diag).
+    let (code, out, err) = master.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listeners = status["listeners"].as_array().unwrap();
+    let kinds: Vec<(&str, &str)> = listeners
+        .iter()
+        .map(|l| (l["name"].as_str().unwrap(), l["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("v4", "tcp"), ("v6", "tcp"), ("local", "unix")]);
+    for l in listeners {
+        assert_eq!(l["state"], "open", "{l}");
+        assert_eq!(l["queue"]["length"], 0, "{l}");
+    }
+    assert_eq!(listeners[1]["queue"]["max"], 64, "the configured backlog");
+    assert_eq!(listeners[1]["backlog"], 64);
     // Across a reload, the Unix socket file stays (same socket), and it is removed at exit.
     let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&sock).unwrap());
     assert_eq!(master.reload()["event"], "reload_succeeded");

@@ -86,6 +86,32 @@ fn a_listener_added_by_a_reload_serves_every_new_connection_at_once_and_a_remove
         listening_inodes(b).is_empty(),
         "no listening socket left on {b}"
     );
+    // `baton status` shows it removed, with when; the kept one open, held by both generations
+    // until the older one is gone.
+    let (code, out, err) = master.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listeners = status["listeners"].as_array().unwrap();
+    let named = |name: &str| {
+        listeners
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (kept, removed) = (named("http"), named("extra"));
+    assert_eq!(kept["state"], "open", "{kept}");
+    assert_eq!(kept["address"], format!("127.0.0.1:{a}"), "{kept}");
+    assert!(kept["queue"]["max"].as_u64() > Some(0), "{kept}");
+    assert_eq!(removed["state"], "removed", "{removed}");
+    assert!(removed["closed_unix_ms"].as_u64() > Some(0), "{removed}");
+    assert_eq!(removed["generations"], serde_json::json!([]), "{removed}");
+    assert!(removed.get("queue").is_none(), "{removed}");
+    let (_, text, _) = master.ctl(&["status"]);
+    assert!(
+        text.contains("extra") && text.contains("removed"),
+        "the listeners' table: {text}"
+    );
     let refused = std::net::TcpStream::connect(addr_b);
     assert!(
         refused.is_err(),
@@ -135,6 +161,19 @@ fn a_removed_listener_refuses_new_clients_at_once_while_the_old_generation_drain
     master.wait_event("listener_removed", Duration::from_secs(5), |v| {
         v["listener"] == "admin"
     });
+    // Only the draining generation 1 holds it now: `baton status` says so.
+    let (code, out, err) = master.ctl(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let admin = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "admin")
+        .unwrap()
+        .clone();
+    assert_eq!(admin["state"], "draining", "{admin}");
+    assert_eq!(admin["generations"], serde_json::json!([1]), "{admin}");
     // New clients of the removed address: refused at once, not queued.
     let started = std::time::Instant::now();
     let refused = std::net::TcpStream::connect_timeout(&addr_gone, Duration::from_secs(3));

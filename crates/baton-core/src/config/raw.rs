@@ -436,6 +436,8 @@ pub(super) struct RawSupervisor {
     pub(super) pid_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) cgroups: crate::config::Cgroups,
+    #[serde(default)]
+    pub(super) queue_watch: Option<Timeout>,
 }
 
 #[derive(Deserialize, Default)]

@@ -611,6 +611,7 @@ fn supervisor(s: RawSupervisor, base: &Base) -> SupervisorConfig {
         log_file: s.log_file.map(|f| base.join(&f)),
         pid_file: s.pid_file.map(|f| base.join(&f)),
         cgroups: s.cgroups,
+        queue_watch: s.queue_watch.map(|t| t.0),
         runtime_dir: s
             .runtime_dir
             .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(&d)),

@@ -108,6 +108,8 @@ impl Master {
             }
         };
         let spec = GenerationSpec::from_config(&config);
+        self.queues
+            .set_interval(config.supervisor.queue_watch, std::time::Instant::now());
         let warnings = self.start_only_changes(generation, &config);
         self.resources.insert(
             generation,
@@ -218,6 +220,7 @@ impl Master {
             // This generation held the last reference: dropping it closes the socket. Log only
             // after the close, so that whoever reads the line finds the port closed.
             if Rc::strong_count(&l.socket) == 1 {
+                self.listener_closed(&l.config.name, &l.socket, l.config.backlog);
                 closed.push((l.config.name.clone(), l.socket.local().to_string()));
             }
         }

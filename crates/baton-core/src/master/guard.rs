@@ -1,6 +1,6 @@
-//! Workers that outlive their master (see [`crate::orphans`]): the registry of this master's
-//! workers, kept current as they start and exit, and the guard process that ends them if the
-//! master dies without stopping them.
+//! Workers that outlive their master (see [`crate::orphans`]): those a master before this one
+//! left (ended at start), the registry of this master's workers, kept current as they start and
+//! exit, and the guard process that ends them if the master dies without stopping them.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use tracing::{info, warn};
 
 use super::Master;
-use crate::orphans::Entry;
+use crate::orphans::{self, Entry};
 
 impl Master {
     /// Rewrites the registry when the set of worker processes changed (a spawn, an exit). Called
@@ -93,4 +93,23 @@ impl Master {
             ),
         }
     }
+}
+
+/// Ends the workers a master killed before this one left behind (its registry names them): a
+/// worker that ignores its drain signal would otherwise serve old code on the shared sockets for
+/// good, and hold the ports this master is about to bind.
+pub(super) fn end_predecessors_workers(registry: &orphans::Registry) {
+    // Those still running: under systemd, say, the unit's stop killed them all already.
+    let entries = orphans::alive(&registry.read());
+    if entries.is_empty() {
+        registry.remove();
+        return;
+    }
+    let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
+    warn!(event = "orphans_found", pids = %pids.join(" "), registry = %registry.path().display(),
+        "a master before this one ended without stopping its workers; ending those still running of pids {}",
+        pids.join(", "));
+    let ended = orphans::end(&entries);
+    orphans::report(&ended, "the master before this one");
+    registry.remove();
 }

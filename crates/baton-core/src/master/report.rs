@@ -57,6 +57,7 @@ impl Master {
             counted: HashMap::new(),
             memory: HashMap::new(),
             start_settings: self.start_settings.clone(),
+            listeners: self.listener_statuses(),
         };
         move || {
             context.counted = crate::procnet::established_connections(&unreported, &ports);
@@ -278,6 +279,9 @@ impl Master {
             "Seconds since the master started.",
             vec![(String::new(), format!("{:.3}", snap.uptime.as_secs_f64()))],
         );
+        for (name, kind, help, samples) in self.queue_metrics() {
+            metric(name, kind, help, samples);
+        }
         out
     }
 
@@ -298,6 +302,7 @@ impl Master {
                 duration_ms: r.duration.as_millis() as u64,
                 ok: r.verdict.is_ok(),
                 reason: r.verdict.clone().err(),
+                receipt: self.receipt_of(r.id.0),
             })
             .collect()
     }
@@ -326,6 +331,8 @@ struct StatusContext {
     /// Memory of each worker's process tree, by pid.
     memory: HashMap<u32, Memory>,
     start_settings: std::collections::BTreeMap<String, String>,
+    /// The listeners, their queues read when the status was asked.
+    listeners: Vec<proto::ListenerStatus>,
 }
 
 /// The memory of every worker of `snap` (its process tree), by pid.
@@ -419,6 +426,7 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
         })
         .collect();
     proto::StatusSnapshot {
+        listeners: context.listeners.clone(),
         master: proto::MasterStatus {
             pid: context.pid,
             version: context.version.into(),
@@ -653,6 +661,7 @@ mod tests {
 
     fn context() -> StatusContext {
         StatusContext {
+            listeners: Vec::new(),
             pid: 4242,
             version: "0.1.0",
             config: "/etc/baton/baton.yaml".into(),

@@ -107,7 +107,7 @@ impl Master {
         None
     }
 
-    pub(super) fn on_verdict(&mut self, verdict: Verdict) {
+    pub(super) fn on_verdict(&mut self, verdict: Verdict, receipt: Option<proto::ReloadReceipt>) {
         for &request in &verdict.requests {
             let answer = proto::ReloadVerdict {
                 request: request.0,
@@ -128,6 +128,7 @@ impl Master {
                     .culprit
                     .map(|worker| self.output.last_errors(worker.0, VERDICT_LINES))
                     .unwrap_or_default(),
+                receipt: receipt.clone(),
             };
             for waiter in self.waiters.remove(&request).unwrap_or_default() {
                 let _ = waiter.send(proto::Response::Verdict(answer.clone()));

@@ -260,6 +260,7 @@ impl Master {
             metrics_rx,
             output: crate::output::Hub::default(),
             memory: super::memory::MemoryWatch::default(),
+            queues: super::queues::QueueWatch::default(),
             // The same container the old program used (the workers are in it).
             containment: super::containment::open(state_cgroups, &control_config.socket),
             cgroup_fds: HashMap::new(),
