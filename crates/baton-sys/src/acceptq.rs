@@ -11,10 +11,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, SockaddrLike,
-    SockaddrStorage, getsockname, recv, sendto, socket,
-};
+use nix::sys::socket::{AddressFamily, MsgFlags, SockaddrLike, SockaddrStorage, getsockname, recv};
 
 /// A listening socket's accept queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,19 +98,7 @@ fn unix_request(inode: u32) -> Vec<u8> {
 fn unix_queue(inode: u64) -> io::Result<AcceptQueue> {
     let inode = u32::try_from(inode)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket inode above 32 bits"))?;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkSockDiag,
-    )?;
-    let kernel = NetlinkAddr::new(0, 0);
-    sendto(
-        fd.as_raw_fd(),
-        &unix_request(inode),
-        &kernel,
-        MsgFlags::empty(),
-    )?;
+    let fd = crate::sockdiag::ask(&unix_request(inode))?;
     let mut buf = [0u8; 512];
     let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
     parse_unix_answer(&buf[..n])

@@ -15,7 +15,7 @@ use std::io;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
 };
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -55,7 +55,8 @@ fn request(family: u8) -> Vec<u8> {
     m
 }
 
-fn dump(family: u8, ports: &HashSet<u16>, inodes: &mut HashSet<u64>) -> io::Result<()> {
+/// A `sock_diag` netlink socket that sent `request` to the kernel: read the answer from it.
+pub(crate) fn ask(request: &[u8]) -> io::Result<OwnedFd> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
@@ -63,7 +64,12 @@ fn dump(family: u8, ports: &HashSet<u16>, inodes: &mut HashSet<u64>) -> io::Resu
         SockProtocol::NetlinkSockDiag,
     )?;
     let kernel = NetlinkAddr::new(0, 0);
-    sendto(fd.as_raw_fd(), &request(family), &kernel, MsgFlags::empty())?;
+    sendto(fd.as_raw_fd(), request, &kernel, MsgFlags::empty())?;
+    Ok(fd)
+}
+
+fn dump(family: u8, ports: &HashSet<u16>, inodes: &mut HashSet<u64>) -> io::Result<()> {
+    let fd = ask(&request(family))?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
