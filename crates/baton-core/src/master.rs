@@ -491,7 +491,9 @@ impl Master {
                     if self.told.ready {
                         self.notify(Notification::Reloading);
                     }
-                    self.watch_reload(generation);
+                    if self.supervisor.reloading() {
+                        self.watch_reload();
+                    }
                     let result = self.prepare(generation).map_err(|e| e.to_string());
                     queue.push_back(Event::Prepared { generation, result });
                 }

@@ -63,7 +63,6 @@ pub(super) struct QueueWatch {
 /// A reload being watched: the counters at its start and each listener's fullest queue.
 #[derive(Debug)]
 struct Watching {
-    generation: Generation,
     before: Option<ListenCounters>,
     peaks: BTreeMap<String, proto::QueueNow>,
 }
@@ -170,11 +169,11 @@ impl Master {
         self.queues.removed.truncate(KEPT_REMOVED);
     }
 
-    /// A reload starts generation `generation`: note the counters, sample from now on.
-    pub(super) fn watch_reload(&mut self, generation: Generation) {
+    /// A reload starts (its generation is being prepared): note the counters, sample from now
+    /// until its verdict.
+    pub(super) fn watch_reload(&mut self) {
         let now = Instant::now();
         self.queues.reload = Some(Watching {
-            generation,
             before: procnet::listen_counters(),
             peaks: BTreeMap::new(),
         });
@@ -258,9 +257,7 @@ impl Master {
     /// The receipt of the reload `verdict` ends (if it was watched), logged and kept.
     pub(super) fn receipt(&mut self, verdict: &Verdict) -> Option<proto::ReloadReceipt> {
         let reload = verdict.reload?;
-        if self.queues.reload.as_ref()?.generation != verdict.generation? {
-            return None;
-        }
+        self.queues.reload.as_ref()?;
         self.sample_reload();
         let watching = self.queues.reload.take()?;
         self.queues.reload_at = None;

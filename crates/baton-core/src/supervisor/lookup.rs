@@ -28,6 +28,11 @@ impl Supervisor {
             .filter_map(|(&id, w)| Some((w.pid?, id, w.generation, w.program)))
     }
 
+    /// A reload runs (a generation being prepared or started for it).
+    pub fn reloading(&self) -> bool {
+        self.reload.is_some()
+    }
+
     /// Some generation is draining (the loop then refreshes the status line once a second).
     pub fn draining(&self) -> bool {
         self.generations

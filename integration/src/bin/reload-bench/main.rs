@@ -269,21 +269,25 @@ fn main() {
 
     eprintln!("master footprint ...");
     {
-        let port = free_port();
-        let master = Master::start(
-            "bench-idle",
-            &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
-        );
-        let before = procfs::cpu_ns(master.pid());
-        std::thread::sleep(Duration::from_secs(10));
-        let idle_us = (procfs::cpu_ns(master.pid()) - before) / 1000;
-        let rss = procfs::rss_kib(master.pid());
-        drop(master);
+        let idle = |extra: &[&str]| {
+            let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 2);
+            config.supervisor_extra = extra.iter().map(|e| e.to_string()).collect();
+            let master = Master::start("bench-idle", &config);
+            let before = procfs::cpu_ns(master.pid());
+            std::thread::sleep(Duration::from_secs(10));
+            let idle_us = (procfs::cpu_ns(master.pid()) - before) / 1000;
+            (idle_us, procfs::rss_kib(master.pid()))
+        };
+        let (idle_us, rss) = idle(&[]);
+        let (watched_us, _) = idle(&["queue_watch: 1s"]);
         let (start, reload_ms) = thousand_listeners();
         println!("## The master itself\n");
         println!("| measure | value |");
         println!("|---|---|");
         println!("| CPU time over 10 s idle (2 workers) | {idle_us} µs |");
+        println!(
+            "| the same with `supervisor.queue_watch: 1s` (accept queues and drop counters read every second) | {watched_us} µs |"
+        );
         println!(
             "| resident memory (VmRSS), 2 workers | {:.1} MiB |",
             rss as f64 / 1024.0
