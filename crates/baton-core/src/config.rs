@@ -14,6 +14,7 @@ use baton_proto::ListenerAddress;
 use baton_sys::process::SignalNumber;
 use serde::{Deserialize, Serialize};
 
+mod listener;
 mod locate;
 mod raw;
 #[cfg(test)]
@@ -42,6 +43,44 @@ pub struct ListenerConfig {
     pub backlog: u32,
     /// Permission bits of a Unix socket's file.
     pub mode: Option<u32>,
+    /// Socket options, applied at bind (those a bound socket can take again at each reload).
+    #[serde(default)]
+    pub options: ListenerOptions,
+}
+
+/// A listener's socket options (docs/configuration.md): TCP ones, then the Unix file's owner.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ListenerOptions {
+    /// `TCP_DEFER_ACCEPT`: queue a connection for `accept` only once data arrived.
+    pub defer_accept: Option<Duration>,
+    /// `TCP_FASTOPEN`: the queue of connections whose SYN carried data.
+    pub fastopen: Option<u32>,
+    /// `IPV6_V6ONLY` (IPv6 addresses; baton's default: true, only IPv6).
+    pub v6only: Option<bool>,
+    /// `IP_FREEBIND`: bind an address not (yet) on this machine.
+    pub freebind: bool,
+    /// `IP_TRANSPARENT`: accept connections to any address routed here (needs CAP_NET_ADMIN).
+    pub transparent: bool,
+    /// `SO_BINDTODEVICE`: only connections that arrive on this interface.
+    pub interface: Option<String>,
+    /// `TCP_NODELAY` on every accepted socket (they inherit it from the listener).
+    pub nodelay: bool,
+    /// `SO_KEEPALIVE` (and its timings) on every accepted socket.
+    pub keepalive: Option<Keepalive>,
+    /// `SO_MARK` (needs CAP_NET_ADMIN).
+    pub mark: Option<u32>,
+    /// A Unix socket file's owner and group.
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+}
+
+/// TCP keep-alive of accepted sockets; `None`: the host's default (`net.ipv4.tcp_keepalive_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keepalive {
+    pub idle: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub count: Option<u32>,
 }
 
 /// How to run one worker program.

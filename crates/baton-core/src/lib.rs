@@ -18,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod histogram;
 pub mod intent;
+mod listener_options;
 pub mod listeners;
 pub mod master;
 pub mod metrics_http;

@@ -9,14 +9,15 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
 use baton_proto::ListenerAddress;
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, ListenerOptions};
+use crate::listener_options;
 
 /// A bound, listening socket. Closed (and a Unix socket's file removed) on drop.
 #[derive(Debug)]
@@ -30,6 +31,9 @@ pub struct BoundSocket {
     unix_file: Option<(PathBuf, u64, u64)>,
     /// It no longer listens ([`BoundSocket::stop_listening`]).
     stopped: std::cell::Cell<bool>,
+    /// The options it was bound with (those that change only with a new bind); unknown for a
+    /// socket a predecessor bound (`baton upgrade`).
+    bound_with: Option<ListenerOptions>,
 }
 
 impl BoundSocket {
@@ -69,9 +73,35 @@ impl BoundSocket {
         Ok(true)
     }
 
+    /// Its options as the kernel reports them.
+    pub fn options_now(&self) -> baton_proto::control::ListenerOptionsNow {
+        match &self.address {
+            ListenerAddress::Tcp { address } => {
+                listener_options::tcp_now(&self.socket, address.is_ipv6())
+            }
+            ListenerAddress::Unix { path } if !is_abstract(path) => {
+                listener_options::unix_now(path)
+            }
+            ListenerAddress::Unix { .. } => Default::default(),
+        }
+    }
+
     /// It stopped listening: only draining generations hold it.
     pub fn stopped(&self) -> bool {
         self.stopped.get()
+    }
+
+    /// The options a bound socket can take, set again from `config` (a reload).
+    fn apply_again(&self, config: &ListenerConfig) -> io::Result<()> {
+        match &self.address {
+            ListenerAddress::Tcp { .. } => {
+                listener_options::changeable(&self.socket, &config.options)
+            }
+            ListenerAddress::Unix { path } => match &self.unix_file {
+                Some(_) => listener_options::unix_file(path, config.mode, &config.options),
+                None => Ok(()),
+            },
+        }
     }
 
     /// A close-on-exec duplicate to hand over.
@@ -123,6 +153,8 @@ pub struct Prepared {
     pub listeners: Vec<GenerationListener>,
     /// Names of listeners that were bound now (the others are kept sockets).
     pub bound: Vec<String>,
+    /// Options asked of kept sockets that only a new bind could apply (for the verdict).
+    pub warnings: Vec<String>,
 }
 
 impl ListenerTable {
@@ -135,11 +167,22 @@ impl ListenerTable {
             let existing = self.live.get(&config.address).and_then(Weak::upgrade);
             let socket = match existing {
                 Some(socket) => {
-                    // listen(2) on a listening socket only updates its backlog.
+                    // listen(2) on a listening socket only updates its backlog; the options
+                    // a bound socket can take are set again, the others reported.
                     socket
                         .socket
                         .listen(config.backlog as i32)
                         .map_err(|e| bind_error(config, e))?;
+                    socket
+                        .apply_again(config)
+                        .map_err(|e| bind_error(config, e))?;
+                    if let Some(bound_with) = &socket.bound_with {
+                        out.warnings.extend(listener_options::unchangeable(
+                            &config.name,
+                            bound_with,
+                            &config.options,
+                        ));
+                    }
                     socket
                 }
                 None => {
@@ -213,6 +256,7 @@ impl ListenerTable {
                 // The service manager made it; the service manager removes its file.
                 unix_file: None,
                 stopped: std::cell::Cell::new(false),
+                bound_with: Some(config.options.clone()),
             });
             self.live
                 .insert(config.address.clone(), Rc::downgrade(&bound));
@@ -234,6 +278,7 @@ impl ListenerTable {
                 socket: Socket::from(fd),
                 unix_file: state.unix_file,
                 stopped: std::cell::Cell::new(false),
+                bound_with: None,
             });
             self.live.insert(state.address, Rc::downgrade(&bound));
             out.push(bound);
@@ -270,13 +315,9 @@ fn bind_error(config: &ListenerConfig, err: io::Error) -> BindError {
 fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
     match &config.address {
         ListenerAddress::Tcp { address } => {
-            // socket2 creates sockets close-on-exec. No SO_REUSEPORT: one socket per address is
-            // the whole point. SO_REUSEADDR only lets us bind over TIME_WAIT leftovers.
+            // socket2 creates sockets close-on-exec.
             let socket = Socket::new(Domain::for_address(*address), Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            if address.is_ipv6() {
-                socket.set_only_v6(true)?;
-            }
+            listener_options::before_bind(&socket, address.is_ipv6(), &config.options)?;
             socket.bind(&(*address).into())?;
             socket.listen(config.backlog as i32)?;
             let local = socket
@@ -289,6 +330,25 @@ fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
                 socket,
                 unix_file: None,
                 stopped: std::cell::Cell::new(false),
+                bound_with: Some(config.options.clone()),
+            })
+        }
+        ListenerAddress::Unix { path } if is_abstract(path) => {
+            // `@name`: Linux's abstract namespace (a leading NUL byte), no file.
+            let mut name = vec![0u8];
+            name.extend_from_slice(&path.as_os_str().as_encoded_bytes()[1..]);
+            let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            socket.bind(&SockAddr::unix(
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name),
+            )?)?;
+            socket.listen(config.backlog as i32)?;
+            Ok(BoundSocket {
+                address: config.address.clone(),
+                local: path.display().to_string(),
+                socket,
+                unix_file: None,
+                stopped: std::cell::Cell::new(false),
+                bound_with: Some(config.options.clone()),
             })
         }
         ListenerAddress::Unix { path } => {
@@ -302,14 +362,18 @@ fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
                 socket,
                 unix_file: Some((path.clone(), meta.dev(), meta.ino())),
                 stopped: std::cell::Cell::new(false),
+                bound_with: Some(config.options.clone()),
             };
-            if let Some(mode) = config.mode {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-            }
+            listener_options::unix_file(path, config.mode, &config.options)?;
             bound.socket.listen(config.backlog as i32)?;
             Ok(bound)
         }
     }
+}
+
+/// `@name`: an abstract Unix socket.
+fn is_abstract(path: &Path) -> bool {
+    path.as_os_str().as_encoded_bytes().starts_with(b"@")
 }
 
 /// A Unix socket file left by a dead process is removed; a live one is an error, and so is a
@@ -346,7 +410,115 @@ mod tests {
             },
             backlog: 16,
             mode: None,
+            options: ListenerOptions::default(),
         }
+    }
+
+    #[test]
+    fn options_are_set_at_bind_set_again_at_a_reload_and_read_back_from_the_kernel() {
+        use crate::config::Keepalive;
+        use std::time::Duration;
+        let mut config = tcp("opts", "127.0.0.1:0");
+        config.options = ListenerOptions {
+            defer_accept: Some(Duration::from_secs(5)),
+            fastopen: Some(32),
+            freebind: true,
+            transparent: true,
+            interface: Some("lo".into()),
+            nodelay: true,
+            keepalive: Some(Keepalive {
+                idle: Some(Duration::from_secs(60)),
+                interval: Some(Duration::from_secs(10)),
+                count: Some(4),
+            }),
+            mark: Some(42),
+            ..ListenerOptions::default()
+        };
+        let mut table = ListenerTable::default();
+        let first = table.prepare(std::slice::from_ref(&config)).unwrap();
+        let socket = first.listeners[0].socket.clone();
+        let now = socket.options_now();
+        assert!(now.defer_accept_s >= Some(5), "{now:?}");
+        assert_eq!(now.fastopen, Some(32));
+        assert_eq!((now.freebind, now.transparent), (Some(true), Some(true)));
+        assert_eq!(now.interface.as_deref(), Some("lo"));
+        assert_eq!(now.nodelay, Some(true));
+        let keepalive = now.keepalive.unwrap();
+        assert!(keepalive.on);
+        assert_eq!(
+            (keepalive.idle_s, keepalive.interval_s, keepalive.count),
+            (Some(60), Some(10), Some(4))
+        );
+        assert_eq!(now.mark, Some(42));
+        // An accepted connection inherits TCP_NODELAY and keep-alive.
+        let address = socket.socket.local_addr().unwrap().as_socket().unwrap();
+        let _client = std::net::TcpStream::connect(address).unwrap();
+        std::io::Write::write_all(&mut &_client, b"x").unwrap(); // past TCP_DEFER_ACCEPT
+        let (accepted, _) = socket.socket.accept().unwrap();
+        assert!(accepted.tcp_nodelay().unwrap());
+        assert!(accepted.keepalive().unwrap());
+        assert_eq!(
+            accepted.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(60)
+        );
+
+        // A reload: what a bound socket can take is applied, the rest reported.
+        let kept_address = address.to_string();
+        let mut again = tcp("opts", &kept_address);
+        again.options = ListenerOptions {
+            nodelay: false,
+            freebind: false,
+            ..config.options.clone()
+        };
+        again.address = config.address.clone();
+        let second = table.prepare(std::slice::from_ref(&again)).unwrap();
+        assert!(
+            Rc::ptr_eq(&second.listeners[0].socket, &socket),
+            "the same socket"
+        );
+        assert_eq!(socket.options_now().nodelay, Some(false));
+        assert_eq!(second.warnings.len(), 1, "{:?}", second.warnings);
+        assert!(
+            second.warnings[0].contains("`freebind` changed"),
+            "{:?}",
+            second.warnings
+        );
+    }
+
+    #[test]
+    fn an_abstract_unix_socket_has_no_file() {
+        let name = format!("@baton-test-{}", std::process::id());
+        let config = ListenerConfig {
+            name: "abstract".into(),
+            address: ListenerAddress::Unix {
+                path: PathBuf::from(&name),
+            },
+            backlog: 4,
+            mode: None,
+            options: ListenerOptions::default(),
+        };
+        let mut table = ListenerTable::default();
+        let prepared = table.prepare(std::slice::from_ref(&config)).unwrap();
+        let socket = prepared.listeners[0].socket.clone();
+        assert_eq!(socket.local(), name);
+        assert!(!Path::new(&name).exists());
+        let mut address = vec![0u8];
+        address.extend_from_slice(&name.as_bytes()[1..]);
+        let client = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        client
+            .connect(
+                &SockAddr::unix(
+                    <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&address),
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(
+            baton_sys::acceptq::accept_queue(socket.fd())
+                .unwrap()
+                .length,
+            1
+        );
     }
 
     fn inode(fd: BorrowedFd<'_>) -> u64 {
@@ -411,12 +583,22 @@ mod tests {
             address: ListenerAddress::Unix { path: path.clone() },
             backlog: 8,
             mode: Some(0o600),
+            options: ListenerOptions {
+                owner: Some(65534),
+                group: Some(65534),
+                ..ListenerOptions::default()
+            },
         };
         // A stale socket file from a dead process.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         let mut table = ListenerTable::default();
         let entry = table.prepare(std::slice::from_ref(&config)).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        let now = entry.listeners[0].socket.options_now();
+        assert_eq!(
+            (now.mode, now.owner, now.group),
+            (Some(0o600), Some(65534), Some(65534))
+        );
         // A second master would find it live.
         let err = ListenerTable::default()
             .prepare(std::slice::from_ref(&config))

@@ -296,6 +296,58 @@ pub struct ListenerStatus {
     /// Its accept queue now, read from the kernel (none once closed, or if it cannot be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueNow>,
+    /// Its options as the kernel reports them (none once closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<ListenerOptionsNow>,
+}
+
+/// A listening socket's options, read back from the kernel (`getsockopt`; a Unix socket's file
+/// from the file system). Each is absent where it does not apply or could not be read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerOptionsNow {
+    /// `TCP_DEFER_ACCEPT`, in seconds (the kernel rounds up to whole SYN-ACK retransmissions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defer_accept_s: Option<u32>,
+    /// `TCP_FASTOPEN` queue length (0: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fastopen: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v6only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freebind: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transparent: Option<bool>,
+    /// `SO_BINDTODEVICE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// `TCP_NODELAY`, which accepted sockets inherit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodelay: Option<bool>,
+    /// `SO_KEEPALIVE` and its timings, which accepted sockets inherit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<KeepaliveNow>,
+    /// `SO_MARK`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mark: Option<u32>,
+    /// A Unix socket file's permission bits, owner and group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
+}
+
+/// TCP keep-alive as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeepaliveNow {
+    pub on: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
 }
 
 /// A listener's accept queue now: connections waiting for an `accept`, and how many may.

@@ -31,5 +31,6 @@ pub mod pidfd;
 pub mod pipe;
 pub mod process;
 pub mod sockdiag;
+pub mod sockopt;
 pub mod spawn;
 pub mod upgrade;

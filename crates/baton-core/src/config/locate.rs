@@ -13,12 +13,40 @@ pub(super) fn location_prefix(path: &Path, line: Option<usize>, column: Option<u
 
 /// The parser places a value's validation error at the mapping that holds it. Our messages quote
 /// the offending value, so look for the first `key: value` line at or below that place whose value
-/// is the quoted one, and return its line, column and key.
+/// is the quoted one, and return its line, column and key. A message that names a key instead
+/// (`` `nodelay` applies to TCP listeners only ``) is placed at the first line below with that
+/// key.
 pub(super) fn locate_value(
     text: &str,
     from: usize,
     message: &str,
 ) -> Option<(usize, usize, String)> {
+    locate_quoted_value(text, from, message).or_else(|| {
+        // Only for the listeners' options: serde's own messages come with their place.
+        message
+            .contains("listener `")
+            .then(|| locate_named_key(text, from, message))?
+    })
+}
+
+fn locate_named_key(text: &str, from: usize, message: &str) -> Option<(usize, usize, String)> {
+    let names = message.split('`').skip(1).step_by(2);
+    for name in names {
+        for (i, line) in text.lines().enumerate().skip(from.saturating_sub(1)) {
+            let Some(colon) = line.find(':') else {
+                continue;
+            };
+            let key = line[..colon].trim().trim_start_matches("- ");
+            if key == name {
+                let column = line.len() - line.trim_start().len() + 1;
+                return Some((i + 1, column, key.to_string()));
+            }
+        }
+    }
+    None
+}
+
+fn locate_quoted_value(text: &str, from: usize, message: &str) -> Option<(usize, usize, String)> {
     let start = message.find('"')? + 1;
     let len = message[start..].find('"')?;
     let raw = &message[start..start + len];

@@ -8,13 +8,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use baton_proto::ListenerAddress;
 use baton_sys::process::SignalNumber;
 use serde::Deserialize;
 
+use super::listener::RawListener;
 use super::{
-    DEFAULT_BACKLOG, Liveness, LivenessCheck, NotifyAccess, Output, Probe, Protocol, Readiness,
-    Recycle, Rlimits,
+    Liveness, LivenessCheck, NotifyAccess, Output, Probe, Protocol, Readiness, Recycle, Rlimits,
 };
 
 #[derive(Deserialize)]
@@ -27,61 +26,6 @@ pub(super) struct RawConfig {
     pub(super) workers: Option<Vec<RawWorker>>,
     #[serde(default)]
     pub(super) supervisor: RawSupervisor,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, try_from = "ListenerFields")]
-pub(super) struct RawListener {
-    pub(super) name: String,
-    pub(super) address: ListenerAddress,
-    pub(super) backlog: u32,
-    pub(super) mode: Option<Mode>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ListenerFields {
-    name: ListenerName,
-    /// TCP: `host:port`, IPv6 as `[::1]:port`.
-    address: Option<TcpAddress>,
-    /// Unix stream socket path.
-    path: Option<PathBuf>,
-    #[serde(default)]
-    backlog: Option<Backlog>,
-    #[serde(default)]
-    mode: Option<Mode>,
-}
-
-impl TryFrom<ListenerFields> for RawListener {
-    type Error = String;
-    fn try_from(f: ListenerFields) -> Result<Self, String> {
-        let name = f.name.0;
-        let address = match (f.address, f.path) {
-            (Some(a), None) => ListenerAddress::Tcp { address: a.0 },
-            (None, Some(p)) => ListenerAddress::Unix { path: p },
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "listener `{name}`: give either `address` or `path`, not both"
-                ));
-            }
-            (None, None) => {
-                return Err(format!(
-                    "listener `{name}`: needs `address` (TCP host:port) or `path` (Unix socket)"
-                ));
-            }
-        };
-        if f.mode.is_some() && matches!(address, ListenerAddress::Tcp { .. }) {
-            return Err(format!(
-                "listener `{name}`: `mode` applies to Unix sockets only"
-            ));
-        }
-        Ok(RawListener {
-            name,
-            address,
-            backlog: f.backlog.map_or(DEFAULT_BACKLOG, |b| b.0),
-            mode: f.mode,
-        })
-    }
 }
 
 #[derive(Deserialize)]

@@ -207,6 +207,41 @@ supervisor:
             ),
             ("listeners: [\n", "did not find expected node", Some(2)),
             (
+                "listeners:\n  - name: local\n    path: /tmp/x.sock\n    nodelay: true\nworker: {command: sh}\n",
+                "test.yaml:4:5: listeners.nodelay: listener `local`: `nodelay` applies to TCP listeners only",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: web\n    address: 127.0.0.1:1\n    v6only: true\nworker: {command: sh}\n",
+                "listener `web`: `v6only` applies to IPv6 addresses only",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: web\n    address: 127.0.0.1:1\n    owner: root\nworker: {command: sh}\n",
+                "listener `web`: `owner` applies to Unix sockets only",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: ab\n    path: \"@app\"\n    mode: \"0600\"\nworker: {command: sh}\n",
+                "listener `ab`: `mode` does not apply to an abstract socket",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: web\n    address: 127.0.0.1:1\n    fastopen: 0\nworker: {command: sh}\n",
+                "listener `web`: fastopen \"0\" is out of range",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: web\n    address: 127.0.0.1:1\n    keepalive: {idle: 60s, count: 500}\nworker: {command: sh}\n",
+                "listener `web`: `keepalive` count 500 is out of range: 1 to 127",
+                Some(4),
+            ),
+            (
+                "listeners:\n  - name: web\n    address: 127.0.0.1:1\n    interface: \"a/b\"\nworker: {command: sh}\n",
+                "listener `web`: invalid interface \"a/b\"",
+                Some(4),
+            ),
+            (
                 "listeners:\n  - name: a\n    address: 127.0.0.1:1\n  - name: a\n    address: 127.0.0.1:2\nworker: {command: sh}\n",
                 "name `a` is already used",
                 Some(4),

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use baton_proto::ListenerAddress;
 
+use super::listener::RawListener;
 use super::locate::{find_line, find_nth_line, locate_value, qualify};
-use super::raw::{RawConfig, RawListener, RawSupervisor, RawWorker};
+use super::raw::{RawConfig, RawSupervisor, RawWorker};
 use super::{
     Config, ConfigError, ControlConfig, DEFAULT_CONTROL_SOCKET, DEFAULT_RUNTIME_DIR,
     ListenerConfig, Protocol, Readiness, SupervisorConfig, WorkerConfig,
@@ -291,14 +292,21 @@ impl Check<'_> {
         raw.into_iter()
             .map(|l| ListenerConfig {
                 address: match l.address {
-                    ListenerAddress::Unix { path: p } if p.is_relative() => ListenerAddress::Unix {
-                        path: self.base.join(&p),
-                    },
+                    // `@name`: an abstract socket, no file.
+                    ListenerAddress::Unix { path: p }
+                        if p.is_relative()
+                            && !p.as_os_str().as_encoded_bytes().starts_with(b"@") =>
+                    {
+                        ListenerAddress::Unix {
+                            path: self.base.join(&p),
+                        }
+                    }
                     other => other,
                 },
                 name: l.name,
                 backlog: l.backlog,
                 mode: l.mode.map(|m| m.0),
+                options: l.options,
             })
             .collect()
     }

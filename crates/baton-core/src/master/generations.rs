@@ -110,7 +110,8 @@ impl Master {
         let spec = GenerationSpec::from_config(&config);
         self.queues
             .set_interval(config.supervisor.queue_watch, std::time::Instant::now());
-        let warnings = self.start_only_changes(generation, &config);
+        let mut warnings = self.start_only_changes(generation, &config);
+        warnings.extend(prepared.warnings.iter().cloned());
         self.resources.insert(
             generation,
             Resources {

@@ -146,6 +146,7 @@ impl Master {
                 },
                 closed_unix_ms: None,
                 queue: queue_of(&h.socket),
+                options: Some(h.socket.options_now()),
                 name: h.name,
             })
             .collect();
@@ -164,6 +165,7 @@ impl Master {
             state: proto::ListenerState::Removed,
             closed_unix_ms: Some(self.unix_ms_ago(Duration::ZERO)),
             queue: None,
+            options: None,
         };
         self.queues.removed.push_front(status);
         self.queues.removed.truncate(KEPT_REMOVED);
@@ -198,6 +200,11 @@ impl Master {
     /// The sampling timer fired: the reload's peaks, and the watch's warnings when it is due.
     pub(super) fn sample_queues(&mut self) {
         let now = Instant::now();
+        if self.queues.reload.is_some() && !self.supervisor.reloading() {
+            // A reload that ended without a verdict to take a receipt at: stop sampling.
+            self.queues.reload = None;
+            self.queues.reload_at = None;
+        }
         if self.queues.reload_at.is_some_and(|at| at <= now) {
             self.sample_reload();
             self.queues.reload_at = Some(now + DURING_RELOAD);

@@ -28,9 +28,10 @@ impl Supervisor {
             .filter_map(|(&id, w)| Some((w.pid?, id, w.generation, w.program)))
     }
 
-    /// A reload runs (a generation being prepared or started for it).
+    /// A reload runs (a generation being prepared or started for it), the first generation's
+    /// start aside.
     pub fn reloading(&self) -> bool {
-        self.reload.is_some()
+        self.reload.as_ref().is_some_and(|r| !r.initial)
     }
 
     /// Some generation is draining (the loop then refreshes the status line once a second).
