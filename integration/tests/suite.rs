@@ -17,6 +17,7 @@ mod suite {
     mod failed_reload;
     mod hardening;
     mod kinds;
+    mod listener_options;
     mod listeners;
     mod liveness;
     mod master_log;

@@ -249,7 +249,7 @@ pub fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<SocketKind> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalAddress {
     Inet(std::net::SocketAddr),
-    /// A Unix socket's path (`None`: unnamed or abstract).
+    /// A Unix socket's path, an abstract name as `@name` (`None`: unnamed).
     Unix(Option<std::path::PathBuf>),
 }
 
@@ -271,10 +271,19 @@ pub fn local_address(fd: BorrowedFd<'_>) -> io::Result<LocalAddress> {
             Ok(LocalAddress::Inet(std::net::SocketAddr::V6((*a).into())))
         }
         Some(AddressFamily::Unix) => {
-            let path = addr
-                .as_unix_addr()
+            let unix = addr.as_unix_addr();
+            // An abstract name reads as `@name`, as baton's configuration writes it.
+            let path = unix
                 .and_then(|u| u.path())
-                .map(|p| p.to_owned());
+                .map(|p| p.to_owned())
+                .or_else(|| {
+                    let name = unix?.as_abstract()?;
+                    let mut at = b"@".to_vec();
+                    at.extend_from_slice(name);
+                    Some(std::path::PathBuf::from(
+                        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&at),
+                    ))
+                });
             Ok(LocalAddress::Unix(path))
         }
         other => Err(io::Error::other(format!(

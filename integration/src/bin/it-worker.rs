@@ -10,6 +10,10 @@
 //! - `report-fds:<path>`: first thing in `main`, before any runtime exists, write this process's
 //!   open descriptors (`<fd> <target>` lines) and a few environment variables (`env NAME=value`)
 //!   to `<path>`; then serve like `ready-after:0`.
+//! - `report-sockopts:<path>`: report ready, then write as JSON the options of its TCP listener
+//!   `http` as the kernel reports them to this process, accept one connection (after its first
+//!   byte, for `defer_accept`) and add the options that connection inherited; then serve like
+//!   `ready-after:0`.
 //! - `notify-abuse`: (systemd-style) report ready, then for `IT_ABUSE_MS` (default 2000) send
 //!   garbage, oversized and as many datagrams as the notify socket takes; then wait for the drain.
 //! - `stubborn`: report ready, then ignore every drain request and signal it can (SIGTERM
@@ -75,10 +79,26 @@ async fn run(mode: &str) -> ExitCode {
     if mode == "garbage" {
         return garbage().await;
     }
-    let worker = match baton_worker::Worker::from_env().await {
+    let mut worker = match baton_worker::Worker::from_env().await {
         Ok(worker) => worker,
         Err(_) => return ExitCode::from(2),
     };
+    if let Some(path) = mode.strip_prefix("report-sockopts:") {
+        let Ok(baton_worker::Listener::Tcp(listener)) = worker.take("http") else {
+            return ExitCode::from(2);
+        };
+        if worker.ready().await.is_err() {
+            return ExitCode::from(2);
+        }
+        let mut report =
+            serde_json::json!({ "listener": sockopts(&socket2::SockRef::from(&listener)) });
+        if let Ok((stream, _)) = listener.accept().await {
+            report["accepted"] = sockopts(&socket2::SockRef::from(&stream));
+        }
+        std::fs::write(path, report.to_string()).unwrap();
+        worker.drain_watch().requested().await;
+        return ExitCode::SUCCESS;
+    }
     if let Some(code) = mode.strip_prefix("exit:") {
         return ExitCode::from(code.parse::<u8>().unwrap_or(1));
     }
@@ -140,6 +160,24 @@ async fn run(mode: &str) -> ExitCode {
         let _ = flood.join();
     }
     ExitCode::SUCCESS
+}
+
+/// A TCP socket's options as the kernel reports them to this process.
+fn sockopts(socket: &socket2::SockRef<'_>) -> serde_json::Value {
+    use std::os::fd::AsFd;
+    serde_json::json!({
+        "nodelay": socket.tcp_nodelay().ok(),
+        "keepalive": socket.keepalive().ok(),
+        "keepalive_idle_s": socket.tcp_keepalive_time().ok().map(|d| d.as_secs()),
+        "keepalive_interval_s": socket.tcp_keepalive_interval().ok().map(|d| d.as_secs()),
+        "keepalive_count": socket.tcp_keepalive_retries().ok(),
+        "mark": socket.mark().ok(),
+        "interface": socket.device().ok().flatten().map(|d| String::from_utf8_lossy(&d).into_owned()),
+        "freebind": socket.freebind_v4().ok(),
+        "transparent": socket.ip_transparent_v4().ok(),
+        "defer_accept_s": baton_sys::sockopt::defer_accept(socket.as_fd()).ok(),
+        "fastopen": baton_sys::sockopt::fastopen(socket.as_fd()).ok(),
+    })
 }
 
 /// `IT_CRASHES`/`IT_CRASHES_FILE`: notes this start; whether the crashes asked for are done.
