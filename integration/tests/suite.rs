@@ -19,6 +19,7 @@ mod suite {
     mod kinds;
     mod listener_options;
     mod listeners;
+    mod live_view;
     mod liveness;
     mod master_log;
     mod memory;

@@ -314,7 +314,7 @@ pub(crate) fn check(path: &Path) -> u8 {
 /// The control socket to talk to: `-s`, the one `-c` configures, `$BATON_SOCKET`, or the default.
 /// With `-c`, a file with problems still gives its socket for `lenient` requests (those that
 /// read, and `stop`): the running master answers them whatever the file now says.
-fn socket(target: &Target, lenient: bool) -> Result<PathBuf, u8> {
+pub(crate) fn socket(target: &Target, lenient: bool) -> Result<PathBuf, u8> {
     if let Some(socket) = &target.socket {
         return Ok(socket.clone());
     }
@@ -433,9 +433,22 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
     }
 }
 
-fn unexpected(response: &Response) -> u8 {
+pub(crate) fn unexpected(response: &Response) -> u8 {
     eprintln!("baton: unexpected answer from the master: {response:?}");
     EX_PROTOCOL
+}
+
+/// Writes `text` to stdout (exits 0 once nobody reads it).
+pub(crate) fn print(text: &str) {
+    out!("{text}");
+}
+
+/// `baton status --watch`, `baton top`: the live view ([`crate::watch`]).
+pub(crate) fn watch(target: &Target, interval: Duration) -> u8 {
+    match socket(target, true) {
+        Ok(path) => crate::watch::watch(path, interval),
+        Err(code) => code,
+    }
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {

@@ -15,6 +15,7 @@ mod logging;
 mod render;
 mod signals;
 mod systemd;
+mod watch;
 
 /// Exit status for bad arguments or configuration (sysexits' EX_USAGE): with
 /// `RestartPreventExitStatus=64`, systemd does not restart-loop on a broken config.
@@ -66,13 +67,28 @@ enum Command {
         #[arg(short, long, default_value = "/etc/baton/baton.yaml")]
         config: PathBuf,
     },
-    /// The master and every generation, with its workers.
+    /// The master and every generation, with its workers, and the listeners.
     Status {
         #[command(flatten)]
         target: Target,
         /// Print the protocol's status type as JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw it in place (a terminal: q or Ctrl-C quits; otherwise the text every
+        /// interval).
+        #[arg(long)]
+        watch: bool,
+        /// With `--watch`: seconds between updates.
+        #[arg(long, default_value_t = 1.0, requires = "watch")]
+        interval: f64,
+    },
+    /// The live view: `baton status --watch`.
+    Top {
+        #[command(flatten)]
+        target: Target,
+        /// Seconds between updates.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
     },
     /// The draining generations and what keeps each alive.
     DrainStatus {
@@ -207,7 +223,14 @@ fn main() -> ExitCode {
             pid_file.as_deref(),
         ),
         Command::Check { config } => commands::check(&config),
-        Command::Status { target, json } => commands::status(&target, json),
+        Command::Status {
+            target,
+            watch: true,
+            interval,
+            ..
+        }
+        | Command::Top { target, interval } => commands::watch(&target, seconds(interval)),
+        Command::Status { target, json, .. } => commands::status(&target, json),
         Command::DrainStatus {
             target,
             json,
@@ -265,4 +288,14 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(code)
+}
+
+/// An interval in seconds from the command line: at least 0.1 s (the master must not be asked
+/// more often), at most a day.
+fn seconds(value: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(if value.is_finite() {
+        value.clamp(0.1, 86_400.0)
+    } else {
+        1.0
+    })
 }
