@@ -19,12 +19,13 @@ use nix::sys::signal::Signal;
 
 mod cost;
 mod output;
+mod scale;
 
 struct Args {
     reloads: usize,
     seconds: u64,
     clients: usize,
-    /// `--only output,cost`: those sections alone, in that order.
+    /// `--only output,cost,scale`: those sections alone, in that order.
     only: Vec<String>,
 }
 
@@ -44,14 +45,15 @@ fn args() -> Args {
             ("--clients", Some(v)) => a.clients = v,
             ("--only", _)
                 if pair.get(1).is_some_and(|s| {
-                    s.split(',').all(|part| part == "output" || part == "cost")
+                    s.split(',')
+                        .all(|part| ["output", "cost", "scale"].contains(&part))
                 }) =>
             {
                 a.only = pair[1].split(',').map(str::to_string).collect();
             }
             _ => {
                 eprintln!(
-                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost]"
+                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost,scale]"
                 );
                 std::process::exit(64);
             }
@@ -199,6 +201,7 @@ fn main() {
         for section in &args.only {
             match section.as_str() {
                 "output" => output::report(),
+                "scale" => scale::report(),
                 _ => cost::report(),
             }
         }
@@ -304,6 +307,7 @@ fn main() {
 
     output::report();
     cost::report();
+    scale::report();
 
     eprintln!("a storm of 500 SIGUSR2 ...");
     let s = storm(3, 2, 500, args.clients);
