@@ -287,6 +287,8 @@ mod tests {
             "successor: None",
             "recycle: None",
             "cgroups: None",
+            // A listener's options came later (all off by default).
+            "options: None",
         ];
         diff.retain(|d| {
             !added.iter().any(|a| {
