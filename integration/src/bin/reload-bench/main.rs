@@ -196,6 +196,15 @@ fn row(name: &str, (r, reloads): &(Report, u64)) -> String {
 }
 
 fn main() {
+    // A helper the scale section starts: holds connections (one process may not hold 50k).
+    if let Some(("--hold-connections", rest)) = std::env::args()
+        .collect::<Vec<_>>()
+        .get(1..)
+        .and_then(|a| Some((a.first()?.as_str(), a.get(1..)?.to_vec())))
+    {
+        scale::hold(&rest);
+        return;
+    }
     let args = args();
     if !args.only.is_empty() {
         for section in &args.only {

@@ -12,8 +12,7 @@ use baton_integration::{Master, TestConfig, eventually, free_port, procfs};
 /// Calls of each command measured.
 const CALLS: usize = 20;
 
-/// The soft and hard limit on descriptors: the held connections need one each, here and in the
-/// workers (which inherit the master's limit, raised from this one).
+/// The soft (and, where allowed, hard) limit on descriptors: the held connections need one each.
 fn raise_fd_limit(to: u64) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
@@ -24,18 +23,57 @@ fn raise_fd_limit(to: u64) {
     }
 }
 
-/// `n` connections to `port`, from 127.0.0.1 to 127.0.0.4 in turn (one source address has
-/// about 28k ephemeral ports), held open by the caller.
-fn connect_many(port: u16, n: usize) -> Vec<std::net::TcpStream> {
+/// Connections one helper process holds (under a 20 000 descriptor limit).
+const PER_HELPER: usize = 12_500;
+
+/// `--hold-connections PORT N SOURCE`: `N` connections to `PORT` from 127.0.0.SOURCE, held
+/// until stdin closes; prints `held` once they are all made.
+pub(crate) fn hold(args: &[String]) {
+    let number = |i: usize| args.get(i).and_then(|a| a.parse::<usize>().ok()).unwrap_or(0);
+    let (port, n, source) = (number(0) as u16, number(1), number(2) as u8);
+    raise_fd_limit(n as u64 + 64);
     let target = SocketAddr::from(([127, 0, 0, 1], port));
-    (0..n)
-        .map(|i| {
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, source));
+    let held: Vec<socket2::Socket> = (0..n)
+        .map(|_| {
             let socket =
                 socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % 4) as u8));
             socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
             socket.connect(&target.into()).unwrap();
-            socket.into()
+            socket
+        })
+        .collect();
+    println!("held");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line); // until the bench closes it
+    drop(held);
+}
+
+/// `n` connections to `port`, held by helper processes (each from its own source address:
+/// one address has about 28k ephemeral ports); they close when the helpers are dropped.
+fn connect_many(port: u16, n: usize) -> Vec<std::process::Child> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().unwrap();
+    let helpers: Vec<std::process::Child> = (0..n.div_ceil(PER_HELPER))
+        .map(|i| {
+            let count = PER_HELPER.min(n - i * PER_HELPER);
+            std::process::Command::new(&exe)
+                .args(["--hold-connections", &port.to_string(), &count.to_string()])
+                .arg((1 + i).to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    helpers
+        .into_iter()
+        .map(|mut helper| {
+            let mut line = String::new();
+            let out = helper.stdout.take().unwrap();
+            std::io::BufReader::new(out).read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "held", "a helper failed to connect");
+            helper
         })
         .collect()
 }
@@ -93,7 +131,10 @@ fn run(protocol: &str, n: usize) -> String {
     assert_eq!(master.reload()["event"], "reload_succeeded");
     let (status, status_cpu) = measure(&master, "status");
     let (drain, drain_cpu) = measure(&master, "drain-status");
-    drop(held);
+    for mut helper in held {
+        drop(helper.stdin.take());
+        let _ = helper.wait();
+    }
     let p50 = |v: &[Duration]| v[v.len() / 2];
     let max = |v: &[Duration]| v[v.len() - 1];
     format!(
@@ -113,7 +154,6 @@ fn run(protocol: &str, n: usize) -> String {
 }
 
 pub(crate) fn report() {
-    raise_fd_limit(200_000);
     println!(
         "## `baton status` with many connections held open to a draining generation (4 workers)\n"
     );
