@@ -25,7 +25,7 @@ struct Args {
     reloads: usize,
     seconds: u64,
     clients: usize,
-    /// `--only output,cost,scale`: those sections alone, in that order.
+    /// `--only output,cost,scale,idle`: those sections alone, in that order.
     only: Vec<String>,
 }
 
@@ -46,14 +46,14 @@ fn args() -> Args {
             ("--only", _)
                 if pair.get(1).is_some_and(|s| {
                     s.split(',')
-                        .all(|part| ["output", "cost", "scale"].contains(&part))
+                        .all(|part| ["output", "cost", "scale", "idle"].contains(&part))
                 }) =>
             {
                 a.only = pair[1].split(',').map(str::to_string).collect();
             }
             _ => {
                 eprintln!(
-                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost,scale]"
+                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost,scale,idle]"
                 );
                 std::process::exit(64);
             }
@@ -195,6 +195,33 @@ fn row(name: &str, (r, reloads): &(Report, u64)) -> String {
     )
 }
 
+/// The master's CPU time (µs) over 10 s idle with 2 workers and `supervisor` settings `extra`,
+/// and its RSS (KiB).
+fn idle_cpu(extra: &[&str]) -> (u64, u64) {
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 2);
+    config.supervisor_extra = extra.iter().map(|e| e.to_string()).collect();
+    let master = Master::start("bench-idle", &config);
+    let before = procfs::cpu_ns(master.pid());
+    std::thread::sleep(Duration::from_secs(10));
+    let idle_us = (procfs::cpu_ns(master.pid()) - before) / 1000;
+    (idle_us, procfs::rss_kib(master.pid()))
+}
+
+/// `--only idle`: the master's idle CPU without and with `queue_watch`.
+fn idle_report() {
+    println!("## The master idle (2 workers, 10 s)\n");
+    println!("| setting | CPU time |");
+    println!("|---|---|");
+    for (name, extra) in [
+        ("default (no queue_watch)", &[][..]),
+        ("`supervisor.queue_watch: 1s`", &["queue_watch: 1s"][..]),
+    ] {
+        eprintln!("idle: {name} ...");
+        println!("| {name} | {} µs |", idle_cpu(extra).0);
+    }
+    println!();
+}
+
 fn main() {
     // A helper the scale section starts: holds connections (one process may not hold 50k).
     if let Some(("--hold-connections", rest)) = std::env::args()
@@ -211,6 +238,7 @@ fn main() {
             match section.as_str() {
                 "output" => output::report(),
                 "scale" => scale::report(),
+                "idle" => idle_report(),
                 _ => cost::report(),
             }
         }
@@ -281,17 +309,8 @@ fn main() {
 
     eprintln!("master footprint ...");
     {
-        let idle = |extra: &[&str]| {
-            let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 2);
-            config.supervisor_extra = extra.iter().map(|e| e.to_string()).collect();
-            let master = Master::start("bench-idle", &config);
-            let before = procfs::cpu_ns(master.pid());
-            std::thread::sleep(Duration::from_secs(10));
-            let idle_us = (procfs::cpu_ns(master.pid()) - before) / 1000;
-            (idle_us, procfs::rss_kib(master.pid()))
-        };
-        let (idle_us, rss) = idle(&[]);
-        let (watched_us, _) = idle(&["queue_watch: 1s"]);
+        let (idle_us, rss) = idle_cpu(&[]);
+        let (watched_us, _) = idle_cpu(&["queue_watch: 1s"]);
         let (start, reload_ms) = thousand_listeners();
         println!("## The master itself\n");
         println!("| measure | value |");
