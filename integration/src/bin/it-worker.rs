@@ -12,8 +12,8 @@
 //!   to `<path>`; then serve like `ready-after:0`.
 //! - `report-sockopts:<path>`: report ready, then write as JSON the options of its TCP listener
 //!   `http` as the kernel reports them to this process, accept one connection (after its first
-//!   byte, for `defer_accept`) and add the options that connection inherited; then serve like
-//!   `ready-after:0`.
+//!   byte, for `defer_accept`) and add the options that connection inherited (and `v6only` of a
+//!   listener `v6`, if it has one); then serve like `ready-after:0`.
 //! - `notify-abuse`: (systemd-style) report ready, then for `IT_ABUSE_MS` (default 2000) send
 //!   garbage, oversized and as many datagrams as the notify socket takes; then wait for the drain.
 //! - `stubborn`: report ready, then ignore every drain request and signal it can (SIGTERM
@@ -92,6 +92,9 @@ async fn run(mode: &str) -> ExitCode {
         }
         let mut report =
             serde_json::json!({ "listener": sockopts(&socket2::SockRef::from(&listener)) });
+        if let Ok(baton_worker::Listener::Tcp(v6)) = worker.take("v6") {
+            report["v6only"] = socket2::SockRef::from(&v6).only_v6().ok().into();
+        }
         if let Ok((stream, _)) = listener.accept().await {
             report["accepted"] = sockopts(&socket2::SockRef::from(&stream));
         }

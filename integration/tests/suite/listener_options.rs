@@ -12,6 +12,9 @@ use serde_json::Value;
 fn config(dir: &std::path::Path, port: u16, nodelay: bool, freebind: bool) -> String {
     format!(
         "listeners:
+  - name: v6
+    address: \"[::]:{v6}\"
+    v6only: false
   - name: http
     address: \"127.0.0.1:{port}\"
     defer_accept: 2s
@@ -41,7 +44,8 @@ supervisor:
     socket: \"{{dir}}/baton.sock\"
 ",
         binaries().it_worker.display(),
-        dir = dir.display()
+        dir = dir.display(),
+        v6 = port + 1,
     )
 }
 
@@ -55,7 +59,13 @@ fn listeners(master: &Master) -> Vec<Value> {
 #[test]
 fn options_read_back_the_same_in_the_master_a_worker_and_its_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    // Two ports in a row: `port` and `port + 1` for the IPv6 listener.
+    let port = eventually(Duration::from_secs(10), "two free ports in a row", || {
+        let port = free_port();
+        std::net::TcpListener::bind(("::1", port + 1))
+            .ok()
+            .map(|_| port)
+    });
     let master = Master::spawn("options", &config(dir.path(), port, true, true));
     master.wait_event("serving", Duration::from_secs(30), |_| true);
     let all = listeners(&master);
@@ -108,6 +118,11 @@ fn options_read_back_the_same_in_the_master_a_worker_and_its_connections() {
     assert_eq!(accepted["keepalive_idle_s"], 30, "inherited: {accepted}");
 
     // A Unix socket's file, and an abstract socket (no file, reachable by name).
+    let v6 = all.iter().find(|l| l["name"] == "v6").unwrap();
+    assert_eq!(v6["options"]["v6only"], false, "{v6}");
+    assert_eq!(report["v6only"], false, "the worker's view: {report}");
+    // It takes IPv4 connections too.
+    std::net::TcpStream::connect(("127.0.0.1", port + 1)).unwrap();
     let local = all.iter().find(|l| l["name"] == "local").unwrap();
     assert_eq!(local["options"]["mode"], 0o660, "{local}");
     assert_eq!(local["options"]["owner"], 65534, "{local}");

@@ -29,7 +29,11 @@ const PER_HELPER: usize = 12_500;
 /// `--hold-connections PORT N SOURCE`: `N` connections to `PORT` from 127.0.0.SOURCE, held
 /// until stdin closes; prints `held` once they are all made.
 pub(crate) fn hold(args: &[String]) {
-    let number = |i: usize| args.get(i).and_then(|a| a.parse::<usize>().ok()).unwrap_or(0);
+    let number = |i: usize| {
+        args.get(i)
+            .and_then(|a| a.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
     let (port, n, source) = (number(0) as u16, number(1), number(2) as u8);
     raise_fd_limit(n as u64 + 64);
     let target = SocketAddr::from(([127, 0, 0, 1], port));
@@ -125,9 +129,11 @@ fn run(protocol: &str, n: usize) -> String {
             })
             .unwrap_or(0)
     };
-    eventually(Duration::from_secs(120), "every connection accepted", || {
-        (total(&master) >= n as u64).then_some(())
-    });
+    eventually(
+        Duration::from_secs(120),
+        "every connection accepted",
+        || (total(&master) >= n as u64).then_some(()),
+    );
     assert_eq!(master.reload()["event"], "reload_succeeded");
     let (status, status_cpu) = measure(&master, "status");
     let (drain, drain_cpu) = measure(&master, "drain-status");
