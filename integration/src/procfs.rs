@@ -108,6 +108,28 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether every thread of `pid` is stopped (state `T`, after SIGSTOP): until then one of them
+/// may still run, and accept a connection, say.
+pub fn stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let states: Vec<bool> = tasks
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .map(|r| r.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    !states.is_empty() && states.iter().all(|&s| s)
+}
+
 /// User + system CPU time of `pid` (all its threads), in clock ticks (10 ms each here).
 pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -28,6 +28,7 @@ mod suite {
     mod process_tree;
     mod queues;
     mod readiness;
+    mod recipes;
     mod signals;
     mod systemd;
     mod systemd_workers;

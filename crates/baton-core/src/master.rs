@@ -168,7 +168,7 @@ pub struct Master {
     /// so that `baton ... -c FILE` finds it; removed when the master stops or the path changes.
     control_aliases: Vec<control::SocketFile>,
     /// This master's workers as recorded for its guard and its successor ([`orphans`]).
-    registry: orphans::Registry,
+    registry: orphans::RegistryWriter,
     registered: BTreeMap<u32, Option<orphans::Entry>>,
     /// The upgrade under way, if any, and where its preflight reports.
     upgrade: Option<upgrade::Pending>,
@@ -284,7 +284,7 @@ impl Master {
             control_fd: None,
             start_settings,
             control_aliases: Vec::new(),
-            registry,
+            registry: orphans::RegistryWriter::new(registry),
             registered: BTreeMap::new(),
             upgrade: None,
             upgrade_tx,
@@ -535,6 +535,7 @@ impl Master {
                         for task in link.tasks {
                             task.abort();
                         }
+                        probe::remove_socket_files(&link.probe_files);
                     }
                     self.output.gone(worker.0);
                 }

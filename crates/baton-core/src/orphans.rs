@@ -113,6 +113,70 @@ impl Registry {
     }
 }
 
+/// A master's registry, written by a thread of its own: replacing the file by a rename waits,
+/// on a disk file system, for the old file's write-back (ext4 flushes on replace-via-rename), and
+/// done on the event loop that held the master for seconds while many workers came and went.
+/// The newest set of workers wins: a write still queued when a newer one comes is skipped.
+#[derive(Debug)]
+pub struct RegistryWriter {
+    registry: Registry,
+    jobs: Option<std::sync::mpsc::Sender<Vec<Entry>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RegistryWriter {
+    pub fn new(registry: Registry) -> RegistryWriter {
+        let (jobs, queue) = std::sync::mpsc::channel::<Vec<Entry>>();
+        let target = registry.clone();
+        let thread = std::thread::Builder::new()
+            .name("registry".into())
+            .spawn(move || {
+                while let Ok(mut entries) = queue.recv() {
+                    while let Ok(newer) = queue.try_recv() {
+                        entries = newer;
+                    }
+                    if let Err(err) = target.write(&entries) {
+                        tracing::warn!(registry = %target.path().display(),
+                            "cannot record the workers in {}: {err}", target.path().display());
+                    }
+                }
+            })
+            .ok();
+        RegistryWriter {
+            registry,
+            jobs: thread.is_some().then_some(jobs),
+            thread,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.registry.path()
+    }
+
+    /// Records `entries` soon (at once if the thread could not be started).
+    pub fn write(&self, entries: Vec<Entry>) {
+        let unsent = match &self.jobs {
+            Some(jobs) => jobs.send(entries).err().map(|e| e.0),
+            None => Some(entries),
+        };
+        if let Some(entries) = unsent {
+            if let Err(err) = self.registry.write(&entries) {
+                tracing::warn!(registry = %self.path().display(),
+                    "cannot record the workers in {}: {err}", self.path().display());
+            }
+        }
+    }
+
+    /// The master ends: the writes still queued are done, then the registry is removed.
+    pub fn remove(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.registry.remove();
+    }
+}
+
 /// The entries whose process still runs: same pid, same start time.
 pub fn alive(entries: &[Entry]) -> Vec<Entry> {
     entries

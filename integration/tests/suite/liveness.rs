@@ -32,6 +32,11 @@ fn a_stopped_worker_is_replaced_within_its_window_and_no_request_fails() {
     let stopped = pids[0];
     let before = Instant::now();
     signal(stopped, Signal::SIGSTOP);
+    // Every thread stopped before the load starts: a thread still running could accept a
+    // connection the stopped worker then holds, reset when it is killed (a race of the test's).
+    eventually(Duration::from_secs(5), "the worker stopped", || {
+        procfs::stopped(stopped).then_some(())
+    });
     let bounds = Bounds {
         clients: 4,
         duration: Duration::from_secs(60),

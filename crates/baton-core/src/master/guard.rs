@@ -50,10 +50,7 @@ impl Master {
         }
         self.registered = current;
         let entries: Vec<Entry> = self.registered.values().flatten().cloned().collect();
-        if let Err(err) = self.registry.write(&entries) {
-            warn!(registry = %self.registry.path().display(),
-                "cannot record the workers in {}: {err}", self.registry.path().display());
-        }
+        self.registry.write(entries);
     }
 
     /// Starts the guard: the binary's `baton guard`, told this master's pid and start time and

@@ -38,6 +38,8 @@ pub(super) struct Link {
     /// registry), and its captured output streams (`output: capture`).
     pub(super) pid: Option<u32>,
     pub(super) start_time: Option<u64>,
+    /// Its probes' Unix socket files, removed once it is gone.
+    pub(super) probe_files: Vec<PathBuf>,
     pub(super) output: Vec<std::sync::Arc<crate::output::Capture>>,
 }
 

@@ -3,6 +3,7 @@
 //! interval, and the client reads at most 1 KiB: a backend that answers garbage costs one short
 //! attempt per interval.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -142,5 +143,27 @@ async fn probe_once(address: &str, http_path: Option<&str>) -> Result<(), ProbeE
             .await
             .map_err(ProbeError::Connect)?;
         exchange(stream, http_path).await
+    }
+}
+
+/// A worker's probe addresses that are Unix socket files (a path: it holds a `/`), which the
+/// worker bound and nobody else removes.
+pub(super) fn socket_files<'a>(addresses: impl IntoIterator<Item = &'a str>) -> Vec<PathBuf> {
+    addresses
+        .into_iter()
+        .filter(|a| a.contains('/'))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// Removes the probe socket files of a worker that is gone (a server such as HAProxy leaves
+/// its Unix sockets behind: one per worker would pile up, a reload after another). Only
+/// sockets: a path that is something else now is left alone.
+pub(super) fn remove_socket_files(files: &[PathBuf]) {
+    use std::os::unix::fs::FileTypeExt;
+    for file in files {
+        if std::fs::symlink_metadata(file).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }

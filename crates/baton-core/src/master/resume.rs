@@ -247,7 +247,9 @@ impl Master {
             control_fd: None,
             start_settings,
             control_aliases: Vec::new(),
-            registry: crate::orphans::Registry::beside(&control_config.socket),
+            registry: crate::orphans::RegistryWriter::new(crate::orphans::Registry::beside(
+                &control_config.socket,
+            )),
             registered: BTreeMap::new(),
             upgrade: None,
             upgrade_tx,

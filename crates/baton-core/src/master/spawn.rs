@@ -125,8 +125,20 @@ impl Master {
             .ready
             .probe()
             .map(|probe| probe.address_for(worker.0, slot, generation.0));
+        let liveness_address = match config.liveness.as_ref().map(|l| &l.check) {
+            Some(LivenessCheck::Probe(probe)) => {
+                Some(probe.address_for(worker.0, slot, generation.0))
+            }
+            _ => None,
+        };
         let mut link = Link {
             ready: Gate::new(readiness::conditions(&config)),
+            probe_files: super::probe::socket_files(
+                probe_address
+                    .iter()
+                    .chain(&liveness_address)
+                    .map(String::as_str),
+            ),
             ..Link::default()
         };
         let mut start = Start {

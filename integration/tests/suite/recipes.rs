@@ -1,0 +1,158 @@
+//! The recipes of `examples/` for servers operators run (docs/recipes.md), each unmodified under
+//! baton: reloads under load, a broken configuration, the drain in `baton status`. The servers
+//! come from Debian's packages (`integration/run-tests.sh` installs them); a missing one fails
+//! the test saying what to install.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_integration::load::Mode;
+use baton_integration::{Master, eventually, free_port};
+use serde_json::Value;
+
+/// The program `name` from PATH or the system directories, or a failure saying what to install.
+fn program(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is needed for this test: apt-get install {package} (.ci/run installs it)"
+            )
+        })
+}
+
+fn example(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(path)
+}
+
+/// HAProxy under baton as `examples/haproxy/baton.yaml` runs it, on `port`, with `cfg`.
+fn haproxy_yaml(cfg: &Path, port: u16) -> String {
+    format!(
+        "listeners:
+  - name: http
+    address: \"127.0.0.1:{port}\"
+worker:
+  command: {}
+  args: [-f, \"{}\", -db]
+  protocol: systemd
+  processes: 2
+  ready: {{http: \"{{dir}}/run/probe-{{worker}}.sock\", interval: 20ms}}
+  drain_signal: SIGUSR1
+  drain_timeout: 10s
+  ready_timeout: 10s
+supervisor:
+  max_draining: 16
+  runtime_dir: \"{{dir}}/run\"
+  control:
+    socket: \"{{dir}}/baton.sock\"
+",
+        program("haproxy", "haproxy").display(),
+        cfg.display()
+    )
+}
+
+#[test]
+fn haproxy_under_baton_reloads_every_200ms_under_load_without_losing_a_request() {
+    let port = free_port();
+    let master = Master::spawn(
+        "haproxy-load",
+        &haproxy_yaml(&example("haproxy/haproxy.cfg"), port),
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut signals = 0;
+    for mode in [Mode::KeepAlive, Mode::Fresh] {
+        let (report, sent) = master.reload_under_load(
+            addr,
+            mode,
+            8,
+            Duration::from_secs(6),
+            Duration::from_millis(200),
+        );
+        signals += sent;
+        eprintln!("haproxy, {mode:?}: {} ({sent} SIGUSR2)", report.summary());
+        assert_eq!(report.failed(), 0, "{mode:?}: {}", report.summary());
+        assert!(report.ok > 500, "{mode:?}: real load: {}", report.summary());
+        assert!(report.generations.len() > 5, "{}", report.summary());
+    }
+    // Every request carried out: not one skipped (HAProxy's own master skips some).
+    let reloads = master.assert_every_request_accounted_for(signals);
+    eprintln!("haproxy: {signals} requests carried out by {reloads} reloads");
+}
+
+/// One request on `stream` (kept alive): the answer's head.
+fn ask(stream: &mut std::net::TcpStream) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn a_broken_haproxy_cfg_fails_the_reload_with_haproxys_words_and_the_old_one_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    let good = std::fs::read_to_string(example("haproxy/haproxy.cfg")).unwrap();
+    std::fs::write(&cfg, &good).unwrap();
+    let port = free_port();
+    let master = Master::spawn("haproxy-broken", &haproxy_yaml(&cfg, port));
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+
+    std::fs::write(&cfg, good.replace("bind fd@3", "bind fd@3 no-such-keyword")).unwrap();
+    let (code, out, err) = master.ctl(&["reload", "--json"]);
+    eprintln!("{out}{err}");
+    assert_eq!(code, 1, "the reload fails: {out} {err}");
+    let verdict: Value = serde_json::from_str(&out).unwrap();
+    let said = verdict["output"].to_string();
+    assert!(
+        said.contains("no-such-keyword"),
+        "HAProxy's own error lines in the verdict: {verdict}"
+    );
+    // The old HAProxy serves on.
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let answer = ask(&mut client);
+    assert!(answer.contains("x-baton-generation: 1"), "{answer}");
+
+    // Fixed: a reload while this client is kept alive; `baton status` shows the old HAProxy
+    // draining with the connection it still holds.
+    std::fs::write(&cfg, &good).unwrap();
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    let draining = eventually(Duration::from_secs(5), "generation 1 draining", || {
+        let (_, out, _) = master.ctl(&["status", "--json"]);
+        let status: Value = serde_json::from_str(&out).ok()?;
+        let g = status["generations"]
+            .as_array()?
+            .iter()
+            .find(|g| g["generation"] == 1 && g["state"] == "draining")?
+            .clone();
+        let held: u64 = g["workers"]
+            .as_array()?
+            .iter()
+            .filter_map(|w| w["connections"].as_u64())
+            .sum();
+        (held == 1).then_some(g)
+    });
+    eprintln!("draining: {draining}");
+    let (_, text, _) = master.ctl(&["drain-status"]);
+    assert!(text.contains("1 connection open (kernel)"), "{text}");
+    // Its next answer closes it (option idle-close-on-response), and the old HAProxy exits.
+    let answer = ask(&mut client);
+    assert!(answer.contains("x-baton-generation: 1"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+        v["generation"] == 1
+    });
+}
