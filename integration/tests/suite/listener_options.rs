@@ -13,7 +13,7 @@ fn config(dir: &std::path::Path, port: u16, nodelay: bool, freebind: bool) -> St
     format!(
         "listeners:
   - name: v6
-    address: \"[::]:{v6}\"
+    address: \"[::]:0\"
     v6only: false
   - name: http
     address: \"127.0.0.1:{port}\"
@@ -45,7 +45,6 @@ supervisor:
 ",
         binaries().it_worker.display(),
         dir = dir.display(),
-        v6 = port + 1,
     )
 }
 
@@ -121,8 +120,16 @@ fn options_read_back_the_same_in_the_master_a_worker_and_its_connections() {
     let v6 = all.iter().find(|l| l["name"] == "v6").unwrap();
     assert_eq!(v6["options"]["v6only"], false, "{v6}");
     assert_eq!(report["v6only"], false, "the worker's view: {report}");
-    // It takes IPv4 connections too.
-    std::net::TcpStream::connect(("127.0.0.1", port + 1)).unwrap();
+    // It takes IPv4 connections too (its port: the kernel's choice, `[::]:0`).
+    let v6_port: u16 = v6["address"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::net::TcpStream::connect(("127.0.0.1", v6_port)).unwrap();
     let local = all.iter().find(|l| l["name"] == "local").unwrap();
     assert_eq!(local["options"]["mode"], 0o660, "{local}");
     assert_eq!(local["options"]["owner"], 65534, "{local}");
