@@ -244,3 +244,25 @@ fn nginx_under_baton_reloads_every_200ms_and_loses_only_what_its_graceful_stop_c
         sent_fresh + sent_kept
     );
 }
+
+#[test]
+fn a_broken_nginx_conf_fails_the_reload_with_nginxs_words_and_the_old_one_serves() {
+    let files = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let master = Master::spawn("nginx-broken", &nginx_yaml(files.path(), port));
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let template = files.path().join("nginx.conf.in");
+    let good = std::fs::read_to_string(&template).unwrap();
+    std::fs::write(&template, good.replace("access_log off;", "acces_log off;")).unwrap();
+    let (code, out, err) = master.ctl(&["reload", "--json"]);
+    assert_eq!(code, 1, "the reload fails: {out} {err}");
+    let verdict: Value = serde_json::from_str(&out).unwrap();
+    let said = verdict["output"].to_string();
+    assert!(
+        said.contains("[emerg]") && said.contains("acces_log"),
+        "nginx's own error line in the verdict: {verdict}"
+    );
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let answer = ask(&mut client);
+    assert!(answer.contains("x-baton-generation: 1"), "{answer}");
+}
