@@ -117,7 +117,15 @@ fn the_readme_test_command_installs_what_the_tests_need_and_is_what_ci_runs() {
         "{ci}"
     );
     let script = std::fs::read_to_string(format!("{root}/integration/run-tests.sh")).unwrap();
-    for package in ["python3", "nodejs", "util-linux", "systemd"] {
+    for package in [
+        "python3",
+        "nodejs",
+        "util-linux",
+        "systemd",
+        "iproute2",
+        "haproxy",
+        "nginx-light",
+    ] {
         assert!(
             script.contains(&format!("missing+=({package})")),
             "{package}"
