@@ -11,6 +11,7 @@
 
 pub mod load;
 pub mod procfs;
+pub mod recipes;
 pub mod storm;
 pub mod systemd;
 

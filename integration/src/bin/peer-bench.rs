@@ -20,12 +20,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode, Report};
-use baton_integration::{Master, TestConfig, free_port, procfs};
+use baton_integration::{Master, TestConfig, free_port, procfs, recipes};
 use nix::sys::signal::Signal;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Peer {
     Baton,
+    /// HAProxy as baton's worker (examples/haproxy, docs/recipes.md).
+    BatonHaproxy,
+    /// nginx as baton's worker (examples/nginx).
+    BatonNginx,
     Nginx,
     HaproxyMasterWorker,
     HaproxySf,
@@ -36,6 +40,8 @@ impl Peer {
     fn name(self) -> &'static str {
         match self {
             Peer::Baton => "baton + hello-worker (SIGUSR2)",
+            Peer::BatonHaproxy => "HAProxy under baton (SIGUSR2 to baton)",
+            Peer::BatonNginx => "nginx under baton (SIGUSR2 to baton)",
             Peer::Nginx => "nginx (nginx -s reload)",
             Peer::HaproxyMasterWorker => "HAProxy -W, expose-fd listeners (SIGUSR2)",
             Peer::HaproxySf => "HAProxy -sf (new process, SO_REUSEPORT)",
@@ -146,6 +152,19 @@ fn start(peer: Peer, port: u16) -> Running {
         .keep();
     let master = match peer {
         Peer::Baton => Some(Master::start("peer-baton", &baton_config(port, 1))),
+        Peer::BatonHaproxy => {
+            let cfg = recipes::haproxy_cfg(&dir, 1);
+            let master = Master::spawn("peer-baton-haproxy", &recipes::haproxy_yaml(&cfg, port));
+            master.wait_event("serving", Duration::from_secs(30), |_| true);
+            Some(master)
+        }
+        Peer::BatonNginx => {
+            let yaml = recipes::nginx_yaml(&dir, port);
+            recipes::nginx_tag(&dir, 1);
+            let master = Master::spawn("peer-baton-nginx", &yaml);
+            master.wait_event("serving", Duration::from_secs(30), |_| true);
+            Some(master)
+        }
         Peer::Nginx | Peer::NaiveRestart => {
             nginx_conf(&dir, port, 1);
             run(&mut nginx(&dir, &[]));
@@ -187,6 +206,11 @@ impl Running {
                 let master = self.master.as_ref().unwrap();
                 master.write_config(&baton_config(self.port, tag).yaml());
             }
+            // The server's own configuration: the next generation reads it when it starts.
+            Peer::BatonHaproxy => {
+                recipes::haproxy_cfg(&self.dir, tag);
+            }
+            Peer::BatonNginx => recipes::nginx_tag(&self.dir, tag),
             Peer::Nginx | Peer::NaiveRestart => {
                 nginx_conf(&self.dir, self.port, tag);
             }
@@ -204,7 +228,9 @@ impl Running {
     fn reload(&self) {
         let dir = &self.dir;
         match self.peer {
-            Peer::Baton => self.master.as_ref().unwrap().signal(Signal::SIGUSR2),
+            Peer::Baton | Peer::BatonHaproxy | Peer::BatonNginx => {
+                self.master.as_ref().unwrap().signal(Signal::SIGUSR2)
+            }
             Peer::Nginx => run(&mut nginx(dir, &["-s", "reload"])),
             Peer::HaproxyMasterWorker => {
                 if let Some(pid) = pid_file(&dir.join("haproxy.pid")) {
@@ -240,7 +266,9 @@ impl Running {
     /// Resident memory of the master process, in KiB.
     fn master_rss(&self) -> u64 {
         let pid = match self.peer {
-            Peer::Baton => self.master.as_ref().map(|m| m.pid()),
+            Peer::Baton | Peer::BatonHaproxy | Peer::BatonNginx => {
+                self.master.as_ref().map(|m| m.pid())
+            }
             Peer::Nginx | Peer::NaiveRestart => pid_file(&self.dir.join("nginx.pid")),
             Peer::HaproxyMasterWorker | Peer::HaproxySf => pid_file(&self.dir.join("haproxy.pid")),
         };
@@ -251,6 +279,17 @@ impl Running {
     fn processes(&self) -> usize {
         match self.peer {
             Peer::Baton => self.master.as_ref().map_or(0, |m| 1 + m.children().len()),
+            // baton, and every HAProxy or nginx process (nginx's own workers included).
+            Peer::BatonHaproxy | Peer::BatonNginx => {
+                let servers = Command::new("pgrep")
+                    .args(["-c", "-x", "nginx|haproxy"])
+                    .output()
+                    .unwrap();
+                1 + String::from_utf8_lossy(&servers.stdout)
+                    .trim()
+                    .parse::<usize>()
+                    .unwrap_or(0)
+            }
             _ => {
                 let out = Command::new("pgrep")
                     .args(["-c", "-x", "nginx|haproxy"])
@@ -520,10 +559,25 @@ fn svg(rows: &[Row]) -> String {
 fn short(peer: Peer) -> &'static str {
     match peer {
         Peer::Baton => "baton",
+        Peer::BatonHaproxy => "HAProxy/baton",
+        Peer::BatonNginx => "nginx/baton",
         Peer::Nginx => "nginx",
         Peer::HaproxyMasterWorker => "HAProxy -W",
         Peer::HaproxySf => "HAProxy -sf",
         Peer::NaiveRestart => "stop/start",
+    }
+}
+
+/// The name `--peers` takes.
+fn key(peer: Peer) -> &'static str {
+    match peer {
+        Peer::Baton => "baton",
+        Peer::BatonHaproxy => "baton-haproxy",
+        Peer::BatonNginx => "baton-nginx",
+        Peer::Nginx => "nginx",
+        Peer::HaproxyMasterWorker => "haproxy-w",
+        Peer::HaproxySf => "haproxy-sf",
+        Peer::NaiveRestart => "naive",
     }
 }
 
@@ -542,14 +596,18 @@ fn main() {
     let mut seconds = 20u64;
     let mut clients = 8usize;
     let mut svg_path: Option<PathBuf> = None;
+    let mut only: Option<Vec<String>> = None;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         match (pair[0].as_str(), pair.get(1)) {
             ("--seconds", Some(v)) => seconds = v.parse().unwrap_or(seconds),
             ("--clients", Some(v)) => clients = v.parse().unwrap_or(clients),
             ("--svg", Some(v)) => svg_path = Some(PathBuf::from(v)),
+            ("--peers", Some(v)) => only = Some(v.split(',').map(str::to_string).collect()),
             _ => {
-                eprintln!("usage: peer-bench [--seconds S] [--clients C] [--svg FILE]");
+                eprintln!(
+                    "usage: peer-bench [--seconds S] [--clients C] [--svg FILE] [--peers baton,baton-haproxy,baton-nginx,nginx,haproxy-w,haproxy-sf,naive]"
+                );
                 std::process::exit(64);
             }
         }
@@ -560,17 +618,22 @@ fn main() {
             std::process::exit(69);
         }
     }
-    let peers = [
+    let peers: Vec<Peer> = [
         Peer::Baton,
-        Peer::Nginx,
+        Peer::BatonHaproxy,
         Peer::HaproxyMasterWorker,
         Peer::HaproxySf,
+        Peer::BatonNginx,
+        Peer::Nginx,
         Peer::NaiveRestart,
-    ];
+    ]
+    .into_iter()
+    .filter(|p| only.as_ref().is_none_or(|o| o.iter().any(|n| n == key(*p))))
+    .collect();
     let mut rows = Vec::new();
     for every in [Duration::from_millis(100), Duration::from_secs(1)] {
         for mode in [Mode::Fresh, Mode::KeepAlive] {
-            for peer in peers {
+            for &peer in &peers {
                 eprintln!(
                     "{} — {} — every {} ms ...",
                     peer.name(),
@@ -624,7 +687,9 @@ fn main() {
     }
     let lost: u64 = rows
         .iter()
-        .filter(|r| r.peer == Peer::Baton)
+        // HAProxy under baton loses nothing either (docs/recipes.md); nginx's own graceful stop
+        // closes idle kept-alive connections, under baton as under its own reload.
+        .filter(|r| r.peer == Peer::Baton || r.peer == Peer::BatonHaproxy)
         .map(|r| r.report.failed())
         .sum();
     if lost > 0 {

@@ -5,58 +5,12 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton_integration::load::Mode;
+use baton_integration::recipes::{example, haproxy_yaml, nginx_yaml};
 use baton_integration::{Master, eventually, free_port};
 use serde_json::Value;
-
-/// The program `name` from PATH or the system directories, or a failure saying what to install.
-fn program(name: &str, package: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} is needed for this test: apt-get install {package} (.ci/run installs it)"
-            )
-        })
-}
-
-fn example(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(path)
-}
-
-/// HAProxy under baton as `examples/haproxy/baton.yaml` runs it, on `port`, with `cfg`.
-fn haproxy_yaml(cfg: &Path, port: u16) -> String {
-    format!(
-        "listeners:
-  - name: http
-    address: \"127.0.0.1:{port}\"
-worker:
-  command: {}
-  args: [-f, \"{}\", -db]
-  protocol: systemd
-  processes: 2
-  ready: {{http: \"{{dir}}/run/probe-{{worker}}.sock\", interval: 20ms}}
-  drain_signal: SIGUSR1
-  drain_timeout: 10s
-  ready_timeout: 10s
-supervisor:
-  max_draining: 16
-  runtime_dir: \"{{dir}}/run\"
-  control:
-    socket: \"{{dir}}/baton.sock\"
-",
-        program("haproxy", "haproxy").display(),
-        cfg.display()
-    )
-}
 
 #[test]
 fn haproxy_under_baton_reloads_every_200ms_under_load_without_losing_a_request() {
@@ -157,41 +111,6 @@ fn a_broken_haproxy_cfg_fails_the_reload_with_haproxys_words_and_the_old_one_ser
     master.wait_event("generation_exited", Duration::from_secs(10), |v| {
         v["generation"] == 1
     });
-}
-
-/// nginx under baton as `examples/nginx/baton.yaml` runs it, on `port`: the example's template
-/// and start script copied to `dir` with the port changed.
-fn nginx_yaml(dir: &Path, port: u16) -> String {
-    program("nginx", "nginx-light");
-    let template = std::fs::read_to_string(example("nginx/nginx.conf.in")).unwrap();
-    std::fs::write(
-        dir.join("nginx.conf.in"),
-        template.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}")),
-    )
-    .unwrap();
-    std::fs::copy(example("nginx/start.sh"), dir.join("start.sh")).unwrap();
-    format!(
-        "listeners:
-  - name: http
-    address: \"127.0.0.1:{port}\"
-worker:
-  command: {}/start.sh
-  env:
-    NGINX: \"3;\"
-    NGINX_RUN_DIR: \"{{dir}}/run\"
-  protocol: systemd
-  processes: 2
-  ready: {{http: \"{{dir}}/run/probe-{{worker}}.sock\", interval: 20ms}}
-  drain_signal: SIGQUIT
-  drain_timeout: 10s
-supervisor:
-  max_draining: 16
-  runtime_dir: \"{{dir}}/run\"
-  control:
-    socket: \"{{dir}}/baton.sock\"
-",
-        dir.display()
-    )
 }
 
 #[test]
