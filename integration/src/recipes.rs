@@ -1,5 +1,5 @@
-//! The recipes of `examples/` (docs/recipes.md): HAProxy and nginx under baton, configured as
-//! the tests (`tests/suite/recipes.rs`) and the peer benchmark run them.
+//! The recipes of `examples/` (docs/recipes.md): HAProxy, nginx, uvicorn and a Go server under
+//! baton, configured as the tests (`tests/suite/recipes.rs`) and the peer benchmark run them.
 
 use std::path::{Path, PathBuf};
 
@@ -12,16 +12,26 @@ const SUPERVISOR: &str = "supervisor:
     socket: \"{dir}/baton.sock\"
 ";
 
-/// The program `name` from PATH or the system directories, or a failure saying what to install.
+/// Where `integration/run-tests.sh` installs the recipes' Python servers (a virtual environment,
+/// so that Debian's own Python is left alone).
+pub fn recipes_venv() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/recipes-venv")
+}
+
+/// The program `name` from PATH, the system directories or the recipes' virtual environment, or
+/// a failure saying what to install.
 pub fn program(name: &str, package: &str) -> PathBuf {
     let path = std::env::var("PATH").unwrap_or_default();
+    let venv = recipes_venv().join("bin");
     path.split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
-        .map(|dir| Path::new(dir).join(name))
+        .map(PathBuf::from)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .chain([venv])
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "{name} is needed for this test: apt-get install {package} (.ci/run installs it)"
+                "{name} is needed for this test: install {package} (integration/run-tests.sh does)"
             )
         })
 }
@@ -48,7 +58,7 @@ worker:
   drain_timeout: 10s
   ready_timeout: 10s
 {SUPERVISOR}",
-        program("haproxy", "haproxy").display(),
+        program("haproxy", "Debian's haproxy").display(),
         cfg.display()
     )
 }
@@ -56,7 +66,7 @@ worker:
 /// nginx under baton as `examples/nginx/baton.yaml` runs it, on `port`: the example's template
 /// and start script copied to `dir` with the port changed.
 pub fn nginx_yaml(dir: &Path, port: u16) -> String {
-    program("nginx", "nginx-light");
+    program("nginx", "Debian's nginx-light");
     let template = std::fs::read_to_string(example("nginx/nginx.conf.in")).unwrap();
     std::fs::write(
         dir.join("nginx.conf.in"),
@@ -111,4 +121,69 @@ pub fn nginx_tag(dir: &Path, tag: u64) {
         &text[end..]
     );
     std::fs::write(&template, tagged).unwrap();
+}
+
+/// uvicorn under baton as `examples/uvicorn/baton.yaml` runs it, on `port`, serving the app in
+/// `dir` (a copy of `examples/uvicorn/app.py`, which a test may break).
+pub fn uvicorn_yaml(dir: &Path, port: u16) -> String {
+    let uvicorn = program(
+        "uvicorn",
+        "uvicorn from PyPI (pip install -r examples/uvicorn/requirements.txt)",
+    );
+    std::fs::copy(example("uvicorn/app.py"), dir.join("app.py")).unwrap();
+    format!(
+        "listeners:
+  - name: http
+    address: \"127.0.0.1:{port}\"
+    nodelay: true
+worker:
+  command: {}
+  args: [app:app, --fd, \"3\", --no-access-log, --timeout-graceful-shutdown, \"5\"]
+  cwd: \"{}\"
+  protocol: systemd
+  processes: 2
+  ready: {{http: \"{{dir}}/run/probe-{{worker}}.sock\", interval: 20ms}}
+  drain_signal: SIGTERM
+  drain_timeout: 10s
+  ready_timeout: 20s
+{SUPERVISOR}",
+        uvicorn.display(),
+        dir.display()
+    )
+}
+
+/// `examples/go` built with Debian's Go into `dir`: the binary's path.
+pub fn go_hello(dir: &Path) -> PathBuf {
+    let go = program("go", "Debian's golang-go");
+    let out = dir.join("go-hello");
+    let built = std::process::Command::new(go)
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(example("go"))
+        .output()
+        .expect("go build runs");
+    assert!(
+        built.status.success(),
+        "go build examples/go: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    out
+}
+
+/// The Go server under baton as `examples/go/baton.yaml` runs it, on `port`.
+pub fn go_yaml(binary: &Path, port: u16) -> String {
+    format!(
+        "listeners:
+  - name: http
+    address: \"127.0.0.1:{port}\"
+worker:
+  command: \"{}\"
+  protocol: systemd
+  processes: 2
+  drain_signal: SIGTERM
+  drain_timeout: 10s
+{SUPERVISOR}",
+        binary.display()
+    )
 }

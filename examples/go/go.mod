@@ -1,0 +1,3 @@
+module baton.example/go-recipe
+
+go 1.19
