@@ -1,4 +1,4 @@
-//! The recipes of `examples/` (docs/recipes.md): HAProxy, nginx, uvicorn and a Go server under
+//! The recipes of `examples/` (docs/recipes.md): HAProxy, nginx, uvicorn, gunicorn and a Go server under
 //! baton, configured as the tests (`tests/suite/recipes.rs`) and the peer benchmark run them.
 
 use std::path::{Path, PathBuf};
@@ -18,15 +18,15 @@ pub fn recipes_venv() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/recipes-venv")
 }
 
-/// The program `name` from PATH, the system directories or the recipes' virtual environment, or
-/// a failure saying what to install.
+/// The program `name` from the recipes' virtual environment (the pinned versions), PATH or the
+/// system directories, or a failure saying what to install.
 pub fn program(name: &str, package: &str) -> PathBuf {
     let path = std::env::var("PATH").unwrap_or_default();
     let venv = recipes_venv().join("bin");
-    path.split(':')
-        .map(PathBuf::from)
+    [venv]
+        .into_iter()
+        .chain(path.split(':').map(PathBuf::from))
         .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
-        .chain([venv])
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
@@ -42,14 +42,21 @@ pub fn example(path: &str) -> PathBuf {
         .join(path)
 }
 
+/// One listener, `http` on 127.0.0.1:`port` with `options` (YAML lines), `worker` (the lines
+/// below `worker:`) and the tests' supervisor section.
+fn recipe_yaml(port: u16, options: &str, worker: &str) -> String {
+    format!(
+        "listeners:\n  - name: http\n    address: \"127.0.0.1:{port}\"\n{options}worker:\n{worker}{SUPERVISOR}"
+    )
+}
+
 /// HAProxy under baton as `examples/haproxy/baton.yaml` runs it, on `port`, with `cfg`.
 pub fn haproxy_yaml(cfg: &Path, port: u16) -> String {
-    format!(
-        "listeners:
-  - name: http
-    address: \"127.0.0.1:{port}\"
-worker:
-  command: {}
+    recipe_yaml(
+        port,
+        "",
+        &format!(
+            "  command: {}
   args: [-f, \"{}\", -db]
   protocol: systemd
   processes: 2
@@ -57,9 +64,10 @@ worker:
   drain_signal: SIGUSR1
   drain_timeout: 10s
   ready_timeout: 10s
-{SUPERVISOR}",
-        program("haproxy", "Debian's haproxy").display(),
-        cfg.display()
+",
+            program("haproxy", "Debian's haproxy").display(),
+            cfg.display()
+        ),
     )
 }
 
@@ -74,12 +82,11 @@ pub fn nginx_yaml(dir: &Path, port: u16) -> String {
     )
     .unwrap();
     std::fs::copy(example("nginx/start.sh"), dir.join("start.sh")).unwrap();
-    format!(
-        "listeners:
-  - name: http
-    address: \"127.0.0.1:{port}\"
-worker:
-  command: {}/start.sh
+    recipe_yaml(
+        port,
+        "",
+        &format!(
+            "  command: {}/start.sh
   env:
     NGINX: \"3;\"
     NGINX_RUN_DIR: \"{{dir}}/run\"
@@ -88,8 +95,9 @@ worker:
   ready: {{http: \"{{dir}}/run/probe-{{worker}}.sock\", interval: 20ms}}
   drain_signal: SIGQUIT
   drain_timeout: 10s
-{SUPERVISOR}",
-        dir.display()
+",
+            dir.display()
+        ),
     )
 }
 
@@ -131,13 +139,11 @@ pub fn uvicorn_yaml(dir: &Path, port: u16) -> String {
         "uvicorn from PyPI (pip install -r examples/uvicorn/requirements.txt)",
     );
     std::fs::copy(example("uvicorn/app.py"), dir.join("app.py")).unwrap();
-    format!(
-        "listeners:
-  - name: http
-    address: \"127.0.0.1:{port}\"
-    nodelay: true
-worker:
-  command: {}
+    recipe_yaml(
+        port,
+        "    nodelay: true\n",
+        &format!(
+            "  command: {}
   args: [app:app, --fd, \"3\", --no-access-log, --timeout-graceful-shutdown, \"5\"]
   cwd: \"{}\"
   protocol: systemd
@@ -146,9 +152,40 @@ worker:
   drain_signal: SIGTERM
   drain_timeout: 10s
   ready_timeout: 20s
-{SUPERVISOR}",
-        uvicorn.display(),
-        dir.display()
+",
+            uvicorn.display(),
+            dir.display()
+        ),
+    )
+}
+
+/// gunicorn under baton as `examples/gunicorn/baton.yaml` runs it, on `port`, from `dir` (a
+/// copy of `examples/gunicorn/`, which a test may change).
+pub fn gunicorn_yaml(dir: &Path, port: u16) -> String {
+    let gunicorn = program(
+        "gunicorn",
+        "gunicorn from PyPI (pip install -r examples/gunicorn/requirements.txt)",
+    );
+    for file in ["app.py", "gunicorn.conf.py"] {
+        std::fs::copy(example(&format!("gunicorn/{file}")), dir.join(file)).unwrap();
+    }
+    recipe_yaml(
+        port,
+        "",
+        &format!(
+            "  command: {}
+  args: [-c, gunicorn.conf.py, app:app]
+  cwd: \"{}\"
+  protocol: systemd
+  processes: 1
+  ready: {{all: [notify, {{http: \"{{dir}}/run/probe-{{worker}}.sock\", interval: 20ms}}]}}
+  drain_signal: SIGTERM
+  drain_timeout: 10s
+  ready_timeout: 20s
+",
+            gunicorn.display(),
+            dir.display()
+        ),
     )
 }
 
@@ -173,17 +210,17 @@ pub fn go_hello(dir: &Path) -> PathBuf {
 
 /// The Go server under baton as `examples/go/baton.yaml` runs it, on `port`.
 pub fn go_yaml(binary: &Path, port: u16) -> String {
-    format!(
-        "listeners:
-  - name: http
-    address: \"127.0.0.1:{port}\"
-worker:
-  command: \"{}\"
+    recipe_yaml(
+        port,
+        "",
+        &format!(
+            "  command: \"{}\"
   protocol: systemd
   processes: 2
   drain_signal: SIGTERM
   drain_timeout: 10s
-{SUPERVISOR}",
-        binary.display()
+",
+            binary.display()
+        ),
     )
 }

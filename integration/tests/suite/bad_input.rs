@@ -125,6 +125,8 @@ fn the_readme_test_command_installs_what_the_tests_need_and_is_what_ci_runs() {
         "iproute2",
         "haproxy",
         "nginx-light",
+        "golang-go",
+        "python3-venv",
     ] {
         assert!(
             script.contains(&format!("missing+=({package})")),
@@ -132,6 +134,15 @@ fn the_readme_test_command_installs_what_the_tests_need_and_is_what_ci_runs() {
         );
     }
     assert!(script.contains("apt-get install"));
+    for requirements in [
+        "examples/uvicorn/requirements.txt",
+        "examples/gunicorn/requirements.txt",
+    ] {
+        assert!(
+            script.contains(&format!("-r {requirements}")),
+            "{requirements}"
+        );
+    }
     assert!(script.contains("cargo test --workspace --locked"));
 }
 

@@ -10,8 +10,9 @@ use std::time::Duration;
 use baton_integration::load::Mode;
 use baton_integration::load::Report;
 use baton_integration::recipes::{
-    example, go_hello, go_yaml, haproxy_yaml, nginx_yaml, uvicorn_yaml,
+    example, go_hello, go_yaml, gunicorn_yaml, haproxy_yaml, nginx_yaml, uvicorn_yaml,
 };
+use baton_integration::systemd::{Systemd, service_unit};
 use baton_integration::{Master, eventually, free_port};
 use serde_json::Value;
 
@@ -237,4 +238,78 @@ fn a_go_server_with_only_the_standard_library_reloads_every_200ms_without_losing
         "the drain told clients: {}",
         kept.summary()
     );
+}
+
+#[test]
+fn gunicorn_under_baton_is_ready_when_a_worker_has_loaded_the_app_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let master = Master::spawn("gunicorn-load", &gunicorn_yaml(dir.path(), port));
+    let (fresh, kept, _) = reload_both_ways(&master, port, "gunicorn");
+    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
+    // Its sync workers answer `Connection: close`: a kept-alive client reconnects each time.
+    assert_eq!(kept.failed(), 0, "{}", kept.summary());
+
+    // gunicorn's READY=1 comes as its arbiter boots, before a worker has loaded the app: an app
+    // that takes 1.5 s to load is ready (and the old generation retired) only after that.
+    let app = dir.path().join("app.py");
+    let text = std::fs::read_to_string(&app).unwrap();
+    std::fs::write(&app, format!("import time\ntime.sleep(1.5)\n{text}")).unwrap();
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    let took = verdict["took_ms"].as_u64().unwrap();
+    assert!(took >= 1500, "ready only once the app is loaded: {verdict}");
+}
+
+/// Under a real systemd with the packaged unit: `systemctl reload` of a broken `haproxy.cfg`
+/// fails, HAProxy's own words in the unit's journal, and the old HAProxy serves on.
+#[test]
+fn under_systemd_a_broken_haproxy_cfg_fails_systemctl_reload_and_the_old_one_serves() {
+    let name = "haproxy-unit";
+    let dir = Systemd::workdir(name);
+    let cfg = dir.join("haproxy.cfg");
+    let good = std::fs::read_to_string(example("haproxy/haproxy.cfg")).unwrap();
+    std::fs::write(&cfg, &good).unwrap();
+    let config = dir.join("baton.yaml");
+    let yaml = haproxy_yaml(&cfg, 8080).replace("{dir}", &dir.display().to_string());
+    std::fs::write(&config, yaml).unwrap();
+    let sd = Systemd::boot(name, &[("baton.service", service_unit(&config))]);
+    let start = sd.systemctl(&["start", "baton.service"]);
+    assert!(start.status.success(), "{}", sd.journal("baton.service"));
+    let serves = |generation: &str| {
+        let out = sd
+            .net_command(std::path::Path::new("/bin/bash"))
+            .args([
+                "-c",
+                "exec 3<>/dev/tcp/127.0.0.1/8080; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; timeout 5 cat <&3",
+            ])
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            answer.contains(&format!("x-baton-generation: {generation}")),
+            "generation {generation} serves: {answer}"
+        );
+    };
+    serves("1");
+
+    std::fs::write(&cfg, good.replace("bind fd@3", "bind fd@3 no-such-keyword")).unwrap();
+    let reload = sd.systemctl(&["reload", "baton.service"]);
+    assert!(!reload.status.success(), "systemctl reload must fail");
+    // `baton reload` (the unit's ExecReload) prints the verdict with the worker's last lines,
+    // each after `| `; the journal has them.
+    let journal = sd.journal("baton.service");
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.contains("| [ALERT]") && l.contains("unknown keyword 'no-such-keyword'")),
+        "HAProxy's own error lines in the reload's verdict: {journal}"
+    );
+    assert_eq!(sd.show("baton.service", "ActiveState"), "active");
+    serves("1");
+
+    std::fs::write(&cfg, &good).unwrap();
+    let reload = sd.systemctl(&["reload", "baton.service"]);
+    assert!(reload.status.success(), "{}", sd.journal("baton.service"));
+    serves("3");
 }
