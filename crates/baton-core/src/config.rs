@@ -135,6 +135,9 @@ pub struct WorkerConfig {
     /// When a worker that uses too much memory is replaced (`recycle:`).
     #[serde(default)]
     pub recycle: Option<Recycle>,
+    /// How a reload replaces this program's workers (`reload:`), its batch resolved.
+    #[serde(default)]
+    pub reload: crate::supervisor::Strategy,
 }
 
 /// `recycle:`: a ready worker whose process tree stays above `max_rss` for `above_for` is

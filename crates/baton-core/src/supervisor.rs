@@ -22,6 +22,7 @@ mod lookup;
 mod model;
 mod records;
 mod replace;
+mod rollout;
 mod snapshot;
 mod workers;
 
@@ -29,12 +30,12 @@ pub use crate::intent::{Intent, Trigger};
 pub use crash_loop::{CRASH_LOOP, CrashLoop};
 pub use model::{
     Action, Event, Generation, GenerationSpec, Phase, ProgramSpec, ReloadId, ReloadRecord,
-    ReplaceSpec, RequestId, Verdict, WorkerId,
+    ReplaceSpec, RequestId, Strategy, Verdict, WorkerId,
 };
 pub use snapshot::{Counters, GenerationSnapshot, Snapshot, WorkerSnapshot};
 
 use lookup::join;
-use records::{Canary, Gen, GenState, ReloadRun, Slot, StopMode, Worker, WorkerState};
+use records::{Canary, Gen, GenState, ReloadRun, Rollout, Slot, StopMode, Worker, WorkerState};
 
 /// How many reload verdicts are kept.
 const HISTORY: usize = 100;
@@ -48,6 +49,9 @@ pub struct Supervisor {
     pids: BTreeMap<u32, WorkerId>,
     reload: Option<ReloadRun>,
     canary: Option<Canary>,
+    /// A rolling reload in progress (forward or back).
+    #[serde(default)]
+    rollout: Option<Rollout>,
     pending: Vec<(RequestId, Trigger)>,
     stop: Option<StopMode>,
     exit_code: i32,
@@ -105,6 +109,7 @@ impl Supervisor {
             Event::Exited { pid, status } => self.on_exited(now, pid, status),
             Event::Tick => self.on_tick(now),
         }
+        self.advance_rollout(now);
         std::mem::take(&mut self.actions)
     }
 
@@ -121,13 +126,14 @@ impl Supervisor {
             .reload
             .as_ref()
             .or(self.canary.as_ref().map(|c| &c.reload))
+            .map(|r| r.id)
+            .or(self.rollout.as_ref().map(|r| r.reload))
         {
             info!(
                 event = "reload_queued",
                 request = request.0,
-                behind = current.id.0,
-                "reload request {request} queued: reload {} is running; the next reload covers it",
-                current.id
+                behind = current.0,
+                "reload request {request} queued: reload {current} is running; the next reload covers it"
             );
             self.pending.push((request, trigger));
         } else {
@@ -257,6 +263,12 @@ impl Supervisor {
             return;
         };
         entry.state = GenState::Starting;
+        if self.begin_rollout(now, g) {
+            return;
+        }
+        let Some(entry) = self.generations.get(&g) else {
+            return;
+        };
         let slots = entry.slots.len();
         for slot in 0..slots {
             self.spawn(now, g, slot);
@@ -447,6 +459,7 @@ impl Supervisor {
     fn next_pending(&mut self, now: Instant) {
         if self.reload.is_none()
             && self.canary.is_none()
+            && self.rollout.is_none()
             && self.stop.is_none()
             && !self.pending.is_empty()
         {

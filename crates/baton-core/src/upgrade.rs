@@ -289,6 +289,8 @@ mod tests {
             "cgroups: None",
             // A listener's options came later (all off by default).
             "options: None",
+            // So did a rolling reload (`rollout`, none running).
+            "rollout: None",
         ];
         diff.retain(|d| {
             !added.iter().any(|a| {
@@ -300,6 +302,13 @@ mod tests {
         diff.retain(|d| d != ".cgroups: None vs Some(String(\"auto\"))");
         // `output:` came later too; its default is `capture`.
         diff.retain(|d| !d.ends_with(".output: None vs Some(String(\"capture\"))"));
+        // And the reload strategy (default all at once) and a program's name in the state
+        // machine's copy (empty: a rolling reload then pairs programs by position).
+        diff.retain(|d| {
+            !d.ends_with(".reload: None vs Some(String(\"AllAtOnce\"))")
+                && !d.ends_with(".strategy: None vs Some(String(\"AllAtOnce\"))")
+                && !d.ends_with(".name: None vs Some(String(\"\"))")
+        });
         diff.retain(|d| {
             d != ".supervisor.counters.replaced_unhealthy: None vs Some(Number(0))"
                 && d != ".supervisor.counters.replaced_memory: None vs Some(Number(0))"

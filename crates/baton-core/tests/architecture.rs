@@ -28,8 +28,13 @@ fn code(path: &Path) -> String {
         .join("\n")
 }
 
+/// A `tests.rs`, or a file of a `tests/` folder beside it (its submodules).
 fn is_test_file(path: &Path) -> bool {
     path.file_name().is_some_and(|n| n == "tests.rs")
+        || path
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == "tests")
 }
 
 fn workspace() -> PathBuf {

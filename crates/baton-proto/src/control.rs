@@ -557,6 +557,9 @@ state_enum!(
         Preparing = "preparing",
         /// Its workers start; not yet serving.
         Starting = "starting",
+        /// Its workers replace the serving generation's a batch at a time (a rolling reload);
+        /// those ready serve.
+        Rolling = "rolling",
         Serving = "serving",
         /// Replaced by a generation on probation: paused, ready to serve again.
         Standby = "standby",
@@ -689,6 +692,7 @@ mod tests {
             [
                 "preparing",
                 "starting",
+                "rolling",
                 "serving",
                 "standby",
                 "draining",

@@ -77,6 +77,59 @@ pub(super) struct RawWorker {
     pub(super) liveness: Option<LivenessSpec>,
     #[serde(default)]
     pub(super) recycle: Option<RecycleSpec>,
+    #[serde(default)]
+    pub(super) reload: Option<RawReload>,
+}
+
+/// `reload: {strategy: rolling, batch: 2}` (or `batch: "25%"`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReload {
+    #[serde(default)]
+    pub(super) strategy: StrategyName,
+    #[serde(default)]
+    pub(super) batch: Option<Batch>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum StrategyName {
+    #[default]
+    #[serde(alias = "all_at_once")]
+    AllAtOnce,
+    Rolling,
+}
+
+/// A batch: a number of processes (`2`) or a share of them (`"25%"`, rounded up).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Batch {
+    Count(u64),
+    Percent(u64),
+}
+
+impl<'de> Deserialize<'de> for Batch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Count(u64),
+            Text(String),
+        }
+        match Either::deserialize(d)? {
+            Either::Count(n) => Ok(Batch::Count(n)),
+            Either::Text(text) => text
+                .trim()
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse().ok())
+                .map(Batch::Percent)
+                .ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "invalid batch \"{text}\": a number of processes (2) or a percentage (\"25%\")"
+                    ))
+                }),
+        }
+    }
 }
 
 /// `recycle: {max_rss: 512MiB, check_every: 10s, above_for: 30s}`.

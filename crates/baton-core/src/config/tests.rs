@@ -362,6 +362,67 @@ workers:
     }
 
     #[test]
+    fn a_reload_strategy_reads_as_written_with_its_batch_resolved() {
+        use crate::supervisor::Strategy as Reload;
+        let strategy = |reload: &str| {
+            let text =
+                format!("listeners: []\nworker: {{command: sh, processes: 8, reload: {reload}}}\n");
+            parse_str(&text).map(|c| c.programs[0].reload)
+        };
+        assert_eq!(
+            strategy("{strategy: rolling}").unwrap(),
+            Reload::Rolling { batch: 1 }
+        );
+        assert_eq!(
+            strategy("{strategy: rolling, batch: 3}").unwrap(),
+            Reload::Rolling { batch: 3 }
+        );
+        assert_eq!(
+            strategy("{strategy: rolling, batch: \"25%\"}").unwrap(),
+            Reload::Rolling { batch: 2 }
+        );
+        assert_eq!(
+            strategy("{strategy: rolling, batch: \"10%\"}").unwrap(),
+            Reload::Rolling { batch: 1 }
+        );
+        assert_eq!(
+            strategy("{strategy: all-at-once}").unwrap(),
+            Reload::AllAtOnce
+        );
+        assert_eq!(
+            parse_str("listeners: []\nworker: {command: sh}\n")
+                .unwrap()
+                .programs[0]
+                .reload,
+            Reload::AllAtOnce
+        );
+        for (reload, problem) in [
+            (
+                "{strategy: rolling, batch: 9}",
+                "worker.reload.batch: 9 is more than the program's 8 processes",
+            ),
+            (
+                "{strategy: rolling, batch: 0}",
+                "worker.reload.batch: must be at least 1",
+            ),
+            (
+                "{strategy: rolling, batch: \"150%\"}",
+                "worker.reload.batch: 150% is more than every process",
+            ),
+            ("{strategy: rolling, batch: lots}", "invalid batch \"lots\""),
+            (
+                "{strategy: all-at-once, batch: 2}",
+                "a batch applies to `strategy: rolling` only",
+            ),
+            ("{strategy: phased}", "unknown variant `phased`"),
+        ] {
+            let err = strategy(reload).unwrap_err().to_string();
+            assert!(err.contains(problem), "{reload}: {err}");
+            assert!(err.contains("test.yaml:2"), "{reload}: where: {err}");
+        }
+    }
+
+    #[test]
     fn program_errors_are_named() {
         let cases: &[(&str, &str)] = &[
             (

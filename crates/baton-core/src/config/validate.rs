@@ -11,11 +11,12 @@ use baton_proto::ListenerAddress;
 
 use super::listener::RawListener;
 use super::locate::{find_line, find_nth_line, locate_value, qualify};
-use super::raw::{RawConfig, RawSupervisor, RawWorker};
+use super::raw::{Batch, RawConfig, RawReload, RawSupervisor, RawWorker, StrategyName};
 use super::{
     Config, ConfigError, ControlConfig, DEFAULT_CONTROL_SOCKET, DEFAULT_RUNTIME_DIR,
     ListenerConfig, Protocol, Readiness, SupervisorConfig, WorkerConfig,
 };
+use crate::supervisor::Strategy;
 
 /// Reads `text` (the file at `path`) into a [`Config`], with every problem found.
 pub(super) fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
@@ -436,6 +437,11 @@ impl Check<'_> {
             output: w.output,
             liveness: w.liveness.map(|l| self.liveness(l.0)),
             recycle: w.recycle.as_ref().map(|r| r.recycle()),
+            reload: Strategy::AllAtOnce,
+        };
+        let worker = WorkerConfig {
+            reload: self.strategy(key, w.reload.as_ref(), worker.processes),
+            ..worker
         };
         if let Some(cwd) = &worker.cwd {
             if !cwd.is_dir() {
@@ -459,6 +465,53 @@ impl Check<'_> {
             }
         }
         worker
+    }
+
+    /// `reload:` with its batch resolved against `processes`.
+    fn strategy(&mut self, key: &str, reload: Option<&RawReload>, processes: usize) -> Strategy {
+        let Some(reload) = reload else {
+            return Strategy::AllAtOnce;
+        };
+        match (reload.strategy, reload.batch) {
+            (StrategyName::AllAtOnce, None) => Strategy::AllAtOnce,
+            (StrategyName::AllAtOnce, Some(_)) => {
+                self.problem(
+                    Some("batch:"),
+                    format!("{key}.reload.batch: a batch applies to `strategy: rolling` only"),
+                );
+                Strategy::AllAtOnce
+            }
+            (StrategyName::Rolling, batch) => {
+                let batch = match batch.unwrap_or(Batch::Count(1)) {
+                    Batch::Count(0) | Batch::Percent(0) => {
+                        self.problem(
+                            Some("batch:"),
+                            format!("{key}.reload.batch: must be at least 1 (or 1%)"),
+                        );
+                        1
+                    }
+                    Batch::Percent(p) if p > 100 => {
+                        self.problem(
+                            Some("batch:"),
+                            format!("{key}.reload.batch: {p}% is more than every process"),
+                        );
+                        processes
+                    }
+                    Batch::Percent(p) => (processes as u64 * p).div_ceil(100).max(1) as usize,
+                    Batch::Count(n) if n > processes as u64 => {
+                        self.problem(
+                            Some("batch:"),
+                            format!(
+                                "{key}.reload.batch: {n} is more than the program's {processes} processes"
+                            ),
+                        );
+                        processes
+                    }
+                    Batch::Count(n) => n as usize,
+                };
+                Strategy::Rolling { batch }
+            }
+        }
     }
 
     /// `ready:` as the protocol allows it (by default: what the protocol reports with).

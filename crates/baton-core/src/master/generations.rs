@@ -251,6 +251,8 @@ impl GenerationSpec {
                     max_replacing_percent: l.max_replacing_percent,
                     kill_after: l.kill_after,
                 }),
+                name: w.name.clone(),
+                strategy: w.reload,
             })
             .collect();
         GenerationSpec {

@@ -39,7 +39,10 @@ impl Supervisor {
             longest.as_millis()
         );
         for id in self.worker_ids(g) {
-            self.drain_worker(id);
+            // A replaced or retired worker drains already, on a deadline of its own.
+            if self.workers.get(&id).is_some_and(|w| w.replaced.is_none()) {
+                self.drain_worker(id);
+            }
         }
         self.finish_if_empty(now, g);
     }
@@ -82,7 +85,12 @@ impl Supervisor {
         let starting = self
             .generations
             .values()
-            .filter(|e| matches!(e.state, GenState::Preparing | GenState::Starting))
+            .filter(|e| {
+                matches!(
+                    e.state,
+                    GenState::Preparing | GenState::Starting | GenState::Rolling
+                )
+            })
             .count();
         let draining: Vec<Generation> = self
             .generations
@@ -163,6 +171,7 @@ impl Supervisor {
         for (request, _) in std::mem::take(&mut self.pending) {
             self.reject(request);
         }
+        self.end_rollout_for_stop(now, &trigger.to_string());
         self.fail_reload(now, format!("stop requested ({trigger})"), None);
         if let Some(c) = self.canary.take() {
             // A stop ends the probation: everything drains, and the reload has no verdict of

@@ -31,7 +31,7 @@ impl Supervisor {
     /// A reload runs (a generation being prepared or started for it), the first generation's
     /// start aside.
     pub fn reloading(&self) -> bool {
-        self.reload.as_ref().is_some_and(|r| !r.initial)
+        self.reload.as_ref().is_some_and(|r| !r.initial) || self.rollout.is_some()
     }
 
     /// Some generation is draining (the loop then refreshes the status line once a second).
@@ -56,6 +56,7 @@ impl Supervisor {
         workers
             .chain(restarts)
             .chain(self.canary.as_ref().map(|c| c.until))
+            .chain(self.rollout_deadline())
             .min()
     }
 

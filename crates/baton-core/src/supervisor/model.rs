@@ -56,6 +56,32 @@ pub struct ProgramSpec {
     /// How a worker that fails its liveness check is replaced (`liveness:`); `None`: no check.
     #[serde(default)]
     pub replace: Option<ReplaceSpec>,
+    /// The program's name: a rolling reload pairs old and new workers by it.
+    #[serde(default)]
+    pub name: String,
+    /// How a reload replaces this program's workers (`reload:`).
+    #[serde(default)]
+    pub strategy: Strategy,
+}
+
+/// How a reload replaces a program's workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// A whole new generation beside the old one, which drains once every new worker is ready.
+    #[default]
+    AllAtOnce,
+    /// `batch` new workers at a time; as many old ones drain once they are ready, and the next
+    /// batch starts once those have exited: at most `processes + batch` alive.
+    Rolling { batch: usize },
+}
+
+impl Strategy {
+    pub fn batch(self) -> Option<usize> {
+        match self {
+            Strategy::AllAtOnce => None,
+            Strategy::Rolling { batch } => Some(batch),
+        }
+    }
 }
 
 /// How the state machine replaces a worker that failed its liveness check.
@@ -218,6 +244,8 @@ pub struct Verdict {
 pub enum Phase {
     Preparing,
     Starting,
+    /// Replacing the serving generation a batch at a time (a rolling reload).
+    Rolling,
     Serving,
     /// Replaced by a generation on probation: paused, ready to serve again.
     Standby,
@@ -238,6 +266,7 @@ impl From<Phase> for baton_proto::control::GenerationState {
         match phase {
             Phase::Preparing => State::Preparing,
             Phase::Starting => State::Starting,
+            Phase::Rolling => State::Rolling,
             Phase::Serving => State::Serving,
             Phase::Standby => State::Standby,
             Phase::Draining => State::Draining,

@@ -13,6 +13,9 @@ use crate::intent::Trigger;
 pub(super) enum GenState {
     Preparing,
     Starting,
+    /// Replacing the serving generation a batch at a time (a rolling reload, see `rollout.rs`):
+    /// its ready workers serve.
+    Rolling,
     Serving,
     Standby,
     /// Each worker is killed at `since` + its program's drain timeout; `killed`: some were.
@@ -127,6 +130,51 @@ pub(super) struct Canary {
     pub(super) new: Generation,
     #[serde(with = "crate::codec::mono")]
     pub(super) until: Instant,
+}
+
+/// A rolling reload in progress: the new generation's workers replace the old one's a batch at
+/// a time, program by program; or, after a failure, the old generation's workers replace the new
+/// one's the same way (`back`: the failure).
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Rollout {
+    pub(super) reload: ReloadId,
+    pub(super) old: Generation,
+    pub(super) new: Generation,
+    pub(super) lanes: Vec<Lane>,
+    /// The first batch's probation (`canary_window`).
+    pub(super) canary: Option<Duration>,
+    /// Rolling back: why the reload failed.
+    pub(super) back: Option<String>,
+}
+
+/// One program's progress in a [`Rollout`].
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Lane {
+    /// The program's index in the new generation's configuration, and in the old one's (paired
+    /// by name; `None`: a program the reload adds).
+    pub(super) new_program: usize,
+    pub(super) old_program: Option<usize>,
+    /// Workers started at a time (all of them for a program reloaded all at once).
+    pub(super) batch: usize,
+    /// Batches so far (the one in flight included), and in all.
+    pub(super) batch_no: usize,
+    pub(super) batches: usize,
+    pub(super) step: Step,
+    #[serde(with = "crate::codec::mono")]
+    pub(super) since: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) enum Step {
+    /// The batch's slots (in the generation being filled): the next step once each has a ready
+    /// worker.
+    Starting(Vec<usize>),
+    /// The first batch serves on probation until then, beside every old worker.
+    Canary(#[serde(with = "crate::codec::mono")] Instant),
+    /// These workers (of the generation being replaced) drain; the next batch starts once they
+    /// are gone.
+    Retiring(Vec<WorkerId>),
+    Done,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

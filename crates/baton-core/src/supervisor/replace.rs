@@ -33,6 +33,11 @@ impl Supervisor {
             self.roll_back(now, reason, Some(id));
             return;
         }
+        if self.rolling_forward(g) {
+            let reason = format!("worker {id} of generation {g} (pid {pid}): {reason}");
+            self.rollout_failed(now, reason, Some(id));
+            return;
+        }
         if !matches!(
             self.generations.get(&g).map(|e| &e.state),
             Some(GenState::Serving)

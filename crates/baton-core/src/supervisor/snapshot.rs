@@ -94,6 +94,7 @@ impl Supervisor {
                 let phase = match entry.state {
                     GenState::Preparing => Phase::Preparing,
                     GenState::Starting => Phase::Starting,
+                    GenState::Rolling => Phase::Rolling,
                     GenState::Serving => Phase::Serving,
                     GenState::Standby => Phase::Standby,
                     GenState::Draining { .. } => Phase::Draining,
@@ -160,6 +161,7 @@ impl Supervisor {
                 let (phase, draining_for, time_left) = match entry.state {
                     GenState::Preparing => (Phase::Preparing, None, None),
                     GenState::Starting => (Phase::Starting, None, None),
+                    GenState::Rolling => (Phase::Rolling, None, None),
                     GenState::Serving => (Phase::Serving, None, None),
                     GenState::Standby => (Phase::Standby, None, None),
                     GenState::Failed => (Phase::Failed, None, None),

@@ -2,6 +2,8 @@
 
 use super::*;
 use baton_proto::WorkerMessage;
+
+mod rollout;
 use baton_sys::process::{ExitKind, SignalNumber};
 
 fn program(processes: usize) -> ProgramSpec {
@@ -14,6 +16,8 @@ fn program(processes: usize) -> ProgramSpec {
         restart_backoff_max: Duration::from_secs(10),
         failed_stop_timeout: Duration::from_secs(5),
         replace: None,
+        name: "worker".into(),
+        strategy: Strategy::AllAtOnce,
     }
 }
 

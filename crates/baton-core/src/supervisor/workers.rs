@@ -23,8 +23,11 @@ impl Supervisor {
             Ok(pid) => {
                 w.pid = Some(pid);
                 w.pgid = Some(pid);
+                // Stopped before it had a pid (a rolling reload that failed meanwhile).
+                let stopped = w.replaced.is_some();
                 self.pids.insert(pid, id);
                 match self.generations.get(&g).map(|entry| &entry.state) {
+                    _ if stopped => self.kill(id),
                     Some(GenState::Failed) | None => self.kill(id),
                     Some(GenState::Draining { .. }) => self.drain_worker(id),
                     _ => {
@@ -143,6 +146,8 @@ impl Supervisor {
         );
         if self.canary.as_ref().is_some_and(|c| c.new == g) {
             self.roll_back(now, reason, Some(id));
+        } else if self.rolling_forward(g) {
+            self.rollout_failed(now, reason, Some(id));
         } else {
             debug!(worker = id.0, "{reason} (not on probation: ignored)");
         }
@@ -245,6 +250,7 @@ impl Supervisor {
             Some(GenState::Starting) | Some(GenState::Preparing) => {
                 self.fail_reload(now, reason, Some(worker));
             }
+            Some(GenState::Rolling) => self.rollout_failed(now, reason, Some(worker)),
             Some(GenState::Serving) if self.canary.as_ref().is_some_and(|c| c.new == g) => {
                 self.roll_back(now, reason, Some(worker));
             }
@@ -329,6 +335,16 @@ impl Supervisor {
                     );
                     self.fail_reload(now, reason, Some(id));
                 }
+                Some(GenState::Rolling) if self.rolling_forward(g) => {
+                    info!(
+                        event = "worker_not_ready",
+                        worker = id.0,
+                        generation = g.0,
+                        pid,
+                        "{reason}"
+                    );
+                    self.rollout_failed(now, reason, Some(id));
+                }
                 _ => {
                     warn!(
                         event = "worker_not_ready",
@@ -355,8 +371,14 @@ impl Supervisor {
                 .get(&id)
                 .and_then(|w| self.generations.get(&w.generation))
                 .is_some_and(|entry| matches!(entry.state, GenState::Failed));
-            let replaced = self.workers.get(&id).is_some_and(|w| w.replaced.is_some());
-            if replaced {
+            let replaced = self
+                .workers
+                .get(&id)
+                .and_then(|w| w.replaced.as_ref())
+                .map(|r| r.reason.clone());
+            if let Some(reason) = replaced.as_ref().filter(|r| r.starts_with("retired by")) {
+                self.kill_draining(id, &format!("its drain deadline passed ({reason})"));
+            } else if replaced.is_some() {
                 self.kill_draining(id, "it failed its liveness check and has not exited since");
             } else if failed {
                 self.kill_draining(id, "its generation failed and failed_stop_timeout passed");
