@@ -29,6 +29,7 @@ mod suite {
     mod queues;
     mod readiness;
     mod recipes;
+    mod rolling;
     mod signals;
     mod systemd;
     mod systemd_workers;

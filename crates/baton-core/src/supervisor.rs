@@ -32,7 +32,9 @@ pub use model::{
     Action, Event, Generation, GenerationSpec, Phase, ProgramSpec, ReloadId, ReloadRecord,
     ReplaceSpec, RequestId, Strategy, Verdict, WorkerId,
 };
-pub use snapshot::{Counters, GenerationSnapshot, Snapshot, WorkerSnapshot};
+pub use snapshot::{
+    Counters, GenerationSnapshot, LaneSnapshot, RolloutSnapshot, Snapshot, WorkerSnapshot,
+};
 
 use lookup::join;
 use records::{Canary, Gen, GenState, ReloadRun, Rollout, Slot, StopMode, Worker, WorkerState};

@@ -401,10 +401,42 @@ pub struct MasterStatus {
     /// Self-upgrades of this master (same pid), oldest first.
     #[serde(default)]
     pub upgrades: Vec<UpgradeInfo>,
+    /// A rolling reload in progress (forward, or rolling back after a failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
     /// The settings read only at start, as this master uses them (`supervisor.control.socket`,
     /// `supervisor.runtime_dir`, ...): `baton check` compares a file with them.
     #[serde(default)]
     pub start_settings: std::collections::BTreeMap<String, String>,
+}
+
+/// A rolling reload: which generation replaces which, and each program's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub reload: u64,
+    /// The generation being replaced and the one replacing it (rolling back: the other way).
+    pub from_generation: u64,
+    pub to_generation: u64,
+    /// Rolling back: why the reload failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_back: Option<String>,
+    pub programs: Vec<RolloutProgram>,
+}
+
+/// One program of a [`RolloutStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutProgram {
+    pub program: String,
+    /// Workers of the generation being filled that are ready, of how many.
+    pub replaced: u64,
+    pub processes: u64,
+    /// Workers started at a time; the batch in flight (1-based) and the number of batches.
+    pub batch_size: u64,
+    pub batch: u64,
+    pub batches: u64,
+    pub step: RolloutStep,
+    /// Time in this step.
+    pub step_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -566,6 +598,22 @@ state_enum!(
         Draining = "draining",
         /// Its reload failed; its workers are being killed.
         Failed = "failed",
+    }
+);
+
+state_enum!(
+    /// Where one program of a rolling reload is.
+    RolloutStep {
+        /// A batch of new workers starts; the step ends when each is ready.
+        Starting = "starting",
+        /// The first batch serves on probation (`canary_window`) beside every old worker.
+        Probation = "probation",
+        /// As many old workers drain; the next batch starts once they are gone.
+        Retiring = "retiring",
+        /// The next batch waits for room: workers of earlier generations still drain.
+        Waiting = "waiting",
+        /// Every worker of the program is replaced.
+        Done = "done",
     }
 );
 

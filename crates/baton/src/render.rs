@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use baton_proto::control::{
     ConnectionsSource, GenerationState, GenerationStatus, ListenerStatus, ReloadRecord,
-    ReloadVerdict, StatusSnapshot, WorkerState, WorkerStatus,
+    ReloadVerdict, RolloutStatus, RolloutStep, StatusSnapshot, WorkerState, WorkerStatus,
 };
 
 /// Text from a worker, a client or a file, made safe for a terminal: control characters
@@ -167,6 +167,9 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
             let _ = writeln!(out, "state: {}", m.state);
         }
     }
+    if let Some(r) = &m.rollout {
+        out.push_str(&rollout(r));
+    }
     if !m.queued_requests.is_empty() {
         let queued: Vec<String> = m.queued_requests.iter().map(|c| format!("#{c}")).collect();
         let _ = writeln!(out, "queued reload requests: {}", queued.join(", "));
@@ -226,6 +229,50 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
 }
 
 /// The listeners' table: address, state, who holds each, its accept queue now.
+/// A rolling reload's progress: "rolling: generation 4 replaces generation 3" and, per program,
+/// "web: 5 of 8 replaced, batch 6 of 8 (1 worker) starting for 120 ms".
+fn rollout(r: &RolloutStatus) -> String {
+    let mut out = match &r.rolling_back {
+        None => format!(
+            "rolling reload {}: generation {} replaces generation {}, a batch at a time\n",
+            r.reload, r.to_generation, r.from_generation
+        ),
+        Some(why) => format!(
+            "rolling reload {} failed ({}); rolling back: generation {} gets its workers back from generation {}\n",
+            r.reload,
+            safe(why),
+            r.to_generation,
+            r.from_generation
+        ),
+    };
+    let word = if r.rolling_back.is_some() {
+        "restored"
+    } else {
+        "replaced"
+    };
+    for p in &r.programs {
+        let step = match p.step {
+            RolloutStep::Starting => "starting",
+            RolloutStep::Probation => "on probation",
+            RolloutStep::Retiring => "old workers draining",
+            RolloutStep::Waiting => "waiting for older workers to exit",
+            RolloutStep::Done | RolloutStep::Unknown => "done",
+        };
+        let _ = writeln!(
+            out,
+            "  {}: {} of {} {word}, batch {} of {} ({}) {step} for {}",
+            safe(&p.program),
+            p.replaced,
+            p.processes,
+            p.batch,
+            p.batches,
+            plural(p.batch_size as usize, "worker"),
+            duration(p.step_ms)
+        );
+    }
+    out
+}
+
 fn listeners(all: &[ListenerStatus]) -> String {
     let mut rows = vec![
         [
@@ -496,6 +543,7 @@ mod tests {
                 config: "c".into(),
                 state: baton_proto::control::MasterState::Idle,
                 reload: None,
+                rollout: None,
                 queued_requests: vec![],
                 upgrades: vec![],
                 start_settings: Default::default(),

@@ -10,7 +10,7 @@ use baton_proto::control as proto;
 use super::Master;
 use crate::histogram::{Buckets, Histogram};
 use crate::procmem::Memory;
-use crate::supervisor::{Generation, Phase, ReloadRecord, Snapshot};
+use crate::supervisor::{Generation, Phase, ReloadRecord, RolloutSnapshot, Snapshot};
 
 impl Master {
     pub(super) fn unix_ms_ago(&self, ago: Duration) -> u64 {
@@ -434,7 +434,7 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
             config: context.config.clone(),
             state: if snap.stopping {
                 proto::MasterState::Stopping
-            } else if snap.reload.is_some() {
+            } else if snap.reload.is_some() || snap.rollout.is_some() {
                 proto::MasterState::Reloading
             } else if snap.probation.is_some() {
                 proto::MasterState::Probation
@@ -451,10 +451,38 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
                     running_ms: running.as_millis() as u64,
                 }),
             queued_requests: snap.queued.iter().map(|r| r.0).collect(),
+            rollout: snap.rollout.as_ref().map(|r| rollout_view(r, context)),
             upgrades: context.upgrades.clone(),
             start_settings: context.start_settings.clone(),
         },
         generations,
+    }
+}
+
+fn rollout_view(r: &RolloutSnapshot, context: &StatusContext) -> proto::RolloutStatus {
+    proto::RolloutStatus {
+        reload: r.reload.0,
+        from_generation: r.from.0,
+        to_generation: r.to.0,
+        rolling_back: r.back.clone(),
+        programs: r
+            .programs
+            .iter()
+            .map(|p| proto::RolloutProgram {
+                program: context
+                    .programs
+                    .get(&r.to)
+                    .and_then(|names| names.get(p.program))
+                    .map_or_else(|| p.program.to_string(), Clone::clone),
+                replaced: p.replaced as u64,
+                processes: p.processes as u64,
+                batch_size: p.batch_size as u64,
+                batch: p.batch as u64,
+                batches: p.batches as u64,
+                step: p.step,
+                step_ms: p.in_step.as_millis() as u64,
+            })
+            .collect(),
     }
 }
 
@@ -512,6 +540,18 @@ pub(super) fn status_line(
         .collect();
     if snap.stopping {
         parts.insert(0, "stopping".into());
+    } else if let Some(r) = &snap.rollout {
+        let done: usize = r.programs.iter().map(|p| p.replaced).sum();
+        let all: usize = r.programs.iter().map(|p| p.processes).sum();
+        let what = if r.back.is_some() {
+            format!(
+                "reload {} failed, rolling back: {done} of {all} restored",
+                r.reload
+            )
+        } else {
+            format!("reload {} rolling: {done} of {all} replaced", r.reload)
+        };
+        parts.insert(0, what);
     } else if let Some((id, g, _, _)) = &snap.reload {
         parts.insert(0, format!("reload {id} starting gen {g}"));
     } else if let Some((id, g, left)) = &snap.probation {
@@ -634,6 +674,7 @@ mod tests {
             reload: None,
             queued: vec![],
             probation: None,
+            rollout: None,
             generations,
         };
         vec![
@@ -691,6 +732,7 @@ mod tests {
             reload: None,
             queued: vec![],
             probation: None,
+            rollout: None,
             generations: vec![generation(
                 4,
                 Phase::Serving,

@@ -128,6 +128,18 @@ impl Master {
         if snap.stopping {
             return Some("the master is stopping".into());
         }
+        if let Some(r) = &snap.rollout {
+            return Some(match r.back {
+                Some(_) => format!(
+                    "rolling reload {} failed and is rolling back to generation {}",
+                    r.reload, r.to
+                ),
+                None => format!(
+                    "rolling reload {} is replacing generation {} with generation {}",
+                    r.reload, r.from, r.to
+                ),
+            });
+        }
         if let Some((reload, generation, ..)) = snap.reload {
             return Some(format!(
                 "reload {reload} (generation {generation}) is running"

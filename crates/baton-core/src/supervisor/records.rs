@@ -174,6 +174,9 @@ pub(super) enum Step {
     /// These workers (of the generation being replaced) drain; the next batch starts once they
     /// are gone.
     Retiring(Vec<WorkerId>),
+    /// The next batch waits for room: workers of the program in older generations still drain,
+    /// and starting it would make more than `processes + batch` alive.
+    Waiting,
     Done,
 }
 

@@ -192,7 +192,40 @@ impl Supervisor {
                 self.next_batch(now, i);
                 true
             }
+            Step::Waiting => self.next_batch(now, i),
         }
+    }
+
+    /// The most processes lane `i`'s program may have alive: the larger of its old and new
+    /// process counts, plus its batch.
+    fn cap(&self, r: &Rollout, lane: &Lane) -> usize {
+        let processes = |g: Generation, p: Option<usize>| {
+            p.and_then(|p| self.generations.get(&g)?.spec.as_ref()?.programs.get(p))
+                .map_or(0, |p| p.processes)
+        };
+        processes(r.old, lane.old_program).max(processes(r.new, Some(lane.new_program)))
+            + lane.batch
+    }
+
+    /// Workers of lane `i`'s program alive now, in every generation (draining ones included):
+    /// the program is known by its name.
+    fn alive(&self, r: &Rollout, lane: &Lane) -> usize {
+        let name = |g: Generation, p: usize| {
+            self.generations
+                .get(&g)
+                .and_then(|e| e.spec.as_ref()?.programs.get(p))
+                .map(|p| p.name.as_str())
+        };
+        let ours = name(r.new, lane.new_program);
+        let old = lane.old_program.map(|p| (r.old, p));
+        self.workers
+            .values()
+            .filter(|w| {
+                name(w.generation, w.program) == ours
+                    || (w.generation == r.new && w.program == lane.new_program)
+                    || Some((w.generation, w.program)) == old
+            })
+            .count()
     }
 
     fn way(&self, r: &Rollout, lane: &Lane) -> Way {
@@ -221,13 +254,14 @@ impl Supervisor {
     }
 
     /// Starts lane `i`'s next batch in the generation being filled, or ends the lane when none
-    /// of its slots is empty.
-    fn next_batch(&mut self, now: Instant, i: usize) {
-        let Some((way, batch)) = self.rollout.as_ref().and_then(|r| {
+    /// of its slots is empty; or waits (returns false) while there is no room for it.
+    fn next_batch(&mut self, now: Instant, i: usize) -> bool {
+        let Some((way, batch, room)) = self.rollout.as_ref().and_then(|r| {
             let lane = r.lanes.get(i)?;
-            Some((self.way(r, lane), lane.batch))
+            let room = self.cap(r, lane).saturating_sub(self.alive(r, lane));
+            Some((self.way(r, lane), lane.batch, room))
         }) else {
-            return;
+            return false;
         };
         let slots: Vec<usize> = match (way.to_program, self.generations.get(&way.to)) {
             (Some(program), Some(entry)) => entry
@@ -242,14 +276,30 @@ impl Supervisor {
         };
         if slots.is_empty() {
             self.set_step(i, now, Step::Done);
-            return;
+            return true;
+        }
+        if room < slots.len() {
+            let waiting = self
+                .rollout
+                .as_ref()
+                .and_then(|r| r.lanes.get(i))
+                .is_some_and(|l| l.step == Step::Waiting);
+            if !waiting {
+                info!(
+                    generation = way.to.0,
+                    "the next batch of generation {} waits: older workers of its program still drain",
+                    way.to
+                );
+                self.set_step(i, now, Step::Waiting);
+            }
+            return false;
         }
         let Some(r) = self.rollout.as_mut() else {
-            return;
+            return false;
         };
         let (id, back) = (r.reload, r.back.is_some());
         let Some(lane) = r.lanes.get_mut(i) else {
-            return;
+            return false;
         };
         lane.batch_no += 1;
         let (no, of) = (lane.batch_no, lane.batches);
@@ -278,6 +328,7 @@ impl Supervisor {
             self.spawn(now, to, slot);
         }
         self.set_step(i, now, Step::Starting(slots));
+        true
     }
 
     /// The batch of lane `i` is ready: as many workers of the generation being replaced drain

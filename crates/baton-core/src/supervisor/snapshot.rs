@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use baton_proto::control::WorkerState as WorkerPhase;
+use baton_proto::control::{RolloutStep, WorkerState as WorkerPhase};
 use serde::{Deserialize, Serialize};
 
 use super::Supervisor;
@@ -11,7 +11,7 @@ use super::crash_loop::CrashLoop;
 use baton_sys::process::SignalNumber;
 
 use super::model::{Generation, Phase, ReloadId, ReloadRecord, RequestId, WorkerId};
-use super::records::{GenState, WorkerState};
+use super::records::{GenState, Step, WorkerState};
 use crate::histogram::{DrainBuckets, Histogram, ReloadBuckets};
 
 /// What the state machine knows at one instant, for `baton status`.
@@ -25,7 +25,35 @@ pub struct Snapshot {
     pub queued: Vec<RequestId>,
     /// A reload whose new generation is on probation, and the time left.
     pub probation: Option<(ReloadId, Generation, Duration)>,
+    /// A rolling reload in progress.
+    pub rollout: Option<RolloutSnapshot>,
     pub generations: Vec<GenerationSnapshot>,
+}
+
+/// A rolling reload in a [`Snapshot`]: workers move from generation `from` to `to` (rolling
+/// back: `back` says why, and `to` is the old generation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutSnapshot {
+    pub reload: ReloadId,
+    pub from: Generation,
+    pub to: Generation,
+    pub back: Option<String>,
+    pub programs: Vec<LaneSnapshot>,
+}
+
+/// One program of a [`RolloutSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneSnapshot {
+    /// Its index in generation `to`'s configuration.
+    pub program: usize,
+    /// Ready workers of generation `to`, of `processes`.
+    pub replaced: usize,
+    pub processes: usize,
+    pub batch_size: usize,
+    pub batch: usize,
+    pub batches: usize,
+    pub step: RolloutStep,
+    pub in_step: Duration,
 }
 
 /// One generation in a [`Snapshot`].
@@ -207,8 +235,59 @@ impl Supervisor {
                 .canary
                 .as_ref()
                 .map(|c| (c.reload.id, c.new, c.until.saturating_duration_since(now))),
+            rollout: self.rollout_snapshot(now),
             generations,
         }
+    }
+
+    fn rollout_snapshot(&self, now: Instant) -> Option<RolloutSnapshot> {
+        let r = self.rollout.as_ref()?;
+        let (from, to) = if r.back.is_some() {
+            (r.new, r.old)
+        } else {
+            (r.old, r.new)
+        };
+        let entry = self.generations.get(&to)?;
+        let programs = r
+            .lanes
+            .iter()
+            .filter_map(|lane| {
+                let program = if r.back.is_some() {
+                    lane.old_program?
+                } else {
+                    lane.new_program
+                };
+                let slots = entry.slots.iter().filter(|s| s.program == program);
+                let replaced = slots
+                    .clone()
+                    .filter_map(|s| self.workers.get(&s.worker?))
+                    .filter(|w| w.state == WorkerState::Ready)
+                    .count();
+                Some(LaneSnapshot {
+                    program,
+                    replaced,
+                    processes: slots.count(),
+                    batch_size: lane.batch,
+                    batch: lane.batch_no,
+                    batches: lane.batches,
+                    step: match lane.step {
+                        Step::Starting(_) => RolloutStep::Starting,
+                        Step::Canary(_) => RolloutStep::Probation,
+                        Step::Retiring(_) => RolloutStep::Retiring,
+                        Step::Waiting => RolloutStep::Waiting,
+                        Step::Done => RolloutStep::Done,
+                    },
+                    in_step: now.saturating_duration_since(lane.since),
+                })
+            })
+            .collect();
+        Some(RolloutSnapshot {
+            reload: r.reload,
+            from,
+            to,
+            back: r.back.clone(),
+            programs,
+        })
     }
 
     /// Counters since the start.

@@ -289,3 +289,31 @@ fn a_rolling_canary_holds_the_second_batch_and_a_crash_in_its_window_rolls_back(
     assert_eq!(w.generations(), vec![(Generation(1), Phase::Serving, 4)]);
     assert!(w.drained.is_empty());
 }
+
+#[test]
+fn a_rollout_waits_for_room_while_an_older_generation_still_drains_its_tail() {
+    let mut w = World::new(4);
+    w.hold = true;
+    // Batches of 2: the first reload's last batch leaves 2 old workers draining (held).
+    w.reload(rolling(4, 2));
+    w.release();
+    assert_eq!(w.verdicts.len(), 1);
+    assert_eq!(
+        w.held.len(),
+        2,
+        "generation 1's last 2 drain with the generation"
+    );
+    assert_eq!(w.alive.len(), 6);
+    // The next rolling reload may not add its first batch yet: 6 + 2 > 4 + 2.
+    w.reload(rolling(4, 2));
+    assert_eq!(w.spawned.len(), 4, "no new worker while the tail drains");
+    let snap = w.h.s.snapshot(w.h.now);
+    let lane = &snap.rollout.as_ref().expect("a rollout").programs[0];
+    assert_eq!(lane.step, baton_proto::control::RolloutStep::Waiting);
+    w.hold = false;
+    w.release();
+    assert_eq!(w.spawned.len(), 8, "the tail exited: generation 3 rolls");
+    assert!(w.peak <= 6, "peak {}", w.peak);
+    assert_eq!(w.verdicts.len(), 2);
+    assert_eq!(w.verdicts[1].result, Ok(()));
+}
