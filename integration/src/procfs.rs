@@ -58,6 +58,24 @@ pub fn fds(pid: u32) -> Vec<(u32, String)> {
 }
 
 /// Live (not zombie) direct children of `pid`.
+/// The children of `pid`, as each of its threads' `children` file lists them (zombies
+/// included): one read per thread, so a sample is close to one instant, where a scan of all of
+/// /proc ([`children`]) may count a process that exits during the scan beside one started after.
+pub fn children_now(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 pub fn children(pid: u32) -> Vec<u32> {
     children_in_state(pid, |state| state != "Z")
 }

@@ -29,6 +29,9 @@
 //!   fast as the pipe takes them, then `flood done` on stderr; with `IT_FLOOD_ONCE=<path>`, only
 //!   the first worker that creates `<path>` does.
 //! - `IT_CHATTER_MS=<ms>`: a thread writes `chatter <n>` to stderr every `<ms>`.
+//!
+//! Memory, in any mode: `IT_HOLD_MIB=<n>`: before anything else, `<n>` MiB allocated and every
+//! page written, held until exit (a worker with a large heap, for the memory benchmark).
 
 #![allow(clippy::print_stderr)] // a test worker reports what it did on stderr
 
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         std::fs::write(path, lines).unwrap();
     }
     write_output();
+    let _held = hold_memory();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -163,6 +167,19 @@ async fn run(mode: &str) -> ExitCode {
         let _ = flood.join();
     }
     ExitCode::SUCCESS
+}
+
+/// `IT_HOLD_MIB` MiB, each page written so that it is resident.
+fn hold_memory() -> Vec<u8> {
+    let mib: usize = std::env::var("IT_HOLD_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut heap = vec![0u8; mib << 20];
+    for page in heap.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(heap)
 }
 
 /// A TCP socket's options as the kernel reports them to this process.

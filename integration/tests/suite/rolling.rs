@@ -42,7 +42,7 @@ impl Census {
             // Bounded: at most 10 minutes of samples.
             let until = Instant::now() + Duration::from_secs(600);
             while !s.load(Ordering::Relaxed) && Instant::now() < until {
-                let alive = children(master_pid)
+                let alive = baton_integration::procfs::children_now(master_pid)
                     .into_iter()
                     .filter(|&pid| {
                         std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -73,24 +73,6 @@ impl Census {
             self.samples.load(Ordering::Relaxed),
         )
     }
-}
-
-/// The children of `pid`, as each of its threads' `children` file lists them: one read per
-/// thread, so a sample is close to one instant (a scan of all of /proc is not: a worker that
-/// exits while it runs may be counted beside the one started after it).
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|list| {
-            list.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
 }
 
 /// Reloads `count` times, one after the other, each waiting for its verdict: the verdicts.
@@ -351,4 +333,34 @@ fn worker_pid(conn: &mut std::net::TcpStream) -> u64 {
         .find_map(|l| l.strip_prefix("x-baton-pid: "))
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or_else(|| panic!("no pid in {text}"))
+}
+
+#[test]
+fn a_stop_during_a_rollout_drains_both_generations_within_their_deadlines() {
+    let port = free_port();
+    let mut config = rolling(port, 4, "1");
+    config.drain_timeout = "2s";
+    config.args = vec!["--idle-grace-ms".into(), "60000".into()];
+    let mut master = Master::start("rolling-stop", &config);
+    let _held: Vec<_> = (0..8).map(|_| held_connection(port)).collect();
+    let reload = master.ctl_spawn(&["reload"]);
+    master.wait_event("rollout_retiring", Duration::from_secs(10), |_| true);
+    let asked = Instant::now();
+    master.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = master.wait_exit(Duration::from_secs(30));
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}");
+    eprintln!("stopped {took:?} after SIGTERM, in the middle of a rollout");
+    assert!(
+        took < Duration::from_secs(10),
+        "within the deadlines: {took:?}"
+    );
+    let out = reload.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("stop requested during the rolling reload"),
+        "the rollout's verdict: {text}"
+    );
 }

@@ -18,6 +18,7 @@ use baton_integration::{Master, TestConfig, binaries, free_port, procfs, start_s
 use nix::sys::signal::Signal;
 
 mod cost;
+mod memory;
 mod output;
 mod scale;
 
@@ -25,7 +26,7 @@ struct Args {
     reloads: usize,
     seconds: u64,
     clients: usize,
-    /// `--only output,cost,scale,idle`: those sections alone, in that order.
+    /// `--only output,cost,scale,idle,memory`: those sections alone, in that order.
     only: Vec<String>,
 }
 
@@ -46,14 +47,14 @@ fn args() -> Args {
             ("--only", _)
                 if pair.get(1).is_some_and(|s| {
                     s.split(',')
-                        .all(|part| ["output", "cost", "scale", "idle"].contains(&part))
+                        .all(|part| ["output", "cost", "scale", "idle", "memory"].contains(&part))
                 }) =>
             {
                 a.only = pair[1].split(',').map(str::to_string).collect();
             }
             _ => {
                 eprintln!(
-                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost,scale,idle]"
+                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost,scale,idle,memory]"
                 );
                 std::process::exit(64);
             }
@@ -239,6 +240,7 @@ fn main() {
                 "output" => output::report(),
                 "scale" => scale::report(),
                 "idle" => idle_report(),
+                "memory" => memory::report(),
                 _ => cost::report(),
             }
         }
@@ -336,6 +338,7 @@ fn main() {
     output::report();
     cost::report();
     scale::report();
+    memory::report();
 
     eprintln!("a storm of 500 SIGUSR2 ...");
     let s = storm(3, 2, 500, args.clients);
