@@ -9,6 +9,7 @@
 
 #![allow(clippy::print_stderr)] // tests report what they measure
 
+pub mod datagrams;
 pub mod load;
 pub mod procfs;
 pub mod recipes;

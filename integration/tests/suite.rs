@@ -12,6 +12,7 @@ mod suite {
     mod control;
     mod cpu;
     mod crash;
+    mod datagrams;
     mod degraded;
     mod drain;
     mod failed_reload;

@@ -73,6 +73,12 @@ pub struct ListenerOptions {
     /// A Unix socket file's owner and group.
     pub owner: Option<u32>,
     pub group: Option<u32>,
+    /// `SO_RCVBUF` and `SO_SNDBUF` in bytes (a datagram server's burst room); `None`: the
+    /// host's default.
+    #[serde(default)]
+    pub recv_buffer: Option<u64>,
+    #[serde(default)]
+    pub send_buffer: Option<u64>,
 }
 
 /// TCP keep-alive of accepted sockets; `None`: the host's default (`net.ipv4.tcp_keepalive_*`).

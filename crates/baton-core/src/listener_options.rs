@@ -22,6 +22,41 @@ pub(crate) fn before_bind(socket: &Socket, v6: bool, options: &ListenerOptions) 
     // SO_REUSEADDR only lets us bind over TIME_WAIT leftovers; no SO_REUSEPORT: one socket per
     // address is the whole point.
     socket.set_reuse_address(true)?;
+    ip_before_bind(socket, v6, options)?;
+    changeable(socket, options)
+}
+
+/// Sets every option of a UDP socket not yet bound. No SO_REUSEADDR: on UDP it would let
+/// another socket bind the same address and take a share of the datagrams.
+pub(crate) fn udp_before_bind(
+    socket: &Socket,
+    v6: bool,
+    options: &ListenerOptions,
+) -> io::Result<()> {
+    ip_before_bind(socket, v6, options)?;
+    udp_changeable(socket, options)
+}
+
+/// The options a bound UDP socket can take: at bind, and again at each reload.
+pub(crate) fn udp_changeable(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
+    ip_changeable(socket, options)?;
+    buffers(socket, options)
+}
+
+/// `SO_RCVBUF` and `SO_SNDBUF`, where the file sets them (any kind of socket).
+pub(crate) fn buffers(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
+    use baton_sys::sockopt::{Buffer, set_buffer};
+    if let Some(bytes) = options.recv_buffer {
+        set_buffer(socket.as_fd(), Buffer::Receive, bytes)?;
+    }
+    if let Some(bytes) = options.send_buffer {
+        set_buffer(socket.as_fd(), Buffer::Send, bytes)?;
+    }
+    Ok(())
+}
+
+/// `IPV6_V6ONLY`, `IP_FREEBIND`, `IP_TRANSPARENT`: TCP and UDP, before the bind.
+fn ip_before_bind(socket: &Socket, v6: bool, options: &ListenerOptions) -> io::Result<()> {
     if v6 {
         socket.set_only_v6(options.v6only.unwrap_or(true))?;
     }
@@ -39,12 +74,24 @@ pub(crate) fn before_bind(socket: &Socket, v6: bool, options: &ListenerOptions) 
             socket.set_ip_transparent_v4(true)?;
         }
     }
-    changeable(socket, options)
+    Ok(())
+}
+
+/// `SO_BINDTODEVICE` and `SO_MARK`: TCP and UDP, at bind and at each reload.
+fn ip_changeable(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
+    socket.bind_device(options.interface.as_deref().map(str::as_bytes))?;
+    match options.mark {
+        Some(mark) => socket.set_mark(mark)?,
+        None if socket.mark().unwrap_or(0) != 0 => socket.set_mark(0)?,
+        None => {}
+    }
+    Ok(())
 }
 
 /// Sets the options a bound, listening TCP socket can take: at bind, and again at each reload.
 pub(crate) fn changeable(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
-    socket.bind_device(options.interface.as_deref().map(str::as_bytes))?;
+    ip_changeable(socket, options)?;
+    buffers(socket, options)?;
     socket.set_tcp_nodelay(options.nodelay)?;
     socket.set_keepalive(options.keepalive.is_some())?;
     if let Some(k) = &options.keepalive {
@@ -68,11 +115,6 @@ pub(crate) fn changeable(socket: &Socket, options: &ListenerOptions) -> io::Resu
         None if baton_sys::sockopt::fastopen(socket.as_fd()).unwrap_or(0) > 0 => {
             baton_sys::sockopt::set_fastopen(socket.as_fd(), 0)?
         }
-        None => {}
-    }
-    match options.mark {
-        Some(mark) => socket.set_mark(mark)?,
-        None if socket.mark().unwrap_or(0) != 0 => socket.set_mark(0)?,
         None => {}
     }
     Ok(())
@@ -155,6 +197,34 @@ pub(crate) fn tcp_now(socket: &Socket, v6: bool) -> ListenerOptionsNow {
         nodelay: socket.tcp_nodelay().ok(),
         keepalive,
         mark: socket.mark().ok(),
+        ..buffers_now(socket)
+    }
+}
+
+/// The options of a UDP socket as the kernel reports them.
+pub(crate) fn udp_now(socket: &Socket, v6: bool) -> ListenerOptionsNow {
+    ListenerOptionsNow {
+        v6only: if v6 { socket.only_v6().ok() } else { None },
+        freebind: if v6 {
+            socket.freebind_v6().ok()
+        } else {
+            socket.freebind_v4().ok()
+        },
+        interface: socket
+            .device()
+            .ok()
+            .flatten()
+            .map(|d| String::from_utf8_lossy(&d).into_owned()),
+        mark: socket.mark().ok(),
+        ..buffers_now(socket)
+    }
+}
+
+/// A socket's buffer sizes as the kernel reports them.
+pub(crate) fn buffers_now(socket: &Socket) -> ListenerOptionsNow {
+    ListenerOptionsNow {
+        recv_buffer: socket.recv_buffer_size().ok().map(|b| b as u64),
+        send_buffer: socket.send_buffer_size().ok().map(|b| b as u64),
         ..ListenerOptionsNow::default()
     }
 }

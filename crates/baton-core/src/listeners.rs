@@ -63,9 +63,16 @@ impl BoundSocket {
     /// kernel; Unix: taken and closed here) rather than left waiting for an accept that will not
     /// come. For a listener no serving generation has.
     /// `Ok(false)`: it had stopped already.
+    ///
+    /// A datagram socket has nothing to refuse and nothing queued for anyone else: it is left
+    /// as it is, read by the draining workers that hold it until the last one exits and it
+    /// closes (then the kernel answers a UDP datagram with "port unreachable").
     pub fn stop_listening(&self) -> io::Result<bool> {
         if self.stopped.replace(true) {
             return Ok(false);
+        }
+        if self.address.is_datagram() {
+            return Ok(true);
         }
         self.socket.shutdown(std::net::Shutdown::Read)?;
         // A Unix socket keeps its queue: those clients are refused too (closed unaccepted).
@@ -79,10 +86,22 @@ impl BoundSocket {
             ListenerAddress::Tcp { address } => {
                 listener_options::tcp_now(&self.socket, address.is_ipv6())
             }
-            ListenerAddress::Unix { path } if !is_abstract(path) => {
-                listener_options::unix_now(path)
+            ListenerAddress::Udp { address } => {
+                listener_options::udp_now(&self.socket, address.is_ipv6())
             }
-            ListenerAddress::Unix { .. } => Default::default(),
+            ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path }
+                if !is_abstract(path) =>
+            {
+                let buffers = listener_options::buffers_now(&self.socket);
+                baton_proto::control::ListenerOptionsNow {
+                    recv_buffer: buffers.recv_buffer,
+                    send_buffer: buffers.send_buffer,
+                    ..listener_options::unix_now(path)
+                }
+            }
+            ListenerAddress::Unix { .. } | ListenerAddress::UnixDatagram { .. } => {
+                listener_options::buffers_now(&self.socket)
+            }
         }
     }
 
@@ -97,10 +116,16 @@ impl BoundSocket {
             ListenerAddress::Tcp { .. } => {
                 listener_options::changeable(&self.socket, &config.options)
             }
-            ListenerAddress::Unix { path } => match &self.unix_file {
-                Some(_) => listener_options::unix_file(path, config.mode, &config.options),
-                None => Ok(()),
-            },
+            ListenerAddress::Udp { .. } => {
+                listener_options::udp_changeable(&self.socket, &config.options)
+            }
+            ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path } => {
+                listener_options::buffers(&self.socket, &config.options)?;
+                match &self.unix_file {
+                    Some(_) => listener_options::unix_file(path, config.mode, &config.options),
+                    None => Ok(()),
+                }
+            }
         }
     }
 
@@ -167,12 +192,15 @@ impl ListenerTable {
             let existing = self.live.get(&config.address).and_then(Weak::upgrade);
             let socket = match existing {
                 Some(socket) => {
-                    // listen(2) on a listening socket only updates its backlog; the options
-                    // a bound socket can take are set again, the others reported.
-                    socket
-                        .socket
-                        .listen(config.backlog as i32)
-                        .map_err(|e| bind_error(config, e))?;
+                    // listen(2) on a listening socket only updates its backlog (a datagram
+                    // socket has none); the options a bound socket can take are set again, the
+                    // others reported.
+                    if !config.address.is_datagram() {
+                        socket
+                            .socket
+                            .listen(config.backlog as i32)
+                            .map_err(|e| bind_error(config, e))?;
+                    }
                     socket
                         .apply_again(config)
                         .map_err(|e| bind_error(config, e))?;
@@ -225,18 +253,34 @@ impl ListenerTable {
                 address: config.address.clone(),
                 reason,
             };
-            if !socket.is_listener().unwrap_or(false) {
-                return Err(refuse(
-                    "the inherited descriptor is not a listening socket".into(),
-                ));
+            let datagram = config.address.is_datagram();
+            let usable = if datagram {
+                socket.r#type().is_ok_and(|t| t == Type::DGRAM)
+            } else {
+                socket.is_listener().unwrap_or(false)
+            };
+            if !usable {
+                return Err(refuse(if datagram {
+                    "the inherited descriptor is not a datagram socket".into()
+                } else {
+                    "the inherited descriptor is not a listening socket".into()
+                }));
             }
             let local = socket.local_addr().map_err(|e| refuse(e.to_string()))?;
             let matches = match (&config.address, local.as_socket(), local.as_pathname()) {
-                (ListenerAddress::Tcp { address }, Some(got), _) => {
+                (
+                    ListenerAddress::Tcp { address } | ListenerAddress::Udp { address },
+                    Some(got),
+                    _,
+                ) => {
                     got.ip() == address.ip()
                         && (address.port() == 0 || got.port() == address.port())
                 }
-                (ListenerAddress::Unix { path }, _, Some(got)) => got == path.as_path(),
+                (
+                    ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path },
+                    _,
+                    Some(got),
+                ) => got == path.as_path(),
                 _ => false,
             };
             let shown = local
@@ -313,60 +357,65 @@ fn bind_error(config: &ListenerConfig, err: io::Error) -> BindError {
 }
 
 fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
+    let bound = |socket: Socket, local: String, unix_file| BoundSocket {
+        address: config.address.clone(),
+        local,
+        socket,
+        unix_file,
+        stopped: std::cell::Cell::new(false),
+        bound_with: Some(config.options.clone()),
+    };
     match &config.address {
-        ListenerAddress::Tcp { address } => {
+        ListenerAddress::Tcp { address } | ListenerAddress::Udp { address } => {
+            let udp = matches!(config.address, ListenerAddress::Udp { .. });
             // socket2 creates sockets close-on-exec.
-            let socket = Socket::new(Domain::for_address(*address), Type::STREAM, None)?;
-            listener_options::before_bind(&socket, address.is_ipv6(), &config.options)?;
+            let socket = if udp {
+                let socket = Socket::new(Domain::for_address(*address), Type::DGRAM, None)?;
+                listener_options::udp_before_bind(&socket, address.is_ipv6(), &config.options)?;
+                socket
+            } else {
+                let socket = Socket::new(Domain::for_address(*address), Type::STREAM, None)?;
+                listener_options::before_bind(&socket, address.is_ipv6(), &config.options)?;
+                socket
+            };
             socket.bind(&(*address).into())?;
-            socket.listen(config.backlog as i32)?;
+            if !udp {
+                socket.listen(config.backlog as i32)?;
+            }
             let local = socket
                 .local_addr()?
                 .as_socket()
                 .map_or_else(|| address.to_string(), |a| a.to_string());
-            Ok(BoundSocket {
-                address: config.address.clone(),
-                local,
-                socket,
-                unix_file: None,
-                stopped: std::cell::Cell::new(false),
-                bound_with: Some(config.options.clone()),
-            })
+            Ok(bound(socket, local, None))
         }
-        ListenerAddress::Unix { path } if is_abstract(path) => {
-            // `@name`: Linux's abstract namespace (a leading NUL byte), no file.
-            let mut name = vec![0u8];
-            name.extend_from_slice(&path.as_os_str().as_encoded_bytes()[1..]);
-            let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-            socket.bind(&SockAddr::unix(
-                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name),
-            )?)?;
-            socket.listen(config.backlog as i32)?;
-            Ok(BoundSocket {
-                address: config.address.clone(),
-                local: path.display().to_string(),
-                socket,
-                unix_file: None,
-                stopped: std::cell::Cell::new(false),
-                bound_with: Some(config.options.clone()),
-            })
-        }
-        ListenerAddress::Unix { path } => {
-            remove_stale_socket(path)?;
-            let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-            socket.bind(&SockAddr::unix(path)?)?;
-            let meta = std::fs::symlink_metadata(path)?;
-            let bound = BoundSocket {
-                address: config.address.clone(),
-                local: path.display().to_string(),
-                socket,
-                unix_file: Some((path.clone(), meta.dev(), meta.ino())),
-                stopped: std::cell::Cell::new(false),
-                bound_with: Some(config.options.clone()),
+        ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path } => {
+            let datagram = config.address.is_datagram();
+            let kind = if datagram { Type::DGRAM } else { Type::STREAM };
+            let socket = Socket::new(Domain::UNIX, kind, None)?;
+            listener_options::buffers(&socket, &config.options)?;
+            let unix_file = if is_abstract(path) {
+                // `@name`: Linux's abstract namespace (a leading NUL byte), no file.
+                let mut name = vec![0u8];
+                name.extend_from_slice(&path.as_os_str().as_encoded_bytes()[1..]);
+                socket.bind(&SockAddr::unix(
+                    <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name),
+                )?)?;
+                None
+            } else {
+                remove_stale_socket(path, datagram)?;
+                socket.bind(&SockAddr::unix(path)?)?;
+                let meta = std::fs::symlink_metadata(path)?;
+                Some((path.clone(), meta.dev(), meta.ino()))
             };
-            listener_options::unix_file(path, config.mode, &config.options)?;
-            bound.socket.listen(config.backlog as i32)?;
-            Ok(bound)
+            // Built before the file's options are set, so that a failure removes the file.
+            let made = bound(socket, path.display().to_string(), unix_file);
+            if made.unix_file.is_some() {
+                listener_options::unix_file(path, config.mode, &config.options)?;
+            }
+            if !datagram {
+                made.socket.listen(config.backlog as i32)?;
+            }
+            Ok(made)
         }
     }
 }
@@ -378,7 +427,7 @@ fn is_abstract(path: &Path) -> bool {
 
 /// A Unix socket file left by a dead process is removed; a live one is an error, and so is a
 /// path that is not a socket.
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+fn remove_stale_socket(path: &Path, datagram: bool) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -390,8 +439,13 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
             "path exists and is not a socket; refusing to replace it",
         ));
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::from_raw_os_error(nix::libc::EADDRINUSE)),
+    let alive = if datagram {
+        std::os::unix::net::UnixDatagram::unbound().and_then(|d| d.connect(path))
+    } else {
+        std::os::unix::net::UnixStream::connect(path).map(drop)
+    };
+    match alive {
+        Ok(()) => Err(io::Error::from_raw_os_error(nix::libc::EADDRINUSE)),
         Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) => std::fs::remove_file(path),
         Err(e) => Err(e),
     }

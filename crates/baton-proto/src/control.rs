@@ -336,6 +336,12 @@ pub struct ListenerOptionsNow {
     pub owner: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<u32>,
+    /// `SO_RCVBUF` and `SO_SNDBUF`, in bytes, as the kernel reports them (twice what was asked:
+    /// the kernel counts its bookkeeping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recv_buffer: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_buffer: Option<u64>,
 }
 
 /// TCP keep-alive as the kernel reports it.
@@ -555,6 +561,8 @@ state_enum!(
     ListenerKind {
         Tcp = "tcp",
         Unix = "unix",
+        Udp = "udp",
+        UnixDatagram = "unix-datagram",
     }
 );
 

@@ -81,8 +81,30 @@ pub struct ListenerInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ListenerAddress {
-    Tcp { address: SocketAddr },
-    Unix { path: PathBuf },
+    Tcp {
+        address: SocketAddr,
+    },
+    Unix {
+        path: PathBuf,
+    },
+    /// A bound UDP socket (not connected): every generation reads the same one.
+    Udp {
+        address: SocketAddr,
+    },
+    /// A bound Unix datagram socket (`@name`: abstract).
+    UnixDatagram {
+        path: PathBuf,
+    },
+}
+
+impl ListenerAddress {
+    /// A datagram socket (no `listen`, no `accept`: the workers read it).
+    pub fn is_datagram(&self) -> bool {
+        matches!(
+            self,
+            ListenerAddress::Udp { .. } | ListenerAddress::UnixDatagram { .. }
+        )
+    }
 }
 
 impl std::fmt::Display for ListenerAddress {
@@ -90,6 +112,8 @@ impl std::fmt::Display for ListenerAddress {
         match self {
             ListenerAddress::Tcp { address } => write!(f, "tcp://{address}"),
             ListenerAddress::Unix { path } => write!(f, "unix:{}", path.display()),
+            ListenerAddress::Udp { address } => write!(f, "udp://{address}"),
+            ListenerAddress::UnixDatagram { path } => write!(f, "unixgram:{}", path.display()),
         }
     }
 }

@@ -1,18 +1,28 @@
 //! Socket options of listening sockets that neither std, socket2 nor nix set: `TCP_DEFER_ACCEPT`
-//! (wake the accepting process only once data arrived) and the server side of `TCP_FASTOPEN`
-//! (the length of the queue of connections whose SYN carried data). Each is an integer option
-//! at `IPPROTO_TCP`.
+//! (wake the accepting process only once data arrived), the server side of `TCP_FASTOPEN`
+//! (the length of the queue of connections whose SYN carried data), and buffer sizes beyond
+//! the host's `net.core.rmem_max` for a privileged master (`SO_RCVBUFFORCE`). Each is an
+//! integer option.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 fn set_int(fd: BorrowedFd<'_>, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    set_int_at(fd, libc::IPPROTO_TCP, option, value)
+}
+
+fn set_int_at(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&value`, which is that large
     // and lives for the call; `fd` is a valid descriptor for its duration.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
+            level,
             option,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
@@ -74,6 +84,31 @@ pub fn set_fastopen(fd: BorrowedFd<'_>, queue: u32) -> io::Result<()> {
 
 pub fn fastopen(fd: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(get_int(fd, libc::TCP_FASTOPEN)?.max(0) as u32)
+}
+
+/// A socket's receive or send buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffer {
+    Receive,
+    Send,
+}
+
+/// Sets a socket buffer to `bytes` (the kernel doubles it for its bookkeeping): with
+/// `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` where the process may (CAP_NET_ADMIN), so that the host's
+/// `net.core.rmem_max`/`wmem_max` do not cap it silently; else with `SO_RCVBUF`/`SO_SNDBUF`,
+/// which the kernel caps there.
+pub fn set_buffer(fd: BorrowedFd<'_>, buffer: Buffer, bytes: u64) -> io::Result<()> {
+    let value = bytes.min(i32::MAX as u64 / 2) as libc::c_int;
+    let (force, plain) = match buffer {
+        Buffer::Receive => (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        Buffer::Send => (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    };
+    match set_int_at(fd, libc::SOL_SOCKET, force, value) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            set_int_at(fd, libc::SOL_SOCKET, plain, value)
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]

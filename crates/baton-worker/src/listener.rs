@@ -1,6 +1,6 @@
 //! The listeners a worker receives ([`Listener`]), the connections it accepts ([`Stream`]), and
-//! the check that turns a received descriptor into a listener: a listening stream socket, bound
-//! where the manifest says.
+//! the check that turns a received descriptor into a listener: a listening stream socket or a
+//! datagram socket, as the manifest says, bound where it says.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -10,19 +10,23 @@ use std::task::{Context, Poll};
 use baton_proto::{ListenerAddress, ListenerInfo};
 use baton_sys::channel;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixDatagram, UnixListener, UnixStream};
 
 use crate::WorkerError;
 
-/// A listening socket handed over by the master.
+/// A socket handed over by the master: a listening stream socket, or a datagram socket that
+/// every generation reads (`kind: udp`, `kind: unix-datagram`).
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
+    Udp(UdpSocket),
+    UnixDatagram(UnixDatagram),
 }
 
 impl Listener {
-    /// Accepts one connection.
+    /// Accepts one connection. A datagram socket has none to accept: it fails with
+    /// `ErrorKind::Unsupported` (read it with `recv_from` instead).
     pub async fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(l) => {
@@ -31,6 +35,10 @@ impl Listener {
                 Ok(Stream::Tcp(s))
             }
             Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+            Listener::Udp(_) | Listener::UnixDatagram(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a datagram socket has no connections to accept: read it with recv_from",
+            )),
         }
     }
 }
@@ -82,8 +90,10 @@ pub(crate) fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, Worker
     let not_a_listener = || WorkerError::NotAListener {
         name: info.name.clone(),
     };
+    let datagram = info.address.is_datagram();
     match channel::socket_kind(fd.as_fd()) {
-        Ok(kind) if kind.listening && kind.sock_type == channel::SockType::Stream => {}
+        Ok(kind) if datagram && kind.sock_type == channel::SockType::Datagram => {}
+        Ok(kind) if !datagram && kind.listening && kind.sock_type == channel::SockType::Stream => {}
         _ => return Err(not_a_listener()),
     }
     // The descriptor must be bound where the manifest says: a mixed-up handoff is refused.
@@ -92,12 +102,14 @@ pub(crate) fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, Worker
         source,
     })?;
     let matches = match (&info.address, &local) {
-        (ListenerAddress::Tcp { address }, channel::LocalAddress::Inet(got)) => {
-            got.ip() == address.ip() && (address.port() == 0 || got.port() == address.port())
-        }
-        (ListenerAddress::Unix { path }, channel::LocalAddress::Unix(got)) => {
-            got.as_deref() == Some(path.as_path())
-        }
+        (
+            ListenerAddress::Tcp { address } | ListenerAddress::Udp { address },
+            channel::LocalAddress::Inet(got),
+        ) => got.ip() == address.ip() && (address.port() == 0 || got.port() == address.port()),
+        (
+            ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path },
+            channel::LocalAddress::Unix(got),
+        ) => got.as_deref() == Some(path.as_path()),
         _ => false,
     };
     if !matches {
@@ -124,6 +136,20 @@ pub(crate) fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, Worker
             std.set_nonblocking(true).map_err(adopt_err)?;
             UnixListener::from_std(std)
                 .map(Listener::Unix)
+                .map_err(adopt_err)
+        }
+        ListenerAddress::Udp { .. } => {
+            let std = std::net::UdpSocket::from(fd);
+            std.set_nonblocking(true).map_err(adopt_err)?;
+            UdpSocket::from_std(std)
+                .map(Listener::Udp)
+                .map_err(adopt_err)
+        }
+        ListenerAddress::UnixDatagram { .. } => {
+            let std = std::os::unix::net::UnixDatagram::from(fd);
+            std.set_nonblocking(true).map_err(adopt_err)?;
+            UnixDatagram::from_std(std)
+                .map(Listener::UnixDatagram)
                 .map_err(adopt_err)
         }
     }

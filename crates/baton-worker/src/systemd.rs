@@ -55,12 +55,22 @@ impl Worker {
                 name: name.clone(),
                 source,
             })?;
-            let address = match channel::local_address(fd.as_fd()) {
-                Ok(channel::LocalAddress::Inet(address)) => ListenerAddress::Tcp { address },
-                Ok(channel::LocalAddress::Unix(path)) => ListenerAddress::Unix {
+            let datagram = channel::socket_kind(fd.as_fd())
+                .is_ok_and(|k| k.sock_type == channel::SockType::Datagram);
+            let address = match (channel::local_address(fd.as_fd()), datagram) {
+                (Ok(channel::LocalAddress::Inet(address)), false) => {
+                    ListenerAddress::Tcp { address }
+                }
+                (Ok(channel::LocalAddress::Inet(address)), true) => {
+                    ListenerAddress::Udp { address }
+                }
+                (Ok(channel::LocalAddress::Unix(path)), false) => ListenerAddress::Unix {
                     path: path.unwrap_or_default(),
                 },
-                Err(source) => return Err(WorkerError::Adopt { name, source }),
+                (Ok(channel::LocalAddress::Unix(path)), true) => ListenerAddress::UnixDatagram {
+                    path: path.unwrap_or_default(),
+                },
+                (Err(source), _) => return Err(WorkerError::Adopt { name, source }),
             };
             let info = ListenerInfo { name, address };
             let listener = adopt(&info, fd)?;

@@ -20,6 +20,9 @@
 //!   included): only SIGKILL ends it.
 //! - `garbage`: speak the protocol by hand (no SDK): take the handoff, send `ready`, then 50
 //!   packets that are not messages, then half-close the channel, then idle until killed.
+//! - `udp-echo`: read every datagram listener (UDP, Unix datagram) and answer each datagram
+//!   with itself followed by ` g<generation> p<pid>`; report ready once reading; on a drain
+//!   request stop reading (what is in the socket is left to the next generation) and exit.
 //!
 //! Output, in any mode (first thing in `main`):
 //! - `IT_STDOUT_HEX`, `IT_STDERR_HEX`: bytes (hex) written to stdout or stderr in one `write`.
@@ -87,6 +90,9 @@ async fn run(mode: &str) -> ExitCode {
         Ok(worker) => worker,
         Err(_) => return ExitCode::from(2),
     };
+    if mode == "udp-echo" {
+        return udp_echo(&mut worker).await;
+    }
     if let Some(path) = mode.strip_prefix("report-sockopts:") {
         let Ok(baton_worker::Listener::Tcp(listener)) = worker.take("http") else {
             return ExitCode::from(2);
@@ -167,6 +173,80 @@ async fn run(mode: &str) -> ExitCode {
         let _ = flood.join();
     }
     ExitCode::SUCCESS
+}
+
+/// `udp-echo`: one task per datagram listener, each answering until the drain request.
+async fn udp_echo(worker: &mut baton_worker::Worker) -> ExitCode {
+    let tag = format!(
+        " g{} p{}",
+        std::env::var(baton_proto::GENERATION_ENV).unwrap_or_default(),
+        std::process::id()
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for (_, listener) in worker.take_all() {
+        let (drain, tag) = (worker.drain_watch(), tag.clone());
+        match listener {
+            baton_worker::Listener::Udp(socket) => {
+                tasks.spawn(echo(socket, drain, tag));
+            }
+            baton_worker::Listener::UnixDatagram(socket) => {
+                tasks.spawn(echo(socket, drain, tag));
+            }
+            _ => {}
+        }
+    }
+    if worker.ready().await.is_err() {
+        return ExitCode::from(2);
+    }
+    while tasks.join_next().await.is_some() {}
+    ExitCode::SUCCESS
+}
+
+/// A datagram socket `udp-echo` answers on.
+trait Datagrams {
+    type Peer;
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, Self::Peer)>;
+    async fn reply(&self, answer: &[u8], to: &Self::Peer) -> std::io::Result<usize>;
+}
+
+impl Datagrams for tokio::net::UdpSocket {
+    type Peer = std::net::SocketAddr;
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, Self::Peer)> {
+        self.recv_from(buf).await
+    }
+    async fn reply(&self, answer: &[u8], to: &Self::Peer) -> std::io::Result<usize> {
+        self.send_to(answer, to).await
+    }
+}
+
+impl Datagrams for tokio::net::UnixDatagram {
+    type Peer = tokio::net::unix::SocketAddr;
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, Self::Peer)> {
+        self.recv_from(buf).await
+    }
+    async fn reply(&self, answer: &[u8], to: &Self::Peer) -> std::io::Result<usize> {
+        match to.as_pathname() {
+            Some(path) => self.send_to(answer, path).await,
+            None => Ok(0), // an unbound client cannot be answered
+        }
+    }
+}
+
+/// Answers every datagram on `socket` until the drain request; then stops reading at once.
+async fn echo<S: Datagrams>(socket: S, mut drain: baton_worker::DrainWatch, tag: String) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            biased;
+            _ = drain.requested() => return,
+            got = socket.recv(&mut buf) => {
+                let Ok((n, from)) = got else { continue };
+                let mut answer = buf[..n].to_vec();
+                answer.extend_from_slice(tag.as_bytes());
+                let _ = socket.reply(&answer, &from).await;
+            }
+        }
+    }
 }
 
 /// `IT_HOLD_MIB` MiB, each page written so that it is resident.

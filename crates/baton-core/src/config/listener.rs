@@ -1,6 +1,7 @@
 //! `listeners:` in the file: a listener's address (TCP `address`, Unix `path`, an abstract Unix
-//! name as `path: "@name"`), backlog, and options. An option that does not apply to the
-//! listener's kind is an error that names both, so a typo never goes unnoticed.
+//! name as `path: "@name"`), its kind (stream by default; `kind: udp` or `kind: unix-datagram`
+//! for datagrams), backlog, and options. An option that does not apply to the listener's kind is
+//! an error that names both, so a typo never goes unnoticed.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,6 +56,60 @@ pub(super) struct ListenerFields {
     owner: Option<UserId>,
     #[serde(default)]
     group: Option<GroupId>,
+    /// `tcp` (default with `address`), `udp`, `unix` (default with `path`), `unix-datagram`.
+    #[serde(default)]
+    kind: Option<Kind>,
+    #[serde(default)]
+    recv_buffer: Option<BufferSize>,
+    #[serde(default)]
+    send_buffer: Option<BufferSize>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum Kind {
+    Tcp,
+    Udp,
+    Unix,
+    UnixDatagram,
+}
+
+/// A socket buffer size: bytes (`262144`) or `256KiB`, `4MiB`; 4 KiB to 1 GiB.
+struct BufferSize(u64);
+
+impl<'de> Deserialize<'de> for BufferSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Bytes(u64),
+            Text(String),
+        }
+        let (bytes, text) = match Either::deserialize(d)? {
+            Either::Bytes(n) => (Some(n), n.to_string()),
+            Either::Text(text) => {
+                let t = text.trim();
+                let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+                let (number, unit) = t.split_at(split);
+                let factor: Option<u64> = match unit.trim() {
+                    "" | "B" => Some(1),
+                    "KiB" => Some(1 << 10),
+                    "MiB" => Some(1 << 20),
+                    "GiB" => Some(1 << 30),
+                    _ => None,
+                };
+                let bytes = factor.and_then(|f| number.parse::<u64>().ok()?.checked_mul(f));
+                (bytes, text)
+            }
+        };
+        match bytes {
+            Some(n) if (4096..=1 << 30).contains(&n) => Ok(BufferSize(n)),
+            _ => Err(D::Error::custom(format!(
+                "invalid buffer size \"{text}\": bytes, KiB or MiB (256KiB, 4MiB), 4 KiB to 1 GiB"
+            ))),
+        }
+    }
 }
 
 /// `keepalive: true`, or its settings (each optional: the host's default where absent).
@@ -119,29 +174,43 @@ impl TryFrom<ListenerFields> for RawListener {
     type Error = String;
     fn try_from(f: ListenerFields) -> Result<Self, String> {
         let name = f.name.0;
-        let address = match (f.address, f.path) {
-            (Some(a), None) => ListenerAddress::Tcp { address: a.0 },
-            (None, Some(p)) => ListenerAddress::Unix { path: p },
-            (Some(_), Some(_)) => {
+        let address = match (f.address, f.path, f.kind) {
+            (Some(a), None, None | Some(Kind::Tcp)) => ListenerAddress::Tcp { address: a.0 },
+            (Some(a), None, Some(Kind::Udp)) => ListenerAddress::Udp { address: a.0 },
+            (None, Some(p), None | Some(Kind::Unix)) => ListenerAddress::Unix { path: p },
+            (None, Some(p), Some(Kind::UnixDatagram)) => ListenerAddress::UnixDatagram { path: p },
+            (Some(_), None, Some(_)) => {
+                return Err(format!(
+                    "listener `{name}`: an `address` is `kind: tcp` (the default) or `kind: udp`"
+                ));
+            }
+            (None, Some(_), Some(_)) => {
+                return Err(format!(
+                    "listener `{name}`: a `path` is `kind: unix` (the default) or `kind: unix-datagram`"
+                ));
+            }
+            (Some(_), Some(_), _) => {
                 return Err(format!(
                     "listener `{name}`: give either `address` or `path`, not both"
                 ));
             }
-            (None, None) => {
+            (None, None, _) => {
                 return Err(format!(
-                    "listener `{name}`: needs `address` (TCP host:port) or `path` (Unix socket)"
+                    "listener `{name}`: needs `address` (TCP or UDP host:port) or `path` (Unix socket)"
                 ));
             }
         };
         let tcp_only = [
             ("defer_accept", f.defer_accept.is_some()),
             ("fastopen", f.fastopen.is_some()),
+            ("nodelay", f.nodelay.is_some()),
+            ("keepalive", f.keepalive.is_some()),
+        ];
+        let ip_only = [
             ("v6only", f.v6only.is_some()),
             ("freebind", f.freebind.is_some()),
             ("transparent", f.transparent.is_some()),
             ("interface", f.interface.is_some()),
-            ("nodelay", f.nodelay.is_some()),
-            ("keepalive", f.keepalive.is_some()),
             ("mark", f.mark.is_some()),
         ];
         let unix_only = [
@@ -149,8 +218,20 @@ impl TryFrom<ListenerFields> for RawListener {
             ("owner", f.owner.is_some()),
             ("group", f.group.is_some()),
         ];
+        if !matches!(address, ListenerAddress::Tcp { .. }) {
+            if let Some((option, _)) = tcp_only.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "listener `{name}`: `{option}` applies to TCP listeners only"
+                ));
+            }
+        }
+        if address.is_datagram() && f.backlog.is_some() {
+            return Err(format!(
+                "listener `{name}`: `backlog` applies to stream listeners only: a datagram socket has no queue of connections"
+            ));
+        }
         match &address {
-            ListenerAddress::Tcp { address } => {
+            ListenerAddress::Tcp { address } | ListenerAddress::Udp { address } => {
                 if let Some((option, _)) = unix_only.iter().find(|(_, set)| *set) {
                     return Err(format!(
                         "listener `{name}`: `{option}` applies to Unix sockets only"
@@ -162,10 +243,10 @@ impl TryFrom<ListenerFields> for RawListener {
                     ));
                 }
             }
-            ListenerAddress::Unix { path } => {
-                if let Some((option, _)) = tcp_only.iter().find(|(_, set)| *set) {
+            ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path } => {
+                if let Some((option, _)) = ip_only.iter().find(|(_, set)| *set) {
                     return Err(format!(
-                        "listener `{name}`: `{option}` applies to TCP listeners only"
+                        "listener `{name}`: `{option}` applies to TCP and UDP listeners only"
                     ));
                 }
                 let abstract_name = path.as_os_str().as_encoded_bytes().starts_with(b"@");
@@ -214,6 +295,8 @@ impl TryFrom<ListenerFields> for RawListener {
                 mark: f.mark,
                 owner: f.owner.map(|u| u.0),
                 group: f.group.map(|g| g.0),
+                recv_buffer: f.recv_buffer.map(|b| b.0),
+                send_buffer: f.send_buffer.map(|b| b.0),
             },
             name,
             address,

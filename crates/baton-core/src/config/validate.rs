@@ -280,7 +280,14 @@ impl Check<'_> {
                     ),
                 ));
             }
-            if let Some(first) = addresses.insert(l.address.clone(), i) {
+            // A Unix path is one file whatever the socket's type; TCP and UDP ports are apart.
+            let key = match &l.address {
+                ListenerAddress::UnixDatagram { path } => {
+                    ListenerAddress::Unix { path: path.clone() }
+                }
+                other => other.clone(),
+            };
+            if let Some(first) = addresses.insert(key, i) {
                 self.problem(
                     None,
                     format!(
@@ -299,6 +306,14 @@ impl Check<'_> {
                             && !p.as_os_str().as_encoded_bytes().starts_with(b"@") =>
                     {
                         ListenerAddress::Unix {
+                            path: self.base.join(&p),
+                        }
+                    }
+                    ListenerAddress::UnixDatagram { path: p }
+                        if p.is_relative()
+                            && !p.as_os_str().as_encoded_bytes().starts_with(b"@") =>
+                    {
+                        ListenerAddress::UnixDatagram {
                             path: self.base.join(&p),
                         }
                     }
@@ -632,7 +647,9 @@ impl Check<'_> {
                         || address.ip().is_unspecified()
                         || metrics.ip().is_unspecified())
             }
-            ListenerAddress::Unix { .. } => false,
+            ListenerAddress::Unix { .. }
+            | ListenerAddress::Udp { .. }
+            | ListenerAddress::UnixDatagram { .. } => false,
         });
         if let Some(l) = clash {
             self.problem(
@@ -683,7 +700,7 @@ fn supervisor(s: RawSupervisor, base: &Base) -> SupervisorConfig {
 /// one of this machine's (bind it with port 0), a Unix socket's directory must exist.
 fn address_problem(address: &ListenerAddress) -> Option<String> {
     match address {
-        ListenerAddress::Tcp { address } => {
+        ListenerAddress::Tcp { address } | ListenerAddress::Udp { address } => {
             let probe = std::net::SocketAddr::new(address.ip(), 0);
             match std::net::TcpListener::bind(probe) {
                 Err(e) if e.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL) => {
@@ -692,13 +709,15 @@ fn address_problem(address: &ListenerAddress) -> Option<String> {
                 _ => None,
             }
         }
-        ListenerAddress::Unix { path } => match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Some(format!(
-                "cannot be created: {} is not a directory",
-                dir.display()
-            )),
-            _ => None,
-        },
+        ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path } => {
+            match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Some(format!(
+                    "cannot be created: {} is not a directory",
+                    dir.display()
+                )),
+                _ => None,
+            }
+        }
     }
 }
 

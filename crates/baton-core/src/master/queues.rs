@@ -375,10 +375,15 @@ fn kind_of(address: &ListenerAddress) -> proto::ListenerKind {
     match address {
         ListenerAddress::Tcp { .. } => proto::ListenerKind::Tcp,
         ListenerAddress::Unix { .. } => proto::ListenerKind::Unix,
+        ListenerAddress::Udp { .. } => proto::ListenerKind::Udp,
+        ListenerAddress::UnixDatagram { .. } => proto::ListenerKind::UnixDatagram,
     }
 }
 
 fn queue_of(socket: &BoundSocket) -> Option<proto::QueueNow> {
+    if socket.address().is_datagram() {
+        return None; // no queue of connections
+    }
     let q = baton_sys::acceptq::accept_queue(socket.fd()).ok()?;
     Some(proto::QueueNow {
         length: q.length,

@@ -33,7 +33,7 @@ impl Master {
                 baton_proto::ListenerAddress::Tcp { .. } => {
                     l.socket.local().rsplit(':').next()?.parse().ok()
                 }
-                baton_proto::ListenerAddress::Unix { .. } => None,
+                _ => None,
             })
             .collect();
         let unreported: Vec<u32> = snap

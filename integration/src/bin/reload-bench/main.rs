@@ -21,12 +21,13 @@ mod cost;
 mod memory;
 mod output;
 mod scale;
+mod udp;
 
 struct Args {
     reloads: usize,
     seconds: u64,
     clients: usize,
-    /// `--only output,cost,scale,idle,memory`: those sections alone, in that order.
+    /// `--only output,cost,scale,idle,memory,udp`: those sections alone, in that order.
     only: Vec<String>,
 }
 
@@ -46,15 +47,16 @@ fn args() -> Args {
             ("--clients", Some(v)) => a.clients = v,
             ("--only", _)
                 if pair.get(1).is_some_and(|s| {
-                    s.split(',')
-                        .all(|part| ["output", "cost", "scale", "idle", "memory"].contains(&part))
+                    s.split(',').all(|part| {
+                        ["output", "cost", "scale", "idle", "memory", "udp"].contains(&part)
+                    })
                 }) =>
             {
                 a.only = pair[1].split(',').map(str::to_string).collect();
             }
             _ => {
                 eprintln!(
-                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost,scale,idle,memory]"
+                    "usage: reload-bench [--reloads N] [--seconds S] [--clients C] [--only output,cost,scale,idle,memory,udp]"
                 );
                 std::process::exit(64);
             }
@@ -241,6 +243,7 @@ fn main() {
                 "scale" => scale::report(),
                 "idle" => idle_report(),
                 "memory" => memory::report(),
+                "udp" => udp::report(args.seconds),
                 _ => cost::report(),
             }
         }
@@ -339,6 +342,7 @@ fn main() {
     cost::report();
     scale::report();
     memory::report();
+    udp::report(args.seconds);
 
     eprintln!("a storm of 500 SIGUSR2 ...");
     let s = storm(3, 2, 500, args.clients);
