@@ -4,8 +4,9 @@
 //! socket pair), adopting descriptors inherited across `execve` (socket activation in
 //! [`activation`], the channel, a self-upgrade's state), placing descriptors at fixed numbers in a
 //! child between `clone` and `exec`, the process syscalls the master needs (signals, reaping), the
-//! self-upgrade's memfd and `execve`, and the kernel's count of established connections
-//! (`sock_diag` netlink).
+//! self-upgrade's memfd and `execve`, the kernel's count of established connections
+//! (`sock_diag` netlink), and the classic BPF program that steers QUIC packets within a
+//! `SO_REUSEPORT` group ([`reuseport`]).
 //!
 //! Its public API speaks [`OwnedFd`] and [`BorrowedFd`]. Raw numbers appear only where a
 //! descriptor crosses `execve` on purpose: [`upgrade::number`] names one in a self-upgrade's
@@ -30,6 +31,7 @@ pub mod notify;
 pub mod pidfd;
 pub mod pipe;
 pub mod process;
+pub mod reuseport;
 pub mod sockdiag;
 pub mod sockopt;
 pub mod spawn;
