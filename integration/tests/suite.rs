@@ -28,6 +28,7 @@ mod suite {
     mod output;
     mod process_tree;
     mod queues;
+    mod quic;
     mod readiness;
     mod recipes;
     mod rolling;

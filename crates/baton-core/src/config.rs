@@ -79,6 +79,9 @@ pub struct ListenerOptions {
     pub recv_buffer: Option<u64>,
     #[serde(default)]
     pub send_buffer: Option<u64>,
+    /// `quic: true` (UDP): a socket per generation, steered by connection ID (docs/quic.md).
+    #[serde(default)]
+    pub quic: bool,
 }
 
 /// TCP keep-alive of accepted sockets; `None`: the host's default (`net.ipv4.tcp_keepalive_*`).

@@ -19,6 +19,9 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use crate::config::{ListenerConfig, ListenerOptions};
 use crate::listener_options;
 
+mod quic;
+pub use quic::QuicGroup;
+
 /// A bound, listening socket. Closed (and a Unix socket's file removed) on drop.
 #[derive(Debug)]
 pub struct BoundSocket {
@@ -167,6 +170,8 @@ pub struct BindError {
 #[derive(Debug, Default)]
 pub struct ListenerTable {
     live: HashMap<ListenerAddress, Weak<BoundSocket>>,
+    /// QUIC listeners: a socket per generation, in one steered group per address.
+    quic: HashMap<ListenerAddress, QuicGroup>,
     /// Sockets handed to the master at start (systemd socket activation, the fd store), held
     /// until the first generation takes them.
     adopted: Vec<Rc<BoundSocket>>,
@@ -189,6 +194,15 @@ impl ListenerTable {
         self.live.retain(|_, weak| weak.strong_count() > 0);
         let mut out = Prepared::default();
         for config in configs {
+            if config.options.quic {
+                let group = self.quic.entry(config.address.clone()).or_default();
+                let socket = group.socket(config).map_err(|e| bind_error(config, e))?;
+                out.listeners.push(GenerationListener {
+                    config: config.clone(),
+                    socket,
+                });
+                continue;
+            }
             let existing = self.live.get(&config.address).and_then(Weak::upgrade);
             let socket = match existing {
                 Some(socket) => {
@@ -224,13 +238,26 @@ impl ListenerTable {
                 socket,
             });
         }
-        for l in &out.listeners {
+        for l in out.listeners.iter().filter(|l| !l.config.options.quic) {
             self.live
                 .insert(l.config.address.clone(), Rc::downgrade(&l.socket));
         }
+        // A QUIC address no generation uses and the configuration no longer has: its group
+        // closes (every socket at once: no index is left to shift).
+        self.quic.retain(|address, group| {
+            !group.idle()
+                || configs
+                    .iter()
+                    .any(|c| c.options.quic && &c.address == address)
+        });
         // Inherited sockets are now held by the generation that uses them (or closed).
         self.adopted.clear();
         Ok(out)
+    }
+
+    /// The QUIC groups, by address (the master steers them).
+    pub fn quic_groups(&mut self) -> impl Iterator<Item = (&ListenerAddress, &mut QuicGroup)> {
+        self.quic.iter_mut()
     }
 
     /// Takes listening sockets the master inherited (`LISTEN_FDS`), matched to the configured

@@ -63,6 +63,7 @@ mod requests;
 mod resume;
 mod service_manager;
 mod spawn;
+mod steering;
 mod upgrade;
 mod worker_notify;
 
@@ -405,6 +406,7 @@ impl Master {
             }
             self.report();
             self.update_registry();
+            self.steer();
             let deadline = self.supervisor.next_deadline();
             let sampling = [self.next_memory_check(), self.queues.next_sample()]
                 .into_iter()

@@ -75,6 +75,22 @@ pub struct ListenerInfo {
     pub name: String,
     #[serde(flatten)]
     pub address: ListenerAddress,
+    /// A QUIC listener (`quic: true`): the tag this worker's connection IDs must start with
+    /// (big-endian, [`QUIC_TAG_LEN`] bytes), so that their packets keep reaching it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic_tag: Option<u16>,
+}
+
+/// Bytes at the start of a QUIC connection ID that carry its generation's tag (docs/quic.md).
+pub const QUIC_TAG_LEN: usize = 2;
+
+/// The environment variable that gives a worker with a QUIC listener its tag (4 hex digits).
+pub const QUIC_TAG_ENV: &str = "BATON_QUIC_TAG";
+
+/// The tag of generation `generation`'s QUIC connection IDs: never 0, and the same for 65535
+/// generations in a row only once.
+pub fn quic_tag(generation: u64) -> u16 {
+    (generation % 0xffff) as u16 + 1
 }
 
 /// What kind of socket a listener is and where it listens.
@@ -180,12 +196,28 @@ mod tests {
                     address: ListenerAddress::Tcp {
                         address: "127.0.0.1:8080".parse().unwrap(),
                     },
+                    quic_tag: None,
                 },
                 ListenerInfo {
                     name: "admin".into(),
                     address: ListenerAddress::Unix {
                         path: "/run/a.sock".into(),
                     },
+                    quic_tag: None,
+                },
+                ListenerInfo {
+                    name: "h3".into(),
+                    address: ListenerAddress::Udp {
+                        address: "127.0.0.1:8443".parse().unwrap(),
+                    },
+                    quic_tag: Some(0x0003),
+                },
+                ListenerInfo {
+                    name: "log".into(),
+                    address: ListenerAddress::UnixDatagram {
+                        path: "@log".into(),
+                    },
+                    quic_tag: None,
                 },
             ],
         });
@@ -197,6 +229,8 @@ mod tests {
                 "listeners": [
                     {"name": "http", "kind": "tcp", "address": "127.0.0.1:8080"},
                     {"name": "admin", "kind": "unix", "path": "/run/a.sock"},
+                    {"name": "h3", "kind": "udp", "address": "127.0.0.1:8443", "quic_tag": 3},
+                    {"name": "log", "kind": "unix_datagram", "path": "@log"},
                 ]
             })
         );
@@ -264,6 +298,7 @@ mod properties {
                 listeners: names.iter().map(|n| ListenerInfo {
                     name: n.clone(),
                     address: ListenerAddress::Tcp { address: SocketAddr::from(([127, 0, 0, 1], port)) },
+                    quic_tag: None,
                 }).collect(),
             });
             prop_assert_eq!(decode::<MasterMessage>(&encode(&hello)).unwrap(), hello);

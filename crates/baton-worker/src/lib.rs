@@ -119,6 +119,12 @@ impl Worker {
             .ok_or_else(|| WorkerError::AlreadyTaken(name.into()))
     }
 
+    /// The tag this worker's QUIC connection IDs must start with (big-endian, the first
+    /// [`baton_proto::QUIC_TAG_LEN`] bytes), if it has a QUIC listener (docs/quic.md).
+    pub fn quic_tag(&self) -> Option<u16> {
+        self.listeners.iter().find_map(|(info, _)| info.quic_tag)
+    }
+
     /// Takes every listener not taken yet, with its name.
     pub fn take_all(&mut self) -> Vec<(String, Listener)> {
         self.listeners

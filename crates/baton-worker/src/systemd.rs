@@ -72,7 +72,19 @@ impl Worker {
                 },
                 (Err(source), _) => return Err(WorkerError::Adopt { name, source }),
             };
-            let info = ListenerInfo { name, address };
+            // The tag, if this is a QUIC listener, comes from the environment.
+            let quic_tag = matches!(address, ListenerAddress::Udp { .. })
+                .then(|| {
+                    std::env::var(baton_proto::QUIC_TAG_ENV)
+                        .ok()
+                        .and_then(|t| u16::from_str_radix(&t, 16).ok())
+                })
+                .flatten();
+            let info = ListenerInfo {
+                name,
+                address,
+                quic_tag,
+            };
             let listener = adopt(&info, fd)?;
             listeners.push((info, Some(listener)));
         }

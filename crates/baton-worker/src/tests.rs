@@ -27,6 +27,7 @@ fn tcp_info(name: &str, l: &std::net::TcpListener) -> ListenerInfo {
         address: ListenerAddress::Tcp {
             address: l.local_addr().unwrap(),
         },
+        quic_tag: None,
     }
 }
 
@@ -145,6 +146,7 @@ async fn a_descriptor_that_is_not_a_listening_socket_is_refused() {
         address: ListenerAddress::Tcp {
             address: bound_only.local_addr().unwrap(),
         },
+        quic_tag: None,
     };
     hello(&master, vec![info]).await;
     send(

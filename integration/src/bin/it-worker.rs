@@ -23,6 +23,9 @@
 //! - `udp-echo`: read every datagram listener (UDP, Unix datagram) and answer each datagram
 //!   with itself followed by ` g<generation> p<pid>`; report ready once reading; on a drain
 //!   request stop reading (what is in the socket is left to the next generation) and exit.
+//! - `quic-echo`: the same, each answer followed by ` t<tag>` (its QUIC tag in hex, `t-` without
+//!   one), and on a drain request it goes on answering for `IT_LINGER_MS` (default 1000), as a
+//!   QUIC server finishes its connections, before it exits.
 //!
 //! Output, in any mode (first thing in `main`):
 //! - `IT_STDOUT_HEX`, `IT_STDERR_HEX`: bytes (hex) written to stdout or stderr in one `write`.
@@ -90,8 +93,8 @@ async fn run(mode: &str) -> ExitCode {
         Ok(worker) => worker,
         Err(_) => return ExitCode::from(2),
     };
-    if mode == "udp-echo" {
-        return udp_echo(&mut worker).await;
+    if mode == "udp-echo" || mode == "quic-echo" {
+        return udp_echo(&mut worker, mode == "quic-echo").await;
     }
     if let Some(path) = mode.strip_prefix("report-sockopts:") {
         let Ok(baton_worker::Listener::Tcp(listener)) = worker.take("http") else {
@@ -175,22 +178,36 @@ async fn run(mode: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `udp-echo`: one task per datagram listener, each answering until the drain request.
-async fn udp_echo(worker: &mut baton_worker::Worker) -> ExitCode {
-    let tag = format!(
+/// `udp-echo` and `quic-echo`: one task per datagram listener, each answering until the drain
+/// request (`quic`: and for `IT_LINGER_MS` after it).
+async fn udp_echo(worker: &mut baton_worker::Worker, quic: bool) -> ExitCode {
+    let mut tag = format!(
         " g{} p{}",
         std::env::var(baton_proto::GENERATION_ENV).unwrap_or_default(),
         std::process::id()
     );
+    let mut linger = Duration::ZERO;
+    if quic {
+        let quic_tag = worker
+            .quic_tag()
+            .map_or_else(|| "-".to_string(), |t| format!("{t:04x}"));
+        tag = format!("{tag} t{quic_tag}");
+        linger = Duration::from_millis(
+            std::env::var("IT_LINGER_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000),
+        );
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for (_, listener) in worker.take_all() {
         let (drain, tag) = (worker.drain_watch(), tag.clone());
         match listener {
             baton_worker::Listener::Udp(socket) => {
-                tasks.spawn(echo(socket, drain, tag));
+                tasks.spawn(echo(socket, drain, tag, linger));
             }
             baton_worker::Listener::UnixDatagram(socket) => {
-                tasks.spawn(echo(socket, drain, tag));
+                tasks.spawn(echo(socket, drain, tag, linger));
             }
             _ => {}
         }
@@ -232,13 +249,27 @@ impl Datagrams for tokio::net::UnixDatagram {
     }
 }
 
-/// Answers every datagram on `socket` until the drain request; then stops reading at once.
-async fn echo<S: Datagrams>(socket: S, mut drain: baton_worker::DrainWatch, tag: String) {
+/// Answers every datagram on `socket` until the drain request and `linger` after it; then
+/// stops reading at once.
+async fn echo<S: Datagrams>(
+    socket: S,
+    mut drain: baton_worker::DrainWatch,
+    tag: String,
+    linger: Duration,
+) {
     let mut buf = vec![0u8; 65536];
+    let mut until: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
     loop {
         tokio::select! {
             biased;
-            _ = drain.requested() => return,
+            _ = drain.requested(), if until.is_none() => {
+                if linger.is_zero() {
+                    return;
+                }
+                until = Some(tokio::time::Instant::now() + linger);
+            }
+            _ = tokio::time::sleep_until(until.unwrap_or(far)), if until.is_some() => return,
             got = socket.recv(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
                 let mut answer = buf[..n].to_vec();

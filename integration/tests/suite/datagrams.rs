@@ -154,30 +154,45 @@ fn a_unix_datagram_listener_is_handed_over_and_answered_across_reloads() {
 }
 
 #[test]
-fn datagram_listeners_refuse_stream_options_by_name() {
-    for (listener, problem) in [
+fn datagram_and_quic_listeners_refuse_what_does_not_apply_by_name() {
+    let udp = "  - name: dns\n    address: 127.0.0.1:53\n    kind: udp\n";
+    for (listener, worker, problem) in [
         (
-            "  - name: dns\n    address: 127.0.0.1:53\n    kind: udp\n    backlog: 10\n",
+            format!("{udp}    backlog: 10\n"),
+            "",
             "`backlog` applies to stream listeners only",
         ),
         (
-            "  - name: dns\n    address: 127.0.0.1:53\n    kind: udp\n    nodelay: true\n",
+            format!("{udp}    nodelay: true\n"),
+            "",
             "`nodelay` applies to TCP listeners only",
         ),
         (
-            "  - name: dns\n    address: 127.0.0.1:53\n    kind: unix-datagram\n",
+            "  - name: dns\n    address: 127.0.0.1:53\n    kind: unix-datagram\n".to_string(),
+            "",
             "an `address` is `kind: tcp` (the default) or `kind: udp`",
         ),
         (
-            "  - name: dns\n    address: 127.0.0.1:53\n    kind: udp\n    recv_buffer: 12\n",
+            format!("{udp}    recv_buffer: 12\n"),
+            "",
             "invalid buffer size \"12\"",
+        ),
+        (
+            "  - name: h3\n    address: 127.0.0.1:443\n    quic: true\n".to_string(),
+            "",
+            "`quic` applies to UDP listeners only",
+        ),
+        (
+            format!("{udp}    quic: true\n"),
+            "  processes: 2\n",
+            "2 processes would share QUIC listener `dns`",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("baton.yaml");
         std::fs::write(
             &file,
-            format!("listeners:\n{listener}worker:\n  command: /bin/true\n"),
+            format!("listeners:\n{listener}worker:\n  command: /bin/true\n{worker}"),
         )
         .unwrap();
         let out = std::process::Command::new(&binaries().baton)

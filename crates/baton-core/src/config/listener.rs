@@ -63,6 +63,9 @@ pub(super) struct ListenerFields {
     recv_buffer: Option<BufferSize>,
     #[serde(default)]
     send_buffer: Option<BufferSize>,
+    /// UDP only: steer QUIC connections to the generation that holds them.
+    #[serde(default)]
+    quic: Option<bool>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +228,11 @@ impl TryFrom<ListenerFields> for RawListener {
                 ));
             }
         }
+        if f.quic.is_some() && !matches!(address, ListenerAddress::Udp { .. }) {
+            return Err(format!(
+                "listener `{name}`: `quic` applies to UDP listeners only (`kind: udp`)"
+            ));
+        }
         if address.is_datagram() && f.backlog.is_some() {
             return Err(format!(
                 "listener `{name}`: `backlog` applies to stream listeners only: a datagram socket has no queue of connections"
@@ -297,6 +305,7 @@ impl TryFrom<ListenerFields> for RawListener {
                 group: f.group.map(|g| g.0),
                 recv_buffer: f.recv_buffer.map(|b| b.0),
                 send_buffer: f.send_buffer.map(|b| b.0),
+                quic: f.quic.unwrap_or(false),
             },
             name,
             address,

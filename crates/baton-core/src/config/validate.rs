@@ -466,6 +466,22 @@ impl Check<'_> {
                 );
             }
         }
+        let quic: Vec<&str> = worker
+            .listeners
+            .iter()
+            .filter_map(|&i| listeners.get(i))
+            .filter(|l| l.options.quic)
+            .map(|l| l.name.as_str())
+            .collect();
+        if let (Some(first), true) = (quic.first(), worker.processes > 1) {
+            self.problem(
+                Some("processes:"),
+                format!(
+                    "{key}.processes: {} processes would share QUIC listener `{first}`: a generation's QUIC socket is steered to as a whole, so a program with a QUIC listener runs one (multi-threaded) process per generation (docs/quic.md)",
+                    worker.processes
+                ),
+            );
+        }
         if let Some(probe) = worker.ready.probe() {
             if probe.timeout >= worker.ready_timeout || probe.interval >= worker.ready_timeout {
                 self.problem(

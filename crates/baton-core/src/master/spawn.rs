@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use baton_proto::{
-    CHANNEL_FD_ENV, GENERATION_ENV, Hello, ListenerInfo, PROTOCOL_VERSION, WORKER_ID_ENV,
+    CHANNEL_FD_ENV, GENERATION_ENV, Hello, ListenerInfo, PROTOCOL_VERSION, QUIC_TAG_ENV,
+    WORKER_ID_ENV, quic_tag,
 };
 use baton_sys::process::SignalNumber;
 use baton_sys::spawn::{ChildSetup, Spawn, Started};
@@ -141,12 +142,20 @@ impl Master {
             ),
             ..Link::default()
         };
+        let quic = listeners.iter().any(|l| l.config.options.quic);
         let mut start = Start {
             config: &config,
             worker,
             generation,
             listeners,
-            env: worker_env(&config, worker, generation, slot, probe_address.as_deref()),
+            env: worker_env(
+                &config,
+                worker,
+                generation,
+                slot,
+                probe_address.as_deref(),
+                quic,
+            ),
             process: process(&config)?,
         };
         let pipes = output_pipes(&config, &mut start.process).map_err(SpawnError::OutputPipes)?;
@@ -401,6 +410,7 @@ fn worker_env(
     generation: Generation,
     slot: usize,
     probe_address: Option<&str>,
+    quic: bool,
 ) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = Vec::with_capacity(config.env.len() + 6);
     env.extend(config.env.iter().map(|(k, v)| (k.into(), v.into())));
@@ -410,6 +420,10 @@ fn worker_env(
     env.push(("BATON_PROGRAM".into(), config.name.clone().into()));
     if let Some(address) = probe_address {
         env.push(("BATON_PROBE_ADDRESS".into(), address.into()));
+    }
+    if quic {
+        let tag = format!("{:04x}", quic_tag(generation.0));
+        env.push((QUIC_TAG_ENV.into(), tag.into()));
     }
     if let Some(LivenessCheck::Probe(probe)) = config.liveness.as_ref().map(|l| &l.check) {
         let address = probe.address_for(worker.0, slot, generation.0);
@@ -513,6 +527,7 @@ fn handoff_parts(
             .map(|l| ListenerInfo {
                 name: l.config.name.clone(),
                 address: l.config.address.clone(),
+                quic_tag: l.config.options.quic.then(|| quic_tag(generation.0)),
             })
             .collect(),
     };

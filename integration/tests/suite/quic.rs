@@ -1,0 +1,259 @@
+//! QUIC listeners (`kind: udp`, `quic: true`; docs/quic.md): each generation reads a socket of
+//! its own in one `SO_REUSEPORT` group, and the master's steering program sends a packet to the
+//! generation whose tag starts its destination connection ID. The clients here speak the part of
+//! QUIC that steering reads (a long header with a connection ID of the client's choosing, then
+//! short headers with the ID the server gave): enough to see which process each packet reaches.
+//! The worker (`it-worker`, `quic-echo`) answers every packet with its generation, pid and tag,
+//! and goes on answering for a while after its drain request, as a QUIC server finishes its
+//! connections.
+
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
+use nix::sys::signal::Signal;
+
+fn quic_yaml(port: u16, quic: bool, mode: &str) -> String {
+    let mut config = TestConfig::hello("127.0.0.1:1", 1);
+    config.command = binaries().it_worker.clone();
+    config.env = vec![
+        ("IT_MODE".into(), mode.into()),
+        ("IT_LINGER_MS".into(), "2500".into()),
+    ];
+    config.drain_timeout = "5s";
+    config.ready_timeout = "2s";
+    config.max_draining = 16;
+    let yaml = config.yaml();
+    let worker = yaml.find("worker:").unwrap();
+    format!(
+        "listeners:\n  - name: h3\n    address: \"127.0.0.1:{port}\"\n    kind: udp\n    quic: {quic}\n{}",
+        &yaml[worker..]
+    )
+}
+
+/// One simulated connection's life: which generation took its handshake, when, and whether
+/// every later packet reached the same process.
+#[derive(Debug)]
+struct Connection {
+    started: Instant,
+    generation: u64,
+    packets: u32,
+    /// Answers from another process than the one that took the handshake, or none at all.
+    strays: u32,
+    lost: u32,
+}
+
+/// The answer's ` g<generation> p<pid> t<tag>` words.
+fn answer_of(buf: &[u8]) -> Option<(u64, u32, Option<u16>)> {
+    let text = String::from_utf8_lossy(buf);
+    let at = text.rfind(" g")?;
+    let mut words = text[at..].split_whitespace();
+    let g = words.next()?.strip_prefix('g')?.parse().ok()?;
+    let p = words.next()?.strip_prefix('p')?.parse().ok()?;
+    let t = words
+        .next()?
+        .strip_prefix('t')
+        .and_then(|t| u16::from_str_radix(t, 16).ok());
+    Some((g, p, t))
+}
+
+/// A connection: a long-header packet with a random 8-byte connection ID, then a short-header
+/// packet every 50 ms for `life` carrying the ID the server's tag makes (or, untagged, the
+/// client's own), each waiting for its answer.
+fn connection(port: u16, life: Duration, seed: u64) -> Option<Connection> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(("127.0.0.1", port)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut dcid = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes();
+    let mut initial = vec![0xc0, 0, 0, 0, 1, 8];
+    initial.extend_from_slice(&dcid);
+    initial.extend_from_slice(format!(" hello {seed}").as_bytes());
+    let started = Instant::now();
+    socket.send(&initial).unwrap();
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).ok()?;
+    let (generation, pid, tag) = answer_of(&buf[..n])?;
+    if let Some(tag) = tag {
+        dcid[..2].copy_from_slice(&tag.to_be_bytes());
+    }
+    let mut c = Connection {
+        started,
+        generation,
+        packets: 0,
+        strays: 0,
+        lost: 0,
+    };
+    let mut next = Instant::now();
+    while started.elapsed() < life {
+        let mut packet = vec![0x40];
+        packet.extend_from_slice(&dcid);
+        packet.extend_from_slice(format!(" n{}", c.packets).as_bytes());
+        socket.send(&packet).unwrap();
+        c.packets += 1;
+        match socket.recv(&mut buf) {
+            Ok(n) => match answer_of(&buf[..n]) {
+                Some((_, p, _)) if p == pid => {}
+                _ => c.strays += 1,
+            },
+            Err(_) => c.lost += 1,
+        }
+        next += Duration::from_millis(50);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait); // the connection's sending rate
+        }
+    }
+    Some(c)
+}
+
+/// `clients` threads, each running connections of `life` back to back until `stop`.
+fn connections(port: u16, clients: u64, life: Duration, stop: Arc<AtomicBool>) -> Vec<Connection> {
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // Staggered, so that handshakes arrive all along the run.
+                std::thread::sleep(life * i as u32 / clients as u32); // the clients' spread
+                let mut done = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    n += 1;
+                    if let Some(c) = connection(port, life, i * 10_000 + n) {
+                        done.push(c);
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect()
+}
+
+/// Reloads every `every` for `run`, each waiting for its verdict.
+fn reloads(master: &Master, every: Duration, run: Duration) -> usize {
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed() < run {
+        let verdict = master.reload();
+        assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+        n += 1;
+        std::thread::sleep(every); // the reload cadence under test
+    }
+    n
+}
+
+/// Runs 12 clients' connections of 1.5 s across reloads every 500 ms for 6 s.
+fn under_reloads(name: &str, quic: bool) -> (Vec<Connection>, Master) {
+    let port = free_port();
+    let master = Master::spawn(name, &quic_yaml(port, quic, "quic-echo"));
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = {
+        let stop = stop.clone();
+        std::thread::spawn(move || connections(port, 12, Duration::from_millis(1500), stop))
+    };
+    let n = reloads(&master, Duration::from_millis(500), Duration::from_secs(6));
+    stop.store(true, Ordering::Relaxed);
+    let done = clients.join().unwrap();
+    let broken = done.iter().filter(|c| c.strays + c.lost > 0).count();
+    eprintln!(
+        "{name}: {} connections across {n} reloads, {broken} broken ({} packets answered by another process, {} unanswered)",
+        done.len(),
+        done.iter().map(|c| c.strays).sum::<u32>(),
+        done.iter().map(|c| c.lost).sum::<u32>()
+    );
+    (done, master)
+}
+
+#[test]
+fn steered_quic_connections_stay_with_their_generation_across_reloads_and_unsteered_ones_break() {
+    let (steered, master) = under_reloads("quic-steered", true);
+    assert!(steered.len() > 30, "real load: {}", steered.len());
+    let broken: Vec<&Connection> = steered.iter().filter(|c| c.strays + c.lost > 0).collect();
+    assert!(
+        broken.is_empty(),
+        "steered: {} broken: {broken:?}",
+        broken.len()
+    );
+    let generations: std::collections::BTreeSet<u64> =
+        steered.iter().map(|c| c.generation).collect();
+    assert!(
+        generations.len() > 5,
+        "connections of many generations: {generations:?}"
+    );
+    // New connections go to the newest serving generation: a handshake sent well after a
+    // generation's verdict is never taken by an older one.
+    let served: BTreeMap<u64, Instant> = master
+        .events("reload_succeeded")
+        .iter()
+        .zip(master.events_where("reload_succeeded", |_| true))
+        .map(|(v, (at, _))| (v["generation"].as_u64().unwrap(), at))
+        .collect();
+    for c in &steered {
+        let newer = served
+            .iter()
+            .filter(|(_, at)| **at + Duration::from_millis(100) < c.started)
+            .map(|(g, _)| *g)
+            .max()
+            .unwrap_or(1);
+        assert!(
+            c.generation >= newer,
+            "a connection started after generation {newer} served went to generation {}",
+            c.generation
+        );
+    }
+    // Each steering change was a program attached once per change, not per packet.
+    assert!(!master.events("quic_steered").is_empty());
+
+    // The same load without steering (one UDP socket every generation reads): the harness
+    // measures what that loses.
+    let (shared, _) = under_reloads("quic-shared", false);
+    let broken = shared.iter().filter(|c| c.strays + c.lost > 0).count();
+    assert!(
+        broken > 0,
+        "one shared socket splits connections between generations: {} of {} broken",
+        broken,
+        shared.len()
+    );
+}
+
+#[test]
+fn a_failed_reload_leaves_quic_traffic_on_the_serving_generation() {
+    let port = free_port();
+    let master = Master::spawn("quic-failed", &quic_yaml(port, true, "quic-echo"));
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = {
+        let stop = stop.clone();
+        std::thread::spawn(move || connections(port, 4, Duration::from_millis(800), stop))
+    };
+    // The new generation never becomes ready: its socket joins the group, and gets nothing.
+    master.write_config(&quic_yaml(port, true, "never-ready"));
+    let before = master.events("reload_failed").len();
+    master.signal(Signal::SIGUSR2);
+    eventually(Duration::from_secs(10), "the reload to fail", || {
+        (master.events("reload_failed").len() > before).then_some(())
+    });
+    master.write_config(&quic_yaml(port, true, "quic-echo"));
+    std::thread::sleep(Duration::from_millis(1000)); // connections go on after the failure
+    stop.store(true, Ordering::Relaxed);
+    let done = clients.join().unwrap();
+    assert!(done.len() > 4, "{}", done.len());
+    for c in &done {
+        assert_eq!(c.generation, 1, "{c:?}");
+        assert_eq!(c.strays + c.lost, 0, "{c:?}");
+    }
+    // The next reload serves, on the failed generation's socket, handed on.
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    let c = connection(port, Duration::from_millis(200), 7).unwrap();
+    assert_eq!(c.generation, 3, "{c:?}");
+    assert_eq!(c.strays + c.lost, 0, "{c:?}");
+}
