@@ -10,6 +10,7 @@
 #![allow(clippy::print_stderr)] // tests report what they measure
 
 pub mod datagrams;
+pub mod h3client;
 pub mod load;
 pub mod procfs;
 pub mod recipes;
@@ -31,6 +32,7 @@ pub struct Binaries {
     pub hello_worker: PathBuf,
     pub it_worker: PathBuf,
     pub loadgen: PathBuf,
+    pub h3_worker: PathBuf,
 }
 
 /// Builds the binaries once (the escargot approach: ask cargo, do not guess `target/debug`).
@@ -52,6 +54,8 @@ pub fn binaries() -> &'static Binaries {
             "-p",
             "baton-example-worker",
             "-p",
+            "baton-example-h3",
+            "-p",
             "baton-integration",
             "--bins",
         ]);
@@ -72,6 +76,7 @@ pub fn binaries() -> &'static Binaries {
             hello_worker: profile_dir.join("hello-worker"),
             it_worker: profile_dir.join("it-worker"),
             loadgen: profile_dir.join("loadgen"),
+            h3_worker: profile_dir.join("h3-worker"),
         }
     })
 }

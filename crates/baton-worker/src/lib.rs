@@ -34,6 +34,8 @@ mod channel;
 mod drain;
 mod error;
 mod listener;
+#[cfg(feature = "quinn")]
+pub mod quic;
 mod systemd;
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,6 @@
 //! and goes on answering for a while after its drain request, as a QUIC server finishes its
 //! connections.
 
-use std::collections::BTreeMap;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,6 +136,18 @@ fn connections(port: u16, clients: u64, life: Duration, stop: Arc<AtomicBool>) -
         .collect()
 }
 
+/// The newest generation whose reload verdict the harness saw well before `at` (100 ms of slack
+/// for reading the log): a connection started at `at` must go to it or a newer one.
+fn newest_served_before(master: &Master, at: Instant) -> u64 {
+    master
+        .events_where("reload_succeeded", |_| true)
+        .into_iter()
+        .filter(|(seen, _)| *seen + Duration::from_millis(100) < at)
+        .filter_map(|(_, v)| v["generation"].as_u64())
+        .max()
+        .unwrap_or(1)
+}
+
 /// Reloads every `every` for `run`, each waiting for its verdict.
 fn reloads(master: &Master, every: Duration, run: Duration) -> usize {
     let start = Instant::now();
@@ -191,19 +202,8 @@ fn steered_quic_connections_stay_with_their_generation_across_reloads_and_unstee
     );
     // New connections go to the newest serving generation: a handshake sent well after a
     // generation's verdict is never taken by an older one.
-    let served: BTreeMap<u64, Instant> = master
-        .events("reload_succeeded")
-        .iter()
-        .zip(master.events_where("reload_succeeded", |_| true))
-        .map(|(v, (at, _))| (v["generation"].as_u64().unwrap(), at))
-        .collect();
     for c in &steered {
-        let newer = served
-            .iter()
-            .filter(|(_, at)| **at + Duration::from_millis(100) < c.started)
-            .map(|(g, _)| *g)
-            .max()
-            .unwrap_or(1);
+        let newer = newest_served_before(&master, c.started);
         assert!(
             c.generation >= newer,
             "a connection started after generation {newer} served went to generation {}",
@@ -256,4 +256,142 @@ fn a_failed_reload_leaves_quic_traffic_on_the_serving_generation() {
     let c = connection(port, Duration::from_millis(200), 7).unwrap();
     assert_eq!(c.generation, 3, "{c:?}");
     assert_eq!(c.strays + c.lost, 0, "{c:?}");
+}
+
+/// The HTTP/3 example (`h3-worker`, quinn and h3) under baton on `port`.
+fn h3_yaml(port: u16, quic: bool, command: &std::path::Path, env: &str) -> String {
+    format!(
+        "listeners:
+  - name: h3
+    address: \"127.0.0.1:{port}\"
+    kind: udp
+    quic: {quic}
+worker:
+  command: \"{}\"
+  env: {env}
+  ready_timeout: 5s
+  drain_timeout: 10s
+supervisor:
+  max_draining: 32
+  runtime_dir: \"{{dir}}/run\"
+  control:
+    socket: \"{{dir}}/baton.sock\"
+",
+        command.display()
+    )
+}
+
+/// `clients` HTTP/3 clients on a thread of their own, each running connections of `life` (a
+/// request every 50 ms) back to back until the flag is set.
+fn h3_clients(
+    port: u16,
+    clients: usize,
+    life: Duration,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Vec<baton_integration::h3client::Connection>>,
+) {
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || {
+        baton_integration::h3client::run(addr, clients, life, Duration::from_millis(50), flag)
+    });
+    (stop, thread)
+}
+
+/// 8 HTTP/3 clients, connections of 3 s with a request every 50 ms, back to back, across
+/// reloads every 500 ms for `run`.
+fn h3_under_reloads(
+    name: &str,
+    quic: bool,
+    run: Duration,
+) -> (Vec<baton_integration::h3client::Connection>, Master) {
+    let port = free_port();
+    let master = Master::spawn(name, &h3_yaml(port, quic, &binaries().h3_worker, "{}"));
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let (stop, clients) = h3_clients(port, 8, Duration::from_secs(3));
+    let n = reloads(&master, Duration::from_millis(500), run);
+    stop.store(true, Ordering::Relaxed);
+    let done = clients.join().unwrap();
+    let broken = done.iter().filter(|c| !c.whole()).count();
+    let requests: usize = done.iter().map(|c| c.answers.len()).sum();
+    let failed: usize = done.iter().map(|c| c.failed()).sum();
+    eprintln!(
+        "{name}: {} HTTP/3 connections across {n} reloads, {broken} broken; {requests} requests, {failed} failed",
+        done.len()
+    );
+    (done, master)
+}
+
+#[test]
+fn http3_connections_are_served_to_their_end_by_their_generation_across_reloads() {
+    let (steered, master) = h3_under_reloads("h3-steered", true, Duration::from_secs(15));
+    assert!(steered.len() > 30, "real load: {}", steered.len());
+    let broken: Vec<_> = steered.iter().filter(|c| !c.whole()).collect();
+    assert!(
+        broken.is_empty(),
+        "{} broken: {:?}",
+        broken.len(),
+        broken.first()
+    );
+    let generations: std::collections::BTreeSet<u64> =
+        steered.iter().filter_map(|c| c.generation()).collect();
+    assert!(generations.len() > 10, "{generations:?}");
+    // New connections to the newest serving generation.
+    for c in &steered {
+        let newer = newest_served_before(&master, c.started);
+        assert!(
+            c.generation() >= Some(newer),
+            "{c:?} started after generation {newer} served"
+        );
+    }
+    let served = master.events("reload_succeeded").len();
+    // Each old generation exits when its last connection closes, before its drain deadline.
+    eventually(Duration::from_secs(15), "the old generations gone", || {
+        (master.events("generation_exited").len() >= served).then_some(())
+    });
+    assert!(
+        master.events("worker_killed").is_empty(),
+        "none killed at a deadline"
+    );
+
+    // The same load with one UDP socket every generation reads: what that breaks.
+    let (shared, _) = h3_under_reloads("h3-shared", false, Duration::from_secs(15));
+    let broken = shared.iter().filter(|c| !c.whole()).count();
+    assert!(
+        broken > 0,
+        "without steering, connections open at a reload break: {broken} of {}",
+        shared.len()
+    );
+}
+
+#[test]
+fn a_failed_reload_leaves_http3_connections_on_the_serving_generation() {
+    let port = free_port();
+    let master = Master::spawn(
+        "h3-failed",
+        &h3_yaml(port, true, &binaries().h3_worker, "{}"),
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let (stop, clients) = h3_clients(port, 4, Duration::from_millis(1500));
+    master.write_config(&h3_yaml(
+        port,
+        true,
+        &binaries().it_worker,
+        "{IT_MODE: never-ready}",
+    ));
+    let before = master.events("reload_failed").len();
+    master.signal(Signal::SIGUSR2);
+    eventually(Duration::from_secs(15), "the reload to fail", || {
+        (master.events("reload_failed").len() > before).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500)); // connections go on after the failure
+    stop.store(true, Ordering::Relaxed);
+    let done = clients.join().unwrap();
+    assert!(done.len() >= 4, "{}", done.len());
+    for c in &done {
+        assert!(c.whole(), "{c:?}");
+        assert_eq!(c.generation(), Some(1), "{c:?}");
+    }
 }
