@@ -235,3 +235,27 @@ pub fn run(
         all
     })
 }
+
+/// The HTTP/3 example (`h3-worker`, quinn and h3, or `command`) under baton on UDP `port`,
+/// steered (`quic`) or on one shared socket, the worker's environment `env` (YAML).
+pub fn h3_worker_yaml(port: u16, quic: bool, command: &std::path::Path, env: &str) -> String {
+    format!(
+        "listeners:
+  - name: h3
+    address: \"127.0.0.1:{port}\"
+    kind: udp
+    quic: {quic}
+worker:
+  command: \"{}\"
+  env: {env}
+  ready_timeout: 5s
+  drain_timeout: 10s
+supervisor:
+  max_draining: 32
+  runtime_dir: \"{{dir}}/run\"
+  control:
+    socket: \"{{dir}}/baton.sock\"
+",
+        command.display()
+    )
+}

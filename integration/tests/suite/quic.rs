@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use baton_integration::h3client::h3_worker_yaml;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 use nix::sys::signal::Signal;
 
@@ -258,29 +259,6 @@ fn a_failed_reload_leaves_quic_traffic_on_the_serving_generation() {
     assert_eq!(c.strays + c.lost, 0, "{c:?}");
 }
 
-/// The HTTP/3 example (`h3-worker`, quinn and h3) under baton on `port`.
-fn h3_yaml(port: u16, quic: bool, command: &std::path::Path, env: &str) -> String {
-    format!(
-        "listeners:
-  - name: h3
-    address: \"127.0.0.1:{port}\"
-    kind: udp
-    quic: {quic}
-worker:
-  command: \"{}\"
-  env: {env}
-  ready_timeout: 5s
-  drain_timeout: 10s
-supervisor:
-  max_draining: 32
-  runtime_dir: \"{{dir}}/run\"
-  control:
-    socket: \"{{dir}}/baton.sock\"
-",
-        command.display()
-    )
-}
-
 /// `clients` HTTP/3 clients on a thread of their own, each running connections of `life` (a
 /// request every 50 ms) back to back until the flag is set.
 fn h3_clients(
@@ -308,7 +286,10 @@ fn h3_under_reloads(
     run: Duration,
 ) -> (Vec<baton_integration::h3client::Connection>, Master) {
     let port = free_port();
-    let master = Master::spawn(name, &h3_yaml(port, quic, &binaries().h3_worker, "{}"));
+    let master = Master::spawn(
+        name,
+        &h3_worker_yaml(port, quic, &binaries().h3_worker, "{}"),
+    );
     master.wait_event("serving", Duration::from_secs(30), |_| true);
     let (stop, clients) = h3_clients(port, 8, Duration::from_secs(3));
     let n = reloads(&master, Duration::from_millis(500), run);
@@ -371,11 +352,11 @@ fn a_failed_reload_leaves_http3_connections_on_the_serving_generation() {
     let port = free_port();
     let master = Master::spawn(
         "h3-failed",
-        &h3_yaml(port, true, &binaries().h3_worker, "{}"),
+        &h3_worker_yaml(port, true, &binaries().h3_worker, "{}"),
     );
     master.wait_event("serving", Duration::from_secs(30), |_| true);
     let (stop, clients) = h3_clients(port, 4, Duration::from_millis(1500));
-    master.write_config(&h3_yaml(
+    master.write_config(&h3_worker_yaml(
         port,
         true,
         &binaries().it_worker,
