@@ -66,6 +66,7 @@ mod spawn;
 mod steering;
 mod upgrade;
 mod worker_notify;
+pub use worker_notify::{Notice, notices};
 
 pub use crate::upgrade::STATE_FD_ENV;
 use generations::Resources;

@@ -98,38 +98,94 @@ pub(super) async fn notify_task(
             }
             continue;
         }
-        let text = String::from_utf8_lossy(&buf[..datagram.len]);
-        for line in text.lines() {
-            let event = match line.split_once('=') {
-                Some(("READY", "1")) => News::Ready(worker, Condition::Notify),
-                Some(("WATCHDOG", "1")) => News::Heartbeat(worker),
-                Some(("WATCHDOG", "trigger")) => News::Event(Event::Unhealthy {
+        for notice in notices(&buf[..datagram.len]) {
+            let event = match notice {
+                Notice::Ready => News::Ready(worker, Condition::Notify),
+                Notice::Watchdog => News::Heartbeat(worker),
+                Notice::WatchdogTrigger => News::Event(Event::Unhealthy {
                     worker,
                     reason: "it asked to be replaced (WATCHDOG=trigger)".into(),
                 }),
-                Some(("STOPPING", "1")) => News::Event(Event::Message {
+                Notice::Stopping => News::Event(Event::Message {
                     worker,
                     message: WorkerMessage::Draining,
                 }),
-                Some(("STATUS", status)) => News::Event(Event::Message {
+                Notice::Status(text) => News::Event(Event::Message {
                     worker,
                     message: WorkerMessage::Status {
                         connections: None,
-                        text: Some(status.to_string()),
+                        text: Some(text),
                     },
                 }),
-                Some(("MAINPID", pid)) => match pid.parse::<u32>() {
-                    Ok(pid) if pid > 1 => {
-                        main = pid;
-                        News::Event(Event::MainPid { worker, pid })
-                    }
-                    _ => continue,
-                },
-                _ => continue,
+                Notice::MainPid(pid) => {
+                    main = pid;
+                    News::Event(Event::MainPid { worker, pid })
+                }
             };
             if events.send(event).is_err() {
                 return;
             }
         }
+    }
+}
+
+/// What one line of an `sd_notify(3)` datagram says, of what baton acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Ready,
+    Stopping,
+    Status(String),
+    /// `MAINPID=` with a pid above 1.
+    MainPid(u32),
+    Watchdog,
+    WatchdogTrigger,
+}
+
+/// The notices of one datagram (any bytes, from any process: invalid UTF-8 is replaced, lines
+/// baton does not act on are skipped), in order.
+pub fn notices(datagram: &[u8]) -> Vec<Notice> {
+    String::from_utf8_lossy(datagram)
+        .lines()
+        .filter_map(|line| match line.split_once('=')? {
+            ("READY", "1") => Some(Notice::Ready),
+            ("WATCHDOG", "1") => Some(Notice::Watchdog),
+            ("WATCHDOG", "trigger") => Some(Notice::WatchdogTrigger),
+            ("STOPPING", "1") => Some(Notice::Stopping),
+            ("STATUS", status) => Some(Notice::Status(status.to_string())),
+            ("MAINPID", pid) => pid
+                .parse::<u32>()
+                .ok()
+                .filter(|&p| p > 1)
+                .map(Notice::MainPid),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Notice, notices};
+
+    #[test]
+    fn a_datagram_says_what_its_lines_say_and_nothing_else() {
+        assert_eq!(
+            notices(b"READY=1\nSTATUS=serving 3\nMAINPID=4242\nWATCHDOG=1\nX=1\nSTOPPING=1"),
+            vec![
+                Notice::Ready,
+                Notice::Status("serving 3".into()),
+                Notice::MainPid(4242),
+                Notice::Watchdog,
+                Notice::Stopping,
+            ]
+        );
+        assert_eq!(
+            notices(b"MAINPID=1\nMAINPID=-3\nMAINPID=x\nREADY=0"),
+            vec![]
+        );
+        assert_eq!(notices(b"WATCHDOG=trigger"), vec![Notice::WatchdogTrigger]);
+        assert_eq!(
+            notices(b"STATUS=\xff\xfe"),
+            vec![Notice::Status("\u{fffd}\u{fffd}".into())]
+        );
     }
 }
