@@ -189,9 +189,10 @@ fn uvicorn_under_baton_reloads_every_200ms_and_loses_only_what_its_shutdown_clos
     let (fresh, kept, signals) = reload_both_ways(&master, port, "uvicorn");
     // uvicorn's shutdown (its server.py, `Server.shutdown`) closes every connection whose
     // request it has not read yet: idle kept-alive ones, as nginx's graceful stop does, and a
-    // fresh one accepted in the last turn of its event loop, whose request is already in the
-    // socket (a reset). That is uvicorn's, under any supervisor: a few per reload at most.
-    assert_only_graceful_closes(&fresh, signals, &["reset"]);
+    // fresh one accepted in the last turn of its event loop: a reset if its request was in the
+    // socket already, a plain close if not (CI saw both). That is uvicorn's, under any
+    // supervisor: a few per reload at most.
+    assert_only_graceful_closes(&fresh, signals, &["closed", "reset"]);
     assert_only_graceful_closes(&kept, signals, &["closed", "reset"]);
 }
 
