@@ -324,37 +324,36 @@ impl Supervisor {
                 "worker {id} of generation {g} (pid {pid}) was not ready after {} ms{cause}",
                 timeout.as_millis()
             );
-            match self.generations.get(&g).map(|entry| &entry.state) {
-                Some(GenState::Starting) => {
-                    info!(
-                        event = "worker_not_ready",
-                        worker = id.0,
-                        generation = g.0,
-                        pid,
-                        "{reason}"
-                    );
-                    self.fail_reload(now, reason, Some(id));
-                }
-                Some(GenState::Rolling) if self.rolling_forward(g) => {
-                    info!(
-                        event = "worker_not_ready",
-                        worker = id.0,
-                        generation = g.0,
-                        pid,
-                        "{reason}"
-                    );
-                    self.rollout_failed(now, reason, Some(id));
-                }
-                _ => {
-                    warn!(
-                        event = "worker_not_ready",
-                        worker = id.0,
-                        pid,
-                        "{reason}: killing it"
-                    );
-                    // Its exit schedules the restart with backoff.
-                    self.kill(id);
-                }
+            // A worker of a reload's new generation fails the reload (a rolling one rolls
+            // back); a replacement in a serving generation is killed and restarted.
+            let rolling = self.rolling_forward(g);
+            let fails_reload = match self.generations.get(&g).map(|entry| &entry.state) {
+                Some(GenState::Starting) => true,
+                Some(GenState::Rolling) => rolling,
+                _ => false,
+            };
+            if !fails_reload {
+                warn!(
+                    event = "worker_not_ready",
+                    worker = id.0,
+                    pid,
+                    "{reason}: killing it"
+                );
+                // Its exit schedules the restart with backoff.
+                self.kill(id);
+                continue;
+            }
+            info!(
+                event = "worker_not_ready",
+                worker = id.0,
+                generation = g.0,
+                pid,
+                "{reason}"
+            );
+            if rolling {
+                self.rollout_failed(now, reason, Some(id));
+            } else {
+                self.fail_reload(now, reason, Some(id));
             }
         }
         // Drain deadlines, per worker (programs may have different drain timeouts).
