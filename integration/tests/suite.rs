@@ -16,6 +16,7 @@ mod suite {
     mod degraded;
     mod drain;
     mod failed_reload;
+    mod faults;
     mod flat;
     mod hardening;
     mod kinds;

@@ -16,6 +16,7 @@ pub mod cgroups;
 mod codec;
 pub mod config;
 pub mod control;
+pub mod faults;
 pub mod histogram;
 pub mod intent;
 mod listener_options;

@@ -17,6 +17,7 @@ use baton_proto::ListenerAddress;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::config::{ListenerConfig, ListenerOptions};
+use crate::faults::Point;
 use crate::listener_options;
 
 mod quic;
@@ -228,6 +229,9 @@ impl ListenerTable {
                     socket
                 }
                 None => {
+                    Point::ListenerBind
+                        .check()
+                        .map_err(|e| bind_error(config, e))?;
                     let socket = Rc::new(bind(config).map_err(|e| bind_error(config, e))?);
                     out.bound.push(config.name.clone());
                     socket

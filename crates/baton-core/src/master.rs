@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{self, Config};
 use crate::control::{self, ControlRequest};
+use crate::faults::Point;
 use crate::listeners::{BindError, ListenerTable, Prepared};
 use crate::supervisor::{
     Action, Event, Generation, Intent, RequestId, Supervisor, Trigger, WorkerId,
@@ -473,6 +474,10 @@ impl Master {
                     let _ = beats.send(());
                 }
             }
+            News::Ready(worker, _) if let Err(err) = Point::WorkerReady.check() => {
+                let cause = format!("its readiness was lost: {err}");
+                queue.push_back(Event::NotReadyBecause { worker, cause });
+            }
             News::Ready(worker, condition) => {
                 if let Some(ready) = self
                     .links
@@ -486,8 +491,14 @@ impl Master {
     }
 
     /// Carries out actions; events they produce at once go to `queue`. Returns the exit code
-    /// when the state machine asks to exit.
-    fn apply(&mut self, actions: Vec<Action>, queue: &mut VecDeque<Event>) -> Option<i32> {
+    /// when the state machine asks to exit. Drain requests and kills go first: their deadlines
+    /// run already, and nothing else (a verdict's answers, a configuration read) delays them.
+    fn apply(&mut self, mut actions: Vec<Action>, queue: &mut VecDeque<Event>) -> Option<i32> {
+        actions.sort_by_key(|a| match a {
+            Action::Drain { .. } | Action::Kill { .. } => 0,
+            Action::Exit { .. } => 2,
+            _ => 1,
+        });
         for action in actions {
             match action {
                 Action::Prepare { generation } => {
@@ -518,30 +529,22 @@ impl Master {
                         let _ = commands.send(message);
                     }
                 }
+                Action::Drain {
+                    worker,
+                    pid,
+                    deadline_ms,
+                    signal,
+                } => self.drain(worker, pid, deadline_ms, signal),
                 Action::Signal { pid, signal } => {
                     if let Err(err) = process::signal_process(pid, signal) {
                         debug!(pid, "cannot send {} to pid {pid}: {err}", signal.as_str());
                     }
                 }
-                Action::Kill { pid, pgid } => {
-                    // The worker leads its own process group: take its children with it. Signal
-                    // the main pid too, in case it left the group. (What left the group too goes
-                    // with the generation's cgroup, when the generation is released.)
-                    let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
-                    let _ = process::signal_process(pid, SignalNumber::SIGKILL);
-                }
+                Action::Kill { pid, pgid } => containment::kill(pid, pgid),
                 Action::KillGroup { pgid } => {
                     let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
                 }
-                Action::Forget { worker } => {
-                    if let Some(link) = self.links.remove(&worker) {
-                        for task in link.tasks {
-                            task.abort();
-                        }
-                        probe::remove_socket_files(&link.probe_files);
-                    }
-                    self.output.gone(worker.0);
-                }
+                Action::Forget { worker } => self.forget(worker),
                 Action::Release { generation } => {
                     let programs = self
                         .resources
@@ -552,6 +555,9 @@ impl Master {
                 }
                 Action::Exit { code } => return Some(code),
                 Action::Verdict(verdict) => {
+                    if verdict.result.is_ok() {
+                        Point::Promotion.pass();
+                    }
                     if self.told.ready && self.supervisor.snapshot(Instant::now()).reload.is_none()
                     {
                         self.notify(Notification::Ready);

@@ -67,6 +67,11 @@ pub struct Supervisor {
     /// Actions of the event being handled (empty between events).
     #[serde(skip)]
     actions: Vec<Action>,
+    /// Workers SIGKILLed and not reaped yet: when to kill them again (`None`: killed by the
+    /// event being handled). Not carried across an upgrade: the new program's next event
+    /// stamps nothing, and the kill already sent stands.
+    #[serde(skip)]
+    kills: BTreeMap<WorkerId, Option<Instant>>,
     #[serde(with = "crate::codec::mono_opt")]
     started: Option<Instant>,
 }
@@ -112,6 +117,7 @@ impl Supervisor {
             Event::Tick => self.on_tick(now),
         }
         self.advance_rollout(now);
+        self.stamp_kills(now);
         std::mem::take(&mut self.actions)
     }
 
@@ -516,8 +522,11 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if let (Some(pid), Some(pgid), false) = (w.pid, w.pgid, w.state == WorkerState::Killed) {
+        // Killed while it was still being spawned, it has no pid yet: the kill goes out when the
+        // pid comes (`on_spawned` kills it again; the fault tests found it left running).
+        if let (Some(pid), Some(pgid), false) = (w.pid, w.pgid, self.kills.contains_key(&id)) {
             self.actions.push(Action::Kill { pid, pgid });
+            self.kills.insert(id, None);
         }
         w.state = WorkerState::Killed;
     }

@@ -72,6 +72,19 @@ pub(crate) fn run(
         }
     }
     crate::logging::init(format);
+    // The test suite's fault points (issue 20); a build without them refuses `FAILPOINTS`.
+    match baton_core::faults::arm(std::env::var("FAILPOINTS").ok().as_deref()) {
+        Ok(armed) if armed.is_empty() => {}
+        Ok(armed) => {
+            let names: Vec<_> = armed.iter().map(|p| p.name()).collect();
+            tracing::warn!(event = "faults_armed", points = %names.join(","),
+                "fault points armed for a test: {}", names.join(", "));
+        }
+        Err(err) => {
+            tracing::error!(event = "faults_refused", "{err}");
+            return EX_USAGE;
+        }
+    }
     // One descriptor per listener, duplicated for each handoff; workers inherit the limit.
     match baton_sys::process::raise_fd_limit() {
         Ok(limit) => tracing::debug!("open file limit: {limit}"),
@@ -360,6 +373,15 @@ fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<
         }
         Err(err) => {
             eprintln!("baton: {err}");
+            match &request {
+                Request::Reload { wait: true } | Request::Verdict { .. } => eprintln!(
+                    "baton: no verdict came: if the master runs (baton status), baton history has it"
+                ),
+                Request::Upgrade { .. } => eprintln!(
+                    "baton: no verdict came: baton status shows which program runs the master"
+                ),
+                _ => {}
+            }
             Err(err.exit_code())
         }
     }

@@ -10,6 +10,7 @@ use std::path::Path;
 use super::Master;
 use crate::cgroups::{Containment, Unavailable};
 use crate::config::Cgroups;
+use crate::faults::Point;
 use crate::supervisor::Generation;
 
 /// The container for a master with control socket `socket`, as `policy` allows.
@@ -66,4 +67,16 @@ impl Master {
             containment.close();
         }
     }
+}
+
+/// SIGKILLs a worker: its process group (it leads one: its children go with it) and its main
+/// pid, in case it left the group. What left the group too goes with the generation's cgroup,
+/// when the generation is released.
+pub(super) fn kill(pid: u32, pgid: u32) {
+    if let Err(err) = Point::DrainKill.check() {
+        tracing::warn!(pid, "cannot kill pid {pid}: {err}");
+        return;
+    }
+    let _ = baton_sys::process::signal_group(pgid, baton_sys::process::SignalNumber::SIGKILL);
+    let _ = baton_sys::process::signal_process(pid, baton_sys::process::SignalNumber::SIGKILL);
 }

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use super::Master;
 use super::service_manager::Notification;
 use crate::config::{self, Config, WorkerConfig};
+use crate::faults::Point;
 use crate::listeners::{BindError, BoundSocket, GenerationListener};
 use crate::supervisor::{Generation, GenerationSpec, ProgramSpec};
 use crate::{control, metrics_http};
@@ -74,6 +75,9 @@ impl Master {
         let (config, prepared) = match self.initial.take() {
             Some(initial) => initial,
             None => {
+                Point::ConfigRead.check().map_err(|err| {
+                    config::ConfigError::at(&self.config_path, None, format!("cannot read: {err}"))
+                })?;
                 let config = config::load(&self.config_path)?;
                 // A moved metrics endpoint is bound first, and replaces the old one only if the
                 // listeners can be prepared too.

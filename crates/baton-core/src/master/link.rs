@@ -8,12 +8,14 @@ use std::path::PathBuf;
 
 use baton_proto::{Hello, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE, MasterMessage, WorkerMessage};
 use baton_sys::channel;
+use baton_sys::process::{self, SignalNumber};
 use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::readiness::{Condition, Gate, News};
 use crate::config::NotifyAccess;
+use crate::faults::Point;
 use crate::supervisor::{Event, WorkerId};
 
 /// Invalid packets a worker may send before the master stops listening to it.
@@ -41,6 +43,48 @@ pub(super) struct Link {
     /// Its probes' Unix socket files, removed once it is gone.
     pub(super) probe_files: Vec<PathBuf>,
     pub(super) output: Vec<std::sync::Arc<crate::output::Capture>>,
+}
+
+impl super::Master {
+    /// Asks `worker` to drain: its drain packet (baton protocol, with the time it has left) and
+    /// its drain signal. If that fails, it serves on until its drain deadline kills it.
+    pub(super) fn drain(
+        &mut self,
+        worker: WorkerId,
+        pid: u32,
+        deadline_ms: u64,
+        signal: Option<SignalNumber>,
+    ) {
+        if let Err(err) = Point::DrainRequest.check() {
+            warn!(
+                worker = worker.0,
+                pid,
+                "cannot ask worker {worker} (pid {pid}) to drain: {err}; its drain deadline kills it"
+            );
+            return;
+        }
+        if let Some(commands) = self.links.get(&worker).and_then(|l| l.commands.as_ref()) {
+            let _ = commands.send(MasterMessage::Drain { deadline_ms });
+        }
+        if let Some(signal) = signal
+            && let Err(err) = process::signal_process(pid, signal)
+        {
+            debug!(pid, "cannot send {} to pid {pid}: {err}", signal.as_str());
+        }
+    }
+}
+
+impl super::Master {
+    /// The worker is gone: its channel's tasks end, its probe files go, its output is done.
+    pub(super) fn forget(&mut self, worker: WorkerId) {
+        if let Some(link) = self.links.remove(&worker) {
+            for task in link.tasks {
+                task.abort();
+            }
+            super::probe::remove_socket_files(&link.probe_files);
+        }
+        self.output.gone(worker.0);
+    }
 }
 
 /// One worker's channel: hands over the listeners, then forwards the worker's packets as events
@@ -142,6 +186,7 @@ pub(super) async fn link_loop(
 
 /// Sends the manifest, then the descriptors in chunks of at most `SCM_MAX_FD`.
 async fn handoff(channel: &UnixDatagram, hello: Hello, fds: &[OwnedFd]) -> std::io::Result<()> {
+    Point::HandoffSend.check()?;
     let hello = baton_proto::encode(&MasterMessage::Hello(hello));
     channel::send_with_fds(channel, &hello, &[]).await?;
     for (i, chunk) in fds.chunks(MAX_FDS_PER_MESSAGE).enumerate() {

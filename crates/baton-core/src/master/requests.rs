@@ -6,9 +6,11 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use baton_proto::control as proto;
+use tracing::warn;
 
 use super::Master;
 use crate::control::ControlRequest;
+use crate::faults::Point;
 use crate::supervisor::{Event, Intent, RequestId, Trigger, Verdict};
 
 /// Stderr lines of the worker that failed a reload, in its verdict.
@@ -130,8 +132,19 @@ impl Master {
                     .unwrap_or_default(),
                 receipt: receipt.clone(),
             };
-            for waiter in self.waiters.remove(&request).unwrap_or_default() {
-                let _ = waiter.send(proto::Response::Verdict(answer.clone()));
+            let waiters = self.waiters.remove(&request).unwrap_or_default();
+            match Point::VerdictDelivery.check() {
+                Ok(()) => {
+                    for waiter in waiters {
+                        let _ = waiter.send(proto::Response::Verdict(answer.clone()));
+                    }
+                }
+                // As if their connections broke: the clients see them close; the verdict is
+                // kept below for a later `baton reload --request`.
+                Err(err) => warn!(
+                    request = request.0,
+                    "verdict of request {} not delivered: {err}", request.0
+                ),
             }
             self.verdicts.insert(request, answer);
             while self.verdicts.len() > KEPT_VERDICTS {

@@ -6,8 +6,11 @@
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
+use tracing::warn;
+
 use super::Master;
 use super::report::status_line;
+use crate::faults::Point;
 use crate::listeners::GenerationListener;
 use crate::supervisor::Phase;
 
@@ -50,6 +53,10 @@ impl Master {
     /// Hands `listeners` to the service manager's fd store.
     pub(super) fn store_fds(&mut self, listeners: &[GenerationListener]) {
         if self.options.notify.is_none() || listeners.is_empty() {
+            return;
+        }
+        if let Err(err) = Point::FdStoreUpdate.check() {
+            warn!("sd_notify: storing the listeners in the fd store: {err}");
             return;
         }
         let fds = listeners

@@ -29,6 +29,7 @@ use super::probe::probe_task;
 use super::readiness::{self, Condition, Gate, News};
 use super::worker_notify::notify_task;
 use crate::config::{LivenessCheck, Protocol, WorkerConfig};
+use crate::faults::Point;
 use crate::listeners::GenerationListener;
 use crate::supervisor::{Generation, WorkerId};
 
@@ -80,6 +81,12 @@ pub(super) enum SpawnError {
     Start {
         command: PathBuf,
         source: baton_sys::spawn::SpawnError,
+    },
+    /// A fault a test injected at [`Point::WorkerSpawn`].
+    #[error("cannot start {}: {source}", command.display())]
+    Fault {
+        command: PathBuf,
+        source: std::io::Error,
     },
 }
 
@@ -315,6 +322,12 @@ impl Master {
         let cgroup = self
             .cgroup_for(generation, program)
             .map_err(SpawnError::Cgroup)?;
+        Point::WorkerSpawn
+            .check()
+            .map_err(|source| SpawnError::Fault {
+                command: config.command.clone(),
+                source,
+            })?;
         process
             .spawn(cgroup)
             .map_err(|source| start_error(config, source))

@@ -40,6 +40,7 @@ use tracing::{debug, info, warn};
 use super::service_manager::Notification;
 use super::spawn::FIRST_FD;
 use super::{Input, Master, reap};
+use crate::faults::Point;
 use crate::supervisor::{Event, Generation, Intent, Phase, Trigger, WorkerId};
 use crate::upgrade::{
     CHECK_OK, ControlState, GenerationState, LinkState, NotifyLink, OutputState, STATE_FD_ENV,
@@ -404,6 +405,9 @@ impl Master {
             at_unix_ms: self.unix_ms_ago(Duration::ZERO),
         });
         let bytes = crate::upgrade::encode(&state)?;
+        Point::StateWrite
+            .check()
+            .map_err(UpgradeError::WriteState)?;
         let memfd = sys::sealed_memfd("baton-state", &bytes).map_err(UpgradeError::WriteState)?;
         if let Some(fd) = &pending.client {
             keep.push(fd.as_fd());
@@ -420,13 +424,27 @@ impl Master {
                 return Err(UpgradeError::Keep(err));
             }
         }
+        if let Err(source) = Point::Exec.check() {
+            restore(&keep);
+            return Err(UpgradeError::Exec {
+                binary: pending.binary.clone(),
+                source,
+            });
+        }
         // The environment as it was, minus what described the start (the sockets systemd
-        // passed are now in the state), plus where the state is.
+        // passed are now in the state; a test's fault points were this program's), plus where
+        // the state is.
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| {
-                !["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", STATE_FD_ENV]
-                    .iter()
-                    .any(|m| k == m)
+                ![
+                    "LISTEN_FDS",
+                    "LISTEN_PID",
+                    "LISTEN_FDNAMES",
+                    STATE_FD_ENV,
+                    "FAILPOINTS",
+                ]
+                .iter()
+                .any(|m| k == m)
             })
             .collect();
         env.push((STATE_FD_ENV.into(), sys::number(&memfd).to_string().into()));

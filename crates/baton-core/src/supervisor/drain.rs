@@ -4,13 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use baton_proto::MasterMessage;
 use baton_sys::process::SignalNumber;
 use tracing::{debug, info, warn};
 
 use super::model::{Action, Generation};
 use super::records::{Gen, GenState, StopMode, WorkerState};
 use super::{Supervisor, Trigger, WorkerId};
+
+/// How long a SIGKILLed worker may take to be reaped before it is killed again.
+pub(super) const KILL_AGAIN: Duration = Duration::from_secs(1);
 
 impl Supervisor {
     pub(super) fn begin_drain(&mut self, now: Instant, g: Generation) {
@@ -67,14 +69,12 @@ impl Supervisor {
             return;
         }
         w.state = WorkerState::Draining;
-        let deadline_ms = timeout.as_millis() as u64;
-        self.actions.push(Action::Send {
+        self.actions.push(Action::Drain {
             worker: id,
-            message: MasterMessage::Drain { deadline_ms },
+            pid,
+            deadline_ms: timeout.as_millis() as u64,
+            signal: program.drain_signal,
         });
-        if let Some(signal) = program.drain_signal {
-            self.actions.push(Action::Signal { pid, signal });
-        }
     }
 
     /// More generations drain than allowed: the oldest go first.
@@ -113,6 +113,52 @@ impl Supervisor {
                     &format!("more than {max} generations besides the serving one"),
                 );
             }
+        }
+    }
+
+    /// When the kills of the event just handled are due again.
+    pub(super) fn stamp_kills(&mut self, now: Instant) {
+        for at in self.kills.values_mut().filter(|at| at.is_none()) {
+            *at = Some(now + KILL_AGAIN);
+        }
+    }
+
+    /// When a SIGKILLed worker not reaped yet is killed again.
+    pub(super) fn next_kill_again(&self) -> Option<Instant> {
+        self.kills.values().flatten().min().copied()
+    }
+
+    /// Kills again the workers a SIGKILL has not ended within [`KILL_AGAIN`]: the kill may not
+    /// have been sent (it failed), or the process sleeps uninterruptibly (stuck in the kernel,
+    /// on a dead disk or NFS server: it ends when it wakes).
+    pub(super) fn kill_again(&mut self, now: Instant) {
+        let workers = &self.workers;
+        self.kills.retain(|id, _| {
+            workers
+                .get(id)
+                .is_some_and(|w| w.state == WorkerState::Killed)
+        });
+        let due: Vec<WorkerId> = self
+            .kills
+            .iter()
+            .filter(|(_, at)| at.is_some_and(|at| at <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(w) = self.workers.get(&id) else {
+                continue;
+            };
+            if let (Some(pid), Some(pgid)) = (w.pid, w.pgid) {
+                warn!(
+                    event = "worker_killed_again",
+                    worker = id.0,
+                    pid,
+                    "worker {id} (pid {pid}) still runs {} ms after SIGKILL: killed again (the kill failed, or it sleeps in the kernel)",
+                    KILL_AGAIN.as_millis()
+                );
+                self.actions.push(Action::Kill { pid, pgid });
+            }
+            self.kills.insert(id, Some(now + KILL_AGAIN));
         }
     }
 

@@ -5,8 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use baton_proto::MasterMessage;
-
 use super::Supervisor;
 use super::model::{Action, Generation, GenerationSpec, ProgramSpec, RequestId, WorkerId};
 use super::records::{GenState, Slot, Worker, WorkerState};
@@ -57,6 +55,7 @@ impl Supervisor {
             .chain(restarts)
             .chain(self.canary.as_ref().map(|c| c.until))
             .chain(self.rollout_deadline())
+            .chain(self.next_kill_again())
             .min()
     }
 
@@ -67,16 +66,16 @@ impl Supervisor {
         self.workers
             .iter()
             .filter(|(_, w)| w.state == WorkerState::Draining)
-            .map(|(&worker, w)| {
+            .filter_map(|(&worker, w)| {
                 let left = self
                     .drain_deadline(w)
                     .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
-                Action::Send {
+                Some(Action::Drain {
                     worker,
-                    message: MasterMessage::Drain {
-                        deadline_ms: left.as_millis() as u64,
-                    },
-                }
+                    pid: w.pid?,
+                    deadline_ms: left.as_millis() as u64,
+                    signal: None,
+                })
             })
             .collect()
     }

@@ -206,6 +206,14 @@ pub enum Action {
         worker: WorkerId,
         message: MasterMessage,
     },
+    /// Ask a worker to drain: the drain packet over its channel (if it has one) with the time
+    /// it has left, and its drain signal (`None`: none configured, or asked again).
+    Drain {
+        worker: WorkerId,
+        pid: u32,
+        deadline_ms: u64,
+        signal: Option<SignalNumber>,
+    },
     /// Send a signal to one worker process.
     Signal { pid: u32, signal: SignalNumber },
     /// SIGKILL the worker's process group (`pgid`, the pid it was started as) and its main

@@ -156,10 +156,7 @@ fn drained(actions: &[Action]) -> Vec<WorkerId> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Send {
-                worker,
-                message: MasterMessage::Drain { .. },
-            } => Some(*worker),
+            Action::Drain { worker, .. } => Some(*worker),
             _ => None,
         })
         .collect()
@@ -209,8 +206,8 @@ fn a_reload_drains_the_old_generation_only_after_the_new_one_is_ready() {
         .filter(|a| {
             matches!(
                 a,
-                Action::Signal {
-                    signal: SignalNumber::SIGTERM,
+                Action::Drain {
+                    signal: Some(SignalNumber::SIGTERM),
                     ..
                 }
             )
@@ -294,15 +291,13 @@ fn a_worker_that_exits_before_ready_fails_the_reload_and_leaves_the_old_generati
     // ready), not killed; nothing is sent to the old workers.
     assert!(killed(&actions).is_empty(), "{actions:?}");
     assert_eq!(drained(&actions), vec![new[1]]);
-    assert!(actions.contains(&Action::Send {
+    assert!(actions.contains(&Action::Drain {
         worker: new[1],
-        message: MasterMessage::Drain { deadline_ms: 5000 }
-    }));
-    assert!(actions.contains(&Action::Signal {
         pid: pid_of(new[1]),
-        signal: SignalNumber::SIGTERM
+        deadline_ms: 5000,
+        signal: Some(SignalNumber::SIGTERM)
     }));
-    assert!(!actions.iter().any(|a| matches!(a, Action::Signal { pid, .. } if *pid == pid_of(old[0]) || *pid == pid_of(old[1]))));
+    assert!(!actions.iter().any(|a| matches!(a, Action::Drain { pid, .. } | Action::Signal { pid, .. } if *pid == pid_of(old[0]) || *pid == pid_of(old[1]))));
     let verdict = h.s.history().last().unwrap().verdict.clone().unwrap_err();
     assert!(
         verdict.contains("exited with status 3 before it was ready"),
@@ -389,6 +384,42 @@ fn an_unreadable_config_fails_the_reload_without_spawning() {
 }
 
 #[test]
+fn a_worker_still_spawning_when_its_generation_fails_is_killed_once_it_has_a_pid() {
+    let mut h = Harness::new();
+    h.serving(2);
+    let prepare = h.ev(Event::Intent(usr2()));
+    let g = match prepare[..] {
+        [Action::Prepare { generation }] => generation,
+        _ => panic!("{prepare:?}"),
+    };
+    let spawns = h.ev(Event::Prepared {
+        generation: g,
+        result: Ok(spec(2)),
+    });
+    let new = spawned(&spawns);
+    // The first spawn fails: the generation fails while the second is still being spawned.
+    h.ev(Event::Spawned {
+        worker: new[0],
+        result: Err("fault injected".into()),
+    });
+    assert_eq!(
+        h.s.history()
+            .last()
+            .unwrap()
+            .verdict
+            .as_ref()
+            .err()
+            .map(String::as_str),
+        Some("worker 3 of generation 2 could not be started: fault injected")
+    );
+    let late = h.ev(Event::Spawned {
+        worker: new[1],
+        result: Ok(pid_of(new[1])),
+    });
+    assert_eq!(killed(&late), vec![pid_of(new[1])], "{late:?}");
+}
+
+#[test]
 fn a_draining_generation_is_killed_at_its_deadline_and_not_before() {
     let mut h = Harness::new();
     let old = h.serving(1);
@@ -398,11 +429,14 @@ fn a_draining_generation_is_killed_at_its_deadline_and_not_before() {
     assert!(h.ev(Event::Tick).is_empty());
     h.advance(Duration::from_secs(1));
     assert_eq!(killed(&h.ev(Event::Tick)), vec![pid_of(old[0])]);
-    assert_eq!(
-        h.s.next_deadline(),
-        None,
-        "killed once, then only waited for"
-    );
+    // Not reaped a second later (the kill failed, or it sleeps in the kernel): killed again,
+    // once a second, until it is gone.
+    assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(1)));
+    h.advance(Duration::from_millis(999));
+    assert!(h.ev(Event::Tick).is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(killed(&h.ev(Event::Tick)), vec![pid_of(old[0])]);
+    assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(1)));
     let gone = h.ev(Event::Exited {
         pid: pid_of(old[0]),
         status: ExitKind::Signaled(SignalNumber::SIGKILL),
@@ -410,6 +444,11 @@ fn a_draining_generation_is_killed_at_its_deadline_and_not_before() {
     assert!(gone.contains(&Action::Release {
         generation: Generation(1)
     }));
+    assert_eq!(
+        h.s.next_deadline(),
+        None,
+        "reaped: nothing left to wait for"
+    );
 }
 
 #[test]
@@ -953,9 +992,11 @@ fn a_supervisor_that_crosses_an_upgrade_decides_the_same_and_resends_the_drains(
     assert_eq!(drains.len(), 2, "{drains:?}");
     for action in &drains {
         match action {
-            Action::Send {
+            Action::Drain {
                 worker,
-                message: MasterMessage::Drain { deadline_ms },
+                deadline_ms,
+                signal: None,
+                ..
             } => {
                 assert!(old.contains(worker));
                 assert!((19_000..=20_000).contains(deadline_ms), "{deadline_ms}");

@@ -191,6 +191,7 @@ impl Supervisor {
         let Some(w) = self.workers.remove(&id) else {
             return;
         };
+        self.kills.remove(&id);
         if let Some(pgid) = w.pgid {
             self.actions.push(Action::KillGroup { pgid });
         }
@@ -291,6 +292,7 @@ impl Supervisor {
     }
 
     pub(super) fn on_tick(&mut self, now: Instant) {
+        self.kill_again(now);
         if self.canary.as_ref().is_some_and(|c| c.until <= now) {
             self.confirm_canary(now);
         }

@@ -63,10 +63,7 @@ impl World {
                         queue.extend(self.h.ready(&[worker]));
                     }
                 }
-                Action::Send {
-                    worker,
-                    message: MasterMessage::Drain { .. },
-                } => {
+                Action::Drain { worker, .. } => {
                     self.drained.push(worker);
                     if self.hold {
                         self.held.push(worker);
