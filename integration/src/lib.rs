@@ -15,6 +15,7 @@ pub mod load;
 pub mod procfs;
 pub mod recipes;
 pub mod storm;
+pub mod syscalls;
 pub mod systemd;
 
 use std::io::{BufRead, BufReader};
@@ -216,6 +217,46 @@ impl TestConfig {
         }
         y
     }
+}
+
+/// `web` hello-workers and one `stubborn` it-worker (it ignores its drain request: only its drain
+/// deadline, 1 s, ends it, so every reload kills one worker) on listener `http` at `port` (and
+/// `extra` at `extra`), the web workers with these timeouts; `supervisor` adds lines under
+/// `supervisor:` (indented).
+pub fn web_and_stubborn_yaml(
+    port: u16,
+    extra: Option<u16>,
+    web: usize,
+    (ready_timeout, drain_timeout): (&str, &str),
+    supervisor: &str,
+) -> String {
+    let extra = extra.map_or_else(String::new, |p| {
+        format!("  - name: extra\n    address: \"127.0.0.1:{p}\"\n")
+    });
+    format!(
+        r#"listeners:
+  - name: http
+    address: "127.0.0.1:{port}"
+{extra}workers:
+  - name: web
+    command: {hello}
+    processes: {web}
+    ready_timeout: {ready_timeout}
+    drain_timeout: {drain_timeout}
+  - name: stubborn
+    command: {it}
+    env: {{IT_MODE: stubborn}}
+    processes: 1
+    ready_timeout: {ready_timeout}
+    drain_timeout: 1s
+supervisor:
+{supervisor}  runtime_dir: "{{dir}}/run"
+  control:
+    socket: "{{dir}}/baton.sock"
+"#,
+        hello = binaries().hello_worker.display(),
+        it = binaries().it_worker.display(),
+    )
 }
 
 /// Runs `baton <args> -s <socket>`, optionally as another user (`uid`, same gid), and returns
@@ -787,13 +828,39 @@ impl Master {
         );
         let failed = self.events("reload_failed");
         assert!(failed.is_empty(), "{failed:?}");
-        let succeeded: BTreeSet<u64> = self
-            .events("reload_succeeded")
-            .iter()
-            .map(|v| v["reload"].as_u64().unwrap())
-            .collect();
-        assert_eq!(succeeded, started, "every reload has a verdict");
+        self.assert_one_verdict_per_reload(&started);
         started.len()
+    }
+
+    /// Every reload in `started` has exactly one verdict (succeeded or failed), and no other
+    /// reload has one. Returns how many failed.
+    pub fn assert_one_verdict_per_reload(
+        &self,
+        started: &std::collections::BTreeSet<u64>,
+    ) -> usize {
+        let mut verdicts = std::collections::BTreeMap::<u64, usize>::new();
+        let mut failed = 0;
+        for (name, v) in ["reload_succeeded", "reload_failed"]
+            .into_iter()
+            .flat_map(|name| self.events(name).into_iter().map(move |v| (name, v)))
+        {
+            *verdicts.entry(v["reload"].as_u64().unwrap()).or_default() += 1;
+            failed += usize::from(name == "reload_failed");
+        }
+        let twice: Vec<_> = verdicts.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "reloads with more than one verdict: {twice:?}"
+        );
+        assert_eq!(
+            verdicts
+                .keys()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>(),
+            *started,
+            "every reload has a verdict"
+        );
+        failed
     }
 }
 

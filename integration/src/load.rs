@@ -138,6 +138,28 @@ impl Load {
     }
 }
 
+/// Fresh-connection clients and keep-alive clients at once (`clients` of each), until
+/// [`Mixed::finish`] (or a minute at most).
+#[derive(Debug)]
+pub struct Mixed {
+    fresh: Load,
+    kept: Load,
+}
+
+impl Mixed {
+    pub fn start(addr: SocketAddr, clients: usize) -> Mixed {
+        Mixed {
+            fresh: Load::until_finished(addr, Mode::Fresh, clients),
+            kept: Load::until_finished(addr, Mode::KeepAlive, clients),
+        }
+    }
+
+    /// The fresh clients' report and the keep-alive clients'.
+    pub fn finish(self) -> (Report, Report) {
+        (self.fresh.finish(), self.kept.finish())
+    }
+}
+
 /// Runs `n` fresh-connection requests one after another and returns the report.
 pub fn requests(addr: SocketAddr, n: u64) -> Report {
     let bounds = Bounds {

@@ -40,6 +40,15 @@ pub fn socket_inodes(pid: u32) -> BTreeSet<u64> {
         .collect()
 }
 
+/// A number from `/proc/PID/status` (`Threads`, `TracerPid`...), if `pid` runs.
+pub fn status_number(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `(fd number, link target)` for every open descriptor of `pid`.
 pub fn fds(pid: u32) -> Vec<(u32, String)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {

@@ -35,8 +35,10 @@ mod suite {
     mod recipes;
     mod rolling;
     mod signals;
+    mod syscalls;
     mod systemd;
     mod systemd_workers;
+    mod torture;
     mod upgrade;
     mod zero_loss;
 }

@@ -37,11 +37,17 @@ pub async fn send_with_fds(
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let mut patience = std::time::Duration::from_millis(10);
+    // Set when a wait for writability ended without a wakeup: tokio then still believes the
+    // socket unwritable and would not even try, so the next try is `sendmsg` itself.
+    let mut stale = false;
     loop {
-        sock.writable().await?;
-        // sendfd's tokio implementation clears readiness on EWOULDBLOCK, so this loop waits for
-        // the peer to read instead of spinning.
-        match sock.send_with_fd(packet, &raw) {
+        let sent = if stale {
+            send_now(sock, packet, &raw)
+        } else {
+            sock.send_with_fd(packet, &raw)
+        };
+        match sent {
             Ok(sent) if sent == packet.len() => return Ok(()),
             Ok(sent) => {
                 return Err(io::Error::new(
@@ -49,10 +55,29 @@ pub async fn send_with_fds(
                     format!("packet truncated: sent {sent} of {} bytes", packet.len()),
                 ));
             }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            // Usually the peer's queue is full, and its reading makes the socket writable
+            // (sendfd's tokio implementation cleared the readiness, so this waits, not spins).
+            // The kernel also says EAGAIN when it is short of memory for the packet, and then
+            // no wakeup need come: try again after a while anyway, backing off to a second.
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                stale = tokio::time::timeout(patience, sock.writable())
+                    .await
+                    .is_err();
+                patience = (patience * 2).min(std::time::Duration::from_secs(1));
+            }
             Err(err) => return Err(err),
         }
     }
+}
+
+/// `sendmsg` on the socket now, whatever tokio believes of its readiness.
+fn send_now(sock: &UnixDatagram, packet: &[u8], raw: &[RawFd]) -> io::Result<usize> {
+    let iov = [io::IoSlice::new(packet)];
+    let rights = [socket::ControlMessage::ScmRights(raw)];
+    let cmsgs: &[socket::ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    socket::sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)
 }
 
 /// One received packet.

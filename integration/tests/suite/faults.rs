@@ -21,9 +21,9 @@ use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use baton_integration::load::{Bounds, Load, Mode, Report};
+use baton_integration::load::Mixed;
 use baton_integration::procfs::zombies;
-use baton_integration::{Master, binaries, eventually, free_port};
+use baton_integration::{Master, eventually, free_port};
 use serde_json::Value;
 
 /// Web workers (hello-worker, baton protocol) and one stubborn worker (ignores its drain
@@ -60,56 +60,7 @@ fn passes_at_start(point: &str) -> usize {
 }
 
 fn config(port: u16, extra: Option<u16>) -> String {
-    let extra = extra.map_or_else(String::new, |p| {
-        format!("  - name: extra\n    address: \"127.0.0.1:{p}\"\n")
-    });
-    format!(
-        r#"listeners:
-  - name: http
-    address: "127.0.0.1:{port}"
-{extra}workers:
-  - name: web
-    command: {hello}
-    processes: {WEB}
-    ready_timeout: 2s
-    drain_timeout: 2s
-  - name: stubborn
-    command: {it}
-    env: {{IT_MODE: stubborn}}
-    processes: 1
-    ready_timeout: 2s
-    drain_timeout: 1s
-supervisor:
-  runtime_dir: "{{dir}}/run"
-  control:
-    socket: "{{dir}}/baton.sock"
-"#,
-        hello = binaries().hello_worker.display(),
-        it = binaries().it_worker.display(),
-    )
-}
-
-struct Loads {
-    fresh: Load,
-    kept: Load,
-}
-
-impl Loads {
-    fn start(addr: SocketAddr) -> Loads {
-        let bounds = || Bounds {
-            clients: CLIENTS,
-            duration: Duration::from_secs(60),
-            max_requests_per_client: 200_000,
-        };
-        Loads {
-            fresh: Load::start(addr, Mode::Fresh, bounds()),
-            kept: Load::start(addr, Mode::KeepAlive, bounds()),
-        }
-    }
-
-    fn finish(self) -> (Report, Report) {
-        (self.fresh.finish(), self.kept.finish())
-    }
+    baton_integration::web_and_stubborn_yaml(port, extra, WEB, ("2s", "2s"), "")
 }
 
 /// Waits (bounded) for a control client and returns its exit code, stdout and stderr.
@@ -156,7 +107,7 @@ fn inject(point: &'static str, fault: Fault) {
     assert_eq!(workers_at_start, WORKERS, "{label}");
     let baseline_fds = master.fd_count();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let loads = Loads::start(addr);
+    let loads = Mixed::start(addr, CLIENTS);
     if let Some(extra) = extra {
         master.write_config(&config(port, Some(extra)));
     }
@@ -374,4 +325,54 @@ fn upgrade_state_write() {
 #[test]
 fn upgrade_exec() {
     every_fault("upgrade.exec");
+}
+
+/// What a master kill costs where no service manager holds the listeners (plain `baton run`,
+/// a shell loop or a container restarting it): the workers end with their master (its guard, or
+/// the drain signal of their parent's death) and the port stays closed until the next master
+/// binds it. Measured here with the next master started as soon as the first is reaped; under
+/// systemd with the fd store clients wait instead (`systemd.rs`).
+#[test]
+fn a_master_killed_without_a_service_manager_costs_what_its_workers_held_and_the_restart() {
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let mut master = Master::start(
+        "kill-cost",
+        &baton_integration::TestConfig::hello(&address, WEB),
+    );
+    let addr: SocketAddr = address.parse().unwrap();
+    let load = Mixed::start(addr, CLIENTS);
+    std::thread::sleep(Duration::from_secs(1)); // the load runs for a second: a duration, not a wait
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(master.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    master.wait_exit(Duration::from_secs(10));
+    let reaped = killed.elapsed();
+    let successor = master.successor("kill-cost-2");
+    successor.wait_event("serving", Duration::from_secs(30), |_| true);
+    let back = killed.elapsed();
+    let (fresh, kept) = load.finish();
+    eprintln!(
+        "master killed: reaped after {reaped:?}, the next master served after {back:?}; fresh {} / kept-alive {}",
+        fresh.summary(),
+        kept.summary()
+    );
+    // Requests fail only by a refused or reset connection while no master serves: none hangs
+    // and none is answered wrongly.
+    for report in [&fresh, &kept] {
+        assert!(
+            report
+                .failures
+                .keys()
+                .all(|k| k == "refused" || k == "reset"),
+            "{}",
+            report.summary()
+        );
+    }
+    assert!(back < Duration::from_secs(10), "{back:?}");
+    let r = baton_integration::load::requests(addr, 20);
+    assert_eq!(r.ok, 20, "{}", r.summary());
 }

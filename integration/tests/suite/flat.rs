@@ -15,14 +15,7 @@ struct Footprint {
 }
 
 fn threads(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    procfs::status_number(pid, "Threads").unwrap_or(0)
 }
 
 fn footprint(master: &Master) -> Footprint {
