@@ -102,12 +102,13 @@ fn client_config() -> quinn::ClientConfig {
     ))
 }
 
-/// One connection to `addr`: a request every `every` for `life`, then a clean close.
+/// One connection to `addr`: a request every `every` for `life`, then a clean close. A request
+/// unanswered after `patience` breaks it.
 async fn connection(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     life: Duration,
-    every: Duration,
+    (every, patience): (Duration, Duration),
 ) -> Connection {
     let mut c = Connection {
         started: Instant::now(),
@@ -146,7 +147,7 @@ async fn connection(
     let mut tick = tokio::time::interval(every);
     while c.started.elapsed() < life {
         tick.tick().await;
-        let answer = tokio::time::timeout(Duration::from_secs(3), request(&mut send, addr)).await;
+        let answer = tokio::time::timeout(patience, request(&mut send, addr)).await;
         match answer {
             Ok(Ok(generation)) => c.answers.push(Some(generation)),
             Ok(Err(e)) => {
@@ -196,13 +197,14 @@ async fn request(
         .ok_or_else(|| format!("no generation in {:?}", response.headers()))
 }
 
-/// `clients` clients, each running connections of `life` (a request every `every`) back to
-/// back until `stop`, staggered so that connections start all along. Bounded: 2 minutes.
+/// `clients` clients, each running connections of `life` (a request every `every`, each given
+/// `patience` for its answer) back to back until `stop`, staggered so that connections start
+/// all along. Bounded: 2 minutes.
 pub fn run(
     addr: SocketAddr,
     clients: usize,
     life: Duration,
-    every: Duration,
+    (every, patience): (Duration, Duration),
     stop: Arc<AtomicBool>,
 ) -> Vec<Connection> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -222,7 +224,7 @@ pub fn run(
                 let deadline = Instant::now() + Duration::from_secs(120);
                 let mut done = Vec::new();
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    done.push(connection(&endpoint, addr, life, every).await);
+                    done.push(connection(&endpoint, addr, life, (every, patience)).await);
                 }
                 endpoint.wait_idle().await;
                 done

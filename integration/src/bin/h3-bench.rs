@@ -38,7 +38,7 @@ fn measure(name: &str, port: u16, seconds: u64, mut reload: impl FnMut() -> bool
                 addr,
                 8,
                 Duration::from_secs(3),
-                Duration::from_millis(50),
+                (Duration::from_millis(50), Duration::from_secs(3)),
                 stop,
             )
         })

@@ -260,11 +260,12 @@ fn a_failed_reload_leaves_quic_traffic_on_the_serving_generation() {
 }
 
 /// `clients` HTTP/3 clients on a thread of their own, each running connections of `life` (a
-/// request every 50 ms) back to back until the flag is set.
+/// request every 50 ms, unanswered after `patience`: broken) back to back until the flag is set.
 fn h3_clients(
     port: u16,
     clients: usize,
     life: Duration,
+    patience: Duration,
 ) -> (
     Arc<AtomicBool>,
     std::thread::JoinHandle<Vec<baton_integration::h3client::Connection>>,
@@ -273,7 +274,13 @@ fn h3_clients(
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let thread = std::thread::spawn(move || {
-        baton_integration::h3client::run(addr, clients, life, Duration::from_millis(50), flag)
+        baton_integration::h3client::run(
+            addr,
+            clients,
+            life,
+            (Duration::from_millis(50), patience),
+            flag,
+        )
     });
     (stop, thread)
 }
@@ -291,7 +298,11 @@ fn h3_under_reloads(
         &h3_worker_yaml(port, quic, &binaries().h3_worker, "{}"),
     );
     master.wait_event("serving", Duration::from_secs(30), |_| true);
-    let (stop, clients) = h3_clients(port, 8, Duration::from_secs(3));
+    // Steered, what is counted is lost requests, not slow ones: a loaded CI machine (one run
+    // saw a request answered nowhere within 3 s) gets 10 s. Unsteered, a stalled connection
+    // breaks at 3 s, as the numbers in docs/quic.md were measured.
+    let patience = Duration::from_secs(if quic { 10 } else { 3 });
+    let (stop, clients) = h3_clients(port, 8, Duration::from_secs(3), patience);
     let n = reloads(&master, Duration::from_millis(500), run);
     stop.store(true, Ordering::Relaxed);
     let done = clients.join().unwrap();
@@ -355,7 +366,12 @@ fn a_failed_reload_leaves_http3_connections_on_the_serving_generation() {
         &h3_worker_yaml(port, true, &binaries().h3_worker, "{}"),
     );
     master.wait_event("serving", Duration::from_secs(30), |_| true);
-    let (stop, clients) = h3_clients(port, 4, Duration::from_millis(1500));
+    let (stop, clients) = h3_clients(
+        port,
+        4,
+        Duration::from_millis(1500),
+        Duration::from_secs(10),
+    );
     master.write_config(&h3_worker_yaml(
         port,
         true,
