@@ -15,7 +15,8 @@
 //! - the next reload succeeds (after a master kill: a new master, which ends what the killed
 //!   one left behind, serves and reloads).
 //!
-//! `fdstore.update` is passed only under a service manager: `systemd.rs` injects it.
+//! `fdstore.update` is passed only under a service manager: `systemd.rs` injects its error under
+//! the booted systemd.
 
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;

@@ -321,6 +321,71 @@ fn a_killed_master_is_restarted_with_its_listener_from_the_fd_store_and_clients_
     );
 }
 
+/// The fault point `fdstore.update` (docs/reliability.md): when handing the listener to the fd
+/// store fails, the master says so and serves on; killed, it is restarted all the same, but its
+/// socket died with it: a client in the restart window is refused, where the fd store would
+/// have kept it waiting (the test above).
+#[test]
+fn a_failed_fd_store_update_is_logged_and_a_killed_master_then_costs_refused_connections() {
+    let config_path = Systemd::workdir("fdstore-fault").join("baton.yaml");
+    std::fs::write(&config_path, config("")).unwrap();
+    let unit = strict_unit(&config_path).replacen(
+        "[Service]\n",
+        "[Service]\nEnvironment=FAILPOINTS=fdstore.update=return(error)\n",
+        1,
+    );
+    assert!(unit.contains("FAILPOINTS"), "{unit}");
+    let sd = Systemd::boot("fdstore-fault", &[("baton.service", unit)]);
+    assert!(
+        ok(&sd.systemctl(&["start", "baton.service"])),
+        "{}",
+        sd.journal("baton")
+    );
+    let journal = sd.journal("baton.service");
+    assert!(
+        journal.contains(
+            "sd_notify: storing the listeners in the fd store: fault injected at fdstore.update"
+        ),
+        "{journal}"
+    );
+    assert!(serves(&sd), "it serves all the same");
+    let before = sd.listening_inodes(PORT);
+    let main_pid = sd.show("baton.service", "MainPID");
+    kill9(&sd, &main_pid);
+    eventually(
+        Duration::from_secs(10),
+        "the old workers gone, the restart pending, the port closed",
+        || {
+            let workers = sd
+                .command("pgrep")
+                .args(["-f", "hello-worker"])
+                .output()
+                .ok()?;
+            let state = sd.show("baton.service", "ActiveState");
+            (workers.stdout.is_empty() && state != "active" && sd.listening_inodes(PORT).is_empty())
+                .then_some(())
+        },
+    );
+    let during = report(sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "1", "20", "/", "1"]));
+    eprintln!(
+        "a request sent during the restart window without the fd store: {}",
+        during["summary"]
+    );
+    assert_eq!(during["ok"], 0, "refused: {during}");
+    eventually(
+        Duration::from_secs(10),
+        "the unit to be active again",
+        || (sd.show("baton.service", "ActiveState") == "active").then_some(()),
+    );
+    assert_eq!(sd.show("baton.service", "NRestarts"), "1");
+    assert!(serves(&sd), "the restarted master serves");
+    assert_ne!(
+        sd.listening_inodes(PORT),
+        before,
+        "a new socket, bound again"
+    );
+}
+
 #[test]
 fn with_a_socket_unit_baton_adopts_systemds_socket() {
     let socket = std::fs::read_to_string(concat!(
