@@ -224,3 +224,28 @@ pub fn go_yaml(binary: &Path, port: u16) -> String {
         ),
     )
 }
+
+/// The Python example (`examples/python-worker`, systemd protocol, `READY=1`) on `port`.
+pub fn python_yaml(port: u16) -> String {
+    recipe_yaml(
+        port,
+        "",
+        &format!(
+            "  command: {}\n  protocol: systemd\n  ready: notify\n  processes: 2\n  ready_timeout: 10s\n  drain_timeout: 10s\n",
+            example("python-worker/server.py").display()
+        ),
+    )
+}
+
+/// The Node example (`examples/node-worker`, systemd protocol) on `port`: Node cannot
+/// `sd_notify`, so its readiness is a probe it answers on a Unix socket of its own.
+pub fn node_yaml(port: u16) -> String {
+    recipe_yaml(
+        port,
+        "",
+        &format!(
+            "  command: {}\n  protocol: systemd\n  ready: {{http: \"{{dir}}/run/probe-{{worker}}.sock\", path: /ready}}\n  processes: 2\n  ready_timeout: 10s\n  drain_timeout: 10s\n",
+            example("node-worker/server.js").display()
+        ),
+    )
+}

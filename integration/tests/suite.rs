@@ -39,6 +39,7 @@ mod suite {
     mod systemd;
     mod systemd_workers;
     mod torture;
+    mod unit_hardening;
     mod upgrade;
     mod zero_loss;
 }

@@ -17,7 +17,7 @@ for f in usr/bin/baton lib/systemd/system/baton.service etc/baton/baton.yaml \
          usr/share/man/man1/baton.1.gz usr/share/bash-completion/completions/baton \
          usr/share/zsh/vendor-completions/_baton usr/share/fish/vendor_completions.d/baton.fish \
          usr/share/doc/baton/README.md usr/share/doc/baton/operations.md \
-         usr/share/doc/baton/examples/baton.socket; do
+         usr/share/doc/baton/examples/baton.socket usr/share/doc/baton/examples/baton-strict.conf; do
     [ -e "$root/$f" ] || fail "missing /$f"
 done
 grep -qx /etc/baton/baton.yaml "$root/DEBIAN/conffiles" || fail "/etc/baton/baton.yaml is not a conffile"
