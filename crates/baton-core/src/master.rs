@@ -23,6 +23,7 @@
 //! - `queues`: the listeners' accept queues, reload receipts, `queue_watch`;
 //! - `requests`: control requests and the verdicts clients wait for;
 //! - `report`: the views (status, metrics, history, the systemd status line);
+//! - `health`: the metrics endpoint's pages, `/healthz` and `/livez` among them;
 //! - `service_manager`: what the master tells systemd;
 //! - `upgrade`: `baton upgrade`, the master replacing its own program.
 //!
@@ -53,6 +54,7 @@ mod capture;
 mod containment;
 mod generations;
 mod guard;
+mod health;
 mod link;
 mod liveness;
 mod memory;
@@ -439,7 +441,7 @@ impl Master {
                 },
                 Some(news) = self.events_rx.recv() => self.on_news(news, &mut queue),
                 Some(ask) = self.metrics_rx.recv() => {
-                    let _ = ask.send(self.metrics());
+                    let _ = ask.reply.send(self.page(ask.page));
                 }
                 Some(request) = control_rx.recv() => {
                     if let Some(code) = self.on_control(request, &mut queue) {

@@ -1,6 +1,8 @@
 //! The metrics endpoint (`supervisor.metrics_listen`): `GET /metrics` over HTTP/1.1, answering
 //! the text of `baton metrics` (Prometheus text format 0.0.4), for a scraper that cannot run a
-//! command.
+//! command; and two probes for an orchestrator (kubelet): `GET /healthz`, 200 while a
+//! generation serves and no stop has begun, else 503; `GET /livez`, 200 when the master's event
+//! loop answers (within [`ANSWER_TIMEOUT`]), else 503.
 //!
 //! It reads only: the text comes from the master's event loop through a channel, like a
 //! control request, and nothing a client sends can change anything. A client is bounded in
@@ -31,8 +33,27 @@ pub const MAX_CLIENTS: usize = 16;
 /// How long the event loop may take to produce the text before the answer is 503.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A request for the metrics text, answered by the master's event loop.
-pub type Ask = oneshot::Sender<String>;
+/// What a client asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    Metrics,
+    Health,
+    Live,
+}
+
+/// A page's answer from the event loop: whether it is good news (200, else 503), and the text.
+#[derive(Debug)]
+pub struct Answer {
+    pub ok: bool,
+    pub text: String,
+}
+
+/// A request for a page, answered by the master's event loop.
+#[derive(Debug)]
+pub struct Ask {
+    pub page: Page,
+    pub reply: oneshot::Sender<Answer>,
+}
 
 /// A bound endpoint, not yet serving.
 #[derive(Debug)]
@@ -84,12 +105,17 @@ async fn answer(
         *response.status_mut() = status;
         response
     };
-    if req.uri().path() != "/metrics" {
-        return Ok(reply(
-            StatusCode::NOT_FOUND,
-            "baton serves GET /metrics only\n".into(),
-        ));
-    }
+    let page = match req.uri().path() {
+        "/metrics" => Page::Metrics,
+        "/healthz" => Page::Health,
+        "/livez" => Page::Live,
+        _ => {
+            return Ok(reply(
+                StatusCode::NOT_FOUND,
+                "baton serves GET /metrics, /healthz and /livez only\n".into(),
+            ));
+        }
+    };
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         let mut response = reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -101,23 +127,31 @@ async fn answer(
         return Ok(response);
     }
     let (tx, rx) = oneshot::channel();
-    let text = match ask.send(tx).await {
+    let answer = match ask.send(Ask { page, reply: tx }).await {
         Ok(()) => tokio::time::timeout(ANSWER_TIMEOUT, rx)
             .await
             .ok()
             .and_then(Result::ok),
         Err(_) => None,
     };
-    let Some(text) = text else {
+    let Some(answer) = answer else {
         return Ok(reply(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the master did not answer (stopping?)\n".into(),
+            "the master did not answer (stopping, or its event loop is stuck)\n".into(),
         ));
     };
-    let mut response = reply(StatusCode::OK, text);
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
+    let status = if answer.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = reply(status, answer.text);
+    let content_type = match page {
+        Page::Metrics => "text/plain; version=0.0.4; charset=utf-8",
+        Page::Health | Page::Live => "text/plain; charset=utf-8",
+    };
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(response)
 }

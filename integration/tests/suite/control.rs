@@ -872,3 +872,78 @@ fn settings_read_only_at_start_are_named_by_the_reload_and_check_and_the_master_
         (!moved.exists() && std::fs::symlink_metadata(&moved).is_err()).then_some(())
     });
 }
+
+/// The kubelet's probes where the metrics endpoint listens (docs/operations.md): `/healthz` is
+/// ready only while a generation serves and no stop has begun; `/livez` answers while the
+/// master's event loop turns, and not when it is stopped.
+#[test]
+fn healthz_is_ready_only_while_a_generation_serves_and_livez_only_while_the_loop_turns() {
+    let port = free_port();
+    let endpoint = free_port();
+    let it = binaries().it_worker.display().to_string();
+    let yaml = format!(
+        r#"listeners:
+  - name: http
+    address: "127.0.0.1:{port}"
+supervisor:
+  metrics_listen: "127.0.0.1:{endpoint}"
+  runtime_dir: "{{dir}}/run"
+  control:
+    socket: "{{dir}}/baton.sock"
+workers:
+  - name: slow
+    command: {it}
+    env: {{IT_MODE: "ready-after:1500"}}
+    processes: 1
+  - name: stubborn
+    command: {it}
+    env: {{IT_MODE: stubborn}}
+    processes: 1
+    drain_timeout: 3s
+"#
+    );
+    let mut master = Master::spawn("ctl-health", &yaml);
+    master.wait_event("metrics_endpoint", Duration::from_secs(10), |_| true);
+    // Before the first generation serves.
+    let (status, _, body) = http(endpoint, "GET", "/healthz");
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: no generation serves\n")
+    );
+    assert_eq!(http(endpoint, "GET", "/livez").0, 200);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let (status, head, body) = http(endpoint, "GET", "/healthz");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ready: generation 1 serves\n"),
+        "{head}"
+    );
+
+    // A stopped event loop answers nothing: the probe's client gives up.
+    master.signal(nix::sys::signal::Signal::SIGSTOP);
+    let mut probe = TcpStream::connect(("127.0.0.1", endpoint)).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    probe
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut got = [0u8; 64];
+    let read = probe.read(&mut got);
+    master.signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        read.as_ref().is_err_and(|e| matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )),
+        "no answer from a stopped master: {read:?}"
+    );
+    assert_eq!(http(endpoint, "GET", "/livez").0, 200, "alive again");
+
+    // A stop has begun (the stubborn worker keeps it draining for 3 s): not ready any more.
+    master.signal(nix::sys::signal::Signal::SIGTERM);
+    master.wait_event("stopping", Duration::from_secs(10), |_| true);
+    let (status, _, body) = http(endpoint, "GET", "/healthz");
+    assert_eq!((status, body.as_str()), (503, "not ready: stopping\n"));
+    assert!(master.wait_exit(Duration::from_secs(20)).success());
+}
