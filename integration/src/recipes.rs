@@ -15,7 +15,9 @@ const SUPERVISOR: &str = "supervisor:
 /// Where `integration/run-tests.sh` installs the recipes' Python servers (a virtual environment,
 /// so that Debian's own Python is left alone).
 pub fn recipes_venv() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/recipes-venv")
+    // No `..` in it: inside a booted systemd's namespace `integration/` may not exist (a build
+    // under /tmp brings back only its target directory), and `a/../b` needs `a`.
+    repository().join("target/recipes-venv")
 }
 
 /// The program `name` from the recipes' virtual environment (the pinned versions), PATH or the
@@ -37,9 +39,7 @@ pub fn program(name: &str, package: &str) -> PathBuf {
 }
 
 pub fn example(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(path)
+    repository().join("examples").join(path)
 }
 
 /// One listener, `http` on 127.0.0.1:`port` with `options` (YAML lines), `worker` (the lines
@@ -248,4 +248,12 @@ pub fn node_yaml(port: u16) -> String {
             example("node-worker/server.js").display()
         ),
     )
+}
+
+/// The repository's root directory.
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ is in the repository")
+        .to_path_buf()
 }

@@ -314,6 +314,11 @@ pub struct SupervisorConfig {
     /// How long the new program may take to check the state during an upgrade.
     #[serde(default = "default_upgrade_timeout")]
     pub upgrade_timeout: Duration,
+    /// On a graceful stop, how long to go on serving (and accepting) before draining: the time
+    /// a load balancer (Kubernetes' endpoints) takes to stop sending new connections. Zero:
+    /// drain at once.
+    #[serde(default)]
+    pub stop_delay: Duration,
     /// Where the master serves `GET /metrics` over HTTP (the text of `baton metrics`), if
     /// anywhere.
     #[serde(default)]

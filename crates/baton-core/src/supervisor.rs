@@ -67,6 +67,9 @@ pub struct Supervisor {
     /// Actions of the event being handled (empty between events).
     #[serde(skip)]
     actions: Vec<Action>,
+    /// A graceful stop's `stop_delay`: until then the serving generation goes on serving.
+    #[serde(default, with = "crate::codec::mono_opt")]
+    stop_delayed_until: Option<Instant>,
     /// Workers SIGKILLed and not reaped yet: when to kill them again (`None`: killed by the
     /// event being handled). Not carried across an upgrade: the new program's next event
     /// stamps nothing, and the kill already sent stands.

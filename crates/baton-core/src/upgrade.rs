@@ -276,6 +276,8 @@ mod tests {
             "upgrade_signal: None",
             "upgrade_timeout: None",
             "metrics_listen: None",
+            "stop_delay: None",
+            "stop_delayed_until: None",
             "failed_stop_timeout: None",
             "failed_at: None",
             "not_ready: None",

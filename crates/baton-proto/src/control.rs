@@ -404,6 +404,9 @@ pub struct MasterStatus {
     pub reload: Option<RunningReload>,
     /// Requests queued behind it.
     pub queued_requests: Vec<u64>,
+    /// Stopping, still serving for this long (`supervisor.stop_delay`) before it drains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_delay_left_ms: Option<u64>,
     /// Self-upgrades of this master (same pid), oldest first.
     #[serde(default)]
     pub upgrades: Vec<UpgradeInfo>,

@@ -163,9 +163,19 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
                 covers.join(", ")
             );
         }
-        None => {
-            let _ = writeln!(out, "state: {}", m.state);
-        }
+        None => match m.stop_delay_left_ms {
+            Some(ms) => {
+                let _ = writeln!(
+                    out,
+                    "state: {} (still serving for {}: supervisor.stop_delay, then draining)",
+                    m.state,
+                    duration(ms)
+                );
+            }
+            None => {
+                let _ = writeln!(out, "state: {}", m.state);
+            }
+        },
     }
     if let Some(r) = &m.rollout {
         out.push_str(&rollout(r));
@@ -545,6 +555,7 @@ mod tests {
                 reload: None,
                 rollout: None,
                 queued_requests: vec![],
+                stop_delay_left_ms: None,
                 upgrades: vec![],
                 start_settings: Default::default(),
             },

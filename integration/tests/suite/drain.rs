@@ -157,3 +157,41 @@ fn fifty_reloads_with_long_lived_clients_keep_the_process_count_bounded() {
     );
     drop(clients);
 }
+
+/// `supervisor.stop_delay` (a lame duck, for load balancers that remove an endpoint a few
+/// seconds after its stop began): after SIGTERM the master serves new connections for the
+/// delay, says so, then drains and exits 0.
+#[test]
+fn with_a_stop_delay_sigterm_serves_new_connections_for_the_delay_then_drains() {
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    config.supervisor_extra.push("stop_delay: 2s".into());
+    let mut master = Master::start("stop-delay", &config);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let sent = std::time::Instant::now();
+    master.signal(nix::sys::signal::Signal::SIGTERM);
+    master.wait_event("stop_delayed", Duration::from_secs(10), |v| {
+        v["delay_ms"] == 2000
+    });
+    // New connections during the delay: served, by the generation that serves.
+    let during = baton_integration::load::requests(addr, 20);
+    assert_eq!(during.ok, 20, "{}", during.summary());
+    let (_, out, _) = master.ctl(&["status"]);
+    assert!(
+        out.contains("still serving for") && out.contains("supervisor.stop_delay"),
+        "{out}"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "checked within the delay"
+    );
+    assert!(
+        master.events("generation_draining").is_empty(),
+        "not draining yet"
+    );
+    let status = master.wait_exit(Duration::from_secs(20));
+    let took = sent.elapsed();
+    eprintln!("stop_delay 2 s: the master exited {took:?} after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+}

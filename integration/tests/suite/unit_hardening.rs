@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use baton_integration::recipes::{
-    go_hello, go_yaml, gunicorn_yaml, haproxy_yaml, nginx_yaml, node_yaml, python_yaml,
+    example, go_hello, go_yaml, gunicorn_yaml, haproxy_yaml, nginx_yaml, node_yaml, python_yaml,
     uvicorn_yaml,
 };
 use baton_integration::systemd::{Systemd, service_unit};
@@ -30,15 +30,20 @@ fn strict_dropin() -> String {
 fn yaml(kind: &str, dir: &Path, port: u16) -> String {
     match kind {
         "rust" => TestConfig::hello(&format!("127.0.0.1:{port}"), 2).yaml(),
-        "python" => python_yaml(port),
-        "node" => node_yaml(port),
+        // Copies in `dir`: the namespace of a build under /tmp shows its target directory only.
+        "python" => python_yaml(port).replace(
+            &example("python-worker/server.py").display().to_string(),
+            &copy(dir, "python-worker/server.py"),
+        ),
+        "node" => node_yaml(port).replace(
+            &example("node-worker/server.js").display().to_string(),
+            &copy(dir, "node-worker/server.js"),
+        ),
         "gunicorn" => gunicorn_yaml(dir, port),
         "uvicorn" => uvicorn_yaml(dir, port),
         "haproxy" => {
             let cfg = dir.join("haproxy.cfg");
-            let text =
-                std::fs::read_to_string(baton_integration::recipes::example("haproxy/haproxy.cfg"))
-                    .unwrap();
+            let text = std::fs::read_to_string(example("haproxy/haproxy.cfg")).unwrap();
             std::fs::write(&cfg, text).unwrap();
             haproxy_yaml(&cfg, port)
         }
@@ -49,11 +54,35 @@ fn yaml(kind: &str, dir: &Path, port: u16) -> String {
     .replace("{dir}", &dir.display().to_string())
 }
 
+/// `examples/FILE` copied into `dir` (executable); its path.
+fn copy(dir: &Path, file: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let to = dir.join(Path::new(file).file_name().unwrap());
+    std::fs::copy(example(file), &to).unwrap();
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    to.display().to_string()
+}
+
 /// Boots a systemd with one `baton-KIND.service` per kind (the packaged unit, plus `extra`
-/// lines in its `[Service]` section), each on its own port.
+/// lines in its `[Service]` section), each on its own port, and `baton-score.service`, the
+/// same unit never started, whose exposure is measured.
 fn boot(name: &str, extra: &str) -> (Systemd, Vec<(&'static str, u16)>) {
     let root = Systemd::workdir(name);
-    let mut units = Vec::new();
+    let extra = extra.replace("{dir}", &root.display().to_string());
+    let mut units = vec![(
+        "baton-score.service".to_string(),
+        format!(
+            "{}\n[Service]\n{extra}",
+            service_unit(&root.join("none.yaml"))
+        ),
+    )];
+    // A build under /tmp lives, inside the namespace, on a bind mount of its target directory
+    // in the namespace's /tmp: a service's PrivateTmp would hide the very programs it runs.
+    let running = if root.starts_with("/tmp") {
+        format!("{extra}\n# The build lives under /tmp: see unit_hardening.rs.\nPrivateTmp=no\n")
+    } else {
+        extra
+    };
     let mut kinds = Vec::new();
     for (i, kind) in KINDS.into_iter().enumerate() {
         let dir = root.join(kind);
@@ -61,11 +90,7 @@ fn boot(name: &str, extra: &str) -> (Systemd, Vec<(&'static str, u16)>) {
         let port = 8081 + i as u16;
         let config = dir.join("baton.yaml");
         std::fs::write(&config, yaml(kind, &dir, port)).unwrap();
-        let unit = format!(
-            "{}\n[Service]\n{}",
-            service_unit(&config),
-            extra.replace("{dir}", &root.display().to_string())
-        );
+        let unit = format!("{}\n[Service]\n{running}", service_unit(&config));
         units.push((format!("baton-{kind}.service"), unit));
         kinds.push((kind, port));
     }
@@ -141,7 +166,7 @@ fn exposure(sd: &Systemd, unit: &str) -> f64 {
 fn every_worker_runs_under_the_hardened_packaged_unit() {
     let _ = binaries();
     let (sd, kinds) = boot("hardened", "");
-    let score = exposure(&sd, "baton-rust.service");
+    let score = exposure(&sd, "baton-score.service");
     eprintln!("systemd-analyze security, the packaged unit: {score}");
     let failed: Vec<String> = kinds
         .iter()
@@ -159,7 +184,7 @@ fn the_strict_dropin_runs_the_workers_it_allows_and_refuses_the_others_for_their
         "strict",
         &format!("{}\nReadWritePaths={{dir}}\n", strict_dropin()),
     );
-    let score = exposure(&sd, "baton-rust.service");
+    let score = exposure(&sd, "baton-score.service");
     eprintln!("systemd-analyze security, with the strict drop-in: {score}");
     let mut outcome = Vec::new();
     for (kind, port) in &kinds {

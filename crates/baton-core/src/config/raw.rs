@@ -435,6 +435,8 @@ pub(super) struct RawSupervisor {
     pub(super) cgroups: crate::config::Cgroups,
     #[serde(default)]
     pub(super) queue_watch: Option<Timeout>,
+    #[serde(default)]
+    pub(super) stop_delay: Option<StopDelay>,
 }
 
 #[derive(Deserialize, Default)]
@@ -586,6 +588,20 @@ validated!(UpgradeSignal(Option<SignalNumber>) from String, "signal", |s| {
         )),
         None => Err(format!("unknown signal {s:?}: use SIGURG, SIGWINCH or none")),
     }
+});
+
+/// Longest `supervisor.stop_delay`: load balancers take a pod out in seconds, not hours.
+const MAX_STOP_DELAY: Duration = Duration::from_secs(600);
+
+validated!(StopDelay(Duration) from String, "duration", |s| {
+    let d = parse_duration(&s)?;
+    if d > MAX_STOP_DELAY {
+        return Err(format!(
+            "stop_delay {s:?} is longer than {} s: a stop that waits longer is not a stop",
+            MAX_STOP_DELAY.as_secs()
+        ));
+    }
+    Ok(d)
 });
 
 /// Longest `supervisor.upgrade_timeout`: `baton upgrade` waits a minute for the verdict.

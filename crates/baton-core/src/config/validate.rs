@@ -706,6 +706,7 @@ fn supervisor(s: RawSupervisor, base: &Base) -> SupervisorConfig {
         pid_file: s.pid_file.map(|f| base.join(&f)),
         cgroups: s.cgroups,
         queue_watch: s.queue_watch.map(|t| t.0),
+        stop_delay: s.stop_delay.map_or(Duration::ZERO, |d| d.0),
         runtime_dir: s
             .runtime_dir
             .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(&d)),

@@ -266,6 +266,7 @@ impl GenerationSpec {
             canary_window: config.supervisor.canary_window,
             upgrade_signal: config.supervisor.upgrade_signal,
             upgrade_timeout: config.supervisor.upgrade_timeout,
+            stop_delay: config.supervisor.stop_delay,
         }
     }
 }

@@ -451,6 +451,7 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
                     running_ms: running.as_millis() as u64,
                 }),
             queued_requests: snap.queued.iter().map(|r| r.0).collect(),
+            stop_delay_left_ms: snap.stop_delay_left.map(|d| d.as_millis() as u64),
             rollout: snap.rollout.as_ref().map(|r| rollout_view(r, context)),
             upgrades: context.upgrades.clone(),
             start_settings: context.start_settings.clone(),
@@ -538,7 +539,15 @@ pub(super) fn status_line(
             }
         })
         .collect();
-    if snap.stopping {
+    if let Some(left) = snap.stop_delay_left {
+        parts.insert(
+            0,
+            format!(
+                "stopping: still serving for {} s (stop_delay), then draining",
+                left.as_secs_f64().ceil() as u64
+            ),
+        );
+    } else if snap.stopping {
         parts.insert(0, "stopping".into());
     } else if let Some(r) = &snap.rollout {
         let done: usize = r.programs.iter().map(|p| p.replaced).sum();
@@ -671,6 +680,7 @@ mod tests {
         let base = Snapshot {
             uptime: Duration::from_millis(86_400_123),
             stopping: false,
+            stop_delay_left: None,
             reload: None,
             queued: vec![],
             probation: None,
@@ -729,6 +739,7 @@ mod tests {
         let serving = Snapshot {
             uptime: Duration::ZERO,
             stopping: false,
+            stop_delay_left: None,
             reload: None,
             queued: vec![],
             probation: None,

@@ -93,7 +93,8 @@ impl Master {
                     .iter()
                     .filter_map(|g| g.time_left)
                     .max()
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    + snap.stop_delay_left.unwrap_or_default();
                 self.notify(Notification::ExtendTimeout(left + Duration::from_secs(5)));
             }
             self.told.status = status.clone();

@@ -205,6 +205,13 @@ impl Supervisor {
             StopMode::Fast
         };
         match (self.stop, wanted) {
+            (Some(StopMode::Graceful), StopMode::Graceful) if self.stop_delayed_until.is_some() => {
+                // Asked again: the operator will not wait for the delay.
+                info!(event = "stop_delay_ended", trigger = %trigger,
+                    "{trigger}: the stop delay ends now, draining");
+                self.end_stop_delay(now);
+                return;
+            }
             (Some(StopMode::Fast), _) | (Some(StopMode::Graceful), StopMode::Graceful) => {
                 info!("{trigger}: already stopping");
                 return;
@@ -212,6 +219,7 @@ impl Supervisor {
             _ => {}
         }
         self.stop = Some(wanted);
+        self.stop_delayed_until = None;
         info!(event = "stopping", graceful, trigger = %trigger,
             "{trigger}: {} stop", if graceful { "graceful" } else { "fast" });
         for (request, _) in std::mem::take(&mut self.pending) {
@@ -229,6 +237,31 @@ impl Supervisor {
                 None,
             );
         }
+        let delay = self.serving_spec().map_or(Duration::ZERO, |s| s.stop_delay);
+        if graceful && !delay.is_zero() {
+            // Lame duck: endpoints are removed from load balancers asynchronously after the
+            // stop began, and connections keep coming meanwhile: serve them, then drain.
+            info!(
+                event = "stop_delayed",
+                delay_ms = delay.as_millis() as u64,
+                "serving and accepting for {} ms more (supervisor.stop_delay), then draining; a second SIGTERM drains at once",
+                delay.as_millis()
+            );
+            self.stop_delayed_until = Some(now + delay);
+            return;
+        }
+        self.drain_for_stop(now, graceful);
+    }
+
+    /// The stop delay is over (or cut short): the graceful stop drains.
+    pub(super) fn end_stop_delay(&mut self, now: Instant) {
+        if self.stop_delayed_until.take().is_some() {
+            self.drain_for_stop(now, true);
+        }
+    }
+
+    /// The serving and standing-by generations drain (graceful), or every worker is killed.
+    fn drain_for_stop(&mut self, now: Instant, graceful: bool) {
         let gens: Vec<Generation> = self.generations.keys().copied().collect();
         for g in gens {
             let serving = matches!(

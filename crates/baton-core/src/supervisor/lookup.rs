@@ -56,6 +56,7 @@ impl Supervisor {
             .chain(self.canary.as_ref().map(|c| c.until))
             .chain(self.rollout_deadline())
             .chain(self.next_kill_again())
+            .chain(self.stop_delayed_until)
             .min()
     }
 

@@ -125,6 +125,9 @@ pub struct GenerationSpec {
     /// How long a new program may take to check the state (`supervisor.upgrade_timeout`).
     #[serde(default = "default_upgrade_timeout")]
     pub upgrade_timeout: Duration,
+    /// How long a graceful stop goes on serving before it drains (`supervisor.stop_delay`).
+    #[serde(default)]
+    pub stop_delay: Duration,
 }
 
 /// States written before `upgrade_timeout` existed get the default.

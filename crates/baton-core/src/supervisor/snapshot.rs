@@ -19,6 +19,8 @@ use crate::histogram::{DrainBuckets, Histogram, ReloadBuckets};
 pub struct Snapshot {
     pub uptime: Duration,
     pub stopping: bool,
+    /// A graceful stop's delay (`supervisor.stop_delay`): the time left before it drains.
+    pub stop_delay_left: Option<Duration>,
     /// The reload running now: its id, generation, the requests it covers, how long it runs.
     pub reload: Option<(ReloadId, Generation, Vec<RequestId>, Duration)>,
     /// Requests queued behind it.
@@ -222,6 +224,9 @@ impl Supervisor {
                 .started
                 .map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
             stopping: self.stop.is_some(),
+            stop_delay_left: self
+                .stop_delayed_until
+                .map(|until| until.saturating_duration_since(now)),
             reload: self.reload.as_ref().filter(|r| !r.initial).map(|r| {
                 (
                     r.id,

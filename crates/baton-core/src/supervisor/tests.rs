@@ -29,6 +29,7 @@ fn spec(processes: usize) -> GenerationSpec {
         canary_window: None,
         upgrade_signal: None,
         upgrade_timeout: Duration::from_secs(10),
+        stop_delay: Duration::ZERO,
     }
 }
 
@@ -1009,4 +1010,44 @@ fn a_supervisor_that_crosses_an_upgrade_decides_the_same_and_resends_the_drains(
     let kills = killed(&resumed.handle(at, Event::Tick));
     assert_eq!(kills, killed(&h.s.handle(at, Event::Tick)));
     assert_eq!(kills.len(), 2);
+}
+
+#[test]
+fn a_graceful_stop_with_a_stop_delay_serves_on_until_it_ends_or_a_second_stop_cuts_it() {
+    let stop = || {
+        Event::Intent(Intent::Stop {
+            graceful: true,
+            trigger: Trigger::Other("SIGTERM".into()),
+        })
+    };
+    for again in [false, true] {
+        let mut h = Harness::new();
+        let start = h.s.start(h.now);
+        let delayed = GenerationSpec {
+            stop_delay: Duration::from_secs(2),
+            ..spec(2)
+        };
+        let workers = h.prepare(&start, delayed);
+        h.ready(&workers);
+        let first = h.ev(stop());
+        assert!(drained(&first).is_empty(), "still serving: {first:?}");
+        assert!(h.s.snapshot(h.now).stopping);
+        assert_eq!(
+            h.s.snapshot(h.now).stop_delay_left,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(2)));
+        if again {
+            // A second SIGTERM: the operator will not wait.
+            h.advance(Duration::from_millis(500));
+            assert_eq!(drained(&h.ev(stop())), workers);
+        } else {
+            h.advance(Duration::from_millis(1999));
+            assert!(drained(&h.ev(Event::Tick)).is_empty());
+            h.advance(Duration::from_millis(1));
+            assert_eq!(drained(&h.ev(Event::Tick)), workers);
+        }
+        assert_eq!(h.s.snapshot(h.now).stop_delay_left, None);
+        assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Draining, 2)]);
+    }
 }

@@ -293,6 +293,9 @@ impl Supervisor {
 
     pub(super) fn on_tick(&mut self, now: Instant) {
         self.kill_again(now);
+        if self.stop_delayed_until.is_some_and(|until| until <= now) {
+            self.end_stop_delay(now);
+        }
         if self.canary.as_ref().is_some_and(|c| c.until <= now) {
             self.confirm_canary(now);
         }
