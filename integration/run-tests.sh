@@ -3,8 +3,9 @@
 # Node.js for the example workers, util-linux's unshare/nsenter and systemd for the booted-systemd
 # tests, iproute2 for a test that runs the master in a network namespace of its own, HAProxy,
 # nginx and Go for their recipes, strace to make system calls fail in the running master) and
-# uvicorn and gunicorn from PyPI into a virtual environment (target/recipes-venv), then runs
-# every test of the workspace. Exits non-zero on any failure.
+# uvicorn, gunicorn and kubernetes-validate (Kubernetes' schemas, offline) from PyPI into a
+# virtual environment (target/recipes-venv), then runs every test of the workspace. Exits
+# non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,11 +33,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 venv=target/recipes-venv
-if ! "$venv/bin/python" -c 'import uvicorn, gunicorn' 2>/dev/null; then
-  echo "installing uvicorn and gunicorn into $venv"
+if ! "$venv/bin/python" -c 'import uvicorn, gunicorn, kubernetes_validate' 2>/dev/null; then
+  echo "installing uvicorn, gunicorn and kubernetes-validate into $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
-    -r examples/uvicorn/requirements.txt -r examples/gunicorn/requirements.txt
+    -r examples/uvicorn/requirements.txt -r examples/gunicorn/requirements.txt \
+    -r packaging/container/requirements-test.txt
 fi
 
 exec cargo test --workspace --locked "$@"

@@ -20,6 +20,7 @@ mod suite {
     mod flat;
     mod hardening;
     mod kinds;
+    mod kubernetes;
     mod listener_options;
     mod listeners;
     mod live_view;
