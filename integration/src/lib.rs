@@ -475,6 +475,17 @@ impl Master {
         Master::spawn_in(name, dir, &[], &[], &binaries().baton)
     }
 
+    /// Starts a master on the configuration file `layout` makes in the test's directory (a
+    /// symlink chain, say) and returns the path of, without waiting for anything.
+    pub fn spawn_laid_out(name: &str, layout: impl FnOnce(&std::path::Path) -> PathBuf) -> Master {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("baton-{name}-"))
+            .tempdir()
+            .unwrap();
+        let config_path = layout(dir.path());
+        Master::spawn_at(name, dir, config_path, &[], &[], &binaries().baton)
+    }
+
     fn spawn_in(
         name: &str,
         dir: tempfile::TempDir,
@@ -483,6 +494,17 @@ impl Master {
         program: &std::path::Path,
     ) -> Master {
         let config_path = dir.path().join("baton.yaml");
+        Master::spawn_at(name, dir, config_path, env, wrapper, program)
+    }
+
+    fn spawn_at(
+        name: &str,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+        program: &std::path::Path,
+    ) -> Master {
         let mut command = match wrapper.split_first() {
             Some((outer, args)) => {
                 let mut c = Command::new(outer);

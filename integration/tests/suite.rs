@@ -9,6 +9,7 @@ mod suite {
     mod bad_input;
     mod canary;
     mod chaos;
+    mod config_watch;
     mod control;
     mod cpu;
     mod crash;

@@ -319,6 +319,10 @@ pub struct SupervisorConfig {
     /// drain at once.
     #[serde(default)]
     pub stop_delay: Duration,
+    /// `supervisor.watch: [config]`: a change of the configuration file (inotify, its symlink
+    /// chain included) reloads.
+    #[serde(default)]
+    pub watch_config: bool,
     /// Where the master serves `GET /metrics` over HTTP (the text of `baton metrics`), if
     /// anywhere.
     #[serde(default)]

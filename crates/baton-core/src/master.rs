@@ -10,6 +10,7 @@
 //! This file holds the loop itself ([`Master::run`]) and the carrying out of actions
 //! (`Master::apply`); each job the loop hands out has a room of its own:
 //!
+//! - `config_watch`: `supervisor.watch: [config]`, the configuration file watched (inotify);
 //! - `generations`: a generation's resources (configuration re-read, listeners, the metrics
 //!   endpoint moved) and their release;
 //! - `spawn`: a worker's process (environment, user, limits, descriptors, both protocols);
@@ -51,6 +52,7 @@ use crate::supervisor::{
 use crate::{cgroups, metrics_http, orphans, output};
 
 mod capture;
+mod config_watch;
 mod containment;
 mod generations;
 mod guard;
@@ -200,6 +202,8 @@ pub struct Master {
     containment: Result<cgroups::Containment, cgroups::Unavailable>,
     cgroup_fds: HashMap<(Generation, usize), OwnedFd>,
     cgroups_to_remove: Vec<(Generation, usize)>,
+    /// The configuration file's watch (`supervisor.watch: [config]`), if it runs.
+    config_watch: Option<tokio::task::AbortHandle>,
 }
 
 /// Metrics requests waiting for the event loop (their clients wait too, bounded in number).
@@ -307,6 +311,7 @@ impl Master {
             containment,
             cgroup_fds: HashMap::new(),
             cgroups_to_remove: Vec::new(),
+            config_watch: None,
         })
     }
 
@@ -411,6 +416,7 @@ impl Master {
             self.report();
             self.update_registry();
             self.steer();
+            self.update_config_watch();
             let deadline = self.supervisor.next_deadline();
             let sampling = [self.next_memory_check(), self.queues.next_sample()]
                 .into_iter()

@@ -278,6 +278,7 @@ mod tests {
             "metrics_listen: None",
             "stop_delay: None",
             "stop_delayed_until: None",
+            "watch_config: None",
             "failed_stop_timeout: None",
             "failed_at: None",
             "not_ready: None",

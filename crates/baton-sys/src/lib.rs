@@ -27,6 +27,7 @@ pub mod acceptq;
 pub mod activation;
 pub mod cgroup;
 pub mod channel;
+pub mod inotify;
 pub mod notify;
 pub mod pidfd;
 pub mod pipe;

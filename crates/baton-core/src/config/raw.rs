@@ -437,6 +437,16 @@ pub(super) struct RawSupervisor {
     pub(super) queue_watch: Option<Timeout>,
     #[serde(default)]
     pub(super) stop_delay: Option<StopDelay>,
+    #[serde(default)]
+    pub(super) watch: Vec<WatchTarget>,
+}
+
+/// What `supervisor.watch` can name.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum WatchTarget {
+    /// The configuration file: a change reloads.
+    Config,
 }
 
 #[derive(Deserialize, Default)]

@@ -707,6 +707,7 @@ fn supervisor(s: RawSupervisor, base: &Base) -> SupervisorConfig {
         cgroups: s.cgroups,
         queue_watch: s.queue_watch.map(|t| t.0),
         stop_delay: s.stop_delay.map_or(Duration::ZERO, |d| d.0),
+        watch_config: s.watch.contains(&super::raw::WatchTarget::Config),
         runtime_dir: s
             .runtime_dir
             .map_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR), |d| base.join(&d)),

@@ -267,6 +267,7 @@ impl GenerationSpec {
             upgrade_signal: config.supervisor.upgrade_signal,
             upgrade_timeout: config.supervisor.upgrade_timeout,
             stop_delay: config.supervisor.stop_delay,
+            watch_config: config.supervisor.watch_config,
         }
     }
 }

@@ -267,6 +267,7 @@ impl Master {
             containment: super::containment::open(state_cgroups, &control_config.socket),
             cgroup_fds: HashMap::new(),
             cgroups_to_remove: Vec::new(),
+            config_watch: None,
             resumed: Some(Resumed {
                 client,
                 from_version: state.from_version,

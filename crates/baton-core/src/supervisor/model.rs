@@ -128,6 +128,9 @@ pub struct GenerationSpec {
     /// How long a graceful stop goes on serving before it drains (`supervisor.stop_delay`).
     #[serde(default)]
     pub stop_delay: Duration,
+    /// Whether the master watches its configuration file (`supervisor.watch: [config]`).
+    #[serde(default)]
+    pub watch_config: bool,
 }
 
 /// States written before `upgrade_timeout` existed get the default.

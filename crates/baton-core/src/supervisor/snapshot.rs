@@ -312,6 +312,12 @@ impl Supervisor {
 
     /// How long a new program may take to check the state, from the serving generation's
     /// configuration.
+    /// Whether the serving generation's configuration asks for the configuration file to be
+    /// watched.
+    pub fn watches_config(&self) -> bool {
+        self.serving_spec().is_some_and(|s| s.watch_config)
+    }
+
     pub fn upgrade_timeout(&self) -> Duration {
         self.serving_spec()
             .map_or(crate::DEFAULT_UPGRADE_TIMEOUT, |s| s.upgrade_timeout)

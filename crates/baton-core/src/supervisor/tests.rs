@@ -30,6 +30,7 @@ fn spec(processes: usize) -> GenerationSpec {
         upgrade_signal: None,
         upgrade_timeout: Duration::from_secs(10),
         stop_delay: Duration::ZERO,
+        watch_config: false,
     }
 }
 
