@@ -562,20 +562,7 @@ impl Master {
                     self.release_cgroups(generation, programs);
                 }
                 Action::Exit { code } => return Some(code),
-                Action::Verdict(verdict) => {
-                    if verdict.result.is_ok() {
-                        Point::Promotion.pass();
-                    }
-                    if self.told.ready && self.supervisor.snapshot(Instant::now()).reload.is_none()
-                    {
-                        self.notify(Notification::Ready);
-                    }
-                    if let (Ok(()), Some(generation)) = (&verdict.result, verdict.generation) {
-                        self.stop_removed_listeners(generation);
-                    }
-                    let receipt = self.receipt(&verdict);
-                    self.on_verdict(verdict, receipt);
-                }
+                Action::Verdict(verdict) => self.carry_out_verdict(verdict),
             }
         }
         None

@@ -278,7 +278,6 @@ mod tests {
             "metrics_listen: None",
             "stop_delay: None",
             "stop_delayed_until: None",
-            "watch_config: None",
             "failed_stop_timeout: None",
             "failed_at: None",
             "not_ready: None",
@@ -301,6 +300,8 @@ mod tests {
                     || d.contains(&format!(".{a} vs Some(Object"))
             })
         });
+        // And `supervisor.watch` (default: no watch).
+        diff.retain(|d| !d.ends_with(".spec.watch_config: None vs Some(Bool(false))"));
         // So did `cgroups` (default `auto`).
         diff.retain(|d| d != ".cgroups: None vs Some(String(\"auto\"))");
         // `output:` came later too; its default is `capture`.

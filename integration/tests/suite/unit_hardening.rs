@@ -78,8 +78,11 @@ fn boot(name: &str, extra: &str) -> (Systemd, Vec<(&'static str, u16)>) {
     )];
     // A build under /tmp lives, inside the namespace, on a bind mount of its target directory
     // in the namespace's /tmp: a service's PrivateTmp would hide the very programs it runs.
+    // (A private /tmp is writable: so is the shared one then.)
     let running = if root.starts_with("/tmp") {
-        format!("{extra}\n# The build lives under /tmp: see unit_hardening.rs.\nPrivateTmp=no\n")
+        format!(
+            "{extra}\n# The build lives under /tmp: see unit_hardening.rs.\nPrivateTmp=no\nReadWritePaths=/tmp\n"
+        )
     } else {
         extra
     };

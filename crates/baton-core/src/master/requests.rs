@@ -109,6 +109,24 @@ impl Master {
         None
     }
 
+    /// A reload's verdict: the promotion's side effects (QUIC steering, systemd's READY=1,
+    /// removed listeners closed, the kernel's receipt), then the answers.
+    pub(super) fn carry_out_verdict(&mut self, verdict: Verdict) {
+        if verdict.result.is_ok() {
+            Point::Promotion.pass();
+        }
+        // New QUIC connections go to the new generation before anyone is told.
+        self.steer();
+        if self.told.ready && self.supervisor.snapshot(Instant::now()).reload.is_none() {
+            self.notify(super::Notification::Ready);
+        }
+        if let (Ok(()), Some(generation)) = (&verdict.result, verdict.generation) {
+            self.stop_removed_listeners(generation);
+        }
+        let receipt = self.receipt(&verdict);
+        self.on_verdict(verdict, receipt);
+    }
+
     pub(super) fn on_verdict(&mut self, verdict: Verdict, receipt: Option<proto::ReloadReceipt>) {
         for &request in &verdict.requests {
             let answer = proto::ReloadVerdict {
