@@ -2,7 +2,8 @@
 # The README's test command: installs what the tests need from Debian's packages (Python 3 and
 # Node.js for the example workers, util-linux's unshare/nsenter and systemd for the booted-systemd
 # tests, iproute2 for a test that runs the master in a network namespace of its own, HAProxy,
-# nginx and Go for their recipes, strace to make system calls fail in the running master) and
+# nginx and Go for their recipes, strace to make system calls fail in the running master, podman
+# and runc to build and run the container image) and
 # uvicorn, gunicorn and kubernetes-validate (Kubernetes' schemas, offline) from PyPI into a
 # virtual environment (target/recipes-venv), then runs every test of the workspace. Exits
 # non-zero on any failure.
@@ -18,6 +19,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
 command -v go >/dev/null || missing+=(golang-go)
 [ -x /usr/bin/strace ] || missing+=(strace)
+command -v podman >/dev/null || missing+=(podman)
+[ -x /usr/sbin/runc ] || missing+=(runc)
 [ -x /lib/systemd/systemd ] || missing+=(systemd)
 # Debian's Python makes virtual environments only with python3-venv (ensurepip).
 if command -v python3 >/dev/null && ! python3 -c 'import ensurepip' 2>/dev/null; then

@@ -10,6 +10,7 @@ mod suite {
     mod canary;
     mod chaos;
     mod config_watch;
+    mod container;
     mod control;
     mod cpu;
     mod crash;

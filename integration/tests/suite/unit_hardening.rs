@@ -123,8 +123,10 @@ fn lifecycle(sd: &Systemd, kind: &str, port: u16) -> Result<(), String> {
     let tail = |what: &str| {
         let journal = sd.journal(&unit);
         let lines: Vec<&str> = journal.lines().collect();
+        let status = sd.systemctl(&["status", "--no-pager", "--lines=0", &unit]);
         format!(
-            "{kind}: {what}\n{}",
+            "{kind}: {what}\n{}\n{}",
+            String::from_utf8_lossy(&status.stdout),
             lines[lines.len().saturating_sub(15)..].join("\n")
         )
     };
