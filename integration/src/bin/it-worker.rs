@@ -36,6 +36,9 @@
 //!   the first worker that creates `<path>` does.
 //! - `IT_CHATTER_MS=<ms>`: a thread writes `chatter <n>` to stderr every `<ms>`.
 //!
+//! Orphans, in any mode: `IT_ORPHAN_MS=<ms>` leaves a process behind whose parent exits at once
+//! and which exits after `<ms>` (see `orphan`).
+//!
 //! Memory, in any mode: `IT_HOLD_MIB=<n>`: before anything else, `<n>` MiB allocated and every
 //! page written, held until exit (a worker with a large heap, for the memory benchmark).
 
@@ -77,12 +80,45 @@ fn main() -> ExitCode {
         std::fs::write(path, lines).unwrap();
     }
     write_output();
+    orphan();
     let _held = hold_memory();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(run(&mode))
+}
+
+/// `IT_ORPHAN_MS=<ms>` (any mode): leave an orphan behind, a process that lives `<ms>` and
+/// exits, its parent gone at once: it is reparented to the nearest subreaper (baton), or to PID
+/// 1 (baton as a container's init), which must reap it. `IT_ORPHAN_STAGE` marks the helpers.
+fn orphan() {
+    let Ok(ms) = std::env::var("IT_ORPHAN_MS") else {
+        return;
+    };
+    let me = std::env::current_exe().unwrap();
+    match std::env::var("IT_ORPHAN_STAGE").as_deref() {
+        // The orphan: lives, then exits.
+        Ok("orphan") => {
+            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(500)));
+            std::process::exit(0);
+        }
+        // Its parent: starts it and exits without waiting.
+        Ok("parent") => {
+            let _ = std::process::Command::new(&me)
+                .env("IT_ORPHAN_STAGE", "orphan")
+                .spawn();
+            std::process::exit(0);
+        }
+        _ => {
+            if let Ok(mut parent) = std::process::Command::new(&me)
+                .env("IT_ORPHAN_STAGE", "parent")
+                .spawn()
+            {
+                let _ = parent.wait();
+            }
+        }
+    }
 }
 
 async fn run(mode: &str) -> ExitCode {

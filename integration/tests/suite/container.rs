@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::Mixed;
-use baton_integration::{eventually, free_port, http};
+use baton_integration::procfs::{children, zombies};
+use baton_integration::{binaries, eventually, free_port, http};
 
 const PODMAN_OPTS: [&str; 6] = [
     "--storage-driver",
@@ -93,6 +94,8 @@ impl Container {
             &nproc,
             "-v",
             &format!("{}:/etc/baton/baton.yaml:ro", config.display()),
+            "-v",
+            &format!("{}:/usr/bin/it-worker:ro", binaries().it_worker.display()),
             IMAGE,
         ]);
         assert!(out.status.success(), "podman run: {}", said(&out));
@@ -115,11 +118,18 @@ fn yaml(port: u16, metrics: u16) -> String {
         r#"listeners:
   - name: http
     address: 127.0.0.1:{port}
-worker:
-  command: /usr/bin/hello-worker
-  processes: 2
-  drain_timeout: 10s
-  user: nobody
+workers:
+  - name: web
+    command: /usr/bin/hello-worker
+    processes: 2
+    drain_timeout: 10s
+    user: nobody
+  # A worker that leaves an orphan behind (reparented to PID 1, baton, which must reap it).
+  - name: orphans
+    command: /usr/bin/it-worker
+    env: {{IT_MODE: "ready-after:0", IT_ORPHAN_MS: "1500"}}
+    processes: 1
+    drain_timeout: 10s
 supervisor:
   stop_delay: 1s
   metrics_listen: 127.0.0.1:{metrics}
@@ -153,6 +163,27 @@ fn baton_as_pid_1_of_a_container_reloads_by_signal_under_load_and_stops_by_drain
                 .and_then(|_| (http(metrics, "GET", "/healthz").0 == 200).then_some(()))
         },
     );
+
+    // The orphan a worker left is baton's (PID 1's) child, and reaped when it exits.
+    let inspect = podman(&["inspect", "--format", "{{.State.Pid}}", &container.0]);
+    let pid1: u32 = String::from_utf8_lossy(&inspect.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let orphan = |pid: &u32| {
+        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+            env.split(|b| *b == 0)
+                .any(|v| v == b"IT_ORPHAN_STAGE=orphan")
+        })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the orphan, reparented to PID 1",
+        || children(pid1).iter().any(orphan).then_some(()),
+    );
+    eventually(Duration::from_secs(10), "the orphan gone, reaped", || {
+        (!children(pid1).iter().any(orphan) && zombies(pid1).is_empty()).then_some(())
+    });
 
     // Reloads by `podman kill -s USR2` (the signal goes to PID 1: baton), under load.
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
