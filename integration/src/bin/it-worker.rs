@@ -80,7 +80,9 @@ fn main() -> ExitCode {
         std::fs::write(path, lines).unwrap();
     }
     write_output();
-    orphan();
+    if let Some(code) = orphan() {
+        return code;
+    }
     let _held = hold_memory();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -92,23 +94,21 @@ fn main() -> ExitCode {
 /// `IT_ORPHAN_MS=<ms>` (any mode): leave an orphan behind, a process that lives `<ms>` and
 /// exits, its parent gone at once: it is reparented to the nearest subreaper (baton), or to PID
 /// 1 (baton as a container's init), which must reap it. `IT_ORPHAN_STAGE` marks the helpers.
-fn orphan() {
-    let Ok(ms) = std::env::var("IT_ORPHAN_MS") else {
-        return;
-    };
+fn orphan() -> Option<ExitCode> {
+    let ms = std::env::var("IT_ORPHAN_MS").ok()?;
     let me = std::env::current_exe().unwrap();
     match std::env::var("IT_ORPHAN_STAGE").as_deref() {
         // The orphan: lives, then exits.
         Ok("orphan") => {
             std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(500)));
-            std::process::exit(0);
+            Some(ExitCode::SUCCESS)
         }
         // Its parent: starts it and exits without waiting.
         Ok("parent") => {
             let _ = std::process::Command::new(&me)
                 .env("IT_ORPHAN_STAGE", "orphan")
                 .spawn();
-            std::process::exit(0);
+            Some(ExitCode::SUCCESS)
         }
         _ => {
             if let Ok(mut parent) = std::process::Command::new(&me)
@@ -117,6 +117,7 @@ fn orphan() {
             {
                 let _ = parent.wait();
             }
+            None
         }
     }
 }
