@@ -771,6 +771,16 @@ mod tests {
             status_line(&serving, Some(&ok), &HashMap::new()),
             "gen 4 serving 1 worker"
         );
+        // A stop's delay (`supervisor.stop_delay`): still serving, and for how long.
+        let lame_duck = Snapshot {
+            stopping: true,
+            stop_delay_left: Some(Duration::from_millis(2500)),
+            ..serving.clone()
+        };
+        assert_eq!(
+            status_line(&lame_duck, Some(&ok), &HashMap::new()),
+            "stopping: still serving for 3 s (stop_delay), then draining; gen 4 serving 1 worker"
+        );
         let mut degraded = serving.clone();
         degraded.generations[0]
             .workers
