@@ -64,6 +64,24 @@ fn kill9(sd: &Systemd, pid: &str) {
     assert!(ok(&sd.command("kill").args(["-9", pid]).output().unwrap()));
 }
 
+/// Waits for the restart window after a master kill (its workers have drained and exited, and
+/// systemd waits `RestartSec` before starting it again) in which `also` holds.
+fn restart_window(sd: &Systemd, also: impl Fn() -> bool) {
+    eventually(
+        Duration::from_secs(10),
+        "the old workers gone, the restart pending",
+        || {
+            let workers = sd
+                .command("pgrep")
+                .args(["-f", "hello-worker"])
+                .output()
+                .ok()?;
+            let state = sd.show("baton.service", "ActiveState");
+            (workers.stdout.is_empty() && state != "active" && also()).then_some(())
+        },
+    );
+}
+
 fn ok(out: &std::process::Output) -> bool {
     out.status.success()
 }
@@ -277,19 +295,7 @@ fn a_killed_master_is_restarted_with_its_listener_from_the_fd_store_and_clients_
     kill9(&sd, &main_pid);
     // The restart window: the master is dead, its workers have drained and exited, and systemd
     // waits RestartSec before starting it again. The socket lives on in the fd store.
-    eventually(
-        Duration::from_secs(10),
-        "the old workers gone, the restart pending",
-        || {
-            let workers = sd
-                .command("pgrep")
-                .args(["-f", "hello-worker"])
-                .output()
-                .ok()?;
-            let state = sd.show("baton.service", "ActiveState");
-            (workers.stdout.is_empty() && state != "active").then_some(())
-        },
-    );
+    restart_window(&sd, || true);
     assert_eq!(
         sd.listening_inodes(PORT),
         before,
@@ -352,20 +358,8 @@ fn a_failed_fd_store_update_is_logged_and_a_killed_master_then_costs_refused_con
     let before = sd.listening_inodes(PORT);
     let main_pid = sd.show("baton.service", "MainPID");
     kill9(&sd, &main_pid);
-    eventually(
-        Duration::from_secs(10),
-        "the old workers gone, the restart pending, the port closed",
-        || {
-            let workers = sd
-                .command("pgrep")
-                .args(["-f", "hello-worker"])
-                .output()
-                .ok()?;
-            let state = sd.show("baton.service", "ActiveState");
-            (workers.stdout.is_empty() && state != "active" && sd.listening_inodes(PORT).is_empty())
-                .then_some(())
-        },
-    );
+    // The socket died with its master.
+    restart_window(&sd, || sd.listening_inodes(PORT).is_empty());
     let during = report(sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "1", "20", "/", "1"]));
     eprintln!(
         "a request sent during the restart window without the fd store: {}",
