@@ -293,7 +293,10 @@ Wants=systemd-journald.socket systemd-journald.service
 After=systemd-journald.socket systemd-journald.service
 UNIT
 export container=baton-test
-exec {SYSTEMD} --system --unit=baton-test.target --log-target=console --log-level=notice
+# Its own messages into the journal the tests read: the console of a container goes nowhere, and
+# with it the reasons a unit's process could not be started (226/NAMESPACE and the mount that
+# failed, say), which the children systemd forks log before they run the program.
+exec {SYSTEMD} --system --unit=baton-test.target --log-target=journal --log-level=notice
 "#,
                 units = dir.join("units").display(),
                 target = target.display(),
