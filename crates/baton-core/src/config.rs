@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 mod listener;
 mod locate;
+mod program;
 mod raw;
 #[cfg(test)]
 mod tests;
