@@ -84,7 +84,7 @@ pub fn nginx_yaml(dir: &Path, port: u16) -> String {
     std::fs::copy(example("nginx/start.sh"), dir.join("start.sh")).unwrap();
     recipe_yaml(
         port,
-        "",
+        "    nonblocking: true\n",
         &format!(
             "  command: {}/start.sh
   env:

@@ -83,6 +83,11 @@ pub struct ListenerOptions {
     /// `quic: true` (UDP): a socket per generation, steered by connection ID (docs/quic.md).
     #[serde(default)]
     pub quic: bool,
+    /// `O_NONBLOCK` on the socket handed over (any kind), like systemd's `NonBlocking=`: set,
+    /// cleared, or (`None`) left as the socket is. It belongs to the socket, shared by every
+    /// process that holds it.
+    #[serde(default)]
+    pub nonblocking: Option<bool>,
 }
 
 /// TCP keep-alive of accepted sockets; `None`: the host's default (`net.ipv4.tcp_keepalive_*`).

@@ -40,17 +40,27 @@ pub(crate) fn udp_before_bind(
 /// The options a bound UDP socket can take: at bind, and again at each reload.
 pub(crate) fn udp_changeable(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
     ip_changeable(socket, options)?;
-    buffers(socket, options)
+    any_kind(socket, options)
 }
 
-/// `SO_RCVBUF` and `SO_SNDBUF`, where the file sets them (any kind of socket).
-pub(crate) fn buffers(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
+/// What every kind of socket takes, where the file sets it: `SO_RCVBUF`, `SO_SNDBUF`, and
+/// `O_NONBLOCK`.
+///
+/// `O_NONBLOCK` is a flag of the open socket, which the master and every worker share (a
+/// descriptor passed over `SCM_RIGHTS` or `dup2`'d for `LISTEN_FDS` is the same open socket):
+/// setting it here sets it for all of them. Servers that inherit their listeners from
+/// themselves (nginx's `NGINX` variable) assume it is set; a blocking `accept` after a wake-up
+/// another process won then parks the server's event loop until the next connection.
+pub(crate) fn any_kind(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
     use baton_sys::sockopt::{Buffer, set_buffer};
     if let Some(bytes) = options.recv_buffer {
         set_buffer(socket.as_fd(), Buffer::Receive, bytes)?;
     }
     if let Some(bytes) = options.send_buffer {
         set_buffer(socket.as_fd(), Buffer::Send, bytes)?;
+    }
+    if let Some(nonblocking) = options.nonblocking {
+        socket.set_nonblocking(nonblocking)?;
     }
     Ok(())
 }
@@ -91,7 +101,7 @@ fn ip_changeable(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
 /// Sets the options a bound, listening TCP socket can take: at bind, and again at each reload.
 pub(crate) fn changeable(socket: &Socket, options: &ListenerOptions) -> io::Result<()> {
     ip_changeable(socket, options)?;
-    buffers(socket, options)?;
+    any_kind(socket, options)?;
     socket.set_tcp_nodelay(options.nodelay)?;
     socket.set_keepalive(options.keepalive.is_some())?;
     if let Some(k) = &options.keepalive {
@@ -197,7 +207,7 @@ pub(crate) fn tcp_now(socket: &Socket, v6: bool) -> ListenerOptionsNow {
         nodelay: socket.tcp_nodelay().ok(),
         keepalive,
         mark: socket.mark().ok(),
-        ..buffers_now(socket)
+        ..any_kind_now(socket)
     }
 }
 
@@ -216,15 +226,16 @@ pub(crate) fn udp_now(socket: &Socket, v6: bool) -> ListenerOptionsNow {
             .flatten()
             .map(|d| String::from_utf8_lossy(&d).into_owned()),
         mark: socket.mark().ok(),
-        ..buffers_now(socket)
+        ..any_kind_now(socket)
     }
 }
 
-/// A socket's buffer sizes as the kernel reports them.
-pub(crate) fn buffers_now(socket: &Socket) -> ListenerOptionsNow {
+/// What every kind of socket has, as the kernel reports it: buffer sizes and `O_NONBLOCK`.
+pub(crate) fn any_kind_now(socket: &Socket) -> ListenerOptionsNow {
     ListenerOptionsNow {
         recv_buffer: socket.recv_buffer_size().ok().map(|b| b as u64),
         send_buffer: socket.send_buffer_size().ok().map(|b| b as u64),
+        nonblocking: socket.nonblocking().ok(),
         ..ListenerOptionsNow::default()
     }
 }

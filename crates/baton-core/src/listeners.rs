@@ -96,15 +96,16 @@ impl BoundSocket {
             ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path }
                 if !is_abstract(path) =>
             {
-                let buffers = listener_options::buffers_now(&self.socket);
+                let any = listener_options::any_kind_now(&self.socket);
                 baton_proto::control::ListenerOptionsNow {
-                    recv_buffer: buffers.recv_buffer,
-                    send_buffer: buffers.send_buffer,
+                    recv_buffer: any.recv_buffer,
+                    send_buffer: any.send_buffer,
+                    nonblocking: any.nonblocking,
                     ..listener_options::unix_now(path)
                 }
             }
             ListenerAddress::Unix { .. } | ListenerAddress::UnixDatagram { .. } => {
-                listener_options::buffers_now(&self.socket)
+                listener_options::any_kind_now(&self.socket)
             }
         }
     }
@@ -124,7 +125,7 @@ impl BoundSocket {
                 listener_options::udp_changeable(&self.socket, &config.options)
             }
             ListenerAddress::Unix { path } | ListenerAddress::UnixDatagram { path } => {
-                listener_options::buffers(&self.socket, &config.options)?;
+                listener_options::any_kind(&self.socket, &config.options)?;
                 match &self.unix_file {
                     Some(_) => listener_options::unix_file(path, config.mode, &config.options),
                     None => Ok(()),
@@ -423,7 +424,7 @@ fn bind(config: &ListenerConfig) -> io::Result<BoundSocket> {
             let datagram = config.address.is_datagram();
             let kind = if datagram { Type::DGRAM } else { Type::STREAM };
             let socket = Socket::new(Domain::UNIX, kind, None)?;
-            listener_options::buffers(&socket, &config.options)?;
+            listener_options::any_kind(&socket, &config.options)?;
             let unix_file = if is_abstract(path) {
                 // `@name`: Linux's abstract namespace (a leading NUL byte), no file.
                 let mut name = vec![0u8];
@@ -568,6 +569,51 @@ mod tests {
             "{:?}",
             second.warnings
         );
+    }
+
+    #[test]
+    fn nonblocking_is_set_or_cleared_as_the_file_says_and_left_alone_when_it_says_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |config: &ListenerConfig, nonblocking| {
+            let mut config = config.clone();
+            config.options.nonblocking = nonblocking;
+            config
+        };
+        let configs = [
+            tcp("stream", "127.0.0.1:0"),
+            ListenerConfig {
+                address: ListenerAddress::Udp {
+                    address: "127.0.0.1:0".parse().unwrap(),
+                },
+                ..tcp("datagram", "127.0.0.1:0")
+            },
+            ListenerConfig {
+                address: ListenerAddress::Unix {
+                    path: dir.path().join("app.sock"),
+                },
+                ..tcp("unix", "127.0.0.1:0")
+            },
+        ];
+        for config in configs {
+            let mut table = ListenerTable::default();
+            // Bound as the file says: non-blocking.
+            let first = table.prepare(&[with(&config, Some(true))]).unwrap();
+            let socket = first.listeners[0].socket.clone();
+            assert_eq!(socket.options_now().nonblocking, Some(true), "{config:?}");
+            // A reload that clears it: the same socket, blocking.
+            table.prepare(&[with(&config, Some(false))]).unwrap();
+            assert_eq!(socket.options_now().nonblocking, Some(false), "{config:?}");
+            // Said nothing: what a worker set is left as it is.
+            socket.socket.set_nonblocking(true).unwrap();
+            let kept = table.prepare(&[with(&config, None)]).unwrap();
+            assert!(Rc::ptr_eq(&kept.listeners[0].socket, &socket));
+            assert_eq!(socket.options_now().nonblocking, Some(true), "{config:?}");
+            // A duplicate (what a worker gets) is the same open socket: it sees the flag.
+            let dup = socket2::Socket::from(socket.duplicate().unwrap());
+            assert!(dup.nonblocking().unwrap(), "{config:?}");
+            drop(kept);
+            drop(first);
+        }
     }
 
     #[test]

@@ -342,6 +342,9 @@ pub struct ListenerOptionsNow {
     pub recv_buffer: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_buffer: Option<u64>,
+    /// `O_NONBLOCK` of the socket, which every process holding it shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonblocking: Option<bool>,
 }
 
 /// TCP keep-alive as the kernel reports it.

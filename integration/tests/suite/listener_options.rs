@@ -172,3 +172,56 @@ fn options_read_back_the_same_in_the_master_a_worker_and_its_connections() {
     assert_eq!(http["freebind"], true, "kept as bound: {http}");
     drop(client);
 }
+
+/// `O_NONBLOCK` of descriptor 3 of a worker, from `/proc/PID/fdinfo/3`.
+fn fd3_nonblocking(pid: u64) -> bool {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/3")).unwrap();
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .unwrap_or_else(|| panic!("no flags in {info}"));
+    flags & nix::fcntl::OFlag::O_NONBLOCK.bits() as u32 != 0
+}
+
+/// A worker that never touches its socket (`sleep`, systemd-style) receives it as the file
+/// says: non-blocking with `nonblocking: true` (nginx assumes so of an inherited listener), and
+/// blocking again after a reload that says `false`, as systemd's `NonBlocking=` does.
+#[test]
+fn nonblocking_is_what_a_worker_that_never_touches_its_socket_receives() {
+    let port = free_port();
+    let yaml = |nonblocking: bool| {
+        format!(
+            "listeners:
+  - name: http
+    address: \"127.0.0.1:{port}\"
+    nonblocking: {nonblocking}
+worker:
+  command: sleep
+  args: [\"600\"]
+  protocol: systemd
+  ready: {{delay: 50ms}}
+  drain_timeout: 2s
+supervisor:
+  runtime_dir: \"{{dir}}/run\"
+  control:
+    socket: \"{{dir}}/baton.sock\"
+"
+        )
+    };
+    let master = Master::spawn("nonblocking", &yaml(true));
+    let (_, ready) = master.wait_event("worker_ready", Duration::from_secs(10), |_| true);
+    assert!(fd3_nonblocking(ready["pid"].as_u64().unwrap()), "{ready}");
+    let http = &listeners(&master)[0]["options"];
+    assert_eq!(http["nonblocking"], true, "{http}");
+
+    master.write_config(&yaml(false));
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    let (_, ready) = master.wait_event("worker_ready", Duration::from_secs(10), |v| {
+        v["generation"] == 2
+    });
+    assert!(!fd3_nonblocking(ready["pid"].as_u64().unwrap()), "{ready}");
+    let http = &listeners(&master)[0]["options"];
+    assert_eq!(http["nonblocking"], false, "{http}");
+}

@@ -106,18 +106,14 @@ fn nginx_under_baton_reloads_every_200ms_and_loses_only_what_its_graceful_stop_c
     let port = free_port();
     let master = Master::spawn("nginx-load", &nginx_yaml(files.path(), port));
     let (fresh, kept, signals) = reload_both_ways(&master, port, "nginx");
-    // A fresh connection is never closed or refused; once in a CI run (1 of 61 670) one was
-    // left unanswered until the client's timeout, the same unexplained case as the kept-alive
-    // ones below (docs/recipes.md): at most two such.
-    assert!(
-        fresh.failures.keys().all(|k| k == "timeout") && fresh.failed() <= 2,
-        "{}",
-        fresh.summary()
-    );
+    // A fresh connection is never closed, refused or left unanswered. (Before the listener was
+    // handed over non-blocking, nginx, which assumes so of an inherited socket, parked a worker
+    // in accept() after another process won the connection: its clients' requests waited
+    // until the next connection arrived, 3 to 7 timeouts in half the runs.)
+    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
     // nginx's graceful stop closes idle kept-alive connections at once: a client whose next
-    // request crosses the close loses it, closed or reset (and, a few times in a run, left
-    // unanswered until the client's timeout: not explained yet, see docs/recipes.md).
-    assert_only_graceful_closes(&kept, signals, &["closed", "reset", "timeout"]);
+    // request crosses the close loses it, closed or reset; none is left unanswered.
+    assert_only_graceful_closes(&kept, signals, &["closed", "reset"]);
 }
 
 /// A server whose graceful stop closes idle kept-alive connections at once loses the requests

@@ -66,6 +66,9 @@ pub(super) struct ListenerFields {
     /// UDP only: steer QUIC connections to the generation that holds them.
     #[serde(default)]
     quic: Option<bool>,
+    /// Any kind: `O_NONBLOCK` on the socket handed over.
+    #[serde(default)]
+    nonblocking: Option<bool>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +309,7 @@ impl TryFrom<ListenerFields> for RawListener {
                 recv_buffer: f.recv_buffer.map(|b| b.0),
                 send_buffer: f.send_buffer.map(|b| b.0),
                 quic: f.quic.unwrap_or(false),
+                nonblocking: f.nonblocking,
             },
             name,
             address,

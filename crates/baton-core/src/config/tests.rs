@@ -24,6 +24,7 @@ listeners:
   - name: local
     path: /tmp/baton-test.sock
     mode: \"0660\"
+    nonblocking: true
 worker:
   command: /bin/sh
   args: [-c, 'exec sleep 1000']
@@ -97,6 +98,9 @@ supervisor:
             }
         );
         assert_eq!(c.listeners[2].mode, Some(0o660));
+        // Said for one listener only: the others' sockets are left as they are.
+        assert_eq!(c.listeners[2].options.nonblocking, Some(true));
+        assert_eq!(c.listeners[0].options.nonblocking, None);
         // Unquoted, YAML would read 0660 as a number; the file's digits are what is meant.
         let unquoted = GOOD.replace("mode: \"0660\"", "mode: 0640");
         assert_eq!(parse_str(&unquoted).unwrap().listeners[2].mode, Some(0o640));
