@@ -101,14 +101,17 @@ def main():
         sys.exit("no listeners: LISTEN_FDS is not set")
     servers = [Server(sock) for _, sock in sockets]
     threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}) for s in servers]
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM is blocked in every thread (they inherit the mask) and taken by sigwait below. A
+    # Python handler would run only when the kernel picks the main thread for the signal: picked
+    # while serving, it would interrupt a server thread's poll, and the main thread, asleep in a
+    # wait, would never run the handler: the worker would serve on until killed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     for t in threads:
         t.start()
     names = ", ".join(name for name, _ in sockets)
     notify(f"READY=1\nSTATUS=serving {names}")
     log(f"generation {generation} ready on {names}")
-    stop.wait()
+    signal.sigwait({signal.SIGTERM})
     draining.set()
     notify("STOPPING=1")
     for s in servers:
