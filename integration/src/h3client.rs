@@ -179,11 +179,15 @@ async fn request(
         .send_request(request)
         .await
         .map_err(|e| format!("send: {e}"))?;
-    stream.finish().await.map_err(|e| format!("finish: {e}"))?;
-    let response = stream
-        .recv_response()
-        .await
-        .map_err(|e| format!("response: {e}"))?;
+    // A server that answered before reading the request's end may stop the client's sending
+    // (RFC 9114, 4.1: "Clients MUST NOT discard complete responses as a result of having their
+    // request terminated abruptly"): the answer is read all the same, and the stop counts only
+    // if no answer comes.
+    let finished = stream.finish().await.map_err(|e| format!("finish: {e}"));
+    let response = match stream.recv_response().await {
+        Ok(response) => response,
+        Err(e) => return Err(finished.err().unwrap_or(format!("response: {e}"))),
+    };
     while stream
         .recv_data()
         .await

@@ -146,6 +146,9 @@ async fn serve(incoming: quinn::Incoming, body: Bytes, generation: u64) -> anyho
                     let Ok((_request, mut stream)) = resolver.resolve_request().await else {
                         return;
                     };
+                    // The request to its end (a GET's is its headers): answering before it
+                    // would stop the client's sending, which a client may take for a failure.
+                    while let Ok(Some(_)) = stream.recv_data().await {}
                     let response = http::Response::builder()
                         .status(http::StatusCode::OK)
                         .header("content-type", "text/plain")
