@@ -36,6 +36,7 @@ fn fresh_connections_lose_nothing_across_reloads_every_100ms() {
     );
     let reloads = master.assert_every_request_accounted_for(sent);
     eprintln!("{sent} SIGUSR2 sent: {reloads} reloads carried them all out");
+    assert_every_generation_drained_by_itself(&master);
 }
 
 #[test]
@@ -53,4 +54,13 @@ fn keep_alive_clients_lose_nothing_across_reloads_every_100ms() {
     assert!(report.generations.len() > 5, "{}", report.summary());
     let reloads = master.assert_every_request_accounted_for(sent);
     eprintln!("{sent} SIGUSR2 sent: {reloads} reloads carried them all out");
+    assert_every_generation_drained_by_itself(&master);
+}
+
+/// No worker was killed (at its drain deadline or by `max_draining`): every old generation
+/// finished and exited by itself. A worker that missed its drain request would serve on, and
+/// its kill would lose what it held only now and then; this sees it every time.
+fn assert_every_generation_drained_by_itself(master: &Master) {
+    let killed = master.events("worker_killed");
+    assert!(killed.is_empty(), "workers killed: {killed:?}");
 }
