@@ -60,6 +60,7 @@ mod health;
 mod link;
 mod liveness;
 mod memory;
+mod metrics;
 mod probe;
 mod queues;
 mod readiness;
