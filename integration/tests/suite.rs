@@ -21,6 +21,7 @@ mod suite {
     mod faults;
     mod flat;
     mod hardening;
+    mod hostile;
     mod kinds;
     mod kubernetes;
     mod listener_options;

@@ -80,7 +80,7 @@ impl Containment {
         &self.dir
     }
 
-    fn group_dir(&self, generation: u64, program: usize) -> PathBuf {
+    pub(crate) fn group_dir(&self, generation: u64, program: usize) -> PathBuf {
         self.dir.join(format!("g{generation}-p{program}"))
     }
 
@@ -144,6 +144,10 @@ impl Containment {
 }
 
 /// The pids listed in a cgroup's `cgroup.procs`.
+pub(crate) fn procs_of(dir: &Path) -> Vec<u32> {
+    procs(dir)
+}
+
 fn procs(dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()
@@ -166,8 +170,13 @@ fn kill_dir(dir: &Path, kill_file: bool) {
             return;
         }
         for pid in pids {
-            let _ =
-                baton_sys::process::signal_process(pid, baton_sys::process::SignalNumber::SIGKILL);
+            // Through a pidfd, and only if the process it names is still in the cgroup: the
+            // number may have been reused since `cgroup.procs` was read.
+            if let Ok(Some(process)) = baton_sys::pidfd::Process::open(pid)
+                && procs(dir).contains(&pid)
+            {
+                let _ = process.signal(baton_sys::process::SignalNumber::SIGKILL);
+            }
         }
     }
 }

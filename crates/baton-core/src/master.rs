@@ -18,6 +18,8 @@
 //! - `containment`: workers' cgroups (made, killed, removed);
 //! - `link`: a baton-protocol worker's channel and the `SCM_RIGHTS` handoff;
 //! - `worker_notify`: a systemd-style worker's `NOTIFY_SOCKET`;
+//! - `main_pid`: a worker's announced main process (`MAINPID=`), proven its own or refused;
+//! - `processes`: the processes the master may signal, each held by a pidfd;
 //! - `probe`: readiness probes;
 //! - `liveness`: liveness checks of ready workers (probes, watchdog);
 //! - `memory`: the periodic memory check of `recycle:`;
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant};
 use baton_proto::control as proto;
 use baton_sys::process::{self, SignalNumber};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{self, Config};
 use crate::control::{self, ControlRequest};
@@ -59,9 +61,11 @@ mod guard;
 mod health;
 mod link;
 mod liveness;
+mod main_pid;
 mod memory;
 mod metrics;
 mod probe;
+mod processes;
 mod queues;
 mod readiness;
 mod report;
@@ -72,6 +76,7 @@ mod spawn;
 mod steering;
 mod upgrade;
 mod worker_notify;
+pub use main_pid::Refusal;
 pub use worker_notify::{Notice, notices};
 
 pub use crate::upgrade::STATE_FD_ENV;
@@ -148,6 +153,8 @@ pub struct Master {
     table: ListenerTable,
     resources: HashMap<Generation, Resources>,
     links: HashMap<WorkerId, Link>,
+    /// Every process the master may signal, held by a pidfd.
+    processes: processes::Processes,
     supervisor: Supervisor,
     events_tx: mpsc::UnboundedSender<News>,
     events_rx: mpsc::UnboundedReceiver<News>,
@@ -280,6 +287,7 @@ impl Master {
             table,
             resources: HashMap::new(),
             links: HashMap::new(),
+            processes: processes::Processes::default(),
             supervisor: Supervisor::new(),
             events_tx,
             events_rx,
@@ -434,7 +442,7 @@ impl Master {
                 input = inputs.recv(), if inputs_open => match input {
                     Some(Input::Intent(intent)) => queue.push_back(Event::Intent(intent)),
                     Some(Input::ChildExited) => {
-                        reap(&mut queue);
+                        self.reap(&mut queue);
                         self.remove_cgroups();
                     }
                     Some(Input::UpgradeSignal { signal, trigger }) => {
@@ -478,6 +486,34 @@ impl Master {
     fn on_news(&mut self, news: News, queue: &mut VecDeque<Event>) {
         match news {
             News::Event(event) => queue.push_back(event),
+            News::MainPid { worker, process } => {
+                let pid = process.pid();
+                match self.processes.owner(pid) {
+                    Some(owner) if owner != worker => {
+                        let refusal = Refusal::Taken {
+                            pid,
+                            owner: owner.0,
+                        };
+                        warn!(
+                            event = "main_pid_refused",
+                            worker = worker.0,
+                            "worker {worker} announced a main process baton refuses: {refusal}"
+                        );
+                        self.refused_main_pid(worker, refusal);
+                    }
+                    _ => {
+                        self.processes
+                            .hold_announced(worker, process, &self.events_tx);
+                        queue.push_back(Event::MainPid { worker, pid });
+                    }
+                }
+            }
+            News::MainPidRefused { worker, refusal } => self.refused_main_pid(worker, refusal),
+            News::MainGone { pid, serial } => {
+                if let Some(status) = self.processes.gone(pid, serial) {
+                    queue.push_back(Event::Exited { pid, status });
+                }
+            }
             News::Heartbeat(worker) => {
                 if let Some(beats) = self.links.get(&worker).and_then(|l| l.heartbeats.as_ref()) {
                     let _ = beats.send(());
@@ -544,16 +580,13 @@ impl Master {
                     deadline_ms,
                     signal,
                 } => self.drain(worker, pid, deadline_ms, signal),
-                Action::Signal { pid, signal } => {
-                    if let Err(err) = process::signal_process(pid, signal) {
-                        debug!(pid, "cannot send {} to pid {pid}: {err}", signal.as_str());
-                    }
+                Action::Signal { pid, signal } => self.processes.signal(pid, signal),
+                Action::Kill { pid, pgid } => self.kill(pid, pgid),
+                Action::KillGroup { pgid } => self.processes.kill_group(pgid),
+                Action::Forget { worker } => {
+                    self.processes.forget(worker);
+                    self.forget(worker);
                 }
-                Action::Kill { pid, pgid } => containment::kill(pid, pgid),
-                Action::KillGroup { pgid } => {
-                    let _ = process::signal_group(pgid, SignalNumber::SIGKILL);
-                }
-                Action::Forget { worker } => self.forget(worker),
                 Action::Release { generation } => {
                     let programs = self
                         .resources
@@ -570,14 +603,29 @@ impl Master {
     }
 }
 
-fn reap(queue: &mut VecDeque<Event>) {
-    loop {
-        match process::reap_one() {
-            Ok(Some((pid, status))) => queue.push_back(Event::Exited { pid, status }),
-            Ok(None) => break,
-            Err(err) => {
-                warn!("waitpid failed: {err}");
-                break;
+impl Master {
+    /// Reaps every exited child. Each is seen first as a zombie: if it is a worker's process
+    /// and the leader of its group, whatever is left in the group is killed then, while the
+    /// zombie still pins the group's id (the state machine's later `KillGroup` then finds it
+    /// gone); it is reaped after.
+    fn reap(&mut self, queue: &mut VecDeque<Event>) {
+        loop {
+            match process::peek_exit() {
+                Ok(Some((pid, status))) => {
+                    if self.supervisor.is_main_pid(pid) && self.processes.leads_group(pid) {
+                        let _ = process::signal_group(pid, SignalNumber::SIGKILL);
+                    }
+                    if let Err(err) = process::reap(pid) {
+                        warn!("waitpid({pid}) failed: {err}");
+                    }
+                    self.processes.reaped(pid);
+                    queue.push_back(Event::Exited { pid, status });
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    warn!("waitid failed: {err}");
+                    break;
+                }
             }
         }
     }

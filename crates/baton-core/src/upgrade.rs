@@ -79,6 +79,22 @@ pub struct State {
     /// survive the exec; scrapes during the exec are refused).
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The processes the master holds by pidfd (the only ones it signals), their pidfds kept
+    /// across the exec. A state from a master before pidfds were kept has none: the new master
+    /// opens pidfds for the workers' pids then (its children cannot have been reused, being
+    /// unreaped; an announced main process is taken on trust that once).
+    #[serde(default)]
+    pub processes: Vec<ProcessState>,
+}
+
+/// One process held by a pidfd.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProcessState {
+    pub worker: WorkerId,
+    pub pid: u32,
+    pub fd: i32,
+    /// Announced by the worker (`MAINPID=`) and proven its own, not started by the master.
+    pub announced: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -302,6 +318,8 @@ mod tests {
         });
         // And `supervisor.watch` (default: no watch).
         diff.retain(|d| !d.ends_with(".spec.watch_config: None vs Some(Bool(false))"));
+        // And the pidfds held across the exec (none in a state from before them).
+        diff.retain(|d| d != ".processes: None vs Some(Array [])");
         // So did `cgroups` (default `auto`).
         diff.retain(|d| d != ".cgroups: None vs Some(String(\"auto\"))");
         // `output:` came later too; its default is `capture`.

@@ -33,6 +33,21 @@ pub struct Process {
     fd: OwnedFd,
 }
 
+/// A duplicate pidfd, owned, for the reactor.
+struct Watched(OwnedFd);
+
+impl AsRawFd for Watched {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl AsFd for Process {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl Process {
     /// The process `pid`, if it runs and started at `start_time` (so it is the one meant, not
     /// another that reuses the number). `Ok(None)`: gone, or another process.
@@ -61,8 +76,98 @@ impl Process {
         }
     }
 
+    /// The process `pid` as its pidfd names it now, whoever it is: the caller proves it is the
+    /// one meant (its parent chain, its cgroup) and then that it has not exited since
+    /// ([`Process::has_exited`]): checks made while the pidfd was held and the process still
+    /// ran were about this very process. `Ok(None)`: no such process.
+    pub fn open(pid: u32) -> io::Result<Option<Process>> {
+        let Ok(raw_pid) = libc::pid_t::try_from(pid) else {
+            return Ok(None);
+        };
+        if raw_pid <= 0 {
+            return Ok(None);
+        }
+        // SAFETY: as in `find`.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ESRCH) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: as in `find`.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Some(Process { pid, fd }))
+    }
+
+    /// The process a pidfd names (made with it by `clone3(CLONE_PIDFD)`, or inherited across a
+    /// self-upgrade).
+    pub fn from_pidfd(pid: u32, fd: OwnedFd) -> Process {
+        Process { pid, fd }
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// A future that completes when the process ends (its pidfd becomes readable), whoever
+    /// reaps it. Registered with the current tokio runtime through a duplicate of the pidfd, so
+    /// this `Process` keeps its own.
+    pub fn ended(&self) -> io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        let dup = Watched(self.fd.try_clone()?);
+        // SAFETY: the duplicate is owned by the `Watched` moved into the `AsyncFd`: it stays open
+        // while registered, and closes only when the `AsyncFd` (which deregisters it first) is
+        // dropped.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(dup, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(async move {
+            // A pidfd stays readable once its process ended: the first readiness is the end.
+            let _ = fd.readable().await;
+        })
+    }
+
+    /// Whether it has exited (seen through the pidfd, whoever reaps it).
+    pub fn has_exited(&self) -> io::Result<bool> {
+        self.wait(Duration::ZERO)
+    }
+
+    /// Reaps it if it is this process's child and has exited: `Ok(Some(how))`. `Ok(None)`: it
+    /// runs, or another process is its parent (so its status is that parent's to read).
+    pub fn try_reap(&self) -> io::Result<Option<crate::process::ExitKind>> {
+        // SAFETY: an all-zero siginfo_t is valid (a plain C struct); waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with P_PIDFD reads the descriptor and writes `info`, which lives on
+        // this frame.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.fd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ECHILD) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: waitid succeeded; si_pid is 0 when no child had exited (WNOHANG), else the
+        // kernel filled the child fields of the union.
+        let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+        if pid == 0 {
+            return Ok(None);
+        }
+        Ok(Some(match code {
+            libc::CLD_EXITED => crate::process::ExitKind::Exited(status),
+            _ => Signal::try_from(status)
+                .map(crate::process::ExitKind::Signaled)
+                .unwrap_or(crate::process::ExitKind::Exited(status)),
+        }))
     }
 
     /// Sends `signal` to this very process (never to another that got its number).
@@ -144,6 +249,67 @@ mod tests {
         assert!(process.wait(Duration::from_secs(10)).unwrap());
         child.wait().unwrap();
         assert!(Process::find(pid, started).unwrap().is_none(), "gone");
+    }
+
+    #[test]
+    fn a_spawned_process_comes_with_its_pidfd_which_sees_its_end_and_reaps_it() {
+        let mut spawn = crate::spawn::Spawn::new(std::path::Path::new("/bin/sleep")).unwrap();
+        spawn.arg("30").unwrap();
+        let started = spawn.spawn(None).unwrap();
+        let process = started.into_process();
+        assert!(!process.has_exited().unwrap());
+        assert_eq!(process.try_reap().unwrap(), None, "it runs");
+        process.signal(Signal::SIGTERM).unwrap();
+        assert!(process.wait(Duration::from_secs(10)).unwrap());
+        assert_eq!(
+            process.try_reap().unwrap(),
+            Some(crate::process::ExitKind::Signaled(Signal::SIGTERM))
+        );
+    }
+
+    #[test]
+    fn a_grandchild_reaped_by_its_own_parent_is_seen_to_end_but_not_reaped_here() {
+        // sh forks sleep, prints its pid and waits for it: the sleep is not our child.
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(sh.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let pid: u32 = line.trim().parse().unwrap();
+        let process = Process::open(pid).unwrap().expect("runs");
+        assert_eq!(crate::process::parent_of(pid).unwrap(), sh.id());
+        process.signal(Signal::SIGKILL).unwrap();
+        assert!(process.wait(Duration::from_secs(10)).unwrap());
+        assert!(process.has_exited().unwrap());
+        assert_eq!(process.try_reap().unwrap(), None, "sh's child, not ours");
+        sh.wait().unwrap();
+        assert!(Process::open(0).unwrap().is_none());
+        assert!(Process::open(u32::MAX).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_process_is_awaited_without_reaping_it() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let process = Process::open(child.id()).unwrap().expect("runs");
+        let ended = process.ended().unwrap();
+        let waiting = tokio::spawn(ended);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        process.signal(Signal::SIGKILL).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("seen to end")
+            .unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

@@ -82,6 +82,9 @@ unsafe fn close_from(first: libc::c_uint) {
 pub enum ExitKind {
     Exited(i32),
     Signaled(Signal),
+    /// It ended, seen through its pidfd, and another process (its own parent) reaped it, so
+    /// how is that parent's to know.
+    Unseen,
 }
 
 impl std::fmt::Display for ExitKind {
@@ -89,6 +92,7 @@ impl std::fmt::Display for ExitKind {
         match self {
             ExitKind::Exited(code) => write!(f, "exited with status {code}"),
             ExitKind::Signaled(sig) => write!(f, "was killed by {}", sig.as_str()),
+            ExitKind::Unseen => write!(f, "ended (reaped by its own parent)"),
         }
     }
 }
@@ -109,6 +113,57 @@ pub fn reap_one() -> io::Result<Option<(u32, ExitKind)>> {
             Err(nix::errno::Errno::ECHILD) => return Ok(None),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// The next exited child of this process, left a zombie (`WNOWAIT`): while it is one its pid,
+/// and the process group it leads, cannot name another process, so the group can still be
+/// signalled safely. [`reap`] it next. `Ok(None)`: none has exited.
+pub fn peek_exit() -> io::Result<Option<(u32, ExitKind)>> {
+    loop {
+        // SAFETY: an all-zero siginfo_t is valid (a plain C struct); waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes `info`, which lives on this frame.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ECHILD) => Ok(None),
+                Some(libc::EINTR) => continue,
+                _ => Err(err),
+            };
+        }
+        // SAFETY: waitid succeeded: si_pid is 0 when no child has exited (WNOHANG), else the
+        // kernel filled the child fields of the union.
+        let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+        if pid <= 0 {
+            return Ok(None);
+        }
+        let how = match code {
+            libc::CLD_EXITED => ExitKind::Exited(status),
+            _ => Signal::try_from(status)
+                .map(ExitKind::Signaled)
+                .unwrap_or(ExitKind::Exited(status)),
+        };
+        return Ok(Some((pid as u32, how)));
+    }
+}
+
+/// Reaps the exited child `pid` ([`peek_exit`] found it).
+pub fn reap(pid: u32) -> io::Result<()> {
+    loop {
+        match waitpid(to_pid(pid)?, Some(WaitPidFlag::WNOHANG)) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => return Err(err.into()),
+            Ok(_) => return Ok(()),
         }
     }
 }
@@ -282,6 +337,27 @@ pub(crate) fn decimal(mut n: u32) -> ([u8; 10], usize) {
 /// worker's grandchildren (a server that forks, `MAINPID=`) are reparented to it, not to init.
 pub fn become_subreaper() -> io::Result<()> {
     Ok(nix::sys::prctl::set_child_subreaper(true)?)
+}
+
+/// The parent of `pid` (field 4 of `/proc/PID/stat`); 0 for a process whose parent is outside
+/// this PID namespace.
+pub fn parent_of(pid: u32) -> io::Result<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses: fields after it start after
+    // the last `)`; field 3 is the state, field 4 the parent.
+    stat.rfind(')')
+        .and_then(|at| stat[at + 1..].split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no parent in /proc stat"))
+}
+
+/// The cgroup (v2) of `pid`, as `/proc/PID/cgroup` names it (`/baton/...`).
+pub fn cgroup_of(pid: u32) -> io::Result<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no cgroup2 line"))
 }
 
 /// The process group of `pid`.

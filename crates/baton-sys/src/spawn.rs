@@ -113,13 +113,22 @@ impl std::fmt::Display for Stage {
 }
 
 /// A process started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Started {
     pub pid: u32,
     /// When it started, in clock ticks since boot (as [`crate::pidfd::start_time`] reads it
     /// from `/proc`), known without reading `/proc` when the boot-time clock stayed within one
     /// tick across its clone (nearly always: a tick is 10 ms).
     pub start_time: Option<u64>,
+    /// A pidfd made with the process (`CLONE_PIDFD`): the only way the master signals it.
+    pub pidfd: OwnedFd,
+}
+
+impl Started {
+    /// The process as a [`crate::pidfd::Process`], for signals that cannot reach another.
+    pub fn into_process(self) -> crate::pidfd::Process {
+        crate::pidfd::Process::from_pidfd(self.pid, self.pidfd)
+    }
 }
 
 /// Why a process could not be started.

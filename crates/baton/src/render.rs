@@ -227,6 +227,10 @@ pub(crate) fn status(s: &StatusSnapshot) -> String {
             ]);
         }
         out += &table(&rows, "  ");
+        for w in g.workers.iter().filter(|w| w.refused.is_some()) {
+            let refused = w.refused.as_deref().map_or_else(String::new, safe);
+            out += &format!("  worker {}: refused {refused}\n", w.worker);
+        }
     }
     if s.generations.is_empty() {
         out += "\nno generation\n";
@@ -539,6 +543,7 @@ mod tests {
             connections,
             connections_source: source,
             status: None,
+            refused: None,
             restart_in_ms: None,
             memory: None,
         }

@@ -38,6 +38,17 @@ impl Master {
         Ok(Some(fd.as_fd()))
     }
 
+    /// The directory of the cgroup workers of `program` of `generation` are made in (`None`:
+    /// workers are not contained).
+    pub(super) fn cgroup_dir(
+        &self,
+        generation: Generation,
+        program: usize,
+    ) -> Option<std::path::PathBuf> {
+        let containment = self.containment.as_ref().ok()?;
+        Some(containment.group_dir(generation.0, program))
+    }
+
     /// `generation` is gone: what is left in its cgroups ends, and they go once empty.
     pub(super) fn release_cgroups(&mut self, generation: Generation, programs: usize) {
         let Ok(containment) = &self.containment else {
@@ -69,14 +80,18 @@ impl Master {
     }
 }
 
-/// SIGKILLs a worker: its process group (it leads one: its children go with it) and its main
-/// pid, in case it left the group. What left the group too goes with the generation's cgroup,
-/// when the generation is released.
-pub(super) fn kill(pid: u32, pgid: u32) {
-    if let Err(err) = Point::DrainKill.check() {
-        tracing::warn!(pid, "cannot kill pid {pid}: {err}");
-        return;
+impl Master {
+    /// SIGKILLs a worker: its process group (it leads one: its children go with it) while the
+    /// master holds the group's leader, and its main process through its pidfd, in case it left
+    /// the group. What left the group too goes with the generation's cgroup, when the
+    /// generation is released.
+    pub(super) fn kill(&self, pid: u32, pgid: u32) {
+        if let Err(err) = Point::DrainKill.check() {
+            tracing::warn!(pid, "cannot kill pid {pid}: {err}");
+            return;
+        }
+        self.processes.kill_group(pgid);
+        self.processes
+            .signal(pid, baton_sys::process::SignalNumber::SIGKILL);
     }
-    let _ = baton_sys::process::signal_group(pgid, baton_sys::process::SignalNumber::SIGKILL);
-    let _ = baton_sys::process::signal_process(pid, baton_sys::process::SignalNumber::SIGKILL);
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use baton_proto::{Hello, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE, MasterMessage, WorkerMessage};
 use baton_sys::channel;
-use baton_sys::process::{self, SignalNumber};
+use baton_sys::process::SignalNumber;
 use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -43,6 +43,8 @@ pub(super) struct Link {
     /// Its probes' Unix socket files, removed once it is gone.
     pub(super) probe_files: Vec<PathBuf>,
     pub(super) output: Vec<std::sync::Arc<crate::output::Capture>>,
+    /// The last main process it announced that was refused, and how many were.
+    pub(super) refused: Option<(super::main_pid::Refusal, u64)>,
 }
 
 impl super::Master {
@@ -66,15 +68,21 @@ impl super::Master {
         if let Some(commands) = self.links.get(&worker).and_then(|l| l.commands.as_ref()) {
             let _ = commands.send(MasterMessage::Drain { deadline_ms });
         }
-        if let Some(signal) = signal
-            && let Err(err) = process::signal_process(pid, signal)
-        {
-            debug!(pid, "cannot send {} to pid {pid}: {err}", signal.as_str());
+        if let Some(signal) = signal {
+            self.processes.signal(pid, signal);
         }
     }
 }
 
 impl super::Master {
+    /// `worker` announced a main process that was refused: shown in its status.
+    pub(super) fn refused_main_pid(&mut self, worker: WorkerId, refusal: super::main_pid::Refusal) {
+        if let Some(link) = self.links.get_mut(&worker) {
+            let times = link.refused.as_ref().map_or(0, |(_, n)| *n) + 1;
+            link.refused = Some((refusal, times));
+        }
+    }
+
     /// The worker is gone: its channel's tasks end, its probe files go, its output is done.
     pub(super) fn forget(&mut self, worker: WorkerId) {
         if let Some(link) = self.links.remove(&worker) {

@@ -23,6 +23,19 @@ pub(super) enum News {
     Ready(WorkerId, Condition),
     /// The worker proved it is alive (a heartbeat packet, `WATCHDOG=1`).
     Heartbeat(WorkerId),
+    /// The worker announced a main process (`MAINPID=`), proven its own and held.
+    MainPid {
+        worker: WorkerId,
+        process: baton_sys::pidfd::Process,
+    },
+    /// The worker announced a main process baton refuses.
+    MainPidRefused {
+        worker: WorkerId,
+        refusal: super::main_pid::Refusal,
+    },
+    /// An announced main process ended (seen through its pidfd): `serial` tells it from a later
+    /// process of the same number.
+    MainGone { pid: u32, serial: u64 },
 }
 
 /// One readiness condition.

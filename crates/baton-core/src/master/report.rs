@@ -57,6 +57,14 @@ impl Master {
             memory: HashMap::new(),
             start_settings: self.start_settings.clone(),
             listeners: self.listener_statuses(),
+            refused: self
+                .links
+                .iter()
+                .filter_map(|(id, l)| {
+                    let (why, times) = l.refused.as_ref()?;
+                    Some((*id, format!("MAINPID: {why} ({times} refused)")))
+                })
+                .collect(),
         };
         move || {
             context.counted = crate::procnet::established_connections(&unreported, &ports);
@@ -113,6 +121,8 @@ struct StatusContext {
     start_settings: std::collections::BTreeMap<String, String>,
     /// The listeners, their queues read when the status was asked.
     listeners: Vec<proto::ListenerStatus>,
+    /// What was refused from each worker.
+    refused: HashMap<crate::supervisor::WorkerId, String>,
 }
 
 /// The memory of every worker of `snap` (its process tree), by pid.
@@ -182,6 +192,7 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
                                 .pid
                                 .and_then(|p| context.memory.get(&p))
                                 .map(|&m| status_of(m)),
+                            refused: context.refused.get(&w.id).cloned(),
                         }
                     })
                     .collect(),
@@ -478,6 +489,7 @@ mod tests {
     fn context() -> StatusContext {
         StatusContext {
             listeners: Vec::new(),
+            refused: HashMap::new(),
             pid: 4242,
             version: "0.1.0",
             config: "/etc/baton/baton.yaml".into(),

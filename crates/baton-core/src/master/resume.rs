@@ -3,7 +3,7 @@
 //! restarts the tasks that read workers, re-sends drain requests, answers the client that asked,
 //! and refreshes the service manager's fd store ([`Master::on_resumed`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -18,9 +18,10 @@ use tracing::{info, warn};
 
 use super::generations::Resources;
 use super::link::{Link, link_loop};
+use super::processes::Origin as ProcessOrigin;
 use super::service_manager::{Notification, Told};
-use super::worker_notify::notify_task;
-use super::{MAX_ASKS, Master, Options, reap};
+use super::worker_notify::{Notifier, notify_task};
+use super::{MAX_ASKS, Master, Options};
 use crate::config::{self, NotifyAccess};
 use crate::control;
 use crate::intent::Intent;
@@ -30,6 +31,7 @@ use crate::output::{Capture, Origin, capture_task};
 use crate::supervisor::{Action, Event, RequestId, Supervisor, WorkerId};
 use crate::upgrade::{STATE_FD_ENV, State, StateError};
 use crate::version;
+use baton_sys::pidfd::Process;
 use proto::OutputStream;
 
 /// The state a predecessor left for this program, read from the descriptor that
@@ -104,6 +106,9 @@ pub(super) struct Resumed {
     notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
     /// Each worker's output pipes, with who it is and the line each stream had begun.
     output: Vec<(WorkerId, Arc<Origin>, Vec<AdoptedStream>)>,
+    /// The processes held by pidfd, held again once the loop runs (an announced one's end is
+    /// watched by a task).
+    processes: Vec<(WorkerId, ProcessOrigin, Process)>,
 }
 
 /// A worker's output stream adopted across the exec: its pipe, and the line it had begun.
@@ -196,6 +201,34 @@ impl Master {
             }
             links.insert(l.worker, link);
         }
+        let mut processes = Vec::new();
+        for p in state.processes {
+            let fd = adopt(
+                p.fd,
+                &format!("pidfd of pid {} of worker {}", p.pid, p.worker),
+            )?;
+            let origin = match p.announced {
+                true => ProcessOrigin::Announced,
+                false => ProcessOrigin::Spawned,
+            };
+            processes.push((p.worker, origin, Process::from_pidfd(p.pid, fd)));
+        }
+        if processes.is_empty() {
+            // A state from a master that kept no pidfds: its workers' processes are this
+            // process's unreaped children (their numbers cannot have been reused), or main
+            // processes it accepted.
+            let spawned = links.iter().filter_map(|(w, l)| Some((*w, l.pid?)));
+            let mains = supervisor.processes().map(|(pid, w, ..)| (w, pid));
+            for (worker, pid) in spawned.chain(mains).collect::<BTreeSet<_>>() {
+                let origin = match baton_sys::process::parent_of(pid) {
+                    Ok(parent) if parent == std::process::id() => ProcessOrigin::Spawned,
+                    _ => ProcessOrigin::Announced,
+                };
+                if let Ok(Some(process)) = Process::open(pid) {
+                    processes.push((worker, origin, process));
+                }
+            }
+        }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let control_config = state.control.config;
@@ -219,6 +252,7 @@ impl Master {
             table,
             resources,
             links,
+            processes: super::processes::Processes::default(),
             supervisor,
             events_tx,
             events_rx,
@@ -277,6 +311,7 @@ impl Master {
                 channels,
                 notify: notifies,
                 output,
+                processes,
             }),
         })
     }
@@ -305,14 +340,28 @@ impl Master {
                 Err(err) => warn!(worker = worker.0, "channel of worker {worker}: {err}"),
             }
         }
-        for (worker, socket, pid, access) in resumed.notify {
-            let task = tokio::spawn(notify_task(
+        for (worker, origin, process) in resumed.processes {
+            self.processes
+                .adopt(worker, process, origin, &self.events_tx);
+        }
+        for (worker, socket, main, access) in resumed.notify {
+            let spawned = self
+                .processes
+                .iter()
+                .find(|(w, origin, _)| *w == worker && *origin == ProcessOrigin::Spawned)
+                .map_or(main, |(.., p)| p.pid());
+            let cgroup = self
+                .supervisor
+                .placement(worker)
+                .and_then(|(generation, program, _)| self.cgroup_dir(generation, program));
+            let notifier = Notifier {
                 worker,
-                socket,
-                pid,
+                spawned,
+                main,
                 access,
-                self.events_tx.clone(),
-            ));
+                cgroup,
+            };
+            let task = tokio::spawn(notify_task(socket, notifier, self.events_tx.clone()));
             if let Some(link) = self.links.get_mut(&worker) {
                 link.tasks.push(task.abort_handle());
             }
@@ -356,7 +405,7 @@ impl Master {
             self.start_liveness(worker);
         }
         // Children that exited during the exec wait as zombies: reap them now.
-        reap(queue);
+        self.reap(queue);
         queue.extend(resumed.intents.into_iter().map(Event::Intent));
         let took = resumed.began.map(|b| b.elapsed()).unwrap_or_default();
         let to = version().to_string();

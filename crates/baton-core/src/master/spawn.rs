@@ -27,7 +27,7 @@ use super::capture::{Who, output_pipes};
 use super::link::{Link, link_task};
 use super::probe::probe_task;
 use super::readiness::{self, Condition, Gate, News};
-use super::worker_notify::notify_task;
+use super::worker_notify::{Notifier, notify_task};
 use crate::config::{LivenessCheck, Protocol, WorkerConfig};
 use crate::faults::Point;
 use crate::listeners::GenerationListener;
@@ -176,7 +176,8 @@ impl Master {
             Protocol::Systemd => {
                 let prepared = self.prepare_systemd(start)?;
                 let started = self.start_process(prepared.process, &config, generation, program)?;
-                self.link_systemd(prepared.link, started.pid, &config, &mut link);
+                let cgroup = self.cgroup_dir(generation, program);
+                self.link_systemd(prepared.link, started.pid, cgroup, &config, &mut link);
                 started
             }
         };
@@ -185,6 +186,7 @@ impl Master {
         let pid = started.pid;
         link.pid = Some(pid);
         link.start_time = started.start_time;
+        self.processes.hold_spawned(worker, started.into_process());
         let who = Who {
             program: &config.name,
             worker,
@@ -293,20 +295,28 @@ impl Master {
     }
 
     /// The task that reads a started systemd-style worker's notify socket.
-    fn link_systemd(&self, prepared: NotifyLink, pid: u32, config: &WorkerConfig, link: &mut Link) {
+    fn link_systemd(
+        &self,
+        prepared: NotifyLink,
+        pid: u32,
+        cgroup: Option<std::path::PathBuf>,
+        config: &WorkerConfig,
+        link: &mut Link,
+    ) {
         let NotifyLink { worker, socket } = prepared;
         link.notify = socket
             .duplicate()
             .ok()
             .map(|fd| (fd, socket.path().to_owned(), config.notify_access));
         let events = self.events_tx.clone();
-        let task = tokio::spawn(notify_task(
+        let notifier = Notifier {
             worker,
-            socket,
-            pid,
-            config.notify_access,
-            events,
-        ));
+            spawned: pid,
+            main: pid,
+            access: config.notify_access,
+            cgroup,
+        };
+        let task = tokio::spawn(notify_task(socket, notifier, events));
         link.tasks.push(task.abort_handle());
     }
 

@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use super::service_manager::Notification;
 use super::spawn::FIRST_FD;
-use super::{Input, Master, reap};
+use super::{Input, Master};
 use crate::faults::Point;
 use crate::supervisor::{Event, Generation, Intent, Phase, Trigger, WorkerId};
 use crate::upgrade::{
@@ -67,7 +67,8 @@ pub(super) struct Pending {
     client: Option<OwnedFd>,
     started: Instant,
     pub(super) deadline: Instant,
-    preflight: u32,
+    /// The `upgrade-check` process, held by a pidfd (the loop reaps it like any child).
+    preflight: Option<baton_sys::pidfd::Process>,
 }
 
 /// Why an upgrade failed (the old master goes on). The message goes to the verdict.
@@ -245,12 +246,12 @@ impl Master {
             client,
             started,
             deadline: started + self.supervisor.upgrade_timeout(),
-            preflight: 0,
+            preflight: None,
         };
         match preflight {
-            Ok(pid) => {
+            Ok(process) => {
                 self.upgrade = Some(Pending {
-                    preflight: pid,
+                    preflight: process,
                     ..pending
                 })
             }
@@ -259,7 +260,12 @@ impl Master {
     }
 
     /// Runs `<binary> upgrade-check` on the state; its answer arrives as a [`Preflight`].
-    fn preflight(&self, id: u64, binary: &Path, memfd: OwnedFd) -> Result<u32, UpgradeError> {
+    fn preflight(
+        &self,
+        id: u64,
+        binary: &Path,
+        memfd: OwnedFd,
+    ) -> Result<Option<baton_sys::pidfd::Process>, UpgradeError> {
         let mut cmd = Command::new(binary);
         cmd.arg("upgrade-check")
             .env(STATE_FD_ENV, FIRST_FD.to_string())
@@ -273,7 +279,8 @@ impl Master {
             binary: binary.to_owned(),
             source,
         })?;
-        let pid = child.id();
+        // Opened on the loop's thread, which alone reaps: the child cannot be reaped before.
+        let process = baton_sys::pidfd::Process::open(child.id()).ok().flatten();
         let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
         let tx = self.upgrade_tx.clone();
         let binary = binary.to_owned();
@@ -305,13 +312,15 @@ impl Master {
             let _ = tx.send(Preflight { id, result });
         });
         drop(child);
-        Ok(pid)
+        Ok(process)
     }
 
     /// The preflight took too long: it is killed and the upgrade fails.
     pub(super) fn preflight_expired(&mut self) {
         if let Some(pending) = self.upgrade.take() {
-            let _ = process::signal_process(pending.preflight, SignalNumber::SIGKILL);
+            if let Some(preflight) = &pending.preflight {
+                let _ = preflight.signal(SignalNumber::SIGKILL);
+            }
             let allowed = pending.deadline.saturating_duration_since(pending.started);
             self.fail_upgrade(pending, UpgradeError::Timeout(allowed));
         }
@@ -357,7 +366,7 @@ impl Master {
         while let Ok(input) = inputs.try_recv() {
             match input {
                 Input::Intent(intent) => intents.push(intent),
-                Input::ChildExited => reap(queue),
+                Input::ChildExited => self.reap(queue),
                 Input::UpgradeSignal { signal, trigger } => {
                     self.on_upgrade_signal(signal, trigger, true);
                 }
@@ -557,6 +566,19 @@ impl Master {
                 output,
             });
         }
+        let processes = self
+            .processes
+            .iter()
+            .map(|(worker, origin, process)| {
+                keep.push(process.as_fd());
+                crate::upgrade::ProcessState {
+                    worker,
+                    pid: process.pid(),
+                    fd: sys::number(process),
+                    announced: origin == super::processes::Origin::Announced,
+                }
+            })
+            .collect();
         let state = State {
             format: STATE_FORMAT,
             from_version: version().into(),
@@ -593,6 +615,7 @@ impl Master {
             intents,
             told_ready: self.told.ready,
             metrics_listen: self.metrics.as_ref().map(|m| m.0),
+            processes,
         };
         Ok((state, keep))
     }

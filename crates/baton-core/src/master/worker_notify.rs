@@ -1,8 +1,9 @@
 //! A systemd-style worker's `NOTIFY_SOCKET`, read by the master: `READY=1`, `STATUS=`,
-//! `STOPPING=1` and `MAINPID=` become [`Event`]s. The sender is checked (the worker, or its
+//! `STOPPING=1` and `MAINPID=` become [`Event`]s (a main pid once proven the worker's). The sender is checked (the worker, or its
 //! process group with `notify_access: all`) and reading is rate-limited, so a flood costs the
 //! master nothing but a warning.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use baton_proto::WorkerMessage;
@@ -10,6 +11,7 @@ use baton_sys::{notify, process};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use super::main_pid::{Refusal, vouch};
 use super::readiness::{Condition, News};
 use crate::config::NotifyAccess;
 use crate::supervisor::{Event, WorkerId};
@@ -21,22 +23,40 @@ const NOTIFY_BUDGET: u32 = 64;
 /// Largest notification read; longer ones are discarded (systemd's own limit is similar).
 const NOTIFY_MAX: usize = 4096;
 
+/// Who may notify for a worker, and how an announced main process is proven its own.
+#[derive(Debug, Clone)]
+pub(super) struct Notifier {
+    pub(super) worker: WorkerId,
+    /// The process the master started for it, and its main process as known now.
+    pub(super) spawned: u32,
+    pub(super) main: u32,
+    pub(super) access: NotifyAccess,
+    /// Its cgroup's directory, where workers are contained.
+    pub(super) cgroup: Option<PathBuf>,
+}
+
 /// A systemd-style worker's `NOTIFY_SOCKET`: turns `READY=1`, `STATUS=`, `STOPPING=1` and
 /// `MAINPID=` into events. Only the worker may notify: its pid or announced main pid, or with
 /// `notify_access: all` any process of its process group. At most [`NOTIFY_BUDGET`] datagrams a
-/// second are read.
+/// second are read. A `MAINPID=` goes to the loop only once [`vouch`] proved the process the
+/// worker's; a refusal is logged at most once per [`REFUSAL_LOG_EVERY`] with a count.
 pub(super) async fn notify_task(
-    worker: WorkerId,
     socket: notify::NotifySocket,
-    spawned: u32,
-    access: NotifyAccess,
+    notifier: Notifier,
     events: mpsc::UnboundedSender<News>,
 ) {
+    let Notifier {
+        worker,
+        spawned,
+        mut main,
+        access,
+        cgroup,
+    } = notifier;
     let mut buf = vec![0u8; NOTIFY_MAX];
-    let mut main = spawned;
     let mut window = tokio::time::Instant::now();
     let mut read = 0u32;
     let (mut warned_flood, mut warned_sender, mut warned_size) = (false, false, false);
+    let mut refusals = RefusalLog::default();
     loop {
         if read >= NOTIFY_BUDGET {
             if !warned_flood {
@@ -117,15 +137,55 @@ pub(super) async fn notify_task(
                         text: Some(text),
                     },
                 }),
-                Notice::MainPid(pid) => {
-                    main = pid;
-                    News::Event(Event::MainPid { worker, pid })
-                }
+                Notice::MainPid(pid) => match vouch(pid, spawned, cgroup.as_deref()) {
+                    Ok(process) => {
+                        main = pid;
+                        News::MainPid { worker, process }
+                    }
+                    Err(refusal) => {
+                        refusals.refused(worker, &refusal);
+                        News::MainPidRefused { worker, refusal }
+                    }
+                },
             };
             if events.send(event).is_err() {
                 return;
             }
         }
+    }
+}
+
+/// Refused `MAINPID=`s are logged at most this often per worker, with how many were refused
+/// since the last line.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A worker's refused announcements, logged at most once per [`REFUSAL_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct RefusalLog {
+    logged: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, worker: WorkerId, refusal: &Refusal) {
+        let now = tokio::time::Instant::now();
+        if self.logged.is_some_and(|at| now < at + REFUSAL_LOG_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        let more = std::mem::take(&mut self.unlogged);
+        warn!(
+            event = "main_pid_refused",
+            worker = worker.0,
+            refused_since = more,
+            "worker {worker} announced a main process baton refuses: {refusal}{}",
+            if more > 0 {
+                format!(" ({more} more refused since the last line)")
+            } else {
+                String::new()
+            }
+        );
+        self.logged = Some(now);
     }
 }
 
@@ -135,7 +195,7 @@ pub enum Notice {
     Ready,
     Stopping,
     Status(String),
-    /// `MAINPID=` with a pid above 1.
+    /// `MAINPID=` with a number (which [`vouch`] then checks).
     MainPid(u32),
     Watchdog,
     WatchdogTrigger,
@@ -152,11 +212,7 @@ pub fn notices(datagram: &[u8]) -> Vec<Notice> {
             ("WATCHDOG", "trigger") => Some(Notice::WatchdogTrigger),
             ("STOPPING", "1") => Some(Notice::Stopping),
             ("STATUS", status) => Some(Notice::Status(status.to_string())),
-            ("MAINPID", pid) => pid
-                .parse::<u32>()
-                .ok()
-                .filter(|&p| p > 1)
-                .map(Notice::MainPid),
+            ("MAINPID", pid) => pid.parse::<u32>().ok().map(Notice::MainPid),
             _ => None,
         })
         .collect()
@@ -178,9 +234,10 @@ mod tests {
                 Notice::Stopping,
             ]
         );
+        // Numbers go on to be checked (and refused there: 0, 1); what is no number is dropped.
         assert_eq!(
-            notices(b"MAINPID=1\nMAINPID=-3\nMAINPID=x\nREADY=0"),
-            vec![]
+            notices(b"MAINPID=1\nMAINPID=0\nMAINPID=-3\nMAINPID=x\nREADY=0"),
+            vec![Notice::MainPid(1), Notice::MainPid(0)]
         );
         assert_eq!(notices(b"WATCHDOG=trigger"), vec![Notice::WatchdogTrigger]);
         assert_eq!(

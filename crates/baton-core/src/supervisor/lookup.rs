@@ -26,6 +26,14 @@ impl Supervisor {
             .filter_map(|(&id, w)| Some((w.pid?, id, w.generation, w.program)))
     }
 
+    /// Whether `pid` is a worker's main process (the one whose exit ends the worker).
+    pub fn is_main_pid(&self, pid: u32) -> bool {
+        self.pids
+            .get(&pid)
+            .and_then(|id| self.workers.get(id))
+            .is_some_and(|w| w.pid == Some(pid))
+    }
+
     /// A reload runs (a generation being prepared or started for it), the first generation's
     /// start aside.
     pub fn reloading(&self) -> bool {

@@ -253,6 +253,10 @@ pub struct WorkerStatus {
     /// Its memory, read from `/proc` when the status was asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryStatus>,
+    /// What the master last refused from it (a `MAINPID=` naming a process not its own), with
+    /// how many times so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// Defines a state enum serialized as its name, each name written once.

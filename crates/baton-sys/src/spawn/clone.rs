@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::child::{Failure, Plan, child_main, errno};
 use super::{SpawnError, Stage, Started};
@@ -67,6 +67,7 @@ struct CloneArgs {
 }
 
 const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
+const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 const STACK_SIZE: usize = 64 * 1024;
@@ -179,7 +180,7 @@ fn clone_and_wait(
             made = clone_once(&mut plan, region, Method::Legacy, cgroup);
         }
     }
-    let pid = made
+    let (pid, pidfd) = made
         .map_err(|errno| SpawnError::failed(Stage::Clone, io::Error::from_raw_os_error(errno)))?;
     // SAFETY: the child has exec'd or exited (CLONE_VFORK), so it no longer writes the slot.
     let Failure { stage, errno } = unsafe { failure.read_volatile() };
@@ -188,6 +189,7 @@ fn clone_and_wait(
             pid: pid as u32,
             // The kernel stamps the child's start (in the boot-time clock) during the clone.
             start_time: before.filter(|&ticks| boot_ticks() == Some(ticks)),
+            pidfd,
         }),
         Some(stage) => {
             // Reap it here (it exited with 127): no one else knows its pid yet.
@@ -201,16 +203,22 @@ fn clone_and_wait(
 }
 
 /// One attempt to make the child `method`'s way; returns its pid (it has exec'd or exited by
-/// then) or the errno of the clone.
+/// then) and a pidfd for it, or the errno of the clone.
+///
+/// The pidfd comes from the clone itself (`CLONE_PIDFD`) with `clone3`. The legacy way opens it
+/// right after (`pidfd_open`): the child is this process's and not reaped yet (only the thread
+/// that spawns, the master's event loop, reaps), so its number names it alone.
 fn clone_once(
     plan: &mut Plan,
     region: &Region,
     method: Method,
     cgroup: Option<BorrowedFd<'_>>,
-) -> Result<i32, i32> {
+) -> Result<(i32, OwnedFd), i32> {
+    let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
-        flags: libc::CLONE_VFORK as u64 | CLONE_CLEAR_SIGHAND,
+        flags: libc::CLONE_VFORK as u64 | CLONE_CLEAR_SIGHAND | CLONE_PIDFD,
         exit_signal: libc::SIGCHLD as u64,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
         ..CloneArgs::default()
     };
     if let Some(fd) = cgroup {
@@ -295,7 +303,25 @@ fn clone_once(
     if rc < 0 {
         return Err(errno());
     }
-    Ok(rc as i32)
+    let pid = rc as i32;
+    if method == Method::Legacy {
+        // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1.
+        pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    }
+    if pidfd < 0 {
+        // No pidfd (a kernel before 5.3): the child runs, but baton signals only processes it
+        // holds a pidfd for. Reap it (it is ours and unknown to anyone else) and fail.
+        let err = errno();
+        // SAFETY: plain system calls on this process's own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        return Err(err);
+    }
+    // SAFETY: the kernel just wrote a new descriptor (close-on-exec, as every pidfd) that nobody
+    // else owns.
+    Ok((pid, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
 
 /// `clone3` with `CLONE_VM`: the child starts on the stack given in `args` and calls
