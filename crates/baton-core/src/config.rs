@@ -391,8 +391,16 @@ pub struct ControlConfig {
     pub allow_gids: Vec<u32>,
     /// How long a client may take to send its request (and to read the answer).
     pub timeout: Duration,
-    /// Clients served at once; more wait in the socket's backlog.
+    /// Clients served at once; more wait in the socket's backlog. A few more places are kept
+    /// for users who may change the master ([`crate::control::RESERVED_FOR_CHANGES`]).
     pub max_clients: usize,
+    /// `baton logs --follow` clients at once, apart from `max_clients` (a follower stays).
+    #[serde(default = "default_max_followers")]
+    pub max_followers: usize,
+}
+
+fn default_max_followers() -> usize {
+    8
 }
 
 /// The settings a master reads only when it starts, by name, as text: a reload that changes
@@ -433,6 +441,10 @@ pub fn start_only_settings(
         (
             "supervisor.control.max_clients",
             control.max_clients.to_string(),
+        ),
+        (
+            "supervisor.control.max_followers",
+            control.max_followers.to_string(),
         ),
         ("supervisor.runtime_dir", runtime_dir.display().to_string()),
         ("supervisor.log_file", file(&files.log_file)),
@@ -493,10 +505,71 @@ impl ConfigError {
     }
 }
 
-/// Reads and validates the configuration file at `path`.
+/// The largest configuration file read: a larger one is refused before it is read.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Reads the configuration file at `path` the way an untrusting program does: opened without
+/// blocking (`O_NONBLOCK`: a FIFO put in its place answers at once instead of freezing the
+/// master), only a regular file (not a FIFO, a device such as `/dev/zero`, a directory or a
+/// socket), at most [`MAX_CONFIG_BYTES`] (checked before reading, and again while reading a file
+/// that grows), UTF-8. Each refusal names the file and why.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let fail = |message: String| ConfigError::at(path, None, message);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|err| fail(format!("cannot read: {err}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|err| fail(format!("cannot read: {err}")))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(fail(format!(
+            "cannot read: it is {what}, not a regular file"
+        )));
+    }
+    let too_big = |size: u64| {
+        fail(format!(
+            "cannot read: it is {size} bytes, more than the {MAX_CONFIG_BYTES} a configuration may have"
+        ))
+    };
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|err| fail(format!("cannot read: {err}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|err| {
+        fail(format!(
+            "cannot read: not UTF-8 (byte {})",
+            err.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+/// Reads ([`read_text`]) and validates the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| ConfigError::at(path, None, format!("cannot read: {err}")))?;
+    let text = read_text(path)?;
     parse(path, &text)
 }
 
@@ -508,8 +581,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 /// Reads and validates the configuration file at `path`, reporting every problem found (a YAML
 /// syntax or type error stops the reading at its place, so it comes alone). `baton check`.
 pub fn check_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| vec![ConfigError::at(path, None, format!("cannot read: {err}"))])?;
+    let text = read_text(path).map_err(|err| vec![err])?;
     parse_all(path, &text)
 }
 
@@ -517,8 +589,7 @@ pub fn check_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
 /// (the running master must stay reachable while its file is being edited). Fails only when the
 /// file cannot be read or is not YAML.
 pub fn control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| ConfigError::at(path, None, format!("cannot read: {err}")))?;
+    let text = read_text(path)?;
     validate::control_socket(path, &text).ok_or_else(|| match parse(path, &text) {
         Err(err) => err,
         Ok(_) => ConfigError::at(path, None, "not YAML"),

@@ -17,10 +17,9 @@ use std::sync::Arc;
 use baton_proto::control::{self, ErrorKind, FrameError, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::accept::accept_bounded;
 use crate::config::ControlConfig;
 use crate::output::Hub;
 
@@ -79,6 +78,33 @@ pub fn bind(config: &ControlConfig) -> io::Result<std::os::unix::net::UnixListen
     Ok(listener)
 }
 
+/// A warning when the control socket's directory may be written by other users than the
+/// master's: they could put files beside it (its worker registry, the files a write goes
+/// through). `None`: only the master's user (or root) may write there.
+pub fn directory_warning(socket: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::metadata(dir).ok()?;
+    let owner = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    let who = if mode & 0o002 != 0 {
+        "every user".to_string()
+    } else if mode & 0o020 != 0 && meta.gid() != 0 {
+        format!("group {}", meta.gid())
+    } else if meta.uid() != owner && meta.uid() != 0 {
+        format!("its owner, uid {}", meta.uid())
+    } else {
+        return None;
+    };
+    Some(format!(
+        "the control socket's directory {} may be written by {who} (mode {mode:04o}): other users could put files beside the socket; give it a directory of its own (as supervisor.runtime_dir is)",
+        dir.display()
+    ))
+}
+
 /// Removes the socket file when the master is done.
 #[derive(Debug)]
 pub struct SocketFile(pub std::path::PathBuf);
@@ -87,6 +113,22 @@ impl Drop for SocketFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Places kept, beyond `max_clients`, for peers that may change the master (root, its user,
+/// `allow_users`/`allow_groups`): however many read-only clients hold the others, a `reload`,
+/// `stop` or `upgrade` from them is served.
+pub const RESERVED_FOR_CHANGES: usize = 4;
+
+/// The places clients are served in: `max_clients` for anyone allowed to connect, a few more for
+/// peers that may change the master, and `max_followers` apart for `logs --follow` clients, who
+/// stay. A client holds one of the first two while it sends its request and waits for the
+/// answer; a follower moves to the third.
+#[derive(Debug, Clone)]
+struct Places {
+    general: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
+    followers: Arc<Semaphore>,
 }
 
 /// Accepts clients until the task is dropped.
@@ -103,34 +145,148 @@ pub async fn serve(
             return;
         }
     };
-    let max_clients = config.max_clients;
+    let places = Places {
+        general: Arc::new(Semaphore::new(config.max_clients)),
+        reserved: Arc::new(Semaphore::new(RESERVED_FOR_CHANGES)),
+        followers: Arc::new(Semaphore::new(config.max_followers)),
+    };
     let config = Arc::new(config);
     let owner = nix::unistd::geteuid().as_raw();
-    accept_bounded(&listener, "control socket", max_clients, |stream| {
-        let (config, requests, hub) = (config.clone(), requests.clone(), hub.clone());
-        async move { client(stream, &config, owner, requests, &hub).await }
-    })
-    .await;
+    let refusals = Arc::new(Refusals::default());
+    loop {
+        // A place of either kind first, so that excess clients wait in the kernel's backlog, not
+        // in memory. Which one a client may have is known only once its credentials are read.
+        let place = tokio::select! {
+            biased;
+            Ok(p) = places.general.clone().acquire_owned() => p,
+            Ok(p) = places.reserved.clone().acquire_owned() => p,
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                warn!("control socket: accept failed: {err}");
+                drop(place);
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(peer) = peer_of(&stream) else {
+            continue;
+        };
+        let reserved = Arc::ptr_eq(place.semaphore(), &places.reserved);
+        if reserved && !may_change(&peer, &config, owner) {
+            // The last places are kept for those who may change the master.
+            refusals.busy.note(|count| {
+                warn!(event = "control_busy", uid = peer.uid, refused = count,
+                    "control client {peer} refused: every place for read-only clients is taken ({} at most); {count} refused so far",
+                    config.max_clients)
+            });
+            drop(place);
+            let config = config.clone();
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = respond(
+                    &mut stream,
+                    &config,
+                    Response::Error {
+                        kind: ErrorKind::Unavailable,
+                        message: format!(
+                            "the master serves {} clients already: try again",
+                            config.max_clients
+                        ),
+                    },
+                )
+                .await;
+            });
+            continue;
+        }
+        let (config, requests, hub, places, refusals) = (
+            config.clone(),
+            requests.clone(),
+            hub.clone(),
+            places.clone(),
+            refusals.clone(),
+        );
+        tokio::spawn(async move {
+            let context = Context {
+                config: &config,
+                owner,
+                hub: &hub,
+                places: &places,
+                refusals: &refusals,
+            };
+            client(stream, peer, place, &context, requests).await;
+        });
+    }
+}
+
+fn peer_of(stream: &UnixStream) -> Option<Peer> {
+    match stream.peer_cred() {
+        Ok(cred) => Some(Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+        }),
+        Err(err) => {
+            debug!("control socket: no peer credentials: {err}");
+            None
+        }
+    }
+}
+
+/// What every client's task shares.
+struct Context<'a> {
+    config: &'a ControlConfig,
+    owner: u32,
+    hub: &'a Hub,
+    places: &'a Places,
+    refusals: &'a Refusals,
+}
+
+/// Each kind of refusal, throttled apart.
+#[derive(Debug, Default)]
+struct Refusals {
+    busy: Throttle,
+    bad_request: Throttle,
+    hung_up: Throttle,
+    denied: Throttle,
+}
+
+/// Refusals of clients, logged at most once a second with how many there were: a flood of
+/// clients costs the log a line a second, not a line each.
+#[derive(Debug, Default)]
+struct Throttle {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    /// Counts one refusal; calls `log` with the count so far if a second has passed since the
+    /// last line.
+    fn note(&self, log: impl FnOnce(u64)) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.1 += 1;
+        let now = std::time::Instant::now();
+        if state
+            .0
+            .is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1))
+        {
+            state.0 = Some(now);
+            log(state.1);
+        }
+    }
 }
 
 async fn client(
     mut stream: UnixStream,
-    config: &ControlConfig,
-    owner: u32,
+    peer: Peer,
+    place: OwnedSemaphorePermit,
+    context: &Context<'_>,
     requests: mpsc::Sender<ControlRequest>,
-    hub: &Hub,
 ) {
-    let peer = match stream.peer_cred() {
-        Ok(cred) => Peer {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
-        },
-        Err(err) => {
-            debug!("control socket: no peer credentials: {err}");
-            return;
-        }
-    };
+    let config = context.config;
     let request = match tokio::time::timeout(config.timeout, read_request(&mut stream)).await {
         Ok(Ok(request)) => request,
         Ok(Err(err)) => {
@@ -139,11 +295,14 @@ async fn client(
             } else {
                 ErrorKind::BadRequest
             };
-            warn!(
-                event = "control_bad_request",
-                uid = peer.uid,
-                "control request from {peer} refused: {err}"
-            );
+            context.refusals.bad_request.note(|count| {
+                warn!(
+                    event = "control_bad_request",
+                    uid = peer.uid,
+                    refused = count,
+                    "control request from {peer} refused: {err} ({count} refused so far)"
+                )
+            });
             let _ = respond(
                 &mut stream,
                 config,
@@ -156,21 +315,32 @@ async fn client(
             return;
         }
         Err(_) => {
-            warn!(
-                event = "control_bad_request",
-                uid = peer.uid,
-                "control client {peer} sent no request within {} ms: closed",
-                config.timeout.as_millis()
-            );
+            context.refusals.bad_request.note(|count| {
+                warn!(event = "control_bad_request", uid = peer.uid, refused = count,
+                    "control client {peer} sent no request within {} ms: closed ({count} refused so far)",
+                    config.timeout.as_millis())
+            });
             return;
         }
     };
-    if let Err(message) = authorize(&request, &peer, config, owner) {
-        warn!(
-            event = "control_denied",
-            uid = peer.uid,
-            "control request {request} from {peer} denied: {message}"
-        );
+    if hung_up(&stream) {
+        // Its request was in the socket, but nobody waits for the answer: a `reload` whose
+        // client was killed while it queued is not carried out later.
+        context.refusals.hung_up.note(|count| {
+            warn!(event = "control_hung_up", uid = peer.uid, refused = count,
+                "control request {request} from {peer} dropped: the client hung up before it was read ({count} refused so far)")
+        });
+        return;
+    }
+    if let Err(message) = authorize(&request, &peer, config, context.owner) {
+        context.refusals.denied.note(|count| {
+            warn!(
+                event = "control_denied",
+                uid = peer.uid,
+                refused = count,
+                "control request {request} from {peer} denied: {message} ({count} refused so far)"
+            )
+        });
         let _ = respond(
             &mut stream,
             config,
@@ -183,7 +353,38 @@ async fn client(
         return;
     }
     if let Request::Logs { filter, follow } = request {
-        logs::serve_logs(&mut stream, config, hub, filter, follow).await;
+        let follower = if follow {
+            match context.places.followers.clone().try_acquire_owned() {
+                // A follower stays: it gives its place back and holds one of its own.
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    context.refusals.busy.note(|count| {
+                        warn!(event = "control_busy", uid = peer.uid, refused = count,
+                            "logs --follow from {peer} refused: {} followers already ({count} refused so far)",
+                            config.max_followers)
+                    });
+                    let _ = respond(
+                        &mut stream,
+                        config,
+                        Response::Error {
+                            kind: ErrorKind::Unavailable,
+                            message: format!(
+                                "{} clients follow the logs already (supervisor.control.max_followers): try again later",
+                                config.max_followers
+                            ),
+                        },
+                    )
+                    .await;
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        if follower.is_some() {
+            drop(place);
+        }
+        logs::serve_logs(&mut stream, config, context.hub, filter, follow).await;
         return;
     }
     let (reply, answer) = oneshot::channel();
@@ -211,6 +412,13 @@ async fn client(
     if let Ok(response) = answer.await {
         let _ = respond(&mut stream, config, response).await;
     }
+}
+
+/// Whether the client closed its end (nothing more to read, and never will be): a client sends
+/// one request and then only reads.
+fn hung_up(stream: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Ok(0))
 }
 
 /// Reads one frame, refusing oversized ones before reading their body.
@@ -262,6 +470,16 @@ enum Denied {
     Read { peer: Peer },
 }
 
+/// Whether `peer` may change the master: root, its own user, or an allowed user or group.
+fn may_change(peer: &Peer, config: &ControlConfig, owner: u32) -> bool {
+    peer.uid == 0
+        || peer.uid == owner
+        || config.allow_uids.contains(&peer.uid)
+        || peer_groups(peer)
+            .iter()
+            .any(|g| config.allow_gids.contains(g))
+}
+
 /// Mutating requests: root, the master's own user, or an allowed user or group. Read-only
 /// requests: also the read group.
 fn authorize(
@@ -271,10 +489,7 @@ fn authorize(
     owner: u32,
 ) -> Result<(), Denied> {
     let groups = peer_groups(peer);
-    let may_mutate = peer.uid == 0
-        || peer.uid == owner
-        || config.allow_uids.contains(&peer.uid)
-        || groups.iter().any(|g| config.allow_gids.contains(g));
+    let may_mutate = may_change(peer, config, owner);
     if let Request::Upgrade {
         binary: Some(binary),
     } = request
@@ -336,6 +551,7 @@ mod tests {
             allow_gids: vec![5000],
             timeout: Duration::from_secs(1),
             max_clients: 4,
+            max_followers: 2,
         }
     }
 

@@ -244,6 +244,9 @@ impl Master {
             source,
         })?;
         let socket_file = control::SocketFile(control_config.socket.clone());
+        if let Some(warning) = control::directory_warning(&control_config.socket) {
+            warn!(event = "control_directory_shared", "{warning}");
+        }
         let registry = orphans::Registry::beside(&control_config.socket);
         guard::end_predecessors_workers(&registry);
         let containment = containment::open(config.supervisor.cgroups, &control_config.socket);

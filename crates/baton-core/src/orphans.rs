@@ -64,6 +64,9 @@ impl Entry {
     }
 }
 
+/// The largest registry read (about 20 000 workers).
+const MAX_REGISTRY_BYTES: u64 = 4 * 1024 * 1024;
+
 /// The workers of one master, in a file beside its control socket.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -90,22 +93,107 @@ impl Registry {
     }
 
     /// Replaces the registry with `entries` (written aside, then renamed: never half a file).
+    /// The file aside is made anew (`O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600): a symlink or a
+    /// file another user put there is removed, never written through; the registry itself is
+    /// replaced only if it is this master's own ([`Registry::trusted`]) or absent.
     pub fn write(&self, entries: &[Entry]) -> io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let mut aside = self.path.as_os_str().to_owned();
         aside.push(".new");
         let aside = PathBuf::from(aside);
+        if let Err(why) = self.trusted() {
+            if why.kind() != io::ErrorKind::NotFound {
+                return Err(why);
+            }
+        }
         let text = serde_json::to_vec(entries).map_err(io::Error::other)?;
-        std::fs::write(&aside, text)?;
+        let create = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&aside)
+        };
+        let mut file = match create() {
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                // Left by a write that died, or put there by someone else (a symlink, say):
+                // removed (the link itself, not what it names), then made anew.
+                std::fs::remove_file(&aside)?;
+                create()?
+            }
+            other => other?,
+        };
+        file.write_all(&text)?;
+        drop(file);
         std::fs::rename(&aside, &self.path)
     }
 
-    /// The entries recorded, none if there is no registry (or it cannot be read: then nothing is
-    /// known to end).
+    /// Whether the registry file may be believed: a regular file (not a symlink) owned by this
+    /// process's user and writable by nobody else. The error says why not (`NotFound`: there is
+    /// none).
+    pub fn trusted(&self) -> io::Result<std::fs::File> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+            .open(&self.path)
+            .map_err(|err| match err.raw_os_error() {
+                Some(nix::libc::ELOOP) => io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is a symlink", self.path.display()),
+                ),
+                _ => err,
+            })?;
+        let meta = file.metadata()?;
+        let owner = nix::unistd::geteuid().as_raw();
+        let refuse = |why: String| {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} {why}", self.path.display()),
+            ))
+        };
+        if !meta.file_type().is_file() {
+            return refuse("is not a regular file".into());
+        }
+        if meta.uid() != owner {
+            return refuse(format!(
+                "belongs to uid {}, not to this master's (uid {owner})",
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return refuse(format!(
+                "may be written by others (mode {:04o})",
+                meta.mode() & 0o7777
+            ));
+        }
+        if meta.len() > MAX_REGISTRY_BYTES {
+            return refuse(format!(
+                "is {} bytes (at most {MAX_REGISTRY_BYTES})",
+                meta.len()
+            ));
+        }
+        Ok(file)
+    }
+
+    /// The entries recorded, none if there is no registry, or it cannot be read, or it is not to
+    /// be believed ([`Registry::trusted`]: then a warning says why): nothing is known to end.
     pub fn read(&self) -> Vec<Entry> {
-        std::fs::read(&self.path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
+        use std::io::Read;
+        let file = match self.trusted() {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(err) => {
+                tracing::warn!(event = "registry_refused", registry = %self.path.display(),
+                    "worker registry ignored, and no process it names is signalled: {err}");
+                return Vec::new();
+            }
+        };
+        let mut bytes = Vec::new();
+        let _ = file.take(MAX_REGISTRY_BYTES).read_to_end(&mut bytes);
+        serde_json::from_slice(&bytes).unwrap_or_default()
     }
 
     pub fn remove(&self) {

@@ -299,6 +299,9 @@ pub(crate) fn check(path: &Path) -> u8 {
             );
             // A master running with this file's socket: what a reload would not apply.
             let socket = &config.supervisor.control.socket;
+            if let Some(warning) = baton_core::control::directory_warning(socket) {
+                eprintln!("baton: warning: {}", render::safe(&warning));
+            }
             let asked = client::call(socket, &Request::Status, Some(Duration::from_secs(2)));
             if let Ok(Response::Status(status)) = asked {
                 let file = baton_core::config::start_only_settings(

@@ -236,8 +236,9 @@ fn a_main_process_reaped_by_its_own_launcher_ends_its_generation_and_the_stop() 
         let (_, announced) =
             master.wait_event("worker_main_pid", Duration::from_secs(10), |_| true);
         let server = announced["pid"].as_u64().unwrap() as u32;
-        let (code, answer, _) = baton_integration::http(port, "GET", "/");
-        assert_eq!(code, 200, "{answer}");
+        let served =
+            baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 3);
+        assert_eq!(served.ok, 3, "{}", served.summary());
         let drained_at = Instant::now();
         let verdict = master.reload();
         assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
@@ -265,4 +266,377 @@ fn a_main_process_reaped_by_its_own_launcher_ends_its_generation_and_the_stop() 
             "the stop took {took:?}"
         );
     }
+}
+
+/// A master on hello-workers whose control socket any local user reaches (mode 0666), with
+/// `nobody`'s group as the read group and a long client timeout (stalled clients hold places).
+fn open_master(name: &str) -> Master {
+    let port = free_port();
+    let mut yaml = baton_integration::TestConfig::hello(&format!("127.0.0.1:{port}"), 1).yaml();
+    yaml = yaml.replace(
+        "    socket: \"{dir}/baton.sock\"\n",
+        "    socket: \"{dir}/baton.sock\"\n    mode: \"0666\"\n    read_group: 65534\n    timeout: 60s\n",
+    );
+    let master = Master::spawn(name, &yaml);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // Let other users reach the socket inside the (0700) temp dir.
+    set_mode(master.dir.path(), 0o755);
+    master
+}
+
+const NOBODY: u32 = 65534;
+
+/// `baton logs --follow`, as `uid`.
+fn follower(master: &Master, uid: u32) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(&baton_integration::binaries().baton);
+    cmd.args(["logs", "--follow", "-s"])
+        .arg(master.socket())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if uid != 0 {
+        cmd.uid(uid).gid(uid);
+    }
+    cmd.spawn().unwrap()
+}
+
+/// `baton status` as root, timed.
+fn timed_status(master: &Master) -> Duration {
+    let began = Instant::now();
+    let (code, out, err) = master.ctl(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    began.elapsed()
+}
+
+/// A process (as `nobody`) holding `n` control connections that never send a request, until
+/// its standard input closes.
+fn stalled_clients(dir: &Path, socket: &Path, n: usize) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let hold = script(
+        dir,
+        "hold.py",
+        "#!/usr/bin/python3\nimport socket, sys\nheld = []\nfor _ in range(int(sys.argv[2])):\n    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n    s.connect(sys.argv[1])\n    held.append(s)\nprint('held', flush=True)\nsys.stdin.read()\n",
+    );
+    let mut child = std::process::Command::new(hold)
+        .arg(socket)
+        .arg(n.to_string())
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held");
+    child
+}
+
+/// Attackers: 16 `logs --follow` clients as root and 16 as a member of the read group (the
+/// default `max_clients` is 16), then 16 clients as `nobody` that connect and never send a
+/// request. Guarantees: followers have places of their own (`max_followers`, 8), so `status`
+/// answers within 1 s while they follow and after they are killed; a killed follower's place is
+/// free at once (no worker line needed); a `reload` from root always finds a place (some are kept
+/// for those who may change the master); refusals are logged a line a second at most.
+#[test]
+fn log_followers_and_stalled_clients_never_lock_the_operator_out() {
+    assert!(nix::unistd::geteuid().is_root(), "clients run as nobody");
+    let scripts = shared_dir();
+    let master = open_master("followers");
+    let mut followers: Vec<_> = (0..16)
+        .flat_map(|_| [follower(&master, 0), follower(&master, NOBODY)])
+        .collect();
+    // 8 stay; the others are refused at once.
+    let refused = eventually(Duration::from_secs(15), "24 followers refused", || {
+        let exited = followers
+            .iter_mut()
+            .map(|f| f.try_wait().unwrap().is_some())
+            .filter(|&done| done)
+            .count();
+        (exited == 24).then_some(exited)
+    });
+    eprintln!("{refused} of 32 followers refused");
+    for _ in 0..3 {
+        let took = timed_status(&master);
+        assert!(
+            took < Duration::from_secs(1),
+            "status took {took:?} beside 8 followers"
+        );
+    }
+    let (code, out, err) = baton_integration::ctl(&master.socket(), &["status"], Some(NOBODY));
+    assert_eq!(code, 0, "the read group reads: {out}{err}");
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    // Killed: their places are free at once, though no worker writes a line.
+    for f in &mut followers {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+    let mut again: Vec<_> = (0..8).map(|_| follower(&master, NOBODY)).collect();
+    let took = timed_status(&master);
+    assert!(
+        took < Duration::from_secs(1),
+        "status took {took:?} after the followers left"
+    );
+    eventually(Duration::from_secs(5), "8 new followers served", || {
+        again
+            .iter_mut()
+            .all(|f: &mut std::process::Child| f.try_wait().unwrap().is_none())
+            .then_some(())
+    });
+    // Every read-only place taken by clients that never speak: root still reads and reloads.
+    let mut stalled = stalled_clients(scripts.path(), &master.socket(), 16);
+    let took = timed_status(&master);
+    assert!(
+        took < Duration::from_secs(1),
+        "status took {took:?} beside 16 stalled clients"
+    );
+    let (code, out, err) = baton_integration::ctl(&master.socket(), &["status"], Some(NOBODY));
+    assert_ne!(code, 0, "no place left for a read-only user: {out}{err}");
+    assert!(err.contains("try again"), "{err}");
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    let busy = master.events("control_busy");
+    assert!(
+        busy.len() <= 6,
+        "refusals logged at most once a second: {busy:?}"
+    );
+    drop(stalled.stdin.take());
+    stalled.wait().unwrap();
+    for mut f in again {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+}
+
+/// Attacker: a local user's `baton reload` queued behind busy places and killed before the
+/// master read it (an operator's Ctrl-C). Guarantee: the request is dropped, not carried out
+/// when a place frees, and the log says so.
+#[test]
+fn a_request_whose_client_hung_up_before_it_was_read_is_not_carried_out() {
+    assert!(nix::unistd::geteuid().is_root(), "clients run as nobody");
+    let scripts = shared_dir();
+    let master = open_master("hung-up");
+    // 16 read-only places taken by nobody; the 4 kept for changes taken by root.
+    let mut stalled = stalled_clients(scripts.path(), &master.socket(), 16);
+    let root_held: Vec<_> = (0..4)
+        .map(|_| std::os::unix::net::UnixStream::connect(master.socket()).unwrap())
+        .collect();
+    // The client connects (into the socket's backlog), writes its request, and gives up.
+    let mut reload = std::os::unix::net::UnixStream::connect(master.socket()).unwrap();
+    std::io::Write::write_all(
+        &mut reload,
+        &baton_proto::control::encode_frame(baton_proto::control::Request::Reload { wait: true }),
+    )
+    .unwrap();
+    drop(reload);
+    drop(root_held);
+    master.wait_event("control_hung_up", Duration::from_secs(10), |_| true);
+    assert!(
+        master.events("reload_requested").is_empty(),
+        "the killed client's reload was not carried out"
+    );
+    drop(stalled.stdin.take());
+    stalled.wait().unwrap();
+}
+
+/// The master's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Attacker: whoever can put a file where the configuration is read (a ConfigMap's author, a
+/// user who may write its directory): a FIFO in its place, a symlink to `/dev/zero`, a 50 MB
+/// valid YAML. Guarantee: the master never blocks or balloons: that reload fails with the
+/// reason (the file named), the master answers at once, the serving generation serves on, and
+/// its memory stays near where it was.
+#[test]
+fn a_configuration_that_is_a_fifo_a_device_or_huge_fails_its_reload_and_nothing_else() {
+    let port = free_port();
+    let c = baton_integration::TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let master = Master::start("bad-files", &c);
+    let config = master.config_path.clone();
+    let good = std::fs::read_to_string(&config).unwrap();
+    let rss_before = rss_kib(master.pid());
+    let aside = master.dir.path().join("aside");
+    type Plant = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Plant, &str)> = vec![
+        (
+            "fifo",
+            Box::new(|at: &Path| {
+                nix::unistd::mkfifo(at, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+            }),
+            "a FIFO, not a regular file",
+        ),
+        (
+            "/dev/zero",
+            Box::new(|at: &Path| std::os::unix::fs::symlink("/dev/zero", at).unwrap()),
+            "a character device, not a regular file",
+        ),
+        (
+            "50 MB",
+            Box::new(move |at: &Path| {
+                let mut text = std::fs::read_to_string(&config_of(at)).unwrap();
+                text += "# ";
+                text += &"x".repeat(50 * 1024 * 1024);
+                text += "\n";
+                std::fs::write(at, text).unwrap()
+            }),
+            "more than the 1048576 a configuration may have",
+        ),
+    ];
+    fn config_of(aside: &Path) -> PathBuf {
+        aside.with_file_name("baton.yaml")
+    }
+    for (name, plant, why) in cases {
+        let _ = std::fs::remove_file(&aside);
+        plant(&aside);
+        // Swapped in at once, as a ConfigMap update is.
+        std::fs::rename(&aside, &config).unwrap();
+        let began = Instant::now();
+        let (code, out, err) = master.ctl(&["reload"]);
+        let took = began.elapsed();
+        eprintln!(
+            "[{name}] reload: exit {code} in {took:?}: {}{}",
+            out.trim(),
+            err.trim()
+        );
+        assert_ne!(code, 0, "[{name}] the reload fails");
+        assert!(
+            format!("{out}{err}").contains(why),
+            "[{name}] says why: {out}{err}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "[{name}] answered at once: {took:?}"
+        );
+        let took = timed_status(&master);
+        assert!(
+            took < Duration::from_secs(1),
+            "[{name}] status took {took:?}"
+        );
+        let served =
+            baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 3);
+        assert_eq!(served.ok, 3, "[{name}] still serving: {}", served.summary());
+        std::fs::remove_file(&config).unwrap();
+        std::fs::write(&config, &good).unwrap();
+    }
+    let rss_after = rss_kib(master.pid());
+    eprintln!("master RSS {rss_before} KiB before, {rss_after} KiB after");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "memory stays near the steady state: {rss_before} -> {rss_after} KiB"
+    );
+    assert_eq!(
+        master.reload()["event"],
+        "reload_succeeded",
+        "the good file again"
+    );
+}
+
+/// Attacker: a local user (`nobody`) who may write to the directory of the control socket (a
+/// mode-1777 one): it plants a worker registry naming an unrelated root process, and a symlink
+/// where the registry is written aside, pointing to a root-only file. Guarantee: the registry is
+/// refused (not the master's, logged) and nothing it names is signalled; the write goes through
+/// no symlink and the root-only file is untouched; `baton check` warns about the directory.
+#[test]
+fn a_registry_or_a_symlink_planted_by_another_user_is_not_believed_nor_written_through() {
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the attacker runs as nobody"
+    );
+    let shared = tempfile::Builder::new()
+        .prefix("baton-1777-")
+        .tempdir()
+        .unwrap();
+    set_mode(shared.path(), 0o1777);
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("secret");
+    std::fs::write(&secret, "root only\n").unwrap();
+    set_mode(&secret, 0o600);
+    let mut victim = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let started = baton_sys::pidfd::start_time(victim.id()).unwrap();
+    let socket = shared.path().join("baton.sock");
+    let registry = shared.path().join("baton.sock.workers");
+    let forged = serde_json::to_string(&[baton_core::orphans::Entry::new(
+        victim.id(),
+        started,
+        Some(nix::sys::signal::Signal::SIGTERM),
+        Duration::from_millis(100),
+    )])
+    .unwrap();
+    // Planted as nobody: the forged registry and the symlink.
+    let plant = script(
+        shared.path(),
+        "plant.py",
+        "#!/usr/bin/python3\nimport os, sys\nopen(sys.argv[1], 'w').write(sys.argv[2])\nos.symlink(sys.argv[3], sys.argv[1] + '.new')\n",
+    );
+    let status = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(&plant)
+            .arg(&registry)
+            .arg(&forged)
+            .arg(&secret)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .status()
+            .unwrap()
+    };
+    assert!(status.success());
+    assert_eq!(std::fs::metadata(&registry).unwrap().uid(), NOBODY);
+    let port = free_port();
+    let yaml = baton_integration::TestConfig::hello(&format!("127.0.0.1:{port}"), 1)
+        .yaml()
+        .replace(
+            "    socket: \"{dir}/baton.sock\"\n",
+            &format!("    socket: \"{}\"\n", socket.display()),
+        );
+    let master = Master::spawn("planted", &yaml);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let (_, refused) = master.wait_event("registry_refused", Duration::from_secs(5), |_| true);
+    eprintln!("{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("uid 65534"),
+        "{refused}"
+    );
+    master.wait_event("control_directory_shared", Duration::from_secs(5), |_| true);
+    // The master writes its own registry: made anew, through no symlink.
+    let own = eventually(Duration::from_secs(10), "the master's own registry", || {
+        let meta = std::fs::symlink_metadata(&registry).ok()?;
+        (meta.uid() == 0 && meta.file_type().is_file()).then_some(meta)
+    });
+    assert_eq!(own.mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root only\n");
+    assert!(std::fs::symlink_metadata(registry.with_extension("workers.new")).is_err());
+    assert!(
+        alive(victim.id()),
+        "nothing the forged registry named was signalled"
+    );
+    let (code, _, err) = baton_integration::ctl(&socket, &["status"], None);
+    assert_eq!(code, 0, "{err}");
+    let check = std::process::Command::new(&baton_integration::binaries().baton)
+        .args(["check", "-c"])
+        .arg(&master.config_path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        said.contains("may be written by every user"),
+        "baton check warns: {said}"
+    );
+    drop(master);
+    victim.kill().unwrap();
+    victim.wait().unwrap();
 }

@@ -466,6 +466,8 @@ pub(super) struct RawControl {
     pub(super) timeout: Option<Timeout>,
     #[serde(default)]
     pub(super) max_clients: Option<Processes>,
+    #[serde(default)]
+    pub(super) max_followers: Option<Processes>,
 }
 
 /// Declares a newtype whose `Deserialize` validates through a parse function, so a bad value is

@@ -391,6 +391,7 @@ fn supervisor(s: RawSupervisor, base: &Base) -> SupervisorConfig {
             allow_gids: s.control.allow_groups.iter().map(|g| g.0).collect(),
             timeout: s.control.timeout.map_or(Duration::from_secs(5), |t| t.0),
             max_clients: s.control.max_clients.map_or(16, |m| m.0),
+            max_followers: s.control.max_followers.map_or(8, |m| m.0),
         },
         canary_window: s.canary_window.map(|t| t.0),
         upgrade_signal: s.upgrade_signal.and_then(|u| u.0),

@@ -2,7 +2,7 @@
 //! event loop. The kept lines go out in frames under [`MAX_FRAME`]; with `follow`, new lines
 //! go on in frames until the client leaves or the master stops. A follower that reads slower
 //! than the workers write misses lines, and the next frame says how many (`skipped`): a slow
-//! reader never holds up a worker or the master.
+//! reader never holds up a worker or the master. A follower that hangs up is let go at once.
 
 use baton_proto::control::{MAX_FRAME, OutputFilter, OutputLine, Response};
 use tokio::net::UnixStream;
@@ -41,8 +41,19 @@ pub(super) async fn serve_logs(
     loop {
         let mut skipped = 0;
         let mut batch = Vec::new();
-        // Wait for one line, then take what else is there without waiting.
-        let first = news.recv().await;
+        // Wait for one line, then take what else is there without waiting. A follower sends
+        // nothing after its request: its socket turning readable means it hung up (or sends
+        // what it should not), and it is let go at once, not at the next line.
+        let first = tokio::select! {
+            line = news.recv() => line,
+            _ = stream.readable() => {
+                let mut byte = [0u8; 1];
+                match stream.try_read(&mut byte) {
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    _ => return,
+                }
+            }
+        };
         let mut next = Some(first);
         while let Some(received) = next.take() {
             match received {
