@@ -484,7 +484,7 @@ fn a_configuration_that_is_a_fifo_a_device_or_huge_fails_its_reload_and_nothing_
         (
             "50 MB",
             Box::new(move |at: &Path| {
-                let mut text = std::fs::read_to_string(&config_of(at)).unwrap();
+                let mut text = std::fs::read_to_string(config_of(at)).unwrap();
                 text += "# ";
                 text += &"x".repeat(50 * 1024 * 1024);
                 text += "\n";
