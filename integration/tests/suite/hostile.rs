@@ -640,3 +640,53 @@ fn a_registry_or_a_symlink_planted_by_another_user_is_not_believed_nor_written_t
     victim.kill().unwrap();
     victim.wait().unwrap();
 }
+
+/// Attacker: whoever writes the configuration, asking for timers that would make the master
+/// spin (`recycle.check_every: 1ms` made 893 recycles in 9 s at 14 % CPU; `queue_watch: 1ms`
+/// cost 5 % idle). Guarantee: each interval below its floor fails that reload with
+/// `file:line` and the floor; the serving generation serves on.
+#[test]
+fn intervals_that_would_make_the_master_spin_are_refused_at_reload_with_their_line() {
+    let port = free_port();
+    let c = baton_integration::TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let master = Master::start("spin", &c);
+    let good = std::fs::read_to_string(&master.config_path).unwrap();
+    let cases = [
+        (
+            good.replace(
+                "  processes: 1\n",
+                "  processes: 1\n  recycle: {max_rss: 512MiB, check_every: 1ms}\n",
+            ),
+            "worker.recycle: check_every \"1ms\" is shorter than 100 ms",
+        ),
+        (
+            good.clone() + "  queue_watch: 1ms\n",
+            "supervisor.queue_watch: queue_watch \"1ms\" is shorter than 100 ms",
+        ),
+        (
+            good.replace(
+                "  processes: 1\n",
+                "  processes: 1\n  ready: {all: [channel, {tcp: \"127.0.0.1:9\", interval: 1ms}]}\n",
+            ),
+            "invalid readiness interval: at least 10 ms",
+        ),
+    ];
+    for (yaml, why) in cases {
+        master.write_config(&yaml);
+        let line = yaml
+            .lines()
+            .position(|l| l.contains("1ms"))
+            .map(|i| i + 1)
+            .unwrap();
+        let (code, out, err) = master.ctl(&["reload"]);
+        let said = format!("{out}{err}");
+        assert_ne!(code, 0, "{said}");
+        assert!(said.contains(why), "{said}");
+        assert!(
+            said.contains(&format!("baton.yaml:{line}:")),
+            "line {line}: {said}"
+        );
+    }
+    master.write_config(&good);
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+}

@@ -138,7 +138,7 @@ impl<'de> Deserialize<'de> for Batch {
 pub(super) struct RecycleSpec {
     max_rss: Size,
     #[serde(default)]
-    check_every: Option<Timeout>,
+    check_every: Option<RecycleCheck>,
     #[serde(default)]
     above_for: Option<Timeout>,
 }
@@ -358,6 +358,12 @@ impl<'de> Deserialize<'de> for ReadySpec {
                 }
                 let timeout = f.timeout.map_or(Duration::from_secs(1), |t| t.0);
                 let interval = f.interval.map_or(Duration::from_millis(250), |t| t.0);
+                if interval < MIN_PROBE_INTERVAL {
+                    return Err(A::Error::custom(format!(
+                        "invalid readiness interval: at least {} ms (a probe per starting worker per interval)",
+                        MIN_PROBE_INTERVAL.as_millis()
+                    )));
+                }
                 let probe = |address: String, http_path| {
                     if address.is_empty() {
                         return Err(A::Error::custom(
@@ -434,7 +440,7 @@ pub(super) struct RawSupervisor {
     #[serde(default)]
     pub(super) cgroups: crate::config::Cgroups,
     #[serde(default)]
-    pub(super) queue_watch: Option<Timeout>,
+    pub(super) queue_watch: Option<QueueWatch>,
     #[serde(default)]
     pub(super) stop_delay: Option<StopDelay>,
     #[serde(default)]
@@ -552,8 +558,9 @@ impl Default for MaxDraining {
     }
 }
 
-validated!(Timeout(Duration) from String, "duration", |s| {
-    let d = parse_duration(&s)?;
+/// A duration above zero and at most a week.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
     if d.is_zero() {
         return Err(format!("duration {s:?} must be greater than zero"));
     }
@@ -561,7 +568,40 @@ validated!(Timeout(Duration) from String, "duration", |s| {
         return Err(format!("duration {s:?} is longer than a week"));
     }
     Ok(d)
+}
+
+validated!(Timeout(Duration) from String, "duration", |s| positive_duration(&s));
+
+/// Shortest `recycle.check_every`: each check reads every worker's memory from `/proc`.
+pub(crate) const MIN_RECYCLE_CHECK: Duration = Duration::from_millis(100);
+
+validated!(RecycleCheck(Duration) from String, "duration", |s| {
+    let d = positive_duration(&s)?;
+    if d < MIN_RECYCLE_CHECK {
+        return Err(format!(
+            "check_every {s:?} is shorter than {} ms: each check reads every worker's memory, and a master that checks that often spins",
+            MIN_RECYCLE_CHECK.as_millis()
+        ));
+    }
+    Ok(d)
 });
+
+/// Shortest `supervisor.queue_watch`: each sample reads every listener's accept queue.
+pub(crate) const MIN_QUEUE_WATCH: Duration = Duration::from_millis(100);
+
+validated!(QueueWatch(Duration) from String, "duration", |s| {
+    let d = positive_duration(&s)?;
+    if d < MIN_QUEUE_WATCH {
+        return Err(format!(
+            "queue_watch {s:?} is shorter than {} ms: a master that samples that often spins",
+            MIN_QUEUE_WATCH.as_millis()
+        ));
+    }
+    Ok(d)
+});
+
+/// Shortest readiness probe interval: a probe per starting worker per interval.
+pub(crate) const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(10);
 
 validated!(DrainSignal(Option<SignalNumber>) from String, "signal", |s| {
     if s.eq_ignore_ascii_case("none") {
