@@ -210,7 +210,11 @@ pub(crate) fn upgrade_check() -> u8 {
             0
         }
         Some(Err(err)) => {
-            eprintln!("baton {}: {err}", baton_core::version());
+            eprintln!(
+                "baton {}: {}",
+                baton_core::version(),
+                render::safe(&err.to_string())
+            );
             1
         }
         None => {
@@ -292,10 +296,13 @@ pub(crate) fn check(path: &Path) -> u8 {
                 .map(|p| format!("{} x {} ({})", p.processes, p.name, p.command.display()))
                 .collect();
             outln!(
-                "{}: ok ({} listeners; workers: {})",
-                path.display(),
-                config.listeners.len(),
-                programs.join(", ")
+                "{}",
+                render::safe(&format!(
+                    "{}: ok ({} listeners; workers: {})",
+                    path.display(),
+                    config.listeners.len(),
+                    programs.join(", ")
+                ))
             );
             // A master running with this file's socket: what a reload would not apply.
             let socket = &config.supervisor.control.socket;
@@ -319,9 +326,13 @@ pub(crate) fn check(path: &Path) -> u8 {
         }
         Err(problems) => {
             for problem in &problems {
-                eprintln!("baton: {problem}");
+                eprintln!("baton: {}", render::safe(&problem.to_string()));
             }
-            eprintln!("baton: {}: {} problem(s)", path.display(), problems.len());
+            eprintln!(
+                "baton: {}: {} problem(s)",
+                render::safe(&path.display().to_string()),
+                problems.len()
+            );
             EX_USAGE
         }
     }
@@ -339,7 +350,7 @@ pub(crate) fn socket(target: &Target, lenient: bool) -> Result<PathBuf, u8> {
             Ok(config) => Ok(config.supervisor.control.socket),
             Err(err) if lenient => match baton_core::config::control_socket(path) {
                 Ok(socket) => {
-                    eprintln!("baton: warning: {err}");
+                    eprintln!("baton: warning: {}", render::safe(&err.to_string()));
                     eprintln!(
                         "baton: asking the master at {} (the file's control socket) anyway",
                         socket.display()
@@ -347,12 +358,12 @@ pub(crate) fn socket(target: &Target, lenient: bool) -> Result<PathBuf, u8> {
                     Ok(socket)
                 }
                 Err(_) => {
-                    eprintln!("baton: {err}");
+                    eprintln!("baton: {}", render::safe(&err.to_string()));
                     Err(EX_USAGE)
                 }
             },
             Err(err) => {
-                eprintln!("baton: {err}");
+                eprintln!("baton: {}", render::safe(&err.to_string()));
                 Err(EX_USAGE)
             }
         };
@@ -371,11 +382,14 @@ fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<
         Ok(response) => Ok(response),
         Err(err @ ClientError::Io(..)) if matches!(request, Request::Stop { .. }) => {
             // The master may exit before the answer is read: that is what was asked for.
-            eprintln!("baton: {err} (the master is stopping)");
+            eprintln!(
+                "baton: {} (the master is stopping)",
+                render::safe(&err.to_string())
+            );
             Ok(Response::Stopping { fast: false })
         }
         Err(err) => {
-            eprintln!("baton: {err}");
+            eprintln!("baton: {}", render::safe(&err.to_string()));
             match &request {
                 Request::Reload { wait: true } | Request::Verdict { .. } => eprintln!(
                     "baton: no verdict came: if the master runs (baton status), baton history has it"
@@ -415,7 +429,7 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
     let mut conversation = match client::Conversation::open(&path, &request, timeout) {
         Ok(conversation) => conversation,
         Err(err) => {
-            eprintln!("baton: {err}");
+            eprintln!("baton: {}", render::safe(&err.to_string()));
             return err.exit_code();
         }
     };
@@ -451,7 +465,7 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
                 return EX_PROTOCOL;
             }
             Err(err) => {
-                eprintln!("baton: {err}");
+                eprintln!("baton: {}", render::safe(&err.to_string()));
                 return err.exit_code();
             }
         }
@@ -459,7 +473,10 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
 }
 
 pub(crate) fn unexpected(response: &Response) -> u8 {
-    eprintln!("baton: unexpected answer from the master: {response:?}");
+    eprintln!(
+        "baton: unexpected answer from the master: {}",
+        render::safe(&format!("{response:?}"))
+    );
     EX_PROTOCOL
 }
 

@@ -51,7 +51,11 @@ pub(crate) fn init(format: LogFormat) {
                 .fmt_fields(tracing_subscriber::fmt::format::debug_fn(
                     |w, field, value| {
                         if field.name() == "message" {
-                            write!(w, "{value:?}")
+                            // Paths and keys from the configuration, names and words from
+                            // workers and clients: escaped, so a line is one line and shows
+                            // what it holds.
+                            let text = format!("{value:?}");
+                            w.write_str(&baton_proto::text::printable_but(&text, |c| c == '\t'))
                         } else {
                             Ok(())
                         }
@@ -139,6 +143,6 @@ impl Visit for Origin {
             "message" => &mut self.message,
             _ => return,
         };
-        *slot = format!("{value:?}");
+        *slot = baton_proto::text::printable_but(&format!("{value:?}"), |c| c == '\t').into_owned();
     }
 }

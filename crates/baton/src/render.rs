@@ -12,15 +12,7 @@ use baton_proto::control::{
 /// (escape sequences, carriage returns, bells) are shown escaped (`\u{1b}`), never sent raw.
 /// Human output only: `--json` keeps the exact text, escaped by JSON itself.
 pub(crate) fn safe(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    baton_proto::text::printable(text).into_owned()
 }
 
 /// `1 worker`, `2 workers`.

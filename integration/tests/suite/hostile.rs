@@ -690,3 +690,75 @@ fn intervals_that_would_make_the_master_spin_are_refused_at_reload_with_their_li
     master.write_config(&good);
     assert_eq!(master.reload()["event"], "reload_succeeded");
 }
+
+/// Whether `text` holds a character a terminal would act on or hide (beside line ends).
+fn raw_unsafe(text: &str) -> Option<char> {
+    text.chars()
+        .find(|&c| c != '\n' && c != '\t' && baton_proto::text::is_unsafe(c))
+}
+
+/// Attackers: whoever names the configuration file or writes its keys (an escape sequence that
+/// clears the screen, a right-to-left override that shows `evil.yaml` as `lmay.live`), and a
+/// worker that writes bidirectional overrides and zero-width characters. Guarantee: `check`,
+/// `reload`, `logs` and the master's text log show each as an escape; JSON keeps the text.
+#[test]
+fn control_bytes_and_deceptive_characters_never_reach_a_terminal_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("evil\u{1b}[2J\u{202e}lmay.yaml");
+    let good = format!(
+        "listeners:\n  - {{name: http, address: \"127.0.0.1:{port}\"}}\nworker:\n  command: /bin/sh\n  args: [\"-c\", \"printf 'to \\\\342\\\\200\\\\256the left\\\\342\\\\200\\\\213 \\\\033[31mred\\\\n' >&2; exec sleep 600\"]\n  protocol: systemd\n  ready: {{delay: 100ms}}\nsupervisor:\n  runtime_dir: \"{d}/run\"\n  control: {{socket: \"{d}/baton.sock\"}}\n",
+        d = dir.path().display()
+    );
+    let bad = good.replace(
+        "  protocol:",
+        "  \"sneaky\\e[2J\\u202ekey\": 1\n  protocol:",
+    );
+    std::fs::write(&config, &bad).unwrap();
+    let check = std::process::Command::new(&baton_integration::binaries().baton)
+        .args(["check", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stderr).into_owned();
+    assert_eq!(check.status.code(), Some(64), "{said}");
+    assert!(
+        said.contains("\\u{1b}[2J") && said.contains("\\u{202e}"),
+        "{said:?}"
+    );
+    assert_eq!(raw_unsafe(&said), None, "check: {said:?}");
+    std::fs::write(&config, &good).unwrap();
+    let mut master = baton_integration::baton_run(&config, "text", &[]);
+    let mut stderr = master.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let socket = dir.path().join("baton.sock");
+    eventually(Duration::from_secs(20), "the master serving", || {
+        let (code, out, _) = baton_integration::ctl(&socket, &["status"], None);
+        (code == 0 && out.contains("ready")).then_some(())
+    });
+    std::fs::write(&config, &bad).unwrap();
+    let (code, out, err) = baton_integration::ctl(&socket, &["reload"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("\\u{1b}[2J"), "{err:?}");
+    assert_eq!(raw_unsafe(&format!("{out}{err}")), None, "reload: {err:?}");
+    let (code, lines, _) = eventually(Duration::from_secs(10), "the worker's line", || {
+        let answer = baton_integration::ctl(&socket, &["logs"], None);
+        answer.1.contains("the left").then_some(answer)
+    });
+    assert_eq!(code, 0);
+    assert!(lines.contains("\\u{202e}the left\\u{200b}"), "{lines:?}");
+    assert_eq!(raw_unsafe(&lines), None, "logs: {lines:?}");
+    let (_, json, _) = baton_integration::ctl(&socket, &["logs", "--json"], None);
+    assert!(json.contains("the left"), "{json}");
+    let (code, _, _) = baton_integration::ctl(&socket, &["stop"], None);
+    assert_eq!(code, 0);
+    master.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(log.contains("\\u{202e}lmay.yaml"), "{log}");
+    assert!(log.contains("the left"), "{log}");
+    assert_eq!(raw_unsafe(&log), None, "the text log: {log:?}");
+}

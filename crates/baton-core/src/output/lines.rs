@@ -84,17 +84,15 @@ impl Cutter {
 }
 
 /// A worker's bytes as text that is safe to print: valid UTF-8 stays as it is but for control
-/// characters (`\u{1b}`, `\r`, ...; a tab stays); each byte of invalid UTF-8 is `\xNN`.
+/// characters (`\u{1b}`, `\r`, ...; a tab stays) and characters that reorder or hide text
+/// (`\u{202e}`, `\u{200b}`: [`baton_proto::text::is_unsafe`]); each byte of invalid UTF-8 is
+/// `\xNN`.
 pub fn escape(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() && c != '\t' {
-                out.extend(c.escape_default());
-            } else {
-                out.push(c);
-            }
-        }
+        out.push_str(&baton_proto::text::printable_but(chunk.valid(), |c| {
+            c == '\t'
+        }));
         for b in chunk.invalid() {
             let _ = write!(out, "\\x{b:02x}");
         }
