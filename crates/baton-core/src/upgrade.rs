@@ -318,6 +318,8 @@ mod tests {
         });
         // And `supervisor.watch` (default: no watch).
         diff.retain(|d| !d.ends_with(".spec.watch_config: None vs Some(Bool(false))"));
+        // And the control socket's followers' own places (default 8).
+        diff.retain(|d| d != ".control.config.max_followers: None vs Some(Number(8))");
         // And the pidfds held across the exec (none in a state from before them).
         diff.retain(|d| d != ".processes: None vs Some(Array [])");
         // So did `cgroups` (default `auto`).
