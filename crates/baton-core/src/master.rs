@@ -40,7 +40,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_proto::control as proto;
-use baton_sys::process::{self, SignalNumber};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -489,34 +488,9 @@ impl Master {
     fn on_news(&mut self, news: News, queue: &mut VecDeque<Event>) {
         match news {
             News::Event(event) => queue.push_back(event),
-            News::MainPid { worker, process } => {
-                let pid = process.pid();
-                match self.processes.owner(pid) {
-                    Some(owner) if owner != worker => {
-                        let refusal = Refusal::Taken {
-                            pid,
-                            owner: owner.0,
-                        };
-                        warn!(
-                            event = "main_pid_refused",
-                            worker = worker.0,
-                            "worker {worker} announced a main process baton refuses: {refusal}"
-                        );
-                        self.refused_main_pid(worker, refusal);
-                    }
-                    _ => {
-                        self.processes
-                            .hold_announced(worker, process, &self.events_tx);
-                        queue.push_back(Event::MainPid { worker, pid });
-                    }
-                }
-            }
+            News::MainPid { worker, process } => self.announced(worker, process, queue),
             News::MainPidRefused { worker, refusal } => self.refused_main_pid(worker, refusal),
-            News::MainGone { pid, serial } => {
-                if let Some(status) = self.processes.gone(pid, serial) {
-                    queue.push_back(Event::Exited { pid, status });
-                }
-            }
+            News::MainGone { pid, serial } => self.main_gone(pid, serial, queue),
             News::Heartbeat(worker) => {
                 if let Some(beats) = self.links.get(&worker).and_then(|l| l.heartbeats.as_ref()) {
                     let _ = beats.send(());
@@ -603,34 +577,6 @@ impl Master {
             }
         }
         None
-    }
-}
-
-impl Master {
-    /// Reaps every exited child. Each is seen first as a zombie: if it is a worker's process
-    /// and the leader of its group, whatever is left in the group is killed then, while the
-    /// zombie still pins the group's id (the state machine's later `KillGroup` then finds it
-    /// gone); it is reaped after.
-    fn reap(&mut self, queue: &mut VecDeque<Event>) {
-        loop {
-            match process::peek_exit() {
-                Ok(Some((pid, status))) => {
-                    if self.supervisor.is_main_pid(pid) && self.processes.leads_group(pid) {
-                        let _ = process::signal_group(pid, SignalNumber::SIGKILL);
-                    }
-                    if let Err(err) = process::reap(pid) {
-                        warn!("waitpid({pid}) failed: {err}");
-                    }
-                    self.processes.reaped(pid);
-                    queue.push_back(Event::Exited { pid, status });
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    warn!("waitid failed: {err}");
-                    break;
-                }
-            }
-        }
     }
 }
 

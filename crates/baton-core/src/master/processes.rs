@@ -15,12 +15,14 @@
 
 use baton_sys::pidfd::Process;
 use baton_sys::process::{self, ExitKind, SignalNumber};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::Master;
+use super::main_pid::Refusal;
 use super::readiness::News;
-use crate::supervisor::WorkerId;
+use crate::supervisor::{Event, WorkerId};
 
 /// How the master came to hold a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,4 +232,68 @@ fn refuse(pid: u32, signal: SignalNumber) {
         "not sending {} to pid {pid}: the master holds no pidfd for it (not a process it made or proved its worker's)",
         signal.as_str()
     );
+}
+
+impl Master {
+    /// A worker's announced main process, proven its own: held, and the state machine told,
+    /// unless another worker holds it.
+    pub(super) fn announced(
+        &mut self,
+        worker: WorkerId,
+        process: Process,
+        queue: &mut VecDeque<Event>,
+    ) {
+        let pid = process.pid();
+        match self.processes.owner(pid) {
+            Some(owner) if owner != worker => {
+                let refusal = Refusal::Taken {
+                    pid,
+                    owner: owner.0,
+                };
+                warn!(
+                    event = "main_pid_refused",
+                    worker = worker.0,
+                    "worker {worker} announced a main process baton refuses: {refusal}"
+                );
+                self.refused_main_pid(worker, refusal);
+            }
+            _ => {
+                self.processes
+                    .hold_announced(worker, process, &self.events_tx);
+                queue.push_back(Event::MainPid { worker, pid });
+            }
+        }
+    }
+
+    /// A watched main process ended: the state machine is told, if it was still held.
+    pub(super) fn main_gone(&mut self, pid: u32, serial: u64, queue: &mut VecDeque<Event>) {
+        if let Some(status) = self.processes.gone(pid, serial) {
+            queue.push_back(Event::Exited { pid, status });
+        }
+    }
+    /// Reaps every exited child. Each is seen first as a zombie: if it is a worker's process
+    /// and the leader of its group, whatever is left in the group is killed then, while the
+    /// zombie still pins the group's id (the state machine's later `KillGroup` then finds it
+    /// gone); it is reaped after.
+    pub(super) fn reap(&mut self, queue: &mut VecDeque<Event>) {
+        loop {
+            match process::peek_exit() {
+                Ok(Some((pid, status))) => {
+                    if self.supervisor.is_main_pid(pid) && self.processes.leads_group(pid) {
+                        let _ = process::signal_group(pid, SignalNumber::SIGKILL);
+                    }
+                    if let Err(err) = process::reap(pid) {
+                        warn!("waitpid({pid}) failed: {err}");
+                    }
+                    self.processes.reaped(pid);
+                    queue.push_back(Event::Exited { pid, status });
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    warn!("waitid failed: {err}");
+                    break;
+                }
+            }
+        }
+    }
 }
