@@ -11,7 +11,6 @@
 
 #![forbid(unsafe_code)]
 
-mod accept;
 pub mod cgroups;
 mod codec;
 pub mod config;

@@ -214,7 +214,7 @@ pub struct Master {
 }
 
 /// Metrics requests waiting for the event loop (their clients wait too, bounded in number).
-const MAX_ASKS: usize = metrics_http::MAX_CLIENTS;
+const MAX_ASKS: usize = metrics_http::MAX_ASKS;
 /// Why the master could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -6,8 +6,11 @@
 //!
 //! It reads only: the text comes from the master's event loop through a channel, like a
 //! control request, and nothing a client sends can change anything. A client is bounded in
-//! time (its request head within [`HEAD_TIMEOUT`]), in number ([`MAX_CLIENTS`] at once; more
-//! wait in the backlog) and gets one answer per connection.
+//! time (its request head within [`HEAD_TIMEOUT`], its whole connection within
+//! [`CONNECTION_TIMEOUT`]) and gets one answer per connection. Connections are accepted at once,
+//! never left waiting behind slow ones: at most [`MAX_PER_SOURCE`] from one address and
+//! [`MAX_CONNECTIONS`] in all are held, and one more is closed as soon as it is accepted, so slow
+//! or idle clients (a slowloris) cannot keep a kubelet's probe from being read.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,14 +27,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::accept::accept_bounded;
-
-/// How long a client may take to send its request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Clients served at once.
-pub const MAX_CLIENTS: usize = 16;
+/// How long a client may take to send its request head (a probe sends it at once).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections held at once from one address, and in all.
+pub const MAX_PER_SOURCE: usize = 128;
+pub const MAX_CONNECTIONS: usize = 2048;
+/// Requests waiting for the event loop's answer at once (their clients wait, bounded in number).
+pub const MAX_ASKS: usize = 16;
 /// How long the event loop may take to produce the text before the answer is 503.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection lives at most: its head, the answer, and the answer's sending.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a client asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,19 +87,111 @@ pub async fn serve(endpoint: Endpoint, ask: mpsc::Sender<Ask>) {
         }
     };
     let what = format!("metrics endpoint {}", endpoint.address);
-    accept_bounded(&listener, &what, MAX_CLIENTS, |stream| {
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Held::default()));
+    let mut refused = Refusals::default();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                warn!("{what}: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let source = peer.ip();
+        let Some(place) = Held::take(&held, source) else {
+            refused.note(&what, source);
+            drop(stream);
+            continue;
+        };
         let ask = ask.clone();
-        async move {
+        tokio::spawn(async move {
+            let _place = place;
             let service = service_fn(move |req| answer(req, ask.clone()));
-            let _ = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
                 .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+        });
+    }
+}
+
+/// The connections held, by source address.
+#[derive(Debug, Default)]
+struct Held {
+    total: usize,
+    by_source: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+impl Held {
+    /// A place for a connection from `source`, if it is under both caps; given back on drop.
+    fn take(
+        held: &std::sync::Arc<std::sync::Mutex<Held>>,
+        source: std::net::IpAddr,
+    ) -> Option<Place> {
+        let mut h = held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let from_source = h.by_source.get(&source).copied().unwrap_or(0);
+        if h.total >= MAX_CONNECTIONS || from_source >= MAX_PER_SOURCE {
+            return None;
         }
-    })
-    .await;
+        h.total += 1;
+        h.by_source.insert(source, from_source + 1);
+        Some(Place {
+            held: held.clone(),
+            source,
+        })
+    }
+}
+
+/// One held connection's place.
+#[derive(Debug)]
+struct Place {
+    held: std::sync::Arc<std::sync::Mutex<Held>>,
+    source: std::net::IpAddr,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut h = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.total -= 1;
+        if let std::collections::hash_map::Entry::Occupied(mut n) = h.by_source.entry(self.source) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+    }
+}
+
+/// Connections closed at once for being over a cap: logged at most once a second, with a count.
+#[derive(Debug, Default)]
+struct Refusals {
+    logged: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, what: &str, source: std::net::IpAddr) {
+        self.count += 1;
+        let now = std::time::Instant::now();
+        if self
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            self.logged = Some(now);
+            warn!(event = "metrics_busy", source = %source, refused = self.count,
+                "{what}: a connection from {source} closed at once: at most {MAX_PER_SOURCE} from one address and {MAX_CONNECTIONS} in all are held ({} refused so far)",
+                self.count);
+        }
+    }
 }
 
 async fn answer(

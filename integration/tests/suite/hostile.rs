@@ -762,3 +762,124 @@ fn control_bytes_and_deceptive_characters_never_reach_a_terminal_raw() {
     assert!(log.contains("the left"), "{log}");
     assert_eq!(raw_unsafe(&log), None, "the text log: {log:?}");
 }
+
+/// Slow clients of the metrics endpoint, spread over `sources` loopback addresses (127.0.0.2,
+/// ...): each connects, sends half a request head, waits until the master closes the
+/// connection, and connects again, until `stop` is set. Returns how many connections were made.
+fn slowloris(
+    port: u16,
+    clients: usize,
+    sources: u8,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let tasks: Vec<_> = (0..clients)
+                .map(|i| {
+                    let stop = stop.clone();
+                    let source =
+                        std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % sources as usize) as u8);
+                    tokio::spawn(async move {
+                        let mut made = 0u64;
+                        // Bounded: until told to stop, and at most 10 000 connections each.
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) && made < 10_000 {
+                            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                            socket.bind((source, 0).into()).unwrap();
+                            let Ok(mut stream) =
+                                socket.connect(([127, 0, 0, 1], port).into()).await
+                            else {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
+                            };
+                            made += 1;
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let _ = stream
+                                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                                .await;
+                            let mut sink = [0u8; 256];
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(30),
+                                stream.read(&mut sink),
+                            )
+                            .await;
+                        }
+                        made
+                    })
+                })
+                .collect();
+            let mut made = 0;
+            for task in tasks {
+                made += task.await.unwrap();
+            }
+            made
+        })
+    })
+}
+
+/// One probe of `path` from 127.0.0.1, as a kubelet sends it: its status and how long it took.
+fn probe(port: u16, path: &str) -> (u16, Duration) {
+    let began = Instant::now();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n");
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, began.elapsed())
+}
+
+/// Attacker: network clients of the metrics port that hold connections with half a request
+/// (a slowloris), reconnecting when closed: 64 from one address, then 1000 from ten.
+/// Guarantee: a kubelet's `/livez` and `/healthz` probes are answered within 100 ms meanwhile,
+/// and the control socket and the data path are unaffected.
+#[test]
+fn slow_clients_of_the_metrics_port_never_delay_a_probe() {
+    let port = free_port();
+    let metrics = free_port();
+    let mut c = baton_integration::TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    c.supervisor_extra = vec![format!("metrics_listen: \"127.0.0.1:{metrics}\"")];
+    let master = Master::start("slowloris", &c);
+    for (clients, sources) in [(64, 1), (1000, 10)] {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attack = slowloris(metrics, clients, sources, stop.clone());
+        // Wait until the attackers hold their connections (the master's descriptors grow).
+        let before = master.fd_count();
+        eventually(
+            Duration::from_secs(30),
+            "the slow clients connected",
+            || (master.fd_count() >= before + clients * 9 / 10).then_some(()),
+        );
+        let mut slowest = Duration::ZERO;
+        for round in 0..20 {
+            let path = if round % 2 == 0 { "/livez" } else { "/healthz" };
+            let (status, took) = probe(metrics, path);
+            assert_eq!(status, 200, "{path} with {clients} slow clients");
+            slowest = slowest.max(took);
+        }
+        let took = timed_status(&master);
+        let served =
+            baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 5);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let made = attack.join().unwrap();
+        eprintln!(
+            "{clients} slow clients from {sources} addresses ({made} connections): slowest probe {slowest:?}, status {took:?}"
+        );
+        assert!(
+            slowest < Duration::from_millis(100),
+            "probes within 100 ms: slowest {slowest:?}"
+        );
+        assert!(took < Duration::from_secs(1), "status took {took:?}");
+        assert_eq!(served.ok, 5, "{}", served.summary());
+    }
+}
