@@ -52,26 +52,13 @@ impl Process {
     /// The process `pid`, if it runs and started at `start_time` (so it is the one meant, not
     /// another that reuses the number). `Ok(None)`: gone, or another process.
     pub fn find(pid: u32, started: u64) -> io::Result<Option<Process>> {
-        let Ok(raw_pid) = libc::pid_t::try_from(pid) else {
+        let Some(process) = Process::open(pid)? else {
             return Ok(None);
         };
-        // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1; it
-        // touches no memory of ours.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
-        if fd < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::ESRCH) => Ok(None),
-                _ => Err(err),
-            };
-        }
-        // SAFETY: the kernel just returned `fd` as a new descriptor (close-on-exec, as every
-        // pidfd), owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         // Checked after the pidfd exists: if the start time matches now, the pidfd holds that
         // process, whatever happens to the number later.
         match start_time(pid) {
-            Ok(t) if t == started => Ok(Some(Process { pid, fd })),
+            Ok(t) if t == started => Ok(Some(process)),
             _ => Ok(None),
         }
     }
@@ -87,7 +74,8 @@ impl Process {
         if raw_pid <= 0 {
             return Ok(None);
         }
-        // SAFETY: as in `find`.
+        // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1; it
+        // touches no memory of ours.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
         if fd < 0 {
             let err = io::Error::last_os_error();
@@ -96,7 +84,8 @@ impl Process {
                 _ => Err(err),
             };
         }
-        // SAFETY: as in `find`.
+        // SAFETY: the kernel just returned `fd` as a new descriptor (close-on-exec, as every
+        // pidfd), owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         Ok(Some(Process { pid, fd }))
     }
