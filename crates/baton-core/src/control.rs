@@ -197,6 +197,13 @@ pub async fn serve(
                     },
                 )
                 .await;
+                // What the client sends meanwhile is read and dropped for a moment, so that its
+                // request's write does not fail (a closed peer) before it reads the answer.
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_millis(500),
+                    drain_request(&mut stream),
+                )
+                .await;
             });
             continue;
         }
@@ -252,29 +259,43 @@ struct Refusals {
     denied: Throttle,
 }
 
-/// Refusals of clients, logged at most once a second with how many there were: a flood of
-/// clients costs the log a line a second, not a line each.
+/// Refusals of clients, logged at most [`LOG_BURST`] times a second, each line with how many
+/// there were so far: a flood of clients costs the log a few lines a second, not a line each.
 #[derive(Debug, Default)]
 struct Throttle {
-    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+    state: std::sync::Mutex<ThrottleState>,
+}
+
+/// Lines a second one kind of refusal may log.
+const LOG_BURST: u32 = 5;
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    window: Option<std::time::Instant>,
+    logged: u32,
+    count: u64,
 }
 
 impl Throttle {
-    /// Counts one refusal; calls `log` with the count so far if a second has passed since the
-    /// last line.
+    /// Counts one refusal; calls `log` with the count so far unless this second's lines are
+    /// spent.
     fn note(&self, log: impl FnOnce(u64)) {
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.1 += 1;
+        state.count += 1;
         let now = std::time::Instant::now();
         if state
-            .0
+            .window
             .is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1))
         {
-            state.0 = Some(now);
-            log(state.1);
+            state.window = Some(now);
+            state.logged = 0;
+        }
+        if state.logged < LOG_BURST {
+            state.logged += 1;
+            log(state.count);
         }
     }
 }
@@ -414,11 +435,23 @@ async fn client(
     }
 }
 
-/// Whether the client closed its end (nothing more to read, and never will be): a client sends
-/// one request and then only reads.
+/// Reads and drops what a refused client sends, up to a frame's size, until it closes.
+async fn drain_request(stream: &mut UnixStream) {
+    let mut sink = [0u8; 4096];
+    let mut left = control::MAX_FRAME + 4;
+    while left > 0 {
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// Whether the client closed its end entirely (it exited, or was killed): no one waits for the
+/// answer. A client that only shut down its writing half after its request still reads.
 fn hung_up(stream: &UnixStream) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(stream.try_read(&mut byte), Ok(0))
+    use std::os::fd::AsFd;
+    baton_sys::channel::peer_closed(stream.as_fd())
 }
 
 /// Reads one frame, refusing oversized ones before reading their body.

@@ -402,3 +402,32 @@ mod tests {
         drop(owned);
     }
 }
+
+/// Whether the peer of a connected Unix stream socket closed its end entirely (it exited, or
+/// closed the socket), not only shut down its writing half: the kernel then reports `POLLHUP`
+/// (a half-close, `shutdown(SHUT_WR)`, reports only `POLLRDHUP`). Asks without waiting.
+pub fn peer_closed(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::empty())];
+    matches!(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLHUP))
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_closed_peer_is_told_from_a_half_closed_one() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!super::peer_closed(a.as_fd()), "connected");
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(
+            !super::peer_closed(a.as_fd()),
+            "half-closed: it still reads"
+        );
+        drop(b);
+        assert!(super::peer_closed(a.as_fd()), "gone");
+    }
+}
