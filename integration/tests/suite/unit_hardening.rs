@@ -131,10 +131,18 @@ fn lifecycle(sd: &Systemd, kind: &str, port: u16) -> Result<(), String> {
         let journal = sd.journal(&unit);
         let lines: Vec<&str> = journal.lines().collect();
         let status = sd.systemctl(&["status", "--no-pager", "--lines=0", &unit]);
+        // The master's verdict wherever it is in the journal: a worker's long last words (a
+        // V8 stack trace) can push it out of the last lines.
+        let verdicts: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("failed to start") || l.contains("reload failed"))
+            .collect();
         format!(
-            "{kind}: {what}\n{}\n{}",
+            "{kind}: {what}\n{}\n{}\nverdicts:\n{}",
             String::from_utf8_lossy(&status.stdout),
-            lines[lines.len().saturating_sub(15)..].join("\n")
+            lines[lines.len().saturating_sub(15)..].join("\n"),
+            verdicts.join("\n")
         )
     };
     if !sd.systemctl(&["start", &unit]).status.success() {
