@@ -376,6 +376,11 @@ fn log_followers_and_stalled_clients_never_lock_the_operator_out() {
         let _ = f.kill();
         let _ = f.wait();
     }
+    // Counted from the master's descriptors: once the reload's old generation is gone (its
+    // pipes and channel close), they change only with the clients.
+    master.wait_event("generation_exited", Duration::from_secs(20), |v| {
+        v["generation"] == 1
+    });
     let base = master.fd_count();
     let mut again: Vec<_> = (0..8).map(|_| follower(&master, NOBODY)).collect();
     let took = timed_status(&master);
