@@ -348,17 +348,20 @@ fn log_followers_and_stalled_clients_never_lock_the_operator_out() {
     assert!(nix::unistd::geteuid().is_root(), "clients run as nobody");
     let scripts = shared_dir();
     let master = open_master("followers");
+    // The master's descriptors with no client: each follower held adds one.
+    let base = master.fd_count();
     let mut followers: Vec<_> = (0..16)
         .flat_map(|_| [follower(&master, 0), follower(&master, NOBODY)])
         .collect();
-    // 8 stay; the others are refused at once.
+    // At most 8 stay; the others are refused at once (a read-only one that comes while every
+    // ordinary place is taken by followers not yet moved to theirs is refused as busy).
     let refused = eventually(Duration::from_secs(15), "24 followers refused", || {
         let exited = followers
             .iter_mut()
             .map(|f| f.try_wait().unwrap().is_some())
             .filter(|&done| done)
             .count();
-        (exited == 24).then_some(exited)
+        (exited >= 24).then_some(exited)
     });
     eprintln!("{refused} of 32 followers refused");
     for _ in 0..3 {
@@ -377,11 +380,16 @@ fn log_followers_and_stalled_clients_never_lock_the_operator_out() {
         let _ = f.wait();
     }
     // Counted from the master's descriptors: once the reload's old generation is gone (its
-    // pipes and channel close), they change only with the clients.
+    // pipes and channel close) and the killed followers' connections are closed, they are back
+    // where they were and change only with the clients.
     master.wait_event("generation_exited", Duration::from_secs(20), |v| {
         v["generation"] == 1
     });
-    let base = master.fd_count();
+    eventually(
+        Duration::from_secs(5),
+        "the killed followers let go",
+        || (master.fd_count() <= base).then_some(()),
+    );
     let mut again: Vec<_> = (0..8).map(|_| follower(&master, NOBODY)).collect();
     let took = timed_status(&master);
     assert!(
