@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use baton_integration::load::{self, Mixed};
 use baton_integration::procfs::zombies;
+
+fn procfs_alive(pid: u32) -> bool {
+    baton_integration::procfs::alive(pid)
+}
 use baton_integration::syscalls::Injection;
 use baton_integration::{Master, TestConfig, eventually, free_port};
 
@@ -57,6 +61,15 @@ impl Serving {
     /// descriptors (`more`: descriptors a reload added on purpose), and no request was lost.
     fn recovers(self, label: &str, more: usize) {
         let (code, out, err) = self.master.ctl(&["reload"]);
+        if code != 0 {
+            // What the master said last (CI once saw this reload's connection reset).
+            let lines = self.master.raw_lines();
+            eprintln!(
+                "{label}: the master's last lines (running: {}):\n{}",
+                procfs_alive(self.master.pid()),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
         assert_eq!(code, 0, "{label}: the next reload: {out}{err}");
         let master = &self.master;
         let fds = self.fds + more;
