@@ -173,13 +173,19 @@ fn reload_both_ways(master: &Master, port: u16, server: &str) -> (Report, Report
         );
         eprintln!("{server}, {mode:?}: {} ({sent} SIGUSR2)", report.summary());
         assert!(report.ok > 500, "{mode:?}: real load: {}", report.summary());
-        assert!(report.generations.len() > 5, "{}", report.summary());
+        // The load followed the reloads. How many generations a kept-alive client meets
+        // depends on the server closing its connections: CI saw exactly 5 for gunicorn.
+        assert!(report.generations.len() >= 3, "{}", report.summary());
         signals += sent;
         runs.push(report);
     }
     master.verdict_of(signals);
     let reloads = master.assert_every_request_accounted_for(signals);
     eprintln!("{server}: {signals} requests carried out by {reloads} reloads");
+    assert!(
+        reloads > 5,
+        "the reloads ran: {reloads} for {signals} requests"
+    );
     let kept = runs.pop().unwrap();
     (runs.pop().unwrap(), kept, signals)
 }
