@@ -49,11 +49,18 @@ pub enum Point {
     StateWrite,
     /// A self-upgrade execs the new program.
     Exec,
+    /// The new program takes over after the exec ([`crate::master::Master::resume`]). The old
+    /// program's faults end with it (the exec drops `FAILPOINTS`): a test arms this one with
+    /// `FAILPOINTS_AFTER_UPGRADE`, which the exec passes on as the new program's `FAILPOINTS`.
+    Resume,
 }
+
+/// The variable whose value a self-upgrade passes to the new program as `FAILPOINTS`.
+pub const AFTER_UPGRADE_ENV: &str = "FAILPOINTS_AFTER_UPGRADE";
 
 impl Point {
     /// Every point, in the order of a reload and then an upgrade.
-    pub const ALL: [Point; 12] = [
+    pub const ALL: [Point; 13] = [
         Point::ConfigRead,
         Point::ListenerBind,
         Point::WorkerSpawn,
@@ -66,6 +73,7 @@ impl Point {
         Point::FdStoreUpdate,
         Point::StateWrite,
         Point::Exec,
+        Point::Resume,
     ];
 
     /// The point's name in `FAILPOINTS` and in the log.
@@ -83,6 +91,7 @@ impl Point {
             Point::FdStoreUpdate => "fdstore.update",
             Point::StateWrite => "upgrade.state_write",
             Point::Exec => "upgrade.exec",
+            Point::Resume => "upgrade.resume",
         }
     }
 

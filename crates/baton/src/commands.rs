@@ -6,7 +6,6 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use baton_core::config::OwnFiles;
 use baton_core::master::{Inherited, Master, ResumeError, STATE_FD_ENV};
 use baton_proto::control::{ErrorKind, OutputFilter, Request, Response};
@@ -129,6 +128,19 @@ pub(crate) fn run(
             vec!["guard".into(), "--log-format".into(), format.into()],
         )
     });
+    // The runtime exists before the master is made: whatever the master adopts or binds may
+    // register with it (a resumed master's notify sockets once panicked for want of one).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(event = "start_failed", "cannot build the event loop: {err}");
+            return 1;
+        }
+    };
+    let entered = runtime.enter();
     let master = match inherited {
         // A self-upgrade: this program takes over from the one that exec'd it.
         Some(inherited) => {
@@ -136,9 +148,14 @@ pub(crate) fn run(
             match inherited.and_then(|state| Master::resume(state, options)) {
                 Ok(master) => master,
                 Err(err) => {
+                    // Nothing to go back to: the old program is gone. This process ends, its
+                    // guard ends the workers, and the listening sockets close with it, unless
+                    // a service manager holds them in its fd store (systemd restarts the unit
+                    // on them). The preflight ran this same resume before the exec
+                    // (`Master::rehearse`), so only what changed in between can fail here.
                     tracing::error!(
                         event = "upgrade_resume_failed",
-                        "cannot take over after the upgrade: {err}"
+                        "cannot take over after the upgrade: {err}; exiting (the workers end with this master; its listeners stay open only in a service manager's fd store)"
                     );
                     return 1;
                 }
@@ -174,13 +191,8 @@ pub(crate) fn run(
             return EX_USAGE;
         }
     };
-    match serve(master, rx) {
-        Ok(code) => code.clamp(0, 255) as u8,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            1
-        }
-    }
+    drop(entered);
+    serve(&runtime, master, rx).clamp(0, 255) as u8
 }
 
 /// The state left by a master that exec'd this program (`baton upgrade`), if any.
@@ -204,9 +216,24 @@ pub(crate) fn guard(master: u32, started: u64, registry: &Path, format: LogForma
 
 /// `baton upgrade-check`: can this program take over the state it is given?
 pub(crate) fn upgrade_check() -> u8 {
-    match inherited_state() {
-        Some(Ok(inherited)) => {
-            outln!("{}", inherited.check_answer());
+    // A test's fault points reach the rehearsal (`upgrade.resume`); a build without them runs
+    // the check without (it only ever answers for this program).
+    let _ = baton_core::faults::arm(std::env::var("FAILPOINTS").ok().as_deref());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let rehearsed = |inherited: Inherited| {
+        let answer = inherited.check_answer();
+        let runtime = runtime.map_err(|err| ResumeError::Runtime(err.to_string()))?;
+        let _entered = runtime.enter();
+        Master::rehearse(inherited)?;
+        // The runtime holds what the rehearsal registered, forgotten: not dropped either.
+        std::mem::forget(runtime);
+        Ok::<_, ResumeError>(answer)
+    };
+    match inherited_state().map(|i| i.and_then(rehearsed)) {
+        Some(Ok(answer)) => {
+            outln!("{answer}");
             0
         }
         Some(Err(err)) => {
@@ -272,19 +299,16 @@ pub(crate) fn upgrade(target: &Target, binary: Option<&Path>, json: bool) -> u8 
 }
 
 fn serve(
+    runtime: &tokio::runtime::Runtime,
     master: baton_core::master::Master,
     rx: tokio::sync::mpsc::UnboundedReceiver<baton_core::master::Input>,
-) -> anyhow::Result<i32> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
+) -> i32 {
     // Orphans of workers (a server that forks and announces MAINPID=) are reparented to the
     // master, which reaps them, instead of to init.
     if let Err(err) = baton_core::become_subreaper() {
         tracing::warn!("cannot become a child subreaper: {err}");
     }
-    Ok(runtime.block_on(master.run(rx)))
+    runtime.block_on(master.run(rx))
 }
 
 pub(crate) fn check(path: &Path) -> u8 {

@@ -653,3 +653,62 @@ fn under_systemd_a_workers_escaped_child_ends_with_it_in_its_delegated_cgroup() 
     });
     assert_eq!(sd.show("baton.service", "ActiveState"), "active");
 }
+
+/// A self-upgrade whose resume fails after the exec (the fault `upgrade.resume`, armed for the
+/// new program only) under the packaged unit: the master exits 1, systemd restarts the unit,
+/// and the new master serves on the same listening socket, which the fd store kept; a request
+/// sent meanwhile waits in its queue and is served.
+#[test]
+fn an_upgrade_that_fails_after_the_exec_restarts_on_the_fd_stores_sockets() {
+    let config_path = Systemd::workdir("upgrade-resume").join("baton.yaml");
+    std::fs::write(&config_path, config("")).unwrap();
+    let unit = strict_unit(&config_path).replace(
+        "[Service]\n",
+        "[Service]\nEnvironment=FAILPOINTS_AFTER_UPGRADE=upgrade.resume=return\n",
+    );
+    assert!(unit.contains("FAILPOINTS_AFTER_UPGRADE"));
+    let sd = Systemd::boot("upgrade-resume", &[("baton.service", unit)]);
+    assert!(
+        ok(&sd.systemctl(&["start", "baton.service"])),
+        "{}",
+        sd.journal("baton")
+    );
+    let before = sd.listening_inodes(PORT);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let main_pid = sd.show("baton.service", "MainPID");
+    let load = sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "2", "8"]);
+    let upgrade = sd
+        .command(&binaries().baton.display().to_string())
+        .args([
+            "upgrade",
+            "--binary",
+            &binaries().baton.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!ok(&upgrade), "the upgrade failed after the exec");
+    eventually(
+        Duration::from_secs(20),
+        "the unit restarted and active",
+        || {
+            (sd.show("baton.service", "NRestarts") == "1"
+                && sd.show("baton.service", "ActiveState") == "active")
+                .then_some(())
+        },
+    );
+    assert_ne!(sd.show("baton.service", "MainPID"), main_pid);
+    let journal = sd.journal("baton.service");
+    assert!(
+        journal.contains("cannot take over after the upgrade: fault injected at upgrade.resume"),
+        "{journal}"
+    );
+    assert_eq!(
+        sd.listening_inodes(PORT),
+        before,
+        "the same socket, from the fd store"
+    );
+    assert!(serves(&sd), "the restarted master serves");
+    let during = report(load);
+    eprintln!("load across the failed upgrade: {}", during["summary"]);
+    assert!(during["ok"].as_u64().unwrap_or(0) > 0, "{during}");
+}

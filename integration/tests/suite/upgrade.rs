@@ -386,3 +386,131 @@ fn an_upgrade_signal_during_an_upgrade_is_refused_and_the_first_upgrade_keeps_it
     master.wait_event("upgrade_failed", Duration::from_secs(10), |_| true);
     assert_eq!(master.events("upgrade_failed").len(), 1);
 }
+
+/// Issue 28: the upgrade killed the master whenever a `protocol: systemd` worker ran (the new
+/// program adopted the notify sockets before its event loop existed, and panicked). Both
+/// protocols at once, under load: the same pid, sockets and workers, nothing lost, and the
+/// systemd-style workers' heartbeats still read by the new program (a lost notify socket would
+/// have them judged dead within their 1 s window).
+#[test]
+fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing() {
+    let next = next_baton();
+    let port = free_port();
+    let yaml = format!(
+        "listeners:\n  - {{name: http, address: \"127.0.0.1:{port}\"}}\nworkers:\n  - name: sdk\n    command: {hello}\n    processes: 2\n  - name: plain\n    command: {hello}\n    protocol: systemd\n    ready: notify\n    processes: 2\n    liveness: {{watchdog: 1s, kill_after: 1s}}\nsupervisor:\n  runtime_dir: \"{{dir}}/run\"\n  control: {{socket: \"{{dir}}/baton.sock\"}}\n",
+        hello = binaries().hello_worker.display()
+    );
+    let master = Master::spawn("upgrade-systemd", &yaml);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let before = status(&master);
+    let inodes = listening_inodes(port);
+    let workers = master.children();
+    assert_eq!(workers.len(), 4, "{workers:?}");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = Load::until_finished(addr, Mode::Fresh, 8);
+    let (code, out, err) = upgrade(&master, &next.display().to_string());
+    assert_eq!(code, 0, "upgrade failed: {out}{err}");
+    master.wait_event("upgraded", Duration::from_secs(10), |_| true);
+    // Three heartbeat windows after the upgrade: each worker must have been heard meanwhile.
+    let heard = Instant::now();
+    eventually(Duration::from_secs(10), "3 s of heartbeats", || {
+        (heard.elapsed() >= Duration::from_secs(3)).then_some(())
+    });
+    let report = load.finish();
+    eprintln!(
+        "upgrade with systemd workers under load: {}",
+        report.summary()
+    );
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    assert!(report.ok > 100, "real load: {}", report.summary());
+    let after = status(&master);
+    assert_eq!(after["master"]["pid"], before["master"]["pid"]);
+    assert!(
+        after["master"]["version"]
+            .as_str()
+            .unwrap()
+            .ends_with("+next"),
+        "{after}"
+    );
+    assert_eq!(listening_inodes(port), inodes, "the same listening sockets");
+    assert_eq!(master.children(), workers, "the same workers");
+    assert!(
+        master.events("worker_unhealthy").is_empty(),
+        "every heartbeat was read after the upgrade: {:?}",
+        master.events("worker_unhealthy")
+    );
+    // The new program reloads both programs, systemd-style readiness included.
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    master.assert_logged_requests_accounted_for();
+}
+
+/// A resume that would fail after the exec fails in the preflight instead: the new program
+/// rehearses the whole resume on the master's own descriptors before the old one execs it
+/// (here a fault at `upgrade.resume`, armed for the preflight), and the old master serves on.
+#[test]
+fn a_resume_that_would_fail_after_the_exec_fails_in_the_preflight_and_nothing_changes() {
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
+    let master = Master::spawn_with_env(
+        "upgrade-rehearsal",
+        &config.yaml(),
+        &[("FAILPOINTS", "upgrade.resume=return")],
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let workers = master.children();
+    let inodes = listening_inodes(port);
+    let baton = binaries().baton.display().to_string();
+    let (code, out, err) = upgrade(&master, &baton);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("fault injected at upgrade.resume"),
+        "the refusal quotes the preflight: {out}{err}"
+    );
+    assert!(master.events("upgrade_exec").is_empty(), "no exec");
+    assert_eq!(status(&master)["master"]["upgrades"], Value::Array(vec![]));
+    assert_eq!(master.children(), workers);
+    assert_eq!(listening_inodes(port), inodes);
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+}
+
+/// What a resume that fails after the exec costs without a service manager (the preflight
+/// makes it rare; it cannot make it impossible): the old program is gone, so the master exits
+/// 1 naming the cause; its guard ends the workers (none is left behind) and the listening
+/// sockets close with it. Under systemd the fd store keeps them and the unit restarts on them
+/// (`systemd.rs`).
+#[test]
+fn a_resume_that_fails_after_the_exec_exits_and_leaves_no_worker_behind() {
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
+    let mut master = Master::spawn_with_env(
+        "upgrade-resume-fails",
+        &config.yaml(),
+        &[("FAILPOINTS_AFTER_UPGRADE", "upgrade.resume=return")],
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let workers = master.children();
+    assert!(master.guard().is_some(), "a guard watches the master");
+    let baton = binaries().baton.display().to_string();
+    let (code, out, err) = upgrade(&master, &baton);
+    assert_ne!(code, 0, "the client learns it failed: {out}{err}");
+    let status = master.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{status}");
+    let failed = master.events("upgrade_resume_failed");
+    assert_eq!(failed.len(), 1, "{}", master.raw_lines().join("\n"));
+    assert!(
+        failed[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fault injected at upgrade.resume"),
+        "{failed:?}"
+    );
+    eventually(Duration::from_secs(20), "the workers ended", || {
+        workers.iter().all(|&w| !alive(w)).then_some(())
+    });
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the listening socket closed with the master"
+    );
+}

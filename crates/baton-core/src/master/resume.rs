@@ -92,6 +92,19 @@ pub enum ResumeError {
         worker: WorkerId,
         source: std::io::Error,
     },
+    /// A test's fault (`upgrade.resume`).
+    #[error("{0}")]
+    Injected(std::io::Error),
+    /// The event loop could not be built.
+    #[error("cannot build the event loop: {0}")]
+    Runtime(String),
+    /// A worker's descriptor could not become a live object of the event loop.
+    #[error("{part} of worker {worker}: {source}")]
+    WorkerPart {
+        worker: WorkerId,
+        part: String,
+        source: std::io::Error,
+    },
 }
 
 /// What a master that took over from its predecessor still does when it starts running.
@@ -102,8 +115,18 @@ pub(super) struct Resumed {
     binary: PathBuf,
     began: Option<Instant>,
     intents: Vec<Intent>,
+    workers: WorkerFds,
+}
+
+/// The workers' descriptors a resumed master adopted, still plain descriptors: they become live
+/// objects of the event loop in [`WorkerFds::adopt`], the one step a rehearsal
+/// ([`Master::rehearse`]) and the real resume share.
+#[derive(Debug)]
+struct WorkerFds {
     channels: Vec<(WorkerId, OwnedFd)>,
-    notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
+    /// Each notify socket, still a plain descriptor with its path: a [`notify::NotifySocket`]
+    /// (which removes its path when dropped) only once the loop runs.
+    notify: Vec<(WorkerId, (OwnedFd, PathBuf), u32, NotifyAccess)>,
     /// Each worker's output pipes, with who it is and the line each stream had begun.
     output: Vec<(WorkerId, Arc<Origin>, Vec<AdoptedStream>)>,
     /// The processes held by pidfd, held again once the loop runs (an announced one's end is
@@ -114,10 +137,76 @@ pub(super) struct Resumed {
 /// A worker's output stream adopted across the exec: its pipe, and the line it had begun.
 type AdoptedStream = (OutputStream, std::fs::File, Vec<u8>);
 
+/// The workers' descriptors as live objects, registered with the runtime; nothing read yet.
+struct LiveWorkers {
+    channels: Vec<(WorkerId, tokio::net::UnixDatagram)>,
+    notify: Vec<(WorkerId, notify::NotifySocket, u32, NotifyAccess)>,
+    output: Vec<(WorkerId, Vec<Arc<Capture>>)>,
+    processes: Vec<(WorkerId, ProcessOrigin, Process)>,
+}
+
+impl WorkerFds {
+    /// Makes every descriptor a live object (within the runtime). What fails is left out and
+    /// named in the errors: that part of that worker is lost, the rest goes on.
+    fn adopt(self, hub: &crate::output::Hub) -> (LiveWorkers, Vec<ResumeError>) {
+        let mut errors = Vec::new();
+        let mut failed = |worker: WorkerId, part: String, source: std::io::Error| {
+            errors.push(ResumeError::WorkerPart {
+                worker,
+                part,
+                source,
+            })
+        };
+        let mut live = LiveWorkers {
+            channels: Vec::new(),
+            notify: Vec::new(),
+            output: Vec::new(),
+            processes: Vec::new(),
+        };
+        for (worker, fd) in self.channels {
+            match channel::into_async(fd) {
+                Ok(channel) => live.channels.push((worker, channel)),
+                Err(err) => failed(worker, "channel".into(), err),
+            }
+        }
+        for (worker, (fd, path), main, access) in self.notify {
+            match notify::NotifySocket::adopt(fd, path) {
+                Ok(socket) => live.notify.push((worker, socket, main, access)),
+                Err(err) => failed(worker, "notify socket".into(), err),
+            }
+        }
+        for (worker, origin, streams) in self.output {
+            let mut captures = Vec::new();
+            for (stream, pipe, partial) in streams {
+                match Capture::resume(pipe, origin.clone(), stream, hub.clone(), &partial) {
+                    Ok(capture) => captures.push(capture),
+                    Err(err) => failed(worker, stream.as_str().to_string(), err),
+                }
+            }
+            live.output.push((worker, captures));
+        }
+        for (worker, origin, process) in self.processes {
+            // An announced process's end is watched: its pidfd must register with the runtime.
+            let watchable = match origin {
+                ProcessOrigin::Announced => process.ended().map(drop),
+                ProcessOrigin::Spawned => Ok(()),
+            };
+            match watchable {
+                Ok(()) => live.processes.push((worker, origin, process)),
+                Err(err) => failed(worker, format!("pidfd of pid {}", process.pid()), err),
+            }
+        }
+        (live, errors)
+    }
+}
+
 impl Master {
     /// A master that takes over from its predecessor (the same process, before the exec): every
     /// descriptor the state names is adopted here; tasks start in [`Master::run`].
     pub fn resume(inherited: Inherited, options: Options) -> Result<Master, ResumeError> {
+        crate::faults::Point::Resume
+            .check()
+            .map_err(ResumeError::Injected)?;
         let Inherited { state, supervisor } = inherited;
         let adopt = |number: i32, what: &str| {
             channel::adopt_inherited(number).map_err(|source| ResumeError::Adopt {
@@ -179,8 +268,7 @@ impl Master {
                 };
                 let dup = fd.try_clone().map_err(fail)?;
                 link.notify = Some((dup, n.path.clone(), n.access));
-                let socket = notify::NotifySocket::adopt(fd, n.path).map_err(fail)?;
-                notifies.push((l.worker, socket, n.pid, n.access));
+                notifies.push((l.worker, (fd, n.path), n.pid, n.access));
             }
             if let Some(o) = l.output {
                 link.pid = Some(o.pid);
@@ -308,12 +396,40 @@ impl Master {
                 binary: state.binary,
                 began: state.upgrade_began,
                 intents: state.intents,
-                channels,
-                notify: notifies,
-                output,
-                processes,
+                workers: WorkerFds {
+                    channels,
+                    notify: notifies,
+                    output,
+                    processes,
+                },
             }),
         })
+    }
+
+    /// `baton upgrade-check`'s proof, run by the new program before the old one execs it: the
+    /// whole resume on the running master's own descriptors (the preflight inherits every one
+    /// the state names): each is adopted and made a live object of this program's runtime, as
+    /// after the exec, and nothing is read from any. Must be called within a runtime.
+    ///
+    /// What the rehearsal made is forgotten, never dropped: dropping it would remove files the
+    /// running master still uses (its control socket, the workers' notify sockets). The process
+    /// exits right after.
+    pub fn rehearse(mut inherited: Inherited) -> Result<(), ResumeError> {
+        // The metrics port is the running master's until the exec; binding it is not a proof
+        // (and a failure there is not fatal after the exec either).
+        inherited.state.metrics_listen = None;
+        let mut master = Master::resume(inherited, Options::default())?;
+        let resumed = master.resumed.take();
+        let result = match resumed {
+            Some(resumed) => {
+                let (live, errors) = resumed.workers.adopt(&master.output);
+                std::mem::forget(live);
+                errors.into_iter().next().map_or(Ok(()), Err)
+            }
+            None => Ok(()),
+        };
+        std::mem::forget(master);
+        result
     }
 
     /// First steps of a resumed master: tasks for every worker, drain requests again, the
@@ -322,29 +438,31 @@ impl Master {
         let Some(resumed) = self.resumed.take() else {
             return Vec::new();
         };
-        for (worker, fd) in resumed.channels {
-            match channel::into_async(fd) {
-                Ok(channel) => {
-                    let (commands, commands_rx) = mpsc::unbounded_channel();
-                    let task = tokio::spawn(link_loop(
-                        worker,
-                        channel,
-                        commands_rx,
-                        self.events_tx.clone(),
-                    ));
-                    if let Some(link) = self.links.get_mut(&worker) {
-                        link.commands = Some(commands);
-                        link.tasks.push(task.abort_handle());
-                    }
-                }
-                Err(err) => warn!(worker = worker.0, "channel of worker {worker}: {err}"),
+        let (live, errors) = resumed.workers.adopt(&self.output);
+        for err in errors {
+            warn!(
+                event = "upgrade_resume_degraded",
+                "{err}: lost across the upgrade"
+            );
+        }
+        for (worker, channel) in live.channels {
+            let (commands, commands_rx) = mpsc::unbounded_channel();
+            let task = tokio::spawn(link_loop(
+                worker,
+                channel,
+                commands_rx,
+                self.events_tx.clone(),
+            ));
+            if let Some(link) = self.links.get_mut(&worker) {
+                link.commands = Some(commands);
+                link.tasks.push(task.abort_handle());
             }
         }
-        for (worker, origin, process) in resumed.processes {
+        for (worker, origin, process) in live.processes {
             self.processes
                 .adopt(worker, process, origin, &self.events_tx);
         }
-        for (worker, socket, main, access) in resumed.notify {
+        for (worker, socket, main, access) in live.notify {
             let spawned = self
                 .processes
                 .iter()
@@ -366,27 +484,10 @@ impl Master {
                 link.tasks.push(task.abort_handle());
             }
         }
-        for (worker, origin, streams) in resumed.output {
-            let captures = streams
-                .into_iter()
-                .filter_map(|(stream, pipe, partial)| {
-                    let hub = self.output.clone();
-                    match Capture::resume(pipe, origin.clone(), stream, hub, &partial) {
-                        Ok(capture) => {
-                            tokio::spawn(capture_task(capture.clone()));
-                            Some(capture)
-                        }
-                        Err(err) => {
-                            warn!(
-                                worker = worker.0,
-                                "{} of worker {worker}: {err}",
-                                stream.as_str()
-                            );
-                            None
-                        }
-                    }
-                })
-                .collect();
+        for (worker, captures) in live.output {
+            for capture in &captures {
+                tokio::spawn(capture_task(capture.clone()));
+            }
             if let Some(link) = self.links.get_mut(&worker) {
                 link.output = captures;
             }

@@ -233,12 +233,14 @@ impl Master {
         let started = Instant::now();
         let id = self.next_upgrade;
         self.next_upgrade += 1;
-        let preflight = self.state(Vec::new(), None, None).and_then(|(state, _)| {
-            let bytes = crate::upgrade::encode(&state)?;
-            let memfd =
-                sys::sealed_memfd("baton-state", &bytes).map_err(UpgradeError::WriteState)?;
-            self.preflight(id, &binary, memfd)
-        });
+        let preflight = self
+            .state(Vec::new(), None, None)
+            .and_then(|(state, keep)| {
+                let bytes = crate::upgrade::encode(&state)?;
+                let memfd =
+                    sys::sealed_memfd("baton-state", &bytes).map_err(UpgradeError::WriteState)?;
+                self.preflight(id, &binary, memfd, &keep)
+            });
         let pending = Pending {
             id,
             binary,
@@ -260,20 +262,34 @@ impl Master {
     }
 
     /// Runs `<binary> upgrade-check` on the state; its answer arrives as a [`Preflight`].
+    /// The check inherits every descriptor the state names, at the numbers it names (`keep`),
+    /// as the exec would pass them: it rehearses the whole resume on them
+    /// ([`Master::rehearse`]), so a program that could not take over is refused here, while
+    /// the old master still runs, and not after the exec.
     fn preflight(
         &self,
         id: u64,
         binary: &Path,
         memfd: OwnedFd,
+        keep: &[BorrowedFd<'_>],
     ) -> Result<Option<baton_sys::pidfd::Process>, UpgradeError> {
+        let mut placements = vec![(memfd, FIRST_FD)];
+        for fd in keep {
+            let copy = fd
+                .try_clone_to_owned()
+                .map_err(UpgradeError::PrepareCheck)?;
+            placements.push((copy, fd.as_raw_fd()));
+        }
+        // The state's own number: the first one free above every descriptor the state names.
+        let state_fd = placements.iter().map(|(_, n)| *n).max().unwrap_or(FIRST_FD) + 1;
+        placements[0].1 = state_fd;
         let mut cmd = Command::new(binary);
         cmd.arg("upgrade-check")
-            .env(STATE_FD_ENV, FIRST_FD.to_string())
+            .env(STATE_FD_ENV, state_fd.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        process::place_fds(&mut cmd, vec![(memfd, FIRST_FD)])
-            .map_err(UpgradeError::PrepareCheck)?;
+        process::place_fds(&mut cmd, placements).map_err(UpgradeError::PrepareCheck)?;
         process::unblock_signals_in_child(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| UpgradeError::Run {
             binary: binary.to_owned(),
@@ -457,6 +473,9 @@ impl Master {
             })
             .collect();
         env.push((STATE_FD_ENV.into(), sys::number(&memfd).to_string().into()));
+        if let Some(faults) = std::env::var_os(crate::faults::AFTER_UPGRADE_ENV) {
+            env.push(("FAILPOINTS".into(), faults));
+        }
         info!(event = "upgrade_exec", binary = %pending.binary.display(), to_version = %to_version,
             "master upgrade: exec {} ({to_version}) in place, pid {}",
             pending.binary.display(), std::process::id());
