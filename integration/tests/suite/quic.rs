@@ -394,3 +394,47 @@ fn a_failed_reload_leaves_http3_connections_on_the_serving_generation() {
         assert_eq!(c.generation(), Some(1), "{c:?}");
     }
 }
+
+/// Issue 28: from the second reload on, the serving generation's QUIC socket showed `draining`
+/// and `listener_removed` was logged (the fd store told to drop the socket), because each
+/// generation has a socket of its own and an old generation's looked like a listener the new
+/// one no longer had. Three reloads: every socket of the group stays open, nothing is removed,
+/// and the serving generation answers.
+#[test]
+fn reloads_never_remove_a_quic_listener_the_serving_generation_holds() {
+    let port = free_port();
+    let master = Master::spawn("quic-status", &quic_yaml(port, true, "quic-echo"));
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    for reload in 2..=4 {
+        let (code, out, err) = master.ctl(&["reload"]);
+        assert_eq!(code, 0, "reload {reload}: {out}{err}");
+        let (code, out, err) = master.ctl(&["status", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let listeners = status["listeners"].as_array().unwrap();
+        assert!(!listeners.is_empty(), "{status}");
+        for l in listeners {
+            assert_eq!(l["state"], "open", "after reload {reload}: {l}");
+        }
+        let serving = listeners
+            .iter()
+            .filter(|l| {
+                l["generations"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&reload.into())
+            })
+            .count();
+        assert_eq!(
+            serving, 1,
+            "the serving generation holds one socket: {listeners:?}"
+        );
+        let c = connection(port, Duration::from_millis(200), reload).unwrap();
+        assert_eq!(c.generation, reload, "{c:?}");
+    }
+    assert!(
+        master.events("listener_removed").is_empty(),
+        "{:?}",
+        master.events("listener_removed")
+    );
+}

@@ -16,6 +16,7 @@ use crate::faults::Point;
 use crate::listeners::{BindError, BoundSocket, GenerationListener};
 use crate::supervisor::{Generation, GenerationSpec, ProgramSpec};
 use crate::{control, metrics_http};
+use baton_proto::ListenerAddress;
 
 /// What a generation holds while it lives.
 #[derive(Debug)]
@@ -189,10 +190,22 @@ impl Master {
         };
         let kept: Vec<Rc<BoundSocket>> =
             serving.listeners.iter().map(|l| l.socket.clone()).collect();
+        // Each generation has a QUIC socket of its own in one group per address: an older
+        // generation's is not a removed listener while the serving one has that address (it
+        // goes back to the group when its generation ends).
+        let quic_kept: Vec<&ListenerAddress> = serving
+            .listeners
+            .iter()
+            .filter(|l| l.config.options.quic)
+            .map(|l| &l.config.address)
+            .collect();
         let mut removed: Vec<(String, Rc<BoundSocket>, Generation)> = Vec::new();
         for (&g, r) in &self.resources {
             for l in &r.listeners {
-                let gone = !kept.iter().any(|k| Rc::ptr_eq(k, &l.socket))
+                let quic_group_kept =
+                    l.config.options.quic && quic_kept.contains(&&l.config.address);
+                let gone = !quic_group_kept
+                    && !kept.iter().any(|k| Rc::ptr_eq(k, &l.socket))
                     && !removed.iter().any(|(_, s, _)| Rc::ptr_eq(s, &l.socket));
                 if gone {
                     removed.push((l.config.name.clone(), l.socket.clone(), g));
