@@ -39,6 +39,7 @@ mod suite {
     mod recipes;
     mod rolling;
     mod signals;
+    mod stalls;
     mod syscalls;
     mod systemd;
     mod systemd_workers;

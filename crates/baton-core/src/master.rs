@@ -45,7 +45,6 @@ use tracing::{info, warn};
 
 use crate::config::{self, Config};
 use crate::control::{self, ControlRequest};
-use crate::faults::Point;
 use crate::listeners::{BindError, ListenerTable, Prepared};
 use crate::supervisor::{
     Action, Event, Generation, Intent, RequestId, Supervisor, Trigger, WorkerId,
@@ -72,6 +71,7 @@ mod requests;
 mod resume;
 mod service_manager;
 mod spawn;
+mod stall;
 mod steering;
 mod upgrade;
 mod worker_notify;
@@ -441,21 +441,9 @@ impl Master {
                     self.notify(Notification::Watchdog);
                 }
                 () = sleep_until(refresh), if refresh.is_some() => {}
-                input = inputs.recv(), if inputs_open => match input {
-                    Some(Input::Intent(intent)) => queue.push_back(Event::Intent(intent)),
-                    Some(Input::ChildExited) => {
-                        self.reap(&mut queue);
-                        self.remove_cgroups();
-                    }
-                    Some(Input::UpgradeSignal { signal, trigger }) => {
-                        self.on_upgrade_signal(signal, trigger, false);
-                    }
-                    None => {
-                        inputs_open = false;
-                        let trigger = crate::supervisor::Trigger::Other("input closed".into());
-                        queue.push_back(Event::Intent(Intent::Stop { graceful: true, trigger }));
-                    }
-                },
+                input = inputs.recv(), if inputs_open => {
+                    inputs_open = self.on_input(input, &mut queue);
+                }
                 Some(news) = self.events_rx.recv() => self.on_news(news, &mut queue),
                 Some(ask) = self.metrics_rx.recv() => {
                     let _ = ask.reply.send(self.page(ask.page));
@@ -473,7 +461,9 @@ impl Master {
                 () = sleep_until(self.upgrade.as_ref().map(|u| u.deadline)), if self.upgrade.is_some() => {
                     self.preflight_expired();
                 }
-                () = sleep_until(deadline), if deadline.is_some() => queue.push_back(Event::Tick),
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    inputs_open = self.judge_deadline(&mut inputs, inputs_open, &mut queue).await;
+                }
                 () = sleep_until(sampling), if sampling.is_some() => {
                     self.check_memory(&mut queue);
                     self.sample_queues();
@@ -482,34 +472,27 @@ impl Master {
         }
     }
 
-    /// News from the tasks watching workers: events for the state machine go to `queue`; a
-    /// readiness condition goes through the worker's gate, which lets its last one through as
-    /// the worker's `ready`.
-    fn on_news(&mut self, news: News, queue: &mut VecDeque<Event>) {
-        match news {
-            News::Event(event) => queue.push_back(event),
-            News::MainPid { worker, process } => self.announced(worker, process, queue),
-            News::MainPidRefused { worker, refusal } => self.refused_main_pid(worker, refusal),
-            News::MainGone { pid, serial } => self.main_gone(pid, serial, queue),
-            News::Heartbeat(worker) => {
-                if let Some(beats) = self.links.get(&worker).and_then(|l| l.heartbeats.as_ref()) {
-                    let _ = beats.send(());
-                }
+    /// One input from outside (a signal, an intent); `false` once the inputs closed.
+    pub(super) fn on_input(&mut self, input: Option<Input>, queue: &mut VecDeque<Event>) -> bool {
+        match input {
+            Some(Input::Intent(intent)) => queue.push_back(Event::Intent(intent)),
+            Some(Input::ChildExited) => {
+                self.reap(queue);
+                self.remove_cgroups();
             }
-            News::Ready(worker, _) if let Err(err) = Point::WorkerReady.check() => {
-                let cause = format!("its readiness was lost: {err}");
-                queue.push_back(Event::NotReadyBecause { worker, cause });
+            Some(Input::UpgradeSignal { signal, trigger }) => {
+                self.on_upgrade_signal(signal, trigger, false);
             }
-            News::Ready(worker, condition) => {
-                if let Some(ready) = self
-                    .links
-                    .get_mut(&worker)
-                    .and_then(|link| link.ready.met(worker, condition))
-                {
-                    queue.push_back(ready);
-                }
+            None => {
+                let trigger = crate::supervisor::Trigger::Other("input closed".into());
+                queue.push_back(Event::Intent(Intent::Stop {
+                    graceful: true,
+                    trigger,
+                }));
+                return false;
             }
         }
+        true
     }
 
     /// Carries out actions; events they produce at once go to `queue`. Returns the exit code

@@ -316,6 +316,7 @@ impl Supervisor {
                 not_ready: None,
                 replaced: None,
                 successor: None,
+                replacement: false,
             },
         );
         self.actions.push(Action::Spawn {

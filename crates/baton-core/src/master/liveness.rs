@@ -4,7 +4,8 @@
 //! ([`Event::Unhealthy`]), which replaces it.
 //!
 //! No judgement while the master itself was not scheduled on time: every wait measures how late
-//! it woke, and a round in which the master ran late (a machine that stalled, a master stopped
+//! it woke, a window is judged only once the heartbeats waiting in the runtime are taken in
+//! (`stall.rs`), and a round in which the master ran late (a machine that stalled, a master stopped
 //! with SIGSTOP) judges nothing: a probe that timed out because its answer sat unread, or a
 //! window whose heartbeats sat in a socket, is not the worker's failure. The state machine adds
 //! the other guard: at most `max_replacing` of a generation's workers are replaced at once.
@@ -143,6 +144,14 @@ async fn watchdog(
                 // window that ended late is given again.
                 if late > LATE {
                     continue;
+                }
+                // A stall that ended just before the deadline left them unread too: the tasks
+                // that carry them run first, then the window is judged (`stall.rs`).
+                super::stall::settle().await;
+                match beats.try_recv() {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
                 }
                 let reason = format!(
                     "no heartbeat for {} ms (liveness watchdog)",

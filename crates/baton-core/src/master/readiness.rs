@@ -8,10 +8,14 @@
 //! A baton-protocol worker always reports on its channel, so its channel `ready` is always one
 //! of the conditions: `ready: {http: ...}` on such a worker waits for both.
 
+use std::collections::VecDeque;
+
 use baton_proto::WorkerMessage;
 use tracing::debug;
 
+use super::Master;
 use crate::config::{Protocol, Readiness, WorkerConfig};
+use crate::faults::Point;
 use crate::supervisor::{Event, WorkerId};
 
 /// What the tasks watching workers send the event loop.
@@ -122,6 +126,38 @@ impl Gate {
             worker,
             message: WorkerMessage::Ready,
         })
+    }
+}
+
+impl Master {
+    /// News from the tasks watching workers: events for the state machine go to `queue`; a
+    /// readiness condition goes through the worker's gate, which lets its last one through as
+    /// the worker's `ready`.
+    pub(super) fn on_news(&mut self, news: News, queue: &mut VecDeque<Event>) {
+        match news {
+            News::Event(event) => queue.push_back(event),
+            News::MainPid { worker, process } => self.announced(worker, process, queue),
+            News::MainPidRefused { worker, refusal } => self.refused_main_pid(worker, refusal),
+            News::MainGone { pid, serial } => self.main_gone(pid, serial, queue),
+            News::Heartbeat(worker) => {
+                if let Some(beats) = self.links.get(&worker).and_then(|l| l.heartbeats.as_ref()) {
+                    let _ = beats.send(());
+                }
+            }
+            News::Ready(worker, _) if let Err(err) = Point::WorkerReady.check() => {
+                let cause = format!("its readiness was lost: {err}");
+                queue.push_back(Event::NotReadyBecause { worker, cause });
+            }
+            News::Ready(worker, condition) => {
+                if let Some(ready) = self
+                    .links
+                    .get_mut(&worker)
+                    .and_then(|link| link.ready.met(worker, condition))
+                {
+                    queue.push_back(ready);
+                }
+            }
+        }
     }
 }
 

@@ -101,6 +101,10 @@ pub(super) struct Worker {
     /// Being recycled: the worker that will take its slot once ready, and why.
     #[serde(default)]
     pub(super) successor: Option<(WorkerId, String)>,
+    /// Started in the slot of a worker replaced for failing its liveness check: its slot counts
+    /// against `max_replacing` until it is ready, however fast the replaced one exited.
+    #[serde(default)]
+    pub(super) replacement: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

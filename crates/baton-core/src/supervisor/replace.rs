@@ -75,6 +75,9 @@ impl Supervisor {
             s.worker = None;
         }
         self.spawn(now, g, slot);
+        if let Some(new) = self.workers.get_mut(&WorkerId(self.next_worker)) {
+            new.replacement = true;
+        }
     }
 
     /// A replaced worker exited: nothing to restart (its slot has a new worker). Returns
@@ -97,12 +100,18 @@ impl Supervisor {
         true
     }
 
-    /// Workers of `g` being replaced.
+    /// Slots of `g` being replaced: their replaced worker still runs, or the worker started in
+    /// its place is not ready yet. A replacement counts until it serves, so workers that exit
+    /// at once when asked to drain do not let a burst through.
     pub(super) fn replacing(&self, g: Generation) -> usize {
-        self.workers
+        let slots: std::collections::BTreeSet<usize> = self
+            .workers
             .values()
-            .filter(|w| w.generation == g && w.replaced.is_some())
-            .count()
+            .filter(|w| w.generation == g)
+            .filter(|w| w.replaced.is_some() || (w.replacement && w.state != WorkerState::Ready))
+            .map(|w| w.slot)
+            .collect();
+        slots.len()
     }
 }
 

@@ -609,6 +609,12 @@ fn an_unhealthy_worker_is_replaced_at_once_and_killed_later_but_never_half_the_g
     // Its exit restarts nothing: the slot has its new worker.
     let exit = h.exit(workers[0], 137);
     assert!(spawned(&exit).is_empty(), "{exit:?}");
+    // Gone, but its replacement is not ready yet: the slot is still being replaced.
+    let early = h.ev(unhealthy(workers[1]));
+    assert!(
+        spawned(&early).is_empty() && drained(&early).is_empty(),
+        "a replaced worker that exited at once lets no burst through: {early:?}"
+    );
     h.ready(&new);
     assert_eq!(h.s.generations(), vec![(Generation(1), Phase::Serving, 2)]);
     assert_eq!(h.s.counters().replaced_unhealthy, 1);
