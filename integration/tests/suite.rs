@@ -38,6 +38,7 @@ mod suite {
     mod readiness;
     mod recipes;
     mod rolling;
+    mod scale;
     mod signals;
     mod stalls;
     mod syscalls;

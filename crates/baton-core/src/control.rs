@@ -308,8 +308,10 @@ async fn client(
     requests: mpsc::Sender<ControlRequest>,
 ) {
     let config = context.config;
-    let request = match tokio::time::timeout(config.timeout, read_request(&mut stream)).await {
-        Ok(Ok(request)) => request,
+    let (request, reads) = match tokio::time::timeout(config.timeout, read_request(&mut stream))
+        .await
+    {
+        Ok(Ok(envelope)) => (envelope.body, answer_limit(envelope.reads)),
         Ok(Err(err)) => {
             let kind = if matches!(err, FrameError::Version(_)) {
                 ErrorKind::Version
@@ -431,7 +433,7 @@ async fn client(
     // The answer may take as long as a reload does (`reload` waits for its verdict); the master
     // answers on its own schedule and this task only waits.
     if let Ok(response) = answer.await {
-        let _ = respond(&mut stream, config, response).await;
+        let _ = respond_within(&mut stream, config, response, reads).await;
     }
 }
 
@@ -454,8 +456,18 @@ fn hung_up(stream: &UnixStream) -> bool {
     baton_sys::channel::peer_closed(stream.as_fd())
 }
 
+/// The largest answer a client reads: what it said (up to this build's own limit), or one
+/// frame of [`control::MAX_FRAME`] for a client that said nothing (one before issue 28).
+fn answer_limit(reads: Option<u64>) -> usize {
+    reads.map_or(control::MAX_FRAME, |r| {
+        usize::try_from(r).map_or(control::MAX_ANSWER, |r| {
+            r.clamp(control::MAX_FRAME, control::MAX_ANSWER)
+        })
+    })
+}
+
 /// Reads one frame, refusing oversized ones before reading their body.
-async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
+async fn read_request(stream: &mut UnixStream) -> Result<control::Envelope<Request>, FrameError> {
     let mut header = [0u8; 4];
     stream
         .read_exact(&mut header)
@@ -470,15 +482,39 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
             Ok(n) => got += n,
         }
     }
-    control::decode_body(&body)
+    control::decode_envelope(&body)
 }
 
+/// Sends a small answer (an error, a frame of log lines): any client reads it.
 async fn respond(
     stream: &mut UnixStream,
     config: &ControlConfig,
     response: Response,
 ) -> io::Result<()> {
-    let frame = control::encode_frame(response);
+    respond_within(stream, config, response, control::MAX_FRAME).await
+}
+
+/// Sends an answer of any size to a client that reads up to `reads` bytes; one larger than
+/// that is replaced by an error that says so (a client before issue 28 then prints it, instead
+/// of failing to read the frame and blaming the protocol).
+async fn respond_within(
+    stream: &mut UnixStream,
+    config: &ControlConfig,
+    response: Response,
+    reads: usize,
+) -> io::Result<()> {
+    let mut frame = control::encode_frame(response);
+    if frame.len() - 4 > reads {
+        frame = control::encode_frame(Response::Error {
+            kind: ErrorKind::Unavailable,
+            message: format!(
+                "the answer is {} bytes, more than the {reads} this client reads: ask with baton {} or newer, whose clients read answers of up to {} MiB",
+                frame.len() - 4,
+                crate::version(),
+                control::MAX_ANSWER >> 20
+            ),
+        });
+    }
     tokio::time::timeout(config.timeout, stream.write_all(&frame))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client does not read"))?
@@ -633,11 +669,11 @@ mod tests {
         a.write_all(&control::encode_frame(Request::Status))
             .await
             .unwrap();
-        assert_eq!(read_request(&mut b).await.unwrap(), Request::Status);
+        assert_eq!(read_request(&mut b).await.unwrap().body, Request::Status);
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         assert!(matches!(
             read_request(&mut b).await,
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge { .. })
         ));
         a.write_all(&[0, 0, 0, 10, b'{']).await.unwrap();
         drop(a);

@@ -10,14 +10,23 @@ use serde::{Deserialize, Serialize};
 /// Version of the control protocol spoken by this build.
 pub const CONTROL_VERSION: u32 = 1;
 
-/// Largest frame either side accepts.
+/// Largest request the master reads, and the largest answer a client that says nothing of its
+/// own limit reads (every baton before issue 28: its answers were one frame of at most this).
 pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Largest answer a client of this build reads (it says so in its request's `reads`): `status`
+/// of 10 000 listeners and 1000 workers is a few MiB.
+pub const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
 /// A versioned frame body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<T> {
     pub version: u32,
     pub body: T,
+    /// In a request: the largest answer frame the client reads (absent: [`MAX_FRAME`]). A master
+    /// before it ignores the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reads: Option<u64>,
 }
 
 /// What a client asks.
@@ -270,9 +279,28 @@ impl std::fmt::Display for ReloadReceipt {
         if self.syncookies_sent > 0 {
             write!(f, ", {} SYN cookies sent", self.syncookies_sent)?;
         }
-        for (i, q) in self.queues.iter().enumerate() {
+        // Every listener up to a few; beyond, the fullest (a verdict of 10 000 listeners must
+        // stay a line). The whole list is in the JSON.
+        const SHOWN: usize = 5;
+        let mut shown: Vec<&QueuePeak> = self.queues.iter().collect();
+        if shown.len() > SHOWN {
+            shown.sort_by(|a, b| {
+                let share = |q: &QueuePeak| u64::from(q.peak) * 1_000_000 / u64::from(q.max.max(1));
+                share(b).cmp(&share(a)).then(b.peak.cmp(&a.peak))
+            });
+            shown.truncate(SHOWN);
+        }
+        for (i, q) in shown.iter().enumerate() {
             let lead = if i == 0 { ", queue peak" } else { "," };
             write!(f, "{lead} {} of {} on {}", q.peak, q.max, q.listener)?;
+        }
+        if self.queues.len() > shown.len() {
+            write!(
+                f,
+                " (the fullest {} of {} listeners)",
+                shown.len(),
+                self.queues.len()
+            )?;
         }
         Ok(())
     }
@@ -284,11 +312,24 @@ pub use status::*;
 
 /// Encodes one frame.
 pub fn encode_frame<T: Serialize>(body: T) -> Vec<u8> {
-    let json = serde_json::to_vec(&Envelope {
+    encode_envelope(&Envelope {
         version: CONTROL_VERSION,
         body,
+        reads: None,
     })
-    .unwrap_or_default();
+}
+
+/// Encodes a request of this build's clients: it reads answers up to [`MAX_ANSWER`].
+pub fn encode_request(request: &Request) -> Vec<u8> {
+    encode_envelope(&Envelope {
+        version: CONTROL_VERSION,
+        body: request,
+        reads: Some(MAX_ANSWER as u64),
+    })
+}
+
+fn encode_envelope<T: Serialize>(envelope: &Envelope<T>) -> Vec<u8> {
+    let json = serde_json::to_vec(envelope).unwrap_or_default();
     let mut frame = (json.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&json);
     frame
@@ -297,8 +338,8 @@ pub fn encode_frame<T: Serialize>(body: T) -> Vec<u8> {
 /// A frame that could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("frame of {0} bytes is larger than the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    #[error("frame of {len} bytes is larger than the {limit}-byte limit")]
+    TooLarge { len: usize, limit: usize },
     #[error("frame truncated: {got} of {want} bytes")]
     Truncated { got: usize, want: usize },
     #[error("unsupported control protocol version {0}; this build speaks {CONTROL_VERSION}")]
@@ -309,9 +350,14 @@ pub enum FrameError {
 
 /// The length announced by a frame's 4-byte header, checked against [`MAX_FRAME`].
 pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    frame_len_within(header, MAX_FRAME)
+}
+
+/// The length announced by a frame's 4-byte header, checked against `limit`.
+pub fn frame_len_within(header: [u8; 4], limit: usize) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
-        Err(FrameError::TooLarge(len))
+    if len > limit {
+        Err(FrameError::TooLarge { len, limit })
     } else {
         Ok(len)
     }
@@ -338,6 +384,13 @@ pub fn decode_frame<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, Fra
 
 /// Decodes a frame's body (after the length header).
 pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
+    decode_envelope(body).map(|e| e.body)
+}
+
+/// Decodes a frame's body into its whole envelope (a request's `reads` with it).
+pub fn decode_envelope<T: for<'de> Deserialize<'de>>(
+    body: &[u8],
+) -> Result<Envelope<T>, FrameError> {
     #[derive(Deserialize)]
     struct Version {
         version: u32,
@@ -347,9 +400,7 @@ pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Frame
     if version.version != CONTROL_VERSION {
         return Err(FrameError::Version(version.version));
     }
-    let envelope: Envelope<T> =
-        serde_json::from_slice(body).map_err(|e| FrameError::Invalid(e.to_string()))?;
-    Ok(envelope.body)
+    serde_json::from_slice(body).map_err(|e| FrameError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -423,7 +474,7 @@ mod tests {
         ));
         assert!(matches!(
             decode_frame::<Request>(b"\x00\x10\x00\x00{}"),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge { .. })
         ));
         assert!(matches!(
             decode_frame::<Request>(b"\x00\x00\x00\x10{}"),
@@ -451,7 +502,7 @@ mod tests {
         fn the_request_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             match decode_frame::<Request>(&bytes) {
                 Ok(_) => prop_assert!(bytes.len() >= 4),
-                Err(FrameError::TooLarge(n)) => prop_assert!(n > MAX_FRAME),
+                Err(FrameError::TooLarge { len, .. }) => prop_assert!(len > MAX_FRAME),
                 Err(_) => {}
             }
         }

@@ -69,7 +69,27 @@ pub(crate) fn ask(request: &[u8]) -> io::Result<OwnedFd> {
 }
 
 fn dump(family: u8, ports: &HashSet<u16>, inodes: &mut HashSet<u64>) -> io::Result<()> {
-    let fd = ask(&request(family))?;
+    dump_messages(&request(family), |body| {
+        if body.len() < DIAG_MSG_LEN {
+            return;
+        }
+        let sport = u16::from_be_bytes([body[SPORT_AT], body[SPORT_AT + 1]]);
+        let inode = u32::from_ne_bytes([
+            body[INODE_AT],
+            body[INODE_AT + 1],
+            body[INODE_AT + 2],
+            body[INODE_AT + 3],
+        ]);
+        if ports.contains(&sport) {
+            inodes.insert(u64::from(inode));
+        }
+    })
+}
+
+/// Sends a dump `request` and calls `each` with the body of every answer message (after its
+/// netlink header), until the kernel says it is done.
+pub(crate) fn dump_messages(request: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<()> {
+    let fd = ask(request)?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
@@ -79,8 +99,8 @@ fn dump(family: u8, ports: &HashSet<u16>, inodes: &mut HashSet<u64>) -> io::Resu
         let mut at = 0;
         while at + NLMSG_HDRLEN <= n {
             let field = |i: usize, w: usize| &buf[at + i..at + i + w];
-            let len = u32::from_ne_bytes(field(0, 4).try_into().unwrap()) as usize;
-            let kind = u16::from_ne_bytes(field(4, 2).try_into().unwrap());
+            let len = u32::from_ne_bytes(field(0, 4).try_into().unwrap_or_default()) as usize;
+            let kind = u16::from_ne_bytes(field(4, 2).try_into().unwrap_or_default());
             if len < NLMSG_HDRLEN || at + len > n {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -90,25 +110,11 @@ fn dump(family: u8, ports: &HashSet<u16>, inodes: &mut HashSet<u64>) -> io::Resu
             match kind {
                 NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(field(NLMSG_HDRLEN, 4).try_into().unwrap());
+                    let errno =
+                        i32::from_ne_bytes(field(NLMSG_HDRLEN, 4).try_into().unwrap_or_default());
                     return Err(io::Error::from_raw_os_error(-errno));
                 }
-                SOCK_DIAG_BY_FAMILY if len >= NLMSG_HDRLEN + DIAG_MSG_LEN => {
-                    let body = at + NLMSG_HDRLEN;
-                    let sport = u16::from_be_bytes(
-                        buf[body + SPORT_AT..body + SPORT_AT + 2]
-                            .try_into()
-                            .unwrap(),
-                    );
-                    let inode = u32::from_ne_bytes(
-                        buf[body + INODE_AT..body + INODE_AT + 4]
-                            .try_into()
-                            .unwrap(),
-                    );
-                    if ports.contains(&sport) {
-                        inodes.insert(u64::from(inode));
-                    }
-                }
+                SOCK_DIAG_BY_FAMILY => each(&buf[at + NLMSG_HDRLEN..at + len]),
                 _ => {}
             }
             at += (len + 3) & !3; // NLMSG_ALIGN

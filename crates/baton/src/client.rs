@@ -60,7 +60,7 @@ impl Conversation {
             .set_read_timeout(timeout)
             .map_err(|e| io_error(path, e))?;
         stream
-            .write_all(&control::encode_frame(request))
+            .write_all(&control::encode_request(request))
             .map_err(|e| io_error(path, e))?;
         Ok(Conversation {
             stream,
@@ -80,7 +80,7 @@ impl Conversation {
             path: self.path.clone(),
             error,
         };
-        let len = control::frame_len(header).map_err(protocol)?;
+        let len = control::frame_len_within(header, control::MAX_ANSWER).map_err(protocol)?;
         let mut body = vec![0u8; len];
         self.stream
             .read_exact(&mut body)

@@ -108,20 +108,27 @@ impl Master {
         let mut generations: Vec<&Generation> = self.resources.keys().collect();
         generations.sort();
         let mut held: Vec<Held> = Vec::new();
+        // Each socket's place in `held`, by its address in memory (10 000 listeners: a search
+        // of the list for each took most of the time of a `baton status`).
+        let mut places: HashMap<*const BoundSocket, usize> = HashMap::new();
         for g in generations {
             for l in &self.resources[g].listeners {
-                match held.iter_mut().find(|h| Rc::ptr_eq(&h.socket, &l.socket)) {
+                let place = places.get(&Rc::as_ptr(&l.socket)).copied();
+                match place.and_then(|i| held.get_mut(i)) {
                     Some(h) => {
                         h.name = l.config.name.clone();
                         h.backlog = l.config.backlog;
                         h.generations.push(g.0);
                     }
-                    None => held.push(Held {
-                        name: l.config.name.clone(),
-                        backlog: l.config.backlog,
-                        socket: l.socket.clone(),
-                        generations: vec![g.0],
-                    }),
+                    None => {
+                        places.insert(Rc::as_ptr(&l.socket), held.len());
+                        held.push(Held {
+                            name: l.config.name.clone(),
+                            backlog: l.config.backlog,
+                            socket: l.socket.clone(),
+                            generations: vec![g.0],
+                        });
+                    }
                 }
             }
         }
@@ -131,8 +138,9 @@ impl Master {
     /// The listeners for `baton status`: those held, with their queue now, then the last ones
     /// removed.
     pub(super) fn listener_statuses(&self) -> Vec<proto::ListenerStatus> {
-        let mut out: Vec<proto::ListenerStatus> = self
-            .held_listeners()
+        let held = self.held_listeners();
+        let queues = Queues::of(&held);
+        let mut out: Vec<proto::ListenerStatus> = held
             .into_iter()
             .map(|h| proto::ListenerStatus {
                 kind: kind_of(h.socket.address()),
@@ -145,7 +153,7 @@ impl Master {
                     proto::ListenerState::Open
                 },
                 closed_unix_ms: None,
-                queue: queue_of(&h.socket),
+                queue: queues.of_socket(&h.socket),
                 options: Some(h.socket.options_now()),
                 name: h.name,
             })
@@ -188,8 +196,9 @@ impl Master {
         let Some(watching) = &mut self.queues.reload else {
             return;
         };
+        let queues = Queues::of(&held);
         for h in held {
-            if let Some(queue) = queue_of(&h.socket) {
+            if let Some(queue) = queues.of_socket(&h.socket) {
                 let peak = watching.peaks.entry(h.name).or_insert(queue);
                 peak.length = peak.length.max(queue.length);
                 peak.max = queue.max;
@@ -218,8 +227,10 @@ impl Master {
     }
 
     fn watch_between_reloads(&mut self, now: Instant) {
-        for h in self.held_listeners() {
-            let Some(queue) = queue_of(&h.socket) else {
+        let held = self.held_listeners();
+        let queues = Queues::of(&held);
+        for h in held {
+            let Some(queue) = queues.of_socket(&h.socket) else {
                 continue;
             };
             let full = queue.max > 0
@@ -314,9 +325,11 @@ impl Master {
         let mut length = Vec::new();
         let mut max = Vec::new();
         let mut backlog = Vec::new();
-        for h in self.held_listeners() {
+        let held = self.held_listeners();
+        let queues = Queues::of(&held);
+        for h in held {
             let labels = format!("{{listener=\"{}\"}}", h.name);
-            if let Some(q) = queue_of(&h.socket) {
+            if let Some(q) = queues.of_socket(&h.socket) {
                 length.push((labels.clone(), q.length.to_string()));
                 max.push((labels.clone(), q.max.to_string()));
             }
@@ -380,13 +393,36 @@ fn kind_of(address: &ListenerAddress) -> proto::ListenerKind {
     }
 }
 
-fn queue_of(socket: &BoundSocket) -> Option<proto::QueueNow> {
-    if socket.address().is_datagram() {
-        return None; // no queue of connections
+/// Reads the accept queues of many sockets at once: a TCP socket's with a system call of its
+/// own, every Unix socket's from one dump of the namespace's listening Unix sockets (asked by
+/// inode, one at a time, the kernel walks every Unix socket for each).
+struct Queues {
+    unix: Option<HashMap<u64, baton_sys::acceptq::AcceptQueue>>,
+}
+
+impl Queues {
+    fn of(held: &[Held]) -> Queues {
+        let unix = held
+            .iter()
+            .any(|h| matches!(h.socket.address(), ListenerAddress::Unix { .. }))
+            .then(|| baton_sys::acceptq::unix_queues().ok())
+            .flatten();
+        Queues { unix }
     }
-    let q = baton_sys::acceptq::accept_queue(socket.fd()).ok()?;
-    Some(proto::QueueNow {
-        length: q.length,
-        max: q.max,
-    })
+
+    fn of_socket(&self, socket: &BoundSocket) -> Option<proto::QueueNow> {
+        let q = match socket.address() {
+            ListenerAddress::Tcp { .. } => baton_sys::acceptq::accept_queue(socket.fd()).ok()?,
+            ListenerAddress::Unix { .. } => {
+                let inode = nix::sys::stat::fstat(socket.fd()).ok()?.st_ino;
+                *self.unix.as_ref()?.get(&inode)?
+            }
+            // No queue of connections.
+            ListenerAddress::Udp { .. } | ListenerAddress::UnixDatagram { .. } => return None,
+        };
+        Some(proto::QueueNow {
+            length: q.length,
+            max: q.max,
+        })
+    }
 }
