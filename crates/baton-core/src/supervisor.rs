@@ -113,6 +113,22 @@ impl Supervisor {
                     }
                 }
             }
+            Event::CannotBeReady { worker, cause } => {
+                let starting = self.workers.get(&worker).filter(|w| {
+                    matches!(
+                        w.state,
+                        WorkerState::Starting { .. } | WorkerState::Spawning
+                    )
+                });
+                if let Some(w) = starting {
+                    let reason = format!(
+                        "worker {worker} of generation {} (pid {}) cannot become ready: {cause}",
+                        w.generation,
+                        w.pid.unwrap_or(0)
+                    );
+                    self.never_ready(now, worker, reason);
+                }
+            }
             Event::ProbeFailed { worker, reason } => self.on_probe_failed(now, worker, reason),
             Event::Unhealthy { worker, reason } => self.on_unhealthy(now, worker, reason),
             Event::Recycle { worker, reason } => self.on_recycle(now, worker, reason),

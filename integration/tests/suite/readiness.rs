@@ -102,3 +102,81 @@ while True:
     let waited = second["ready_ms"].as_u64().unwrap();
     assert!(waited >= 1_400, "the probe counts too: {second}");
 }
+
+/// Issue 28, part 6: a systemd-protocol worker that never sends `READY=1` gets a verdict that
+/// says so, quotes what it did send (or says it sent nothing) and hints at the usual cause.
+#[test]
+fn a_worker_that_never_sends_ready_is_told_what_it_sent_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("loading.py");
+    std::fs::write(
+        &script,
+        "#!/usr/bin/env python3\nimport os, socket, time\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.sendto(b\"STATUS=loading the model\\x1b[31m\", os.environ[\"NOTIFY_SOCKET\"])\ntime.sleep(600)\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let master = Master::start("ready-never", &config);
+    config.ready_timeout = "1s";
+    config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
+    for (command, says) in [
+        (
+            "/bin/sleep".to_string(),
+            "it sent nothing on its notify socket (NOTIFY_SOCKET)",
+        ),
+        (
+            script.display().to_string(),
+            "it never sent READY=1 on its notify socket; the last it sent: \"STATUS=loading the model\\u{1b}[31m\"",
+        ),
+    ] {
+        config.command = command.into();
+        config.args = vec!["600".into()];
+        master.write_config(&config.yaml());
+        let verdict = master.reload();
+        assert_eq!(verdict["event"], "reload_failed", "{verdict}");
+        let reason = verdict["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("was not ready after 1000 ms"), "{reason}");
+        assert!(reason.contains(says), "{reason}");
+        if says.starts_with("it sent nothing") {
+            assert!(
+                reason.contains("`ready: {http: ...}`"),
+                "the hint: {reason}"
+            );
+        }
+    }
+}
+
+/// Issue 28, part 6: a cause that is final fails the reload at once, with the cause, not at the
+/// ready deadline: here the listeners could not be handed to the new worker (a fault at
+/// `handoff.send`), with a 30 s `ready_timeout`.
+#[test]
+fn a_worker_that_cannot_get_its_listeners_fails_the_reload_at_once() {
+    let port = free_port();
+    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    config.ready_timeout = "30s";
+    // The first worker's handoff passes; the reload's fails.
+    let master = Master::spawn_with_env(
+        "ready-handoff",
+        &config.yaml(),
+        &[("FAILPOINTS", "handoff.send=1*off->1*return(error)")],
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let (code, out, err) = master.ctl(&["reload", "--json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let verdict: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(verdict["ok"], false, "{verdict}");
+    let reason = verdict["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(
+            "cannot become ready: handing it its listeners failed: fault injected at handoff.send"
+        ),
+        "{reason}"
+    );
+    let took = verdict["duration_ms"].as_u64().unwrap();
+    assert!(
+        took < 10_000,
+        "at once, not at the 30 s deadline: {took} ms"
+    );
+}

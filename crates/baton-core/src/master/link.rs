@@ -111,7 +111,7 @@ pub(super) async fn link_task(
             "handing listeners to worker {worker} failed: {err}"
         );
         let cause = format!("handing it its listeners failed: {err}");
-        let _ = events.send(News::Event(Event::NotReadyBecause { worker, cause }));
+        let _ = events.send(News::Event(Event::CannotBeReady { worker, cause }));
         return;
     }
     drop(fds);

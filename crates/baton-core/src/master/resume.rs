@@ -478,6 +478,8 @@ impl Master {
                 main,
                 access,
                 cgroup,
+                // A worker still starting across the upgrade loses only the hint.
+                awaits_ready: false,
             };
             let task = tokio::spawn(notify_task(socket, notifier, self.events_tx.clone()));
             if let Some(link) = self.links.get_mut(&worker) {

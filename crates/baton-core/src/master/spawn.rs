@@ -248,11 +248,21 @@ impl Master {
                 link.tasks.push(task.abort_handle());
                 link.commands = Some(commands);
             }
-            // The process runs but cannot get its listeners: it fails its ready timeout.
-            Err(e) => warn!(
-                worker = worker.0,
-                pid, "cannot hand listeners to worker {worker}: {e}"
-            ),
+            // The process runs but cannot get its listeners: it will never be ready, and its
+            // verdict says why now (not at its ready deadline).
+            Err(e) => {
+                warn!(
+                    worker = worker.0,
+                    pid, "cannot hand listeners to worker {worker}: {e}"
+                );
+                let cause = format!("handing it its listeners failed: {e}");
+                let _ = self
+                    .events_tx
+                    .send(News::Event(crate::supervisor::Event::CannotBeReady {
+                        worker,
+                        cause,
+                    }));
+            }
         }
     }
 
@@ -315,6 +325,7 @@ impl Master {
             main: pid,
             access: config.notify_access,
             cgroup,
+            awaits_ready: readiness::conditions(config).contains(&Condition::Notify),
         };
         let task = tokio::spawn(notify_task(socket, notifier, events));
         link.tasks.push(task.abort_handle());

@@ -33,7 +33,16 @@ pub(super) struct Notifier {
     pub(super) access: NotifyAccess,
     /// Its cgroup's directory, where workers are contained.
     pub(super) cgroup: Option<PathBuf>,
+    /// Its readiness waits for `READY=1`, not sent yet: until it is, each notification it
+    /// sends becomes the cause its verdict quotes if it is never ready.
+    pub(super) awaits_ready: bool,
 }
+
+/// A worker's verdict when `READY=1` never came and nothing else did either.
+const SAID_NOTHING: &str = "it sent nothing on its notify socket (NOTIFY_SOCKET): with `ready: notify` a worker is ready when it sends READY=1 (sd_notify); a server that never calls sd_notify is never ready: give it `ready: {http: ...}`, `{tcp: ...}` or `{delay: ...}` instead";
+
+/// What a worker sent instead of `READY=1`, quoted (printable, at most this many characters).
+const QUOTED: usize = 200;
 
 /// A systemd-style worker's `NOTIFY_SOCKET`: turns `READY=1`, `STATUS=`, `STOPPING=1` and
 /// `MAINPID=` into events. Only the worker may notify: its pid or announced main pid, or with
@@ -51,7 +60,12 @@ pub(super) async fn notify_task(
         mut main,
         access,
         cgroup,
+        mut awaits_ready,
     } = notifier;
+    if awaits_ready {
+        let cause = SAID_NOTHING.to_string();
+        let _ = events.send(News::Event(Event::NotReadyBecause { worker, cause }));
+    }
     let mut buf = vec![0u8; NOTIFY_MAX];
     let mut window = tokio::time::Instant::now();
     let mut read = 0u32;
@@ -117,6 +131,22 @@ pub(super) async fn notify_task(
                 warned_size = true;
             }
             continue;
+        }
+        if awaits_ready {
+            let said = &buf[..datagram.len];
+            if notices(said).iter().any(|n| matches!(n, Notice::Ready)) {
+                awaits_ready = false;
+            } else {
+                let text = String::from_utf8_lossy(said);
+                let quoted: String = baton_proto::text::printable(text.trim())
+                    .chars()
+                    .take(QUOTED)
+                    .collect();
+                let cause = format!(
+                    "it never sent READY=1 on its notify socket; the last it sent: \"{quoted}\""
+                );
+                let _ = events.send(News::Event(Event::NotReadyBecause { worker, cause }));
+            }
         }
         for notice in notices(&buf[..datagram.len]) {
             let event = match notice {

@@ -168,6 +168,12 @@ pub enum Event {
         worker: WorkerId,
         cause: String,
     },
+    /// A starting worker can never become ready, for a cause that is final (its listeners
+    /// could not be handed to it): judged now, with the cause, not at its ready deadline.
+    CannotBeReady {
+        worker: WorkerId,
+        cause: String,
+    },
     /// The worker's main process is now `pid` (`MAINPID=`: a server that forks).
     MainPid {
         worker: WorkerId,

@@ -61,6 +61,46 @@ impl Supervisor {
         }
     }
 
+    /// A starting worker will not be ready: its deadline passed, or something final happened
+    /// ([`Event::CannotBeReady`](super::Event::CannotBeReady)). A worker of a reload's new
+    /// generation fails the reload (a rolling one rolls back); a replacement in a serving
+    /// generation is killed and restarted.
+    pub(super) fn never_ready(&mut self, now: Instant, id: WorkerId, reason: String) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        let (g, pid) = (w.generation, w.pid.unwrap_or(0));
+        let rolling = self.rolling_forward(g);
+        let fails_reload = match self.generations.get(&g).map(|entry| &entry.state) {
+            Some(GenState::Starting) => true,
+            Some(GenState::Rolling) => rolling,
+            _ => false,
+        };
+        if !fails_reload {
+            warn!(
+                event = "worker_not_ready",
+                worker = id.0,
+                pid,
+                "{reason}: killing it"
+            );
+            // Its exit schedules the restart with backoff.
+            self.kill(id);
+            return;
+        }
+        info!(
+            event = "worker_not_ready",
+            worker = id.0,
+            generation = g.0,
+            pid,
+            "{reason}"
+        );
+        if rolling {
+            self.rollout_failed(now, reason, Some(id));
+        } else {
+            self.fail_reload(now, reason, Some(id));
+        }
+    }
+
     pub(super) fn on_message(&mut self, now: Instant, id: WorkerId, message: WorkerMessage) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
@@ -329,37 +369,7 @@ impl Supervisor {
                 "worker {id} of generation {g} (pid {pid}) was not ready after {} ms{cause}",
                 timeout.as_millis()
             );
-            // A worker of a reload's new generation fails the reload (a rolling one rolls
-            // back); a replacement in a serving generation is killed and restarted.
-            let rolling = self.rolling_forward(g);
-            let fails_reload = match self.generations.get(&g).map(|entry| &entry.state) {
-                Some(GenState::Starting) => true,
-                Some(GenState::Rolling) => rolling,
-                _ => false,
-            };
-            if !fails_reload {
-                warn!(
-                    event = "worker_not_ready",
-                    worker = id.0,
-                    pid,
-                    "{reason}: killing it"
-                );
-                // Its exit schedules the restart with backoff.
-                self.kill(id);
-                continue;
-            }
-            info!(
-                event = "worker_not_ready",
-                worker = id.0,
-                generation = g.0,
-                pid,
-                "{reason}"
-            );
-            if rolling {
-                self.rollout_failed(now, reason, Some(id));
-            } else {
-                self.fail_reload(now, reason, Some(id));
-            }
+            self.never_ready(now, id, reason);
         }
         // Drain deadlines, per worker (programs may have different drain timeouts).
         let expired: Vec<WorkerId> = self
