@@ -47,15 +47,20 @@ def listen_fds():
 
 
 def notify(message):
-    """Sends one sd_notify(3) datagram, if there is someone to tell."""
+    """Sends one sd_notify(3) datagram, if there is someone to tell. A failure is logged and
+    changes nothing: a drain must go on when the master that asked for it is gone (its notify
+    socket with it), or the serving threads would run on until killed."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(path)
-        s.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(message.encode())
+    except OSError as err:
+        log(f"sd_notify {message.split(chr(10))[0]!r}: {err}")
 
 
 class Handler(http.server.BaseHTTPRequestHandler):

@@ -765,6 +765,11 @@ impl Master {
         (load.finish(), sent)
     }
 
+    /// The master's directory (`{dir}` in its configuration).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// The master's control socket (as `TestConfig` configures it).
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("baton.sock")

@@ -447,3 +447,43 @@ else:
     assert!(!baton_integration::procfs::alive(daemon));
     assert!(baton_integration::procfs::zombies(master.pid()).is_empty());
 }
+
+/// Issue 28: the Python example stopped draining when its `STOPPING=1` failed (the exception
+/// ended its main thread, and the serving threads went on until the drain deadline killed
+/// them). Its notify socket removed under it, a drain still ends it at once.
+#[test]
+fn the_python_example_drains_when_its_notification_fails() {
+    require("python3");
+    let port = free_port();
+    let yaml =
+        example("python.yaml", 8081, port).replace("drain_timeout: 30s", "drain_timeout: 20s");
+    assert!(yaml.contains("drain_timeout: 20s"));
+    let master = Master::spawn("python-notify-gone", &yaml);
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    let old = master.children();
+    assert_eq!(old.len(), 2);
+    let notify_dir = master.dir().join("run").join("notify");
+    for entry in std::fs::read_dir(&notify_dir).unwrap().flatten() {
+        std::fs::remove_file(entry.path()).unwrap();
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    eventually(
+        Duration::from_secs(10),
+        "the old workers drained and gone",
+        || {
+            old.iter()
+                .all(|&p| !baton_integration::procfs::alive(p))
+                .then_some(())
+        },
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "drained, not killed at the 20 s deadline"
+    );
+    assert!(
+        master.events("worker_killed").is_empty(),
+        "{:?}",
+        master.events("worker_killed")
+    );
+}
