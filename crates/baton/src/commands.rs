@@ -448,6 +448,16 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
         Ok(path) => path,
         Err(code) => return code,
     };
+    // A program the master does not run: say which it runs (its kept lines of a program a
+    // reload removed are still shown).
+    let unknown = filter
+        .program
+        .as_deref()
+        .and_then(|name| programs_without(&path, name));
+    if let (Some(programs), true) = (&unknown, follow) {
+        return no_such_program(filter.program.as_deref().unwrap_or_default(), programs);
+    }
+    let mut printed = 0usize;
     let request = Request::Logs { filter, follow };
     let timeout = (!follow).then(|| Duration::from_secs(10));
     let mut conversation = match client::Conversation::open(&path, &request, timeout) {
@@ -467,6 +477,7 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
                 if skipped > 0 {
                     eprintln!("baton: {skipped} lines skipped: this reader fell behind");
                 }
+                printed += lines.len();
                 for line in &lines {
                     if json {
                         outln!("{}", serde_json::to_string(line).unwrap_or_default());
@@ -475,7 +486,12 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
                     }
                 }
                 if done {
-                    return 0;
+                    return match (&unknown, &request) {
+                        (Some(programs), Request::Logs { filter, .. }) if printed == 0 => {
+                            no_such_program(filter.program.as_deref().unwrap_or_default(), programs)
+                        }
+                        _ => 0,
+                    };
                 }
             }
             Ok(Some(Response::Error { kind, message })) => return refused(kind, &message),
@@ -494,6 +510,35 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
             }
         }
     }
+}
+
+/// The programs the master at `path` runs, if `name` is not one of them.
+fn programs_without(path: &Path, name: &str) -> Option<Vec<String>> {
+    let Ok(Response::Status(status)) =
+        client::call(path, &Request::Status, Some(Duration::from_secs(10)))
+    else {
+        return None;
+    };
+    let mut programs: Vec<String> = status
+        .generations
+        .iter()
+        .flat_map(|g| g.workers.iter().map(|w| w.program.clone()))
+        .collect();
+    programs.sort();
+    programs.dedup();
+    (!programs.iter().any(|p| p == name)).then_some(programs)
+}
+
+fn no_such_program(name: &str, programs: &[String]) -> u8 {
+    eprintln!(
+        "baton: no program `{}`: the master runs {}",
+        render::safe(name),
+        match programs {
+            [] => "no worker now".to_string(),
+            _ => render::safe(&programs.join(", ")),
+        }
+    );
+    EX_USAGE
 }
 
 pub(crate) fn unexpected(response: &Response) -> u8 {

@@ -947,3 +947,38 @@ workers:
     assert_eq!((status, body.as_str()), (503, "not ready: stopping\n"));
     assert!(master.wait_exit(Duration::from_secs(20)).success());
 }
+
+/// Issue 28: `status -c FILE` with FILE no longer YAML at all (a half-written edit) exited 64
+/// with the parse error; it reaches the master at the socket the file still names, as it does
+/// for a file that parses but does not validate. `reload` still refuses the file.
+#[test]
+fn status_reaches_the_master_through_a_file_that_is_not_yaml_any_more() {
+    let master = Master::start(
+        "broken-yaml",
+        &TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1),
+    );
+    let config = master.dir().join("baton.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let broken = text.replacen("listeners:\n", "listeners:\n  - name: \"half-written\n", 1);
+    std::fs::write(&config, &broken).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&binaries().baton)
+            .args(args)
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for command in ["status", "history", "drain-status", "metrics"] {
+        let (code, out, err) = run(&[command]);
+        assert_eq!(code, 0, "{command}: {out}{err}");
+        assert!(err.contains("anyway"), "{command} warns: {err}");
+    }
+    let (code, out, err) = run(&["reload"]);
+    assert_eq!(code, 64, "reload refuses the file: {out}{err}");
+}

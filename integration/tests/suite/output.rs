@@ -419,3 +419,27 @@ fn an_upgrade_carries_the_pipes_and_the_unfinished_line() {
     );
     assert_eq!(master.children(), vec![pid], "the worker lives on");
 }
+
+/// Issue 28: `logs --program nope` printed nothing and exited 0. It names the programs the
+/// master runs and exits 64, following or not; a program it runs is shown as before.
+#[test]
+fn logs_of_a_program_the_master_does_not_run_name_the_ones_it_does() {
+    let master = Master::start(
+        "logs-program",
+        &TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1),
+    );
+    for args in [
+        &["logs", "--program", "nope"][..],
+        &["logs", "--program", "nope", "--follow"][..],
+    ] {
+        let (code, out, err) = master.ctl(args);
+        assert_eq!(code, 64, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("no program `nope`: the master runs worker"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, out, err) = master.ctl(&["logs", "--program", "worker"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("hello-worker pid"), "{out}");
+}

@@ -679,3 +679,20 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn a_file_that_is_not_yaml_any_more_still_names_its_control_socket() {
+    use std::path::{Path, PathBuf};
+    let file = Path::new("/etc/baton/baton.yaml");
+    let socket = |text: &str| super::validate::control_socket(file, text);
+    // A half-written edit: an unclosed quote further down.
+    let broken = "listeners:\n  - name: http\n    address: \"127.0.0.1:8080\nsupervisor:\n  control:\n    socket: /run/app/baton.sock   # for baton status\n";
+    assert!(serde_yaml::from_str::<serde_yaml::Value>(broken).is_err());
+    assert_eq!(socket(broken), Some(PathBuf::from("/run/app/baton.sock")));
+    let flow =
+        "worker: {command: [\nsupervisor: {control: {socket: \"/run/x.sock\", mode: \"0600\"}}\n";
+    assert_eq!(socket(flow), Some(PathBuf::from("/run/x.sock")));
+    // Two candidates, or none: nothing is guessed.
+    assert_eq!(socket("a: [\nsocket: /a\nsocket: /b\n"), None);
+    assert_eq!(socket("a: [\nwebsocket: /a\n"), None);
+}

@@ -176,18 +176,44 @@ fn duplicate_key(text: &str, message: &str) -> Option<(usize, usize)> {
 
 /// The control socket a configuration names, read from `text` leniently: whatever else is wrong
 /// with the file, the running master can still be found (`baton status -c FILE` with a file
-/// being edited). `None`: the text is not YAML at all.
+/// being edited). A file that is not YAML any more (a half-written edit) is read line by line
+/// for its one `socket:` key (the schema has no other). `None`: no socket can be told.
 pub(super) fn control_socket(path: &Path, text: &str) -> Option<PathBuf> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
-    let socket = value
-        .get("supervisor")
-        .and_then(|s| s.get("control"))
-        .and_then(|c| c.get("socket"))
-        .and_then(|s| s.as_str());
+    let socket = match serde_yaml::from_str::<serde_yaml::Value>(text) {
+        Ok(value) => value
+            .get("supervisor")
+            .and_then(|s| s.get("control"))
+            .and_then(|c| c.get("socket"))
+            .and_then(|s| s.as_str())
+            .map(str::to_string),
+        Err(_) => Some(socket_line(text)?),
+    };
     Some(match socket {
-        Some(socket) => Base::of(path).join(Path::new(socket)),
+        Some(socket) => Base::of(path).join(Path::new(&socket)),
         None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
     })
+}
+
+/// The value of the one `socket:` key in a text that does not parse as YAML (`socket: PATH` on
+/// a line of its own or inside `{...}`, quoted or not, a comment after it); `None` unless there
+/// is exactly one.
+fn socket_line(text: &str) -> Option<String> {
+    let mut found = text.lines().filter_map(|line| {
+        let line = line.split(" #").next().unwrap_or(line);
+        let at = line.find("socket:")?;
+        let before = line[..at].chars().last();
+        if before.is_some_and(|c| !(c.is_whitespace() || c == '{' || c == ',')) {
+            return None;
+        }
+        let value = line[at + "socket:".len()..].trim_start();
+        let value = match value.chars().next()? {
+            q @ ('"' | '\'') => value[1..].split(q).next()?,
+            _ => value.split([',', '}']).next()?.trim_end(),
+        };
+        (!value.is_empty()).then(|| value.to_string())
+    });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// The directory relative paths in a file are relative to: the file's own, made absolute and
