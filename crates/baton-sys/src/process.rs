@@ -377,6 +377,25 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     Ok(hard.max(soft))
 }
 
+/// The highest `RLIMIT_NOFILE` this process can give a child: its hard limit, or the kernel's
+/// ceiling (`fs.nr_open`) when it holds `CAP_SYS_RESOURCE` and may raise hard limits.
+pub fn nofile_ceiling() -> io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let may_raise = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0);
+    if !may_raise {
+        return Ok(hard);
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")?;
+    Ok(nr_open.trim().parse().unwrap_or(hard).max(hard))
+}
+
 /// The child starts with no signal blocked, whatever the spawning thread blocks (the master
 /// blocks its handled signals in every thread but its signal thread, and a blocked mask survives
 /// `execve`: a worker would never see its drain signal or `PDEATHSIG`).

@@ -141,6 +141,20 @@ impl Check<'_> {
             reload: self.strategy(key, w.reload.as_ref(), worker.processes),
             ..worker
         };
+        if let Some(nofile) = worker.rlimits.nofile {
+            // Above what this process may give, a worker would fail to start with a bare
+            // "Operation not permitted": refused here, with the limit.
+            if let Ok(ceiling) = baton_sys::process::nofile_ceiling() {
+                if nofile > ceiling {
+                    self.problem(
+                        Some("nofile:"),
+                        format!(
+                            "{key}.rlimits.nofile: {nofile} is above {ceiling}, the most baton may give a worker here (its hard limit: raise LimitNOFILE= in its unit, or ulimit -Hn)"
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(cwd) = &worker.cwd {
             if !cwd.is_dir() {
                 self.problem(

@@ -696,3 +696,25 @@ fn a_file_that_is_not_yaml_any_more_still_names_its_control_socket() {
     assert_eq!(socket("a: [\nsocket: /a\nsocket: /b\n"), None);
     assert_eq!(socket("a: [\nwebsocket: /a\n"), None);
 }
+
+#[test]
+fn an_open_files_limit_above_what_baton_may_give_is_refused_with_the_limit() {
+    let ceiling = baton_sys::process::nofile_ceiling().unwrap();
+    let text = format!(
+        "listeners: []\nworker:\n  command: sh\n  rlimits: {{nofile: {}}}\n",
+        ceiling + 1
+    );
+    let err = parse(Path::new("/etc/baton/baton.yaml"), &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "worker.rlimits.nofile: {} is above {ceiling}",
+            ceiling + 1
+        )),
+        "{err}"
+    );
+    assert!(err.contains(":4:"), "at the key's line: {err}");
+    let ok = format!("listeners: []\nworker:\n  command: sh\n  rlimits: {{nofile: {ceiling}}}\n");
+    assert!(parse(Path::new("/etc/baton/baton.yaml"), &ok).is_ok());
+}
