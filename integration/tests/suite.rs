@@ -29,6 +29,7 @@ mod suite {
     mod live_view;
     mod liveness;
     mod master_log;
+    mod matrix;
     mod memory;
     mod orphans;
     mod output;

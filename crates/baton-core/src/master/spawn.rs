@@ -149,6 +149,10 @@ impl Master {
             ),
             ..Link::default()
         };
+        // Worker ids start again at 1 with each master: a socket left at this worker's probe
+        // address by a killed predecessor's worker would make the new one fail to bind it (and
+        // never be ready). Issue 28's matrix found it (`kill_restart_gunicorn`).
+        super::probe::remove_socket_files(&link.probe_files);
         let quic = listeners.iter().any(|l| l.config.options.quic);
         let mut start = Start {
             config: &config,
