@@ -17,6 +17,7 @@ pub mod recipes;
 pub mod storm;
 pub mod syscalls;
 pub mod systemd;
+pub mod worker_mode;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -418,53 +419,145 @@ pub struct Master {
     name: String,
 }
 
-impl Master {
-    /// Starts a master on `config` and waits until its first generation serves.
-    pub fn start(name: &str, config: &TestConfig) -> Master {
-        let master = Master::spawn(name, &config.yaml());
+/// How a test declares a master: its configuration (YAML, a [`TestConfig`], or a file laid
+/// out in its directory), its environment, a wrapper program, which baton; then
+/// [`MasterBuilder::spawn`] (no wait) or [`MasterBuilder::serving`] (its first generation
+/// serves). [`Master::start`], [`Master::spawn`] and the others are shorthands of it.
+pub struct MasterBuilder<'a> {
+    name: String,
+    config: BuilderConfig<'a>,
+    env: Vec<(String, String)>,
+    wrapper: Vec<String>,
+    program: PathBuf,
+}
+
+enum BuilderConfig<'a> {
+    Yaml(String),
+    LaidOut(Box<dyn FnOnce(&std::path::Path) -> PathBuf + 'a>),
+}
+
+impl std::fmt::Debug for MasterBuilder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterBuilder")
+            .field("name", &self.name)
+            .field("env", &self.env)
+            .field("wrapper", &self.wrapper)
+            .field("program", &self.program)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> MasterBuilder<'a> {
+    /// Its configuration: YAML in which `{dir}` is the master's directory.
+    pub fn yaml(mut self, yaml: &str) -> Self {
+        self.config = BuilderConfig::Yaml(yaml.to_string());
+        self
+    }
+
+    pub fn config(self, config: &TestConfig) -> Self {
+        self.yaml(&config.yaml())
+    }
+
+    /// The configuration file `layout` makes in the master's directory (a symlink chain,
+    /// say), and returns the path of.
+    pub fn laid_out(mut self, layout: impl FnOnce(&std::path::Path) -> PathBuf + 'a) -> Self {
+        self.config = BuilderConfig::LaidOut(Box::new(layout));
+        self
+    }
+
+    /// One more environment variable (as a service manager would set it).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Runs `wrapper... baton run ...` (e.g. `unshare --pid --fork`): [`Master::pid`] is then
+    /// the wrapper's.
+    pub fn wrapper(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        self
+    }
+
+    /// Another baton program (one a test replaces, as a package update does).
+    pub fn program(mut self, program: &std::path::Path) -> Self {
+        self.program = program.to_owned();
+        self
+    }
+
+    /// Starts it without waiting for anything.
+    pub fn spawn(self) -> Master {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("baton-{}-", self.name))
+            .tempdir()
+            .unwrap();
+        let config_path = match self.config {
+            BuilderConfig::Yaml(yaml) => {
+                let path = dir.path().join("baton.yaml");
+                let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
+                std::fs::write(&path, yaml).unwrap();
+                path
+            }
+            BuilderConfig::LaidOut(layout) => layout(dir.path()),
+        };
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let wrapper: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
+        Master::spawn_at(&self.name, dir, config_path, &env, &wrapper, &self.program)
+    }
+
+    /// Starts it and waits until its first generation serves.
+    pub fn serving(self) -> Master {
+        let master = self.spawn();
         master.wait_event("serving", Duration::from_secs(30), |_| true);
         master
+    }
+}
+
+impl Master {
+    /// A master to declare (see [`MasterBuilder`]).
+    pub fn builder<'a>(name: &str) -> MasterBuilder<'a> {
+        MasterBuilder {
+            name: name.to_string(),
+            config: BuilderConfig::Yaml(String::new()),
+            env: Vec::new(),
+            wrapper: Vec::new(),
+            program: binaries().baton.clone(),
+        }
+    }
+
+    /// Starts a master on `config` and waits until its first generation serves.
+    pub fn start(name: &str, config: &TestConfig) -> Master {
+        Master::builder(name).config(config).serving()
     }
 
     /// Starts a master without waiting for anything.
     pub fn spawn(name: &str, yaml: &str) -> Master {
-        Master::spawn_with_env(name, yaml, &[])
+        Master::builder(name).yaml(yaml).spawn()
     }
 
     /// Starts a master with extra environment variables (as a service manager would set them).
     pub fn spawn_with_env(name: &str, yaml: &str, env: &[(&str, &str)]) -> Master {
-        Master::spawn_full(name, yaml, env, &[], &binaries().baton)
+        env.iter()
+            .fold(Master::builder(name).yaml(yaml), |b, (k, v)| b.env(k, v))
+            .spawn()
     }
 
     /// Starts `program run ...`, `program` being a baton at another path (one a test replaces,
     /// as a package update does), and waits until it serves.
     pub fn start_program(name: &str, config: &TestConfig, program: &std::path::Path) -> Master {
-        let master = Master::spawn_full(name, &config.yaml(), &[], &[], program);
-        master.wait_event("serving", Duration::from_secs(30), |_| true);
-        master
+        Master::builder(name)
+            .config(config)
+            .program(program)
+            .serving()
     }
 
     /// Starts `wrapper... baton run ...` (e.g. `unshare --pid --fork`): [`Master::pid`] is then
     /// the wrapper's.
     pub fn spawn_wrapped(name: &str, yaml: &str, wrapper: &[&str]) -> Master {
-        Master::spawn_full(name, yaml, &[], wrapper, &binaries().baton)
-    }
-
-    fn spawn_full(
-        name: &str,
-        yaml: &str,
-        env: &[(&str, &str)],
-        wrapper: &[&str],
-        program: &std::path::Path,
-    ) -> Master {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("baton-{name}-"))
-            .tempdir()
-            .unwrap();
-        let config_path = dir.path().join("baton.yaml");
-        let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
-        std::fs::write(&config_path, yaml).unwrap();
-        Master::spawn_in(name, dir, env, wrapper, program)
+        Master::builder(name).yaml(yaml).wrapper(wrapper).spawn()
     }
 
     /// A new master in this one's directory, on its configuration (this one has ended: killed,
@@ -478,12 +571,7 @@ impl Master {
     /// Starts a master on the configuration file `layout` makes in the test's directory (a
     /// symlink chain, say) and returns the path of, without waiting for anything.
     pub fn spawn_laid_out(name: &str, layout: impl FnOnce(&std::path::Path) -> PathBuf) -> Master {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("baton-{name}-"))
-            .tempdir()
-            .unwrap();
-        let config_path = layout(dir.path());
-        Master::spawn_at(name, dir, config_path, &[], &[], &binaries().baton)
+        Master::builder(name).laid_out(layout).spawn()
     }
 
     fn spawn_in(

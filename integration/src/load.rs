@@ -47,6 +47,25 @@ impl Report {
         self.failures.values().sum()
     }
 
+    /// Nothing failed: the one loss assertion of the suite. `what` names the run in the
+    /// message (may be empty); the failure points at the caller's line.
+    #[track_caller]
+    pub fn assert_lossless(&self, what: impl std::fmt::Display) {
+        assert_eq!(
+            self.failed(),
+            0,
+            "{what}{}lost {} of {}: {}",
+            if what.to_string().is_empty() {
+                ""
+            } else {
+                ": "
+            },
+            self.failed(),
+            self.ok + self.failed(),
+            self.summary()
+        );
+    }
+
     fn merge(&mut self, other: Report) {
         self.ok += other.ok;
         for (k, v) in other.failures {

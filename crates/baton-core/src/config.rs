@@ -247,6 +247,13 @@ impl Probe {
             .replace("{slot}", &slot.to_string())
             .replace("{generation}", &generation.to_string())
     }
+
+    /// Whether each worker has an address of its own (the address names the worker, or its
+    /// generation and slot): then what is found there before it starts is a leftover.
+    pub fn is_per_worker(&self) -> bool {
+        self.address.contains("{worker}")
+            || (self.address.contains("{generation}") && self.address.contains("{slot}"))
+    }
 }
 
 /// How a ready worker is judged alive (`liveness:`): a failing one is replaced.

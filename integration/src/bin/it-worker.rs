@@ -45,11 +45,17 @@
 #![allow(clippy::print_stderr)] // a test worker reports what it did on stderr
 
 use std::process::ExitCode;
+
+use baton_integration::worker_mode::WorkerMode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    let mode = std::env::var("IT_MODE").unwrap_or_default();
-    if let Some(path) = mode.strip_prefix("report-fds:") {
+    let named = std::env::var("IT_MODE").unwrap_or_default();
+    let Some(mode) = WorkerMode::parse(&named) else {
+        eprintln!("it-worker: no mode {named:?} (IT_MODE)");
+        return ExitCode::from(64);
+    };
+    if let WorkerMode::ReportFds(path) = &mode {
         let mut lines = String::new();
         for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
             let target = std::fs::read_link(entry.path()).unwrap_or_default();
@@ -88,7 +94,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run(&mode))
+    runtime.block_on(run(mode))
 }
 
 /// `IT_ORPHAN_MS=<ms>` (any mode): leave an orphan behind, a process that lives `<ms>` and
@@ -122,74 +128,73 @@ fn orphan() -> Option<ExitCode> {
     }
 }
 
-async fn run(mode: &str) -> ExitCode {
-    if mode == "garbage" {
+async fn run(mode: WorkerMode) -> ExitCode {
+    if mode == WorkerMode::Garbage {
         return garbage().await;
     }
     let mut worker = match baton_worker::Worker::from_env().await {
         Ok(worker) => worker,
         Err(_) => return ExitCode::from(2),
     };
-    if mode == "udp-echo" || mode == "quic-echo" {
-        return udp_echo(&mut worker, mode == "quic-echo").await;
-    }
-    if let Some(path) = mode.strip_prefix("report-sockopts:") {
-        let Ok(baton_worker::Listener::Tcp(listener)) = worker.take("http") else {
-            return ExitCode::from(2);
-        };
-        if worker.ready().await.is_err() {
-            return ExitCode::from(2);
+    let delay = match mode {
+        WorkerMode::UdpEcho | WorkerMode::QuicEcho => {
+            return udp_echo(&mut worker, mode == WorkerMode::QuicEcho).await;
         }
-        let mut report =
-            serde_json::json!({ "listener": sockopts(&socket2::SockRef::from(&listener)) });
-        if let Ok(baton_worker::Listener::Tcp(v6)) = worker.take("v6") {
-            report["v6only"] = socket2::SockRef::from(&v6).only_v6().ok().into();
+        WorkerMode::ReportSockopts(path) => {
+            let Ok(baton_worker::Listener::Tcp(listener)) = worker.take("http") else {
+                return ExitCode::from(2);
+            };
+            if worker.ready().await.is_err() {
+                return ExitCode::from(2);
+            }
+            let mut report =
+                serde_json::json!({ "listener": sockopts(&socket2::SockRef::from(&listener)) });
+            if let Ok(baton_worker::Listener::Tcp(v6)) = worker.take("v6") {
+                report["v6only"] = socket2::SockRef::from(&v6).only_v6().ok().into();
+            }
+            if let Ok((stream, _)) = listener.accept().await {
+                report["accepted"] = sockopts(&socket2::SockRef::from(&stream));
+            }
+            std::fs::write(path, report.to_string()).unwrap();
+            worker.drain_watch().requested().await;
+            return ExitCode::SUCCESS;
         }
-        if let Ok((stream, _)) = listener.accept().await {
-            report["accepted"] = sockopts(&socket2::SockRef::from(&stream));
+        WorkerMode::Exit(code) => return ExitCode::from(code),
+        WorkerMode::NotifyAbuse => {
+            if worker.ready().await.is_err() {
+                return ExitCode::from(2);
+            }
+            let ms = std::env::var("IT_ABUSE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2000);
+            let sent = abuse_notify_socket(Duration::from_millis(ms)).await;
+            eprintln!("it-worker: sent {sent} abusive notifications");
+            worker.drain_watch().requested().await;
+            return ExitCode::SUCCESS;
         }
-        std::fs::write(path, report.to_string()).unwrap();
-        worker.drain_watch().requested().await;
-        return ExitCode::SUCCESS;
-    }
-    if let Some(code) = mode.strip_prefix("exit:") {
-        return ExitCode::from(code.parse::<u8>().unwrap_or(1));
-    }
-    if mode == "notify-abuse" {
-        if worker.ready().await.is_err() {
-            return ExitCode::from(2);
+        WorkerMode::Stubborn => {
+            if worker.ready().await.is_err() {
+                return ExitCode::from(2);
+            }
+            // The SDK turns SIGTERM into a drain request, which this worker ignores.
+            std::future::pending::<()>().await;
+            return ExitCode::SUCCESS;
         }
-        let ms = std::env::var("IT_ABUSE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000);
-        let sent = abuse_notify_socket(Duration::from_millis(ms)).await;
-        eprintln!("it-worker: sent {sent} abusive notifications");
-        worker.drain_watch().requested().await;
-        return ExitCode::SUCCESS;
-    }
-    if mode == "stubborn" {
-        if worker.ready().await.is_err() {
-            return ExitCode::from(2);
+        WorkerMode::CrashAfter(ms) => {
+            if worker.ready().await.is_err() {
+                return ExitCode::from(2);
+            }
+            if !crashed_enough() {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                return ExitCode::from(1);
+            }
+            worker.drain_watch().requested().await;
+            return ExitCode::SUCCESS;
         }
-        // The SDK turns SIGTERM into a drain request, which this worker ignores.
-        std::future::pending::<()>().await;
-    }
-    if let Some(ms) = mode.strip_prefix("crash-after:") {
-        if worker.ready().await.is_err() {
-            return ExitCode::from(2);
-        }
-        if !crashed_enough() {
-            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-            return ExitCode::from(1);
-        }
-        worker.drain_watch().requested().await;
-        return ExitCode::SUCCESS;
-    }
-    let delay = match mode.split_once(':') {
-        Some(("ready-after", ms)) => Some(ms.parse().unwrap_or(0)),
-        Some(("report-fds", _)) => Some(0),
-        _ => None,
+        WorkerMode::ReadyAfter(ms) => Some(ms),
+        WorkerMode::ReportFds(_) => Some(0),
+        WorkerMode::NeverReady | WorkerMode::Garbage => None,
     };
     if let Some(ms) = delay {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -205,8 +210,6 @@ async fn run(mode: &str) -> ExitCode {
                 return ExitCode::from(2);
             }
         }
-    } else if mode != "never-ready" {
-        return ExitCode::from(2);
     }
     worker.drain_watch().requested().await;
     if let Some(flood) = FLOOD.lock().unwrap().take() {

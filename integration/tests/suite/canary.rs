@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use baton_integration::load::{Load, Mode};
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, free_port};
 
 fn with_canary(port: u16, window: &str) -> TestConfig {
@@ -23,7 +24,7 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
     // Ready at once, then dies 1 s later (it never accepts: it cannot take requests with it).
     let mut bad = good.clone();
     bad.command = binaries().it_worker.clone();
-    bad.env = vec![("IT_MODE".into(), "crash-after:1000".into())];
+    bad.env = vec![WorkerMode::CrashAfter(1000).env()];
     master.write_config(&bad.yaml());
     let (code, _, err) = master.ctl(&["reload"]);
     assert_eq!(code, 1, "{err}");
@@ -45,7 +46,7 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
     );
     let report = load.finish();
     eprintln!("rollback under load: {}", report.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert_eq!(
         report.generations.keys().copied().collect::<Vec<_>>(),
         vec![1]
@@ -74,7 +75,7 @@ fn a_generation_that_survives_its_probation_succeeds_and_then_the_old_one_drains
     });
     let report = load.finish();
     eprintln!("probation passed under load: {}", report.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert!(report.generations.contains_key(&2));
 }
 
@@ -108,7 +109,7 @@ fn a_generation_whose_probe_fails_during_its_probation_is_rolled_back() {
     let load = Load::until_finished(addr, Mode::Fresh, 4);
     let mut probed = good.clone();
     probed.command = binaries().it_worker.clone();
-    probed.env = vec![("IT_MODE".into(), "ready-after:0".into())];
+    probed.env = vec![WorkerMode::ReadyAfter(0).env()];
     probed.worker_extra = vec![format!(
         "ready: {{http: \"{}\", path: /healthz, timeout: 500ms, interval: 100ms}}",
         health.display()
@@ -127,7 +128,7 @@ fn a_generation_whose_probe_fails_during_its_probation_is_rolled_back() {
     );
     let report = load.finish();
     eprintln!("probe rollback under load: {}", report.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert_eq!(
         report.generations.keys().copied().collect::<Vec<_>>(),
         vec![1]

@@ -35,7 +35,7 @@ fn a_storm_of_500_sigusr2_in_a_second_loses_nothing_and_settles() {
         s.rss_before_kib,
         s.rss_after_kib
     );
-    assert_eq!(s.report.failed(), 0, "{}", s.report.summary());
+    s.report.assert_lossless("");
     assert!(
         s.most_workers <= (CAP + 1) * PROCESSES,
         "{} live workers: more than cap + 1 generations",

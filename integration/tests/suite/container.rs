@@ -205,8 +205,8 @@ fn baton_as_pid_1_of_a_container_reloads_by_signal_under_load_and_stops_by_drain
         fresh.summary(),
         kept.summary()
     );
-    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
-    assert_eq!(kept.failed(), 0, "{}", kept.summary());
+    fresh.assert_lossless("");
+    kept.assert_lossless("");
 
     // `podman stop`: SIGTERM, the stop delay, the drain, exit 0, within the grace period.
     let started = Instant::now();

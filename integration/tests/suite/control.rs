@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, ctl, eventually, free_port, http};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -33,7 +34,7 @@ fn json(out: &str) -> Value {
 fn slow(port: u16, ms: u32) -> TestConfig {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     c.command = binaries().it_worker.clone();
-    c.env = vec![("IT_MODE".into(), format!("ready-after:{ms}"))];
+    c.env = vec![WorkerMode::ReadyAfter(ms.into()).env()];
     c
 }
 
@@ -170,20 +171,23 @@ fn reload_exits_zero_on_success_and_non_zero_with_the_reason_on_each_failure() {
         "{out}"
     );
 
-    let failing = |mode: &str, ready: &'static str| {
+    let failing = |mode: WorkerMode, ready: &'static str| {
         let mut c = good.clone();
         c.command = binaries().it_worker.clone();
-        c.env = vec![("IT_MODE".into(), mode.into())];
+        c.env = vec![mode.env()];
         c.ready_timeout = ready;
         c.yaml()
     };
     let cases = [
         (good.yaml() + "oops: 1\n", "baton.yaml:"),
         (
-            failing("exit:4", "10s"),
+            failing(WorkerMode::Exit(4), "10s"),
             "exited with status 4 before it was ready",
         ),
-        (failing("never-ready", "1s"), "was not ready after 1000 ms"),
+        (
+            failing(WorkerMode::NeverReady, "1s"),
+            "was not ready after 1000 ms",
+        ),
     ];
     for (yaml, expected) in cases {
         master.write_config(&yaml);

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use baton_integration::procfs::cpu_ns;
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, free_port};
 
 /// CPU nanoseconds `master` uses over `window`.
@@ -34,7 +35,7 @@ fn garbage_and_a_half_closed_channel_do_not_make_the_master_spin() {
     let port = free_port();
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
     c.command = binaries().it_worker.clone();
-    c.env = vec![("IT_MODE".into(), "garbage".into())];
+    c.env = vec![WorkerMode::Garbage.env()];
     let master = Master::start("garbage", &c);
     // The hand-written worker got its listeners and was ready (the protocol doc is enough to
     // write one); then it sent garbage and half-closed its channel.

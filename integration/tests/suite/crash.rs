@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use baton_integration::load::requests;
 use baton_integration::procfs::zombies;
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -48,7 +49,7 @@ fn a_crash_looping_worker_is_restarted_with_doubling_backoff() {
     let port = free_port();
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     c.command = binaries().it_worker.clone();
-    c.env = vec![("IT_MODE".into(), "crash-after:30".into())];
+    c.env = vec![WorkerMode::CrashAfter(30).env()];
     let mut master = Master::start("crashloop", &c);
     eventually(Duration::from_secs(20), "five crashes", || {
         (master.events("worker_crashed").len() >= 5).then_some(())

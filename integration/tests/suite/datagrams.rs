@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::datagrams::udp_clients;
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -16,7 +17,7 @@ use serde_json::Value;
 fn echo_config(protocol: &str) -> TestConfig {
     let mut config = TestConfig::hello("127.0.0.1:1", 2);
     config.command = binaries().it_worker.clone();
-    config.env = vec![("IT_MODE".into(), "udp-echo".into())];
+    config.env = vec![WorkerMode::UdpEcho.env()];
     config.drain_timeout = "2s";
     config.max_draining = 16;
     config.worker_extra.push(format!("protocol: {protocol}"));

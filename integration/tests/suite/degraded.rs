@@ -7,6 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 use serde_json::Value;
 
@@ -15,7 +16,7 @@ fn crash_looping(crashes: usize, file: &std::path::Path) -> TestConfig {
     let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1);
     config.command = binaries().it_worker.clone();
     config.env = vec![
-        ("IT_MODE".into(), "crash-after:100".into()),
+        WorkerMode::CrashAfter(100).env(),
         ("IT_CRASHES".into(), crashes.to_string()),
         ("IT_CRASHES_FILE".into(), file.display().to_string()),
     ];
@@ -129,7 +130,7 @@ fn while_degraded_the_metrics_and_the_table_say_so_and_status_exits_2_when_nothi
     // A master whose first generation is not serving yet: 2.
     let mut never = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1);
     never.command = binaries().it_worker.clone();
-    never.env = vec![("IT_MODE".into(), "never-ready".into())];
+    never.env = vec![WorkerMode::NeverReady.env()];
     never.ready_timeout = "60s";
     let starting = Master::spawn("degraded-starting", &never.yaml());
     let code = eventually(

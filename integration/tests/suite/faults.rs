@@ -260,8 +260,8 @@ fn inject(point: &'static str, fault: Fault) {
             kept.summary()
         );
     } else {
-        assert_eq!(fresh.failed(), 0, "{label}: {}", fresh.summary());
-        assert_eq!(kept.failed(), 0, "{label}: {}", kept.summary());
+        fresh.assert_lossless(&label);
+        kept.assert_lossless(&label);
     }
     let r = baton_integration::load::requests(addr, 20);
     assert_eq!(r.ok, 20, "{label}: {}", r.summary());

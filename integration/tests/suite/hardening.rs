@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use baton_integration::load::requests;
 use baton_integration::procfs::{self, zombies};
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 
 #[test]
@@ -63,7 +64,7 @@ fn workers_run_as_the_configured_user_without_the_masters_groups_or_its_control_
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     c.command = binaries().it_worker.clone();
     c.env = vec![
-        ("IT_MODE".into(), format!("report-fds:{}", report.display())),
+        WorkerMode::ReportFds(report.clone()).env(),
         ("IT_TRY_CONNECT".into(), "{dir}/baton.sock".into()),
     ];
     c.worker_extra = vec![

@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::requests;
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 use nix::sys::signal::Signal;
 
@@ -94,7 +95,7 @@ fn a_worker_inherits_stdio_and_its_channel_and_nothing_else() {
     let report = dir.path().join("fds.txt");
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     c.command = binaries().it_worker.clone();
-    c.env = vec![("IT_MODE".into(), format!("report-fds:{}", report.display()))];
+    c.env = vec![WorkerMode::ReportFds(report.clone()).env()];
     let master = Master::spawn_with_env(
         "fds",
         &c.yaml(),
@@ -139,7 +140,7 @@ fn signals_during_a_slow_reload_coalesce_into_one_follow_up_and_are_all_accounte
     let port = free_port();
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     c.command = binaries().it_worker.clone();
-    c.env = vec![("IT_MODE".into(), "ready-after:600".into())];
+    c.env = vec![WorkerMode::ReadyAfter(600).env()];
     let master = Master::start("coalesce", &c);
     let sent = 10;
     let start = Instant::now();

@@ -68,7 +68,7 @@ fn a_stopped_worker_is_replaced_within_its_window_and_no_request_fails() {
     });
     std::thread::sleep(Duration::from_millis(500)); // load after the replacement, bounded
     let report = load.finish();
-    assert_eq!(report.failed(), 0, "{:?}", report.failures);
+    report.assert_lossless("");
     assert!(report.ok > 50, "{}", report.ok);
     let (_, metrics, _) = master.ctl(&["metrics"]);
     assert!(

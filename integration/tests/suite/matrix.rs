@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use baton_integration::load::{Load, Mode, Report, requests};
 use baton_integration::procfs::{alive, listening_inodes};
 use baton_integration::recipes::gunicorn_yaml;
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, binaries, eventually, free_port, next_baton};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -309,9 +310,13 @@ impl Kind {
                 yaml[at..end].to_string()
             }
             Kind::Quic => format!(
-                "  command: {it}\n  env: {{IT_MODE: quic-echo, IT_LINGER_MS: \"1000\"}}\n  processes: 1\n"
+                "  command: {it}\n  env: {{IT_MODE: {}, IT_LINGER_MS: \"1000\"}}\n  processes: 1\n",
+                WorkerMode::QuicEcho
             ),
-            Kind::Udp => format!("  command: {it}\n  env: {{IT_MODE: udp-echo}}\n  processes: 2\n"),
+            Kind::Udp => format!(
+                "  command: {it}\n  env: {{IT_MODE: {}}}\n  processes: 2\n",
+                WorkerMode::UdpEcho
+            ),
         };
         if broken {
             let command = worker

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -23,7 +24,7 @@ fn alive(pid: u32) -> bool {
 fn stubborn(port: u16) -> TestConfig {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     c.command = binaries().it_worker.clone();
-    c.env = vec![("IT_MODE".into(), "stubborn".into())];
+    c.env = vec![WorkerMode::Stubborn.env()];
     c.drain_timeout = "2s";
     c
 }

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode};
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port, patience, procfs};
 use serde_json::Value;
 
@@ -19,7 +20,7 @@ fn hex(bytes: &[u8]) -> String {
 fn it_workers(processes: usize, env: &[(&str, String)]) -> TestConfig {
     let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), processes);
     config.command = binaries().it_worker.clone();
-    config.env = vec![("IT_MODE".into(), "ready-after:0".into())];
+    config.env = vec![WorkerMode::ReadyAfter(0).env()];
     config
         .env
         .extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
@@ -206,7 +207,7 @@ fn a_worker_that_fails_a_reload_has_its_last_stderr_lines_in_the_verdict() {
     let mut broken = it_workers(1, &[]);
     broken.listeners = config.listeners.clone();
     broken.env = vec![
-        ("IT_MODE".into(), "exit:3".into()),
+        WorkerMode::Exit(3).env(),
         (
             "IT_STDERR_HEX".into(),
             hex(b"starting\nfatal: cannot open /var/lib/app.db: permission denied\n"),
@@ -343,7 +344,7 @@ fn a_flooding_worker_delays_no_reload_loses_no_request_and_costs_no_memory() {
         report.ok,
         report.failed()
     );
-    assert_eq!(report.failed(), 0, "{:?}", report.failures);
+    report.assert_lossless("");
     assert!(report.ok > 100, "the load ran: {}", report.ok);
     assert!(reloads >= 10, "reloads ran through the flood: {reloads}");
     assert!(

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port, procfs};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -24,7 +25,7 @@ pub(crate) fn escaping(dir: &std::path::Path, port: u16) -> TestConfig {
             binaries().it_worker.display()
         ),
     ];
-    config.env = vec![("IT_MODE".into(), "stubborn".into())];
+    config.env = vec![WorkerMode::Stubborn.env()];
     config.drain_timeout = "1s";
     config
 }

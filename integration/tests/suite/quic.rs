@@ -13,16 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::h3client::h3_worker_yaml;
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
 use nix::sys::signal::Signal;
 
-fn quic_yaml(port: u16, quic: bool, mode: &str) -> String {
+fn quic_yaml(port: u16, quic: bool, mode: WorkerMode) -> String {
     let mut config = TestConfig::hello("127.0.0.1:1", 1);
     config.command = binaries().it_worker.clone();
-    config.env = vec![
-        ("IT_MODE".into(), mode.into()),
-        ("IT_LINGER_MS".into(), "2500".into()),
-    ];
+    config.env = vec![mode.env(), ("IT_LINGER_MS".into(), "2500".into())];
     config.drain_timeout = "5s";
     config.ready_timeout = "2s";
     config.max_draining = 16;
@@ -165,7 +163,7 @@ fn reloads(master: &Master, every: Duration, run: Duration) -> usize {
 /// Runs 12 clients' connections of 1.5 s across reloads every 500 ms for 6 s.
 fn under_reloads(name: &str, quic: bool) -> (Vec<Connection>, Master) {
     let port = free_port();
-    let master = Master::spawn(name, &quic_yaml(port, quic, "quic-echo"));
+    let master = Master::spawn(name, &quic_yaml(port, quic, WorkerMode::QuicEcho));
     master.wait_event("serving", Duration::from_secs(30), |_| true);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = {
@@ -229,7 +227,7 @@ fn steered_quic_connections_stay_with_their_generation_across_reloads_and_unstee
 #[test]
 fn a_failed_reload_leaves_quic_traffic_on_the_serving_generation() {
     let port = free_port();
-    let master = Master::spawn("quic-failed", &quic_yaml(port, true, "quic-echo"));
+    let master = Master::spawn("quic-failed", &quic_yaml(port, true, WorkerMode::QuicEcho));
     master.wait_event("serving", Duration::from_secs(30), |_| true);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = {
@@ -237,13 +235,13 @@ fn a_failed_reload_leaves_quic_traffic_on_the_serving_generation() {
         std::thread::spawn(move || connections(port, 4, Duration::from_millis(800), stop))
     };
     // The new generation never becomes ready: its socket joins the group, and gets nothing.
-    master.write_config(&quic_yaml(port, true, "never-ready"));
+    master.write_config(&quic_yaml(port, true, WorkerMode::NeverReady));
     let before = master.events("reload_failed").len();
     master.signal(Signal::SIGUSR2);
     eventually(Duration::from_secs(10), "the reload to fail", || {
         (master.events("reload_failed").len() > before).then_some(())
     });
-    master.write_config(&quic_yaml(port, true, "quic-echo"));
+    master.write_config(&quic_yaml(port, true, WorkerMode::QuicEcho));
     std::thread::sleep(Duration::from_millis(1000)); // connections go on after the failure
     stop.store(true, Ordering::Relaxed);
     let done = clients.join().unwrap();
@@ -403,7 +401,7 @@ fn a_failed_reload_leaves_http3_connections_on_the_serving_generation() {
 #[test]
 fn reloads_never_remove_a_quic_listener_the_serving_generation_holds() {
     let port = free_port();
-    let master = Master::spawn("quic-status", &quic_yaml(port, true, "quic-echo"));
+    let master = Master::spawn("quic-status", &quic_yaml(port, true, WorkerMode::QuicEcho));
     master.wait_event("serving", Duration::from_secs(30), |_| true);
     for reload in 2..=4 {
         let (code, out, err) = master.ctl(&["reload"]);

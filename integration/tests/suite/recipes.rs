@@ -26,8 +26,8 @@ fn haproxy_under_baton_reloads_every_200ms_under_load_without_losing_a_request()
     // Every request carried out (not one skipped: HAProxy's own master skips some), and not
     // one failed, fresh or kept alive.
     let (fresh, kept, _) = reload_both_ways(&master, port, "haproxy");
-    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
-    assert_eq!(kept.failed(), 0, "{}", kept.summary());
+    fresh.assert_lossless("");
+    kept.assert_lossless("");
 }
 
 /// One request on `stream` (kept alive): the answer's head.
@@ -110,7 +110,7 @@ fn nginx_under_baton_reloads_every_200ms_and_loses_only_what_its_graceful_stop_c
     // handed over non-blocking, nginx, which assumes so of an inherited socket, parked a worker
     // in accept() after another process won the connection: its clients' requests waited
     // until the next connection arrived, 3 to 7 timeouts in half the runs.)
-    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
+    fresh.assert_lossless("");
     // nginx's graceful stop closes idle kept-alive connections at once: a client whose next
     // request crosses the close loses it, closed or reset; none is left unanswered.
     assert_only_graceful_closes(&kept, signals, &["closed", "reset"]);
@@ -241,8 +241,8 @@ fn a_go_server_with_only_the_standard_library_reloads_every_200ms_without_losing
     let (fresh, kept, _) = reload_both_ways(&master, port, "go");
     // Its drain closes the listener, says `Connection: close` on every later answer and
     // closes idle connections only after a quiet grace: nothing lost, kept-alive or not.
-    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
-    assert_eq!(kept.failed(), 0, "{}", kept.summary());
+    fresh.assert_lossless("");
+    kept.assert_lossless("");
     assert!(
         kept.close_notices > 0,
         "the drain told clients: {}",
@@ -256,9 +256,9 @@ fn gunicorn_under_baton_is_ready_when_a_worker_has_loaded_the_app_and_loses_noth
     let port = free_port();
     let master = Master::spawn("gunicorn-load", &gunicorn_yaml(dir.path(), port));
     let (fresh, kept, _) = reload_both_ways(&master, port, "gunicorn");
-    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
+    fresh.assert_lossless("");
     // Its sync workers answer `Connection: close`: a kept-alive client reconnects each time.
-    assert_eq!(kept.failed(), 0, "{}", kept.summary());
+    kept.assert_lossless("");
 
     // gunicorn's READY=1 comes as its arbiter boots, before a worker has loaded the app: an app
     // that takes 1.5 s to load is ready (and the old generation retired) only after that.

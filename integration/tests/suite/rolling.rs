@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode};
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, eventually, free_port};
 use serde_json::Value;
 
@@ -105,7 +106,7 @@ fn a_rolling_reload_of_8_workers_loses_nothing_and_never_runs_more_than_8_plus_i
             }
             reloads += verdicts.len();
             eprintln!("batch {batch}, {mode:?}: {}", report.summary());
-            assert_eq!(report.failed(), 0, "{mode:?}: {}", report.summary());
+            report.assert_lossless(format!("{mode:?}"));
             assert!(report.ok > 200, "real load: {}", report.summary());
         }
         let (peak, samples) = census.finish();
@@ -210,8 +211,8 @@ fn a_failure_at_batch_3_of_8_rolls_back_to_8_workers_of_the_old_configuration_lo
     let (peak, _) = census.finish();
     eprintln!("keep-alive: {}", report.summary());
     eprintln!("fresh: {}", fresh.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
-    assert_eq!(fresh.failed(), 0, "{}", fresh.summary());
+    report.assert_lossless("");
+    fresh.assert_lossless("");
     assert!(
         peak <= 9,
         "at most 8 + 1 alive on the way there and back, saw {peak}"
@@ -235,7 +236,7 @@ fn old_workers_that_do_not_finish_make_each_batch_wait_for_their_drain_up_to_the
     // a connection it will not close (which connections reach which worker is the kernel's
     // choice, so a test of held connections could not say which workers would hold one).
     config.command = baton_integration::binaries().it_worker.clone();
-    config.env = vec![("IT_MODE".into(), "stubborn".into())];
+    config.env = vec![WorkerMode::Stubborn.env()];
     let master = Master::start("rolling-held", &config);
     let reload = master.ctl_spawn(&["reload"]);
     // While batch 1's old workers drain, `baton status` shows the rollout, an upgrade is
@@ -323,7 +324,7 @@ fn a_stop_during_a_rollout_drains_both_generations_within_their_deadlines() {
     config.drain_timeout = "2s";
     // Old workers that never finish: the rollout is still retiring when the stop comes.
     config.command = baton_integration::binaries().it_worker.clone();
-    config.env = vec![("IT_MODE".into(), "stubborn".into())];
+    config.env = vec![WorkerMode::Stubborn.env()];
     let mut master = Master::start("rolling-stop", &config);
     let reload = master.ctl_spawn(&["reload"]);
     master.wait_event("rollout_retiring", Duration::from_secs(10), |_| true);

@@ -86,8 +86,8 @@ impl Serving {
             kept.summary()
         );
         assert!(fresh.ok > 0 && kept.ok > 0, "{label}: the load ran");
-        assert_eq!(fresh.failed(), 0, "{label}: {}", fresh.summary());
-        assert_eq!(kept.failed(), 0, "{label}: {}", kept.summary());
+        fresh.assert_lossless(label);
+        kept.assert_lossless(label);
         let r = load::requests(self.addr, 20);
         assert_eq!(r.ok, 20, "{label}: {}", r.summary());
     }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton_integration::load::{Load, Mode, requests};
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{
     Master, TestConfig, binaries, eventually, free_port, start_socket_activated,
 };
@@ -63,7 +64,7 @@ fn zero_loss_with(name: &str, yaml: String, port: u16) {
         Duration::from_millis(100),
     );
     eprintln!("{name}: {} ({sent} SIGUSR2)", report.summary());
-    assert_eq!(report.failed(), 0, "{name}: {}", report.summary());
+    report.assert_lossless(name);
     assert!(
         report.ok > 200,
         "{name}: the load must be real: {}",
@@ -137,7 +138,7 @@ fn baton_and_systemd_style_programs_serve_side_by_side() {
         Duration::from_millis(200),
     );
     eprintln!("mixed: {}", report.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     master.assert_every_request_accounted_for(sent);
 }
 
@@ -200,7 +201,7 @@ fn a_systemd_style_worker_holds_stdio_its_listeners_and_nothing_of_the_master() 
     c.listeners
         .push(("second".into(), format!("127.0.0.1:{b}")));
     c.command = binaries().it_worker.clone();
-    c.env = vec![("IT_MODE".into(), format!("report-fds:{}", report.display()))];
+    c.env = vec![WorkerMode::ReportFds(report.clone()).env()];
     c.worker_extra = vec!["protocol: systemd".into()];
     // The master runs as if under systemd: its own NOTIFY_SOCKET and LISTEN_* must not leak.
     let master = Master::spawn_with_env(
@@ -277,7 +278,7 @@ fn a_worker_that_never_notifies_fails_the_reload_and_the_old_generation_keeps_se
     let load = Load::until_finished(addr, Mode::Fresh, 4);
     let mut silent = good.clone();
     silent.command = binaries().it_worker.clone();
-    silent.env = vec![("IT_MODE".into(), "never-ready".into())];
+    silent.env = vec![WorkerMode::NeverReady.env()];
     silent.ready_timeout = "1500ms";
     silent.worker_extra = vec!["protocol: systemd".into()];
     master.write_config(&silent.yaml());
@@ -292,7 +293,7 @@ fn a_worker_that_never_notifies_fails_the_reload_and_the_old_generation_keeps_se
     );
     let report = load.finish();
     eprintln!("never-notify: {}", report.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert_eq!(
         report.generations.keys().copied().collect::<Vec<_>>(),
         vec![1]
@@ -305,7 +306,7 @@ fn garbage_oversized_and_flooding_notifications_do_not_disturb_the_master() {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
     c.command = binaries().it_worker.clone();
     c.env = vec![
-        ("IT_MODE".into(), "notify-abuse".into()),
+        WorkerMode::NotifyAbuse.env(),
         ("IT_ABUSE_MS".into(), "3000".into()),
     ];
     c.worker_extra = vec!["protocol: systemd".into()];
@@ -357,7 +358,7 @@ fn a_probe_against_a_backend_that_answers_garbage_and_half_closes_fails_cleanly(
     };
     let mut probing = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     probing.command = binaries().it_worker.clone();
-    probing.env = vec![("IT_MODE".into(), "never-ready".into())];
+    probing.env = vec![WorkerMode::NeverReady.env()];
     probing.ready_timeout = "2s";
     probing.worker_extra = vec![
         "protocol: systemd".into(),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use baton_integration::load::{Load, Mode};
 use baton_integration::procfs::{alive, listening_inodes};
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{
     Master, TestConfig, binaries, eventually, free_port, held_connection, http, next_baton,
 };
@@ -63,7 +64,7 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
     served();
     let report = load.finish();
     eprintln!("upgrade under load: {upgraded}; {}", report.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
 
     let after = status(&master);
     assert_eq!(
@@ -229,7 +230,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
         "supervisor.upgrade_signal is not set",
     );
     let report = load.finish();
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert!(report.ok > 0);
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
@@ -248,7 +249,7 @@ fn an_upgrade_during_a_reload_is_refused_with_the_reason() {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     // A worker that is slow to become ready keeps the reload running.
     c.command = binaries().it_worker.clone();
-    c.env = vec![("IT_MODE".into(), "ready-after:1500".into())];
+    c.env = vec![WorkerMode::ReadyAfter(1500).env()];
     let master = Master::start("upgrade-busy", &c);
     master.signal(nix::sys::signal::Signal::SIGUSR2);
     master.wait_event("reload_started", Duration::from_secs(10), |_| true);
@@ -321,7 +322,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
         "upgrade by SIGURG under load: {upgraded}; {}",
         report.summary()
     );
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert!(report.ok > 0, "{}", report.summary());
 
     let after = status(&master);
@@ -421,7 +422,7 @@ fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing
         "upgrade with systemd workers under load: {}",
         report.summary()
     );
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert!(report.ok > 100, "real load: {}", report.summary());
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);

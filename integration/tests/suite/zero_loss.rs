@@ -23,7 +23,7 @@ fn load_with_reloads(name: &str, mode: Mode) -> (Master, Report, u64) {
 fn fresh_connections_lose_nothing_across_reloads_every_100ms() {
     let (master, report, sent) = load_with_reloads("fresh", Mode::Fresh);
     eprintln!("fresh connections: {}", report.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert!(
         report.ok > 1000,
         "the load must be real: {}",
@@ -43,7 +43,7 @@ fn fresh_connections_lose_nothing_across_reloads_every_100ms() {
 fn keep_alive_clients_lose_nothing_across_reloads_every_100ms() {
     let (master, report, sent) = load_with_reloads("keepalive", Mode::KeepAlive);
     eprintln!("keep-alive: {}", report.summary());
-    assert_eq!(report.failed(), 0, "{}", report.summary());
+    report.assert_lossless("");
     assert!(
         report.ok > 1000,
         "the load must be real: {}",

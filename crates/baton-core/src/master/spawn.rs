@@ -133,12 +133,8 @@ impl Master {
             .ready
             .probe()
             .map(|probe| probe.address_for(worker.0, slot, generation.0));
-        let liveness_address = match config.liveness.as_ref().map(|l| &l.check) {
-            Some(LivenessCheck::Probe(probe)) => {
-                Some(probe.address_for(worker.0, slot, generation.0))
-            }
-            _ => None,
-        };
+        let liveness_address =
+            liveness_probe(&config).map(|probe| probe.address_for(worker.0, slot, generation.0));
         let mut link = Link {
             ready: Gate::new(readiness::conditions(&config)),
             probe_files: super::probe::socket_files(
@@ -149,10 +145,19 @@ impl Master {
             ),
             ..Link::default()
         };
-        // Worker ids start again at 1 with each master: a socket left at this worker's probe
-        // address by a killed predecessor's worker would make the new one fail to bind it (and
-        // never be ready). Issue 28's matrix found it (`kill_restart_gunicorn`).
-        super::probe::remove_socket_files(&link.probe_files);
+        // Worker ids start again at 1 with each master: a socket left at this worker's own
+        // probe address by a killed predecessor's worker would make the new one fail to bind it
+        // (and never be ready). Issue 28's matrix found it (`kill_restart_gunicorn`). An address
+        // all workers share is someone else's socket (a sidecar's): left alone.
+        let own = [config.ready.probe(), liveness_probe(&config)]
+            .into_iter()
+            .flatten()
+            .filter(|p| p.is_per_worker())
+            .map(|p| p.address_for(worker.0, slot, generation.0))
+            .collect::<Vec<_>>();
+        super::probe::remove_socket_files(&super::probe::socket_files(
+            own.iter().map(String::as_str),
+        ));
         let quic = listeners.iter().any(|l| l.config.options.quic);
         let mut start = Start {
             config: &config,
@@ -574,4 +579,12 @@ fn handoff_parts(
         .map(|l| l.socket.duplicate())
         .collect::<std::io::Result<Vec<_>>>()?;
     Ok((hello, fds))
+}
+
+/// The liveness probe of a program, if its liveness check is one.
+fn liveness_probe(config: &WorkerConfig) -> Option<&crate::config::Probe> {
+    match config.liveness.as_ref().map(|l| &l.check) {
+        Some(LivenessCheck::Probe(probe)) => Some(probe),
+        _ => None,
+    }
 }

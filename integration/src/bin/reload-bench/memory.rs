@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, free_port, procfs};
 
 const WORKERS: usize = 8;
@@ -38,7 +39,7 @@ fn run(strategy: &str) -> Run {
     let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), WORKERS);
     config.command = binaries().it_worker.clone();
     config.env = vec![
-        ("IT_MODE".into(), "ready-after:0".into()),
+        WorkerMode::ReadyAfter(0).env(),
         ("IT_HOLD_MIB".into(), HOLD_MIB.to_string()),
     ];
     config.ready_timeout = "60s";

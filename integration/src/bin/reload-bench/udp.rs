@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::datagrams::udp_clients;
+use baton_integration::worker_mode::WorkerMode;
 use baton_integration::{Master, TestConfig, binaries, free_port};
 use nix::sys::signal::Signal;
 
@@ -15,7 +16,7 @@ pub(crate) fn report(seconds: u64) {
     let port = free_port();
     let mut config = TestConfig::hello("127.0.0.1:1", 2);
     config.command = binaries().it_worker.clone();
-    config.env = vec![("IT_MODE".into(), "udp-echo".into())];
+    config.env = vec![WorkerMode::UdpEcho.env()];
     config.max_draining = 16;
     let yaml = config.yaml();
     let worker = yaml.find("worker:").unwrap();
