@@ -68,9 +68,60 @@ fn locate_quoted_value(text: &str, from: usize, message: &str) -> Option<(usize,
 /// `worker: invalid duration ...` becomes `worker.ready_timeout: invalid duration ...`.
 pub(super) fn qualify(message: &str, key: &str) -> String {
     match message.split_once(": ") {
+        // The parser's path may end with the key already (`worker.processes`).
+        Some((path, _)) if path == key || path.ends_with(&format!(".{key}")) => message.into(),
         Some((path, rest)) if !path.contains(' ') => format!("{path}.{key}: {rest}"),
         _ => format!("{key}: {message}"),
     }
+}
+
+/// serde's words for a value of the wrong type or range, in the configuration's: `invalid
+/// type: string "two", expected u64` is `expected a whole number, not the text "two"`. Other
+/// messages are returned as they are.
+pub(super) fn plain(message: &str) -> String {
+    let (head, rest) = match message.rsplit_once(": invalid ") {
+        Some((path, rest)) => (format!("{path}: "), rest),
+        None => match message.strip_prefix("invalid ") {
+            Some(rest) => (String::new(), rest),
+            None => return message.to_string(),
+        },
+    };
+    let Some(rest) = rest
+        .strip_prefix("type: ")
+        .or_else(|| rest.strip_prefix("value: "))
+    else {
+        return message.to_string();
+    };
+    let Some((found, expected)) = rest.rsplit_once(", expected ") else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)".to_string(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".to_string(),
+        "f32" | "f64" => "a number".to_string(),
+        "a boolean" | "bool" => "true or false".to_string(),
+        "a sequence" => "a list".to_string(),
+        "a map" => "a mapping (key: value)".to_string(),
+        other if other.starts_with("struct ") => "a mapping (key: value)".to_string(),
+        other => other.to_string(),
+    };
+    let found = if let Some(text) = found.strip_prefix("string ") {
+        format!("the text {text}")
+    } else if let Some(n) = found.strip_prefix("integer ") {
+        format!("the number {}", n.trim_matches('`'))
+    } else if let Some(n) = found.strip_prefix("floating point ") {
+        format!("the number {}", n.trim_matches('`'))
+    } else if let Some(b) = found.strip_prefix("boolean ") {
+        b.trim_matches('`').to_string()
+    } else {
+        match found {
+            "sequence" => "a list".to_string(),
+            "map" => "a mapping".to_string(),
+            "unit value" => "nothing".to_string(),
+            other => other.to_string(),
+        }
+    };
+    format!("{head}expected {expected}, not {found}")
 }
 
 /// The first line that holds `needle` outside a comment.

@@ -32,7 +32,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawWorker {
     #[serde(default)]
-    pub(super) name: Option<ListenerName>,
+    pub(super) name: Option<ProgramName>,
     pub(super) command: String,
     #[serde(default)]
     pub(super) args: Vec<String>,
@@ -505,6 +505,17 @@ validated!(ListenerName(String) from String, "listener name", |s| {
     } else {
         // The name travels in LISTEN_FDNAMES, where ':' separates names.
         Err(format!("invalid listener name {s:?}: use 1-255 of A-Z a-z 0-9 - _ ."))
+    }
+});
+
+validated!(ProgramName(String) from String, "program name", |s| {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(s)
+    } else {
+        Err(format!("invalid program name {s:?}: use 1-255 of A-Z a-z 0-9 - _ ."))
     }
 });
 

@@ -718,3 +718,43 @@ fn an_open_files_limit_above_what_baton_may_give_is_refused_with_the_limit() {
     let ok = format!("listeners: []\nworker:\n  command: sh\n  rlimits: {{nofile: {ceiling}}}\n");
     assert!(parse(Path::new("/etc/baton/baton.yaml"), &ok).is_ok());
 }
+
+/// Issue 28: one root cause, one message, at the key's own line, in the configuration's words
+/// (no Rust type names, no key named twice, no "missing `worker`" after a bad program name).
+#[test]
+fn config_errors_are_said_once_in_plain_words_at_the_key() {
+    let path = Path::new("/etc/baton/baton.yaml");
+    let problems = |text: &str| -> Vec<String> {
+        super::parse_all(path, text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(
+        problems("listeners: []\nworker:\n  command: sh\n  processes: two\n"),
+        vec![
+            "/etc/baton/baton.yaml:4:14: worker.processes: expected a whole number (0 or more), not the text \"two\""
+        ]
+    );
+    assert_eq!(
+        problems(
+            "listeners:\n  - name: a\n    address: 127.0.0.1:80\n    backlog: big\nworker:\n  command: sh\n"
+        ),
+        vec![
+            "/etc/baton/baton.yaml:4:14: listeners[0].backlog: expected a whole number (0 or more), not the text \"big\""
+        ]
+    );
+    assert_eq!(
+        problems("listeners: []\nworkers:\n  - name: \"bad name!\"\n    command: sh\n"),
+        vec![
+            "/etc/baton/baton.yaml:3:11: workers[0].name: invalid program name \"bad name!\": use 1-255 of A-Z a-z 0-9 - _ ."
+        ]
+    );
+    let list = problems("listeners: []\nworker:\n  command: sh\n  ready_timeout: [1]\n");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(
+        list[0].ends_with("worker.ready_timeout: expected a string, not a list"),
+        "{list:?}"
+    );
+}

@@ -34,7 +34,11 @@ pub(super) fn parse_all(path: &Path, text: &str) -> Result<Config, Vec<ConfigErr
     let programs = match check.programs(raw.worker, raw.workers, &listeners) {
         Ok(programs) => programs,
         Err(more) => {
-            problems.extend(more);
+            // A program set aside for a problem already reported leaves `workers` empty:
+            // "missing" then is no second problem of the file, only a consequence.
+            if problems.is_empty() {
+                problems.extend(more);
+            }
             return Err(problems);
         }
     };
@@ -148,7 +152,7 @@ fn read(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
             path: path.to_owned(),
             line,
             column,
-            message,
+            message: super::locate::plain(&message),
         }
     })
 }
