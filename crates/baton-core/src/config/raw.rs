@@ -496,28 +496,25 @@ macro_rules! validated {
     };
 }
 
-validated!(ListenerName(String) from String, "listener name", |s| {
+/// A name of 1 to 255 of `A-Z a-z 0-9 - _ .`: a listener's travels in `LISTEN_FDNAMES`, where
+/// ':' separates names; a program's is in paths and log fields.
+fn valid_name(what: &str, s: String) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 255
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(s)
     } else {
-        // The name travels in LISTEN_FDNAMES, where ':' separates names.
-        Err(format!("invalid listener name {s:?}: use 1-255 of A-Z a-z 0-9 - _ ."))
+        Err(format!(
+            "invalid {what} name {s:?}: use 1-255 of A-Z a-z 0-9 - _ ."
+        ))
     }
-});
+}
 
-validated!(ProgramName(String) from String, "program name", |s| {
-    let ok = !s.is_empty()
-        && s.len() <= 255
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok {
-        Ok(s)
-    } else {
-        Err(format!("invalid program name {s:?}: use 1-255 of A-Z a-z 0-9 - _ ."))
-    }
-});
+validated!(ListenerName(String) from String, "listener name", |s| valid_name("listener", s));
+
+validated!(ProgramName(String) from String, "program name", |s| valid_name("program", s));
 
 validated!(TcpAddress(SocketAddr) from String, "TCP address", |s| {
     s.parse::<SocketAddr>().map_err(|_| {
