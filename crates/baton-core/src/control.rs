@@ -170,6 +170,9 @@ pub async fn serve(
                 continue;
             }
         };
+        // A test's fault: `return(panic)` makes this task panic (the master serves the socket
+        // again, `serve_control_again`).
+        crate::faults::Point::ControlAccept.pass();
         let Some(peer) = peer_of(&stream) else {
             continue;
         };

@@ -11,6 +11,8 @@
 //!   naming the point (`fault injected at worker.spawn`); the caller handles it like any other
 //!   failure of that step;
 //! - `return(kill)`: the master SIGKILLs itself right there;
+//! - `return(panic)`: the task passing the point panics (`control.accept`: the control socket's
+//!   task, which the master then serves again);
 //! - `sleep(MS)`: the step takes that long. The master runs on one thread, so the whole loop
 //!   waits, as it would behind a slow system call (a fork under memory pressure, a file on a
 //!   hung disk): deadlines that expired meanwhile are acted on when the step returns.
@@ -49,6 +51,8 @@ pub enum Point {
     StateWrite,
     /// A self-upgrade execs the new program.
     Exec,
+    /// The control socket accepts a client (`return(panic)`: its task panics).
+    ControlAccept,
     /// The new program takes over after the exec ([`crate::master::Master::resume`]). The old
     /// program's faults end with it (the exec drops `FAILPOINTS`): a test arms this one with
     /// `FAILPOINTS_AFTER_UPGRADE`, which the exec passes on as the new program's `FAILPOINTS`.
@@ -60,7 +64,7 @@ pub const AFTER_UPGRADE_ENV: &str = "FAILPOINTS_AFTER_UPGRADE";
 
 impl Point {
     /// Every point, in the order of a reload and then an upgrade.
-    pub const ALL: [Point; 13] = [
+    pub const ALL: [Point; 14] = [
         Point::ConfigRead,
         Point::ListenerBind,
         Point::WorkerSpawn,
@@ -74,6 +78,7 @@ impl Point {
         Point::StateWrite,
         Point::Exec,
         Point::Resume,
+        Point::ControlAccept,
     ];
 
     /// The point's name in `FAILPOINTS` and in the log.
@@ -92,6 +97,7 @@ impl Point {
             Point::StateWrite => "upgrade.state_write",
             Point::Exec => "upgrade.exec",
             Point::Resume => "upgrade.resume",
+            Point::ControlAccept => "control.accept",
         }
     }
 
@@ -120,6 +126,18 @@ impl Point {
             }
             match fired.as_deref() {
                 None => {}
+                Some("panic") => {
+                    tracing::warn!(
+                        event = "fault_injected",
+                        point = self.name(),
+                        fault = "panic",
+                        "fault injected at {self}: the task panics"
+                    );
+                    #[allow(clippy::panic)] // the fault asked for
+                    {
+                        panic!("fault injected at {self}");
+                    }
+                }
                 Some("kill") => {
                     tracing::warn!(
                         event = "fault_injected",

@@ -362,6 +362,7 @@ impl Master {
         }
         let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
         let mut _socket_file = None;
+        let mut control_task: Option<tokio::task::JoinHandle<()>> = None;
         if let Some((listener, config, file)) = self.control.take() {
             if self.resumed.is_none() {
                 info!(event = "control_socket", path = %config.socket.display(),
@@ -373,12 +374,12 @@ impl Master {
                 .ok()
                 .map(|fd| (fd, config.clone()));
             _socket_file = Some(file);
-            tokio::spawn(control::serve(
+            control_task = Some(tokio::spawn(control::serve(
                 listener,
                 config,
-                control_tx,
+                control_tx.clone(),
                 self.output.clone(),
-            ));
+            )));
         }
         if let Some(endpoint) = self.metrics_pending.take() {
             let announce = self.resumed.is_none();
@@ -447,6 +448,9 @@ impl Master {
                 Some(news) = self.events_rx.recv() => self.on_news(news, &mut queue),
                 Some(ask) = self.metrics_rx.recv() => {
                     let _ = ask.reply.send(self.page(ask.page));
+                }
+                ended = async { control_task.as_mut().unwrap().await }, if control_task.is_some() => {
+                    control_task = self.serve_control_again(ended, &control_tx);
                 }
                 Some(request) = control_rx.recv() => {
                     if let Some(code) = self.on_control(request, &mut queue) {

@@ -986,3 +986,34 @@ fn status_reaches_the_master_through_a_file_that_is_not_yaml_any_more() {
     let (code, out, err) = run(&["reload"]);
     assert_eq!(code, 64, "reload refuses the file: {out}{err}");
 }
+
+/// The control socket's task dying (a panic: here a fault at `control.accept`) does not lock
+/// the operator out: the master serves the socket again from its own copy, and says so
+/// (`control_restarted`, with the panic's message). CI twice saw a `baton reload` reset after a
+/// test injected EINTR into the master's loop: the socket had no task any more.
+#[test]
+fn a_panic_of_the_control_socket_s_task_does_not_lock_the_operator_out() {
+    let master = Master::spawn_with_env(
+        "control-panic",
+        &TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1).yaml(),
+        &[("FAILPOINTS", "control.accept=1*return(panic)")],
+    );
+    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    // The first client finds the task panicking under it.
+    let (code, _, _) = master.ctl(&["status"]);
+    assert_ne!(code, 0, "the first client's connection went with the task");
+    let (_, restarted) = master.wait_event("control_restarted", Duration::from_secs(10), |_| true);
+    assert!(
+        restarted["message"]
+            .as_str()
+            .unwrap()
+            .contains("it panicked: fault injected at control.accept"),
+        "{restarted}"
+    );
+    for _ in 0..3 {
+        let (code, out, err) = master.ctl(&["status"]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let (code, out, err) = master.ctl(&["reload"]);
+    assert_eq!(code, 0, "{out}{err}");
+}

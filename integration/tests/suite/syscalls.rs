@@ -63,11 +63,16 @@ impl Serving {
         let (code, out, err) = self.master.ctl(&["reload"]);
         if code != 0 {
             // What the master said last (CI once saw this reload's connection reset).
+            // From its first panic on, if it has one (a backtrace is longer than 40 lines).
             let lines = self.master.raw_lines();
+            let from = lines
+                .iter()
+                .position(|l| l.contains("panicked at"))
+                .unwrap_or(lines.len().saturating_sub(40));
             eprintln!(
                 "{label}: the master's last lines (running: {}):\n{}",
                 procfs_alive(self.master.pid()),
-                lines[lines.len().saturating_sub(40)..].join("\n")
+                lines[from..].join("\n")
             );
         }
         assert_eq!(code, 0, "{label}: the next reload: {out}{err}");

@@ -171,3 +171,51 @@ impl Master {
         }
     }
 }
+
+impl Master {
+    /// The control socket's task ended: it never returns, so it panicked (a bug, or a system
+    /// call failing in a way the runtime does not expect). Its listener went with it; the
+    /// socket is served again from the master's own copy, so the operator is not locked out
+    /// (CI twice saw a `baton reload` reset after a test injected EINTR into the loop).
+    /// Returns the new task.
+    pub(super) fn serve_control_again(
+        &mut self,
+        ended: Result<(), tokio::task::JoinError>,
+        requests: &tokio::sync::mpsc::Sender<ControlRequest>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let why = match ended {
+            Ok(()) => "it returned".to_string(),
+            Err(err) if err.is_panic() => {
+                let payload = err.into_panic();
+                let text = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                format!("it panicked: {text}")
+            }
+            Err(err) => err.to_string(),
+        };
+        let (fd, config) = self.control_fd.as_ref()?;
+        let listener = match fd.try_clone() {
+            Ok(fd) => std::os::unix::net::UnixListener::from(fd),
+            Err(err) => {
+                tracing::error!(
+                    event = "control_lost",
+                    "the control socket's task ended ({why}) and cannot be started again: {err}"
+                );
+                return None;
+            }
+        };
+        tracing::error!(
+            event = "control_restarted",
+            "the control socket's task ended ({why}): serving the socket again"
+        );
+        Some(tokio::spawn(crate::control::serve(
+            listener,
+            config.clone(),
+            requests.clone(),
+            self.output.clone(),
+        )))
+    }
+}
