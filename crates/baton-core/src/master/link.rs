@@ -111,7 +111,19 @@ pub(super) async fn link_task(
             "handing listeners to worker {worker} failed: {err}"
         );
         let cause = format!("handing it its listeners failed: {err}");
-        let _ = events.send(News::Event(Event::CannotBeReady { worker, cause }));
+        // A worker that is gone (its end of the channel closed) is judged by its exit, whose
+        // status is the better cause; any other failure is final now.
+        let gone = matches!(
+            err.kind(),
+            std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionRefused
+        );
+        let event = match gone {
+            true => Event::NotReadyBecause { worker, cause },
+            false => Event::CannotBeReady { worker, cause },
+        };
+        let _ = events.send(News::Event(event));
         return;
     }
     drop(fds);
