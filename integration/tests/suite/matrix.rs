@@ -8,7 +8,7 @@
 //! or datagrams each answered by the worker) across the operation, and checks:
 //! - nothing failed (the operations meant to end the service, `stop`, `fast_stop` and the
 //!   master's SIGKILL, are checked up to that point; after a SIGKILL the next master serves);
-//! - every reload request has its one verdict (`assert_logged_requests_accounted_for`);
+//! - every reload request has its one verdict (`assert_every_request_has_one_verdict`);
 //! - one listening socket per TCP address; `baton status` shows every worker process alive;
 //! - at the end (the master stopped) no process of any generation is left.
 //!
@@ -548,7 +548,6 @@ fn run(name: &str, op: Op, kind: Kind, output: Output, cgroups: Cgroups) {
     let mut seen = BTreeSet::new();
     status_matches_processes(&master, &mut seen);
     let traffic = Traffic::start(kind, port);
-    let mut cut = false;
     match op {
         Op::Start => serves(kind, port),
         Op::Reload => {
@@ -617,7 +616,6 @@ fn run(name: &str, op: Op, kind: Kind, output: Output, cgroups: Cgroups) {
         }
         Op::Stop | Op::FastStop | Op::KillRestart => {
             serves(kind, port);
-            cut = true;
         }
     }
     let (ok, failed, summary) = traffic.finish();
@@ -670,7 +668,6 @@ fn run(name: &str, op: Op, kind: Kind, output: Output, cgroups: Cgroups) {
         }
         _ => {}
     }
-    assert!(cut || ok > 0);
     if master.is_running() {
         let (code, out, err) = master.ctl(&["stop"]);
         assert_eq!(code, 0, "{out}{err}");
