@@ -203,6 +203,8 @@ pub struct Master {
     /// `recycle:`'s memory checks; the accept queues' watch and reload receipts.
     memory: memory::MemoryWatch,
     queues: queues::QueueWatch,
+    /// What `baton status` read from the kernel, kept for its next call.
+    census: std::sync::Arc<std::sync::Mutex<report::StatusCensus>>,
     /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]); those open
     /// to make workers in; the cgroups of gone generations still to remove (their last
     /// processes not reaped yet).
@@ -319,6 +321,7 @@ impl Master {
             output: output::Hub::default(),
             memory: memory::MemoryWatch::default(),
             queues: queues::QueueWatch::default(),
+            census: Default::default(),
             containment,
             cgroup_fds: HashMap::new(),
             cgroups_to_remove: Vec::new(),

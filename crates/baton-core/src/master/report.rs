@@ -2,14 +2,16 @@
 //! one-line status that `systemctl status` shows (the Prometheus text is in `metrics.rs`).
 //! Read-only: nothing here changes the master.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use baton_proto::control as proto;
 
 use super::Master;
-use crate::procmem::Memory;
+use crate::procmem::{Memory, MemoryCensus};
+use crate::procnet::ConnectionCensus;
 use crate::supervisor::{Generation, Phase, ReloadRecord, RolloutSnapshot, Snapshot};
+use baton_sys::sockdiag::Ports;
 
 impl Master {
     pub(super) fn unix_ms_ago(&self, ago: Duration) -> u64 {
@@ -24,17 +26,17 @@ impl Master {
     pub(super) fn status_job(&self) -> impl FnOnce() -> proto::StatusSnapshot + Send + 'static {
         let snap = self.supervisor.snapshot(Instant::now());
         // Connections of workers that do not report them, counted from the kernel.
-        let ports: HashSet<u16> = self
-            .resources
-            .values()
-            .flat_map(|r| &r.listeners)
-            .filter_map(|l| match &l.config.address {
-                baton_proto::ListenerAddress::Tcp { .. } => {
-                    l.socket.local().rsplit(':').next()?.parse().ok()
-                }
-                _ => None,
-            })
-            .collect();
+        let mut ports = Ports::default();
+        for l in self.resources.values().flat_map(|r| &r.listeners) {
+            if let baton_proto::ListenerAddress::Tcp { .. } = &l.config.address
+                && let Ok(local) = l.socket.local().parse::<std::net::SocketAddr>()
+            {
+                match local {
+                    std::net::SocketAddr::V4(a) => ports.v4.insert(a.port()),
+                    std::net::SocketAddr::V6(a) => ports.v6.insert(a.port()),
+                };
+            }
+        }
         let unreported: Vec<u32> = snap
             .generations
             .iter()
@@ -66,9 +68,19 @@ impl Master {
                 })
                 .collect(),
         };
+        let census = self.census.clone();
         move || {
-            context.counted = crate::procnet::established_connections(&unreported, &ports);
-            context.memory = memory_of(&snap);
+            let workers: Vec<u32> = snap
+                .generations
+                .iter()
+                .flat_map(|g| &g.workers)
+                .filter_map(|w| w.pid)
+                .collect();
+            // A poisoned lock (a status job that panicked) only loses what was kept.
+            let mut census = census.lock().unwrap_or_else(|p| p.into_inner());
+            context.counted = census.connections.count(&unreported, &ports);
+            context.memory = census.memory.of_trees(&workers);
+            drop(census);
             status_view(&snap, &context)
         }
     }
@@ -125,14 +137,14 @@ struct StatusContext {
     refused: HashMap<crate::supervisor::WorkerId, String>,
 }
 
-/// The memory of every worker of `snap` (its process tree), by pid.
-fn memory_of(snap: &Snapshot) -> HashMap<u32, Memory> {
-    snap.generations
-        .iter()
-        .flat_map(|g| &g.workers)
-        .filter_map(|w| w.pid)
-        .filter_map(|pid| Some((pid, crate::procmem::of_tree(pid)?)))
-        .collect()
+/// What `baton status` read from the kernel, kept for its next call: the connections of
+/// workers that do not report theirs, and the workers' memory. Each is read again where it
+/// moved by more than 1 % ([`ConnectionCensus`], [`MemoryCensus`]), so that a status at tens of
+/// thousands of connections costs the master a `stat` and a `statm` per worker.
+#[derive(Debug, Default)]
+pub(super) struct StatusCensus {
+    connections: ConnectionCensus,
+    memory: MemoryCensus,
 }
 
 fn status_of(m: Memory) -> proto::MemoryStatus {

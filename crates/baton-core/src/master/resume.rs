@@ -385,6 +385,7 @@ impl Master {
             output: crate::output::Hub::default(),
             memory: super::memory::MemoryWatch::default(),
             queues: super::queues::QueueWatch::default(),
+            census: Default::default(),
             // The same container the old program used (the workers are in it).
             containment: super::containment::open(state_cgroups, &control_config.socket),
             cgroup_fds: HashMap::new(),

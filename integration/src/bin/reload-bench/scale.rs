@@ -47,21 +47,28 @@ pub(crate) fn hold(args: &[String]) {
             socket
         })
         .collect();
+    let mut held = held;
     println!("held");
-    let mut line = String::new();
-    let _ = std::io::stdin().read_line(&mut line); // until the bench closes it
-    drop(held);
+    // `close N` closes N of them; the end of stdin, all.
+    for line in std::io::stdin().lines().map_while(Result::ok) {
+        let n = line
+            .strip_prefix("close ")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        held.truncate(held.len().saturating_sub(n));
+        println!("closed");
+    }
 }
 
 /// `n` connections to `port`, held by helper processes (each from its own source address:
 /// one address has about 28k ephemeral ports); they close when the helpers are dropped.
 fn connect_many(port: u16, n: usize) -> Vec<std::process::Child> {
     use std::io::BufRead;
-    let exe = std::env::current_exe().unwrap();
+    let exe = own_path();
     let helpers: Vec<std::process::Child> = (0..n.div_ceil(PER_HELPER))
         .map(|i| {
             let count = PER_HELPER.min(n - i * PER_HELPER);
-            std::process::Command::new(&exe)
+            std::process::Command::new(exe)
                 .args(["--hold-connections", &port.to_string(), &count.to_string()])
                 .arg((1 + i).to_string())
                 .stdin(std::process::Stdio::piped())
@@ -74,7 +81,8 @@ fn connect_many(port: u16, n: usize) -> Vec<std::process::Child> {
         .into_iter()
         .map(|mut helper| {
             let mut line = String::new();
-            let out = helper.stdout.take().unwrap();
+            // (Not kept: the helper writes a line only when asked, so none is read ahead.)
+            let out = helper.stdout.as_mut().unwrap();
             std::io::BufReader::new(out).read_line(&mut line).unwrap();
             assert_eq!(line.trim(), "held", "a helper failed to connect");
             helper
@@ -103,6 +111,62 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
+/// Steps of the drain: each closes 1 % of the connections from their clients' side.
+const DRAIN_STEPS: usize = 20;
+
+/// The drain, step by step: each step closes 1 % of the connections (the clients close, the
+/// workers see it and close their ends), then `baton status` runs until its count is within
+/// 1 % of the connections still open (at most 10 s). What it shows: the longest a step took
+/// from the clients' close to a count within 1 % (workers that report their count do so at
+/// most every 200 ms), the largest error of the first call of a step, and the master's CPU
+/// per call.
+fn drain_steps(
+    master: &Master,
+    held: &mut [std::process::Child],
+    n: usize,
+    total: &dyn Fn(&Master) -> u64,
+) -> String {
+    use std::io::{BufRead, Write};
+    let step = n / 100;
+    let cpu = procfs::cpu_ns(master.pid());
+    let (mut calls, mut longest, mut worst_first) = (0u64, Duration::ZERO, 0f64);
+    for i in 0..DRAIN_STEPS {
+        let helper = &mut held[i % held.len()];
+        writeln!(helper.stdin.as_mut().unwrap(), "close {step}").unwrap();
+        let mut line = String::new();
+        let out = helper.stdout.as_mut().unwrap();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "closed");
+        let open = (n - (i + 1) * step) as f64;
+        let started = Instant::now();
+        let mut this_step = 0;
+        loop {
+            let counted = total(master) as f64;
+            calls += 1;
+            this_step += 1;
+            let error = (counted - open).abs() / open;
+            if this_step == 1 {
+                worst_first = worst_first.max(error);
+            }
+            if error <= 0.01 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "step {i}: status counts {counted} of {open} connections open"
+            );
+        }
+        longest = longest.max(started.elapsed());
+    }
+    let per_call = Duration::from_nanos((procfs::cpu_ns(master.pid()) - cpu) / calls);
+    format!(
+        "within 1 % after {} ms at most; first call off by {:.2} % at most; {} ms CPU per call",
+        ms(longest),
+        worst_first * 100.0,
+        ms(per_call)
+    )
+}
+
 /// One row per (protocol, connections): status and drain-status, p50 and max, CPU per call.
 fn run(protocol: &str, n: usize) -> String {
     let port = free_port();
@@ -114,7 +178,7 @@ fn run(protocol: &str, n: usize) -> String {
         config.worker_extra.push("protocol: systemd".into());
     }
     let master = Master::start(&format!("bench-scale-{protocol}-{n}"), &config);
-    let held = connect_many(port, n);
+    let mut held = connect_many(port, n);
     // Every connection accepted, then the generation retired with all of them open.
     let total = |master: &Master| -> u64 {
         let (_, out, _) = master.ctl(&["status", "--json"]);
@@ -137,6 +201,7 @@ fn run(protocol: &str, n: usize) -> String {
     assert_eq!(master.reload()["event"], "reload_succeeded");
     let (status, status_cpu) = measure(&master, "status");
     let (drain, drain_cpu) = measure(&master, "drain-status");
+    let during = drain_steps(&master, &mut held, n, &total);
     for mut helper in held {
         drop(helper.stdin.take());
         let _ = helper.wait();
@@ -144,7 +209,7 @@ fn run(protocol: &str, n: usize) -> String {
     let p50 = |v: &[Duration]| v[v.len() / 2];
     let max = |v: &[Duration]| v[v.len() - 1];
     format!(
-        "| {protocol} ({}) | {n} | {} / {} ms | {} ms | {} / {} ms | {} ms |",
+        "| {protocol} ({}) | {n} | {} / {} ms | {} ms | {} / {} ms | {} ms | {during} |",
         if protocol == "systemd" {
             "counted from the kernel"
         } else {
@@ -159,14 +224,22 @@ fn run(protocol: &str, n: usize) -> String {
     )
 }
 
+/// This program's path, taken before the first build of the binaries under test (which may
+/// link this one again: its old file is then "deleted", and `current_exe` says so).
+fn own_path() -> &'static std::path::Path {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| std::env::current_exe().unwrap())
+}
+
 pub(crate) fn report() {
+    own_path();
     println!(
         "## `baton status` with many connections held open to a draining generation (4 workers)\n"
     );
     println!(
-        "| workers' connections | connections | `baton status` p50 / max | master CPU per status | `baton drain-status` p50 / max | master CPU per drain-status |"
+        "| workers' connections | connections | `baton status` p50 / max | master CPU per status | `baton drain-status` p50 / max | master CPU per drain-status | during the drain ({DRAIN_STEPS} steps) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for protocol in ["baton", "systemd"] {
         for n in [10_000, 50_000] {
             eprintln!("status with {n} connections ({protocol}) ...");
