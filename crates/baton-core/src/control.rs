@@ -657,11 +657,11 @@ mod tests {
             .to_string();
         assert!(denied.contains("uid 9 may not change"), "{denied}");
         assert!(
-            authorize(&Request::Status, &peer(9, 4242), &c, 77).is_ok(),
+            authorize(&Request::Status { brief: false }, &peer(9, 4242), &c, 77).is_ok(),
             "read group reads"
         );
         assert!(
-            authorize(&Request::Status, &peer(9, 9), &c, 77).is_err(),
+            authorize(&Request::Status { brief: false }, &peer(9, 9), &c, 77).is_err(),
             "others do not"
         );
     }
@@ -669,10 +669,13 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn frames_are_read_with_limits_over_a_socket_pair() {
         let (mut a, mut b) = UnixStream::pair().unwrap();
-        a.write_all(&control::encode_frame(Request::Status))
+        a.write_all(&control::encode_frame(Request::Status { brief: false }))
             .await
             .unwrap();
-        assert_eq!(read_request(&mut b).await.unwrap().body, Request::Status);
+        assert_eq!(
+            read_request(&mut b).await.unwrap().body,
+            Request::Status { brief: false }
+        );
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         assert!(matches!(
             read_request(&mut b).await,

@@ -33,8 +33,14 @@ pub struct Envelope<T> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    /// The master and every generation.
-    Status,
+    /// The master and every generation. `brief`: without each listener's socket options read
+    /// back from the kernel (a few system calls per listener; `baton status` does not show
+    /// them, `status --json` does). Absent: false, so the field is only sent when true, and a
+    /// master before it ignores it.
+    Status {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        brief: bool,
+    },
     /// Reload now. With `wait`, the answer is the verdict of the reload that covers this request;
     /// without, the answer is immediate and names the request.
     Reload { wait: bool },
@@ -121,7 +127,7 @@ pub struct OutputLine {
 impl std::fmt::Display for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Request::Status => write!(f, "status"),
+            Request::Status { .. } => write!(f, "status"),
             Request::Reload { wait: true } => write!(f, "reload (waiting for the verdict)"),
             Request::Reload { wait: false } => write!(f, "reload"),
             Request::Verdict { request } => write!(f, "the verdict of request #{request}"),
@@ -453,8 +459,23 @@ mod tests {
             json,
             serde_json::json!({"version": 1, "body": {"type": "reload", "wait": true}})
         );
+        // A full status is sent as before the `brief` field; a master before it takes a brief
+        // one as a full one (an internally tagged unit variant ignores other fields).
+        let full = serde_json::to_value(Request::Status { brief: false }).unwrap();
+        assert_eq!(full, serde_json::json!({"type": "status"}));
+        #[derive(Debug, PartialEq, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum Before {
+            Status,
+        }
+        let brief = serde_json::to_value(Request::Status { brief: true }).unwrap();
+        assert_eq!(
+            serde_json::from_value::<Before>(brief).unwrap(),
+            Before::Status
+        );
         for r in [
-            Request::Status,
+            Request::Status { brief: false },
+            Request::Status { brief: true },
             Request::History,
             Request::Stop { fast: true },
             Request::Verdict { request: 3 },
@@ -515,7 +536,8 @@ mod tests {
             frame.extend_from_slice(body.as_bytes());
             if let Ok(request) = decode_frame::<Request>(&frame) {
                 prop_assert_eq!(version, CONTROL_VERSION);
-                prop_assert!(matches!(request, Request::Status | Request::History));
+                let reads = matches!(request, Request::Status { .. } | Request::History);
+                prop_assert!(reads);
             }
         }
     }

@@ -333,7 +333,8 @@ pub(crate) fn check(path: &Path) -> u8 {
             if let Some(warning) = baton_core::control::directory_warning(socket) {
                 eprintln!("baton: warning: {}", render::safe(&warning));
             }
-            let asked = client::call(socket, &Request::Status, Some(Duration::from_secs(2)));
+            let brief = Request::Status { brief: true };
+            let asked = client::call(socket, &brief, Some(Duration::from_secs(2)));
             if let Ok(Response::Status(status)) = asked {
                 let file = baton_core::config::start_only_settings(
                     &config.supervisor.control,
@@ -400,8 +401,29 @@ pub(crate) fn socket(target: &Target, lenient: bool) -> Result<PathBuf, u8> {
 /// Sends one request; on failure prints why and returns the exit status.
 fn call(target: &Target, request: Request, timeout: Option<Duration>) -> Result<Response, u8> {
     let lenient = !request.mutates() || matches!(request, Request::Stop { .. });
-    let path = socket(target, lenient)?;
-    match client::call(&path, &request, timeout) {
+    // A request that reads asks the master at the file's socket while the file is checked
+    // beside it (a file of 10 000 listeners takes longer to check than the master to answer);
+    // the file's problems are told before the answer.
+    let (path, check) = match (&target.socket, &target.config) {
+        (None, Some(file)) if lenient => match baton_core::config::control_socket(file) {
+            Ok(path) => {
+                let file = file.clone();
+                let check = std::thread::spawn(move || baton_core::config::load(&file).err());
+                (path, Some(check))
+            }
+            Err(_) => (socket(target, lenient)?, None),
+        },
+        _ => (socket(target, lenient)?, None),
+    };
+    let answer = client::call(&path, &request, timeout);
+    if let Some(err) = check.and_then(|c| c.join().ok().flatten()) {
+        eprintln!("baton: warning: {}", render::safe(&err.to_string()));
+        eprintln!(
+            "baton: asking the master at {} (the file's control socket) anyway",
+            path.display()
+        );
+    }
+    match answer {
         Ok(Response::Error { kind, message }) => Err(refused(kind, &message)),
         Ok(response) => Ok(response),
         Err(err @ ClientError::Io(..)) if matches!(request, Request::Stop { .. }) => {
@@ -514,9 +536,11 @@ pub(crate) fn logs(target: &Target, filter: OutputFilter, follow: bool, json: bo
 
 /// The programs the master at `path` runs, if `name` is not one of them.
 fn programs_without(path: &Path, name: &str) -> Option<Vec<String>> {
-    let Ok(Response::Status(status)) =
-        client::call(path, &Request::Status, Some(Duration::from_secs(10)))
-    else {
+    let Ok(Response::Status(status)) = client::call(
+        path,
+        &Request::Status { brief: true },
+        Some(Duration::from_secs(10)),
+    ) else {
         return None;
     };
     let mut programs: Vec<String> = status
@@ -589,7 +613,13 @@ fn status_code(s: &baton_proto::control::StatusSnapshot) -> u8 {
 }
 
 pub(crate) fn status(target: &Target, json: bool) -> u8 {
-    match call(target, Request::Status, Some(Duration::from_secs(10))) {
+    // The text does not show the listeners' socket options: not read for it.
+    let brief = !json;
+    match call(
+        target,
+        Request::Status { brief },
+        Some(Duration::from_secs(10)),
+    ) {
         Ok(Response::Status(s)) if json => {
             print_json(&s);
             status_code(&s)
@@ -613,7 +643,8 @@ pub(crate) fn drain_status(
     let terminal = std::io::stdout().is_terminal();
     let mut last_line = String::new();
     loop {
-        let snapshot = match call(target, Request::Status, Some(Duration::from_secs(10))) {
+        let asked = Request::Status { brief: true };
+        let snapshot = match call(target, asked, Some(Duration::from_secs(10))) {
             Ok(Response::Status(s)) => s,
             Ok(other) => return unexpected(&other),
             Err(code) => return code,

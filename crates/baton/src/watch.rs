@@ -41,7 +41,11 @@ struct View {
 
 impl View {
     fn refresh(&mut self, socket: &Path) {
-        match client::call(socket, &Request::Status, Some(Duration::from_secs(5))) {
+        match client::call(
+            socket,
+            &Request::Status { brief: true },
+            Some(Duration::from_secs(5)),
+        ) {
             Ok(Response::Status(s)) => {
                 for g in &s.generations {
                     if g.state == GenerationState::Draining {
@@ -80,7 +84,11 @@ pub(crate) fn watch(socket: PathBuf, interval: Duration) -> u8 {
 
 fn plain(socket: &Path, interval: Duration) -> u8 {
     loop {
-        match client::call(socket, &Request::Status, Some(Duration::from_secs(5))) {
+        match client::call(
+            socket,
+            &Request::Status { brief: true },
+            Some(Duration::from_secs(5)),
+        ) {
             Ok(Response::Status(s)) => {
                 let now = render::clock(unix_ms_now());
                 crate::commands::print(&format!("--- {now}\n{}", render::status(&s)));

@@ -697,6 +697,65 @@ fn a_file_that_is_not_yaml_any_more_still_names_its_control_socket() {
     assert_eq!(socket("a: [\nwebsocket: /a\n"), None);
 }
 
+/// `baton status -c` reads the `supervisor:` block alone where it can be told, and finds what
+/// reading the whole file finds; where it cannot (no such block, two, an anchor from
+/// elsewhere), the whole file is read.
+#[test]
+fn the_control_socket_is_read_from_the_supervisor_block_as_from_the_whole_file() {
+    use std::path::{Path, PathBuf};
+    let file = Path::new("/etc/baton/baton.yaml");
+    let socket = |text: &str| super::validate::control_socket(file, text);
+    let whole = |text: &str| {
+        let v: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+        v["supervisor"]["control"]["socket"]
+            .as_str()
+            .map(PathBuf::from)
+    };
+    let mut big = String::from("listeners:\n");
+    for i in 0..2000 {
+        big += &format!("  - {{name: l{i}, path: /run/l{i}.sock}}\n");
+    }
+    for (text, expected) in [
+        (
+            format!(
+                "{big}supervisor:\n  # the control socket\n  control:\n    socket: /run/a.sock\n# a comment\n  max_draining: 2\nworker: {{command: x}}\n"
+            ),
+            "/run/a.sock",
+        ),
+        (
+            format!("supervisor: {{control: {{socket: \"/run/b.sock\"}}}}\r\n{big}"),
+            "/run/b.sock",
+        ),
+        // An anchor defined before the block: it does not parse alone; the whole file is read.
+        (
+            format!(
+                "x-common: &sock /run/c.sock\n{big}supervisor:\n  control:\n    socket: *sock\n"
+            ),
+            "/run/c.sock",
+        ),
+    ] {
+        assert_eq!(whole(&text), Some(PathBuf::from(expected)));
+        assert_eq!(socket(&text), Some(PathBuf::from(expected)), "{expected}");
+    }
+    let block = |text: &str| super::validate::supervisor_block(text).map(str::to_string);
+    assert_eq!(
+        block("a: 1\nsupervisor:\n  control: {socket: /s}\n\n# c\nworker: 2\n").as_deref(),
+        Some("supervisor:\n  control: {socket: /s}\n\n# c\n")
+    );
+    assert_eq!(block("supervisor_x: 1\n"), None, "another key");
+    assert_eq!(
+        block("a: 1\n  supervisor: 1\n"),
+        None,
+        "not at the top level"
+    );
+    assert_eq!(block("supervisor: 1\nsupervisor: 2\n"), None, "two");
+    // No block: the whole file says there is no socket named (the default).
+    assert_eq!(
+        socket("listeners: []\n"),
+        Some(PathBuf::from(super::DEFAULT_CONTROL_SOCKET))
+    );
+}
+
 #[test]
 fn an_open_files_limit_above_what_baton_may_give_is_refused_with_the_limit() {
     let ceiling = baton_sys::process::nofile_ceiling().unwrap();

@@ -137,7 +137,9 @@ impl Master {
 
     /// The listeners for `baton status`: those held, with their queue now, then the last ones
     /// removed.
-    pub(super) fn listener_statuses(&self) -> Vec<proto::ListenerStatus> {
+    /// Every listener held, with (`options`) or without its socket options read back from the
+    /// kernel (a few system calls per listener: most of a status at 10 000 listeners).
+    pub(super) fn listener_statuses(&self, options: bool) -> Vec<proto::ListenerStatus> {
         let held = self.held_listeners();
         let queues = Queues::of(&held);
         let mut out: Vec<proto::ListenerStatus> = held
@@ -154,7 +156,7 @@ impl Master {
                 },
                 closed_unix_ms: None,
                 queue: queues.of_socket(&h.socket),
-                options: Some(h.socket.options_now()),
+                options: options.then(|| h.socket.options_now()),
                 name: h.name,
             })
             .collect();

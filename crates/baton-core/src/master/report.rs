@@ -23,7 +23,10 @@ impl Master {
     /// the kernel's figures (connections of workers that do not report theirs, memory from
     /// `smaps_rollup`, which walks each process's page tables) are read by the job, on a
     /// blocking thread, so that a status of many big workers never holds up the master.
-    pub(super) fn status_job(&self) -> impl FnOnce() -> proto::StatusSnapshot + Send + 'static {
+    pub(super) fn status_job(
+        &self,
+        brief: bool,
+    ) -> impl FnOnce() -> proto::StatusSnapshot + Send + 'static {
         let snap = self.supervisor.snapshot(Instant::now());
         // Connections of workers that do not report them, counted from the kernel.
         let mut ports = Ports::default();
@@ -58,7 +61,7 @@ impl Master {
             counted: HashMap::new(),
             memory: HashMap::new(),
             start_settings: self.start_settings.clone(),
-            listeners: self.listener_statuses(),
+            listeners: self.listener_statuses(!brief),
             refused: self
                 .links
                 .iter()

@@ -33,9 +33,9 @@ impl Master {
             client,
         } = req;
         match request {
-            proto::Request::Status => {
+            proto::Request::Status { brief } => {
                 // The kernel's figures are read off the event loop (see `status_job`).
-                let job = self.status_job();
+                let job = self.status_job(brief);
                 tokio::spawn(async move {
                     if let Ok(status) = tokio::task::spawn_blocking(job).await {
                         let _ = reply.send(proto::Response::Status(status));

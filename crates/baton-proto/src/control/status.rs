@@ -24,7 +24,7 @@ pub struct ListenerStatus {
     /// Its accept queue now, read from the kernel (none once closed, or if it cannot be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueNow>,
-    /// Its options as the kernel reports them (none once closed).
+    /// Its options as the kernel reports them (none once closed, nor in a brief status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<ListenerOptionsNow>,
 }
