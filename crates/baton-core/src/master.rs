@@ -59,6 +59,7 @@ mod guard;
 mod health;
 mod link;
 mod liveness;
+mod main_loop;
 mod main_pid;
 mod memory;
 mod metrics;
@@ -351,7 +352,7 @@ impl Master {
         code
     }
 
-    async fn serve(&mut self, mut inputs: mpsc::UnboundedReceiver<Input>) -> i32 {
+    async fn serve(&mut self, inputs: mpsc::UnboundedReceiver<Input>) -> i32 {
         if self.resumed.is_none() {
             info!(event = "started", pid = std::process::id(), config = %self.config_path.display(),
                 "baton {} master started (pid {})", crate::version(), std::process::id());
@@ -363,7 +364,7 @@ impl Master {
             info!(event = "listening", listener = %name, address = %address,
                 "listener {name} listening on {address}");
         }
-        let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(64);
+        let (control_tx, control_rx) = mpsc::channel::<ControlRequest>(64);
         let mut _socket_file = None;
         let mut control_task: Option<tokio::task::JoinHandle<()>> = None;
         if let Some((listener, config, file)) = self.control.take() {
@@ -397,7 +398,7 @@ impl Master {
             let listeners = prepared.listeners.clone();
             self.store_fds(&listeners);
         }
-        let mut watchdog = self.options.watchdog.map(|w| tokio::time::interval(w / 2));
+        let watchdog = self.options.watchdog.map(|w| tokio::time::interval(w / 2));
         let mut queue = VecDeque::new();
         let actions = if self.resumed.is_some() {
             self.on_resumed(&mut queue)
@@ -407,76 +408,16 @@ impl Master {
         if let Some(code) = self.apply(actions, &mut queue) {
             return code;
         }
-        let mut inputs_open = true;
-        loop {
-            while let Some(event) = queue.pop_front() {
-                if let Event::Exited { pid, .. } = event {
-                    self.drain_output(pid);
-                }
-                let ready = match &event {
-                    Event::Message {
-                        worker,
-                        message: baton_proto::WorkerMessage::Ready,
-                    } => Some(*worker),
-                    _ => None,
-                };
-                let actions = self.supervisor.handle(Instant::now(), event);
-                if let Some(worker) = ready {
-                    self.start_liveness(worker);
-                }
-                if let Some(code) = self.apply(actions, &mut queue) {
-                    return code;
-                }
-            }
-            self.report();
-            self.update_registry();
-            self.steer();
-            self.update_config_watch();
-            let deadline = self.supervisor.next_deadline();
-            let sampling = [self.next_memory_check(), self.queues.next_sample()]
-                .into_iter()
-                .flatten()
-                .min();
-            // While something drains, refresh the status line (time left) once a second.
-            let refresh = (self.options.notify.is_some() && self.supervisor.draining())
-                .then(|| Instant::now() + Duration::from_secs(1));
-            tokio::select! {
-                _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
-                    self.notify(Notification::Watchdog);
-                }
-                () = sleep_until(refresh), if refresh.is_some() => {}
-                input = inputs.recv(), if inputs_open => {
-                    inputs_open = self.on_input(input, &mut queue);
-                }
-                Some(news) = self.events_rx.recv() => self.on_news(news, &mut queue),
-                Some(ask) = self.metrics_rx.recv() => {
-                    let _ = ask.reply.send(self.page(ask.page));
-                }
-                ended = async { control_task.as_mut().unwrap().await }, if control_task.is_some() => {
-                    control_task = self.serve_control_again(ended, &control_tx);
-                }
-                Some(request) = control_rx.recv() => {
-                    if let Some(code) = self.on_control(request, &mut queue) {
-                        return code;
-                    }
-                }
-                Some(preflight) = self.upgrade_rx.recv() => {
-                    if let Some(code) = self.on_preflight(preflight, &mut inputs, &mut queue) {
-                        return code;
-                    }
-                }
-                () = sleep_until(self.upgrade.as_ref().map(|u| u.deadline)), if self.upgrade.is_some() => {
-                    self.preflight_expired();
-                }
-                () = sleep_until(deadline), if deadline.is_some() => {
-                    inputs_open = self.judge_deadline(&mut inputs, inputs_open, &mut queue).await;
-                }
-                () = sleep_until(sampling), if sampling.is_some() => {
-                    self.check_memory(&mut queue);
-                    self.sample_queues();
-                }
-            }
-        }
+        let lp = main_loop::Loop {
+            inputs,
+            inputs_open: true,
+            control_tx,
+            control_rx,
+            control_task,
+            watchdog,
+            queue,
+        };
+        self.run_loop(lp).await
     }
 
     /// One input from outside (a signal, an intent); `false` once the inputs closed.

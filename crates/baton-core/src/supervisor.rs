@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 
 mod crash_loop;
 mod drain;
+mod invariants;
 mod lookup;
 mod model;
 mod records;
@@ -88,6 +89,7 @@ impl Supervisor {
     pub fn start(&mut self, now: Instant) -> Vec<Action> {
         self.started = Some(now);
         self.begin_reload(now, Vec::new(), true);
+        self.assert_invariants();
         std::mem::take(&mut self.actions)
     }
 
@@ -137,6 +139,7 @@ impl Supervisor {
         }
         self.advance_rollout(now);
         self.stamp_kills(now);
+        self.assert_invariants();
         std::mem::take(&mut self.actions)
     }
 
@@ -467,6 +470,11 @@ impl Supervisor {
                 "generation {g} failed to start: {reason}");
             self.exit_code = 1;
             self.stop = Some(StopMode::Fast);
+            // Requests queued behind the start get their verdict: the master is stopping
+            // (found by the property test: they had none, and the master exited).
+            for (request, _) in std::mem::take(&mut self.pending) {
+                self.reject(request);
+            }
         } else {
             let list = join(&reload.covers);
             let serving = self

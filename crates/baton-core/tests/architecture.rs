@@ -155,3 +155,25 @@ fn rooms_stay_small_and_say_what_they_touch() {
     }
     assert!(too_long.is_empty(), "{too_long:#?}");
 }
+
+/// One door into the state machine: outside its own tests, `Supervisor::handle` is called in
+/// one place, the master's `feed`, which runs the per-event hooks around it (issue 29).
+#[test]
+fn the_state_machine_has_one_door() {
+    let mut files = Vec::new();
+    rust_files(&workspace().join("crates/baton-core/src"), &mut files);
+    let callers: Vec<String> = files
+        .iter()
+        .filter(|f| !is_test_file(f))
+        .flat_map(|f| {
+            let code = code(f);
+            let name = f.to_string_lossy().into_owned();
+            code.lines()
+                .filter(|l| l.contains("supervisor.handle(") || l.contains(".handle(Instant"))
+                .map(|l| format!("{name}: {}", l.trim()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(callers.len(), 1, "{callers:#?}");
+    assert!(callers[0].contains("master/main_loop.rs"), "{callers:#?}");
+}

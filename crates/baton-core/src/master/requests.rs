@@ -54,21 +54,20 @@ impl Master {
             }
             proto::Request::Reload { wait } => {
                 let trigger = Trigger::Other(format!("baton reload from {peer}"));
-                let actions = self
-                    .supervisor
-                    .handle(Instant::now(), Event::Intent(Intent::Reload(trigger)));
+                let code = self.feed(Event::Intent(Intent::Reload(trigger)), queue);
                 let request = self.supervisor.last_request().unwrap_or(RequestId(0));
                 if wait {
-                    self.waiters.entry(request).or_default().push(reply);
+                    // Its verdict may have come already (a reload refused at once).
+                    self.answer_or_wait(request, reply);
                 } else {
                     let _ = reply.send(proto::Response::Accepted { request: request.0 });
                 }
-                return self.apply(actions, queue);
+                return code;
             }
             proto::Request::Verdict { request } => {
                 let id = RequestId(request);
-                if let Some(verdict) = self.verdicts.get(&id) {
-                    let _ = reply.send(proto::Response::Verdict(verdict.clone()));
+                if self.verdicts.contains_key(&id) {
+                    self.answer_or_wait(id, reply);
                 } else if self
                     .supervisor
                     .last_request()
@@ -96,17 +95,28 @@ impl Master {
             proto::Request::Stop { fast } => {
                 let trigger = Trigger::Other(format!("baton stop from {peer}"));
                 let _ = reply.send(proto::Response::Stopping { fast });
-                let actions = self.supervisor.handle(
-                    Instant::now(),
-                    Event::Intent(Intent::Stop {
-                        graceful: !fast,
-                        trigger,
-                    }),
-                );
-                return self.apply(actions, queue);
+                let stop = Intent::Stop {
+                    graceful: !fast,
+                    trigger,
+                };
+                return self.feed(Event::Intent(stop), queue);
             }
         }
         None
+    }
+
+    /// Answers `reply` with the verdict of `request` if it came, else when it comes.
+    fn answer_or_wait(
+        &mut self,
+        request: RequestId,
+        reply: tokio::sync::oneshot::Sender<proto::Response>,
+    ) {
+        match self.verdicts.get(&request) {
+            Some(verdict) => {
+                let _ = reply.send(proto::Response::Verdict(verdict.clone()));
+            }
+            None => self.waiters.entry(request).or_default().push(reply),
+        }
     }
 
     /// A reload's verdict: the promotion's side effects (QUIC steering, systemd's READY=1,

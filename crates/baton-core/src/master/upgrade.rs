@@ -392,8 +392,7 @@ impl Master {
             self.on_news(news, queue);
         }
         while let Some(event) = queue.pop_front() {
-            let actions = self.supervisor.handle(Instant::now(), event);
-            if let Some(code) = self.apply(actions, queue) {
+            if let Some(code) = self.feed(event, queue) {
                 return Some(code);
             }
         }

@@ -3,6 +3,7 @@
 use super::*;
 use baton_proto::WorkerMessage;
 
+mod properties;
 mod rollout;
 use baton_sys::process::{ExitKind, SignalNumber};
 

@@ -237,14 +237,18 @@ impl Supervisor {
         }
         self.pids.retain(|_, owner| *owner != id);
         self.actions.push(Action::Forget { worker: id });
+        let g = w.generation;
+        // No slot names a worker gone (a worker retired by a rolling reload, which counts as
+        // replaced, kept its slot's name: found by the property test).
+        if let Some(s) = self.slot_mut(g, w.slot)
+            && s.worker == Some(id)
+        {
+            s.worker = None;
+        }
         if self.replaced_exited(now, id, &w, &status.to_string()) {
             return;
         }
-        let g = w.generation;
         if let Some(s) = self.slot_mut(g, w.slot) {
-            if s.worker == Some(id) {
-                s.worker = None;
-            }
             s.last_worker = Some(id);
             s.last_exit = Some(status.to_string());
         }
