@@ -56,17 +56,59 @@ fn arrows() -> BTreeMap<String, BTreeSet<String>> {
         }
         let code = code(file);
         let targets = arrows.entry(top.clone()).or_default();
-        for (i, _) in code.match_indices("crate::") {
-            let name: String = code[i + 7..]
-                .chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                .collect();
-            if !name.is_empty() && name != top {
+        for name in crate_references(&code) {
+            if name != top {
                 targets.insert(name);
             }
         }
     }
     arrows
+}
+
+/// The top-level modules `code` names as `crate::NAME`, or inside a grouped
+/// `use crate::{a, b::c, ..}` (nested groups included).
+fn crate_references(code: &str) -> BTreeSet<String> {
+    let word = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect()
+    };
+    let mut names = BTreeSet::new();
+    for (i, _) in code.match_indices("crate::") {
+        let rest = &code[i + 7..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // The group's top-level items: split at commas outside nested braces.
+            let mut depth = 0;
+            let mut start = 0;
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        names.insert(word(&group[start..j]));
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        names.insert(word(&group[start..j]));
+                        start = j + 1;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            names.insert(word(rest));
+        }
+    }
+    names.retain(|n| !n.is_empty() && n != "self");
+    names
+}
+
+#[test]
+fn grouped_imports_count_as_arrows() {
+    let code = "use crate::{a, b::{C, d}, e::f};\nlet x = crate::g::h();\nuse crate::{self as me};";
+    let names: Vec<String> = crate_references(code).into_iter().collect();
+    assert_eq!(names, ["a", "b", "e", "g"]);
 }
 
 #[test]
@@ -176,4 +218,93 @@ fn the_state_machine_has_one_door() {
         .collect();
     assert_eq!(callers.len(), 1, "{callers:#?}");
     assert!(callers[0].contains("master/main_loop.rs"), "{callers:#?}");
+}
+
+/// docs/ARCHITECTURE.md names files and folders; every one exists (the map is kept honest).
+/// A name is looked up from the workspace's root, from each crate's `src/`, and from `docs/`.
+#[test]
+fn every_path_the_architecture_page_names_exists() {
+    let root = workspace();
+    let text = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
+    let lines = text.lines().count();
+    assert!(
+        lines <= 200,
+        "ARCHITECTURE.md is a short map: {lines} lines"
+    );
+    let mut roots = vec![root.clone(), root.join("docs")];
+    for krate in std::fs::read_dir(root.join("crates")).unwrap() {
+        let krate = krate.unwrap().path();
+        roots.push(krate.join("src"));
+    }
+    let mut named = BTreeSet::new();
+    for quoted in text.split('`').skip(1).step_by(2) {
+        let looks_like_a_path = quoted.ends_with('/')
+            || [".rs", ".md", ".json", ".toml", ".yaml", ".sh"]
+                .iter()
+                .any(|e| quoted.ends_with(e));
+        if looks_like_a_path && !quoted.contains(' ') {
+            named.insert(quoted.to_string());
+        }
+    }
+    for link in text.split("](").skip(1) {
+        let target = link.split(')').next().unwrap_or("");
+        if !target.starts_with("http") && !target.is_empty() {
+            named.insert(target.split('#').next().unwrap_or("").to_string());
+        }
+    }
+    assert!(named.len() > 20, "{named:?}");
+    let missing: Vec<&String> = named
+        .iter()
+        .filter(|n| !roots.iter().any(|r| r.join(n).exists()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "named in ARCHITECTURE.md, not found: {missing:?}"
+    );
+}
+
+/// Every third-party dependency is declared once, in the workspace's manifest: a member names
+/// it with `workspace = true` (or `.workspace = true`), never with a version of its own.
+#[test]
+fn dependencies_are_declared_once_in_the_workspace() {
+    let root = workspace();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members: Vec<String> = manifest
+        .split("members = [")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap()
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    assert!(members.len() >= 8, "{members:?}");
+    let mut own = Vec::new();
+    for member in &members {
+        let text = std::fs::read_to_string(root.join(member).join("Cargo.toml")).unwrap();
+        let mut in_dependencies = false;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                in_dependencies = line.contains("dependencies");
+                continue;
+            }
+            if in_dependencies
+                && !line.starts_with('#')
+                && line.contains('=')
+                && !line.contains("workspace = true")
+                && !line.contains(".workspace")
+                && !line.starts_with("workspace")
+            {
+                own.push(format!("{member}: {line}"));
+            }
+        }
+    }
+    assert!(
+        own.is_empty(),
+        "declare these in [workspace.dependencies]: {own:#?}"
+    );
 }
