@@ -1,5 +1,6 @@
 //! [`MasterBuilder`]: how a test declares a master.
 
+use crate::event;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -107,7 +108,7 @@ impl<'a> MasterBuilder<'a> {
     /// Starts it and waits until its first generation serves.
     pub fn serving(self) -> Master {
         let master = self.spawn();
-        master.wait_event("serving", Duration::from_secs(30), |_| true);
+        master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
         master
     }
 }

@@ -10,6 +10,7 @@
 #![allow(clippy::print_stderr)] // tests report what they measure
 
 mod builder;
+pub use baton_proto::event;
 pub use builder::MasterBuilder;
 pub mod datagrams;
 pub mod h3client;
@@ -390,6 +391,17 @@ impl Lines {
     }
 }
 
+/// `name`, if it is one of the master's log event names ([`event::ALL`]); a name that is not
+/// fails the test at once (misspelt, it would wait out its deadline for an event that never
+/// comes).
+fn known(name: &str) -> &str {
+    assert!(
+        event::ALL.contains(&name),
+        "no log event is named {name:?} (see baton_proto::event)"
+    );
+    name
+}
+
 /// Workers' output lines a test's log keeps (a flood test reads millions, and counts them).
 const KEPT_OUTPUT: u64 = 20_000;
 
@@ -572,6 +584,7 @@ impl Master {
 
     /// Every logged event called `name` that matches `pred`, with the time it was read.
     pub fn events_where(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Vec<(Instant, Value)> {
+        let name = known(name);
         self.log
             .lines
             .lock()
@@ -586,7 +599,7 @@ impl Master {
     /// Workers' captured lines (`output` events: `program`, `generation`, `worker`, `slot`,
     /// `pid`, `stream`, `message`): every stderr line, the first 20,000 stdout lines.
     pub fn output_lines(&self) -> Vec<Value> {
-        self.events("output")
+        self.events(event::OUTPUT)
     }
 
     /// How many `output` events the master logged so far, kept or not.
@@ -622,6 +635,7 @@ impl Master {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> (Instant, Value) {
+        let name = known(name);
         let deadline = Instant::now() + patience(timeout);
         let mut lines = self.log.lines.lock().unwrap();
         // Each event is judged once: a wake-up scans only what came since.
@@ -647,10 +661,10 @@ impl Master {
 
     /// Sends SIGUSR2 and waits for the verdict of the reload that covers it.
     pub fn reload(&self) -> Value {
-        let before = self.events("reload_requested").len();
+        let before = self.events(event::RELOAD_REQUESTED).len();
         self.signal(nix::sys::signal::Signal::SIGUSR2);
         let request = eventually(Duration::from_secs(10), "the reload request", || {
-            self.events("reload_requested")
+            self.events(event::RELOAD_REQUESTED)
                 .get(before)
                 .map(|v| v["request"].as_u64().unwrap())
         });
@@ -668,9 +682,9 @@ impl Master {
             Duration::from_secs(30),
             &format!("verdict of reload request #{request}"),
             || {
-                self.events_where("reload_succeeded", covers)
+                self.events_where(event::RELOAD_SUCCEEDED, covers)
                     .into_iter()
-                    .chain(self.events_where("reload_failed", covers))
+                    .chain(self.events_where(event::RELOAD_FAILED, covers))
                     .map(|(_, v)| v)
                     .next()
             },
@@ -733,7 +747,7 @@ impl Master {
         let load = load::Load::start(addr, mode, bounds);
         let start = Instant::now();
         let mut sent = 0u64;
-        let before = self.events("reload_requested").len() as u64;
+        let before = self.events(event::RELOAD_REQUESTED).len() as u64;
         while start.elapsed() < run {
             self.signal(nix::sys::signal::Signal::SIGUSR2);
             sent += 1;
@@ -743,7 +757,10 @@ impl Master {
             eventually(
                 Duration::from_secs(10),
                 "the master to take the signal",
-                || (self.events("reload_requested").len() as u64 >= before + sent).then_some(()),
+                || {
+                    (self.events(event::RELOAD_REQUESTED).len() as u64 >= before + sent)
+                        .then_some(())
+                },
             );
             std::thread::sleep(every); // the reload cadence under test, not a wait for a condition
         }
@@ -795,7 +812,7 @@ impl Master {
     /// every reload that started has a verdict, none of them a failure. Returns the reload count.
     pub fn assert_every_request_accounted_for(&self, sent: u64) -> usize {
         let logged: Vec<u64> = self
-            .events("reload_requested")
+            .events(event::RELOAD_REQUESTED)
             .iter()
             .filter_map(|v| v["request"].as_u64())
             .collect();
@@ -812,7 +829,7 @@ impl Master {
     /// logged (the kernel merges identical signals that are pending at once).
     pub fn assert_logged_requests_accounted_for(&self) -> usize {
         let (started, failed) = self.assert_every_request_has_one_verdict();
-        assert_eq!(failed, 0, "{:?}", self.events("reload_failed"));
+        assert_eq!(failed, 0, "{:?}", self.events(event::RELOAD_FAILED));
         started
     }
 
@@ -822,7 +839,7 @@ impl Master {
     pub fn assert_every_request_has_one_verdict(&self) -> (usize, usize) {
         use std::collections::BTreeSet;
         let requested: Vec<u64> = self
-            .events("reload_requested")
+            .events(event::RELOAD_REQUESTED)
             .iter()
             .map(|v| v["request"].as_u64().unwrap())
             .collect();
@@ -834,14 +851,14 @@ impl Master {
         );
         let mut covered = BTreeSet::new();
         let mut started = BTreeSet::new();
-        for v in self.events("reload_started") {
+        for v in self.events(event::RELOAD_STARTED) {
             started.insert(v["reload"].as_u64().unwrap());
             for r in v["covers"].as_str().unwrap().split(", ") {
                 let r: u64 = r.trim_start_matches('#').parse().unwrap();
                 assert!(covered.insert(r), "request #{r} covered twice");
             }
         }
-        for v in self.events("reload_rejected") {
+        for v in self.events(event::RELOAD_REJECTED) {
             assert!(covered.insert(v["request"].as_u64().unwrap()));
         }
         assert_eq!(
@@ -861,12 +878,12 @@ impl Master {
     ) -> usize {
         let mut verdicts = std::collections::BTreeMap::<u64, usize>::new();
         let mut failed = 0;
-        for (name, v) in ["reload_succeeded", "reload_failed"]
+        for (name, v) in [event::RELOAD_SUCCEEDED, event::RELOAD_FAILED]
             .into_iter()
             .flat_map(|name| self.events(name).into_iter().map(move |v| (name, v)))
         {
             *verdicts.entry(v["reload"].as_u64().unwrap()).or_default() += 1;
-            failed += usize::from(name == "reload_failed");
+            failed += usize::from(name == event::RELOAD_FAILED);
         }
         let twice: Vec<_> = verdicts.iter().filter(|(_, n)| **n > 1).collect();
         assert!(

@@ -1,6 +1,7 @@
 //! A storm of reload signals under load: used by the test suite (which asserts on it) and by
 //! `reload-bench` (which prints it).
 
+use crate::event;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,10 +62,10 @@ pub fn storm(cap: usize, processes: usize, signals: usize, clients: usize) -> St
     }
     let sending = start.elapsed();
     eventually(Duration::from_secs(30), "the storm to settle", || {
-        let requested = master.events("reload_requested").len();
-        let verdicts =
-            master.events("reload_succeeded").len() + master.events("reload_failed").len();
-        let started = master.events("reload_started").len();
+        let requested = master.events(event::RELOAD_REQUESTED).len();
+        let verdicts = master.events(event::RELOAD_SUCCEEDED).len()
+            + master.events(event::RELOAD_FAILED).len();
+        let started = master.events(event::RELOAD_STARTED).len();
         (requested > 0 && verdicts == started && master.children().len() == processes).then_some(())
     });
     let settled = start.elapsed();
@@ -75,7 +76,7 @@ pub fn storm(cap: usize, processes: usize, signals: usize, clients: usize) -> St
     Storm {
         signals,
         sending,
-        requested: master.events("reload_requested").len(),
+        requested: master.events(event::RELOAD_REQUESTED).len(),
         reloads,
         settled,
         most_workers,

@@ -120,7 +120,7 @@ impl Containment {
             let pids = procs(&dir);
             if !pids.is_empty() {
                 found += pids.len();
-                warn!(event = "orphans_found", cgroup = %dir.display(),
+                warn!(event = baton_proto::event::ORPHANS_FOUND, cgroup = %dir.display(),
                     "processes a master before this one left in {}: pids {:?}; ending them",
                     dir.display(), pids);
                 kill_dir(&dir, self.kill_file);
@@ -220,11 +220,15 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Logs how workers are contained (once, at start).
 pub fn announce(containment: &Result<Containment, Unavailable>) {
     match containment {
-        Ok(c) => info!(event = "containment", mode = "cgroup", cgroup = %c.dir().display(),
+        Ok(c) => {
+            info!(event = baton_proto::event::CONTAINMENT, mode = "cgroup", cgroup = %c.dir().display(),
             "workers are contained in cgroups under {}: their whole process trees end with them",
-            c.dir().display()),
-        Err(why) => info!(event = "containment", mode = "process_group", reason = %why,
-            "workers are contained by process group only: {why}; a worker's child that calls setsid() outlives it"),
+            c.dir().display())
+        }
+        Err(why) => {
+            info!(event = baton_proto::event::CONTAINMENT, mode = "process_group", reason = %why,
+            "workers are contained by process group only: {why}; a worker's child that calls setsid() outlives it")
+        }
     }
 }
 

@@ -180,7 +180,7 @@ pub async fn serve(
         if reserved && !may_change(&peer, &config, owner) {
             // The last places are kept for those who may change the master.
             refusals.busy.note(|count| {
-                warn!(event = "control_busy", uid = peer.uid, refused = count,
+                warn!(event = baton_proto::event::CONTROL_BUSY, uid = peer.uid, refused = count,
                     "control client {peer} refused: every place for read-only clients is taken ({} at most); {count} refused so far",
                     config.max_clients)
             });
@@ -323,7 +323,7 @@ async fn client(
             };
             context.refusals.bad_request.note(|count| {
                 warn!(
-                    event = "control_bad_request",
+                    event = baton_proto::event::CONTROL_BAD_REQUEST,
                     uid = peer.uid,
                     refused = count,
                     "control request from {peer} refused: {err} ({count} refused so far)"
@@ -342,7 +342,7 @@ async fn client(
         }
         Err(_) => {
             context.refusals.bad_request.note(|count| {
-                warn!(event = "control_bad_request", uid = peer.uid, refused = count,
+                warn!(event = baton_proto::event::CONTROL_BAD_REQUEST, uid = peer.uid, refused = count,
                     "control client {peer} sent no request within {} ms: closed ({count} refused so far)",
                     config.timeout.as_millis())
             });
@@ -353,7 +353,7 @@ async fn client(
         // Its request was in the socket, but nobody waits for the answer: a `reload` whose
         // client was killed while it queued is not carried out later.
         context.refusals.hung_up.note(|count| {
-            warn!(event = "control_hung_up", uid = peer.uid, refused = count,
+            warn!(event = baton_proto::event::CONTROL_HUNG_UP, uid = peer.uid, refused = count,
                 "control request {request} from {peer} dropped: the client hung up before it was read ({count} refused so far)")
         });
         return;
@@ -361,7 +361,7 @@ async fn client(
     if let Err(message) = authorize(&request, &peer, config, context.owner) {
         context.refusals.denied.note(|count| {
             warn!(
-                event = "control_denied",
+                event = baton_proto::event::CONTROL_DENIED,
                 uid = peer.uid,
                 refused = count,
                 "control request {request} from {peer} denied: {message} ({count} refused so far)"
@@ -385,7 +385,7 @@ async fn client(
                 Ok(permit) => Some(permit),
                 Err(_) => {
                     context.refusals.busy.note(|count| {
-                        warn!(event = "control_busy", uid = peer.uid, refused = count,
+                        warn!(event = baton_proto::event::CONTROL_BUSY, uid = peer.uid, refused = count,
                             "logs --follow from {peer} refused: {} followers already ({count} refused so far)",
                             config.max_followers)
                     });

@@ -17,7 +17,7 @@
 //!   waits, as it would behind a slow system call (a fork under memory pressure, a file on a
 //!   hung disk): deadlines that expired meanwhile are acted on when the step returns.
 //!
-//! Every injection is logged (`event = "fault_injected"`) so a test can tell that its fault
+//! Every injection is logged (`event = baton_proto::event::FAULT_INJECTED`) so a test can tell that its fault
 //! fired. In a build without the feature, [`Point::check`] is always `Ok` and costs nothing,
 //! and a master started with `FAILPOINTS` set refuses to start ([`arm`]) instead of silently
 //! running without the faults a test asked for.
@@ -116,7 +116,7 @@ impl Point {
             let held = started.elapsed();
             if held >= std::time::Duration::from_millis(10) {
                 tracing::warn!(
-                    event = "fault_injected",
+                    event = baton_proto::event::FAULT_INJECTED,
                     point = self.name(),
                     fault = "delay",
                     ms = held.as_millis() as u64,
@@ -128,7 +128,7 @@ impl Point {
                 None => {}
                 Some("panic") => {
                     tracing::warn!(
-                        event = "fault_injected",
+                        event = baton_proto::event::FAULT_INJECTED,
                         point = self.name(),
                         fault = "panic",
                         "fault injected at {self}: the task panics"
@@ -140,7 +140,7 @@ impl Point {
                 }
                 Some("kill") => {
                     tracing::warn!(
-                        event = "fault_injected",
+                        event = baton_proto::event::FAULT_INJECTED,
                         point = self.name(),
                         fault = "kill",
                         "fault injected at {self}: the master kills itself"
@@ -152,7 +152,7 @@ impl Point {
                 }
                 Some(_) => {
                     tracing::warn!(
-                        event = "fault_injected",
+                        event = baton_proto::event::FAULT_INJECTED,
                         point = self.name(),
                         fault = "error",
                         "fault injected at {self}: the step fails"

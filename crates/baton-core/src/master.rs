@@ -247,7 +247,10 @@ impl Master {
         })?;
         let socket_file = control::SocketFile(control_config.socket.clone());
         if let Some(warning) = control::directory_warning(&control_config.socket) {
-            warn!(event = "control_directory_shared", "{warning}");
+            warn!(
+                event = baton_proto::event::CONTROL_DIRECTORY_SHARED,
+                "{warning}"
+            );
         }
         let registry = orphans::Registry::beside(&control_config.socket);
         guard::end_predecessors_workers(&registry);
@@ -354,14 +357,14 @@ impl Master {
 
     async fn serve(&mut self, inputs: mpsc::UnboundedReceiver<Input>) -> i32 {
         if self.resumed.is_none() {
-            info!(event = "started", pid = std::process::id(), config = %self.config_path.display(),
+            info!(event = baton_proto::event::STARTED, pid = std::process::id(), config = %self.config_path.display(),
                 "baton {} master started (pid {})", crate::version(), std::process::id());
         }
         if self.resumed.is_none() {
             cgroups::announce(&self.containment);
         }
         for (name, address) in self.listening() {
-            info!(event = "listening", listener = %name, address = %address,
+            info!(event = baton_proto::event::LISTENING, listener = %name, address = %address,
                 "listener {name} listening on {address}");
         }
         let (control_tx, control_rx) = mpsc::channel::<ControlRequest>(64);
@@ -369,7 +372,7 @@ impl Master {
         let mut control_task: Option<tokio::task::JoinHandle<()>> = None;
         if let Some((listener, config, file)) = self.control.take() {
             if self.resumed.is_none() {
-                info!(event = "control_socket", path = %config.socket.display(),
+                info!(event = baton_proto::event::CONTROL_SOCKET, path = %config.socket.display(),
                     "control socket at {}", config.socket.display());
             }
             self.control_fd = listener

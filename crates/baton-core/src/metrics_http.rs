@@ -81,7 +81,7 @@ pub async fn serve(endpoint: Endpoint, ask: mpsc::Sender<Ask>) {
     let listener = match TcpListener::from_std(endpoint.listener) {
         Ok(l) => l,
         Err(e) => {
-            warn!(event = "metrics_unavailable", address = %endpoint.address, error = %e,
+            warn!(event = baton_proto::event::METRICS_UNAVAILABLE, address = %endpoint.address, error = %e,
                 "metrics endpoint {}: {e}", endpoint.address);
             return;
         }
@@ -187,7 +187,7 @@ impl Refusals {
             .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
         {
             self.logged = Some(now);
-            warn!(event = "metrics_busy", source = %source, refused = self.count,
+            warn!(event = baton_proto::event::METRICS_BUSY, source = %source, refused = self.count,
                 "{what}: a connection from {source} closed at once: at most {MAX_PER_SOURCE} from one address and {MAX_CONNECTIONS} in all are held ({} refused so far)",
                 self.count);
         }

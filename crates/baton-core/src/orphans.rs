@@ -186,7 +186,7 @@ impl Registry {
             Ok(file) => file,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Vec::new(),
             Err(err) => {
-                tracing::warn!(event = "registry_refused", registry = %self.path.display(),
+                tracing::warn!(event = baton_proto::event::REGISTRY_REFUSED, registry = %self.path.display(),
                     "worker registry ignored, and no process it names is signalled: {err}");
                 return Vec::new();
             }
@@ -340,7 +340,7 @@ pub fn guard(master: u32, started: u64, registry: &Registry) -> io::Result<Ended
         return Ok(Ended::default());
     }
     warn!(
-        event = "master_gone",
+        event = baton_proto::event::MASTER_GONE,
         master,
         "master pid {master} ended without stopping its workers: ending {} of them",
         entries.len()
@@ -355,7 +355,7 @@ pub fn guard(master: u32, started: u64, registry: &Registry) -> io::Result<Ended
 pub fn report(ended: &Ended, after: &str) {
     for pid in &ended.drained {
         info!(
-            event = "orphan_ended",
+            event = baton_proto::event::ORPHAN_ENDED,
             pid = *pid,
             killed = false,
             "worker pid {pid}, left behind by {after}, exited after its drain signal"
@@ -363,7 +363,7 @@ pub fn report(ended: &Ended, after: &str) {
     }
     for pid in &ended.killed {
         warn!(
-            event = "orphan_ended",
+            event = baton_proto::event::ORPHAN_ENDED,
             pid = *pid,
             killed = true,
             "worker pid {pid}, left behind by {after}, was killed at its drain timeout"

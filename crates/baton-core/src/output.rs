@@ -10,7 +10,7 @@
 //! [`MAX_LINE`] bytes and a tail of [`TAIL_LINES`] lines / [`TAIL_BYTES`] bytes), and other
 //! workers' lines, reloads and the master's own decisions take their turns in between.
 //!
-//! Lines are logged as tracing events with target `baton::output` and `event = "output"`, at
+//! Lines are logged as tracing events with target `baton::output` and `event = baton_proto::event::OUTPUT`, at
 //! level INFO; the binary formats them (a prefix in the text log, fields in JSON and in the
 //! journal).
 
@@ -145,7 +145,7 @@ impl Hub {
         }
         info!(
             target: "baton::output",
-            event = "output",
+            event = baton_proto::event::OUTPUT,
             program = &*origin.program,
             generation = origin.generation,
             worker = origin.worker,

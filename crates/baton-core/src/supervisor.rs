@@ -148,7 +148,7 @@ impl Supervisor {
     fn on_reload_request(&mut self, now: Instant, trigger: Trigger) {
         self.next_request += 1;
         let request = RequestId(self.next_request);
-        info!(event = "reload_requested", request = request.0, trigger = %trigger,
+        info!(event = baton_proto::event::RELOAD_REQUESTED, request = request.0, trigger = %trigger,
             "reload request {request} ({trigger})");
         if self.stop.is_some() {
             self.reject(request);
@@ -160,7 +160,7 @@ impl Supervisor {
             .or(self.rollout.as_ref().map(|r| r.reload))
         {
             info!(
-                event = "reload_queued",
+                event = baton_proto::event::RELOAD_QUEUED,
                 request = request.0,
                 behind = current.0,
                 "reload request {request} queued: reload {current} is running; the next reload covers it"
@@ -173,7 +173,7 @@ impl Supervisor {
 
     fn reject(&mut self, request: RequestId) {
         warn!(
-            event = "reload_rejected",
+            event = baton_proto::event::RELOAD_REJECTED,
             request = request.0,
             "reload request {request} rejected: the master is stopping"
         );
@@ -199,7 +199,7 @@ impl Supervisor {
         };
         if !initial {
             let list = join(&covers);
-            info!(event = "reload_started", reload = id.0, generation = generation.0,
+            info!(event = baton_proto::event::RELOAD_STARTED, reload = id.0, generation = generation.0,
                 covers = %list, "reload {id} started: generation {generation}, covering requests {list}");
         }
         self.generations.insert(
@@ -371,7 +371,7 @@ impl Supervisor {
                 self.switch_generation(o, GenState::Standby, MasterMessage::Pause);
             }
             info!(
-                event = "canary",
+                event = baton_proto::event::CANARY,
                 reload = reload.id.0,
                 generation = g.0,
                 window_ms = window.as_millis() as u64,
@@ -388,14 +388,14 @@ impl Supervisor {
         }
         if reload.initial {
             info!(
-                event = "serving",
+                event = baton_proto::event::SERVING,
                 generation = g.0,
                 took_ms = took.as_millis() as u64,
                 "generation {g} is serving"
             );
         } else {
             let list = join(&reload.covers);
-            info!(event = "reload_succeeded", reload = reload.id.0, generation = g.0,
+            info!(event = baton_proto::event::RELOAD_SUCCEEDED, reload = reload.id.0, generation = g.0,
                 covers = %list, took_ms = took.as_millis() as u64,
                 "reload {} succeeded: generation {g} is serving (requests {list})", reload.id);
             self.record(&reload, now, Ok(()), None);
@@ -413,7 +413,7 @@ impl Supervisor {
         let g = c.new;
         let list = join(&c.reload.covers);
         let took = now.saturating_duration_since(c.reload.started);
-        info!(event = "reload_succeeded", reload = c.reload.id.0, generation = g.0,
+        info!(event = baton_proto::event::RELOAD_SUCCEEDED, reload = c.reload.id.0, generation = g.0,
             covers = %list, took_ms = took.as_millis() as u64,
             "reload {} succeeded: generation {g} passed its probation and serves (requests {list})",
             c.reload.id);
@@ -435,7 +435,7 @@ impl Supervisor {
         }
         let back: Vec<String> = c.old.iter().map(|o| o.to_string()).collect();
         let list = join(&c.reload.covers);
-        error!(event = "reload_failed", reload = c.reload.id.0, generation = g.0, covers = %list,
+        error!(event = baton_proto::event::RELOAD_FAILED, reload = c.reload.id.0, generation = g.0, covers = %list,
             reason = %reason, rolled_back = true,
             "reload {} failed: rolled back to generation {}: {reason} (requests {list})",
             c.reload.id, back.join(", "));
@@ -466,7 +466,7 @@ impl Supervisor {
                 "generation {g} stopped before it served: {reason}"
             );
         } else if reload.initial {
-            error!(event = "start_failed", generation = g.0, reason = %reason,
+            error!(event = baton_proto::event::START_FAILED, generation = g.0, reason = %reason,
                 "generation {g} failed to start: {reason}");
             self.exit_code = 1;
             self.stop = Some(StopMode::Fast);
@@ -483,7 +483,7 @@ impl Supervisor {
                 .find(|(_, entry)| matches!(entry.state, GenState::Serving))
                 .map(|(n, _)| format!("generation {n} keeps serving"))
                 .unwrap_or_else(|| "no generation is serving".into());
-            error!(event = "reload_failed", reload = reload.id.0, generation = g.0,
+            error!(event = baton_proto::event::RELOAD_FAILED, reload = reload.id.0, generation = g.0,
                 covers = %list, reason = %reason,
                 "reload {} failed: {reason}; {serving} (requests {list})", reload.id);
             self.record(&reload, now, Err(reason), culprit);

@@ -308,3 +308,30 @@ fn dependencies_are_declared_once_in_the_workspace() {
         "declare these in [workspace.dependencies]: {own:#?}"
     );
 }
+
+/// Log event names are written once, in `baton_proto::event`: the master logs them through its
+/// constants (no `event = "..."` literal in the crates' code), and the harness reads its log by
+/// them.
+#[test]
+fn log_event_names_are_written_once() {
+    let mut files = Vec::new();
+    for krate in ["baton", "baton-core", "baton-sys", "baton-worker"] {
+        rust_files(
+            &workspace().join("crates").join(krate).join("src"),
+            &mut files,
+        );
+    }
+    let literal: Vec<String> = files
+        .iter()
+        .filter(|f| !is_test_file(f))
+        .filter(|f| code(f).contains("event = \""))
+        .map(|f| f.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        literal.is_empty(),
+        "event names written as text: {literal:#?}"
+    );
+    let constants =
+        std::fs::read_to_string(workspace().join("crates/baton-proto/src/event.rs")).unwrap();
+    assert!(constants.contains("pub const RELOAD_SUCCEEDED: &str = \"reload_succeeded\";"));
+}

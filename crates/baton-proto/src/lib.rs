@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub mod control;
+pub mod event;
 pub mod text;
 
 /// Version of the worker channel protocol spoken by this build. Sent in [`Hello::version`].

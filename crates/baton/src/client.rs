@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use baton_proto::control::{self, FrameError, Request, Response};
 
+use crate::exit::{EX_IOERR, EX_NOPERM, EX_PROTOCOL, EX_UNAVAILABLE};
+
 /// Talking to the master failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ClientError {
@@ -26,10 +28,10 @@ impl ClientError {
     /// sysexits-style status: 69 unavailable, 76 protocol, 77 permission, 74 I/O.
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
-            ClientError::NoMaster(_) => 69,
-            ClientError::Permission(_) => 77,
-            ClientError::Io(..) => 74,
-            ClientError::Protocol { .. } => 76,
+            ClientError::NoMaster(_) => EX_UNAVAILABLE,
+            ClientError::Permission(_) => EX_NOPERM,
+            ClientError::Io(..) => EX_IOERR,
+            ClientError::Protocol { .. } => EX_PROTOCOL,
         }
     }
 }

@@ -11,7 +11,8 @@ use baton_core::master::{Inherited, Master, ResumeError, STATE_FD_ENV};
 use baton_proto::control::{ErrorKind, OutputFilter, Request, Response};
 
 use crate::client::{self, ClientError};
-use crate::{EX_USAGE, LogFormat, Target, render, signals};
+use crate::exit::{EX_NOPERM, EX_PROTOCOL, EX_UNAVAILABLE, EX_USAGE};
+use crate::{LogFormat, Target, render, signals};
 
 /// Writes to stdout. A reader that went away (`baton status --json | head`) ends the command
 /// quietly with status 0, as it would a shell tool, instead of a panic on the broken pipe.
@@ -41,10 +42,6 @@ fn write_stdout(text: std::fmt::Arguments<'_>) {
         }
     }
 }
-
-const EX_UNAVAILABLE: u8 = 69;
-const EX_PROTOCOL: u8 = 76;
-const EX_NOPERM: u8 = 77;
 
 pub(crate) fn run(
     path: &Path,
@@ -76,11 +73,11 @@ pub(crate) fn run(
         Ok(armed) if armed.is_empty() => {}
         Ok(armed) => {
             let names: Vec<_> = armed.iter().map(|p| p.name()).collect();
-            tracing::warn!(event = "faults_armed", points = %names.join(","),
+            tracing::warn!(event = baton_proto::event::FAULTS_ARMED, points = %names.join(","),
                 "fault points armed for a test: {}", names.join(", "));
         }
         Err(err) => {
-            tracing::error!(event = "faults_refused", "{err}");
+            tracing::error!(event = baton_proto::event::FAULTS_REFUSED, "{err}");
             return EX_USAGE;
         }
     }
@@ -136,7 +133,10 @@ pub(crate) fn run(
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            tracing::error!(event = "start_failed", "cannot build the event loop: {err}");
+            tracing::error!(
+                event = baton_proto::event::START_FAILED,
+                "cannot build the event loop: {err}"
+            );
             return 1;
         }
     };
@@ -154,7 +154,7 @@ pub(crate) fn run(
                     // on them). The preflight ran this same resume before the exec
                     // (`Master::rehearse`), so only what changed in between can fail here.
                     tracing::error!(
-                        event = "upgrade_resume_failed",
+                        event = baton_proto::event::UPGRADE_RESUME_FAILED,
                         "cannot take over after the upgrade: {err}; exiting (the workers end with this master; its listeners stay open only in a service manager's fd store)"
                     );
                     return 1;
@@ -165,14 +165,20 @@ pub(crate) fn run(
             let config = match config.unwrap_or_else(|| baton_core::config::load(path)) {
                 Ok(config) => config,
                 Err(err) => {
-                    tracing::error!(event = "config_invalid", "invalid configuration: {err}");
+                    tracing::error!(
+                        event = baton_proto::event::CONFIG_INVALID,
+                        "invalid configuration: {err}"
+                    );
                     return EX_USAGE;
                 }
             };
             match Master::new(config, options) {
                 Ok(master) => master,
                 Err(err) => {
-                    tracing::error!(event = "start_failed", "cannot start: {err}");
+                    tracing::error!(
+                        event = baton_proto::event::START_FAILED,
+                        "cannot start: {err}"
+                    );
                     return EX_USAGE;
                 }
             }
@@ -187,7 +193,10 @@ pub(crate) fn run(
     {
         Ok(file) => file,
         Err(err) => {
-            tracing::error!(event = "start_failed", "cannot write the pid file: {err}");
+            tracing::error!(
+                event = baton_proto::event::START_FAILED,
+                "cannot write the pid file: {err}"
+            );
             return EX_USAGE;
         }
     };

@@ -186,11 +186,11 @@ mod tests {
         let receiver = UnixDatagram::bind(&path).unwrap();
         let subscriber = tracing_subscriber::registry().with(Journal::at(&path).unwrap());
         tracing::subscriber::with_default(subscriber, || {
-            tracing::info!(target: "baton::output", event = "output", program = "web",
+            tracing::info!(target: "baton::output", event = baton_proto::event::OUTPUT, program = "web",
                 generation = 3u64, worker = 12u64, slot = 0u64, pid = 4242u32,
                 stream = "stderr", "{}", "listening on :8080");
             tracing::warn!(
-                event = "reload_failed",
+                event = baton_proto::event::RELOAD_FAILED,
                 generation = 4u64,
                 "reload 2 failed:\nwhy"
             );

@@ -9,6 +9,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 mod client;
 mod commands;
+mod exit;
 mod journal;
 mod logfile;
 mod logging;
@@ -17,9 +18,7 @@ mod signals;
 mod systemd;
 mod watch;
 
-/// Exit status for bad arguments or configuration (sysexits' EX_USAGE): with
-/// `RestartPreventExitStatus=64`, systemd does not restart-loop on a broken config.
-const EX_USAGE: u8 = 64;
+use exit::{EX_IOERR, EX_USAGE};
 
 #[derive(Parser)]
 #[command(
@@ -283,7 +282,7 @@ fn main() -> ExitCode {
             let page = clap_mangen::Man::new(Cli::command());
             match page.render(&mut std::io::stdout()) {
                 Ok(()) => 0,
-                Err(_) => 74,
+                Err(_) => EX_IOERR,
             }
         }
     };

@@ -59,7 +59,7 @@ fn inherited() -> Vec<(String, OwnedFd)> {
     for activation::Passed { name, number, fd } in passed {
         match fd {
             Ok(fd) => {
-                tracing::info!(event = "inherited_socket", name = %name, "inherited socket `{name}` (fd {number}) from the service manager");
+                tracing::info!(event = baton_proto::event::INHERITED_SOCKET, name = %name, "inherited socket `{name}` (fd {number}) from the service manager");
                 out.push((name, fd));
             }
             Err(err) => tracing::warn!("LISTEN_FDS: fd {number} ({name}) unusable: {err}"),

@@ -12,6 +12,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)]
 
+use baton_integration::event;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,7 +67,7 @@ fn baton(quic: bool, seconds: u64) -> Row {
         "h3-bench",
         &h3_worker_yaml(port, quic, &binaries().h3_worker, "{}"),
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let name = if quic {
         "baton, `quic: true` (steered)"
     } else {

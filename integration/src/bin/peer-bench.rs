@@ -12,6 +12,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)]
 
+use baton_integration::event;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -155,14 +156,14 @@ fn start(peer: Peer, port: u16) -> Running {
         Peer::BatonHaproxy => {
             let cfg = recipes::haproxy_cfg(&dir, 1);
             let master = Master::spawn("peer-baton-haproxy", &recipes::haproxy_yaml(&cfg, port));
-            master.wait_event("serving", Duration::from_secs(30), |_| true);
+            master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
             Some(master)
         }
         Peer::BatonNginx => {
             let yaml = recipes::nginx_yaml(&dir, port);
             recipes::nginx_tag(&dir, 1);
             let master = Master::spawn("peer-baton-nginx", &yaml);
-            master.wait_event("serving", Duration::from_secs(30), |_| true);
+            master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
             Some(master)
         }
         Peer::Nginx | Peer::NaiveRestart => {

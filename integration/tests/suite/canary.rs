@@ -1,6 +1,7 @@
 //! Canary window: a new generation serves on probation while the old one stands by, paused and
 //! ready; a crash during the probation rolls back.
 
+use baton_integration::event;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -52,7 +53,7 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
         vec![1]
     );
     assert!(
-        master.events("worker_killed").is_empty(),
+        master.events(event::WORKER_KILLED).is_empty(),
         "generation 1 was never drained"
     );
 }
@@ -70,7 +71,7 @@ fn a_generation_that_survives_its_probation_succeeds_and_then_the_old_one_drains
         verdict["duration_ms"].as_u64().unwrap() >= 1500,
         "the verdict waits for the probation: {verdict}"
     );
-    master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(10), |v| {
         v["generation"] == 1
     });
     let report = load.finish();
@@ -116,7 +117,7 @@ fn a_generation_whose_probe_fails_during_its_probation_is_rolled_back() {
     )];
     master.write_config(&probed.yaml());
     let reload = master.ctl_spawn(&["reload"]);
-    master.wait_event("canary", Duration::from_secs(10), |_| true);
+    master.wait_event(event::CANARY, Duration::from_secs(10), |_| true);
     healthy.store(false, Ordering::SeqCst);
     let out = reload.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -4,6 +4,7 @@
 //! rename), with a broken file, with an editor that writes in place, and for the CPU it costs
 //! while nothing changes.
 
+use baton_integration::event;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,7 +37,7 @@ fn kubelet_update(volume: &Path, version: u32, text: &str) {
 /// The reload requests the watch made so far.
 fn watch_requests(master: &Master) -> Vec<Value> {
     master
-        .events_where("reload_requested", |v| {
+        .events_where(event::RELOAD_REQUESTED, |v| {
             v["trigger"]
                 .as_str()
                 .is_some_and(|t| t.ends_with("changed (supervisor.watch)"))
@@ -82,8 +83,8 @@ fn a_configmap_update_and_an_in_place_edit_each_reload_once_and_a_broken_file_fa
     });
     let dir = volume.parent().unwrap().to_path_buf();
     let text = |processes| yaml(port, processes).replace("{dir}", &dir.display().to_string());
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
-    master.wait_event("config_watch", Duration::from_secs(10), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
+    master.wait_event(event::CONFIG_WATCH, Duration::from_secs(10), |_| true);
 
     // Nothing changes: the watch costs no CPU (it waits on inotify; no timer runs).
     let (ticks, ()) = master.cpu_during(|| std::thread::sleep(Duration::from_secs(3)));

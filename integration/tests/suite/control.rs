@@ -1,6 +1,7 @@
 //! The control plane against a real master with real workers: status, drain-status, reload
 //! verdicts, history, stop, authorization, and a control socket that shrugs off bad clients.
 
+use baton_integration::event;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -43,7 +44,7 @@ fn status_answers_during_a_reload_and_json_matches_the_table() {
     let port = free_port();
     let master = Master::start("ctl-status", &slow(port, 1500));
     master.signal(Signal::SIGUSR2);
-    master.wait_event("reload_started", Duration::from_secs(5), |_| true);
+    master.wait_event(event::RELOAD_STARTED, Duration::from_secs(5), |_| true);
     let (code, out, err) = master.ctl(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let s = json(&out);
@@ -207,7 +208,7 @@ fn requests_that_coalesce_share_one_verdict_and_signals_are_in_the_history() {
     let port = free_port();
     let master = Master::start("ctl-coalesce", &slow(port, 800));
     let first = master.ctl_spawn(&["reload", "--json"]);
-    master.wait_event("reload_started", Duration::from_secs(5), |_| true);
+    master.wait_event(event::RELOAD_STARTED, Duration::from_secs(5), |_| true);
     let second = master.ctl_spawn(&["reload", "--json"]);
     let third = master.ctl_spawn(&["reload", "--json"]);
     let verdict = |child: std::process::Child| {
@@ -239,7 +240,7 @@ fn requests_that_coalesce_share_one_verdict_and_signals_are_in_the_history() {
 
     // A signal-triggered reload gets the same record, and its verdict can be asked for later.
     master.signal(Signal::SIGUSR2);
-    let (_, requested) = master.wait_event("reload_requested", Duration::from_secs(5), |v| {
+    let (_, requested) = master.wait_event(event::RELOAD_REQUESTED, Duration::from_secs(5), |v| {
         v["trigger"]
             .as_str()
             .is_some_and(|t| t.starts_with("SIGUSR2"))
@@ -295,7 +296,7 @@ fn stop_drains_and_the_master_exits_zero() {
     assert_eq!(fast.ctl(&["stop", "--fast"]).0, 0);
     assert_eq!(fast.wait_exit(Duration::from_secs(5)).code(), Some(0));
     assert!(
-        !fast.events("worker_killed").is_empty(),
+        !fast.events(event::WORKER_KILLED).is_empty(),
         "--fast kills instead of draining"
     );
     assert!(
@@ -316,7 +317,7 @@ fn open_master(name: &str, read_group: Option<&str>) -> Master {
         yaml += &format!("    read_group: {group}\n");
     }
     let master = Master::spawn(name, &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // Let other users reach the socket inside the (0700) temp dir.
     std::fs::set_permissions(master.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     master
@@ -343,7 +344,7 @@ fn an_unprivileged_user_may_not_change_the_master_and_reads_only_with_the_read_g
         Duration::from_secs(10),
         "three control_denied lines",
         || {
-            let denied = master.events("control_denied");
+            let denied = master.events(event::CONTROL_DENIED);
             (denied.len() >= 3).then_some(denied)
         },
     );
@@ -362,8 +363,8 @@ fn an_unprivileged_user_may_not_change_the_master_and_reads_only_with_the_read_g
             .starts_with("control request reload (waiting for the verdict) from uid 65534"),
         "{denied:?}"
     );
-    assert!(master.events("reload_requested").is_empty());
-    assert!(master.events("stopping").is_empty());
+    assert!(master.events(event::RELOAD_REQUESTED).is_empty());
+    assert!(master.events(event::STOPPING).is_empty());
 
     let readable = open_master("ctl-read", Some("nogroup"));
     let (code, out, err) = ctl(&readable.socket(), &["status", "--json"], Some(NOBODY));
@@ -393,7 +394,7 @@ fn bad_clients_get_an_error_or_a_timeout_and_the_master_stays_healthy() {
         "    socket: \"{dir}/baton.sock\"\n    timeout: 1s\n",
     );
     let master = Master::spawn("ctl-bad", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let baseline = master.fd_count();
     let exchange = |bytes: &[u8], half_close: bool| -> Vec<u8> {
         let mut s = UnixStream::connect(master.socket()).unwrap();
@@ -472,7 +473,7 @@ fn bad_clients_get_an_error_or_a_timeout_and_the_master_stays_healthy() {
         "the master's fd count back to its baseline",
         || (master.fd_count() == baseline).then_some(()),
     );
-    assert!(master.events("control_bad_request").len() >= 6);
+    assert!(master.events(event::CONTROL_BAD_REQUEST).len() >= 6);
 }
 
 #[test]
@@ -511,14 +512,14 @@ fn metrics_count_reloads_restarts_and_states_in_the_prometheus_format() {
     // A crash, replaced.
     let victim = master.children()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
-    master.wait_event("worker_crashed", Duration::from_secs(5), |_| true);
+    master.wait_event(event::WORKER_CRASHED, Duration::from_secs(5), |_| true);
     // Ready, not merely started: 2 workers of generation 1, 2 of generation 2, the replacement.
     eventually(
         Duration::from_secs(10),
         "the replacement to be ready",
-        || (master.events("worker_ready").len() == 5).then_some(()),
+        || (master.events(event::WORKER_READY).len() == 5).then_some(()),
     );
-    master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(10), |v| {
         v["generation"] == 1
     });
     let (code, text, err) = master.ctl(&["metrics"]);
@@ -568,7 +569,7 @@ fn the_metrics_endpoint_serves_over_http_follows_reloads_and_a_busy_port_fails_t
         .supervisor_extra
         .push(format!("metrics_listen: 127.0.0.1:{first}"));
     let master = Master::start("ctl-metrics-http", &config);
-    master.wait_event("metrics_endpoint", Duration::from_secs(5), |v| {
+    master.wait_event(event::METRICS_ENDPOINT, Duration::from_secs(5), |v| {
         v["address"] == format!("127.0.0.1:{first}")
     });
 
@@ -665,9 +666,11 @@ fn the_metrics_endpoint_serves_over_http_follows_reloads_and_a_busy_port_fails_t
     master.write_config(&TestConfig::hello(&format!("127.0.0.1:{port}"), 1).yaml());
     assert_eq!(master.reload()["event"], "reload_succeeded");
     assert!(refused(second), "no endpoint without metrics_listen");
-    master.wait_event("metrics_endpoint_closed", Duration::from_secs(5), |v| {
-        v["address"] == format!("127.0.0.1:{second}")
-    });
+    master.wait_event(
+        event::METRICS_ENDPOINT_CLOSED,
+        Duration::from_secs(5),
+        |v| v["address"] == format!("127.0.0.1:{second}"),
+    );
 }
 
 #[test]
@@ -677,7 +680,7 @@ fn a_reader_that_goes_away_ends_the_cli_quietly() {
         "ctl-pipe",
         &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // `baton status --json | head -0`: the pipe's reader is gone before baton writes.
     let (reader, writer) = nix::unistd::pipe().unwrap();
     drop(reader);
@@ -709,7 +712,7 @@ fn a_worker_s_status_text_never_reaches_the_terminal_raw() {
     let hex: String = evil.bytes().map(|b| format!("{b:02x}")).collect();
     config.env.push(("IT_STATUS_HEX".into(), hex));
     let master = Master::start("ctl-inject", &config);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // The status line arrives after readiness: wait until the master has it.
     let json_status = eventually(Duration::from_secs(10), "the worker's status line", || {
         let (_, out, _) = master.ctl(&["status", "--json"]);
@@ -776,7 +779,7 @@ fn usage_errors_unknown_requests_truncated_frames_and_paths_are_told_plainly() {
         "ctl-words",
         &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // A request id never handed out: a bad argument (64), not "no master" (69).
     let (code, _, err) = master.ctl(&["reload", "--request", "999"]);
     assert_eq!(code, 64, "{err}");
@@ -802,7 +805,7 @@ fn a_broken_file_does_not_hide_the_running_master_from_reads_and_stop() {
         "ctl-broken",
         &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // The operator is editing the file: it no longer validates.
     let file = master.dir.path().join("baton.yaml");
     let text = std::fs::read_to_string(&file).unwrap();
@@ -824,11 +827,11 @@ fn a_broken_file_does_not_hide_the_running_master_from_reads_and_stop() {
     let (code, _, err) = with_file(&["reload"]);
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("unknown field `colour`"), "{err}");
-    assert!(master.events("reload_requested").is_empty());
+    assert!(master.events(event::RELOAD_REQUESTED).is_empty());
     // And stop still stops.
     let (code, _, err) = with_file(&["stop"]);
     assert_eq!(code, Some(0), "{err}");
-    master.wait_event("exiting", Duration::from_secs(30), |_| true);
+    master.wait_event(event::EXITING, Duration::from_secs(30), |_| true);
 }
 
 #[test]
@@ -836,7 +839,7 @@ fn settings_read_only_at_start_are_named_by_the_reload_and_check_and_the_master_
     let port = free_port();
     let config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     let master = Master::start("ctl-start-only", &config);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let dir = master.dir.path().to_path_buf();
     let file = dir.join("baton.yaml");
     // The operator moves the control socket and raises the client limit in the file.
@@ -871,7 +874,7 @@ fn settings_read_only_at_start_are_named_by_the_reload_and_check_and_the_master_
     // The link goes away with the master.
     let (code, _, err) = with_file(&["stop"]);
     assert_eq!(code, Some(0), "{err}");
-    master.wait_event("exiting", Duration::from_secs(30), |_| true);
+    master.wait_event(event::EXITING, Duration::from_secs(30), |_| true);
     eventually(Duration::from_secs(10), "the link removed", || {
         (!moved.exists() && std::fs::symlink_metadata(&moved).is_err()).then_some(())
     });
@@ -907,7 +910,7 @@ workers:
 "#
     );
     let mut master = Master::spawn("ctl-health", &yaml);
-    master.wait_event("metrics_endpoint", Duration::from_secs(10), |_| true);
+    master.wait_event(event::METRICS_ENDPOINT, Duration::from_secs(10), |_| true);
     // Before the first generation serves.
     let (status, _, body) = http(endpoint, "GET", "/healthz");
     assert_eq!(
@@ -915,7 +918,7 @@ workers:
         (503, "not ready: no generation serves\n")
     );
     assert_eq!(http(endpoint, "GET", "/livez").0, 200);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let (status, head, body) = http(endpoint, "GET", "/healthz");
     assert_eq!(
         (status, body.as_str()),
@@ -946,7 +949,7 @@ workers:
 
     // A stop has begun (the stubborn worker keeps it draining for 3 s): not ready any more.
     master.signal(nix::sys::signal::Signal::SIGTERM);
-    master.wait_event("stopping", Duration::from_secs(10), |_| true);
+    master.wait_event(event::STOPPING, Duration::from_secs(10), |_| true);
     let (status, _, body) = http(endpoint, "GET", "/healthz");
     assert_eq!((status, body.as_str()), (503, "not ready: stopping\n"));
     assert!(master.wait_exit(Duration::from_secs(20)).success());
@@ -998,11 +1001,12 @@ fn a_panic_of_the_control_socket_s_task_does_not_lock_the_operator_out() {
         &TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1).yaml(),
         &[("FAILPOINTS", "control.accept=1*return(panic)")],
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // The first client finds the task panicking under it.
     let (code, _, _) = master.ctl(&["status"]);
     assert_ne!(code, 0, "the first client's connection went with the task");
-    let (_, restarted) = master.wait_event("control_restarted", Duration::from_secs(10), |_| true);
+    let (_, restarted) =
+        master.wait_event(event::CONTROL_RESTARTED, Duration::from_secs(10), |_| true);
     assert!(
         restarted["message"]
             .as_str()

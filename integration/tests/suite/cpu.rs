@@ -1,6 +1,7 @@
 //! The master is event-driven: no CPU while idle, and none spent on a worker that sends garbage
 //! or half-closes its channel. Measured from /proc/<master>/task/*/schedstat (nanoseconds).
 
+use baton_integration::event;
 use std::time::Duration;
 
 use baton_integration::procfs::cpu_ns;
@@ -39,7 +40,11 @@ fn garbage_and_a_half_closed_channel_do_not_make_the_master_spin() {
     let master = Master::start("garbage", &c);
     // The hand-written worker got its listeners and was ready (the protocol doc is enough to
     // write one); then it sent garbage and half-closed its channel.
-    master.wait_event("worker_protocol_error", Duration::from_secs(10), |_| true);
+    master.wait_event(
+        event::WORKER_PROTOCOL_ERROR,
+        Duration::from_secs(10),
+        |_| true,
+    );
     let used = cpu_over(&master, WINDOW);
     eprintln!(
         "master with misbehaving workers: {} µs of CPU in 10 s",
@@ -53,7 +58,7 @@ fn garbage_and_a_half_closed_channel_do_not_make_the_master_spin() {
     // And it still does its job: a reload to a good worker succeeds, the bad ones are drained.
     master.write_config(&TestConfig::hello(&format!("127.0.0.1:{port}"), 1).yaml());
     assert_eq!(master.reload()["event"], "reload_succeeded");
-    master.wait_event("generation_exited", Duration::from_secs(30), |v| {
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |v| {
         v["generation"] == 1
     });
 }

@@ -1,5 +1,6 @@
 //! Serving workers that die are replaced in their generation, with backoff for crash loops.
 
+use baton_integration::event;
 use std::time::Duration;
 
 use baton_integration::load::requests;
@@ -13,9 +14,11 @@ use nix::unistd::Pid;
 fn a_killed_worker_is_replaced_in_the_same_generation() {
     let port = free_port();
     let master = Master::start("crash", &TestConfig::hello(&format!("127.0.0.1:{port}"), 2));
-    let victim = master.events("worker_ready")[0]["pid"].as_u64().unwrap() as u32;
+    let victim = master.events(event::WORKER_READY)[0]["pid"]
+        .as_u64()
+        .unwrap() as u32;
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
-    let (_, crashed) = master.wait_event("worker_crashed", Duration::from_secs(5), |_| true);
+    let (_, crashed) = master.wait_event(event::WORKER_CRASHED, Duration::from_secs(5), |_| true);
     assert!(
         crashed["message"]
             .as_str()
@@ -25,7 +28,7 @@ fn a_killed_worker_is_replaced_in_the_same_generation() {
     );
     // The two first workers, then the replacement.
     let replaced = eventually(Duration::from_secs(10), "a replacement worker", || {
-        master.events("worker_ready").get(2).cloned()
+        master.events(event::WORKER_READY).get(2).cloned()
     });
     assert_ne!(replaced["pid"].as_u64(), Some(victim as u64));
     assert_eq!(
@@ -39,7 +42,7 @@ fn a_killed_worker_is_replaced_in_the_same_generation() {
         zombies(master.pid()).is_empty(),
         "the dead worker was reaped"
     );
-    assert!(master.events("reload_started").is_empty());
+    assert!(master.events(event::RELOAD_STARTED).is_empty());
     let report = requests(format!("127.0.0.1:{port}").parse().unwrap(), 20);
     assert_eq!(report.ok, 20, "{}", report.summary());
 }
@@ -52,10 +55,10 @@ fn a_crash_looping_worker_is_restarted_with_doubling_backoff() {
     c.env = vec![WorkerMode::CrashAfter(30).env()];
     let mut master = Master::start("crashloop", &c);
     eventually(Duration::from_secs(20), "five crashes", || {
-        (master.events("worker_crashed").len() >= 5).then_some(())
+        (master.events(event::WORKER_CRASHED).len() >= 5).then_some(())
     });
     let delays: Vec<u64> = master
-        .events("worker_crashed")
+        .events(event::WORKER_CRASHED)
         .iter()
         .take(5)
         .map(|v| v["restart_in_ms"].as_u64().unwrap())

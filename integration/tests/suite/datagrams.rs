@@ -3,6 +3,7 @@
 //! drain comes once the new one is ready), so a datagram waits in the shared socket for whoever
 //! reads next: none is lost across reloads, none is answered twice, none after a drain deadline.
 
+use baton_integration::event;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +34,7 @@ fn with_listeners(config: &TestConfig, listeners: &str) -> String {
 
 /// SIGUSR2 every `every` until `stop`; each one once the master took the one before.
 fn reloads_every(master: &Master, every: Duration, run: Duration) -> u64 {
-    let before = master.events("reload_requested").len() as u64;
+    let before = master.events(event::RELOAD_REQUESTED).len() as u64;
     let start = Instant::now();
     let mut sent = 0;
     while start.elapsed() < run {
@@ -42,7 +43,7 @@ fn reloads_every(master: &Master, every: Duration, run: Duration) -> u64 {
         eventually(
             Duration::from_secs(10),
             "the master to take the signal",
-            || (master.events("reload_requested").len() as u64 >= before + sent).then_some(()),
+            || (master.events(event::RELOAD_REQUESTED).len() as u64 >= before + sent).then_some(()),
         );
         std::thread::sleep(every); // the reload cadence under test
     }
@@ -61,7 +62,7 @@ fn udp_echo_across_reloads_every_100ms_loses_and_duplicates_nothing_in_both_prot
             ),
         );
         let master = Master::spawn(&format!("udp-{protocol}"), &yaml);
-        master.wait_event("serving", Duration::from_secs(30), |_| true);
+        master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
         let stop = Arc::new(AtomicBool::new(false));
         let clients = {
             let stop = stop.clone();
@@ -103,7 +104,7 @@ fn udp_echo_across_reloads_every_100ms_loses_and_duplicates_nothing_in_both_prot
         // None answered by a generation after its drain deadline (drain start + 2 s).
         for (g, at) in &seen.by_generation {
             if let Some((began, _)) = master
-                .events_where("generation_draining", |v| v["generation"] == *g)
+                .events_where(event::GENERATION_DRAINING, |v| v["generation"] == *g)
                 .first()
             {
                 assert!(
@@ -139,7 +140,7 @@ fn a_unix_datagram_listener_is_handed_over_and_answered_across_reloads() {
         ),
     );
     let master = Master::spawn("unixgram", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let client_path = dir.path().join("client.sock");
     let client = std::os::unix::net::UnixDatagram::bind(&client_path).unwrap();
     client

@@ -3,6 +3,7 @@
 //! `STATUS=`; a slot waiting out its backoff keeps its row; it recovers by itself once the
 //! workers stay up.
 
+use baton_integration::event;
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,7 +57,7 @@ fn a_crash_loop_degrades_the_generation_everywhere_and_it_recovers_by_itself() {
         &config.yaml(),
         &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
 
     // Degraded once a slot crashed 3 times in a row; its row stays while it waits.
     let (code, degraded) = eventually(Duration::from_secs(20), "degraded", || {
@@ -79,7 +80,7 @@ fn a_crash_loop_degrades_the_generation_everywhere_and_it_recovers_by_itself() {
         backoff["worker"].as_u64().unwrap() > 0,
         "the worker that crashed: {backoff}"
     );
-    master.wait_event("generation_degraded", Duration::from_secs(5), |_| true);
+    master.wait_event(event::GENERATION_DEGRADED, Duration::from_secs(5), |_| true);
     eventually(Duration::from_secs(10), "STATUS= says degraded", || {
         told.lock()
             .unwrap()
@@ -89,7 +90,9 @@ fn a_crash_loop_degrades_the_generation_everywhere_and_it_recovers_by_itself() {
     });
 
     // The 6th start stays up: after restart_backoff_max (2 s) the generation has recovered.
-    master.wait_event("generation_recovered", Duration::from_secs(30), |_| true);
+    master.wait_event(event::GENERATION_RECOVERED, Duration::from_secs(30), |_| {
+        true
+    });
     let (code, healthy) = status(&master);
     assert_eq!(code, 0, "{healthy}");
     assert!(
@@ -105,7 +108,7 @@ fn a_crash_loop_degrades_the_generation_everywhere_and_it_recovers_by_itself() {
             .is_some_and(|m| m.contains("STATUS=gen 1 serving 1 worker") && !m.contains("DEGRADED"))
             .then_some(())
     });
-    let degraded_at = master.events("generation_degraded").len();
+    let degraded_at = master.events(event::GENERATION_DEGRADED).len();
     assert_eq!(degraded_at, 1, "one transition each way");
 }
 

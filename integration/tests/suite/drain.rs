@@ -1,6 +1,7 @@
 //! Draining generations: held connections keep them alive until closed or until the deadline;
 //! the cap on draining generations bounds the process count.
 
+use baton_integration::event;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +19,9 @@ fn config(port: u16, drain_timeout: &'static str) -> TestConfig {
 }
 
 fn first_worker(master: &Master) -> u32 {
-    master.events("worker_ready")[0]["pid"].as_u64().unwrap() as u32
+    master.events(event::WORKER_READY)[0]["pid"]
+        .as_u64()
+        .unwrap() as u32
 }
 
 #[test]
@@ -28,19 +31,19 @@ fn a_held_connection_keeps_its_generation_draining_until_it_closes_then_it_exits
     let old = first_worker(&master);
     let conn = held_connection(port);
     assert_eq!(master.reload()["event"], "reload_succeeded");
-    master.wait_event("generation_draining", Duration::from_secs(5), |v| {
+    master.wait_event(event::GENERATION_DRAINING, Duration::from_secs(5), |v| {
         v["generation"] == 1
     });
     // While the client holds its connection, generation 1 stays (for a whole second here).
     let until = Instant::now() + Duration::from_secs(1);
     while Instant::now() < until {
         assert!(alive(old), "the old worker must wait for its client");
-        assert!(master.events("generation_exited").is_empty());
+        assert!(master.events(event::GENERATION_EXITED).is_empty());
         std::thread::sleep(Duration::from_millis(20));
     }
     let closed = Instant::now();
     drop(conn);
-    let (at, exited) = master.wait_event("generation_exited", Duration::from_secs(5), |v| {
+    let (at, exited) = master.wait_event(event::GENERATION_EXITED, Duration::from_secs(5), |v| {
         v["generation"] == 1
     });
     assert_eq!(exited["killed"], false, "it drained, it was not killed");
@@ -60,15 +63,16 @@ fn a_generation_that_does_not_drain_is_killed_at_its_deadline_not_later_than_one
     let old = first_worker(&master);
     let _conn = held_connection(port);
     assert_eq!(master.reload()["event"], "reload_succeeded");
-    let (began, _) = master.wait_event("generation_draining", Duration::from_secs(5), |v| {
+    let (began, _) = master.wait_event(event::GENERATION_DRAINING, Duration::from_secs(5), |v| {
         v["generation"] == 1
     });
-    let (killed_at, kill) = master.wait_event("worker_killed", Duration::from_secs(10), |v| {
+    let (killed_at, kill) = master.wait_event(event::WORKER_KILLED, Duration::from_secs(10), |v| {
         v["generation"] == 1
     });
-    let (gone_at, exited) = master.wait_event("generation_exited", Duration::from_secs(10), |v| {
-        v["generation"] == 1
-    });
+    let (gone_at, exited) =
+        master.wait_event(event::GENERATION_EXITED, Duration::from_secs(10), |v| {
+            v["generation"] == 1
+        });
     assert_eq!(
         kill["pid"].as_u64().unwrap() as u32,
         old,
@@ -124,7 +128,7 @@ fn fifty_reloads_with_long_lived_clients_keep_the_process_count_bounded() {
     eventually(
         Duration::from_secs(20),
         "all 50 old generations gone",
-        || (master.events("generation_exited").len() == 50).then_some(()),
+        || (master.events(event::GENERATION_EXITED).len() == 50).then_some(()),
     );
     eventually(
         Duration::from_secs(5),
@@ -139,7 +143,7 @@ fn fifty_reloads_with_long_lived_clients_keep_the_process_count_bounded() {
     );
     let most = most.load(Ordering::SeqCst);
     let by_cap = master
-        .events("worker_killed")
+        .events(event::WORKER_KILLED)
         .iter()
         .filter(|v| {
             v["message"]
@@ -170,7 +174,7 @@ fn with_a_stop_delay_sigterm_serves_new_connections_for_the_delay_then_drains() 
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let sent = std::time::Instant::now();
     master.signal(nix::sys::signal::Signal::SIGTERM);
-    master.wait_event("stop_delayed", Duration::from_secs(10), |v| {
+    master.wait_event(event::STOP_DELAYED, Duration::from_secs(10), |v| {
         v["delay_ms"] == 2000
     });
     // New connections during the delay: served, by the generation that serves.
@@ -186,7 +190,7 @@ fn with_a_stop_delay_sigterm_serves_new_connections_for_the_delay_then_drains() 
         "checked within the delay"
     );
     assert!(
-        master.events("generation_draining").is_empty(),
+        master.events(event::GENERATION_DRAINING).is_empty(),
         "not draining yet"
     );
     let status = master.wait_exit(Duration::from_secs(20));

@@ -1,6 +1,7 @@
 //! Failed reloads: the new generation is drained and then killed, the old one keeps serving,
 //! nothing is lost.
 
+use baton_integration::event;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -179,8 +180,8 @@ server.server_close()
     );
     // None of them was killed: each finished when asked.
     assert!(
-        master.events("worker_killed").is_empty(),
+        master.events(event::WORKER_KILLED).is_empty(),
         "{:?}",
-        master.events("worker_killed")
+        master.events(event::WORKER_KILLED)
     );
 }

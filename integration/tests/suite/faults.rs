@@ -18,6 +18,7 @@
 //! `fdstore.update` is passed only under a service manager: `systemd.rs` injects its error under
 //! the booted systemd.
 
+use baton_integration::event;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
@@ -76,7 +77,7 @@ fn outcome(client: std::process::Child) -> (i32, String, String) {
 
 fn fired(master: &Master, point: &str) -> Vec<Value> {
     master
-        .events_where("fault_injected", |v| v["point"] == point)
+        .events_where(event::FAULT_INJECTED, |v| v["point"] == point)
         .into_iter()
         .map(|(_, v)| v)
         .collect()
@@ -98,7 +99,7 @@ fn inject(point: &'static str, fault: Fault) {
     );
     let name = format!("fault-{}", point.replace('.', "-"));
     let mut master = Master::spawn_with_env(&name, &config(port, None), &[("FAILPOINTS", &spec)]);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     assert!(
         fired(&master, point).is_empty(),
         "{label}: fired while the master started (passes_at_start is wrong): {:?}",
@@ -146,7 +147,7 @@ fn inject(point: &'static str, fault: Fault) {
             kept.summary()
         );
         let successor = master.successor(&format!("{name}-2"));
-        successor.wait_event("serving", Duration::from_secs(30), |_| true);
+        successor.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
         eventually(
             Duration::from_secs(20),
             "the killed master's workers gone",
@@ -209,8 +210,8 @@ fn inject(point: &'static str, fault: Fault) {
         // Request #1, the client's: one verdict.
         let covers = |v: &Value| v["covers"] == "#1";
         let verdicts = || {
-            master.events_where("reload_succeeded", covers).len()
-                + master.events_where("reload_failed", covers).len()
+            master.events_where(event::RELOAD_SUCCEEDED, covers).len()
+                + master.events_where(event::RELOAD_FAILED, covers).len()
         };
         eventually(Duration::from_secs(10), "the verdict logged", || {
             (verdicts() > 0).then_some(())
@@ -353,7 +354,7 @@ fn a_master_killed_without_a_service_manager_costs_what_its_workers_held_and_the
     master.wait_exit(Duration::from_secs(10));
     let reaped = killed.elapsed();
     let successor = master.successor("kill-cost-2");
-    successor.wait_event("serving", Duration::from_secs(30), |_| true);
+    successor.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let back = killed.elapsed();
     let (fresh, kept) = load.finish();
     eprintln!(

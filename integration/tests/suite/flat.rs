@@ -1,6 +1,7 @@
 //! Flat over time (docs/reliability.md): after 1000 reloads and 100 self-upgrades, the master's
 //! descriptors, threads, memory and worker processes are back at their baseline.
 
+use baton_integration::event;
 use std::time::Duration;
 
 use baton_integration::{Master, TestConfig, free_port, next_baton, procfs};
@@ -99,5 +100,5 @@ fn a_thousand_reloads_and_a_hundred_upgrades_leave_the_master_where_it_started()
         );
     }
     // Every request got its verdict, none lost among a thousand.
-    assert_eq!(master.events("reload_succeeded").len(), 1003);
+    assert_eq!(master.events(event::RELOAD_SUCCEEDED).len(), 1003);
 }

@@ -1,5 +1,6 @@
 //! Hardening: large handoffs, privilege drop, orphans reaped (as subreaper and as PID 1).
 
+use baton_integration::event;
 use std::time::Duration;
 
 use baton_integration::load::requests;
@@ -26,7 +27,9 @@ fn a_thousand_listeners_are_handed_over_in_chunks_and_all_serve() {
         .collect();
     c.ready_timeout = "60s";
     let master = Master::start("thousand", &c);
-    let worker = master.events("worker_ready")[0]["pid"].as_u64().unwrap() as u32;
+    let worker = master.events(event::WORKER_READY)[0]["pid"]
+        .as_u64()
+        .unwrap() as u32;
     let inherited = procfs::socket_inodes(worker);
     let listening: Vec<u64> = ports
         .iter()
@@ -73,7 +76,9 @@ fn workers_run_as_the_configured_user_without_the_masters_groups_or_its_control_
         "rlimits: {nofile: 4321, core: 0}".into(),
     ];
     let master = Master::start("nobody", &c);
-    let pid = master.events("worker_ready")[0]["pid"].as_u64().unwrap() as u32;
+    let pid = master.events(event::WORKER_READY)[0]["pid"]
+        .as_u64()
+        .unwrap() as u32;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
         status
@@ -168,7 +173,7 @@ fn as_pid_1_of_a_pid_namespace_the_master_reaps_orphans_and_stops_on_sigterm() {
         &orphaning(port).yaml(),
         &["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"],
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let unshare = master.pid();
     let baton = eventually(Duration::from_secs(5), "baton under unshare", || {
         procfs::children(unshare).first().copied()
@@ -199,7 +204,7 @@ fn as_pid_1_of_a_pid_namespace_the_master_reaps_orphans_and_stops_on_sigterm() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    master.wait_event("exiting", Duration::from_secs(10), |v| v["code"] == 0);
+    master.wait_event(event::EXITING, Duration::from_secs(10), |v| v["code"] == 0);
     let status = master.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status}");
     assert!(!procfs::alive(baton));
@@ -215,7 +220,7 @@ fn when_the_master_dies_its_workers_drain_and_exit_instead_of_lingering() {
         hello = binaries().hello_worker.display()
     );
     let mut master = Master::spawn("master-death", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let workers = master.children();
     assert_eq!(workers.len(), 2);
     master.signal(nix::sys::signal::Signal::SIGKILL);

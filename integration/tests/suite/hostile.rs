@@ -1,6 +1,7 @@
 //! Hostile input: each test names its attacker (a worker running as `nobody`, a local user, a
 //! network client) and the guarantee it checks (docs/security.md lists them).
 
+use baton_integration::event;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -129,10 +130,11 @@ fn a_worker_as_nobody_cannot_make_the_master_signal_a_process_not_its_own() {
             &[&format!("cgroups: {cgroups}")],
         );
         let mut master = Master::spawn(&format!("mainpid-games-{cgroups}"), &yaml);
-        master.wait_event("serving", Duration::from_secs(30), |_| true);
+        master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
         let guard = master.guard();
         // Every announcement is refused: the first is logged, the rest counted.
-        let (_, refused) = master.wait_event("main_pid_refused", Duration::from_secs(10), |_| true);
+        let (_, refused) =
+            master.wait_event(event::MAIN_PID_REFUSED, Duration::from_secs(10), |_| true);
         let status = eventually(Duration::from_secs(10), "every refusal counted", || {
             let (code, out, _) = master.ctl(&["status", "--json"]);
             assert_eq!(code, 0, "{out}");
@@ -146,11 +148,14 @@ fn a_worker_as_nobody_cannot_make_the_master_signal_a_process_not_its_own() {
                 .contains(&format!("({expected} refused)"))
                 .then_some(refused)
         });
-        assert!(master.events("worker_main_pid").is_empty(), "none accepted");
         assert!(
-            master.events("main_pid_refused").len() < 3,
+            master.events(event::WORKER_MAIN_PID).is_empty(),
+            "none accepted"
+        );
+        assert!(
+            master.events(event::MAIN_PID_REFUSED).len() < 3,
             "rate-limited: {:?}",
-            master.events("main_pid_refused")
+            master.events(event::MAIN_PID_REFUSED)
         );
         eprintln!("[{cgroups}] first refusal: {refused}; status: {status}");
         let (_, text, _) = master.ctl(&["status"]);
@@ -159,7 +164,7 @@ fn a_worker_as_nobody_cannot_make_the_master_signal_a_process_not_its_own() {
         // next one: had any announcement been taken, its process would get both.
         let verdict = master.reload();
         assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-        master.wait_event("generation_exited", Duration::from_secs(15), |_| true);
+        master.wait_event(event::GENERATION_EXITED, Duration::from_secs(15), |_| true);
         let (code, out, err) = master.ctl(&["stop"]);
         assert_eq!(code, 0, "{out}{err}");
         assert!(master.wait_exit(Duration::from_secs(20)).success());
@@ -232,9 +237,9 @@ fn a_main_process_reaped_by_its_own_launcher_ends_its_generation_and_the_stop() 
             if ignore_term { "stubborn" } else { "polite" }
         );
         let mut master = Master::spawn(&name, &yaml);
-        master.wait_event("serving", Duration::from_secs(30), |_| true);
+        master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
         let (_, announced) =
-            master.wait_event("worker_main_pid", Duration::from_secs(10), |_| true);
+            master.wait_event(event::WORKER_MAIN_PID, Duration::from_secs(10), |_| true);
         let server = announced["pid"].as_u64().unwrap() as u32;
         let served =
             baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 3);
@@ -242,9 +247,10 @@ fn a_main_process_reaped_by_its_own_launcher_ends_its_generation_and_the_stop() 
         let drained_at = Instant::now();
         let verdict = master.reload();
         assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-        let (ended, _) = master.wait_event("generation_exited", Duration::from_secs(15), |v| {
-            v["generation"] == 1
-        });
+        let (ended, _) =
+            master.wait_event(event::GENERATION_EXITED, Duration::from_secs(15), |v| {
+                v["generation"] == 1
+            });
         let took = ended.saturating_duration_since(drained_at);
         eprintln!("[{name}] generation 1 ended {took:?} after the reload began");
         assert!(
@@ -253,7 +259,7 @@ fn a_main_process_reaped_by_its_own_launcher_ends_its_generation_and_the_stop() 
         );
         assert!(!alive(server), "the server of generation 1 is gone");
         assert!(
-            master.events("worker_killed_again").is_empty(),
+            master.events(event::WORKER_KILLED_AGAIN).is_empty(),
             "nothing signalled again"
         );
         let stop = Instant::now();
@@ -278,7 +284,7 @@ fn open_master(name: &str) -> Master {
         "    socket: \"{dir}/baton.sock\"\n    mode: \"0666\"\n    read_group: 65534\n    timeout: 60s\n",
     );
     let master = Master::spawn(name, &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // Let other users reach the socket inside the (0700) temp dir.
     set_mode(master.dir.path(), 0o755);
     master
@@ -382,7 +388,7 @@ fn log_followers_and_stalled_clients_never_lock_the_operator_out() {
     // Counted from the master's descriptors: once the reload's old generation is gone (its
     // pipes and channel close) and the killed followers' connections are closed, they are back
     // where they were and change only with the clients.
-    master.wait_event("generation_exited", Duration::from_secs(20), |v| {
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(20), |v| {
         v["generation"] == 1
     });
     eventually(
@@ -432,13 +438,13 @@ fn log_followers_and_stalled_clients_never_lock_the_operator_out() {
         || {
             let _ = baton_integration::ctl(&master.socket(), &["status"], Some(NOBODY));
             master
-                .events("control_busy")
+                .events(event::CONTROL_BUSY)
                 .iter()
                 .filter_map(|b| b["refused"].as_u64())
                 .find(|&n| n >= 25)
         },
     );
-    let busy = master.events("control_busy");
+    let busy = master.events(event::CONTROL_BUSY);
     let seconds = began.elapsed().as_secs() + 2;
     eprintln!("{counted} refusals counted in {} lines", busy.len());
     assert!(
@@ -472,9 +478,9 @@ fn a_request_whose_client_hung_up_before_it_was_read_is_not_carried_out() {
     .unwrap();
     drop(reload);
     drop(root_held);
-    master.wait_event("control_hung_up", Duration::from_secs(10), |_| true);
+    master.wait_event(event::CONTROL_HUNG_UP, Duration::from_secs(10), |_| true);
     assert!(
-        master.events("reload_requested").is_empty(),
+        master.events(event::RELOAD_REQUESTED).is_empty(),
         "the killed client's reload was not carried out"
     );
     drop(stalled.stdin.take());
@@ -643,14 +649,18 @@ fn a_registry_or_a_symlink_planted_by_another_user_is_not_believed_nor_written_t
             &format!("    socket: \"{}\"\n", socket.display()),
         );
     let master = Master::spawn("planted", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
-    let (_, refused) = master.wait_event("registry_refused", Duration::from_secs(5), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
+    let (_, refused) = master.wait_event(event::REGISTRY_REFUSED, Duration::from_secs(5), |_| true);
     eprintln!("{refused}");
     assert!(
         refused["message"].as_str().unwrap().contains("uid 65534"),
         "{refused}"
     );
-    master.wait_event("control_directory_shared", Duration::from_secs(5), |_| true);
+    master.wait_event(
+        event::CONTROL_DIRECTORY_SHARED,
+        Duration::from_secs(5),
+        |_| true,
+    );
     // The master writes its own registry: made anew, through no symlink.
     let own = eventually(Duration::from_secs(10), "the master's own registry", || {
         let meta = std::fs::symlink_metadata(&registry).ok()?;

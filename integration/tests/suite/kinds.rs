@@ -1,6 +1,7 @@
 //! Every listener kind end to end, what a worker inherits, and reload requests during a slow
 //! reload.
 
+use baton_integration::event;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -23,9 +24,9 @@ fn tcp4_tcp6_and_unix_listeners_are_all_served() {
         binaries().hello_worker.display()
     );
     let master = Master::spawn("kinds", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let addresses: Vec<String> = master
-        .events("listening")
+        .events(event::LISTENING)
         .iter()
         .map(|v| v["address"].as_str().unwrap().to_string())
         .collect();
@@ -101,7 +102,7 @@ fn a_worker_inherits_stdio_and_its_channel_and_nothing_else() {
         &c.yaml(),
         &[("NOTIFY_SOCKET", "/run/systemd/notify")],
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let text = std::fs::read_to_string(&report).unwrap();
     assert!(
         text.contains("env NOTIFY_SOCKET=\n"),
@@ -148,12 +149,12 @@ fn signals_during_a_slow_reload_coalesce_into_one_follow_up_and_are_all_accounte
         master.signal(Signal::SIGUSR2);
         // Spaced so the kernel delivers each one (it merges identical pending signals).
         eventually(Duration::from_secs(5), "the request to be logged", || {
-            (master.events("reload_requested").len() == i).then_some(())
+            (master.events(event::RELOAD_REQUESTED).len() == i).then_some(())
         });
     }
     let last = master.verdict_of(sent as u64);
     assert_eq!(last["event"], "reload_succeeded");
-    let started = master.events("reload_started");
+    let started = master.events(event::RELOAD_STARTED);
     let covers: Vec<String> = started
         .iter()
         .map(|v| v["covers"].as_str().unwrap().to_string())
@@ -173,9 +174,9 @@ fn signals_during_a_slow_reload_coalesce_into_one_follow_up_and_are_all_accounte
     let expected: Vec<String> = (1..=sent).map(|i| format!("#{i}")).collect();
     assert_eq!(all, expected, "each request covered exactly once, in order");
     assert_eq!(
-        master.events("reload_succeeded").len(),
+        master.events(event::RELOAD_SUCCEEDED).len(),
         started.len(),
         "every reload has a verdict"
     );
-    assert!(master.events("reload_queued").len() >= sent - started.len());
+    assert!(master.events(event::RELOAD_QUEUED).len() >= sent - started.len());
 }

@@ -3,6 +3,7 @@
 //! accepted (`TCP_NODELAY` and keep-alive are inherited); Unix sockets' owner, group and mode,
 //! an abstract socket; a reload that changes what a bound socket cannot take says so.
 
+use baton_integration::event;
 use std::io::Write;
 use std::time::Duration;
 
@@ -66,7 +67,7 @@ fn options_read_back_the_same_in_the_master_a_worker_and_its_connections() {
             .map(|_| port)
     });
     let master = Master::spawn("options", &config(dir.path(), port, true, true));
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let all = listeners(&master);
     let http = all.iter().find(|l| l["name"] == "http").unwrap()["options"].clone();
     eprintln!("master: {http}");
@@ -210,7 +211,7 @@ supervisor:
         )
     };
     let master = Master::spawn("nonblocking", &yaml(true));
-    let (_, ready) = master.wait_event("worker_ready", Duration::from_secs(10), |_| true);
+    let (_, ready) = master.wait_event(event::WORKER_READY, Duration::from_secs(10), |_| true);
     assert!(fd3_nonblocking(ready["pid"].as_u64().unwrap()), "{ready}");
     let http = &listeners(&master)[0]["options"];
     assert_eq!(http["nonblocking"], true, "{http}");
@@ -218,7 +219,7 @@ supervisor:
     master.write_config(&yaml(false));
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-    let (_, ready) = master.wait_event("worker_ready", Duration::from_secs(10), |v| {
+    let (_, ready) = master.wait_event(event::WORKER_READY, Duration::from_secs(10), |v| {
         v["generation"] == 2
     });
     assert!(!fd3_nonblocking(ready["pid"].as_u64().unwrap()), "{ready}");

@@ -1,5 +1,6 @@
 //! One socket per address across reloads; listeners added and removed by a reload.
 
+use baton_integration::event;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -79,7 +80,7 @@ fn a_listener_added_by_a_reload_serves_every_new_connection_at_once_and_a_remove
     master.write_config(&config.yaml());
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-    master.wait_event("listener_closed", Duration::from_secs(30), |v| {
+    master.wait_event(event::LISTENER_CLOSED, Duration::from_secs(30), |v| {
         v["listener"] == "extra"
     });
     assert!(
@@ -158,7 +159,7 @@ fn a_removed_listener_refuses_new_clients_at_once_while_the_old_generation_drain
     master.write_config(&config.yaml());
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-    master.wait_event("listener_removed", Duration::from_secs(5), |v| {
+    master.wait_event(event::LISTENER_REMOVED, Duration::from_secs(5), |v| {
         v["listener"] == "admin"
     });
     // Only the draining generation 1 holds it now: `baton status` says so.
@@ -225,7 +226,7 @@ fn clients_queued_on_a_removed_unix_listener_are_refused_not_left_waiting() {
         1,
     );
     let master = Master::spawn("removed-unix", &with_side);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // Keep generation 1 draining for a while after the reload: a held HTTP connection.
     let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(&mut held, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
@@ -239,7 +240,7 @@ fn clients_queued_on_a_removed_unix_listener_are_refused_not_left_waiting() {
     master.write_config(&config.yaml());
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-    master.wait_event("listener_removed", Duration::from_secs(5), |v| {
+    master.wait_event(event::LISTENER_REMOVED, Duration::from_secs(5), |v| {
         v["listener"] == "side"
     });
     let started = std::time::Instant::now();

@@ -2,6 +2,7 @@
 //! replaced (watchdog: the SDK's heartbeats; probes: HTTP or TCP), while a master that was not
 //! running judges nobody.
 
+use baton_integration::event;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode};
@@ -47,13 +48,13 @@ fn a_stopped_worker_is_replaced_within_its_window_and_no_request_fails() {
         Mode::Fresh,
         bounds,
     );
-    let (_, unhealthy) = master.wait_event("worker_unhealthy", Duration::from_secs(10), |v| {
+    let (_, unhealthy) = master.wait_event(event::WORKER_UNHEALTHY, Duration::from_secs(10), |v| {
         v["pid"] == stopped
     });
     assert_eq!(unhealthy["replaced"], true, "{unhealthy}");
     let reason = unhealthy["reason"].as_str().unwrap();
     assert!(reason.contains("no heartbeat for 1000 ms"), "{unhealthy}");
-    let (ready_at, ready) = master.wait_event("worker_ready", Duration::from_secs(10), |v| {
+    let (ready_at, ready) = master.wait_event(event::WORKER_READY, Duration::from_secs(10), |v| {
         v["generation"] == 1 && !pids.contains(&(v["pid"].as_u64().unwrap_or(0) as u32))
     });
     let took = ready_at.saturating_duration_since(before);
@@ -93,14 +94,14 @@ fn a_master_stopped_for_ten_seconds_kills_no_worker() {
     assert_eq!(code, 0, "{err}");
     std::thread::sleep(Duration::from_secs(3)); // three watchdog windows of observation
     assert!(
-        master.events("worker_unhealthy").is_empty(),
+        master.events(event::WORKER_UNHEALTHY).is_empty(),
         "{:?}",
-        master.events("worker_unhealthy")
+        master.events(event::WORKER_UNHEALTHY)
     );
     assert_eq!(master.children(), pids, "the same workers");
     // And the watchdog still works: a worker stopped now is replaced.
     signal(pids[1], Signal::SIGSTOP);
-    master.wait_event("worker_unhealthy", Duration::from_secs(10), |v| {
+    master.wait_event(event::WORKER_UNHEALTHY, Duration::from_secs(10), |v| {
         v["pid"] == pids[1]
     });
 }
@@ -147,9 +148,9 @@ while True:
     let pids = master.children();
     // Healthy for a while: nobody is judged.
     std::thread::sleep(Duration::from_secs(1)); // five probe rounds of observation
-    assert!(master.events("worker_unhealthy").is_empty());
+    assert!(master.events(event::WORKER_UNHEALTHY).is_empty());
     std::fs::write(dir.path().join(format!("sick-{}", pids[0])), "").unwrap();
-    let (_, v) = master.wait_event("worker_unhealthy", Duration::from_secs(10), |v| {
+    let (_, v) = master.wait_event(event::WORKER_UNHEALTHY, Duration::from_secs(10), |v| {
         v["pid"] == pids[0]
     });
     let reason = v["reason"].as_str().unwrap();
@@ -157,7 +158,7 @@ while True:
         reason.contains("failed 3 times in a row, last: HTTP status 503"),
         "{v}"
     );
-    master.wait_event("worker_ready", Duration::from_secs(10), |v| {
+    master.wait_event(event::WORKER_READY, Duration::from_secs(10), |v| {
         !pids.contains(&(v["pid"].as_u64().unwrap_or(0) as u32))
     });
     // The sick one gets SIGTERM (Python dies of it), or SIGKILL at kill_after.
@@ -165,7 +166,7 @@ while True:
         (!procfs::alive(pids[0])).then_some(())
     });
     assert!(procfs::alive(pids[1]), "the healthy one stays");
-    assert_eq!(master.events("worker_unhealthy").len(), 1);
+    assert_eq!(master.events(event::WORKER_UNHEALTHY).len(), 1);
 }
 
 /// `baton upgrade` keeps judging: a worker stopped after the upgrade is replaced all the same.
@@ -176,10 +177,10 @@ fn liveness_goes_on_after_an_upgrade() {
     let next = baton_integration::next_baton();
     let (code, out, err) = master.ctl(&["upgrade", "--binary", next.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    master.wait_event("upgraded", Duration::from_secs(20), |_| true);
+    master.wait_event(event::UPGRADED, Duration::from_secs(20), |_| true);
     signal(pids[0], Signal::SIGSTOP);
-    master.wait_event("worker_unhealthy", Duration::from_secs(10), |v| {
+    master.wait_event(event::WORKER_UNHEALTHY, Duration::from_secs(10), |v| {
         v["pid"] == pids[0]
     });
-    assert!(procfs::alive(pids[1]) && master.events("worker_unhealthy").len() == 1);
+    assert!(procfs::alive(pids[1]) && master.events(event::WORKER_UNHEALTHY).len() == 1);
 }

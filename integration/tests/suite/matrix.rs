@@ -14,6 +14,7 @@
 //!
 //! A row that would have caught the upgrade panic of issue 28 is `upgrade_notify`.
 
+use baton_integration::event;
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -544,7 +545,7 @@ fn run(name: &str, op: Op, kind: Kind, output: Output, cgroups: Cgroups) {
     let port = free_port();
     let yaml = |broken: bool| kind.yaml(dir.path(), port, (output, cgroups), op, broken);
     let mut master = Master::spawn(&format!("m-{name}"), &yaml(false));
-    master.wait_event("serving", kind.ready_timeout() * 2, |_| true);
+    master.wait_event(event::SERVING, kind.ready_timeout() * 2, |_| true);
     let mut seen = BTreeSet::new();
     status_matches_processes(&master, &mut seen);
     let traffic = Traffic::start(kind, port);
@@ -574,7 +575,7 @@ fn run(name: &str, op: Op, kind: Kind, output: Output, cgroups: Cgroups) {
         Op::CanaryRollback => {
             let before: BTreeSet<u32> = master.children().into_iter().collect();
             let reload = master.ctl_spawn(&["reload"]);
-            master.wait_event("canary", Duration::from_secs(30), |_| true);
+            master.wait_event(event::CANARY, Duration::from_secs(30), |_| true);
             let new: Vec<u32> = master
                 .children()
                 .into_iter()
@@ -607,11 +608,11 @@ fn run(name: &str, op: Op, kind: Kind, output: Output, cgroups: Cgroups) {
         Op::FailedUpgrade => {
             let (code, out, err) = master.ctl(&["upgrade", "--binary", "/bin/false"]);
             assert_ne!(code, 0, "{out}{err}");
-            assert!(master.events("upgrade_exec").is_empty());
+            assert!(master.events(event::UPGRADE_EXEC).is_empty());
         }
         Op::WatchReload => {
             master.write_config(&yaml(false).replace("drain_timeout: 10s", "drain_timeout: 9s"));
-            master.wait_event("reload_succeeded", Duration::from_secs(60), |_| true);
+            master.wait_event(event::RELOAD_SUCCEEDED, Duration::from_secs(60), |_| true);
             assert_eq!(serving_generation(&master), 2);
         }
         Op::Stop | Op::FastStop | Op::KillRestart => {
@@ -662,7 +663,7 @@ fn run(name: &str, op: Op, kind: Kind, output: Output, cgroups: Cgroups) {
                 || seen.iter().all(|&p| !alive(p)).then_some(()),
             );
             master = master.successor(&format!("m-{name}-next"));
-            master.wait_event("serving", kind.ready_timeout() * 2, |_| true);
+            master.wait_event(event::SERVING, kind.ready_timeout() * 2, |_| true);
             serves(kind, port);
             status_matches_processes(&master, &mut seen);
         }

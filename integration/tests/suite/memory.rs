@@ -2,6 +2,7 @@
 //! metrics, each generation's total; `recycle: {max_rss: ...}` replaces a worker that stays
 //! above its budget (its successor ready first), one at a time, logged with the figure.
 
+use baton_integration::event;
 use std::time::Duration;
 
 use baton_integration::{Master, TestConfig, eventually, free_port, http, procfs};
@@ -100,7 +101,7 @@ fn a_worker_above_max_rss_is_recycled_successor_first_and_the_other_is_left_alon
         .and_then(|p| p.parse().ok())
         .unwrap();
     assert!(pids.contains(&fat), "{body} {pids:?}");
-    let (_, v) = master.wait_event("worker_recycled", Duration::from_secs(20), |_| true);
+    let (_, v) = master.wait_event(event::WORKER_RECYCLED, Duration::from_secs(20), |_| true);
     assert_eq!(v["pid"], fat, "{v}");
     let reason = v["reason"].as_str().unwrap();
     assert!(reason.contains("above max_rss 100.0 MiB, for 1 s"), "{v}");
@@ -110,10 +111,10 @@ fn a_worker_above_max_rss_is_recycled_successor_first_and_the_other_is_left_alon
     );
     // Its successor is ready before it drains, and it is gone after; the other one stays.
     let successor = v["successor"].as_u64().unwrap();
-    let (ready_at, _) = master.wait_event("worker_ready", Duration::from_secs(10), |r| {
+    let (ready_at, _) = master.wait_event(event::WORKER_READY, Duration::from_secs(10), |r| {
         r["worker"] == successor
     });
-    let (gone_at, _) = master.wait_event("worker_exited", Duration::from_secs(20), |e| {
+    let (gone_at, _) = master.wait_event(event::WORKER_EXITED, Duration::from_secs(20), |e| {
         e["pid"] == fat
     });
     assert!(ready_at <= gone_at);
@@ -122,7 +123,7 @@ fn a_worker_above_max_rss_is_recycled_successor_first_and_the_other_is_left_alon
     });
     let other = *pids.iter().find(|&&p| p != fat).unwrap();
     assert!(procfs::alive(other));
-    assert_eq!(master.events("worker_recycled").len(), 1);
+    assert_eq!(master.events(event::WORKER_RECYCLED).len(), 1);
     let (_, metrics, _) = master.ctl(&["metrics"]);
     assert!(
         metrics.contains("baton_worker_replacements_total{cause=\"memory\"} 1"),

@@ -1,6 +1,7 @@
 //! Workers never outlive their master by more than their drain timeout, whatever signals they
 //! ignore; a master that starts ends what its killed predecessor left behind.
 
+use baton_integration::event;
 use std::time::{Duration, Instant};
 
 use baton_integration::worker_mode::WorkerMode;
@@ -34,9 +35,9 @@ fn stubborn(port: u16) -> TestConfig {
 fn started_with_a_stubborn_worker(name: &str) -> (Master, u32, u32, std::path::PathBuf, u16) {
     let port = free_port();
     let master = Master::start(name, &stubborn(port));
-    let (_, ready) = master.wait_event("worker_ready", Duration::from_secs(30), |_| true);
+    let (_, ready) = master.wait_event(event::WORKER_READY, Duration::from_secs(30), |_| true);
     let worker = ready["pid"].as_u64().unwrap() as u32;
-    let (_, guard) = master.wait_event("guard_started", Duration::from_secs(10), |_| true);
+    let (_, guard) = master.wait_event(event::GUARD_STARTED, Duration::from_secs(10), |_| true);
     let guard = guard["pid"].as_u64().unwrap() as u32;
     let registry = master.dir.path().join("baton.sock.workers");
     eventually(
@@ -86,7 +87,7 @@ fn a_new_master_ends_what_its_killed_predecessor_left_behind_and_serves() {
     assert!(alive(orphan));
     let started = Instant::now();
     let second = first.successor("orphan-successor-2");
-    let (_, found) = second.wait_event("orphans_found", Duration::from_secs(10), |_| true);
+    let (_, found) = second.wait_event(event::ORPHANS_FOUND, Duration::from_secs(10), |_| true);
     assert!(
         found["message"]
             .as_str()
@@ -94,11 +95,11 @@ fn a_new_master_ends_what_its_killed_predecessor_left_behind_and_serves() {
             .contains(&orphan.to_string()),
         "{found}"
     );
-    second.wait_event("orphan_ended", Duration::from_secs(10), |v| {
+    second.wait_event(event::ORPHAN_ENDED, Duration::from_secs(10), |v| {
         v["pid"] == orphan
     });
     assert!(!alive(orphan));
-    second.wait_event("serving", Duration::from_secs(30), |_| true);
+    second.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let took = started.elapsed();
     eprintln!("the successor served {took:?} after it started (the orphan's drain timeout: 2 s)");
     assert!(took < Duration::from_secs(8), "{took:?}");

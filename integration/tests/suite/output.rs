@@ -3,6 +3,7 @@
 //! worker that failed a reload in its verdict; `output: inherit`; a flooding worker that costs
 //! no reload, no request and no memory.
 
+use baton_integration::event;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
@@ -281,7 +282,7 @@ fn a_flooding_worker_delays_no_reload_loses_no_request_and_costs_no_memory() {
         once = once.display(),
     );
     let master = Master::spawn("output-flood", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let rss_start = procfs::rss_kib(master.pid());
     let bounds = Bounds {
         clients: 4,
@@ -297,7 +298,7 @@ fn a_flooding_worker_delays_no_reload_loses_no_request_and_costs_no_memory() {
     let mut sent = 0u64;
     let mut rss_peak = rss_start;
     let flood_done = |m: &Master| {
-        m.events("output")
+        m.events(event::OUTPUT)
             .iter()
             .any(|v| message(v).starts_with("flood done"))
     };
@@ -313,7 +314,7 @@ fn a_flooding_worker_delays_no_reload_loses_no_request_and_costs_no_memory() {
         eventually(
             Duration::from_secs(10),
             "the master to take the signal",
-            || (master.events("reload_requested").len() as u64 >= sent).then_some(()),
+            || (master.events(event::RELOAD_REQUESTED).len() as u64 >= sent).then_some(()),
         );
         rss_peak = rss_peak.max(procfs::rss_kib(master.pid()));
         std::thread::sleep(Duration::from_millis(200)); // the reload cadence under test
@@ -322,13 +323,13 @@ fn a_flooding_worker_delays_no_reload_loses_no_request_and_costs_no_memory() {
     let report = load.finish();
     let reloads = master.assert_logged_requests_accounted_for();
     let took: Vec<u64> = master
-        .events("reload_succeeded")
+        .events(event::RELOAD_SUCCEEDED)
         .iter()
         .filter_map(|v| v["took_ms"].as_u64())
         .collect();
     let slowest = took.iter().max().copied().unwrap_or(0);
     let done = master
-        .events("output")
+        .events(event::OUTPUT)
         .into_iter()
         .find(|v| message(v).starts_with("flood done"))
         .unwrap();
@@ -386,7 +387,7 @@ fn an_upgrade_carries_the_pipes_and_the_unfinished_line() {
     });
     let (code, out, err) = master.ctl(&["upgrade", "--binary", next.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    let (upgraded, _) = master.wait_event("upgraded", Duration::from_secs(20), |_| true);
+    let (upgraded, _) = master.wait_event(event::UPGRADED, Duration::from_secs(20), |_| true);
     eventually(
         Duration::from_secs(10),
         "the whole line after the upgrade",
@@ -398,7 +399,7 @@ fn an_upgrade_carries_the_pipes_and_the_unfinished_line() {
                 .then_some(())
         },
     );
-    let after: Vec<(Instant, Value)> = master.events_where("output", |v| {
+    let after: Vec<(Instant, Value)> = master.events_where(event::OUTPUT, |v| {
         message(v).starts_with("chatter") && v["pid"] == pid
     });
     let later = after.iter().filter(|(at, _)| *at > upgraded).count();

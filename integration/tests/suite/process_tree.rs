@@ -5,6 +5,7 @@
 //! These run as root outside systemd; `systemd.rs` runs the same under the booted systemd with
 //! the packaged unit (`Delegate=yes`).
 
+use baton_integration::event;
 use std::time::Duration;
 
 use baton_integration::worker_mode::WorkerMode;
@@ -42,14 +43,16 @@ pub(crate) fn escaped(dir: &std::path::Path, worker: u64) -> u32 {
 }
 
 fn first_worker(master: &Master) -> u64 {
-    master.events("worker_ready")[0]["worker"].as_u64().unwrap()
+    master.events(event::WORKER_READY)[0]["worker"]
+        .as_u64()
+        .unwrap()
 }
 
 #[test]
 fn a_child_that_left_the_process_group_ends_with_its_worker_at_the_drain_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let master = Master::start("tree-cgroup", &escaping(dir.path(), free_port()));
-    let (_, how) = master.wait_event("containment", Duration::from_secs(5), |_| true);
+    let (_, how) = master.wait_event(event::CONTAINMENT, Duration::from_secs(5), |_| true);
     assert_eq!(how["mode"], "cgroup", "{how}");
     let worker = first_worker(&master);
     let child = escaped(dir.path(), worker);
@@ -62,7 +65,7 @@ fn a_child_that_left_the_process_group_ends_with_its_worker_at_the_drain_deadlin
     // its generation is then gone, and its cgroup, with the escaped child, is killed.
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-    master.wait_event("worker_killed", Duration::from_secs(10), |v| {
+    master.wait_event(event::WORKER_KILLED, Duration::from_secs(10), |v| {
         v["worker"] == worker
     });
     eventually(Duration::from_secs(10), "the escaped child killed", || {
@@ -93,13 +96,13 @@ fn the_next_master_ends_what_a_crashed_one_left_in_its_cgroups() {
     let child = escaped(dir.path(), first_worker(&master));
     master.signal(Signal::SIGKILL);
     let next = master.successor("tree-crash-next");
-    next.wait_event("serving", Duration::from_secs(30), |_| true);
+    next.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     eventually(Duration::from_secs(10), "the escaped child ended", || {
         (!procfs::alive(child)).then_some(())
     });
     // Not in the crashed master's registry (it left its worker's process group): found in the
     // worker's cgroup.
-    let found = next.events_where("orphans_found", |v| v.get("cgroup").is_some());
+    let found = next.events_where(event::ORPHANS_FOUND, |v| v.get("cgroup").is_some());
     assert_eq!(found.len(), 1, "{found:?}");
 }
 
@@ -109,13 +112,13 @@ fn with_cgroups_off_a_child_that_left_the_group_outlives_its_worker() {
     let mut config = escaping(dir.path(), free_port());
     config.supervisor_extra.push("cgroups: off".into());
     let master = Master::start("tree-off", &config);
-    let (_, how) = master.wait_event("containment", Duration::from_secs(5), |_| true);
+    let (_, how) = master.wait_event(event::CONTAINMENT, Duration::from_secs(5), |_| true);
     assert_eq!(how["mode"], "process_group", "{how}");
     let worker = first_worker(&master);
     let child = escaped(dir.path(), worker);
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-    master.wait_event("worker_exited", Duration::from_secs(10), |v| {
+    master.wait_event(event::WORKER_EXITED, Duration::from_secs(10), |v| {
         v["worker"] == worker
     });
     assert!(

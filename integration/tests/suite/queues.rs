@@ -3,6 +3,7 @@
 //! warnings. The master runs in a network namespace of its own (`unshare --net`), so the
 //! counters move only with this test's connections; the test's client threads enter it.
 
+use baton_integration::event;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -93,7 +94,7 @@ fn reload_receipt(master: &Master) -> Value {
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
     let reload = verdict["reload"].as_u64().unwrap();
     master
-        .wait_event("reload_receipt", Duration::from_secs(10), |v| {
+        .wait_event(event::RELOAD_RECEIPT, Duration::from_secs(10), |v| {
             v["reload"] == reload
         })
         .1
@@ -120,7 +121,7 @@ fn a_full_accept_queue_shows_in_status_warnings_and_the_next_receipt() {
     let hello = binaries().hello_worker.clone();
     let it = binaries().it_worker.clone();
     let master = Master::spawn_wrapped("queues", &config(&hello, ""), &wrapper);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let pid = master.pid();
 
     // Accepting workers: a reload under a little load costs the kernel nothing.
@@ -141,11 +142,11 @@ fn a_full_accept_queue_shows_in_status_warnings_and_the_next_receipt() {
         "{} connections",
         held.len()
     );
-    let (_, warning) = master.wait_event("queue_nearly_full", Duration::from_secs(10), |v| {
+    let (_, warning) = master.wait_event(event::QUEUE_NEARLY_FULL, Duration::from_secs(10), |v| {
         v["listener"] == "http"
     });
     eprintln!("warning: {warning}");
-    master.wait_event("kernel_drops", Duration::from_secs(10), |v| {
+    master.wait_event(event::KERNEL_DROPS, Duration::from_secs(10), |v| {
         v["drops"].as_u64() > Some(0)
     });
     let now = listener(&master);

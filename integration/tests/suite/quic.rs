@@ -7,6 +7,7 @@
 //! and goes on answering for a while after its drain request, as a QUIC server finishes its
 //! connections.
 
+use baton_integration::event;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,7 +140,7 @@ fn connections(port: u16, clients: u64, life: Duration, stop: Arc<AtomicBool>) -
 /// for reading the log): a connection started at `at` must go to it or a newer one.
 fn newest_served_before(master: &Master, at: Instant) -> u64 {
     master
-        .events_where("reload_succeeded", |_| true)
+        .events_where(event::RELOAD_SUCCEEDED, |_| true)
         .into_iter()
         .filter(|(seen, _)| *seen + Duration::from_millis(100) < at)
         .filter_map(|(_, v)| v["generation"].as_u64())
@@ -164,7 +165,7 @@ fn reloads(master: &Master, every: Duration, run: Duration) -> usize {
 fn under_reloads(name: &str, quic: bool) -> (Vec<Connection>, Master) {
     let port = free_port();
     let master = Master::spawn(name, &quic_yaml(port, quic, WorkerMode::QuicEcho));
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = {
         let stop = stop.clone();
@@ -210,7 +211,7 @@ fn steered_quic_connections_stay_with_their_generation_across_reloads_and_unstee
         );
     }
     // Each steering change was a program attached once per change, not per packet.
-    assert!(!master.events("quic_steered").is_empty());
+    assert!(!master.events(event::QUIC_STEERED).is_empty());
 
     // The same load without steering (one UDP socket every generation reads): the harness
     // measures what that loses.
@@ -228,7 +229,7 @@ fn steered_quic_connections_stay_with_their_generation_across_reloads_and_unstee
 fn a_failed_reload_leaves_quic_traffic_on_the_serving_generation() {
     let port = free_port();
     let master = Master::spawn("quic-failed", &quic_yaml(port, true, WorkerMode::QuicEcho));
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = {
         let stop = stop.clone();
@@ -236,10 +237,10 @@ fn a_failed_reload_leaves_quic_traffic_on_the_serving_generation() {
     };
     // The new generation never becomes ready: its socket joins the group, and gets nothing.
     master.write_config(&quic_yaml(port, true, WorkerMode::NeverReady));
-    let before = master.events("reload_failed").len();
+    let before = master.events(event::RELOAD_FAILED).len();
     master.signal(Signal::SIGUSR2);
     eventually(Duration::from_secs(10), "the reload to fail", || {
-        (master.events("reload_failed").len() > before).then_some(())
+        (master.events(event::RELOAD_FAILED).len() > before).then_some(())
     });
     master.write_config(&quic_yaml(port, true, WorkerMode::QuicEcho));
     std::thread::sleep(Duration::from_millis(1000)); // connections go on after the failure
@@ -297,7 +298,7 @@ fn h3_under_reloads(
         name,
         &h3_worker_yaml(port, quic, &binaries().h3_worker, "{}"),
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // Steered, what is counted is lost requests, not slow ones: a loaded CI machine (one run
     // saw a request answered nowhere within 3 s) gets 10 s. Unsteered, a stalled connection
     // breaks at 3 s, as the numbers in docs/quic.md were measured.
@@ -338,13 +339,13 @@ fn http3_connections_are_served_to_their_end_by_their_generation_across_reloads(
             "{c:?} started after generation {newer} served"
         );
     }
-    let served = master.events("reload_succeeded").len();
+    let served = master.events(event::RELOAD_SUCCEEDED).len();
     // Each old generation exits when its last connection closes, before its drain deadline.
     eventually(Duration::from_secs(15), "the old generations gone", || {
-        (master.events("generation_exited").len() >= served).then_some(())
+        (master.events(event::GENERATION_EXITED).len() >= served).then_some(())
     });
     assert!(
-        master.events("worker_killed").is_empty(),
+        master.events(event::WORKER_KILLED).is_empty(),
         "none killed at a deadline"
     );
 
@@ -365,7 +366,7 @@ fn a_failed_reload_leaves_http3_connections_on_the_serving_generation() {
         "h3-failed",
         &h3_worker_yaml(port, true, &binaries().h3_worker, "{}"),
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let (stop, clients) = h3_clients(
         port,
         4,
@@ -378,10 +379,10 @@ fn a_failed_reload_leaves_http3_connections_on_the_serving_generation() {
         &binaries().it_worker,
         "{IT_MODE: never-ready}",
     ));
-    let before = master.events("reload_failed").len();
+    let before = master.events(event::RELOAD_FAILED).len();
     master.signal(Signal::SIGUSR2);
     eventually(Duration::from_secs(15), "the reload to fail", || {
-        (master.events("reload_failed").len() > before).then_some(())
+        (master.events(event::RELOAD_FAILED).len() > before).then_some(())
     });
     std::thread::sleep(Duration::from_millis(1500)); // connections go on after the failure
     stop.store(true, Ordering::Relaxed);
@@ -402,7 +403,7 @@ fn a_failed_reload_leaves_http3_connections_on_the_serving_generation() {
 fn reloads_never_remove_a_quic_listener_the_serving_generation_holds() {
     let port = free_port();
     let master = Master::spawn("quic-status", &quic_yaml(port, true, WorkerMode::QuicEcho));
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     for reload in 2..=4 {
         let (code, out, err) = master.ctl(&["reload"]);
         assert_eq!(code, 0, "reload {reload}: {out}{err}");
@@ -431,8 +432,8 @@ fn reloads_never_remove_a_quic_listener_the_serving_generation_holds() {
         assert_eq!(c.generation, reload, "{c:?}");
     }
     assert!(
-        master.events("listener_removed").is_empty(),
+        master.events(event::LISTENER_REMOVED).is_empty(),
         "{:?}",
-        master.events("listener_removed")
+        master.events(event::LISTENER_REMOVED)
     );
 }

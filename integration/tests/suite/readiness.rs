@@ -1,5 +1,6 @@
 //! Readiness as configured: every condition a program names counts, and none it does not.
 
+use baton_integration::event;
 use std::time::Duration;
 
 use baton_integration::{Master, TestConfig, free_port};
@@ -12,7 +13,7 @@ fn a_probe_configured_for_a_baton_worker_is_honoured() {
     let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
     config.ready_timeout = "2s";
     let master = Master::start("ready-probe", &config);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // Nothing listens at the probe's address.
     let nobody = free_port();
     config.worker_extra = vec![format!(
@@ -33,7 +34,7 @@ fn a_probe_configured_for_a_baton_worker_is_honoured() {
     assert!(table.contains(&cause), "{table}");
     assert!(
         !master
-            .events_where("worker_not_ready", |v| v["level"] == "INFO")
+            .events_where(event::WORKER_NOT_READY, |v| v["level"] == "INFO")
             .is_empty(),
         "an info line names the cause"
     );
@@ -82,7 +83,7 @@ while True:
     config.command = script;
     config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
     let master = Master::start("ready-all", &config);
-    let (_, first) = master.wait_event("worker_ready", Duration::from_secs(30), |_| true);
+    let (_, first) = master.wait_event(event::WORKER_READY, Duration::from_secs(30), |_| true);
     let early = first["ready_ms"].as_u64().unwrap();
     assert!(early < 1_400, "READY=1 alone counts at once: {first}");
     let probe = dir.path().join("probe-{worker}.sock");
@@ -96,7 +97,7 @@ while True:
     master.write_config(&config.yaml());
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-    let (_, second) = master.wait_event("worker_ready", Duration::from_secs(1), |v| {
+    let (_, second) = master.wait_event(event::WORKER_READY, Duration::from_secs(1), |v| {
         v["generation"] == 2
     });
     let waited = second["ready_ms"].as_u64().unwrap();
@@ -162,7 +163,7 @@ fn a_worker_that_cannot_get_its_listeners_fails_the_reload_at_once() {
         &config.yaml(),
         &[("FAILPOINTS", "handoff.send=1*off->1*return(error)")],
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let (code, out, err) = master.ctl(&["reload", "--json"]);
     assert_eq!(code, 1, "{out}{err}");
     let verdict: serde_json::Value = serde_json::from_str(&out).unwrap();

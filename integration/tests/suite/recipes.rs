@@ -3,6 +3,7 @@
 //! come from Debian's packages and PyPI (`integration/run-tests.sh` installs them); a missing one
 //! fails the test saying what to install.
 
+use baton_integration::event;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,7 +49,7 @@ fn a_broken_haproxy_cfg_fails_the_reload_with_haproxys_words_and_the_old_one_ser
     std::fs::write(&cfg, &good).unwrap();
     let port = free_port();
     let master = Master::spawn("haproxy-broken", &haproxy_yaml(&cfg, port));
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
 
     std::fs::write(&cfg, good.replace("bind fd@3", "bind fd@3 no-such-keyword")).unwrap();
     let (code, out, err) = master.ctl(&["reload", "--json"]);
@@ -95,7 +96,7 @@ fn a_broken_haproxy_cfg_fails_the_reload_with_haproxys_words_and_the_old_one_ser
         answer.to_ascii_lowercase().contains("connection: close"),
         "{answer}"
     );
-    master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(10), |v| {
         v["generation"] == 1
     });
 }
@@ -139,7 +140,7 @@ fn a_broken_nginx_conf_fails_the_reload_with_nginxs_words_and_the_old_one_serves
     let files = tempfile::tempdir().unwrap();
     let port = free_port();
     let master = Master::spawn("nginx-broken", &nginx_yaml(files.path(), port));
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let template = files.path().join("nginx.conf.in");
     let good = std::fs::read_to_string(&template).unwrap();
     std::fs::write(&template, good.replace("access_log off;", "acces_log off;")).unwrap();
@@ -159,7 +160,7 @@ fn a_broken_nginx_conf_fails_the_reload_with_nginxs_words_and_the_old_one_serves
 /// Reloads every 200 ms for 6 s under 8 clients with fresh connections, then 8 kept-alive
 /// clients: both reports and the number of reload requests sent.
 fn reload_both_ways(master: &Master, port: u16, server: &str) -> (Report, Report, u64) {
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut runs = Vec::new();
     let mut signals = 0;
@@ -210,7 +211,7 @@ fn a_broken_uvicorn_app_fails_the_reload_with_pythons_words_and_the_old_one_serv
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let master = Master::spawn("uvicorn-broken", &uvicorn_yaml(dir.path(), port));
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let app = dir.path().join("app.py");
     let good = std::fs::read_to_string(&app).unwrap();
     std::fs::write(

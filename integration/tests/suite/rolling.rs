@@ -3,6 +3,7 @@
 //! replaced once; a failure mid-rollout rolls back to the old configuration losing nothing;
 //! held connections make each batch wait for its drain, up to the deadline.
 
+use baton_integration::event;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -121,15 +122,15 @@ fn a_rolling_reload_of_8_workers_loses_nothing_and_never_runs_more_than_8_plus_i
         // Every worker replaced exactly once per reload: 8 new workers ready per generation,
         // each old worker drained once and gone without being killed.
         for g in 2..=(1 + reloads as u64) {
-            let ready = master.events_where("worker_ready", |v| v["generation"] == g);
+            let ready = master.events_where(event::WORKER_READY, |v| v["generation"] == g);
             assert_eq!(ready.len(), 8, "generation {g}: 8 workers ready, once each");
-            let batches = master.events_where("rollout_batch", |v| v["generation"] == g);
+            let batches = master.events_where(event::ROLLOUT_BATCH, |v| v["generation"] == g);
             assert_eq!(batches.len(), 8usize.div_ceil(batch), "generation {g}");
         }
-        assert!(master.events("worker_killed").is_empty());
-        assert!(master.events("worker_crashed").is_empty());
+        assert!(master.events(event::WORKER_KILLED).is_empty());
+        assert!(master.events(event::WORKER_CRASHED).is_empty());
         let retired: usize = master
-            .events("rollout_retiring")
+            .events(event::ROLLOUT_RETIRING)
             .iter()
             .map(|v| v["workers"].as_u64().unwrap() as usize)
             .sum();
@@ -137,17 +138,17 @@ fn a_rolling_reload_of_8_workers_loses_nothing_and_never_runs_more_than_8_plus_i
         let tail = 8 - 8usize.div_ceil(batch).saturating_sub(1) * batch;
         assert_eq!(retired, reloads * (8 - tail), "retired batch by batch");
         let pids: Vec<u64> = master
-            .events("worker_exited")
+            .events(event::WORKER_EXITED)
             .iter()
             .filter_map(|v| v["pid"].as_u64())
             .collect();
         let unique: BTreeSet<u64> = pids.iter().copied().collect();
         assert_eq!(pids.len(), unique.len(), "each old worker exits once");
         // The last reload's old generation drains its last batch's old workers: wait for it.
-        master.wait_event("generation_exited", Duration::from_secs(30), |v| {
+        master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |v| {
             v["generation"] == reloads as u64
         });
-        let exited = master.events("worker_exited").len();
+        let exited = master.events(event::WORKER_EXITED).len();
         assert_eq!(exited, 8 * reloads, "every old worker exited");
     }
 }
@@ -187,7 +188,9 @@ fn a_failure_at_batch_3_of_8_rolls_back_to_8_workers_of_the_old_configuration_lo
         "the verdict names the batch and the cause: {verdict}"
     );
     assert!(why.contains("rolling back to generation 1"), "{verdict}");
-    master.wait_event("rollout_rolled_back", Duration::from_secs(60), |_| true);
+    master.wait_event(event::ROLLOUT_ROLLED_BACK, Duration::from_secs(60), |_| {
+        true
+    });
     // Back to 8 workers of generation 1, started from the configuration that was serving.
     let (_, status, _) = master.ctl(&["status", "--json"]);
     let status: Value = serde_json::from_str(&status).unwrap();
@@ -267,8 +270,9 @@ fn old_workers_that_do_not_finish_make_each_batch_wait_for_their_drain_up_to_the
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("generation 2 is serving"), "{text}");
-    let (retired_at, _) = master.wait_event("rollout_retiring", Duration::from_secs(5), |_| true);
-    let batches = master.events_where("rollout_batch", |v| v["generation"] == 2);
+    let (retired_at, _) =
+        master.wait_event(event::ROLLOUT_RETIRING, Duration::from_secs(5), |_| true);
+    let batches = master.events_where(event::ROLLOUT_BATCH, |v| v["generation"] == 2);
     assert_eq!(batches.len(), 2);
     let next = batches[1].0;
     let waited = next.duration_since(retired_at);
@@ -281,7 +285,7 @@ fn old_workers_that_do_not_finish_make_each_batch_wait_for_their_drain_up_to_the
         waited < Duration::from_secs(5),
         "and no longer than the deadline: {waited:?}"
     );
-    let killed = master.events("worker_killed");
+    let killed = master.events(event::WORKER_KILLED);
     assert!(
         killed
             .iter()
@@ -298,7 +302,7 @@ fn old_workers_that_do_not_finish_make_each_batch_wait_for_their_drain_up_to_the
     assert_eq!(next["generation"], 3, "{next}");
     eventually(Duration::from_secs(10), "generation 1 gone", || {
         master
-            .events_where("generation_exited", |v| v["generation"] == 1)
+            .events_where(event::GENERATION_EXITED, |v| v["generation"] == 1)
             .first()
             .map(|_| ())
     });
@@ -327,7 +331,7 @@ fn a_stop_during_a_rollout_drains_both_generations_within_their_deadlines() {
     config.env = vec![WorkerMode::Stubborn.env()];
     let mut master = Master::start("rolling-stop", &config);
     let reload = master.ctl_spawn(&["reload"]);
-    master.wait_event("rollout_retiring", Duration::from_secs(10), |_| true);
+    master.wait_event(event::ROLLOUT_RETIRING, Duration::from_secs(10), |_| true);
     let asked = Instant::now();
     master.signal(nix::sys::signal::Signal::SIGTERM);
     let status = master.wait_exit(Duration::from_secs(30));

@@ -3,6 +3,7 @@
 //! `reload` printed "no verdict came" though the reload ran. Here 10 000 listeners (Unix
 //! sockets: no ports to find) and 1000 workers, and every command that reads the master.
 
+use baton_integration::event;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,7 @@ fn ten_thousand_listeners_and_a_thousand_workers_get_whole_answers() {
         .unwrap();
         path
     });
-    master.wait_event("serving", Duration::from_secs(120), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(120), |_| true);
     let (json, took) = timed(&master, &["status", "--json"]);
     let status: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(status["listeners"].as_array().unwrap().len(), LISTENERS);
@@ -115,7 +116,7 @@ fn a_client_that_reads_one_small_frame_gets_an_error_naming_the_size() {
         std::fs::write(&path, y).unwrap();
         path
     });
-    master.wait_event("serving", Duration::from_secs(60), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(60), |_| true);
     let mut stream = std::os::unix::net::UnixStream::connect(master.socket()).unwrap();
     let body = br#"{"version":1,"body":{"type":"status"}}"#;
     stream

@@ -1,5 +1,6 @@
 //! The master's signals: which ones it handles, and that no stray one kills it.
 
+use baton_integration::event;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -45,10 +46,11 @@ fn usr1_hup_and_pipe_do_not_kill_the_master() {
     }
     master.signal(Signal::SIGPIPE);
     master.signal(Signal::SIGUSR1);
-    master.wait_event("reopen_logs", Duration::from_secs(5), |_| true);
+    master.wait_event(event::REOPEN_LOGS, Duration::from_secs(5), |_| true);
     // SIGHUP reloads (a round trip: the master is alive and well after all three).
     master.signal(Signal::SIGHUP);
-    let (_, requested) = master.wait_event("reload_requested", Duration::from_secs(5), |_| true);
+    let (_, requested) =
+        master.wait_event(event::RELOAD_REQUESTED, Duration::from_secs(5), |_| true);
     assert!(requested["trigger"].as_str().unwrap().starts_with("SIGHUP"));
     let verdict = master.verdict_of(requested["request"].as_u64().unwrap());
     assert_eq!(verdict["event"], "reload_succeeded");
@@ -83,7 +85,7 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
             },
         );
         master.signal(signal);
-        master.wait_event("stopping", Duration::from_secs(5), |_| true);
+        master.wait_event(event::STOPPING, Duration::from_secs(5), |_| true);
         let mut response = String::new();
         slow.read_to_string(&mut response).unwrap();
         assert!(
@@ -115,5 +117,5 @@ fn sigquit_stops_fast() {
     let status = master.wait_exit(Duration::from_secs(5));
     assert_eq!(status.code(), Some(0));
     assert!(workers.iter().all(|&pid| !alive(pid)));
-    assert!(!master.events("worker_killed").is_empty());
+    assert!(!master.events(event::WORKER_KILLED).is_empty());
 }

@@ -3,6 +3,7 @@
 //! what the workers sent meanwhile (heartbeats, `READY=1`) sits in their sockets, and must be
 //! taken in before any deadline is judged (`crates/baton-core/src/master/stall.rs`).
 
+use baton_integration::event;
 use std::time::{Duration, Instant};
 
 use baton_integration::procfs::{self, children};
@@ -43,9 +44,9 @@ fn a_stall_of_the_master_around_the_heartbeat_window_replaces_no_worker() {
             || (after.elapsed() >= Duration::from_secs(2)).then_some(()),
         );
         assert!(
-            master.events("worker_unhealthy").is_empty(),
+            master.events(event::WORKER_UNHEALTHY).is_empty(),
             "after a {ms} ms stall: {:?}",
-            master.events("worker_unhealthy")
+            master.events(event::WORKER_UNHEALTHY)
         );
         assert_eq!(master.children(), workers, "after a {ms} ms stall");
     }
@@ -82,5 +83,5 @@ fn a_stall_of_the_master_during_a_reload_fails_no_reload_whose_workers_became_re
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(master.events("reload_failed").is_empty());
+    assert!(master.events(event::RELOAD_FAILED).is_empty());
 }

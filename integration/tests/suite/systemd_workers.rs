@@ -2,6 +2,7 @@
 //! LISTEN_PID = the worker's own pid), readiness by sd_notify or by probe, and a master that
 //! stays calm whatever a worker sends it.
 
+use baton_integration::event;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -54,7 +55,7 @@ fn require(program: &str) {
 
 fn zero_loss_with(name: &str, yaml: String, port: u16) {
     let master = Master::spawn(name, &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (report, sent) = master.reload_under_load(
         addr,
@@ -78,7 +79,7 @@ fn zero_loss_with(name: &str, yaml: String, port: u16) {
     // delivered the signal to its main thread; other workers served on until the cap killed
     // them, with whatever request they held: 0 to 4 killed a run, and a failed request now
     // and then.)
-    let killed = master.events("worker_killed");
+    let killed = master.events(event::WORKER_KILLED);
     assert!(killed.is_empty(), "{name}: workers killed: {killed:?}");
 }
 
@@ -106,7 +107,7 @@ fn baton_and_systemd_style_programs_serve_side_by_side() {
         binaries().hello_worker.display()
     );
     let master = Master::spawn("mixed", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let seen = eventually(
         Duration::from_secs(20),
@@ -213,7 +214,7 @@ fn a_systemd_style_worker_holds_stdio_its_listeners_and_nothing_of_the_master() 
             ("WATCHDOG_USEC", "1000"),
         ],
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let text = std::fs::read_to_string(&report).unwrap();
     let env = |var: &str| {
         text.lines()
@@ -312,7 +313,9 @@ fn garbage_oversized_and_flooding_notifications_do_not_disturb_the_master() {
     c.worker_extra = vec!["protocol: systemd".into()];
     let master = Master::start("notify-abuse", &c);
     // Both workers are now flooding for 3 s; measure the master over 2 s of it.
-    master.wait_event("worker_protocol_error", Duration::from_secs(5), |_| true);
+    master.wait_event(event::WORKER_PROTOCOL_ERROR, Duration::from_secs(5), |_| {
+        true
+    });
     let (ticks, ()) = master.cpu_during(|| std::thread::sleep(Duration::from_secs(2)));
     eprintln!("master CPU while two workers flood their notify sockets: {ticks} ticks in 2 s");
     assert!(
@@ -426,7 +429,8 @@ else:
     // default `main` its notifications are refused and the worker never becomes ready.
     c.worker_extra = vec!["protocol: systemd".into(), "notify_access: all".into()];
     let master = Master::start("mainpid", &c);
-    let (_, announced) = master.wait_event("worker_main_pid", Duration::from_secs(5), |_| true);
+    let (_, announced) =
+        master.wait_event(event::WORKER_MAIN_PID, Duration::from_secs(5), |_| true);
     let daemon = announced["pid"].as_u64().unwrap() as u32;
     // The launcher's exit is not a crash: no restart happens.
     eventually(
@@ -434,7 +438,7 @@ else:
         "the daemon to be reparented to the master",
         || master.children().contains(&daemon).then_some(()),
     );
-    assert!(master.events("worker_crashed").is_empty());
+    assert!(master.events(event::WORKER_CRASHED).is_empty());
     // A reload drains it: SIGTERM goes to the announced pid, which exits and is reaped.
     let mut next = c.clone();
     next.command = binaries().hello_worker.clone();
@@ -442,7 +446,7 @@ else:
     next.worker_extra = Vec::new();
     master.write_config(&next.yaml());
     assert_eq!(master.reload()["event"], "reload_succeeded");
-    master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(10), |v| {
         v["generation"] == 1 && v["killed"] == false
     });
     assert!(!baton_integration::procfs::alive(daemon));
@@ -460,7 +464,7 @@ fn the_python_example_drains_when_its_notification_fails() {
         example("python.yaml", 8081, port).replace("drain_timeout: 30s", "drain_timeout: 20s");
     assert!(yaml.contains("drain_timeout: 20s"));
     let master = Master::spawn("python-notify-gone", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let old = master.children();
     assert_eq!(old.len(), 2);
     let notify_dir = master.dir().join("run").join("notify");
@@ -483,8 +487,8 @@ fn the_python_example_drains_when_its_notification_fails() {
         "drained, not killed at the 20 s deadline"
     );
     assert!(
-        master.events("worker_killed").is_empty(),
+        master.events(event::WORKER_KILLED).is_empty(),
         "{:?}",
-        master.events("worker_killed")
+        master.events(event::WORKER_KILLED)
     );
 }

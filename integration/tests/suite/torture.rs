@@ -19,6 +19,7 @@
 //! Every run prints its seed; a failure prints the seed and the steps up to it. Replay with
 //! `BATON_TORTURE_SEED=<seed>`, and `BATON_TORTURE_STEPS=<n>` to stop after step `n`.
 
+use baton_integration::event;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -182,7 +183,7 @@ fn torture() {
         extra: None,
     };
     let master = Master::spawn("torture", &config(port, first));
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let pid = master.pid();
     // What a first reload and upgrade make once, paid before the baseline (see flat.rs).
     for args in [
@@ -318,23 +319,23 @@ fn torture() {
         fresh.summary(),
         kept.summary()
     );
-    let requested = master.events("reload_requested").len();
+    let requested = master.events(event::RELOAD_REQUESTED).len();
     eventually(
         Duration::from_secs(30),
         "every reload request covered",
         || {
             let covered: usize = master
-                .events("reload_started")
+                .events(event::RELOAD_STARTED)
                 .iter()
                 .map(|v| v["covers"].as_str().unwrap_or("").split(", ").count())
                 .sum::<usize>()
-                + master.events("reload_rejected").len();
+                + master.events(event::RELOAD_REJECTED).len();
             (covered >= requested).then_some(())
         },
     );
     let mut covered = BTreeSet::new();
     let mut started = BTreeSet::new();
-    for v in master.events("reload_started") {
+    for v in master.events(event::RELOAD_STARTED) {
         started.insert(v["reload"].as_u64().unwrap());
         for r in v["covers"].as_str().unwrap().split(", ") {
             journal.check(covered.insert(r.to_string()), || {

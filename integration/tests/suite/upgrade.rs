@@ -1,6 +1,7 @@
 //! `baton upgrade`: the master replaces its own program in place, under load, while a
 //! generation drains, and refuses binaries that cannot take over.
 
+use baton_integration::event;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -59,7 +60,7 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
         "{out}"
     );
     let upgraded = master
-        .wait_event("upgraded", Duration::from_secs(10), |_| true)
+        .wait_event(event::UPGRADED, Duration::from_secs(10), |_| true)
         .1;
     served();
     let report = load.finish();
@@ -123,18 +124,21 @@ fn a_generation_draining_through_an_upgrade_is_killed_at_its_deadline_by_the_new
     c.args = vec!["--idle-grace-ms".into(), "600000".into()];
     c.drain_timeout = "3s";
     let master = Master::start("upgrade-drain", &c);
-    let old = master.events("worker_ready")[0]["pid"].as_u64().unwrap() as u32;
+    let old = master.events(event::WORKER_READY)[0]["pid"]
+        .as_u64()
+        .unwrap() as u32;
     let _held = held_connection(port);
     assert_eq!(master.reload()["event"], "reload_succeeded");
-    let (draining_at, _) = master.wait_event("generation_draining", Duration::from_secs(5), |v| {
-        v["generation"] == 1
-    });
+    let (draining_at, _) =
+        master.wait_event(event::GENERATION_DRAINING, Duration::from_secs(5), |v| {
+            v["generation"] == 1
+        });
     let (code, out, err) = upgrade(&master, &next.display().to_string());
     assert_eq!(code, 0, "{out}{err}");
-    let (upgraded_at, _) = master.wait_event("upgraded", Duration::from_secs(10), |_| true);
+    let (upgraded_at, _) = master.wait_event(event::UPGRADED, Duration::from_secs(10), |_| true);
     assert!(alive(old), "the draining worker survives the upgrade");
     let (exited_at, exited) =
-        master.wait_event("generation_exited", Duration::from_secs(10), |v| {
+        master.wait_event(event::GENERATION_EXITED, Duration::from_secs(10), |v| {
             v["generation"] == 1
         });
     assert_eq!(exited["killed"], true, "killed at the deadline: {exited}");
@@ -237,7 +241,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     assert_eq!(master.children(), workers);
     // Each verdict is in the log too (its line may trail the client's answer).
     eventually(Duration::from_secs(10), "six upgrade_failed lines", || {
-        (master.events("upgrade_failed").len() == 6).then_some(())
+        (master.events(event::UPGRADE_FAILED).len() == 6).then_some(())
     });
     // And the old master still does its job.
     assert_eq!(master.reload()["event"], "reload_succeeded");
@@ -252,7 +256,7 @@ fn an_upgrade_during_a_reload_is_refused_with_the_reason() {
     c.env = vec![WorkerMode::ReadyAfter(1500).env()];
     let master = Master::start("upgrade-busy", &c);
     master.signal(nix::sys::signal::Signal::SIGUSR2);
-    master.wait_event("reload_started", Duration::from_secs(10), |_| true);
+    master.wait_event(event::RELOAD_STARTED, Duration::from_secs(10), |_| true);
     let (code, _, err) = upgrade(&master, &binaries().baton.display().to_string());
     assert_eq!(code, 69, "{err}");
     assert!(err.contains("cannot upgrade now: reload"), "{err}");
@@ -262,9 +266,11 @@ fn an_upgrade_during_a_reload_is_refused_with_the_reason() {
 fn ignored_with(master: &Master, signal: nix::sys::signal::Signal, why: &str) {
     master.signal(signal);
     let ignored = master
-        .wait_event("upgrade_signal_ignored", Duration::from_secs(10), |v| {
-            v["signal"] == signal.as_str()
-        })
+        .wait_event(
+            event::UPGRADE_SIGNAL_IGNORED,
+            Duration::from_secs(10),
+            |v| v["signal"] == signal.as_str(),
+        )
         .1;
     let message = ignored["message"].as_str().unwrap();
     assert!(message.contains(why), "{ignored}");
@@ -304,7 +310,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
     replace_program(&program, b"#!/bin/sh\necho 'not a baton' >&2\nexit 3\n");
     master.signal(SIGURG);
     let failed = master
-        .wait_event("upgrade_failed", Duration::from_secs(20), |_| true)
+        .wait_event(event::UPGRADE_FAILED, Duration::from_secs(20), |_| true)
         .1;
     assert!(
         failed["reason"].as_str().unwrap().contains("not a baton"),
@@ -315,7 +321,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
     replace_program(&program, &std::fs::read(next).unwrap());
     master.signal(SIGURG);
     let upgraded = master
-        .wait_event("upgraded", Duration::from_secs(20), |_| true)
+        .wait_event(event::UPGRADED, Duration::from_secs(20), |_| true)
         .1;
     let report = load.finish();
     eprintln!(
@@ -329,13 +335,13 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
     assert_eq!(after["master"]["version"], format!("{old_version}+next"));
     assert_eq!(master.children(), workers, "the same workers");
-    assert_eq!(master.events("upgrade_requested").len(), 2);
+    assert_eq!(master.events(event::UPGRADE_REQUESTED).len(), 2);
     // The new program keeps the setting and the program path.
     master.signal(SIGWINCH);
     eventually(
         Duration::from_secs(10),
         "the new program ignores SIGWINCH too",
-        || (master.events("upgrade_signal_ignored").len() == 2).then_some(()),
+        || (master.events(event::UPGRADE_SIGNAL_IGNORED).len() == 2).then_some(()),
     );
     assert_eq!(master.reload()["event"], "reload_succeeded");
 }
@@ -358,10 +364,10 @@ fn an_upgrade_signal_during_an_upgrade_is_refused_and_the_first_upgrade_keeps_it
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
     let first = master.ctl_spawn(&["upgrade", "--binary", &slow.display().to_string()]);
-    master.wait_event("upgrade_requested", Duration::from_secs(10), |_| true);
+    master.wait_event(event::UPGRADE_REQUESTED, Duration::from_secs(10), |_| true);
     master.signal(nix::sys::signal::Signal::SIGURG);
     let refused = master
-        .wait_event("upgrade_refused", Duration::from_secs(10), |_| true)
+        .wait_event(event::UPGRADE_REFUSED, Duration::from_secs(10), |_| true)
         .1;
     assert!(
         refused["message"]
@@ -374,7 +380,7 @@ fn an_upgrade_signal_during_an_upgrade_is_refused_and_the_first_upgrade_keeps_it
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("slow and broken"), "{err}");
-    let requested = master.events("upgrade_requested");
+    let requested = master.events(event::UPGRADE_REQUESTED);
     assert_eq!(requested.len(), 2, "{requested:?}");
     assert!(
         requested[1]["message"]
@@ -384,8 +390,8 @@ fn an_upgrade_signal_during_an_upgrade_is_refused_and_the_first_upgrade_keeps_it
         "{requested:?}"
     );
     // The log line may trail the client's answer.
-    master.wait_event("upgrade_failed", Duration::from_secs(10), |_| true);
-    assert_eq!(master.events("upgrade_failed").len(), 1);
+    master.wait_event(event::UPGRADE_FAILED, Duration::from_secs(10), |_| true);
+    assert_eq!(master.events(event::UPGRADE_FAILED).len(), 1);
 }
 
 /// Issue 28: the upgrade killed the master whenever a `protocol: systemd` worker ran (the new
@@ -402,7 +408,7 @@ fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing
         hello = binaries().hello_worker.display()
     );
     let master = Master::spawn("upgrade-systemd", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let before = status(&master);
     let inodes = listening_inodes(port);
     let workers = master.children();
@@ -411,7 +417,7 @@ fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing
     let load = Load::until_finished(addr, Mode::Fresh, 8);
     let (code, out, err) = upgrade(&master, &next.display().to_string());
     assert_eq!(code, 0, "upgrade failed: {out}{err}");
-    master.wait_event("upgraded", Duration::from_secs(10), |_| true);
+    master.wait_event(event::UPGRADED, Duration::from_secs(10), |_| true);
     // Three heartbeat windows after the upgrade: each worker must have been heard meanwhile.
     let heard = Instant::now();
     eventually(Duration::from_secs(10), "3 s of heartbeats", || {
@@ -436,9 +442,9 @@ fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing
     assert_eq!(listening_inodes(port), inodes, "the same listening sockets");
     assert_eq!(master.children(), workers, "the same workers");
     assert!(
-        master.events("worker_unhealthy").is_empty(),
+        master.events(event::WORKER_UNHEALTHY).is_empty(),
         "every heartbeat was read after the upgrade: {:?}",
-        master.events("worker_unhealthy")
+        master.events(event::WORKER_UNHEALTHY)
     );
     // The new program reloads both programs, systemd-style readiness included.
     assert_eq!(master.reload()["event"], "reload_succeeded");
@@ -458,7 +464,7 @@ fn a_resume_that_would_fail_after_the_exec_fails_in_the_preflight_and_nothing_ch
         &config.yaml(),
         &[("FAILPOINTS", "upgrade.resume=return")],
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let workers = master.children();
     let inodes = listening_inodes(port);
     let baton = binaries().baton.display().to_string();
@@ -468,7 +474,7 @@ fn a_resume_that_would_fail_after_the_exec_fails_in_the_preflight_and_nothing_ch
         err.contains("fault injected at upgrade.resume"),
         "the refusal quotes the preflight: {out}{err}"
     );
-    assert!(master.events("upgrade_exec").is_empty(), "no exec");
+    assert!(master.events(event::UPGRADE_EXEC).is_empty(), "no exec");
     assert_eq!(status(&master)["master"]["upgrades"], Value::Array(vec![]));
     assert_eq!(master.children(), workers);
     assert_eq!(listening_inodes(port), inodes);
@@ -490,7 +496,7 @@ fn a_resume_that_fails_after_the_exec_exits_and_leaves_no_worker_behind() {
         &config.yaml(),
         &[("FAILPOINTS_AFTER_UPGRADE", "upgrade.resume=return")],
     );
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let workers = master.children();
     assert!(master.guard().is_some(), "a guard watches the master");
     let baton = binaries().baton.display().to_string();
@@ -498,7 +504,7 @@ fn a_resume_that_fails_after_the_exec_exits_and_leaves_no_worker_behind() {
     assert_ne!(code, 0, "the client learns it failed: {out}{err}");
     let status = master.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{status}");
-    let failed = master.events("upgrade_resume_failed");
+    let failed = master.events(event::UPGRADE_RESUME_FAILED);
     assert_eq!(failed.len(), 1, "{}", master.raw_lines().join("\n"));
     assert!(
         failed[0]["message"]

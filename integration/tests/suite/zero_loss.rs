@@ -1,6 +1,7 @@
 //! Zero loss under reload: fresh connections and keep-alive clients while the master gets
 //! SIGUSR2 every 100 ms, and every reload request accounted for.
 
+use baton_integration::event;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -61,6 +62,6 @@ fn keep_alive_clients_lose_nothing_across_reloads_every_100ms() {
 /// finished and exited by itself. A worker that missed its drain request would serve on, and
 /// its kill would lose what it held only now and then; this sees it every time.
 fn assert_every_generation_drained_by_itself(master: &Master) {
-    let killed = master.events("worker_killed");
+    let killed = master.events(event::WORKER_KILLED);
     assert!(killed.is_empty(), "workers killed: {killed:?}");
 }

@@ -37,7 +37,7 @@ impl Master {
         let wanted = self.supervisor.watches_config();
         match (&self.config_watch, wanted) {
             (None, true) => {
-                info!(event = "config_watch", path = %self.config_path.display(),
+                info!(event = baton_proto::event::CONFIG_WATCH, path = %self.config_path.display(),
                     "watching {} for changes: a change reloads (supervisor.watch)",
                     self.config_path.display());
                 let task = tokio::spawn(watch(self.config_path.clone(), self.events_tx.clone()));
@@ -47,7 +47,7 @@ impl Master {
                 task.abort();
                 self.config_watch = None;
                 info!(
-                    event = "config_watch_stopped",
+                    event = baton_proto::event::CONFIG_WATCH_STOPPED,
                     "no longer watching the configuration file"
                 );
             }
@@ -129,7 +129,7 @@ async fn watch(path: PathBuf, news: mpsc::UnboundedSender<News>) {
         Ok(inotify) => inotify,
         Err(err) => {
             warn!(
-                event = "config_watch_failed",
+                event = baton_proto::event::CONFIG_WATCH_FAILED,
                 "cannot watch {}: inotify: {err}",
                 path.display()
             );
@@ -140,7 +140,7 @@ async fn watch(path: PathBuf, news: mpsc::UnboundedSender<News>) {
     loop {
         if let Err(err) = changed(&inotify, &watches).await {
             warn!(
-                event = "config_watch_failed",
+                event = baton_proto::event::CONFIG_WATCH_FAILED,
                 "watching {}: {err}",
                 path.display()
             );

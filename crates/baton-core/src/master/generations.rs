@@ -52,14 +52,14 @@ impl Master {
         if let Some((old, task)) = self.metrics.take() {
             task.abort();
             if endpoint.as_ref().map(|e| e.address) != Some(old) {
-                info!(event = "metrics_endpoint_closed", address = %old,
+                info!(event = baton_proto::event::METRICS_ENDPOINT_CLOSED, address = %old,
                     "metrics endpoint http://{old}/metrics closed");
             }
         }
         if let Some(endpoint) = endpoint {
             let address = endpoint.address;
             if announce {
-                info!(event = "metrics_endpoint", address = %address,
+                info!(event = baton_proto::event::METRICS_ENDPOINT, address = %address,
                     "metrics at http://{address}/metrics");
             }
             let task = tokio::spawn(metrics_http::serve(endpoint, self.metrics_tx.clone()));
@@ -103,7 +103,7 @@ impl Master {
                 self.store_fds(&bound);
                 for l in &prepared.listeners {
                     if prepared.bound.contains(&l.config.name) {
-                        info!(event = "listening", listener = %l.config.name,
+                        info!(event = baton_proto::event::LISTENING, listener = %l.config.name,
                             address = %l.socket.local(), generation = generation.0,
                             "listener {} listening on {} (new in generation {generation})",
                             l.config.name, l.socket.local());
@@ -144,7 +144,7 @@ impl Master {
         );
         for warning in &warnings {
             warn!(
-                event = "start_only_setting",
+                event = baton_proto::event::START_ONLY_SETTING,
                 generation = generation.0,
                 "reload of generation {generation}: {warning}"
             );
@@ -160,7 +160,7 @@ impl Master {
         }
         match std::os::unix::fs::symlink(&current, wanted) {
             Ok(()) => {
-                info!(event = "control_alias", path = %wanted.display(),
+                info!(event = baton_proto::event::CONTROL_ALIAS, path = %wanted.display(),
                     "control socket also at {} (a link to {}) until the next start",
                     wanted.display(), current.display());
                 warnings.push(format!(
@@ -217,7 +217,7 @@ impl Master {
             match socket.stop_listening() {
                 Ok(false) => continue,
                 Ok(true) => {
-                    info!(event = "listener_removed", listener = %name, address = %address,
+                    info!(event = baton_proto::event::LISTENER_REMOVED, listener = %name, address = %address,
                         generation = generation.0,
                         "listener {name} ({address}) removed: generation {generation} does not have it; new connections are refused, generation {held_by} finishes those it accepted");
                 }
@@ -243,7 +243,7 @@ impl Master {
             }
         }
         for (name, address) in closed {
-            info!(event = "listener_closed", listener = %name, address = %address,
+            info!(event = baton_proto::event::LISTENER_CLOSED, listener = %name, address = %address,
                 "listener {name} ({address}) closed: no generation uses it any more");
             self.notify(Notification::RemoveFd(name));
         }

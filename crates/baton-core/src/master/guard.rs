@@ -78,7 +78,7 @@ impl Master {
         match cmd.spawn() {
             Ok(child) => {
                 info!(
-                    event = "guard_started",
+                    event = baton_proto::event::GUARD_STARTED,
                     pid = child.id(),
                     "guard pid {} ends the workers if this master dies without stopping them",
                     child.id()
@@ -103,7 +103,7 @@ pub(super) fn end_predecessors_workers(registry: &orphans::Registry) {
         return;
     }
     let pids: Vec<String> = entries.iter().map(|e| e.pid.to_string()).collect();
-    warn!(event = "orphans_found", pids = %pids.join(" "), registry = %registry.path().display(),
+    warn!(event = baton_proto::event::ORPHANS_FOUND, pids = %pids.join(" "), registry = %registry.path().display(),
         "a master before this one ended without stopping its workers; ending those still running of pids {}",
         pids.join(", "));
     let ended = orphans::end(&entries);

@@ -187,13 +187,13 @@ pub(super) async fn link_loop(
                     Err(err) => {
                         invalid += 1;
                         if invalid == 1 {
-                            warn!(event = "worker_protocol_error", worker = worker.0,
+                            warn!(event = baton_proto::event::WORKER_PROTOCOL_ERROR, worker = worker.0,
                                 "worker {worker} sent an invalid packet: {err}");
                             let cause = format!("it sent an invalid packet: {err}");
                             let _ = events.send(News::Event(Event::NotReadyBecause { worker, cause }));
                         }
                         if invalid >= MAX_INVALID_PACKETS {
-                            warn!(event = "worker_protocol_error", worker = worker.0,
+                            warn!(event = baton_proto::event::WORKER_PROTOCOL_ERROR, worker = worker.0,
                                 "worker {worker} sent {invalid} invalid packets: no longer listening to it");
                             return;
                         }

@@ -227,7 +227,7 @@ fn stop_watch(held: Held) {
 /// time.
 fn refuse(pid: u32, signal: SignalNumber) {
     warn!(
-        event = "signal_refused",
+        event = baton_proto::event::SIGNAL_REFUSED,
         pid,
         "not sending {} to pid {pid}: the master holds no pidfd for it (not a process it made or proved its worker's)",
         signal.as_str()
@@ -251,7 +251,7 @@ impl Master {
                     owner: owner.0,
                 };
                 warn!(
-                    event = "main_pid_refused",
+                    event = baton_proto::event::MAIN_PID_REFUSED,
                     worker = worker.0,
                     "worker {worker} announced a main process baton refuses: {refusal}"
                 );

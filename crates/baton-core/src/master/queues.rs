@@ -245,7 +245,7 @@ impl Master {
                 } else {
                     "nearly full: once full, the kernel drops new connections"
                 };
-                warn!(event = "queue_nearly_full", listener = %h.name, length = queue.length,
+                warn!(event = baton_proto::event::QUEUE_NEARLY_FULL, listener = %h.name, length = queue.length,
                     max = queue.max,
                     "listener {}: accept queue {} of {} at two samples in a row, {how}; the workers do not accept fast enough, or a flood",
                     h.name, queue.length, queue.max);
@@ -262,7 +262,7 @@ impl Master {
         self.queues.last_counters = Some(counters);
         if (rose.drops > 0 || rose.syncookies_sent > 0) && self.queues.warn_now("", now) {
             warn!(
-                event = "kernel_drops",
+                event = baton_proto::event::KERNEL_DROPS,
                 drops = rose.drops,
                 overflows = rose.overflows,
                 syncookies_sent = rose.syncookies_sent,
@@ -300,7 +300,7 @@ impl Master {
                 .collect(),
         };
         info!(
-            event = "reload_receipt",
+            event = baton_proto::event::RELOAD_RECEIPT,
             reload = reload.0,
             drops = rose.drops,
             overflows = rose.overflows,

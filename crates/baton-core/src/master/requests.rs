@@ -211,14 +211,14 @@ impl Master {
             Ok(fd) => std::os::unix::net::UnixListener::from(fd),
             Err(err) => {
                 tracing::error!(
-                    event = "control_lost",
+                    event = baton_proto::event::CONTROL_LOST,
                     "the control socket's task ended ({why}) and cannot be started again: {err}"
                 );
                 return None;
             }
         };
         tracing::error!(
-            event = "control_restarted",
+            event = baton_proto::event::CONTROL_RESTARTED,
             "the control socket's task ended ({why}): serving the socket again"
         );
         Some(tokio::spawn(crate::control::serve(

@@ -325,7 +325,7 @@ impl Master {
         let metrics_pending = state.metrics_listen.and_then(|address| {
             metrics_http::bind(address)
                 .map_err(|e| {
-                    warn!(event = "metrics_unavailable", address = %address, error = %e,
+                    warn!(event = baton_proto::event::METRICS_UNAVAILABLE, address = %address, error = %e,
                         "{e}: no metrics endpoint until the next reload that sets it");
                 })
                 .ok()
@@ -442,7 +442,7 @@ impl Master {
         let (live, errors) = resumed.workers.adopt(&self.output);
         for err in errors {
             warn!(
-                event = "upgrade_resume_degraded",
+                event = baton_proto::event::UPGRADE_RESUME_DEGRADED,
                 "{err}: lost across the upgrade"
             );
         }
@@ -513,7 +513,7 @@ impl Master {
         queue.extend(resumed.intents.into_iter().map(Event::Intent));
         let took = resumed.began.map(|b| b.elapsed()).unwrap_or_default();
         let to = version().to_string();
-        info!(event = "upgraded", from_version = %resumed.from_version, to_version = %to,
+        info!(event = baton_proto::event::UPGRADED, from_version = %resumed.from_version, to_version = %to,
             pid = std::process::id(), took_ms = took.as_millis() as u64,
             "master upgraded in place: {} -> {to}, pid {} (took {} ms); {} generations, {} workers kept",
             resumed.from_version, std::process::id(), took.as_millis(),

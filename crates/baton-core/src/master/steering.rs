@@ -40,7 +40,7 @@ impl Master {
             let default = serving.map(|(_, i)| i).or(newest).unwrap_or(0);
             let routes = QuicRoutes { tagged, default };
             match group.steer(routes.clone()) {
-                Ok(true) => info!(event = "quic_steered", listener = %address,
+                Ok(true) => info!(event = baton_proto::event::QUIC_STEERED, listener = %address,
                     generation = serving.map_or(0, |(g, _)| g.0), tags = routes.tagged.len(),
                     "QUIC on {address}: new connections to generation {}, {} generations' connections steered by tag",
                     serving.map_or_else(|| "?".to_string(), |(g, _)| g.to_string()),

@@ -190,7 +190,7 @@ impl Master {
                 debug!("{trigger} ignored: {why}");
             } else {
                 info!(
-                    event = "upgrade_signal_ignored",
+                    event = baton_proto::event::UPGRADE_SIGNAL_IGNORED,
                     signal = signal.as_str(),
                     "{trigger} ignored: {why} (`baton upgrade` upgrades the master)"
                 );
@@ -212,7 +212,7 @@ impl Master {
         another_under_way: bool,
     ) {
         let binary = binary.map_or_else(|| self.binary.clone(), PathBuf::from);
-        info!(event = "upgrade_requested", binary = %binary.display(),
+        info!(event = baton_proto::event::UPGRADE_REQUESTED, binary = %binary.display(),
             "master upgrade to {} requested by {by}", binary.display());
         let blocker = if self.upgrade.is_some() || another_under_way {
             Some("another upgrade is under way".to_string())
@@ -221,7 +221,7 @@ impl Master {
         };
         if let Some(why) = blocker {
             warn!(
-                event = "upgrade_refused",
+                event = baton_proto::event::UPGRADE_REFUSED,
                 "master upgrade refused: {why}; retry when it is over"
             );
             let _ = reply.send(proto::Response::Error {
@@ -343,7 +343,7 @@ impl Master {
     }
 
     fn fail_upgrade(&mut self, pending: Pending, reason: UpgradeError) {
-        warn!(event = "upgrade_failed", binary = %pending.binary.display(), reason = %reason,
+        warn!(event = baton_proto::event::UPGRADE_FAILED, binary = %pending.binary.display(), reason = %reason,
             "master upgrade to {} failed: {reason}; this master ({}) goes on",
             pending.binary.display(), version());
         let verdict = proto::UpgradeVerdict {
@@ -475,7 +475,7 @@ impl Master {
         if let Some(faults) = std::env::var_os(crate::faults::AFTER_UPGRADE_ENV) {
             env.push(("FAILPOINTS".into(), faults));
         }
-        info!(event = "upgrade_exec", binary = %pending.binary.display(), to_version = %to_version,
+        info!(event = baton_proto::event::UPGRADE_EXEC, binary = %pending.binary.display(), to_version = %to_version,
             "master upgrade: exec {} ({to_version}) in place, pid {}",
             pending.binary.display(), std::process::id());
         let err = sys::exec_in_place(&pending.binary, &self.argv, &env);

@@ -75,7 +75,7 @@ pub(super) async fn notify_task(
         if read >= NOTIFY_BUDGET {
             if !warned_flood {
                 warn!(
-                    event = "worker_protocol_error",
+                    event = baton_proto::event::WORKER_PROTOCOL_ERROR,
                     worker = worker.0,
                     "worker {worker} floods its notify socket: reading at most {NOTIFY_BUDGET} notifications a second"
                 );
@@ -103,7 +103,7 @@ pub(super) async fn notify_task(
         if !allowed {
             if !warned_sender {
                 warn!(
-                    event = "worker_protocol_error",
+                    event = baton_proto::event::WORKER_PROTOCOL_ERROR,
                     worker = worker.0,
                     "notification for worker {worker} from {} refused (not the worker; see notify_access)",
                     datagram
@@ -124,7 +124,7 @@ pub(super) async fn notify_task(
         if datagram.truncated {
             if !warned_size {
                 warn!(
-                    event = "worker_protocol_error",
+                    event = baton_proto::event::WORKER_PROTOCOL_ERROR,
                     worker = worker.0,
                     "worker {worker} sent a notification over {NOTIFY_MAX} bytes: ignored"
                 );
@@ -205,7 +205,7 @@ impl RefusalLog {
         }
         let more = std::mem::take(&mut self.unlogged);
         warn!(
-            event = "main_pid_refused",
+            event = baton_proto::event::MAIN_PID_REFUSED,
             worker = worker.0,
             refused_since = more,
             "worker {worker} announced a main process baton refuses: {refusal}{}",

@@ -36,7 +36,7 @@ impl Supervisor {
         }
         let program = self.slot_program_index(g, slot);
         warn!(
-            event = "generation_degraded",
+            event = baton_proto::event::GENERATION_DEGRADED,
             generation = g.0,
             program,
             slot,
@@ -84,7 +84,7 @@ impl Supervisor {
                 .iter()
                 .any(|c| c.program == program);
             info!(
-                event = "generation_recovered",
+                event = baton_proto::event::GENERATION_RECOVERED,
                 generation = g.0,
                 program,
                 slot,

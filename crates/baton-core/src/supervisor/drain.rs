@@ -33,7 +33,7 @@ impl Supervisor {
             .unwrap_or_default();
         let workers = self.live_workers(g);
         info!(
-            event = "generation_draining",
+            event = baton_proto::event::GENERATION_DRAINING,
             generation = g.0,
             workers,
             deadline_ms = longest.as_millis() as u64,
@@ -150,7 +150,7 @@ impl Supervisor {
             };
             if let (Some(pid), Some(pgid)) = (w.pid, w.pgid) {
                 warn!(
-                    event = "worker_killed_again",
+                    event = baton_proto::event::WORKER_KILLED_AGAIN,
                     worker = id.0,
                     pid,
                     "worker {id} (pid {pid}) still runs {} ms after SIGKILL: killed again (the kill failed, or it sleeps in the kernel)",
@@ -176,7 +176,7 @@ impl Supervisor {
                 .connections
                 .map_or("unknown".to_string(), |c| c.to_string());
             warn!(
-                event = "worker_killed",
+                event = baton_proto::event::WORKER_KILLED,
                 worker = id.0,
                 generation = g.0,
                 pid,
@@ -207,7 +207,7 @@ impl Supervisor {
         match (self.stop, wanted) {
             (Some(StopMode::Graceful), StopMode::Graceful) if self.stop_delayed_until.is_some() => {
                 // Asked again: the operator will not wait for the delay.
-                info!(event = "stop_delay_ended", trigger = %trigger,
+                info!(event = baton_proto::event::STOP_DELAY_ENDED, trigger = %trigger,
                     "{trigger}: the stop delay ends now, draining");
                 self.end_stop_delay(now);
                 return;
@@ -220,7 +220,7 @@ impl Supervisor {
         }
         self.stop = Some(wanted);
         self.stop_delayed_until = None;
-        info!(event = "stopping", graceful, trigger = %trigger,
+        info!(event = baton_proto::event::STOPPING, graceful, trigger = %trigger,
             "{trigger}: {} stop", if graceful { "graceful" } else { "fast" });
         for (request, _) in std::mem::take(&mut self.pending) {
             self.reject(request);
@@ -242,7 +242,7 @@ impl Supervisor {
             // Lame duck: endpoints are removed from load balancers asynchronously after the
             // stop began, and connections keep coming meanwhile: serve them, then drain.
             info!(
-                event = "stop_delayed",
+                event = baton_proto::event::STOP_DELAYED,
                 delay_ms = delay.as_millis() as u64,
                 "serving and accepting for {} ms more (supervisor.stop_delay), then draining; a second SIGTERM drains at once",
                 delay.as_millis()
@@ -293,7 +293,7 @@ impl Supervisor {
         let forward = self.serving_spec().is_some_and(|s| s.forward_usr1);
         if !forward {
             info!(
-                event = "reopen_logs",
+                event = baton_proto::event::REOPEN_LOGS,
                 "{trigger}: baton logs to stderr and has nothing to reopen; \
                 not forwarded (supervisor.forward_usr1 is off)"
             );
@@ -306,7 +306,7 @@ impl Supervisor {
             .filter_map(|w| w.pid)
             .collect();
         info!(
-            event = "reopen_logs",
+            event = baton_proto::event::REOPEN_LOGS,
             "{trigger}: forwarding SIGUSR1 to {} workers",
             pids.len()
         );
@@ -333,7 +333,7 @@ impl Supervisor {
                     .observe(now.saturating_duration_since(since));
                 let took = now.saturating_duration_since(since).as_millis() as u64;
                 info!(
-                    event = "generation_exited",
+                    event = baton_proto::event::GENERATION_EXITED,
                     generation = g.0,
                     drain_ms = took,
                     killed,
@@ -361,7 +361,7 @@ impl Supervisor {
             }
             self.exited = true;
             info!(
-                event = "exiting",
+                event = baton_proto::event::EXITING,
                 code = self.exit_code,
                 "all workers are gone: exiting"
             );

@@ -51,7 +51,7 @@ impl Supervisor {
         let replacing = self.replacing(g);
         let most = (total * spec.max_replacing_percent as usize / 100).max(1);
         if replacing >= most {
-            warn!(event = "worker_unhealthy", worker = id.0, generation = g.0, pid,
+            warn!(event = baton_proto::event::WORKER_UNHEALTHY, worker = id.0, generation = g.0, pid,
                 reason = %reason, replaced = false,
                 "worker {id} of generation {g} (pid {pid}) failed its liveness check: {reason}; \
                  not replaced now: {replacing} of its {total} workers are being replaced already \
@@ -59,7 +59,7 @@ impl Supervisor {
             return;
         }
         let kill_ms = spec.kill_after.as_millis();
-        warn!(event = "worker_unhealthy", worker = id.0, generation = g.0, pid,
+        warn!(event = baton_proto::event::WORKER_UNHEALTHY, worker = id.0, generation = g.0, pid,
             reason = %reason, replaced = true,
             "worker {id} of generation {g} (pid {pid}) failed its liveness check: {reason}; \
              replacing it (asked to drain, killed in {kill_ms} ms if it has not exited)");
@@ -93,7 +93,7 @@ impl Supervisor {
             return false;
         };
         let (g, pid) = (w.generation, w.pid.unwrap_or(0));
-        info!(event = "worker_exited", worker = id.0, generation = g.0, pid, status = %status,
+        info!(event = baton_proto::event::WORKER_EXITED, worker = id.0, generation = g.0, pid, status = %status,
             "worker {id} of generation {g} (pid {pid}) {status}; it had been replaced: {}",
             replaced.reason);
         self.finish_if_empty(now, g);
@@ -152,7 +152,7 @@ impl Supervisor {
         }
         self.spawn(now, g, slot);
         let new = WorkerId(self.next_worker);
-        warn!(event = "worker_recycled", worker = id.0, generation = g.0, pid, reason = %reason,
+        warn!(event = baton_proto::event::WORKER_RECYCLED, worker = id.0, generation = g.0, pid, reason = %reason,
             successor = new.0,
             "worker {id} of generation {g} (pid {pid}): {reason}; recycling it: worker {new} \
              starts in its place, and it drains once worker {new} is ready");
@@ -213,7 +213,7 @@ impl Supervisor {
             s.worker = Some(old);
         }
         warn!(
-            event = "worker_recycle_failed",
+            event = baton_proto::event::WORKER_RECYCLE_FAILED,
             worker = old.0,
             generation = g.0,
             "recycling worker {old} failed: {reason}; worker {old} serves on"

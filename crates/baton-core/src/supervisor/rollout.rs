@@ -88,7 +88,7 @@ impl Supervisor {
             })
             .collect();
         info!(
-            event = "rollout_started",
+            event = baton_proto::event::ROLLOUT_STARTED,
             reload = id.0,
             generation = g.0,
             old = old.0,
@@ -164,7 +164,7 @@ impl Supervisor {
                 match canary {
                     Some(window) => {
                         info!(
-                            event = "rollout_canary",
+                            event = baton_proto::event::ROLLOUT_CANARY,
                             generation = way.to.0,
                             window_ms = window.as_millis() as u64,
                             "the first batch of generation {} serves on probation for {} ms beside every worker of generation {}",
@@ -306,7 +306,7 @@ impl Supervisor {
         let to = way.to;
         if back {
             info!(
-                event = "rollout_batch",
+                event = baton_proto::event::ROLLOUT_BATCH,
                 reload = id.0,
                 generation = to.0,
                 batch = no,
@@ -315,7 +315,7 @@ impl Supervisor {
             );
         } else {
             info!(
-                event = "rollout_batch",
+                event = baton_proto::event::ROLLOUT_BATCH,
                 reload = id.0,
                 generation = to.0,
                 batch = no,
@@ -371,7 +371,7 @@ impl Supervisor {
         }
         if !retiring.is_empty() {
             info!(
-                event = "rollout_retiring",
+                event = baton_proto::event::ROLLOUT_RETIRING,
                 reload = id.0,
                 generation = way.from.0,
                 workers = retiring.len(),
@@ -420,7 +420,7 @@ impl Supervisor {
                 }
                 let took = now.saturating_duration_since(reload.started);
                 let list = super::join(&reload.covers);
-                info!(event = "reload_succeeded", reload = reload.id.0, generation = r.new.0,
+                info!(event = baton_proto::event::RELOAD_SUCCEEDED, reload = reload.id.0, generation = r.new.0,
                     covers = %list, took_ms = took.as_millis() as u64,
                     "reload {} succeeded: generation {} is serving, every batch ready (requests {list})",
                     reload.id, r.new);
@@ -429,7 +429,7 @@ impl Supervisor {
             }
             Some(reason) => {
                 info!(
-                    event = "rollout_rolled_back",
+                    event = baton_proto::event::ROLLOUT_ROLLED_BACK,
                     reload = r.reload.0,
                     generation = r.old.0,
                     "reload {}: rolled back: generation {} serves whole again ({reason})",
@@ -488,7 +488,7 @@ impl Supervisor {
             return;
         };
         let list = super::join(&reload.covers);
-        error!(event = "reload_failed", reload = reload.id.0, generation = new.0, covers = %list,
+        error!(event = baton_proto::event::RELOAD_FAILED, reload = reload.id.0, generation = new.0, covers = %list,
             reason = %verdict, rolled_back = true,
             "reload {} {verdict} (requests {list})", reload.id);
         self.counters.reloads_rolled_back += 1;

@@ -38,7 +38,7 @@ impl Supervisor {
                             };
                         }
                         debug!(
-                            event = "worker_spawned",
+                            event = baton_proto::event::WORKER_SPAWNED,
                             worker = id.0,
                             generation = g.0,
                             pid,
@@ -78,7 +78,7 @@ impl Supervisor {
         };
         if !fails_reload {
             warn!(
-                event = "worker_not_ready",
+                event = baton_proto::event::WORKER_NOT_READY,
                 worker = id.0,
                 pid,
                 "{reason}: killing it"
@@ -88,7 +88,7 @@ impl Supervisor {
             return;
         }
         info!(
-            event = "worker_not_ready",
+            event = baton_proto::event::WORKER_NOT_READY,
             worker = id.0,
             generation = g.0,
             pid,
@@ -120,7 +120,7 @@ impl Supervisor {
                     let after = now.saturating_duration_since(w.spawned).as_millis() as u64;
                     let pid = w.pid.unwrap_or(0);
                     info!(
-                        event = "worker_ready",
+                        event = baton_proto::event::WORKER_READY,
                         worker = id.0,
                         generation = g.0,
                         pid,
@@ -145,7 +145,7 @@ impl Supervisor {
                     w.connections = connections;
                 }
                 if let Some(text) = text {
-                    debug!(event = "worker_status", worker = id.0, generation = g.0, status = %text,
+                    debug!(event = baton_proto::event::WORKER_STATUS, worker = id.0, generation = g.0, status = %text,
                         "worker {id} of generation {g}: {text}");
                     w.status = Some(text);
                 }
@@ -201,7 +201,7 @@ impl Supervisor {
             return;
         }
         info!(
-            event = "worker_main_pid",
+            event = baton_proto::event::WORKER_MAIN_PID,
             worker = id.0,
             pid,
             "worker {id}'s main process is now pid {pid} (was {})",
@@ -255,7 +255,7 @@ impl Supervisor {
         let ran = now.saturating_duration_since(w.spawned);
         match self.generations.get(&g).map(|entry| &entry.state) {
             Some(GenState::Draining { .. }) => {
-                info!(event = "worker_exited", worker = id.0, generation = g.0, pid,
+                info!(event = baton_proto::event::WORKER_EXITED, worker = id.0, generation = g.0, pid,
                     status = %status, "worker {id} of generation {g} (pid {pid}) {status}");
                 self.finish_if_empty(now, g);
             }
@@ -321,7 +321,7 @@ impl Supervisor {
                 let crashes = s.crashes;
                 self.note_crash(g, slot, crashes, &reason);
                 warn!(
-                    event = "worker_crashed",
+                    event = baton_proto::event::WORKER_CRASHED,
                     generation = g.0,
                     slot,
                     crashes,

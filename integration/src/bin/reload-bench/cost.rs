@@ -2,6 +2,7 @@
 //! and the time to start a generation of 128 workers, against the same 128 started alone (by
 //! baton's own spawner, the cheapest way, and by std's fork and exec).
 
+use baton_integration::event;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ fn rss_with(n: usize) -> (u64, u64) {
     let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), n);
     config.ready_timeout = "120s";
     let master = Master::spawn(&format!("bench-rss-{n}"), &config.yaml());
-    master.wait_event("serving", Duration::from_secs(180), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(180), |_| true);
     let first = procfs::rss_kib(master.pid());
     for _ in 0..3 {
         let verdict = master.reload();
@@ -39,7 +40,7 @@ fn reload_ms(n: usize, rounds: usize, cgroups: bool) -> u64 {
         config.supervisor_extra.push("cgroups: off".into());
     }
     let master = Master::spawn("bench-spawn", &config.yaml());
-    master.wait_event("serving", Duration::from_secs(180), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(180), |_| true);
     (0..rounds)
         .map(|_| master.reload()["took_ms"].as_u64().unwrap_or(u64::MAX))
         .min()

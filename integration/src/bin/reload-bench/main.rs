@@ -9,6 +9,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)] // a report on stdout; 64 on bad usage
 
+use baton_integration::event;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -97,12 +98,12 @@ fn latency(reloads: usize) -> (Vec<Duration>, Vec<Duration>, Report) {
         master.signal(Signal::SIGUSR2);
         let verdict = master.verdict_of(i);
         assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-        let (at, _) = master.wait_event("reload_succeeded", Duration::from_secs(30), |v| {
+        let (at, _) = master.wait_event(event::RELOAD_SUCCEEDED, Duration::from_secs(30), |v| {
             v["reload"] == i
         });
         serving.push(at.duration_since(sent));
         let old = i; // generation i retires when generation i + 1 serves
-        let (at, _) = master.wait_event("generation_exited", Duration::from_secs(60), |v| {
+        let (at, _) = master.wait_event(event::GENERATION_EXITED, Duration::from_secs(60), |v| {
             v["generation"] == old
         });
         gone.push(at.duration_since(sent));
@@ -178,7 +179,7 @@ fn thousand_listeners() -> (Duration, u64) {
     c.ready_timeout = "60s";
     let started = Instant::now();
     let master = Master::spawn("bench-1000", &c.yaml());
-    master.wait_event("serving", Duration::from_secs(60), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(60), |_| true);
     let start = started.elapsed();
     let reload = master.reload();
     (start, reload["took_ms"].as_u64().unwrap_or(0))

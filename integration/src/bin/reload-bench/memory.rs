@@ -3,6 +3,7 @@
 //! milliseconds from /proc from the signal until the old generation is gone: its peak against
 //! the steady state, and the time to the verdict and to the old generation's end.
 
+use baton_integration::event;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -67,7 +68,7 @@ fn run(strategy: &str) -> Run {
     let start = Instant::now();
     let verdict = master.reload();
     assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
-    master.wait_event("generation_exited", Duration::from_secs(120), |v| {
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(120), |v| {
         v["generation"] == 1
     });
     let settled = start.elapsed();

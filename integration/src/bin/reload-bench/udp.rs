@@ -2,6 +2,7 @@
 //! listener, 8 clients sending a numbered datagram every millisecond each while the master
 //! reloads every 100 ms: datagrams lost and answered twice, per million.
 
+use baton_integration::event;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ pub(crate) fn report(seconds: u64) {
         &yaml[worker..]
     );
     let master = Master::spawn("bench-udp", &yaml);
-    master.wait_event("serving", Duration::from_secs(30), |_| true);
+    master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = {
         let stop = stop.clone();
@@ -38,7 +39,7 @@ pub(crate) fn report(seconds: u64) {
         signals += 1;
         std::thread::sleep(Duration::from_millis(100)); // the reload cadence under test
     }
-    let reloads = master.events("reload_started").len();
+    let reloads = master.events(event::RELOAD_STARTED).len();
     stop.store(true, Ordering::Relaxed);
     let seen = clients.join().unwrap();
     let per_million = |n: u64| n as f64 * 1e6 / seen.sent.max(1) as f64;
