@@ -43,10 +43,10 @@ pub enum WorkerError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "LISTEN_PID={listen_pid} is not this process (pid {pid}): the descriptors are not ours"
-    )]
-    ListenPid { listen_pid: String, pid: u32 },
+    /// Socket activation's variables are wrong: `LISTEN_PID` names another process, or a
+    /// variable does not parse (the text is baton-sys's, written once for the master and here).
+    #[error(transparent)]
+    Activation(#[from] baton_sys::activation::ActivationError),
     #[error(
         "listener `{name}`: the manifest says {address}, but the descriptor is bound to {actual}"
     )]
@@ -55,6 +55,4 @@ pub enum WorkerError {
         address: String,
         actual: String,
     },
-    #[error("invalid {var}={value:?}")]
-    BadEnv { var: &'static str, value: String },
 }

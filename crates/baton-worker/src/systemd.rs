@@ -39,15 +39,7 @@ impl Worker {
     /// Takes listeners passed the systemd way (`LISTEN_FDS` at fds 3.., `LISTEN_PID`,
     /// `LISTEN_FDNAMES`). Fails with [`WorkerError::NotUnderBaton`] if `LISTEN_FDS` is unset.
     pub fn from_systemd_env() -> Result<Worker, WorkerError> {
-        let passed = activation::listen_fds(&activation::ActivationEnv::from_process())
-            .map_err(|err| match err {
-                activation::ActivationError::NotOurs { listen_pid, pid } => {
-                    WorkerError::ListenPid { listen_pid, pid }
-                }
-                activation::ActivationError::Invalid { var, value } => {
-                    WorkerError::BadEnv { var, value }
-                }
-            })?
+        let passed = activation::listen_fds(&activation::ActivationEnv::from_process())?
             .ok_or(WorkerError::NotUnderBaton)?;
         let mut listeners = Vec::with_capacity(passed.len());
         for activation::Passed { name, fd, .. } in passed {

@@ -6,7 +6,8 @@
 //! build), and, across events:
 //! - no reload request gets two verdicts, and none a verdict it was not made for;
 //! - no action starts, tells or drains a worker after its exit;
-//! - a generation whose reload failed never serves;
+//! - a generation whose reload failed never serves, and a reload that fails (or rolls back)
+//!   leaves a generation serving;
 //! - once stopped (the end of every sequence), the machine exits, and then every reload request
 //!   made has had exactly one verdict.
 //!
@@ -138,6 +139,10 @@ struct World {
     verdicts: BTreeMap<RequestId, usize>,
     failed: BTreeSet<Generation>,
     exit: Option<i32>,
+    /// A stop was asked for.
+    stopping: bool,
+    /// A reload failed in the event being handled (its verdict came).
+    reload_failed: bool,
 }
 
 impl World {
@@ -154,6 +159,8 @@ impl World {
             verdicts: BTreeMap::new(),
             failed: BTreeSet::new(),
             exit: None,
+            stopping: false,
+            reload_failed: false,
         };
         let actions = w.s.start(w.now);
         w.take(actions);
@@ -164,10 +171,20 @@ impl World {
         assert!(self.exit.is_none(), "an event after the exit: {event:?}");
         let actions = self.s.handle(self.now, event);
         self.take(actions);
-        for (g, phase, _) in self.s.generations() {
+        let generations = self.s.generations();
+        for (g, phase, _) in &generations {
             assert!(
-                !(self.failed.contains(&g) && phase == Phase::Serving),
+                !(self.failed.contains(g) && *phase == Phase::Serving),
                 "generation {g} serves after its reload failed"
+            );
+        }
+        // A reload that failed (or rolled back) leaves a generation serving: the old one.
+        if std::mem::take(&mut self.reload_failed) && !self.stopping {
+            assert!(
+                generations
+                    .iter()
+                    .any(|(_, phase, _)| matches!(phase, Phase::Serving | Phase::Rolling)),
+                "a reload failed and nothing serves: {generations:?}"
             );
         }
     }
@@ -201,6 +218,9 @@ impl World {
                     }
                     if let (Err(_), Some(g)) = (&verdict.result, verdict.generation) {
                         self.failed.insert(g);
+                    }
+                    if verdict.result.is_err() && verdict.reload.is_some_and(|r| r.0 > 0) {
+                        self.reload_failed = true;
                     }
                 }
                 Action::Exit { code } => self.exit = Some(code),
@@ -248,10 +268,13 @@ impl World {
     fn step(&mut self, op: &Op) {
         match op {
             Op::Reload => self.feed(Event::Intent(usr2())),
-            Op::Stop { graceful } => self.feed(Event::Intent(Intent::Stop {
-                graceful: *graceful,
-                trigger: Trigger::Other("the property test".into()),
-            })),
+            Op::Stop { graceful } => {
+                self.stopping = true;
+                self.feed(Event::Intent(Intent::Stop {
+                    graceful: *graceful,
+                    trigger: Trigger::Other("the property test".into()),
+                }));
+            }
             Op::Prepare { pick, read } => {
                 if let Some(g) = Self::pick(self.prepares.iter().copied(), *pick) {
                     self.prepares.retain(|p| *p != g);
