@@ -7,9 +7,11 @@
 //! upgrade's, the watchdog, the status line while something drains). Nothing polls: with no
 //! event and no deadline the loop sleeps in `epoll_wait`.
 //!
-//! This file holds the loop itself ([`Master::run`]) and the carrying out of actions
-//! (`Master::apply`); each job the loop hands out has a room of its own:
+//! This file holds the master's state, its setup ([`Master::new`], [`Master::run`]) and the
+//! carrying out of actions (`Master::apply`); each job has a room of its own:
 //!
+//! - `main_loop`: the loop (`next_wake` returns what woke it, `on_wake` acts on it) and `feed`,
+//!   the one door into the state machine;
 //! - `config_watch`: `supervisor.watch: [config]`, the configuration file watched (inotify);
 //! - `generations`: a generation's resources (configuration re-read, listeners, the metrics
 //!   endpoint moved) and their release;
@@ -24,11 +26,15 @@
 //! - `liveness`: liveness checks of ready workers (probes, watchdog);
 //! - `memory`: the periodic memory check of `recycle:`;
 //! - `queues`: the listeners' accept queues, reload receipts, `queue_watch`;
-//! - `requests`: control requests and the verdicts clients wait for;
+//! - `requests`: control requests and the verdicts clients wait for (`Verdicts`);
 //! - `report`: the views (status, metrics, history, the systemd status line);
 //! - `health`: the metrics endpoint's pages, `/healthz` and `/livez` among them;
 //! - `service_manager`: what the master tells systemd;
-//! - `upgrade`: `baton upgrade`, the master replacing its own program.
+//! - `upgrade`: `baton upgrade`, the master replacing its own program (`Upgrades`);
+//! - `resume`: the new program's side of an upgrade;
+//! - `stall`: deadlines judged only after the news pending at wake-up;
+//! - `guard`, `health`, `metrics`, `steering`, `readiness`: the guard process and the registry,
+//!   the metrics endpoint's pages, the Prometheus text, QUIC steering, the readiness gate.
 //!
 //! Architecture invariant: the master never accepts on a listener and never reads or writes
 //! client data. It hands listeners over and then only exchanges small control messages.
@@ -39,16 +45,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use baton_proto::control as proto;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::config::{self, Config};
 use crate::control::{self, ControlRequest};
 use crate::listeners::{BindError, ListenerTable, Prepared};
-use crate::supervisor::{
-    Action, Event, Generation, Intent, RequestId, Supervisor, Trigger, WorkerId,
-};
+use crate::supervisor::{Action, Event, Generation, Intent, Supervisor, Trigger, WorkerId};
 use crate::{cgroups, metrics_http, orphans, output};
 
 mod capture;
@@ -163,10 +166,8 @@ pub struct Master {
         config::ControlConfig,
         control::SocketFile,
     )>,
-    /// Clients waiting for the verdict of a reload request.
-    waiters: HashMap<RequestId, Vec<tokio::sync::oneshot::Sender<proto::Response>>>,
-    /// Recent verdicts by request, for `baton reload --no-wait` followed by a wait.
-    verdicts: std::collections::BTreeMap<RequestId, proto::ReloadVerdict>,
+    /// Reload verdicts: clients waiting for one, and the recent ones.
+    verdicts: requests::Verdicts,
     started: (Instant, std::time::SystemTime),
     options: Options,
     /// What was last told to the service manager.
@@ -185,12 +186,8 @@ pub struct Master {
     /// This master's workers as recorded for its guard and its successor ([`orphans`]).
     registry: orphans::RegistryWriter,
     registered: BTreeMap<u32, Option<orphans::Entry>>,
-    /// The upgrade under way, if any, and where its preflight reports.
-    upgrade: Option<upgrade::Pending>,
-    upgrade_tx: mpsc::UnboundedSender<upgrade::Preflight>,
-    upgrade_rx: mpsc::UnboundedReceiver<upgrade::Preflight>,
-    upgrades: Vec<proto::UpgradeInfo>,
-    next_upgrade: u64,
+    /// `baton upgrade`: the one under way, where its preflight reports, the ones done.
+    upgrades: upgrade::Upgrades,
     /// Set when this master took over from its predecessor: what is left to do when it runs.
     resumed: Option<resume::Resumed>,
     /// The metrics endpoint serving (its address, its task), one bound but not yet serving,
@@ -277,7 +274,6 @@ impl Master {
             .map_err(StartError::Metrics)?;
         let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let argv = options.argv.clone();
         let start_settings = config::start_only_settings(
             &config.supervisor.control,
@@ -300,8 +296,7 @@ impl Master {
             events_tx,
             events_rx,
             control: Some((listener, control_config, socket_file)),
-            waiters: HashMap::new(),
-            verdicts: std::collections::BTreeMap::new(),
+            verdicts: requests::Verdicts::default(),
             started: (Instant::now(), std::time::SystemTime::now()),
             options,
             told: Told::default(),
@@ -312,11 +307,7 @@ impl Master {
             control_aliases: Vec::new(),
             registry: orphans::RegistryWriter::new(registry),
             registered: BTreeMap::new(),
-            upgrade: None,
-            upgrade_tx,
-            upgrade_rx,
-            upgrades: Vec::new(),
-            next_upgrade: 1,
+            upgrades: upgrade::Upgrades::new(Vec::new()),
             resumed: None,
             metrics: None,
             metrics_pending,

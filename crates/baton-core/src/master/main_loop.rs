@@ -118,7 +118,7 @@ impl Master {
         // While something drains, refresh the status line (time left) once a second.
         let refresh = (self.options.notify.is_some() && self.supervisor.draining())
             .then(|| Instant::now() + Duration::from_secs(1));
-        let preflight_deadline = self.upgrade.as_ref().map(|u| u.deadline);
+        let preflight_deadline = self.upgrades.pending.as_ref().map(|u| u.deadline);
         let (timer, task) = (lp.watchdog.as_mut(), lp.control_task.as_mut());
         let watchdog = async {
             match timer {
@@ -140,7 +140,7 @@ impl Master {
             Some(ask) = self.metrics_rx.recv() => Wake::Metrics(ask),
             ended = control_ended => Wake::ControlEnded(ended),
             Some(request) = lp.control_rx.recv() => Wake::Control(request),
-            Some(preflight) = self.upgrade_rx.recv() => Wake::Preflight(preflight),
+            Some(preflight) = self.upgrades.rx.recv() => Wake::Preflight(preflight),
             () = sleep_until(preflight_deadline), if preflight_deadline.is_some() => {
                 Wake::PreflightExpired
             }

@@ -52,7 +52,7 @@ impl Master {
             version: crate::version(),
             config: self.config_path.display().to_string(),
             now: self.started.1 + self.started.0.elapsed(),
-            upgrades: self.upgrades.clone(),
+            upgrades: self.upgrades.done.clone(),
             programs: self
                 .resources
                 .iter()

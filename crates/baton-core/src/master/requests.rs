@@ -2,7 +2,7 @@
 //! for: a `reload` that waits parks its reply in a table keyed by request id, answered when the
 //! state machine's [`Verdict`] names that request.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
 use baton_proto::control as proto;
@@ -18,6 +18,16 @@ const VERDICT_LINES: usize = 10;
 
 /// Verdicts kept for `Request::Verdict`.
 const KEPT_VERDICTS: usize = 1000;
+
+/// Reload verdicts as the master keeps them for its clients.
+#[derive(Debug, Default)]
+pub(super) struct Verdicts {
+    /// Clients waiting for the verdict of a reload request.
+    pub(super) waiting: HashMap<RequestId, Vec<tokio::sync::oneshot::Sender<proto::Response>>>,
+    /// Recent verdicts by request, for `baton reload --no-wait` followed by a wait (at most
+    /// [`KEPT_VERDICTS`]).
+    pub(super) kept: BTreeMap<RequestId, proto::ReloadVerdict>,
+}
 
 impl Master {
     /// A request from the control socket, already authorized.
@@ -66,7 +76,7 @@ impl Master {
             }
             proto::Request::Verdict { request } => {
                 let id = RequestId(request);
-                if self.verdicts.contains_key(&id) {
+                if self.verdicts.kept.contains_key(&id) {
                     self.answer_or_wait(id, reply);
                 } else if self
                     .supervisor
@@ -74,7 +84,7 @@ impl Master {
                     .is_some_and(|last| id <= last)
                     && id.0 > 0
                 {
-                    self.waiters.entry(id).or_default().push(reply);
+                    self.verdicts.waiting.entry(id).or_default().push(reply);
                 } else {
                     let _ = reply.send(proto::Response::Error {
                         kind: proto::ErrorKind::NotFound,
@@ -111,11 +121,16 @@ impl Master {
         request: RequestId,
         reply: tokio::sync::oneshot::Sender<proto::Response>,
     ) {
-        match self.verdicts.get(&request) {
+        match self.verdicts.kept.get(&request) {
             Some(verdict) => {
                 let _ = reply.send(proto::Response::Verdict(verdict.clone()));
             }
-            None => self.waiters.entry(request).or_default().push(reply),
+            None => self
+                .verdicts
+                .waiting
+                .entry(request)
+                .or_default()
+                .push(reply),
         }
     }
 
@@ -160,7 +175,7 @@ impl Master {
                     .unwrap_or_default(),
                 receipt: receipt.clone(),
             };
-            let waiters = self.waiters.remove(&request).unwrap_or_default();
+            let waiters = self.verdicts.waiting.remove(&request).unwrap_or_default();
             match Point::VerdictDelivery.check() {
                 Ok(()) => {
                     for waiter in waiters {
@@ -174,9 +189,9 @@ impl Master {
                     "verdict of request {} not delivered: {err}", request.0
                 ),
             }
-            self.verdicts.insert(request, answer);
-            while self.verdicts.len() > KEPT_VERDICTS {
-                self.verdicts.pop_first();
+            self.verdicts.kept.insert(request, answer);
+            while self.verdicts.kept.len() > KEPT_VERDICTS {
+                self.verdicts.kept.pop_first();
             }
         }
     }

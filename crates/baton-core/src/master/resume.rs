@@ -318,7 +318,6 @@ impl Master {
             }
         }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
         let control_config = state.control.config;
         let state_runtime_dir = state.runtime_dir.clone();
         let state_cgroups = state.cgroups;
@@ -349,12 +348,14 @@ impl Master {
                 control_config.clone(),
                 control::SocketFile(control_config.socket.clone()),
             )),
-            waiters: HashMap::new(),
-            verdicts: state
-                .verdicts
-                .into_iter()
-                .map(|v| (RequestId(v.request), v))
-                .collect(),
+            verdicts: super::requests::Verdicts {
+                waiting: HashMap::new(),
+                kept: state
+                    .verdicts
+                    .into_iter()
+                    .map(|v| (RequestId(v.request), v))
+                    .collect(),
+            },
             started: (
                 state.started,
                 std::time::UNIX_EPOCH + Duration::from_millis(state.started_unix_ms),
@@ -373,11 +374,7 @@ impl Master {
                 &control_config.socket,
             )),
             registered: BTreeMap::new(),
-            upgrade: None,
-            upgrade_tx,
-            upgrade_rx,
-            upgrades: state.upgrades,
-            next_upgrade: 1,
+            upgrades: super::upgrade::Upgrades::new(state.upgrades),
             metrics: None,
             metrics_pending,
             metrics_tx,

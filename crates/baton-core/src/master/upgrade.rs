@@ -58,6 +58,33 @@ pub trait SignalGate {
     fn release(&mut self);
 }
 
+/// `baton upgrade` as the master keeps it.
+#[derive(Debug)]
+pub(super) struct Upgrades {
+    /// The upgrade under way, if any (its preflight runs).
+    pub(super) pending: Option<Pending>,
+    /// Where preflights report.
+    pub(super) tx: mpsc::UnboundedSender<Preflight>,
+    pub(super) rx: mpsc::UnboundedReceiver<Preflight>,
+    /// The upgrades this master's line has made (carried across each), for `baton status`.
+    pub(super) done: Vec<proto::UpgradeInfo>,
+    /// The next upgrade's number.
+    pub(super) next: u64,
+}
+
+impl Upgrades {
+    pub(super) fn new(done: Vec<proto::UpgradeInfo>) -> Upgrades {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Upgrades {
+            pending: None,
+            tx,
+            rx,
+            done,
+            next: 1,
+        }
+    }
+}
+
 /// An upgrade under way (its preflight runs).
 #[derive(Debug)]
 pub(super) struct Pending {
@@ -214,7 +241,7 @@ impl Master {
         let binary = binary.map_or_else(|| self.binary.clone(), PathBuf::from);
         info!(event = baton_proto::event::UPGRADE_REQUESTED, binary = %binary.display(),
             "master upgrade to {} requested by {by}", binary.display());
-        let blocker = if self.upgrade.is_some() || another_under_way {
+        let blocker = if self.upgrades.pending.is_some() || another_under_way {
             Some("another upgrade is under way".to_string())
         } else {
             self.upgrade_blocker()
@@ -231,8 +258,8 @@ impl Master {
             return;
         }
         let started = Instant::now();
-        let id = self.next_upgrade;
-        self.next_upgrade += 1;
+        let id = self.upgrades.next;
+        self.upgrades.next += 1;
         let preflight = self
             .state(Vec::new(), None, None)
             .and_then(|(state, keep)| {
@@ -252,7 +279,7 @@ impl Master {
         };
         match preflight {
             Ok(process) => {
-                self.upgrade = Some(Pending {
+                self.upgrades.pending = Some(Pending {
                     preflight: process,
                     ..pending
                 })
@@ -298,7 +325,7 @@ impl Master {
         // Opened on the loop's thread, which alone reaps: the child cannot be reaped before.
         let process = baton_sys::pidfd::Process::open(child.id()).ok().flatten();
         let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
-        let tx = self.upgrade_tx.clone();
+        let tx = self.upgrades.tx.clone();
         let binary = binary.to_owned();
         // The child is reaped by the event loop like any other; this thread only reads its
         // answer, to the end of its output (a hung check is killed at the deadline).
@@ -333,7 +360,7 @@ impl Master {
 
     /// The preflight took too long: it is killed and the upgrade fails.
     pub(super) fn preflight_expired(&mut self) {
-        if let Some(pending) = self.upgrade.take() {
+        if let Some(pending) = self.upgrades.pending.take() {
             if let Some(preflight) = &pending.preflight {
                 let _ = preflight.signal(SignalNumber::SIGKILL);
             }
@@ -365,7 +392,7 @@ impl Master {
         inputs: &mut mpsc::UnboundedReceiver<Input>,
         queue: &mut VecDeque<Event>,
     ) -> Option<i32> {
-        let pending = self.upgrade.take_if(|p| p.id == preflight.id)?;
+        let pending = self.upgrades.pending.take_if(|p| p.id == preflight.id)?;
         let to_version = match preflight.result {
             Ok(v) => v,
             Err(reason) => {
@@ -600,7 +627,7 @@ impl Master {
         let state = State {
             format: STATE_FORMAT,
             from_version: version().into(),
-            upgrades: self.upgrades.clone(),
+            upgrades: self.upgrades.done.clone(),
             config_path: self.config_path.clone(),
             runtime_dir: self.runtime_dir.clone(),
             cgroups: match self.containment {
@@ -629,7 +656,7 @@ impl Master {
             sockets,
             generations,
             links,
-            verdicts: self.verdicts.values().cloned().collect(),
+            verdicts: self.verdicts.kept.values().cloned().collect(),
             intents,
             told_ready: self.told.ready,
             metrics_listen: self.metrics.as_ref().map(|m| m.0),
