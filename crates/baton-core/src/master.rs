@@ -184,18 +184,13 @@ pub struct Master {
     /// so that `baton ... -c FILE` finds it; removed when the master stops or the path changes.
     control_aliases: Vec<control::SocketFile>,
     /// This master's workers as recorded for its guard and its successor ([`orphans`]).
-    registry: orphans::RegistryWriter,
-    registered: BTreeMap<u32, Option<orphans::Entry>>,
+    registry: guard::Registration,
     /// `baton upgrade`: the one under way, where its preflight reports, the ones done.
     upgrades: upgrade::Upgrades,
     /// Set when this master took over from its predecessor: what is left to do when it runs.
     resumed: Option<resume::Resumed>,
-    /// The metrics endpoint serving (its address, its task), one bound but not yet serving,
-    /// and where its clients ask for the text.
-    metrics: Option<(std::net::SocketAddr, tokio::task::AbortHandle)>,
-    metrics_pending: Option<metrics_http::Endpoint>,
-    metrics_tx: mpsc::Sender<metrics_http::Ask>,
-    metrics_rx: mpsc::Receiver<metrics_http::Ask>,
+    /// The metrics endpoint (`supervisor.metrics_listen`).
+    endpoint: generations::MetricsEndpoint,
     /// The workers' captured output: tails, followers, counters.
     output: output::Hub,
     /// `recycle:`'s memory checks; the accept queues' watch and reload receipts.
@@ -213,8 +208,6 @@ pub struct Master {
     config_watch: Option<tokio::task::AbortHandle>,
 }
 
-/// Metrics requests waiting for the event loop (their clients wait too, bounded in number).
-const MAX_ASKS: usize = metrics_http::MAX_ASKS;
 /// Why the master could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -272,7 +265,6 @@ impl Master {
             .map(metrics_http::bind)
             .transpose()
             .map_err(StartError::Metrics)?;
-        let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let argv = options.argv.clone();
         let start_settings = config::start_only_settings(
@@ -305,14 +297,10 @@ impl Master {
             control_fd: None,
             start_settings,
             control_aliases: Vec::new(),
-            registry: orphans::RegistryWriter::new(registry),
-            registered: BTreeMap::new(),
+            registry: guard::Registration::new(orphans::RegistryWriter::new(registry)),
             upgrades: upgrade::Upgrades::new(Vec::new()),
             resumed: None,
-            metrics: None,
-            metrics_pending,
-            metrics_tx,
-            metrics_rx,
+            endpoint: generations::MetricsEndpoint::new(metrics_pending),
             output: output::Hub::default(),
             memory: memory::MemoryWatch::default(),
             queues: queues::QueueWatch::default(),
@@ -341,7 +329,7 @@ impl Master {
         let code = self.serve(inputs).await;
         // Every worker is gone (or the master exits at once after a failed start): the
         // registry names nobody the guard should end.
-        self.registry.remove();
+        self.registry.writer.remove();
         self.close_containment();
         code
     }
@@ -379,7 +367,7 @@ impl Master {
                 self.output.clone(),
             )));
         }
-        if let Some(endpoint) = self.metrics_pending.take() {
+        if let Some(endpoint) = self.endpoint.pending.take() {
             let announce = self.resumed.is_none();
             self.serve_metrics(Some(endpoint), announce);
         }

@@ -18,6 +18,29 @@ use crate::supervisor::{Generation, GenerationSpec, ProgramSpec};
 use crate::{control, metrics_http};
 use baton_proto::ListenerAddress;
 
+/// The metrics endpoint (`supervisor.metrics_listen`): the one serving (its address, its
+/// task), one bound but not yet serving (at start, until the loop runs), and where its clients
+/// ask the event loop for the text (bounded: [`metrics_http::MAX_ASKS`]).
+#[derive(Debug)]
+pub(super) struct MetricsEndpoint {
+    pub(super) serving: Option<(std::net::SocketAddr, tokio::task::AbortHandle)>,
+    pub(super) pending: Option<metrics_http::Endpoint>,
+    pub(super) asks_tx: tokio::sync::mpsc::Sender<metrics_http::Ask>,
+    pub(super) asks: tokio::sync::mpsc::Receiver<metrics_http::Ask>,
+}
+
+impl MetricsEndpoint {
+    pub(super) fn new(pending: Option<metrics_http::Endpoint>) -> MetricsEndpoint {
+        let (asks_tx, asks) = tokio::sync::mpsc::channel(metrics_http::MAX_ASKS);
+        MetricsEndpoint {
+            serving: None,
+            pending,
+            asks_tx,
+            asks,
+        }
+    }
+}
+
 /// What a generation holds while it lives.
 #[derive(Debug)]
 pub(super) struct Resources {
@@ -49,7 +72,7 @@ impl Master {
         endpoint: Option<metrics_http::Endpoint>,
         announce: bool,
     ) {
-        if let Some((old, task)) = self.metrics.take() {
+        if let Some((old, task)) = self.endpoint.serving.take() {
             task.abort();
             if endpoint.as_ref().map(|e| e.address) != Some(old) {
                 info!(event = baton_proto::event::METRICS_ENDPOINT_CLOSED, address = %old,
@@ -62,8 +85,8 @@ impl Master {
                 info!(event = baton_proto::event::METRICS_ENDPOINT, address = %address,
                     "metrics at http://{address}/metrics");
             }
-            let task = tokio::spawn(metrics_http::serve(endpoint, self.metrics_tx.clone()));
-            self.metrics = Some((address, task.abort_handle()));
+            let task = tokio::spawn(metrics_http::serve(endpoint, self.endpoint.asks_tx.clone()));
+            self.endpoint.serving = Some((address, task.abort_handle()));
         }
     }
 
@@ -84,7 +107,7 @@ impl Master {
                 // listeners can be prepared too.
                 let wanted = config.supervisor.metrics_listen;
                 // `Some(new endpoint, or none)` when the setting changed.
-                let moved = if wanted == self.metrics.as_ref().map(|m| m.0) {
+                let moved = if wanted == self.endpoint.serving.as_ref().map(|m| m.0) {
                     None
                 } else {
                     let bound = wanted.map(metrics_http::bind).transpose();

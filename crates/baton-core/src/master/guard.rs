@@ -11,6 +11,23 @@ use tracing::{info, warn};
 use super::Master;
 use crate::orphans::{self, Entry};
 
+/// This master's workers as recorded for its guard and its successor: the file's writer and
+/// what it last wrote, by pid.
+#[derive(Debug)]
+pub(super) struct Registration {
+    pub(super) writer: orphans::RegistryWriter,
+    pub(super) entries: BTreeMap<u32, Option<Entry>>,
+}
+
+impl Registration {
+    pub(super) fn new(writer: orphans::RegistryWriter) -> Registration {
+        Registration {
+            writer,
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
 impl Master {
     /// Rewrites the registry when the set of worker processes changed (a spawn, an exit). Called
     /// after every wake-up of the loop: when nothing changed it only compares pids.
@@ -18,14 +35,14 @@ impl Master {
         let mut count = 0;
         let same = self.supervisor.processes().all(|(pid, ..)| {
             count += 1;
-            self.registered.contains_key(&pid)
-        }) && count == self.registered.len();
+            self.registry.entries.contains_key(&pid)
+        }) && count == self.registry.entries.len();
         if same {
             return;
         }
         let mut current: BTreeMap<u32, Option<Entry>> = BTreeMap::new();
         for (pid, worker, generation, program) in self.supervisor.processes() {
-            let entry = match self.registered.get(&pid) {
+            let entry = match self.registry.entries.get(&pid) {
                 Some(known) => known.clone(),
                 // None: it ended before its start time could be read (nothing to guard).
                 None => {
@@ -48,9 +65,9 @@ impl Master {
             };
             current.insert(pid, entry);
         }
-        self.registered = current;
-        let entries: Vec<Entry> = self.registered.values().flatten().cloned().collect();
-        self.registry.write(entries);
+        self.registry.entries = current;
+        let entries: Vec<Entry> = self.registry.entries.values().flatten().cloned().collect();
+        self.registry.writer.write(entries);
     }
 
     /// Starts the guard: the binary's `baton guard`, told this master's pid and start time and
@@ -70,7 +87,7 @@ impl Master {
             .arg("--started")
             .arg(started.to_string())
             .arg("--registry")
-            .arg(self.registry.path())
+            .arg(self.registry.writer.path())
             .stdin(Stdio::null())
             // Not in the master's process group: a Ctrl-C for the master is not for it.
             .process_group(0);

@@ -137,7 +137,7 @@ impl Master {
             () = sleep_until(refresh), if refresh.is_some() => Wake::Refresh,
             input = lp.inputs.recv(), if lp.inputs_open => Wake::Input(input),
             Some(news) = self.events_rx.recv() => Wake::News(news),
-            Some(ask) = self.metrics_rx.recv() => Wake::Metrics(ask),
+            Some(ask) = self.endpoint.asks.recv() => Wake::Metrics(ask),
             ended = control_ended => Wake::ControlEnded(ended),
             Some(request) = lp.control_rx.recv() => Wake::Control(request),
             Some(preflight) = self.upgrades.rx.recv() => Wake::Preflight(preflight),

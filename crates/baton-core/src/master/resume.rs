@@ -3,7 +3,7 @@
 //! restarts the tasks that read workers, re-sends drain requests, answers the client that asked,
 //! and refreshes the service manager's fd store ([`Master::on_resumed`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ use super::link::{Link, link_loop};
 use super::processes::Origin as ProcessOrigin;
 use super::service_manager::{Notification, Told};
 use super::worker_notify::{Notifier, notify_task};
-use super::{MAX_ASKS, Master, Options};
+use super::{Master, Options};
 use crate::config::{self, NotifyAccess};
 use crate::control;
 use crate::intent::Intent;
@@ -329,7 +329,6 @@ impl Master {
                 })
                 .ok()
         });
-        let (metrics_tx, metrics_rx) = mpsc::channel(MAX_ASKS);
         let start_settings =
             config::start_only_settings(&control_config, &state_runtime_dir, &options.files);
         Ok(Master {
@@ -370,15 +369,11 @@ impl Master {
             control_fd: None,
             start_settings,
             control_aliases: Vec::new(),
-            registry: crate::orphans::RegistryWriter::new(crate::orphans::Registry::beside(
-                &control_config.socket,
+            registry: super::guard::Registration::new(crate::orphans::RegistryWriter::new(
+                crate::orphans::Registry::beside(&control_config.socket),
             )),
-            registered: BTreeMap::new(),
             upgrades: super::upgrade::Upgrades::new(state.upgrades),
-            metrics: None,
-            metrics_pending,
-            metrics_tx,
-            metrics_rx,
+            endpoint: super::generations::MetricsEndpoint::new(metrics_pending),
             output: crate::output::Hub::default(),
             memory: super::memory::MemoryWatch::default(),
             queues: super::queues::QueueWatch::default(),

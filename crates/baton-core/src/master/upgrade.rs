@@ -659,7 +659,7 @@ impl Master {
             verdicts: self.verdicts.kept.values().cloned().collect(),
             intents,
             told_ready: self.told.ready,
-            metrics_listen: self.metrics.as_ref().map(|m| m.0),
+            metrics_listen: self.endpoint.serving.as_ref().map(|m| m.0),
             processes,
         };
         Ok((state, keep))
