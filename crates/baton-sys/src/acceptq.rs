@@ -13,6 +13,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use nix::sys::socket::{AddressFamily, MsgFlags, SockaddrLike, SockaddrStorage, getsockname, recv};
 
+use crate::sockdiag::{NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, NLMSG_HDRLEN, SOCK_DIAG_BY_FAMILY};
+
 /// A listening socket's accept queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcceptQueue {
@@ -67,11 +69,6 @@ fn tcp_queue(fd: BorrowedFd<'_>) -> io::Result<AcceptQueue> {
 }
 
 const TCP_LISTEN: u8 = 10;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_RQLEN: u16 = 4;
 /// `struct unix_diag_msg`: family, type, state, pad, inode, cookie[2].
