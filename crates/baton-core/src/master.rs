@@ -198,12 +198,10 @@ pub struct Master {
     queues: queues::QueueWatch,
     /// What `baton status` read from the kernel, kept for its next call.
     census: std::sync::Arc<std::sync::Mutex<report::StatusCensus>>,
-    /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]); those open
-    /// to make workers in; the cgroups of gone generations still to remove (their last
-    /// processes not reaped yet).
+    /// Where workers' cgroups are made, or why they are not ([`crate::cgroups`]).
     containment: Result<cgroups::Containment, cgroups::Unavailable>,
-    cgroup_fds: HashMap<(Generation, usize), OwnedFd>,
-    cgroups_to_remove: Vec<(Generation, usize)>,
+    /// The cgroups open to make workers in, and those of gone generations still to remove.
+    cgroups: containment::OpenCgroups,
     /// The configuration file's watch (`supervisor.watch: [config]`), if it runs.
     config_watch: Option<tokio::task::AbortHandle>,
 }
@@ -306,8 +304,7 @@ impl Master {
             queues: queues::QueueWatch::default(),
             census: Default::default(),
             containment,
-            cgroup_fds: HashMap::new(),
-            cgroups_to_remove: Vec::new(),
+            cgroups: containment::OpenCgroups::default(),
             config_watch: None,
         })
     }

@@ -3,6 +3,7 @@
 //! the workers' process groups) and removed once empty (a killed process is gone only once
 //! reaped, so removal is tried again after each reap); the container goes when the master ends.
 
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -21,6 +22,14 @@ pub(super) fn open(policy: Cgroups, socket: &Path) -> Result<Containment, Unavai
     }
 }
 
+/// The cgroups the master uses: by (generation, program), those open to make workers in, and
+/// those of gone generations still to remove (their last processes not reaped yet).
+#[derive(Debug, Default)]
+pub(super) struct OpenCgroups {
+    pub(super) open: HashMap<(Generation, usize), OwnedFd>,
+    pub(super) to_remove: Vec<(Generation, usize)>,
+}
+
 impl Master {
     /// The cgroup to make a worker of `program` of `generation` in (`None`: not contained).
     pub(super) fn cgroup_for(
@@ -31,7 +40,7 @@ impl Master {
         let Ok(containment) = &self.containment else {
             return Ok(None);
         };
-        let fd: &OwnedFd = match self.cgroup_fds.entry((generation, program)) {
+        let fd: &OwnedFd = match self.cgroups.open.entry((generation, program)) {
             Entry::Occupied(open) => open.into_mut(),
             Entry::Vacant(slot) => slot.insert(containment.open_group(generation.0, program)?),
         };
@@ -55,9 +64,9 @@ impl Master {
             return;
         };
         for program in 0..programs {
-            self.cgroup_fds.remove(&(generation, program));
+            self.cgroups.open.remove(&(generation, program));
             containment.kill(generation.0, program);
-            self.cgroups_to_remove.push((generation, program));
+            self.cgroups.to_remove.push((generation, program));
         }
         self.remove_cgroups();
     }
@@ -65,14 +74,15 @@ impl Master {
     /// Removes the cgroups of gone generations that are empty now.
     pub(super) fn remove_cgroups(&mut self) {
         if let Ok(containment) = &self.containment {
-            self.cgroups_to_remove
+            self.cgroups
+                .to_remove
                 .retain(|(g, program)| !containment.remove(g.0, *program));
         }
     }
 
     /// The master ends: what is empty goes, the container too.
     pub(super) fn close_containment(&mut self) {
-        self.cgroup_fds.clear();
+        self.cgroups.open.clear();
         self.remove_cgroups();
         if let Ok(containment) = &self.containment {
             containment.close();

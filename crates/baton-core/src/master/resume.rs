@@ -380,8 +380,7 @@ impl Master {
             census: Default::default(),
             // The same container the old program used (the workers are in it).
             containment: super::containment::open(state_cgroups, &control_config.socket),
-            cgroup_fds: HashMap::new(),
-            cgroups_to_remove: Vec::new(),
+            cgroups: super::containment::OpenCgroups::default(),
             config_watch: None,
             resumed: Some(Resumed {
                 client,
