@@ -6,6 +6,7 @@
 //! build), and, across events:
 //! - no reload request gets two verdicts, and none a verdict it was not made for;
 //! - no action starts, tells or drains a worker after its exit;
+//! - at most `max_draining` generations beside the serving one have a worker not killed;
 //! - a generation whose reload failed never serves, and a reload that fails (or rolls back)
 //!   leaves a generation serving;
 //! - once stopped (the end of every sequence), the machine exits, and then every reload request
@@ -178,6 +179,7 @@ impl World {
                 "generation {g} serves after its reload failed"
             );
         }
+        self.drain_cap_holds();
         // A reload that failed (or rolled back) leaves a generation serving: the old one.
         if std::mem::take(&mut self.reload_failed) && !self.stopping {
             assert!(
@@ -187,6 +189,36 @@ impl World {
                 "a reload failed and nothing serves: {generations:?}"
             );
         }
+    }
+
+    /// At most `max_draining` generations beside the serving one (draining, failed, or being
+    /// started) have a worker that was not killed: the oldest ones past the cap are killed.
+    fn drain_cap_holds(&self) {
+        let Some(max) = self.s.serving_spec().map(|s| s.max_draining) else {
+            return;
+        };
+        let besides: Vec<Generation> = self
+            .s
+            .generations
+            .iter()
+            .filter(|(_, g)| !matches!(g.state, GenState::Serving | GenState::Standby))
+            .filter(|(id, g)| {
+                matches!(
+                    g.state,
+                    GenState::Preparing | GenState::Starting | GenState::Rolling
+                ) || self
+                    .s
+                    .workers
+                    .values()
+                    .any(|w| w.generation == **id && w.state != WorkerState::Killed)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        assert!(
+            besides.len() <= max,
+            "{} generations besides the serving one ({besides:?}), max_draining {max}",
+            besides.len()
+        );
     }
 
     /// The master's side of each action.
