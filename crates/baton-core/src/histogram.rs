@@ -1,7 +1,7 @@
 //! A histogram of durations with fixed buckets: what the metrics expose, in constant memory.
 //! The state machine keeps one for reload durations and one for drain durations; they cross a
-//! self-upgrade with it (state format 2), and a format-1 state's list of durations is read into
-//! buckets.
+//! self-upgrade with it (state formats 2 and 3), and a format-1 state's list of durations is
+//! read into buckets.
 
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -87,7 +87,7 @@ impl<B: Buckets> Histogram<B> {
     }
 }
 
-/// The serialized form (state format 2).
+/// The serialized form (state formats 2 and 3).
 #[derive(Serialize, Deserialize)]
 struct Fixed {
     counts: Vec<u64>,

@@ -38,7 +38,7 @@ use proto::OutputStream;
 /// [`STATE_FD_ENV`] names: what `baton upgrade-check` checks and [`Master::resume`] takes over.
 #[derive(Debug)]
 pub struct Inherited {
-    state: State,
+    state: State<()>,
     supervisor: Supervisor,
 }
 

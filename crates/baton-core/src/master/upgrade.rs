@@ -647,7 +647,7 @@ impl Master {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             upgrade_began: began,
-            supervisor: crate::upgrade::supervisor_value(&self.supervisor)?,
+            supervisor: crate::upgrade::machine(&self.supervisor),
             control: ControlState {
                 config: control_config.clone(),
                 fd: sys::number(control_fd),

@@ -8,7 +8,8 @@ use baton_sys::process::SignalNumber;
 use tracing::{debug, info, warn};
 
 use super::model::{Action, Generation};
-use super::records::{Gen, GenState, StopMode, WorkerState};
+use super::records::{Gen, GenState, Run, StopMode, WorkerState};
+use super::reload::Outcome;
 use super::{Supervisor, Trigger, WorkerId};
 
 /// How long a SIGKILLed worker may take to be reaped before it is killed again.
@@ -225,17 +226,24 @@ impl Supervisor {
         for (request, _) in std::mem::take(&mut self.pending) {
             self.reject(request);
         }
-        self.end_rollout_for_stop(now, &trigger.to_string());
-        self.fail_reload(now, format!("stop requested ({trigger})"), None);
-        if let Some(c) = self.canary.take() {
-            // A stop ends the probation: everything drains, and the reload has no verdict of
-            // success it could still earn.
-            self.record(
-                &c.reload,
-                now,
-                Err(format!("stop requested during the probation ({trigger})")),
-                None,
-            );
+        match &self.run {
+            Run::Idle => {}
+            Run::Starting(_) => self.fail_reload(now, format!("stop requested ({trigger})"), None),
+            Run::OnProbation(_) => {
+                // A stop ends the probation: everything drains, and the reload has no verdict
+                // of success it could still earn.
+                if let Run::OnProbation(c) = std::mem::take(&mut self.run) {
+                    self.record(
+                        &c.reload,
+                        now,
+                        Outcome::Failed(format!("stop requested during the probation ({trigger})")),
+                        None,
+                    );
+                }
+            }
+            Run::RollingForward { .. } | Run::RollingBack { .. } => {
+                self.end_rollout_for_stop(now, &trigger.to_string());
+            }
         }
         let delay = self.serving_spec().map_or(Duration::ZERO, |s| s.stop_delay);
         if graceful && !delay.is_zero() {

@@ -9,8 +9,8 @@
 
 use std::collections::BTreeSet;
 
-use super::records::GenState;
-use super::{Action, Supervisor};
+use super::records::{GenState, Run, WorkerState};
+use super::{Action, Generation, Supervisor};
 
 impl Supervisor {
     /// In a debug build, panics naming the invariant the last event broke.
@@ -26,6 +26,8 @@ impl Supervisor {
     pub(crate) fn check_invariants(&self) -> Result<(), String> {
         self.workers_and_slots_agree()?;
         self.one_generation_serves()?;
+        self.the_run_agrees_with_its_generations()?;
+        self.the_drain_cap_holds()?;
         self.requests_are_held_once()?;
         self.actions_name_living_workers()
     }
@@ -96,12 +98,67 @@ impl Supervisor {
         if rolling.len() > 1 {
             return Err(format!("generations {} all roll", rolling.join(", ")));
         }
-        if let Some(run) = &self.reload
-            && !self.generations.contains_key(&run.generation)
-        {
+        Ok(())
+    }
+
+    /// The reload's phase and its generations' states say the same thing: starting, its
+    /// generation is being prepared or started; on probation, it serves and the old ones stand
+    /// by; rolling (either way), the new one rolls and the old one serves.
+    fn the_run_agrees_with_its_generations(&self) -> Result<(), String> {
+        let state = |g: &Generation| self.generations.get(g).map(|e| &e.state);
+        let expect = |g: &Generation, what: &str, ok: fn(&GenState) -> bool| match state(g) {
+            Some(s) if ok(s) => Ok(()),
+            found => Err(format!(
+                "the reload is {:?}, but generation {g} is {found:?}, not {what}",
+                self.run.phase()
+            )),
+        };
+        match &self.run {
+            Run::Idle => Ok(()),
+            Run::Starting(reload) => expect(&reload.generation, "preparing or starting", |s| {
+                matches!(s, GenState::Preparing | GenState::Starting)
+            }),
+            Run::OnProbation(canary) => {
+                expect(&canary.new, "serving", |s| matches!(s, GenState::Serving))?;
+                for old in &canary.old {
+                    expect(old, "standing by", |s| matches!(s, GenState::Standby))?;
+                }
+                Ok(())
+            }
+            Run::RollingForward { rollout, .. } | Run::RollingBack { rollout, .. } => {
+                expect(&rollout.new, "rolling", |s| matches!(s, GenState::Rolling))?;
+                expect(&rollout.old, "serving", |s| matches!(s, GenState::Serving))
+            }
+        }
+    }
+
+    /// At most `max_draining` generations beside the serving one (draining, failed, or being
+    /// started) have a worker that was not killed: the oldest ones past the cap are killed, and
+    /// a generation waits to start until they are gone.
+    fn the_drain_cap_holds(&self) -> Result<(), String> {
+        let Some(max) = self.serving_spec().map(|s| s.max_draining) else {
+            return Ok(());
+        };
+        let besides: Vec<String> = self
+            .generations
+            .iter()
+            .filter(|(_, g)| !matches!(g.state, GenState::Serving | GenState::Standby))
+            .filter(|(id, g)| {
+                matches!(
+                    g.state,
+                    GenState::Preparing | GenState::Starting | GenState::Rolling
+                ) || self
+                    .workers
+                    .values()
+                    .any(|w| w.generation == **id && w.state != WorkerState::Killed)
+            })
+            .map(|(id, _)| id.to_string())
+            .collect();
+        if besides.len() > max {
             return Err(format!(
-                "reload {} runs generation {}, which does not exist",
-                run.id, run.generation
+                "{} generations beside the serving one keep workers ({}), max_draining {max}",
+                besides.len(),
+                besides.join(", ")
             ));
         }
         Ok(())
@@ -111,11 +168,7 @@ impl Supervisor {
     /// by the reload (or canary) running.
     fn requests_are_held_once(&self) -> Result<(), String> {
         let mut held = BTreeSet::new();
-        let running = self
-            .reload
-            .iter()
-            .chain(self.canary.as_ref().map(|c| &c.reload))
-            .flat_map(|r| &r.covers);
+        let running = self.run.reload().into_iter().flat_map(|r| &r.covers);
         for request in self.pending.iter().map(|(r, _)| r).chain(running) {
             if !held.insert(*request) {
                 return Err(format!("reload request {request} is held twice"));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::Supervisor;
 use super::model::{Action, Generation, GenerationSpec, ProgramSpec, RequestId, WorkerId};
-use super::records::{GenState, Slot, Worker, WorkerState};
+use super::records::{GenState, Run, Slot, Worker, WorkerState};
 
 impl Supervisor {
     /// Where worker `id` runs: its generation, the index of its program, its slot within the
@@ -37,7 +37,18 @@ impl Supervisor {
     /// A reload runs (a generation being prepared or started for it), the first generation's
     /// start aside.
     pub fn reloading(&self) -> bool {
-        self.reload.as_ref().is_some_and(|r| !r.initial) || self.rollout.is_some()
+        match &self.run {
+            Run::Idle => false,
+            Run::Starting(reload) => !reload.initial,
+            // On probation, the generation serves already.
+            Run::OnProbation(_) => false,
+            Run::RollingForward { .. } | Run::RollingBack { .. } => true,
+        }
+    }
+
+    /// Whether `g` is the generation serving on probation.
+    pub(super) fn on_probation(&self, g: Generation) -> bool {
+        self.run.canary().is_some_and(|c| c.new == g)
     }
 
     /// Some generation is draining (the loop then refreshes the status line once a second).
@@ -61,7 +72,7 @@ impl Supervisor {
         });
         workers
             .chain(restarts)
-            .chain(self.canary.as_ref().map(|c| c.until))
+            .chain(self.run.canary().map(|c| c.until))
             .chain(self.rollout_deadline())
             .chain(self.next_kill_again())
             .chain(self.stop_delayed_until)

@@ -1,71 +1,64 @@
-//! The state machine's private records: generations, slots, workers, the reload running and
-//! the canary. They are serialized because the whole machine crosses a self-upgrade (see
-//! [`crate::upgrade`]): renaming a field here is a change of the state format.
+//! The state machine's private records: generations, slots, workers, and the reload running
+//! ([`Run`], its one phase). They are not the upgrade state: `crate::upgrade` has types of its
+//! own for that, converted from and to these in one place (`upgrade/v3.rs`, through
+//! [`super::Parts`]), so renaming a field here changes no format.
 
 use std::time::{Duration, Instant};
-
-use serde::{Deserialize, Serialize};
 
 use super::model::{Generation, GenerationSpec, ReloadId, RequestId, WorkerId};
 use crate::intent::Trigger;
 
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) enum GenState {
+#[derive(Debug, Clone)]
+pub(crate) enum GenState {
     Preparing,
     Starting,
-    /// Replacing the serving generation a batch at a time (a rolling reload, see `rollout.rs`):
+    /// Replacing the serving generation a batch at a time (a rolling reload, see `reload/rollout.rs`):
     /// its ready workers serve.
     Rolling,
     Serving,
     Standby,
     /// Each worker is killed at `since` + its program's drain timeout; `killed`: some were.
     Draining {
-        #[serde(with = "crate::codec::mono")]
         since: Instant,
         killed: bool,
     },
     Failed,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Gen {
-    pub(super) spec: Option<GenerationSpec>,
-    pub(super) state: GenState,
+#[derive(Debug, Clone)]
+pub(crate) struct Gen {
+    pub(crate) spec: Option<GenerationSpec>,
+    pub(crate) state: GenState,
     /// The processes of every program, in order.
-    pub(super) slots: Vec<Slot>,
+    pub(crate) slots: Vec<Slot>,
     /// Failed: since when. Its workers were asked to drain then, and each is killed at this
     /// plus its program's `failed_stop_timeout`.
-    #[serde(default, with = "crate::codec::mono_opt")]
-    pub(super) failed_at: Option<Instant>,
+    pub(crate) failed_at: Option<Instant>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Slot {
-    pub(super) program: usize,
+#[derive(Debug, Clone)]
+pub(crate) struct Slot {
+    pub(crate) program: usize,
     /// Index within its program (what `BATON_SLOT` tells the worker).
-    pub(super) index: usize,
-    pub(super) worker: Option<WorkerId>,
+    pub(crate) index: usize,
+    pub(crate) worker: Option<WorkerId>,
     /// Crashes in a row (for the backoff).
-    pub(super) crashes: u32,
+    pub(crate) crashes: u32,
     /// Replacements so far.
-    pub(super) restarts: u32,
-    pub(super) last_exit: Option<String>,
-    #[serde(with = "crate::codec::mono_opt")]
-    pub(super) restart_at: Option<Instant>,
+    pub(crate) restarts: u32,
+    pub(crate) last_exit: Option<String>,
+    pub(crate) restart_at: Option<Instant>,
     /// The worker that last ran in it (shown while the slot waits out its backoff).
-    #[serde(default)]
-    pub(super) last_worker: Option<WorkerId>,
+    pub(crate) last_worker: Option<WorkerId>,
     /// After crashes, when its worker will have stayed up long enough to start the count over.
-    #[serde(default, with = "crate::codec::mono_opt")]
-    pub(super) stable_at: Option<Instant>,
+    pub(crate) stable_at: Option<Instant>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) enum WorkerState {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WorkerState {
     /// Asked to spawn; no pid yet.
     Spawning,
     Starting {
-        #[serde(with = "crate::codec::mono")]
         deadline: Instant,
     },
     Ready,
@@ -74,107 +67,199 @@ pub(super) enum WorkerState {
     Killed,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Worker {
-    pub(super) generation: Generation,
+#[derive(Debug, Clone)]
+pub(crate) struct Worker {
+    pub(crate) generation: Generation,
     /// Its slot in the generation (slots of all programs, in order).
-    pub(super) slot: usize,
-    pub(super) program: usize,
+    pub(crate) slot: usize,
+    pub(crate) program: usize,
     /// The main process: the one spawned, or the one announced with `MAINPID=`.
-    pub(super) pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
     /// The pid it was spawned as, which leads its process group.
-    pub(super) pgid: Option<u32>,
-    pub(super) state: WorkerState,
-    #[serde(with = "crate::codec::mono")]
-    pub(super) spawned: Instant,
-    pub(super) ready_after: Option<Duration>,
-    pub(super) connections: Option<u64>,
+    pub(crate) pgid: Option<u32>,
+    pub(crate) state: WorkerState,
+    pub(crate) spawned: Instant,
+    pub(crate) ready_after: Option<Duration>,
+    pub(crate) connections: Option<u64>,
     /// The last status line it reported (`STATUS=`, or a status packet).
-    pub(super) status: Option<String>,
+    pub(crate) status: Option<String>,
     /// Why it is not ready yet, as last seen (see [`super::Event::NotReadyBecause`]).
-    #[serde(default)]
-    pub(super) not_ready: Option<String>,
+    pub(crate) not_ready: Option<String>,
     /// Replaced (it failed its liveness check): why, and when it is killed if still running.
     /// Its slot has a new worker already.
-    #[serde(default)]
-    pub(super) replaced: Option<Replaced>,
+    pub(crate) replaced: Option<Replaced>,
     /// Being recycled: the worker that will take its slot once ready, and why.
-    #[serde(default)]
-    pub(super) successor: Option<(WorkerId, String)>,
+    pub(crate) successor: Option<(WorkerId, String)>,
     /// Started in the slot of a worker replaced for failing its liveness check: its slot counts
     /// against `max_replacing` until it is ready, however fast the replaced one exited.
-    #[serde(default)]
-    pub(super) replacement: bool,
+    pub(crate) replacement: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct Replaced {
-    pub(super) reason: String,
-    #[serde(with = "crate::codec::mono")]
-    pub(super) kill_at: Instant,
+#[derive(Debug, Clone)]
+pub(crate) struct Replaced {
+    pub(crate) reason: String,
+    pub(crate) kill_at: Instant,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct ReloadRun {
-    pub(super) id: ReloadId,
-    pub(super) generation: Generation,
-    pub(super) covers: Vec<RequestId>,
-    pub(super) triggers: Vec<Trigger>,
-    #[serde(with = "crate::codec::mono")]
-    pub(super) started: Instant,
+#[derive(Debug, Clone)]
+pub(crate) struct ReloadRun {
+    pub(crate) id: ReloadId,
+    pub(crate) generation: Generation,
+    pub(crate) covers: Vec<RequestId>,
+    pub(crate) triggers: Vec<Trigger>,
+    pub(crate) started: Instant,
     /// The first generation at startup: its failure ends the master.
-    pub(super) initial: bool,
+    pub(crate) initial: bool,
 }
 
 /// A reload whose new generation serves on probation while the old one stands by.
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Canary {
-    pub(super) reload: ReloadRun,
-    pub(super) old: Vec<Generation>,
-    pub(super) new: Generation,
-    #[serde(with = "crate::codec::mono")]
-    pub(super) until: Instant,
+#[derive(Debug, Clone)]
+pub(crate) struct Canary {
+    pub(crate) reload: ReloadRun,
+    pub(crate) old: Vec<Generation>,
+    pub(crate) new: Generation,
+    pub(crate) until: Instant,
 }
 
 /// A rolling reload in progress: the new generation's workers replace the old one's a batch at
 /// a time, program by program; or, after a failure, the old generation's workers replace the new
-/// one's the same way (`back`: the failure).
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Rollout {
-    pub(super) reload: ReloadId,
-    pub(super) old: Generation,
-    pub(super) new: Generation,
-    pub(super) lanes: Vec<Lane>,
+/// one's the same way (which way: [`Run`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Rollout {
+    pub(crate) reload: ReloadId,
+    pub(crate) old: Generation,
+    pub(crate) new: Generation,
+    pub(crate) lanes: Vec<Lane>,
     /// The first batch's probation (`canary_window`).
-    pub(super) canary: Option<Duration>,
-    /// Rolling back: why the reload failed.
-    pub(super) back: Option<String>,
+    pub(crate) canary: Option<Duration>,
+}
+
+/// Which way a rolling reload moves workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// From the old generation to the new one: the reload has no verdict yet.
+    Forward,
+    /// Back to the old generation: the reload failed (its verdict given).
+    Back,
+}
+
+/// Where the one reload that may run at a time is.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum Run {
+    /// No reload runs (requests start one at once).
+    #[default]
+    Idle,
+    /// Its generation is being prepared or started (the first generation's too).
+    Starting(ReloadRun),
+    /// Its generation serves on probation; the old ones stand by.
+    OnProbation(Canary),
+    /// Its generation replaces the serving one a batch at a time.
+    RollingForward { reload: ReloadRun, rollout: Rollout },
+    /// It failed (its verdict given: `failure`); the old generation gets its workers back a
+    /// batch at a time.
+    RollingBack { rollout: Rollout, failure: String },
+}
+
+/// A [`Run`]'s phase without its records, to name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunPhase {
+    Idle,
+    Starting,
+    OnProbation,
+    RollingForward,
+    RollingBack,
+}
+
+impl Run {
+    pub(crate) fn phase(&self) -> RunPhase {
+        match self {
+            Run::Idle => RunPhase::Idle,
+            Run::Starting(_) => RunPhase::Starting,
+            Run::OnProbation(_) => RunPhase::OnProbation,
+            Run::RollingForward { .. } => RunPhase::RollingForward,
+            Run::RollingBack { .. } => RunPhase::RollingBack,
+        }
+    }
+
+    /// The reload that has no verdict yet, in whatever phase.
+    pub(crate) fn reload(&self) -> Option<&ReloadRun> {
+        match self {
+            Run::Starting(reload) | Run::RollingForward { reload, .. } => Some(reload),
+            Run::OnProbation(canary) => Some(&canary.reload),
+            Run::Idle | Run::RollingBack { .. } => None,
+        }
+    }
+
+    /// The reload running, verdict or not (rolling back after one).
+    pub(crate) fn id(&self) -> Option<ReloadId> {
+        match self {
+            Run::RollingBack { rollout, .. } => Some(rollout.reload),
+            run => run.reload().map(|r| r.id),
+        }
+    }
+
+    pub(crate) fn starting(&self) -> Option<&ReloadRun> {
+        match self {
+            Run::Starting(reload) => Some(reload),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn canary(&self) -> Option<&Canary> {
+        match self {
+            Run::OnProbation(canary) => Some(canary),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn rollout(&self) -> Option<(&Rollout, Direction)> {
+        match self {
+            Run::RollingForward { rollout, .. } => Some((rollout, Direction::Forward)),
+            Run::RollingBack { rollout, .. } => Some((rollout, Direction::Back)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn rollout_mut(&mut self) -> Option<&mut Rollout> {
+        match self {
+            Run::RollingForward { rollout, .. } | Run::RollingBack { rollout, .. } => Some(rollout),
+            _ => None,
+        }
+    }
+
+    /// Takes the run if `take` says so (leaving [`Run::Idle`]); else returns [`Run::Idle`].
+    pub(crate) fn take_if(&mut self, take: impl FnOnce(&Run) -> bool) -> Run {
+        if take(self) {
+            std::mem::take(self)
+        } else {
+            Run::Idle
+        }
+    }
 }
 
 /// One program's progress in a [`Rollout`].
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Lane {
+#[derive(Debug, Clone)]
+pub(crate) struct Lane {
     /// The program's index in the new generation's configuration, and in the old one's (paired
     /// by name; `None`: a program the reload adds).
-    pub(super) new_program: usize,
-    pub(super) old_program: Option<usize>,
+    pub(crate) new_program: usize,
+    pub(crate) old_program: Option<usize>,
     /// Workers started at a time (all of them for a program reloaded all at once).
-    pub(super) batch: usize,
+    pub(crate) batch: usize,
     /// Batches so far (the one in flight included), and in all.
-    pub(super) batch_no: usize,
-    pub(super) batches: usize,
-    pub(super) step: Step,
-    #[serde(with = "crate::codec::mono")]
-    pub(super) since: Instant,
+    pub(crate) batch_no: usize,
+    pub(crate) batches: usize,
+    pub(crate) step: Step,
+    pub(crate) since: Instant,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) enum Step {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Step {
     /// The batch's slots (in the generation being filled): the next step once each has a ready
     /// worker.
     Starting(Vec<usize>),
     /// The first batch serves on probation until then, beside every old worker.
-    Canary(#[serde(with = "crate::codec::mono")] Instant),
+    Canary(Instant),
     /// These workers (of the generation being replaced) drain; the next batch starts once they
     /// are gone.
     Retiring(Vec<WorkerId>),
@@ -184,8 +269,8 @@ pub(super) enum Step {
     Done,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) enum StopMode {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopMode {
     Graceful,
     Fast,
 }

@@ -28,7 +28,7 @@ impl Supervisor {
             );
             return;
         }
-        if self.canary.as_ref().is_some_and(|c| c.new == g) {
+        if self.on_probation(g) {
             let reason = format!("worker {id} of generation {g} (pid {pid}): {reason}");
             self.roll_back(now, reason, Some(id));
             return;

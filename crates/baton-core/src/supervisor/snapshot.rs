@@ -11,7 +11,7 @@ use super::crash_loop::CrashLoop;
 use baton_sys::process::SignalNumber;
 
 use super::model::{Generation, Phase, ReloadId, ReloadRecord, RequestId, WorkerId};
-use super::records::{GenState, Step, WorkerState};
+use super::records::{Direction, GenState, Run, Step, WorkerState};
 use crate::histogram::{DrainBuckets, Histogram, ReloadBuckets};
 
 /// What the state machine knows at one instant, for `baton status`.
@@ -33,7 +33,7 @@ pub struct Snapshot {
 }
 
 /// A rolling reload in a [`Snapshot`]: workers move from generation `from` to `to` (rolling
-/// back: `back` says why, and `to` is the old generation).
+/// back: `back` is the reload's failure, and `to` is the old generation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutSnapshot {
     pub reload: ReloadId,
@@ -227,7 +227,12 @@ impl Supervisor {
             stop_delay_left: self
                 .stop_delayed_until
                 .map(|until| until.saturating_duration_since(now)),
-            reload: self.reload.as_ref().filter(|r| !r.initial).map(|r| {
+            reload: match &self.run {
+                Run::Starting(reload) | Run::RollingForward { reload, .. } => Some(reload),
+                _ => None,
+            }
+            .filter(|r| !r.initial)
+            .map(|r| {
                 (
                     r.id,
                     r.generation,
@@ -237,8 +242,8 @@ impl Supervisor {
             }),
             queued: self.pending.iter().map(|(r, _)| *r).collect(),
             probation: self
-                .canary
-                .as_ref()
+                .run
+                .canary()
                 .map(|c| (c.reload.id, c.new, c.until.saturating_duration_since(now))),
             rollout: self.rollout_snapshot(now),
             generations,
@@ -246,21 +251,19 @@ impl Supervisor {
     }
 
     fn rollout_snapshot(&self, now: Instant) -> Option<RolloutSnapshot> {
-        let r = self.rollout.as_ref()?;
-        let (from, to) = if r.back.is_some() {
-            (r.new, r.old)
-        } else {
-            (r.old, r.new)
+        let (r, direction) = self.run.rollout()?;
+        let (from, to) = match direction {
+            Direction::Forward => (r.old, r.new),
+            Direction::Back => (r.new, r.old),
         };
         let entry = self.generations.get(&to)?;
         let programs = r
             .lanes
             .iter()
             .filter_map(|lane| {
-                let program = if r.back.is_some() {
-                    lane.old_program?
-                } else {
-                    lane.new_program
+                let program = match direction {
+                    Direction::Forward => lane.new_program,
+                    Direction::Back => lane.old_program?,
                 };
                 let slots = entry.slots.iter().filter(|s| s.program == program);
                 let replaced = slots
@@ -290,7 +293,10 @@ impl Supervisor {
             reload: r.reload,
             from,
             to,
-            back: r.back.clone(),
+            back: match &self.run {
+                Run::RollingBack { failure, .. } => Some(failure.clone()),
+                _ => None,
+            },
             programs,
         })
     }

@@ -2,6 +2,7 @@
 
 use super::*;
 use baton_proto::WorkerMessage;
+use std::time::Duration;
 
 mod properties;
 mod rollout;
@@ -983,8 +984,9 @@ fn a_supervisor_that_crosses_an_upgrade_decides_the_same_and_resends_the_drains(
     let old = h.serving(2);
     h.reload(2);
     h.advance(Duration::from_secs(10));
-    let value = crate::upgrade::supervisor_value(&h.s).unwrap();
-    let mut resumed: Supervisor = serde_json::from_value(value).unwrap();
+    let value = serde_json::to_value(crate::upgrade::machine(&h.s)).unwrap();
+    let machine: crate::upgrade::v3::Machine = serde_json::from_value(value).unwrap();
+    let mut resumed = Supervisor::from_parts(machine.into()).unwrap();
     assert_eq!(resumed.generations(), h.s.generations());
     assert_eq!(resumed.history().count(), h.s.history().count());
     let (a, b) = (

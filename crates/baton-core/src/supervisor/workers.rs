@@ -184,7 +184,7 @@ impl Supervisor {
         let reason = format!(
             "worker {id} of generation {g} (pid {pid}) failed its readiness probe: {reason}"
         );
-        if self.canary.as_ref().is_some_and(|c| c.new == g) {
+        if self.on_probation(g) {
             self.roll_back(now, reason, Some(id));
         } else if self.rolling_forward(g) {
             self.rollout_failed(now, reason, Some(id));
@@ -296,7 +296,7 @@ impl Supervisor {
                 self.fail_reload(now, reason, Some(worker));
             }
             Some(GenState::Rolling) => self.rollout_failed(now, reason, Some(worker)),
-            Some(GenState::Serving) if self.canary.as_ref().is_some_and(|c| c.new == g) => {
+            Some(GenState::Serving) if self.on_probation(g) => {
                 self.roll_back(now, reason, Some(worker));
             }
             Some(GenState::Serving) if self.stop.is_none() => {
@@ -340,7 +340,7 @@ impl Supervisor {
         if self.stop_delayed_until.is_some_and(|until| until <= now) {
             self.end_stop_delay(now);
         }
-        if self.canary.as_ref().is_some_and(|c| c.until <= now) {
+        if self.run.canary().is_some_and(|c| c.until <= now) {
             self.confirm_canary(now);
         }
         // Ready deadlines.

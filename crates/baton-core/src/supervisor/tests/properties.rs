@@ -6,7 +6,8 @@
 //! build), and, across events:
 //! - no reload request gets two verdicts, and none a verdict it was not made for;
 //! - no action starts, tells or drains a worker after its exit;
-//! - at most `max_draining` generations beside the serving one have a worker not killed;
+//! - the machine crosses the upgrade's format (`upgrade/v3.rs`) and back unchanged, whatever
+//!   phase its reload is in;
 //! - a generation whose reload failed never serves, and a reload that fails (or rolls back)
 //!   leaves a generation serving;
 //! - once stopped (the end of every sequence), the machine exits, and then every reload request
@@ -179,7 +180,7 @@ impl World {
                 "generation {g} serves after its reload failed"
             );
         }
-        self.drain_cap_holds();
+        self.crosses_the_upgrade_format_unchanged();
         // A reload that failed (or rolled back) leaves a generation serving: the old one.
         if std::mem::take(&mut self.reload_failed) && !self.stopping {
             assert!(
@@ -191,34 +192,17 @@ impl World {
         }
     }
 
-    /// At most `max_draining` generations beside the serving one (draining, failed, or being
-    /// started) have a worker that was not killed: the oldest ones past the cap are killed.
-    fn drain_cap_holds(&self) {
-        let Some(max) = self.s.serving_spec().map(|s| s.max_draining) else {
-            return;
-        };
-        let besides: Vec<Generation> = self
-            .s
-            .generations
-            .iter()
-            .filter(|(_, g)| !matches!(g.state, GenState::Serving | GenState::Standby))
-            .filter(|(id, g)| {
-                matches!(
-                    g.state,
-                    GenState::Preparing | GenState::Starting | GenState::Rolling
-                ) || self
-                    .s
-                    .workers
-                    .values()
-                    .any(|w| w.generation == **id && w.state != WorkerState::Killed)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        assert!(
-            besides.len() <= max,
-            "{} generations besides the serving one ({besides:?}), max_draining {max}",
-            besides.len()
-        );
+    /// The records taken apart into the upgrade's format and put together again make the same
+    /// machine (what the format holds, compared whole), one that keeps every invariant.
+    fn crosses_the_upgrade_format_unchanged(&self) {
+        // Compared as Debug text: an `Instant` is written as a monotonic time read against the
+        // clock at each write, so two writes of one differ by the nanoseconds between them.
+        let format = crate::upgrade::machine(&self.s);
+        let before = format!("{format:?}");
+        let again = Supervisor::from_parts(format.into())
+            .unwrap_or_else(|broken| panic!("the format's copy is refused: {broken}"));
+        let after = format!("{:?}", crate::upgrade::machine(&again));
+        assert_eq!(before, after, "the machine changed crossing the format");
     }
 
     /// The master's side of each action.

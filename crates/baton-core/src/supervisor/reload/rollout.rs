@@ -20,9 +20,12 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::Supervisor;
-use super::model::{Generation, WorkerId};
-use super::records::{GenState, Lane, Replaced, Rollout, Step, WorkerState};
+use super::Outcome;
+use crate::supervisor::Supervisor;
+use crate::supervisor::model::{Generation, WorkerId};
+use crate::supervisor::records::{
+    Direction, GenState, Lane, Replaced, Rollout, Run, Step, WorkerState,
+};
 
 /// Which way a lane moves workers: from the generation being replaced to the one being filled.
 #[derive(Clone, Copy)]
@@ -36,8 +39,8 @@ struct Way {
 impl Supervisor {
     /// Starts the reload's prepared generation `g` as a rolling reload, if its configuration
     /// rolls a program and a generation serves. Returns whether it did.
-    pub(super) fn begin_rollout(&mut self, now: Instant, g: Generation) -> bool {
-        let Some(reload) = self.reload.as_ref().filter(|r| !r.initial) else {
+    pub(in crate::supervisor) fn begin_rollout(&mut self, now: Instant, g: Generation) -> bool {
+        let Some(reload) = self.run.starting().filter(|r| !r.initial) else {
             return false;
         };
         let id = reload.id;
@@ -98,23 +101,26 @@ impl Supervisor {
         if let Some(entry) = self.generations.get_mut(&g) {
             entry.state = GenState::Rolling;
         }
-        self.rollout = Some(Rollout {
+        let Run::Starting(reload) = std::mem::take(&mut self.run) else {
+            return false;
+        };
+        let rollout = Rollout {
             reload: id,
             old,
             new: g,
             lanes,
             canary: spec.canary_window,
-            back: None,
-        });
-        for lane in 0..self.rollout.as_ref().map_or(0, |r| r.lanes.len()) {
+        };
+        self.run = Run::RollingForward { reload, rollout };
+        for lane in 0..self.run.rollout().map_or(0, |(r, _)| r.lanes.len()) {
             self.next_batch(now, lane);
         }
         true
     }
 
     /// Moves every lane as far as it can go; ends the rollout when all are done.
-    pub(super) fn advance_rollout(&mut self, now: Instant) {
-        let Some(lanes) = self.rollout.as_ref().map(|r| r.lanes.len()) else {
+    pub(in crate::supervisor) fn advance_rollout(&mut self, now: Instant) {
+        let Some(lanes) = self.run.rollout().map(|(r, _)| r.lanes.len()) else {
             return;
         };
         for lane in 0..lanes {
@@ -126,9 +132,9 @@ impl Supervisor {
             }
         }
         let done = self
-            .rollout
-            .as_ref()
-            .is_some_and(|r| r.lanes.iter().all(|l| l.step == Step::Done));
+            .run
+            .rollout()
+            .is_some_and(|(r, _)| r.lanes.iter().all(|l| l.step == Step::Done));
         if done {
             self.finish_rollout(now);
         }
@@ -136,9 +142,13 @@ impl Supervisor {
 
     /// One step of lane `i`, if its condition holds. Returns whether it moved.
     fn advance_lane(&mut self, now: Instant, i: usize) -> bool {
-        let Some((step, way, first)) = self.rollout.as_ref().and_then(|r| {
+        let Some((step, way, first)) = self.run.rollout().and_then(|(r, direction)| {
             let lane = r.lanes.get(i)?;
-            Some((lane.step.clone(), self.way(r, lane), lane.batch_no == 1))
+            Some((
+                lane.step.clone(),
+                Self::way(r, direction, lane),
+                lane.batch_no == 1,
+            ))
         }) else {
             return false;
         };
@@ -157,10 +167,10 @@ impl Supervisor {
                     return false;
                 }
                 let canary = self
-                    .rollout
-                    .as_ref()
-                    .filter(|r| r.back.is_none() && first)
-                    .and_then(|r| r.canary);
+                    .run
+                    .rollout()
+                    .filter(|(_, direction)| *direction == Direction::Forward && first)
+                    .and_then(|(r, _)| r.canary);
                 match canary {
                     Some(window) => {
                         info!(
@@ -228,26 +238,25 @@ impl Supervisor {
             .count()
     }
 
-    fn way(&self, r: &Rollout, lane: &Lane) -> Way {
-        if r.back.is_none() {
-            Way {
+    fn way(r: &Rollout, direction: Direction, lane: &Lane) -> Way {
+        match direction {
+            Direction::Forward => Way {
                 from: r.old,
                 from_program: lane.old_program,
                 to: r.new,
                 to_program: Some(lane.new_program),
-            }
-        } else {
-            Way {
+            },
+            Direction::Back => Way {
                 from: r.new,
                 from_program: Some(lane.new_program),
                 to: r.old,
                 to_program: lane.old_program,
-            }
+            },
         }
     }
 
     fn set_step(&mut self, i: usize, now: Instant, step: Step) {
-        if let Some(lane) = self.rollout.as_mut().and_then(|r| r.lanes.get_mut(i)) {
+        if let Some(lane) = self.run.rollout_mut().and_then(|r| r.lanes.get_mut(i)) {
             lane.step = step;
             lane.since = now;
         }
@@ -256,10 +265,10 @@ impl Supervisor {
     /// Starts lane `i`'s next batch in the generation being filled, or ends the lane when none
     /// of its slots is empty; or waits (returns false) while there is no room for it.
     fn next_batch(&mut self, now: Instant, i: usize) -> bool {
-        let Some((way, batch, room)) = self.rollout.as_ref().and_then(|r| {
+        let Some((way, batch, room)) = self.run.rollout().and_then(|(r, direction)| {
             let lane = r.lanes.get(i)?;
             let room = self.cap(r, lane).saturating_sub(self.alive(r, lane));
-            Some((self.way(r, lane), lane.batch, room))
+            Some((Self::way(r, direction, lane), lane.batch, room))
         }) else {
             return false;
         };
@@ -280,9 +289,9 @@ impl Supervisor {
         }
         if room < slots.len() {
             let waiting = self
-                .rollout
-                .as_ref()
-                .and_then(|r| r.lanes.get(i))
+                .run
+                .rollout()
+                .and_then(|(r, _)| r.lanes.get(i))
                 .is_some_and(|l| l.step == Step::Waiting);
             if !waiting {
                 info!(
@@ -294,17 +303,16 @@ impl Supervisor {
             }
             return false;
         }
-        let Some(r) = self.rollout.as_mut() else {
+        let Some((id, direction)) = self.run.rollout().map(|(r, d)| (r.reload, d)) else {
             return false;
         };
-        let (id, back) = (r.reload, r.back.is_some());
-        let Some(lane) = r.lanes.get_mut(i) else {
+        let Some(lane) = self.run.rollout_mut().and_then(|r| r.lanes.get_mut(i)) else {
             return false;
         };
         lane.batch_no += 1;
         let (no, of) = (lane.batch_no, lane.batches);
         let to = way.to;
-        if back {
+        if direction == Direction::Back {
             info!(
                 event = baton_proto::event::ROLLOUT_BATCH,
                 reload = id.0,
@@ -345,7 +353,7 @@ impl Supervisor {
             self.set_step(i, now, Step::Done);
             return;
         }
-        let Some((id, batch, no)) = self.rollout.as_ref().and_then(|r| {
+        let Some((id, batch, no)) = self.run.rollout().and_then(|(r, _)| {
             let lane = r.lanes.get(i)?;
             Some((r.reload, lane.batch, lane.batch_no))
         }) else {
@@ -409,25 +417,24 @@ impl Supervisor {
     /// Every lane is done: forward, the reload succeeded (the old generation drains what is left
     /// of it); back, the old generation serves whole again (the new one drains what is left).
     fn finish_rollout(&mut self, now: Instant) {
-        let Some(r) = self.rollout.take() else { return };
-        match r.back {
-            None => {
-                let Some(reload) = self.reload.take() else {
-                    return;
-                };
+        match self.run.take_if(|run| run.rollout().is_some()) {
+            Run::RollingForward { reload, rollout: r } => {
                 if let Some(entry) = self.generations.get_mut(&r.new) {
                     entry.state = GenState::Serving;
                 }
                 let took = now.saturating_duration_since(reload.started);
-                let list = super::join(&reload.covers);
+                let list = crate::supervisor::join(&reload.covers);
                 info!(event = baton_proto::event::RELOAD_SUCCEEDED, reload = reload.id.0, generation = r.new.0,
                     covers = %list, took_ms = took.as_millis() as u64,
                     "reload {} succeeded: generation {} is serving, every batch ready (requests {list})",
                     reload.id, r.new);
-                self.record(&reload, now, Ok(()), None);
+                self.record(&reload, now, Outcome::Succeeded, None);
                 self.begin_drain(now, r.old);
             }
-            Some(reason) => {
+            Run::RollingBack {
+                rollout: r,
+                failure: reason,
+            } => {
                 info!(
                     event = baton_proto::event::ROLLOUT_ROLLED_BACK,
                     reload = r.reload.0,
@@ -441,6 +448,7 @@ impl Supervisor {
                 }
                 self.begin_drain(now, r.new);
             }
+            _ => return,
         }
         self.enforce_drain_cap();
         self.next_pending(now);
@@ -449,16 +457,16 @@ impl Supervisor {
     /// A worker of the rolling generation failed (`worker`, in `slot`): the reload fails now,
     /// naming the batch, and rolls back. While rolling back already, a new worker that fails
     /// only leaves its slot empty.
-    pub(super) fn rollout_failed(
+    pub(in crate::supervisor) fn rollout_failed(
         &mut self,
         now: Instant,
         reason: String,
         worker: Option<WorkerId>,
     ) {
-        let Some(r) = self.rollout.as_ref() else {
+        let Some((r, direction)) = self.run.rollout() else {
             return;
         };
-        if r.back.is_some() {
+        if direction == Direction::Back {
             let g = r.new;
             self.finish_if_empty(now, g);
             return;
@@ -484,15 +492,21 @@ impl Supervisor {
             format!("batch {} of {} of {name}", l.batch_no, l.batches)
         });
         let verdict = format!("failed at {at}: {reason}; rolling back to generation {old}");
-        let Some(reload) = self.reload.take() else {
+        let Run::RollingForward { reload, rollout } = self
+            .run
+            .take_if(|run| matches!(run, Run::RollingForward { .. }))
+        else {
             return;
         };
-        let list = super::join(&reload.covers);
+        self.run = Run::RollingBack {
+            rollout,
+            failure: verdict.clone(),
+        };
+        let list = crate::supervisor::join(&reload.covers);
         error!(event = baton_proto::event::RELOAD_FAILED, reload = reload.id.0, generation = new.0, covers = %list,
             reason = %verdict, rolled_back = true,
             "reload {} {verdict} (requests {list})", reload.id);
-        self.counters.reloads_rolled_back += 1;
-        self.record(&reload, now, Err(verdict.clone()), worker);
+        self.record(&reload, now, Outcome::RolledBack(verdict.clone()), worker);
         // The new workers that serve nothing yet stop now; each lane then waits for them to be
         // gone before it starts old workers again, so the bound holds on the way back too.
         let failing: Vec<WorkerId> = self
@@ -524,10 +538,9 @@ impl Supervisor {
                 slot.restart_at = None;
             }
         }
-        let Some(r) = self.rollout.as_mut() else {
+        let Some(r) = self.run.rollout_mut() else {
             return;
         };
-        r.back = Some(verdict);
         for lane in &mut r.lanes {
             lane.batch_no = 0;
             lane.since = now;
@@ -557,31 +570,33 @@ impl Supervisor {
 
     /// A stop during a rolling reload ends it without a verdict of success: both generations
     /// serve until the stop drains (or kills) them.
-    pub(super) fn end_rollout_for_stop(&mut self, now: Instant, why: &str) {
-        let Some(r) = self.rollout.take() else { return };
-        if let Some(reload) = self.reload.take() {
-            self.record(
-                &reload,
-                now,
-                Err(format!("stop requested during the rolling reload ({why})")),
-                None,
-            );
-        }
+    pub(in crate::supervisor) fn end_rollout_for_stop(&mut self, now: Instant, why: &str) {
+        let r = match self.run.take_if(|run| run.rollout().is_some()) {
+            Run::RollingForward { reload, rollout } => {
+                self.record(
+                    &reload,
+                    now,
+                    Outcome::Failed(format!("stop requested during the rolling reload ({why})")),
+                    None,
+                );
+                rollout
+            }
+            Run::RollingBack { rollout, .. } => rollout,
+            _ => return,
+        };
         if let Some(entry) = self.generations.get_mut(&r.new) {
             entry.state = GenState::Serving;
         }
     }
 
     /// Whether `g` is the generation a rolling reload is bringing in (not rolling back).
-    pub(super) fn rolling_forward(&self, g: Generation) -> bool {
-        self.rollout
-            .as_ref()
-            .is_some_and(|r| r.new == g && r.back.is_none())
+    pub(in crate::supervisor) fn rolling_forward(&self, g: Generation) -> bool {
+        matches!(&self.run, Run::RollingForward { rollout, .. } if rollout.new == g)
     }
 
     /// The first probation deadline of a lane, for the tick.
-    pub(super) fn rollout_deadline(&self) -> Option<Instant> {
-        self.rollout.as_ref().and_then(|r| {
+    pub(in crate::supervisor) fn rollout_deadline(&self) -> Option<Instant> {
+        self.run.rollout().and_then(|(r, _)| {
             r.lanes
                 .iter()
                 .filter_map(|l| match l.step {
