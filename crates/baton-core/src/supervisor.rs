@@ -38,8 +38,8 @@ pub use snapshot::{
 
 pub(crate) use parts::Parts;
 pub(crate) use records::{
-    Canary, Gen, GenState, Lane, ReloadRun, Replaced, Rollout, Run, Slot, Step, StopMode, Worker,
-    WorkerState,
+    Canary, Gen, GenState, Lane, ReloadRun, Replaced, Retirement, Rollout, Run, Slot, Step,
+    StopMode, Worker, WorkerState,
 };
 
 use lookup::join;

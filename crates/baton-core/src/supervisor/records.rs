@@ -3,6 +3,7 @@
 //! own for that, converted from and to these in one place (`upgrade/v3.rs`, through
 //! [`super::Parts`]), so renaming a field here changes no format.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::model::{Generation, GenerationSpec, ReloadId, RequestId, WorkerId};
@@ -97,7 +98,7 @@ pub(crate) struct Worker {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Replaced {
-    pub(crate) reason: String,
+    pub(crate) reason: Retirement,
     pub(crate) kill_at: Instant,
 }
 
@@ -141,6 +142,32 @@ pub(crate) enum Direction {
     Forward,
     /// Back to the old generation: the reload failed (its verdict given).
     Back,
+}
+
+/// Why a worker left its slot while its generation goes on: it drains on a deadline of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Retirement {
+    /// It failed its liveness check (the check's words).
+    Unhealthy(String),
+    /// It was recycled (the memory sampler's words), and its successor is ready.
+    Recycled(String),
+    /// A batch of a rolling reload took its place.
+    Rolled { reload: ReloadId, batch: usize },
+    /// A rolling reload failed (its verdict) and stops the new workers that serve nothing yet.
+    RolledBack(String),
+}
+
+impl fmt::Display for Retirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Retirement::Unhealthy(reason) => f.write_str(reason),
+            Retirement::Recycled(reason) => write!(f, "recycled: {reason}"),
+            Retirement::Rolled { reload, batch } => {
+                write!(f, "retired by reload {reload}, batch {batch}")
+            }
+            Retirement::RolledBack(verdict) => write!(f, "stopped: {verdict}"),
+        }
+    }
 }
 
 /// Where the one reload that may run at a time is.

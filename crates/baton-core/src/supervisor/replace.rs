@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::Supervisor;
 use super::model::{Generation, WorkerId};
-use super::records::{GenState, Replaced, Worker, WorkerState};
+use super::records::{GenState, Replaced, Retirement, Worker, WorkerState};
 
 impl Supervisor {
     pub(super) fn on_unhealthy(&mut self, now: Instant, id: WorkerId, reason: String) {
@@ -66,7 +66,7 @@ impl Supervisor {
         self.counters.replaced_unhealthy += 1;
         if let Some(w) = self.workers.get_mut(&id) {
             w.replaced = Some(Replaced {
-                reason,
+                reason: Retirement::Unhealthy(reason),
                 kill_at: now + spec.kill_after,
             });
         }
@@ -183,7 +183,7 @@ impl Supervisor {
             "worker {id} is ready: worker {old}, recycled ({reason}), drains"
         );
         w.replaced = Some(Replaced {
-            reason: format!("recycled: {reason}"),
+            reason: Retirement::Recycled(reason),
             kill_at: now + timeout,
         });
         self.drain_worker_within(old, timeout);

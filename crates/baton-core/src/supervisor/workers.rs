@@ -10,7 +10,7 @@ use baton_sys::process::ExitKind;
 use tracing::{debug, info, warn};
 
 use super::model::{Action, Generation};
-use super::records::{GenState, WorkerState};
+use super::records::{GenState, Retirement, WorkerState};
 use super::{Supervisor, WorkerId};
 
 impl Supervisor {
@@ -394,10 +394,10 @@ impl Supervisor {
                 .get(&id)
                 .and_then(|w| w.replaced.as_ref())
                 .map(|r| r.reason.clone());
-            if let Some(reason) = replaced.as_ref().filter(|r| r.starts_with("retired by")) {
-                self.kill_draining(id, &format!("its drain deadline passed ({reason})"));
-            } else if replaced.is_some() {
+            if let Some(Retirement::Unhealthy(_)) = replaced {
                 self.kill_draining(id, "it failed its liveness check and has not exited since");
+            } else if let Some(reason) = replaced {
+                self.kill_draining(id, &format!("its drain deadline passed ({reason})"));
             } else if failed {
                 self.kill_draining(id, "its generation failed and failed_stop_timeout passed");
             } else {

@@ -270,3 +270,33 @@ fn a_state_whose_records_contradict_each_other_is_refused_by_the_invariant_they_
     assert!(message.contains("generation 2 is"), "{message}");
     assert!(message.contains("not serving"), "{message}");
 }
+
+#[test]
+fn a_format_2_retirement_written_as_text_is_read_as_its_kind() {
+    let cases = [
+        (
+            "retired by reload 1, batch 2",
+            "Rolled { reload: ReloadId(1), batch: 2 }",
+        ),
+        ("recycled: RSS 300 MiB", "Recycled(\"RSS 300 MiB\")"),
+        (
+            "stopped: failed at batch 1 of 3 of web",
+            "RolledBack(\"failed at batch 1 of 3 of web\")",
+        ),
+        ("GET /health: 503", "Unhealthy(\"GET /health: 503\")"),
+        // Not quite the rolling form: read as the liveness check's words, whole.
+        (
+            "retired by reload x, batch 2",
+            "Unhealthy(\"retired by reload x, batch 2\")",
+        ),
+    ];
+    for (text, kind) in cases {
+        let bytes = changed(STATE_V2, |m| {
+            m["workers"]["4"]["replaced"] =
+                serde_json::json!({"reason": text, "kill_at": 32173003194284u64});
+        });
+        let (_, supervisor) = decode(&bytes).unwrap();
+        let worker = format!("{:?}", machine(&supervisor).workers[&WorkerId(4)].replaced);
+        assert!(worker.contains(kind), "{text}: {worker}");
+    }
+}

@@ -4,6 +4,7 @@
 //! Only what differs from format 3 is here; the rest is format 3's types. The differences:
 //! - the reload running was three records (`reload`, `canary`, `rollout`, the last with `back`,
 //!   a rolling reload's failure, set when it rolled back); format 3 has one, its phase;
+//! - why a worker left its slot was text (`replaced.reason`); format 3 has its kind;
 //! - fields added during format 1 were absent from states written before them, and default
 //!   (format 3 has every field, always).
 //!
@@ -91,11 +92,18 @@ struct Worker {
     #[serde(default)]
     not_ready: Option<String>,
     #[serde(default)]
-    replaced: Option<v3::Replaced>,
+    replaced: Option<Replaced>,
     #[serde(default)]
     successor: Option<(WorkerId, String)>,
     #[serde(default)]
     replacement: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Replaced {
+    reason: String,
+    #[serde(with = "crate::codec::mono")]
+    kill_at: Instant,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,9 +213,38 @@ impl From<Worker> for v3::Worker {
             connections: w.connections,
             status: w.status,
             not_ready: w.not_ready,
-            replaced: w.replaced,
+            replaced: w.replaced.map(Into::into),
             successor: w.successor,
             replacement: w.replacement,
+        }
+    }
+}
+
+impl From<Replaced> for v3::Replaced {
+    /// Format 2 wrote why as text, in one of four forms (see `Retirement`'s `Display`).
+    fn from(r: Replaced) -> Self {
+        let rolled = || {
+            let (reload, batch) = r
+                .reason
+                .strip_prefix("retired by reload ")?
+                .split_once(", batch ")?;
+            Some(v3::Retirement::Rolled {
+                reload: ReloadId(reload.parse().ok()?),
+                batch: batch.parse().ok()?,
+            })
+        };
+        let reason = if let Some(rolled) = rolled() {
+            rolled
+        } else if let Some(reason) = r.reason.strip_prefix("recycled: ") {
+            v3::Retirement::Recycled(reason.to_string())
+        } else if let Some(verdict) = r.reason.strip_prefix("stopped: ") {
+            v3::Retirement::RolledBack(verdict.to_string())
+        } else {
+            v3::Retirement::Unhealthy(r.reason.clone())
+        };
+        v3::Replaced {
+            reason,
+            kill_at: r.kill_at,
         }
     }
 }

@@ -12,8 +12,9 @@
 //! (`Supervisor::from_parts` runs every invariant): an inconsistent state is refused by name,
 //! and the old master goes on.
 //!
-//! Format 3 differs from format 2 in one place: the reload running is one record, its phase
-//! ([`Run`]), where format 2 had three (`reload`, `canary`, `rollout` with `back`).
+//! Format 3 differs from format 2 in two places: the reload running is one record, its phase
+//! ([`Run`]), where format 2 had three (`reload`, `canary`, `rollout` with `back`); and why a
+//! worker left its slot is a [`Retirement`], where format 2 had its text.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -121,9 +122,17 @@ pub struct Worker {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Replaced {
-    pub reason: String,
+    pub reason: Retirement,
     #[serde(with = "crate::codec::mono")]
     pub kill_at: Instant,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Retirement {
+    Unhealthy(String),
+    Recycled(String),
+    Rolled { reload: ReloadId, batch: usize },
+    RolledBack(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -320,6 +329,28 @@ impl From<Step> for live::Step {
             Step::Retiring(workers) => live::Step::Retiring(workers),
             Step::Waiting => live::Step::Waiting,
             Step::Done => live::Step::Done,
+        }
+    }
+}
+
+impl From<live::Retirement> for Retirement {
+    fn from(why: live::Retirement) -> Self {
+        match why {
+            live::Retirement::Unhealthy(reason) => Retirement::Unhealthy(reason),
+            live::Retirement::Recycled(reason) => Retirement::Recycled(reason),
+            live::Retirement::Rolled { reload, batch } => Retirement::Rolled { reload, batch },
+            live::Retirement::RolledBack(verdict) => Retirement::RolledBack(verdict),
+        }
+    }
+}
+
+impl From<Retirement> for live::Retirement {
+    fn from(why: Retirement) -> Self {
+        match why {
+            Retirement::Unhealthy(reason) => live::Retirement::Unhealthy(reason),
+            Retirement::Recycled(reason) => live::Retirement::Recycled(reason),
+            Retirement::Rolled { reload, batch } => live::Retirement::Rolled { reload, batch },
+            Retirement::RolledBack(verdict) => live::Retirement::RolledBack(verdict),
         }
     }
 }

@@ -24,7 +24,7 @@ use super::Outcome;
 use crate::supervisor::Supervisor;
 use crate::supervisor::model::{Generation, WorkerId};
 use crate::supervisor::records::{
-    Direction, GenState, Lane, Replaced, Rollout, Run, Step, WorkerState,
+    Direction, GenState, Lane, Replaced, Retirement, Rollout, Run, Step, WorkerState,
 };
 
 /// Which way a lane moves workers: from the generation being replaced to the one being filled.
@@ -373,9 +373,12 @@ impl Supervisor {
         // Workers that serve nothing (not ready) go first, then by slot.
         old.sort();
         let retiring: Vec<WorkerId> = old.into_iter().take(batch).map(|(_, _, w)| w).collect();
-        let reason = format!("retired by reload {id}, batch {no}");
         for &w in &retiring {
-            self.retire_worker(now, w, reason.clone());
+            let reason = Retirement::Rolled {
+                reload: id,
+                batch: no,
+            };
+            self.retire_worker(now, w, reason);
         }
         if !retiring.is_empty() {
             info!(
@@ -393,7 +396,7 @@ impl Supervisor {
 
     /// Worker `w` drains within its program's drain timeout, its slot emptied (nothing restarts
     /// it), and is killed at that deadline if it has not exited.
-    fn retire_worker(&mut self, now: Instant, w: WorkerId, reason: String) {
+    fn retire_worker(&mut self, now: Instant, w: WorkerId, reason: Retirement) {
         let Some(timeout) = self.program(w).map(|p| p.drain_timeout) else {
             return;
         };
@@ -529,7 +532,8 @@ impl Supervisor {
             if self.workers.get(&id).is_some_and(|w| w.pid.is_none()) {
                 self.kill(id);
             } else {
-                self.retire_worker_within(now, id, within, format!("stopped: {verdict}"));
+                let why = Retirement::RolledBack(verdict.clone());
+                self.retire_worker_within(now, id, within, why);
             }
             by_program.push((program, id));
         }
@@ -558,7 +562,13 @@ impl Supervisor {
         );
     }
 
-    fn retire_worker_within(&mut self, now: Instant, w: WorkerId, within: Duration, why: String) {
+    fn retire_worker_within(
+        &mut self,
+        now: Instant,
+        w: WorkerId,
+        within: Duration,
+        why: Retirement,
+    ) {
         if let Some(worker) = self.workers.get_mut(&w) {
             worker.replaced = Some(Replaced {
                 reason: why,
