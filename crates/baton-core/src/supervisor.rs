@@ -8,13 +8,20 @@
 //! Architecture invariant: at most one reload runs at a time. Requests that arrive meanwhile are
 //! queued and all covered by one follow-up reload, which starts after the running one ends; every
 //! request is logged with the reload that covered it (or why it was rejected).
+//!
+//! The rooms, by what they own:
+//! - `reload.rs`: the reload and its one phase ([`Run`]: idle, starting, on probation, rolling
+//!   forward, rolling back) to its verdict; `reload/rollout.rs` a rolling reload's lanes.
+//! - `workers.rs`: the workers and their slots (spawned, ready, exited, restarted);
+//!   `workers/replace.rs` replacing an unhealthy or recycled one; `workers/crash_loop.rs`.
+//! - `drain.rs`: draining generations, kills, the stop.
+//! - `model.rs` the vocabulary (events, actions, ids), `records.rs` the private records,
+//!   `parts.rs` the records taken apart for an upgrade, `lookup.rs` lookups and the next
+//!   deadline, `snapshot.rs` the read side, `invariants.rs` what holds between events.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
-use baton_proto::MasterMessage;
-
-mod crash_loop;
 mod drain;
 mod invariants;
 mod lookup;
@@ -22,12 +29,10 @@ mod model;
 mod parts;
 mod records;
 mod reload;
-mod replace;
 mod snapshot;
 mod workers;
 
 pub use crate::intent::{Intent, Trigger};
-pub use crash_loop::{CRASH_LOOP, CrashLoop};
 pub use model::{
     Action, Event, Generation, GenerationSpec, Phase, ProgramSpec, ReloadId, ReloadRecord,
     ReplaceSpec, RequestId, Strategy, Verdict, WorkerId,
@@ -35,6 +40,7 @@ pub use model::{
 pub use snapshot::{
     Counters, GenerationSnapshot, LaneSnapshot, RolloutSnapshot, Snapshot, WorkerSnapshot,
 };
+pub use workers::{CRASH_LOOP, CrashLoop};
 
 pub(crate) use parts::Parts;
 pub(crate) use records::{
@@ -102,32 +108,8 @@ impl Supervisor {
             Event::Spawned { worker, result } => self.on_spawned(now, worker, result),
             Event::Message { worker, message } => self.on_message(now, worker, message),
             Event::MainPid { worker, pid } => self.on_main_pid(worker, pid),
-            Event::NotReadyBecause { worker, cause } => {
-                if let Some(w) = self.workers.get_mut(&worker) {
-                    if matches!(
-                        w.state,
-                        WorkerState::Starting { .. } | WorkerState::Spawning
-                    ) {
-                        w.not_ready = Some(cause);
-                    }
-                }
-            }
-            Event::CannotBeReady { worker, cause } => {
-                let starting = self.workers.get(&worker).filter(|w| {
-                    matches!(
-                        w.state,
-                        WorkerState::Starting { .. } | WorkerState::Spawning
-                    )
-                });
-                if let Some(w) = starting {
-                    let reason = format!(
-                        "worker {worker} of generation {} (pid {}) cannot become ready: {cause}",
-                        w.generation,
-                        w.pid.unwrap_or(0)
-                    );
-                    self.never_ready(now, worker, reason);
-                }
-            }
+            Event::NotReadyBecause { worker, cause } => self.on_not_ready(worker, cause),
+            Event::CannotBeReady { worker, cause } => self.on_cannot_be_ready(now, worker, cause),
             Event::ProbeFailed { worker, reason } => self.on_probe_failed(now, worker, reason),
             Event::Unhealthy { worker, reason } => self.on_unhealthy(now, worker, reason),
             Event::Recycle { worker, reason } => self.on_recycle(now, worker, reason),
@@ -138,65 +120,6 @@ impl Supervisor {
         self.stamp_kills(now);
         self.assert_invariants();
         std::mem::take(&mut self.actions)
-    }
-
-    // ---- helpers ----------------------------------------------------------------------------
-
-    fn kill(&mut self, id: WorkerId) {
-        let Some(w) = self.workers.get_mut(&id) else {
-            return;
-        };
-        // Killed while it was still being spawned, it has no pid yet: the kill goes out when the
-        // pid comes (`on_spawned` kills it again; the fault tests found it left running).
-        if let (Some(pid), Some(pgid), false) = (w.pid, w.pgid, self.kills.contains_key(&id)) {
-            self.actions.push(Action::Kill { pid, pgid });
-            self.kills.insert(id, None);
-        }
-        w.state = WorkerState::Killed;
-    }
-
-    /// Puts `g` in `state` and tells each of its workers (`pause` or `resume`).
-    fn switch_generation(&mut self, g: Generation, state: GenState, message: MasterMessage) {
-        if let Some(entry) = self.generations.get_mut(&g) {
-            entry.state = state;
-        }
-        for id in self.worker_ids(g) {
-            self.actions.push(Action::Send {
-                worker: id,
-                message: message.clone(),
-            });
-        }
-    }
-
-    /// Marks `g` failed (no slot restarts any more) and asks its workers to drain: a worker may
-    /// have accepted connections before it reported ready (systemd allows it), and those are
-    /// finished, not reset. Each is killed at its program's `failed_stop_timeout`; one not
-    /// started yet is killed at once.
-    fn fail_generation(&mut self, now: Instant, g: Generation) {
-        if let Some(entry) = self.generations.get_mut(&g) {
-            entry.state = GenState::Failed;
-            entry.failed_at = Some(now);
-            for slot in &mut entry.slots {
-                slot.restart_at = None;
-            }
-        }
-        for id in self.worker_ids(g) {
-            let Some(w) = self.workers.get(&id) else {
-                continue;
-            };
-            match w.state {
-                WorkerState::Spawning => self.kill(id),
-                WorkerState::Killed | WorkerState::Draining => {}
-                WorkerState::Starting { .. } | WorkerState::Ready => {
-                    let timeout = self
-                        .program(id)
-                        .map_or(crate::DEFAULT_FAILED_STOP_TIMEOUT, |p| {
-                            p.failed_stop_timeout
-                        });
-                    self.drain_worker_within(id, timeout);
-                }
-            }
-        }
     }
 }
 

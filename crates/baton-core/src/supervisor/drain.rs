@@ -378,4 +378,17 @@ impl Supervisor {
             });
         }
     }
+
+    pub(super) fn kill(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        // Killed while it was still being spawned, it has no pid yet: the kill goes out when the
+        // pid comes (`on_spawned` kills it again; the fault tests found it left running).
+        if let (Some(pid), Some(pgid), false) = (w.pid, w.pgid, self.kills.contains_key(&id)) {
+            self.actions.push(Action::Kill { pid, pgid });
+            self.kills.insert(id, None);
+        }
+        w.state = WorkerState::Killed;
+    }
 }

@@ -434,4 +434,53 @@ impl Supervisor {
             verdict,
         });
     }
+
+    /// Puts `g` in `state` and tells each of its workers (`pause` or `resume`).
+    pub(super) fn switch_generation(
+        &mut self,
+        g: Generation,
+        state: GenState,
+        message: MasterMessage,
+    ) {
+        if let Some(entry) = self.generations.get_mut(&g) {
+            entry.state = state;
+        }
+        for id in self.worker_ids(g) {
+            self.actions.push(Action::Send {
+                worker: id,
+                message: message.clone(),
+            });
+        }
+    }
+
+    /// Marks `g` failed (no slot restarts any more) and asks its workers to drain: a worker may
+    /// have accepted connections before it reported ready (systemd allows it), and those are
+    /// finished, not reset. Each is killed at its program's `failed_stop_timeout`; one not
+    /// started yet is killed at once.
+    pub(super) fn fail_generation(&mut self, now: Instant, g: Generation) {
+        if let Some(entry) = self.generations.get_mut(&g) {
+            entry.state = GenState::Failed;
+            entry.failed_at = Some(now);
+            for slot in &mut entry.slots {
+                slot.restart_at = None;
+            }
+        }
+        for id in self.worker_ids(g) {
+            let Some(w) = self.workers.get(&id) else {
+                continue;
+            };
+            match w.state {
+                WorkerState::Spawning => self.kill(id),
+                WorkerState::Killed | WorkerState::Draining => {}
+                WorkerState::Starting { .. } | WorkerState::Ready => {
+                    let timeout = self
+                        .program(id)
+                        .map_or(crate::DEFAULT_FAILED_STOP_TIMEOUT, |p| {
+                            p.failed_stop_timeout
+                        });
+                    self.drain_worker_within(id, timeout);
+                }
+            }
+        }
+    }
 }

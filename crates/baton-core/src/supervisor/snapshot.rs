@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use baton_proto::control::{RolloutStep, WorkerState as WorkerPhase};
 use serde::{Deserialize, Serialize};
 
+use super::CrashLoop;
 use super::Supervisor;
-use super::crash_loop::CrashLoop;
 use baton_sys::process::SignalNumber;
 
 use super::model::{Generation, Phase, ReloadId, ReloadRecord, RequestId, WorkerId};

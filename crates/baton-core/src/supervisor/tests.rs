@@ -1,7 +1,7 @@
 //! The state machine as plain data: events in, actions out. No processes, no clock.
 
 use super::*;
-use baton_proto::WorkerMessage;
+use baton_proto::{MasterMessage, WorkerMessage};
 use std::time::Duration;
 
 mod properties;

@@ -13,6 +13,11 @@ use super::model::{Action, Generation};
 use super::records::{GenState, Retirement, WorkerState};
 use super::{Supervisor, WorkerId};
 
+mod crash_loop;
+mod replace;
+
+pub use crash_loop::{CRASH_LOOP, CrashLoop};
+
 impl Supervisor {
     pub(super) fn on_spawned(&mut self, now: Instant, id: WorkerId, result: Result<u32, String>) {
         let Some(w) = self.workers.get_mut(&id) else {
@@ -172,6 +177,36 @@ impl Supervisor {
                     "worker {id} sent a message type this master does not know"
                 );
             }
+        }
+    }
+
+    /// Why a starting worker is not ready yet, kept for its verdict if it times out.
+    pub(super) fn on_not_ready(&mut self, id: WorkerId, cause: String) {
+        if let Some(w) = self.workers.get_mut(&id)
+            && matches!(
+                w.state,
+                WorkerState::Starting { .. } | WorkerState::Spawning
+            )
+        {
+            w.not_ready = Some(cause);
+        }
+    }
+
+    /// A starting worker can never become ready: judged now, as if its ready deadline passed.
+    pub(super) fn on_cannot_be_ready(&mut self, now: Instant, id: WorkerId, cause: String) {
+        let starting = self.workers.get(&id).filter(|w| {
+            matches!(
+                w.state,
+                WorkerState::Starting { .. } | WorkerState::Spawning
+            )
+        });
+        if let Some(w) = starting {
+            let reason = format!(
+                "worker {id} of generation {} (pid {}) cannot become ready: {cause}",
+                w.generation,
+                w.pid.unwrap_or(0)
+            );
+            self.never_ready(now, id, reason);
         }
     }
 

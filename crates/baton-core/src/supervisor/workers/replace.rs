@@ -11,12 +11,17 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use super::Supervisor;
-use super::model::{Generation, WorkerId};
-use super::records::{GenState, Replaced, Retirement, Worker, WorkerState};
+use crate::supervisor::Supervisor;
+use crate::supervisor::model::{Generation, WorkerId};
+use crate::supervisor::records::{GenState, Replaced, Retirement, Worker, WorkerState};
 
 impl Supervisor {
-    pub(super) fn on_unhealthy(&mut self, now: Instant, id: WorkerId, reason: String) {
+    pub(in crate::supervisor) fn on_unhealthy(
+        &mut self,
+        now: Instant,
+        id: WorkerId,
+        reason: String,
+    ) {
         let Some(w) = self.workers.get(&id) else {
             return;
         };
@@ -82,7 +87,7 @@ impl Supervisor {
 
     /// A replaced worker exited: nothing to restart (its slot has a new worker). Returns
     /// whether `w` was one.
-    pub(super) fn replaced_exited(
+    pub(in crate::supervisor) fn replaced_exited(
         &mut self,
         now: Instant,
         id: WorkerId,
@@ -103,7 +108,7 @@ impl Supervisor {
     /// Slots of `g` being replaced: their replaced worker still runs, or the worker started in
     /// its place is not ready yet. A replacement counts until it serves, so workers that exit
     /// at once when asked to drain do not let a burst through.
-    pub(super) fn replacing(&self, g: Generation) -> usize {
+    pub(in crate::supervisor) fn replacing(&self, g: Generation) -> usize {
         let slots: std::collections::BTreeSet<usize> = self
             .workers
             .values()
@@ -118,7 +123,7 @@ impl Supervisor {
 impl Supervisor {
     /// A ready worker used too much memory for too long: a new worker starts in its slot; the
     /// old one serves on until the new one is ready, then drains. One at a time per program.
-    pub(super) fn on_recycle(&mut self, now: Instant, id: WorkerId, reason: String) {
+    pub(in crate::supervisor) fn on_recycle(&mut self, now: Instant, id: WorkerId, reason: String) {
         let Some(w) = self.workers.get(&id) else {
             return;
         };
@@ -162,7 +167,7 @@ impl Supervisor {
     }
 
     /// Worker `id` is ready: the worker it succeeds (if it was started to recycle one) drains.
-    pub(super) fn successor_ready(&mut self, now: Instant, id: WorkerId) {
+    pub(in crate::supervisor) fn successor_ready(&mut self, now: Instant, id: WorkerId) {
         let Some((&old, _)) = self
             .workers
             .iter()
@@ -192,7 +197,7 @@ impl Supervisor {
     /// A worker started to recycle another did not make it (it exited, or could not start, or
     /// was not ready in time): the old one keeps its slot and serves on. Returns whether
     /// `worker` was such a successor.
-    pub(super) fn recycle_failed(
+    pub(in crate::supervisor) fn recycle_failed(
         &mut self,
         g: Generation,
         slot: usize,

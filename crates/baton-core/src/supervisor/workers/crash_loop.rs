@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::Supervisor;
-use super::model::Generation;
-use super::records::WorkerState;
+use crate::supervisor::Supervisor;
+use crate::supervisor::model::Generation;
+use crate::supervisor::records::WorkerState;
 
 /// Crashes in a row of one slot that make its program crash-looping.
 pub const CRASH_LOOP: u32 = 3;
@@ -30,7 +30,13 @@ pub struct CrashLoop {
 
 impl Supervisor {
     /// Slot `slot` of serving generation `g` crashed for the `crashes`-th time in a row.
-    pub(super) fn note_crash(&mut self, g: Generation, slot: usize, crashes: u32, reason: &str) {
+    pub(in crate::supervisor) fn note_crash(
+        &mut self,
+        g: Generation,
+        slot: usize,
+        crashes: u32,
+        reason: &str,
+    ) {
         if crashes != CRASH_LOOP {
             return;
         }
@@ -47,7 +53,12 @@ impl Supervisor {
 
     /// A worker of slot `slot` of `g` is ready: if the slot crashed before, its count starts
     /// over once this worker has stayed up for the program's `restart_backoff_max`.
-    pub(super) fn watch_stability(&mut self, now: Instant, g: Generation, slot: usize) {
+    pub(in crate::supervisor) fn watch_stability(
+        &mut self,
+        now: Instant,
+        g: Generation,
+        slot: usize,
+    ) {
         let Some(program) = self.slot_program(g, slot).cloned() else {
             return;
         };
@@ -58,7 +69,7 @@ impl Supervisor {
 
     /// Slots whose worker stayed up long enough forget their crashes; a crash-looping program
     /// whose slots all did has recovered.
-    pub(super) fn settle_stable(&mut self, now: Instant) {
+    pub(in crate::supervisor) fn settle_stable(&mut self, now: Instant) {
         let mut recovered = Vec::new();
         for (&g, entry) in &mut self.generations {
             for (i, s) in entry.slots.iter_mut().enumerate() {
