@@ -387,6 +387,20 @@ exec {SYSTEMD} --system --unit=baton-test.target --log-target=journal --log-leve
             .expect("running systemctl")
     }
 
+    /// `systemctl ARGS`, which must succeed: a failure panics with systemctl's words and the
+    /// journal of `baton.service` (and of systemd itself).
+    pub fn systemctl_ok(&self, args: &[&str]) -> Output {
+        let out = self.systemctl(args);
+        assert!(
+            out.status.success(),
+            "systemctl {} failed: {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.journal("baton")
+        );
+        out
+    }
+
     /// `systemctl show -p NAME --value UNIT`.
     pub fn show(&self, unit: &str, property: &str) -> String {
         let out = self.systemctl(&["show", "-p", property, "--value", unit]);

@@ -285,8 +285,7 @@ fn under_systemd_a_broken_haproxy_cfg_fails_systemctl_reload_and_the_old_one_ser
     let yaml = haproxy_yaml(&cfg, 8080).replace("{dir}", &dir.display().to_string());
     std::fs::write(&config, yaml).unwrap();
     let sd = Systemd::boot(name, &[("baton.service", service_unit(&config))]);
-    let start = sd.systemctl(&["start", "baton.service"]);
-    assert!(start.status.success(), "{}", sd.journal("baton.service"));
+    sd.systemctl_ok(&["start", "baton.service"]);
     let serves = |generation: &str| {
         let out = sd
             .net_command(std::path::Path::new("/bin/bash"))
@@ -320,7 +319,6 @@ fn under_systemd_a_broken_haproxy_cfg_fails_systemctl_reload_and_the_old_one_ser
     serves("1");
 
     std::fs::write(&cfg, &good).unwrap();
-    let reload = sd.systemctl(&["reload", "baton.service"]);
-    assert!(reload.status.success(), "{}", sd.journal("baton.service"));
+    sd.systemctl_ok(&["reload", "baton.service"]);
     serves("3");
 }

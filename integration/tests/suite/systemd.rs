@@ -94,13 +94,7 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
     std::fs::write(&canary, "still here").unwrap();
     let (sd, config_path) = boot("lifecycle", &[]);
     // start returns once the first generation serves (Type=notify, READY=1).
-    let start = sd.systemctl(&["start", "baton.service"]);
-    assert!(
-        ok(&start),
-        "start failed: {}\n{}",
-        String::from_utf8_lossy(&start.stderr),
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["start", "baton.service"]);
     assert_eq!(sd.show("baton.service", "ActiveState"), "active");
     let main_pid = sd.show("baton.service", "MainPID");
     let comm = sd
@@ -154,13 +148,7 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
     // reload under load: returns only when the new generation serves; nothing lost.
     let load = sd.loadgen(&[&format!("127.0.0.1:{PORT}"), "fresh", "4", "6"]);
     for generation in 2..=4 {
-        let reload = sd.systemctl(&["reload", "baton.service"]);
-        assert!(
-            ok(&reload),
-            "reload: {}\n{}",
-            String::from_utf8_lossy(&reload.stderr),
-            sd.journal("baton")
-        );
+        sd.systemctl_ok(&["reload", "baton.service"]);
         let status = sd.show("baton.service", "StatusText");
         assert!(
             status.starts_with(&format!("gen {generation} serving")),
@@ -186,16 +174,10 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
         assert!(serves(&sd), "{what}: the old generation serves");
     }
     std::fs::write(&config_path, config("")).unwrap();
-    assert!(ok(&sd.systemctl(&["reload", "baton.service"])));
+    sd.systemctl_ok(&["reload", "baton.service"]);
 
     // The logrotate case: USR1 to every process of the unit.
-    let kill = sd.systemctl(&["kill", "-s", "USR1", "baton.service"]);
-    assert!(
-        ok(&kill),
-        "systemctl kill -s USR1: {}\n{}",
-        String::from_utf8_lossy(&kill.stderr),
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["kill", "-s", "USR1", "baton.service"]);
     // Every process got it and handled it: the master and both workers said so.
     eventually(
         Duration::from_secs(5),
@@ -284,11 +266,7 @@ fn the_packaged_unit_starts_reloads_with_a_verdict_survives_usr1_and_stops_by_dr
 fn a_killed_master_is_restarted_with_its_listener_from_the_fd_store_and_clients_wait_instead_of_being_refused()
  {
     let (sd, _) = boot("fdstore", &[]);
-    assert!(
-        ok(&sd.systemctl(&["start", "baton.service"])),
-        "{}",
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["start", "baton.service"]);
     let before = sd.listening_inodes(PORT);
     assert_eq!(before.len(), 1, "{before:?}");
     let main_pid = sd.show("baton.service", "MainPID");
@@ -342,11 +320,7 @@ fn a_failed_fd_store_update_is_logged_and_a_killed_master_then_costs_refused_con
     );
     assert!(unit.contains("FAILPOINTS"), "{unit}");
     let sd = Systemd::boot("fdstore-fault", &[("baton.service", unit)]);
-    assert!(
-        ok(&sd.systemctl(&["start", "baton.service"])),
-        "{}",
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["start", "baton.service"]);
     let journal = sd.journal("baton.service");
     assert!(
         journal.contains(
@@ -393,18 +367,10 @@ fn with_a_socket_unit_baton_adopts_systemds_socket() {
     );
     assert!(socket.contains(&format!("ListenStream=127.0.0.1:{PORT}")));
     let (sd, _) = boot("socket", &[("baton.socket", socket)]);
-    assert!(
-        ok(&sd.systemctl(&["start", "baton.socket"])),
-        "{}",
-        sd.journal("baton.socket")
-    );
+    sd.systemctl_ok(&["start", "baton.socket"]);
     let systemds = sd.listening_inodes(PORT);
     assert_eq!(systemds.len(), 1, "systemd listens: {systemds:?}");
-    assert!(
-        ok(&sd.systemctl(&["start", "baton.service"])),
-        "{}",
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["start", "baton.service"]);
     assert!(
         sd.journal("baton.service")
             .contains("inherited socket `http`"),
@@ -417,7 +383,7 @@ fn with_a_socket_unit_baton_adopts_systemds_socket() {
         "baton serves on systemd's very socket"
     );
     assert!(serves(&sd));
-    assert!(ok(&sd.systemctl(&["reload", "baton.service"])));
+    sd.systemctl_ok(&["reload", "baton.service"]);
     assert_eq!(sd.listening_inodes(PORT), systemds);
 }
 
@@ -429,11 +395,7 @@ fn baton_upgrade_under_systemd_keeps_the_main_pid_and_the_unit_active_and_reload
         config("supervisor:\n  upgrade_signal: SIGURG\n"),
     )
     .unwrap();
-    assert!(
-        ok(&sd.systemctl(&["start", "baton.service"])),
-        "{}",
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["start", "baton.service"]);
     let main_pid = sd.show("baton.service", "MainPID");
     let inodes = sd.listening_inodes(PORT);
     let stored = sd.show("baton.service", "NFileDescriptorStore");
@@ -462,13 +424,7 @@ fn baton_upgrade_under_systemd_keeps_the_main_pid_and_the_unit_active_and_reload
     assert_eq!(sd.show("baton.service", "NFileDescriptorStore"), stored);
     assert_eq!(sd.listening_inodes(PORT), inodes);
     // The upgraded master still has a real reload path.
-    let reload = sd.systemctl(&["reload", "baton.service"]);
-    assert!(
-        ok(&reload),
-        "reload after the upgrade: {}\n{}",
-        String::from_utf8_lossy(&reload.stderr),
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["reload", "baton.service"]);
     let status = sd.show("baton.service", "StatusText");
     assert!(status.starts_with("gen 2 serving"), "{status:?}");
     assert_eq!(sd.show("baton.service", "MainPID"), main_pid);
@@ -483,13 +439,7 @@ fn baton_upgrade_under_systemd_keeps_the_main_pid_and_the_unit_active_and_reload
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     };
     let first_version = baton_status()["master"]["upgrades"][0]["from_version"].clone();
-    assert!(ok(&sd.systemctl(&[
-        "kill",
-        "--kill-whom=main",
-        "-s",
-        "URG",
-        "baton.service"
-    ])));
+    sd.systemctl_ok(&["kill", "--kill-whom=main", "-s", "URG", "baton.service"]);
     let after_signal = eventually(
         Duration::from_secs(20),
         "the second upgrade (by SIGURG)",
@@ -548,11 +498,7 @@ fn under_systemd_a_killed_master_s_stubborn_worker_does_not_outlive_it() {
     let unit = service_unit(&config_path);
     assert!(unit.contains("TimeoutStopSec=60") && unit.contains("KillMode=mixed"));
     let sd = Systemd::boot("orphans", &[("baton.service", unit)]);
-    assert!(
-        ok(&sd.systemctl(&["start", "baton.service"])),
-        "{}",
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["start", "baton.service"]);
     let workers = || {
         let out = sd
             .command("pgrep")
@@ -608,11 +554,7 @@ fn under_systemd_a_workers_escaped_child_ends_with_it_in_its_delegated_cgroup() 
     let unit = service_unit(&config_path);
     assert!(unit.contains("Delegate=yes"));
     let sd = Systemd::boot("tree", &[("baton.service", unit)]);
-    assert!(
-        ok(&sd.systemctl(&["start", "baton.service"])),
-        "{}",
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["start", "baton.service"]);
     let child = eventually(Duration::from_secs(10), "the escaped child's pid", || {
         let text = std::fs::read_to_string(workdir.join("escaped-1")).ok()?;
         Some(text.trim().to_string()).filter(|t| !t.is_empty())
@@ -635,11 +577,7 @@ fn under_systemd_a_workers_escaped_child_ends_with_it_in_its_delegated_cgroup() 
     );
     // A reload retires the worker, which ignores its drain request: killed at the deadline, and
     // the escaped child with it, while the unit runs on.
-    assert!(
-        ok(&sd.systemctl(&["reload", "baton.service"])),
-        "{}",
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["reload", "baton.service"]);
     let alive = || {
         sd.command("kill")
             .args(["-0", &child])
@@ -668,11 +606,7 @@ fn an_upgrade_that_fails_after_the_exec_restarts_on_the_fd_stores_sockets() {
     );
     assert!(unit.contains("FAILPOINTS_AFTER_UPGRADE"));
     let sd = Systemd::boot("upgrade-resume", &[("baton.service", unit)]);
-    assert!(
-        ok(&sd.systemctl(&["start", "baton.service"])),
-        "{}",
-        sd.journal("baton")
-    );
+    sd.systemctl_ok(&["start", "baton.service"]);
     let before = sd.listening_inodes(PORT);
     assert_eq!(before.len(), 1, "{before:?}");
     let main_pid = sd.show("baton.service", "MainPID");

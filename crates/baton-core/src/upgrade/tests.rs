@@ -15,13 +15,8 @@ fn a_format_1_state_still_decodes_with_its_generations_workers_and_history() {
     assert_eq!(state.sockets.len(), 1);
     assert_eq!(state.generations.len(), 2);
     assert_eq!(state.links.len(), 3);
-    let phases: Vec<(u64, Phase, usize)> = supervisor
-        .generations()
-        .into_iter()
-        .map(|(g, p, n)| (g.0, p, n))
-        .collect();
     assert_eq!(
-        phases,
+        phases(&supervisor),
         vec![(2, Phase::Draining, 1), (3, Phase::Serving, 2)]
     );
     assert_eq!(supervisor.history().count(), 2);
@@ -146,6 +141,15 @@ fn a_format_1_state_encodes_back_to_the_same_json_but_for_the_histograms_and_the
     assert!(diff.is_empty(), "{diff:#?}");
 }
 
+/// Each generation's number, phase and live workers.
+fn phases(supervisor: &Supervisor) -> Vec<(u64, Phase, usize)> {
+    supervisor
+        .generations()
+        .into_iter()
+        .map(|(g, p, n)| (g.0, p, n))
+        .collect()
+}
+
 /// The state as the master writes it, with this state machine.
 fn encode_again(state: State<()>, supervisor: &Supervisor) -> Vec<u8> {
     let (mut state, ()) = state.replace_machine(machine(supervisor));
@@ -180,13 +184,8 @@ const STATE_V2: &str = include_str!("../../tests/fixtures/state-v2.json");
 fn a_format_2_state_still_decodes_with_its_generations_workers_and_history() {
     let (state, supervisor) = decode(STATE_V2.as_bytes()).unwrap();
     assert_eq!(state.format, 2);
-    let phases: Vec<(u64, Phase, usize)> = supervisor
-        .generations()
-        .into_iter()
-        .map(|(g, p, n)| (g.0, p, n))
-        .collect();
     assert_eq!(
-        phases,
+        phases(&supervisor),
         vec![(2, Phase::Draining, 2), (3, Phase::Serving, 3)]
     );
     assert_eq!(supervisor.history().count(), 2);
