@@ -98,11 +98,38 @@ pub(super) struct Pending {
     preflight: Option<baton_sys::pidfd::Process>,
 }
 
+/// Why the master cannot upgrade now: it waits for no reload, start or stop.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum Blocker {
+    #[error("another upgrade is under way")]
+    AnotherUpgrade,
+    #[error("the master is stopping")]
+    Stopping,
+    #[error("rolling reload {reload} failed and is rolling back to generation {to}")]
+    RollingBack { reload: u64, to: Generation },
+    #[error("rolling reload {reload} is replacing generation {from} with generation {to}")]
+    Rolling {
+        reload: u64,
+        from: Generation,
+        to: Generation,
+    },
+    #[error("reload {reload} (generation {generation}) is running")]
+    Reloading { reload: u64, generation: Generation },
+    #[error("reload requests are queued")]
+    Queued,
+    #[error("generation {0} is on probation")]
+    OnProbation(Generation),
+    #[error("generation {0} is {1}")]
+    Generation(Generation, Phase),
+    #[error("worker {0} is {1}")]
+    Worker(WorkerId, WorkerState),
+}
+
 /// Why an upgrade failed (the old master goes on). The message goes to the verdict.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum UpgradeError {
     #[error("cannot upgrade now: {0}")]
-    NotNow(String),
+    NotNow(Blocker),
     #[error("the control socket is not open")]
     NoControlSocket,
     #[error("writing the state: {0}")]
@@ -152,41 +179,43 @@ pub(super) struct Preflight {
 
 impl Master {
     /// Why an upgrade cannot start now, if it cannot.
-    fn upgrade_blocker(&self) -> Option<String> {
+    fn upgrade_blocker(&self) -> Option<Blocker> {
         let snap = self.supervisor.snapshot(Instant::now());
         if snap.stopping {
-            return Some("the master is stopping".into());
+            return Some(Blocker::Stopping);
         }
         if let Some(r) = &snap.rollout {
             return Some(match r.back {
-                Some(_) => format!(
-                    "rolling reload {} failed and is rolling back to generation {}",
-                    r.reload, r.to
-                ),
-                None => format!(
-                    "rolling reload {} is replacing generation {} with generation {}",
-                    r.reload, r.from, r.to
-                ),
+                Some(_) => Blocker::RollingBack {
+                    reload: r.reload.0,
+                    to: r.to,
+                },
+                None => Blocker::Rolling {
+                    reload: r.reload.0,
+                    from: r.from,
+                    to: r.to,
+                },
             });
         }
         if let Some((reload, generation, ..)) = snap.reload {
-            return Some(format!(
-                "reload {reload} (generation {generation}) is running"
-            ));
+            return Some(Blocker::Reloading {
+                reload: reload.0,
+                generation,
+            });
         }
         if !snap.queued.is_empty() {
-            return Some("reload requests are queued".into());
+            return Some(Blocker::Queued);
         }
         if let Some((_, generation, _)) = snap.probation {
-            return Some(format!("generation {generation} is on probation"));
+            return Some(Blocker::OnProbation(generation));
         }
         for g in &snap.generations {
             if !matches!(g.phase, Phase::Serving | Phase::Draining) {
-                return Some(format!("generation {} is {}", g.generation, g.phase));
+                return Some(Blocker::Generation(g.generation, g.phase));
             }
             for w in &g.workers {
                 if matches!(w.state, WorkerState::Spawning | WorkerState::Starting) {
-                    return Some(format!("worker {} is {}", w.id, w.state));
+                    return Some(Blocker::Worker(w.id, w.state));
                 }
             }
         }
@@ -242,7 +271,7 @@ impl Master {
         info!(event = baton_proto::event::UPGRADE_REQUESTED, binary = %binary.display(),
             "master upgrade to {} requested by {by}", binary.display());
         let blocker = if self.upgrades.pending.is_some() || another_under_way {
-            Some("another upgrade is under way".to_string())
+            Some(Blocker::AnotherUpgrade)
         } else {
             self.upgrade_blocker()
         };
