@@ -172,6 +172,13 @@ pub struct TestConfig {
 }
 
 impl TestConfig {
+    /// `processes` hello-workers on one TCP listener `http` at a free port of 127.0.0.1, and
+    /// the port.
+    pub fn hello_on_a_free_port(processes: usize) -> (u16, Self) {
+        let port = free_port();
+        (port, Self::hello(&format!("127.0.0.1:{port}"), processes))
+    }
+
     /// `processes` hello-workers on one TCP listener `http` at `address`.
     pub fn hello(address: &str, processes: usize) -> Self {
         TestConfig {

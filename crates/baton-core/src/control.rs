@@ -188,16 +188,14 @@ pub async fn serve(
             let config = config.clone();
             tokio::spawn(async move {
                 let mut stream = stream;
-                let _ = respond(
+                refuse(
                     &mut stream,
                     &config,
-                    Response::Error {
-                        kind: ErrorKind::Unavailable,
-                        message: format!(
-                            "the master serves {} clients already: try again",
-                            config.max_clients
-                        ),
-                    },
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the master serves {} clients already: try again",
+                        config.max_clients
+                    ),
                 )
                 .await;
                 // What the client sends meanwhile is read and dropped for a moment, so that its
@@ -329,15 +327,7 @@ async fn client(
                     "control request from {peer} refused: {err} ({count} refused so far)"
                 )
             });
-            let _ = respond(
-                &mut stream,
-                config,
-                Response::Error {
-                    kind,
-                    message: err.to_string(),
-                },
-            )
-            .await;
+            refuse(&mut stream, config, kind, err.to_string()).await;
             return;
         }
         Err(_) => {
@@ -367,13 +357,11 @@ async fn client(
                 "control request {request} from {peer} denied: {message} ({count} refused so far)"
             )
         });
-        let _ = respond(
+        refuse(
             &mut stream,
             config,
-            Response::Error {
-                kind: ErrorKind::PermissionDenied,
-                message: message.to_string(),
-            },
+            ErrorKind::PermissionDenied,
+            message.to_string(),
         )
         .await;
         return;
@@ -389,18 +377,10 @@ async fn client(
                             "logs --follow from {peer} refused: {} followers already ({count} refused so far)",
                             config.max_followers)
                     });
-                    let _ = respond(
-                        &mut stream,
-                        config,
-                        Response::Error {
-                            kind: ErrorKind::Unavailable,
-                            message: format!(
+                    refuse(&mut stream, config, ErrorKind::Unavailable, format!(
                                 "{} clients follow the logs already (supervisor.control.max_followers): try again later",
                                 config.max_followers
-                            ),
-                        },
-                    )
-                    .await;
+                            )).await;
                     return;
                 }
             }
@@ -486,6 +466,12 @@ async fn read_request(stream: &mut UnixStream) -> Result<control::Envelope<Reque
         }
     }
     control::decode_envelope(&body)
+}
+
+/// Refuses a request: an error answer of `kind`, saying why. What the client does then is its
+/// own affair (a write error here changes nothing).
+async fn refuse(stream: &mut UnixStream, config: &ControlConfig, kind: ErrorKind, message: String) {
+    let _ = respond(stream, config, Response::Error { kind, message }).await;
 }
 
 /// Sends a small answer (an error, a frame of log lines): any client reads it.

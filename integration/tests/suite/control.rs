@@ -97,8 +97,7 @@ fn status_answers_during_a_reload_and_json_matches_the_table() {
 
 #[test]
 fn drain_status_shows_a_lingering_connection_and_its_shrinking_time_left() {
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (port, mut c) = TestConfig::hello_on_a_free_port(1);
     c.args = vec!["--idle-grace-ms".into(), "600000".into()];
     c.drain_timeout = "30s";
     let master = Master::start("ctl-drain", &c);
@@ -162,8 +161,7 @@ fn drain_status_shows_a_lingering_connection_and_its_shrinking_time_left() {
 
 #[test]
 fn reload_exits_zero_on_success_and_non_zero_with_the_reason_on_each_failure() {
-    let port = free_port();
-    let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, good) = TestConfig::hello_on_a_free_port(1);
     let master = Master::start("ctl-reload", &good);
     let (code, out, _) = master.ctl(&["reload"]);
     assert_eq!(code, 0);
@@ -502,8 +500,7 @@ fn a_master_speaking_another_protocol_version_is_reported_clearly() {
 
 #[test]
 fn metrics_count_reloads_restarts_and_states_in_the_prometheus_format() {
-    let port = free_port();
-    let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (_, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("ctl-metrics", &good);
     assert_eq!(master.ctl(&["reload"]).0, 0);
     master.write_config(&(good.yaml() + "nonsense: 1\n"));
@@ -836,8 +833,7 @@ fn a_broken_file_does_not_hide_the_running_master_from_reads_and_stop() {
 
 #[test]
 fn settings_read_only_at_start_are_named_by_the_reload_and_check_and_the_master_stays_reachable() {
-    let port = free_port();
-    let config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, config) = TestConfig::hello_on_a_free_port(1);
     let master = Master::start("ctl-start-only", &config);
     master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     let dir = master.dir.path().to_path_buf();

@@ -33,8 +33,7 @@ fn an_idle_master_uses_no_cpu() {
 
 #[test]
 fn garbage_and_a_half_closed_channel_do_not_make_the_master_spin() {
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut c) = TestConfig::hello_on_a_free_port(2);
     c.command = binaries().it_worker.clone();
     c.env = vec![WorkerMode::Garbage.env()];
     let master = Master::start("garbage", &c);

@@ -49,8 +49,7 @@ fn a_killed_worker_is_replaced_in_the_same_generation() {
 
 #[test]
 fn a_crash_looping_worker_is_restarted_with_doubling_backoff() {
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, mut c) = TestConfig::hello_on_a_free_port(1);
     c.command = binaries().it_worker.clone();
     c.env = vec![WorkerMode::CrashAfter(30).env()];
     let mut master = Master::start("crashloop", &c);

@@ -167,8 +167,7 @@ fn fifty_reloads_with_long_lived_clients_keep_the_process_count_bounded() {
 /// delay, says so, then drains and exits 0.
 #[test]
 fn with_a_stop_delay_sigterm_serves_new_connections_for_the_delay_then_drains() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
     config.supervisor_extra.push("stop_delay: 2s".into());
     let mut master = Master::start("stop-delay", &config);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use baton_integration::load::{Load, Mode};
 use baton_integration::worker_mode::WorkerMode;
-use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
+use baton_integration::{Master, TestConfig, binaries, eventually};
 
 #[test]
 fn failed_reloads_leave_the_old_generation_serving_without_losing_a_request() {
-    let port = free_port();
-    let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("failed", &good);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let load = Load::until_finished(addr, Mode::Fresh, 4);
@@ -143,8 +142,7 @@ server.server_close()
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let port = free_port();
-    let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("failed-served", &good);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let fresh = Load::until_finished(addr, Mode::Fresh, 3);

@@ -4,7 +4,7 @@
 use baton_integration::event;
 use std::time::Duration;
 
-use baton_integration::{Master, TestConfig, free_port, next_baton, procfs};
+use baton_integration::{Master, TestConfig, next_baton, procfs};
 
 /// What the master holds: descriptors, threads, resident KiB, worker processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,8 +49,7 @@ fn settled(master: &Master, base: Footprint, what: &str) -> Footprint {
 
 #[test]
 fn a_thousand_reloads_and_a_hundred_upgrades_leave_the_master_where_it_started() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (_, mut config) = TestConfig::hello_on_a_free_port(2);
     config.max_draining = 16;
     let master = Master::start("flat", &config);
     // A first reload, upgrade and reload pay for what a program makes once (the history's

@@ -138,8 +138,7 @@ fn a_worker_inherits_stdio_and_its_channel_and_nothing_else() {
 
 #[test]
 fn signals_during_a_slow_reload_coalesce_into_one_follow_up_and_are_all_accounted_for() {
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, mut c) = TestConfig::hello_on_a_free_port(1);
     c.command = binaries().it_worker.clone();
     c.env = vec![WorkerMode::ReadyAfter(600).env()];
     let master = Master::start("coalesce", &c);

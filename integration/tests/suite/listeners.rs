@@ -213,8 +213,7 @@ fn a_removed_listener_refuses_new_clients_at_once_while_the_old_generation_drain
 #[test]
 fn clients_queued_on_a_removed_unix_listener_are_refused_not_left_waiting() {
     use std::io::Read;
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (port, mut config) = TestConfig::hello_on_a_free_port(1);
     config.drain_timeout = "30s";
     config.args = vec!["--idle-grace-ms".into(), "600000".into()];
     config.worker_extra = vec!["listeners: [http]".into()];

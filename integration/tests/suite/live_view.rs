@@ -96,8 +96,7 @@ const ALTERNATE_SCREEN_OFF: &str = "\x1b[?1049l";
 
 #[test]
 fn the_live_view_draws_in_an_80_column_terminal_and_q_restores_it() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
     // Kept-alive connections stay open through a drain: generation 1 drains while held.
     config.args = vec!["--idle-grace-ms".into(), "600000".into()];
     config.drain_timeout = "60s";

@@ -9,8 +9,7 @@ use baton_integration::{Master, TestConfig, free_port};
 /// once, but the reload waits for the probe too, and fails when nothing answers it.
 #[test]
 fn a_probe_configured_for_a_baton_worker_is_honoured() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (port, mut config) = TestConfig::hello_on_a_free_port(1);
     config.ready_timeout = "2s";
     let master = Master::start("ready-probe", &config);
     master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
@@ -78,8 +77,7 @@ while True:
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, mut config) = TestConfig::hello_on_a_free_port(1);
     config.command = script;
     config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
     let master = Master::start("ready-all", &config);
@@ -117,8 +115,7 @@ fn a_worker_that_never_sends_ready_is_told_what_it_sent_instead() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, mut config) = TestConfig::hello_on_a_free_port(1);
     let master = Master::start("ready-never", &config);
     config.ready_timeout = "1s";
     config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
@@ -154,8 +151,7 @@ fn a_worker_that_never_sends_ready_is_told_what_it_sent_instead() {
 /// `handoff.send`), with a 30 s `ready_timeout`.
 #[test]
 fn a_worker_that_cannot_get_its_listeners_fails_the_reload_at_once() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, mut config) = TestConfig::hello_on_a_free_port(1);
     config.ready_timeout = "30s";
     // The first worker's handoff passes; the reload's fails.
     let master = Master::spawn_with_env(

@@ -107,8 +107,7 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 
 #[test]
 fn sigquit_stops_fast() {
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut c) = TestConfig::hello_on_a_free_port(2);
     c.args = vec!["--idle-grace-ms".into(), "600000".into()];
     let mut master = Master::start("quit", &c);
     let workers = master.children();

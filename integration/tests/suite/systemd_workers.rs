@@ -167,8 +167,7 @@ fn workers_refuse_descriptors_meant_for_another_pid_and_baton_sets_listen_pid_ri
     }
     // Under baton, the very same programs start and serve: baton set LISTEN_PID to each one's
     // own pid (the Python and Node examples are tested the same way above; here the SDK).
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut c) = TestConfig::hello_on_a_free_port(2);
     c.worker_extra = vec!["protocol: systemd".into()];
     let master = Master::start("listen-pid", &c);
     let report = requests(format!("127.0.0.1:{port}").parse().unwrap(), 20);
@@ -272,8 +271,7 @@ fn a_systemd_style_worker_holds_stdio_its_listeners_and_nothing_of_the_master() 
 
 #[test]
 fn a_worker_that_never_notifies_fails_the_reload_and_the_old_generation_keeps_serving() {
-    let port = free_port();
-    let good = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("never-notify", &good);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let load = Load::until_finished(addr, Mode::Fresh, 4);
@@ -303,8 +301,7 @@ fn a_worker_that_never_notifies_fails_the_reload_and_the_old_generation_keeps_se
 
 #[test]
 fn garbage_oversized_and_flooding_notifications_do_not_disturb_the_master() {
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut c) = TestConfig::hello_on_a_free_port(2);
     c.command = binaries().it_worker.clone();
     c.env = vec![
         WorkerMode::NotifyAbuse.env(),

@@ -119,8 +119,7 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
 #[test]
 fn a_generation_draining_through_an_upgrade_is_killed_at_its_deadline_by_the_new_program() {
     let next = next_baton();
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (port, mut c) = TestConfig::hello_on_a_free_port(1);
     c.args = vec!["--idle-grace-ms".into(), "600000".into()];
     c.drain_timeout = "3s";
     let master = Master::start("upgrade-drain", &c);
@@ -160,8 +159,7 @@ fn a_generation_draining_through_an_upgrade_is_killed_at_its_deadline_by_the_new
 
 #[test]
 fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_on() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
     config.supervisor_extra = vec!["upgrade_timeout: 1s".into()];
     let master = Master::start("upgrade-broken", &config);
     let dir = tempfile::tempdir().unwrap();
@@ -249,8 +247,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
 
 #[test]
 fn an_upgrade_during_a_reload_is_refused_with_the_reason() {
-    let port = free_port();
-    let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, mut c) = TestConfig::hello_on_a_free_port(1);
     // A worker that is slow to become ready keeps the reload running.
     c.command = binaries().it_worker.clone();
     c.env = vec![WorkerMode::ReadyAfter(1500).env()];
@@ -348,8 +345,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
 
 #[test]
 fn an_upgrade_signal_during_an_upgrade_is_refused_and_the_first_upgrade_keeps_its_verdict() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
+    let (_, mut config) = TestConfig::hello_on_a_free_port(1);
     config.supervisor_extra = vec!["upgrade_signal: SIGURG".into()];
     let master = Master::start("upgrade-twice", &config);
     let dir = tempfile::tempdir().unwrap();
@@ -456,8 +452,7 @@ fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing
 /// (here a fault at `upgrade.resume`, armed for the preflight), and the old master serves on.
 #[test]
 fn a_resume_that_would_fail_after_the_exec_fails_in_the_preflight_and_nothing_changes() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
     config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
     let master = Master::spawn_with_env(
         "upgrade-rehearsal",
@@ -488,8 +483,7 @@ fn a_resume_that_would_fail_after_the_exec_fails_in_the_preflight_and_nothing_ch
 /// (`systemd.rs`).
 #[test]
 fn a_resume_that_fails_after_the_exec_exits_and_leaves_no_worker_behind() {
-    let port = free_port();
-    let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
     config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
     let mut master = Master::spawn_with_env(
         "upgrade-resume-fails",

@@ -470,13 +470,8 @@ mod tests {
         ];
         let base = Snapshot {
             uptime: Duration::from_millis(86_400_123),
-            stopping: false,
-            stop_delay_left: None,
-            reload: None,
-            queued: vec![],
-            probation: None,
-            rollout: None,
             generations,
+            ..Snapshot::default()
         };
         vec![
             base.clone(),
@@ -529,18 +524,12 @@ mod tests {
     #[test]
     fn the_systemd_status_line_keeps_the_last_failure_and_its_cause() {
         let serving = Snapshot {
-            uptime: Duration::ZERO,
-            stopping: false,
-            stop_delay_left: None,
-            reload: None,
-            queued: vec![],
-            probation: None,
-            rollout: None,
             generations: vec![generation(
                 4,
                 Phase::Serving,
                 vec![worker(5, proto::WorkerState::Ready, Some(105), None)],
             )],
+            ..Snapshot::default()
         };
         let failed = ReloadRecord {
             id: ReloadId(7),

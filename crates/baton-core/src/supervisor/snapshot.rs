@@ -15,7 +15,7 @@ use super::records::{Direction, GenState, Run, Step, WorkerState};
 use crate::histogram::{DrainBuckets, Histogram, ReloadBuckets};
 
 /// What the state machine knows at one instant, for `baton status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub uptime: Duration,
     pub stopping: bool,
