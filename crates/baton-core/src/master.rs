@@ -56,6 +56,7 @@ use crate::{cgroups, metrics_http, orphans, output};
 
 mod capture;
 mod config_watch;
+mod connection_handoff;
 mod containment;
 mod generations;
 mod guard;
@@ -187,6 +188,7 @@ pub struct Master {
     registry: guard::Registration,
     /// `baton upgrade`: the one under way, where its preflight reports, the ones done.
     upgrades: upgrade::Upgrades,
+    handoffs: connection_handoff::Handoffs,
     /// Set when this master took over from its predecessor: what is left to do when it runs.
     resumed: Option<resume::Resumed>,
     /// The metrics endpoint (`supervisor.metrics_listen`).
@@ -297,6 +299,7 @@ impl Master {
             control_aliases: Vec::new(),
             registry: guard::Registration::new(orphans::RegistryWriter::new(registry)),
             upgrades: upgrade::Upgrades::new(Vec::new()),
+            handoffs: Default::default(),
             resumed: None,
             endpoint: generations::MetricsEndpoint::new(metrics_pending),
             output: output::Hub::default(),
@@ -458,7 +461,7 @@ impl Master {
                     if let Some(commands) =
                         self.links.get(&worker).and_then(|l| l.commands.as_ref())
                     {
-                        let _ = commands.send(message);
+                        let _ = commands.send(message.into());
                     }
                 }
                 Action::Drain {

@@ -28,6 +28,8 @@ pub const GENERATION_DRAINING: &str = "generation_draining";
 pub const GENERATION_EXITED: &str = "generation_exited";
 pub const GENERATION_RECOVERED: &str = "generation_recovered";
 pub const GUARD_STARTED: &str = "guard_started";
+pub const HANDOFF_DONE: &str = "handoff_done";
+pub const HANDOFF_LINKS: &str = "handoff_links";
 pub const INHERITED_SOCKET: &str = "inherited_socket";
 pub const KERNEL_DROPS: &str = "kernel_drops";
 pub const LISTENER_CLOSED: &str = "listener_closed";
@@ -114,6 +116,8 @@ pub const ALL: &[&str] = &[
     GENERATION_EXITED,
     GENERATION_RECOVERED,
     GUARD_STARTED,
+    HANDOFF_DONE,
+    HANDOFF_LINKS,
     INHERITED_SOCKET,
     KERNEL_DROPS,
     LISTENER_CLOSED,

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod control;
 pub mod event;
+pub mod handoff;
 pub mod text;
 
 /// Version of the worker channel protocol spoken by this build. Sent in [`Hello::version`].
@@ -52,9 +53,40 @@ pub enum MasterMessage {
     Pause,
     /// Accept again: the new generation failed its probation and this one serves again.
     Resume,
+    /// Carries one descriptor: this worker's end of a handoff link ([`handoff`]) to worker
+    /// `peer`. A giver gets it just before its `drain`; a taker when a giver is introduced.
+    HandoffLink(HandoffLink),
     /// A message type this build does not know. Receivers ignore it (forward compatibility).
     #[serde(other)]
     Unknown,
+}
+
+/// One end of a handoff link, and what it is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffLink {
+    /// The link's number (unique for the master's lifetime): the same at both ends.
+    pub link: u64,
+    /// Which end this is.
+    pub role: HandoffRole,
+    /// The worker at the other end, and its generation.
+    pub peer: u64,
+    pub peer_generation: u64,
+    /// A giver's time to finish its handoff (offers after it are not made); it then drains
+    /// what it kept as before. A taker ignores it.
+    pub deadline_ms: u64,
+    /// The most connections a giver offers per second on this link (0: no limit).
+    #[serde(default)]
+    pub max_per_second: u32,
+}
+
+/// The end of a handoff link a worker holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandoffRole {
+    /// A draining worker: it offers.
+    Giver,
+    /// A serving worker: it takes.
+    Taker,
 }
 
 /// The manifest sent first to every worker.
@@ -153,6 +185,18 @@ pub enum WorkerMessage {
     Draining,
     /// The worker is alive (for `Hello::watchdog_ms`; the Rust SDK sends it by itself).
     Heartbeat,
+    /// What the worker does with connection handoff ([`handoff`]): it offers its connections
+    /// when it drains, and/or it takes those of a draining generation. Sent once, before
+    /// `ready`; a worker that never sends it drains as before.
+    Handoff {
+        #[serde(default)]
+        offers: bool,
+        #[serde(default)]
+        adopts: bool,
+    },
+    /// A giver's counts so far (cumulative): shown in `status`, summed into the reload's
+    /// history and the metrics.
+    HandoffReport(handoff::HandoffCounts),
     /// A message type this build does not know. The master logs and ignores it.
     #[serde(other)]
     Unknown,

@@ -136,6 +136,13 @@ pub async fn recv_with_fds(
     .await
 }
 
+/// Receives one packet now if one is queued (`WouldBlock` if none), closing any descriptor that
+/// came with it: for a reader that takes what a peer left before it went.
+pub fn try_recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    let mut cmsg = vec![0u8; cmsg_space_for(1)];
+    recv_now(sock, buf, &mut cmsg)
+}
+
 /// Size of a control buffer that holds `n` descriptors (`CMSG_SPACE`).
 fn cmsg_space_for(n: usize) -> usize {
     let bytes = (n.max(1) * std::mem::size_of::<RawFd>()) as u32;

@@ -78,6 +78,7 @@ impl Worker {
             connections: AtomicU64::new(0),
             changed: Notify::new(),
             drain,
+            handoff: Default::default(),
         });
         tokio::spawn(listen_to_master(shared.clone()));
         watch_signals(shared.clone());
@@ -127,13 +128,18 @@ pub(crate) async fn listen_to_master(shared: Arc<Shared>) {
     loop {
         match channel::recv_with_fds(channel, &mut buf, 1).await {
             Ok(got) if got.len == 0 => {
+                shared.handoff.settle();
                 shared.drain.send_if_modified(|d| {
                     d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone
                 });
                 return;
             }
-            Ok(got) => match baton_proto::decode(&buf[..got.len]) {
+            Ok(mut got) => match baton_proto::decode(&buf[..got.len]) {
+                Ok(MasterMessage::HandoffLink(link)) if got.fds.len() == 1 => {
+                    crate::handoff::on_link(&shared, link, got.fds.remove(0));
+                }
                 Ok(MasterMessage::Drain { deadline_ms }) => {
+                    shared.handoff.settle();
                     let reason = DrainReason::Master {
                         deadline: Duration::from_millis(deadline_ms),
                     };
@@ -151,6 +157,7 @@ pub(crate) async fn listen_to_master(shared: Arc<Shared>) {
                 _ => {}
             },
             Err(_) => {
+                shared.handoff.settle();
                 shared.drain.send_if_modified(|d| {
                     d.get_or_insert(DrainReason::MasterGone) == &DrainReason::MasterGone
                 });

@@ -33,6 +33,7 @@ use tokio::sync::{Notify, watch};
 mod channel;
 mod drain;
 mod error;
+pub mod handoff;
 mod listener;
 #[cfg(feature = "quinn")]
 pub mod quic;
@@ -42,6 +43,7 @@ mod tests;
 
 pub use drain::{AcceptGate, ConnectionGuard, DrainReason, DrainWatch};
 pub use error::WorkerError;
+pub use handoff::Handoff;
 pub use listener::{Listener, Stream};
 
 /// How the worker talks to its supervisor.
@@ -61,6 +63,7 @@ pub(crate) struct Shared {
     pub(crate) connections: AtomicU64,
     pub(crate) changed: Notify,
     pub(crate) drain: watch::Sender<Option<DrainReason>>,
+    pub(crate) handoff: handoff::State,
 }
 
 /// A worker process under baton.

@@ -50,6 +50,34 @@ pub enum Stream {
     Unix(UnixStream),
 }
 
+impl Stream {
+    /// The connection's descriptor, out of the runtime (to offer it in a handoff).
+    pub fn into_owned_fd(self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(match self {
+            Stream::Tcp(s) => s.into_std()?.into(),
+            Stream::Unix(s) => s.into_std()?.into(),
+        })
+    }
+
+    /// A connection from its descriptor (an adopted one), registered with the runtime.
+    pub fn from_owned_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<Stream> {
+        use std::os::fd::AsFd;
+        let unix = matches!(
+            baton_sys::channel::local_address(fd.as_fd())?,
+            baton_sys::channel::LocalAddress::Unix(_)
+        );
+        Ok(if unix {
+            let s = std::os::unix::net::UnixStream::from(fd);
+            s.set_nonblocking(true)?;
+            Stream::Unix(UnixStream::from_std(s)?)
+        } else {
+            let s = std::net::TcpStream::from(fd);
+            s.set_nonblocking(true)?;
+            Stream::Tcp(TcpStream::from_std(s)?)
+        })
+    }
+}
+
 macro_rules! delegate {
     ($self:ident, $method:ident($($arg:ident),*)) => {
         match $self.get_mut() {

@@ -93,6 +93,7 @@ impl Worker {
             connections: AtomicU64::new(0),
             changed: Notify::new(),
             drain,
+            handoff: Default::default(),
         });
         watch_signals(shared.clone());
         if let Some(window) = watchdog_window() {

@@ -13,15 +13,26 @@
 //!    nginx loses about one request per kept-alive client on every reload.
 //! 5. When the last connection is gone, it exits 0.
 //!
+//! With `--handoff` (connection handoff, `docs/protocol.md`) it hands its kept-alive connections
+//! to the serving generation instead: on a drain request, each connection waits for a moment
+//! with no request in flight, is taken apart (hyper's parts: the socket and the bytes read of
+//! the next request) and offered; the new worker rebuilds it and answers the next request on
+//! the same connection. A connection no taker takes drains as above. It also takes the
+//! connections of a draining generation.
+//!
 //! `GET /?delay_ms=N` waits N ms (at most 60000) before answering, to hold a request in flight.
 //! With `--tag T` the body ends in `, tag T`.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_worker::{DrainWatch, Listener, Worker};
+use baton_worker::handoff::{ConnectionKind, Handoff, Rewind};
+use baton_worker::{DrainWatch, Listener, Stream, Worker};
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
@@ -31,6 +42,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -46,6 +58,11 @@ struct Args {
     /// configuration before each reload to see when the new configuration serves.
     #[arg(long)]
     tag: Option<String>,
+
+    /// Connection handoff: hand kept-alive connections to the serving generation when
+    /// draining, and take those of a draining generation.
+    #[arg(long)]
+    handoff: bool,
 }
 
 #[tokio::main]
@@ -67,6 +84,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("receiving listeners from baton")?;
     let listeners = worker.take_all();
+    let handoff = match args.handoff {
+        true => Some(
+            worker
+                .handoff(true, true)
+                .await
+                .context("joining the handoff")?,
+        ),
+        false => None,
+    };
     let worker = Arc::new(worker);
     let names: Vec<String> = listeners.iter().map(|(name, _)| name.clone()).collect();
 
@@ -77,7 +103,11 @@ async fn main() -> anyhow::Result<()> {
             worker.clone(),
             idle_grace,
             tag.clone(),
+            handoff.clone(),
         ));
+    }
+    if let Some(handoff) = handoff.clone() {
+        tokio::spawn(adopt_loop(handoff, worker.clone(), idle_grace, tag.clone()));
     }
     worker.ready().await.context("reporting ready")?;
     let pid = std::process::id();
@@ -95,13 +125,27 @@ async fn main() -> anyhow::Result<()> {
         worker.connections()
     );
     worker.idle().await;
+    if let Some(handoff) = &handoff {
+        handoff.report_now().await;
+        let c = handoff.counts();
+        info!(
+            "pid {pid} handed off {} of {} connections offered",
+            c.adopted, c.offered
+        );
+    }
     info!("pid {pid} drained: exiting");
     Ok(())
 }
 
 /// Accepts until a drain is requested, then drops the listener. While the generation stands by
 /// (a newer one is on probation), it does not accept, but keeps the listener to resume.
-async fn accept_loop(listener: Listener, worker: Arc<Worker>, idle_grace: Duration, tag: Arc<str>) {
+async fn accept_loop(
+    listener: Listener,
+    worker: Arc<Worker>,
+    idle_grace: Duration,
+    tag: Arc<str>,
+    handoff: Option<Handoff>,
+) {
     let mut drain = worker.drain_watch();
     let mut gate = worker.accept_gate();
     loop {
@@ -118,9 +162,9 @@ async fn accept_loop(listener: Listener, worker: Arc<Worker>, idle_grace: Durati
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
                     let guard = worker.track();
-                    let ctx = Ctx { drain: worker.drain_watch(), generation: worker.generation(), tag: tag.clone() };
+                    let ctx = Ctx { drain: worker.drain_watch(), generation: worker.generation(), tag: tag.clone(), handoff: handoff.clone() };
                     tokio::spawn(async move {
-                        serve(stream, ctx, idle_grace).await;
+                        serve(Rewind::new(Vec::new(), stream), ctx, idle_grace).await;
                         drop(guard);
                     });
                 }
@@ -134,30 +178,179 @@ async fn accept_loop(listener: Listener, worker: Arc<Worker>, idle_grace: Durati
     }
 }
 
+/// Serves the connections handed to this worker by a draining one, from where they were.
+async fn adopt_loop(handoff: Handoff, worker: Arc<Worker>, idle_grace: Duration, tag: Arc<str>) {
+    while let Some(adopted) = handoff.adopted().await {
+        if adopted.kind != ConnectionKind::Http1 {
+            continue;
+        }
+        let stream = match Stream::from_owned_fd(adopted.socket) {
+            Ok(stream) => stream,
+            Err(err) => {
+                warn!("an adopted connection is unusable: {err}");
+                continue;
+            }
+        };
+        let guard = worker.track();
+        let ctx = Ctx {
+            drain: worker.drain_watch(),
+            generation: worker.generation(),
+            tag: tag.clone(),
+            handoff: Some(handoff.clone()),
+        };
+        tokio::spawn(async move {
+            serve(Rewind::new(adopted.state, stream), ctx, idle_grace).await;
+            drop(guard);
+        });
+    }
+}
+
 #[derive(Clone)]
 struct Ctx {
     drain: DrainWatch,
     generation: u64,
     tag: Arc<str>,
+    /// Connection handoff (`--handoff`); `None` for a connection no taker took.
+    handoff: Option<Handoff>,
 }
 
-async fn serve(stream: baton_worker::Stream, ctx: Ctx, idle_grace: Duration) {
+impl Ctx {
+    /// Whether a draining connection may be handed off (so it is kept alive meanwhile): until
+    /// the worker knows its takers, it may.
+    fn hands_off(&self) -> bool {
+        self.handoff
+            .as_ref()
+            .is_some_and(|h| !h.is_settled() || h.takers() > 0)
+    }
+}
+
+type Reply = Result<Response<Full<Bytes>>, Infallible>;
+
+/// One connection's requests in flight, and whether one was answered as the connection was
+/// being taken apart (hyper then says `Connection: close`: not one to hand off).
+#[derive(Default)]
+struct Flight {
+    busy: AtomicUsize,
+    idle: Notify,
+    taking_apart: AtomicBool,
+    answered_late: AtomicBool,
+}
+
+async fn serve(io: Rewind<Stream>, ctx: Ctx, idle_grace: Duration) {
     let mut drain = ctx.drain.clone();
-    let service = service_fn(move |req| respond(req, ctx.clone()));
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
+    let flight = Arc::new(Flight::default());
+    let service = {
+        let (ctx, flight) = (ctx.clone(), flight.clone());
+        service_fn(move |req| {
+            let (ctx, flight) = (ctx.clone(), flight.clone());
+            flight.busy.fetch_add(1, Ordering::AcqRel);
+            if flight.taking_apart.load(Ordering::Acquire) {
+                flight.answered_late.store(true, Ordering::Release);
+            }
+            Box::pin(async move {
+                let reply = respond(req, ctx).await;
+                flight.busy.fetch_sub(1, Ordering::AcqRel);
+                flight.idle.notify_waiters();
+                reply
+            }) as Pin<Box<dyn Future<Output = Reply> + Send>>
+        })
+    };
+    let mut conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
     tokio::select! {
-        _ = conn.as_mut() => return,
+        _ = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => return,
         _ = drain.requested() => {}
     }
-    // Draining: the next response says `Connection: close` (see `respond`), which ends a busy
-    // connection. Only one that stays idle through the grace period is closed by us.
+    if let Some(handoff) = &ctx.handoff {
+        // The drain signal can come before the master's packets: wait for the takers.
+        let settled = handoff.settled();
+        tokio::select! {
+            _ = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => return,
+            () = settled => {}
+        }
+    }
+    let Some(handoff) = ctx.handoff.clone().filter(|_| ctx.hands_off()) else {
+        return drain_connection(conn, idle_grace).await;
+    };
+    // A moment with no request in flight, then hyper stops at it and gives the parts back.
+    loop {
+        let idle = flight.idle.notified();
+        if flight.busy.load(Ordering::Acquire) == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => return,
+            () = idle => {}
+        }
+    }
+    flight.taking_apart.store(true, Ordering::Release);
+    Pin::new(&mut conn).graceful_shutdown();
+    if std::future::poll_fn(|cx| conn.poll_without_shutdown(cx))
+        .await
+        .is_err()
+        || flight.answered_late.load(Ordering::Acquire)
+    {
+        return;
+    }
+    let parts = conn.into_parts();
+    let (mut state, stream) = parts.io.into_inner().into_parts();
+    state.extend_from_slice(&parts.read_buf);
+    let Ok(socket) = stream.into_owned_fd() else {
+        return;
+    };
+    match handoff
+        .offer(socket, ConnectionKind::Http1, state.clone())
+        .await
+    {
+        Ok(()) => {}
+        Err(kept) => {
+            info!("connection kept: {}", kept.why);
+            let Ok(stream) = Stream::from_owned_fd(kept.socket) else {
+                return;
+            };
+            // Served on as draining connections are: the next answer says `Connection: close`.
+            let ctx = Ctx {
+                handoff: None,
+                ..ctx
+            };
+            let service = service_fn(move |req| respond(req, ctx.clone()));
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(Rewind::new(state, stream)), service);
+            drain_connection(conn, idle_grace).await;
+        }
+    }
+}
+
+/// A draining connection: the next response says `Connection: close` (see `respond`), which
+/// ends a busy connection. Only one that stays idle through the grace period is closed by us.
+async fn drain_connection<C>(conn: C, idle_grace: Duration)
+where
+    C: Future + GracefulShutdown,
+{
+    tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
         () = tokio::time::sleep(idle_grace) => {
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().shutdown_gracefully();
             let _ = conn.await;
         }
+    }
+}
+
+/// hyper's connections, whatever their service: a graceful shutdown.
+trait GracefulShutdown {
+    fn shutdown_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S> GracefulShutdown for http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shutdown_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 
@@ -185,7 +378,7 @@ async fn respond(req: Request<Incoming>, ctx: Ctx) -> Result<Response<Full<Bytes
     );
     headers.insert("x-baton-pid", HeaderValue::from(pid));
     headers.insert("x-baton-generation", HeaderValue::from(ctx.generation));
-    if ctx.drain.is_requested() {
+    if ctx.drain.is_requested() && !ctx.hands_off() {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(response)

@@ -21,10 +21,24 @@ use crate::supervisor::{Event, WorkerId};
 /// Invalid packets a worker may send before the master stops listening to it.
 const MAX_INVALID_PACKETS: u32 = 100;
 
+/// A packet for a worker's channel, with the one descriptor it carries, if any (a handoff
+/// link's end).
+#[derive(Debug)]
+pub(super) struct Command {
+    pub(super) message: MasterMessage,
+    pub(super) fd: Option<OwnedFd>,
+}
+
+impl From<MasterMessage> for Command {
+    fn from(message: MasterMessage) -> Self {
+        Command { message, fd: None }
+    }
+}
+
 /// The master's side of one worker: its channel's command queue and the tasks serving it.
 #[derive(Debug, Default)]
 pub(super) struct Link {
-    pub(super) commands: Option<mpsc::UnboundedSender<MasterMessage>>,
+    pub(super) commands: Option<mpsc::UnboundedSender<Command>>,
     pub(super) tasks: Vec<tokio::task::AbortHandle>,
     /// Duplicates kept for a self-upgrade: the baton channel, or the notify socket with its
     /// path and access rule.
@@ -45,6 +59,8 @@ pub(super) struct Link {
     pub(super) output: Vec<std::sync::Arc<crate::output::Capture>>,
     /// The last main process it announced that was refused, and how many were.
     pub(super) refused: Option<(super::main_pid::Refusal, u64)>,
+    /// What it does with connection handoff, and what it reported handing off.
+    pub(super) handoff: super::connection_handoff::Part,
 }
 
 impl super::Master {
@@ -65,8 +81,10 @@ impl super::Master {
             );
             return;
         }
+        // Its handoff links first: the drain is where it starts offering.
+        self.introduce(worker, deadline_ms);
         if let Some(commands) = self.links.get(&worker).and_then(|l| l.commands.as_ref()) {
-            let _ = commands.send(MasterMessage::Drain { deadline_ms });
+            let _ = commands.send(MasterMessage::Drain { deadline_ms }.into());
         }
         if let Some(signal) = signal {
             self.processes.signal(pid, signal);
@@ -85,7 +103,9 @@ impl super::Master {
 
     /// The worker is gone: its channel's tasks end, its probe files go, its output is done.
     pub(super) fn forget(&mut self, worker: WorkerId) {
+        self.last_reports(worker);
         if let Some(link) = self.links.remove(&worker) {
+            self.handoff_done(worker, &link.handoff);
             for task in link.tasks {
                 task.abort();
             }
@@ -102,10 +122,10 @@ pub(super) async fn link_task(
     channel: UnixDatagram,
     hello: Hello,
     fds: Vec<OwnedFd>,
-    commands: mpsc::UnboundedReceiver<MasterMessage>,
+    commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<News>,
 ) {
-    if let Err(err) = handoff(&channel, hello, &fds).await {
+    if let Err(err) = hand_listeners(&channel, hello, &fds).await {
         warn!(
             worker = worker.0,
             "handing listeners to worker {worker} failed: {err}"
@@ -134,15 +154,17 @@ pub(super) async fn link_task(
 pub(super) async fn link_loop(
     worker: WorkerId,
     channel: UnixDatagram,
-    mut commands: mpsc::UnboundedReceiver<MasterMessage>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<News>,
 ) {
     let mut invalid = 0u32;
     loop {
         tokio::select! {
             command = commands.recv() => match command {
-                Some(message) => {
-                    if let Err(err) = channel.send(&baton_proto::encode(&message)).await {
+                Some(Command { message, fd }) => {
+                    let packet = baton_proto::encode(&message);
+                    let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
+                    if let Err(err) = channel::send_with_fds(&channel, &packet, &fds).await {
                         debug!(worker = worker.0, "cannot send to worker {worker}: {err}");
                     }
                 }
@@ -178,6 +200,12 @@ pub(super) async fn link_loop(
                         let news = match message {
                             WorkerMessage::Ready => News::Ready(worker, Condition::Channel),
                             WorkerMessage::Heartbeat => News::Heartbeat(worker),
+                            WorkerMessage::Handoff { offers, adopts } => {
+                                News::HandoffAbility { worker, offers, adopts }
+                            }
+                            WorkerMessage::HandoffReport(counts) => {
+                                News::HandoffReport(worker, counts)
+                            }
                             message => News::Event(Event::Message { worker, message }),
                         };
                         if events.send(news).is_err() {
@@ -205,7 +233,11 @@ pub(super) async fn link_loop(
 }
 
 /// Sends the manifest, then the descriptors in chunks of at most `SCM_MAX_FD`.
-async fn handoff(channel: &UnixDatagram, hello: Hello, fds: &[OwnedFd]) -> std::io::Result<()> {
+async fn hand_listeners(
+    channel: &UnixDatagram,
+    hello: Hello,
+    fds: &[OwnedFd],
+) -> std::io::Result<()> {
     Point::HandoffSend.check()?;
     let hello = baton_proto::encode(&MasterMessage::Hello(hello));
     channel::send_with_fds(channel, &hello, &[]).await?;

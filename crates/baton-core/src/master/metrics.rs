@@ -99,6 +99,17 @@ impl Master {
                 ("{reason=\"cap\"}".into(), c.killed_by_cap.to_string()),
             ],
         );
+        let handed = self.handoffs.total;
+        metric(
+            "baton_connections_handed_off_total",
+            "counter",
+            "Connections draining workers offered to the serving generation (connection handoff), by what became of them (as the workers report).",
+            vec![
+                ("{outcome=\"offered\"}".into(), handed.offered.to_string()),
+                ("{outcome=\"adopted\"}".into(), handed.adopted.to_string()),
+                ("{outcome=\"kept\"}".into(), handed.kept.to_string()),
+            ],
+        );
         metric(
             "baton_generations",
             "gauge",

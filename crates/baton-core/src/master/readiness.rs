@@ -40,6 +40,14 @@ pub(super) enum News {
     /// An announced main process ended (seen through its pidfd): `serial` tells it from a later
     /// process of the same number.
     MainGone { pid: u32, serial: u64 },
+    /// What the worker does with connection handoff.
+    HandoffAbility {
+        worker: WorkerId,
+        offers: bool,
+        adopts: bool,
+    },
+    /// A giver's handoff counts so far.
+    HandoffReport(WorkerId, baton_proto::handoff::HandoffCounts),
 }
 
 /// One readiness condition.
@@ -139,6 +147,12 @@ impl Master {
             News::MainPid { worker, process } => self.announced(worker, process, queue),
             News::MainPidRefused { worker, refusal } => self.refused_main_pid(worker, refusal),
             News::MainGone { pid, serial } => self.main_gone(pid, serial, queue),
+            News::HandoffAbility {
+                worker,
+                offers,
+                adopts,
+            } => self.handoff_ability(worker, offers, adopts),
+            News::HandoffReport(worker, counts) => self.handoff_report(worker, counts),
             News::Heartbeat(worker) => {
                 if let Some(beats) = self.links.get(&worker).and_then(|l| l.heartbeats.as_ref()) {
                     let _ = beats.send(());

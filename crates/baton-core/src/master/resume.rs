@@ -373,6 +373,7 @@ impl Master {
                 crate::orphans::Registry::beside(&control_config.socket),
             )),
             upgrades: super::upgrade::Upgrades::new(state.upgrades),
+            handoffs: Default::default(),
             endpoint: super::generations::MetricsEndpoint::new(metrics_pending),
             output: crate::output::Hub::default(),
             memory: super::memory::MemoryWatch::default(),

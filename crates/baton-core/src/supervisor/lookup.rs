@@ -1,7 +1,7 @@
-//! Lookups the transitions share and the loop asks: deadlines (the next one, a draining worker's),
-//! the processes there are, whether anything drains, a generation's workers, the serving settings, a worker's or a slot's program, the drain
-//! requests to send again after an upgrade. Read-only, beside `supervisor.rs` so the
-//! transitions stay in one file.
+//! Lookups the transitions share and the loop asks: deadlines (the next one, a draining
+//! worker's), the processes there are, whether anything drains, a generation's workers, the
+//! serving settings and workers, a worker's or a slot's program, the drain requests to send
+//! again after an upgrade. Read-only: nothing here changes the state.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,23 @@ impl Supervisor {
         self.workers
             .iter()
             .filter_map(|(&id, w)| Some((w.pid?, id, w.generation, w.program)))
+    }
+
+    /// The ready workers of the serving generation (none replaced or retired), with the
+    /// connections each last reported: those a draining worker may hand its connections to.
+    pub fn serving_workers(&self) -> Vec<(WorkerId, Option<u64>)> {
+        let serving = self
+            .generations
+            .iter()
+            .rev()
+            .find(|(_, entry)| matches!(entry.state, GenState::Serving))
+            .map(|(g, _)| *g);
+        self.workers
+            .iter()
+            .filter(|(_, w)| Some(w.generation) == serving)
+            .filter(|(_, w)| w.state == WorkerState::Ready && w.replaced.is_none())
+            .map(|(&id, w)| (id, w.connections))
+            .collect()
     }
 
     /// Whether `pid` is a worker's main process (the one whose exit ends the worker).

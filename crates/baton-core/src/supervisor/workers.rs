@@ -169,8 +169,11 @@ impl Supervisor {
                 }
                 debug!(worker = id.0, "worker {id} of generation {g} is draining");
             }
-            // Heartbeats go to the master's liveness watchdog, not here.
-            WorkerMessage::Heartbeat => {}
+            // Heartbeats go to the master's liveness watchdog, and connection handoff is between
+            // workers and the master's links: neither comes here.
+            WorkerMessage::Heartbeat
+            | WorkerMessage::Handoff { .. }
+            | WorkerMessage::HandoffReport(_) => {}
             WorkerMessage::Unknown => {
                 debug!(
                     worker = id.0,

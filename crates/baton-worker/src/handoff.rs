@@ -1,0 +1,587 @@
+//! Connection handoff, the worker's side (`docs/protocol.md`, "Connection handoff"): a draining
+//! worker offers its connections at safe points to workers of the serving generation, which
+//! take them over, so a reload disconnects nobody.
+//!
+//! [`Worker::handoff`] says what this worker does (before `ready`). A **taker** reads
+//! [`Handoff::adopted`]: each item is a connection committed to it, to serve from the state it
+//! came with. A **giver**, once its drain is requested, hands each connection it can take apart
+//! to [`Handoff::offer`]: `Ok` means the taker serves it now (the giver's copy is closed);
+//! `Err(Kept)` gives it back, to drain as before. The SDK runs the exchange on the links the
+//! master made (offer, prepared, commit or abort) and keeps the rule that one process serves a
+//! connection at every moment, whoever dies when.
+//!
+//! Workers speaking systemd's protocol have no channel, hence no links: every offer is kept.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_proto::handoff::LinkMessage;
+pub use baton_proto::handoff::{ConnectionKind, HandoffCounts, MAX_STATE_BYTES, WebSocketState};
+use baton_proto::{HandoffLink, HandoffRole, MAX_MESSAGE_SIZE, WorkerMessage};
+use baton_sys::channel;
+use tokio::net::UnixDatagram;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::{Control, Shared, Worker};
+
+/// How long a giver waits for a taker to prepare a connection before it keeps it.
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections a taker holds prepared (not committed) on one link at most: past it, it refuses.
+const MAX_PREPARED: usize = 1024;
+
+/// A connection handed to this worker and committed: it serves it from now on.
+#[derive(Debug)]
+pub struct Adopted {
+    /// The connected socket.
+    pub socket: OwnedFd,
+    pub kind: ConnectionKind,
+    /// What the giver sent with it (see [`ConnectionKind`]).
+    pub state: Vec<u8>,
+    /// The worker that served it before.
+    pub from_worker: u64,
+}
+
+/// A connection no taker took: still the caller's, to serve or drain as before.
+#[derive(Debug)]
+pub struct Kept {
+    pub socket: OwnedFd,
+    pub why: KeptBecause,
+}
+
+/// Why an offer was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum KeptBecause {
+    #[error("no worker of the serving generation takes connections")]
+    NoTaker,
+    #[error("the state is {0} bytes, more than {MAX_STATE_BYTES}")]
+    StateTooLarge(usize),
+    #[error("the taker refused it: {0}")]
+    Refused(String),
+    #[error("the taker did not prepare it in time")]
+    TimedOut,
+    #[error("the handoff deadline passed")]
+    DeadlinePassed,
+    #[error("the taker went away")]
+    TakerGone,
+    #[error("sending the offer failed: {0}")]
+    Send(#[source] io::Error),
+}
+
+/// A giver's answer from the taker, by offer id.
+enum Reply {
+    Prepared,
+    Refused(String),
+}
+
+/// A giver's end of one link.
+struct GiverLink {
+    socket: UnixDatagram,
+    peer: u64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    gone: std::sync::atomic::AtomicBool,
+    /// Offers sent in the current second, and when it began (`max_per_second`).
+    pace: Mutex<(Instant, u32)>,
+    max_per_second: u32,
+}
+
+/// This worker's handoff state, in [`Shared`].
+#[derive(Debug)]
+pub(crate) struct State {
+    adopted_tx: mpsc::UnboundedSender<Adopted>,
+    adopted_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Adopted>>,
+    givers: Mutex<Vec<Arc<GiverLink>>>,
+    next_link: AtomicUsize,
+    next_id: AtomicU64,
+    deadline: Mutex<Option<Instant>>,
+    counts: Mutex<HandoffCounts>,
+    counted: Notify,
+    /// The master's drain packet came (its links come before it), or the master is gone: the
+    /// links this worker will get as a giver are all here.
+    settled: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for GiverLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GiverLink")
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        let (adopted_tx, adopted_rx) = mpsc::unbounded_channel();
+        State {
+            adopted_tx,
+            adopted_rx: tokio::sync::Mutex::new(adopted_rx),
+            givers: Mutex::new(Vec::new()),
+            next_link: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            deadline: Mutex::new(None),
+            counts: Mutex::new(HandoffCounts::default()),
+            counted: Notify::new(),
+            settled: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+/// This worker's part in connection handoff (see the module's documentation).
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    /// Takes part in connection handoff: this worker offers its connections when it drains
+    /// (`offers`), and/or takes those of a draining generation (`adopts`). Call it before
+    /// [`Worker::ready`]: the master introduces givers to takers that said so.
+    pub async fn handoff(&self, offers: bool, adopts: bool) -> io::Result<Handoff> {
+        if matches!(self.shared.control, Control::Channel(_)) {
+            self.send(&WorkerMessage::Handoff { offers, adopts })
+                .await?;
+            if offers {
+                tokio::spawn(report(self.shared.clone()));
+            }
+        }
+        Ok(Handoff {
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+impl Handoff {
+    /// The next connection handed to this worker, committed: serve it. Waits for one.
+    pub async fn adopted(&self) -> Option<Adopted> {
+        self.shared.handoff.adopted_rx.lock().await.recv().await
+    }
+
+    /// Offers a connection, stopped at a safe point (nothing of it read past `state`, nothing
+    /// being written), to a taker. `Ok`: the taker serves it (this copy is closed). `Err`: it
+    /// is still this worker's, with why. Offers are spread over the links in turn, at most
+    /// the link's rate per second each.
+    pub async fn offer(
+        &self,
+        socket: OwnedFd,
+        kind: ConnectionKind,
+        state: Vec<u8>,
+    ) -> Result<(), Kept> {
+        let keep = |socket, why| Err(Kept { socket, why });
+        if state.len() > MAX_STATE_BYTES {
+            return keep(socket, KeptBecause::StateTooLarge(state.len()));
+        }
+        let handoff = &self.shared.handoff;
+        let deadline = *handoff.deadline.lock().unwrap_or_else(|e| e.into_inner());
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return keep(socket, KeptBecause::DeadlinePassed);
+        }
+        let Some(link) = handoff.next_giver() else {
+            return keep(socket, KeptBecause::NoTaker);
+        };
+        link.wait_for_pace().await;
+        let id = handoff.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        link.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let offer = baton_proto::encode(&LinkMessage::Offer { id, kind, state });
+        if let Err(err) = channel::send_with_fds(&link.socket, &offer, &[socket.as_fd()]).await {
+            link.forget(id);
+            return keep(socket, KeptBecause::Send(err));
+        }
+        handoff.count(|c| c.offered += 1);
+        let wait = deadline.map_or(OFFER_TIMEOUT, |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(OFFER_TIMEOUT)
+        });
+        let outcome = match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(Reply::Prepared)) => {
+                // Whether or not the commit arrives, the taker serves it: it does on `commit`,
+                // and on the link's end once it prepared it. This copy closes now.
+                let commit = baton_proto::encode(&LinkMessage::Commit { id });
+                let _ = link.socket.send(&commit).await;
+                drop(socket);
+                handoff.count(|c| c.adopted += 1);
+                return Ok(());
+            }
+            Ok(Ok(Reply::Refused(reason))) => KeptBecause::Refused(reason),
+            // The link ended (the taker went) before it prepared: its copy is closed.
+            Ok(Err(_)) => KeptBecause::TakerGone,
+            Err(_) => {
+                link.forget(id);
+                // In order on the link: the taker reads this before anything else of ours.
+                let abort = baton_proto::encode(&LinkMessage::Abort { id });
+                let _ = link.socket.send(&abort).await;
+                KeptBecause::TimedOut
+            }
+        };
+        handoff.count(|c| c.kept += 1);
+        keep(socket, outcome)
+    }
+
+    /// Waits until this worker knows its takers: the master's drain packet came (the links
+    /// come before it; a drain signal alone may arrive first), or the master is gone. A worker
+    /// without a channel (systemd's protocol) never gets links: it returns at once.
+    pub async fn settled(&self) {
+        if !matches!(self.shared.control, Control::Channel(_)) {
+            return;
+        }
+        let mut settled = self.shared.handoff.settled.subscribe();
+        let _ = settled.wait_for(|s| *s).await;
+    }
+
+    /// Whether [`Handoff::settled`] would return at once.
+    pub fn is_settled(&self) -> bool {
+        !matches!(self.shared.control, Control::Channel(_)) || *self.shared.handoff.settled.borrow()
+    }
+
+    /// How many takers this worker can offer to now (links the master made, still open).
+    pub fn takers(&self) -> usize {
+        let givers = self
+            .shared
+            .handoff
+            .givers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        givers
+            .iter()
+            .filter(|l| !l.gone.load(Ordering::Acquire))
+            .count()
+    }
+
+    /// Sends this worker's counts to the master now (a giver about to exit: the reports are
+    /// otherwise sent at most every 200 ms, and the last one could be lost with the process).
+    pub async fn report_now(&self) {
+        if let Control::Channel(channel) = &self.shared.control {
+            let packet = baton_proto::encode(&WorkerMessage::HandoffReport(self.counts()));
+            let _ = channel.send(&packet).await;
+        }
+    }
+
+    /// This worker's counts as a giver so far.
+    pub fn counts(&self) -> HandoffCounts {
+        *self
+            .shared
+            .handoff
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    /// The giver's links are all here (see [`Handoff::settled`]).
+    pub(crate) fn settle(&self) {
+        self.settled.send_replace(true);
+    }
+
+    fn count(&self, f: impl FnOnce(&mut HandoffCounts)) {
+        f(&mut self.counts.lock().unwrap_or_else(|e| e.into_inner()));
+        self.counted.notify_one();
+    }
+
+    /// The next open giver link, in turn.
+    fn next_giver(&self) -> Option<Arc<GiverLink>> {
+        let givers = self.givers.lock().unwrap_or_else(|e| e.into_inner());
+        let open: Vec<&Arc<GiverLink>> = givers
+            .iter()
+            .filter(|l| !l.gone.load(Ordering::Acquire))
+            .collect();
+        if open.is_empty() {
+            return None;
+        }
+        let turn = self.next_link.fetch_add(1, Ordering::Relaxed);
+        Some(open[turn % open.len()].clone())
+    }
+}
+
+impl GiverLink {
+    fn forget(&self, id: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Waits until another offer fits this second's budget (`max_per_second`, 0: none).
+    async fn wait_for_pace(&self) {
+        if self.max_per_second == 0 {
+            return;
+        }
+        loop {
+            let wait = {
+                let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                if now.duration_since(pace.0) >= Duration::from_secs(1) {
+                    *pace = (now, 0);
+                }
+                if pace.1 < self.max_per_second {
+                    pace.1 += 1;
+                    return;
+                }
+                Duration::from_secs(1).saturating_sub(now.duration_since(pace.0))
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// A link's end arrived from the master: a giver keeps it for its offers, a taker serves it.
+pub(crate) fn on_link(shared: &Arc<Shared>, link: HandoffLink, fd: OwnedFd) {
+    let socket = match channel::into_async(fd) {
+        Ok(socket) => socket,
+        Err(err) => {
+            warn!("handoff link {} unusable: {err}", link.link);
+            return;
+        }
+    };
+    match link.role {
+        HandoffRole::Giver => {
+            let giver = Arc::new(GiverLink {
+                socket,
+                peer: link.peer,
+                pending: Mutex::new(HashMap::new()),
+                gone: std::sync::atomic::AtomicBool::new(false),
+                pace: Mutex::new((Instant::now(), 0)),
+                max_per_second: link.max_per_second,
+            });
+            let state = &shared.handoff;
+            let deadline = Instant::now() + Duration::from_millis(link.deadline_ms);
+            let mut d = state.deadline.lock().unwrap_or_else(|e| e.into_inner());
+            *d = Some(d.map_or(deadline, |d| d.min(deadline)));
+            drop(d);
+            state
+                .givers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(giver.clone());
+            tokio::spawn(read_replies(giver));
+        }
+        HandoffRole::Taker => {
+            let adopted = shared.handoff.adopted_tx.clone();
+            tokio::spawn(take(socket, link.peer, adopted));
+        }
+    }
+}
+
+/// A giver's link: the taker's answers, until the link ends (then every offer waiting is
+/// answered by its end: kept).
+async fn read_replies(link: Arc<GiverLink>) {
+    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    loop {
+        let got = match channel::recv_with_fds(&link.socket, &mut buf, 1).await {
+            Ok(got) if got.len > 0 => got,
+            _ => break,
+        };
+        let reply = match baton_proto::decode::<LinkMessage>(&buf[..got.len]) {
+            Ok(LinkMessage::Prepared { id }) => Some((id, Reply::Prepared)),
+            Ok(LinkMessage::Refused { id, reason }) => Some((id, Reply::Refused(reason))),
+            _ => None,
+        };
+        if let Some((id, reply)) = reply {
+            let waiting = link
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            if let Some(waiting) = waiting {
+                let _ = waiting.send(reply);
+            }
+        }
+    }
+    link.gone.store(true, Ordering::Release);
+    link.pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    debug!("handoff link to worker {} ended", link.peer);
+}
+
+/// A taker's link: offers prepared, then committed or aborted; when the link ends, every
+/// connection prepared and not aborted is served (the giver served none of them since).
+async fn take(link: UnixDatagram, from: u64, adopted: mpsc::UnboundedSender<Adopted>) {
+    let mut prepared: HashMap<u64, (OwnedFd, ConnectionKind, Vec<u8>)> = HashMap::new();
+    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    let answer = |message: LinkMessage| baton_proto::encode(&message);
+    let ended_cleanly = loop {
+        let got = match channel::recv_with_fds(&link, &mut buf, 1).await {
+            Ok(got) if got.len == 0 => break true,
+            Ok(got) => got,
+            Err(err) if err.kind() == io::ErrorKind::ConnectionReset => break true,
+            Err(err) => {
+                warn!("handoff link from worker {from}: {err}");
+                break false;
+            }
+        };
+        let mut fds = got.fds;
+        match baton_proto::decode::<LinkMessage>(&buf[..got.len]) {
+            Ok(LinkMessage::Offer { id, kind, state }) => {
+                let refusal = if got.truncated || got.fds_truncated || fds.len() != 1 {
+                    Some("an offer carries exactly one descriptor".to_string())
+                } else if kind == ConnectionKind::Unknown {
+                    Some("a kind of connection this worker does not know".into())
+                } else if state.len() > MAX_STATE_BYTES {
+                    Some(format!("state larger than {MAX_STATE_BYTES} bytes"))
+                } else if prepared.contains_key(&id) {
+                    Some(format!("offer {id} is prepared already"))
+                } else if prepared.len() >= MAX_PREPARED {
+                    Some("too many connections in flight".into())
+                } else if adopted.is_closed() {
+                    Some("this worker no longer adopts".into())
+                } else if !is_connected_stream(&fds[0]) {
+                    Some("the descriptor is not a connected stream socket".into())
+                } else {
+                    None
+                };
+                let reply = match refusal {
+                    Some(reason) => {
+                        fds.clear();
+                        LinkMessage::Refused { id, reason }
+                    }
+                    None => {
+                        prepared.insert(id, (fds.remove(0), kind, state));
+                        LinkMessage::Prepared { id }
+                    }
+                };
+                if link.send(&answer(reply)).await.is_err() {
+                    break true;
+                }
+            }
+            Ok(LinkMessage::Commit { id }) => {
+                if let Some((socket, kind, state)) = prepared.remove(&id) {
+                    let _ = adopted.send(Adopted {
+                        socket,
+                        kind,
+                        state,
+                        from_worker: from,
+                    });
+                }
+            }
+            Ok(LinkMessage::Abort { id }) => {
+                prepared.remove(&id);
+            }
+            // Anything else (a descriptor on another packet is closed as it drops).
+            _ => {}
+        }
+    };
+    if ended_cleanly {
+        for (_, (socket, kind, state)) in prepared {
+            let _ = adopted.send(Adopted {
+                socket,
+                kind,
+                state,
+                from_worker: from,
+            });
+        }
+    } else if !prepared.is_empty() {
+        // The link broke without its end: whether the giver kept them is unknown. Closing our
+        // copies leaves them to the giver, which reads this link's end and serves them on.
+        warn!(
+            "handoff link from worker {from} broke: {} prepared connections left to it",
+            prepared.len()
+        );
+    }
+}
+
+/// Whether `fd` is a connected stream socket (TCP or Unix).
+fn is_connected_stream(fd: &OwnedFd) -> bool {
+    baton_sys::channel::socket_kind(fd.as_fd())
+        .is_ok_and(|k| k.sock_type == baton_sys::channel::SockType::Stream && !k.listening)
+}
+
+/// Reports a giver's counts when they change, at most every [`crate::channel::REPORT_INTERVAL`].
+async fn report(shared: Arc<Shared>) {
+    let Control::Channel(channel) = &shared.control else {
+        return;
+    };
+    let mut last = HandoffCounts::default();
+    loop {
+        let notified = shared.handoff.counted.notified();
+        let now = *shared
+            .handoff
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if now != last {
+            let packet = baton_proto::encode(&WorkerMessage::HandoffReport(now));
+            if channel.send(&packet).await.is_err() {
+                return;
+            }
+            last = now;
+            tokio::time::sleep(crate::channel::REPORT_INTERVAL).await;
+            continue;
+        }
+        notified.await;
+    }
+}
+
+/// A stream that yields `prefix` before what it reads from `inner`: an adopted connection with
+/// the bytes its giver had read and not consumed (the start of the next request or frame).
+#[derive(Debug)]
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Rewind {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+
+    /// The stream, and the part of the prefix not read yet.
+    pub fn into_parts(self) -> (Vec<u8>, S) {
+        (self.prefix[self.at..].to_vec(), self.inner)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.prefix.len() {
+            let n = (this.prefix.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
