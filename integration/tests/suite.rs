@@ -20,6 +20,7 @@ mod suite {
     mod failed_reload;
     mod faults;
     mod flat;
+    mod handoff;
     mod hardening;
     mod hostile;
     mod kinds;

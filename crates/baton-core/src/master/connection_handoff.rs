@@ -32,12 +32,44 @@ pub(super) struct Part {
     pub(super) counts: HandoffCounts,
 }
 
+/// Givers gone whose reports may still be on their way: a report is read by the channel's task
+/// and reaches the loop as news, which can come after the worker's exit.
+const LATE_REPORTS: usize = 256;
+
 /// The master's own handoff records.
 #[derive(Debug, Default)]
 pub(super) struct Handoffs {
     next_link: u64,
-    /// Every giver's counts, summed (for the metrics): a report adds what grew.
-    pub(super) total: HandoffCounts,
+    /// The counts of the givers that are gone, summed.
+    gone: HandoffCounts,
+    /// The last counts of the givers gone most recently, for a report that comes late.
+    recent: std::collections::VecDeque<(WorkerId, HandoffCounts)>,
+}
+
+/// `b` added to `a`.
+fn add(a: &mut HandoffCounts, b: HandoffCounts) {
+    a.offered += b.offered;
+    a.adopted += b.adopted;
+    a.kept += b.kept;
+}
+
+/// Each count the larger of the two (counts only grow: a report that shrinks one is the
+/// worker's mistake, and changes nothing).
+fn most(a: HandoffCounts, b: HandoffCounts) -> HandoffCounts {
+    HandoffCounts {
+        offered: a.offered.max(b.offered),
+        adopted: a.adopted.max(b.adopted),
+        kept: a.kept.max(b.kept),
+    }
+}
+
+/// What `b` has more than `a`.
+fn growth(a: HandoffCounts, b: HandoffCounts) -> HandoffCounts {
+    HandoffCounts {
+        offered: b.offered.saturating_sub(a.offered),
+        adopted: b.adopted.saturating_sub(a.adopted),
+        kept: b.kept.saturating_sub(a.kept),
+    }
 }
 
 impl Master {
@@ -53,22 +85,26 @@ impl Master {
         }
     }
 
-    /// A giver's counts so far. Counts only grow: a report that shrinks one is the worker's
-    /// mistake, and changes none of the sums.
+    /// A giver's counts so far (cumulative), from a worker alive or gone lately.
     pub(super) fn handoff_report(&mut self, worker: WorkerId, counts: HandoffCounts) {
-        let Some(link) = self.links.get_mut(&worker) else {
+        if let Some(link) = self.links.get_mut(&worker) {
+            link.handoff.counts = most(link.handoff.counts, counts);
             return;
-        };
-        let before = link.handoff.counts;
-        let grew = |now: u64, was: u64| now.saturating_sub(was);
-        self.handoffs.total.offered += grew(counts.offered, before.offered);
-        self.handoffs.total.adopted += grew(counts.adopted, before.adopted);
-        self.handoffs.total.kept += grew(counts.kept, before.kept);
-        link.handoff.counts = HandoffCounts {
-            offered: counts.offered.max(before.offered),
-            adopted: counts.adopted.max(before.adopted),
-            kept: counts.kept.max(before.kept),
-        };
+        }
+        let handoffs = &mut self.handoffs;
+        if let Some((_, last)) = handoffs.recent.iter_mut().find(|(w, _)| *w == worker) {
+            add(&mut handoffs.gone, growth(*last, counts));
+            *last = most(*last, counts);
+        }
+    }
+
+    /// Every giver's counts, summed: those gone and those alive.
+    pub(super) fn handed_off(&self) -> HandoffCounts {
+        let mut total = self.handoffs.gone;
+        for link in self.links.values() {
+            add(&mut total, link.handoff.counts);
+        }
+        total
     }
 
     /// Before `giver` is asked to drain: if it offers its connections, links to the least
@@ -190,8 +226,16 @@ impl Master {
         }
     }
 
-    /// `worker` is gone: what it handed off, in the log.
-    pub(super) fn handoff_done(&self, worker: WorkerId, part: &Part) {
+    /// `worker` is gone: what it handed off, in the log and the sums.
+    pub(super) fn handoff_done(&mut self, worker: WorkerId, part: &Part) {
+        if part.offers {
+            let handoffs = &mut self.handoffs;
+            add(&mut handoffs.gone, part.counts);
+            if handoffs.recent.len() == LATE_REPORTS {
+                handoffs.recent.pop_front();
+            }
+            handoffs.recent.push_back((worker, part.counts));
+        }
         let HandoffCounts {
             offered,
             adopted,

@@ -99,7 +99,7 @@ impl Master {
                 ("{reason=\"cap\"}".into(), c.killed_by_cap.to_string()),
             ],
         );
-        let handed = self.handoffs.total;
+        let handed = self.handed_off();
         metric(
             "baton_connections_handed_off_total",
             "counter",

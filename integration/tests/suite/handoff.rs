@@ -1,0 +1,86 @@
+//! Connection handoff (issue 30, `docs/protocol.md`): a draining worker hands its kept-alive
+//! connections to the serving generation, which answers the next request on the same
+//! connection. Against the same load without handoff, where each reload closes them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use baton_integration::load::{Mode, Report};
+use baton_integration::{Master, TestConfig, event, eventually};
+
+const CLIENTS: usize = 8;
+const RUN: Duration = Duration::from_secs(6);
+const RELOAD_EVERY: Duration = Duration::from_millis(300);
+
+fn keep_alive_under_reloads(name: &str, handoff: bool) -> (Master, Report) {
+    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
+    if handoff {
+        config.args = vec!["--handoff".into()];
+    }
+    let master = Master::start(name, &config);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (report, _) = master.reload_under_load(addr, Mode::KeepAlive, CLIENTS, RUN, RELOAD_EVERY);
+    (master, report)
+}
+
+/// The value of one sample of the master's metrics.
+fn metric(master: &Master, sample: &str) -> u64 {
+    let (code, out, err) = master.ctl(&["metrics"]);
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {sample} in the metrics:\n{out}"))
+}
+
+#[test]
+fn kept_alive_connections_cross_every_reload_on_the_same_connection() {
+    let (master, report) = keep_alive_under_reloads("handoff-keepalive", true);
+    eprintln!("keep-alive with handoff: {}", report.summary());
+    report.assert_lossless("");
+    assert!(
+        report.ok > 500,
+        "the load must be real: {}",
+        report.summary()
+    );
+    assert!(
+        report.generations.len() > 5,
+        "the same connections were served by many generations: {}",
+        report.summary()
+    );
+    // Not one client had to reconnect: each kept its one connection through every reload.
+    assert_eq!(report.connections, CLIENTS as u64, "{}", report.summary());
+    assert_eq!(report.close_notices, 0, "{}", report.summary());
+    let links = master.events(event::HANDOFF_LINKS);
+    assert!(!links.is_empty(), "no handoff links were made");
+    // What the givers reported: every connection offered was taken (the last giver may still
+    // be at it as the load ends).
+    let sample = |outcome: &str| {
+        metric(
+            &master,
+            &format!("baton_connections_handed_off_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    let (offered, adopted) = eventually(
+        Duration::from_secs(10),
+        "every connection offered taken, in the metrics",
+        || {
+            let (offered, adopted, kept) = (sample("offered"), sample("adopted"), sample("kept"));
+            (offered > 0 && offered == adopted && kept == 0).then_some((offered, adopted))
+        },
+    );
+    eprintln!("handed off: {adopted} of {offered} connections offered");
+}
+
+#[test]
+fn without_handoff_the_same_clients_reconnect_at_each_reload() {
+    let (master, report) = keep_alive_under_reloads("no-handoff-keepalive", false);
+    eprintln!("keep-alive without handoff: {}", report.summary());
+    report.assert_lossless("");
+    assert!(
+        report.connections > CLIENTS as u64,
+        "drains close kept-alive connections (politely): {}",
+        report.summary()
+    );
+    assert!(report.close_notices > 0, "{}", report.summary());
+    assert!(master.events(event::HANDOFF_LINKS).is_empty());
+}
