@@ -38,6 +38,7 @@ pub enum ConnectionKind {
     /// not consumed (the start of the next request, if any).
     Http1,
     /// A WebSocket between messages. The state is a [`WebSocketState`] as JSON.
+    #[serde(rename = "websocket")]
     WebSocket,
     /// A kind this build does not know: the taker refuses it.
     #[serde(other)]

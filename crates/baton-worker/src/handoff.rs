@@ -521,6 +521,9 @@ async fn report(shared: Arc<Shared>) {
     }
 }
 
+#[cfg(test)]
+mod tests;
+
 /// A stream that yields `prefix` before what it reads from `inner`: an adopted connection with
 /// the bytes its giver had read and not consumed (the start of the next request or frame).
 #[derive(Debug)]

@@ -1,0 +1,255 @@
+//! The handoff exchange with real sockets: a real worker on one end of a link, the test on the
+//! other playing the peer that fails (or the master that introduces them). Each case ends with
+//! the client's connection served by exactly one side, which the client checks by talking.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use baton_proto::handoff::{ConnectionKind, LinkMessage};
+use baton_proto::{
+    HandoffLink, HandoffRole, Hello, MAX_MESSAGE_SIZE, MasterMessage, PROTOCOL_VERSION,
+};
+use baton_sys::channel;
+use tokio::net::UnixDatagram;
+
+use super::{Handoff, KeptBecause};
+use crate::Worker;
+
+fn pair() -> (UnixDatagram, UnixDatagram) {
+    let (a, b) = channel::pair().unwrap();
+    (
+        channel::into_async(a).unwrap(),
+        channel::into_async(b).unwrap(),
+    )
+}
+
+/// A link: the end for the worker under test, and the test's end.
+fn link() -> (OwnedFd, UnixDatagram) {
+    let (a, b) = channel::pair().unwrap();
+    (a, channel::into_async(b).unwrap())
+}
+
+/// A worker with no listeners, its master's end, and its part in handoff.
+async fn worker() -> (UnixDatagram, Worker, Handoff) {
+    let (master, end) = pair();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        watchdog_ms: None,
+        generation: 1,
+        worker_id: 1,
+        listeners: vec![],
+    };
+    let packet = baton_proto::encode(&MasterMessage::Hello(hello));
+    channel::send_with_fds(&master, &packet, &[]).await.unwrap();
+    let worker = Worker::handshake(end).await.unwrap();
+    let handoff = worker.handoff(true, true).await.unwrap();
+    (master, worker, handoff)
+}
+
+/// The master hands `worker` its end of a link, as giver or taker.
+async fn introduce(master: &UnixDatagram, role: HandoffRole, end: OwnedFd) {
+    let link = MasterMessage::HandoffLink(HandoffLink {
+        link: 1,
+        role,
+        peer: 2,
+        peer_generation: 2,
+        deadline_ms: 30_000,
+        max_per_second: 0,
+    });
+    let packet = baton_proto::encode(&link);
+    channel::send_with_fds(master, &packet, &[end.as_fd()])
+        .await
+        .unwrap();
+}
+
+/// A client connected to a server socket: (client, server side).
+fn connection() -> (std::net::TcpStream, OwnedFd) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server.into())
+}
+
+/// The server side of a connection answers the client: proof of who holds it.
+fn answer(server: OwnedFd, client: &mut std::net::TcpStream, word: &[u8]) {
+    let mut server = std::net::TcpStream::from(server);
+    server.write_all(word).unwrap();
+    let mut got = vec![0u8; word.len()];
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(got, word);
+}
+
+/// The next link packet, with its descriptors.
+async fn next(link: &UnixDatagram) -> (LinkMessage, Vec<OwnedFd>) {
+    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    let got = channel::recv_with_fds(link, &mut buf, 1).await.unwrap();
+    assert!(got.len > 0, "the link ended");
+    (baton_proto::decode(&buf[..got.len]).unwrap(), got.fds)
+}
+
+async fn send(link: &UnixDatagram, message: &LinkMessage, fds: &[std::os::fd::BorrowedFd<'_>]) {
+    channel::send_with_fds(link, &baton_proto::encode(message), fds)
+        .await
+        .unwrap();
+}
+
+/// Waits (bounded) until the giver's links are open: the master's packet was read.
+async fn until_takers(handoff: &Handoff, n: usize) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while handoff.takers() != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the link to arrive");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn two_workers_hand_a_connection_over_and_the_taker_answers_on_it() {
+    let (giver_master, _giver_worker, giver) = worker().await;
+    let (taker_master, _taker_worker, taker) = worker().await;
+    let (g, t) = channel::pair().unwrap();
+    introduce(&giver_master, HandoffRole::Giver, g).await;
+    introduce(&taker_master, HandoffRole::Taker, t).await;
+    until_takers(&giver, 1).await;
+    let (mut client, server) = connection();
+    giver
+        .offer(server, ConnectionKind::Http1, b"GET /next".to_vec())
+        .await
+        .unwrap();
+    let adopted = tokio::time::timeout(Duration::from_secs(5), taker.adopted())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(adopted.kind, ConnectionKind::Http1);
+    assert_eq!(adopted.state, b"GET /next");
+    answer(adopted.socket, &mut client, b"from the taker");
+    let counts = giver.counts();
+    assert_eq!((counts.offered, counts.adopted, counts.kept), (1, 1, 0));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_taker_that_goes_before_preparing_leaves_the_connection_with_the_giver() {
+    let (master, _w, giver) = worker().await;
+    let (g, t) = link();
+    introduce(&master, HandoffRole::Giver, g).await;
+    until_takers(&giver, 1).await;
+    let (mut client, server) = connection();
+    let offering = giver.offer(server, ConnectionKind::Http1, Vec::new());
+    let taker = async {
+        let (message, fds) = next(&t).await;
+        assert!(matches!(message, LinkMessage::Offer { .. }));
+        assert_eq!(fds.len(), 1);
+        // The taker dies: its copy and its end of the link close.
+        drop(fds);
+        drop(t);
+    };
+    let (kept, ()) = tokio::join!(offering, taker);
+    let kept = kept.unwrap_err();
+    assert!(matches!(kept.why, KeptBecause::TakerGone), "{}", kept.why);
+    answer(kept.socket, &mut client, b"still the giver");
+    assert_eq!(giver.counts().kept, 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_refusal_leaves_the_connection_with_the_giver() {
+    let (master, _w, giver) = worker().await;
+    let (g, t) = link();
+    introduce(&master, HandoffRole::Giver, g).await;
+    until_takers(&giver, 1).await;
+    let (mut client, server) = connection();
+    let offering = giver.offer(server, ConnectionKind::Http1, Vec::new());
+    let taker = async {
+        let (message, _fds) = next(&t).await;
+        let LinkMessage::Offer { id, .. } = message else {
+            panic!("{message:?}")
+        };
+        let refused = LinkMessage::Refused {
+            id,
+            reason: "full".into(),
+        };
+        send(&t, &refused, &[]).await;
+    };
+    let (kept, ()) = tokio::join!(offering, taker);
+    let kept = kept.unwrap_err();
+    assert!(matches!(kept.why, KeptBecause::Refused(ref r) if r == "full"));
+    answer(kept.socket, &mut client, b"still the giver");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_taker_that_does_not_prepare_in_time_is_told_to_abort() {
+    let (master, _w, giver) = worker().await;
+    let (g, t) = link();
+    introduce(&master, HandoffRole::Giver, g).await;
+    until_takers(&giver, 1).await;
+    let (mut client, server) = connection();
+    let offering = giver.offer(server, ConnectionKind::Http1, Vec::new());
+    let taker = async {
+        let (offer, _copy) = next(&t).await;
+        let LinkMessage::Offer { id, .. } = offer else {
+            panic!("{offer:?}")
+        };
+        // No answer: the giver gives up after OFFER_TIMEOUT and says so, on the link.
+        let (abort, _) = next(&t).await;
+        assert_eq!(abort, LinkMessage::Abort { id });
+    };
+    let (kept, ()) = tokio::join!(offering, taker);
+    let kept = kept.unwrap_err();
+    assert!(matches!(kept.why, KeptBecause::TimedOut), "{}", kept.why);
+    answer(kept.socket, &mut client, b"still the giver");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_giver_that_goes_after_the_taker_prepared_leaves_the_connection_to_the_taker() {
+    let (master, _w, taker) = worker().await;
+    let (t, g) = link();
+    introduce(&master, HandoffRole::Taker, t).await;
+    let (mut client, server) = connection();
+    let offer = LinkMessage::Offer {
+        id: 5,
+        kind: ConnectionKind::Http1,
+        state: b"abc".to_vec(),
+    };
+    send(&g, &offer, &[server.as_fd()]).await;
+    let (prepared, _) = next(&g).await;
+    assert_eq!(prepared, LinkMessage::Prepared { id: 5 });
+    // The giver dies before its commit: it served nothing since the offer.
+    drop(server);
+    drop(g);
+    let adopted = tokio::time::timeout(Duration::from_secs(5), taker.adopted())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(adopted.state, b"abc");
+    answer(adopted.socket, &mut client, b"the taker serves");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_aborted_offer_is_never_served_by_the_taker_even_when_the_giver_goes() {
+    let (master, _w, taker) = worker().await;
+    let (t, g) = link();
+    introduce(&master, HandoffRole::Taker, t).await;
+    let (mut client, server) = connection();
+    let offer = |id| LinkMessage::Offer {
+        id,
+        kind: ConnectionKind::Http1,
+        state: Vec::new(),
+    };
+    send(&g, &offer(1), &[server.as_fd()]).await;
+    assert_eq!(next(&g).await.0, LinkMessage::Prepared { id: 1 });
+    send(&g, &LinkMessage::Abort { id: 1 }, &[]).await;
+    // A second offer, refused: not one descriptor with it.
+    send(&g, &offer(2), &[]).await;
+    assert!(matches!(
+        next(&g).await.0,
+        LinkMessage::Refused { id: 2, .. }
+    ));
+    drop(g);
+    let nothing = tokio::time::timeout(Duration::from_millis(300), taker.adopted()).await;
+    assert!(nothing.is_err(), "adopted an aborted offer: {nothing:?}");
+    answer(server, &mut client, b"the giver serves on");
+}
