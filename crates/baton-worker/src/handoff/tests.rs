@@ -132,24 +132,38 @@ async fn two_workers_hand_a_connection_over_and_the_taker_answers_on_it() {
     assert_eq!((counts.offered, counts.adopted, counts.kept), (1, 1, 0));
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_taker_that_goes_before_preparing_leaves_the_connection_with_the_giver() {
-    let (master, _w, giver) = worker().await;
+/// A giver with one link, whose other end `taker` plays: the connection offered, what became
+/// of the offer (kept, here), the giver's part, and the client.
+async fn offer_to_a_failing_taker<F, Fut>(taker: F) -> (super::Kept, Handoff, std::net::TcpStream)
+where
+    F: FnOnce(UnixDatagram) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (master, _worker, giver) = worker().await;
     let (g, t) = link();
     introduce(&master, HandoffRole::Giver, g).await;
     until_takers(&giver, 1).await;
-    let (mut client, server) = connection();
+    let (client, server) = connection();
     let offering = giver.offer(server, ConnectionKind::Http1, Vec::new());
-    let taker = async {
-        let (message, fds) = next(&t).await;
-        assert!(matches!(message, LinkMessage::Offer { .. }));
-        assert_eq!(fds.len(), 1);
-        // The taker dies: its copy and its end of the link close.
-        drop(fds);
-        drop(t);
-    };
-    let (kept, ()) = tokio::join!(offering, taker);
-    let kept = kept.unwrap_err();
+    let (kept, ()) = tokio::join!(offering, taker(t));
+    (kept.unwrap_err(), giver, client)
+}
+
+/// The id of the offer that comes next on the link (its copy of the connection dropped).
+async fn offered(t: &UnixDatagram) -> u64 {
+    match next(t).await {
+        (LinkMessage::Offer { id, .. }, fds) if fds.len() == 1 => id,
+        other => panic!("not an offer with its descriptor: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_taker_that_goes_before_preparing_leaves_the_connection_with_the_giver() {
+    // The taker dies: its copy and its end of the link close.
+    let (kept, giver, mut client) = offer_to_a_failing_taker(|t| async move {
+        offered(&t).await;
+    })
+    .await;
     assert!(matches!(kept.why, KeptBecause::TakerGone), "{}", kept.why);
     answer(kept.socket, &mut client, b"still the giver");
     assert_eq!(giver.counts().kept, 1);
@@ -157,48 +171,24 @@ async fn a_taker_that_goes_before_preparing_leaves_the_connection_with_the_giver
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_refusal_leaves_the_connection_with_the_giver() {
-    let (master, _w, giver) = worker().await;
-    let (g, t) = link();
-    introduce(&master, HandoffRole::Giver, g).await;
-    until_takers(&giver, 1).await;
-    let (mut client, server) = connection();
-    let offering = giver.offer(server, ConnectionKind::Http1, Vec::new());
-    let taker = async {
-        let (message, _fds) = next(&t).await;
-        let LinkMessage::Offer { id, .. } = message else {
-            panic!("{message:?}")
-        };
-        let refused = LinkMessage::Refused {
-            id,
-            reason: "full".into(),
-        };
-        send(&t, &refused, &[]).await;
-    };
-    let (kept, ()) = tokio::join!(offering, taker);
-    let kept = kept.unwrap_err();
+    let (kept, _, mut client) = offer_to_a_failing_taker(|t| async move {
+        let id = offered(&t).await;
+        let reason = "full".to_string();
+        send(&t, &LinkMessage::Refused { id, reason }, &[]).await;
+    })
+    .await;
     assert!(matches!(kept.why, KeptBecause::Refused(ref r) if r == "full"));
     answer(kept.socket, &mut client, b"still the giver");
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_taker_that_does_not_prepare_in_time_is_told_to_abort() {
-    let (master, _w, giver) = worker().await;
-    let (g, t) = link();
-    introduce(&master, HandoffRole::Giver, g).await;
-    until_takers(&giver, 1).await;
-    let (mut client, server) = connection();
-    let offering = giver.offer(server, ConnectionKind::Http1, Vec::new());
-    let taker = async {
-        let (offer, _copy) = next(&t).await;
-        let LinkMessage::Offer { id, .. } = offer else {
-            panic!("{offer:?}")
-        };
+    let (kept, _, mut client) = offer_to_a_failing_taker(|t| async move {
+        let id = offered(&t).await;
         // No answer: the giver gives up after OFFER_TIMEOUT and says so, on the link.
-        let (abort, _) = next(&t).await;
-        assert_eq!(abort, LinkMessage::Abort { id });
-    };
-    let (kept, ()) = tokio::join!(offering, taker);
-    let kept = kept.unwrap_err();
+        assert_eq!(next(&t).await.0, LinkMessage::Abort { id });
+    })
+    .await;
     assert!(matches!(kept.why, KeptBecause::TimedOut), "{}", kept.why);
     answer(kept.socket, &mut client, b"still the giver");
 }
