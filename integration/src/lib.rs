@@ -21,6 +21,7 @@ pub mod storm;
 pub mod syscalls;
 pub mod systemd;
 pub mod worker_mode;
+pub mod wsclient;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ pub struct Binaries {
     pub it_worker: PathBuf,
     pub loadgen: PathBuf,
     pub h3_worker: PathBuf,
+    pub ws_worker: PathBuf,
 }
 
 /// Builds the binaries once (the escargot approach: ask cargo, do not guess `target/debug`).
@@ -61,6 +63,8 @@ pub fn binaries() -> &'static Binaries {
             "-p",
             "baton-example-h3",
             "-p",
+            "baton-example-ws",
+            "-p",
             "baton-integration",
             "--bins",
         ]);
@@ -82,6 +86,7 @@ pub fn binaries() -> &'static Binaries {
             it_worker: profile_dir.join("it-worker"),
             loadgen: profile_dir.join("loadgen"),
             h3_worker: profile_dir.join("h3-worker"),
+            ws_worker: profile_dir.join("ws-worker"),
         }
     })
 }

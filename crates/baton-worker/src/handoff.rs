@@ -521,8 +521,11 @@ async fn report(shared: Arc<Shared>) {
     }
 }
 
+mod frames;
 #[cfg(test)]
 mod tests;
+
+pub use frames::{FrameBounded, MAX_FRAME, frame_len};
 
 /// A stream that yields `prefix` before what it reads from `inner`: an adopted connection with
 /// the bytes its giver had read and not consumed (the start of the next request or frame).

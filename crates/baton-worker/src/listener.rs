@@ -50,6 +50,15 @@ pub enum Stream {
     Unix(UnixStream),
 }
 
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
 impl Stream {
     /// The connection's descriptor, out of the runtime (to offer it in a handoff).
     pub fn into_owned_fd(self) -> std::io::Result<std::os::fd::OwnedFd> {

@@ -1,0 +1,263 @@
+//! `ws-worker`: the example WebSocket worker, an echo and broadcast server on baton's SDK and
+//! tokio-tungstenite whose connections cross reloads (connection handoff, `docs/protocol.md`).
+//!
+//! Every text message is answered with `echo: MESSAGE` on the same connection; a message
+//! `broadcast: TEXT` goes to every connection of this worker as `TEXT`. Each reply carries
+//! nothing of the worker, so a client sees a handoff only by what it does not see: no close,
+//! no lost or repeated message.
+//!
+//! On a drain request each connection is taken apart between two messages (the socket read a
+//! whole frame at a time through `FrameBounded`, so no frame is half read) and offered, with
+//! what its handshake agreed and the bytes of the next frame already read, to a worker of the
+//! serving generation, which rebuilds it with `from_raw_socket`. A connection no taker takes is
+//! closed with the close code 1012 (Service Restart): the client knows to come back. With
+//! `--no-handoff` it offers nothing and takes nothing: every connection closes so on a reload.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use anyhow::Context;
+use baton_worker::handoff::{ConnectionKind, FrameBounded, Handoff, WebSocketState};
+use baton_worker::{DrainWatch, Listener, Stream, Worker};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::broadcast;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tracing::{info, warn};
+
+type Ws = WebSocketStream<FrameBounded<Stream>>;
+
+/// What a connection needs besides its socket: where it was opened and what it agreed.
+#[derive(Clone, Default)]
+struct Meta {
+    path: String,
+    subprotocol: Option<String>,
+}
+
+#[derive(clap::Parser)]
+#[command(
+    about = "Example baton worker: WebSocket echo and broadcast, connections kept across reloads"
+)]
+struct Args {
+    /// Take no part in connection handoff: close every WebSocket with 1012 on a drain.
+    #[arg(long)]
+    no_handoff: bool,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    worker: Arc<Worker>,
+    handoff: Handoff,
+    broadcast: broadcast::Sender<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    use clap::Parser;
+    use std::io::IsTerminal;
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let mut worker = Worker::from_env()
+        .await
+        .context("receiving listeners from baton")?;
+    let listeners = worker.take_all();
+    let handoff = worker
+        .handoff(!args.no_handoff, !args.no_handoff)
+        .await
+        .context("joining the handoff")?;
+    let ctx = Ctx {
+        worker: Arc::new(worker),
+        handoff,
+        broadcast: broadcast::channel(1024).0,
+    };
+    let mut accepting = tokio::task::JoinSet::new();
+    for (_, listener) in listeners {
+        accepting.spawn(accept_loop(listener, ctx.clone()));
+    }
+    tokio::spawn(adopt_loop(ctx.clone()));
+    ctx.worker.ready().await.context("reporting ready")?;
+    let pid = std::process::id();
+    info!(
+        "ws-worker pid {pid} generation {} ready",
+        ctx.worker.generation()
+    );
+    let reason = ctx.worker.drain_watch().requested().await;
+    accepting.join_all().await;
+    info!(
+        "pid {pid} draining ({reason}): {} connections",
+        ctx.worker.connections()
+    );
+    ctx.worker.idle().await;
+    ctx.handoff.report_now().await;
+    let c = ctx.handoff.counts();
+    info!(
+        "pid {pid} handed off {} of {} WebSockets offered; exiting",
+        c.adopted, c.offered
+    );
+    Ok(())
+}
+
+async fn accept_loop(listener: Listener, ctx: Ctx) {
+    let mut drain = ctx.worker.drain_watch();
+    loop {
+        tokio::select! {
+            biased;
+            _ = drain.requested() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        let guard = ctx.worker.track();
+                        if let Some((ws, meta)) = handshake(stream).await {
+                            serve(ws, meta, ctx).await;
+                        }
+                        drop(guard);
+                    });
+                }
+                Err(err) => {
+                    warn!("accept failed: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// The HTTP upgrade: the path, and the first subprotocol the client offers, if any.
+// The callback's type is tungstenite's (its error is an HTTP response, large by nature).
+#[allow(clippy::result_large_err)]
+async fn handshake(stream: Stream) -> Option<(Ws, Meta)> {
+    let mut meta = Meta::default();
+    let seen = &mut meta;
+    let callback = |req: &Request, mut resp: Response| {
+        seen.path = req.uri().path().to_string();
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|p| p.trim().to_string());
+        if let Some(p) = &offered
+            && let Ok(value) = p.parse()
+        {
+            resp.headers_mut().insert("sec-websocket-protocol", value);
+        }
+        seen.subprotocol = offered;
+        Ok(resp)
+    };
+    let mut ws = tokio_tungstenite::accept_hdr_async(FrameBounded::handshaking(stream), callback)
+        .await
+        .ok()?;
+    // From the first message on, whole frames only (the client waits for the handshake's
+    // answer before its first frame, so none is inside tungstenite now).
+    ws.get_mut().start_framing();
+    Some((ws, meta))
+}
+
+/// Serves the WebSockets handed to this worker, from where they were.
+async fn adopt_loop(ctx: Ctx) {
+    while let Some(adopted) = ctx.handoff.adopted().await {
+        if adopted.kind != ConnectionKind::WebSocket {
+            continue;
+        }
+        let Ok(state) = serde_json::from_slice::<WebSocketState>(&adopted.state) else {
+            continue;
+        };
+        let Ok(stream) = Stream::from_owned_fd(adopted.socket) else {
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let guard = ctx.worker.track();
+            let socket = FrameBounded::new(state.unread, stream);
+            let ws = WebSocketStream::from_raw_socket(socket, Role::Server, None).await;
+            let meta = Meta {
+                path: state.path,
+                subprotocol: state.subprotocol,
+            };
+            serve(ws, meta, ctx).await;
+            drop(guard);
+        });
+    }
+}
+
+async fn serve(mut ws: Ws, meta: Meta, ctx: Ctx) {
+    let mut drain: DrainWatch = ctx.worker.drain_watch();
+    let mut broadcasts = ctx.broadcast.subscribe();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            // Waiting here for the next message is the safe point: whole frames only, so
+            // nothing of the next one is inside tungstenite.
+            _ = drain.requested(), if !draining => {
+                draining = true;
+                ctx.handoff.settled().await;
+                match hand_off(ws, &meta, &ctx).await {
+                    None => return,
+                    Some(kept) => ws = kept,
+                }
+                // No taker: the client is told to come back.
+                let close = CloseFrame { code: CloseCode::Restart, reason: "service restart".into() };
+                let _ = ws.close(Some(close)).await;
+            }
+            message = ws.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    let reply = match text.strip_prefix("broadcast: ") {
+                        Some(all) => { let _ = ctx.broadcast.send(all.to_string()); continue; }
+                        None => format!("echo: {text}"),
+                    };
+                    if ws.send(Message::text(reply)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            Ok(all) = broadcasts.recv() => {
+                if ws.send(Message::text(all)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Offers the connection to a taker. `None`: taken (or gone); `Some`: still ours.
+async fn hand_off(ws: Ws, meta: &Meta, ctx: &Ctx) -> Option<Ws> {
+    if ctx.handoff.takers() == 0 {
+        return Some(ws);
+    }
+    let socket = ws.get_ref().get_ref().as_fd().try_clone_to_owned().ok()?;
+    let state = WebSocketState {
+        subprotocol: meta.subprotocol.clone(),
+        extensions: None,
+        path: meta.path.clone(),
+        unread: ws.get_ref().unread().to_vec(),
+        session: Vec::new(),
+    };
+    let unread = state.unread.clone();
+    let state = serde_json::to_vec(&state).ok()?;
+    // Our copy of the socket goes with the WebSocket; the offer's copy is the one handed over.
+    drop(ws);
+    match ctx
+        .handoff
+        .offer(socket, ConnectionKind::WebSocket, state)
+        .await
+    {
+        Ok(()) => None,
+        Err(kept) => {
+            info!("WebSocket kept: {}", kept.why);
+            let stream = Stream::from_owned_fd(kept.socket).ok()?;
+            let socket = FrameBounded::new(unread, stream);
+            Some(WebSocketStream::from_raw_socket(socket, Role::Server, None).await)
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! WebSocket clients for the suite and the benchmark, on tokio-tungstenite's client (a library
+//! of its own: nothing of baton's or of the example server's code). Each client opens one
+//! connection, sends a numbered message every period and waits for its echo before the next:
+//! a message lost, repeated or out of order, and a connection that ends, are each counted,
+//! never retried, never reconnected.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// What the clients saw.
+#[derive(Debug, Default, Clone)]
+pub struct WsReport {
+    pub clients: usize,
+    /// Clients whose connection opened.
+    pub connected: usize,
+    pub sent: u64,
+    /// Echoes received, each the one expected next.
+    pub echoed: u64,
+    /// Echoes that were not the one expected next (lost, repeated or out of order).
+    pub wrong: u64,
+    /// Connections that ended before the run did, by why (`close 1012`, `error ...`,
+    /// `timeout`).
+    pub ended: BTreeMap<String, u64>,
+    /// Echo times, sorted after the run.
+    pub latencies: Vec<Duration>,
+}
+
+impl WsReport {
+    pub fn disconnects(&self) -> u64 {
+        self.ended.values().sum()
+    }
+
+    pub fn quantile(&self, q: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        self.latencies[((self.latencies.len() - 1) as f64 * q).round() as usize]
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} of {} clients connected, {} sent, {} echoed, {} wrong, {} disconnects {:?}, echo p50 {:?}, p99 {:?}",
+            self.connected,
+            self.clients,
+            self.sent,
+            self.echoed,
+            self.wrong,
+            self.disconnects(),
+            self.ended,
+            self.quantile(0.5),
+            self.quantile(0.99)
+        )
+    }
+}
+
+/// A run of WebSocket clients on a runtime of its own, until [`WsLoad::finish`].
+#[derive(Debug)]
+pub struct WsLoad {
+    stop: Arc<AtomicBool>,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<WsReport>,
+}
+
+impl WsLoad {
+    /// `clients` connections to `ws://addr/chat`, opened one after the other (each waits for
+    /// the one before it to open), then a message every `period` on each, for at most
+    /// `longest`.
+    pub fn start(addr: SocketAddr, clients: usize, period: Duration, longest: Duration) -> WsLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (flag, count) = (stop.clone(), opened.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime for the WebSocket clients");
+            runtime.block_on(run(addr, clients, period, longest, flag, count))
+        });
+        WsLoad {
+            stop,
+            opened,
+            thread,
+        }
+    }
+
+    /// How many clients have opened their connection so far.
+    pub fn connected(&self) -> usize {
+        self.opened.load(Ordering::Acquire)
+    }
+
+    /// Stops every client after its current message, and what they saw.
+    pub fn stop_and_report(self) -> WsReport {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().expect("the WebSocket clients' thread")
+    }
+}
+
+async fn run(
+    addr: SocketAddr,
+    clients: usize,
+    period: Duration,
+    longest: Duration,
+    stop: Arc<AtomicBool>,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+) -> WsReport {
+    let end = Instant::now() + longest;
+    let mut tasks = Vec::new();
+    for id in 0..clients {
+        let url = format!("ws://{addr}/chat");
+        let mut request = url.into_client_request().expect("a WebSocket request");
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "chat".parse().unwrap());
+        let Ok(Ok((ws, _))) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(request),
+        )
+        .await
+        else {
+            continue;
+        };
+        opened.fetch_add(1, Ordering::AcqRel);
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(client(id, ws, period, end, stop)));
+    }
+    let mut report = WsReport {
+        clients,
+        connected: tasks.len(),
+        ..WsReport::default()
+    };
+    for task in tasks {
+        let one = task.await.expect("a client task");
+        report.sent += one.sent;
+        report.echoed += one.echoed;
+        report.wrong += one.wrong;
+        for (why, n) in one.ended {
+            *report.ended.entry(why).or_default() += n;
+        }
+        report.latencies.extend(one.latencies);
+    }
+    report.latencies.sort();
+    report
+}
+
+async fn client<S>(
+    id: usize,
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    period: Duration,
+    end: Instant,
+    stop: Arc<AtomicBool>,
+) -> WsReport
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut report = WsReport::default();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Acquire) && Instant::now() < end {
+        tick.tick().await;
+        n += 1;
+        let text = format!("c{id} n{n}");
+        let sent = Instant::now();
+        if let Err(err) = ws.send(Message::text(text.clone())).await {
+            *report.ended.entry(format!("send: {err}")).or_default() += 1;
+            return report;
+        }
+        report.sent += 1;
+        let expected = format!("echo: {text}");
+        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if t.starts_with("echo: ") => return Ok(t),
+                    Some(Ok(Message::Close(frame))) => {
+                        let code = frame.map_or(0, |f| u16::from(f.code));
+                        return Err(format!("close {code}"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => return Err(format!("error: {err}")),
+                    None => return Err("end of stream".to_string()),
+                }
+            }
+        })
+        .await;
+        match answer {
+            Ok(Ok(t)) if t.as_str() == expected => {
+                report.echoed += 1;
+                report.latencies.push(sent.elapsed());
+            }
+            Ok(Ok(_)) => report.wrong += 1,
+            Ok(Err(why)) => {
+                *report.ended.entry(why).or_default() += 1;
+                return report;
+            }
+            Err(_) => {
+                *report.ended.entry("timeout".into()).or_default() += 1;
+                return report;
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    report
+}
