@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every benchmark in one command: baton alone (reload-bench), then baton side by side with
 # nginx, HAProxy and a naive restart (peer-bench), then HTTP/3 across reloads against Caddy
-# (h3-bench). Installs nginx-light, haproxy and caddy from Debian's packages when missing. Loopback only; every phase is bounded in time (about 12 minutes in all).
+# (h3-bench), then WebSockets across reloads with and without connection handoff beside nginx and
+# HAProxy (ws-bench). Installs nginx-light, haproxy and caddy from Debian's packages when missing.
+# Loopback only; every phase is bounded in time (about 22 minutes in all).
 #
 #   bash integration/bench.sh [OUTDIR]      # default: target/bench
 #
@@ -25,7 +27,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-cargo build --release --locked -p baton -p baton-example-worker -p baton-example-h3 -p baton-integration --bins
+cargo build --release --locked -p baton -p baton-example-worker -p baton-example-h3 -p baton-example-ws -p baton-integration --bins
 {
     echo "Run $(date -u +%Y-%m-%dT%H:%MZ); $(nproc) CPUs, $(free -g | awk '/^Mem:/ {print $2}') GiB,"
     echo "Linux $(uname -r), $(. /etc/os-release && echo "$PRETTY_NAME"), baton $(git rev-parse --short HEAD 2>/dev/null || echo '?'),"
@@ -37,7 +39,8 @@ status=0
 ./target/release/reload-bench >"$out/reload-bench.md" || status=1
 ./target/release/peer-bench --seconds 20 --svg "$out/peers.svg" >"$out/peer-bench.md" || status=1
 ./target/release/h3-bench >"$out/h3-bench.md" || status=1
-cat "$out/machine.md" "$out/reload-bench.md" "$out/peer-bench.md" "$out/h3-bench.md"
+./target/release/ws-bench >"$out/ws-bench.md" || status=1
+cat "$out/machine.md" "$out/reload-bench.md" "$out/peer-bench.md" "$out/h3-bench.md" "$out/ws-bench.md"
 if ((status)); then
     echo "FAILED: see above" >&2
 fi

@@ -1,0 +1,435 @@
+//! `ws-bench`: WebSocket clients across reloads, baton with connection handoff beside baton
+//! without it, nginx proxying WebSockets (`nginx -s reload`) and HAProxy -W (SIGUSR2).
+//!
+//! ```text
+//! cargo run --release -p baton-integration --bin ws-bench [-- --clients 10000 --seconds 60]
+//! ```
+//!
+//! Each client (tokio-tungstenite's client, `wsclient.rs`) sends a numbered message every
+//! 100 ms and checks its echo; the server reloads every second. Prints a Markdown table:
+//! disconnects, messages lost or out of order, echo p99 steady and during reloads, the old
+//! processes still alive at the end; and, for baton, the master's CPU time and memory. Needs
+//! `nginx` and `haproxy` for their rows (skipped when missing); kills every `nginx` and
+//! `haproxy` process between runs. Loopback only, bounded in time.
+
+#![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use baton_integration::wsclient::{WsLoad, WsReport};
+use baton_integration::{Master, TestConfig, binaries, free_port, procfs};
+use futures_util::{SinkExt, StreamExt};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Baton,
+    BatonNoHandoff,
+    Nginx,
+    Haproxy,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Baton => "baton, connection handoff (ws-worker)",
+            Peer::BatonNoHandoff => "baton, no handoff (ws-worker --no-handoff: 1012 at the drain)",
+            Peer::Nginx => {
+                "nginx proxying WebSockets (nginx -s reload, worker_shutdown_timeout 10s)"
+            }
+            Peer::Haproxy => "HAProxy -W (SIGUSR2, hard-stop-after 10s)",
+        }
+    }
+}
+
+struct Args {
+    clients: usize,
+    seconds: u64,
+    only: Vec<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        clients: 10_000,
+        seconds: 60,
+        only: Vec::new(),
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        match (pair[0].as_str(), pair.get(1)) {
+            ("--clients", Some(v)) if v.parse::<usize>().is_ok() => a.clients = v.parse().unwrap(),
+            ("--seconds", Some(v)) if v.parse::<u64>().is_ok() => a.seconds = v.parse().unwrap(),
+            ("--only", Some(v)) => a.only = v.split(',').map(str::to_string).collect(),
+            _ => {
+                eprintln!(
+                    "usage: ws-bench [--clients N] [--seconds S] [--only baton,no-handoff,nginx,haproxy]"
+                );
+                std::process::exit(64);
+            }
+        }
+    }
+    a
+}
+
+/// An echo server for the proxies to stand in front of (tokio-tungstenite, this process).
+fn backend() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    // The clients ask for the subprotocol `chat`: it is agreed.
+                    #[allow(clippy::result_large_err)] // tungstenite's callback type
+                    let agree = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                                 mut response: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                        response
+                            .headers_mut()
+                            .insert("sec-websocket-protocol", "chat".parse().unwrap());
+                        Ok(response)
+                    };
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, agree).await else {
+                        return;
+                    };
+                    while let Some(Ok(message)) = ws.next().await {
+                        if let tokio_tungstenite::tungstenite::Message::Text(t) = message {
+                            let echo = format!("echo: {t}");
+                            if ws.send(echo.into()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+fn kill_peers() {
+    for name in ["nginx", "haproxy"] {
+        let _ = Command::new("pkill").args(["-KILL", "-x", name]).output();
+    }
+}
+
+fn count(name: &str) -> usize {
+    Command::new("pgrep")
+        .args(["-c", "-x", name])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procfs::listening_inodes(port).is_empty() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nginx_conf(dir: &Path, port: u16, backend: SocketAddr) {
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "worker_processes 2;\nworker_rlimit_nofile 20000;\nworker_shutdown_timeout 10s;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 19000; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  server {{ listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://{backend}; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 1h; }} }}\n}}\n"
+        ),
+    )
+    .unwrap();
+}
+
+fn haproxy_conf(dir: &Path, port: u16, backend: SocketAddr) {
+    std::fs::write(
+        dir.join("haproxy.cfg"),
+        format!(
+            "global\n  master-worker\n  hard-stop-after 10s\n  nbthread 2\n  maxconn 9900\ndefaults\n  mode http\n  timeout client 30s\n  timeout connect 5s\n  timeout server 30s\n  timeout tunnel 1h\nfrontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server s1 {backend}\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// A server under test, and how to reload it.
+struct Running {
+    peer: Peer,
+    dir: std::path::PathBuf,
+    master: Option<Master>,
+}
+
+impl Running {
+    fn start(peer: Peer, port: u16, backend: SocketAddr) -> Running {
+        let dir = tempfile::Builder::new()
+            .prefix("ws-bench-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let master = match peer {
+            Peer::Baton | Peer::BatonNoHandoff => {
+                let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
+                config.command = binaries().ws_worker.clone();
+                config.drain_timeout = "10s";
+                if peer == Peer::BatonNoHandoff {
+                    config.args = vec!["--no-handoff".into()];
+                }
+                Some(Master::start("ws-bench", &config))
+            }
+            Peer::Nginx => {
+                nginx_conf(&dir, port, backend);
+                let _ = Command::new("nginx")
+                    .arg("-c")
+                    .arg(dir.join("nginx.conf"))
+                    .arg("-p")
+                    .arg(&dir)
+                    .arg("-e")
+                    .arg(dir.join("error.log"))
+                    .output();
+                None
+            }
+            Peer::Haproxy => {
+                haproxy_conf(&dir, port, backend);
+                let _ = Command::new("haproxy")
+                    .args(["-W", "-D", "-f"])
+                    .arg(dir.join("haproxy.cfg"))
+                    .arg("-p")
+                    .arg(dir.join("haproxy.pid"))
+                    .output();
+                None
+            }
+        };
+        wait_listening(port);
+        Running { peer, dir, master }
+    }
+
+    fn reload(&self) {
+        match self.peer {
+            Peer::Baton | Peer::BatonNoHandoff => {
+                let _ = self.master.as_ref().unwrap().reload();
+            }
+            Peer::Nginx => {
+                let _ = Command::new("nginx")
+                    .arg("-c")
+                    .arg(self.dir.join("nginx.conf"))
+                    .arg("-p")
+                    .arg(&self.dir)
+                    .args(["-s", "reload"])
+                    .output();
+            }
+            Peer::Haproxy => {
+                if let Some(pid) = std::fs::read_to_string(self.dir.join("haproxy.pid"))
+                    .ok()
+                    .and_then(|p| p.lines().next()?.trim().parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGUSR2,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Processes of the server alive now (the master's workers, or nginx's or HAProxy's).
+    fn processes(&self) -> usize {
+        match self.peer {
+            // Its workers: the master's children but its guard.
+            Peer::Baton | Peer::BatonNoHandoff => self.master.as_ref().map_or(0, |m| {
+                procfs::children(m.pid())
+                    .into_iter()
+                    .filter(|pid| {
+                        !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                            .is_ok_and(|c| c.contains("guard"))
+                    })
+                    .count()
+            }),
+            Peer::Nginx => count("nginx"),
+            Peer::Haproxy => count("haproxy"),
+        }
+    }
+}
+
+/// The master's CPU time (user + system) and resident memory.
+fn master_usage(pid: u32) -> (Duration, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After the command's closing parenthesis: state is field 0, utime 11, stime 12.
+    let cpu = Duration::from_millis((ticks(11) + ticks(12)) * 10);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    (cpu, rss)
+}
+
+struct Row {
+    peer: Peer,
+    steady: WsReport,
+    reloading: WsReport,
+    reloads: u64,
+    alive_after: usize,
+    master: Option<(Duration, u64, u64)>,
+}
+
+fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
+    kill_peers();
+    let port = free_port();
+    let server = Running::start(peer, port, backend);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let period = Duration::from_millis(100);
+    let connect = |what: &str| {
+        let load = WsLoad::start(
+            addr,
+            args.clients,
+            period,
+            Duration::from_secs(args.seconds + 120),
+        );
+        // Until every client is in, or none has come in for 10 s.
+        let (mut last, mut since) = (0, Instant::now());
+        while load.connected() < args.clients && since.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(100));
+            if load.connected() > last {
+                (last, since) = (load.connected(), Instant::now());
+            }
+        }
+        eprintln!(
+            "{}: {what}: {} clients connected",
+            peer.name(),
+            load.connected()
+        );
+        load
+    };
+    // Steady: no reload, a tenth of the run.
+    let load = connect("steady");
+    std::thread::sleep(Duration::from_secs((args.seconds / 10).max(5)));
+    let steady = load.stop_and_report();
+    // Reloading: one a second.
+    let load = connect("reloading");
+    let before = server.master.as_ref().map(|m| master_usage(m.pid()));
+    let start = Instant::now();
+    let mut reloads = 0;
+    while start.elapsed() < Duration::from_secs(args.seconds) {
+        let at = Instant::now();
+        server.reload();
+        reloads += 1;
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(at.elapsed()));
+    }
+    // Counted while the clients still hold their connections (old processes that keep them
+    // are still there).
+    let alive_after = server.processes();
+    let reloading = load.stop_and_report();
+    let master = server.master.as_ref().map(|m| {
+        let (cpu0, _) = before.unwrap_or_default();
+        let (cpu, rss) = master_usage(m.pid());
+        let handed = m
+            .ctl(&["metrics"])
+            .1
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("baton_connections_handed_off_total{outcome=\"adopted\"}")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0);
+        (cpu.saturating_sub(cpu0), rss, handed)
+    });
+    drop(server);
+    kill_peers();
+    Row {
+        peer,
+        steady,
+        reloading,
+        reloads,
+        alive_after,
+        master,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+fn main() {
+    let args = args();
+    let backend = backend();
+    let mut peers = vec![Peer::Baton, Peer::BatonNoHandoff];
+    for (peer, program) in [(Peer::Nginx, "nginx"), (Peer::Haproxy, "haproxy")] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            peers.push(peer);
+        } else {
+            eprintln!("{program} is not installed: its row is skipped");
+        }
+    }
+    let keys = |p: Peer| match p {
+        Peer::Baton => "baton",
+        Peer::BatonNoHandoff => "no-handoff",
+        Peer::Nginx => "nginx",
+        Peer::Haproxy => "haproxy",
+    };
+    peers.retain(|p| args.only.is_empty() || args.only.iter().any(|o| o == keys(*p)));
+    println!(
+        "## WebSockets across reloads\n\n{} clients, a numbered message every 100 ms each, echo checked; a reload every second for {} s.\n",
+        args.clients, args.seconds
+    );
+    println!(
+        "| server | reloads | sent | echoed | lost or out of order | disconnects | echo p99 steady (ms) | echo p99 reloading (ms) | processes alive at the end |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut failed = false;
+    let mut baton_row = None;
+    for peer in peers {
+        let row = measure(peer, &args, backend);
+        let r = &row.reloading;
+        println!(
+            "| {} | {} | {} | {} | {} | {} {:?} | {} | {} | {} |",
+            row.peer.name(),
+            row.reloads,
+            r.sent,
+            r.echoed,
+            r.wrong + (r.sent - r.echoed - r.disconnects().min(r.sent - r.echoed)),
+            r.disconnects(),
+            r.ended,
+            ms(row.steady.quantile(0.99)),
+            ms(r.quantile(0.99)),
+            row.alive_after
+        );
+        if row.peer == Peer::Baton {
+            failed |= r.disconnects() > 0 || r.wrong > 0 || r.echoed != r.sent;
+            baton_row = row.master;
+        }
+    }
+    if let Some((cpu, rss, handed)) = baton_row {
+        println!(
+            "\nbaton's master during the reloading run: {} ms of CPU, {} KiB resident at the end, {handed} connections handed over (the connections go from worker to worker: none passes through the master).",
+            cpu.as_millis(),
+            rss
+        );
+    }
+    if failed {
+        eprintln!("baton with handoff lost or disconnected something");
+        std::process::exit(1);
+    }
+}
