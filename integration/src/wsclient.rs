@@ -28,6 +28,8 @@ pub struct WsReport {
     /// Connections that ended before the run did, by why (`close 1012`, `error ...`,
     /// `timeout`).
     pub ended: BTreeMap<String, u64>,
+    /// When each of those connections ended, from the run's start, sorted.
+    pub ended_at: Vec<Duration>,
     /// Echo times, sorted after the run.
     pub latencies: Vec<Duration>,
 }
@@ -35,6 +37,15 @@ pub struct WsReport {
 impl WsReport {
     pub fn disconnects(&self) -> u64 {
         self.ended.values().sum()
+    }
+
+    /// The most connections that ended within any `window`: how many clients come back at once.
+    pub fn peak_ends(&self, window: Duration) -> usize {
+        let at = &self.ended_at;
+        (0..at.len())
+            .map(|i| at[i..].iter().take_while(|t| **t < at[i] + window).count())
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn quantile(&self, q: f64) -> Duration {
@@ -111,7 +122,8 @@ async fn run(
     stop: Arc<AtomicBool>,
     opened: Arc<std::sync::atomic::AtomicUsize>,
 ) -> WsReport {
-    let end = Instant::now() + longest;
+    let begun = Instant::now();
+    let end = begun + longest;
     let mut tasks = Vec::new();
     for id in 0..clients {
         let url = format!("ws://{addr}/chat");
@@ -129,7 +141,7 @@ async fn run(
         };
         opened.fetch_add(1, Ordering::AcqRel);
         let stop = stop.clone();
-        tasks.push(tokio::spawn(client(id, ws, period, end, stop)));
+        tasks.push(tokio::spawn(client(id, ws, period, (begun, end), stop)));
     }
     let mut report = WsReport {
         clients,
@@ -144,9 +156,11 @@ async fn run(
         for (why, n) in one.ended {
             *report.ended.entry(why).or_default() += n;
         }
+        report.ended_at.extend(one.ended_at);
         report.latencies.extend(one.latencies);
     }
     report.latencies.sort();
+    report.ended_at.sort();
     report
 }
 
@@ -154,7 +168,7 @@ async fn client<S>(
     id: usize,
     mut ws: tokio_tungstenite::WebSocketStream<S>,
     period: Duration,
-    end: Instant,
+    (begun, end): (Instant, Instant),
     stop: Arc<AtomicBool>,
 ) -> WsReport
 where
@@ -198,6 +212,7 @@ where
             Ok(Ok(_)) => report.wrong += 1,
             Ok(Err(why)) => {
                 *report.ended.entry(why).or_default() += 1;
+                report.ended_at.push(begun.elapsed());
                 return report;
             }
             Err(_) => {

@@ -119,3 +119,36 @@ pub(crate) fn watch_signals(shared: Arc<Shared>) {
     tokio::spawn(watch_drain_signal(shared, term));
     tokio::spawn(ignore_usr1(usr1));
 }
+
+/// Spreads the closing of long-lived connections a worker cannot hand over across a window
+/// (for WebSockets: a close with 1012, Service Restart), so that their clients do not all
+/// reconnect in the same instant. Each connection waits for its turn: the `i`-th of `total`
+/// at `window * i / total` after the pacer was made.
+#[derive(Debug)]
+pub struct Pacer {
+    start: tokio::time::Instant,
+    window: std::time::Duration,
+    total: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Pacer {
+    pub fn new(window: std::time::Duration, total: u64) -> Pacer {
+        Pacer {
+            start: tokio::time::Instant::now(),
+            window,
+            total: total.max(1),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Waits for this connection's turn to close (turns past `total` close at the window's end).
+    pub async fn turn(&self) {
+        let i = self
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .min(self.total);
+        let at = self.window.mul_f64(i as f64 / self.total as f64);
+        tokio::time::sleep_until(self.start + at).await;
+    }
+}

@@ -41,7 +41,7 @@ mod systemd;
 #[cfg(test)]
 mod tests;
 
-pub use drain::{AcceptGate, ConnectionGuard, DrainReason, DrainWatch};
+pub use drain::{AcceptGate, ConnectionGuard, DrainReason, DrainWatch, Pacer};
 pub use error::WorkerError;
 pub use handoff::Handoff;
 pub use listener::{Listener, Stream};

@@ -46,6 +46,11 @@ struct Args {
     /// Take no part in connection handoff: close every WebSocket with 1012 on a drain.
     #[arg(long)]
     no_handoff: bool,
+
+    /// Spread the closes (1012) of the connections no taker takes over this window
+    /// (milliseconds), instead of closing them all at once.
+    #[arg(long, default_value_t = 0)]
+    close_window_ms: u64,
 }
 
 #[derive(Clone)]
@@ -53,6 +58,9 @@ struct Ctx {
     worker: Arc<Worker>,
     handoff: Handoff,
     broadcast: broadcast::Sender<String>,
+    close_window: std::time::Duration,
+    /// Made at the first close after a drain request: the turns of the closes.
+    pacer: Arc<std::sync::OnceLock<baton_worker::Pacer>>,
 }
 
 #[tokio::main]
@@ -77,6 +85,8 @@ async fn main() -> anyhow::Result<()> {
         worker: Arc::new(worker),
         handoff,
         broadcast: broadcast::channel(1024).0,
+        close_window: std::time::Duration::from_millis(args.close_window_ms),
+        pacer: Arc::new(std::sync::OnceLock::new()),
     };
     let mut accepting = tokio::task::JoinSet::new();
     for (_, listener) in listeners {
@@ -204,7 +214,27 @@ async fn serve(mut ws: Ws, meta: Meta, ctx: Ctx) {
                     None => return,
                     Some(kept) => ws = kept,
                 }
-                // No taker: the client is told to come back.
+                // No taker: the client is told to come back, at its turn (`--close-window-ms`)
+                // while the connection serves on.
+                let pacer = ctx.pacer.get_or_init(|| {
+                    baton_worker::Pacer::new(ctx.close_window, ctx.worker.connections())
+                });
+                let turn = pacer.turn();
+                tokio::pin!(turn);
+                loop {
+                    tokio::select! {
+                        () = &mut turn => break,
+                        message = ws.next() => match message {
+                            Some(Ok(Message::Text(text))) => {
+                                if ws.send(Message::text(format!("echo: {text}"))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                            Some(Ok(_)) => {}
+                        },
+                    }
+                }
                 let close = CloseFrame { code: CloseCode::Restart, reason: "service restart".into() };
                 let _ = ws.close(Some(close)).await;
             }

@@ -27,6 +27,7 @@ use futures_util::{SinkExt, StreamExt};
 enum Peer {
     Baton,
     BatonNoHandoff,
+    BatonPaced,
     Nginx,
     Haproxy,
 }
@@ -36,6 +37,7 @@ impl Peer {
         match self {
             Peer::Baton => "baton, connection handoff (ws-worker)",
             Peer::BatonNoHandoff => "baton, no handoff (ws-worker --no-handoff: 1012 at the drain)",
+            Peer::BatonPaced => "baton, no handoff, closes paced over 5 s (--close-window-ms 5000)",
             Peer::Nginx => {
                 "nginx proxying WebSockets (nginx -s reload, worker_shutdown_timeout 10s)"
             }
@@ -64,7 +66,7 @@ fn args() -> Args {
             ("--only", Some(v)) => a.only = v.split(',').map(str::to_string).collect(),
             _ => {
                 eprintln!(
-                    "usage: ws-bench [--clients N] [--seconds S] [--only baton,no-handoff,nginx,haproxy]"
+                    "usage: ws-bench [--clients N] [--seconds S] [--only baton,no-handoff,paced,nginx,haproxy]"
                 );
                 std::process::exit(64);
             }
@@ -174,12 +176,18 @@ impl Running {
             .unwrap()
             .keep();
         let master = match peer {
-            Peer::Baton | Peer::BatonNoHandoff => {
+            Peer::Baton | Peer::BatonNoHandoff | Peer::BatonPaced => {
                 let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
                 config.command = binaries().ws_worker.clone();
                 config.drain_timeout = "10s";
-                if peer == Peer::BatonNoHandoff {
-                    config.args = vec!["--no-handoff".into()];
+                match peer {
+                    Peer::BatonNoHandoff => config.args = vec!["--no-handoff".into()],
+                    Peer::BatonPaced => {
+                        config.args = ["--no-handoff", "--close-window-ms", "5000"]
+                            .map(String::from)
+                            .to_vec();
+                    }
+                    _ => {}
                 }
                 Some(Master::start("ws-bench", &config))
             }
@@ -212,7 +220,7 @@ impl Running {
 
     fn reload(&self) {
         match self.peer {
-            Peer::Baton | Peer::BatonNoHandoff => {
+            Peer::Baton | Peer::BatonNoHandoff | Peer::BatonPaced => {
                 let _ = self.master.as_ref().unwrap().reload();
             }
             Peer::Nginx => {
@@ -242,15 +250,17 @@ impl Running {
     fn processes(&self) -> usize {
         match self.peer {
             // Its workers: the master's children but its guard.
-            Peer::Baton | Peer::BatonNoHandoff => self.master.as_ref().map_or(0, |m| {
-                procfs::children(m.pid())
-                    .into_iter()
-                    .filter(|pid| {
-                        !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                            .is_ok_and(|c| c.contains("guard"))
-                    })
-                    .count()
-            }),
+            Peer::Baton | Peer::BatonNoHandoff | Peer::BatonPaced => {
+                self.master.as_ref().map_or(0, |m| {
+                    procfs::children(m.pid())
+                        .into_iter()
+                        .filter(|pid| {
+                            !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                                .is_ok_and(|c| c.contains("guard"))
+                        })
+                        .count()
+                })
+            }
             Peer::Nginx => count("nginx"),
             Peer::Haproxy => count("haproxy"),
         }
@@ -371,7 +381,7 @@ fn ms(d: Duration) -> String {
 fn main() {
     let args = args();
     let backend = backend();
-    let mut peers = vec![Peer::Baton, Peer::BatonNoHandoff];
+    let mut peers = vec![Peer::Baton, Peer::BatonNoHandoff, Peer::BatonPaced];
     for (peer, program) in [(Peer::Nginx, "nginx"), (Peer::Haproxy, "haproxy")] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {program}")])
@@ -386,6 +396,7 @@ fn main() {
     let keys = |p: Peer| match p {
         Peer::Baton => "baton",
         Peer::BatonNoHandoff => "no-handoff",
+        Peer::BatonPaced => "paced",
         Peer::Nginx => "nginx",
         Peer::Haproxy => "haproxy",
     };
@@ -395,16 +406,16 @@ fn main() {
         args.clients, args.seconds
     );
     println!(
-        "| server | reloads | sent | echoed | lost or out of order | disconnects | echo p99 steady (ms) | echo p99 reloading (ms) | processes alive at the end |"
+        "| server | reloads | sent | echoed | lost or out of order | disconnects | most disconnects in 1 s | echo p99 steady (ms) | echo p99 reloading (ms) | processes alive at the end |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut failed = false;
     let mut baton_row = None;
     for peer in peers {
         let row = measure(peer, &args, backend);
         let r = &row.reloading;
         println!(
-            "| {} | {} | {} | {} | {} | {} {:?} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} {:?} | {} | {} | {} | {} |",
             row.peer.name(),
             row.reloads,
             r.sent,
@@ -412,6 +423,7 @@ fn main() {
             r.wrong + (r.sent - r.echoed - r.disconnects().min(r.sent - r.echoed)),
             r.disconnects(),
             r.ended,
+            r.peak_ends(Duration::from_secs(1)),
             ms(row.steady.quantile(0.99)),
             ms(r.quantile(0.99)),
             row.alive_after

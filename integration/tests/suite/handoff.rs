@@ -160,3 +160,63 @@ fn without_handoff_every_websocket_is_closed_with_1012_at_a_reload() {
     );
     assert_eq!(report.wrong, 0, "{}", report.summary());
 }
+
+/// Without handoff, `--close-window-ms` spreads the 1012 closes over the window (the SDK's
+/// `Pacer`), so the clients do not all come back in the same instant: against all closed at
+/// once, the most closes within any 200 ms falls by more than half.
+#[test]
+fn a_paced_drain_spreads_the_closes_over_its_window() {
+    const CLIENTS: usize = 60;
+    let closes = |name: &str, window_ms: &str| {
+        let (port, mut config) = TestConfig::hello_on_a_free_port(1);
+        config.command = baton_integration::binaries().ws_worker.clone();
+        config.args = vec![
+            "--no-handoff".into(),
+            "--close-window-ms".into(),
+            window_ms.into(),
+        ];
+        let master = Master::start(name, &config);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let load = WsLoad::start(
+            addr,
+            CLIENTS,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        );
+        eventually(
+            Duration::from_secs(30),
+            "every WebSocket client connected",
+            || (load.connected() == CLIENTS).then_some(()),
+        );
+        master.reload();
+        master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
+            e["generation"] == 1
+        });
+        let report = load.stop_and_report();
+        assert_eq!(
+            report.ended.get("close 1012"),
+            Some(&(CLIENTS as u64)),
+            "{}",
+            report.summary()
+        );
+        assert_eq!(report.wrong, 0, "{}", report.summary());
+        report
+    };
+    let at_once = closes("closes-at-once", "0");
+    let paced = closes("closes-paced", "3000");
+    let window = Duration::from_millis(200);
+    let (burst, spread) = (at_once.peak_ends(window), paced.peak_ends(window));
+    let span =
+        |r: &baton_integration::wsclient::WsReport| *r.ended_at.last().unwrap() - r.ended_at[0];
+    eprintln!(
+        "1012 closes: at once, {burst} within 200 ms (over {:?}); paced over 3 s, at most {spread} within 200 ms (over {:?})",
+        span(&at_once),
+        span(&paced)
+    );
+    assert!(spread * 2 < burst, "paced {spread}, at once {burst}");
+    assert!(
+        span(&paced) >= Duration::from_millis(2000),
+        "{:?}",
+        span(&paced)
+    );
+}
