@@ -76,6 +76,7 @@ impl WsReport {
 pub struct WsLoad {
     stop: Arc<AtomicBool>,
     opened: Arc<std::sync::atomic::AtomicUsize>,
+    ended: Arc<std::sync::atomic::AtomicUsize>,
     thread: std::thread::JoinHandle<WsReport>,
 }
 
@@ -86,20 +87,27 @@ impl WsLoad {
     pub fn start(addr: SocketAddr, clients: usize, period: Duration, longest: Duration) -> WsLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (flag, count) = (stop.clone(), opened.clone());
+        let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (flag, count, gone) = (stop.clone(), opened.clone(), ended.clone());
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .expect("a runtime for the WebSocket clients");
-            runtime.block_on(run(addr, clients, period, longest, flag, count))
+            runtime.block_on(run(addr, clients, period, longest, flag, (count, gone)))
         });
         WsLoad {
             stop,
             opened,
+            ended,
             thread,
         }
+    }
+
+    /// How many clients' connections have ended (not counting those the run stopped).
+    pub fn ended(&self) -> usize {
+        self.ended.load(Ordering::Acquire)
     }
 
     /// How many clients have opened their connection so far.
@@ -120,7 +128,10 @@ async fn run(
     period: Duration,
     longest: Duration,
     stop: Arc<AtomicBool>,
-    opened: Arc<std::sync::atomic::AtomicUsize>,
+    (opened, ended): (
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ),
 ) -> WsReport {
     let begun = Instant::now();
     let end = begun + longest;
@@ -141,7 +152,14 @@ async fn run(
         };
         opened.fetch_add(1, Ordering::AcqRel);
         let stop = stop.clone();
-        tasks.push(tokio::spawn(client(id, ws, period, (begun, end), stop)));
+        let ended = ended.clone();
+        tasks.push(tokio::spawn(async move {
+            let report = client(id, ws, period, (begun, end), stop).await;
+            if report.disconnects() > 0 {
+                ended.fetch_add(1, Ordering::AcqRel);
+            }
+            report
+        }));
     }
     let mut report = WsReport {
         clients,

@@ -33,7 +33,8 @@ use crate::{Control, Shared, Worker};
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connections a taker holds prepared (not committed) on one link at most: past it, it refuses.
-const MAX_PREPARED: usize = 1024;
+/// A giver paced at `max_per_second` has about that many times the round trip in flight.
+const MAX_PREPARED: usize = 4096;
 
 /// A connection handed to this worker and committed: it serves it from now on.
 #[derive(Debug)]
@@ -73,6 +74,10 @@ pub enum KeptBecause {
     Send(#[source] io::Error),
 }
 
+/// An offer's turn on a link ([`Handoff::turn`]).
+#[derive(Debug)]
+pub struct Turn(Arc<GiverLink>);
+
 /// A giver's answer from the taker, by offer id.
 enum Reply {
     Prepared,
@@ -85,8 +90,8 @@ struct GiverLink {
     peer: u64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     gone: std::sync::atomic::AtomicBool,
-    /// Offers sent in the current second, and when it began (`max_per_second`).
-    pace: Mutex<(Instant, u32)>,
+    /// When the next offer may go (`max_per_second`: evenly spaced, not in bursts).
+    pace: Mutex<Instant>,
     max_per_second: u32,
 }
 
@@ -164,9 +169,36 @@ impl Handoff {
     /// Offers a connection, stopped at a safe point (nothing of it read past `state`, nothing
     /// being written), to a taker. `Ok`: the taker serves it (this copy is closed). `Err`: it
     /// is still this worker's, with why. Offers are spread over the links in turn, at most
-    /// the link's rate per second each.
+    /// the link's rate per second each: this waits for the turn, the connection stopped
+    /// meanwhile; [`Handoff::turn`] waits for it while the connection still serves.
     pub async fn offer(
         &self,
+        socket: OwnedFd,
+        kind: ConnectionKind,
+        state: Vec<u8>,
+    ) -> Result<(), Kept> {
+        match self.turn().await {
+            Some(turn) => self.offer_at(turn, socket, kind, state).await,
+            None => Err(Kept {
+                socket,
+                why: KeptBecause::NoTaker,
+            }),
+        }
+    }
+
+    /// Waits for the next offer's turn on a link (spread over the links, at most each one's
+    /// rate per second): a connection waits for it while it still serves, then stops at its
+    /// next safe point and goes with [`Handoff::offer_at`]. `None`: no taker.
+    pub async fn turn(&self) -> Option<Turn> {
+        let link = self.shared.handoff.next_giver()?;
+        link.wait_for_pace().await;
+        Some(Turn(link))
+    }
+
+    /// [`Handoff::offer`] at a turn already waited for.
+    pub async fn offer_at(
+        &self,
+        turn: Turn,
         socket: OwnedFd,
         kind: ConnectionKind,
         state: Vec<u8>,
@@ -180,10 +212,10 @@ impl Handoff {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return keep(socket, KeptBecause::DeadlinePassed);
         }
-        let Some(link) = handoff.next_giver() else {
-            return keep(socket, KeptBecause::NoTaker);
-        };
-        link.wait_for_pace().await;
+        let link = turn.0;
+        if link.gone.load(Ordering::Acquire) {
+            return keep(socket, KeptBecause::TakerGone);
+        }
         let id = handoff.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
         link.pending
@@ -309,26 +341,20 @@ impl GiverLink {
             .remove(&id);
     }
 
-    /// Waits until another offer fits this second's budget (`max_per_second`, 0: none).
+    /// Waits for this offer's turn: offers on a link go evenly spaced at `max_per_second`
+    /// (0: no limit), so a drain of thousands does not send them all in one burst.
     async fn wait_for_pace(&self) {
         if self.max_per_second == 0 {
             return;
         }
-        loop {
-            let wait = {
-                let mut pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                if now.duration_since(pace.0) >= Duration::from_secs(1) {
-                    *pace = (now, 0);
-                }
-                if pace.1 < self.max_per_second {
-                    pace.1 += 1;
-                    return;
-                }
-                Duration::from_secs(1).saturating_sub(now.duration_since(pace.0))
-            };
-            tokio::time::sleep(wait).await;
-        }
+        let gap = Duration::from_secs(1) / self.max_per_second;
+        let at = {
+            let mut next = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(Instant::now());
+            *next = at + gap;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
     }
 }
 
@@ -348,7 +374,7 @@ pub(crate) fn on_link(shared: &Arc<Shared>, link: HandoffLink, fd: OwnedFd) {
                 peer: link.peer,
                 pending: Mutex::new(HashMap::new()),
                 gone: std::sync::atomic::AtomicBool::new(false),
-                pace: Mutex::new((Instant::now(), 0)),
+                pace: Mutex::new(Instant::now()),
                 max_per_second: link.max_per_second,
             });
             let state = &shared.handoff;

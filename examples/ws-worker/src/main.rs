@@ -17,7 +17,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use anyhow::Context;
-use baton_worker::handoff::{ConnectionKind, FrameBounded, Handoff, WebSocketState};
+use baton_worker::handoff::{ConnectionKind, FrameBounded, Handoff, Turn, WebSocketState};
 use baton_worker::{DrainWatch, Listener, Stream, Worker};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::broadcast;
@@ -203,16 +203,30 @@ async fn serve(mut ws: Ws, meta: Meta, ctx: Ctx) {
     let mut drain: DrainWatch = ctx.worker.drain_watch();
     let mut broadcasts = ctx.broadcast.subscribe();
     let mut draining = false;
+    // Draining: this connection's turn to be offered, waited for while it serves on.
+    let mut turn: Option<
+        std::pin::Pin<Box<dyn std::future::Future<Output = Option<Turn>> + Send>>,
+    > = None;
     loop {
         tokio::select! {
-            // Waiting here for the next message is the safe point: whole frames only, so
-            // nothing of the next one is inside tungstenite.
             _ = drain.requested(), if !draining => {
                 draining = true;
-                ctx.handoff.settled().await;
-                match hand_off(ws, &meta, &ctx).await {
-                    None => return,
-                    Some(kept) => ws = kept,
+                let handoff = ctx.handoff.clone();
+                turn = Some(Box::pin(async move {
+                    // The links come before the master's drain packet.
+                    handoff.settled().await;
+                    handoff.turn().await
+                }));
+            }
+            // Its turn: waiting here for the next message is the safe point (whole frames
+            // only, so nothing of the next one is inside tungstenite).
+            at = async { turn.as_mut().unwrap().await }, if turn.is_some() => {
+                turn = None;
+                if let Some(at) = at {
+                    match hand_off(ws, &meta, &ctx, at).await {
+                        None => return,
+                        Some(kept) => ws = kept,
+                    }
                 }
                 // No taker: the client is told to come back, at its turn (`--close-window-ms`)
                 // while the connection serves on.
@@ -260,11 +274,8 @@ async fn serve(mut ws: Ws, meta: Meta, ctx: Ctx) {
     }
 }
 
-/// Offers the connection to a taker. `None`: taken (or gone); `Some`: still ours.
-async fn hand_off(ws: Ws, meta: &Meta, ctx: &Ctx) -> Option<Ws> {
-    if ctx.handoff.takers() == 0 {
-        return Some(ws);
-    }
+/// Offers the connection to a taker at its turn. `None`: taken (or gone); `Some`: still ours.
+async fn hand_off(ws: Ws, meta: &Meta, ctx: &Ctx, turn: Turn) -> Option<Ws> {
     let socket = ws.get_ref().get_ref().as_fd().try_clone_to_owned().ok()?;
     let state = WebSocketState {
         subprotocol: meta.subprotocol.clone(),
@@ -279,7 +290,7 @@ async fn hand_off(ws: Ws, meta: &Meta, ctx: &Ctx) -> Option<Ws> {
     drop(ws);
     match ctx
         .handoff
-        .offer(socket, ConnectionKind::WebSocket, state)
+        .offer_at(turn, socket, ConnectionKind::WebSocket, state)
         .await
     {
         Ok(()) => None,

@@ -224,13 +224,18 @@ impl Running {
                 let _ = self.master.as_ref().unwrap().reload();
             }
             Peer::Nginx => {
-                let _ = Command::new("nginx")
+                let out = Command::new("nginx")
                     .arg("-c")
                     .arg(self.dir.join("nginx.conf"))
                     .arg("-p")
                     .arg(&self.dir)
+                    .arg("-e")
+                    .arg(self.dir.join("error.log"))
                     .args(["-s", "reload"])
                     .output();
+                if !out.as_ref().is_ok_and(|o| o.status.success()) {
+                    eprintln!("nginx -s reload failed: {out:?}");
+                }
             }
             Peer::Haproxy => {
                 if let Some(pid) = std::fs::read_to_string(self.dir.join("haproxy.pid"))

@@ -220,3 +220,92 @@ fn a_paced_drain_spreads_the_closes_over_its_window() {
         span(&paced)
     );
 }
+
+/// A storm: a reload every 150 ms while WebSockets are being handed over (reloads queue and
+/// coalesce, generations hand over to generations that are themselves about to drain): still
+/// no client disconnected, no message lost, repeated or out of order.
+#[test]
+fn a_storm_of_reloads_during_handoffs_disconnects_nobody() {
+    const CLIENTS: usize = 100;
+    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
+    config.command = baton_integration::binaries().ws_worker.clone();
+    let master = Master::start("handoff-storm", &config);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = WsLoad::start(
+        addr,
+        CLIENTS,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "every WebSocket client connected",
+        || (load.connected() == CLIENTS).then_some(()),
+    );
+    let start = std::time::Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        master.signal(nix::sys::signal::Signal::SIGUSR2);
+        sent += 1;
+        // Each signal once the master took the one before (standard signals do not queue).
+        eventually(
+            Duration::from_secs(10),
+            "the master to take the signal",
+            || (master.events(event::RELOAD_REQUESTED).len() >= sent).then_some(()),
+        );
+        std::thread::sleep(Duration::from_millis(150)); // the storm's cadence, not a wait
+    }
+    master.verdict_of(sent as u64);
+    let report = load.stop_and_report();
+    eprintln!(
+        "WebSockets through {sent} reload requests 150 ms apart: {}",
+        report.summary()
+    );
+    assert_eq!(report.disconnects(), 0, "{}", report.summary());
+    assert_eq!(report.wrong, 0, "{}", report.summary());
+    assert_eq!(report.echoed, report.sent, "{}", report.summary());
+}
+
+/// The master SIGKILLed while its workers hand WebSockets over: nothing depends on it (the
+/// links are between workers), each connection ends served or closed with 1012 by the worker
+/// that holds it when the workers drain for the master's death: none is cut without a close.
+#[test]
+fn a_master_killed_mid_handoff_leaves_every_websocket_served_or_closed_with_1012() {
+    const CLIENTS: usize = 100;
+    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
+    config.command = baton_integration::binaries().ws_worker.clone();
+    let master = Master::start("handoff-master-killed", &config);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let load = WsLoad::start(
+        addr,
+        CLIENTS,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "every WebSocket client connected",
+        || (load.connected() == CLIENTS).then_some(()),
+    );
+    master.signal(nix::sys::signal::Signal::SIGUSR2);
+    // The handoff begins once generation 2 serves: the master dies then.
+    master.wait_event(event::HANDOFF_LINKS, Duration::from_secs(30), |_| true);
+    master.signal(nix::sys::signal::Signal::SIGKILL);
+    // Every worker drains for the master's death; the clients see the end of each connection.
+    eventually(Duration::from_secs(60), "every connection ended", || {
+        (load.ended() == CLIENTS).then_some(())
+    });
+    let report = load.stop_and_report();
+    eprintln!(
+        "WebSockets, master killed mid-handoff: {}",
+        report.summary()
+    );
+    assert_eq!(report.wrong, 0, "{}", report.summary());
+    // Ended, each with a close frame: 1012 from the worker that held it.
+    assert_eq!(
+        report.ended.get("close 1012"),
+        Some(&(CLIENTS as u64)),
+        "{}",
+        report.summary()
+    );
+}
