@@ -3,7 +3,7 @@
 # nginx, HAProxy and a naive restart (peer-bench), then HTTP/3 across reloads against Caddy
 # (h3-bench), then WebSockets across reloads with and without connection handoff beside nginx and
 # HAProxy (ws-bench). Installs nginx-light, haproxy and caddy from Debian's packages when missing.
-# Loopback only; every phase is bounded in time (about 22 minutes in all).
+# Loopback only; every phase is bounded in time (about 35 minutes in all).
 #
 #   bash integration/bench.sh [OUTDIR]      # default: target/bench
 #
