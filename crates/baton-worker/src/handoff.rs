@@ -36,7 +36,9 @@ pub const OFFER_TIMEOUT: Duration = Duration::from_secs(2);
 /// A giver paced at `max_per_second` has about that many times the round trip in flight.
 const MAX_PREPARED: usize = 4096;
 
-/// A connection handed to this worker and committed: it serves it from now on.
+/// A connection handed to this worker and committed: it serves it from now on. Until this is
+/// dropped the worker is not idle ([`Worker::idle`]): count the connection (`Worker::track`)
+/// before letting go of it.
 #[derive(Debug)]
 pub struct Adopted {
     /// The connected socket.
@@ -46,6 +48,27 @@ pub struct Adopted {
     pub state: Vec<u8>,
     /// The worker that served it before.
     pub from_worker: u64,
+    _held: Busy,
+}
+
+/// Handoff work in progress that keeps a worker from being idle: a taker's link open (a giver
+/// may still hand it connections), or a connection adopted and not yet counted by the app.
+#[derive(Debug)]
+struct Busy(Arc<Shared>);
+
+impl Busy {
+    fn new(shared: &Arc<Shared>) -> Busy {
+        shared.handoff.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(shared.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.handoff.busy.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+        self.0.changed.notify_one();
+    }
 }
 
 /// A connection no taker took: still the caller's, to serve or drain as before.
@@ -106,6 +129,8 @@ pub(crate) struct State {
     deadline: Mutex<Option<Instant>>,
     counts: Mutex<HandoffCounts>,
     counted: Notify,
+    /// See [`Busy`].
+    pub(crate) busy: AtomicU64,
     /// The master's drain packet came (its links come before it), or the master is gone: the
     /// links this worker will get as a giver are all here.
     settled: tokio::sync::watch::Sender<bool>,
@@ -131,6 +156,7 @@ impl Default for State {
             deadline: Mutex::new(None),
             counts: Mutex::new(HandoffCounts::default()),
             counted: Notify::new(),
+            busy: AtomicU64::new(0),
             settled: tokio::sync::watch::channel(false).0,
         }
     }
@@ -390,8 +416,9 @@ pub(crate) fn on_link(shared: &Arc<Shared>, link: HandoffLink, fd: OwnedFd) {
             tokio::spawn(read_replies(giver));
         }
         HandoffRole::Taker => {
-            let adopted = shared.handoff.adopted_tx.clone();
-            tokio::spawn(take(socket, link.peer, adopted));
+            // Not idle while the link is open: a giver may still hand over a connection.
+            let open = Busy::new(shared);
+            tokio::spawn(take(socket, link.peer, shared.clone(), open));
         }
     }
 }
@@ -431,7 +458,8 @@ async fn read_replies(link: Arc<GiverLink>) {
 
 /// A taker's link: offers prepared, then committed or aborted; when the link ends, every
 /// connection prepared and not aborted is served (the giver served none of them since).
-async fn take(link: UnixDatagram, from: u64, adopted: mpsc::UnboundedSender<Adopted>) {
+async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
+    let adopted = shared.handoff.adopted_tx.clone();
     let mut prepared: HashMap<u64, (OwnedFd, ConnectionKind, Vec<u8>)> = HashMap::new();
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     let answer = |message: LinkMessage| baton_proto::encode(&message);
@@ -486,6 +514,7 @@ async fn take(link: UnixDatagram, from: u64, adopted: mpsc::UnboundedSender<Adop
                         kind,
                         state,
                         from_worker: from,
+                        _held: Busy::new(&shared),
                     });
                 }
             }
@@ -503,6 +532,7 @@ async fn take(link: UnixDatagram, from: u64, adopted: mpsc::UnboundedSender<Adop
                 kind,
                 state,
                 from_worker: from,
+                _held: Busy::new(&shared),
             });
         }
     } else if !prepared.is_empty() {
@@ -513,6 +543,7 @@ async fn take(link: UnixDatagram, from: u64, adopted: mpsc::UnboundedSender<Adop
             prepared.len()
         );
     }
+    drop(open);
 }
 
 /// Whether `fd` is a connected stream socket (TCP or Unix).

@@ -179,11 +179,13 @@ impl Worker {
         self.shared.connections.load(Ordering::Acquire)
     }
 
-    /// Waits until no tracked connection is open.
+    /// Waits until no tracked connection is open, and no connection handoff is under way
+    /// towards this worker (a taker's link open, an adopted connection not yet tracked).
     pub async fn idle(&self) {
         loop {
             let notified = self.shared.changed.notified();
-            if self.connections() == 0 {
+            let handing = self.shared.handoff.busy.load(Ordering::Acquire);
+            if self.connections() == 0 && handing == 0 {
                 return;
             }
             notified.await;

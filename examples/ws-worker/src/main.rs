@@ -124,8 +124,8 @@ async fn accept_loop(listener: Listener, ctx: Ctx) {
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
                     let ctx = ctx.clone();
+                    let guard = ctx.worker.track();
                     tokio::spawn(async move {
-                        let guard = ctx.worker.track();
                         if let Some((ws, meta)) = handshake(stream).await {
                             serve(ws, meta, ctx).await;
                         }
@@ -185,8 +185,10 @@ async fn adopt_loop(ctx: Ctx) {
             continue;
         };
         let ctx = ctx.clone();
+        // Counted before the adopted connection (the rest of `adopted`, dropped at the end of
+        // this turn) lets go of the worker (see `Adopted`).
+        let guard = ctx.worker.track();
         tokio::spawn(async move {
-            let guard = ctx.worker.track();
             let socket = FrameBounded::new(state.unread, stream);
             let ws = WebSocketStream::from_raw_socket(socket, Role::Server, None).await;
             let meta = Meta {
