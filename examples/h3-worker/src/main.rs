@@ -63,7 +63,10 @@ fn identity(args: &Args) -> anyhow::Result<(Vec<CertificateDer<'static>>, Privat
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Not `log_internal_errors`: when the master dies, stderr's reader goes with it, and the
+    // note tracing would print about the failed write panics (stderr is broken).
     tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();
