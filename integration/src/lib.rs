@@ -200,6 +200,13 @@ impl TestConfig {
         }
     }
 
+    /// The test worker (`it-worker`) in `mode` in place of the hello worker.
+    pub fn it_worker(&mut self, mode: worker_mode::WorkerMode) -> &mut Self {
+        self.command = binaries().it_worker.clone();
+        self.env = vec![mode.env()];
+        self
+    }
+
     pub fn yaml(&self) -> String {
         let mut y = String::from("listeners:\n");
         for (name, address) in &self.listeners {
@@ -359,6 +366,20 @@ pub fn http(port: u16, method: &str, path: &str) -> (u16, String, String) {
     (status, head.to_string(), body.to_string())
 }
 
+/// Writes `text` to `dir/name`, executable (a script a test runs as a worker or a program).
+pub fn executable(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -454,6 +475,14 @@ impl Master {
     /// Starts a master on `config` and waits until its first generation serves.
     pub fn start(name: &str, config: &TestConfig) -> Master {
         Master::builder(name).config(config).serving()
+    }
+
+    /// Starts a master of `processes` hello workers on a free loopback port and waits until
+    /// its first generation serves.
+    pub fn hello(name: &str, processes: usize) -> (u16, Master) {
+        let port = free_port();
+        let config = TestConfig::hello(&format!("127.0.0.1:{port}"), processes);
+        (port, Master::start(name, &config))
     }
 
     /// Starts a master without waiting for anything.

@@ -66,6 +66,30 @@ impl Report {
         );
     }
 
+    /// Prints the run's summary under `what`, then asserts nothing failed and at least
+    /// `at_least` requests were answered (the load was real).
+    #[track_caller]
+    pub fn assert_lossless_with(&self, what: &str, at_least: u64) {
+        eprintln!("{what}: {}", self.summary());
+        self.assert_lossless(what);
+        assert!(
+            self.ok >= at_least,
+            "{what}: the load must be real (at least {at_least} answered): {}",
+            self.summary()
+        );
+    }
+
+    /// Asserts every answer came from one of `generations`.
+    #[track_caller]
+    pub fn assert_served_by(&self, generations: &[u64]) {
+        assert_eq!(
+            self.generations.keys().copied().collect::<Vec<_>>(),
+            generations,
+            "{}",
+            self.summary()
+        );
+    }
+
     fn merge(&mut self, other: Report) {
         self.ok += other.ok;
         for (k, v) in other.failures {

@@ -2,7 +2,7 @@
 //! `reload-bench` (which prints it).
 
 use crate::event;
-use std::net::SocketAddr;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -40,7 +40,7 @@ pub fn storm(cap: usize, processes: usize, signals: usize, clients: usize) -> St
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), processes);
     c.max_draining = cap;
     let master = Arc::new(Master::start("storm", &c));
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = crate::loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, clients);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {

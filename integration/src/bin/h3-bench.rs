@@ -30,7 +30,7 @@ struct Row {
 
 /// Runs the clients against `port` while `reload` is called every 500 ms for `seconds`.
 fn measure(name: &str, port: u16, seconds: u64, mut reload: impl FnMut() -> bool) -> Row {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = baton_integration::loopback(port);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = {
         let stop = stop.clone();

@@ -390,7 +390,7 @@ fn scenario(peer: Peer, mode: Mode, every: Duration, seconds: u64, clients: usiz
     kill_peers();
     let port = free_port();
     let running = start(peer, port);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = baton_integration::loopback(port);
     let bounds = Bounds {
         clients,
         duration: Duration::from_secs(seconds + 30),

@@ -308,7 +308,7 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
     kill_peers();
     let port = free_port();
     let server = Running::start(peer, port, backend);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = baton_integration::loopback(port);
     let period = Duration::from_millis(100);
     let connect = |what: &str| {
         let load = WsLoad::start(

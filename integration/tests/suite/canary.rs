@@ -2,12 +2,12 @@
 //! ready; a crash during the probation rolls back.
 
 use baton_integration::event;
-use std::net::SocketAddr;
+use baton_integration::loopback;
 use std::time::Duration;
 
 use baton_integration::load::{Load, Mode};
 use baton_integration::worker_mode::WorkerMode;
-use baton_integration::{Master, TestConfig, binaries, free_port};
+use baton_integration::{Master, TestConfig, free_port};
 
 fn with_canary(port: u16, window: &str) -> TestConfig {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
@@ -20,12 +20,11 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
     let port = free_port();
     let good = with_canary(port, "3s");
     let master = Master::start("canary-rollback", &good);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, 4);
     // Ready at once, then dies 1 s later (it never accepts: it cannot take requests with it).
     let mut bad = good.clone();
-    bad.command = binaries().it_worker.clone();
-    bad.env = vec![WorkerMode::CrashAfter(1000).env()];
+    bad.it_worker(WorkerMode::CrashAfter(1000));
     master.write_config(&bad.yaml());
     let (code, _, err) = master.ctl(&["reload"]);
     assert_eq!(code, 1, "{err}");
@@ -46,12 +45,8 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
         "the old generation serves again: {status}"
     );
     let report = load.finish();
-    eprintln!("rollback under load: {}", report.summary());
-    report.assert_lossless("");
-    assert_eq!(
-        report.generations.keys().copied().collect::<Vec<_>>(),
-        vec![1]
-    );
+    report.assert_lossless_with("rollback under load", 0);
+    report.assert_served_by(&[1]);
     assert!(
         master.events(event::WORKER_KILLED).is_empty(),
         "generation 1 was never drained"
@@ -62,7 +57,7 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
 fn a_generation_that_survives_its_probation_succeeds_and_then_the_old_one_drains() {
     let port = free_port();
     let master = Master::start("canary-ok", &with_canary(port, "1500ms"));
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::KeepAlive, 4);
     let (code, out, err) = master.ctl(&["reload", "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -106,11 +101,10 @@ fn a_generation_whose_probe_fails_during_its_probation_is_rolled_back() {
             let _ = stream.write_all(answer);
         }
     });
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, 4);
     let mut probed = good.clone();
-    probed.command = binaries().it_worker.clone();
-    probed.env = vec![WorkerMode::ReadyAfter(0).env()];
+    probed.it_worker(WorkerMode::ReadyAfter(0));
     probed.worker_extra = vec![format!(
         "ready: {{http: \"{}\", path: /healthz, timeout: 500ms, interval: 100ms}}",
         health.display()
@@ -128,10 +122,6 @@ fn a_generation_whose_probe_fails_during_its_probation_is_rolled_back() {
         "{err}"
     );
     let report = load.finish();
-    eprintln!("probe rollback under load: {}", report.summary());
-    report.assert_lossless("");
-    assert_eq!(
-        report.generations.keys().copied().collect::<Vec<_>>(),
-        vec![1]
-    );
+    report.assert_lossless_with("probe rollback under load", 0);
+    report.assert_served_by(&[1]);
 }

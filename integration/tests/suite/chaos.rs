@@ -1,11 +1,11 @@
 //! Storms and chaos under load: many reloads at once, workers killed at random.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Load, Mode};
+use baton_integration::loopback;
 use baton_integration::procfs::zombies;
 use baton_integration::storm::storm;
 use baton_integration::{Master, TestConfig, eventually, free_port};
@@ -54,7 +54,7 @@ fn chaos_reloads_every_200ms_and_random_kills_lose_only_requests_on_killed_worke
         &TestConfig::hello(&format!("127.0.0.1:{port}"), 3),
     ));
     let baseline_fds = master.fd_count();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, CLIENTS);
     let kills = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();

@@ -5,6 +5,7 @@
 //! while nothing changes.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -108,7 +109,7 @@ fn a_configmap_update_and_an_in_place_edit_each_reload_once_and_a_broken_file_fa
         verdict["reason"].as_str().unwrap().contains("baton.yaml"),
         "{verdict}"
     );
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     assert_eq!(baton_integration::load::requests(addr, 10).ok, 10);
 
     // An editor that writes the file in place (through the symlinks).

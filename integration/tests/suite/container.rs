@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::Mixed;
+use baton_integration::loopback;
 use baton_integration::procfs::{children, zombies};
 use baton_integration::{binaries, eventually, free_port, http};
 
@@ -186,7 +187,7 @@ fn baton_as_pid_1_of_a_container_reloads_by_signal_under_load_and_stops_by_drain
     });
 
     // Reloads by `podman kill -s USR2` (the signal goes to PID 1: baton), under load.
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Mixed::start(addr, 3);
     for i in 1..=10 {
         let out = podman(&["kill", "-s", "USR2", &container.0]);

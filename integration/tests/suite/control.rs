@@ -2,6 +2,7 @@
 //! verdicts, history, stop, authorization, and a control socket that shrugs off bad clients.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -34,8 +35,7 @@ fn json(out: &str) -> Value {
 
 fn slow(port: u16, ms: u32) -> TestConfig {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
-    c.command = binaries().it_worker.clone();
-    c.env = vec![WorkerMode::ReadyAfter(ms.into()).env()];
+    c.it_worker(WorkerMode::ReadyAfter(ms.into()));
     c
 }
 
@@ -275,11 +275,7 @@ fn requests_that_coalesce_share_one_verdict_and_signals_are_in_the_history() {
 
 #[test]
 fn stop_drains_and_the_master_exits_zero() {
-    let port = free_port();
-    let mut master = Master::start(
-        "ctl-stop",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
-    );
+    let (_, mut master) = Master::hello("ctl-stop", 2);
     let (code, out, _) = master.ctl(&["stop"]);
     assert_eq!(code, 0);
     assert!(out.contains("stopping"), "{out}");
@@ -463,8 +459,7 @@ fn bad_clients_get_an_error_or_a_timeout_and_the_master_stays_healthy() {
     // Healthy: serves, answers, and holds no descriptor of the bad clients.
     let (code, _, err) = master.ctl(&["status"]);
     assert_eq!(code, 0, "{err}");
-    let report =
-        baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 10);
+    let report = baton_integration::load::requests(loopback(port), 10);
     assert_eq!(report.ok, 10);
     eventually(
         Duration::from_secs(5),
@@ -672,11 +667,7 @@ fn the_metrics_endpoint_serves_over_http_follows_reloads_and_a_busy_port_fails_t
 
 #[test]
 fn a_reader_that_goes_away_ends_the_cli_quietly() {
-    let port = free_port();
-    let master = Master::start(
-        "ctl-pipe",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
-    );
+    let (_, master) = Master::hello("ctl-pipe", 1);
     master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // `baton status --json | head -0`: the pipe's reader is gone before baton writes.
     let (reader, writer) = nix::unistd::pipe().unwrap();
@@ -771,11 +762,7 @@ fn usage_errors_unknown_requests_truncated_frames_and_paths_are_told_plainly() {
         "{err}"
     );
 
-    let port = free_port();
-    let master = Master::start(
-        "ctl-words",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
-    );
+    let (_, master) = Master::hello("ctl-words", 1);
     master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // A request id never handed out: a bad argument (64), not "no master" (69).
     let (code, _, err) = master.ctl(&["reload", "--request", "999"]);
@@ -797,11 +784,7 @@ fn usage_errors_unknown_requests_truncated_frames_and_paths_are_told_plainly() {
 
 #[test]
 fn a_broken_file_does_not_hide_the_running_master_from_reads_and_stop() {
-    let port = free_port();
-    let master = Master::start(
-        "ctl-broken",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
-    );
+    let (_, master) = Master::hello("ctl-broken", 1);
     master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
     // The operator is editing the file: it no longer validates.
     let file = master.dir.path().join("baton.yaml");

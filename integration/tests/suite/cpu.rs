@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use baton_integration::procfs::cpu_ns;
 use baton_integration::worker_mode::WorkerMode;
-use baton_integration::{Master, TestConfig, binaries, free_port};
+use baton_integration::{Master, TestConfig};
 
 /// CPU nanoseconds `master` uses over `window`.
 fn cpu_over(master: &Master, window: Duration) -> u64 {
@@ -20,8 +20,7 @@ const BOUND_NS: u64 = 10_000_000; // 10 ms over 10 s
 
 #[test]
 fn an_idle_master_uses_no_cpu() {
-    let port = free_port();
-    let master = Master::start("idle", &TestConfig::hello(&format!("127.0.0.1:{port}"), 2));
+    let (_, master) = Master::hello("idle", 2);
     let used = cpu_over(&master, WINDOW);
     eprintln!("idle master: {} µs of CPU in 10 s", used / 1000);
     assert!(
@@ -34,8 +33,7 @@ fn an_idle_master_uses_no_cpu() {
 #[test]
 fn garbage_and_a_half_closed_channel_do_not_make_the_master_spin() {
     let (port, mut c) = TestConfig::hello_on_a_free_port(2);
-    c.command = binaries().it_worker.clone();
-    c.env = vec![WorkerMode::Garbage.env()];
+    c.it_worker(WorkerMode::Garbage);
     let master = Master::start("garbage", &c);
     // The hand-written worker got its listeners and was ready (the protocol doc is enough to
     // write one); then it sent garbage and half-closed its channel.

@@ -1,19 +1,19 @@
 //! Serving workers that die are replaced in their generation, with backoff for crash loops.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::time::Duration;
 
 use baton_integration::load::requests;
 use baton_integration::procfs::zombies;
 use baton_integration::worker_mode::WorkerMode;
-use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
+use baton_integration::{Master, TestConfig, eventually};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 #[test]
 fn a_killed_worker_is_replaced_in_the_same_generation() {
-    let port = free_port();
-    let master = Master::start("crash", &TestConfig::hello(&format!("127.0.0.1:{port}"), 2));
+    let (port, master) = Master::hello("crash", 2);
     let victim = master.events(event::WORKER_READY)[0]["pid"]
         .as_u64()
         .unwrap() as u32;
@@ -43,15 +43,14 @@ fn a_killed_worker_is_replaced_in_the_same_generation() {
         "the dead worker was reaped"
     );
     assert!(master.events(event::RELOAD_STARTED).is_empty());
-    let report = requests(format!("127.0.0.1:{port}").parse().unwrap(), 20);
+    let report = requests(loopback(port), 20);
     assert_eq!(report.ok, 20, "{}", report.summary());
 }
 
 #[test]
 fn a_crash_looping_worker_is_restarted_with_doubling_backoff() {
     let (_, mut c) = TestConfig::hello_on_a_free_port(1);
-    c.command = binaries().it_worker.clone();
-    c.env = vec![WorkerMode::CrashAfter(30).env()];
+    c.it_worker(WorkerMode::CrashAfter(30));
     let mut master = Master::start("crashloop", &c);
     eventually(Duration::from_secs(20), "five crashes", || {
         (master.events(event::WORKER_CRASHED).len() >= 5).then_some(())

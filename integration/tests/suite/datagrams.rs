@@ -17,8 +17,7 @@ use serde_json::Value;
 
 fn echo_config(protocol: &str) -> TestConfig {
     let mut config = TestConfig::hello("127.0.0.1:1", 2);
-    config.command = binaries().it_worker.clone();
-    config.env = vec![WorkerMode::UdpEcho.env()];
+    config.it_worker(WorkerMode::UdpEcho);
     config.drain_timeout = "2s";
     config.max_draining = 16;
     config.worker_extra.push(format!("protocol: {protocol}"));

@@ -132,8 +132,7 @@ fn while_degraded_the_metrics_and_the_table_say_so_and_status_exits_2_when_nothi
     );
     // A master whose first generation is not serving yet: 2.
     let mut never = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1);
-    never.command = binaries().it_worker.clone();
-    never.env = vec![WorkerMode::NeverReady.env()];
+    never.it_worker(WorkerMode::NeverReady);
     never.ready_timeout = "60s";
     let starting = Master::spawn("degraded-starting", &never.yaml());
     let code = eventually(

@@ -2,6 +2,7 @@
 //! the cap on draining generations bounds the process count.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -170,7 +171,7 @@ fn with_a_stop_delay_sigterm_serves_new_connections_for_the_delay_then_drains() 
     let (port, mut config) = TestConfig::hello_on_a_free_port(2);
     config.supervisor_extra.push("stop_delay: 2s".into());
     let mut master = Master::start("stop-delay", &config);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: std::net::SocketAddr = loopback(port);
     let sent = std::time::Instant::now();
     master.signal(nix::sys::signal::Signal::SIGTERM);
     master.wait_event(event::STOP_DELAYED, Duration::from_secs(10), |v| {

@@ -2,7 +2,8 @@
 //! nothing is lost.
 
 use baton_integration::event;
-use std::net::SocketAddr;
+use baton_integration::executable;
+use baton_integration::loopback;
 use std::time::Duration;
 
 use baton_integration::load::{Load, Mode};
@@ -13,7 +14,7 @@ use baton_integration::{Master, TestConfig, binaries, eventually};
 fn failed_reloads_leave_the_old_generation_serving_without_losing_a_request() {
     let (port, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("failed", &good);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, 4);
 
     let it = |mode: WorkerMode, ready_timeout: &'static str| {
@@ -91,9 +92,9 @@ fn failed_reloads_leave_the_old_generation_serving_without_losing_a_request() {
 #[test]
 fn a_failed_generation_that_served_before_ready_finishes_its_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("serves-before-ready.py");
-    std::fs::write(
-        &script,
+    let script = executable(
+        dir.path(),
+        "serves-before-ready.py",
         r#"#!/usr/bin/env python3
 import http.server, select, signal, socket, socketserver, time
 
@@ -137,14 +138,11 @@ while not draining:
         server._handle_request_noblock()
 server.server_close()
 "#,
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
 
     let (port, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("failed-served", &good);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let fresh = Load::until_finished(addr, Mode::Fresh, 3);
     let kept = Load::until_finished(addr, Mode::KeepAlive, 2);
     let mut early = good.clone();

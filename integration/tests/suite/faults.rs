@@ -19,6 +19,7 @@
 //! the booted systemd.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
@@ -108,7 +109,7 @@ fn inject(point: &'static str, fault: Fault) {
     let workers_at_start = master.children().len();
     assert_eq!(workers_at_start, WORKERS, "{label}");
     let baseline_fds = master.fd_count();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let loads = Mixed::start(addr, CLIENTS);
     if let Some(extra) = extra {
         master.write_config(&config(port, Some(extra)));

@@ -1,6 +1,7 @@
 //! Hardening: large handoffs, privilege drop, orphans reaped (as subreaper and as PID 1).
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::time::Duration;
 
 use baton_integration::load::requests;
@@ -158,10 +159,7 @@ fn as_a_subreaper_the_master_adopts_and_reaps_its_workers_orphans() {
                 .then_some(())
         },
     );
-    assert_eq!(
-        requests(format!("127.0.0.1:{port}").parse().unwrap(), 5).ok,
-        5
-    );
+    assert_eq!(requests(loopback(port), 5).ok, 5);
 }
 
 #[test]
@@ -194,10 +192,7 @@ fn as_pid_1_of_a_pid_namespace_the_master_reaps_orphans_and_stops_on_sigterm() {
     eventually(Duration::from_secs(5), "the orphan reaped", || {
         (!has_child_named(baton, "sleep") && zombies(baton).is_empty()).then_some(())
     });
-    assert_eq!(
-        requests(format!("127.0.0.1:{port}").parse().unwrap(), 5).ok,
-        5
-    );
+    assert_eq!(requests(loopback(port), 5).ok, 5);
     // PID 1 ignores signals it has no handler for; baton handles SIGTERM: drain and exit 0.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(baton as i32),

@@ -2,6 +2,8 @@
 //! network client) and the guarantee it checks (docs/security.md lists them).
 
 use baton_integration::event;
+use baton_integration::executable;
+use baton_integration::loopback;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,13 +24,6 @@ fn set_mode(path: &Path, mode: u32) {
 }
 
 /// Writes an executable script readable by everyone.
-fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    set_mode(&path, 0o755);
-    path
-}
-
 /// Python's side of `sd_notify`, for the workers below.
 const NOTIFY_PY: &str = r#"import os, signal, socket, sys, time
 
@@ -49,7 +44,7 @@ def parent_of(pid):
 /// the master, the master's parent, the guard, pid 1, pid 0 and a pid that cannot exist; then
 /// reports ready and waits for its drain signal.
 fn mainpid_games_worker(dir: &Path) -> PathBuf {
-    script(
+    executable(
         dir,
         "games.py",
         &format!(
@@ -188,7 +183,7 @@ fn a_worker_as_nobody_cannot_make_the_master_signal_a_process_not_its_own() {
 /// A launcher that forks the server, announces it (`MAINPID=`) and reaps it itself, then exits
 /// with its status: the master is never the server's parent.
 fn launcher_worker(dir: &Path) -> PathBuf {
-    script(
+    executable(
         dir,
         "launcher.py",
         &format!(
@@ -241,8 +236,7 @@ fn a_main_process_reaped_by_its_own_launcher_ends_its_generation_and_the_stop() 
         let (_, announced) =
             master.wait_event(event::WORKER_MAIN_PID, Duration::from_secs(10), |_| true);
         let server = announced["pid"].as_u64().unwrap() as u32;
-        let served =
-            baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 3);
+        let served = baton_integration::load::requests(loopback(port), 3);
         assert_eq!(served.ok, 3, "{}", served.summary());
         let drained_at = Instant::now();
         let verdict = master.reload();
@@ -318,7 +312,7 @@ fn timed_status(master: &Master) -> Duration {
 /// its standard input closes.
 fn stalled_clients(dir: &Path, socket: &Path, n: usize) -> std::process::Child {
     use std::os::unix::process::CommandExt;
-    let hold = script(
+    let hold = executable(
         dir,
         "hold.py",
         "#!/usr/bin/python3\nimport socket, sys\nheld = []\nfor _ in range(int(sys.argv[2])):\n    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n    s.connect(sys.argv[1])\n    held.append(s)\nprint('held', flush=True)\nsys.stdin.read()\n",
@@ -568,8 +562,7 @@ fn a_configuration_that_is_a_fifo_a_device_or_huge_fails_its_reload_and_nothing_
             took < Duration::from_secs(1),
             "[{name}] status took {took:?}"
         );
-        let served =
-            baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 3);
+        let served = baton_integration::load::requests(loopback(port), 3);
         assert_eq!(served.ok, 3, "[{name}] still serving: {}", served.summary());
         std::fs::remove_file(&config).unwrap();
         std::fs::write(&config, &good).unwrap();
@@ -623,7 +616,7 @@ fn a_registry_or_a_symlink_planted_by_another_user_is_not_believed_nor_written_t
     )])
     .unwrap();
     // Planted as nobody: the forged registry and the symlink.
-    let plant = script(
+    let plant = executable(
         shared.path(),
         "plant.py",
         "#!/usr/bin/python3\nimport os, sys\nopen(sys.argv[1], 'w').write(sys.argv[2])\nos.symlink(sys.argv[3], sys.argv[1] + '.new')\n",
@@ -917,8 +910,7 @@ fn slow_clients_of_the_metrics_port_never_delay_a_probe() {
             slowest = slowest.max(took);
         }
         let took = timed_status(&master);
-        let served =
-            baton_integration::load::requests(format!("127.0.0.1:{port}").parse().unwrap(), 5);
+        let served = baton_integration::load::requests(loopback(port), 5);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let made = attack.join().unwrap();
         eprintln!(

@@ -95,8 +95,7 @@ fn a_worker_inherits_stdio_and_its_channel_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("fds.txt");
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
-    c.command = binaries().it_worker.clone();
-    c.env = vec![WorkerMode::ReportFds(report.clone()).env()];
+    c.it_worker(WorkerMode::ReportFds(report.clone()));
     let master = Master::spawn_with_env(
         "fds",
         &c.yaml(),
@@ -139,8 +138,7 @@ fn a_worker_inherits_stdio_and_its_channel_and_nothing_else() {
 #[test]
 fn signals_during_a_slow_reload_coalesce_into_one_follow_up_and_are_all_accounted_for() {
     let (_, mut c) = TestConfig::hello_on_a_free_port(1);
-    c.command = binaries().it_worker.clone();
-    c.env = vec![WorkerMode::ReadyAfter(600).env()];
+    c.it_worker(WorkerMode::ReadyAfter(600));
     let master = Master::start("coalesce", &c);
     let sent = 10;
     let start = Instant::now();

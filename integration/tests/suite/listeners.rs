@@ -10,11 +10,7 @@ use baton_integration::{Master, TestConfig, eventually, free_port};
 
 #[test]
 fn exactly_one_listening_socket_per_address_shared_by_every_worker_across_reloads() {
-    let port = free_port();
-    let master = Master::start(
-        "one-socket",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 3),
-    );
+    let (port, master) = Master::hello("one-socket", 3);
     let original = listening_inodes(port);
     assert_eq!(
         original.len(),
@@ -70,10 +66,7 @@ fn a_listener_added_by_a_reload_serves_every_new_connection_at_once_and_a_remove
     // the new generation (the old one never had it).
     let report = requests(addr_b, 200);
     assert_eq!(report.ok, 200, "{}", report.summary());
-    assert_eq!(
-        report.generations.keys().copied().collect::<Vec<_>>(),
-        vec![generation]
-    );
+    report.assert_served_by(&[generation]);
 
     // Remove it again: it closes once the last generation that had it is gone.
     config.listeners.pop();

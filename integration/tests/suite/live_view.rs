@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
+use baton_integration::{Master, TestConfig, binaries, eventually};
 
 /// `baton <args> -s <socket>` on the slave side of a new 80x24 pseudo-terminal; everything it
 /// draws is gathered from the master side.
@@ -137,11 +137,7 @@ fn the_live_view_draws_in_an_80_column_terminal_and_q_restores_it() {
 
 #[test]
 fn a_signal_ends_the_live_view_with_the_terminal_restored() {
-    let port = free_port();
-    let master = Master::start(
-        "top-sig",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
-    );
+    let (_, master) = Master::hello("top-sig", 1);
     let mut view = InTerminal::start(&master, &["status", "--watch", "--interval", "0.2"]);
     view.wait_for("q: quit");
     nix::sys::signal::kill(
@@ -155,11 +151,7 @@ fn a_signal_ends_the_live_view_with_the_terminal_restored() {
 
 #[test]
 fn without_a_terminal_the_live_view_prints_plain_text_every_interval() {
-    let port = free_port();
-    let master = Master::start(
-        "top-plain",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
-    );
+    let (port, master) = Master::hello("top-plain", 1);
     let mut child = Command::new(&binaries().baton)
         .args(["status", "--watch", "--interval", "0.2", "-s"])
         .arg(master.socket())

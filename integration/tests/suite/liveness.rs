@@ -3,6 +3,8 @@
 //! running judges nobody.
 
 use baton_integration::event;
+use baton_integration::executable;
+use baton_integration::loopback;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode};
@@ -43,11 +45,7 @@ fn a_stopped_worker_is_replaced_within_its_window_and_no_request_fails() {
         duration: Duration::from_secs(60),
         max_requests_per_client: 1_000_000,
     };
-    let load = Load::start(
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        Mode::Fresh,
-        bounds,
-    );
+    let load = Load::start(loopback(port), Mode::Fresh, bounds);
     let (_, unhealthy) = master.wait_event(event::WORKER_UNHEALTHY, Duration::from_secs(10), |v| {
         v["pid"] == stopped
     });
@@ -112,9 +110,9 @@ fn a_master_stopped_for_ten_seconds_kills_no_worker() {
 #[test]
 fn a_worker_failing_its_http_probe_threshold_times_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("health.py");
-    std::fs::write(
-        &script,
+    let script = executable(
+        dir.path(),
+        "health.py",
         r#"#!/usr/bin/env python3
 import os, socket
 sick = os.path.join(os.path.dirname(os.environ["BATON_LIVENESS_ADDRESS"]), "sick-%d" % os.getpid())
@@ -131,10 +129,7 @@ while True:
     conn.sendall(b"HTTP/1.0 " + status + b"\r\nContent-Length: 0\r\n\r\n")
     conn.close()
 "#,
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 2);
     config.command = script.clone();
     config.worker_extra = vec![

@@ -15,8 +15,9 @@
 //! A row that would have caught the upgrade panic of issue 28 is `upgrade_notify`.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -397,7 +398,7 @@ enum Traffic {
 impl Traffic {
     fn start(kind: Kind, port: u16) -> Traffic {
         if !kind.datagrams() {
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let addr = loopback(port);
             return Traffic::Http(Load::until_finished(addr, Mode::Fresh, 4));
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -426,7 +427,7 @@ impl Traffic {
 /// Sends up to `n` datagrams to `port` (for at most 60 s, until `stop`), one at a time, each
 /// waiting for its answer (3 s): how many were answered and lost.
 fn exchange(port: u16, n: u64, stop: Option<&AtomicBool>) -> (u64, u64) {
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let (mut ok, mut lost) = (0u64, 0u64);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
@@ -473,7 +474,7 @@ fn serves(kind: Kind, port: u16) {
         let (ok, lost) = exchange(port, 20, None);
         assert_eq!((ok, lost), (20, 0), "20 datagrams answered");
     } else {
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr = loopback(port);
         let report = requests(addr, 20);
         assert_eq!(report.ok, 20, "{}", report.summary());
     }

@@ -3,6 +3,7 @@
 //! above its budget (its successor ready first), one at a time, logged with the figure.
 
 use baton_integration::event;
+use baton_integration::executable;
 use std::time::Duration;
 
 use baton_integration::{Master, TestConfig, eventually, free_port, http, procfs};
@@ -29,10 +30,7 @@ while True:
 "#;
 
 fn allocating(dir: &std::path::Path, port: u16, extra: &[&str]) -> TestConfig {
-    let script = dir.join("alloc.py");
-    std::fs::write(&script, ALLOCATING).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = executable(dir, "alloc.py", ALLOCATING);
     let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
     config.command = script;
     config.worker_extra = vec!["protocol: systemd".into()];

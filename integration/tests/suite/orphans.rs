@@ -5,7 +5,7 @@ use baton_integration::event;
 use std::time::{Duration, Instant};
 
 use baton_integration::worker_mode::WorkerMode;
-use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
+use baton_integration::{Master, TestConfig, eventually, free_port};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -24,8 +24,7 @@ fn alive(pid: u32) -> bool {
 
 fn stubborn(port: u16) -> TestConfig {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
-    c.command = binaries().it_worker.clone();
-    c.env = vec![WorkerMode::Stubborn.env()];
+    c.it_worker(WorkerMode::Stubborn);
     c.drain_timeout = "2s";
     c
 }

@@ -4,6 +4,7 @@
 //! no reload, no request and no memory.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
@@ -20,8 +21,7 @@ fn hex(bytes: &[u8]) -> String {
 /// `processes` it-workers (ready at once) with `env`, on one listener.
 fn it_workers(processes: usize, env: &[(&str, String)]) -> TestConfig {
     let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), processes);
-    config.command = binaries().it_worker.clone();
-    config.env = vec![WorkerMode::ReadyAfter(0).env()];
+    config.it_worker(WorkerMode::ReadyAfter(0));
     config
         .env
         .extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
@@ -289,11 +289,7 @@ fn a_flooding_worker_delays_no_reload_loses_no_request_and_costs_no_memory() {
         duration: Duration::from_secs(120),
         max_requests_per_client: 1_000_000,
     };
-    let load = Load::start(
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        Mode::Fresh,
-        bounds,
-    );
+    let load = Load::start(loopback(port), Mode::Fresh, bounds);
     let start = Instant::now();
     let mut sent = 0u64;
     let mut rss_peak = rss_start;

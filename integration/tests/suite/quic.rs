@@ -8,6 +8,7 @@
 //! connections.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -271,7 +272,7 @@ fn h3_clients(
     Arc<AtomicBool>,
     std::thread::JoinHandle<Vec<baton_integration::h3client::Connection>>,
 ) {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let thread = std::thread::spawn(move || {

@@ -1,6 +1,7 @@
 //! Readiness as configured: every condition a program names counts, and none it does not.
 
 use baton_integration::event;
+use baton_integration::executable;
 use std::time::Duration;
 
 use baton_integration::{Master, TestConfig, free_port};
@@ -51,9 +52,9 @@ fn a_probe_configured_for_a_baton_worker_is_honoured() {
 #[test]
 fn all_conditions_wait_for_the_probe_after_an_early_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("early-ready.py");
-    std::fs::write(
-        &script,
+    let script = executable(
+        dir.path(),
+        "early-ready.py",
         r#"#!/usr/bin/env python3
 import os, socket, time
 path = os.environ["NOTIFY_SOCKET"]
@@ -73,10 +74,7 @@ while True:
     conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
     conn.close()
 "#,
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let (_, mut config) = TestConfig::hello_on_a_free_port(1);
     config.command = script;
     config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
@@ -107,14 +105,11 @@ while True:
 #[test]
 fn a_worker_that_never_sends_ready_is_told_what_it_sent_instead() {
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("loading.py");
-    std::fs::write(
-        &script,
+    let script = executable(
+        dir.path(),
+        "loading.py",
         "#!/usr/bin/env python3\nimport os, socket, time\ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.sendto(b\"STATUS=loading the model\\x1b[31m\", os.environ[\"NOTIFY_SOCKET\"])\ntime.sleep(600)\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let (_, mut config) = TestConfig::hello_on_a_free_port(1);
     let master = Master::start("ready-never", &config);
     config.ready_timeout = "1s";

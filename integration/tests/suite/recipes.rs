@@ -4,8 +4,8 @@
 //! fails the test saying what to install.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use baton_integration::load::Mode;
@@ -161,7 +161,7 @@ fn a_broken_nginx_conf_fails_the_reload_with_nginxs_words_and_the_old_one_serves
 /// clients: both reports and the number of reload requests sent.
 fn reload_both_ways(master: &Master, port: u16, server: &str) -> (Report, Report, u64) {
     master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let mut runs = Vec::new();
     let mut signals = 0;
     for mode in [Mode::Fresh, Mode::KeepAlive] {

@@ -4,8 +4,8 @@
 //! held connections make each batch wait for its drain, up to the deadline.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -90,7 +90,7 @@ fn a_rolling_reload_of_8_workers_loses_nothing_and_never_runs_more_than_8_plus_i
             &format!("rolling-{batch}"),
             &rolling(port, 8, &batch.to_string()),
         );
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr = loopback(port);
         let census = Census::start(master.pid());
         let mut reloads = 0;
         for mode in [Mode::Fresh, Mode::KeepAlive] {
@@ -159,7 +159,7 @@ fn a_failure_at_batch_3_of_8_rolls_back_to_8_workers_of_the_old_configuration_lo
     let mut config = rolling(port, 8, "1");
     config.args = vec!["--tag".into(), "old".into()];
     let master = Master::start("rolling-fail", &config);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let census = Census::start(master.pid());
     let bounds = Bounds {
         clients: 8,
@@ -238,8 +238,7 @@ fn old_workers_that_do_not_finish_make_each_batch_wait_for_their_drain_up_to_the
     // Workers that never finish their drain, as a worker does while a kept-alive client holds
     // a connection it will not close (which connections reach which worker is the kernel's
     // choice, so a test of held connections could not say which workers would hold one).
-    config.command = baton_integration::binaries().it_worker.clone();
-    config.env = vec![WorkerMode::Stubborn.env()];
+    config.it_worker(WorkerMode::Stubborn);
     let master = Master::start("rolling-held", &config);
     let reload = master.ctl_spawn(&["reload"]);
     // While batch 1's old workers drain, `baton status` shows the rollout, an upgrade is
@@ -327,8 +326,7 @@ fn a_stop_during_a_rollout_drains_both_generations_within_their_deadlines() {
     let mut config = rolling(port, 4, "1");
     config.drain_timeout = "2s";
     // Old workers that never finish: the rollout is still retiring when the stop comes.
-    config.command = baton_integration::binaries().it_worker.clone();
-    config.env = vec![WorkerMode::Stubborn.env()];
+    config.it_worker(WorkerMode::Stubborn);
     let mut master = Master::start("rolling-stop", &config);
     let reload = master.ctl_spawn(&["reload"]);
     master.wait_event(event::ROLLOUT_RETIRING, Duration::from_secs(10), |_| true);

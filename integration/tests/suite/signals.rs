@@ -1,6 +1,7 @@
 //! The master's signals: which ones it handles, and that no stray one kills it.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -26,11 +27,7 @@ fn bit(signal: Signal) -> u64 {
 
 #[test]
 fn usr1_hup_and_pipe_do_not_kill_the_master() {
-    let port = free_port();
-    let mut master = Master::start(
-        "signals",
-        &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
-    );
+    let (port, mut master) = Master::hello("signals", 1);
     let (ignored, caught) = masks(master.pid());
     assert_ne!(ignored & bit(Signal::SIGPIPE), 0, "SIGPIPE must be ignored");
     for s in [
@@ -55,7 +52,7 @@ fn usr1_hup_and_pipe_do_not_kill_the_master() {
     let verdict = master.verdict_of(requested["request"].as_u64().unwrap());
     assert_eq!(verdict["event"], "reload_succeeded");
     assert!(master.is_running());
-    let report = requests(format!("127.0.0.1:{port}").parse().unwrap(), 10);
+    let report = requests(loopback(port), 10);
     assert_eq!(report.ok, 10, "{}", report.summary());
 }
 

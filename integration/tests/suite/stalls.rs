@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use baton_integration::procfs::{self, children};
 use baton_integration::worker_mode::WorkerMode;
-use baton_integration::{Master, TestConfig, binaries, eventually, free_port};
+use baton_integration::{Master, TestConfig, eventually, free_port};
 use nix::sys::signal::Signal;
 
 /// Stops the master for `length`, then continues it. The stall is the stimulus, so it is a
@@ -58,8 +58,7 @@ fn a_stall_of_the_master_around_the_heartbeat_window_replaces_no_worker() {
 #[test]
 fn a_stall_of_the_master_during_a_reload_fails_no_reload_whose_workers_became_ready() {
     let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 2);
-    config.command = binaries().it_worker.clone();
-    config.env = vec![WorkerMode::ReadyAfter(500).env()];
+    config.it_worker(WorkerMode::ReadyAfter(500));
     config.ready_timeout = "2s";
     config.drain_timeout = "5s";
     config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use baton_integration::load::{self, Mixed};
+use baton_integration::loopback;
 use baton_integration::procfs::zombies;
 
 fn procfs_alive(pid: u32) -> bool {
@@ -44,7 +45,7 @@ struct Serving {
 fn serving(name: &str) -> Serving {
     let port = free_port();
     let master = Master::start(name, &config(port, None));
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let fds = master.fd_count();
     let load = Mixed::start(addr, CLIENTS);
     Serving {

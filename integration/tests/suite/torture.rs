@@ -20,9 +20,10 @@
 //! `BATON_TORTURE_SEED=<seed>`, and `BATON_TORTURE_STEPS=<n>` to stop after step `n`.
 
 use baton_integration::event;
+use baton_integration::loopback;
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::Mixed;
@@ -221,7 +222,7 @@ fn torture() {
         steps: Vec::new(),
     };
     let baseline = settled(&journal, None);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Mixed::start(addr, CLIENTS);
     let mut shape = first;
     let mut upgrades = 0;

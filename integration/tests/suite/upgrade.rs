@@ -2,7 +2,8 @@
 //! generation drains, and refuses binaries that cannot take over.
 
 use baton_integration::event;
-use std::net::SocketAddr;
+use baton_integration::executable;
+use baton_integration::loopback;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Load, Mode};
@@ -44,7 +45,7 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
     let inodes = listening_inodes(port);
     let workers = master.children();
     assert_eq!(workers.len(), 2, "{workers:?}");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, 8);
     // The load runs against the old program: some requests of ours complete meanwhile.
     let served = || {
@@ -192,7 +193,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
     let before = status(&master);
     let workers = master.children();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, 4);
     for (binary, why) in [
         ("/nonexistent/baton".to_string(), "No such file"),
@@ -249,8 +250,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
 fn an_upgrade_during_a_reload_is_refused_with_the_reason() {
     let (_, mut c) = TestConfig::hello_on_a_free_port(1);
     // A worker that is slow to become ready keeps the reload running.
-    c.command = binaries().it_worker.clone();
-    c.env = vec![WorkerMode::ReadyAfter(1500).env()];
+    c.it_worker(WorkerMode::ReadyAfter(1500));
     let master = Master::start("upgrade-busy", &c);
     master.signal(nix::sys::signal::Signal::SIGUSR2);
     master.wait_event(event::RELOAD_STARTED, Duration::from_secs(10), |_| true);
@@ -301,7 +301,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
     // Not the configured signal: nothing happens, and the log says why.
     ignored_with(&master, SIGWINCH, "supervisor.upgrade_signal is SIGURG");
 
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, 8);
     // The file is replaced by something that is not baton: the upgrade fails, the master goes on.
     replace_program(&program, b"#!/bin/sh\necho 'not a baton' >&2\nexit 3\n");
@@ -351,14 +351,11 @@ fn an_upgrade_signal_during_an_upgrade_is_refused_and_the_first_upgrade_keeps_it
     let dir = tempfile::tempdir().unwrap();
     // A program whose check takes a while (and then fails): the first upgrade is under way
     // for that long.
-    let slow = dir.path().join("slow");
-    std::fs::write(
-        &slow,
+    let slow = executable(
+        dir.path(),
+        "slow",
         "#!/bin/sh\nsleep 2\necho 'slow and broken' >&2\nexit 1\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let first = master.ctl_spawn(&["upgrade", "--binary", &slow.display().to_string()]);
     master.wait_event(event::UPGRADE_REQUESTED, Duration::from_secs(10), |_| true);
     master.signal(nix::sys::signal::Signal::SIGURG);
@@ -409,7 +406,7 @@ fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing
     let inodes = listening_inodes(port);
     let workers = master.children();
     assert_eq!(workers.len(), 4, "{workers:?}");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let load = Load::until_finished(addr, Mode::Fresh, 8);
     let (code, out, err) = upgrade(&master, &next.display().to_string());
     assert_eq!(code, 0, "upgrade failed: {out}{err}");

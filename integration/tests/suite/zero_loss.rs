@@ -2,7 +2,7 @@
 //! SIGUSR2 every 100 ms, and every reload request accounted for.
 
 use baton_integration::event;
-use std::net::SocketAddr;
+use baton_integration::loopback;
 use std::time::Duration;
 
 use baton_integration::load::{Mode, Report};
@@ -15,7 +15,7 @@ const RELOAD_EVERY: Duration = Duration::from_millis(100);
 fn load_with_reloads(name: &str, mode: Mode) -> (Master, Report, u64) {
     let port = free_port();
     let master = Master::start(name, &TestConfig::hello(&format!("127.0.0.1:{port}"), 2));
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = loopback(port);
     let (report, sent) = master.reload_under_load(addr, mode, CLIENTS, RUN, RELOAD_EVERY);
     (master, report, sent)
 }
@@ -23,13 +23,7 @@ fn load_with_reloads(name: &str, mode: Mode) -> (Master, Report, u64) {
 #[test]
 fn fresh_connections_lose_nothing_across_reloads_every_100ms() {
     let (master, report, sent) = load_with_reloads("fresh", Mode::Fresh);
-    eprintln!("fresh connections: {}", report.summary());
-    report.assert_lossless("");
-    assert!(
-        report.ok > 1000,
-        "the load must be real: {}",
-        report.summary()
-    );
+    report.assert_lossless_with("fresh connections", 1000);
     assert!(
         report.generations.len() > 5,
         "requests must span many generations: {}",
@@ -43,13 +37,7 @@ fn fresh_connections_lose_nothing_across_reloads_every_100ms() {
 #[test]
 fn keep_alive_clients_lose_nothing_across_reloads_every_100ms() {
     let (master, report, sent) = load_with_reloads("keepalive", Mode::KeepAlive);
-    eprintln!("keep-alive: {}", report.summary());
-    report.assert_lossless("");
-    assert!(
-        report.ok > 1000,
-        "the load must be real: {}",
-        report.summary()
-    );
+    report.assert_lossless_with("keep-alive", 1000);
     // Drains really closed kept-alive connections (politely), and clients moved on.
     assert!(report.close_notices > 0, "{}", report.summary());
     assert!(report.generations.len() > 5, "{}", report.summary());

@@ -10,7 +10,6 @@
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::exit)] // a report on stdout; 64 on bad usage
 
 use baton_integration::event;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_integration::load::{Bounds, Load, Mode, Report};
@@ -85,7 +84,7 @@ fn latency(reloads: usize) -> (Vec<Duration>, Vec<Duration>, Report) {
         "bench-latency",
         &TestConfig::hello(&format!("127.0.0.1:{port}"), 2),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = baton_integration::loopback(port);
     let bounds = Bounds {
         clients: 2,
         duration: Duration::from_secs(600),
@@ -119,7 +118,7 @@ fn under_reloads(mode: Mode, args: &Args, worker_args: &[&str]) -> (Report, u64)
     let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
     config.args = worker_args.iter().map(|s| s.to_string()).collect();
     let master = Master::start("bench-load", &config);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = baton_integration::loopback(port);
     let run = Duration::from_secs(args.seconds);
     let bounds = Bounds {
         clients: args.clients,
@@ -159,7 +158,7 @@ fn throughput(mode: Mode, args: &Args) -> (Report, Report) {
         "bench-throughput",
         &TestConfig::hello(&format!("127.0.0.1:{port}"), 1),
     );
-    let supervised = Load::start(format!("127.0.0.1:{port}").parse().unwrap(), mode, bounds).join();
+    let supervised = Load::start(baton_integration::loopback(port), mode, bounds).join();
     drop(master);
     (standalone, supervised)
 }

@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 
 use baton_integration::datagrams::udp_clients;
 use baton_integration::worker_mode::WorkerMode;
-use baton_integration::{Master, TestConfig, binaries, free_port};
+use baton_integration::{Master, TestConfig, free_port};
 use nix::sys::signal::Signal;
 
 pub(crate) fn report(seconds: u64) {
     eprintln!("UDP echo under reloads every 100 ms ...");
     let port = free_port();
     let mut config = TestConfig::hello("127.0.0.1:1", 2);
-    config.command = binaries().it_worker.clone();
-    config.env = vec![WorkerMode::UdpEcho.env()];
+    config.it_worker(WorkerMode::UdpEcho);
     config.max_draining = 16;
     let yaml = config.yaml();
     let worker = yaml.find("worker:").unwrap();
