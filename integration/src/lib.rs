@@ -207,6 +207,25 @@ impl TestConfig {
         self
     }
 
+    /// Hello workers that keep idle kept-alive connections open through a drain (only the
+    /// client or the deadline `drain_timeout` ends them).
+    pub fn holding(&mut self, drain_timeout: &'static str) -> &mut Self {
+        self.args = vec!["--idle-grace-ms".into(), "600000".into()];
+        self.drain_timeout = drain_timeout;
+        self
+    }
+
+    /// This configuration with the test worker in `mode` and `ready_timeout`, as YAML.
+    pub fn it_worker_yaml(
+        &self,
+        mode: worker_mode::WorkerMode,
+        ready_timeout: &'static str,
+    ) -> String {
+        let mut c = self.clone();
+        c.it_worker(mode).ready_timeout = ready_timeout;
+        c.yaml()
+    }
+
     pub fn yaml(&self) -> String {
         let mut y = String::from("listeners:\n");
         for (name, address) in &self.listeners {

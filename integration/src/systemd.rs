@@ -407,6 +407,13 @@ exec {SYSTEMD} --system --unit=baton-test.target --log-target=journal --log-leve
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Waits up to `timeout` for `unit` to be active (again).
+    pub fn wait_active(&self, unit: &str, timeout: Duration) {
+        crate::eventually(timeout, &format!("{unit} to be active"), || {
+            (self.show(unit, "ActiveState") == "active").then_some(())
+        });
+    }
+
     /// The unit's journal entries (`journalctl -o json`) that have every `FIELD=value` of
     /// `matches`.
     pub fn journal_entries(&self, unit: &str, matches: &[&str]) -> Vec<serde_json::Value> {

@@ -55,6 +55,30 @@ impl WsReport {
         self.latencies[((self.latencies.len() - 1) as f64 * q).round() as usize]
     }
 
+    /// Prints the summary under `what`, then asserts no client was disconnected and every
+    /// message came back once, in order.
+    #[track_caller]
+    pub fn assert_unbroken(&self, what: &str) {
+        eprintln!("{what}: {}", self.summary());
+        assert_eq!(self.disconnects(), 0, "{what}: {}", self.summary());
+        assert_eq!(self.wrong, 0, "{what}: {}", self.summary());
+        assert_eq!(self.echoed, self.sent, "{what}: {}", self.summary());
+    }
+
+    /// Prints the summary under `what`, then asserts every client's connection ended with a
+    /// 1012 close frame (Service Restart) and no message came back wrong.
+    #[track_caller]
+    pub fn assert_all_closed_with_1012(&self, what: &str) {
+        eprintln!("{what}: {}", self.summary());
+        assert_eq!(self.wrong, 0, "{what}: {}", self.summary());
+        assert_eq!(
+            self.ended.get("close 1012"),
+            Some(&(self.clients as u64)),
+            "{what}: {}",
+            self.summary()
+        );
+    }
+
     pub fn summary(&self) -> String {
         format!(
             "{} of {} clients connected, {} sent, {} echoed, {} wrong, {} disconnects {:?}, echo p50 {:?}, p99 {:?}",
@@ -106,6 +130,23 @@ impl WsLoad {
     }
 
     /// How many clients' connections have ended (not counting those the run stopped).
+    /// `clients` clients on `addr`, each sending a message every 100 ms, once every one of
+    /// them is connected (the load opens them one by one).
+    pub fn connected_clients(addr: SocketAddr, clients: usize) -> WsLoad {
+        let load = WsLoad::start(
+            addr,
+            clients,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        );
+        crate::eventually(
+            Duration::from_secs(30),
+            "every WebSocket client connected",
+            || (load.connected() == clients).then_some(()),
+        );
+        load
+    }
+
     pub fn ended(&self) -> usize {
         self.ended.load(Ordering::Acquire)
     }

@@ -20,8 +20,7 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
     let port = free_port();
     let good = with_canary(port, "3s");
     let master = Master::start("canary-rollback", &good);
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, 4);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, 4);
     // Ready at once, then dies 1 s later (it never accepts: it cannot take requests with it).
     let mut bad = good.clone();
     bad.it_worker(WorkerMode::CrashAfter(1000));
@@ -57,8 +56,7 @@ fn a_generation_that_crashes_during_its_probation_is_rolled_back_without_losing_
 fn a_generation_that_survives_its_probation_succeeds_and_then_the_old_one_drains() {
     let port = free_port();
     let master = Master::start("canary-ok", &with_canary(port, "1500ms"));
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::KeepAlive, 4);
+    let load = Load::until_finished(loopback(port), Mode::KeepAlive, 4);
     let (code, out, err) = master.ctl(&["reload", "--json"]);
     assert_eq!(code, 0, "{err}");
     let verdict: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -101,8 +99,7 @@ fn a_generation_whose_probe_fails_during_its_probation_is_rolled_back() {
             let _ = stream.write_all(answer);
         }
     });
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, 4);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, 4);
     let mut probed = good.clone();
     probed.it_worker(WorkerMode::ReadyAfter(0));
     probed.worker_extra = vec![format!(

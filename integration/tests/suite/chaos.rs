@@ -54,8 +54,7 @@ fn chaos_reloads_every_200ms_and_random_kills_lose_only_requests_on_killed_worke
         &TestConfig::hello(&format!("127.0.0.1:{port}"), 3),
     ));
     let baseline_fds = master.fd_count();
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, CLIENTS);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, CLIENTS);
     let kills = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tick = 0u64;
@@ -100,6 +99,6 @@ fn chaos_reloads_every_200ms_and_random_kills_lose_only_requests_on_killed_worke
         "the master's fd count back to its baseline",
         || (master.fd_count() == baseline_fds).then_some(()),
     );
-    let r = baton_integration::load::requests(addr, 20);
+    let r = baton_integration::load::requests(loopback(port), 20);
     assert_eq!(r.ok, 20, "{}", r.summary());
 }

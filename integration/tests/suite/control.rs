@@ -98,8 +98,7 @@ fn status_answers_during_a_reload_and_json_matches_the_table() {
 #[test]
 fn drain_status_shows_a_lingering_connection_and_its_shrinking_time_left() {
     let (port, mut c) = TestConfig::hello_on_a_free_port(1);
-    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
-    c.drain_timeout = "30s";
+    c.holding("30s");
     let master = Master::start("ctl-drain", &c);
     let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
     held.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -170,13 +169,7 @@ fn reload_exits_zero_on_success_and_non_zero_with_the_reason_on_each_failure() {
         "{out}"
     );
 
-    let failing = |mode: WorkerMode, ready: &'static str| {
-        let mut c = good.clone();
-        c.command = binaries().it_worker.clone();
-        c.env = vec![mode.env()];
-        c.ready_timeout = ready;
-        c.yaml()
-    };
+    let failing = |mode: WorkerMode, ready: &'static str| good.it_worker_yaml(mode, ready);
     let cases = [
         (good.yaml() + "oops: 1\n", "baton.yaml:"),
         (
@@ -284,7 +277,7 @@ fn stop_drains_and_the_master_exits_zero() {
     assert_eq!(code, 69);
     let fast_port = free_port();
     let mut c = TestConfig::hello(&format!("127.0.0.1:{fast_port}"), 1);
-    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    c.holding("20s");
     let mut fast = Master::start("ctl-stop-fast", &c);
     let _held = TcpStream::connect(("127.0.0.1", fast_port)).unwrap();
     assert_eq!(fast.ctl(&["stop", "--fast"]).0, 0);

@@ -12,10 +12,7 @@ use baton_integration::{Master, TestConfig, eventually, free_port, held_connecti
 
 fn config(port: u16, drain_timeout: &'static str) -> TestConfig {
     let mut c = TestConfig::hello(&format!("127.0.0.1:{port}"), 1);
-    // Idle kept-alive connections stay open through the drain: only the client or the deadline
-    // ends them.
-    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
-    c.drain_timeout = drain_timeout;
+    c.holding(drain_timeout);
     c
 }
 

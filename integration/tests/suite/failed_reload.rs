@@ -8,22 +8,16 @@ use std::time::Duration;
 
 use baton_integration::load::{Load, Mode};
 use baton_integration::worker_mode::WorkerMode;
-use baton_integration::{Master, TestConfig, binaries, eventually};
+use baton_integration::{Master, TestConfig, eventually};
 
 #[test]
 fn failed_reloads_leave_the_old_generation_serving_without_losing_a_request() {
     let (port, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("failed", &good);
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, 4);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, 4);
 
-    let it = |mode: WorkerMode, ready_timeout: &'static str| {
-        let mut c = good.clone();
-        c.command = binaries().it_worker.clone();
-        c.env = vec![mode.env()];
-        c.ready_timeout = ready_timeout;
-        c.yaml()
-    };
+    let it =
+        |mode: WorkerMode, ready_timeout: &'static str| good.it_worker_yaml(mode, ready_timeout);
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut with_busy_port = good.clone();
     with_busy_port
@@ -92,53 +86,7 @@ fn failed_reloads_leave_the_old_generation_serving_without_losing_a_request() {
 #[test]
 fn a_failed_generation_that_served_before_ready_finishes_its_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let script = executable(
-        dir.path(),
-        "serves-before-ready.py",
-        r#"#!/usr/bin/env python3
-import http.server, select, signal, socket, socketserver, time
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-    def do_GET(self):
-        # A slow answer: requests are in flight whenever the generation fails.
-        time.sleep(0.1)
-        body = b"served before ready\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-
-class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = False
-    block_on_close = True
-    def get_request(self):
-        # The listener is non-blocking (another process may take a connection first); the
-        # connection it gives must not be.
-        conn, address = self.socket.accept()
-        conn.setblocking(True)
-        return conn, address
-
-draining = False
-def drain(*_):
-    global draining
-    draining = True
-signal.signal(signal.SIGTERM, drain)
-listener = socket.socket(fileno=3)
-listener.setblocking(False)
-server = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
-server.socket.close()
-server.socket = listener
-# Never READY=1, but serving. On the drain signal: stop accepting, finish what was accepted.
-while not draining:
-    if select.select([listener], [], [], 0.05)[0]:
-        server._handle_request_noblock()
-server.server_close()
-"#,
-    );
+    let script = executable(dir.path(), "serves-before-ready.py", SERVES_BEFORE_READY_PY);
 
     let (port, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("failed-served", &good);
@@ -181,3 +129,47 @@ server.server_close()
         master.events(event::WORKER_KILLED)
     );
 }
+
+const SERVES_BEFORE_READY_PY: &str = r#"#!/usr/bin/env python3
+import http.server, select, signal, socket, socketserver, time
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def do_GET(self):
+        # A slow answer: requests are in flight whenever the generation fails.
+        time.sleep(0.1)
+        body = b"served before ready\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = False
+    block_on_close = True
+    def get_request(self):
+        # The listener is non-blocking (another process may take a connection first); the
+        # connection it gives must not be.
+        conn, address = self.socket.accept()
+        conn.setblocking(True)
+        return conn, address
+
+draining = False
+def drain(*_):
+    global draining
+    draining = True
+signal.signal(signal.SIGTERM, drain)
+listener = socket.socket(fileno=3)
+listener.setblocking(False)
+server = Server(("127.0.0.1", 0), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = listener
+# Never READY=1, but serving. On the drain signal: stop accepting, finish what was accepted.
+while not draining:
+    if select.select([listener], [], [], 0.05)[0]:
+        server._handle_request_noblock()
+server.server_close()
+"#;

@@ -13,6 +13,16 @@ const CLIENTS: usize = 8;
 const RUN: Duration = Duration::from_secs(6);
 const RELOAD_EVERY: Duration = Duration::from_millis(300);
 
+/// A master of `processes` ws-workers (with `args`) and `clients` WebSocket clients on it,
+/// every one connected.
+fn ws_master(name: &str, processes: usize, args: &[&str], clients: usize) -> (Master, WsLoad) {
+    let (port, mut config) = TestConfig::hello_on_a_free_port(processes);
+    config.command = baton_integration::binaries().ws_worker.clone();
+    config.args = args.iter().map(|a| a.to_string()).collect();
+    let master = Master::start(name, &config);
+    (master, WsLoad::connected_clients(loopback(port), clients))
+}
+
 fn keep_alive_under_reloads(name: &str, handoff: bool) -> (Master, Report) {
     let (port, mut config) = TestConfig::hello_on_a_free_port(2);
     if handoff {
@@ -86,33 +96,15 @@ fn without_handoff_the_same_clients_reconnect_at_each_reload() {
 #[test]
 fn websockets_cross_every_reload_with_every_message_echoed_once_in_order() {
     const CLIENTS: usize = 200;
-    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
-    config.command = baton_integration::binaries().ws_worker.clone();
-    let master = Master::start("handoff-websockets", &config);
-    let addr = loopback(port);
-    let load = WsLoad::start(
-        addr,
-        CLIENTS,
-        Duration::from_millis(100),
-        Duration::from_secs(60),
-    );
-    // Every client connected before the first reload (the load opens them one by one).
-    eventually(
-        Duration::from_secs(30),
-        "every WebSocket client connected",
-        || (load.connected() == CLIENTS).then_some(()),
-    );
+    let (master, load) = ws_master("handoff-websockets", 2, &[], CLIENTS);
     for _ in 0..6 {
         let verdict = master.reload();
         assert_eq!(verdict["event"], event::RELOAD_SUCCEEDED, "{verdict}");
         std::thread::sleep(Duration::from_secs(1)); // the reload cadence under test
     }
     let report = load.stop_and_report();
-    eprintln!("WebSockets with handoff: {}", report.summary());
     assert_eq!(report.connected, CLIENTS, "{}", report.summary());
-    assert_eq!(report.disconnects(), 0, "{}", report.summary());
-    assert_eq!(report.wrong, 0, "{}", report.summary());
-    assert_eq!(report.echoed, report.sent, "{}", report.summary());
+    report.assert_unbroken("WebSockets with handoff");
     assert!(report.sent > CLIENTS as u64 * 30, "{}", report.summary());
     let adopted = master.events(event::HANDOFF_DONE);
     assert!(!adopted.is_empty(), "no giver reported a handoff");
@@ -123,36 +115,14 @@ fn websockets_cross_every_reload_with_every_message_echoed_once_in_order() {
 #[test]
 fn without_handoff_every_websocket_is_closed_with_1012_at_a_reload() {
     const CLIENTS: usize = 50;
-    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
-    config.command = baton_integration::binaries().ws_worker.clone();
-    config.args = vec!["--no-handoff".into()];
-    let master = Master::start("no-handoff-websockets", &config);
-    let addr = loopback(port);
-    let load = WsLoad::start(
-        addr,
-        CLIENTS,
-        Duration::from_millis(100),
-        Duration::from_secs(60),
-    );
-    eventually(
-        Duration::from_secs(30),
-        "every WebSocket client connected",
-        || (load.connected() == CLIENTS).then_some(()),
-    );
+    let (master, load) = ws_master("no-handoff-websockets", 2, &["--no-handoff"], CLIENTS);
     let verdict = master.reload();
     assert_eq!(verdict["event"], event::RELOAD_SUCCEEDED, "{verdict}");
     master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
         e["generation"] == 1
     });
     let report = load.stop_and_report();
-    eprintln!("WebSockets without handoff: {}", report.summary());
-    assert_eq!(
-        report.ended.get("close 1012"),
-        Some(&(CLIENTS as u64)),
-        "{}",
-        report.summary()
-    );
-    assert_eq!(report.wrong, 0, "{}", report.summary());
+    report.assert_all_closed_with_1012("WebSockets without handoff");
 }
 
 /// Without handoff, `--close-window-ms` spreads the 1012 closes over the window (the SDK's
@@ -162,38 +132,18 @@ fn without_handoff_every_websocket_is_closed_with_1012_at_a_reload() {
 fn a_paced_drain_spreads_the_closes_over_its_window() {
     const CLIENTS: usize = 60;
     let closes = |name: &str, window_ms: &str| {
-        let (port, mut config) = TestConfig::hello_on_a_free_port(1);
-        config.command = baton_integration::binaries().ws_worker.clone();
-        config.args = vec![
-            "--no-handoff".into(),
-            "--close-window-ms".into(),
-            window_ms.into(),
-        ];
-        let master = Master::start(name, &config);
-        let addr = loopback(port);
-        let load = WsLoad::start(
-            addr,
+        let (master, load) = ws_master(
+            name,
+            1,
+            &["--no-handoff", "--close-window-ms", window_ms],
             CLIENTS,
-            Duration::from_millis(100),
-            Duration::from_secs(60),
-        );
-        eventually(
-            Duration::from_secs(30),
-            "every WebSocket client connected",
-            || (load.connected() == CLIENTS).then_some(()),
         );
         master.reload();
         master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
             e["generation"] == 1
         });
         let report = load.stop_and_report();
-        assert_eq!(
-            report.ended.get("close 1012"),
-            Some(&(CLIENTS as u64)),
-            "{}",
-            report.summary()
-        );
-        assert_eq!(report.wrong, 0, "{}", report.summary());
+        report.assert_all_closed_with_1012(name);
         report
     };
     let at_once = closes("closes-at-once", "0");
@@ -221,21 +171,7 @@ fn a_paced_drain_spreads_the_closes_over_its_window() {
 #[test]
 fn a_storm_of_reloads_during_handoffs_disconnects_nobody() {
     const CLIENTS: usize = 100;
-    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
-    config.command = baton_integration::binaries().ws_worker.clone();
-    let master = Master::start("handoff-storm", &config);
-    let addr = loopback(port);
-    let load = WsLoad::start(
-        addr,
-        CLIENTS,
-        Duration::from_millis(100),
-        Duration::from_secs(60),
-    );
-    eventually(
-        Duration::from_secs(30),
-        "every WebSocket client connected",
-        || (load.connected() == CLIENTS).then_some(()),
-    );
+    let (master, load) = ws_master("handoff-storm", 2, &[], CLIENTS);
     let start = std::time::Instant::now();
     let mut sent = 0;
     while start.elapsed() < Duration::from_secs(5) {
@@ -251,13 +187,9 @@ fn a_storm_of_reloads_during_handoffs_disconnects_nobody() {
     }
     master.verdict_of(sent as u64);
     let report = load.stop_and_report();
-    eprintln!(
-        "WebSockets through {sent} reload requests 150 ms apart: {}",
-        report.summary()
-    );
-    assert_eq!(report.disconnects(), 0, "{}", report.summary());
-    assert_eq!(report.wrong, 0, "{}", report.summary());
-    assert_eq!(report.echoed, report.sent, "{}", report.summary());
+    report.assert_unbroken(&format!(
+        "WebSockets through {sent} reload requests 150 ms apart"
+    ));
 }
 
 /// The master SIGKILLed while its workers hand WebSockets over: nothing depends on it (the
@@ -266,21 +198,7 @@ fn a_storm_of_reloads_during_handoffs_disconnects_nobody() {
 #[test]
 fn a_master_killed_mid_handoff_leaves_every_websocket_served_or_closed_with_1012() {
     const CLIENTS: usize = 100;
-    let (port, mut config) = TestConfig::hello_on_a_free_port(2);
-    config.command = baton_integration::binaries().ws_worker.clone();
-    let master = Master::start("handoff-master-killed", &config);
-    let addr = loopback(port);
-    let load = WsLoad::start(
-        addr,
-        CLIENTS,
-        Duration::from_millis(100),
-        Duration::from_secs(60),
-    );
-    eventually(
-        Duration::from_secs(30),
-        "every WebSocket client connected",
-        || (load.connected() == CLIENTS).then_some(()),
-    );
+    let (master, load) = ws_master("handoff-master-killed", 2, &[], CLIENTS);
     master.signal(nix::sys::signal::Signal::SIGUSR2);
     // The handoff begins once generation 2 serves: the master dies then.
     master.wait_event(event::HANDOFF_LINKS, Duration::from_secs(30), |_| true);
@@ -290,16 +208,6 @@ fn a_master_killed_mid_handoff_leaves_every_websocket_served_or_closed_with_1012
         (load.ended() == CLIENTS).then_some(())
     });
     let report = load.stop_and_report();
-    eprintln!(
-        "WebSockets, master killed mid-handoff: {}",
-        report.summary()
-    );
-    assert_eq!(report.wrong, 0, "{}", report.summary());
     // Ended, each with a close frame: 1012 from the worker that held it.
-    assert_eq!(
-        report.ended.get("close 1012"),
-        Some(&(CLIENTS as u64)),
-        "{}",
-        report.summary()
-    );
+    report.assert_all_closed_with_1012("WebSockets, master killed mid-handoff");
 }

@@ -132,8 +132,7 @@ fn a_removed_listener_refuses_new_clients_at_once_while_the_old_generation_drain
     config
         .listeners
         .push(("admin".into(), format!("127.0.0.1:{gone}")));
-    config.args = vec!["--idle-grace-ms".into(), "600000".into()];
-    config.drain_timeout = "30s";
+    config.holding("30s");
     let master = Master::start("removed", &config);
     let (addr_kept, addr_gone): (SocketAddr, SocketAddr) = (
         format!("127.0.0.1:{kept}").parse().unwrap(),
@@ -207,8 +206,7 @@ fn a_removed_listener_refuses_new_clients_at_once_while_the_old_generation_drain
 fn clients_queued_on_a_removed_unix_listener_are_refused_not_left_waiting() {
     use std::io::Read;
     let (port, mut config) = TestConfig::hello_on_a_free_port(1);
-    config.drain_timeout = "30s";
-    config.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    config.holding("30s");
     config.worker_extra = vec!["listeners: [http]".into()];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("side.sock");

@@ -98,8 +98,7 @@ const ALTERNATE_SCREEN_OFF: &str = "\x1b[?1049l";
 fn the_live_view_draws_in_an_80_column_terminal_and_q_restores_it() {
     let (port, mut config) = TestConfig::hello_on_a_free_port(2);
     // Kept-alive connections stay open through a drain: generation 1 drains while held.
-    config.args = vec!["--idle-grace-ms".into(), "600000".into()];
-    config.drain_timeout = "60s";
+    config.holding("60s");
     let master = Master::start("top", &config);
     let mut held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     held.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")

@@ -110,26 +110,7 @@ fn a_master_stopped_for_ten_seconds_kills_no_worker() {
 #[test]
 fn a_worker_failing_its_http_probe_threshold_times_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let script = executable(
-        dir.path(),
-        "health.py",
-        r#"#!/usr/bin/env python3
-import os, socket
-sick = os.path.join(os.path.dirname(os.environ["BATON_LIVENESS_ADDRESS"]), "sick-%d" % os.getpid())
-server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-server.bind(os.environ["BATON_LIVENESS_ADDRESS"])
-server.listen(16)
-with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-    s.connect(os.environ["NOTIFY_SOCKET"])
-    s.sendall(b"READY=1")
-while True:
-    conn, _ = server.accept()
-    conn.recv(1024)
-    status = b"503 Sick" if os.path.exists(sick) else b"200 OK"
-    conn.sendall(b"HTTP/1.0 " + status + b"\r\nContent-Length: 0\r\n\r\n")
-    conn.close()
-"#,
-    );
+    let script = executable(dir.path(), "health.py", HEALTH_PY);
     let mut config = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 2);
     config.command = script.clone();
     config.worker_extra = vec![
@@ -179,3 +160,20 @@ fn liveness_goes_on_after_an_upgrade() {
     });
     assert!(procfs::alive(pids[1]) && master.events(event::WORKER_UNHEALTHY).len() == 1);
 }
+
+const HEALTH_PY: &str = r#"#!/usr/bin/env python3
+import os, socket
+sick = os.path.join(os.path.dirname(os.environ["BATON_LIVENESS_ADDRESS"]), "sick-%d" % os.getpid())
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(os.environ["BATON_LIVENESS_ADDRESS"])
+server.listen(16)
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.connect(os.environ["NOTIFY_SOCKET"])
+    s.sendall(b"READY=1")
+while True:
+    conn, _ = server.accept()
+    conn.recv(1024)
+    status = b"503 Sick" if os.path.exists(sick) else b"200 OK"
+    conn.sendall(b"HTTP/1.0 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+    conn.close()
+"#;

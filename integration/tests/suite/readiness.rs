@@ -52,29 +52,7 @@ fn a_probe_configured_for_a_baton_worker_is_honoured() {
 #[test]
 fn all_conditions_wait_for_the_probe_after_an_early_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let script = executable(
-        dir.path(),
-        "early-ready.py",
-        r#"#!/usr/bin/env python3
-import os, socket, time
-path = os.environ["NOTIFY_SOCKET"]
-with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-    s.connect(path)
-    s.sendall(b"READY=1")
-time.sleep(1.5)
-probe = os.environ.get("BATON_PROBE_ADDRESS")
-if not probe:
-    time.sleep(3600)
-server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-server.bind(probe)
-server.listen(16)
-while True:
-    conn, _ = server.accept()
-    conn.recv(1024)
-    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
-    conn.close()
-"#,
-    );
+    let script = executable(dir.path(), "early-ready.py", EARLY_READY_PY);
     let (_, mut config) = TestConfig::hello_on_a_free_port(1);
     config.command = script;
     config.worker_extra = vec!["protocol: systemd".into(), "ready: notify".into()];
@@ -172,3 +150,23 @@ fn a_worker_that_cannot_get_its_listeners_fails_the_reload_at_once() {
         "at once, not at the 30 s deadline: {took} ms"
     );
 }
+
+const EARLY_READY_PY: &str = r#"#!/usr/bin/env python3
+import os, socket, time
+path = os.environ["NOTIFY_SOCKET"]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.connect(path)
+    s.sendall(b"READY=1")
+time.sleep(1.5)
+probe = os.environ.get("BATON_PROBE_ADDRESS")
+if not probe:
+    time.sleep(3600)
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(probe)
+server.listen(16)
+while True:
+    conn, _ = server.accept()
+    conn.recv(1024)
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+    conn.close()
+"#;

@@ -105,7 +105,7 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 #[test]
 fn sigquit_stops_fast() {
     let (port, mut c) = TestConfig::hello_on_a_free_port(2);
-    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
+    c.holding("20s");
     let mut master = Master::start("quit", &c);
     let workers = master.children();
     let _held = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -287,11 +287,7 @@ fn a_killed_master_is_restarted_with_its_listener_from_the_fd_store_and_clients_
     assert_eq!(during["ok"], 1, "served, not refused: {during}");
     assert_eq!(during["failed"], 0, "{during}");
     // The new master's workers may serve a moment before systemd has processed its READY=1.
-    eventually(
-        Duration::from_secs(10),
-        "the unit to be active again",
-        || (sd.show("baton.service", "ActiveState") == "active").then_some(()),
-    );
+    sd.wait_active("baton.service", Duration::from_secs(10));
     assert_eq!(sd.show("baton.service", "NRestarts"), "1");
     assert_ne!(sd.show("baton.service", "MainPID"), main_pid);
     assert_eq!(
@@ -340,11 +336,7 @@ fn a_failed_fd_store_update_is_logged_and_a_killed_master_then_costs_refused_con
         during["summary"]
     );
     assert_eq!(during["ok"], 0, "refused: {during}");
-    eventually(
-        Duration::from_secs(10),
-        "the unit to be active again",
-        || (sd.show("baton.service", "ActiveState") == "active").then_some(()),
-    );
+    sd.wait_active("baton.service", Duration::from_secs(10));
     assert_eq!(sd.show("baton.service", "NRestarts"), "1");
     assert!(serves(&sd), "the restarted master serves");
     assert_ne!(
@@ -521,9 +513,7 @@ fn under_systemd_a_killed_master_s_stubborn_worker_does_not_outlive_it() {
         "under systemd the worker outlived its master by {lived:?} (drain timeout 2 s, stop timeout 60 s)"
     );
     assert!(lived < Duration::from_secs(10), "{lived:?}");
-    eventually(Duration::from_secs(30), "the unit active again", || {
-        (sd.show("baton.service", "ActiveState") == "active").then_some(())
-    });
+    sd.wait_active("baton.service", Duration::from_secs(30));
     assert_eq!(sd.show("baton.service", "NRestarts"), "1");
     let journal = sd.journal("baton.service");
     assert!(journal.contains("guard pid"), "{journal}");

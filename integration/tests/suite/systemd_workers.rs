@@ -272,8 +272,7 @@ fn a_systemd_style_worker_holds_stdio_its_listeners_and_nothing_of_the_master() 
 fn a_worker_that_never_notifies_fails_the_reload_and_the_old_generation_keeps_serving() {
     let (port, good) = TestConfig::hello_on_a_free_port(2);
     let master = Master::start("never-notify", &good);
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, 4);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, 4);
     let mut silent = good.clone();
     silent.it_worker(WorkerMode::NeverReady);
     silent.ready_timeout = "1500ms";

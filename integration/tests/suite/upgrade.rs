@@ -45,8 +45,7 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
     let inodes = listening_inodes(port);
     let workers = master.children();
     assert_eq!(workers.len(), 2, "{workers:?}");
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, 8);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, 8);
     // The load runs against the old program: some requests of ours complete meanwhile.
     let served = || {
         for _ in 0..20 {
@@ -121,8 +120,7 @@ fn upgrade_under_load_keeps_the_pid_the_sockets_the_workers_and_the_history() {
 fn a_generation_draining_through_an_upgrade_is_killed_at_its_deadline_by_the_new_program() {
     let next = next_baton();
     let (port, mut c) = TestConfig::hello_on_a_free_port(1);
-    c.args = vec!["--idle-grace-ms".into(), "600000".into()];
-    c.drain_timeout = "3s";
+    c.holding("3s");
     let master = Master::start("upgrade-drain", &c);
     let old = master.events(event::WORKER_READY)[0]["pid"]
         .as_u64()
@@ -193,8 +191,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_fails_and_the_old_master_serves_
     std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
     let before = status(&master);
     let workers = master.children();
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, 4);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, 4);
     for (binary, why) in [
         ("/nonexistent/baton".to_string(), "No such file"),
         (script.display().to_string(), "segfault, as it were"),
@@ -301,8 +298,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
     // Not the configured signal: nothing happens, and the log says why.
     ignored_with(&master, SIGWINCH, "supervisor.upgrade_signal is SIGURG");
 
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, 8);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, 8);
     // The file is replaced by something that is not baton: the upgrade fails, the master goes on.
     replace_program(&program, b"#!/bin/sh\necho 'not a baton' >&2\nexit 3\n");
     master.signal(SIGURG);
@@ -321,12 +317,7 @@ fn the_upgrade_signal_execs_the_replaced_program_file_and_other_signals_are_igno
         .wait_event(event::UPGRADED, Duration::from_secs(20), |_| true)
         .1;
     let report = load.finish();
-    eprintln!(
-        "upgrade by SIGURG under load: {upgraded}; {}",
-        report.summary()
-    );
-    report.assert_lossless("");
-    assert!(report.ok > 0, "{}", report.summary());
+    report.assert_lossless_with(&format!("upgrade by SIGURG under load: {upgraded}"), 1);
 
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
@@ -406,8 +397,7 @@ fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing
     let inodes = listening_inodes(port);
     let workers = master.children();
     assert_eq!(workers.len(), 4, "{workers:?}");
-    let addr = loopback(port);
-    let load = Load::until_finished(addr, Mode::Fresh, 8);
+    let load = Load::until_finished(loopback(port), Mode::Fresh, 8);
     let (code, out, err) = upgrade(&master, &next.display().to_string());
     assert_eq!(code, 0, "upgrade failed: {out}{err}");
     master.wait_event(event::UPGRADED, Duration::from_secs(10), |_| true);
@@ -417,12 +407,7 @@ fn an_upgrade_with_systemd_protocol_workers_keeps_every_worker_and_loses_nothing
         (heard.elapsed() >= Duration::from_secs(3)).then_some(())
     });
     let report = load.finish();
-    eprintln!(
-        "upgrade with systemd workers under load: {}",
-        report.summary()
-    );
-    report.assert_lossless("");
-    assert!(report.ok > 100, "real load: {}", report.summary());
+    report.assert_lossless_with("upgrade with systemd workers under load", 100);
     let after = status(&master);
     assert_eq!(after["master"]["pid"], before["master"]["pid"]);
     assert!(
