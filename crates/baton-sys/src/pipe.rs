@@ -25,7 +25,8 @@ pub fn read_now(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<u
     Ok(nix::unistd::read(fd, buf)?)
 }
 
-/// Makes `fd` non-blocking (a read end adopted across a self-upgrade).
+/// Makes `fd` non-blocking (any descriptor: a read end adopted across a self-upgrade, a
+/// listening socket a worker adopts).
 pub fn set_nonblocking(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;

@@ -7,7 +7,9 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-fn set_int(fd: BorrowedFd<'_>, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+/// A TCP option that is a count (clamped to what a C int holds).
+fn set_tcp_count(fd: BorrowedFd<'_>, option: libc::c_int, value: u32) -> io::Result<()> {
+    let value = value.min(i32::MAX as u32) as libc::c_int;
     set_int_at(fd, libc::IPPROTO_TCP, option, value)
 }
 
@@ -35,7 +37,8 @@ fn set_int_at(
     }
 }
 
-fn get_int(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
+/// A TCP option that is a count (a negative reading is 0).
+fn tcp_count(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<u32> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `value`, which is that large, and the
@@ -50,7 +53,7 @@ fn get_int(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
         )
     };
     if rc == 0 {
-        Ok(value)
+        Ok(value.max(0) as u32)
     } else {
         Err(io::Error::last_os_error())
     }
@@ -60,30 +63,22 @@ fn get_int(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<libc::c_int> {
 /// waiting at most about `seconds` (0: off). The kernel keeps it as a number of SYN-ACK
 /// retransmissions, so reading it back gives the seconds those take (5 reads back as 7).
 pub fn set_defer_accept(fd: BorrowedFd<'_>, seconds: u32) -> io::Result<()> {
-    set_int(
-        fd,
-        libc::TCP_DEFER_ACCEPT,
-        seconds.min(i32::MAX as u32) as libc::c_int,
-    )
+    set_tcp_count(fd, libc::TCP_DEFER_ACCEPT, seconds)
 }
 
 pub fn defer_accept(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(get_int(fd, libc::TCP_DEFER_ACCEPT)?.max(0) as u32)
+    tcp_count(fd, libc::TCP_DEFER_ACCEPT)
 }
 
 /// `TCP_FASTOPEN` on a listening socket: how many connections whose SYN carried data may wait
 /// for their handshake to complete (0: off). Whether clients may use it at all is the host's
 /// `net.ipv4.tcp_fastopen` (bit 2 for servers).
 pub fn set_fastopen(fd: BorrowedFd<'_>, queue: u32) -> io::Result<()> {
-    set_int(
-        fd,
-        libc::TCP_FASTOPEN,
-        queue.min(i32::MAX as u32) as libc::c_int,
-    )
+    set_tcp_count(fd, libc::TCP_FASTOPEN, queue)
 }
 
 pub fn fastopen(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(get_int(fd, libc::TCP_FASTOPEN)?.max(0) as u32)
+    tcp_count(fd, libc::TCP_FASTOPEN)
 }
 
 /// A socket's receive or send buffer.

@@ -463,6 +463,15 @@ async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
     let mut prepared: HashMap<u64, (OwnedFd, ConnectionKind, Vec<u8>)> = HashMap::new();
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     let answer = |message: LinkMessage| baton_proto::encode(&message);
+    let deliver = |(socket, kind, state): (OwnedFd, ConnectionKind, Vec<u8>)| {
+        let _ = adopted.send(Adopted {
+            socket,
+            kind,
+            state,
+            from_worker: from,
+            _held: Busy::new(&shared),
+        });
+    };
     let ended_cleanly = loop {
         let got = match channel::recv_with_fds(&link, &mut buf, 1).await {
             Ok(got) if got.len == 0 => break true,
@@ -508,14 +517,8 @@ async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
                 }
             }
             Ok(LinkMessage::Commit { id }) => {
-                if let Some((socket, kind, state)) = prepared.remove(&id) {
-                    let _ = adopted.send(Adopted {
-                        socket,
-                        kind,
-                        state,
-                        from_worker: from,
-                        _held: Busy::new(&shared),
-                    });
+                if let Some(connection) = prepared.remove(&id) {
+                    deliver(connection);
                 }
             }
             Ok(LinkMessage::Abort { id }) => {
@@ -526,15 +529,7 @@ async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
         }
     };
     if ended_cleanly {
-        for (_, (socket, kind, state)) in prepared {
-            let _ = adopted.send(Adopted {
-                socket,
-                kind,
-                state,
-                from_worker: from,
-                _held: Busy::new(&shared),
-            });
-        }
+        prepared.into_values().for_each(deliver);
     } else if !prepared.is_empty() {
         // The link broke without its end: whether the giver kept them is unknown. Closing our
         // copies leaves them to the giver, which reads this link's end and serves them on.

@@ -160,34 +160,15 @@ pub(crate) fn adopt(info: &ListenerInfo, fd: OwnedFd) -> Result<Listener, Worker
         name: info.name.clone(),
         source,
     };
+    // Non-blocking for tokio (O_NONBLOCK is the descriptor's, whatever the socket's kind).
+    baton_sys::pipe::set_nonblocking(fd.as_fd()).map_err(adopt_err)?;
     match info.address {
-        ListenerAddress::Tcp { .. } => {
-            let std = std::net::TcpListener::from(fd);
-            std.set_nonblocking(true).map_err(adopt_err)?;
-            TcpListener::from_std(std)
-                .map(Listener::Tcp)
-                .map_err(adopt_err)
-        }
-        ListenerAddress::Unix { .. } => {
-            let std = std::os::unix::net::UnixListener::from(fd);
-            std.set_nonblocking(true).map_err(adopt_err)?;
-            UnixListener::from_std(std)
-                .map(Listener::Unix)
-                .map_err(adopt_err)
-        }
-        ListenerAddress::Udp { .. } => {
-            let std = std::net::UdpSocket::from(fd);
-            std.set_nonblocking(true).map_err(adopt_err)?;
-            UdpSocket::from_std(std)
-                .map(Listener::Udp)
-                .map_err(adopt_err)
-        }
+        ListenerAddress::Tcp { .. } => TcpListener::from_std(fd.into()).map(Listener::Tcp),
+        ListenerAddress::Unix { .. } => UnixListener::from_std(fd.into()).map(Listener::Unix),
+        ListenerAddress::Udp { .. } => UdpSocket::from_std(fd.into()).map(Listener::Udp),
         ListenerAddress::UnixDatagram { .. } => {
-            let std = std::os::unix::net::UnixDatagram::from(fd);
-            std.set_nonblocking(true).map_err(adopt_err)?;
-            UnixDatagram::from_std(std)
-                .map(Listener::UnixDatagram)
-                .map_err(adopt_err)
+            UnixDatagram::from_std(fd.into()).map(Listener::UnixDatagram)
         }
     }
+    .map_err(adopt_err)
 }

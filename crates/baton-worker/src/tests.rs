@@ -37,6 +37,11 @@ async fn send(master: &UnixDatagram, message: &MasterMessage, fds: &[BorrowedFd<
         .unwrap();
 }
 
+/// Sends `count` listeners in one `Fds` message, carrying `fds`.
+async fn send_fds(master: &UnixDatagram, count: usize, fds: &[BorrowedFd<'_>]) {
+    send(master, &MasterMessage::Fds { first: 0, count }, fds).await;
+}
+
 async fn hello(master: &UnixDatagram, listeners: Vec<ListenerInfo>) {
     let hello = Hello {
         version: PROTOCOL_VERSION,
@@ -60,12 +65,7 @@ async fn listeners_arrive_by_name_and_accept_connections() {
     let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     hello(&master, vec![tcp_info("a", &a), tcp_info("b", &b)]).await;
-    send(
-        &master,
-        &MasterMessage::Fds { first: 0, count: 2 },
-        &[a.as_fd(), b.as_fd()],
-    )
-    .await;
+    send_fds(&master, 2, &[a.as_fd(), b.as_fd()]).await;
     let mut worker = Worker::handshake(worker_end).await.unwrap();
     assert_eq!((worker.generation(), worker.id()), (4, 9));
     let names: Vec<_> = worker.manifest().map(|l| l.name.clone()).collect();
@@ -99,12 +99,7 @@ async fn a_manifest_that_does_not_match_the_descriptors_is_refused() {
     let (master, worker_end) = pair();
     let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     hello(&master, vec![tcp_info("a", &a), tcp_info("b", &a)]).await;
-    send(
-        &master,
-        &MasterMessage::Fds { first: 0, count: 2 },
-        &[a.as_fd()],
-    )
-    .await;
+    send_fds(&master, 2, &[a.as_fd()]).await;
     let err = Worker::handshake(worker_end).await.unwrap_err();
     assert!(
         matches!(
@@ -124,12 +119,7 @@ async fn a_descriptor_bound_elsewhere_than_the_manifest_says_is_refused() {
     let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     hello(&master, vec![tcp_info("a", &a)]).await;
-    send(
-        &master,
-        &MasterMessage::Fds { first: 0, count: 1 },
-        &[b.as_fd()],
-    )
-    .await;
+    send_fds(&master, 1, &[b.as_fd()]).await;
     let err = Worker::handshake(worker_end).await.unwrap_err();
     assert!(
         matches!(&err, WorkerError::WrongSocket { name, .. } if name == "a"),
@@ -149,12 +139,7 @@ async fn a_descriptor_that_is_not_a_listening_socket_is_refused() {
         quic_tag: None,
     };
     hello(&master, vec![info]).await;
-    send(
-        &master,
-        &MasterMessage::Fds { first: 0, count: 1 },
-        &[bound_only.as_fd()],
-    )
-    .await;
+    send_fds(&master, 1, &[bound_only.as_fd()]).await;
     let err = Worker::handshake(worker_end).await.unwrap_err();
     assert!(
         matches!(&err, WorkerError::NotAListener { name } if name == "web"),

@@ -37,6 +37,21 @@ supervisor:
   max_draining: 2
 ";
 
+    /// Every problem `parse_all` finds in `text` (as `/etc/baton/test.yaml`), shown; asserts each
+    /// of `expected` is among them.
+    #[track_caller]
+    fn problems_of(text: &str, expected: &[&str]) -> Vec<String> {
+        let problems = parse_all(Path::new("/etc/baton/test.yaml"), text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        for expected in expected {
+            assert!(
+                shown.iter().any(|s| s.contains(expected)),
+                "{expected:?} missing from {shown:#?}"
+            );
+        }
+        shown
+    }
+
     #[test]
     fn readiness_can_combine_conditions_the_protocol_allows() {
         let config = |protocol: &str, ready: &str| {
@@ -515,20 +530,16 @@ workers:
     ready_timeout: 1s
     ready: {http: /tmp/h.sock, timeout: 2s}
 ";
-        let problems = parse_all(Path::new("/etc/baton/test.yaml"), text).unwrap_err();
-        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        for expected in [
-            "workers[0].command: /etc/baton/missing does not exist",
-            "workers[0].listeners: no listener is named `nope`",
-            "workers[1].ready: the probe's timeout (2000 ms)",
-            "tcp://192.0.2.1:80 is not an address of this machine",
-            "/nonexistent-dir is not a directory",
-        ] {
-            assert!(
-                shown.iter().any(|s| s.contains(expected)),
-                "{expected:?} missing from {shown:#?}"
-            );
-        }
+        let shown = problems_of(
+            text,
+            &[
+                "workers[0].command: /etc/baton/missing does not exist",
+                "workers[0].listeners: no listener is named `nope`",
+                "workers[1].ready: the probe's timeout (2000 ms)",
+                "tcp://192.0.2.1:80 is not an address of this machine",
+                "/nonexistent-dir is not a directory",
+            ],
+        );
         assert_eq!(shown.len(), 5, "{shown:#?}");
         // `parse` (used by run and reload) reports the first.
         assert_eq!(parse_str(text).unwrap_err().to_string(), shown[0]);
@@ -552,19 +563,15 @@ supervisor:
 supervisor:
   max_draining: 3
 ";
-        let problems = parse_all(Path::new("/etc/baton/test.yaml"), text).unwrap_err();
-        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        for expected in [
-            "test.yaml:8:3: worker: unknown field `colour`",
-            "test.yaml:9:18: worker.ready_timeout: invalid duration \"10\"",
-            "test.yaml:10:14: worker.processes:",
-            "test.yaml:13:1: duplicate field `supervisor`",
-        ] {
-            assert!(
-                shown.iter().any(|s| s.contains(expected)),
-                "{expected:?} missing from {shown:#?}"
-            );
-        }
+        let shown = problems_of(
+            text,
+            &[
+                "test.yaml:8:3: worker: unknown field `colour`",
+                "test.yaml:9:18: worker.ready_timeout: invalid duration \"10\"",
+                "test.yaml:10:14: worker.processes:",
+                "test.yaml:13:1: duplicate field `supervisor`",
+            ],
+        );
         // The whole-file checks run on what could be read, at the second occurrence.
         assert!(
             shown

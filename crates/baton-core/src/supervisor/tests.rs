@@ -70,13 +70,7 @@ impl Harness {
 
     /// Answers Prepare with `spec` and every Spawn with a pid; returns the spawned workers.
     fn prepare(&mut self, actions: &[Action], spec: GenerationSpec) -> Vec<WorkerId> {
-        let g = actions
-            .iter()
-            .find_map(|a| match a {
-                Action::Prepare { generation } => Some(*generation),
-                _ => None,
-            })
-            .expect("a Prepare action");
+        let g = prepared(actions);
         let spawns = self.ev(Event::Prepared {
             generation: g,
             result: Ok(spec),
@@ -136,34 +130,37 @@ impl Harness {
     }
 }
 
+/// What `pattern` picks out of `actions`, in order.
+macro_rules! picked {
+    ($actions:expr, $pattern:pat => $out:expr) => {
+        $actions
+            .iter()
+            .filter_map(|a| match a {
+                $pattern => Some($out),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+}
+
 fn spawned(actions: &[Action]) -> Vec<WorkerId> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Spawn { worker, .. } => Some(*worker),
-            _ => None,
-        })
-        .collect()
+    picked!(actions, Action::Spawn { worker, .. } => *worker)
 }
 
 fn killed(actions: &[Action]) -> Vec<u32> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Kill { pid, .. } => Some(*pid),
-            _ => None,
-        })
-        .collect()
+    picked!(actions, Action::Kill { pid, .. } => *pid)
 }
 
 fn drained(actions: &[Action]) -> Vec<WorkerId> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Drain { worker, .. } => Some(*worker),
-            _ => None,
-        })
-        .collect()
+    picked!(actions, Action::Drain { worker, .. } => *worker)
+}
+
+/// The generation the first `Prepare` of `actions` asks for.
+fn prepared(actions: &[Action]) -> Generation {
+    picked!(actions, Action::Prepare { generation } => *generation)
+        .first()
+        .copied()
+        .expect("a Prepare action")
 }
 
 #[test]

@@ -58,12 +58,8 @@ fn differences(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &m
 
 #[test]
 fn a_format_1_state_encodes_back_to_the_same_json_but_for_the_histograms_and_the_run() {
-    let (state, supervisor) = decode(STATE_V1.as_bytes()).unwrap();
-    let again: serde_json::Value =
-        serde_json::from_slice(&encode_again(state, &supervisor)).unwrap();
-    let fixture: serde_json::Value = serde_json::from_str(STATE_V1).unwrap();
-    let mut diff = Vec::new();
-    differences("", &fixture, &again, &mut diff);
+    let (again, _) = reencoded(STATE_V1);
+    let mut diff = differences_from(STATE_V1, &again);
     // Fields added to format 1 after the fixture was written: absent there, their default
     // here. Every other byte is the same.
     let added = [
@@ -150,6 +146,22 @@ fn phases(supervisor: &Supervisor) -> Vec<(u64, Phase, usize)> {
         .collect()
 }
 
+/// `fixture` read, then written again as this master writes it (as JSON), and the state
+/// machine it holds.
+fn reencoded(fixture: &str) -> (serde_json::Value, Supervisor) {
+    let (state, supervisor) = decode(fixture.as_bytes()).unwrap();
+    let again = serde_json::from_slice(&encode_again(state, &supervisor)).unwrap();
+    (again, supervisor)
+}
+
+/// Where `again` differs from `fixture`.
+fn differences_from(fixture: &str, again: &serde_json::Value) -> Vec<String> {
+    let fixture: serde_json::Value = serde_json::from_str(fixture).unwrap();
+    let mut diff = Vec::new();
+    differences("", &fixture, again, &mut diff);
+    diff
+}
+
 /// The state as the master writes it, with this state machine.
 fn encode_again(state: State<()>, supervisor: &Supervisor) -> Vec<u8> {
     let (mut state, ()) = state.replace_machine(machine(supervisor));
@@ -202,12 +214,8 @@ fn a_format_2_state_still_decodes_with_its_generations_workers_and_history() {
 
 #[test]
 fn a_format_2_state_becomes_format_3_with_every_record_but_the_run_unchanged() {
-    let (state, supervisor) = decode(STATE_V2.as_bytes()).unwrap();
-    let again: serde_json::Value =
-        serde_json::from_slice(&encode_again(state, &supervisor)).unwrap();
-    let fixture: serde_json::Value = serde_json::from_str(STATE_V2).unwrap();
-    let mut diff = Vec::new();
-    differences("", &fixture, &again, &mut diff);
+    let (again, supervisor) = reencoded(STATE_V2);
+    let mut diff = differences_from(STATE_V2, &again);
     diff.retain(|d| {
         ![
             ".format: 2 vs 3",
@@ -257,9 +265,7 @@ fn a_state_whose_records_contradict_each_other_is_refused_by_the_invariant_they_
         "{message}"
     );
     // The same in format 3: a generation on probation that does not serve.
-    let (state, supervisor) = decode(STATE_V2.as_bytes()).unwrap();
-    let mut v3: serde_json::Value =
-        serde_json::from_slice(&encode_again(state, &supervisor)).unwrap();
+    let (mut v3, _) = reencoded(STATE_V2);
     v3["supervisor"]["run"] = serde_json::json!({"OnProbation": {"reload": {"id": 2,
         "generation": 2, "covers": [], "triggers": [], "started": 32173003194284u64,
         "initial": false}, "old": [3], "new": 2, "until": 32173003194284u64}});

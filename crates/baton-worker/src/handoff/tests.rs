@@ -31,6 +31,15 @@ fn link() -> (OwnedFd, UnixDatagram) {
 }
 
 /// A worker with no listeners, its master's end, and its part in handoff.
+/// A taker with a link from a giver: the master's end, the worker, its handoff and the
+/// giver's end of the link.
+async fn a_taker_linked() -> (UnixDatagram, Worker, Handoff, UnixDatagram) {
+    let (master, w, taker) = worker().await;
+    let (t, g) = link();
+    introduce(&master, HandoffRole::Taker, t).await;
+    (master, w, taker, g)
+}
+
 async fn worker() -> (UnixDatagram, Worker, Handoff) {
     let (master, end) = pair();
     let hello = Hello {
@@ -195,9 +204,7 @@ async fn a_taker_that_does_not_prepare_in_time_is_told_to_abort() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_giver_that_goes_after_the_taker_prepared_leaves_the_connection_to_the_taker() {
-    let (master, _w, taker) = worker().await;
-    let (t, g) = link();
-    introduce(&master, HandoffRole::Taker, t).await;
+    let (_master, _w, taker, g) = a_taker_linked().await;
     let (mut client, server) = connection();
     let offer = LinkMessage::Offer {
         id: 5,
@@ -220,9 +227,7 @@ async fn a_giver_that_goes_after_the_taker_prepared_leaves_the_connection_to_the
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_aborted_offer_is_never_served_by_the_taker_even_when_the_giver_goes() {
-    let (master, _w, taker) = worker().await;
-    let (t, g) = link();
-    introduce(&master, HandoffRole::Taker, t).await;
+    let (_master, _w, taker, g) = a_taker_linked().await;
     let (mut client, server) = connection();
     let offer = |id| LinkMessage::Offer {
         id,

@@ -98,13 +98,7 @@ impl World {
 
     fn reload(&mut self, spec: GenerationSpec) {
         let prepare = self.h.ev(Event::Intent(usr2()));
-        let g = prepare
-            .iter()
-            .find_map(|a| match a {
-                Action::Prepare { generation } => Some(*generation),
-                _ => None,
-            })
-            .expect("a Prepare action");
+        let g = prepared(&prepare);
         let started = self.h.ev(Event::Prepared {
             generation: g,
             result: Ok(spec),
