@@ -42,6 +42,14 @@ async fn send_fds(master: &UnixDatagram, count: usize, fds: &[BorrowedFd<'_>]) {
     send(master, &MasterMessage::Fds { first: 0, count }, fds).await;
 }
 
+/// A status that reports `n` connections and no text.
+fn connections(n: u64) -> WorkerMessage {
+    WorkerMessage::Status {
+        connections: Some(n),
+        text: None,
+    }
+}
+
 async fn hello(master: &UnixDatagram, listeners: Vec<ListenerInfo>) {
     let hello = Hello {
         version: PROTOCOL_VERSION,
@@ -84,13 +92,7 @@ async fn listeners_arrive_by_name_and_accept_connections() {
     assert!(matches!(accepted.unwrap(), Stream::Tcp(_)));
     assert_eq!(worker.take_all().len(), 1, "only `a` was left");
     worker.ready().await.unwrap();
-    assert_eq!(
-        next_status(&master).await,
-        WorkerMessage::Status {
-            connections: Some(0),
-            text: None
-        }
-    );
+    assert_eq!(next_status(&master).await, connections(0));
     assert_eq!(next_status(&master).await, WorkerMessage::Ready);
 }
 
@@ -178,30 +180,12 @@ async fn tracked_connections_are_counted_and_reported() {
     let (master, worker_end) = pair();
     hello(&master, vec![]).await;
     let worker = Worker::handshake(worker_end).await.unwrap();
-    assert_eq!(
-        next_status(&master).await,
-        WorkerMessage::Status {
-            connections: Some(0),
-            text: None
-        }
-    );
+    assert_eq!(next_status(&master).await, connections(0));
     let guard = worker.track();
     assert_eq!(worker.connections(), 1);
-    assert_eq!(
-        next_status(&master).await,
-        WorkerMessage::Status {
-            connections: Some(1),
-            text: None
-        }
-    );
+    assert_eq!(next_status(&master).await, connections(1));
     let idle = worker.idle();
     drop(guard);
     idle.await;
-    assert_eq!(
-        next_status(&master).await,
-        WorkerMessage::Status {
-            connections: Some(0),
-            text: None
-        }
-    );
+    assert_eq!(next_status(&master).await, connections(0));
 }

@@ -117,7 +117,7 @@ fn the_readme_test_command_installs_what_the_tests_need_and_is_what_ci_runs() {
         "{ci}"
     );
     let script = std::fs::read_to_string(format!("{root}/integration/run-tests.sh")).unwrap();
-    for package in [
+    let packages = [
         "python3",
         "nodejs",
         "util-linux",
@@ -127,22 +127,17 @@ fn the_readme_test_command_installs_what_the_tests_need_and_is_what_ci_runs() {
         "nginx-light",
         "golang-go",
         "python3-venv",
-    ] {
-        assert!(
-            script.contains(&format!("missing+=({package})")),
-            "{package}"
-        );
-    }
-    assert!(script.contains("apt-get install"));
-    for requirements in [
+    ]
+    .map(|package| format!("missing+=({package})"));
+    let requirements = [
         "examples/uvicorn/requirements.txt",
         "examples/gunicorn/requirements.txt",
-    ] {
-        assert!(
-            script.contains(&format!("-r {requirements}")),
-            "{requirements}"
-        );
+    ]
+    .map(|requirements| format!("-r {requirements}"));
+    for needed in packages.iter().chain(&requirements) {
+        assert!(script.contains(needed.as_str()), "{needed}");
     }
+    assert!(script.contains("apt-get install"));
     assert!(script.contains("cargo test --workspace --locked"));
 }
 

@@ -245,18 +245,10 @@ fn requests_that_coalesce_share_one_verdict_and_signals_are_in_the_history() {
     let history = json(&out);
     let records = history.as_array().unwrap();
     assert_eq!(records.len(), 4);
+    let first_request = |i: usize| records[i]["requests"][0].as_str().unwrap();
+    assert!(first_request(3).contains("SIGUSR2 from pid"), "{history}");
     assert!(
-        records[3]["requests"][0]
-            .as_str()
-            .unwrap()
-            .contains("SIGUSR2 from pid"),
-        "{history}"
-    );
-    assert!(
-        records[0]["requests"][0]
-            .as_str()
-            .unwrap()
-            .contains("baton reload from uid 0"),
+        first_request(0).contains("baton reload from uid 0"),
         "{history}"
     );
     let (_, table, _) = master.ctl(&["history"]);

@@ -69,10 +69,7 @@ fn a_listener_added_by_a_reload_serves_every_new_connection_at_once_and_a_remove
     report.assert_served_by(&[generation]);
 
     // Remove it again: it closes once the last generation that had it is gone.
-    config.listeners.pop();
-    master.write_config(&config.yaml());
-    let verdict = master.reload();
-    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    remove_the_last_listener(&master, &mut config);
     master.wait_event(event::LISTENER_CLOSED, Duration::from_secs(30), |v| {
         v["listener"] == "extra"
     });
@@ -147,10 +144,7 @@ fn a_removed_listener_refuses_new_clients_at_once_while_the_old_generation_drain
     let on_kept = Load::until_finished(addr_kept, Mode::Fresh, 2);
     let on_gone = Load::until_finished(addr_gone, Mode::Fresh, 2);
 
-    config.listeners.pop();
-    master.write_config(&config.yaml());
-    let verdict = master.reload();
-    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
+    remove_the_last_listener(&master, &mut config);
     master.wait_event(event::LISTENER_REMOVED, Duration::from_secs(5), |v| {
         v["listener"] == "admin"
     });
@@ -250,4 +244,12 @@ fn clients_queued_on_a_removed_unix_listener_are_refused_not_left_waiting() {
     let refused = std::os::unix::net::UnixStream::connect(&path);
     assert!(refused.is_err(), "{refused:?}");
     drop(held);
+}
+
+/// Removes the configuration's last listener and reloads: the reload succeeds.
+fn remove_the_last_listener(master: &Master, config: &mut TestConfig) {
+    config.listeners.pop();
+    master.write_config(&config.yaml());
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], "reload_succeeded", "{verdict}");
 }

@@ -11,9 +11,7 @@ use nix::unistd::Pid;
 fn the_log_file_is_reopened_on_sigusr1_and_the_pid_file_removed_at_exit() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("baton.yaml");
-    let yaml = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1)
-        .yaml()
-        .replace("{dir}", dir.path().to_str().unwrap());
+    let yaml = hello_yaml(dir.path());
     std::fs::write(&config, yaml).unwrap();
     let (log, pid_file) = (dir.path().join("baton.log"), dir.path().join("baton.pid"));
     let master = baton_run(
@@ -70,13 +68,10 @@ fn the_log_file_is_reopened_on_sigusr1_and_the_pid_file_removed_at_exit() {
 fn the_configuration_names_the_log_file_and_the_pid_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("baton.yaml");
-    let yaml = TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1)
-        .yaml()
-        .replace("{dir}", dir.path().to_str().unwrap())
-        .replace(
-            "supervisor:\n",
-            "supervisor:\n  log_file: logs/baton.log\n  pid_file: baton.pid\n",
-        );
+    let yaml = hello_yaml(dir.path()).replace(
+        "supervisor:\n",
+        "supervisor:\n  log_file: logs/baton.log\n  pid_file: baton.pid\n",
+    );
     std::fs::create_dir(dir.path().join("logs")).unwrap();
     std::fs::write(&config, &yaml).unwrap();
     let (log, pid_file) = (
@@ -124,4 +119,11 @@ fn the_configuration_names_the_log_file_and_the_pid_file() {
     kill(Pid::from_raw(master.id() as i32), Signal::SIGTERM).unwrap();
     assert!(master.wait().unwrap().success());
     assert!(!pid_file.exists(), "removed at exit");
+}
+
+/// One hello worker on a free port, the master's files in `dir`.
+fn hello_yaml(dir: &std::path::Path) -> String {
+    TestConfig::hello(&format!("127.0.0.1:{}", free_port()), 1)
+        .yaml()
+        .replace("{dir}", dir.to_str().unwrap())
 }

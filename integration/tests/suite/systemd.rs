@@ -34,10 +34,15 @@ fn strict_unit(config: &std::path::Path) -> String {
         .replace("TimeoutStopSec=60", "TimeoutStopSec=1")
 }
 
-fn boot(name: &str, extra_units: &[(&str, String)]) -> (Systemd, std::path::PathBuf) {
-    // The config lives beside the units, in a directory the namespace shares.
+/// The default configuration, written beside the units (in a directory the namespace shares).
+fn default_config(name: &str) -> std::path::PathBuf {
     let config_path = Systemd::workdir(name).join("baton.yaml");
     std::fs::write(&config_path, config("")).unwrap();
+    config_path
+}
+
+fn boot(name: &str, extra_units: &[(&str, String)]) -> (Systemd, std::path::PathBuf) {
+    let config_path = default_config(name);
     let mut units = vec![("baton.service", strict_unit(&config_path))];
     units.extend(extra_units.iter().cloned());
     (Systemd::boot(name, &units), config_path)
@@ -307,8 +312,7 @@ fn a_killed_master_is_restarted_with_its_listener_from_the_fd_store_and_clients_
 /// have kept it waiting (the test above).
 #[test]
 fn a_failed_fd_store_update_is_logged_and_a_killed_master_then_costs_refused_connections() {
-    let config_path = Systemd::workdir("fdstore-fault").join("baton.yaml");
-    std::fs::write(&config_path, config("")).unwrap();
+    let config_path = default_config("fdstore-fault");
     let unit = strict_unit(&config_path).replacen(
         "[Service]\n",
         "[Service]\nEnvironment=FAILPOINTS=fdstore.update=return(error)\n",
@@ -588,8 +592,7 @@ fn under_systemd_a_workers_escaped_child_ends_with_it_in_its_delegated_cgroup() 
 /// sent meanwhile waits in its queue and is served.
 #[test]
 fn an_upgrade_that_fails_after_the_exec_restarts_on_the_fd_stores_sockets() {
-    let config_path = Systemd::workdir("upgrade-resume").join("baton.yaml");
-    std::fs::write(&config_path, config("")).unwrap();
+    let config_path = default_config("upgrade-resume");
     let unit = strict_unit(&config_path).replace(
         "[Service]\n",
         "[Service]\nEnvironment=FAILPOINTS_AFTER_UPGRADE=upgrade.resume=return\n",

@@ -388,26 +388,24 @@ workers:
                 format!("listeners: []\nworker: {{command: sh, processes: 8, reload: {reload}}}\n");
             parse_str(&text).map(|c| c.programs[0].reload)
         };
-        assert_eq!(
-            strategy("{strategy: rolling}").unwrap(),
-            Reload::Rolling { batch: 1 }
-        );
-        assert_eq!(
-            strategy("{strategy: rolling, batch: 3}").unwrap(),
-            Reload::Rolling { batch: 3 }
-        );
-        assert_eq!(
-            strategy("{strategy: rolling, batch: \"25%\"}").unwrap(),
-            Reload::Rolling { batch: 2 }
-        );
-        assert_eq!(
-            strategy("{strategy: rolling, batch: \"10%\"}").unwrap(),
-            Reload::Rolling { batch: 1 }
-        );
-        assert_eq!(
-            strategy("{strategy: all-at-once}").unwrap(),
-            Reload::AllAtOnce
-        );
+        for (reload, expected) in [
+            ("{strategy: rolling}", Reload::Rolling { batch: 1 }),
+            (
+                "{strategy: rolling, batch: 3}",
+                Reload::Rolling { batch: 3 },
+            ),
+            (
+                "{strategy: rolling, batch: \"25%\"}",
+                Reload::Rolling { batch: 2 },
+            ),
+            (
+                "{strategy: rolling, batch: \"10%\"}",
+                Reload::Rolling { batch: 1 },
+            ),
+            ("{strategy: all-at-once}", Reload::AllAtOnce),
+        ] {
+            assert_eq!(strategy(reload).unwrap(), expected, "{reload}");
+        }
         assert_eq!(
             parse_str("listeners: []\nworker: {command: sh}\n")
                 .unwrap()
