@@ -365,7 +365,6 @@ pub fn baton_run(config: &std::path::Path, format: &str, args: &[&std::ffi::OsSt
         .expect("spawning baton run")
 }
 
-/// A free loopback port (bound and released; the master binds it right after).
 /// One HTTP/1.1 request on a new connection: `(status, head, body)`.
 pub fn http(port: u16, method: &str, path: &str) -> (u16, String, String) {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -394,11 +393,21 @@ pub fn executable(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A directory that outlives the run (a benchmark's files, kept for a look afterwards).
+pub fn kept_dir(prefix: &str) -> PathBuf {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .unwrap()
+        .keep()
+}
+
 /// `127.0.0.1:port`.
 pub fn loopback(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A free loopback port (bound and released; the master binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -35,6 +35,8 @@ mod drain;
 mod error;
 pub mod handoff;
 mod listener;
+#[cfg(feature = "log")]
+pub mod log;
 #[cfg(feature = "quinn")]
 pub mod quic;
 mod systemd;

@@ -63,13 +63,7 @@ fn identity(args: &Args) -> anyhow::Result<(Vec<CertificateDer<'static>>, Privat
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Not `log_internal_errors`: when the master dies, stderr's reader goes with it, and the
-    // note tracing would print about the failed write panics (stderr is broken).
-    tracing_subscriber::fmt()
-        .log_internal_errors(false)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+    baton_worker::log::to_stderr();
     let args = args()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut worker = Worker::from_env()

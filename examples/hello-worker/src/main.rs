@@ -68,16 +68,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    use std::io::IsTerminal;
-    // Not `log_internal_errors`: when the master dies, stderr's reader goes with it, and the
-    // note tracing would print about the failed write panics (stderr is broken), ending the
-    // worker in the middle of its drain.
-    tracing_subscriber::fmt()
-        .log_internal_errors(false)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    baton_worker::log::to_stderr();
     let idle_grace = Duration::from_millis(args.idle_grace_ms);
     let tag: Arc<str> = args
         .tag

@@ -66,17 +66,8 @@ struct Ctx {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     use clap::Parser;
-    use std::io::IsTerminal;
     let args = Args::parse();
-    // Not `log_internal_errors`: when the master dies, stderr's reader goes with it, and the
-    // note tracing would print about the failed write panics (stderr is broken), ending the
-    // worker in the middle of its drain.
-    tracing_subscriber::fmt()
-        .log_internal_errors(false)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    baton_worker::log::to_stderr();
     let mut worker = Worker::from_env()
         .await
         .context("receiving listeners from baton")?;

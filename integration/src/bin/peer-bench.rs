@@ -146,11 +146,7 @@ fn baton_config(port: u16, tag: u64) -> TestConfig {
 }
 
 fn start(peer: Peer, port: u16) -> Running {
-    let dir = tempfile::Builder::new()
-        .prefix("peer-bench-")
-        .tempdir()
-        .unwrap()
-        .keep();
+    let dir = baton_integration::kept_dir("peer-bench-");
     let master = match peer {
         Peer::Baton => Some(Master::start("peer-baton", &baton_config(port, 1))),
         Peer::BatonHaproxy => {

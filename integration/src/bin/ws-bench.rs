@@ -170,11 +170,7 @@ struct Running {
 
 impl Running {
     fn start(peer: Peer, port: u16, backend: SocketAddr) -> Running {
-        let dir = tempfile::Builder::new()
-            .prefix("ws-bench-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let dir = baton_integration::kept_dir("ws-bench-");
         let master = match peer {
             Peer::Baton | Peer::BatonNoHandoff | Peer::BatonPaced => {
                 let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);

@@ -16,6 +16,20 @@ fn config(port: u16, drain_timeout: &'static str) -> TestConfig {
     c
 }
 
+/// A master whose only worker holds a client's idle connection as its generation is reloaded:
+/// the master, the old worker's pid, the connection.
+fn held_through_a_reload(
+    name: &str,
+    drain_timeout: &'static str,
+) -> (Master, u32, std::net::TcpStream) {
+    let port = free_port();
+    let master = Master::start(name, &config(port, drain_timeout));
+    let old = first_worker(&master);
+    let conn = held_connection(port);
+    assert_eq!(master.reload()["event"], "reload_succeeded");
+    (master, old, conn)
+}
+
 fn first_worker(master: &Master) -> u32 {
     master.events(event::WORKER_READY)[0]["pid"]
         .as_u64()
@@ -24,11 +38,7 @@ fn first_worker(master: &Master) -> u32 {
 
 #[test]
 fn a_held_connection_keeps_its_generation_draining_until_it_closes_then_it_exits_at_once() {
-    let port = free_port();
-    let master = Master::start("linger", &config(port, "60s"));
-    let old = first_worker(&master);
-    let conn = held_connection(port);
-    assert_eq!(master.reload()["event"], "reload_succeeded");
+    let (master, old, conn) = held_through_a_reload("linger", "60s");
     master.wait_event(event::GENERATION_DRAINING, Duration::from_secs(5), |v| {
         v["generation"] == 1
     });
@@ -56,11 +66,7 @@ fn a_held_connection_keeps_its_generation_draining_until_it_closes_then_it_exits
 
 #[test]
 fn a_generation_that_does_not_drain_is_killed_at_its_deadline_not_later_than_one_second_after() {
-    let port = free_port();
-    let master = Master::start("deadline", &config(port, "2s"));
-    let old = first_worker(&master);
-    let _conn = held_connection(port);
-    assert_eq!(master.reload()["event"], "reload_succeeded");
+    let (master, old, _conn) = held_through_a_reload("deadline", "2s");
     let (began, _) = master.wait_event(event::GENERATION_DRAINING, Duration::from_secs(5), |v| {
         v["generation"] == 1
     });

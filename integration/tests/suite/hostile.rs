@@ -40,23 +40,29 @@ def parent_of(pid):
         return int(f.read().rsplit(")", 1)[1].split()[1])
 "#;
 
+/// A Python worker: `body` after [`NOTIFY_PY`].
+fn notify_worker(dir: &Path, name: &str, body: &str) -> PathBuf {
+    executable(
+        dir,
+        name,
+        &format!("#!/usr/bin/python3\n{NOTIFY_PY}\n{body}"),
+    )
+}
+
 /// A worker that announces as its main process, in turn: an unrelated root process (`VICTIM`),
 /// the master, the master's parent, the guard, pid 1, pid 0 and a pid that cannot exist; then
 /// reports ready and waits for its drain signal.
 fn mainpid_games_worker(dir: &Path) -> PathBuf {
-    executable(
+    notify_worker(
         dir,
         "games.py",
-        &format!(
-            r#"#!/usr/bin/python3
-{NOTIFY_PY}
-master = os.getppid()
+        r#"master = os.getppid()
 targets = [int(os.environ["VICTIM"]), master, parent_of(master), 1, 0, 1 << 30]
 def guard():
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{{entry}}/cmdline", "rb") as f:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
                     command = f.read()
                 if parent_of(int(entry)) == master and b"guard" in command:
                     return int(entry)
@@ -69,11 +75,10 @@ while guard() is None and time.monotonic() < deadline:
 if guard() is not None:
     targets.append(guard())
 for target in targets:
-    notify(f"MAINPID={{target}}")
+    notify(f"MAINPID={target}")
 notify("READY=1")
 signal.pause()
-"#
-        ),
+"#,
     )
 }
 
@@ -183,13 +188,10 @@ fn a_worker_as_nobody_cannot_make_the_master_signal_a_process_not_its_own() {
 /// A launcher that forks the server, announces it (`MAINPID=`) and reaps it itself, then exits
 /// with its status: the master is never the server's parent.
 fn launcher_worker(dir: &Path) -> PathBuf {
-    executable(
+    notify_worker(
         dir,
         "launcher.py",
-        &format!(
-            r#"#!/usr/bin/python3
-{NOTIFY_PY}
-server = os.fork()
+        r#"server = os.fork()
 if server == 0:
     if os.environ.get("IGNORE_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -200,12 +202,11 @@ if server == 0:
         client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
         client.close()
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-notify(f"MAINPID={{server}}")
+notify(f"MAINPID={server}")
 notify("READY=1")
 _, status = os.waitpid(server, 0)
 sys.exit(os.waitstatus_to_exitcode(status) & 0xff)
-"#
-        ),
+"#,
     )
 }
 

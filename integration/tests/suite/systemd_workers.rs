@@ -56,21 +56,9 @@ fn require(program: &str) {
 fn zero_loss_with(name: &str, yaml: String, port: u16) {
     let master = Master::spawn(name, &yaml);
     master.wait_event(event::SERVING, Duration::from_secs(30), |_| true);
-    let addr = loopback(port);
-    let (report, sent) = master.reload_under_load(
-        addr,
-        Mode::Fresh,
-        8,
-        Duration::from_secs(8),
-        Duration::from_millis(100),
-    );
-    eprintln!("{name}: {} ({sent} SIGUSR2)", report.summary());
-    report.assert_lossless(name);
-    assert!(
-        report.ok > 200,
-        "{name}: the load must be real: {}",
-        report.summary()
-    );
+    let run = (Duration::from_secs(8), Duration::from_millis(100));
+    let (report, sent) = master.reload_under_load(loopback(port), Mode::Fresh, 8, run.0, run.1);
+    report.assert_lossless_with(&format!("{name} ({sent} SIGUSR2)"), 200);
     assert!(report.generations.len() > 3, "{name}: {}", report.summary());
     let reloads = master.assert_every_request_accounted_for(sent);
     eprintln!("{name}: {sent} requests carried out by {reloads} reloads");
@@ -131,15 +119,9 @@ fn baton_and_systemd_style_programs_serve_side_by_side() {
         },
     );
     eprintln!("answered by: {seen:?}");
-    let (report, sent) = master.reload_under_load(
-        addr,
-        Mode::Fresh,
-        4,
-        Duration::from_secs(3),
-        Duration::from_millis(200),
-    );
-    eprintln!("mixed: {}", report.summary());
-    report.assert_lossless("");
+    let run = (Duration::from_secs(3), Duration::from_millis(200));
+    let (report, sent) = master.reload_under_load(addr, Mode::Fresh, 4, run.0, run.1);
+    report.assert_lossless_with("mixed", 1);
     master.assert_every_request_accounted_for(sent);
 }
 
