@@ -407,6 +407,14 @@ pub fn loopback(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// Asserts `verdict` is a failed reload whose reason says `text`.
+#[track_caller]
+pub fn assert_reload_failed_saying(verdict: &Value, text: &str) {
+    assert_eq!(verdict["event"], event::RELOAD_FAILED, "{verdict}");
+    let reason = verdict["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(text), "{text:?} not in {verdict}");
+}
+
 /// A free loopback port (bound and released; the master binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -24,6 +24,14 @@ fn rolling(port: u16, processes: usize, batch: &str) -> TestConfig {
     config
 }
 
+/// A rolling configuration on a free port whose workers never finish their drain.
+fn stubborn_rolling(processes: usize, batch: &str, drain_timeout: &'static str) -> TestConfig {
+    let mut config = rolling(free_port(), processes, batch);
+    config.drain_timeout = drain_timeout;
+    config.it_worker(WorkerMode::Stubborn);
+    config
+}
+
 /// Counts the master's worker processes every few milliseconds until dropped: the most seen.
 struct Census {
     stop: Arc<AtomicBool>,
@@ -232,13 +240,10 @@ fn a_failure_at_batch_3_of_8_rolls_back_to_8_workers_of_the_old_configuration_lo
 
 #[test]
 fn old_workers_that_do_not_finish_make_each_batch_wait_for_their_drain_up_to_the_deadline() {
-    let port = free_port();
-    let mut config = rolling(port, 4, "2");
-    config.drain_timeout = "1s";
     // Workers that never finish their drain, as a worker does while a kept-alive client holds
     // a connection it will not close (which connections reach which worker is the kernel's
     // choice, so a test of held connections could not say which workers would hold one).
-    config.it_worker(WorkerMode::Stubborn);
+    let config = stubborn_rolling(4, "2", "1s");
     let master = Master::start("rolling-held", &config);
     let reload = master.ctl_spawn(&["reload"]);
     // While batch 1's old workers drain, `baton status` shows the rollout, an upgrade is
@@ -322,11 +327,8 @@ fn answer(port: u16) -> String {
 
 #[test]
 fn a_stop_during_a_rollout_drains_both_generations_within_their_deadlines() {
-    let port = free_port();
-    let mut config = rolling(port, 4, "1");
-    config.drain_timeout = "2s";
     // Old workers that never finish: the rollout is still retiring when the stop comes.
-    config.it_worker(WorkerMode::Stubborn);
+    let config = stubborn_rolling(4, "1", "2s");
     let mut master = Master::start("rolling-stop", &config);
     let reload = master.ctl_spawn(&["reload"]);
     master.wait_event(event::ROLLOUT_RETIRING, Duration::from_secs(10), |_| true);
