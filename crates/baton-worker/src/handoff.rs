@@ -27,6 +27,7 @@ use tokio::net::UnixDatagram;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, warn};
 
+use crate::faults::{self, Point};
 use crate::{Control, Shared, Worker};
 
 /// How long a giver waits for a taker to prepare a connection before it keeps it.
@@ -254,19 +255,28 @@ impl Handoff {
             return keep(socket, KeptBecause::Send(err));
         }
         handoff.count(|c| c.offered += 1);
+        if faults::check(Point::GiverOffered) {
+            faults::exit_at(Point::GiverOffered);
+        }
         let wait = deadline.map_or(OFFER_TIMEOUT, |d| {
             d.saturating_duration_since(Instant::now())
                 .min(OFFER_TIMEOUT)
         });
         let outcome = match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Reply::Prepared)) => {
-                // Whether or not the commit arrives, the taker serves it: it does on `commit`,
-                // and on the link's end once it prepared it. This copy closes now.
+                if faults::check(Point::GiverCommit) {
+                    faults::exit_at(Point::GiverCommit);
+                }
+                // Sent, the commit makes it the taker's: it serves it on `commit`, and on the
+                // link's end once it prepared it. This copy closes now. Not sent, the taker's
+                // end is closed (it went before the commit): the connection stays here.
                 let commit = baton_proto::encode(&LinkMessage::Commit { id });
-                let _ = link.socket.send(&commit).await;
-                drop(socket);
-                handoff.count(|c| c.adopted += 1);
-                return Ok(());
+                if link.socket.send(&commit).await.is_ok() {
+                    drop(socket);
+                    handoff.count(|c| c.adopted += 1);
+                    return Ok(());
+                }
+                KeptBecause::TakerGone
             }
             Ok(Ok(Reply::Refused(reason))) => KeptBecause::Refused(reason),
             // The link ended (the taker went) before it prepared: its copy is closed.
@@ -472,10 +482,19 @@ async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
             _held: Busy::new(&shared),
         });
     };
+    // The giver is gone (its end closed): no answer is sent, what it sent is still read.
+    let mut giver_gone = false;
     let ended_cleanly = loop {
         let got = match channel::recv_with_fds(&link, &mut buf, 1).await {
             Ok(got) if got.len == 0 => break true,
             Ok(got) => got,
+            // A giver that dies with answers of ours unread resets the link, and the kernel
+            // reports that before the packets it had sent: read on (the offers in flight, with
+            // their descriptors, are still to come), then its end.
+            Err(err) if err.kind() == io::ErrorKind::ConnectionReset && !giver_gone => {
+                giver_gone = true;
+                continue;
+            }
             Err(err) if err.kind() == io::ErrorKind::ConnectionReset => break true,
             Err(err) => {
                 warn!("handoff link from worker {from}: {err}");
@@ -485,7 +504,9 @@ async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
         let mut fds = got.fds;
         match baton_proto::decode::<LinkMessage>(&buf[..got.len]) {
             Ok(LinkMessage::Offer { id, kind, state }) => {
-                let refusal = if got.truncated || got.fds_truncated || fds.len() != 1 {
+                let refusal = if faults::check(Point::TakerOffer) {
+                    Some("refused by a fault point".to_string())
+                } else if got.truncated || got.fds_truncated || fds.len() != 1 {
                     Some("an offer carries exactly one descriptor".to_string())
                 } else if kind == ConnectionKind::Unknown {
                     Some("a kind of connection this worker does not know".into())
@@ -512,8 +533,12 @@ async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
                         LinkMessage::Prepared { id }
                     }
                 };
-                if link.send(&answer(reply)).await.is_err() {
-                    break true;
+                let prepares = matches!(reply, LinkMessage::Prepared { .. });
+                if !giver_gone && link.send(&answer(reply)).await.is_err() {
+                    giver_gone = true;
+                }
+                if prepares && faults::check(Point::TakerPrepared) {
+                    faults::exit_at(Point::TakerPrepared);
                 }
             }
             Ok(LinkMessage::Commit { id }) => {

@@ -33,6 +33,7 @@ use tokio::sync::{Notify, watch};
 mod channel;
 mod drain;
 mod error;
+mod faults;
 pub mod handoff;
 mod listener;
 #[cfg(feature = "log")]

@@ -109,6 +109,9 @@ fn generation_heading(g: &GenerationStatus) -> String {
             }
         );
     }
+    if let Some(h) = g.handoff {
+        let _ = write!(line, "  {}", handed_off(h));
+    }
     for c in &g.degraded {
         let _ = write!(
             line,
@@ -122,6 +125,16 @@ fn generation_heading(g: &GenerationStatus) -> String {
         }
     }
     line
+}
+
+/// What givers handed off: `handed off 480 of 500 connections (20 kept)`.
+fn handed_off(h: baton_proto::handoff::HandoffCounts) -> String {
+    format!(
+        "handed off {} of {} ({} kept)",
+        h.adopted,
+        plural(h.offered as usize, "connection"),
+        h.kept
+    )
 }
 
 /// `baton status`.
@@ -373,11 +386,13 @@ pub(crate) fn drain_progress(s: &StatusSnapshot) -> String {
         .map(|g| {
             let conns: u64 = g.workers.iter().filter_map(|w| w.connections).sum();
             format!(
-                "gen {}: {}, {} conns, {} left",
+                "gen {}: {}, {} conns, {} left{}",
                 g.generation,
                 plural(g.workers.len(), "worker"),
                 conns,
-                g.time_left_ms.map_or("-".into(), duration)
+                g.time_left_ms.map_or("-".into(), duration),
+                g.handoff
+                    .map_or_else(String::new, |h| format!(", {}", handed_off(h)))
             )
         })
         .collect();
@@ -446,7 +461,7 @@ pub(crate) fn history(reloads: &[ReloadRecord]) -> String {
     }
     let mut rows = vec![
         [
-            "RELOAD", "GEN", "STARTED", "DURATION", "VERDICT", "KERNEL", "REQUESTS",
+            "RELOAD", "GEN", "STARTED", "DURATION", "VERDICT", "KERNEL", "HANDOFF", "REQUESTS",
         ]
         .map(String::from),
     ];
@@ -467,6 +482,10 @@ pub(crate) fn history(reloads: &[ReloadRecord]) -> String {
                     let peak = k.queues.iter().map(|q| q.peak).max().unwrap_or(0);
                     format!("{} dropped, peak {peak}", k.listen_drops)
                 },
+            ),
+            r.handoff.map_or_else(
+                || "-".into(),
+                |h| format!("{}/{} ({} kept)", h.adopted, h.offered, h.kept),
             ),
             safe(&r.requests.join("; ")),
         ]);
@@ -567,6 +586,7 @@ mod tests {
                 workers,
                 degraded: vec![],
                 memory: None,
+                handoff: None,
             }],
         }
     }

@@ -13,14 +13,56 @@ const CLIENTS: usize = 8;
 const RUN: Duration = Duration::from_secs(6);
 const RELOAD_EVERY: Duration = Duration::from_millis(300);
 
-/// A master of `processes` ws-workers (with `args`) and `clients` WebSocket clients on it,
-/// every one connected.
-fn ws_master(name: &str, processes: usize, args: &[&str], clients: usize) -> (Master, WsLoad) {
+/// `processes` ws-workers (with `args`) on a free port, and the port.
+fn ws_config(processes: usize, args: &[&str]) -> (u16, TestConfig) {
     let (port, mut config) = TestConfig::hello_on_a_free_port(processes);
     config.command = baton_integration::binaries().ws_worker.clone();
     config.args = args.iter().map(|a| a.to_string()).collect();
+    (port, config)
+}
+
+/// A master of `processes` ws-workers (with `args`) and `clients` WebSocket clients on it,
+/// every one connected.
+fn ws_master(name: &str, processes: usize, args: &[&str], clients: usize) -> (Master, WsLoad) {
+    let (port, config) = ws_config(processes, args);
     let master = Master::start(name, &config);
     (master, WsLoad::connected_clients(loopback(port), clients))
+}
+
+/// The SDK's handoff fault points armed in a worker (`crates/baton-worker/src/faults.rs`).
+fn faults(spec: &str) -> Vec<(String, String)> {
+    vec![("BATON_WORKER_FAILPOINTS".into(), spec.into())]
+}
+
+/// One ws-worker with `old_faults` serving `clients` WebSockets, reloaded to one with
+/// `new_faults`; returns once the old one is gone (the clients still running).
+fn handoff_with_faults(
+    name: &str,
+    old_faults: &str,
+    new_faults: &str,
+    clients: usize,
+) -> (Master, WsLoad) {
+    let (port, mut config) = ws_config(1, &[]);
+    config.env = faults(old_faults);
+    let master = Master::start(name, &config);
+    let load = WsLoad::connected_clients(loopback(port), clients);
+    config.env = faults(new_faults);
+    master.write_config(&config.yaml());
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], event::RELOAD_SUCCEEDED, "{verdict}");
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
+        e["generation"] == 1
+    });
+    (master, load)
+}
+
+/// What the old generation's worker reported handing off (its `handoff_done`).
+fn old_worker_handoff(master: &Master) -> serde_json::Value {
+    master
+        .wait_event(event::HANDOFF_DONE, Duration::from_secs(10), |e| {
+            e["worker"] == 1
+        })
+        .1
 }
 
 fn keep_alive_under_reloads(name: &str, handoff: bool) -> (Master, Report) {
@@ -210,4 +252,175 @@ fn a_master_killed_mid_handoff_leaves_every_websocket_served_or_closed_with_1012
     let report = load.stop_and_report();
     // Ended, each with a close frame: 1012 from the worker that held it.
     report.assert_all_closed_with_1012("WebSockets, master killed mid-handoff");
+}
+
+/// The old worker dies in the middle of its handoff (the SDK's fault point: SIGKILLed right
+/// after its 11th offer went out, before any answer to it; offers waiting for their turn on
+/// its other thread may go out meanwhile): what it had offered is the taker's, which serves it
+/// on (the offers in flight included: the taker prepared them and the link's end, with no
+/// abort on it, commits them); the connections it had not offered die with it, as a crash's
+/// do, each end seen by its client. None is served twice, none is lost silently: every message
+/// of a client that goes on is echoed once, in order, and a client that ended lost only the
+/// one message it was waiting for.
+#[test]
+fn an_old_worker_dying_mid_offer_leaves_what_it_offered_to_the_taker() {
+    const CLIENTS: usize = 40;
+    let (master, load) = handoff_with_faults(
+        "handoff-giver-dies",
+        "handoff.giver.offered=10*off->return",
+        "",
+        CLIENTS,
+    );
+    let killed = master.events(event::WORKER_EXITED);
+    assert!(
+        killed
+            .iter()
+            .any(|e| e["generation"] == 1 && e["status"].to_string().contains("SIGKILL")),
+        "the old worker died at its fault point: {killed:?}"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the first connection ended",
+        || (load.ended() > 0).then_some(()),
+    );
+    // The connections handed off go on: ten more messages each, echoed by the taker.
+    std::thread::sleep(Duration::from_secs(1)); // the survivors' time to show it, not a wait
+    let report = load.stop_and_report();
+    eprintln!(
+        "the giver killed after its 11th offer: {}",
+        report.summary()
+    );
+    let ended = report.disconnects();
+    let survivors = CLIENTS as u64 - ended;
+    assert!(
+        (11..CLIENTS as u64).contains(&survivors),
+        "the 11 offered (at least) survive, the rest end: {}",
+        report.summary()
+    );
+    assert_eq!(report.wrong, 0, "{}", report.summary());
+    assert_eq!(
+        report.echoed,
+        report.sent - ended,
+        "each ended client lost only its last message: {}",
+        report.summary()
+    );
+}
+
+/// The new worker dies between `prepared` and `commit` (SIGKILLed right after its first
+/// `prepared`; the giver holds its commit back 500 ms): the commit cannot be sent, so that
+/// connection stays with the old worker, as does every other (the taker is gone); the old
+/// worker closes them all with 1012 as it drains. Its report counts them kept.
+#[test]
+fn a_new_worker_dying_between_prepared_and_commit_leaves_the_connection_with_the_old_one() {
+    const CLIENTS: usize = 30;
+    let (master, load) = handoff_with_faults(
+        "handoff-taker-dies",
+        "handoff.giver.commit=1*sleep(500)",
+        "handoff.taker.prepared=return",
+        CLIENTS,
+    );
+    let report = load.stop_and_report();
+    report.assert_all_closed_with_1012("the taker killed after its first prepared");
+    let done = old_worker_handoff(&master);
+    assert_eq!(done["adopted"], 0, "{done}");
+    assert_eq!(done["kept"], done["offered"], "{done}");
+    assert!(done["offered"].as_u64().unwrap() >= 1, "{done}");
+    let history = history_of(&master);
+    assert_eq!(history[&2], done_counts(&done), "{history:?}");
+}
+
+/// A new worker refuses every offer (the SDK's fault point): each connection stays with the
+/// old worker, which closes it with 1012 as it drains; its report counts them all kept.
+#[test]
+fn offers_a_new_worker_refuses_stay_with_the_old_worker() {
+    const CLIENTS: usize = 30;
+    let (master, load) =
+        handoff_with_faults("handoff-refused", "", "handoff.taker.offer=return", CLIENTS);
+    let report = load.stop_and_report();
+    report.assert_all_closed_with_1012("every offer refused");
+    let done = old_worker_handoff(&master);
+    assert_eq!(done["offered"], CLIENTS as u64, "{done}");
+    assert_eq!(done["kept"], CLIENTS as u64, "{done}");
+    assert_eq!(done["adopted"], 0, "{done}");
+    let history = history_of(&master);
+    assert_eq!(history[&2], done_counts(&done), "{history:?}");
+}
+
+/// A reload fails while the previous one's handoff runs (its commits slowed by a fault point,
+/// so it lasts about a second): the failed generation never takes part, the handoff goes on,
+/// and no client is disconnected or loses, repeats or reorders a message.
+#[test]
+fn a_reload_failing_mid_handoff_disturbs_no_connection() {
+    const CLIENTS: usize = 100;
+    let (port, mut config) = ws_config(2, &[]);
+    config.env = faults("handoff.giver.commit=sleep(40)");
+    let master = Master::start("handoff-failed-reload", &config);
+    let load = WsLoad::connected_clients(loopback(port), CLIENTS);
+    config.env.clear();
+    master.write_config(&config.yaml());
+    master.signal(nix::sys::signal::Signal::SIGUSR2);
+    master.wait_event(event::HANDOFF_LINKS, Duration::from_secs(30), |_| true);
+    // The next generation cannot start: its workers exit at once (an unknown flag).
+    config.args = vec!["--no-such-flag".into()];
+    master.write_config(&config.yaml());
+    let (code, out, err) = master.ctl(&["reload", "--json"]);
+    assert_ne!(code, 0, "the reload fails: {out}{err}");
+    let failed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(failed["ok"], false, "{failed}");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("before it was ready"),
+        "{failed}"
+    );
+    let handing_off = master.events(event::HANDOFF_DONE).len() < 2;
+    // `baton status` shows the draining generation's handoff as it goes.
+    let progress = eventually(Duration::from_secs(10), "the handoff in the status", || {
+        let (_, out, _) = master.ctl(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let draining = status["generations"]
+            .as_array()?
+            .iter()
+            .find(|g| g["generation"] == 1)?
+            .clone();
+        (draining["handoff"]["adopted"].as_u64()? > 0).then_some(draining)
+    });
+    eprintln!("status while handing off: {}", progress["handoff"]);
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
+        e["generation"] == 1
+    });
+    let report = load.stop_and_report();
+    report.assert_unbroken("a reload failing mid-handoff");
+    assert!(
+        handing_off,
+        "the failed reload came while the handoff still ran"
+    );
+    let done = master.events(event::HANDOFF_DONE);
+    let adopted: u64 = done.iter().map(|e| e["adopted"].as_u64().unwrap()).sum();
+    assert_eq!(adopted, CLIENTS as u64, "{done:?}");
+    // `baton history`: the reload that started generation 2 moved them all; the failed one none.
+    let history = history_of(&master);
+    assert_eq!(history[&2]["adopted"], CLIENTS as u64, "{history:?}");
+    assert!(history[&3].is_null(), "{history:?}");
+}
+
+/// The counts of a `handoff_done` event, as `baton history --json` shows them.
+fn done_counts(done: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "offered": done["offered"],
+        "adopted": done["adopted"],
+        "kept": done["kept"],
+    })
+}
+
+/// Each reload's handoff in `baton history --json`, by the generation it started.
+fn history_of(master: &Master) -> std::collections::BTreeMap<u64, serde_json::Value> {
+    let (code, out, err) = master.ctl(&["history", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    records
+        .into_iter()
+        .map(|r| (r["generation"].as_u64().unwrap(), r["handoff"].clone()))
+        .collect()
 }

@@ -20,7 +20,7 @@ use crate::supervisor::WorkerId;
 const MAX_PER_SECOND: u32 = 2000;
 
 /// One worker's part in connection handoff.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct Part {
     /// It offers its connections when it drains.
     pub(super) offers: bool,
@@ -28,13 +28,33 @@ pub(super) struct Part {
     pub(super) adopts: bool,
     /// Links it holds as a taker (to spread givers over takers).
     pub(super) links: usize,
+    /// As a giver: its generation and the one it hands to (set when its links are made).
+    gives: Option<(u64, u64)>,
     /// What it reported handing off, as a giver.
-    pub(super) counts: HandoffCounts,
+    pub(super) reported: Reported,
 }
 
-/// Givers gone whose reports may still be on their way: a report is read by the channel's task
-/// and reaches the loop as news, which can come after the worker's exit.
-const LATE_REPORTS: usize = 256;
+/// A giver's counts as its channel's task read them last, shared with that task: the master
+/// sees them at once, and a worker's exit, which can reach the loop before the task's news,
+/// never finds them stale.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Reported(std::sync::Arc<std::sync::Mutex<HandoffCounts>>);
+
+impl Reported {
+    /// A report read from the worker (cumulative counts).
+    pub(super) fn note(&self, counts: HandoffCounts) {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *last = most(*last, counts);
+    }
+
+    pub(super) fn get(&self) -> HandoffCounts {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Generations whose handoff counts are kept once their givers are gone (as many as
+/// `baton history` shows reloads).
+const GENERATIONS_KEPT: usize = 64;
 
 /// The master's own handoff records.
 #[derive(Debug, Default)]
@@ -42,8 +62,9 @@ pub(super) struct Handoffs {
     next_link: u64,
     /// The counts of the givers that are gone, summed.
     gone: HandoffCounts,
-    /// The last counts of the givers gone most recently, for a report that comes late.
-    recent: std::collections::VecDeque<(WorkerId, HandoffCounts)>,
+    /// The same by the givers' generation, and by the generation they handed to.
+    gone_from: std::collections::BTreeMap<u64, HandoffCounts>,
+    gone_to: std::collections::BTreeMap<u64, HandoffCounts>,
 }
 
 /// `b` added to `a`.
@@ -63,12 +84,15 @@ fn most(a: HandoffCounts, b: HandoffCounts) -> HandoffCounts {
     }
 }
 
-/// What `b` has more than `a`.
-fn growth(a: HandoffCounts, b: HandoffCounts) -> HandoffCounts {
-    HandoffCounts {
-        offered: b.offered.saturating_sub(a.offered),
-        adopted: b.adopted.saturating_sub(a.adopted),
-        kept: b.kept.saturating_sub(a.kept),
+/// `counts` added to `generation`'s in `kept`, which holds the last [`GENERATIONS_KEPT`].
+fn add_to(
+    kept: &mut std::collections::BTreeMap<u64, HandoffCounts>,
+    generation: u64,
+    counts: HandoffCounts,
+) {
+    add(kept.entry(generation).or_default(), counts);
+    while kept.len() > GENERATIONS_KEPT {
+        kept.pop_first();
     }
 }
 
@@ -85,24 +109,38 @@ impl Master {
         }
     }
 
-    /// A giver's counts so far (cumulative), from a worker alive or gone lately.
-    pub(super) fn handoff_report(&mut self, worker: WorkerId, counts: HandoffCounts) {
-        if let Some(link) = self.links.get_mut(&worker) {
-            link.handoff.counts = most(link.handoff.counts, counts);
-            return;
-        }
-        let handoffs = &mut self.handoffs;
-        if let Some((_, last)) = handoffs.recent.iter_mut().find(|(w, _)| *w == worker) {
-            add(&mut handoffs.gone, growth(*last, counts));
-            *last = most(*last, counts);
-        }
-    }
-
     /// Every giver's counts, summed: those gone and those alive.
     pub(super) fn handed_off(&self) -> HandoffCounts {
         let mut total = self.handoffs.gone;
         for link in self.links.values() {
-            add(&mut total, link.handoff.counts);
+            add(&mut total, link.handoff.reported.get());
+        }
+        total
+    }
+
+    /// What the givers of each generation handed off so far (those alive and those gone).
+    pub(super) fn handed_off_by_generation(&self) -> std::collections::HashMap<u64, HandoffCounts> {
+        let mut by: std::collections::HashMap<u64, HandoffCounts> = self
+            .handoffs
+            .gone_from
+            .iter()
+            .map(|(g, c)| (*g, *c))
+            .collect();
+        for link in self.links.values() {
+            if let Some((from, _)) = link.handoff.gives {
+                add(by.entry(from).or_default(), link.handoff.reported.get());
+            }
+        }
+        by
+    }
+
+    /// What was handed to the workers of `generation` (by givers alive and gone).
+    pub(super) fn handed_to(&self, generation: u64) -> Option<HandoffCounts> {
+        let mut total = self.handoffs.gone_to.get(&generation).copied();
+        for link in self.links.values() {
+            if link.handoff.gives.is_some_and(|(_, to)| to == generation) {
+                add(total.get_or_insert_default(), link.handoff.reported.get());
+            }
         }
         total
     }
@@ -123,7 +161,7 @@ impl Master {
             .filter(|(id, _)| *id != giver)
             .filter_map(|(id, connections)| {
                 let link = self.links.get(&id)?;
-                let part = link.handoff;
+                let part = &link.handoff;
                 (part.adopts && link.commands.is_some()).then_some((
                     part.links,
                     connections.unwrap_or(0),
@@ -183,6 +221,10 @@ impl Master {
                 if let Some(l) = self.links.get_mut(&taker) {
                     l.handoff.links += 1;
                 }
+                // Every taker serves: they are of one generation.
+                if let Some(l) = self.links.get_mut(&giver) {
+                    l.handoff.gives = Some((giver_generation.0, taker_generation.0));
+                }
             }
         }
         if made > 0 {
@@ -221,26 +263,25 @@ impl Master {
                 _ => break,
             }
         }
-        if let Some(counts) = last {
-            self.handoff_report(worker, counts);
+        if let (Some(counts), Some(link)) = (last, self.links.get(&worker)) {
+            link.handoff.reported.note(counts);
         }
     }
 
     /// `worker` is gone: what it handed off, in the log and the sums.
     pub(super) fn handoff_done(&mut self, worker: WorkerId, part: &Part) {
-        if part.offers {
-            let handoffs = &mut self.handoffs;
-            add(&mut handoffs.gone, part.counts);
-            if handoffs.recent.len() == LATE_REPORTS {
-                handoffs.recent.pop_front();
-            }
-            handoffs.recent.push_back((worker, part.counts));
+        let counts = part.reported.get();
+        let handoffs = &mut self.handoffs;
+        add(&mut handoffs.gone, counts);
+        if let Some((from, to)) = part.gives {
+            add_to(&mut handoffs.gone_from, from, counts);
+            add_to(&mut handoffs.gone_to, to, counts);
         }
         let HandoffCounts {
             offered,
             adopted,
             kept,
-        } = part.counts;
+        } = counts;
         if offered > 0 {
             info!(
                 event = baton_proto::event::HANDOFF_DONE,

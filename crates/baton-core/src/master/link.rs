@@ -124,6 +124,7 @@ pub(super) async fn link_task(
     fds: Vec<OwnedFd>,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<News>,
+    reported: super::connection_handoff::Reported,
 ) {
     if let Err(err) = hand_listeners(&channel, hello, &fds).await {
         warn!(
@@ -147,7 +148,7 @@ pub(super) async fn link_task(
         return;
     }
     drop(fds);
-    link_loop(worker, channel, commands, events).await;
+    link_loop(worker, channel, commands, events, reported).await;
 }
 
 /// A worker's channel after its handoff: commands out, messages in, until either side closes.
@@ -156,6 +157,7 @@ pub(super) async fn link_loop(
     channel: UnixDatagram,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<News>,
+    reported: super::connection_handoff::Reported,
 ) {
     let mut invalid = 0u32;
     loop {
@@ -204,7 +206,8 @@ pub(super) async fn link_loop(
                                 News::HandoffAbility { worker, offers, adopts }
                             }
                             WorkerMessage::HandoffReport(counts) => {
-                                News::HandoffReport(worker, counts)
+                                reported.note(counts);
+                                continue;
                             }
                             message => News::Event(Event::Message { worker, message }),
                         };

@@ -46,8 +46,6 @@ pub(super) enum News {
         offers: bool,
         adopts: bool,
     },
-    /// A giver's handoff counts so far.
-    HandoffReport(WorkerId, baton_proto::handoff::HandoffCounts),
 }
 
 /// One readiness condition.
@@ -152,7 +150,6 @@ impl Master {
                 offers,
                 adopts,
             } => self.handoff_ability(worker, offers, adopts),
-            News::HandoffReport(worker, counts) => self.handoff_report(worker, counts),
             News::Heartbeat(worker) => {
                 if let Some(beats) = self.links.get(&worker).and_then(|l| l.heartbeats.as_ref()) {
                     let _ = beats.send(());

@@ -70,6 +70,7 @@ impl Master {
                     Some((*id, format!("MAINPID: {why} ({times} refused)")))
                 })
                 .collect(),
+            handoff: self.handed_off_by_generation(),
         };
         let census = self.census.clone();
         move || {
@@ -106,6 +107,7 @@ impl Master {
                 ok: r.verdict.is_ok(),
                 reason: r.verdict.clone().err(),
                 receipt: self.receipt_of(r.id.0),
+                handoff: self.handed_to(r.generation.0),
             })
             .collect()
     }
@@ -138,6 +140,8 @@ struct StatusContext {
     listeners: Vec<proto::ListenerStatus>,
     /// What was refused from each worker.
     refused: HashMap<crate::supervisor::WorkerId, String>,
+    /// What each generation's givers handed off so far.
+    handoff: HashMap<u64, baton_proto::handoff::HandoffCounts>,
 }
 
 /// What `baton status` read from the kernel, kept for its next call: the connections of
@@ -218,6 +222,7 @@ fn status_view(snap: &Snapshot, context: &StatusContext) -> proto::StatusSnapsho
                     .copied()
                     .reduce(|a, b| a + b)
                     .map(status_of),
+                handoff: context.handoff.get(&g.generation.0).copied(),
                 degraded: g
                     .crash_loops
                     .iter()
@@ -500,6 +505,7 @@ mod tests {
         StatusContext {
             listeners: Vec::new(),
             refused: HashMap::new(),
+            handoff: HashMap::new(),
             pid: 4242,
             version: "0.1.0",
             config: "/etc/baton/baton.yaml".into(),

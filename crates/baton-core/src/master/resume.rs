@@ -440,11 +440,17 @@ impl Master {
         }
         for (worker, channel) in live.channels {
             let (commands, commands_rx) = mpsc::unbounded_channel();
+            let reported = self
+                .links
+                .get(&worker)
+                .map(|l| l.handoff.reported.clone())
+                .unwrap_or_default();
             let task = tokio::spawn(link_loop(
                 worker,
                 channel,
                 commands_rx,
                 self.events_tx.clone(),
+                reported,
             ));
             if let Some(link) = self.links.get_mut(&worker) {
                 link.commands = Some(commands);

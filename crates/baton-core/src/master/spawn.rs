@@ -252,8 +252,16 @@ impl Master {
         }) {
             Ok((hello, fds, channel)) => {
                 let events = self.events_tx.clone();
-                let task =
-                    tokio::spawn(link_task(worker, channel, hello, fds, commands_rx, events));
+                let reported = link.handoff.reported.clone();
+                let task = tokio::spawn(link_task(
+                    worker,
+                    channel,
+                    hello,
+                    fds,
+                    commands_rx,
+                    events,
+                    reported,
+                ));
                 link.tasks.push(task.abort_handle());
                 link.commands = Some(commands);
             }

@@ -112,6 +112,11 @@ pub struct ReloadRecord {
     /// What the kernel did with connections during it (not kept across `baton upgrade`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<ReloadReceipt>,
+    /// Connections the draining generation handed to this reload's generation (connection
+    /// handoff, as the givers report; it goes on after the verdict, while they drain; not
+    /// kept across `baton upgrade`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<crate::handoff::HandoffCounts>,
 }
 
 /// Everything `baton status` shows.
@@ -204,6 +209,10 @@ pub struct GenerationStatus {
     /// The sum of its workers' memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryStatus>,
+    /// What its workers handed off so far as they drained (connection handoff, as they
+    /// report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<crate::handoff::HandoffCounts>,
 }
 
 /// Memory of a worker (its process and every descendant), or the sum over a generation.

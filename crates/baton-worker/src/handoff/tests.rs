@@ -225,6 +225,43 @@ async fn a_giver_that_goes_after_the_taker_prepared_leaves_the_connection_to_the
     answer(adopted.socket, &mut client, b"the taker serves");
 }
 
+/// A giver dies with offers in flight and the taker's answers unread: the kernel resets the
+/// link, and says so before the offers still queued. The taker reads on and serves every one
+/// (none was committed, aborted or served by the giver since). Issue 30's fault test found it:
+/// the taker stopped at the reset, and the offer in flight died with the link.
+#[tokio::test(flavor = "current_thread")]
+async fn a_giver_dying_with_answers_unread_leaves_every_offer_in_flight_to_the_taker() {
+    let (_master, _w, taker, g) = a_taker_linked().await;
+    let (mut first_client, first) = connection();
+    let (mut second_client, second) = connection();
+    let offer = |id| LinkMessage::Offer {
+        id,
+        kind: ConnectionKind::Http1,
+        state: vec![id as u8],
+    };
+    send(&g, &offer(1), &[first.as_fd()]).await;
+    // The taker's answer to the first is left unread; the second goes after it.
+    tokio::time::timeout(Duration::from_secs(5), g.readable())
+        .await
+        .expect("the taker's answer")
+        .unwrap();
+    send(&g, &offer(2), &[second.as_fd()]).await;
+    drop((first, second));
+    drop(g);
+    let mut adopted = Vec::new();
+    for _ in 0..2 {
+        let a = tokio::time::timeout(Duration::from_secs(5), taker.adopted())
+            .await
+            .expect("each offer in flight adopted")
+            .unwrap();
+        adopted.push(a);
+    }
+    adopted.sort_by_key(|a| a.state.clone());
+    let mut adopted = adopted.into_iter();
+    answer(adopted.next().unwrap().socket, &mut first_client, b"one");
+    answer(adopted.next().unwrap().socket, &mut second_client, b"two");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn an_aborted_offer_is_never_served_by_the_taker_even_when_the_giver_goes() {
     let (_master, _w, taker, g) = a_taker_linked().await;
