@@ -143,6 +143,23 @@ pub struct LinkState {
     /// Its captured output (`output: capture`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputState>,
+    /// Its part in connection handoff (written since handoff exists; absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffState>,
+}
+
+/// A worker's part in connection handoff: whether it offers and takes connections, the links it
+/// holds as a taker, the generations it hands from and to, what it reported handing off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffState {
+    pub offers: bool,
+    pub adopts: bool,
+    #[serde(default)]
+    pub links: usize,
+    #[serde(default)]
+    pub gives: Option<(u64, u64)>,
+    #[serde(default)]
+    pub reported: baton_proto::handoff::HandoffCounts,
 }
 
 /// A worker's captured output: who it is, and each stream's pipe with the line it had begun.

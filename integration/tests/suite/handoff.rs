@@ -424,3 +424,23 @@ fn history_of(master: &Master) -> std::collections::BTreeMap<u64, serde_json::Va
         .map(|r| (r["generation"].as_u64().unwrap(), r["handoff"].clone()))
         .collect()
 }
+
+/// `baton upgrade` keeps each worker's part in handoff (the upgrade state carries it): the
+/// next reload hands every WebSocket over as one before the upgrade would, and `baton history`
+/// counts them.
+#[test]
+fn after_an_upgrade_the_next_reload_still_hands_every_websocket_over() {
+    const CLIENTS: usize = 50;
+    let (master, load) = ws_master("handoff-upgrade", 2, &[], CLIENTS);
+    let baton = baton_integration::binaries().baton.display().to_string();
+    let (code, out, err) = master.ctl(&["upgrade", "--binary", &baton]);
+    assert_eq!(code, 0, "the upgrade: {out}{err}");
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], event::RELOAD_SUCCEEDED, "{verdict}");
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
+        e["generation"] == 1
+    });
+    let report = load.stop_and_report();
+    report.assert_unbroken("a reload after an upgrade");
+    assert_eq!(history_of(&master)[&2]["adopted"], CLIENTS as u64);
+}

@@ -34,6 +34,33 @@ pub(super) struct Part {
     pub(super) reported: Reported,
 }
 
+impl Part {
+    /// What the upgrade state keeps of it (`None`: it takes no part).
+    pub(super) fn state(&self) -> Option<crate::upgrade::HandoffState> {
+        let state = crate::upgrade::HandoffState {
+            offers: self.offers,
+            adopts: self.adopts,
+            links: self.links,
+            gives: self.gives,
+            reported: self.reported.get(),
+        };
+        (state != crate::upgrade::HandoffState::default()).then_some(state)
+    }
+
+    /// The part a resumed master gives back to a worker.
+    pub(super) fn resumed(state: crate::upgrade::HandoffState) -> Part {
+        let part = Part {
+            offers: state.offers,
+            adopts: state.adopts,
+            links: state.links,
+            gives: state.gives,
+            reported: Reported::default(),
+        };
+        part.reported.note(state.reported);
+        part
+    }
+}
+
 /// A giver's counts as its channel's task read them last, shared with that task: the master
 /// sees them at once, and a worker's exit, which can reach the loop before the task's news,
 /// never finds them stale.

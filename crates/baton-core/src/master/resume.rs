@@ -287,6 +287,9 @@ impl Master {
                 }
                 output.push((l.worker, origin, streams));
             }
+            if let Some(handoff) = l.handoff {
+                link.handoff = super::connection_handoff::Part::resumed(handoff);
+            }
             links.insert(l.worker, link);
         }
         let mut processes = Vec::new();

@@ -638,6 +638,7 @@ impl Master {
                 channel,
                 notify,
                 output,
+                handoff: link.handoff.state(),
             });
         }
         let processes = self
