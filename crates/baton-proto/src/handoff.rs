@@ -65,6 +65,18 @@ pub struct WebSocketState {
     pub session: Vec<u8>,
 }
 
+impl WebSocketState {
+    /// The state as an offer carries it (JSON).
+    pub fn encode(&self) -> Vec<u8> {
+        crate::encode(self)
+    }
+
+    /// An offer's state, read back.
+    pub fn decode(state: &[u8]) -> Result<WebSocketState, crate::DecodeError> {
+        crate::decode(state)
+    }
+}
+
 /// A packet on a handoff link. One JSON object per packet, as on the worker channel; `offer`
 /// carries exactly one descriptor (`SCM_RIGHTS`), every other packet none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

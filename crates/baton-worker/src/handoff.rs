@@ -599,8 +599,12 @@ async fn report(shared: Arc<Shared>) {
 }
 
 mod frames;
+#[cfg(feature = "hyper")]
+pub mod http1;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "tungstenite")]
+pub mod websocket;
 
 pub use frames::{FrameBounded, MAX_FRAME, frame_len};
 

@@ -27,22 +27,22 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_worker::handoff::{ConnectionKind, Handoff, Rewind};
-use baton_worker::{DrainWatch, Listener, Stream, Worker};
+use baton_worker::handoff::{ConnectionKind, Handoff, Rewind, http1};
+use baton_worker::{DrainWatch, Listener, Worker};
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
+use hyper::server::conn::http1 as hyper_http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::sync::Notify;
+
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -159,7 +159,7 @@ async fn accept_loop(
                     let guard = worker.track();
                     let ctx = Ctx { drain: worker.drain_watch(), generation: worker.generation(), tag: tag.clone(), handoff: handoff.clone() };
                     tokio::spawn(async move {
-                        serve(Rewind::new(Vec::new(), stream), ctx, idle_grace).await;
+                        serve(TokioIo::new(Rewind::new(Vec::new(), stream)), ctx, idle_grace).await;
                         drop(guard);
                     });
                 }
@@ -179,8 +179,8 @@ async fn adopt_loop(handoff: Handoff, worker: Arc<Worker>, idle_grace: Duration,
         if adopted.kind != ConnectionKind::Http1 {
             continue;
         }
-        let stream = match Stream::from_owned_fd(adopted.socket) {
-            Ok(stream) => stream,
+        let io = match http1::rebuilt(adopted.state, adopted.socket) {
+            Ok(io) => io,
             Err(err) => {
                 warn!("an adopted connection is unusable: {err}");
                 continue;
@@ -194,7 +194,7 @@ async fn adopt_loop(handoff: Handoff, worker: Arc<Worker>, idle_grace: Duration,
             handoff: Some(handoff.clone()),
         };
         tokio::spawn(async move {
-            serve(Rewind::new(adopted.state, stream), ctx, idle_grace).await;
+            serve(io, ctx, idle_grace).await;
             drop(guard);
         });
     }
@@ -221,36 +221,17 @@ impl Ctx {
 
 type Reply = Result<Response<Full<Bytes>>, Infallible>;
 
-/// One connection's requests in flight, and whether one was answered as the connection was
-/// being taken apart (hyper then says `Connection: close`: not one to hand off).
-#[derive(Default)]
-struct Flight {
-    busy: AtomicUsize,
-    idle: Notify,
-    taking_apart: AtomicBool,
-    answered_late: AtomicBool,
-}
-
-async fn serve(io: Rewind<Stream>, ctx: Ctx, idle_grace: Duration) {
+async fn serve(io: http1::Io, ctx: Ctx, idle_grace: Duration) {
     let mut drain = ctx.drain.clone();
-    let flight = Arc::new(Flight::default());
     let service = {
-        let (ctx, flight) = (ctx.clone(), flight.clone());
+        let ctx = ctx.clone();
         service_fn(move |req| {
-            let (ctx, flight) = (ctx.clone(), flight.clone());
-            flight.busy.fetch_add(1, Ordering::AcqRel);
-            if flight.taking_apart.load(Ordering::Acquire) {
-                flight.answered_late.store(true, Ordering::Release);
-            }
-            Box::pin(async move {
-                let reply = respond(req, ctx).await;
-                flight.busy.fetch_sub(1, Ordering::AcqRel);
-                flight.idle.notify_waiters();
-                reply
-            }) as Pin<Box<dyn Future<Output = Reply> + Send>>
+            Box::pin(respond(req, ctx.clone())) as Pin<Box<dyn Future<Output = Reply> + Send>>
         })
     };
-    let mut conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
+    // Its requests in flight counted, for a handoff between two of them.
+    let (service, flight) = http1::tracked(service);
+    let mut conn = hyper_http1::Builder::new().serve_connection(io, service);
     tokio::select! {
         _ = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => return,
         _ = drain.requested() => {}
@@ -267,51 +248,25 @@ async fn serve(io: Rewind<Stream>, ctx: Ctx, idle_grace: Duration) {
         return drain_connection(conn, idle_grace).await;
     };
     // A moment with no request in flight, then hyper stops at it and gives the parts back.
-    loop {
-        let idle = flight.idle.notified();
-        if flight.busy.load(Ordering::Acquire) == 0 {
-            break;
-        }
-        tokio::select! {
-            _ = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => return,
-            () = idle => {}
-        }
-    }
-    flight.taking_apart.store(true, Ordering::Release);
-    Pin::new(&mut conn).graceful_shutdown();
-    if std::future::poll_fn(|cx| conn.poll_without_shutdown(cx))
-        .await
-        .is_err()
-        || flight.answered_late.load(Ordering::Acquire)
-    {
-        return;
-    }
-    let parts = conn.into_parts();
-    let (mut state, stream) = parts.io.into_inner().into_parts();
-    state.extend_from_slice(&parts.read_buf);
-    let Ok(socket) = stream.into_owned_fd() else {
+    let Some((socket, unread)) = http1::take_apart(conn, flight).await else {
         return;
     };
-    match handoff
-        .offer(socket, ConnectionKind::Http1, state.clone())
-        .await
-    {
-        Ok(()) => {}
-        Err(kept) => {
-            info!("connection kept: {}", kept.why);
-            let Ok(stream) = Stream::from_owned_fd(kept.socket) else {
-                return;
-            };
-            // Served on as draining connections are: the next answer says `Connection: close`.
-            let ctx = Ctx {
-                handoff: None,
-                ..ctx
-            };
-            let service = service_fn(move |req| respond(req, ctx.clone()));
-            let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(Rewind::new(state, stream)), service);
-            drain_connection(conn, idle_grace).await;
-        }
+    let offered = handoff
+        .offer(socket, ConnectionKind::Http1, unread.clone())
+        .await;
+    if let Err(kept) = offered {
+        info!("connection kept: {}", kept.why);
+        let Ok(io) = http1::rebuilt(unread, kept.socket) else {
+            return;
+        };
+        // Served on as draining connections are: the next answer says `Connection: close`.
+        let ctx = Ctx {
+            handoff: None,
+            ..ctx
+        };
+        let service = service_fn(move |req| respond(req, ctx.clone()));
+        let conn = hyper_http1::Builder::new().serve_connection(io, service);
+        drain_connection(conn, idle_grace).await;
     }
 }
 
@@ -336,7 +291,7 @@ trait GracefulShutdown {
     fn shutdown_gracefully(self: Pin<&mut Self>);
 }
 
-impl<I, S> GracefulShutdown for http1::Connection<I, S>
+impl<I, S> GracefulShutdown for hyper_http1::Connection<I, S>
 where
     S: hyper::service::HttpService<Incoming>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

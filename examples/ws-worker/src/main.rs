@@ -13,30 +13,18 @@
 //! closed with the close code 1012 (Service Restart): the client knows to come back. With
 //! `--no-handoff` it offers nothing and takes nothing: every connection closes so on a reload.
 
-use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use anyhow::Context;
-use baton_worker::handoff::{ConnectionKind, FrameBounded, Handoff, Turn, WebSocketState};
-use baton_worker::{DrainWatch, Listener, Stream, Worker};
+use baton_worker::handoff::websocket::{self, Agreed, Ws};
+use baton_worker::handoff::{ConnectionKind, Handoff, Turn, WebSocketState};
+use baton_worker::{DrainWatch, Listener, Worker};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::broadcast;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::{info, warn};
-
-type Ws = WebSocketStream<FrameBounded<Stream>>;
-
-/// What a connection needs besides its socket: where it was opened and what it agreed.
-#[derive(Clone, Default)]
-struct Meta {
-    path: String,
-    subprotocol: Option<String>,
-}
 
 #[derive(clap::Parser)]
 #[command(
@@ -121,8 +109,8 @@ async fn accept_loop(listener: Listener, ctx: Ctx) {
                     let ctx = ctx.clone();
                     let guard = ctx.worker.track();
                     tokio::spawn(async move {
-                        if let Some((ws, meta)) = handshake(stream).await {
-                            serve(ws, meta, ctx).await;
+                        if let Ok((ws, agreed)) = websocket::accept(stream).await {
+                            serve(ws, agreed, ctx).await;
                         }
                         drop(guard);
                     });
@@ -136,67 +124,35 @@ async fn accept_loop(listener: Listener, ctx: Ctx) {
     }
 }
 
-/// The HTTP upgrade: the path, and the first subprotocol the client offers, if any.
-// The callback's type is tungstenite's (its error is an HTTP response, large by nature).
-#[allow(clippy::result_large_err)]
-async fn handshake(stream: Stream) -> Option<(Ws, Meta)> {
-    let mut meta = Meta::default();
-    let seen = &mut meta;
-    let callback = |req: &Request, mut resp: Response| {
-        seen.path = req.uri().path().to_string();
-        let offered = req
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .map(|p| p.trim().to_string());
-        if let Some(p) = &offered
-            && let Ok(value) = p.parse()
-        {
-            resp.headers_mut().insert("sec-websocket-protocol", value);
-        }
-        seen.subprotocol = offered;
-        Ok(resp)
-    };
-    let mut ws = tokio_tungstenite::accept_hdr_async(FrameBounded::handshaking(stream), callback)
-        .await
-        .ok()?;
-    // From the first message on, whole frames only (the client waits for the handshake's
-    // answer before its first frame, so none is inside tungstenite now).
-    ws.get_mut().start_framing();
-    Some((ws, meta))
-}
-
 /// Serves the WebSockets handed to this worker, from where they were.
 async fn adopt_loop(ctx: Ctx) {
     while let Some(adopted) = ctx.handoff.adopted().await {
         if adopted.kind != ConnectionKind::WebSocket {
             continue;
         }
-        let Ok(state) = serde_json::from_slice::<WebSocketState>(&adopted.state) else {
-            continue;
-        };
-        let Ok(stream) = Stream::from_owned_fd(adopted.socket) else {
+        let Ok(state) = WebSocketState::decode(&adopted.state) else {
             continue;
         };
         let ctx = ctx.clone();
         // Counted before the adopted connection (the rest of `adopted`, dropped at the end of
         // this turn) lets go of the worker (see `Adopted`).
         let guard = ctx.worker.track();
+        let socket = adopted.socket;
         tokio::spawn(async move {
-            let socket = FrameBounded::new(state.unread, stream);
-            let ws = WebSocketStream::from_raw_socket(socket, Role::Server, None).await;
-            let meta = Meta {
+            let Ok(ws) = websocket::rebuilt(socket, &state).await else {
+                return;
+            };
+            let agreed = Agreed {
                 path: state.path,
                 subprotocol: state.subprotocol,
             };
-            serve(ws, meta, ctx).await;
+            serve(ws, agreed, ctx).await;
             drop(guard);
         });
     }
 }
 
-async fn serve(mut ws: Ws, meta: Meta, ctx: Ctx) {
+async fn serve(mut ws: Ws, agreed: Agreed, ctx: Ctx) {
     let mut drain: DrainWatch = ctx.worker.drain_watch();
     let mut broadcasts = ctx.broadcast.subscribe();
     let mut draining = false;
@@ -220,7 +176,7 @@ async fn serve(mut ws: Ws, meta: Meta, ctx: Ctx) {
             at = async { turn.as_mut().unwrap().await }, if turn.is_some() => {
                 turn = None;
                 if let Some(at) = at {
-                    match hand_off(ws, &meta, &ctx, at).await {
+                    match hand_off(ws, &agreed, &ctx, at).await {
                         None => return,
                         Some(kept) => ws = kept,
                     }
@@ -272,30 +228,17 @@ async fn serve(mut ws: Ws, meta: Meta, ctx: Ctx) {
 }
 
 /// Offers the connection to a taker at its turn. `None`: taken (or gone); `Some`: still ours.
-async fn hand_off(ws: Ws, meta: &Meta, ctx: &Ctx, turn: Turn) -> Option<Ws> {
-    let socket = ws.get_ref().get_ref().as_fd().try_clone_to_owned().ok()?;
-    let state = WebSocketState {
-        subprotocol: meta.subprotocol.clone(),
-        extensions: None,
-        path: meta.path.clone(),
-        unread: ws.get_ref().unread().to_vec(),
-        session: Vec::new(),
-    };
-    let unread = state.unread.clone();
-    let state = serde_json::to_vec(&state).ok()?;
-    // Our copy of the socket goes with the WebSocket; the offer's copy is the one handed over.
-    drop(ws);
-    match ctx
+async fn hand_off(ws: Ws, agreed: &Agreed, ctx: &Ctx, turn: Turn) -> Option<Ws> {
+    let (socket, state) = websocket::take_apart(ws, agreed, Vec::new()).ok()?;
+    let offered = ctx
         .handoff
-        .offer_at(turn, socket, ConnectionKind::WebSocket, state)
-        .await
-    {
+        .offer_at(turn, socket, ConnectionKind::WebSocket, state.encode())
+        .await;
+    match offered {
         Ok(()) => None,
         Err(kept) => {
             info!("WebSocket kept: {}", kept.why);
-            let stream = Stream::from_owned_fd(kept.socket).ok()?;
-            let socket = FrameBounded::new(unread, stream);
-            Some(WebSocketStream::from_raw_socket(socket, Role::Server, None).await)
+            websocket::rebuilt(kept.socket, &state).await.ok()
         }
     }
 }
