@@ -131,7 +131,7 @@ fn a_failed_generation_that_served_before_ready_finishes_its_requests() {
 }
 
 const SERVES_BEFORE_READY_PY: &str = r#"#!/usr/bin/env python3
-import http.server, select, signal, socket, socketserver, time
+import http.server, select, signal, socket, time
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
@@ -144,12 +144,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
-    def log_message(self, *args):
-        pass
+    log_message = lambda self, *args: None
 
-class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+# Threads the server joins when it closes: what was accepted is finished.
+class Server(http.server.ThreadingHTTPServer):
     daemon_threads = False
-    block_on_close = True
     def get_request(self):
         # The listener is non-blocking (another process may take a connection first); the
         # connection it gives must not be.

@@ -29,17 +29,25 @@ fn ws_master(name: &str, processes: usize, args: &[&str], clients: usize) -> (Ma
     (master, WsLoad::connected_clients(loopback(port), clients))
 }
 
+/// A reload that succeeds, and the end of generation 1 (its drain, its handoff) after it.
+fn reload_until_generation_1_is_gone(master: &Master) {
+    let verdict = master.reload();
+    assert_eq!(verdict["event"], event::RELOAD_SUCCEEDED, "{verdict}");
+    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
+        e["generation"] == 1
+    });
+}
+
 /// The SDK's handoff fault points armed in a worker (`crates/baton-worker/src/faults.rs`).
 fn faults(spec: &str) -> Vec<(String, String)> {
     vec![("BATON_WORKER_FAILPOINTS".into(), spec.into())]
 }
 
 /// One ws-worker with `old_faults` serving `clients` WebSockets, reloaded to one with
-/// `new_faults`; returns once the old one is gone (the clients still running).
+/// `new_faults` (the SDK's fault points of each generation's worker); returns once the old one is gone (the clients still running).
 fn handoff_with_faults(
     name: &str,
-    old_faults: &str,
-    new_faults: &str,
+    (old_faults, new_faults): (&str, &str),
     clients: usize,
 ) -> (Master, WsLoad) {
     let (port, mut config) = ws_config(1, &[]);
@@ -48,11 +56,7 @@ fn handoff_with_faults(
     let load = WsLoad::connected_clients(loopback(port), clients);
     config.env = faults(new_faults);
     master.write_config(&config.yaml());
-    let verdict = master.reload();
-    assert_eq!(verdict["event"], event::RELOAD_SUCCEEDED, "{verdict}");
-    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
-        e["generation"] == 1
-    });
+    reload_until_generation_1_is_gone(&master);
     (master, load)
 }
 
@@ -158,11 +162,7 @@ fn websockets_cross_every_reload_with_every_message_echoed_once_in_order() {
 fn without_handoff_every_websocket_is_closed_with_1012_at_a_reload() {
     const CLIENTS: usize = 50;
     let (master, load) = ws_master("no-handoff-websockets", 2, &["--no-handoff"], CLIENTS);
-    let verdict = master.reload();
-    assert_eq!(verdict["event"], event::RELOAD_SUCCEEDED, "{verdict}");
-    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
-        e["generation"] == 1
-    });
+    reload_until_generation_1_is_gone(&master);
     let report = load.stop_and_report();
     report.assert_all_closed_with_1012("WebSockets without handoff");
 }
@@ -265,12 +265,8 @@ fn a_master_killed_mid_handoff_leaves_every_websocket_served_or_closed_with_1012
 #[test]
 fn an_old_worker_dying_mid_offer_leaves_what_it_offered_to_the_taker() {
     const CLIENTS: usize = 40;
-    let (master, load) = handoff_with_faults(
-        "handoff-giver-dies",
-        "handoff.giver.offered=10*off->return",
-        "",
-        CLIENTS,
-    );
+    let faults = ("handoff.giver.offered=10*off->return", "");
+    let (master, load) = handoff_with_faults("handoff-giver-dies", faults, CLIENTS);
     let killed = master.events(event::WORKER_EXITED);
     assert!(
         killed
@@ -313,12 +309,11 @@ fn an_old_worker_dying_mid_offer_leaves_what_it_offered_to_the_taker() {
 #[test]
 fn a_new_worker_dying_between_prepared_and_commit_leaves_the_connection_with_the_old_one() {
     const CLIENTS: usize = 30;
-    let (master, load) = handoff_with_faults(
-        "handoff-taker-dies",
+    let faults = (
         "handoff.giver.commit=1*sleep(500)",
         "handoff.taker.prepared=return",
-        CLIENTS,
     );
+    let (master, load) = handoff_with_faults("handoff-taker-dies", faults, CLIENTS);
     let report = load.stop_and_report();
     report.assert_all_closed_with_1012("the taker killed after its first prepared");
     let done = old_worker_handoff(&master);
@@ -334,8 +329,8 @@ fn a_new_worker_dying_between_prepared_and_commit_leaves_the_connection_with_the
 #[test]
 fn offers_a_new_worker_refuses_stay_with_the_old_worker() {
     const CLIENTS: usize = 30;
-    let (master, load) =
-        handoff_with_faults("handoff-refused", "", "handoff.taker.offer=return", CLIENTS);
+    let faults = ("", "handoff.taker.offer=return");
+    let (master, load) = handoff_with_faults("handoff-refused", faults, CLIENTS);
     let report = load.stop_and_report();
     report.assert_all_closed_with_1012("every offer refused");
     let done = old_worker_handoff(&master);
@@ -435,11 +430,7 @@ fn after_an_upgrade_the_next_reload_still_hands_every_websocket_over() {
     let baton = baton_integration::binaries().baton.display().to_string();
     let (code, out, err) = master.ctl(&["upgrade", "--binary", &baton]);
     assert_eq!(code, 0, "the upgrade: {out}{err}");
-    let verdict = master.reload();
-    assert_eq!(verdict["event"], event::RELOAD_SUCCEEDED, "{verdict}");
-    master.wait_event(event::GENERATION_EXITED, Duration::from_secs(30), |e| {
-        e["generation"] == 1
-    });
+    reload_until_generation_1_is_gone(&master);
     let report = load.stop_and_report();
     report.assert_unbroken("a reload after an upgrade");
     assert_eq!(history_of(&master)[&2]["adopted"], CLIENTS as u64);
