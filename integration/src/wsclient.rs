@@ -32,6 +32,9 @@ pub struct WsReport {
     pub ended_at: Vec<Duration>,
     /// Echo times, sorted after the run.
     pub latencies: Vec<Duration>,
+    /// Clients that stopped because the run's `longest` passed, not because it was stopped:
+    /// gone before the end of what was measured (a run that counts these counted less).
+    pub expired: u64,
 }
 
 impl WsReport {
@@ -81,9 +84,10 @@ impl WsReport {
 
     pub fn summary(&self) -> String {
         format!(
-            "{} of {} clients connected, {} sent, {} echoed, {} wrong, {} disconnects {:?}, echo p50 {:?}, p99 {:?}",
+            "{} of {} clients connected, {} expired before the stop, {} sent, {} echoed, {} wrong, {} disconnects {:?}, echo p50 {:?}, p99 {:?}",
             self.connected,
             self.clients,
+            self.expired,
             self.sent,
             self.echoed,
             self.wrong,
@@ -137,7 +141,7 @@ impl WsLoad {
             addr,
             clients,
             Duration::from_millis(100),
-            Duration::from_secs(60),
+            Duration::from_secs(300),
         );
         crate::eventually(
             Duration::from_secs(30),
@@ -212,6 +216,7 @@ async fn run(
         report.sent += one.sent;
         report.echoed += one.echoed;
         report.wrong += one.wrong;
+        report.expired += one.expired;
         for (why, n) in one.ended {
             *report.ended.entry(why).or_default() += n;
         }
@@ -279,6 +284,9 @@ where
                 return report;
             }
         }
+    }
+    if !stop.load(Ordering::Acquire) {
+        report.expired += 1;
     }
     let _ = ws.close(None).await;
     report
