@@ -109,9 +109,8 @@ pub struct WsLoad {
 }
 
 impl WsLoad {
-    /// `clients` connections to `ws://addr/chat`, opened one after the other (each waits for
-    /// the one before it to open), then a message every `period` on each, for at most
-    /// `longest`.
+    /// `clients` connections to `ws://addr/chat`, opened a few at a time
+    /// ([`OPENING_AT_ONCE`]), then a message every `period` on each, for at most `longest`.
     pub fn start(addr: SocketAddr, clients: usize, period: Duration, longest: Duration) -> WsLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -167,6 +166,9 @@ impl WsLoad {
     }
 }
 
+/// Handshakes in flight at once while the clients open.
+const OPENING_AT_ONCE: usize = 16;
+
 async fn run(
     addr: SocketAddr,
     clients: usize,
@@ -180,39 +182,44 @@ async fn run(
 ) -> WsReport {
     let begun = Instant::now();
     let end = begun + longest;
-    let mut tasks = Vec::new();
+    // A few handshakes at a time: one by one, 10 000 clients take minutes through a proxy.
+    let connecting = Arc::new(tokio::sync::Semaphore::new(OPENING_AT_ONCE));
+    let mut tasks = tokio::task::JoinSet::new();
     for id in 0..clients {
         let url = format!("ws://{addr}/chat");
         let mut request = url.into_client_request().expect("a WebSocket request");
         request
             .headers_mut()
             .insert("sec-websocket-protocol", "chat".parse().unwrap());
-        let Ok(Ok((ws, _))) = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::connect_async(request),
-        )
-        .await
-        else {
-            continue;
-        };
-        opened.fetch_add(1, Ordering::AcqRel);
-        let stop = stop.clone();
-        let ended = ended.clone();
-        tasks.push(tokio::spawn(async move {
+        let turn = connecting.clone().acquire_owned().await.expect("open");
+        let (stop, opened, ended) = (stop.clone(), opened.clone(), ended.clone());
+        tasks.spawn(async move {
+            let connected = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio_tungstenite::connect_async(request),
+            )
+            .await;
+            drop(turn);
+            let Ok(Ok((ws, _))) = connected else {
+                return None;
+            };
+            opened.fetch_add(1, Ordering::AcqRel);
             let report = client(id, ws, period, (begun, end), stop).await;
             if report.disconnects() > 0 {
                 ended.fetch_add(1, Ordering::AcqRel);
             }
-            report
-        }));
+            Some(report)
+        });
     }
     let mut report = WsReport {
         clients,
-        connected: tasks.len(),
         ..WsReport::default()
     };
-    for task in tasks {
-        let one = task.await.expect("a client task");
+    while let Some(one) = tasks.join_next().await {
+        let Some(one) = one.expect("a client task") else {
+            continue;
+        };
+        report.connected += 1;
         report.sent += one.sent;
         report.echoed += one.echoed;
         report.wrong += one.wrong;
