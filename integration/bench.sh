@@ -39,8 +39,8 @@ status=0
 ./target/release/reload-bench >"$out/reload-bench.md" || status=1
 ./target/release/peer-bench --seconds 20 --svg "$out/peers.svg" >"$out/peer-bench.md" || status=1
 ./target/release/h3-bench >"$out/h3-bench.md" || status=1
-# WebSockets: every server at 2 000 clients (opening 10 000 clients one by one through a proxy
-# takes longer than this script's budget), then baton alone at the 10 000.
+# WebSockets: every server at 2 000 clients (10 000 through a proxy take longer to open than
+# this script's budget), then baton alone at the 10 000.
 ./target/release/ws-bench --clients 2000 --seconds 30 >"$out/ws-bench.md" || status=1
 ./target/release/ws-bench --clients 10000 --seconds 60 --only baton >>"$out/ws-bench.md" || status=1
 cat "$out/machine.md" "$out/reload-bench.md" "$out/peer-bench.md" "$out/h3-bench.md" "$out/ws-bench.md"
