@@ -349,8 +349,10 @@ fn a_probe_against_a_backend_that_answers_garbage_and_half_closes_fails_cleanly(
         attempts <= 25,
         "one attempt per interval, no spin: {attempts}"
     );
+    // A spin for the 2 s would be about 200 ticks; the work itself (a worker started, twenty
+    // probes, the log) is a few, and 11 were seen once with the whole suite running beside it.
     assert!(
-        ticks <= 10,
+        ticks <= 40,
         "the master must not spin on a garbage answer: {ticks} ticks"
     );
     let report = requests(loopback(port), 10);
