@@ -95,10 +95,11 @@ pub(super) struct Handoffs {
 }
 
 /// `b` added to `a`.
+/// Saturating: the counts are the workers' word, and a worker may report any number.
 fn add(a: &mut HandoffCounts, b: HandoffCounts) {
-    a.offered += b.offered;
-    a.adopted += b.adopted;
-    a.kept += b.kept;
+    a.offered = a.offered.saturating_add(b.offered);
+    a.adopted = a.adopted.saturating_add(b.adopted);
+    a.kept = a.kept.saturating_add(b.kept);
 }
 
 /// Each count the larger of the two (counts only grow: a report that shrinks one is the
@@ -319,5 +320,36 @@ impl Master {
                 "worker {worker} handed off {adopted} of the {offered} connections it offered (kept {kept})"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker that reports the largest counts there are cannot make the master's sums
+    /// overflow (a panic in a debug build, nonsense in a release one).
+    #[test]
+    fn sums_of_hostile_counts_saturate() {
+        let huge = HandoffCounts {
+            offered: u64::MAX,
+            adopted: u64::MAX,
+            kept: u64::MAX,
+        };
+        let mut total = HandoffCounts {
+            offered: 1,
+            adopted: 1,
+            kept: 1,
+        };
+        add(&mut total, huge);
+        add(&mut total, huge);
+        assert_eq!(total, huge);
+        let mut kept = std::collections::BTreeMap::new();
+        for generation in 0..(GENERATIONS_KEPT as u64 + 10) {
+            add_to(&mut kept, generation, huge);
+            add_to(&mut kept, generation, huge);
+        }
+        assert_eq!(kept.len(), GENERATIONS_KEPT);
+        assert_eq!(kept.values().next(), Some(&huge));
     }
 }
