@@ -32,6 +32,9 @@ pub struct WsReport {
     pub ended_at: Vec<Duration>,
     /// Echo times, sorted after the run.
     pub latencies: Vec<Duration>,
+    /// The same by the window they were measured in ([`WsLoad::mark`]: 0 before the first
+    /// mark), each sorted after the run.
+    pub windows: Vec<Vec<Duration>>,
     /// Clients that stopped because the run's `longest` passed, not because it was stopped:
     /// gone before the end of what was measured (a run that counts these counted less).
     pub expired: u64,
@@ -52,10 +55,14 @@ impl WsReport {
     }
 
     pub fn quantile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        self.latencies[((self.latencies.len() - 1) as f64 * q).round() as usize]
+        quantile(&self.latencies, q)
+    }
+
+    /// The `q`-quantile echo time of window `mark` ([`WsLoad::mark`]).
+    pub fn quantile_in(&self, mark: usize, q: f64) -> Duration {
+        self.windows
+            .get(mark)
+            .map_or(Duration::ZERO, |w| quantile(w, q))
     }
 
     /// Prints the summary under `what`, then asserts no client was disconnected and every
@@ -99,10 +106,18 @@ impl WsReport {
     }
 }
 
-/// A run of WebSocket clients on a runtime of its own, until [`WsLoad::finish`].
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// A run of WebSocket clients on a runtime of its own, until [`WsLoad::stop_and_report`].
 #[derive(Debug)]
 pub struct WsLoad {
     stop: Arc<AtomicBool>,
+    window: Arc<std::sync::atomic::AtomicUsize>,
     opened: Arc<std::sync::atomic::AtomicUsize>,
     ended: Arc<std::sync::atomic::AtomicUsize>,
     thread: std::thread::JoinHandle<WsReport>,
@@ -113,19 +128,28 @@ impl WsLoad {
     /// ([`OPENING_AT_ONCE`]), then a message every `period` on each, for at most `longest`.
     pub fn start(addr: SocketAddr, clients: usize, period: Duration, longest: Duration) -> WsLoad {
         let stop = Arc::new(AtomicBool::new(false));
+        let window = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (flag, count, gone) = (stop.clone(), opened.clone(), ended.clone());
+        let marks = window.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .expect("a runtime for the WebSocket clients");
-            runtime.block_on(run(addr, clients, period, longest, flag, (count, gone)))
+            runtime.block_on(run(
+                addr,
+                clients,
+                (period, longest),
+                (flag, marks),
+                (count, gone),
+            ))
         });
         WsLoad {
             stop,
+            window,
             opened,
             ended,
             thread,
@@ -154,6 +178,12 @@ impl WsLoad {
         self.ended.load(Ordering::Acquire)
     }
 
+    /// From now on, echo times go to window `mark` of the report (they go to window 0 before
+    /// the first mark): a benchmark measures its phases apart, with the same clients.
+    pub fn mark(&self, mark: usize) {
+        self.window.store(mark, Ordering::Release);
+    }
+
     /// How many clients have opened their connection so far.
     pub fn connected(&self) -> usize {
         self.opened.load(Ordering::Acquire)
@@ -166,15 +196,21 @@ impl WsLoad {
     }
 }
 
+/// The WebSockets' configuration, the clients' and the benchmark's echo server's: tungstenite's
+/// defaults but a 4 KiB read buffer (its default 128 KiB is zeroed before each read: at 10 000
+/// clients that memset was most of the load's CPU). The same as `ws-worker`'s.
+pub fn config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
+}
+
 /// Handshakes in flight at once while the clients open.
 const OPENING_AT_ONCE: usize = 16;
 
 async fn run(
     addr: SocketAddr,
     clients: usize,
-    period: Duration,
-    longest: Duration,
-    stop: Arc<AtomicBool>,
+    (period, longest): (Duration, Duration),
+    (stop, window): (Arc<AtomicBool>, Arc<std::sync::atomic::AtomicUsize>),
     (opened, ended): (
         Arc<std::sync::atomic::AtomicUsize>,
         Arc<std::sync::atomic::AtomicUsize>,
@@ -193,10 +229,11 @@ async fn run(
             .insert("sec-websocket-protocol", "chat".parse().unwrap());
         let turn = connecting.clone().acquire_owned().await.expect("open");
         let (stop, opened, ended) = (stop.clone(), opened.clone(), ended.clone());
+        let window = window.clone();
         tasks.spawn(async move {
             let connected = tokio::time::timeout(
                 Duration::from_secs(10),
-                tokio_tungstenite::connect_async(request),
+                tokio_tungstenite::connect_async_with_config(request, Some(config()), false),
             )
             .await;
             drop(turn);
@@ -204,7 +241,7 @@ async fn run(
                 return None;
             };
             opened.fetch_add(1, Ordering::AcqRel);
-            let report = client(id, ws, period, (begun, end), stop).await;
+            let report = client(id, ws, period, (begun, end), (stop, window)).await;
             if report.disconnects() > 0 {
                 ended.fetch_add(1, Ordering::AcqRel);
             }
@@ -229,8 +266,15 @@ async fn run(
         }
         report.ended_at.extend(one.ended_at);
         report.latencies.extend(one.latencies);
+        for (mark, times) in one.windows.into_iter().enumerate() {
+            if report.windows.len() <= mark {
+                report.windows.resize(mark + 1, Vec::new());
+            }
+            report.windows[mark].extend(times);
+        }
     }
     report.latencies.sort();
+    report.windows.iter_mut().for_each(|w| w.sort());
     report.ended_at.sort();
     report
 }
@@ -240,7 +284,7 @@ async fn client<S>(
     mut ws: tokio_tungstenite::WebSocketStream<S>,
     period: Duration,
     (begun, end): (Instant, Instant),
-    stop: Arc<AtomicBool>,
+    (stop, window): (Arc<AtomicBool>, Arc<std::sync::atomic::AtomicUsize>),
 ) -> WsReport
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -278,7 +322,13 @@ where
         match answer {
             Ok(Ok(t)) if t.as_str() == expected => {
                 report.echoed += 1;
-                report.latencies.push(sent.elapsed());
+                let took = sent.elapsed();
+                report.latencies.push(took);
+                let mark = window.load(Ordering::Acquire);
+                if report.windows.len() <= mark {
+                    report.windows.resize(mark + 1, Vec::new());
+                }
+                report.windows[mark].push(took);
             }
             Ok(Ok(_)) => report.wrong += 1,
             Ok(Err(why)) => {

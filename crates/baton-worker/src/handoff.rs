@@ -102,10 +102,13 @@ pub enum KeptBecause {
 #[derive(Debug)]
 pub struct Turn(Arc<GiverLink>);
 
-/// A giver's answer from the taker, by offer id.
+/// How an offer ended, as the giver's link task saw it.
 enum Reply {
-    Prepared,
+    /// The taker prepared it and the commit went: the taker serves it.
+    Committed,
     Refused(String),
+    /// The taker prepared it, and its end closed before the commit could go.
+    TakerGone,
 }
 
 /// A giver's end of one link.
@@ -262,32 +265,31 @@ impl Handoff {
             d.saturating_duration_since(Instant::now())
                 .min(OFFER_TIMEOUT)
         });
-        let outcome = match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(Reply::Prepared)) => {
-                if faults::check(Point::GiverCommit) {
-                    faults::exit_at(Point::GiverCommit);
-                }
-                // Sent, the commit makes it the taker's: it serves it on `commit`, and on the
-                // link's end once it prepared it. This copy closes now. Not sent, the taker's
-                // end is closed (it went before the commit): the connection stays here.
-                let commit = baton_proto::encode(&LinkMessage::Commit { id });
-                if link.socket.send(&commit).await.is_ok() {
-                    drop(socket);
-                    handoff.count(|c| c.adopted += 1);
-                    return Ok(());
-                }
-                KeptBecause::TakerGone
-            }
-            Ok(Ok(Reply::Refused(reason))) => KeptBecause::Refused(reason),
-            // The link ended (the taker went) before it prepared: its copy is closed.
-            Ok(Err(_)) => KeptBecause::TakerGone,
-            Err(_) => {
-                link.forget(id);
+        let mut rx = rx;
+        let reply = match tokio::time::timeout(wait, &mut rx).await {
+            Ok(reply) => reply,
+            // Not answered in time, unless the link's task took the offer out of the waiting
+            // ones just now (it answered: its word stands).
+            Err(_) if link.forget(id) => {
                 // In order on the link: the taker reads this before anything else of ours.
                 let abort = baton_proto::encode(&LinkMessage::Abort { id });
                 let _ = link.socket.send(&abort).await;
-                KeptBecause::TimedOut
+                handoff.count(|c| c.kept += 1);
+                return keep(socket, KeptBecause::TimedOut);
             }
+            Err(_) => rx.await,
+        };
+        let outcome = match reply {
+            // The commit went (the link's task sent it): the taker serves it. This copy, not
+            // read since the offer, closes now.
+            Ok(Reply::Committed) => {
+                drop(socket);
+                return Ok(());
+            }
+            Ok(Reply::Refused(reason)) => KeptBecause::Refused(reason),
+            // The link ended (the taker went) before it prepared, or before the commit could
+            // go: its copy is closed, the connection stays here.
+            Ok(Reply::TakerGone) | Err(_) => KeptBecause::TakerGone,
         };
         handoff.count(|c| c.kept += 1);
         keep(socket, outcome)
@@ -370,11 +372,13 @@ impl State {
 }
 
 impl GiverLink {
-    fn forget(&self, id: u64) {
+    /// Takes offer `id` out of those waiting for an answer; whether it was there.
+    fn forget(&self, id: u64) -> bool {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+            .remove(&id)
+            .is_some()
     }
 
     /// Waits for this offer's turn: offers on a link go evenly spaced at `max_per_second`
@@ -394,9 +398,43 @@ impl GiverLink {
     }
 }
 
+/// The runtime that serves this process's handoff links, on a thread of its own (`None`: the
+/// thread could not be started). A handoff is four packets between two workers, each of which
+/// waits for its task's turn: on a worker busy with thousands of connections, behind all the
+/// others that are ready, several times over. On this thread the exchange waits for nothing:
+/// only the connection's own rebuilding, in the taker, runs with the rest.
+fn link_runtime() -> Option<&'static tokio::runtime::Handle> {
+    static LINKS: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    LINKS
+        .get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .inspect_err(|err| warn!("no runtime for handoff links: {err}"))
+                .ok()?;
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name("baton-handoff".into())
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))
+                .inspect_err(|err| warn!("no thread for handoff links: {err}"))
+                .ok()?;
+            Some(handle)
+        })
+        .as_ref()
+}
+
 /// A link's end arrived from the master: a giver keeps it for its offers, a taker serves it.
+/// Its packets are read on the links' own thread ([`link_runtime`]), or, without it, with the
+/// worker's tasks.
 pub(crate) fn on_link(shared: &Arc<Shared>, link: HandoffLink, fd: OwnedFd) {
-    let socket = match channel::into_async(fd) {
+    let runtime = link_runtime()
+        .cloned()
+        .unwrap_or_else(tokio::runtime::Handle::current);
+    let registered = {
+        let _on = runtime.enter();
+        channel::into_async(fd)
+    };
+    let socket = match registered {
         Ok(socket) => socket,
         Err(err) => {
             warn!("handoff link {} unusable: {err}", link.link);
@@ -423,40 +461,59 @@ pub(crate) fn on_link(shared: &Arc<Shared>, link: HandoffLink, fd: OwnedFd) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(giver.clone());
-            tokio::spawn(read_replies(giver));
+            runtime.spawn(read_replies(giver, shared.clone()));
         }
         HandoffRole::Taker => {
             // Not idle while the link is open: a giver may still hand over a connection.
             let open = Busy::new(shared);
-            tokio::spawn(take(socket, link.peer, shared.clone(), open));
+            runtime.spawn(take(socket, link.peer, shared.clone(), open));
         }
     }
 }
 
 /// A giver's link: the taker's answers, until the link ends (then every offer waiting is
-/// answered by its end: kept).
-async fn read_replies(link: Arc<GiverLink>) {
+/// answered by its end: kept). A `prepared` is committed here at once, not by the offer's
+/// task (which is woken after, and closes its copy, not read since the offer).
+async fn read_replies(link: Arc<GiverLink>, shared: Arc<Shared>) {
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     loop {
         let got = match channel::recv_with_fds(&link.socket, &mut buf, 1).await {
             Ok(got) if got.len > 0 => got,
             _ => break,
         };
-        let reply = match baton_proto::decode::<LinkMessage>(&buf[..got.len]) {
-            Ok(LinkMessage::Prepared { id }) => Some((id, Reply::Prepared)),
-            Ok(LinkMessage::Refused { id, reason }) => Some((id, Reply::Refused(reason))),
-            _ => None,
+        let (id, answer) = match baton_proto::decode::<LinkMessage>(&buf[..got.len]) {
+            Ok(LinkMessage::Prepared { id }) => (id, None),
+            Ok(LinkMessage::Refused { id, reason }) => (id, Some(Reply::Refused(reason))),
+            _ => continue,
         };
-        if let Some((id, reply)) = reply {
-            let waiting = link
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            if let Some(waiting) = waiting {
-                let _ = waiting.send(reply);
+        // Not waiting (it timed out and was aborted, or the id is not ours): nothing to do.
+        let Some(waiting) = link
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+        else {
+            continue;
+        };
+        let reply = match answer {
+            Some(refused) => refused,
+            None => {
+                if faults::check(Point::GiverCommit) {
+                    faults::exit_at(Point::GiverCommit);
+                }
+                // Sent, the commit makes it the taker's: it serves it on `commit`, and on the
+                // link's end once it prepared it. Not sent, the taker's end is closed (it went
+                // before the commit): the connection stays with the giver.
+                let commit = baton_proto::encode(&LinkMessage::Commit { id });
+                if link.socket.send(&commit).await.is_ok() {
+                    shared.handoff.count(|c| c.adopted += 1);
+                    Reply::Committed
+                } else {
+                    Reply::TakerGone
+                }
             }
-        }
+        };
+        let _ = waiting.send(reply);
     }
     link.gone.store(true, Ordering::Release);
     link.pending

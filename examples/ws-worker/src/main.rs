@@ -152,6 +152,9 @@ async fn adopt_loop(ctx: Ctx) {
     }
 }
 
+/// How long a connection whose turn came waits for a quiet moment before it goes anyway.
+const QUIET_WITHIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 async fn serve(mut ws: Ws, agreed: Agreed, ctx: Ctx) {
     let mut drain: DrainWatch = ctx.worker.drain_watch();
     let mut broadcasts = ctx.broadcast.subscribe();
@@ -160,6 +163,10 @@ async fn serve(mut ws: Ws, agreed: Agreed, ctx: Ctx) {
     let mut turn: Option<
         std::pin::Pin<Box<dyn std::future::Future<Output = Option<Turn>> + Send>>,
     > = None;
+    // Its turn came: it goes right after its next answer (its client, which has what it
+    // asked for, is the least likely to be sending: the handoff's pause then delays nothing),
+    // or when this runs out.
+    let mut due: Option<(Turn, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
     loop {
         tokio::select! {
             _ = drain.requested(), if !draining => {
@@ -171,40 +178,19 @@ async fn serve(mut ws: Ws, agreed: Agreed, ctx: Ctx) {
                     handoff.turn().await
                 }));
             }
-            // Its turn: waiting here for the next message is the safe point (whole frames
-            // only, so nothing of the next one is inside tungstenite).
             at = async { turn.as_mut().unwrap().await }, if turn.is_some() => {
                 turn = None;
-                if let Some(at) = at {
-                    match hand_off(ws, &agreed, &ctx, at).await {
-                        None => return,
-                        Some(kept) => ws = kept,
-                    }
+                match at {
+                    Some(at) => due = Some((at, Box::pin(tokio::time::sleep(QUIET_WITHIN)))),
+                    None => return leave(ws, &agreed, &ctx, None).await,
                 }
-                // No taker: the client is told to come back, at its turn (`--close-window-ms`)
-                // while the connection serves on.
-                let pacer = ctx.pacer.get_or_init(|| {
-                    baton_worker::Pacer::new(ctx.close_window, ctx.worker.connections())
-                });
-                let turn = pacer.turn();
-                tokio::pin!(turn);
-                loop {
-                    tokio::select! {
-                        () = &mut turn => break,
-                        message = ws.next() => match message {
-                            Some(Ok(Message::Text(text))) => {
-                                if ws.send(Message::text(format!("echo: {text}"))).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                            Some(Ok(_)) => {}
-                        },
-                    }
-                }
-                let close = CloseFrame { code: CloseCode::Restart, reason: "service restart".into() };
-                let _ = ws.close(Some(close)).await;
             }
+            () = async { due.as_mut().unwrap().1.as_mut().await }, if due.is_some() => {
+                let at = due.take().map(|(at, _)| at);
+                return leave(ws, &agreed, &ctx, at).await;
+            }
+            // Waiting here for the next message is the safe point (whole frames only, so
+            // nothing of the next one is inside tungstenite).
             message = ws.next() => match message {
                 Some(Ok(Message::Text(text))) => {
                     let reply = match text.strip_prefix("broadcast: ") {
@@ -213,6 +199,9 @@ async fn serve(mut ws: Ws, agreed: Agreed, ctx: Ctx) {
                     };
                     if ws.send(Message::text(reply)).await.is_err() {
                         return;
+                    }
+                    if let Some((at, _)) = due.take() {
+                        return leave(ws, &agreed, &ctx, Some(at)).await;
                     }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
@@ -223,6 +212,48 @@ async fn serve(mut ws: Ws, agreed: Agreed, ctx: Ctx) {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// A draining connection at its turn: offered to a taker (`at`), and if none takes it, served
+/// until its turn to close (`--close-window-ms`), then closed with 1012: the client knows to
+/// come back.
+async fn leave(mut ws: Ws, agreed: &Agreed, ctx: &Ctx, at: Option<Turn>) {
+    if let Some(at) = at {
+        match hand_off(ws, agreed, ctx, at).await {
+            None => return,
+            Some(kept) => ws = kept,
+        }
+    }
+    let pacer = ctx
+        .pacer
+        .get_or_init(|| baton_worker::Pacer::new(ctx.close_window, ctx.worker.connections()));
+    let turn = pacer.turn();
+    tokio::pin!(turn);
+    loop {
+        tokio::select! {
+            () = &mut turn => break,
+            message = ws.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    if ws.send(Message::text(format!("echo: {text}"))).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let close = CloseFrame {
+        code: CloseCode::Restart,
+        reason: "service restart".into(),
+    };
+    let _ = ws.close(Some(close)).await;
+    // Until the client's answer to the close (or its end).
+    while let Some(Ok(message)) = ws.next().await {
+        if matches!(message, Message::Close(_)) {
+            break;
         }
     }
 }

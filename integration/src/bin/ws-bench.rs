@@ -99,7 +99,7 @@ fn backend() -> SocketAddr {
                             .insert("sec-websocket-protocol", "chat".parse().unwrap());
                         Ok(response)
                     };
-                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, agree).await else {
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, agree, Some(baton_integration::wsclient::config())).await else {
                         return;
                     };
                     while let Some(Ok(message)) = ws.next().await {
@@ -291,10 +291,14 @@ fn master_usage(pid: u32) -> (Duration, u64) {
     (cpu, rss)
 }
 
+/// The clients' windows of echo times ([`WsLoad::mark`]).
+const STEADY: usize = 1;
+const RELOADING: usize = 2;
+const AFTER: usize = 3;
+
 struct Row {
     peer: Peer,
-    steady: WsReport,
-    reloading: WsReport,
+    report: WsReport,
     reloads: u64,
     alive_after: usize,
     master: Option<(Duration, u64, u64)>,
@@ -306,36 +310,29 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
     let server = Running::start(peer, port, backend);
     let addr = baton_integration::loopback(port);
     let period = Duration::from_millis(100);
-    let connect = |what: &str| {
-        let load = WsLoad::start(
-            addr,
-            args.clients,
-            period,
-            // Opening 10 000 clients one after the other takes minutes through a proxy: the run
-            // must outlast that and the reloads (the stop ends it).
-            Duration::from_secs(args.seconds + 3600),
-        );
-        // Until every client is in, or none has come in for 10 s.
-        let (mut last, mut since) = (0, Instant::now());
-        while load.connected() < args.clients && since.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(100));
-            if load.connected() > last {
-                (last, since) = (load.connected(), Instant::now());
-            }
+    let load = WsLoad::start(
+        addr,
+        args.clients,
+        period,
+        // Opening 10 000 clients takes minutes through a proxy: the run must outlast that and
+        // the reloads (the stop ends it).
+        Duration::from_secs(args.seconds + 3600),
+    );
+    // Until every client is in, or none has come in for 10 s.
+    let (mut last, mut since) = (0, Instant::now());
+    while load.connected() < args.clients && since.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        if load.connected() > last {
+            (last, since) = (load.connected(), Instant::now());
         }
-        eprintln!(
-            "{}: {what}: {} clients connected",
-            peer.name(),
-            load.connected()
-        );
-        load
-    };
-    // Steady: no reload, a tenth of the run.
-    let load = connect("steady");
-    std::thread::sleep(Duration::from_secs((args.seconds / 10).max(5)));
-    let steady = load.stop_and_report();
+    }
+    eprintln!("{}: {} clients connected", peer.name(), load.connected());
+    // Steady: the same clients, no reload, a tenth of the run (at least 10 s); the echo times
+    // of the opening (window 0) count in neither.
+    load.mark(STEADY);
+    std::thread::sleep(Duration::from_secs((args.seconds / 10).max(10)));
     // Reloading: one a second.
-    let load = connect("reloading");
+    load.mark(RELOADING);
     let before = server.master.as_ref().map(|m| master_usage(m.pid()));
     let start = Instant::now();
     let mut reloads = 0;
@@ -345,10 +342,22 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
         reloads += 1;
         std::thread::sleep(Duration::from_secs(1).saturating_sub(at.elapsed()));
     }
+    load.mark(AFTER);
     // Counted while the clients still hold their connections (old processes that keep them
     // are still there).
     let alive_after = server.processes();
-    let reloading = load.stop_and_report();
+    let report = load.stop_and_report();
+    eprintln!("{}: {}", peer.name(), report.summary());
+    for (mark, what) in [(STEADY, "steady"), (RELOADING, "reloading")] {
+        eprintln!(
+            "{}: {what}: echo p50 {:?}, p99 {:?}, p99.9 {:?}, {} echoes",
+            peer.name(),
+            report.quantile_in(mark, 0.5),
+            report.quantile_in(mark, 0.99),
+            report.quantile_in(mark, 0.999),
+            report.windows.get(mark).map_or(0, Vec::len)
+        );
+    }
     let master = server.master.as_ref().map(|m| {
         let (cpu0, _) = before.unwrap_or_default();
         let (cpu, rss) = master_usage(m.pid());
@@ -369,8 +378,7 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
     kill_peers();
     Row {
         peer,
-        steady,
-        reloading,
+        report,
         reloads,
         alive_after,
         master,
@@ -416,7 +424,7 @@ fn main() {
     let mut baton_row = None;
     for peer in peers {
         let row = measure(peer, &args, backend);
-        let r = &row.reloading;
+        let r = &row.report;
         println!(
             "| {} | {} | {} | {} | {} | {} | {} {:?} | {} | {} | {} | {} |",
             row.peer.name(),
@@ -429,8 +437,8 @@ fn main() {
             r.disconnects(),
             r.ended,
             r.peak_ends(Duration::from_secs(1)),
-            ms(row.steady.quantile(0.99)),
-            ms(r.quantile(0.99)),
+            ms(r.quantile_in(STEADY, 0.99)),
+            ms(r.quantile_in(RELOADING, 0.99)),
             row.alive_after
         );
         if row.peer == Peer::Baton {

@@ -341,14 +341,14 @@ fn offers_a_new_worker_refuses_stay_with_the_old_worker() {
     assert_eq!(history[&2], done_counts(&done), "{history:?}");
 }
 
-/// A reload fails while the previous one's handoff runs (its commits slowed by a fault point,
-/// so it lasts about a second): the failed generation never takes part, the handoff goes on,
+/// A reload fails while the previous one's handoff runs (its commits slowed by a fault point:
+/// the link's thread sends them one after another, 10 ms each, so it lasts about a second): the failed generation never takes part, the handoff goes on,
 /// and no client is disconnected or loses, repeats or reorders a message.
 #[test]
 fn a_reload_failing_mid_handoff_disturbs_no_connection() {
     const CLIENTS: usize = 100;
     let (port, mut config) = ws_config(2, &[]);
-    config.env = faults("handoff.giver.commit=sleep(40)");
+    config.env = faults("handoff.giver.commit=sleep(10)");
     let master = Master::start("handoff-failed-reload", &config);
     let load = WsLoad::connected_clients(loopback(port), CLIENTS);
     config.env.clear();

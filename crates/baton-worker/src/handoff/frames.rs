@@ -121,8 +121,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameBounded<S> {
                 return Poll::Ready(Ok(()));
             }
             // Not a whole frame yet: read more.
-            let mut chunk = [0u8; 16 * 1024];
-            let mut read = ReadBuf::new(&mut chunk);
+            // Not zeroed: the socket writes what it gives (each read would clear 16 KiB).
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 16 * 1024];
+            let mut read = ReadBuf::uninit(&mut chunk);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             if read.filled().is_empty() {
                 // End of stream: what is left (a cut frame) goes to the reader, which fails

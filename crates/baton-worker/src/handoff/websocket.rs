@@ -27,10 +27,22 @@ use std::os::fd::{AsFd, OwnedFd};
 use baton_proto::handoff::WebSocketState;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::FrameBounded;
 use crate::Stream;
+
+/// The read buffer of each WebSocket. tungstenite's default, 128 KiB, is zeroed before each
+/// read from the socket: at thousands of connections a message, that cost more than the rest of
+/// the echo (and 128 KiB a connection). Frames larger than this still arrive whole: the buffer
+/// grows for them.
+pub const READ_BUFFER: usize = 4096;
+
+/// The configuration of the WebSockets [`accept`] and [`rebuilt`] make: tungstenite's defaults
+/// but the read buffer ([`READ_BUFFER`]).
+pub fn config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(READ_BUFFER)
+}
 
 /// A WebSocket served so that it can be handed off.
 pub type Ws = WebSocketStream<FrameBounded<Stream>>;
@@ -69,8 +81,12 @@ pub async fn accept(stream: Stream) -> Result<(Ws, Agreed), tokio_tungstenite::t
         seen.subprotocol = offered;
         Ok(response)
     };
-    let mut ws =
-        tokio_tungstenite::accept_hdr_async(FrameBounded::handshaking(stream), callback).await?;
+    let mut ws = tokio_tungstenite::accept_hdr_async_with_config(
+        FrameBounded::handshaking(stream),
+        callback,
+        Some(config()),
+    )
+    .await?;
     // From the first message on, whole frames only (the client waits for the handshake's
     // answer before its first frame, so none is inside tungstenite now).
     ws.get_mut().start_framing();
@@ -101,5 +117,5 @@ pub fn take_apart(
 pub async fn rebuilt(socket: OwnedFd, state: &WebSocketState) -> io::Result<Ws> {
     let stream = Stream::from_owned_fd(socket)?;
     let socket = FrameBounded::new(state.unread.clone(), stream);
-    Ok(WebSocketStream::from_raw_socket(socket, Role::Server, None).await)
+    Ok(WebSocketStream::from_raw_socket(socket, Role::Server, Some(config())).await)
 }
