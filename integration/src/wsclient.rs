@@ -233,7 +233,7 @@ async fn run(
         tasks.spawn(async move {
             let connected = tokio::time::timeout(
                 Duration::from_secs(10),
-                tokio_tungstenite::connect_async_with_config(request, Some(config()), false),
+                tokio_tungstenite::connect_async_with_config(request, Some(config()), true),
             )
             .await;
             drop(turn);

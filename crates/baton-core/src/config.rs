@@ -153,6 +153,17 @@ pub struct WorkerConfig {
     /// How a reload replaces this program's workers (`reload:`), its batch resolved.
     #[serde(default)]
     pub reload: crate::supervisor::Strategy,
+    /// The most connections a draining worker of this program offers per second, over all
+    /// its handoff links (`handoff_rate:`).
+    #[serde(default = "default_handoff_rate")]
+    pub handoff_rate: u32,
+}
+
+/// Default `handoff_rate` (also for states written before the setting existed).
+pub const DEFAULT_HANDOFF_RATE: u32 = 4000;
+
+fn default_handoff_rate() -> u32 {
+    DEFAULT_HANDOFF_RATE
 }
 
 /// `recycle:`: a ready worker whose process tree stays above `max_rss` for `above_for` is

@@ -99,6 +99,12 @@ async fn ignore_usr1(usr1: Option<Signal>) {
     }
 }
 
+/// How long after a drain signal a worker waits for the master's drain packet (and the handoff
+/// links before it) before it drains with the links it has: a drain the master asks for sends
+/// the packet first, but the signal may be seen first; a signal alone (an operator's `kill`,
+/// a canary's test) brings no packet at all.
+const PACKET_AFTER_SIGNAL: Duration = Duration::from_secs(2);
+
 /// The drain signal (SIGTERM, baton's default) requests a drain instead of killing the process.
 async fn watch_drain_signal(shared: Arc<Shared>, term: Option<Signal>) {
     let Some(mut term) = term else { return };
@@ -106,6 +112,10 @@ async fn watch_drain_signal(shared: Arc<Shared>, term: Option<Signal>) {
         shared
             .drain
             .send_if_modified(|d| d.get_or_insert(DrainReason::Signal) == &DrainReason::Signal);
+        // Without it, a connection waiting for its handoff turn would wait for links that
+        // never come, and the worker would never finish its drain.
+        tokio::time::sleep(PACKET_AFTER_SIGNAL).await;
+        shared.handoff.settle();
     }
 }
 

@@ -296,8 +296,10 @@ impl Handoff {
     }
 
     /// Waits until this worker knows its takers: the master's drain packet came (the links
-    /// come before it; a drain signal alone may arrive first), or the master is gone. A worker
-    /// without a channel (systemd's protocol) never gets links: it returns at once.
+    /// come before it; a drain signal alone may arrive first), the master is gone, or a drain
+    /// signal came 2 s ago with no packet behind it (a `kill` the master did not send: no
+    /// links will come). A worker without a channel (systemd's protocol) never gets links: it
+    /// returns at once.
     pub async fn settled(&self) {
         if !matches!(self.shared.control, Control::Channel(_)) {
             return;

@@ -50,6 +50,8 @@ struct Args {
     clients: usize,
     seconds: u64,
     only: Vec<String>,
+    /// baton's `handoff_rate` (None: its default).
+    handoff_rate: Option<u32>,
 }
 
 fn args() -> Args {
@@ -57,6 +59,7 @@ fn args() -> Args {
         clients: 10_000,
         seconds: 60,
         only: Vec::new(),
+        handoff_rate: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -64,9 +67,12 @@ fn args() -> Args {
             ("--clients", Some(v)) if v.parse::<usize>().is_ok() => a.clients = v.parse().unwrap(),
             ("--seconds", Some(v)) if v.parse::<u64>().is_ok() => a.seconds = v.parse().unwrap(),
             ("--only", Some(v)) => a.only = v.split(',').map(str::to_string).collect(),
+            ("--handoff-rate", Some(v)) if v.parse::<u32>().is_ok() => {
+                a.handoff_rate = v.parse().ok();
+            }
             _ => {
                 eprintln!(
-                    "usage: ws-bench [--clients N] [--seconds S] [--only baton,no-handoff,paced,nginx,haproxy]"
+                    "usage: ws-bench [--clients N] [--seconds S] [--only baton,no-handoff,paced,nginx,haproxy] [--handoff-rate N]"
                 );
                 std::process::exit(64);
             }
@@ -75,46 +81,88 @@ fn args() -> Args {
     a
 }
 
-/// An echo server for the proxies to stand in front of (tokio-tungstenite, this process).
-fn backend() -> SocketAddr {
+/// The echo server the proxies stand in front of, in a process of its own (`ws-bench
+/// --backend`): behind a proxy, 10 000 clients are 10 000 more sockets, and this process's
+/// descriptor limit (20 000 here) cannot hold both sides. Killed when dropped.
+struct Backend {
+    addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl Backend {
+    fn start() -> Backend {
+        let mut child = Command::new(std::env::current_exe().expect("this program's path"))
+            .arg("--backend")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the echo backend");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("its stdout")),
+            &mut line,
+        )
+        .expect("the backend's address");
+        let addr = line.trim().parse().expect("an address");
+        Backend { addr, child }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ws-bench --backend`: a tokio-tungstenite echo server on a free loopback port, which it
+/// prints, until killed. It takes any number of connections (it never stops accepting).
+fn serve_backend() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    // The clients ask for the subprotocol `chat`: it is agreed.
-                    #[allow(clippy::result_large_err)] // tungstenite's callback type
-                    let agree = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
-                                 mut response: tokio_tungstenite::tungstenite::handshake::server::Response| {
-                        response
-                            .headers_mut()
-                            .insert("sec-websocket-protocol", "chat".parse().unwrap());
-                        Ok(response)
-                    };
-                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, agree, Some(baton_integration::wsclient::config())).await else {
-                        return;
-                    };
-                    while let Some(Ok(message)) = ws.next().await {
-                        if let tokio_tungstenite::tungstenite::Message::Text(t) = message {
-                            let echo = format!("echo: {t}");
-                            if ws.send(echo.into()).await.is_err() {
-                                return;
-                            }
+    println!("{}", listener.local_addr().unwrap());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    eprintln!("backend: accept: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                // The clients ask for the subprotocol `chat`: it is agreed.
+                #[allow(clippy::result_large_err)] // tungstenite's callback type
+                let agree = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                             mut response: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                    response
+                        .headers_mut()
+                        .insert("sec-websocket-protocol", "chat".parse().unwrap());
+                    Ok(response)
+                };
+                let config = Some(baton_integration::wsclient::config());
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_hdr_async_with_config(stream, agree, config).await
+                else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if let tokio_tungstenite::tungstenite::Message::Text(t) = message {
+                        let echo = format!("echo: {t}");
+                        if ws.send(echo.into()).await.is_err() {
+                            return;
                         }
                     }
-                });
-            }
-        });
+                }
+            });
+        }
     });
-    addr
 }
 
 fn kill_peers() {
@@ -151,6 +199,8 @@ fn nginx_conf(dir: &Path, port: u16, backend: SocketAddr) {
     .unwrap();
 }
 
+/// `maxconn 9900`: HAProxy asks for about two descriptors a connection and cannot raise its
+/// limit past this machine's hard one (20 000), so it holds at most 9 900 clients here.
 fn haproxy_conf(dir: &Path, port: u16, backend: SocketAddr) {
     std::fs::write(
         dir.join("haproxy.cfg"),
@@ -169,13 +219,16 @@ struct Running {
 }
 
 impl Running {
-    fn start(peer: Peer, port: u16, backend: SocketAddr) -> Running {
+    fn start(peer: Peer, port: u16, backend: SocketAddr, args: &Args) -> Running {
         let dir = baton_integration::kept_dir("ws-bench-");
         let master = match peer {
             Peer::Baton | Peer::BatonNoHandoff | Peer::BatonPaced => {
                 let mut config = TestConfig::hello(&format!("127.0.0.1:{port}"), 2);
                 config.command = binaries().ws_worker.clone();
                 config.drain_timeout = "10s";
+                if let Some(rate) = args.handoff_rate {
+                    config.worker_extra.push(format!("handoff_rate: {rate}"));
+                }
                 match peer {
                     Peer::BatonNoHandoff => config.args = vec!["--no-handoff".into()],
                     Peer::BatonPaced => {
@@ -307,7 +360,7 @@ struct Row {
 fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
     kill_peers();
     let port = free_port();
-    let server = Running::start(peer, port, backend);
+    let server = Running::start(peer, port, backend, args);
     let addr = baton_integration::loopback(port);
     let period = Duration::from_millis(100);
     let load = WsLoad::start(
@@ -390,8 +443,12 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--backend") {
+        serve_backend();
+        return;
+    }
     let args = args();
-    let backend = backend();
+    let backend = Backend::start();
     let mut peers = vec![Peer::Baton, Peer::BatonNoHandoff, Peer::BatonPaced];
     for (peer, program) in [(Peer::Nginx, "nginx"), (Peer::Haproxy, "haproxy")] {
         if Command::new("sh")
@@ -423,7 +480,7 @@ fn main() {
     let mut failed = false;
     let mut baton_row = None;
     for peer in peers {
-        let row = measure(peer, &args, backend);
+        let row = measure(peer, &args, backend.addr);
         let r = &row.report;
         println!(
             "| {} | {} | {} | {} | {} | {} | {} {:?} | {} | {} | {} | {} |",
@@ -457,6 +514,7 @@ fn main() {
             rss
         );
     }
+    drop(backend);
     if failed {
         eprintln!("baton with handoff lost or disconnected something");
         std::process::exit(1);

@@ -156,6 +156,57 @@ fn websockets_cross_every_reload_with_every_message_echoed_once_in_order() {
     assert!(!adopted.is_empty(), "no giver reported a handoff");
 }
 
+/// `handoff_rate` is a draining worker's, shared among its links: with two new workers each
+/// link gets half (the master says so in `handoff_links`), and every client is served on.
+#[test]
+fn the_handoff_rate_is_shared_among_a_giver_s_links() {
+    const CLIENTS: usize = 40;
+    let (port, mut config) = ws_config(2, &[]);
+    config.worker_extra.push("handoff_rate: 101".into());
+    let master = Master::start("handoff-rate", &config);
+    let load = WsLoad::connected_clients(loopback(port), CLIENTS);
+    reload_until_generation_1_is_gone(&master);
+    let links = master.events(event::HANDOFF_LINKS);
+    assert_eq!(links.len(), 2, "{links:?}");
+    for link in &links {
+        assert_eq!(link["takers"], 2, "{link}");
+        // 101 over 2 links: 51 each (rounded up, so the giver's rate is never below it).
+        assert_eq!(link["per_second"], 51, "{link}");
+    }
+    load.stop_and_report()
+        .assert_unbroken("WebSockets handed off at handoff_rate 101");
+    let done = master.events(event::HANDOFF_DONE);
+    let adopted: u64 = done.iter().map(|e| e["adopted"].as_u64().unwrap()).sum();
+    assert_eq!(adopted, CLIENTS as u64, "{done:?}");
+}
+
+/// A worker drained by a bare SIGTERM (an operator's `kill`, not the master's drain: no
+/// handoff link will come) does not wait for links for ever: 2 s after the signal it takes
+/// the links it has (none), closes its WebSockets with 1012 and exits.
+#[test]
+fn a_worker_drained_by_a_bare_sigterm_closes_its_websockets_with_1012() {
+    const CLIENTS: usize = 10;
+    let (master, load) = ws_master("handoff-bare-sigterm", 1, &[], CLIENTS);
+    let worker = master
+        .children()
+        .into_iter()
+        .find(|p| Some(*p) != master.guard())
+        .expect("the worker");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(30), "every client closed", || {
+        (load.ended() == CLIENTS).then_some(())
+    });
+    eventually(Duration::from_secs(30), "the worker gone", || {
+        (!baton_integration::procfs::alive(worker)).then_some(())
+    });
+    load.stop_and_report()
+        .assert_all_closed_with_1012("a worker drained by a bare SIGTERM");
+}
+
 /// The same clients against the same server taking no part in handoff: at the reload, every
 /// connection is closed with 1012 (Service Restart), counted by each client.
 #[test]

@@ -1,7 +1,7 @@
 //! Every lifecycle operation with every kind of worker (issue 28, part 2): one table, each row
 //! a named test, crossing the operations with the kinds of worker and the settings that change
 //! their paths (output `capture`/`inherit`, cgroups `auto`/`off`). The table covers every pair
-//! of values of any two columns (all-pairs: 77 rows, one per operation and kind;
+//! of values of any two columns (all-pairs: 88 rows, one per operation and kind;
 //! `the_table_covers_every_pair` checks it), not every combination.
 //!
 //! Each row starts a master, runs traffic fit for the kind (HTTP requests on fresh connections,
@@ -16,12 +16,14 @@
 
 use baton_integration::event;
 use baton_integration::loopback;
+use baton_integration::wsclient::WsLoad;
 use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite;
 
 use baton_integration::load::{Load, Mode, Report, requests};
 use baton_integration::procfs::{alive, listening_inodes};
@@ -62,6 +64,8 @@ enum Kind {
     Quic,
     /// it-worker `udp-echo` on a UDP listener.
     Udp,
+    /// ws-worker: WebSockets handed from generation to generation (connection handoff).
+    Handoff,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -175,6 +179,17 @@ rows! {
     kill_restart_gunicorn => (KillRestart, Gunicorn, Capture, Auto),
     kill_restart_quic => (KillRestart, Quic, Inherit, Off),
     kill_restart_udp => (KillRestart, Udp, Capture, Off),
+    start_handoff => (Start, Handoff, Capture, Auto),
+    reload_handoff => (Reload, Handoff, Inherit, Off),
+    failed_reload_handoff => (FailedReload, Handoff, Capture, Off),
+    rolling_rollback_handoff => (RollingRollback, Handoff, Inherit, Auto),
+    canary_rollback_handoff => (CanaryRollback, Handoff, Capture, Auto),
+    upgrade_handoff => (Upgrade, Handoff, Inherit, Auto),
+    failed_upgrade_handoff => (FailedUpgrade, Handoff, Capture, Off),
+    stop_handoff => (Stop, Handoff, Inherit, Off),
+    fast_stop_handoff => (FastStop, Handoff, Capture, Auto),
+    watch_reload_handoff => (WatchReload, Handoff, Inherit, Off),
+    kill_restart_handoff => (KillRestart, Handoff, Capture, Off),
 }
 
 const OPS: [Op; 11] = [
@@ -190,7 +205,7 @@ const OPS: [Op; 11] = [
     Op::WatchReload,
     Op::KillRestart,
 ];
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 8] = [
     Kind::Baton,
     Kind::Notify,
     Kind::Probe,
@@ -198,6 +213,7 @@ const KINDS: [Kind; 7] = [
     Kind::Gunicorn,
     Kind::Quic,
     Kind::Udp,
+    Kind::Handoff,
 ];
 
 /// The table holds every pair of values of any two of its columns.
@@ -290,6 +306,7 @@ impl Kind {
         let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
         let hello = binaries().hello_worker.display().to_string();
         let it = binaries().it_worker.display().to_string();
+        let ws = binaries().ws_worker.display().to_string();
         let mut worker = match self {
             Kind::Baton => format!("  command: {hello}\n  processes: 2\n"),
             Kind::Notify => {
@@ -319,6 +336,7 @@ impl Kind {
                 "  command: {it}\n  env: {{IT_MODE: {}}}\n  processes: 2\n",
                 WorkerMode::UdpEcho
             ),
+            Kind::Handoff => format!("  command: {ws}\n  processes: 2\n"),
         };
         if broken {
             let command = worker
@@ -385,10 +403,11 @@ fn dedupe_keys(block: &str) -> String {
     out
 }
 
-/// Traffic across an operation: HTTP on fresh connections, or datagrams each of which the
-/// worker answers.
+/// Traffic across an operation: HTTP on fresh connections, datagrams each of which the
+/// worker answers, or WebSockets that stay open across it.
 enum Traffic {
     Http(Load),
+    WebSockets(WsLoad),
     Datagrams {
         stop: Arc<AtomicBool>,
         thread: JoinHandle<(u64, u64)>,
@@ -397,6 +416,9 @@ enum Traffic {
 
 impl Traffic {
     fn start(kind: Kind, port: u16) -> Traffic {
+        if kind == Kind::Handoff {
+            return Traffic::WebSockets(WsLoad::connected_clients(loopback(port), WEBSOCKETS));
+        }
         if !kind.datagrams() {
             let addr = loopback(port);
             return Traffic::Http(Load::until_finished(addr, Mode::Fresh, 4));
@@ -408,9 +430,20 @@ impl Traffic {
         Traffic::Datagrams { stop, thread }
     }
 
-    /// Requests answered and failed.
-    fn finish(self) -> (u64, u64, String) {
-        match self {
+    /// Requests answered and failed, and WebSockets closed with 1012 (Service Restart): a
+    /// worker told to drain with no taker for them closes them so.
+    fn finish(self) -> (u64, u64, u64, String) {
+        if let Traffic::WebSockets(load) = self {
+            let report = load.stop_and_report();
+            let restarts = report.ended.get("close 1012").copied().unwrap_or(0);
+            // Every message echoed once, in order, but for the last of each connection closed.
+            let unanswered = report.sent - report.echoed;
+            let failed = report.wrong
+                + (report.disconnects() - restarts)
+                + unanswered.saturating_sub(report.disconnects());
+            return (report.echoed, failed, restarts, report.summary());
+        }
+        let (ok, failed, summary) = match self {
             Traffic::Http(load) => {
                 let report: Report = load.finish();
                 (report.ok, report.failed(), report.summary())
@@ -420,9 +453,14 @@ impl Traffic {
                 let (ok, lost) = thread.join().unwrap();
                 (ok, lost, format!("{ok} datagrams answered, {lost} lost"))
             }
-        }
+            Traffic::WebSockets(_) => unreachable!("finished above"),
+        };
+        (ok, failed, 0, summary)
     }
 }
+
+/// The WebSocket clients of a `Handoff` row, each a numbered message every 100 ms.
+const WEBSOCKETS: usize = 20;
 
 /// Sends up to `n` datagrams to `port` (for at most 60 s, until `stop`), one at a time, each
 /// waiting for its answer (3 s): how many were answered and lost.
@@ -468,8 +506,23 @@ fn exchange(port: u16, n: u64, stop: Option<&AtomicBool>) -> (u64, u64) {
     (ok, lost)
 }
 
-/// Checks the port serves: 20 requests, or 20 datagrams, all answered.
+/// Checks the port serves: 20 requests, 20 datagrams or 20 WebSocket messages, all answered.
 fn serves(kind: Kind, port: u16) {
+    if kind == Kind::Handoff {
+        let addr = loopback(port);
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (mut ws, _) = tungstenite::client(format!("ws://{addr}/chat"), stream).unwrap();
+        for i in 0..20 {
+            ws.send(tungstenite::Message::text(format!("m{i}")))
+                .unwrap();
+            let answer = ws.read().unwrap();
+            assert_eq!(answer.to_text().unwrap(), format!("echo: m{i}"));
+        }
+        return;
+    }
     if kind.datagrams() {
         let (ok, lost) = exchange(port, 20, None);
         assert_eq!((ok, lost), (20, 0), "20 datagrams answered");
@@ -620,8 +673,12 @@ fn run(name: &str, op: Op, kind: Kind, output: Output, cgroups: Cgroups) {
             serves(kind, port);
         }
     }
-    let (ok, failed, summary) = traffic.finish();
+    let (ok, failed, restarts, summary) = traffic.finish();
     eprintln!("{name}: {summary}");
+    // No operation closes a WebSocket: each one crosses reloads, upgrades and rollbacks in
+    // the worker that serves it or is handed to the next generation (a canary's generation
+    // drains the old one only once its window passed: a rolled-back canary took none).
+    assert_eq!(restarts, 0, "{name}: {summary}");
     assert!(ok > 0, "{name}: traffic flowed: {summary}");
     // A QUIC generation has a socket of its own: when its one worker exits unasked on
     // probation (the stimulus here), what was steered to it meanwhile is lost (a QUIC client

@@ -133,6 +133,7 @@ impl Check<'_> {
             umask: w.umask.map(|m| m.0),
             rlimits: w.rlimits,
             output: w.output,
+            handoff_rate: w.handoff_rate.0,
             liveness: w.liveness.map(|l| self.liveness(l.0)),
             recycle: w.recycle.as_ref().map(|r| r.recycle()),
             reload: Strategy::AllAtOnce,

@@ -79,6 +79,8 @@ pub(super) struct RawWorker {
     pub(super) recycle: Option<RecycleSpec>,
     #[serde(default)]
     pub(super) reload: Option<RawReload>,
+    #[serde(default)]
+    pub(super) handoff_rate: HandoffRate,
 }
 
 /// `reload: {strategy: rolling, batch: 2}` (or `batch: "25%"`).
@@ -563,6 +565,22 @@ validated!(MaxDraining(usize) from u64, "max_draining", |n| {
 impl Default for MaxDraining {
     fn default() -> Self {
         MaxDraining(8)
+    }
+}
+
+validated!(HandoffRate(u32) from u64, "handoff_rate", |n| {
+    if (1..=1_000_000).contains(&n) {
+        Ok(n as u32)
+    } else {
+        Err(format!(
+            "handoff_rate \"{n}\" is out of range: use 1 to 1000000 connections per second"
+        ))
+    }
+});
+
+impl Default for HandoffRate {
+    fn default() -> Self {
+        HandoffRate(crate::config::DEFAULT_HANDOFF_RATE)
     }
 }
 

@@ -190,6 +190,11 @@ supervisor:
                 Some(4),
             ),
             (
+                "listeners: []\nworker:\n  command: sh\n  handoff_rate: 0\n",
+                "test.yaml:4:17: worker.handoff_rate: handoff_rate \"0\" is out of range: use 1 to 1000000",
+                Some(4),
+            ),
+            (
                 "listeners: []\nworker:\n  command: sh\n  drain_signal: SIGKILL\n",
                 "cannot be handled",
                 Some(4),

@@ -16,9 +16,6 @@ use super::Master;
 use super::link::Command;
 use crate::supervisor::WorkerId;
 
-/// A giver offers at most this many connections per second on each link.
-const MAX_PER_SECOND: u32 = 2000;
-
 /// One worker's part in connection handoff.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Part {
@@ -179,9 +176,14 @@ impl Master {
         if !self.links.get(&giver).is_some_and(|l| l.handoff.offers) {
             return 0;
         }
-        let Some((giver_generation, ..)) = self.supervisor.placement(giver) else {
+        let Some((giver_generation, program, _)) = self.supervisor.placement(giver) else {
             return 0;
         };
+        let rate = self
+            .resources
+            .get(&giver_generation)
+            .and_then(|r| r.programs.get(program))
+            .map_or(crate::config::DEFAULT_HANDOFF_RATE, |p| p.handoff_rate);
         let mut takers: Vec<(usize, u64, WorkerId)> = self
             .supervisor
             .serving_workers()
@@ -199,6 +201,8 @@ impl Master {
             .collect();
         takers.sort();
         takers.truncate(MAX_PEERS);
+        // The program's rate is the giver's, spread over its links.
+        let per_link = rate.div_ceil(takers.len().max(1) as u32).max(1);
         let mut made = 0;
         for (_, _, taker) in takers {
             let Some((taker_generation, ..)) = self.supervisor.placement(taker) else {
@@ -223,7 +227,7 @@ impl Master {
                     peer: peer.0,
                     peer_generation,
                     deadline_ms,
-                    max_per_second: MAX_PER_SECOND,
+                    max_per_second: per_link,
                 }),
                 fd: Some(fd),
             };
@@ -261,7 +265,8 @@ impl Master {
                 worker = giver.0,
                 generation = giver_generation.0,
                 takers = made,
-                "worker {giver} of generation {giver_generation} hands its connections to {made} workers of the serving generation"
+                per_second = per_link,
+                "worker {giver} of generation {giver_generation} hands its connections to {made} workers of the serving generation, at most {per_link} a second to each"
             );
         }
         made

@@ -58,13 +58,23 @@ async fn worker() -> (UnixDatagram, Worker, Handoff) {
 
 /// The master hands `worker` its end of a link, as giver or taker.
 async fn introduce(master: &UnixDatagram, role: HandoffRole, end: OwnedFd) {
+    introduce_paced(master, role, end, 0).await;
+}
+
+/// [`introduce`], the link's offers at most `max_per_second` a second (0: no limit).
+async fn introduce_paced(
+    master: &UnixDatagram,
+    role: HandoffRole,
+    end: OwnedFd,
+    max_per_second: u32,
+) {
     let link = MasterMessage::HandoffLink(HandoffLink {
         link: 1,
         role,
         peer: 2,
         peer_generation: 2,
         deadline_ms: 30_000,
-        max_per_second: 0,
+        max_per_second,
     });
     let packet = baton_proto::encode(&link);
     channel::send_with_fds(master, &packet, &[end.as_fd()])
@@ -139,6 +149,40 @@ async fn two_workers_hand_a_connection_over_and_the_taker_answers_on_it() {
     answer(adopted.socket, &mut client, b"from the taker");
     let counts = giver.counts();
     assert_eq!((counts.offered, counts.adopted, counts.kept), (1, 1, 0));
+}
+
+/// A link's `max_per_second` spaces a giver's offers evenly, however fast the taker answers:
+/// 6 offers at 20 a second take at least 5 gaps of 50 ms, and every one is adopted.
+#[tokio::test(flavor = "current_thread")]
+async fn offers_on_a_paced_link_are_evenly_spaced() {
+    let (giver_master, _giver_worker, giver) = worker().await;
+    let (taker_master, _taker_worker, taker) = worker().await;
+    let (g, t) = channel::pair().unwrap();
+    introduce_paced(&giver_master, HandoffRole::Giver, g, 20).await;
+    introduce(&taker_master, HandoffRole::Taker, t).await;
+    until_takers(&giver, 1).await;
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let (client, server) = connection();
+        giver
+            .offer(server, ConnectionKind::Http1, Vec::new())
+            .await
+            .unwrap();
+        clients.push(client);
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "6 offers at 20 a second went in {took:?}"
+    );
+    for client in &mut clients {
+        let adopted = tokio::time::timeout(Duration::from_secs(5), taker.adopted())
+            .await
+            .unwrap()
+            .unwrap();
+        answer(adopted.socket, client, b"paced");
+    }
 }
 
 /// A giver with one link, whose other end `taker` plays: the connection offered, what became
