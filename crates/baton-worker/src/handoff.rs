@@ -37,6 +37,16 @@ pub const OFFER_TIMEOUT: Duration = Duration::from_secs(2);
 /// A giver paced at `max_per_second` has about that many times the round trip in flight.
 const MAX_PREPARED: usize = 4096;
 
+/// Connections a taker has prepared or adopted and its application has not taken yet
+/// ([`Handoff::adopted`]), over all its links: past it, the taker answers the next offer only
+/// once the application takes one. A taker that rebuilds connections slower than givers offer
+/// them so slows them down, instead of leaving thousands adopted and unserved.
+const ADOPTED_WAITING: usize = 1024;
+
+/// Offers a giver has waiting for an answer on one link at most: the next connection waits
+/// for its turn ([`Handoff::turn`]) while it serves, not stopped in a taker's queue.
+const IN_FLIGHT: usize = 256;
+
 /// A connection handed to this worker and committed: it serves it from now on. Until this is
 /// dropped the worker is not idle ([`Worker::idle`]): count the connection (`Worker::track`)
 /// before letting go of it.
@@ -98,9 +108,10 @@ pub enum KeptBecause {
     Send(#[source] io::Error),
 }
 
-/// An offer's turn on a link ([`Handoff::turn`]).
+/// An offer's turn on a link ([`Handoff::turn`]): the link, and its place among the offers in
+/// flight there.
 #[derive(Debug)]
-pub struct Turn(Arc<GiverLink>);
+pub struct Turn(Arc<GiverLink>, tokio::sync::OwnedSemaphorePermit);
 
 /// How an offer ended, as the giver's link task saw it.
 enum Reply {
@@ -120,13 +131,15 @@ struct GiverLink {
     /// When the next offer may go (`max_per_second`: evenly spaced, not in bursts).
     pace: Mutex<Instant>,
     max_per_second: u32,
+    /// Places for offers in flight ([`IN_FLIGHT`]).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// This worker's handoff state, in [`Shared`].
 #[derive(Debug)]
 pub(crate) struct State {
-    adopted_tx: mpsc::UnboundedSender<Adopted>,
-    adopted_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Adopted>>,
+    adopted_tx: mpsc::Sender<Adopted>,
+    adopted_rx: tokio::sync::Mutex<mpsc::Receiver<Adopted>>,
     givers: Mutex<Vec<Arc<GiverLink>>>,
     next_link: AtomicUsize,
     next_id: AtomicU64,
@@ -150,7 +163,7 @@ impl std::fmt::Debug for GiverLink {
 
 impl Default for State {
     fn default() -> Self {
-        let (adopted_tx, adopted_rx) = mpsc::unbounded_channel();
+        let (adopted_tx, adopted_rx) = mpsc::channel(ADOPTED_WAITING);
         State {
             adopted_tx,
             adopted_rx: tokio::sync::Mutex::new(adopted_rx),
@@ -222,7 +235,8 @@ impl Handoff {
     pub async fn turn(&self) -> Option<Turn> {
         let link = self.shared.handoff.next_giver()?;
         link.wait_for_pace().await;
-        Some(Turn(link))
+        let place = link.in_flight.clone().acquire_owned().await.ok()?;
+        Some(Turn(link, place))
     }
 
     /// [`Handoff::offer`] at a turn already waited for.
@@ -242,7 +256,8 @@ impl Handoff {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return keep(socket, KeptBecause::DeadlinePassed);
         }
-        let link = turn.0;
+        // Its place among the offers in flight is held until the offer is decided.
+        let Turn(link, _place) = turn;
         if link.gone.load(Ordering::Acquire) {
             return keep(socket, KeptBecause::TakerGone);
         }
@@ -452,6 +467,7 @@ pub(crate) fn on_link(shared: &Arc<Shared>, link: HandoffLink, fd: OwnedFd) {
                 gone: std::sync::atomic::AtomicBool::new(false),
                 pace: Mutex::new(Instant::now()),
                 max_per_second: link.max_per_second,
+                in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             });
             let state = &shared.handoff;
             let deadline = Instant::now() + Duration::from_millis(link.deadline_ms);
@@ -529,11 +545,13 @@ async fn read_replies(link: Arc<GiverLink>, shared: Arc<Shared>) {
 /// connection prepared and not aborted is served (the giver served none of them since).
 async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
     let adopted = shared.handoff.adopted_tx.clone();
-    let mut prepared: HashMap<u64, (OwnedFd, ConnectionKind, Vec<u8>)> = HashMap::new();
+    // Each prepared connection holds its place in the application's queue (`ADOPTED_WAITING`).
+    type Place = mpsc::OwnedPermit<Adopted>;
+    let mut prepared: HashMap<u64, (OwnedFd, ConnectionKind, Vec<u8>, Place)> = HashMap::new();
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     let answer = |message: LinkMessage| baton_proto::encode(&message);
-    let deliver = |(socket, kind, state): (OwnedFd, ConnectionKind, Vec<u8>)| {
-        let _ = adopted.send(Adopted {
+    let deliver = |(socket, kind, state, place): (OwnedFd, ConnectionKind, Vec<u8>, Place)| {
+        place.send(Adopted {
             socket,
             kind,
             state,
@@ -582,13 +600,23 @@ async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
                 } else {
                     None
                 };
-                let reply = match refusal {
-                    Some(reason) => {
+                // A place in the application's queue, waited for when it is full: the answer
+                // waits with it, and so does the giver's next offer.
+                let place = match refusal {
+                    Some(reason) => Err(reason),
+                    None => adopted
+                        .clone()
+                        .reserve_owned()
+                        .await
+                        .map_err(|_| "this worker no longer adopts".to_string()),
+                };
+                let reply = match place {
+                    Err(reason) => {
                         fds.clear();
                         LinkMessage::Refused { id, reason }
                     }
-                    None => {
-                        prepared.insert(id, (fds.remove(0), kind, state));
+                    Ok(place) => {
+                        prepared.insert(id, (fds.remove(0), kind, state, place));
                         LinkMessage::Prepared { id }
                     }
                 };

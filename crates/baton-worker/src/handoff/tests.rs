@@ -329,3 +329,65 @@ async fn an_aborted_offer_is_never_served_by_the_taker_even_when_the_giver_goes(
     assert!(nothing.is_err(), "adopted an aborted offer: {nothing:?}");
     answer(server, &mut client, b"the giver serves on");
 }
+
+/// A taker whose application does not take its adopted connections answers no more offers
+/// once `ADOPTED_WAITING` wait for it: the giver's next offer is answered only when the
+/// application takes one (the giver slows down instead of filling a queue nobody serves).
+#[tokio::test(flavor = "current_thread")]
+async fn a_taker_whose_application_lags_answers_the_next_offer_only_when_it_takes_one() {
+    let (_master, _w, taker, g) = a_taker_linked().await;
+    let offer = |id| LinkMessage::Offer {
+        id,
+        kind: ConnectionKind::Http1,
+        state: Vec::new(),
+    };
+    let mut clients = Vec::new();
+    for id in 1..=super::ADOPTED_WAITING as u64 {
+        let (client, server) = connection();
+        send(&g, &offer(id), &[server.as_fd()]).await;
+        assert_eq!(next(&g).await.0, LinkMessage::Prepared { id });
+        send(&g, &LinkMessage::Commit { id }, &[]).await;
+        clients.push(client);
+    }
+    let last = super::ADOPTED_WAITING as u64 + 1;
+    let (mut client, server) = connection();
+    send(&g, &offer(last), &[server.as_fd()]).await;
+    drop(server);
+    let early = tokio::time::timeout(Duration::from_millis(300), next(&g)).await;
+    assert!(early.is_err(), "answered with the queue full: {early:?}");
+    // The application takes the first: the offer is answered, and the connection adopted.
+    let first = taker.adopted().await.unwrap();
+    answer(first.socket, &mut clients[0], b"first");
+    let (reply, _) = tokio::time::timeout(Duration::from_secs(5), next(&g))
+        .await
+        .expect("the answer once there is room");
+    assert_eq!(reply, LinkMessage::Prepared { id: last });
+    send(&g, &LinkMessage::Commit { id: last }, &[]).await;
+    for _ in 1..super::ADOPTED_WAITING {
+        taker.adopted().await.unwrap();
+    }
+    let adopted = tokio::time::timeout(Duration::from_secs(5), taker.adopted())
+        .await
+        .unwrap()
+        .unwrap();
+    answer(adopted.socket, &mut client, b"last");
+}
+
+/// A giver has at most `IN_FLIGHT` offers waiting for an answer on a link: the next turn
+/// comes only when one of them is decided (the connection meanwhile serves on).
+#[tokio::test(flavor = "current_thread")]
+async fn a_giver_s_next_turn_waits_while_its_offers_in_flight_fill_the_link() {
+    let (master, _worker, giver) = worker().await;
+    let (g, _t) = link();
+    introduce(&master, HandoffRole::Giver, g).await;
+    until_takers(&giver, 1).await;
+    let mut turns = Vec::new();
+    for _ in 0..super::IN_FLIGHT {
+        turns.push(giver.turn().await.expect("a turn"));
+    }
+    let waiting = tokio::time::timeout(Duration::from_millis(300), giver.turn()).await;
+    assert!(waiting.is_err(), "a turn past the limit: {waiting:?}");
+    turns.pop();
+    let next = tokio::time::timeout(Duration::from_secs(5), giver.turn()).await;
+    assert!(matches!(next, Ok(Some(_))), "{next:?}");
+}
