@@ -76,7 +76,8 @@ impl Worker {
             control: Control::Channel(channel),
             accepting: watch::channel(true).0,
             connections: AtomicU64::new(0),
-            changed: Notify::new(),
+            counted: Notify::new(),
+            emptied: Notify::new(),
             drain,
             handoff: Default::default(),
         });
@@ -192,7 +193,7 @@ pub(crate) async fn report_connections(shared: Arc<Shared>) {
     };
     let mut last = None;
     loop {
-        let notified = shared.changed.notified();
+        let notified = shared.counted.notified();
         let now = shared.connections.load(Ordering::Acquire);
         if last != Some(now) {
             let message = WorkerMessage::Status {

@@ -84,9 +84,10 @@ pub struct ConnectionGuard(pub(crate) Arc<Shared>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
-        self.0.changed.notify_one();
+        if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.emptied.notify_waiters();
+        }
+        self.0.counted.notify_one();
     }
 }
 

@@ -76,9 +76,9 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.handoff.busy.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
-        self.0.changed.notify_one();
+        if self.0.handoff.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.emptied.notify_waiters();
+        }
     }
 }
 

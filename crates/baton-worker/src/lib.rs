@@ -64,7 +64,11 @@ pub(crate) struct Shared {
     /// Whether the worker should accept (false while its generation stands by).
     pub(crate) accepting: watch::Sender<bool>,
     pub(crate) connections: AtomicU64,
-    pub(crate) changed: Notify,
+    /// The connection count changed (one waiter: the task that reports it to the master).
+    pub(crate) counted: Notify,
+    /// The connection count, or the handoff work in progress, went to zero ([`Worker::idle`]).
+    /// Only then: a worker closing thousands of connections wakes its idle waiters once.
+    pub(crate) emptied: Notify,
     pub(crate) drain: watch::Sender<Option<DrainReason>>,
     pub(crate) handoff: handoff::State,
 }
@@ -173,7 +177,7 @@ impl Worker {
     /// Counts a connection until the guard is dropped.
     pub fn track(&self) -> ConnectionGuard {
         self.shared.connections.fetch_add(1, Ordering::AcqRel);
-        self.shared.changed.notify_one();
+        self.shared.counted.notify_one();
         ConnectionGuard(self.shared.clone())
     }
 
@@ -186,7 +190,7 @@ impl Worker {
     /// towards this worker (a taker's link open, an adopted connection not yet tracked).
     pub async fn idle(&self) {
         loop {
-            let notified = self.shared.changed.notified();
+            let notified = self.shared.emptied.notified();
             let handing = self.shared.handoff.busy.load(Ordering::Acquire);
             if self.connections() == 0 && handing == 0 {
                 return;

@@ -91,7 +91,8 @@ impl Worker {
             control: Control::Systemd,
             accepting: watch::channel(true).0,
             connections: AtomicU64::new(0),
-            changed: Notify::new(),
+            counted: Notify::new(),
+            emptied: Notify::new(),
             drain,
             handoff: Default::default(),
         });

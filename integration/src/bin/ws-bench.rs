@@ -52,6 +52,8 @@ struct Args {
     only: Vec<String>,
     /// baton's `handoff_rate` (None: its default).
     handoff_rate: Option<u32>,
+    /// Each client's time between two messages.
+    period: Duration,
 }
 
 fn args() -> Args {
@@ -60,6 +62,7 @@ fn args() -> Args {
         seconds: 60,
         only: Vec::new(),
         handoff_rate: None,
+        period: Duration::from_millis(100),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -70,9 +73,12 @@ fn args() -> Args {
             ("--handoff-rate", Some(v)) if v.parse::<u32>().is_ok() => {
                 a.handoff_rate = v.parse().ok();
             }
+            ("--period-ms", Some(v)) if v.parse::<u64>().is_ok_and(|v| v > 0) => {
+                a.period = Duration::from_millis(v.parse().unwrap());
+            }
             _ => {
                 eprintln!(
-                    "usage: ws-bench [--clients N] [--seconds S] [--only baton,no-handoff,paced,nginx,haproxy] [--handoff-rate N]"
+                    "usage: ws-bench [--clients N] [--seconds S] [--only baton,no-handoff,paced,nginx,haproxy] [--handoff-rate N] [--period-ms MS]"
                 );
                 std::process::exit(64);
             }
@@ -362,11 +368,10 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
     let port = free_port();
     let server = Running::start(peer, port, backend, args);
     let addr = baton_integration::loopback(port);
-    let period = Duration::from_millis(100);
     let load = WsLoad::start(
         addr,
         args.clients,
-        period,
+        args.period,
         // Opening 10 000 clients takes minutes through a proxy: the run must outlast that and
         // the reloads (the stop ends it).
         Duration::from_secs(args.seconds + 3600),
@@ -383,9 +388,12 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
     // Steady: the same clients, no reload, a tenth of the run (at least 10 s); the echo times
     // of the opening (window 0) count in neither.
     load.mark(STEADY);
+    let steady_cpu = MachineCpu::now();
     std::thread::sleep(Duration::from_secs((args.seconds / 10).max(10)));
+    let steady_cpu = steady_cpu.busy_cores();
     // Reloading: one a second.
     load.mark(RELOADING);
+    let reloading_cpu = MachineCpu::now();
     let before = server.master.as_ref().map(|m| master_usage(m.pid()));
     let start = Instant::now();
     let mut reloads = 0;
@@ -396,14 +404,18 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
         std::thread::sleep(Duration::from_secs(1).saturating_sub(at.elapsed()));
     }
     load.mark(AFTER);
+    let reloading_cpu = reloading_cpu.busy_cores();
     // Counted while the clients still hold their connections (old processes that keep them
     // are still there).
     let alive_after = server.processes();
     let report = load.stop_and_report();
     eprintln!("{}: {}", peer.name(), report.summary());
-    for (mark, what) in [(STEADY, "steady"), (RELOADING, "reloading")] {
+    for (mark, what, cpu) in [
+        (STEADY, "steady", steady_cpu),
+        (RELOADING, "reloading", reloading_cpu),
+    ] {
         eprintln!(
-            "{}: {what}: echo p50 {:?}, p99 {:?}, p99.9 {:?}, {} echoes",
+            "{}: {what}: echo p50 {:?}, p99 {:?}, p99.9 {:?}, {} echoes, machine busy {cpu:.2} cores",
             peer.name(),
             report.quantile_in(mark, 0.5),
             report.quantile_in(mark, 0.99),
@@ -436,6 +448,43 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
         alive_after,
         master,
     }
+}
+
+/// The machine's CPU time since a moment (`/proc/stat`): how busy it was in a window.
+struct MachineCpu {
+    at: Instant,
+    busy: u64,
+}
+
+impl MachineCpu {
+    fn now() -> MachineCpu {
+        MachineCpu {
+            at: Instant::now(),
+            busy: machine_busy_ticks(),
+        }
+    }
+
+    /// Cores busy on average since [`MachineCpu::now`] (ticks of 10 ms: `USER_HZ` is 100).
+    fn busy_cores(&self) -> f64 {
+        let ticks = machine_busy_ticks().saturating_sub(self.busy);
+        ticks as f64 / 100.0 / self.at.elapsed().as_secs_f64()
+    }
+}
+
+/// Every CPU's time not idle nor waiting, in ticks (the first line of `/proc/stat`).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    fields.iter().take(8).sum::<u64>().saturating_sub(idle)
 }
 
 fn ms(d: Duration) -> String {

@@ -22,7 +22,7 @@
 //! ```
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use baton_proto::handoff::WebSocketState;
 use tokio_tungstenite::WebSocketStream;
@@ -94,22 +94,22 @@ pub async fn accept(stream: Stream) -> Result<(Ws, Agreed), tokio_tungstenite::t
 }
 
 /// `ws`, stopped between two messages (nothing being written, the next one not begun: call it
-/// while waiting for the next message), taken apart: its socket (a copy: `ws`'s own closes
-/// with it) and the state a taker rebuilds it from, `session` being the application's own.
+/// while waiting for the next message), taken apart: its socket (out of the runtime, not
+/// closed) and the state a taker rebuilds it from, `session` being the application's own.
 pub fn take_apart(
     ws: Ws,
     agreed: &Agreed,
     session: Vec<u8>,
 ) -> io::Result<(OwnedFd, WebSocketState)> {
-    let socket = ws.get_ref().get_ref().as_fd().try_clone_to_owned()?;
+    let (unread, stream) = ws.into_inner().into_parts();
     let state = WebSocketState {
         subprotocol: agreed.subprotocol.clone(),
         extensions: None,
         path: agreed.path.clone(),
-        unread: ws.get_ref().unread().to_vec(),
+        unread,
         session,
     };
-    Ok((socket, state))
+    Ok((stream.into_owned_fd()?, state))
 }
 
 /// A WebSocket served again from where it stopped: an adopted one (its state decoded with
