@@ -77,11 +77,46 @@ impl WebSocketState {
     }
 }
 
+/// Offers in one `offers` packet at most (a taker says how many it takes, up to this).
+pub const MAX_BATCH: usize = 64;
+
+/// One connection of an `offers` packet: what `offer` says of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offered {
+    pub id: u64,
+    pub kind: ConnectionKind,
+    #[serde(default, with = "base64_bytes")]
+    pub state: Vec<u8>,
+}
+
+/// An offer a taker refuses, in an `answers` packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub id: u64,
+    pub reason: String,
+}
+
 /// A packet on a handoff link. One JSON object per packet, as on the worker channel; `offer`
-/// carries exactly one descriptor (`SCM_RIGHTS`), every other packet none.
+/// carries exactly one descriptor (`SCM_RIGHTS`), `offers` one per connection in its order,
+/// every other packet none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LinkMessage {
+    /// Taker to giver, first on the link: it takes `offers` of up to `most` connections (and
+    /// answers them with `answers`). A giver that never reads it sends single `offer`s.
+    TakesBatches { most: usize },
+    /// Giver to taker: take these connections (the descriptors attached, one per offer, in
+    /// order), as many `offer`s in one packet. Answered by one `answers`.
+    Offers { offers: Vec<Offered> },
+    /// Taker to giver: its answer to an `offers`, each connection prepared or refused.
+    Answers {
+        #[serde(default)]
+        prepared: Vec<u64>,
+        #[serde(default)]
+        refused: Vec<Refusal>,
+    },
+    /// Giver to taker: serve these from now on (`commit` for each, in one packet).
+    Commits { ids: Vec<u64> },
     /// Giver to taker: take this connection (the descriptor attached), rebuilt from `state`.
     Offer {
         id: u64,
@@ -153,8 +188,36 @@ mod tests {
             json,
             serde_json::json!({"type": "offer", "id": 7, "kind": "http1", "state": "R0VUIC8gSFQ="})
         );
+        let batch = LinkMessage::Offers {
+            offers: vec![Offered {
+                id: 8,
+                kind: ConnectionKind::WebSocket,
+                state: b"{}".to_vec(),
+            }],
+        };
+        let json: serde_json::Value = serde_json::from_slice(&encode(&batch)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "offers", "offers": [{"id": 8, "kind": "websocket", "state": "e30="}]})
+        );
+        let answers = LinkMessage::Answers {
+            prepared: vec![8],
+            refused: vec![Refusal {
+                id: 9,
+                reason: "full".into(),
+            }],
+        };
+        let json: serde_json::Value = serde_json::from_slice(&encode(&answers)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "answers", "prepared": [8], "refused": [{"id": 9, "reason": "full"}]})
+        );
         for message in [
             offer,
+            batch,
+            answers,
+            LinkMessage::TakesBatches { most: 64 },
+            LinkMessage::Commits { ids: vec![8, 10] },
             LinkMessage::Prepared { id: 7 },
             LinkMessage::Refused {
                 id: 7,

@@ -12,40 +12,29 @@
 //!
 //! Workers speaking systemd's protocol have no channel, hence no links: every offer is kept.
 
-use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_proto::handoff::LinkMessage;
 pub use baton_proto::handoff::{ConnectionKind, HandoffCounts, MAX_STATE_BYTES, WebSocketState};
-use baton_proto::{HandoffLink, HandoffRole, MAX_MESSAGE_SIZE, WorkerMessage};
+use baton_proto::{HandoffLink, HandoffRole, WorkerMessage};
 use baton_sys::channel;
-use tokio::net::UnixDatagram;
-use tokio::sync::{Notify, mpsc, oneshot};
-use tracing::{debug, warn};
+use tokio::sync::{Notify, mpsc};
+use tracing::warn;
 
-use crate::faults::{self, Point};
 use crate::{Control, Shared, Worker};
+use giver::GiverLink;
 
 /// How long a giver waits for a taker to prepare a connection before it keeps it.
 pub const OFFER_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Connections a taker holds prepared (not committed) on one link at most: past it, it refuses.
-/// A giver paced at `max_per_second` has about that many times the round trip in flight.
-const MAX_PREPARED: usize = 4096;
 
 /// Connections a taker has prepared or adopted and its application has not taken yet
 /// ([`Handoff::adopted`]), over all its links: past it, the taker answers the next offer only
 /// once the application takes one. A taker that rebuilds connections slower than givers offer
 /// them so slows them down, instead of leaving thousands adopted and unserved.
 const ADOPTED_WAITING: usize = 1024;
-
-/// Offers a giver has waiting for an answer on one link at most: the next connection waits
-/// for its turn ([`Handoff::turn`]) while it serves, not stopped in a taker's queue.
-const IN_FLIGHT: usize = 256;
 
 /// A connection handed to this worker and committed: it serves it from now on. Until this is
 /// dropped the worker is not idle ([`Worker::idle`]): count the connection (`Worker::track`)
@@ -113,28 +102,6 @@ pub enum KeptBecause {
 #[derive(Debug)]
 pub struct Turn(Arc<GiverLink>, tokio::sync::OwnedSemaphorePermit);
 
-/// How an offer ended, as the giver's link task saw it.
-enum Reply {
-    /// The taker prepared it and the commit went: the taker serves it.
-    Committed,
-    Refused(String),
-    /// The taker prepared it, and its end closed before the commit could go.
-    TakerGone,
-}
-
-/// A giver's end of one link.
-struct GiverLink {
-    socket: UnixDatagram,
-    peer: u64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
-    gone: std::sync::atomic::AtomicBool,
-    /// When the next offer may go (`max_per_second`: evenly spaced, not in bursts).
-    pace: Mutex<Instant>,
-    max_per_second: u32,
-    /// Places for offers in flight ([`IN_FLIGHT`]).
-    in_flight: Arc<tokio::sync::Semaphore>,
-}
-
 /// This worker's handoff state, in [`Shared`].
 #[derive(Debug)]
 pub(crate) struct State {
@@ -151,14 +118,6 @@ pub(crate) struct State {
     /// The master's drain packet came (its links come before it), or the master is gone: the
     /// links this worker will get as a giver are all here.
     settled: tokio::sync::watch::Sender<bool>,
-}
-
-impl std::fmt::Debug for GiverLink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GiverLink")
-            .field("peer", &self.peer)
-            .finish()
-    }
 }
 
 impl Default for State {
@@ -258,56 +217,27 @@ impl Handoff {
         }
         // Its place among the offers in flight is held until the offer is decided.
         let Turn(link, _place) = turn;
-        if link.gone.load(Ordering::Acquire) {
+        if link.is_gone() {
             return keep(socket, KeptBecause::TakerGone);
         }
         let id = handoff.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = oneshot::channel();
-        link.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
-        let offer = baton_proto::encode(&LinkMessage::Offer { id, kind, state });
-        if let Err(err) = channel::send_with_fds(&link.socket, &offer, &[socket.as_fd()]).await {
-            link.forget(id);
-            return keep(socket, KeptBecause::Send(err));
-        }
-        handoff.count(|c| c.offered += 1);
-        if faults::check(Point::GiverOffered) {
-            faults::exit_at(Point::GiverOffered);
-        }
         let wait = deadline.map_or(OFFER_TIMEOUT, |d| {
             d.saturating_duration_since(Instant::now())
                 .min(OFFER_TIMEOUT)
         });
-        let mut rx = rx;
-        let reply = match tokio::time::timeout(wait, &mut rx).await {
-            Ok(reply) => reply,
-            // Not answered in time, unless the link's task took the offer out of the waiting
-            // ones just now (it answered: its word stands).
-            Err(_) if link.forget(id) => {
-                // In order on the link: the taker reads this before anything else of ours.
-                let abort = baton_proto::encode(&LinkMessage::Abort { id });
-                let _ = link.socket.send(&abort).await;
-                handoff.count(|c| c.kept += 1);
-                return keep(socket, KeptBecause::TimedOut);
+        // The link's task decides it from now on (`giver.rs`), and always answers: an offer it
+        // drops undecided comes back kept.
+        let (offer, decided) = giver::Offer::new(id, kind, state, Instant::now() + wait, socket);
+        link.queue(offer);
+        match decided.await {
+            Ok(giver::Decided::Committed) => Ok(()),
+            Ok(giver::Decided::Kept(socket, why)) => keep(socket, why),
+            Err(_) => {
+                // Cannot be: an `Offer` answers when it drops. Its socket went with it.
+                warn!("offer {id} was dropped undecided: its connection is closed");
+                Ok(())
             }
-            Err(_) => rx.await,
-        };
-        let outcome = match reply {
-            // The commit went (the link's task sent it): the taker serves it. This copy, not
-            // read since the offer, closes now.
-            Ok(Reply::Committed) => {
-                drop(socket);
-                return Ok(());
-            }
-            Ok(Reply::Refused(reason)) => KeptBecause::Refused(reason),
-            // The link ended (the taker went) before it prepared, or before the commit could
-            // go: its copy is closed, the connection stays here.
-            Ok(Reply::TakerGone) | Err(_) => KeptBecause::TakerGone,
-        };
-        handoff.count(|c| c.kept += 1);
-        keep(socket, outcome)
+        }
     }
 
     /// Waits until this worker knows its takers: the master's drain packet came (the links
@@ -336,10 +266,7 @@ impl Handoff {
             .givers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        givers
-            .iter()
-            .filter(|l| !l.gone.load(Ordering::Acquire))
-            .count()
+        givers.iter().filter(|l| !l.is_gone()).count()
     }
 
     /// Sends this worker's counts to the master now (a giver about to exit: the reports are
@@ -376,42 +303,12 @@ impl State {
     /// The next open giver link, in turn.
     fn next_giver(&self) -> Option<Arc<GiverLink>> {
         let givers = self.givers.lock().unwrap_or_else(|e| e.into_inner());
-        let open: Vec<&Arc<GiverLink>> = givers
-            .iter()
-            .filter(|l| !l.gone.load(Ordering::Acquire))
-            .collect();
+        let open: Vec<&Arc<GiverLink>> = givers.iter().filter(|l| !l.is_gone()).collect();
         if open.is_empty() {
             return None;
         }
         let turn = self.next_link.fetch_add(1, Ordering::Relaxed);
         Some(open[turn % open.len()].clone())
-    }
-}
-
-impl GiverLink {
-    /// Takes offer `id` out of those waiting for an answer; whether it was there.
-    fn forget(&self, id: u64) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
-            .is_some()
-    }
-
-    /// Waits for this offer's turn: offers on a link go evenly spaced at `max_per_second`
-    /// (0: no limit), so a drain of thousands does not send them all in one burst.
-    async fn wait_for_pace(&self) {
-        if self.max_per_second == 0 {
-            return;
-        }
-        let gap = Duration::from_secs(1) / self.max_per_second;
-        let at = {
-            let mut next = self.pace.lock().unwrap_or_else(|e| e.into_inner());
-            let at = (*next).max(Instant::now());
-            *next = at + gap;
-            at
-        };
-        tokio::time::sleep_until(at.into()).await;
     }
 }
 
@@ -460,15 +357,7 @@ pub(crate) fn on_link(shared: &Arc<Shared>, link: HandoffLink, fd: OwnedFd) {
     };
     match link.role {
         HandoffRole::Giver => {
-            let giver = Arc::new(GiverLink {
-                socket,
-                peer: link.peer,
-                pending: Mutex::new(HashMap::new()),
-                gone: std::sync::atomic::AtomicBool::new(false),
-                pace: Mutex::new(Instant::now()),
-                max_per_second: link.max_per_second,
-                in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
-            });
+            let giver = Arc::new(GiverLink::new(link.peer, link.max_per_second));
             let state = &shared.handoff;
             let deadline = Instant::now() + Duration::from_millis(link.deadline_ms);
             let mut d = state.deadline.lock().unwrap_or_else(|e| e.into_inner());
@@ -479,184 +368,14 @@ pub(crate) fn on_link(shared: &Arc<Shared>, link: HandoffLink, fd: OwnedFd) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(giver.clone());
-            runtime.spawn(read_replies(giver, shared.clone()));
+            runtime.spawn(giver::serve(giver, socket, shared.clone()));
         }
         HandoffRole::Taker => {
             // Not idle while the link is open: a giver may still hand over a connection.
             let open = Busy::new(shared);
-            runtime.spawn(take(socket, link.peer, shared.clone(), open));
+            runtime.spawn(taker::serve(socket, link.peer, shared.clone(), open));
         }
     }
-}
-
-/// A giver's link: the taker's answers, until the link ends (then every offer waiting is
-/// answered by its end: kept). A `prepared` is committed here at once, not by the offer's
-/// task (which is woken after, and closes its copy, not read since the offer).
-async fn read_replies(link: Arc<GiverLink>, shared: Arc<Shared>) {
-    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
-    loop {
-        let got = match channel::recv_with_fds(&link.socket, &mut buf, 1).await {
-            Ok(got) if got.len > 0 => got,
-            _ => break,
-        };
-        let (id, answer) = match baton_proto::decode::<LinkMessage>(&buf[..got.len]) {
-            Ok(LinkMessage::Prepared { id }) => (id, None),
-            Ok(LinkMessage::Refused { id, reason }) => (id, Some(Reply::Refused(reason))),
-            _ => continue,
-        };
-        // Not waiting (it timed out and was aborted, or the id is not ours): nothing to do.
-        let Some(waiting) = link
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
-        else {
-            continue;
-        };
-        let reply = match answer {
-            Some(refused) => refused,
-            None => {
-                if faults::check(Point::GiverCommit) {
-                    faults::exit_at(Point::GiverCommit);
-                }
-                // Sent, the commit makes it the taker's: it serves it on `commit`, and on the
-                // link's end once it prepared it. Not sent, the taker's end is closed (it went
-                // before the commit): the connection stays with the giver.
-                let commit = baton_proto::encode(&LinkMessage::Commit { id });
-                if link.socket.send(&commit).await.is_ok() {
-                    shared.handoff.count(|c| c.adopted += 1);
-                    Reply::Committed
-                } else {
-                    Reply::TakerGone
-                }
-            }
-        };
-        let _ = waiting.send(reply);
-    }
-    link.gone.store(true, Ordering::Release);
-    link.pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clear();
-    debug!("handoff link to worker {} ended", link.peer);
-}
-
-/// A taker's link: offers prepared, then committed or aborted; when the link ends, every
-/// connection prepared and not aborted is served (the giver served none of them since).
-async fn take(link: UnixDatagram, from: u64, shared: Arc<Shared>, open: Busy) {
-    let adopted = shared.handoff.adopted_tx.clone();
-    // Each prepared connection holds its place in the application's queue (`ADOPTED_WAITING`).
-    type Place = mpsc::OwnedPermit<Adopted>;
-    let mut prepared: HashMap<u64, (OwnedFd, ConnectionKind, Vec<u8>, Place)> = HashMap::new();
-    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
-    let answer = |message: LinkMessage| baton_proto::encode(&message);
-    let deliver = |(socket, kind, state, place): (OwnedFd, ConnectionKind, Vec<u8>, Place)| {
-        place.send(Adopted {
-            socket,
-            kind,
-            state,
-            from_worker: from,
-            _held: Busy::new(&shared),
-        });
-    };
-    // The giver is gone (its end closed): no answer is sent, what it sent is still read.
-    let mut giver_gone = false;
-    let ended_cleanly = loop {
-        let got = match channel::recv_with_fds(&link, &mut buf, 1).await {
-            Ok(got) if got.len == 0 => break true,
-            Ok(got) => got,
-            // A giver that dies with answers of ours unread resets the link, and the kernel
-            // reports that before the packets it had sent: read on (the offers in flight, with
-            // their descriptors, are still to come), then its end.
-            Err(err) if err.kind() == io::ErrorKind::ConnectionReset && !giver_gone => {
-                giver_gone = true;
-                continue;
-            }
-            Err(err) if err.kind() == io::ErrorKind::ConnectionReset => break true,
-            Err(err) => {
-                warn!("handoff link from worker {from}: {err}");
-                break false;
-            }
-        };
-        let mut fds = got.fds;
-        match baton_proto::decode::<LinkMessage>(&buf[..got.len]) {
-            Ok(LinkMessage::Offer { id, kind, state }) => {
-                let refusal = if faults::check(Point::TakerOffer) {
-                    Some("refused by a fault point".to_string())
-                } else if got.truncated || got.fds_truncated || fds.len() != 1 {
-                    Some("an offer carries exactly one descriptor".to_string())
-                } else if kind == ConnectionKind::Unknown {
-                    Some("a kind of connection this worker does not know".into())
-                } else if state.len() > MAX_STATE_BYTES {
-                    Some(format!("state larger than {MAX_STATE_BYTES} bytes"))
-                } else if prepared.contains_key(&id) {
-                    Some(format!("offer {id} is prepared already"))
-                } else if prepared.len() >= MAX_PREPARED {
-                    Some("too many connections in flight".into())
-                } else if adopted.is_closed() {
-                    Some("this worker no longer adopts".into())
-                } else if !is_connected_stream(&fds[0]) {
-                    Some("the descriptor is not a connected stream socket".into())
-                } else {
-                    None
-                };
-                // A place in the application's queue, waited for when it is full: the answer
-                // waits with it, and so does the giver's next offer.
-                let place = match refusal {
-                    Some(reason) => Err(reason),
-                    None => adopted
-                        .clone()
-                        .reserve_owned()
-                        .await
-                        .map_err(|_| "this worker no longer adopts".to_string()),
-                };
-                let reply = match place {
-                    Err(reason) => {
-                        fds.clear();
-                        LinkMessage::Refused { id, reason }
-                    }
-                    Ok(place) => {
-                        prepared.insert(id, (fds.remove(0), kind, state, place));
-                        LinkMessage::Prepared { id }
-                    }
-                };
-                let prepares = matches!(reply, LinkMessage::Prepared { .. });
-                if !giver_gone && link.send(&answer(reply)).await.is_err() {
-                    giver_gone = true;
-                }
-                if prepares && faults::check(Point::TakerPrepared) {
-                    faults::exit_at(Point::TakerPrepared);
-                }
-            }
-            Ok(LinkMessage::Commit { id }) => {
-                if let Some(connection) = prepared.remove(&id) {
-                    deliver(connection);
-                }
-            }
-            Ok(LinkMessage::Abort { id }) => {
-                prepared.remove(&id);
-            }
-            // Anything else (a descriptor on another packet is closed as it drops).
-            _ => {}
-        }
-    };
-    if ended_cleanly {
-        prepared.into_values().for_each(deliver);
-    } else if !prepared.is_empty() {
-        // The link broke without its end: whether the giver kept them is unknown. Closing our
-        // copies leaves them to the giver, which reads this link's end and serves them on.
-        warn!(
-            "handoff link from worker {from} broke: {} prepared connections left to it",
-            prepared.len()
-        );
-    }
-    drop(open);
-}
-
-/// Whether `fd` is a connected stream socket (TCP or Unix).
-fn is_connected_stream(fd: &OwnedFd) -> bool {
-    baton_sys::channel::socket_kind(fd.as_fd())
-        .is_ok_and(|k| k.sock_type == baton_sys::channel::SockType::Stream && !k.listening)
 }
 
 /// Reports a giver's counts when they change, at most every [`crate::channel::REPORT_INTERVAL`].
@@ -686,8 +405,10 @@ async fn report(shared: Arc<Shared>) {
 }
 
 mod frames;
+mod giver;
 #[cfg(feature = "hyper")]
 pub mod http1;
+mod taker;
 #[cfg(test)]
 mod tests;
 #[cfg(feature = "tungstenite")]

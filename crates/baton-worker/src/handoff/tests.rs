@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use baton_proto::handoff::{ConnectionKind, LinkMessage};
+use baton_proto::handoff::{ConnectionKind, LinkMessage, MAX_BATCH, Offered};
 use baton_proto::{
     HandoffLink, HandoffRole, Hello, MAX_MESSAGE_SIZE, MasterMessage, PROTOCOL_VERSION,
 };
@@ -102,10 +102,27 @@ fn answer(server: OwnedFd, client: &mut std::net::TcpStream, word: &[u8]) {
     assert_eq!(got, word);
 }
 
-/// The next link packet, with its descriptors.
+/// The next link packet, with its descriptors; a taker's `takes_batches` is passed over (the
+/// test, as giver, sends single offers unless it says otherwise).
 async fn next(link: &UnixDatagram) -> (LinkMessage, Vec<OwnedFd>) {
+    loop {
+        let packet = next_packet(link).await;
+        if !matches!(packet.0, LinkMessage::TakesBatches { .. }) {
+            return packet;
+        }
+    }
+}
+
+/// The next link packet, whatever it is.
+async fn next_packet(link: &UnixDatagram) -> (LinkMessage, Vec<OwnedFd>) {
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
-    let got = channel::recv_with_fds(link, &mut buf, 1).await.unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        channel::recv_with_fds(link, &mut buf, MAX_BATCH),
+    )
+    .await
+    .expect("a packet within 10 s")
+    .unwrap();
     assert!(got.len > 0, "the link ended");
     (baton_proto::decode(&buf[..got.len]).unwrap(), got.fds)
 }
@@ -382,7 +399,7 @@ async fn a_giver_s_next_turn_waits_while_its_offers_in_flight_fill_the_link() {
     introduce(&master, HandoffRole::Giver, g).await;
     until_takers(&giver, 1).await;
     let mut turns = Vec::new();
-    for _ in 0..super::IN_FLIGHT {
+    for _ in 0..super::giver::IN_FLIGHT {
         turns.push(giver.turn().await.expect("a turn"));
     }
     let waiting = tokio::time::timeout(Duration::from_millis(300), giver.turn()).await;
@@ -390,4 +407,112 @@ async fn a_giver_s_next_turn_waits_while_its_offers_in_flight_fill_the_link() {
     turns.pop();
     let next = tokio::time::timeout(Duration::from_secs(5), giver.turn()).await;
     assert!(matches!(next, Ok(Some(_))), "{next:?}");
+}
+
+/// A taker says first that it takes batches, and answers an `offers` packet with one `answers`:
+/// each connection prepared or refused (here, one whose descriptor is a listening socket), the
+/// prepared ones served once `commits` names them.
+#[tokio::test(flavor = "current_thread")]
+async fn a_taker_says_it_takes_batches_and_answers_a_batch_in_one_packet() {
+    let (_master, _worker, taker, g) = a_taker_linked().await;
+    assert_eq!(
+        next_packet(&g).await.0,
+        LinkMessage::TakesBatches { most: MAX_BATCH }
+    );
+    let (mut one, one_server) = connection();
+    let (mut two, two_server) = connection();
+    let listening: OwnedFd = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
+    let offer = |id: u64, state: &[u8]| Offered {
+        id,
+        kind: ConnectionKind::Http1,
+        state: state.to_vec(),
+    };
+    let batch = LinkMessage::Offers {
+        offers: vec![offer(1, b"GET /1"), offer(2, b"GET /2"), offer(3, b"")],
+    };
+    send(
+        &g,
+        &batch,
+        &[one_server.as_fd(), two_server.as_fd(), listening.as_fd()],
+    )
+    .await;
+    match next(&g).await.0 {
+        LinkMessage::Answers { prepared, refused } => {
+            assert_eq!(prepared, vec![1, 2]);
+            assert_eq!(refused.len(), 1, "{refused:?}");
+            assert_eq!(refused[0].id, 3);
+            assert!(
+                refused[0].reason.contains("connected stream"),
+                "{refused:?}"
+            );
+        }
+        other => panic!("not one answer to the batch: {other:?}"),
+    }
+    drop((one_server, two_server));
+    send(&g, &LinkMessage::Commits { ids: vec![1, 2] }, &[]).await;
+    for (client, state) in [(&mut one, b"GET /1"), (&mut two, b"GET /2")] {
+        let adopted = tokio::time::timeout(Duration::from_secs(5), taker.adopted())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&adopted.state, state);
+        answer(adopted.socket, client, b"from the taker");
+    }
+}
+
+/// A giver whose taker takes batches sends the offers queued together in `offers` packets (one,
+/// unless this thread is held up for longer than the gathering window), and commits what was
+/// prepared in one `commits`; a taker that takes no batch gets single `offer`s (the tests above).
+#[tokio::test(flavor = "current_thread")]
+async fn a_giver_gathers_offers_for_a_taker_that_takes_batches() {
+    let (master, _worker, giver) = worker().await;
+    let (g, t) = link();
+    introduce(&master, HandoffRole::Giver, g).await;
+    until_takers(&giver, 1).await;
+    send(&t, &LinkMessage::TakesBatches { most: MAX_BATCH }, &[]).await;
+    const N: usize = 5;
+    let (clients, servers): (Vec<_>, Vec<_>) = (0..N).map(|_| connection()).unzip();
+    let mut offers = tokio::task::JoinSet::new();
+    for server in servers {
+        let giver = giver.clone();
+        offers.spawn(async move {
+            giver
+                .offer(server, ConnectionKind::Http1, b"state".to_vec())
+                .await
+        });
+    }
+    let taker = async {
+        let (mut packets, mut ids, mut sockets) = (0, Vec::new(), Vec::new());
+        while ids.len() < N {
+            match next(&t).await {
+                (LinkMessage::Offers { offers }, fds) => {
+                    assert_eq!(offers.len(), fds.len(), "one descriptor per offer");
+                    assert!(offers.iter().all(|o| o.state == b"state"));
+                    ids.extend(offers.iter().map(|o| o.id));
+                    sockets.extend(fds);
+                    packets += 1;
+                }
+                other => panic!("not an `offers` packet: {other:?}"),
+            }
+        }
+        assert!(packets < N, "{N} offers came in {packets} packets");
+        let answers = LinkMessage::Answers {
+            prepared: ids.clone(),
+            refused: Vec::new(),
+        };
+        send(&t, &answers, &[]).await;
+        match next(&t).await.0 {
+            LinkMessage::Commits { ids: committed } => assert_eq!(committed, ids),
+            other => panic!("not one commit for the batch: {other:?}"),
+        }
+        sockets
+    };
+    let (offered, sockets) = tokio::join!(offers.join_all(), taker);
+    assert!(offered.iter().all(Result::is_ok), "every offer taken");
+    // The taker's copies are the connections now: each client hears from one of them.
+    for (socket, mut client) in sockets.into_iter().zip(clients) {
+        answer(socket, &mut client, b"batched");
+    }
+    let counts = giver.counts();
+    assert_eq!((counts.offered, counts.adopted, counts.kept), (5, 5, 0));
 }
