@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Each client (tokio-tungstenite's client, `wsclient.rs`) sends a numbered message every
-//! 100 ms and checks its echo; the server reloads every second. Prints a Markdown table:
+//! 100 ms (`--period-ms`) and checks its echo; the server reloads every second. Prints a Markdown table:
 //! disconnects, messages lost or out of order, echo p99 steady and during reloads, the old
 //! processes still alive at the end; and, for baton, the master's CPU time and memory. Needs
 //! `nginx` and `haproxy` for their rows (skipped when missing); kills every `nginx` and
