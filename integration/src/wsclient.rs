@@ -106,7 +106,8 @@ impl WsReport {
     }
 }
 
-fn quantile(sorted: &[Duration], q: f64) -> Duration {
+/// Quantile `q` of `sorted` (zero if empty).
+pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

@@ -118,6 +118,8 @@ pub(crate) struct State {
     /// The master's drain packet came (its links come before it), or the master is gone: the
     /// links this worker will get as a giver are all here.
     settled: tokio::sync::watch::Sender<bool>,
+    /// The connections in line for their turns ([`Handoff::ticket`]).
+    line: tickets::Line,
 }
 
 impl Default for State {
@@ -134,6 +136,7 @@ impl Default for State {
             counted: Notify::new(),
             busy: AtomicU64::new(0),
             settled: tokio::sync::watch::channel(false).0,
+            line: Default::default(),
         }
     }
 }
@@ -156,9 +159,13 @@ impl Worker {
                 tokio::spawn(report(self.shared.clone()));
             }
         }
-        Ok(Handoff {
+        let handoff = Handoff {
             shared: self.shared.clone(),
-        })
+        };
+        if offers {
+            tokio::spawn(tickets::hand_out(handoff.clone()));
+        }
+        Ok(handoff)
     }
 }
 
@@ -310,6 +317,27 @@ impl State {
         let turn = self.next_link.fetch_add(1, Ordering::Relaxed);
         Some(open[turn % open.len()].clone())
     }
+
+    /// An open giver link whose next offer is due now (`Ok(Some)`, its slot taken), no link at
+    /// all (`Ok(None)`), or when the first of them will be due (`Err`): for one task handing
+    /// out turns as they come due, rather than each connection sleeping until its own.
+    fn due_giver(&self) -> Result<Option<Arc<GiverLink>>, Instant> {
+        let givers = self.givers.lock().unwrap_or_else(|e| e.into_inner());
+        let open: Vec<&Arc<GiverLink>> = givers.iter().filter(|l| !l.is_gone()).collect();
+        if open.is_empty() {
+            return Ok(None);
+        }
+        let start = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let mut earliest: Option<Instant> = None;
+        for i in 0..open.len() {
+            let link = open[(start + i) % open.len()];
+            match link.take_slot_if_due() {
+                None => return Ok(Some(link.clone())),
+                Some(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
+            }
+        }
+        Err(earliest.unwrap_or_else(Instant::now))
+    }
 }
 
 /// The runtime that serves this process's handoff links, on a thread of its own (`None`: the
@@ -411,10 +439,12 @@ pub mod http1;
 mod taker;
 #[cfg(test)]
 mod tests;
+mod tickets;
 #[cfg(feature = "tungstenite")]
 pub mod websocket;
 
 pub use frames::{FrameBounded, MAX_FRAME, frame_len};
+pub use tickets::Ticket;
 
 /// A stream that yields `prefix` before what it reads from `inner`: an adopted connection with
 /// the bytes its giver had read and not consumed (the start of the next request or frame).

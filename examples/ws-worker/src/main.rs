@@ -45,6 +45,8 @@ struct Args {
 struct Ctx {
     worker: Arc<Worker>,
     handoff: Handoff,
+    /// `--no-handoff`: offers nothing, takes nothing.
+    no_handoff: bool,
     broadcast: broadcast::Sender<String>,
     close_window: std::time::Duration,
     /// Made at the first close after a drain request: the turns of the closes.
@@ -67,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let ctx = Ctx {
         worker: Arc::new(worker),
         handoff,
+        no_handoff: args.no_handoff,
         broadcast: broadcast::channel(1024).0,
         close_window: std::time::Duration::from_millis(args.close_window_ms),
         pacer: Arc::new(std::sync::OnceLock::new()),
@@ -156,30 +159,22 @@ async fn adopt_loop(ctx: Ctx) {
 const QUIET_WITHIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn serve(mut ws: Ws, agreed: Agreed, ctx: Ctx) {
-    let mut drain: DrainWatch = ctx.worker.drain_watch();
     let mut broadcasts = ctx.broadcast.subscribe();
-    let mut draining = false;
-    // Draining: this connection's turn to be offered, waited for while it serves on.
-    let mut turn: Option<
-        std::pin::Pin<Box<dyn std::future::Future<Output = Option<Turn>> + Send>>,
-    > = None;
+    // Taking part: this connection's place in line for its turn to be offered, woken once, at
+    // its turn (not with every other connection when the drain comes). Not: the drain closes it.
+    let mut ticket = (!ctx.no_handoff).then(|| ctx.handoff.ticket());
+    let mut drain: Option<DrainWatch> = ctx.no_handoff.then(|| ctx.worker.drain_watch());
     // Its turn came: it goes right after its next answer (its client, which has what it
     // asked for, is the least likely to be sending: the handoff's pause then delays nothing),
     // or when this runs out.
     let mut due: Option<(Turn, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
     loop {
         tokio::select! {
-            _ = drain.requested(), if !draining => {
-                draining = true;
-                let handoff = ctx.handoff.clone();
-                turn = Some(Box::pin(async move {
-                    // The links come before the master's drain packet.
-                    handoff.settled().await;
-                    handoff.turn().await
-                }));
+            _ = async { drain.as_mut().unwrap().requested().await }, if drain.is_some() => {
+                return leave(ws, &agreed, &ctx, None).await;
             }
-            at = async { turn.as_mut().unwrap().await }, if turn.is_some() => {
-                turn = None;
+            at = async { ticket.as_mut().unwrap().turn().await }, if ticket.is_some() => {
+                ticket = None;
                 match at {
                     Some(at) => due = Some((at, Box::pin(tokio::time::sleep(QUIET_WITHIN)))),
                     None => return leave(ws, &agreed, &ctx, None).await,

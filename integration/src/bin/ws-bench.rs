@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use baton_integration::wsclient::{WsLoad, WsReport};
+use baton_integration::wsclient::{WsLoad, WsReport, quantile};
 use baton_integration::{Master, TestConfig, binaries, free_port, procfs};
 use futures_util::{SinkExt, StreamExt};
 
@@ -354,6 +354,11 @@ fn master_usage(pid: u32) -> (Duration, u64) {
 const STEADY: usize = 1;
 const RELOADING: usize = 2;
 const AFTER: usize = 3;
+/// The part of each second of reloads after its first [`BURST`] (window [`RELOADING`] holds
+/// the first part): where the reloading echo times are slow.
+const RELOADING_LATER: usize = 4;
+/// The first part of each second of reloads: the new generation starts, the old one hands over.
+const BURST: Duration = Duration::from_millis(300);
 
 struct Row {
     peer: Peer,
@@ -399,8 +404,11 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
     let mut reloads = 0;
     while start.elapsed() < Duration::from_secs(args.seconds) {
         let at = Instant::now();
+        load.mark(RELOADING);
         server.reload();
         reloads += 1;
+        std::thread::sleep(BURST.saturating_sub(at.elapsed()));
+        load.mark(RELOADING_LATER);
         std::thread::sleep(Duration::from_secs(1).saturating_sub(at.elapsed()));
     }
     load.mark(AFTER);
@@ -410,17 +418,29 @@ fn measure(peer: Peer, args: &Args, backend: SocketAddr) -> Row {
     let alive_after = server.processes();
     let report = load.stop_and_report();
     eprintln!("{}: {}", peer.name(), report.summary());
-    for (mark, what, cpu) in [
-        (STEADY, "steady", steady_cpu),
-        (RELOADING, "reloading", reloading_cpu),
+    for (marks, what, cpu) in [
+        (&[STEADY][..], "steady", Some(steady_cpu)),
+        (
+            &[RELOADING, RELOADING_LATER],
+            "reloading",
+            Some(reloading_cpu),
+        ),
+        (&[RELOADING], "reloading, first 300 ms of each second", None),
+        (
+            &[RELOADING_LATER],
+            "reloading, the rest of each second",
+            None,
+        ),
     ] {
+        let times = echo_times(&report, marks);
         eprintln!(
-            "{}: {what}: echo p50 {:?}, p99 {:?}, p99.9 {:?}, {} echoes, machine busy {cpu:.2} cores",
+            "{}: {what}: echo p50 {:?}, p99 {:?}, p99.9 {:?}, {} echoes{}",
             peer.name(),
-            report.quantile_in(mark, 0.5),
-            report.quantile_in(mark, 0.99),
-            report.quantile_in(mark, 0.999),
-            report.windows.get(mark).map_or(0, Vec::len)
+            quantile(&times, 0.5),
+            quantile(&times, 0.99),
+            quantile(&times, 0.999),
+            times.len(),
+            cpu.map_or(String::new(), |c| format!(", machine busy {c:.2} cores"))
         );
     }
     let master = server.master.as_ref().map(|m| {
@@ -487,6 +507,18 @@ fn machine_busy_ticks() -> u64 {
     fields.iter().take(8).sum::<u64>().saturating_sub(idle)
 }
 
+/// The echo times of windows `marks`, sorted.
+fn echo_times(report: &WsReport, marks: &[usize]) -> Vec<Duration> {
+    let mut all: Vec<Duration> = marks
+        .iter()
+        .filter_map(|&m| report.windows.get(m))
+        .flatten()
+        .copied()
+        .collect();
+    all.sort_unstable();
+    all
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
@@ -544,7 +576,10 @@ fn main() {
             r.ended,
             r.peak_ends(Duration::from_secs(1)),
             ms(r.quantile_in(STEADY, 0.99)),
-            ms(r.quantile_in(RELOADING, 0.99)),
+            ms(quantile(
+                &echo_times(r, &[RELOADING, RELOADING_LATER]),
+                0.99
+            )),
             row.alive_after
         );
         if row.peer == Peer::Baton {

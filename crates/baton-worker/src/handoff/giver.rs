@@ -35,6 +35,9 @@ pub(super) const GATHER: Duration = Duration::from_millis(5);
 /// for its turn ([`super::Handoff::turn`]) while it serves, not stopped in a taker's queue.
 pub(super) const IN_FLIGHT: usize = 256;
 
+/// How far behind its pace a link may be and still catch up ([`GiverLink::take_slot_if_due`]).
+const CATCH_UP: Duration = Duration::from_millis(10);
+
 /// Bytes of an `offers` packet at most, below the packet limit with room for the JSON around
 /// the states.
 const BATCH_BYTES: usize = MAX_MESSAGE_SIZE - 4096;
@@ -165,6 +168,27 @@ impl GiverLink {
         outbox.push(offer);
         if outbox.len() == 1 {
             self.queued.notify_one();
+        }
+    }
+
+    /// Takes the link's next slot if it is due (`None`), or says when it will be. Slots missed
+    /// by less than [`CATCH_UP`] are taken one after the other (a caller woken by a timer of 1 ms
+    /// grain finds several due); past that, the pace starts again from now, not with a burst.
+    pub(super) fn take_slot_if_due(&self) -> Option<Instant> {
+        if self.max_per_second == 0 {
+            return None;
+        }
+        let gap = Duration::from_secs(1) / self.max_per_second;
+        let mut next = lock(&self.pace);
+        let now = Instant::now();
+        if *next + CATCH_UP < now {
+            *next = now;
+        }
+        if *next <= now {
+            *next += gap;
+            None
+        } else {
+            Some(*next)
         }
     }
 

@@ -516,3 +516,44 @@ async fn a_giver_gathers_offers_for_a_taker_that_takes_batches() {
     let counts = giver.counts();
     assert_eq!((counts.offered, counts.adopted, counts.kept), (5, 5, 0));
 }
+
+/// Tickets: no turn before the drain; then one turn per ticket, in the order they were taken,
+/// at the link's pace (a connection gone since it took its ticket is passed over); a ticket
+/// taken after the drain (a connection adopted late) gets its turn too.
+#[tokio::test(flavor = "current_thread")]
+async fn tickets_get_their_turns_in_line_and_only_once_the_worker_drains() {
+    let (master, _worker, giver) = worker().await;
+    let (g, _t) = link();
+    introduce_paced(&master, HandoffRole::Giver, g, 20).await;
+    until_takers(&giver, 1).await;
+    let mut first = giver.ticket();
+    let gone = giver.ticket();
+    let mut third = giver.ticket();
+    let no_turn_yet = tokio::time::timeout(Duration::from_millis(200), first.turn()).await;
+    assert!(no_turn_yet.is_err(), "a turn came before the drain");
+    drop(gone);
+    let drain = MasterMessage::Drain {
+        deadline_ms: 30_000,
+    };
+    channel::send_with_fds(&master, &baton_proto::encode(&drain), &[])
+        .await
+        .unwrap();
+    let within = |f| tokio::time::timeout(Duration::from_secs(5), f);
+    let started = std::time::Instant::now();
+    let mut turns = vec![within(third.turn()).await.expect("the third's turn")];
+    // In line: the first ticket's turn came before the third's, so it is there already.
+    let first_turn = tokio::time::timeout(Duration::from_millis(1), first.turn()).await;
+    turns.push(first_turn.expect("the first ticket's turn came before the third's"));
+    let mut late = giver.ticket();
+    turns.push(within(late.turn()).await.expect("a late ticket's turn"));
+    assert!(
+        turns.iter().all(Option::is_some),
+        "every ticket had a taker"
+    );
+    // Three turns at 20 a second: at least two gaps of 50 ms (the gone ticket took none).
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(100),
+        "three turns at 20 a second in {took:?}"
+    );
+}
