@@ -160,7 +160,7 @@ pub struct WorkerConfig {
 }
 
 /// Default `handoff_rate` (also for states written before the setting existed).
-pub const DEFAULT_HANDOFF_RATE: u32 = 4000;
+pub const DEFAULT_HANDOFF_RATE: u32 = 10_000;
 
 fn default_handoff_rate() -> u32 {
     DEFAULT_HANDOFF_RATE

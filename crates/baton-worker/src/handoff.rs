@@ -4,9 +4,11 @@
 //!
 //! [`Worker::handoff`] says what this worker does (before `ready`). A **taker** reads
 //! [`Handoff::adopted`]: each item is a connection committed to it, to serve from the state it
-//! came with. A **giver**, once its drain is requested, hands each connection it can take apart
-//! to [`Handoff::offer`]: `Ok` means the taker serves it now (the giver's copy is closed);
-//! `Err(Kept)` gives it back, to drain as before. The SDK runs the exchange on the links the
+//! came with. A **giver**'s connections each take a [`Ticket`] when they open and wait for its
+//! turn while they serve ([`Ticket::turn`]: one at a time at the links' pace, once the worker
+//! drains); at its turn, a connection stopped at a safe point goes to [`Handoff::offer_at`]
+//! (or, without a ticket, to [`Handoff::offer`]): `Ok` means the taker serves it now (the
+//! giver's copy is closed); `Err(Kept)` gives it back, to drain as before. The SDK runs the exchange on the links the
 //! master made (offer, prepared, commit or abort) and keeps the rule that one process serves a
 //! connection at every moment, whoever dies when.
 //!
