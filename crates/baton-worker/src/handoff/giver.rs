@@ -228,7 +228,7 @@ pub(super) async fn serve(link: Arc<GiverLink>, socket: UnixDatagram, shared: Ar
         }
         let next_deadline = answer_by.front().map(|&(at, _)| at);
         tokio::select! {
-            biased;
+
             got = channel::recv_with_fds(&socket, &mut buf, 1) => {
                 let got = match got {
                     Ok(got) if got.len > 0 => got,

@@ -557,3 +557,39 @@ async fn tickets_get_their_turns_in_line_and_only_once_the_worker_drains() {
         "three turns at 20 a second in {took:?}"
     );
 }
+
+/// A taker that floods its link (here with `takes_batches`, for up to 10 s) does not stall its
+/// giver: the link's task still sends the offer and keeps it when no answer comes in time
+/// (2 s), long before the flood would end.
+#[tokio::test(flavor = "current_thread")]
+async fn a_taker_flooding_its_link_does_not_stall_the_giver_s_decisions() {
+    let (master, _worker, giver) = worker().await;
+    let (g, t) = link();
+    introduce(&master, HandoffRole::Giver, g).await;
+    until_takers(&giver, 1).await;
+    let flood = tokio::spawn(async move {
+        let packet = baton_proto::encode(&LinkMessage::TakesBatches { most: MAX_BATCH });
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if channel::send_with_fds(&t, &packet, &[]).await.is_err() {
+                break;
+            }
+            // This thread also runs the offering task.
+            tokio::task::yield_now().await;
+        }
+    });
+    let (mut client, server) = connection();
+    let started = std::time::Instant::now();
+    let kept = giver
+        .offer(server, ConnectionKind::Http1, Vec::new())
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    flood.abort();
+    assert!(matches!(kept.why, KeptBecause::TimedOut), "{}", kept.why);
+    assert!(
+        took < Duration::from_secs(8),
+        "the offer was decided only after {took:?}: the flood held the link's task"
+    );
+    answer(kept.socket, &mut client, b"still the giver");
+}
