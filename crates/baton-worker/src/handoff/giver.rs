@@ -213,78 +213,34 @@ impl GiverLink {
 /// it prepared, keeps what it refused or did not answer in time, until the link ends (then
 /// every offer still undecided is kept: the taker went before the commit could reach it).
 pub(super) async fn serve(link: Arc<GiverLink>, socket: UnixDatagram, shared: Arc<Shared>) {
-    let mut offered: HashMap<u64, Offer> = HashMap::new();
-    // The offers sent, by when they must be answered (the order they were queued in).
-    let mut answer_by: VecDeque<(Instant, u64)> = VecDeque::new();
-    // How many connections the taker takes in one packet (1: single `offer`s).
-    let mut most = 1;
+    let mut giving = Giving {
+        socket,
+        shared,
+        offered: HashMap::new(),
+        answer_by: VecDeque::new(),
+        most: 1,
+    };
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
     loop {
-        while answer_by
-            .front()
-            .is_some_and(|(_, id)| !offered.contains_key(id))
-        {
-            answer_by.pop_front();
-        }
-        let next_deadline = answer_by.front().map(|&(at, _)| at);
+        let next_deadline = giving.next_deadline();
         tokio::select! {
-
-            got = channel::recv_with_fds(&socket, &mut buf, 1) => {
-                let got = match got {
-                    Ok(got) if got.len > 0 => got,
-                    _ => break,
-                };
-                match baton_proto::decode::<LinkMessage>(&buf[..got.len]) {
-                    Ok(LinkMessage::TakesBatches { most: m }) => most = m.clamp(1, MAX_BATCH),
-                    Ok(LinkMessage::Prepared { id }) => {
-                        let ready: Vec<Offer> = offered.remove(&id).into_iter().collect();
-                        commit(&socket, &shared, ready, false).await;
-                    }
-                    Ok(LinkMessage::Refused { id, reason }) => {
-                        if let Some(offer) = offered.remove(&id) {
-                            kept(&shared, offer, KeptBecause::Refused(reason));
-                        }
-                    }
-                    Ok(LinkMessage::Answers { prepared, refused }) => {
-                        for refusal in refused {
-                            if let Some(offer) = offered.remove(&refusal.id) {
-                                kept(&shared, offer, KeptBecause::Refused(refusal.reason));
-                            }
-                        }
-                        let ready = prepared.iter().filter_map(|id| offered.remove(id)).collect();
-                        commit(&socket, &shared, ready, true).await;
-                    }
-                    // Not for a giver, or not known: nothing to do.
-                    _ => {}
-                }
-            }
+            got = channel::recv_with_fds(&giving.socket, &mut buf, 1) => match got {
+                Ok(got) if got.len > 0 => giving.on_packet(&buf[..got.len]).await,
+                _ => break,
+            },
             () = tokio::time::sleep_until(next_deadline.unwrap_or_else(Instant::now).into()),
-                if next_deadline.is_some() =>
-            {
-                let now = Instant::now();
-                while let Some(&(at, id)) = answer_by.front()
-                    && at <= now
-                {
-                    answer_by.pop_front();
-                    if let Some(offer) = offered.remove(&id) {
-                        // In order on the link: the taker reads this before anything else of ours.
-                        let abort = baton_proto::encode(&LinkMessage::Abort { id });
-                        let _ = socket.send(&abort).await;
-                        kept(&shared, offer, KeptBecause::TimedOut);
-                    }
-                }
-            }
+                if next_deadline.is_some() => giving.abort_late().await,
             () = link.queued.notified() => {
-                if most > 1 {
+                // What the taker sent first (its `takes_batches`, its answers) counts before
+                // the next offers go.
+                if !giving.read_waiting(&mut buf).await {
+                    break;
+                }
+                if giving.most > 1 {
                     tokio::time::sleep(GATHER).await;
                 }
                 let queued = std::mem::take(&mut *lock(&link.outbox));
-                for batch in batches(queued, most) {
-                    for offer in send(&socket, &shared, batch, most > 1).await {
-                        answer_by.push_back((offer.answer_by, offer.id));
-                        offered.insert(offer.id, offer);
-                    }
-                }
+                giving.offer(queued).await;
             }
         }
     }
@@ -292,10 +248,107 @@ pub(super) async fn serve(link: Arc<GiverLink>, socket: UnixDatagram, shared: Ar
     // Queued and never sent: the giver's, as they were (not counted: never offered).
     let never_sent = std::mem::take(&mut *lock(&link.outbox));
     drop(never_sent);
-    for (_, offer) in offered.drain() {
-        kept(&shared, offer, KeptBecause::TakerGone);
+    for (_, offer) in giving.offered.drain() {
+        kept(&giving.shared, offer, KeptBecause::TakerGone);
     }
     debug!("handoff link to worker {} ended", link.peer);
+}
+
+/// What a giver's link task holds.
+struct Giving {
+    socket: UnixDatagram,
+    shared: Arc<Shared>,
+    /// The offers sent and not answered.
+    offered: HashMap<u64, Offer>,
+    /// The same, by when they must be answered (the order they were queued in).
+    answer_by: VecDeque<(Instant, u64)>,
+    /// How many connections the taker takes in one packet (1: single `offer`s).
+    most: usize,
+}
+
+impl Giving {
+    /// When the first offer still unanswered must be answered.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while self
+            .answer_by
+            .front()
+            .is_some_and(|(_, id)| !self.offered.contains_key(id))
+        {
+            self.answer_by.pop_front();
+        }
+        self.answer_by.front().map(|&(at, _)| at)
+    }
+
+    /// One packet from the taker.
+    async fn on_packet(&mut self, packet: &[u8]) {
+        match baton_proto::decode::<LinkMessage>(packet) {
+            Ok(LinkMessage::TakesBatches { most }) => self.most = most.clamp(1, MAX_BATCH),
+            Ok(LinkMessage::Prepared { id }) => {
+                let ready: Vec<Offer> = self.offered.remove(&id).into_iter().collect();
+                commit(&self.socket, &self.shared, ready, false).await;
+            }
+            Ok(LinkMessage::Refused { id, reason }) => {
+                if let Some(offer) = self.offered.remove(&id) {
+                    kept(&self.shared, offer, KeptBecause::Refused(reason));
+                }
+            }
+            Ok(LinkMessage::Answers { prepared, refused }) => {
+                for refusal in refused {
+                    if let Some(offer) = self.offered.remove(&refusal.id) {
+                        kept(&self.shared, offer, KeptBecause::Refused(refusal.reason));
+                    }
+                }
+                let ready = prepared
+                    .iter()
+                    .filter_map(|id| self.offered.remove(id))
+                    .collect();
+                commit(&self.socket, &self.shared, ready, true).await;
+            }
+            // Not for a giver, or not known: nothing to do.
+            _ => {}
+        }
+    }
+
+    /// Reads the packets the taker sent that are waiting now, without waiting for more.
+    /// `false`: the link ended.
+    async fn read_waiting(&mut self, buf: &mut [u8]) -> bool {
+        loop {
+            match channel::try_recv(self.socket.as_fd(), buf) {
+                Ok(got) if got.len > 0 => self.on_packet(&buf[..got.len]).await,
+                Ok(_) => return false,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Aborts and keeps the offers not answered in time.
+    async fn abort_late(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, id)) = self.answer_by.front()
+            && at <= now
+        {
+            self.answer_by.pop_front();
+            if let Some(offer) = self.offered.remove(&id) {
+                // In order on the link: the taker reads this before anything else of ours.
+                let abort = baton_proto::encode(&LinkMessage::Abort { id });
+                let _ = self.socket.send(&abort).await;
+                kept(&self.shared, offer, KeptBecause::TimedOut);
+            }
+        }
+    }
+
+    /// Sends the offers queued, in packets, and waits for their answers.
+    async fn offer(&mut self, queued: Vec<Offer>) {
+        let as_batch = self.most > 1;
+        for batch in batches(queued, self.most) {
+            for offer in send(&self.socket, &self.shared, batch, as_batch).await {
+                self.answer_by.push_back((offer.answer_by, offer.id));
+                self.offered.insert(offer.id, offer);
+            }
+        }
+    }
 }
 
 /// The offers queued, in packets: up to `most` connections and [`BATCH_BYTES`] of states each
