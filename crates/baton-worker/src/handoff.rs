@@ -343,8 +343,9 @@ impl State {
 }
 
 /// The runtime that serves this process's handoff links, on a thread of its own (`None`: the
-/// thread could not be started). A handoff is four packets between two workers, each of which
-/// waits for its task's turn: on a worker busy with thousands of connections, behind all the
+/// thread could not be started). A handoff is three packets between two workers (offer,
+/// prepared, commit: for one connection or a batch), each of which would wait for its task's
+/// turn: on a worker busy with thousands of connections, behind all the
 /// others that are ready, several times over. On this thread the exchange waits for nothing:
 /// only the connection's own rebuilding, in the taker, runs with the rest.
 fn link_runtime() -> Option<&'static tokio::runtime::Handle> {
