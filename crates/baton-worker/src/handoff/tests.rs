@@ -40,6 +40,17 @@ async fn a_taker_linked() -> (UnixDatagram, Worker, Handoff, UnixDatagram) {
     (master, w, taker, g)
 }
 
+/// A giver with a link to a taker the test plays, its offers at most `max_per_second` a second
+/// (0: no limit), once the link is open: the master's end, the worker, its handoff and the
+/// taker's end of the link.
+async fn a_giver_linked(max_per_second: u32) -> (UnixDatagram, Worker, Handoff, UnixDatagram) {
+    let (master, w, giver) = worker().await;
+    let (g, t) = link();
+    introduce_paced(&master, HandoffRole::Giver, g, max_per_second).await;
+    until_takers(&giver, 1).await;
+    (master, w, giver, t)
+}
+
 async fn worker() -> (UnixDatagram, Worker, Handoff) {
     let (master, end) = pair();
     let hello = Hello {
@@ -209,10 +220,7 @@ where
     F: FnOnce(UnixDatagram) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let (master, _worker, giver) = worker().await;
-    let (g, t) = link();
-    introduce(&master, HandoffRole::Giver, g).await;
-    until_takers(&giver, 1).await;
+    let (_master, _worker, giver, t) = a_giver_linked(0).await;
     let (client, server) = connection();
     let offering = giver.offer(server, ConnectionKind::Http1, Vec::new());
     let (kept, ()) = tokio::join!(offering, taker(t));
@@ -394,10 +402,7 @@ async fn a_taker_whose_application_lags_answers_the_next_offer_only_when_it_take
 /// comes only when one of them is decided (the connection meanwhile serves on).
 #[tokio::test(flavor = "current_thread")]
 async fn a_giver_s_next_turn_waits_while_its_offers_in_flight_fill_the_link() {
-    let (master, _worker, giver) = worker().await;
-    let (g, _t) = link();
-    introduce(&master, HandoffRole::Giver, g).await;
-    until_takers(&giver, 1).await;
+    let (_master, _worker, giver, _t) = a_giver_linked(0).await;
     let mut turns = Vec::new();
     for _ in 0..super::giver::IN_FLIGHT {
         turns.push(giver.turn().await.expect("a turn"));
@@ -465,10 +470,7 @@ async fn a_taker_says_it_takes_batches_and_answers_a_batch_in_one_packet() {
 /// prepared in one `commits`; a taker that takes no batch gets single `offer`s (the tests above).
 #[tokio::test(flavor = "current_thread")]
 async fn a_giver_gathers_offers_for_a_taker_that_takes_batches() {
-    let (master, _worker, giver) = worker().await;
-    let (g, t) = link();
-    introduce(&master, HandoffRole::Giver, g).await;
-    until_takers(&giver, 1).await;
+    let (_master, _worker, giver, t) = a_giver_linked(0).await;
     send(&t, &LinkMessage::TakesBatches { most: MAX_BATCH }, &[]).await;
     const N: usize = 5;
     let (clients, servers): (Vec<_>, Vec<_>) = (0..N).map(|_| connection()).unzip();
@@ -522,10 +524,7 @@ async fn a_giver_gathers_offers_for_a_taker_that_takes_batches() {
 /// taken after the drain (a connection adopted late) gets its turn too.
 #[tokio::test(flavor = "current_thread")]
 async fn tickets_get_their_turns_in_line_and_only_once_the_worker_drains() {
-    let (master, _worker, giver) = worker().await;
-    let (g, _t) = link();
-    introduce_paced(&master, HandoffRole::Giver, g, 20).await;
-    until_takers(&giver, 1).await;
+    let (master, _worker, giver, _t) = a_giver_linked(20).await;
     let mut first = giver.ticket();
     let gone = giver.ticket();
     let mut third = giver.ticket();
@@ -563,10 +562,7 @@ async fn tickets_get_their_turns_in_line_and_only_once_the_worker_drains() {
 /// (2 s), long before the flood would end.
 #[tokio::test(flavor = "current_thread")]
 async fn a_taker_flooding_its_link_does_not_stall_the_giver_s_decisions() {
-    let (master, _worker, giver) = worker().await;
-    let (g, t) = link();
-    introduce(&master, HandoffRole::Giver, g).await;
-    until_takers(&giver, 1).await;
+    let (_master, _worker, giver, t) = a_giver_linked(0).await;
     let flood = tokio::spawn(async move {
         let packet = baton_proto::encode(&LinkMessage::TakesBatches { most: MAX_BATCH });
         let until = std::time::Instant::now() + Duration::from_secs(10);
