@@ -3,7 +3,8 @@
 //! Built in only with the `failpoints` feature (the test suite's build asks for it; an
 //! application's build never has it, and then [`check`] is always `None` and costs nothing).
 //! A worker configures them from `BATON_WORKER_FAILPOINTS` (`point=actions;...`, the `fail`
-//! crate's grammar: `handoff.giver.offered=10*off->return` fires at the eleventh offer), read
+//! crate's grammar: `handoff.giver.offered=10*off->return` fires at the eleventh connection
+//! offered, a batch's counted one by one), read
 //! the first time a point is passed. What `return` does at each point is the point's own
 //! ([`Point`]); `sleep(MS)` holds the thread there that long.
 
